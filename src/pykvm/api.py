@@ -1,0 +1,454 @@
+"""What a backend is: System, Vm and Vcpu, the exit types, and the value types both backends share.
+
+The ``linux`` backend (``pykvm.linux``) implements these over the real ``/dev/kvm``; the ``model`` backend
+(``pykvm.model``) implements them in software. Raw methods mirror the kernel (``set_msrs`` returns the number of entries
+processed); the strict helpers defined here once (``write_msrs``, ``read_msrs``, ...) raise typed errors on top.
+"""
+
+from __future__ import annotations
+
+import struct
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+from . import msrs as _msrs
+from . import uapi
+from .errors import ClosedError, InvalidValueError, MsrReadError, MsrWriteError
+
+# --- MSR batches ---------------------------------------------------------------------------------------------------------
+
+_ENTRY = struct.Struct("<IIQ")
+_HEADER = struct.Struct("<II")
+
+MsrSpec = Union[int, str]
+MsrItems = Union[Mapping[MsrSpec, int], Iterable[tuple[MsrSpec, int]]]
+
+
+class MsrBatch:
+    """A ``struct kvm_msrs`` in a preallocated buffer: what KVM_GET_MSRS and KVM_SET_MSRS take.
+
+    Build it from MSRs (names or indices) for a read, or from ``(msr, value)`` pairs or a mapping for a write. The
+    buffer is reused call after call; values read by ``get_msrs`` land in it. Any size can be built, so that a batch of
+    256 or more can be sent to see the kernel refuse it (E2BIG).
+    """
+
+    __slots__ = ("buffer", "_n", "_view")
+
+    def __init__(self, entries: Iterable[MsrSpec | tuple[MsrSpec, int]] | Mapping[MsrSpec, int] = ()) -> None:
+        items: list[tuple[int, int]] = []
+        source: Iterable[Any] = entries.items() if isinstance(entries, Mapping) else entries
+        for entry in source:
+            if isinstance(entry, tuple):
+                if len(entry) != 2:
+                    raise InvalidValueError(f"an MSR entry is (msr, value), not {entry!r}")
+                msr, value = entry
+                items.append((_msrs.index_of(msr), _msrs.check_value(value, f"value for MSR {msr!r}")))
+            else:
+                items.append((_msrs.index_of(entry), 0))
+        self._n = len(items)
+        self.buffer = bytearray(_HEADER.size + _ENTRY.size * len(items))
+        _HEADER.pack_into(self.buffer, 0, len(items), 0)
+        for i, (index, value) in enumerate(items):
+            _ENTRY.pack_into(self.buffer, _HEADER.size + i * _ENTRY.size, index, 0, value)
+        self._view = memoryview(self.buffer)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        if not -self._n <= i < self._n:
+            raise IndexError(f"batch entry {i} out of range (batch has {self._n})")
+        index, _, value = _ENTRY.unpack_from(self.buffer, _HEADER.size + (i % self._n) * _ENTRY.size)
+        return index, value
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index, _, value in _ENTRY.iter_unpack(self._view[_HEADER.size :]):
+            yield index, value
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"0x{i:x}: 0x{v:x}" for i, v in self)
+        return f"MsrBatch({{{inner}}})"
+
+    @property
+    def indices(self) -> list[int]:
+        return [i for i, _ in self]
+
+    @property
+    def values(self) -> list[int]:
+        return [v for _, v in self]
+
+    def set_value(self, i: int, value: int) -> None:
+        """Set entry ``i``'s value (checked to fit in 64 bits)."""
+        if not 0 <= i < self._n:
+            raise IndexError(f"batch entry {i} out of range (batch has {self._n})")
+        _msrs.check_value(value)
+        struct.pack_into("<Q", self.buffer, _HEADER.size + i * _ENTRY.size + 8, value)
+
+    def to_dict(self) -> dict[int, int]:
+        return dict(self)
+
+
+def as_batch(entries: MsrBatch | MsrItems) -> MsrBatch:
+    return entries if isinstance(entries, MsrBatch) else MsrBatch(entries)
+
+
+# --- CPUID ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuidEntry:
+    """One ``struct kvm_cpuid_entry2`` (padding dropped)."""
+
+    function: int
+    index: int = 0
+    flags: int = 0
+    eax: int = 0
+    ebx: int = 0
+    ecx: int = 0
+    edx: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("function", "index", "flags", "eax", "ebx", "ecx", "edx"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= _msrs.U32_MAX:
+                raise InvalidValueError(f"CPUID entry field {name} must be a 32-bit unsigned int, not {v!r}")
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.function, self.index)
+
+    def to_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in ("function", "index", "flags", "eax", "ebx", "ecx", "edx")}
+
+
+def find_cpuid(entries: Sequence[CpuidEntry], function: int, index: int = 0) -> CpuidEntry | None:
+    """The entry for (function, index), honouring KVM_CPUID_FLAG_SIGNIFCANT_INDEX as the kernel does."""
+    for e in entries:
+        if e.function == function and (e.index == index or not e.flags & uapi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX):
+            return e
+    return None
+
+
+# --- exits ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Exit:
+    """Why KVM_RUN returned. Subclasses carry the members of ``kvm_run`` for their exit reason."""
+
+    reason: ClassVar[int] = -1
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+
+@dataclass(frozen=True)
+class IoExit(Exit):
+    """KVM_EXIT_IO: a port access. ``data`` holds what an OUT wrote; answer an IN with :meth:`reply`."""
+
+    reason: ClassVar[int] = uapi.KVM_EXIT_IO
+    direction: int
+    size: int
+    port: int
+    count: int
+    data: bytes
+    _reply: Callable[[bytes], None] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def is_out(self) -> bool:
+        return self.direction == uapi.KVM_EXIT_IO_OUT
+
+    def reply(self, data: bytes) -> None:
+        """Give an IN its data (``size * count`` bytes) before the next run."""
+        if self.is_out or self._reply is None:
+            raise InvalidValueError("only an IN exit takes reply data")
+        if len(data) != self.size * self.count:
+            raise InvalidValueError(f"IN of {self.size}x{self.count} needs {self.size * self.count} bytes")
+        self._reply(data)
+
+
+@dataclass(frozen=True)
+class MmioExit(Exit):
+    """KVM_EXIT_MMIO: an access to guest-physical memory no memslot backs."""
+
+    reason: ClassVar[int] = uapi.KVM_EXIT_MMIO
+    phys_addr: int
+    data: bytes
+    length: int
+    is_write: bool
+
+
+@dataclass(frozen=True)
+class HltExit(Exit):
+    """KVM_EXIT_HLT: the guest executed HLT (no in-kernel local APIC)."""
+
+    reason: ClassVar[int] = uapi.KVM_EXIT_HLT
+
+
+@dataclass(frozen=True)
+class ShutdownExit(Exit):
+    """KVM_EXIT_SHUTDOWN: a triple fault."""
+
+    reason: ClassVar[int] = uapi.KVM_EXIT_SHUTDOWN
+
+
+@dataclass(frozen=True)
+class FailEntryExit(Exit):
+    """KVM_EXIT_FAIL_ENTRY: the hardware (or vendor module) refused the VM entry."""
+
+    reason: ClassVar[int] = uapi.KVM_EXIT_FAIL_ENTRY
+    hardware_entry_failure_reason: int
+    cpu: int
+
+
+@dataclass(frozen=True)
+class InternalErrorExit(Exit):
+    """KVM_EXIT_INTERNAL_ERROR: KVM could not handle something (e.g. emulation failure)."""
+
+    reason: ClassVar[int] = uapi.KVM_EXIT_INTERNAL_ERROR
+    suberror: int
+    data: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SystemEventExit(Exit):
+    """KVM_EXIT_SYSTEM_EVENT: shutdown, reset, crash, ..."""
+
+    reason: ClassVar[int] = uapi.KVM_EXIT_SYSTEM_EVENT
+    type: int
+    data: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class InterruptedExit(Exit):
+    """KVM_RUN returned EINTR: ``immediate_exit`` was set or a signal was pending. The vCPU did not (re)enter."""
+
+    reason: ClassVar[int] = uapi.KVM_EXIT_INTR
+
+
+@dataclass(frozen=True)
+class MsrExit(Exit):
+    """KVM_EXIT_X86_RDMSR / WRMSR: a guest MSR access sent to userspace (KVM_CAP_X86_USER_SPACE_MSR)."""
+
+    index: int
+    data: int
+    msr_reason: int
+    _reply: Callable[[int, int], None] | None = field(default=None, compare=False, repr=False)
+
+    def reply(self, value: int = 0) -> None:
+        """Complete the access: for RDMSR, ``value`` is what the guest reads."""
+        if self._reply is None:
+            raise InvalidValueError("this exit cannot be answered")
+        self._reply(0, _msrs.check_value(value))
+
+    def inject_gp(self) -> None:
+        """Complete the access with a #GP in the guest."""
+        if self._reply is None:
+            raise InvalidValueError("this exit cannot be answered")
+        self._reply(1, self.data)
+
+
+@dataclass(frozen=True)
+class RdmsrExit(MsrExit):
+    reason: ClassVar[int] = uapi.KVM_EXIT_X86_RDMSR
+
+
+@dataclass(frozen=True)
+class WrmsrExit(MsrExit):
+    reason: ClassVar[int] = uapi.KVM_EXIT_X86_WRMSR
+
+
+@dataclass(frozen=True)
+class OtherExit(Exit):
+    """Any exit reason pykvm does not decode; ``exit_reason`` is the raw number."""
+
+    exit_reason: int
+
+    @property
+    def name(self) -> str:
+        return f"Exit({self.exit_reason})"
+
+
+# --- objects ----------------------------------------------------------------------------------------------------------------
+
+
+class _Closable:
+    _closed: bool = False
+    _kind: ClassVar[str] = "object"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"this {self._kind} is closed")
+
+    def close(self) -> None:
+        self._closed = True
+
+    def __enter__(self: Any) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Vcpu(_Closable, ABC):
+    """A vCPU. Raw methods mirror the vCPU ioctls; strict helpers raise typed errors."""
+
+    _kind = "vCPU"
+    id: int
+
+    # -- raw, one per ioctl --
+    @abstractmethod
+    def run(self) -> Exit:
+        """KVM_RUN: enter the guest until the next exit. The returned exit describes that exit only."""
+
+    @property
+    @abstractmethod
+    def immediate_exit(self) -> bool:
+        """``kvm_run.immediate_exit``: when set, KVM_RUN returns EINTR before entering the guest."""
+
+    @immediate_exit.setter
+    @abstractmethod
+    def immediate_exit(self, value: bool) -> None: ...
+
+    @abstractmethod
+    def get_regs(self) -> uapi.kvm_regs: ...
+
+    @abstractmethod
+    def set_regs(self, regs: uapi.kvm_regs) -> None: ...
+
+    @abstractmethod
+    def get_sregs(self) -> uapi.kvm_sregs: ...
+
+    @abstractmethod
+    def set_sregs(self, sregs: uapi.kvm_sregs) -> None: ...
+
+    @abstractmethod
+    def get_msrs(self, batch: MsrBatch) -> int:
+        """KVM_GET_MSRS: fill ``batch`` values in place; return the number of entries read (stops at the first
+        failure)."""
+
+    @abstractmethod
+    def set_msrs(self, entries: MsrBatch | MsrItems) -> int:
+        """KVM_SET_MSRS: return the number of entries written; the kernel stops at the first refused entry."""
+
+    @abstractmethod
+    def get_cpuid(self, max_entries: int = uapi.KVM_MAX_CPUID_ENTRIES) -> list[CpuidEntry]:
+        """KVM_GET_CPUID2 (E2BIG as :class:`KvmError` when ``max_entries`` is too small)."""
+
+    @abstractmethod
+    def set_cpuid(self, entries: Sequence[CpuidEntry]) -> None:
+        """KVM_SET_CPUID2 (EINVAL / E2BIG as :class:`KvmError`)."""
+
+    # -- strict helpers --
+    def refusal_rule(self, index: int) -> str | None:
+        """The rule behind the last refusal of ``index``, where the backend knows it (the live kernel does not)."""
+        return None
+
+    def write_msrs(self, entries: MsrBatch | MsrItems) -> None:
+        """Write a batch; raise :class:`MsrWriteError` naming the first refused MSR, its value and position."""
+        batch = as_batch(entries)
+        done = self.set_msrs(batch)
+        if done != len(batch):
+            index, value = batch[done]
+            raise MsrWriteError(
+                "KVM_SET_MSRS", index, _msrs.name_of(index), done, len(batch), value, self.refusal_rule(index)
+            )
+
+    def read_msrs(self, msrs: Iterable[MsrSpec]) -> dict[int, int]:
+        """Read MSRs by name or index; raise :class:`MsrReadError` naming the first refused MSR."""
+        batch = MsrBatch(list(msrs))
+        done = self.get_msrs(batch)
+        if done != len(batch):
+            index, _ = batch[done]
+            raise MsrReadError("KVM_GET_MSRS", index, _msrs.name_of(index), done, len(batch), None,
+                               self.refusal_rule(index))
+        return batch.to_dict()
+
+    def read_msr(self, msr: MsrSpec) -> int:
+        index = _msrs.index_of(msr)
+        return self.read_msrs([index])[index]
+
+    def write_msr(self, msr: MsrSpec, value: int) -> None:
+        self.write_msrs([(msr, value)])
+
+
+class Vm(_Closable, ABC):
+    """A VM: guest memory, vCPUs, VM-wide capabilities."""
+
+    _kind = "VM"
+
+    @abstractmethod
+    def create_vcpu(self, vcpu_id: int = 0) -> Vcpu: ...
+
+    @abstractmethod
+    def add_memory(self, guest_phys_addr: int, size: int, slot: int | None = None, flags: int = 0) -> int:
+        """Back ``[guest_phys_addr, +size)`` with new host memory (KVM_SET_USER_MEMORY_REGION); return the slot."""
+
+    @abstractmethod
+    def read_memory(self, guest_phys_addr: int, length: int) -> bytes: ...
+
+    @abstractmethod
+    def write_memory(self, guest_phys_addr: int, data: bytes) -> None: ...
+
+    @abstractmethod
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP on the VM."""
+
+    @abstractmethod
+    def check_extension(self, cap: int) -> int: ...
+
+    @abstractmethod
+    def set_msr_filter(self, flags: int, ranges: Sequence[tuple[int, int, int, bytes]]) -> None:
+        """KVM_X86_SET_MSR_FILTER: ``ranges`` of ``(flags, base, nmsrs, bitmap)``."""
+
+
+class System(_Closable, ABC):
+    """The KVM subsystem (``/dev/kvm``, or the model's stand-in)."""
+
+    _kind = "KVM system"
+    backend: ClassVar[str]
+
+    @abstractmethod
+    def api_version(self) -> int: ...
+
+    @abstractmethod
+    def check_extension(self, cap: int) -> int: ...
+
+    @abstractmethod
+    def get_msr_index_list(self) -> list[int]: ...
+
+    @abstractmethod
+    def get_msr_feature_index_list(self) -> list[int]: ...
+
+    @abstractmethod
+    def get_feature_msrs(self, batch: MsrBatch) -> int:
+        """System-level KVM_GET_MSRS of feature MSRs: fill ``batch``; return the number read."""
+
+    @abstractmethod
+    def get_supported_cpuid(self) -> list[CpuidEntry]: ...
+
+    @abstractmethod
+    def vcpu_mmap_size(self) -> int: ...
+
+    @abstractmethod
+    def create_vm(self) -> Vm: ...
+
+    def describe(self) -> str:
+        """A one-line description of what this system is (backend, kernel, profile)."""
+        return self.backend
+
+    def read_feature_msrs(self, msrs: Iterable[MsrSpec] | None = None) -> dict[int, int]:
+        """The feature MSRs' values (all of them by default); raise :class:`MsrReadError` on a short count."""
+        batch = MsrBatch(list(msrs) if msrs is not None else self.get_msr_feature_index_list())
+        done = self.get_feature_msrs(batch)
+        if done != len(batch):
+            index, _ = batch[done]
+            raise MsrReadError("KVM_GET_MSRS (system)", index, _msrs.name_of(index), done, len(batch))
+        return batch.to_dict()

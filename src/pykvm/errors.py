@@ -1,0 +1,106 @@
+"""pykvm's errors: every failure a user can act on has its own type and says what happened."""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class PykvmError(Exception):
+    """Base class of every error pykvm raises on purpose."""
+
+
+class KvmError(PykvmError, OSError):
+    """An ioctl on a KVM file descriptor failed: carries the errno and the ioctl's name."""
+
+    def __init__(self, err: int, ioctl: str, detail: str = "") -> None:
+        self.ioctl = ioctl
+        self.detail = detail
+        text = f"{ioctl} failed: {_errno.errorcode.get(err, str(err))} ({os.strerror(err)})"
+        if detail:
+            text += f": {detail}"
+        OSError.__init__(self, err, text)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.errno, self.ioctl, self.detail))
+
+
+class KvmUnavailableError(PykvmError):
+    """``/dev/kvm`` cannot be used: ``reason`` is ``"missing"`` or ``"permission"`` (or ``"error"``)."""
+
+    def __init__(self, path: str, reason: str, message: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(message)
+
+
+class ClosedError(PykvmError, ValueError):
+    """A call was made on a System, VM or vCPU that has been closed."""
+
+
+class MsrLookupError(PykvmError, KeyError):
+    """An MSR name or index that pykvm cannot resolve."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown MSR"
+
+
+class InvalidValueError(PykvmError, ValueError):
+    """An argument out of range for the kernel ABI (an MSR value beyond 64 bits, an index beyond 32 bits, ...)."""
+
+
+class MsrAccessError(PykvmError):
+    """A strict MSR helper saw the kernel stop short of the whole batch.
+
+    Names the refused MSR (``name`` and ``index``), the ``value`` (for writes), its ``position`` in the batch, how many
+    entries the kernel processed (``processed``: those before ``position`` took effect), and ``rule``, the rule that
+    refused it where the backend knows it (the model does; the live kernel does not say).
+    """
+
+    def __init__(
+        self,
+        op: str,
+        index: int,
+        name: str,
+        position: int,
+        total: int,
+        value: int | None = None,
+        rule: str | None = None,
+    ) -> None:
+        self.op = op
+        self.index = index
+        self.name = name
+        self.position = position
+        self.total = total
+        self.processed = position
+        self.value = value
+        self.rule = rule
+        what = f"{name} (0x{index:x})"
+        if value is not None:
+            text = f"{op} of {what} = 0x{value:x} refused at position {position} of {total}"
+        else:
+            text = f"{op} of {what} refused at position {position} of {total}"
+        if position:
+            text += f"; the {position} entr{'y' if position == 1 else 'ies'} before it took effect"
+        if rule:
+            text += f" [rule: {rule}]"
+        super().__init__(text)
+
+
+class MsrWriteError(MsrAccessError):
+    """KVM_SET_MSRS refused an entry (see :class:`MsrAccessError`)."""
+
+
+class MsrReadError(MsrAccessError):
+    """KVM_GET_MSRS refused an entry (see :class:`MsrAccessError`)."""
+
+
+class ProfileError(PykvmError, ValueError):
+    """A host profile that cannot be loaded: names the file and the field."""
+
+
+class ScenarioError(PykvmError, ValueError):
+    """A scenario file that cannot be used: names the file, line and field."""

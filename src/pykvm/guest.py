@@ -1,0 +1,48 @@
+"""Tiny guests: put code in guest memory, set up the CPU mode, run to an exit.
+
+Works on both backends (the model interprets what the live kernel executes). Guest code comes from the caller; tests
+assemble it with ``iced-x86``.
+"""
+
+from __future__ import annotations
+
+from .api import Exit, Vcpu, Vm
+
+DEFAULT_MEMORY = 0x10000
+DEFAULT_ENTRY = 0x1000
+
+
+def ensure_memory(vm: Vm, size: int = DEFAULT_MEMORY) -> None:
+    """Give the VM ``size`` bytes of memory at guest-physical 0 unless it already has memory there."""
+    try:
+        vm.read_memory(0, 1)
+    except Exception:
+        vm.add_memory(0, size)
+
+
+def setup_real_mode(vcpu: Vcpu, entry: int = DEFAULT_ENTRY) -> None:
+    """Point the vCPU at ``entry`` in 16-bit real mode (CS base 0), with RFLAGS at its reset value."""
+    sregs = vcpu.get_sregs()
+    sregs.cs.base = 0
+    sregs.cs.selector = 0
+    vcpu.set_sregs(sregs)
+    regs = vcpu.get_regs()
+    regs.rip = entry
+    regs.rflags = 0x2
+    vcpu.set_regs(regs)
+
+
+def load_real_mode(vm: Vm, vcpu: Vcpu, code: bytes, entry: int = DEFAULT_ENTRY) -> None:
+    """Load ``code`` at ``entry`` (giving the VM memory at 0 if it has none) and set the vCPU up to run it."""
+    ensure_memory(vm)
+    vm.write_memory(entry, code)
+    setup_real_mode(vcpu, entry)
+
+
+HLT = b"\xf4"
+
+
+def run_to_hlt(vm: Vm, vcpu: Vcpu) -> Exit:
+    """The smallest real VM entry: a one-byte guest that halts. Returns the exit (HltExit on a working host)."""
+    load_real_mode(vm, vcpu, HLT)
+    return vcpu.run()

@@ -1,0 +1,180 @@
+"""A vCPU file descriptor and its mmapped ``struct kvm_run``."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import struct
+from collections.abc import Sequence
+
+from .. import uapi
+from ..api import (
+    CpuidEntry,
+    Exit,
+    FailEntryExit,
+    HltExit,
+    InternalErrorExit,
+    InterruptedExit,
+    IoExit,
+    MmioExit,
+    MsrBatch,
+    MsrItems,
+    OtherExit,
+    RdmsrExit,
+    ShutdownExit,
+    SystemEventExit,
+    Vcpu,
+    WrmsrExit,
+    as_batch,
+)
+from ..errors import KvmError
+from ._cpuid import decode_cpuid, encode_cpuid
+from ._ioctl import ioctl_buf, ioctl_int
+
+_KVM_RUN = uapi.KVM_RUN
+_EXIT = uapi.KVM_RUN_EXIT_OFFSET
+_IO = struct.Struct("<BBHIQ")
+_MMIO = struct.Struct("<Q8sIB")
+_FAIL = struct.Struct("<QI")
+_INTERNAL_HDR = struct.Struct("<II")
+_MSR = struct.Struct("<B7xIIQ")
+_HLT = HltExit()
+_SHUTDOWN = ShutdownExit()
+_INTERRUPTED = InterruptedExit()
+
+
+class LinuxVcpu(Vcpu):
+    """A vCPU created by KVM_CREATE_VCPU."""
+
+    def __init__(self, fd: int, vcpu_id: int, mmap_size: int) -> None:
+        self._fd = fd
+        self.id = vcpu_id
+        self._run = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._view = memoryview(self._run)
+        self._u32 = self._view.cast("I")
+
+    @property
+    def fd(self) -> int:
+        self._check_open()
+        return self._fd
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._u32.release()
+        self._view.release()
+        self._run.close()
+        os.close(self._fd)
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self.close()
+
+    # -- KVM_RUN --
+    @property
+    def immediate_exit(self) -> bool:
+        self._check_open()
+        return bool(self._run[uapi.KVM_RUN_IMMEDIATE_EXIT_OFFSET])
+
+    @immediate_exit.setter
+    def immediate_exit(self, value: bool) -> None:
+        self._check_open()
+        self._run[uapi.KVM_RUN_IMMEDIATE_EXIT_OFFSET] = 1 if value else 0
+
+    @property
+    def kvm_run(self) -> memoryview:
+        """The raw mmapped ``struct kvm_run`` (valid while the vCPU is open)."""
+        self._check_open()
+        return self._view
+
+    def run(self) -> Exit:
+        """KVM_RUN. Returns the exit, :class:`InterruptedExit` on EINTR (signal or ``immediate_exit``)."""
+        if self._closed:
+            self._check_open()
+        try:
+            fcntl.ioctl(self._fd, _KVM_RUN)
+        except OSError as e:
+            if e.errno == errno.EINTR:
+                return _INTERRUPTED
+            raise KvmError(e.errno or 0, "KVM_RUN") from None
+        reason = self._u32[2]
+        if reason == 2:  # KVM_EXIT_IO
+            direction, size, port, count, offset = _IO.unpack_from(self._run, _EXIT)
+            if direction == 1:
+                return IoExit(direction, size, port, count, self._run[offset : offset + size * count])
+            return IoExit(direction, size, port, count, b"", self._reply_io)
+        if reason == 5:
+            return _HLT
+        return self._decode_other(reason)
+
+    def _reply_io(self, data: bytes) -> None:
+        offset = _IO.unpack_from(self._run, _EXIT)[4]
+        self._run[offset : offset + len(data)] = data
+
+    def _reply_msr(self, error: int, value: int) -> None:
+        struct.pack_into("<B", self._run, _EXIT, error)
+        struct.pack_into("<Q", self._run, _EXIT + 16, value)
+
+    def _decode_other(self, reason: int) -> Exit:
+        run = self._run
+        if reason == uapi.KVM_EXIT_MMIO:
+            phys, data, length, is_write = _MMIO.unpack_from(run, _EXIT)
+            return MmioExit(phys, data[:length], length, bool(is_write))
+        if reason == uapi.KVM_EXIT_SHUTDOWN:
+            return _SHUTDOWN
+        if reason == uapi.KVM_EXIT_FAIL_ENTRY:
+            return FailEntryExit(*_FAIL.unpack_from(run, _EXIT))
+        if reason == uapi.KVM_EXIT_INTERNAL_ERROR:
+            sub, ndata = _INTERNAL_HDR.unpack_from(run, _EXIT)
+            return InternalErrorExit(sub, struct.unpack_from(f"<{min(ndata, 16)}Q", run, _EXIT + 8))
+        if reason == uapi.KVM_EXIT_SYSTEM_EVENT:
+            etype, ndata = _INTERNAL_HDR.unpack_from(run, _EXIT)
+            return SystemEventExit(etype, struct.unpack_from(f"<{min(ndata, 16)}Q", run, _EXIT + 8))
+        if reason in (uapi.KVM_EXIT_X86_RDMSR, uapi.KVM_EXIT_X86_WRMSR):
+            _error, msr_reason, index, data = _MSR.unpack_from(run, _EXIT)
+            cls = RdmsrExit if reason == uapi.KVM_EXIT_X86_RDMSR else WrmsrExit
+            return cls(index, data, msr_reason, self._reply_msr)
+        if reason == uapi.KVM_EXIT_INTR:
+            return _INTERRUPTED
+        return OtherExit(reason)
+
+    # -- registers --
+    def get_regs(self) -> uapi.kvm_regs:
+        regs = uapi.kvm_regs()
+        ioctl_buf(self.fd, uapi.KVM_GET_REGS, regs)
+        return regs
+
+    def set_regs(self, regs: uapi.kvm_regs) -> None:
+        ioctl_buf(self.fd, uapi.KVM_SET_REGS, regs)
+
+    def get_sregs(self) -> uapi.kvm_sregs:
+        sregs = uapi.kvm_sregs()
+        ioctl_buf(self.fd, uapi.KVM_GET_SREGS, sregs)
+        return sregs
+
+    def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
+        ioctl_buf(self.fd, uapi.KVM_SET_SREGS, sregs)
+
+    # -- MSRs --
+    def get_msrs(self, batch: MsrBatch) -> int:
+        """KVM_GET_MSRS: values land in ``batch``; returns how many entries the kernel read."""
+        return ioctl_buf(self.fd, uapi.KVM_GET_MSRS, batch.buffer)
+
+    def set_msrs(self, entries: MsrBatch | MsrItems) -> int:
+        """KVM_SET_MSRS: returns how many entries the kernel wrote (it stops at the first refused one)."""
+        return ioctl_buf(self.fd, uapi.KVM_SET_MSRS, as_batch(entries).buffer)
+
+    # -- CPUID --
+    def get_cpuid(self, max_entries: int = uapi.KVM_MAX_CPUID_ENTRIES) -> list[CpuidEntry]:
+        buf = encode_cpuid([], capacity=max_entries)
+        ioctl_buf(self.fd, uapi.KVM_GET_CPUID2, buf)
+        return decode_cpuid(buf, struct.unpack_from("<I", buf)[0])
+
+    def set_cpuid(self, entries: Sequence[CpuidEntry]) -> None:
+        ioctl_buf(self.fd, uapi.KVM_SET_CPUID2, encode_cpuid(list(entries)))
+
+    def check_extension(self, cap: int) -> int:
+        return ioctl_int(self.fd, uapi.KVM_CHECK_EXTENSION, cap)

@@ -1,0 +1,424 @@
+"""The KVM userspace ABI for x86-64, in one declarative place.
+
+Every number and struct here mirrors ``include/uapi/linux/kvm.h`` and ``arch/x86/include/uapi/asm/kvm.h``; each struct's
+docstring quotes its C definition. ``tests/test_uapi.py`` compiles a C program against the system headers and checks the
+sizes, offsets and request numbers below against it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Final
+
+# --- ioctl request encoding (asm-generic/ioctl.h) -------------------------------------------------------------------
+
+_IOC_NONE: Final = 0
+_IOC_WRITE: Final = 1
+_IOC_READ: Final = 2
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
+
+
+def _io(nr: int) -> int:
+    return _ioc(_IOC_NONE, nr, 0)
+
+
+def _iow(nr: int, struct: type[ctypes.Structure]) -> int:
+    return _ioc(_IOC_WRITE, nr, ctypes.sizeof(struct))
+
+
+def _ior(nr: int, struct: type[ctypes.Structure]) -> int:
+    return _ioc(_IOC_READ, nr, ctypes.sizeof(struct))
+
+
+def _iowr(nr: int, struct: type[ctypes.Structure]) -> int:
+    return _ioc(_IOC_READ | _IOC_WRITE, nr, ctypes.sizeof(struct))
+
+
+KVMIO: Final = 0xAE
+KVM_API_VERSION: Final = 12
+
+# Limits from arch/x86/kvm: MAX_IO_MSRS (x86.c) and KVM_MAX_CPUID_ENTRIES (kvm_host.h).
+MAX_IO_MSRS: Final = 256
+KVM_MAX_CPUID_ENTRIES: Final = 256
+
+
+# --- structs -----------------------------------------------------------------------------------------------------------
+
+
+class kvm_msr_entry(ctypes.Structure):
+    """``struct kvm_msr_entry { __u32 index; __u32 reserved; __u64 data; };``"""
+
+    _fields_ = [("index", ctypes.c_uint32), ("reserved", ctypes.c_uint32), ("data", ctypes.c_uint64)]
+
+
+class kvm_msrs(ctypes.Structure):
+    """``struct kvm_msrs { __u32 nmsrs; __u32 pad; struct kvm_msr_entry entries[]; };`` (header only)"""
+
+    _fields_ = [("nmsrs", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class kvm_msr_list(ctypes.Structure):
+    """``struct kvm_msr_list { __u32 nmsrs; __u32 indices[]; };`` (header only)"""
+
+    _fields_ = [("nmsrs", ctypes.c_uint32)]
+
+
+class kvm_cpuid_entry2(ctypes.Structure):
+    """``struct kvm_cpuid_entry2 { __u32 function, index, flags, eax, ebx, ecx, edx; __u32 padding[3]; };``"""
+
+    _fields_ = [
+        ("function", ctypes.c_uint32),
+        ("index", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("eax", ctypes.c_uint32),
+        ("ebx", ctypes.c_uint32),
+        ("ecx", ctypes.c_uint32),
+        ("edx", ctypes.c_uint32),
+        ("padding", ctypes.c_uint32 * 3),
+    ]
+
+
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX: Final = 1 << 0
+
+
+class kvm_cpuid2(ctypes.Structure):
+    """``struct kvm_cpuid2 { __u32 nent; __u32 padding; struct kvm_cpuid_entry2 entries[]; };`` (header only)"""
+
+    _fields_ = [("nent", ctypes.c_uint32), ("padding", ctypes.c_uint32)]
+
+
+class kvm_regs(ctypes.Structure):
+    """``struct kvm_regs { __u64 rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8..r15, rip, rflags; };``"""
+
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+            "rip", "rflags",
+        )
+    ]  # fmt: skip
+
+
+class kvm_segment(ctypes.Structure):
+    """``struct kvm_segment { __u64 base; __u32 limit; __u16 selector; __u8 type, present, dpl, db, s, l, g, avl;
+    __u8 unusable; __u8 padding; };``"""
+
+    _fields_ = [
+        ("base", ctypes.c_uint64),
+        ("limit", ctypes.c_uint32),
+        ("selector", ctypes.c_uint16),
+        ("type", ctypes.c_uint8),
+        ("present", ctypes.c_uint8),
+        ("dpl", ctypes.c_uint8),
+        ("db", ctypes.c_uint8),
+        ("s", ctypes.c_uint8),
+        ("l", ctypes.c_uint8),
+        ("g", ctypes.c_uint8),
+        ("avl", ctypes.c_uint8),
+        ("unusable", ctypes.c_uint8),
+        ("padding", ctypes.c_uint8),
+    ]
+
+
+class kvm_dtable(ctypes.Structure):
+    """``struct kvm_dtable { __u64 base; __u16 limit; __u16 padding[3]; };``"""
+
+    _fields_ = [("base", ctypes.c_uint64), ("limit", ctypes.c_uint16), ("padding", ctypes.c_uint16 * 3)]
+
+
+KVM_NR_INTERRUPTS: Final = 256
+
+
+class kvm_sregs(ctypes.Structure):
+    """``struct kvm_sregs { struct kvm_segment cs, ds, es, fs, gs, ss, tr, ldt; struct kvm_dtable gdt, idt;
+    __u64 cr0, cr2, cr3, cr4, cr8; __u64 efer; __u64 apic_base;
+    __u64 interrupt_bitmap[(KVM_NR_INTERRUPTS + 63) / 64]; };``"""
+
+    _fields_ = [
+        ("cs", kvm_segment),
+        ("ds", kvm_segment),
+        ("es", kvm_segment),
+        ("fs", kvm_segment),
+        ("gs", kvm_segment),
+        ("ss", kvm_segment),
+        ("tr", kvm_segment),
+        ("ldt", kvm_segment),
+        ("gdt", kvm_dtable),
+        ("idt", kvm_dtable),
+        ("cr0", ctypes.c_uint64),
+        ("cr2", ctypes.c_uint64),
+        ("cr3", ctypes.c_uint64),
+        ("cr4", ctypes.c_uint64),
+        ("cr8", ctypes.c_uint64),
+        ("efer", ctypes.c_uint64),
+        ("apic_base", ctypes.c_uint64),
+        ("interrupt_bitmap", ctypes.c_uint64 * ((KVM_NR_INTERRUPTS + 63) // 64)),
+    ]
+
+
+class kvm_userspace_memory_region(ctypes.Structure):
+    """``struct kvm_userspace_memory_region { __u32 slot; __u32 flags; __u64 guest_phys_addr;
+    __u64 memory_size; __u64 userspace_addr; };``"""
+
+    _fields_ = [
+        ("slot", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("guest_phys_addr", ctypes.c_uint64),
+        ("memory_size", ctypes.c_uint64),
+        ("userspace_addr", ctypes.c_uint64),
+    ]
+
+
+KVM_MEM_LOG_DIRTY_PAGES: Final = 1 << 0
+KVM_MEM_READONLY: Final = 1 << 1
+
+
+class kvm_enable_cap(ctypes.Structure):
+    """``struct kvm_enable_cap { __u32 cap; __u32 flags; __u64 args[4]; __u8 pad[64]; };``"""
+
+    _fields_ = [
+        ("cap", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("args", ctypes.c_uint64 * 4),
+        ("pad", ctypes.c_uint8 * 64),
+    ]
+
+
+class kvm_msr_filter_range(ctypes.Structure):
+    """``struct kvm_msr_filter_range { __u32 flags; __u32 nmsrs; __u32 base; __u8 *bitmap; };``"""
+
+    _fields_ = [
+        ("flags", ctypes.c_uint32),
+        ("nmsrs", ctypes.c_uint32),
+        ("base", ctypes.c_uint32),
+        ("bitmap", ctypes.c_void_p),
+    ]
+
+
+KVM_MSR_FILTER_MAX_RANGES: Final = 16
+KVM_MSR_FILTER_READ: Final = 1 << 0
+KVM_MSR_FILTER_WRITE: Final = 1 << 1
+KVM_MSR_FILTER_DEFAULT_ALLOW: Final = 0
+KVM_MSR_FILTER_DEFAULT_DENY: Final = 1
+
+
+class kvm_msr_filter(ctypes.Structure):
+    """``struct kvm_msr_filter { __u32 flags; struct kvm_msr_filter_range ranges[16]; };``"""
+
+    _fields_ = [("flags", ctypes.c_uint32), ("ranges", kvm_msr_filter_range * KVM_MSR_FILTER_MAX_RANGES)]
+
+
+# --- struct kvm_run ---------------------------------------------------------------------------------------------------
+
+
+class kvm_run_io(ctypes.Structure):
+    """``struct { __u8 direction; __u8 size; __u16 port; __u32 count; __u64 data_offset; } io;`` (KVM_EXIT_IO)"""
+
+    _fields_ = [
+        ("direction", ctypes.c_uint8),
+        ("size", ctypes.c_uint8),
+        ("port", ctypes.c_uint16),
+        ("count", ctypes.c_uint32),
+        ("data_offset", ctypes.c_uint64),
+    ]
+
+
+class kvm_run_mmio(ctypes.Structure):
+    """``struct { __u64 phys_addr; __u8 data[8]; __u32 len; __u8 is_write; } mmio;`` (KVM_EXIT_MMIO)"""
+
+    _fields_ = [
+        ("phys_addr", ctypes.c_uint64),
+        ("data", ctypes.c_uint8 * 8),
+        ("len", ctypes.c_uint32),
+        ("is_write", ctypes.c_uint8),
+    ]
+
+
+class kvm_run_fail_entry(ctypes.Structure):
+    """``struct { __u64 hardware_entry_failure_reason; __u32 cpu; } fail_entry;`` (KVM_EXIT_FAIL_ENTRY)"""
+
+    _fields_ = [("hardware_entry_failure_reason", ctypes.c_uint64), ("cpu", ctypes.c_uint32)]
+
+
+class kvm_run_internal(ctypes.Structure):
+    """``struct { __u32 suberror; __u32 ndata; __u64 data[16]; } internal;`` (KVM_EXIT_INTERNAL_ERROR)"""
+
+    _fields_ = [("suberror", ctypes.c_uint32), ("ndata", ctypes.c_uint32), ("data", ctypes.c_uint64 * 16)]
+
+
+class kvm_run_system_event(ctypes.Structure):
+    """``struct { __u32 type; __u32 ndata; union { __u64 flags; __u64 data[16]; }; } system_event;``"""
+
+    _fields_ = [("type", ctypes.c_uint32), ("ndata", ctypes.c_uint32), ("data", ctypes.c_uint64 * 16)]
+
+
+class kvm_run_msr(ctypes.Structure):
+    """``struct { __u8 error; __u8 pad[7]; __u32 reason; __u32 index; __u64 data; } msr;``
+    (KVM_EXIT_X86_RDMSR / KVM_EXIT_X86_WRMSR)"""
+
+    _fields_ = [
+        ("error", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 7),
+        ("reason", ctypes.c_uint32),
+        ("index", ctypes.c_uint32),
+        ("data", ctypes.c_uint64),
+    ]
+
+
+class kvm_run_exit(ctypes.Union):
+    """The exit-reason union of ``struct kvm_run`` (256 bytes), with the members pykvm decodes."""
+
+    _fields_ = [
+        ("io", kvm_run_io),
+        ("mmio", kvm_run_mmio),
+        ("fail_entry", kvm_run_fail_entry),
+        ("internal", kvm_run_internal),
+        ("system_event", kvm_run_system_event),
+        ("msr", kvm_run_msr),
+        ("hardware_exit_reason", ctypes.c_uint64),
+        ("padding", ctypes.c_char * 256),
+    ]
+
+
+class kvm_run(ctypes.Structure):
+    """``struct kvm_run { __u8 request_interrupt_window; __u8 immediate_exit; __u8 padding1[6]; __u32 exit_reason;
+    __u8 ready_for_interrupt_injection; __u8 if_flag; __u16 flags; __u64 cr8; __u64 apic_base;
+    union { ... } ; __u64 kvm_valid_regs; __u64 kvm_dirty_regs; union { ...; char padding[2048]; } s; };``"""
+
+    _fields_ = [
+        ("request_interrupt_window", ctypes.c_uint8),
+        ("immediate_exit", ctypes.c_uint8),
+        ("padding1", ctypes.c_uint8 * 6),
+        ("exit_reason", ctypes.c_uint32),
+        ("ready_for_interrupt_injection", ctypes.c_uint8),
+        ("if_flag", ctypes.c_uint8),
+        ("flags", ctypes.c_uint16),
+        ("cr8", ctypes.c_uint64),
+        ("apic_base", ctypes.c_uint64),
+        ("exit", kvm_run_exit),
+        ("kvm_valid_regs", ctypes.c_uint64),
+        ("kvm_dirty_regs", ctypes.c_uint64),
+        ("s", ctypes.c_char * 2048),
+    ]
+
+
+# Offsets into the mmapped kvm_run that the hot path reads without building a ctypes object.
+KVM_RUN_IMMEDIATE_EXIT_OFFSET: Final = kvm_run.immediate_exit.offset
+KVM_RUN_EXIT_REASON_OFFSET: Final = kvm_run.exit_reason.offset
+KVM_RUN_EXIT_OFFSET: Final = kvm_run.exit.offset
+
+
+# --- ioctl request numbers ------------------------------------------------------------------------------------------
+
+# System ioctls (/dev/kvm).
+KVM_GET_API_VERSION: Final = _io(0x00)
+KVM_CREATE_VM: Final = _io(0x01)
+KVM_GET_MSR_INDEX_LIST: Final = _iowr(0x02, kvm_msr_list)
+KVM_CHECK_EXTENSION: Final = _io(0x03)
+KVM_GET_VCPU_MMAP_SIZE: Final = _io(0x04)
+KVM_GET_SUPPORTED_CPUID: Final = _iowr(0x05, kvm_cpuid2)
+KVM_GET_MSR_FEATURE_INDEX_LIST: Final = _iowr(0x0A, kvm_msr_list)
+
+# VM ioctls.
+KVM_CREATE_VCPU: Final = _io(0x41)
+KVM_SET_USER_MEMORY_REGION: Final = _iow(0x46, kvm_userspace_memory_region)
+KVM_SET_TSS_ADDR: Final = _io(0x47)
+KVM_ENABLE_CAP: Final = _iow(0xA3, kvm_enable_cap)
+KVM_X86_SET_MSR_FILTER: Final = _iow(0xC6, kvm_msr_filter)
+
+# vCPU ioctls (KVM_GET_MSRS also works on /dev/kvm for feature MSRs).
+KVM_RUN: Final = _io(0x80)
+KVM_GET_REGS: Final = _ior(0x81, kvm_regs)
+KVM_SET_REGS: Final = _iow(0x82, kvm_regs)
+KVM_GET_SREGS: Final = _ior(0x83, kvm_sregs)
+KVM_SET_SREGS: Final = _iow(0x84, kvm_sregs)
+KVM_GET_MSRS: Final = _iowr(0x88, kvm_msrs)
+KVM_SET_MSRS: Final = _iow(0x89, kvm_msrs)
+KVM_SET_CPUID2: Final = _iow(0x90, kvm_cpuid2)
+KVM_GET_CPUID2: Final = _iowr(0x91, kvm_cpuid2)
+
+IOCTL_NAMES: Final[dict[int, str]] = {
+    globals()[name]: name
+    for name in (
+        "KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_GET_MSR_INDEX_LIST", "KVM_CHECK_EXTENSION",
+        "KVM_GET_VCPU_MMAP_SIZE", "KVM_GET_SUPPORTED_CPUID", "KVM_GET_MSR_FEATURE_INDEX_LIST", "KVM_CREATE_VCPU",
+        "KVM_SET_USER_MEMORY_REGION", "KVM_SET_TSS_ADDR", "KVM_ENABLE_CAP", "KVM_X86_SET_MSR_FILTER", "KVM_RUN",
+        "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS", "KVM_GET_MSRS", "KVM_SET_MSRS",
+        "KVM_SET_CPUID2", "KVM_GET_CPUID2",
+    )
+}  # fmt: skip
+"""Request number to ioctl name, for error messages."""
+
+# --- exit reasons ------------------------------------------------------------------------------------------------------
+
+KVM_EXIT_UNKNOWN: Final = 0
+KVM_EXIT_EXCEPTION: Final = 1
+KVM_EXIT_IO: Final = 2
+KVM_EXIT_HYPERCALL: Final = 3
+KVM_EXIT_DEBUG: Final = 4
+KVM_EXIT_HLT: Final = 5
+KVM_EXIT_MMIO: Final = 6
+KVM_EXIT_IRQ_WINDOW_OPEN: Final = 7
+KVM_EXIT_SHUTDOWN: Final = 8
+KVM_EXIT_FAIL_ENTRY: Final = 9
+KVM_EXIT_INTR: Final = 10
+KVM_EXIT_NMI: Final = 16
+KVM_EXIT_INTERNAL_ERROR: Final = 17
+KVM_EXIT_SYSTEM_EVENT: Final = 24
+KVM_EXIT_X86_RDMSR: Final = 29
+KVM_EXIT_X86_WRMSR: Final = 30
+
+KVM_EXIT_IO_IN: Final = 0
+KVM_EXIT_IO_OUT: Final = 1
+
+KVM_SYSTEM_EVENT_SHUTDOWN: Final = 1
+KVM_SYSTEM_EVENT_RESET: Final = 2
+KVM_SYSTEM_EVENT_CRASH: Final = 3
+
+# KVM_CAP_X86_USER_SPACE_MSR reasons (kvm_run.msr.reason and the enable_cap bitmask).
+KVM_MSR_EXIT_REASON_INVAL: Final = 1 << 0
+KVM_MSR_EXIT_REASON_UNKNOWN: Final = 1 << 1
+KVM_MSR_EXIT_REASON_FILTER: Final = 1 << 2
+
+# --- capabilities ------------------------------------------------------------------------------------------------------
+
+KVM_CAP_IRQCHIP: Final = 0
+KVM_CAP_HLT: Final = 1
+KVM_CAP_USER_MEMORY: Final = 3
+KVM_CAP_SET_TSS_ADDR: Final = 4
+KVM_CAP_EXT_CPUID: Final = 7
+KVM_CAP_NR_VCPUS: Final = 9
+KVM_CAP_NR_MEMSLOTS: Final = 10
+KVM_CAP_MAX_VCPUS: Final = 66
+KVM_CAP_ONE_REG: Final = 70
+KVM_CAP_ENABLE_CAP_VM: Final = 98
+KVM_CAP_CHECK_EXTENSION_VM: Final = 105
+KVM_CAP_DISABLE_QUIRKS: Final = 116
+KVM_CAP_MAX_VCPU_ID: Final = 128
+KVM_CAP_IMMEDIATE_EXIT: Final = 136
+KVM_CAP_GET_MSR_FEATURES: Final = 153
+KVM_CAP_MSR_PLATFORM_INFO: Final = 159
+KVM_CAP_X86_USER_SPACE_MSR: Final = 188
+KVM_CAP_X86_MSR_FILTER: Final = 189
+KVM_CAP_DISABLE_QUIRKS2: Final = 213
+
+CAPABILITY_NAMES: Final[dict[int, str]] = {
+    value: name for name, value in list(globals().items()) if name.startswith("KVM_CAP_") and isinstance(value, int)
+}
+
+# --- quirks (arch/x86/include/uapi/asm/kvm.h) ------------------------------------------------------------------------
+
+KVM_X86_QUIRK_LINT0_REENABLED: Final = 1 << 0
+KVM_X86_QUIRK_CD_NW_CLEARED: Final = 1 << 1
+KVM_X86_QUIRK_LAPIC_MMIO_HOLE: Final = 1 << 2
+KVM_X86_QUIRK_OUT_7E_INC_RIP: Final = 1 << 3
+KVM_X86_QUIRK_MISC_ENABLE_NO_MWAIT: Final = 1 << 4
+KVM_X86_QUIRK_FIX_HYPERCALL_INSN: Final = 1 << 5
+KVM_X86_QUIRK_MWAIT_NEVER_UD_FAULTS: Final = 1 << 6
+KVM_X86_QUIRK_SLOT_ZAP_ALL: Final = 1 << 7
+# Added in v6.13 by dcb988cdac85 ("KVM: x86: Quirk initialization of feature MSRs to KVM's max configuration").
+KVM_X86_QUIRK_STUFF_FEATURE_MSRS: Final = 1 << 8
