@@ -444,6 +444,10 @@ class System(_Closable, ABC):
         """A one-line description of what this system is (backend, kernel, profile)."""
         return self.backend
 
+    @abstractmethod
+    def host_info(self) -> dict[str, object]:
+        """Kernel release, vendor module (vmx, svm, pvm) and the module parameters that shape the vCPU model."""
+
     def read_feature_msrs(self, msrs: Iterable[MsrSpec] | None = None) -> dict[int, int]:
         """The feature MSRs' values (all of them by default); raise :class:`MsrReadError` on a short count."""
         batch = MsrBatch(list(msrs) if msrs is not None else self.get_msr_feature_index_list())

@@ -66,6 +66,11 @@ class LinuxSystem(System):
     def describe(self) -> str:
         return f"linux backend on {self.path} (kernel {os.uname().release})"
 
+    def host_info(self) -> dict[str, object]:
+        from ..host import host_info
+
+        return host_info()
+
     def api_version(self) -> int:
         """KVM_GET_API_VERSION (12 on every kernel since 2.6.22)."""
         return ioctl_int(self.fd, uapi.KVM_GET_API_VERSION)

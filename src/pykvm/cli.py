@@ -1,0 +1,219 @@
+"""The ``pykvm`` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import msrs as _msrs
+from .api import System
+from .errors import KvmUnavailableError, PykvmError
+
+# Exit codes shared by every subcommand.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NO_KVM = 3
+
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    sys.exit(code)
+
+
+def open_backend(backend: str, kernel: str | None, profile: str | None) -> tuple[System, str | None]:
+    """Open the chosen backend; with ``auto``, fall back to the model and return why."""
+    import pykvm
+
+    if backend in ("auto", "linux") and (kernel or profile):
+        if backend == "linux":
+            raise click.UsageError("--kernel and --profile choose the model; drop them or use --backend model")
+        backend = "model"
+    if backend == "auto":
+        try:
+            return pykvm.open("linux"), None
+        except KvmUnavailableError as e:
+            return pykvm.open("model"), str(e)
+    if backend == "linux":
+        return pykvm.open("linux"), None
+    options: dict[str, Any] = {}
+    if kernel:
+        options["kernel"] = kernel
+    if profile:
+        options["profile"] = profile
+    return pykvm.open("model", **options), None
+
+
+backend_option = click.option(
+    "--backend",
+    type=click.Choice(["auto", "linux", "model"]),
+    default="auto",
+    show_default=True,
+    help="linux: the live /dev/kvm; model: pykvm's software KVM; auto: linux when /dev/kvm is usable, else model.",
+)
+kernel_option = click.option("--kernel", metavar="VERSION", help="Model only: kernel ruleset, e.g. 6.3, 6.10, 6.18.")
+profile_option = click.option(
+    "--profile", metavar="NAME|FILE", help="Model only: a shipped host profile name or a profile JSON file."
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pykvm")
+def main() -> None:
+    """pykvm: Linux KVM's x86 vCPU model, live (/dev/kvm) and modelled.
+
+    Exit codes: 0 success, 1 a check failed, 2 bad input or arguments, 3 /dev/kvm missing or not permitted.
+    """
+
+
+def _hex(v: int | None) -> str:
+    return "-" if v is None else f"0x{v:x}"
+
+
+def _ok(v: bool | None) -> str:
+    return "-" if v is None else ("[green]ok[/]" if v else "[red]refused[/]")
+
+
+def _fields(fields: dict[str, Any]) -> str:
+    parts = []
+    for k, v in fields.items():
+        if isinstance(v, bool):
+            if v:
+                parts.append(k)
+        elif v:
+            parts.append(f"{k}={v:#x}" if k == "other_bits" or v > 9 else f"{k}={v}")
+    return " ".join(parts) or "(none set)"
+
+
+@main.command()
+@backend_option
+@kernel_option
+@profile_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--no-cpuid", is_flag=True, help="Do not set KVM_GET_SUPPORTED_CPUID on the probe vCPUs first.")
+def probe(backend: str, kernel: str | None, profile: str | None, as_json: bool, no_cpuid: bool) -> None:
+    """Show what this host's KVM offers and whether it freezes the vCPU model after the first run.
+
+    For every feature MSR: its value and decoded fields, then a live check on fresh VMs: a changed write on a vCPU
+    that never ran, and a same-value and a changed write after a run to the first HLT.
+
+    \b
+    Examples:
+      pykvm probe
+      pykvm probe --json
+      pykvm probe --backend model --profile intel-spr --kernel 6.18
+    """
+    from .probe import FROZEN, NOT_SETTABLE, WRITABLE
+    from .probe import probe as run_probe
+
+    try:
+        system, fallback = open_backend(backend, kernel, profile)
+    except KvmUnavailableError as e:
+        fail(str(e), EXIT_NO_KVM)
+    except PykvmError as e:
+        fail(str(e), EXIT_USAGE)
+    if fallback:
+        err_console.print(f"[yellow]warning:[/] {fallback}\n[yellow]warning:[/] showing the MODEL instead "
+                          f"({system.describe()}); nothing below was measured on a live kernel", highlight=False)
+    with system:
+        report = run_probe(system, set_cpuid=not no_cpuid)
+    if as_json:
+        out = report.to_json()
+        out["fallback_reason"] = fallback
+        click.echo(json.dumps(out, indent=2))
+        sys.exit(EXIT_NO_KVM if fallback else EXIT_OK)
+
+    console = Console()
+    host = report.host
+    label = "LIVE KERNEL" if report.backend == "linux" else "MODEL (software KVM, not the live kernel)"
+    console.print(f"[bold]pykvm probe[/] - {label}: {report.description}", highlight=False)
+    console.print(
+        f"kernel {host.get('kernel_release')}  vendor module {host.get('vendor_module')}  "
+        f"API version {report.api_version}  index list {len(report.msr_index_list)} MSRs",
+        highlight=False,
+    )
+    if host.get("module_parameters"):
+        params = host["module_parameters"]
+        console.print("module parameters: " + " ".join(f"{k}={v}" for k, v in params.items()), highlight=False)
+    caps = Table(title="Capabilities", show_edge=False)
+    caps.add_column("capability")
+    caps.add_column("value", justify="right")
+    for name, value in report.capabilities.items():
+        caps.add_row(name, f"{value:#x}" if "QUIRKS" in name else str(value))
+    console.print(caps)
+
+    feats = Table(title="Feature MSRs (KVM_GET_MSR_FEATURE_INDEX_LIST, system KVM_GET_MSRS)", show_edge=False)
+    for col in ("MSR", "name", "value", "decoded"):
+        feats.add_column(col, overflow="fold")
+    for m in report.msrs:
+        feats.add_row(f"0x{m.index:x}", m.name, _hex(m.value), _fields(m.fields))
+    console.print(feats)
+
+    check = Table(
+        title="Freeze check (fresh VMs" + (", CPUID = KVM_GET_SUPPORTED_CPUID" if report.cpuid_set else "") + ")",
+        show_edge=False,
+    )
+    for col in ("MSR", "vCPU default", "changed value", "before run", "after run: same", "after run: changed",
+                "read back", "verdict"):
+        check.add_column(col, overflow="fold")
+    colour = {FROZEN: "bold yellow", WRITABLE: "green", NOT_SETTABLE: "dim"}
+    for m in report.msrs:
+        check.add_row(
+            f"0x{m.index:x}",
+            _hex(m.vcpu_default),
+            _hex(m.changed_value),
+            _ok(m.before_run_changed_ok),
+            _ok(m.after_run_same_ok),
+            _ok(m.after_run_changed_ok),
+            _hex(m.after_run_readback),
+            f"[{colour.get(m.verdict, 'red')}]{m.verdict}[/]",
+        )
+    console.print(check)
+    style = "bold green" if report.freeze_enforced else "bold red" if report.freeze_enforced is False else "yellow"
+    console.print(f"[{style}]Conclusion:[/] {report.conclusion}", highlight=False)
+    sys.exit(EXIT_NO_KVM if fallback else EXIT_OK)
+
+
+@main.command()
+@click.argument("msr")
+@click.argument("value", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def decode(msr: str, value: str | None, as_json: bool) -> None:
+    """Look up an MSR by name or index and decode VALUE (e.g. `pykvm decode ARCH_CAP 0x400000000c000069`)."""
+    try:
+        m = _msrs.lookup(msr)
+        v = _msrs.check_value(int(value, 0)) if value is not None else None
+    except ValueError as e:
+        fail(f"bad value {value!r}: {e}", EXIT_USAGE)
+    except PykvmError as e:
+        fail(str(e), EXIT_USAGE)
+    fields = m.decode(v) if v is not None else {}
+    if as_json:
+        click.echo(json.dumps({"index": f"0x{m.index:x}", "name": m.name, "aliases": list(m.aliases),
+                               "feature": m.feature, "value": _hex(v) if v is not None else None, "fields": fields}))
+        return
+    click.echo(f"{m.name} (0x{m.index:x}){' [feature MSR]' if m.feature else ''}")
+    if v is not None:
+        click.echo(f"value 0x{v:x}")
+        for k, fv in fields.items():
+            click.echo(f"  {k:24} {fv if isinstance(fv, bool) else hex(fv)}")
+
+
+@main.command("msrs")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def list_msrs(as_json: bool) -> None:
+    """List every MSR pykvm knows by name."""
+    cat = _msrs.catalogue()
+    if as_json:
+        click.echo(json.dumps([{"index": f"0x{m.index:x}", "name": m.name, "aliases": list(m.aliases),
+                                "feature": m.feature} for m in cat], indent=2))
+        return
+    for m in cat:
+        click.echo(f"0x{m.index:08x}  {m.name}{'  [feature]' if m.feature else ''}")

@@ -1,0 +1,199 @@
+"""What a KVM system offers and whether it freezes the vCPU model after the first run.
+
+Works on any backend. For each feature MSR it uses fresh VMs: one vCPU that never runs (is a changed value settable at
+all?) and one vCPU that has run to its first HLT (is the same value accepted, and the changed one refused?). Only the
+comparison of the two tells "refused by the after-run rule" from "refused anyway".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import guest, uapi
+from . import msrs as _msrs
+from .api import CpuidEntry, HltExit, MsrBatch, System, Vcpu, Vm
+
+FROZEN = "frozen after first run"
+WRITABLE = "writable after run"
+NOT_SETTABLE = "refused even before a run (not settable here)"
+NO_RUN = "could not run the vCPU to HLT"
+
+PROBED_CAPABILITIES = (
+    uapi.KVM_CAP_GET_MSR_FEATURES,
+    uapi.KVM_CAP_MSR_PLATFORM_INFO,
+    uapi.KVM_CAP_DISABLE_QUIRKS2,
+    uapi.KVM_CAP_X86_USER_SPACE_MSR,
+    uapi.KVM_CAP_X86_MSR_FILTER,
+    uapi.KVM_CAP_IMMEDIATE_EXIT,
+    uapi.KVM_CAP_ONE_REG,
+    uapi.KVM_CAP_NR_VCPUS,
+    uapi.KVM_CAP_MAX_VCPUS,
+    uapi.KVM_CAP_MAX_VCPU_ID,
+    uapi.KVM_CAP_NR_MEMSLOTS,
+)
+
+
+@dataclass
+class MsrProbe:
+    """The live check of one feature MSR."""
+
+    index: int
+    name: str
+    value: int | None
+    fields: dict[str, Any]
+    vcpu_default: int | None = None
+    changed_value: int | None = None
+    before_run_changed_ok: bool = False
+    run_exit: str = ""
+    after_run_value: int | None = None
+    after_run_same_ok: bool | None = None
+    after_run_changed_ok: bool | None = None
+    after_run_readback: int | None = None
+    verdict: str = ""
+
+
+@dataclass
+class ProbeReport:
+    backend: str
+    description: str
+    host: dict[str, Any]
+    api_version: int
+    capabilities: dict[str, int]
+    msr_index_list: list[int]
+    cpuid_set: bool
+    msrs: list[MsrProbe] = field(default_factory=list)
+    freeze_enforced: bool | None = None
+    conclusion: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["msr_index_list"] = [f"0x{i:x}" for i in self.msr_index_list]
+        for m in out["msrs"]:
+            for k in ("value", "vcpu_default", "changed_value", "after_run_value", "after_run_readback"):
+                if m[k] is not None:
+                    m[k] = f"0x{m[k]:x}"
+            m["index"] = f"0x{m['index']:x}"
+            m["fields"] = {k: (f"0x{v:x}" if isinstance(v, int) and not isinstance(v, bool) and v > 9 else v)
+                           for k, v in m["fields"].items()}
+        return out
+
+
+def _candidates(current: int, feature: int | None) -> Iterator[int]:
+    """Changed values worth trying, most natural first: the feature value, each set bit cleared, 0, each bit set."""
+    seen = {current}
+
+    def fresh(v: int) -> bool:
+        if v in seen:
+            return False
+        seen.add(v)
+        return True
+
+    if feature is not None and fresh(feature):
+        yield feature
+    for bit in range(64):
+        if current >> bit & 1 and fresh(current & ~(1 << bit)):
+            yield current & ~(1 << bit)
+    if fresh(0):
+        yield 0
+    for bit in range(64):
+        if not current >> bit & 1 and fresh(current | 1 << bit):
+            yield current | 1 << bit
+
+
+def _read(vcpu: Vcpu, index: int) -> int | None:
+    batch = MsrBatch([index])
+    return batch[0][1] if vcpu.get_msrs(batch) == 1 else None
+
+
+def _fresh_vcpu(system: System, cpuid: list[CpuidEntry] | None) -> tuple[Vm, Vcpu]:
+    vm = system.create_vm()
+    vcpu = vm.create_vcpu(0)
+    if cpuid is not None:
+        vcpu.set_cpuid(cpuid)
+    return vm, vcpu
+
+
+def probe_msr(system: System, index: int, feature: int | None, cpuid: list[CpuidEntry] | None) -> MsrProbe:
+    m = _msrs.lookup(index)
+    result = MsrProbe(index, m.name, feature, m.decode(feature) if feature is not None else {})
+    # A vCPU that never runs: which changed value (if any) does the kernel take at all?
+    vm, vcpu = _fresh_vcpu(system, cpuid)
+    with vm:
+        current = _read(vcpu, index)
+        result.vcpu_default = current
+        base = current if current is not None else 0
+        for candidate in _candidates(base, feature):
+            if vcpu.set_msrs([(index, candidate)]) == 1:
+                result.changed_value = candidate
+                result.before_run_changed_ok = True
+                break
+    # A vCPU that has run to HLT: same value, then the changed value.
+    vm, vcpu = _fresh_vcpu(system, cpuid)
+    with vm:
+        exit_ = guest.run_to_hlt(vm, vcpu)
+        result.run_exit = exit_.name
+        if not isinstance(exit_, HltExit):
+            result.verdict = NO_RUN
+            return result
+        after = _read(vcpu, index)
+        result.after_run_value = after
+        if after is not None:
+            result.after_run_same_ok = vcpu.set_msrs([(index, after)]) == 1
+        changed = result.changed_value
+        if changed is None:
+            changed = next(_candidates(base, feature))
+        result.after_run_changed_ok = vcpu.set_msrs([(index, changed)]) == 1
+        result.after_run_readback = _read(vcpu, index)
+    if not result.before_run_changed_ok:
+        result.verdict = NOT_SETTABLE
+    elif result.after_run_changed_ok:
+        result.verdict = WRITABLE
+    else:
+        result.verdict = FROZEN
+    return result
+
+
+def probe(system: System, set_cpuid: bool = True) -> ProbeReport:
+    """Probe ``system``: capabilities, feature MSRs with decoded values, and the live freeze check."""
+    caps: dict[str, int] = {}
+    for cap in PROBED_CAPABILITIES:
+        caps[uapi.CAPABILITY_NAMES[cap]] = system.check_extension(cap)
+    with system.create_vm() as vm:
+        caps["KVM_CAP_DISABLE_QUIRKS2 (VM)"] = vm.check_extension(uapi.KVM_CAP_DISABLE_QUIRKS2)
+    report = ProbeReport(
+        backend=system.backend,
+        description=system.describe(),
+        host=system.host_info(),
+        api_version=system.api_version(),
+        capabilities=caps,
+        msr_index_list=system.get_msr_index_list(),
+        cpuid_set=set_cpuid,
+    )
+    cpuid = system.get_supported_cpuid() if set_cpuid else None
+    features = system.get_msr_feature_index_list()
+    batch = MsrBatch(features)
+    done = system.get_feature_msrs(batch)
+    values = {index: value for i, (index, value) in enumerate(batch) if i < done}
+    for index in features:
+        report.msrs.append(probe_msr(system, index, values.get(index), cpuid))
+    frozen = [m for m in report.msrs if m.verdict == FROZEN]
+    writable = [m for m in report.msrs if m.verdict == WRITABLE]
+    immutable_writable = [m for m in writable if m.index != _msrs.MSR_IA32_UCODE_REV]
+    if frozen and not immutable_writable:
+        report.freeze_enforced = True
+        report.conclusion = (
+            "this kernel enforces the freeze: "
+            + ", ".join(m.name for m in frozen)
+            + " refused a changed value after the first run and accepted the same value"
+            + ("; UCODE_REV stays writable" if any(m.index == _msrs.MSR_IA32_UCODE_REV for m in writable) else "")
+        )
+    elif immutable_writable:
+        report.freeze_enforced = False
+        report.conclusion = "this kernel does not enforce the freeze: " + ", ".join(
+            m.name for m in immutable_writable
+        ) + " took a changed value after the first run"
+    else:
+        report.conclusion = "cannot tell: no feature MSR could be changed even before a run"
+    return report
