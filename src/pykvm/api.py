@@ -11,7 +11,7 @@ import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 from . import msrs as _msrs
 from . import uapi
@@ -22,8 +22,8 @@ from .errors import ClosedError, InvalidValueError, MsrReadError, MsrWriteError
 _ENTRY = struct.Struct("<IIQ")
 _HEADER = struct.Struct("<II")
 
-MsrSpec = Union[int, str]
-MsrItems = Union[Mapping[MsrSpec, int], Iterable[tuple[MsrSpec, int]]]
+MsrSpec = int | str
+MsrItems = Mapping[MsrSpec, int] | Iterable[tuple[MsrSpec, int]]
 
 
 class MsrBatch:

@@ -130,7 +130,7 @@ def probe(backend: str, kernel: str | None, profile: str | None, as_json: bool, 
         click.echo(json.dumps(out, indent=2))
         sys.exit(EXIT_NO_KVM if fallback else EXIT_OK)
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     host = report.host
     label = "LIVE KERNEL" if report.backend == "linux" else "MODEL (software KVM, not the live kernel)"
     console.print(f"[bold]pykvm probe[/] - {label}: {report.description}", highlight=False)

@@ -50,6 +50,6 @@ def host_info(sys_module: Path = Path("/sys/module")) -> dict[str, object]:
     return {
         "kernel_release": os.uname().release,
         "vendor_module": module,
-        "vendor": VENDOR_MODULES.get(module or "", None),
+        "vendor": VENDOR_MODULES.get(module or ""),
         "module_parameters": params,
     }

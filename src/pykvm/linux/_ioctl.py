@@ -12,7 +12,7 @@ from ..uapi import IOCTL_NAMES
 def ioctl_int(fd: int, request: int, arg: int = 0) -> int:
     """An ioctl whose argument is an integer (or nothing); returns the kernel's return value."""
     try:
-        return fcntl.ioctl(fd, request, arg)
+        return int(fcntl.ioctl(fd, request, arg))
     except OSError as e:
         raise KvmError(e.errno or 0, IOCTL_NAMES.get(request, hex(request))) from None
 
@@ -20,6 +20,6 @@ def ioctl_int(fd: int, request: int, arg: int = 0) -> int:
 def ioctl_buf(fd: int, request: int, buf: Any) -> int:
     """An ioctl on a writable buffer the kernel may read and write in place; returns the kernel's return value."""
     try:
-        return fcntl.ioctl(fd, request, buf, True)
+        return int(fcntl.ioctl(fd, request, buf, True))
     except OSError as e:
         raise KvmError(e.errno or 0, IOCTL_NAMES.get(request, hex(request))) from None

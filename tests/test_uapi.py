@@ -1,0 +1,91 @@
+"""The ABI in pykvm.uapi against linux/kvm.h, checked by compiling a C program (no /dev/kvm needed)."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pykvm import uapi
+
+HEADER = Path("/usr/include/linux/kvm.h")
+
+SIZES = ["kvm_msr_entry", "kvm_msrs", "kvm_msr_list", "kvm_cpuid_entry2", "kvm_cpuid2", "kvm_regs", "kvm_sregs",
+         "kvm_segment", "kvm_dtable", "kvm_userspace_memory_region", "kvm_enable_cap", "kvm_run",
+         "kvm_msr_filter_range", "kvm_msr_filter"]
+IOCTLS = [name for name in uapi.IOCTL_NAMES.values()]
+CONSTANTS = [n for n in dir(uapi) if n.startswith(("KVM_EXIT_", "KVM_CAP_", "KVM_X86_QUIRK_", "KVM_MSR_EXIT_REASON_",
+                                                   "KVM_SYSTEM_EVENT_", "KVM_MSR_FILTER_", "KVM_MEM_"))
+             and isinstance(getattr(uapi, n), int)]
+OFFSETS = [("kvm_run", "immediate_exit"), ("kvm_run", "exit_reason"), ("kvm_run", "io"), ("kvm_run", "mmio"),
+           ("kvm_run", "fail_entry"), ("kvm_run", "internal"), ("kvm_run", "system_event"), ("kvm_run", "msr"),
+           ("kvm_run", "kvm_valid_regs"), ("kvm_run", "s"), ("kvm_sregs", "cr0"), ("kvm_sregs", "efer"),
+           ("kvm_sregs", "interrupt_bitmap")]
+
+
+@pytest.fixture(scope="module")
+def header_values() -> dict[str, int]:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc or not HEADER.exists():
+        pytest.skip("needs a C compiler and linux/kvm.h (Debian: gcc, linux-libc-dev)")
+    lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/kvm.h>", "int main(void) {"]
+    for s in SIZES:
+        lines.append(f'printf("sizeof {s} %zu\\n", sizeof(struct {s}));')
+    for name in IOCTLS:
+        lines.append(f'printf("{name} %lu\\n", (unsigned long){name});')
+    for name in CONSTANTS:
+        lines.append(f'#ifdef {name}\nprintf("{name} %lld\\n", (long long){name});\n#endif')
+    for struct, member in OFFSETS:
+        lines.append(f'printf("offsetof {struct}.{member} %zu\\n", offsetof(struct {struct}, {member}));')
+    lines += ["return 0;", "}"]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "abi.c"
+        src.write_text("\n".join(lines))
+        subprocess.run([cc, "-o", str(Path(tmp) / "abi"), str(src)], check=True, capture_output=True)
+        out = subprocess.run([str(Path(tmp) / "abi")], check=True, capture_output=True, text=True).stdout
+    values = {}
+    for line in out.splitlines():
+        key, _, value = line.rpartition(" ")
+        values[key] = int(value)
+    return values
+
+
+@pytest.mark.parametrize("name", SIZES)
+def test_struct_size_matches_header(header_values: dict[str, int], name: str) -> None:
+    ours = ctypes.sizeof(getattr(uapi, name))
+    assert ours == header_values[f"sizeof {name}"], (
+        f"sizeof(struct {name}): kvm.h says {header_values[f'sizeof {name}']}, pykvm.uapi has {ours}")
+
+
+@pytest.mark.parametrize("name", IOCTLS)
+def test_ioctl_number_matches_header(header_values: dict[str, int], name: str) -> None:
+    assert getattr(uapi, name) == header_values[name], (
+        f"{name}: kvm.h says {header_values[name]:#x}, pykvm.uapi has {getattr(uapi, name):#x}")
+
+
+def test_constants_match_header(header_values: dict[str, int]) -> None:
+    checked = [n for n in CONSTANTS if n in header_values]
+    assert len(checked) > 30, f"expected most constants to be in kvm.h, found only {checked}"
+    wrong = {n: (getattr(uapi, n), header_values[n]) for n in checked if getattr(uapi, n) != header_values[n]}
+    assert not wrong, f"constants differing from kvm.h (pykvm, header): {wrong}"
+
+
+@pytest.mark.parametrize("struct,member", OFFSETS)
+def test_offsets_match_header(header_values: dict[str, int], struct: str, member: str) -> None:
+    cls = getattr(uapi, struct)
+    if member in ("io", "mmio", "fail_entry", "internal", "system_event", "msr"):
+        ours = cls.exit.offset
+    else:
+        ours = getattr(cls, member).offset
+    expected = header_values[f"offsetof {struct}.{member}"]
+    assert ours == expected, f"offsetof({struct}, {member}): kvm.h says {expected}, pykvm.uapi has {ours}"
+
+
+def test_stuff_feature_msrs_quirk_value() -> None:
+    # Not in this machine's 6.1 headers: added in v6.13 (dcb988cdac85) as BIT(8).
+    assert uapi.KVM_X86_QUIRK_STUFF_FEATURE_MSRS == 0x100
