@@ -1,0 +1,218 @@
+"""Capture a host profile from a live system (``pykvm probe --save FILE``).
+
+Everything the model needs is measured, not assumed: capabilities, feature MSRs, the index list, supported CPUID,
+vCPU reset state, how each ordinary MSR answers host writes, and how KVM_SET_CPUID2 rewrites what it is given.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from . import __version__, guest, uapi
+from . import msrs as M
+from .api import CpuidEntry, MsrBatch, System, Vcpu
+from .errors import KvmError
+from .model import rulesets
+from .model.profile import REGISTERS, AppendRule, MsrBehaviour, Profile, RewriteRule
+
+CAP_SCAN = range(0, 300)
+_ONES = 0xFFFFFFFF
+# Inputs KVM refuses outright (kvm_check_cpuid): keep them out of the all-ones probe of these registers.
+_ONES_EXCEPT = {(0xD, 0, "eax"): 0xFFFBFFFF, (0x80000008, 0, "eax"): 0xFFFF30FF}
+
+
+def _segment(seg: uapi.kvm_segment) -> dict[str, int]:
+    return {name: getattr(seg, name) for name, _ in seg._fields_ if name != "padding"}
+
+
+def _sregs_dict(s: uapi.kvm_sregs) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
+        out[name] = _segment(getattr(s, name))
+    for name in ("gdt", "idt"):
+        out[name] = {"base": getattr(s, name).base, "limit": getattr(s, name).limit}
+    for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer"):
+        out[name] = getattr(s, name)
+    return out
+
+
+def _fresh(system: System, cpuid: Sequence[CpuidEntry] | None = None, memory: bool = True) -> tuple[Any, Vcpu]:
+    vm = system.create_vm()
+    if memory:
+        guest.ensure_memory(vm)
+    vcpu = vm.create_vcpu(0)
+    if cpuid is not None:
+        vcpu.set_cpuid(cpuid)
+    return vm, vcpu
+
+
+def _read1(vcpu: Vcpu, index: int) -> int | None:
+    b = MsrBatch([index])
+    return b[0][1] if vcpu.get_msrs(b) == 1 else None
+
+
+def classify_msr(system: System, index: int, cpuid: Sequence[CpuidEntry] | None) -> MsrBehaviour:
+    """Write a set of test values to ``index`` on fresh vCPUs and name the pattern."""
+    vm, vcpu = _fresh(system, cpuid)
+    with vm:
+        default = _read1(vcpu, index)
+        again = _read1(vcpu, index)
+    readable = default is not None
+    base = default or 0
+    if readable and again != default:
+        return MsrBehaviour("volatile", 0, True)
+    values = [0, base, base ^ 1, M.U64_MAX, 0x5555555555555555, 0x00007FFFDEADB000]
+    results: list[tuple[int, bool, int | None]] = []
+    for v in values:
+        vm, vcpu = _fresh(system, cpuid)
+        with vm:
+            ok = vcpu.set_msrs([(index, v)]) == 1
+            results.append((v, ok, _read1(vcpu, index)))
+    if all(ok for _, ok, _ in results):
+        if all(rb == v for v, _, rb in results):
+            return MsrBehaviour("store", base, readable)
+        if all(rb == base for _, _, rb in results):
+            return MsrBehaviour("drop", base, readable)
+    if not any(ok for _, ok, _ in results):
+        return MsrBehaviour("refuse", base, readable)
+    if all(ok == (v == 0) for v, ok, _ in results) and all(rb in (0, None) for v, ok, rb in results if ok):
+        return MsrBehaviour("zero_only", base, readable)
+    return MsrBehaviour("other", base, readable)
+
+
+def _set_get(system: System, entries: Sequence[CpuidEntry]) -> list[CpuidEntry] | None:
+    vm, vcpu = _fresh(system, memory=False)
+    with vm:
+        try:
+            vcpu.set_cpuid(entries)
+        except KvmError:
+            return None
+        return vcpu.get_cpuid()
+
+
+def _masks(
+    system: System, context: Callable[[CpuidEntry], list[CpuidEntry]], entry: CpuidEntry, position: Callable[
+        [list[CpuidEntry]], CpuidEntry | None]
+) -> dict[str, tuple[int, int]]:
+    """Per register of ``entry``: (keep, force) such that stored = (given & keep) | force, found with 0 and all-ones."""
+    out: dict[str, tuple[int, int]] = {}
+    for reg in REGISTERS:
+        ones = _ONES_EXCEPT.get((entry.function, entry.index, reg), _ONES)
+        got0 = _set_get(system, context(replace(entry, **{reg: 0})))
+        got1 = _set_get(system, context(replace(entry, **{reg: ones})))
+        e0 = position(got0) if got0 else None
+        e1 = position(got1) if got1 else None
+        if e0 is None or e1 is None:
+            continue
+        force = getattr(e0, reg)
+        keep = (getattr(e1, reg) & ~force & ones) | (~ones & _ONES)
+        if (keep, force) != (_ONES, 0):
+            out[reg] = (keep, force)
+    return out
+
+
+def capture_cpuid_rules(system: System, supported: list[CpuidEntry]) -> tuple[list[RewriteRule], list[AppendRule]]:
+    """Derive how KVM_SET_CPUID2 rewrites its input, from experiments on fresh vCPUs."""
+    rules: list[RewriteRule] = []
+    appends: list[AppendRule] = []
+    by_key = {e.key: e for e in supported}
+    full = _set_get(system, supported) or []
+    # Leaves whose presence adds others.
+    for e in supported:
+        alone = _set_get(system, [e]) or []
+        extra = [x for x in alone if x.key != e.key]
+        if extra:
+            appends.append(AppendRule(e.key, tuple(by_key.get(x.key, x) for x in extra)))
+    for i, e in enumerate(supported):
+        alone_got = _set_get(system, [e]) or []
+        requires: tuple[int, int] | None = None
+        if alone_got[:1] != full[i:i + 1]:
+            # Stored differently alone than among the others: find the leaf that must be in the final list.
+            outputs = []
+            for other in supported:
+                if other.key == e.key:
+                    continue
+                got = _set_get(system, [e, other]) or []
+                if got[:1] == full[i:i + 1]:
+                    outputs.append({x.key for x in got} - {e.key})
+            if outputs:
+                common = set.intersection(*outputs)
+                requires = sorted(common)[0] if common else None
+        in_full = _masks(system, lambda x, i=i: [*supported[:i], x, *supported[i + 1:]], e,
+                         lambda got, i=i: got[i] if len(got) > i else None)
+        for reg, (keep, force) in in_full.items():
+            rules.append(RewriteRule(e.function, e.index, reg, keep, force, requires=requires))
+        if requires is not None:
+            alone_masks = _masks(system, lambda x: [x], e, lambda got: got[0] if got else None)
+            for reg, (keep, force) in alone_masks.items():
+                rules.append(RewriteRule(e.function, e.index, reg, keep, force, unless=requires))
+    return rules, appends
+
+
+def capture(system: System, name: str | None = None, description: str = "", cpuid_rules: bool = True) -> Profile:
+    """Measure ``system`` (the live kernel) and return its host profile."""
+    info = system.host_info()
+    release = str(info.get("kernel_release"))
+    vendor = str(info.get("vendor") or "pvm")
+    caps = {c: v for c in CAP_SCAN if (v := system.check_extension(c))}
+    with system.create_vm() as vm:
+        vm_caps = {c: v for c in CAP_SCAN if (v := vm.check_extension(c)) != caps.get(c, 0)}
+    features = system.read_feature_msrs()
+    index_list = system.get_msr_index_list()
+    supported = system.get_supported_cpuid()
+    with system.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        regs = vcpu.get_regs()
+        reset_regs = {n: getattr(regs, n) for n, _ in regs._fields_ if getattr(regs, n)}
+        sregs = _sregs_dict(vcpu.get_sregs())
+        ucode = _read1(vcpu, M.MSR_IA32_UCODE_REV)
+        try:
+            vcpu.run()
+            no_mem_errno = None
+        except KvmError as e:
+            no_mem_errno = e.errno
+    candidates = sorted(set(index_list) | {m.index for m in M.catalogue()})
+    behaviour: dict[int, MsrBehaviour] = {}
+    for index in candidates:
+        if M.is_feature_msr(index):
+            continue
+        with_cpuid = classify_msr(system, index, supported)
+        without = classify_msr(system, index, None)
+        if with_cpuid.kind == "refuse" and not with_cpuid.readable and index not in index_list:
+            continue  # unknown to this KVM: the model's default
+        behaviour[index] = with_cpuid if with_cpuid == without else replace(with_cpuid, kind="other")
+    rules, appends = capture_cpuid_rules(system, supported) if cpuid_rules else ([], [])
+    params = info.get("module_parameters")
+    module_parameters = {str(k): str(v) for k, v in params.items()} if isinstance(params, dict) else {}
+    ruleset = rulesets.resolve(release).version
+    return Profile(
+        name=name or f"{vendor}-{release}",
+        description=description or f"captured from a live {vendor} host running Linux {release}",
+        vendor=vendor,
+        kernel_release=release,
+        ruleset=ruleset,
+        feature_msrs=features,
+        msr_index_list=index_list,
+        supported_cpuid=supported,
+        capabilities=caps,
+        vm_capabilities=vm_caps,
+        module_parameters=module_parameters,
+        source={
+            "kind": "captured",
+            "by": f"pykvm {__version__} probe --save",
+            "date": datetime.date.today().isoformat(),
+        },
+        api_version=system.api_version(),
+        vcpu_mmap_size=system.vcpu_mmap_size(),
+        ucode_rev_reset=ucode,
+        ignore_msrs=module_parameters.get("kvm.ignore_msrs", "N") in ("Y", "1"),
+        msr_behaviour=behaviour,
+        cpuid_rewrite=rules,
+        cpuid_append=appends,
+        reset_regs=reset_regs,
+        reset_sregs={k: v for k, v in sregs.items()},
+        run_without_memory_errno=no_mem_errno,
+    )

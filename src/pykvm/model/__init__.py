@@ -1,0 +1,21 @@
+"""Backend ``model``: a software KVM that applies the kernel's vCPU-model rules for a kernel version and host profile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import rulesets
+from .profile import Profile, load
+from .system import ModelSystem
+from .vcpu import ModelLimitation, ModelVcpu
+from .vm import ModelVm
+
+
+def open_model(kernel: str | None = None, profile: str | Path | Profile | None = None) -> ModelSystem:
+    """The model for ``profile`` (a shipped name, a JSON path, or a Profile; default: this project's PVM host) under
+    the ruleset of ``kernel`` (default: the profile's kernel)."""
+    prof = profile if isinstance(profile, Profile) else load(profile)
+    return ModelSystem(prof, rulesets.resolve(kernel or prof.ruleset))
+
+
+__all__ = ["ModelLimitation", "ModelSystem", "ModelVcpu", "ModelVm", "Profile", "open_model"]

@@ -1,0 +1,129 @@
+"""CPUID as the kernel stores it: the vendor's rewriting (profile data), the runtime bits KVM owns, and the checks.
+
+Upstream sources: ``arch/x86/kvm/cpuid.c`` (``kvm_set_cpuid``, ``kvm_check_cpuid``, ``kvm_update_cpuid_runtime``,
+``kvm_cpuid_check_equal``); the vendor rewriting (PVM's on our hosts) is data in the host profile.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from ..api import CpuidEntry, find_cpuid
+from ..uapi import KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+from .profile import Profile
+
+X86_CR4_OSXSAVE = 1 << 18
+X86_CR4_PKE = 1 << 22
+APIC_BASE_ENABLE = 1 << 11
+XFEATURE_MASK_XTILE_DATA = 1 << 18  # XFEATURE_MASK_USER_DYNAMIC
+
+
+@dataclass
+class RuntimeState:
+    """The vCPU state KVM folds into CPUID at run time (kvm_update_cpuid_runtime)."""
+
+    cr4: int = 0
+    apic_base: int = 0xFEE00900
+    xcr0: int = 1
+    xss: int = 0
+
+
+def _set_bit(value: int, bit: int, on: bool) -> int:
+    return value | 1 << bit if on else value & ~(1 << bit)
+
+
+def xstate_size(supported: Sequence[CpuidEntry], xfeatures: int, compacted: bool) -> int:
+    """``xstate_required_size()``: the XSAVE area size for ``xfeatures`` from the host's leaf 0xD sub-leaves."""
+    size = 512 + 64
+    offset = size
+    for i in range(2, 64):
+        if not xfeatures >> i & 1:
+            continue
+        leaf = next((e for e in supported if e.function == 0xD and e.index == i), None)
+        if leaf is None:
+            continue
+        if compacted:
+            if leaf.ecx & 2:
+                offset = (offset + 63) & ~63
+            offset += leaf.eax
+            size = offset
+        else:
+            size = max(size, leaf.ebx + leaf.eax)
+    return size
+
+
+def _first(entries: Sequence[CpuidEntry], function: int, index: int) -> int | None:
+    """Position of the entry ``kvm_find_cpuid_entry_index`` would return."""
+    for i, e in enumerate(entries):
+        if e.function == function and (e.index == index or not e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX):
+            return i
+    return None
+
+
+def runtime_update(entries: list[CpuidEntry], state: RuntimeState, profile: Profile) -> list[CpuidEntry]:
+    """Apply ``kvm_update_cpuid_runtime`` to a copy of ``entries``."""
+    out = list(entries)
+    i = _first(out, 1, 0)
+    if i is not None:
+        e = out[i]
+        out[i] = replace(e, ecx=_set_bit(e.ecx, 27, bool(state.cr4 & X86_CR4_OSXSAVE)),
+                         edx=_set_bit(e.edx, 9, bool(state.apic_base & APIC_BASE_ENABLE)))
+    i = _first(out, 7, 0)
+    if i is not None and profile.cpuid_runtime_ospke:
+        out[i] = replace(out[i], ecx=_set_bit(out[i].ecx, 4, bool(state.cr4 & X86_CR4_PKE)))
+    i = _first(out, 0xD, 0)
+    if i is not None:
+        out[i] = replace(out[i], ebx=xstate_size(profile.supported_cpuid, state.xcr0, False))
+    i = _first(out, 0xD, 1)
+    if i is not None and out[i].eax & 0xA:  # XSAVEC or XSAVES
+        out[i] = replace(out[i], ebx=xstate_size(profile.supported_cpuid, state.xcr0 | state.xss, True))
+    return out
+
+
+def check(entries: Sequence[CpuidEntry], profile: Profile) -> int:
+    """``kvm_check_cpuid``: 0, or the errno KVM_SET_CPUID2 fails with before the first run."""
+    ext = find_cpuid(entries, 0x80000008)
+    if ext is not None and (ext.eax >> 8 & 0xFF) not in (0, 48, 57):
+        return errno.EINVAL
+    xsave = find_cpuid(entries, 0xD, 0)
+    if xsave is not None:
+        xfeatures = (xsave.eax | xsave.edx << 32) & XFEATURE_MASK_XTILE_DATA
+        if xfeatures and not profile.guest_xfd_permitted:
+            return errno.EPERM
+    return 0
+
+
+def rewrite(entries: Sequence[CpuidEntry], profile: Profile) -> list[CpuidEntry]:
+    """What the vendor module stores for ``entries`` (identity on upstream VMX/SVM; PVM rewrites, per the profile)."""
+    out = list(entries)
+    for rule in profile.cpuid_append:
+        keys = {e.key for e in out}
+        if rule.trigger in keys:
+            out.extend(e for e in rule.entries if e.key not in keys)
+    keys = {e.key for e in out}
+    for i, e in enumerate(out):
+        for r in profile.cpuid_rewrite:
+            if (r.function, r.index) != e.key:
+                continue
+            if r.requires is not None and r.requires not in keys:
+                continue
+            if r.unless is not None and r.unless in keys:
+                continue
+            e = replace(e, **{r.register: (getattr(e, r.register) & r.keep) | r.force})
+        out[i] = e
+    return out
+
+
+def has_feature(entries: Sequence[CpuidEntry], function: int, index: int, register: str, bit: int) -> bool:
+    e = find_cpuid(entries, function, index)
+    return bool(e is not None and getattr(e, register) >> bit & 1)
+
+
+def x86_model(signature: int) -> int:
+    family = signature >> 8 & 0xF
+    model = signature >> 4 & 0xF
+    if family >= 6:
+        model += (signature >> 16 & 0xF) << 4
+    return model

@@ -1,0 +1,93 @@
+"""The model's system object: what /dev/kvm answers, from the host profile and the kernel ruleset."""
+
+from __future__ import annotations
+
+import errno
+import struct
+from typing import ClassVar
+
+from .. import uapi
+from ..api import CpuidEntry, MsrBatch, System
+from ..errors import KvmError
+from .profile import Profile
+from .rulesets import Ruleset
+from .vm import ModelVm
+
+
+class ModelSystem(System):
+    """A software KVM for ``profile`` under ``rules``."""
+
+    backend: ClassVar[str] = "model"
+
+    def __init__(self, profile: Profile, rules: Ruleset) -> None:
+        self.profile = profile
+        self.rules = rules
+        self.advertised = frozenset(profile.msr_index_list)
+
+    def describe(self) -> str:
+        return f"model backend: kernel {self.rules.version} rules, profile {self.profile.name} ({self.profile.vendor})"
+
+    def host_info(self) -> dict[str, object]:
+        p = self.profile
+        return {
+            "kernel_release": p.kernel_release,
+            "vendor_module": {"vmx": "kvm_intel", "svm": "kvm_amd", "pvm": "kvm_pvm"}[p.vendor],
+            "vendor": p.vendor,
+            "module_parameters": dict(p.module_parameters),
+            "profile": p.name,
+            "ruleset": self.rules.version,
+        }
+
+    def api_version(self) -> int:
+        self._check_open()
+        return self.profile.api_version
+
+    def check_extension(self, cap: int) -> int:
+        self._check_open()
+        return self.profile.capability(cap)
+
+    def vcpu_mmap_size(self) -> int:
+        self._check_open()
+        return self.profile.vcpu_mmap_size
+
+    def get_msr_index_list(self) -> list[int]:
+        self._check_open()
+        return list(self.profile.msr_index_list)
+
+    def get_msr_feature_index_list(self) -> list[int]:
+        self._check_open()
+        return list(self.profile.feature_msrs)
+
+    def msr_list_raw(self, request: int, nmsrs: int) -> tuple[int, list[int]]:
+        """The index-list ioctls with a caller-chosen ``nmsrs`` (E2BIG when too small, the count in ``detail``)."""
+        full = self.get_msr_index_list() if request == uapi.KVM_GET_MSR_INDEX_LIST else self.get_msr_feature_index_list()
+        if nmsrs < len(full):
+            raise KvmError(errno.E2BIG, uapi.IOCTL_NAMES[request], f"kernel count {len(full)}")
+        return len(full), full
+
+    def get_feature_msrs(self, batch: MsrBatch) -> int:
+        """System KVM_GET_MSRS: feature MSRs read their value; others follow the unsupported-MSR rule (6.12+)."""
+        self._check_open()
+        n = len(batch)
+        if n >= uapi.MAX_IO_MSRS:
+            raise KvmError(errno.E2BIG, "KVM_GET_MSRS")
+        features = self.profile.feature_msrs
+        for i in range(n):
+            index = struct.unpack_from("<I", batch.buffer, 8 + 16 * i)[0]
+            if index in features:
+                value = features[index]
+            elif (self.rules.unsupported_zero and index in self.advertised) or self.profile.ignore_msrs:
+                value = 0
+            else:
+                struct.pack_into("<Q", batch.buffer, 16 + 16 * i, 0)
+                return i
+            struct.pack_into("<Q", batch.buffer, 16 + 16 * i, value)
+        return n
+
+    def get_supported_cpuid(self) -> list[CpuidEntry]:
+        self._check_open()
+        return list(self.profile.supported_cpuid)
+
+    def create_vm(self) -> ModelVm:
+        self._check_open()
+        return ModelVm(self)

@@ -1,0 +1,454 @@
+"""The model's vCPU: the kernel's host-MSR, CPUID and KVM_RUN rules for one vCPU, for a ruleset and a host profile.
+
+Return codes inside follow the kernel: 0 success, 1 failure, ``UNSUPPORTED`` (``KVM_MSR_RET_UNSUPPORTED``), negative
+errnos. Each refusal records the rule behind it (``refusal_rule``), which the strict helpers and ``pykvm check`` name.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import struct
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from .. import msrs as M
+from .. import uapi
+from ..api import (
+    CpuidEntry,
+    Exit,
+    HltExit,
+    InterruptedExit,
+    IoExit,
+    MmioExit,
+    MsrBatch,
+    MsrItems,
+    Vcpu,
+    as_batch,
+)
+from ..errors import InvalidValueError, KvmError, PykvmError
+from . import cpuid as C
+from . import vmx
+from .rulesets import RULES
+
+if TYPE_CHECKING:
+    from .vm import ModelVm
+
+OK, FAIL, UNSUPPORTED = 0, 1, 2
+EINVAL = -errno.EINVAL
+_ENTRY = struct.Struct("<IIQ")
+GUEST_BUDGET = 1_000_000
+
+# CPUID bits the MSR rules consult: (function, index, register, bit).
+ARCH_CAPABILITIES_BIT = (7, 0, "edx", 29)
+PDCM_BIT = (1, 0, "ecx", 15)
+VMX_BIT = (1, 0, "ecx", 5)
+DS_BIT = (1, 0, "edx", 21)
+DTES64_BIT = (1, 0, "ecx", 2)
+
+# nested_vmx_cr_fixed1_bits_update: guest CPUID bit -> CR4 bits it allows.
+CR4_FIXED1_MAP: tuple[tuple[tuple[int, int, str, int], int], ...] = (
+    ((1, 0, "edx", 1), 1 << 0 | 1 << 1),  # VME -> VME, PVI
+    ((1, 0, "edx", 4), 1 << 2),  # TSC -> TSD
+    ((1, 0, "edx", 2), 1 << 3),  # DE
+    ((1, 0, "edx", 3), 1 << 4),  # PSE
+    ((1, 0, "edx", 6), 1 << 5),  # PAE
+    ((1, 0, "edx", 7), 1 << 6),  # MCE
+    ((1, 0, "edx", 13), 1 << 7),  # PGE
+    ((1, 0, "edx", 24), 1 << 9),  # FXSR -> OSFXSR
+    ((1, 0, "edx", 25), 1 << 10),  # XMM -> OSXMMEXCPT
+    ((1, 0, "ecx", 5), 1 << 13),  # VMX -> VMXE
+    ((1, 0, "ecx", 6), 1 << 14),  # SMX -> SMXE
+    ((1, 0, "ecx", 17), 1 << 17),  # PCID -> PCIDE
+    ((1, 0, "ecx", 26), 1 << 18),  # XSAVE -> OSXSAVE
+    ((7, 0, "ebx", 0), 1 << 16),  # FSGSBASE
+    ((7, 0, "ebx", 7), 1 << 20),  # SMEP
+    ((7, 0, "ebx", 20), 1 << 21),  # SMAP
+    ((7, 0, "ecx", 3), 1 << 22),  # PKU -> PKE
+    ((7, 0, "ecx", 2), 1 << 11),  # UMIP
+    ((7, 0, "ecx", 16), 1 << 12),  # LA57
+    ((7, 0, "ecx", 7), 1 << 23),  # SHSTK -> CET
+    ((7, 0, "edx", 20), 1 << 23),  # IBT -> CET
+    ((7, 1, "eax", 26), 1 << 28),  # LAM -> LAM_SUP
+)
+# vmx_secondary_exec_control adjustments of PROCBASED_CTLS2 (allowed-1 bit) by guest CPUID, with the quirk on.
+SECONDARY_ADJUST: tuple[tuple[int, tuple[tuple[int, int, str, int], ...]], ...] = (
+    (20, ((0xD, 1, "eax", 3),)),  # ENABLE_XSAVES <- XSAVES
+    (3, ((0x80000001, 0, "edx", 27), (7, 0, "ecx", 22))),  # ENABLE_RDTSCP <- RDTSCP or RDPID
+    (12, ((7, 0, "ebx", 10),)),  # ENABLE_INVPCID <- INVPCID
+    (11, ((1, 0, "ecx", 30),)),  # RDRAND_EXITING <- RDRAND
+    (16, ((7, 0, "ebx", 18),)),  # RDSEED_EXITING <- RDSEED
+    (26, ((7, 0, "ecx", 5),)),  # ENABLE_USR_WAIT_PAUSE <- WAITPKG
+)
+
+
+class ModelLimitation(PykvmError):
+    """The model met guest code or a request it does not implement (the live kernel would do something)."""
+
+
+def _struct_from(cls: type[ctypes.Structure], fields: dict[str, object], base: ctypes.Structure) -> None:
+    for name, value in fields.items():
+        target = getattr(base, name)
+        if isinstance(value, dict):
+            _struct_from(type(target), value, target)
+        else:
+            setattr(base, name, value)
+
+
+def reset_sregs(profile_sregs: dict[str, object], vcpu_id: int) -> uapi.kvm_sregs:
+    s = uapi.kvm_sregs()
+    for name in ("cs", "ds", "es", "fs", "gs", "ss"):
+        seg = getattr(s, name)
+        seg.limit, seg.type, seg.present, seg.s = 0xFFFF, 3, 1, 1
+    s.cs.selector, s.cs.base, s.cs.type = 0xF000, 0xFFFF0000, 11
+    s.tr.limit, s.tr.type, s.tr.present = 0xFFFF, 11, 1
+    s.ldt.limit, s.ldt.type, s.ldt.present = 0xFFFF, 2, 1
+    s.gdt.limit = s.idt.limit = 0xFFFF
+    s.cr0 = 0x60000010
+    s.apic_base = 0xFEE00000 | 1 << 11 | (1 << 8 if vcpu_id == 0 else 0)
+    _struct_from(uapi.kvm_sregs, profile_sregs, s)
+    return s
+
+
+class ModelVcpu(Vcpu):
+    """A vCPU of the software KVM."""
+
+    def __init__(self, vm: ModelVm, vcpu_id: int) -> None:
+        self.vm = vm
+        self.id = vcpu_id
+        self.profile = vm.profile
+        self.rules = vm.rules
+        self.has_run = False
+        self._immediate_exit = False
+        self._refusals: dict[int, str] = {}
+        self._pending_in: tuple[int, int] | None = None  # (size, count) of an IN awaiting data
+        self._in_data = b""
+        p, rs = self.profile, self.rules
+        self._advertised = vm.system.advertised
+        features = p.feature_msrs
+        quirk = (not rs.stuff_quirk) or not vm.disabled_quirks & uapi.KVM_X86_QUIRK_STUFF_FEATURE_MSRS
+        self._msr: dict[int, int] = {
+            M.MSR_IA32_ARCH_CAPABILITIES: features.get(M.MSR_IA32_ARCH_CAPABILITIES, 0) if quirk else 0,
+            M.MSR_PLATFORM_INFO: M.PLATFORM_INFO_CPUID_FAULT if quirk else 0,
+            M.MSR_IA32_PERF_CAPABILITIES: p.supported_perf_cap if quirk else 0,
+            M.MSR_IA32_UCODE_REV: (p.ucode_rev_reset or 0) if quirk else 0,
+            M.MSR_AMD64_DE_CFG: 0,
+        }
+        for index, b in p.msr_behaviour.items():
+            self._msr.setdefault(index, b.default)
+        self._vmx_kvm = vmx.slots_from(features) if p.nested_vmx else {}
+        self._vmx = dict(self._vmx_kvm) if (quirk and p.nested_vmx) else vmx.slots_from({})
+        self._cpuid: list[CpuidEntry] = []
+        self._raw_cpuid: list[CpuidEntry] = []
+        sregs = reset_sregs(p.reset_sregs, vcpu_id)
+        self._sregs = sregs
+        self._regs = uapi.kvm_regs(rflags=2, rip=0xFFF0)
+        for name, value in p.reset_regs.items():
+            setattr(self._regs, name, value)
+        self._runtime = C.RuntimeState(cr4=sregs.cr4, apic_base=sregs.apic_base)
+
+    # -- plumbing --
+    def close(self) -> None:
+        self._closed = True
+
+    def refusal_rule(self, index: int) -> str | None:
+        return self._refusals.get(index)
+
+    def _refuse(self, index: int, rule: str, code: int) -> int:
+        self._refusals[index] = RULES[rule].cite() if rule in RULES else rule
+        return code
+
+    def _cpuid_has(self, bit: tuple[int, int, str, int]) -> bool:
+        return C.has_feature(self._cpuid, *bit)
+
+    @property
+    def immediate_exit(self) -> bool:
+        self._check_open()
+        return self._immediate_exit
+
+    @immediate_exit.setter
+    def immediate_exit(self, value: bool) -> None:
+        self._check_open()
+        self._immediate_exit = bool(value)
+
+    # -- registers --
+    def get_regs(self) -> uapi.kvm_regs:
+        self._check_open()
+        return uapi.kvm_regs.from_buffer_copy(self._regs)
+
+    def set_regs(self, regs: uapi.kvm_regs) -> None:
+        self._check_open()
+        self._regs = uapi.kvm_regs.from_buffer_copy(regs)
+
+    def get_sregs(self) -> uapi.kvm_sregs:
+        self._check_open()
+        return uapi.kvm_sregs.from_buffer_copy(self._sregs)
+
+    def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
+        """KVM_SET_SREGS with ``kvm_is_valid_sregs``'s long-mode consistency checks."""
+        self._check_open()
+        lme, lma, pg, pae = sregs.efer & 1 << 8, sregs.efer & 1 << 10, sregs.cr0 & 1 << 31, sregs.cr4 & 1 << 5
+        if (lme and pg and (not pae or not lma)) or (not (lme and pg) and (lma or sregs.cs.l)):
+            raise KvmError(errno.EINVAL, "KVM_SET_SREGS")
+        self._sregs = uapi.kvm_sregs.from_buffer_copy(sregs)
+        self._runtime.cr4 = sregs.cr4
+        self._runtime.apic_base = sregs.apic_base
+
+    # -- MSR handlers: the kernel's per-MSR host rules --
+    def _get(self, index: int) -> tuple[int, int]:
+        """``do_get_msr`` before the unsupported-MSR rule: (code, value)."""
+        p, rs = self.profile, self.rules
+        if M.VMX_FIRST <= index <= M.VMX_LAST:
+            if p.vendor != "vmx" or not p.nested_vmx:
+                return UNSUPPORTED, 0
+            if not self._cpuid_has(VMX_BIT):
+                return self._refuse(index, "vmx_restore", FAIL), 0
+            value = vmx.read(self._vmx, index)
+            return (OK, value) if value is not None else (FAIL, 0)
+        if index == M.MSR_IA32_ARCH_CAPABILITIES:
+            if rs.cpuid_gated_caps and not self._cpuid_has(ARCH_CAPABILITIES_BIT):
+                return self._refuse(index, "arch_cap_needs_cpuid", UNSUPPORTED), 0
+            return OK, self._msr[index]
+        if index == M.MSR_IA32_PERF_CAPABILITIES:
+            if rs.cpuid_gated_caps and not self._cpuid_has(PDCM_BIT):
+                return self._refuse(index, "perf_cap_needs_pdcm", UNSUPPORTED), 0
+            return OK, self._msr[index]
+        if index in (M.MSR_PLATFORM_INFO, M.MSR_IA32_UCODE_REV):
+            return OK, self._msr[index]
+        if index == M.MSR_AMD64_DE_CFG:
+            return (OK, self._msr[index]) if p.vendor == "svm" else (UNSUPPORTED, 0)
+        b = p.msr_behaviour.get(index)
+        if b is None:
+            return self._refuse(index, "unknown_msr", UNSUPPORTED), 0
+        if not b.readable:
+            return self._refuse(index, "host_profile", FAIL), 0
+        return OK, b.default if b.kind == "drop" else self._msr[index]
+
+    def _set(self, index: int, data: int) -> int:
+        """``kvm_set_msr_ignored_check`` before the unsupported-MSR rule."""
+        p, rs = self.profile, self.rules
+        if M.VMX_FIRST <= index <= M.VMX_LAST:
+            if p.vendor != "vmx" or not p.nested_vmx:
+                return self._refuse(index, "unknown_msr", UNSUPPORTED)
+            if not self._cpuid_has(VMX_BIT):
+                return self._refuse(index, "vmx_restore", FAIL)
+            code = vmx.write(self._vmx, self._vmx_kvm, index, data)
+            return self._refuse(index, "vmx_restore", code) if code else OK
+        if index == M.MSR_IA32_ARCH_CAPABILITIES:
+            if rs.cpuid_gated_caps and not self._cpuid_has(ARCH_CAPABILITIES_BIT):
+                return self._refuse(index, "arch_cap_needs_cpuid", UNSUPPORTED)
+            self._msr[index] = data
+            return OK
+        if index == M.MSR_IA32_PERF_CAPABILITIES:
+            return self._set_perf_cap(data)
+        if index == M.MSR_PLATFORM_INFO:
+            if rs.platform_info_order_check and not data & M.PLATFORM_INFO_CPUID_FAULT and self._msr.get(0x140, 0) & 1:
+                return self._refuse(index, "platform_info_no_order_check", FAIL)
+            self._msr[index] = data
+            return OK
+        if index == M.MSR_IA32_UCODE_REV:
+            self._msr[index] = data
+            return OK
+        if index == M.MSR_AMD64_DE_CFG:
+            if p.vendor != "svm":
+                return self._refuse(index, "unknown_msr", UNSUPPORTED)
+            if data & ~p.feature_msrs.get(M.MSR_AMD64_DE_CFG, 0):
+                return self._refuse(index, "de_cfg_subset", FAIL)
+            self._msr[index] = data
+            return OK
+        b = p.msr_behaviour.get(index)
+        if b is None:
+            return self._refuse(index, "unknown_msr", UNSUPPORTED)
+        if b.kind == "refuse" or (b.kind == "zero_only" and data):
+            return self._refuse(index, "host_profile", FAIL)
+        if b.kind != "drop":
+            self._msr[index] = data
+        return OK
+
+    def _set_perf_cap(self, data: int) -> int:
+        index, p, rs = M.MSR_IA32_PERF_CAPABILITIES, self.profile, self.rules
+        supported = p.supported_perf_cap
+        if p.vendor == "vmx":
+            host = next((e for e in p.supported_cpuid if e.function == 1), None)
+            guest = C.find_cpuid(self._cpuid, 1)
+            consistent = host is not None and guest is not None and C.x86_model(host.eax) == C.x86_model(guest.eax)
+            if data & M.PERF_CAP_LBR_FMT and ((data ^ supported) & M.PERF_CAP_LBR_FMT or not consistent):
+                return self._refuse(index, "perf_cap_subset", FAIL)
+            if data & M.PERF_CAP_PEBS_FORMAT and (
+                (data ^ supported) & rs.perf_cap_pebs_mask
+                or not self._cpuid_has(DS_BIT)
+                or not self._cpuid_has(DTES64_BIT)
+                or not consistent
+            ):
+                return self._refuse(index, "perf_cap_subset", FAIL)
+            if not rs.cpuid_gated_caps and data:
+                pmu = C.find_cpuid(self._cpuid, 0xA)
+                if pmu is None or not pmu.eax & 0xFF:
+                    return self._refuse(index, "perf_cap_subset", FAIL)
+        if rs.cpuid_gated_caps and not self._cpuid_has(PDCM_BIT):
+            return self._refuse(index, "perf_cap_needs_pdcm", UNSUPPORTED)
+        if data & ~supported:
+            return self._refuse(index, "perf_cap_subset", FAIL)
+        self._msr[index] = data
+        return OK
+
+    # -- kvm_do_msr_access and do_set_msr --
+    def _access_get(self, index: int) -> tuple[int, int]:
+        code, value = self._get(index)
+        if code == UNSUPPORTED and (
+            (self.rules.unsupported_zero and index in self._advertised) or self.profile.ignore_msrs
+        ):
+            return OK, 0
+        return code, value if code == OK else 0
+
+    def _immutable(self, index: int) -> bool:
+        return M.VMX_FIRST <= index <= M.VMX_LAST or index in self.rules.immutable_generic
+
+    def _do_set(self, index: int, data: int) -> int:
+        rs = self.rules
+        if rs.freeze and self.has_run and self._immutable(index):
+            code, current = self._access_get(index)
+            if code or current != data:
+                return self._refuse(index, "freeze", EINVAL)
+            if not rs.same_value_real_write:
+                return OK
+        code = self._set(index, data)
+        if code == UNSUPPORTED and (
+            (rs.unsupported_zero and data == 0 and index in self._advertised) or self.profile.ignore_msrs
+        ):
+            return OK
+        return code
+
+    # -- raw ioctls --
+    def get_msrs(self, batch: MsrBatch) -> int:
+        self._check_open()
+        n = len(batch)
+        if n >= uapi.MAX_IO_MSRS:
+            raise KvmError(errno.E2BIG, "KVM_GET_MSRS")
+        buf = batch.buffer
+        for i in range(n):
+            off = 8 + 16 * i
+            index = _ENTRY.unpack_from(buf, off)[0]
+            code, value = self._access_get(index)
+            struct.pack_into("<Q", buf, off + 8, value if code == OK else 0)
+            if code:
+                return i
+        return n
+
+    def set_msrs(self, entries: MsrBatch | MsrItems) -> int:
+        self._check_open()
+        batch = as_batch(entries)
+        n = len(batch)
+        if n >= uapi.MAX_IO_MSRS:
+            raise KvmError(errno.E2BIG, "KVM_SET_MSRS")
+        for i, (index, _, data) in enumerate(_ENTRY.iter_unpack(memoryview(batch.buffer)[8 : 8 + 16 * n])):
+            if self._do_set(index, data):
+                return i
+        return n
+
+    def get_cpuid(self, max_entries: int = uapi.KVM_MAX_CPUID_ENTRIES) -> list[CpuidEntry]:
+        self._check_open()
+        if max_entries < len(self._cpuid):
+            raise KvmError(errno.E2BIG, "KVM_GET_CPUID2")
+        return C.runtime_update(self._cpuid, self._runtime, self.profile)
+
+    def set_cpuid(self, entries: Sequence[CpuidEntry]) -> None:
+        self._check_open()
+        entries = list(entries)
+        if len(entries) > uapi.KVM_MAX_CPUID_ENTRIES:
+            raise KvmError(errno.E2BIG, "KVM_SET_CPUID2")
+        if self.has_run:
+            incoming = C.runtime_update(entries, self._runtime, self.profile)
+            if incoming != C.runtime_update(self._cpuid, self._runtime, self.profile):
+                self._refusals[-1] = RULES["cpuid_after_run_identical"].cite()
+                raise KvmError(errno.EINVAL, "KVM_SET_CPUID2", "CPUID differs from the vCPU's after KVM_RUN")
+            self._cpuid = incoming
+            return
+        err = C.check(entries, self.profile)
+        if err:
+            raise KvmError(err, "KVM_SET_CPUID2")
+        self._raw_cpuid = entries
+        self._cpuid = C.rewrite(entries, self.profile)
+        self._after_set_cpuid()
+
+    def _after_set_cpuid(self) -> None:
+        """``vmx_vcpu_after_set_cpuid``: KVM re-derives some nested VMX MSRs from the new CPUID."""
+        if self.profile.vendor != "vmx" or not self.profile.nested_vmx:
+            return
+        raw = self._raw_cpuid
+        if not self.rules.stuff_quirk or not self.vm.disabled_quirks & uapi.KVM_X86_QUIRK_STUFF_FEATURE_MSRS:
+            high = self._vmx[0x48B]
+            for bit, sources in SECONDARY_ADJUST:
+                if self._vmx_kvm[0x48B] >> 32 >> bit & 1:
+                    on = any(C.has_feature(raw, *s) for s in sources)
+                    high = high | 1 << (32 + bit) if on else high & ~(1 << (32 + bit))
+            self._vmx[0x48B] = high
+        if C.has_feature(raw, *VMX_BIT):
+            self._vmx[0x487] = 0xFFFFFFFF
+            cr4 = 1 << 8  # PCE is always allowed
+            for bit, allowed in CR4_FIXED1_MAP:
+                if C.has_feature(raw, *bit):
+                    cr4 |= allowed
+            self._vmx[0x489] = cr4
+
+    # -- KVM_RUN --
+    def run(self) -> Exit:
+        """Enter the guest: interpret its code until an exit. ``immediate_exit`` returns before entering."""
+        self._check_open()
+        if self._immediate_exit:
+            return InterruptedExit()
+        if not self.vm.regions and self.profile.run_without_memory_errno:
+            raise KvmError(self.profile.run_without_memory_errno, "KVM_RUN")
+        self.has_run = True
+        if self._pending_in is not None:
+            size, count = self._pending_in
+            data = self._in_data.ljust(size * count, b"\0")
+            mask = (1 << (8 * size)) - 1
+            self._regs.rax = (self._regs.rax & ~mask) | int.from_bytes(data[:size], "little")
+            self._pending_in = None
+            self._in_data = b""
+        return self._interpret()
+
+    def _reply_in(self, data: bytes) -> None:
+        self._in_data = data
+
+    def _interpret(self) -> Exit:
+        regs, base = self._regs, self._sregs.cs.base
+        if self._sregs.cr0 & 1:
+            raise ModelLimitation("the model interprets real-mode guests only (CR0.PE is set)")
+        for _ in range(GUEST_BUDGET):
+            ip = regs.rip & 0xFFFF
+            addr = base + ip
+            code = self.vm.fetch(addr, 4)
+            if not code:
+                raise ModelLimitation(f"guest code at 0x{addr:x} is outside guest memory")
+            code = code.ljust(4, b"\0")
+            op = code[0]
+            if op == 0xF4:  # hlt
+                regs.rip = ip + 1
+                return HltExit()
+            if op == 0x90:  # nop
+                regs.rip = ip + 1
+            elif op == 0xB0:  # mov al, imm8
+                regs.rax = (regs.rax & ~0xFF) | code[1]
+                regs.rip = ip + 2
+            elif op == 0xE6:  # out imm8, al
+                regs.rip = ip + 2
+                return IoExit(uapi.KVM_EXIT_IO_OUT, 1, code[1], 1, bytes([regs.rax & 0xFF]))
+            elif op == 0xE4:  # in al, imm8
+                regs.rip = ip + 2
+                self._pending_in = (1, 1)
+                return IoExit(uapi.KVM_EXIT_IO_IN, 1, code[1], 1, b"", self._reply_in)
+            elif op == 0xEB:  # jmp rel8
+                regs.rip = (ip + 2 + int.from_bytes(code[1:2], "little", signed=True)) & 0xFFFF
+            elif op == 0x88 and code[1] == 0x06:  # mov [disp16], al
+                target = self._sregs.ds.base + int.from_bytes(code[2:4], "little")
+                regs.rip = ip + 4
+                value = bytes([regs.rax & 0xFF])
+                try:
+                    self.vm.write_memory(target, value)
+                except InvalidValueError:
+                    return MmioExit(target, value, 1, True)
+            else:
+                raise ModelLimitation(f"the model cannot interpret opcode 0x{op:02x} at 0x{addr:x}")
+        return InterruptedExit()

@@ -1,0 +1,117 @@
+"""The model's VM: guest memory as bytearrays, vCPUs, and the VM capabilities the vCPU model depends on."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from .. import uapi
+from ..api import Vm
+from ..errors import InvalidValueError, KvmError
+from ..memory import MemoryRegion, check_region, find_region
+from .vcpu import ModelVcpu
+
+if TYPE_CHECKING:
+    from .system import ModelSystem
+
+
+class ModelVm(Vm):
+    def __init__(self, system: ModelSystem) -> None:
+        self.system = system
+        self.profile = system.profile
+        self.rules = system.rules
+        self.regions: list[MemoryRegion] = []
+        self.vcpus: list[ModelVcpu] = []
+        self.disabled_quirks = 0
+        self.platform_info_readable = True
+        self.user_space_msr = 0
+        self.msr_filter: tuple[int, tuple[tuple[int, int, int, bytes], ...]] = (0, ())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.regions.clear()
+
+    def check_extension(self, cap: int) -> int:
+        self._check_open()
+        return self.profile.capability(cap, vm=True)
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP for the capabilities that shape the vCPU model; others get EINVAL as on a kernel lacking
+        them."""
+        self._check_open()
+        if len(args) > 4:
+            raise InvalidValueError("KVM_ENABLE_CAP takes at most 4 arguments")
+        arg0 = args[0] if args else 0
+        supported = self.profile.capability(cap, vm=True)
+        if flags or not supported:
+            raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP")
+        if cap == uapi.KVM_CAP_DISABLE_QUIRKS2:
+            if arg0 & ~supported:
+                raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", "quirk not supported by this kernel")
+            self.disabled_quirks |= arg0
+        elif cap == uapi.KVM_CAP_DISABLE_QUIRKS:
+            self.disabled_quirks |= arg0
+        elif cap == uapi.KVM_CAP_MSR_PLATFORM_INFO:
+            self.platform_info_readable = bool(arg0)
+        elif cap == uapi.KVM_CAP_X86_USER_SPACE_MSR:
+            if arg0 & ~(uapi.KVM_MSR_EXIT_REASON_INVAL | uapi.KVM_MSR_EXIT_REASON_UNKNOWN
+                        | uapi.KVM_MSR_EXIT_REASON_FILTER):
+                raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP")
+            self.user_space_msr = arg0
+        else:
+            raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", "the model does not implement this capability")
+
+    def set_msr_filter(self, flags: int, ranges: Sequence[tuple[int, int, int, bytes]]) -> None:
+        self._check_open()
+        if len(ranges) > uapi.KVM_MSR_FILTER_MAX_RANGES:
+            raise InvalidValueError(f"at most {uapi.KVM_MSR_FILTER_MAX_RANGES} MSR filter ranges")
+        self.msr_filter = (flags, tuple((f, b, n, bytes(bm)) for f, b, n, bm in ranges))
+
+    def add_memory(self, guest_phys_addr: int, size: int, slot: int | None = None, flags: int = 0) -> int:
+        self._check_open()
+        if slot is None:
+            slot = max((r.slot for r in self.regions), default=-1) + 1
+        check_region(self.regions, guest_phys_addr, size, slot)
+        self.regions.append(MemoryRegion(slot, guest_phys_addr, size, flags, bytearray(size)))
+        return slot
+
+    def _view(self, gpa: int, length: int) -> memoryview:
+        self._check_open()
+        r = find_region(self.regions, gpa, length)
+        off = gpa - r.guest_phys_addr
+        return memoryview(r.mem)[off : off + length]
+
+    def read_memory(self, guest_phys_addr: int, length: int) -> bytes:
+        return bytes(self._view(guest_phys_addr, length))
+
+    def write_memory(self, guest_phys_addr: int, data: bytes) -> None:
+        self._view(guest_phys_addr, len(data))[:] = data
+
+    def fetch(self, gpa: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``gpa`` from the region holding it (fewer at its end; empty outside memory)."""
+        for r in self.regions:
+            if r.guest_phys_addr <= gpa < r.guest_phys_addr + r.size:
+                off = gpa - r.guest_phys_addr
+                return bytes(r.mem[off : off + length])
+        return b""
+
+    def create_vcpu(self, vcpu_id: int = 0) -> ModelVcpu:
+        """KVM_CREATE_VCPU: ids up to KVM_CAP_MAX_VCPU_ID, at most KVM_CAP_MAX_VCPUS, each id once."""
+        self._check_open()
+        if isinstance(vcpu_id, bool) or not isinstance(vcpu_id, int):
+            raise InvalidValueError(f"vCPU id must be an int, not {vcpu_id!r}")
+        max_id = self.profile.capability(uapi.KVM_CAP_MAX_VCPU_ID) or 1024
+        max_vcpus = self.profile.capability(uapi.KVM_CAP_MAX_VCPUS) or 1024
+        live = [v for v in self.vcpus if not v.closed]
+        if not 0 <= vcpu_id < max_id or len(self.vcpus) >= max_vcpus:
+            raise KvmError(errno.EINVAL, "KVM_CREATE_VCPU")
+        if any(v.id == vcpu_id for v in live):
+            raise KvmError(errno.EEXIST, "KVM_CREATE_VCPU")
+        vcpu = ModelVcpu(self, vcpu_id)
+        self.vcpus.append(vcpu)
+        return vcpu

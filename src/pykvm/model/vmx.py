@@ -1,0 +1,102 @@
+"""The nested VMX capability MSRs 0x480-0x491: KVM's restore rules for host writes and how reads are formed.
+
+From ``vmx_set_vmx_msr``/``vmx_restore_*``/``vmx_get_vmx_msr`` in ``arch/x86/kvm/vmx/nested.c`` (linux-next
+@16d18d8a97ea) and ``vmx_set_msr``/``vmx_get_msr`` in ``vmx/vmx.c``. ``kvm`` is ``vmcs_config.nested``: the values
+the host reports as feature MSRs.
+"""
+
+from __future__ import annotations
+
+import errno
+
+EINVAL = -errno.EINVAL
+U32 = 0xFFFFFFFF
+U64 = (1 << 64) - 1
+
+# Non-true controls read as the TRUE value plus the default-1 bits (*_ALWAYSON_WITHOUT_TRUE_MSR).
+TRUE_OF = {0x481: 0x48D, 0x482: 0x48E, 0x483: 0x48F, 0x484: 0x490}
+DEFAULT1 = {0x481: 0x16, 0x482: 0x0401E172, 0x483: 0x36DFF, 0x484: 0x11FF}
+CONTROLS = (0x48D, 0x48E, 0x48F, 0x490, 0x48B)
+SLOTS = (0x480, 0x485, 0x486, 0x487, 0x488, 0x489, 0x48A, 0x48B, 0x48C, 0x48D, 0x48E, 0x48F, 0x490, 0x491)
+
+PIN_BASED_VMX_PREEMPTION_TIMER = 1 << 6
+
+
+def bitwise_subset(superset: int, subset: int, mask: int) -> bool:
+    """``is_bitwise_subset``: every bit of ``subset`` under ``mask`` is also set in ``superset``."""
+    superset &= mask
+    subset &= mask
+    return (superset | subset) == superset
+
+
+def slots_from(values: dict[int, int]) -> dict[int, int]:
+    """The stored form (one slot per control pair) of a set of MSR values such as the host's feature MSRs."""
+    return {s: values.get(s, 0) for s in SLOTS}
+
+
+def read(slots: dict[int, int], index: int) -> int | None:
+    """``vmx_get_vmx_msr``: the value a read of ``index`` returns, or None for an index outside the range."""
+    if index in TRUE_OF:
+        return slots[TRUE_OF[index]] | DEFAULT1[index]
+    return slots.get(index)
+
+
+def _gen(hi: int, lo: int) -> int:
+    return ((1 << (hi - lo + 1)) - 1) << lo
+
+
+def restore_basic(kvm: int, data: int) -> bool:
+    feature = 1 << 49 | 1 << 54 | 1 << 55 | 1 << 56
+    reserved = _gen(63, 57) | _gen(47, 45) | 1 << 31
+    if not bitwise_subset(kvm, data, feature | reserved):
+        return False
+    if data & 1 << 48:
+        return False
+    if kvm & 0x7FFFFFFF != data & 0x7FFFFFFF:
+        return False
+    return not (kvm >> 32 & 0x1FFF) > (data >> 32 & 0x1FFF)
+
+
+def restore_control(kvm: int, data: int) -> bool:
+    if not bitwise_subset(data, kvm, U32):
+        return False
+    return bitwise_subset(kvm, data, U32 << 32)
+
+
+def restore_misc(kvm: int, data: int, current_pinbased: int) -> bool:
+    feature = 1 << 5 | 1 << 6 | 1 << 7 | 1 << 8 | 1 << 14 | 1 << 15 | 1 << 28 | 1 << 29 | 1 << 30
+    reserved = 1 << 31 | _gen(13, 9)
+    if not bitwise_subset(kvm, data, feature | reserved):
+        return False
+    if current_pinbased >> 32 & PIN_BASED_VMX_PREEMPTION_TIMER and (data & 0x1F) != (kvm & 0x1F):
+        return False
+    if (data >> 16 & 0x1FF) > (kvm >> 16 & 0x1FF):
+        return False
+    if (data >> 25 & 0x7) > (kvm >> 25 & 0x7):
+        return False
+    return data >> 32 == kvm >> 32
+
+
+def write(slots: dict[int, int], kvm: dict[int, int], index: int, data: int) -> int:
+    """``vmx_set_vmx_msr``: store ``data`` in ``slots`` and return 0, or return -EINVAL and change nothing."""
+    k = kvm.get(index, 0)
+    if index == 0x480:
+        ok = restore_basic(k, data)
+    elif index in CONTROLS:
+        ok = restore_control(k, data)
+    elif index == 0x485:
+        ok = restore_misc(k, data, slots[0x48D])
+    elif index in (0x486, 0x488):
+        ok = bitwise_subset(data, k, U64)
+    elif index == 0x48C:
+        ok = bitwise_subset(k, data, U64)
+    elif index == 0x48A:
+        ok = True
+    elif index == 0x491:
+        ok = not data & ~k
+    else:  # 0x481-0x484 (non-true controls), 0x487 and 0x489 (CR0/CR4_FIXED1, derived from CPUID)
+        ok = False
+    if not ok:
+        return EINVAL
+    slots[index] = data
+    return 0
