@@ -1,0 +1,133 @@
+"""CPUID on both backends: what KVM_SET_CPUID2 stores on this host, and the after-run rule (cpuid_test)."""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import replace
+
+import pytest
+
+from pykvm import guest
+from pykvm.api import CpuidEntry, HltExit, System, Vcpu, Vm, find_cpuid
+from pykvm.errors import KvmError
+
+CR4_OSXSAVE, CR4_PKE = 1 << 18, 1 << 22
+
+
+def ran_with(kvm: System, entries: list[CpuidEntry]) -> tuple[Vm, Vcpu]:
+    vm = kvm.create_vm()
+    vcpu = vm.create_vcpu(0)
+    vcpu.set_cpuid(entries)
+    assert isinstance(guest.run_to_hlt(vm, vcpu), HltExit)
+    return vm, vcpu
+
+
+def einval(vcpu: Vcpu, entries: list[CpuidEntry], what: str) -> None:
+    with pytest.raises(KvmError) as info:
+        vcpu.set_cpuid(entries)
+    assert info.value.errno == errno.EINVAL, f"KVM_SET_CPUID2 after KVM_RUN with {what}: expected EINVAL, saw {info.value}"
+
+
+def test_supported_cpuid_is_rewritten_as_on_this_host(kvm: System) -> None:
+    supported = kvm.get_supported_cpuid()
+    assert len(supported) == 75
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        assert vcpu.get_cpuid() == [], "a fresh vCPU has no CPUID"
+        vcpu.set_cpuid(supported)
+        got = vcpu.get_cpuid()
+    assert [e.key for e in got] == [e.key for e in supported], "same entries, same order"
+    leaf1, leaf7 = find_cpuid(got, 1), find_cpuid(got, 7, 0)
+    assert leaf1 and (leaf1.ecx, leaf1.edx) == (0xF7F83203, 0x178BFBFF), leaf1
+    assert leaf7 and (leaf7.ebx, leaf7.ecx, leaf7.edx) == (0xF1BF03AB, 0x5F46, 0x10), (
+        f"PVM replaces leaf 7.0 (ARCH_CAPABILITIES bit 29 of EDX disappears): {leaf7}")
+
+
+def test_leaf_1_brings_xsave_leaves_and_leaf_7_depends_on_them(kvm: System) -> None:
+    supported = kvm.get_supported_cpuid()
+    leaf1, leaf7 = find_cpuid(supported, 1), find_cpuid(supported, 7, 0)
+    assert leaf1 and leaf7
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid([leaf7, leaf1])
+        got = vcpu.get_cpuid()
+        assert [e.key for e in got] == [(7, 0), (1, 0), (0xD, 0), (0xD, 1), (0xD, 2), (0xD, 5), (0xD, 6), (0xD, 7)]
+        assert got[0].ebx == 0xF1BF03AB
+        vcpu.set_cpuid([leaf7])
+        assert vcpu.get_cpuid()[0].ebx == 0x219C038B, "leaf 7.0 without leaf 0xD.0 in the list"
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [[], [CpuidEntry(0x12345678, 5, 0xFF, 1, 2, 3, 4)], [CpuidEntry(0), CpuidEntry(0)],
+     [CpuidEntry(0x40000100 + i) for i in range(256)]],
+    ids=["empty", "arbitrary", "duplicate", "256"],
+)
+def test_any_list_before_a_run(kvm: System, entries: list[CpuidEntry]) -> None:
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(entries)
+        assert vcpu.get_cpuid() == entries
+
+
+def test_set_cpuid_limits_and_checks(kvm: System) -> None:
+    supported = kvm.get_supported_cpuid()
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        with pytest.raises(KvmError) as info:
+            vcpu.set_cpuid([CpuidEntry(0x40000100 + i) for i in range(257)])
+        assert info.value.errno == errno.E2BIG
+        amx = [replace(e, eax=e.eax | 1 << 18) if e.key == (0xD, 0) else e for e in supported]
+        with pytest.raises(KvmError) as info:
+            vcpu.set_cpuid(amx)
+        assert info.value.errno == errno.EPERM, "XTILE_DATA in 0xD.0 without guest permission (kvm_check_cpuid)"
+        bad_va = [replace(e, eax=(e.eax & ~0xFF00) | 40 << 8) if e.function == 0x80000008 else e for e in supported]
+        with pytest.raises(KvmError) as info:
+            vcpu.set_cpuid(bad_va)
+        assert info.value.errno == errno.EINVAL, "virtual address width 40 (kvm_check_cpuid wants 48 or 57)"
+        vcpu.set_cpuid(supported)
+        with pytest.raises(KvmError) as info:
+            vcpu.get_cpuid(max_entries=74)
+        assert info.value.errno == errno.E2BIG
+
+
+def test_runtime_bits_follow_sregs(kvm: System) -> None:
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        sregs = vcpu.get_sregs()
+        sregs.cr4 |= CR4_OSXSAVE | CR4_PKE
+        vcpu.set_sregs(sregs)
+        got = vcpu.get_cpuid()
+        leaf1, leaf7 = find_cpuid(got, 1), find_cpuid(got, 7, 0)
+        assert leaf1 and leaf1.ecx >> 27 & 1, "CPUID.1:ECX.OSXSAVE follows CR4.OSXSAVE"
+        assert leaf7 and leaf7.ecx >> 4 & 1, "CPUID.7.0:ECX.OSPKE follows CR4.PKE"
+        sregs.apic_base &= ~(1 << 11)
+        vcpu.set_sregs(sregs)
+        leaf1 = find_cpuid(vcpu.get_cpuid(), 1)
+        assert leaf1 and not leaf1.edx >> 9 & 1, "CPUID.1:EDX.APIC follows APIC_BASE.EN"
+
+
+def test_after_run_only_what_the_kernel_stored(kvm: System) -> None:
+    supported = kvm.get_supported_cpuid()
+    vm, vcpu = ran_with(kvm, supported)
+    with vm:
+        stored = vcpu.get_cpuid()
+        vcpu.set_cpuid(stored)  # cpuid_test: re-setting the unmodified CPUID succeeds
+        einval(vcpu, supported, "the list originally passed (PVM rewrote it)")
+        leaf7 = [replace(e, ebx=e.ebx - 1) if e.key == (7, 0) else e for e in stored]
+        einval(vcpu, leaf7, "CPUID.7.0:EBX decremented")
+        maxphy = [replace(e, eax=e.eax - 1) if e.function == 0x80000008 else e for e in stored]
+        einval(vcpu, maxphy, "MAXPHYADDR decremented")
+        einval(vcpu, stored[:-1], "one entry fewer")
+        einval(vcpu, [stored[1], stored[0], *stored[2:]], "two entries swapped")
+        einval(vcpu, [replace(stored[0], flags=stored[0].flags ^ 1), *stored[1:]], "a flag changed")
+        einval(vcpu, [], "nent 0")
+        osxsave = [replace(e, ecx=e.ecx ^ 1 << 27) if e.key == (1, 0) else e for e in stored]
+        vcpu.set_cpuid(osxsave)  # a runtime bit is recomputed before the comparison
+        # cpuid_test: dirty the dynamic bits through KVM_SET_SREGS, then re-set the unmodified CPUID.
+        sregs = vcpu.get_sregs()
+        sregs.cr4 |= CR4_OSXSAVE | CR4_PKE
+        vcpu.set_sregs(sregs)
+        vcpu.set_cpuid(stored)
+        vcpu.set_cpuid(vcpu.get_cpuid())
