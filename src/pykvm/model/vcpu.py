@@ -82,6 +82,12 @@ SECONDARY_ADJUST: tuple[tuple[int, tuple[tuple[int, int, str, int], ...]], ...] 
 )
 
 
+# kvmclock MSRs share storage (x86.c kvm_set_msr_common): the old and new wall-clock MSRs both set the VM-wide
+# kvm->arch.wall_clock; the old and new system-time MSRs both set the vCPU's arch.time.
+MSR_ALIASES = {0x4B564D00: 0x11, 0x4B564D01: 0x12}
+VM_WIDE_MSRS = frozenset({0x11})
+
+
 class ModelLimitation(PykvmError):
     """The model met guest code or a request it does not implement (the live kernel would do something)."""
 
@@ -222,7 +228,11 @@ class ModelVcpu(Vcpu):
             return self._refuse(index, "unknown_msr", UNSUPPORTED), 0
         if not b.readable:
             return self._refuse(index, "host_profile", FAIL), 0
-        return OK, b.default if b.kind == "drop" else self._msr[index]
+        if b.kind == "drop":
+            return OK, b.default
+        key = MSR_ALIASES.get(index, index)
+        store = self.vm.msrs if key in VM_WIDE_MSRS else self._msr
+        return OK, store.get(key, b.default)
 
     def _set(self, index: int, data: int) -> int:
         """``kvm_set_msr_ignored_check`` before the unsupported-MSR rule."""
@@ -262,7 +272,8 @@ class ModelVcpu(Vcpu):
         if b.kind == "refuse" or (b.kind == "zero_only" and data):
             return self._refuse(index, "host_profile", FAIL)
         if b.kind != "drop":
-            self._msr[index] = data
+            key = MSR_ALIASES.get(index, index)
+            (self.vm.msrs if key in VM_WIDE_MSRS else self._msr)[key] = data
         return OK
 
     def _set_perf_cap(self, data: int) -> int:

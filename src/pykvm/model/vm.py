@@ -24,6 +24,7 @@ class ModelVm(Vm):
         self.regions: list[MemoryRegion] = []
         self.vcpus: list[ModelVcpu] = []
         self.disabled_quirks = 0
+        self.msrs: dict[int, int] = {}  # VM-wide MSR state (kvmclock wall clock)
         self.platform_info_readable = True
         self.user_space_msr = 0
         self.msr_filter: tuple[int, tuple[tuple[int, int, int, bytes], ...]] = (0, ())
