@@ -178,7 +178,7 @@ def _check(live: LinuxSystem, sequence: list[Op]) -> None:
     if got_live != got_model:
         script = reproducer(sequence)
         note(script)
-        for i, (a, b) in enumerate(zip(got_live, got_model)):
+        for i, (a, b) in enumerate(zip(got_live, got_model, strict=True)):
             if a != b:
                 raise AssertionError(
                     f"step {i} ({sequence[i]!r}) differs:\n  live : {a}\n  model: {b}\nreproducer:\n{script}")

@@ -25,7 +25,7 @@ _ONES_EXCEPT = {(0xD, 0, "eax"): 0xFFFBFFFF, (0x80000008, 0, "eax"): 0xFFFF30FF}
 
 
 def _segment(seg: uapi.kvm_segment) -> dict[str, int]:
-    return {name: getattr(seg, name) for name, _ in seg._fields_ if name != "padding"}
+    return {f[0]: getattr(seg, f[0]) for f in seg._fields_ if f[0] != "padding"}
 
 
 def _sregs_dict(s: uapi.kvm_sregs) -> dict[str, Any]:
@@ -141,8 +141,13 @@ def capture_cpuid_rules(system: System, supported: list[CpuidEntry]) -> tuple[li
             if outputs:
                 common = set.intersection(*outputs)
                 requires = sorted(common)[0] if common else None
-        in_full = _masks(system, lambda x, i=i: [*supported[:i], x, *supported[i + 1:]], e,
-                         lambda got, i=i: got[i] if len(got) > i else None)
+        def among_others(x: CpuidEntry, i: int = i) -> list[CpuidEntry]:
+            return [*supported[:i], x, *supported[i + 1:]]
+
+        def at_position(got: list[CpuidEntry], i: int = i) -> CpuidEntry | None:
+            return got[i] if len(got) > i else None
+
+        in_full = _masks(system, among_others, e, at_position)
         for reg, (keep, force) in in_full.items():
             rules.append(RewriteRule(e.function, e.index, reg, keep, force, requires=requires))
         if requires is not None:

@@ -41,7 +41,8 @@ class LinuxVm(Vm):
             vcpu.close()
         os.close(self._fd)
         for r in self.regions:
-            r.mem.close()
+            if isinstance(r.mem, mmap.mmap):
+                r.mem.close()
         self.regions.clear()
 
     def __del__(self) -> None:

@@ -25,6 +25,7 @@ from ..api import (
     MsrItems,
     Vcpu,
     as_batch,
+    find_cpuid,
 )
 from ..errors import InvalidValueError, KvmError, PykvmError
 from . import cpuid as C
@@ -281,7 +282,7 @@ class ModelVcpu(Vcpu):
         supported = p.supported_perf_cap
         if p.vendor == "vmx":
             host = next((e for e in p.supported_cpuid if e.function == 1), None)
-            guest = C.find_cpuid(self._cpuid, 1)
+            guest = find_cpuid(self._cpuid, 1)
             consistent = host is not None and guest is not None and C.x86_model(host.eax) == C.x86_model(guest.eax)
             if data & M.PERF_CAP_LBR_FMT and ((data ^ supported) & M.PERF_CAP_LBR_FMT or not consistent):
                 return self._refuse(index, "perf_cap_subset", FAIL)
@@ -293,7 +294,7 @@ class ModelVcpu(Vcpu):
             ):
                 return self._refuse(index, "perf_cap_subset", FAIL)
             if not rs.cpuid_gated_caps and data:
-                pmu = C.find_cpuid(self._cpuid, 0xA)
+                pmu = find_cpuid(self._cpuid, 0xA)
                 if pmu is None or not pmu.eax & 0xFF:
                     return self._refuse(index, "perf_cap_subset", FAIL)
         if rs.cpuid_gated_caps and not self._cpuid_has(PDCM_BIT):
@@ -397,8 +398,8 @@ class ModelVcpu(Vcpu):
         if C.has_feature(raw, *VMX_BIT):
             self._vmx[0x487] = 0xFFFFFFFF
             cr4 = 1 << 8  # PCE is always allowed
-            for bit, allowed in CR4_FIXED1_MAP:
-                if C.has_feature(raw, *bit):
+            for source, allowed in CR4_FIXED1_MAP:
+                if C.has_feature(raw, *source):
                     cr4 |= allowed
             self._vmx[0x489] = cr4
 
