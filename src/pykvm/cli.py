@@ -98,7 +98,11 @@ def _fields(fields: dict[str, Any]) -> str:
 @profile_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--no-cpuid", is_flag=True, help="Do not set KVM_GET_SUPPORTED_CPUID on the probe vCPUs first.")
-def probe(backend: str, kernel: str | None, profile: str | None, as_json: bool, no_cpuid: bool) -> None:
+@click.option("--save", "save_path", metavar="FILE", type=click.Path(dir_okay=False, writable=True),
+              help="Also capture this host's profile (live kernel only) and write it to FILE as JSON.")
+@click.option("--name", "profile_name", metavar="NAME", help="With --save: the profile's name.")
+def probe(backend: str, kernel: str | None, profile: str | None, as_json: bool, no_cpuid: bool,
+          save_path: str | None, profile_name: str | None) -> None:
     """Show what this host's KVM offers and whether it freezes the vCPU model after the first run.
 
     For every feature MSR: its value and decoded fields, then a live check on fresh VMs: a changed write on a vCPU
@@ -122,8 +126,21 @@ def probe(backend: str, kernel: str | None, profile: str | None, as_json: bool, 
     if fallback:
         err_console.print(f"[yellow]warning:[/] {fallback}\n[yellow]warning:[/] showing the MODEL instead "
                           f"({system.describe()}); nothing below was measured on a live kernel", highlight=False)
+    if save_path and system.backend != "linux":
+        system.close()
+        fail("--save captures a profile from the live kernel; the model has nothing new to capture", EXIT_NO_KVM
+             if fallback else EXIT_USAGE)
     with system:
         report = run_probe(system, set_cpuid=not no_cpuid)
+        if save_path:
+            from .capture import capture
+
+            captured = capture(system, name=profile_name)
+            try:
+                captured.save(save_path)
+            except OSError as e:
+                fail(f"cannot write {save_path}: {e.strerror}", EXIT_FAILED)
+            err_console.print(f"saved profile {captured.name!r} to {save_path}", highlight=False)
     if as_json:
         out = report.to_json()
         out["fallback_reason"] = fallback
@@ -217,3 +234,119 @@ def list_msrs(as_json: bool) -> None:
         return
     for m in cat:
         click.echo(f"0x{m.index:08x}  {m.name}{'  [feature]' if m.feature else ''}")
+
+
+def _diff_marks(old: int, new: int) -> str:
+    """A caret under each hex digit that differs between two 16-digit values."""
+    a, b = f"{old:016x}", f"{new:016x}"
+    return "".join("^" if x != y else " " for x, y in zip(a, b, strict=True))
+
+
+def _print_report(console: Console, report: Any) -> None:
+    from .check import Report
+
+    assert isinstance(report, Report)
+    console.print(f"[bold]{report.scenario}[/] ({report.path}) on {report.description}", highlight=False)
+    for s in report.steps:
+        mark = {True: "[green]✓[/]", False: "[red]✗[/]", None: " "}[s.met]
+        colour = {"accepted": "green", "ok": "green", "refused": "yellow", "error": "red"}[s.outcome]
+        label = f" ({s.label})" if s.label else ""
+        console.print(f"{mark} [{s.number}] line {s.line:<3} {s.kind} vCPU {s.vcpu}{label}: "
+                      f"[{colour}]{s.outcome.upper()}[/] {s.summary}", highlight=False)
+        r = s.refusal
+        if r is not None:
+            old = "unreadable" if r.old is None else f"0x{r.old:016x}"
+            console.print(f"      {r.name} (0x{r.index:x}) at position {r.position}", highlight=False)
+            console.print(f"      old {old}\n      new 0x{r.new:016x}", highlight=False)
+            if r.old is not None and r.differing:
+                bits = [b for b in range(64) if r.differing >> b & 1]
+                shown = ", ".join(map(str, bits[:12])) + (" ..." if len(bits) > 12 else "")
+                console.print(f"          {_diff_marks(r.old, r.new)}  bits differing: {shown}", highlight=False)
+            elif r.old is not None:
+                console.print("          (same value as before)", highlight=False)
+            console.print(f"      rule: {r.rule or 'not known (the live kernel does not say why)'}", highlight=False)
+            console.print(f"      hint: {r.hint}", highlight=False)
+        for note in s.notes:
+            console.print(f"      {note}", highlight=False)
+        if s.expected:
+            console.print(f"      expected: {s.expected} -> {'met' if s.met else '[red]NOT met[/]'}", highlight=False)
+    verdict = "[bold green]OK[/]: every step did what it expected" if report.ok else \
+        "[bold red]FAILED[/]: a step did not do what it expected (or was refused without an expectation)"
+    console.print(verdict, highlight=False)
+
+
+@main.command()
+@click.argument("scenario_file", metavar="SCENARIO", type=click.Path(dir_okay=False))
+@click.option("--backend", type=click.Choice(["model", "linux"]), default="model", show_default=True,
+              help="model: replay on pykvm's software KVM; linux: replay on the live /dev/kvm.")
+@kernel_option
+@profile_option
+@click.option("--compare", "compare_kernels", metavar="V1,V2,...",
+              help="Replay on the model under several kernel rulesets and show the steps whose outcome changes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def check(scenario_file: str, backend: str, kernel: str | None, profile: str | None, compare_kernels: str | None,
+          as_json: bool) -> None:
+    """Replay a VMM's sequence of vCPU-model operations and say, step by step, what the kernel does and why.
+
+    \b
+    Exit codes: 0 every step did what it expected (or, without expectations, nothing was refused);
+                1 not; 2 a bad scenario file or bad arguments; 3 /dev/kvm missing (--backend linux).
+    \b
+    Examples:
+      pykvm check examples/platform-info-after-run.yaml
+      pykvm check examples/platform-info-after-run.yaml --backend linux
+      pykvm check examples/sandbox-reset-snapshot.yaml --compare 6.3,6.10,6.18
+    """
+    import pykvm
+
+    from .check import compare, replay
+    from .model import open_model
+    from .scenario import load
+
+    try:
+        scenario = load(scenario_file)
+    except PykvmError as e:
+        fail(str(e), EXIT_USAGE)
+    if backend == "model":
+        kernel = kernel or scenario.kernel
+        profile = profile or scenario.profile
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    try:
+        if compare_kernels:
+            if backend != "model":
+                raise click.UsageError("--compare replays on the model; drop --backend linux")
+            versions = [v.strip() for v in compare_kernels.split(",") if v.strip()]
+            if len(versions) < 2:
+                raise click.UsageError("--compare needs at least two kernel versions, e.g. 6.3,6.18")
+            reports = {v: replay(scenario, open_model(kernel=v, profile=profile)) for v in versions}
+            changes = compare(reports)
+            if as_json:
+                click.echo(json.dumps({"scenario": scenario.name, "kernels": versions,
+                                       "reports": {v: r.to_json() for v, r in reports.items()},
+                                       "changes": [c.__dict__ for c in changes]}, indent=2))
+            else:
+                console.print(f"[bold]{scenario.name}[/] on kernels {', '.join(versions)} "
+                              f"(model, profile {open_model(profile=profile).profile.name})", highlight=False)
+                if not changes:
+                    console.print("no step changes outcome between these kernels", highlight=False)
+                for c in changes:
+                    console.print(f"  [{c.number}] line {c.line} {c.kind}: {c.text}", highlight=False)
+            sys.exit(EXIT_OK if all(r.ok for r in reports.values()) else EXIT_FAILED)
+        if backend == "linux":
+            if kernel:
+                raise click.UsageError("--kernel chooses a model ruleset; it does not apply to --backend linux")
+            system: System = pykvm.open("linux")
+            shadow: System | None = open_model(profile=profile)
+        else:
+            system, shadow = open_model(kernel=kernel, profile=profile), None
+        with system:
+            report = replay(scenario, system, shadow)
+    except KvmUnavailableError as e:
+        fail(str(e), EXIT_NO_KVM)
+    except PykvmError as e:
+        fail(str(e), EXIT_USAGE)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        _print_report(console, report)
+    sys.exit(EXIT_OK if report.ok else EXIT_FAILED)

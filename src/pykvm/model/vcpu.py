@@ -321,7 +321,8 @@ class ModelVcpu(Vcpu):
         if rs.freeze and self.has_run and self._immutable(index):
             code, current = self._access_get(index)
             if code or current != data:
-                return self._refuse(index, "freeze", EINVAL)
+                rule = "platform_info_immutable" if index == M.MSR_PLATFORM_INFO else "freeze"
+                return self._refuse(index, rule, EINVAL)
             if not rs.same_value_real_write:
                 return OK
         code = self._set(index, data)

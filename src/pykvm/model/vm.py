@@ -108,10 +108,10 @@ class ModelVm(Vm):
             raise InvalidValueError(f"vCPU id must be an int, not {vcpu_id!r}")
         max_id = self.profile.capability(uapi.KVM_CAP_MAX_VCPU_ID) or 1024
         max_vcpus = self.profile.capability(uapi.KVM_CAP_MAX_VCPUS) or 1024
-        live = [v for v in self.vcpus if not v.closed]
         if not 0 <= vcpu_id < max_id or len(self.vcpus) >= max_vcpus:
             raise KvmError(errno.EINVAL, "KVM_CREATE_VCPU")
-        if any(v.id == vcpu_id for v in live):
+        # Closing a vCPU fd does not free its id: KVM keeps the vCPU until the VM goes away.
+        if any(v.id == vcpu_id for v in self.vcpus):
             raise KvmError(errno.EEXIST, "KVM_CREATE_VCPU")
         vcpu = ModelVcpu(self, vcpu_id)
         self.vcpus.append(vcpu)

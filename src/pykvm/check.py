@@ -1,0 +1,345 @@
+"""Replay a scenario on a backend and explain, step by step, what the kernel did with it and why.
+
+On the model every refusal carries the rule that refused it. On the live kernel the same scenario runs in lockstep
+on the model (this host's profile) to explain each refusal the kernel makes; where the two disagree, the report says
+so instead of guessing.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from . import guest, uapi
+from . import msrs as M
+from .api import CpuidEntry, MsrBatch, System, Vcpu, Vm
+from .errors import InvalidValueError, KvmError, PykvmError
+from .model.rulesets import RULES
+from .scenario import Expect, Scenario, Step
+
+HINTS = {
+    "freeze": "write feature MSRs before the first KVM_RUN; after it, write only the value the vCPU already has "
+              "(read it back with KVM_GET_MSRS)",
+    "platform_info_immutable": "set MSR_PLATFORM_INFO before the first KVM_RUN (immutable after it since 6.13)",
+    "cpuid_after_run_identical": "after KVM_RUN, re-send exactly what KVM_GET_CPUID2 returns (KVM may have "
+                                 "rewritten what you first gave it)",
+    "arch_cap_needs_cpuid": "set CPUID.7.0:EDX[29] (ARCH_CAPABILITIES) with KVM_SET_CPUID2 before writing it, or "
+                            "write 0",
+    "perf_cap_needs_pdcm": "set CPUID.1:ECX[15] (PDCM) with KVM_SET_CPUID2 before writing it, or write 0",
+    "perf_cap_subset": "write a subset of the PERF_CAPABILITIES feature value (system KVM_GET_MSRS), with the host's "
+                       "LBR and PEBS formats",
+    "vmx_restore": "VMX MSRs may only restrict KVM's nested capabilities (system KVM_GET_MSRS); 0x481-0x484, "
+                   "CR0_FIXED1 and CR4_FIXED1 are never writable; set CPUID.1:ECX.VMX first",
+    "de_cfg_subset": "write a subset of the DE_CFG feature value",
+    "unknown_msr": "this KVM does not know the MSR: leave it out (see KVM_GET_MSR_INDEX_LIST)",
+    "host_profile": "this host's KVM refuses this value for this MSR (see the profile's msr_behaviour)",
+    "msr_io_limit": "split the batch into chunks of at most 255 MSRs",
+    "platform_info_no_order_check": "set PLATFORM_INFO.CPUID_FAULT before enabling MISC_FEATURES_ENABLES.CPUID_FAULT",
+}
+
+
+@dataclass
+class Refusal:
+    """The entry KVM refused, with what it was and what it was to become."""
+
+    index: int
+    name: str
+    position: int
+    new: int
+    old: int | None
+    rule: str | None
+    rule_key: str | None
+    hint: str
+
+    @property
+    def differing(self) -> int:
+        return (self.old ^ self.new) if self.old is not None else 0
+
+
+@dataclass
+class StepResult:
+    number: int
+    line: int
+    kind: str
+    vcpu: int
+    label: str
+    outcome: str  # accepted | refused | ok | error
+    summary: str
+    count: int | None = None
+    total: int | None = None
+    errno: int | None = None
+    refusal: Refusal | None = None
+    values: dict[int, int] | None = None
+    exit: str | None = None
+    expected: str = ""
+    met: bool | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        if self.refusal:
+            r = out["refusal"]
+            r["index"] = f"0x{self.refusal.index:x}"
+            r["new"] = f"0x{self.refusal.new:x}"
+            r["old"] = None if self.refusal.old is None else f"0x{self.refusal.old:x}"
+            r["differing_bits"] = [b for b in range(64) if self.refusal.differing >> b & 1]
+        if self.values is not None:
+            out["values"] = {f"0x{k:x}": f"0x{v:x}" for k, v in self.values.items()}
+        out["errno"] = _errno.errorcode.get(self.errno, self.errno) if self.errno else None
+        return out
+
+
+@dataclass
+class Report:
+    scenario: str
+    path: str
+    backend: str
+    description: str
+    steps: list[StepResult]
+
+    @property
+    def ok(self) -> bool:
+        return not any(s.met is False or (s.met is None and s.outcome in ("refused", "error")) for s in self.steps)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scenario": self.scenario, "path": self.path, "backend": self.backend,
+                "description": self.description, "ok": self.ok, "steps": [s.to_json() for s in self.steps]}
+
+
+def _rule_key(cited: str | None) -> str | None:
+    if cited is None:
+        return None
+    for key, rule in RULES.items():
+        if rule.cite() == cited:
+            return key
+    return None
+
+
+class Replayer:
+    """Plays a scenario's steps on one VM of ``system``; ``shadow`` (a model) explains refusals of a live kernel."""
+
+    def __init__(self, system: System, shadow: Replayer | None = None) -> None:
+        self.system = system
+        self.shadow = shadow
+        self.vm: Vm = system.create_vm()
+        guest.ensure_memory(self.vm)
+        self.vm.write_memory(guest.DEFAULT_ENTRY, guest.HLT)
+        self.vcpus: dict[int, Vcpu] = {}
+        self.written: dict[int, dict[int, int]] = {}
+        self.ran: set[int] = set()
+
+    def close(self) -> None:
+        self.vm.close()
+        if self.shadow:
+            self.shadow.close()
+
+    def _vcpu(self, step: Step) -> Vcpu:
+        v = self.vcpus.get(step.vcpu)
+        if v is None:
+            raise InvalidValueError(f"vCPU {step.vcpu} does not exist here (add a create_vcpu step)")
+        return v
+
+    def _cpuid_for(self, step: Step, vcpu: Vcpu) -> list[CpuidEntry]:
+        if step.cpuid_from == "supported":
+            entries = self.system.get_supported_cpuid()
+        elif step.cpuid_from == "stored":
+            entries = vcpu.get_cpuid()
+        else:
+            entries = list(step.cpuid_entries)
+        for edit in step.cpuid_edits:
+            pos = next((i for i, e in enumerate(entries) if e.key == (edit.function, edit.index)), None)
+            if pos is None:
+                raise InvalidValueError(f"CPUID leaf 0x{edit.function:x}.{edit.index} is not in the list to edit")
+            e = entries[pos]
+            value = (getattr(e, edit.register) | edit.set_bits) & ~edit.clear_bits & 0xFFFFFFFF
+            entries[pos] = replace(e, **{edit.register: value})
+        return entries
+
+    def _read(self, vcpu: Vcpu, index: int) -> int | None:
+        b = MsrBatch([index])
+        return b[0][1] if vcpu.get_msrs(b) == 1 else None
+
+    def _set_msrs(self, res: StepResult, vcpu: Vcpu, pairs: list[tuple[int, int]], shadow: StepResult | None) -> None:
+        olds = [self._read(vcpu, i) for i, _ in pairs]
+        batch = MsrBatch(pairs)
+        count = vcpu.set_msrs(batch)
+        res.count, res.total = count, len(pairs)
+        written = self.written.setdefault(res.vcpu, {})
+        for index, value in pairs[:count]:
+            written[index] = value
+        if count == len(pairs):
+            res.outcome = "accepted"
+            res.summary = f"KVM_SET_MSRS wrote all {count} MSR{'s' if count != 1 else ''}"
+            return
+        index, value = pairs[count]
+        cited = vcpu.refusal_rule(index)
+        if cited is None and shadow is not None and shadow.refusal is not None and shadow.refusal.index == index \
+                and shadow.refusal.position == count:
+            cited = shadow.refusal.rule
+            res.notes.append("(the rule comes from the model replayed alongside: the kernel does not say why)")
+        elif cited is None and shadow is not None:
+            res.notes.append("the model with this host's profile predicted a different result: "
+                             f"{shadow.summary}")
+        key = _rule_key(cited)
+        res.outcome = "refused"
+        res.refusal = Refusal(index, M.name_of(index), count, value, olds[count], cited, key,
+                              HINTS.get(key or "", "compare with KVM_GET_MSR_INDEX_LIST and the feature MSRs"))
+        res.summary = f"KVM_SET_MSRS returned {count} of {len(pairs)}: refused {M.name_of(index)} (0x{index:x})"
+
+    def play(self, number: int, step: Step) -> StepResult:
+        shadow = self.shadow.play(number, step) if self.shadow else None
+        res = StepResult(number, step.line, step.kind, step.vcpu, step.label, "ok", "")
+        kind = step.kind
+        if kind == "ioctl":
+            kind = {"KVM_SET_MSRS": "set_msrs", "KVM_GET_MSRS": "get_msrs", "KVM_SET_CPUID2": "set_cpuid",
+                    "KVM_RUN": "run", "KVM_CREATE_VCPU": "create_vcpu"}[step.ioctl]
+        try:
+            if kind == "create_vcpu":
+                vcpu = self.vm.create_vcpu(step.vcpu)
+                guest.setup_real_mode(vcpu)
+                self.vcpus[step.vcpu] = vcpu
+                res.outcome, res.summary = "accepted", f"created vCPU {step.vcpu}"
+            elif kind == "destroy_vcpu":
+                self._vcpu(step).close()
+                del self.vcpus[step.vcpu]
+                res.outcome, res.summary = "ok", f"closed vCPU {step.vcpu}'s fd (KVM keeps the vCPU until the VM goes)"
+            elif kind == "hotplug":
+                self._vcpu(step)
+                res.outcome = "ok"
+                res.summary = (f"vCPU {step.vcpu} unplugged and plugged back: the VMM reuses the parked vCPU fd "
+                               "(KVM cannot destroy a vCPU), so the vCPU keeps its frozen model")
+            elif kind == "disable_quirks":
+                self.vm.enable_cap(uapi.KVM_CAP_DISABLE_QUIRKS2, step.quirks)
+                res.outcome, res.summary = "accepted", f"disabled quirks 0x{step.quirks:x}"
+            elif kind == "set_cpuid":
+                vcpu = self._vcpu(step)
+                entries = self._cpuid_for(step, vcpu)
+                try:
+                    vcpu.set_cpuid(entries)
+                    res.outcome, res.summary = "accepted", f"KVM_SET_CPUID2 took {len(entries)} entries"
+                except KvmError as e:
+                    res.outcome, res.errno = "refused", e.errno
+                    res.summary = f"KVM_SET_CPUID2 failed: {_errno.errorcode.get(e.errno or 0, e.errno)}"
+                    if step.vcpu in self.ran and e.errno == _errno.EINVAL:
+                        key = "cpuid_after_run_identical"
+                        res.refusal = None
+                        res.notes.append(f"rule: {RULES[key].cite()}")
+                        res.notes.append(f"hint: {HINTS[key]}")
+            elif kind in ("set_msrs", "microcode_load", "reset"):
+                vcpu = self._vcpu(step)
+                if kind == "set_msrs":
+                    pairs = step.msrs
+                elif kind == "microcode_load":
+                    pairs = [(M.MSR_IA32_UCODE_REV, step.revision)]
+                else:
+                    pairs = list(self.written.get(step.vcpu, {}).items())
+                self._set_msrs(res, vcpu, pairs, shadow)
+            elif kind == "get_msrs":
+                vcpu = self._vcpu(step)
+                batch = MsrBatch([i for i, _ in step.msrs])
+                count = vcpu.get_msrs(batch)
+                res.count, res.total = count, len(batch)
+                res.values = {i: v for n, (i, v) in enumerate(batch) if n < count}
+                res.outcome = "ok" if count == len(batch) else "refused"
+                res.summary = f"KVM_GET_MSRS read {count} of {len(batch)}"
+                if count < len(batch):
+                    index = batch[count][0]
+                    res.refusal = Refusal(index, M.name_of(index), count, 0, None, vcpu.refusal_rule(index), None,
+                                          HINTS["unknown_msr"])
+            elif kind == "get_cpuid":
+                entries = self._vcpu(step).get_cpuid()
+                res.outcome, res.summary = "ok", f"KVM_GET_CPUID2 returned {len(entries)} entries"
+            elif kind == "run":
+                vcpu = self._vcpu(step)
+                guest.setup_real_mode(vcpu)
+                exit_ = vcpu.run()
+                self.ran.add(step.vcpu)
+                res.exit, res.outcome = exit_.name, "ok"
+                res.summary = f"KVM_RUN: {exit_.name}"
+        except KvmError as e:
+            res.outcome, res.errno = "error", e.errno
+            res.summary = str(e)
+        except PykvmError as e:
+            res.outcome, res.summary = "error", str(e)
+        if step.expect is not None:
+            res.expected, res.met = judge(step.expect, res)
+        return res
+
+
+def judge(e: Expect, r: StepResult) -> tuple[str, bool]:
+    """Did the step do what ``e`` says? Returns a description of the expectation and the verdict."""
+    parts: list[str] = []
+    ok = True
+    if e.accepted is not None:
+        parts.append("accepted" if e.accepted else "refused")
+        ok &= (r.outcome in ("accepted", "ok")) == e.accepted
+    if e.count is not None:
+        parts.append(f"count {e.count}")
+        ok &= r.count == e.count
+    if e.errno is not None:
+        parts.append(f"errno {_errno.errorcode.get(e.errno, 'none') if e.errno else 'none'}")
+        ok &= (r.errno or 0) == e.errno
+    if e.refused_msr is not None:
+        parts.append(f"refused at {M.name_of(e.refused_msr)}")
+        ok &= r.refusal is not None and r.refusal.index == e.refused_msr
+    if e.values is not None:
+        parts.append("values " + ", ".join(f"{M.name_of(k)}=0x{v:x}" for k, v in e.values.items()))
+        ok &= r.values is not None and all(r.values.get(k) == v for k, v in e.values.items())
+    if e.exit is not None:
+        parts.append(f"exit {e.exit}")
+        ok &= r.exit == e.exit
+    return ", ".join(parts), bool(ok)
+
+
+def replay(scenario: Scenario, system: System, shadow_system: System | None = None) -> Report:
+    """Play every step of ``scenario`` on ``system`` (a fresh VM) and report."""
+    player = Replayer(system, Replayer(shadow_system) if shadow_system is not None else None)
+    try:
+        steps = [player.play(n, s) for n, s in enumerate(scenario.steps)]
+    finally:
+        player.close()
+    return Report(scenario.name, scenario.path, system.backend, system.describe(), steps)
+
+
+@dataclass
+class Change:
+    number: int
+    line: int
+    kind: str
+    outcomes: dict[str, str]  # kernel -> outcome text
+    text: str
+
+
+def outcome_text(r: StepResult) -> str:
+    if r.outcome == "error" or (r.errno and r.outcome == "refused"):
+        return f"{r.outcome} ({_errno.errorcode.get(r.errno or 0, r.summary)})"
+    if r.outcome == "refused" and r.refusal is not None:
+        return f"refused at {r.refusal.name}"
+    return r.outcome
+
+
+def compare(reports: dict[str, Report]) -> list[Change]:
+    """Steps whose outcome differs between kernels, with the kernel and rule that changed it."""
+    kernels = list(reports)
+    changes = []
+    first = reports[kernels[0]]
+    for n, base in enumerate(first.steps):
+        outcomes = {k: outcome_text(reports[k].steps[n]) for k in kernels}
+        if len(set(outcomes.values())) == 1:
+            continue
+        segments = []
+        prev = None
+        for k in kernels:
+            if outcomes[k] != prev:
+                r = reports[k].steps[n]
+                why = ""
+                if r.refusal and r.refusal.rule_key:
+                    rule = RULES[r.refusal.rule_key]
+                    why = f" by {rule.commit} ({rule.title})"
+                elif r.notes:
+                    why = " (" + r.notes[0].removeprefix("rule: ") + ")"
+                segments.append(f"{outcomes[k]} {'on' if prev is None else 'since'} {k}{why}")
+                prev = outcomes[k]
+        changes.append(Change(n, base.line, base.kind, outcomes, "; ".join(segments)))
+    return changes

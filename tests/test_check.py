@@ -1,0 +1,140 @@
+"""`pykvm check`: scenarios replayed on the model and on the live kernel, the explanations, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pykvm.check import outcome_text, replay
+from pykvm.cli import main
+from pykvm.linux import LinuxSystem
+from pykvm.model import open_model
+from pykvm.scenario import load, parse
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+LIVE_EXAMPLES = sorted(p for p in EXAMPLES.glob("*.yaml") if "intel" not in p.name)
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    assert "Traceback" not in result.output, result.output
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize("path", LIVE_EXAMPLES, ids=[p.stem for p in LIVE_EXAMPLES])
+def test_example_same_verdicts_on_model_and_live_kernel(live: LinuxSystem, path: Path) -> None:
+    scenario = load(path)
+    on_model = replay(scenario, open_model())
+    on_live = replay(scenario, live, open_model())
+    assert on_model.ok and on_live.ok, f"{path.name}: every expectation holds on both backends"
+    for m, k in zip(on_model.steps, on_live.steps, strict=True):
+        assert (outcome_text(m), m.count, m.values, m.exit) == (outcome_text(k), k.count, k.values, k.exit), (
+            f"{path.name} step {m.number} (line {m.line}): model {m.summary!r}, live kernel {k.summary!r}")
+        if m.refusal:
+            assert k.refusal and (k.refusal.rule, k.refusal.old, k.refusal.new) == (m.refusal.rule, m.refusal.old,
+                                                                                    m.refusal.new)
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_example_passes_on_the_model(path: Path) -> None:
+    code, out = run("check", str(path))
+    assert code == 0, out
+
+
+def test_refusal_is_explained() -> None:
+    code, out = run("check", str(EXAMPLES / "platform-info-after-run.yaml"))
+    assert code == 0
+    for text in ("MSR_PLATFORM_INFO (0xce)", "old 0x0000000080000000", "new 0x0000000000000000",
+                 "bits differing: 31", "since 6.13, bc2ca3680b30", "hint: set MSR_PLATFORM_INFO before"):
+        assert text in out, f"check output lacks {text!r}:\n{out}"
+
+
+def test_refusal_is_explained_on_live_kernel(live: LinuxSystem) -> None:
+    code, out = run("check", str(EXAMPLES / "platform-info-after-run.yaml"), "--backend", "linux", "--json")
+    assert code == 0, out
+    report = json.loads(out)
+    refused = [s for s in report["steps"] if s["outcome"] == "refused"]
+    assert len(refused) == 1 and refused[0]["refusal"]["differing_bits"] == [31]
+    assert "bc2ca3680b30" in refused[0]["refusal"]["rule"]
+
+
+def test_compare_kernels() -> None:
+    code, out = run("check", str(EXAMPLES / "sandbox-reset-snapshot-intel.yaml"), "--compare", "6.3,6.4,6.18")
+    assert code == 1, "the expectation (refused) is not met on 6.3"
+    assert "accepted on 6.3; refused at MSR_IA32_ARCH_CAPABILITIES since 6.4 by 0094f62c7eaa" in out, out
+    code, out = run("check", str(EXAMPLES / "platform-info-after-run.yaml"), "--compare", "6.10,6.13", "--json")
+    changes = json.loads(out)["changes"]
+    assert [c["text"].split(" by ")[0] for c in changes] == [
+        "accepted on 6.10; refused at MSR_PLATFORM_INFO since 6.13"], changes
+
+
+def test_unexpected_refusal_exits_1(tmp_path: Path) -> None:
+    f = tmp_path / "s.yaml"
+    f.write_text("scenario: 1\nsteps:\n  - create_vcpu: 0\n  - run: 0\n  - set_msrs: {vcpu: 0, msrs: {0xce: 0}}\n")
+    code, out = run("check", str(f))
+    assert code == 1 and "REFUSED" in out and "FAILED" in out
+
+
+BAD = {
+    "wrong type": ("scenario: 1\nsteps:\n  - set_msrs: {vcpu: zero, msrs: {0xce: 1}}\n", ":3: steps[0].set_msrs.vcpu"),
+    "unknown msr": ("scenario: 1\nsteps:\n  - create_vcpu: 0\n  - set_msrs:\n      vcpu: 0\n      msrs: {PLATFORM_INFOO: 1}\n",
+                    ":6: steps[1].set_msrs.msrs.PLATFORM_INFOO: unknown MSR name"),
+    "beyond 64 bits": ("scenario: 1\nsteps:\n  - set_msrs: {vcpu: 0, msrs: {0xce: 0x10000000000000000}}\n",
+                       ":3: steps[0].set_msrs.msrs.0xce: 0x10000000000000000 does not fit in 64 bits"),
+    "negative": ("scenario: 1\nsteps:\n  - microcode_load: -1\n", ":3: steps[0].microcode_load"),
+    "unknown step": ("scenario: 1\nsteps:\n  - create_vcpu: 0\n  - launch: 0\n", ":4: steps[1].launch: unknown step"),
+    "truncated": ("scenario: 1\nsteps:\n  - set_msrs: {vcpu: 0, msrs: {0xce: 1\n", "not valid YAML"),
+    "no version": ("steps: []\n", "scenario: missing"),
+    "unknown field": ("scenario: 1\nsteps:\n  - run: {vcpu: 0, fast: true}\n", ":3: steps[0].run.fast: unknown field"),
+    "bad expect": ("scenario: 1\nsteps:\n  - run: 0\n    expect: {exit: Halted}\n", ":4: expect.exit"),
+    "empty": ("", ":1: the file is empty"),
+    "not a mapping": ("- 1\n- 2\n", "(top level): expected a mapping"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_malformed_scenario_exit_2_names_the_place(tmp_path: Path, name: str) -> None:
+    text, expected = BAD[name]
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    code, out = run("check", str(f))
+    assert code == 2, f"{name}: expected exit 2, saw {code}: {out}"
+    flat = " ".join(out.split())
+    assert str(f) in flat and " ".join(expected.split()) in flat, f"{name}: expected {expected!r} in: {flat}"
+
+
+def test_json_scenarios_accepted_and_bad_json_located(tmp_path: Path) -> None:
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps({"scenario": 1, "steps": [{"create_vcpu": 0}, {"run": 0, "expect": {"exit": "HltExit"}}]}))
+    code, out = run("check", str(f))
+    assert code == 0, out
+    f.write_text('{"scenario": 1,\n "steps": [\n')
+    code, out = run("check", str(f))
+    assert code == 2 and f"{f}:3: not valid JSON" in " ".join(out.split()), out
+
+
+def test_missing_file_and_bad_arguments(tmp_path: Path) -> None:
+    code, out = run("check", str(tmp_path / "nope.yaml"))
+    assert code == 2 and "cannot read" in out
+    code, out = run("check", str(EXAMPLES / "microcode-load.yaml"), "--kernel", "5.0")
+    assert code == 2 and "older than the oldest ruleset" in " ".join(out.split())
+    code, out = run("check", str(EXAMPLES / "microcode-load.yaml"), "--profile", "nope")
+    assert code == 2 and "no shipped profile named 'nope'" in out
+
+
+def test_recorded_ioctl_events(tmp_path: Path) -> None:
+    # The shape a recorder of real VMMs writes: ioctl-level events with what the kernel returned.
+    text = """scenario: 1
+steps:
+  - ioctl: {name: KVM_CREATE_VCPU, vcpu: 0}
+  - ioctl: {name: KVM_SET_MSRS, vcpu: 0, msrs: [[0xce, 0x80000000], [0x8b, 1]], returned: 2}
+  - ioctl: {name: KVM_RUN, vcpu: 0}
+  - ioctl: {name: KVM_SET_MSRS, vcpu: 0, msrs: [[0x8b, 2], [0xce, 0]], returned: 1}
+"""
+    s = parse(text, "rec.yaml")
+    report = replay(s, open_model())
+    assert report.ok, [(r.summary, r.expected, r.met) for r in report.steps]
+    assert report.steps[3].refusal and report.steps[3].refusal.index == 0xCE
