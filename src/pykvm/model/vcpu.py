@@ -46,6 +46,10 @@ PDCM_BIT = (1, 0, "ecx", 15)
 VMX_BIT = (1, 0, "ecx", 5)
 DS_BIT = (1, 0, "edx", 21)
 DTES64_BIT = (1, 0, "ecx", 2)
+XSAVE_BIT = (1, 0, "ecx", 26)
+MSR_IA32_FEAT_CTL = 0x3A
+# KVM_SUPPORTED_FEATURE_CONTROL (vmx.c): LOCKED | VMX inside/outside SMX | SGX_LC | SGX | LMCE.
+KVM_SUPPORTED_FEATURE_CONTROL = 0x160007
 
 # nested_vmx_cr_fixed1_bits_update: guest CPUID bit -> CR4 bits it allows.
 CR4_FIXED1_MAP: tuple[tuple[tuple[int, int, str, int], int], ...] = (
@@ -267,6 +271,12 @@ class ModelVcpu(Vcpu):
                 return self._refuse(index, "de_cfg_subset", FAIL)
             self._msr[index] = data
             return OK
+        if index == MSR_IA32_FEAT_CTL and p.vendor == "vmx":
+            # vmx_set_msr: userspace may set any bit KVM supports (is_vmx_feature_control_msr_valid).
+            if data & ~KVM_SUPPORTED_FEATURE_CONTROL:
+                return self._refuse(index, "host_profile", FAIL)
+            self._msr[index] = data
+            return OK
         b = p.msr_behaviour.get(index)
         if b is None:
             return self._refuse(index, "unknown_msr", UNSUPPORTED)
@@ -394,6 +404,8 @@ class ModelVcpu(Vcpu):
             for bit, sources in SECONDARY_ADJUST:
                 if self._vmx_kvm[0x48B] >> 32 >> bit & 1:
                     on = any(C.has_feature(raw, *s) for s in sources)
+                    if bit == 20:  # vmx_vcpu_after_set_cpuid drops XSAVES from the guest caps without XSAVE first
+                        on = on and C.has_feature(raw, *XSAVE_BIT)
                     high = high | 1 << (32 + bit) if on else high & ~(1 << (32 + bit))
             self._vmx[0x48B] = high
         if C.has_feature(raw, *VMX_BIT):
