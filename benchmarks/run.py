@@ -82,12 +82,12 @@ def _msr_loop(system: pykvm.System, op: str, count: int, n: int) -> float:
     with system.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
         batch = MsrBatch([(BATCH_MSRS[i % 8], 0) for i in range(count)])
-        call = {"set": vcpu.set_msrs, "get": vcpu.get_msrs, "strict-set": vcpu.write_msrs,
-                "strict-get": vcpu.read_msrs}[op]
+        call = vcpu.get_msrs if op.endswith("get") else vcpu.set_msrs
+        strict = op.startswith("strict")
 
         def loop() -> None:
             for _ in range(n):
-                call(batch)  # type: ignore[operator]
+                call(batch, strict)
 
         return timed(loop, n)
 

@@ -134,9 +134,12 @@ def find_cpuid(entries: Sequence[CpuidEntry], function: int, index: int = 0) -> 
 # --- exits ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Exit:
-    """Why KVM_RUN returned. Subclasses carry the members of ``kvm_run`` for their exit reason."""
+    """Why KVM_RUN returned. Subclasses carry the members of ``kvm_run`` for their exit reason.
+
+    Exits are plain slotted records, built once per exit (cheap enough for the run loop); treat them as read-only.
+    """
 
     reason: ClassVar[int] = -1
 
@@ -145,7 +148,7 @@ class Exit:
         return type(self).__name__
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class IoExit(Exit):
     """KVM_EXIT_IO: a port access. ``data`` holds what an OUT wrote; answer an IN with :meth:`reply`."""
 
@@ -170,7 +173,7 @@ class IoExit(Exit):
         self._reply(data)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class MmioExit(Exit):
     """KVM_EXIT_MMIO: an access to guest-physical memory no memslot backs."""
 
@@ -181,21 +184,21 @@ class MmioExit(Exit):
     is_write: bool
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class HltExit(Exit):
     """KVM_EXIT_HLT: the guest executed HLT (no in-kernel local APIC)."""
 
     reason: ClassVar[int] = uapi.KVM_EXIT_HLT
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ShutdownExit(Exit):
     """KVM_EXIT_SHUTDOWN: a triple fault."""
 
     reason: ClassVar[int] = uapi.KVM_EXIT_SHUTDOWN
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class FailEntryExit(Exit):
     """KVM_EXIT_FAIL_ENTRY: the hardware (or vendor module) refused the VM entry."""
 
@@ -204,7 +207,7 @@ class FailEntryExit(Exit):
     cpu: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InternalErrorExit(Exit):
     """KVM_EXIT_INTERNAL_ERROR: KVM could not handle something (e.g. emulation failure)."""
 
@@ -213,7 +216,7 @@ class InternalErrorExit(Exit):
     data: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SystemEventExit(Exit):
     """KVM_EXIT_SYSTEM_EVENT: shutdown, reset, crash, ..."""
 
@@ -222,14 +225,14 @@ class SystemEventExit(Exit):
     data: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InterruptedExit(Exit):
     """KVM_RUN returned EINTR: ``immediate_exit`` was set or a signal was pending. The vCPU did not (re)enter."""
 
     reason: ClassVar[int] = uapi.KVM_EXIT_INTR
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class MsrExit(Exit):
     """KVM_EXIT_X86_RDMSR / WRMSR: a guest MSR access sent to userspace (KVM_CAP_X86_USER_SPACE_MSR)."""
 
@@ -251,17 +254,17 @@ class MsrExit(Exit):
         self._reply(1, self.data)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RdmsrExit(MsrExit):
     reason: ClassVar[int] = uapi.KVM_EXIT_X86_RDMSR
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WrmsrExit(MsrExit):
     reason: ClassVar[int] = uapi.KVM_EXIT_X86_WRMSR
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class OtherExit(Exit):
     """Any exit reason pykvm does not decode; ``exit_reason`` is the raw number."""
 
@@ -330,13 +333,14 @@ class Vcpu(_Closable, ABC):
     def set_sregs(self, sregs: uapi.kvm_sregs) -> None: ...
 
     @abstractmethod
-    def get_msrs(self, batch: MsrBatch) -> int:
-        """KVM_GET_MSRS: fill ``batch`` values in place; return the number of entries read (stops at the first
-        failure)."""
+    def get_msrs(self, batch: MsrBatch, strict: bool = False) -> int:
+        """KVM_GET_MSRS: fill ``batch`` values in place; return the number of entries read (the kernel stops at the
+        first failure). ``strict=True`` raises :class:`MsrReadError` on a short count instead."""
 
     @abstractmethod
-    def set_msrs(self, entries: MsrBatch | MsrItems) -> int:
-        """KVM_SET_MSRS: return the number of entries written; the kernel stops at the first refused entry."""
+    def set_msrs(self, entries: MsrBatch | MsrItems, strict: bool = False) -> int:
+        """KVM_SET_MSRS: return the number of entries written (the kernel stops at the first refused entry).
+        ``strict=True`` raises :class:`MsrWriteError` naming the refused MSR instead."""
 
     @abstractmethod
     def get_cpuid(self, max_entries: int = uapi.KVM_MAX_CPUID_ENTRIES) -> list[CpuidEntry]:
@@ -351,24 +355,26 @@ class Vcpu(_Closable, ABC):
         """The rule behind the last refusal of ``index``, where the backend knows it (the live kernel does not)."""
         return None
 
+    def short_write(self, batch: MsrBatch, done: int) -> MsrWriteError:
+        """The error a strict KVM_SET_MSRS raises when the kernel stopped at entry ``done``."""
+        index, value = batch[done]
+        return MsrWriteError("KVM_SET_MSRS", index, _msrs.name_of(index), done, len(batch), value,
+                             self.refusal_rule(index))
+
+    def short_read(self, batch: MsrBatch, done: int) -> MsrReadError:
+        """The error a strict KVM_GET_MSRS raises when the kernel stopped at entry ``done``."""
+        index, _ = batch[done]
+        return MsrReadError("KVM_GET_MSRS", index, _msrs.name_of(index), done, len(batch), None,
+                            self.refusal_rule(index))
+
     def write_msrs(self, entries: MsrBatch | MsrItems) -> None:
         """Write a batch; raise :class:`MsrWriteError` naming the first refused MSR, its value and position."""
-        batch = as_batch(entries)
-        done = self.set_msrs(batch)
-        if done != len(batch):
-            index, value = batch[done]
-            raise MsrWriteError(
-                "KVM_SET_MSRS", index, _msrs.name_of(index), done, len(batch), value, self.refusal_rule(index)
-            )
+        self.set_msrs(entries, strict=True)
 
     def read_msrs(self, msrs: Iterable[MsrSpec]) -> dict[int, int]:
         """Read MSRs by name or index; raise :class:`MsrReadError` naming the first refused MSR."""
-        batch = MsrBatch(list(msrs))
-        done = self.get_msrs(batch)
-        if done != len(batch):
-            index, _ = batch[done]
-            raise MsrReadError("KVM_GET_MSRS", index, _msrs.name_of(index), done, len(batch), None,
-                               self.refusal_rule(index))
+        batch = msrs if isinstance(msrs, MsrBatch) else MsrBatch(list(msrs))
+        self.get_msrs(batch, strict=True)
         return batch.to_dict()
 
     def read_msr(self, msr: MsrSpec) -> int:

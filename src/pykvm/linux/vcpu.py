@@ -29,11 +29,14 @@ from ..api import (
     WrmsrExit,
     as_batch,
 )
-from ..errors import KvmError
+from ..errors import ClosedError, KvmError
 from ._cpuid import decode_cpuid, encode_cpuid
 from ._ioctl import ioctl_buf, ioctl_int
 
 _KVM_RUN = uapi.KVM_RUN
+_KVM_GET_MSRS = uapi.KVM_GET_MSRS
+_KVM_SET_MSRS = uapi.KVM_SET_MSRS
+_fcntl_ioctl = fcntl.ioctl
 _EXIT = uapi.KVM_RUN_EXIT_OFFSET
 _IO = struct.Struct("<BBHIQ")
 _MMIO = struct.Struct("<Q8sIB")
@@ -64,10 +67,11 @@ class LinuxVcpu(Vcpu):
         if self._closed:
             return
         self._closed = True
+        fd, self._fd = self._fd, -1  # later ioctls fail with EBADF, reported as ClosedError
         self._u32.release()
         self._view.release()
         self._run.close()
-        os.close(self._fd)
+        os.close(fd)
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
@@ -92,14 +96,14 @@ class LinuxVcpu(Vcpu):
 
     def run(self) -> Exit:
         """KVM_RUN. Returns the exit, :class:`InterruptedExit` on EINTR (signal or ``immediate_exit``)."""
-        if self._closed:
-            self._check_open()
         try:
-            fcntl.ioctl(self._fd, _KVM_RUN)
+            _fcntl_ioctl(self._fd, _KVM_RUN)
         except OSError as e:
             if e.errno == errno.EINTR:
                 return _INTERRUPTED
-            raise KvmError(e.errno or 0, "KVM_RUN") from None
+            raise self._ioctl_error(e, "KVM_RUN") from None
+        except ValueError:  # fd -1: closed
+            raise ClosedError("this vCPU is closed") from None
         reason = self._u32[2]
         if reason == 2:  # KVM_EXIT_IO
             direction, size, port, count, offset = _IO.unpack_from(self._run, _EXIT)
@@ -158,14 +162,36 @@ class LinuxVcpu(Vcpu):
     def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
         ioctl_buf(self.fd, uapi.KVM_SET_SREGS, sregs)
 
-    # -- MSRs --
-    def get_msrs(self, batch: MsrBatch) -> int:
+    # -- MSRs: the hot paths call fcntl.ioctl directly on the preallocated batch buffer --
+    def get_msrs(self, batch: MsrBatch, strict: bool = False) -> int:
         """KVM_GET_MSRS: values land in ``batch``; returns how many entries the kernel read."""
-        return ioctl_buf(self.fd, uapi.KVM_GET_MSRS, batch.buffer)
+        try:
+            done: int = _fcntl_ioctl(self._fd, _KVM_GET_MSRS, batch.buffer, True)
+        except OSError as e:
+            raise self._ioctl_error(e, "KVM_GET_MSRS") from None
+        except ValueError:  # fd -1: closed
+            raise ClosedError("this vCPU is closed") from None
+        if strict and done != len(batch):
+            raise self.short_read(batch, done)
+        return done
 
-    def set_msrs(self, entries: MsrBatch | MsrItems) -> int:
+    def set_msrs(self, entries: MsrBatch | MsrItems, strict: bool = False) -> int:
         """KVM_SET_MSRS: returns how many entries the kernel wrote (it stops at the first refused one)."""
-        return ioctl_buf(self.fd, uapi.KVM_SET_MSRS, as_batch(entries).buffer)
+        batch = entries if type(entries) is MsrBatch else as_batch(entries)
+        try:
+            done: int = _fcntl_ioctl(self._fd, _KVM_SET_MSRS, batch.buffer, True)
+        except OSError as e:
+            raise self._ioctl_error(e, "KVM_SET_MSRS") from None
+        except ValueError:  # fd -1: closed
+            raise ClosedError("this vCPU is closed") from None
+        if strict and done != len(batch):
+            raise self.short_write(batch, done)
+        return done
+
+    def _ioctl_error(self, e: OSError, name: str) -> Exception:
+        if self._closed:
+            return ClosedError("this vCPU is closed")
+        return KvmError(e.errno or 0, name)
 
     # -- CPUID --
     def get_cpuid(self, max_entries: int = uapi.KVM_MAX_CPUID_ENTRIES) -> list[CpuidEntry]:

@@ -343,7 +343,7 @@ class ModelVcpu(Vcpu):
         return code
 
     # -- raw ioctls --
-    def get_msrs(self, batch: MsrBatch) -> int:
+    def get_msrs(self, batch: MsrBatch, strict: bool = False) -> int:
         self._check_open()
         n = len(batch)
         if n >= uapi.MAX_IO_MSRS:
@@ -355,10 +355,12 @@ class ModelVcpu(Vcpu):
             code, value = self._access_get(index)
             struct.pack_into("<Q", buf, off + 8, value if code == OK else 0)
             if code:
+                if strict:
+                    raise self.short_read(batch, i)
                 return i
         return n
 
-    def set_msrs(self, entries: MsrBatch | MsrItems) -> int:
+    def set_msrs(self, entries: MsrBatch | MsrItems, strict: bool = False) -> int:
         self._check_open()
         batch = as_batch(entries)
         n = len(batch)
@@ -366,6 +368,8 @@ class ModelVcpu(Vcpu):
             raise KvmError(errno.E2BIG, "KVM_SET_MSRS")
         for i, (index, _, data) in enumerate(_ENTRY.iter_unpack(memoryview(batch.buffer)[8 : 8 + 16 * n])):
             if self._do_set(index, data):
+                if strict:
+                    raise self.short_write(batch, i)
                 return i
         return n
 
