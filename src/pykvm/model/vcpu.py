@@ -327,6 +327,7 @@ class ModelVcpu(Vcpu):
         return M.VMX_FIRST <= index <= M.VMX_LAST or index in self.rules.immutable_generic
 
     def _do_set(self, index: int, data: int) -> int:
+        self._refusals.pop(index, None)  # the rule behind the last refusal only, not an older one
         rs = self.rules
         if rs.freeze and self.has_run and self._immutable(index):
             code, current = self._access_get(index)
