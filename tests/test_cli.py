@@ -69,3 +69,11 @@ def test_readme_api_example_runs_as_written(live: LinuxSystem, capsys: pytest.Ca
     out = capsys.readouterr().out.splitlines()
     assert out[1] == "HltExit()" and out[2] == "1", out
     assert out[3] == "KVM_SET_MSRS of MSR_PLATFORM_INFO (0xce) = 0x0 refused at position 0 of 1", out
+
+
+def test_readme_model_example_runs_as_written(capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", readme, re.S)[1]
+    exec(compile(block, "README.md", "exec"), {})
+    out = capsys.readouterr().out.strip()
+    assert out == "KVM: x86: Disallow writes to immutable feature MSRs after KVM_RUN (since 6.4, 0094f62c7eaa)", out
