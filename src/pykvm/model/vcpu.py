@@ -28,8 +28,11 @@ from ..api import (
     find_cpuid,
 )
 from ..errors import InvalidValueError, KvmError, PykvmError
+from ..program import Program
 from . import cpuid as C
 from . import vmx
+from .guest_exec import ProgramState
+from .guest_exec import run_program as run_guest_program
 from .rulesets import RULES
 
 if TYPE_CHECKING:
@@ -157,10 +160,23 @@ class ModelVcpu(Vcpu):
         for name, value in p.reset_regs.items():
             setattr(self._regs, name, value)
         self._runtime = C.RuntimeState(cr4=sregs.cr4, apic_base=sregs.apic_base)
+        self._program: ProgramState | None = None
 
     # -- plumbing --
     def close(self) -> None:
         self._closed = True
+
+    def attach_program(self, program: Program) -> None:
+        """Run ``program`` (pykvm.program) on the next KVM_RUNs: the model interprets its operations directly."""
+        self._check_open()
+        self._program = ProgramState(list(program.ops))
+
+    def limitation(self, message: str) -> ModelLimitation:
+        return ModelLimitation(message)
+
+    def _reply_msr(self, error: int, value: int) -> None:
+        if self._program is not None:
+            self._program.reply = (error, value)
 
     def refusal_rule(self, index: int) -> str | None:
         return self._refusals.get(index)
@@ -202,6 +218,8 @@ class ModelVcpu(Vcpu):
         if (lme and pg and (not pae or not lma)) or (not (lme and pg) and (lma or sregs.cs.l)):
             raise KvmError(errno.EINVAL, "KVM_SET_SREGS")
         self._sregs = uapi.kvm_sregs.from_buffer_copy(sregs)
+        if not sregs.cr0 & 1:
+            self._program = None  # back in real mode: run the code in guest memory again
         self._runtime.cr4 = sregs.cr4
         self._runtime.apic_base = sregs.apic_base
 
@@ -437,6 +455,8 @@ class ModelVcpu(Vcpu):
             self._regs.rax = (self._regs.rax & ~mask) | int.from_bytes(data[:size], "little")
             self._pending_in = None
             self._in_data = b""
+        if self._program is not None:
+            return run_guest_program(self, self._program)
         return self._interpret()
 
     def _reply_in(self, data: bytes) -> None:

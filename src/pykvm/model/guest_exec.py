@@ -1,0 +1,203 @@
+"""The model running guest programs (:mod:`pykvm.program`): guest-side MSR and CPUID semantics.
+
+Guest WRMSR/RDMSR follow ``kvm_emulate_msr_write``/``kvm_emulate_msr_read`` in x86.c (v6.18): the MSR filter first,
+then the handler with ``host_initiated`` false; a failure becomes a #GP, or an exit to userspace when
+``KVM_CAP_X86_USER_SPACE_MSR`` asks for that failure's reason (UNKNOWN for ``KVM_MSR_RET_UNSUPPORTED``, INVAL for
+other failures, FILTER for a filtered MSR). No immutability check applies to the guest (that rule is host-only).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .. import msrs as M
+from .. import program as P
+from .. import uapi
+from ..api import Exit, HltExit, IoExit, RdmsrExit, WrmsrExit, find_cpuid
+from . import cpuid as C
+from . import vmx
+
+if TYPE_CHECKING:
+    from .vcpu import ModelVcpu
+
+OK, FAIL, UNSUPPORTED = 0, 1, 2
+GP = 13
+MSR_EFER = 0xC0000080
+MSR_APIC_BASE = 0x1B
+
+
+@dataclass
+class ProgramState:
+    """Where a guest program is: the operation to run next, the loop being run, an MSR access awaiting userspace."""
+
+    ops: list[P.Op]
+    pc: int = 0
+    loop_body: tuple[P.Op, ...] = ()
+    loop_pc: int = 0
+    loop_left: int = 0
+    pending: tuple[bool, int, int] | None = None  # (write, index, data) sent to userspace
+    reply: tuple[int, int] | None = None  # (error, value) from userspace
+
+
+def filter_allows(vcpu: ModelVcpu, index: int, write: bool) -> bool:
+    """``kvm_msr_allowed``: the VM's MSR filter; with no filter every MSR is allowed."""
+    flags, ranges = vcpu.vm.msr_filter
+    if not ranges and flags == uapi.KVM_MSR_FILTER_DEFAULT_ALLOW:
+        return True
+    kind = uapi.KVM_MSR_FILTER_WRITE if write else uapi.KVM_MSR_FILTER_READ
+    for rflags, base, nmsrs, bitmap in ranges:
+        if rflags & kind and base <= index < base + nmsrs:
+            bit = index - base
+            return bool(bitmap[bit // 8] >> (bit % 8) & 1)
+    return not flags & uapi.KVM_MSR_FILTER_DEFAULT_DENY
+
+
+def guest_get(vcpu: ModelVcpu, index: int) -> tuple[int, int]:
+    p, rs = vcpu.profile, vcpu.rules
+    gated = UNSUPPORTED if rs.cpuid_gated_caps else FAIL
+    if M.VMX_FIRST <= index <= M.VMX_LAST:
+        if p.vendor != "vmx" or not p.nested_vmx:
+            return UNSUPPORTED, 0
+        value = vmx.read(vcpu._vmx, index)
+        return (OK, value) if vcpu._cpuid_has((1, 0, "ecx", 5)) and value is not None else (FAIL, 0)
+    if index == M.MSR_IA32_ARCH_CAPABILITIES:
+        return (OK, vcpu._msr[index]) if vcpu._cpuid_has((7, 0, "edx", 29)) else (gated, 0)
+    if index == M.MSR_IA32_PERF_CAPABILITIES:
+        return (OK, vcpu._msr[index]) if vcpu._cpuid_has((1, 0, "ecx", 15)) else (gated, 0)
+    if index == M.MSR_PLATFORM_INFO:
+        return (OK, vcpu._msr[index]) if vcpu.vm.platform_info_readable else (FAIL, 0)
+    if index == M.MSR_IA32_UCODE_REV:
+        return OK, vcpu._msr[index]
+    if index == M.MSR_AMD64_DE_CFG:
+        return (OK, vcpu._msr[index]) if p.vendor == "svm" else (UNSUPPORTED, 0)
+    if index == MSR_EFER:
+        return OK, vcpu._sregs.efer
+    if index == MSR_APIC_BASE:
+        return OK, vcpu._sregs.apic_base
+    b = p.msr_behaviour.get(index)
+    if b is None or not b.readable:
+        return UNSUPPORTED, 0
+    code, value = vcpu._get(index)
+    return (OK, value) if code == OK else (UNSUPPORTED, 0)
+
+
+def guest_set(vcpu: ModelVcpu, index: int, data: int) -> int:
+    p, rs = vcpu.profile, vcpu.rules
+    if M.VMX_FIRST <= index <= M.VMX_LAST:
+        return FAIL if p.vendor == "vmx" and p.nested_vmx else UNSUPPORTED  # "they are read-only"
+    if index == M.MSR_IA32_UCODE_REV:
+        return OK  # guest writes are dropped: only userspace emulates a microcode load
+    if index == M.MSR_IA32_ARCH_CAPABILITIES:
+        return UNSUPPORTED if rs.cpuid_gated_caps else FAIL
+    if index == M.MSR_IA32_PERF_CAPABILITIES:
+        return UNSUPPORTED
+    if index == M.MSR_PLATFORM_INFO:
+        return FAIL
+    if index == M.MSR_AMD64_DE_CFG:
+        if p.vendor != "svm":
+            return UNSUPPORTED
+        if data & ~p.feature_msrs.get(index, 0):  # 4d5163cba43f: the guest may write any supported subset
+            return FAIL
+        vcpu._msr[index] = data
+        return OK
+    b = p.msr_behaviour.get(index)
+    if b is None:
+        return UNSUPPORTED
+    return FAIL if vcpu._set(index, data) else OK
+
+
+def guest_cpuid(vcpu: ModelVcpu, leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+    """``kvm_cpuid``: the vCPU's stored CPUID (runtime bits applied); a missing leaf reads as zeros, except that
+    Intel guests get the highest basic leaf for basic leaves above the maximum."""
+    entries = C.runtime_update(vcpu._cpuid, vcpu._runtime, vcpu.profile)
+    e = find_cpuid(entries, leaf, subleaf)
+    if e is None:
+        vendor = find_cpuid(entries, 0)
+        if vendor is not None and vendor.ebx == 0x756E6547 and leaf < 0x40000000 and leaf > vendor.eax:
+            e = find_cpuid(entries, vendor.eax, subleaf)
+    return (e.eax, e.ebx, e.ecx, e.edx) if e is not None else (0, 0, 0, 0)
+
+
+def _report(vcpu: ModelVcpu, tag: int, index: int, payload: bytes = b"") -> Exit:
+    vcpu.vm.write_memory(P.MAILBOX + 4, struct.pack("<I", index) + payload)
+    return IoExit(uapi.KVM_EXIT_IO_OUT, 1, P.REPORT_PORT, 1, bytes([tag]))
+
+
+def _exception(vcpu: ModelVcpu, vector: int, error_code: int) -> Exit:
+    return _report(vcpu, P.TAG_EXCEPTION, vector, struct.pack("<Q", error_code))
+
+
+def _msr_outcome(vcpu: ModelVcpu, state: ProgramState, write: bool, index: int, data: int) -> Exit:
+    """Finish a guest RDMSR/WRMSR: report its result, a #GP, or exit to userspace."""
+    vm = vcpu.vm
+    if not filter_allows(vcpu, index, write):
+        code, value, reason = -1, 0, uapi.KVM_MSR_EXIT_REASON_FILTER
+    elif write:
+        code, value = guest_set(vcpu, index, data), 0
+        reason = uapi.KVM_MSR_EXIT_REASON_UNKNOWN if code == UNSUPPORTED else uapi.KVM_MSR_EXIT_REASON_INVAL
+    else:
+        code, value = guest_get(vcpu, index)
+        reason = uapi.KVM_MSR_EXIT_REASON_UNKNOWN if code == UNSUPPORTED else uapi.KVM_MSR_EXIT_REASON_INVAL
+    if code == UNSUPPORTED and vcpu.profile.ignore_msrs:
+        code, value = OK, 0
+    if code == OK:
+        return _msr_done(vcpu, write, index, value)
+    if vm.user_space_msr & reason:
+        state.pending = (write, index, data)
+        cls = WrmsrExit if write else RdmsrExit
+        return cls(index, data if write else 0, reason, vcpu._reply_msr)
+    return _exception(vcpu, GP, 0)
+
+
+def _msr_done(vcpu: ModelVcpu, write: bool, index: int, value: int) -> Exit:
+    if write:
+        return _report(vcpu, P.TAG_WRMSR, index)
+    return _report(vcpu, P.TAG_RDMSR, index, struct.pack("<Q", value))
+
+
+def _next_op(state: ProgramState) -> P.Op | None:
+    if state.loop_left:
+        op = state.loop_body[state.loop_pc]
+        state.loop_pc += 1
+        if state.loop_pc == len(state.loop_body):
+            state.loop_pc = 0
+            state.loop_left -= 1
+        return op
+    if state.pc >= len(state.ops):
+        return None
+    op = state.ops[state.pc]
+    state.pc += 1
+    if isinstance(op, P.LoopOp):
+        state.loop_body, state.loop_pc, state.loop_left = op.body, 0, op.count
+        return _next_op(state) if op.body else None
+    return op
+
+
+def run_program(vcpu: ModelVcpu, state: ProgramState) -> Exit:
+    """Run the program from where it stopped to its next exit."""
+    if state.pending is not None:
+        write, index, data = state.pending
+        error, value = state.reply if state.reply is not None else (0, 0)
+        state.pending = state.reply = None
+        if error:
+            return _exception(vcpu, GP, 0)
+        return _msr_done(vcpu, write, index, value)
+    while True:
+        op = _next_op(state)
+        if op is None:
+            raise vcpu.limitation("the guest program ran past its end without a HLT")
+        if isinstance(op, P.SetReg):
+            setattr(vcpu._regs, op.register, op.value)
+        elif isinstance(op, P.RdmsrOp):
+            return _msr_outcome(vcpu, state, False, op.index, 0)
+        elif isinstance(op, P.WrmsrOp):
+            return _msr_outcome(vcpu, state, True, op.index, op.value)
+        elif isinstance(op, P.CpuidOp):
+            a, b, c, d = guest_cpuid(vcpu, op.leaf, op.subleaf)
+            return _report(vcpu, P.TAG_CPUID, op.leaf, struct.pack("<IIII", a, b, c, d))
+        elif isinstance(op, P.OutOp):
+            return IoExit(uapi.KVM_EXIT_IO_OUT, 1, op.port, 1, bytes([op.value]))
+        elif isinstance(op, P.HltOp):
+            return HltExit()

@@ -1,0 +1,25 @@
+"""The Python examples run as documented."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+from pykvm.linux import LinuxSystem
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "guest_arch_caps.py"
+
+
+def test_guest_arch_caps_on_live_kernel(live: LinuxSystem, capsys: pytest.CaptureFixture[str]) -> None:
+    runpy.run_path(str(EXAMPLE))["main"]("linux")
+    assert "raised #GP" in capsys.readouterr().out
+
+
+def test_guest_arch_caps_on_intel_model(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", [str(EXAMPLE), "model", "intel-spr"])
+    runpy.run_path(str(EXAMPLE))["main"]("model", "intel-spr")
+    out = capsys.readouterr().out
+    assert "guest read IA32_ARCH_CAPABILITIES = 0x400000000c08e0eb" in out and "  RDCL_NO" in out, out

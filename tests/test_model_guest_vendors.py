@@ -1,0 +1,57 @@
+"""Guest-side rules the live kernel here cannot show, on the model with the derived Intel profile:
+the guest parts of vmx_pmu_caps_test and platform_info_test."""
+
+from __future__ import annotations
+
+import pykvm
+from pykvm import uapi
+from pykvm.program import GuestException, Halted, Program, Rdmsr, run_program
+
+PERF_CAP, PLATFORM_INFO, ARCH_CAP = 0x345, 0xCE, 0x10A
+GP = GuestException(13, 0)
+
+
+def intel() -> pykvm.System:
+    return pykvm.open("model", profile="intel-spr", kernel="6.18")
+
+
+def test_guest_wrmsr_perf_capabilities() -> None:
+    # vmx_pmu_caps_test guest_wrmsr_perf_capabilities: the host sets the full caps; the guest reads them and gets #GP
+    # writing the current value, 0, and each single-bit flip.
+    with intel() as kvm, kvm.create_vm() as vm:
+        caps = kvm.read_feature_msrs([PERF_CAP])[PERF_CAP]
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        vcpu.write_msr(PERF_CAP, caps)
+        prog = Program().rdmsr(PERF_CAP).wrmsr(PERF_CAP, caps).wrmsr(PERF_CAP, 0)
+        for bit in range(64):
+            prog.wrmsr(PERF_CAP, caps ^ 1 << bit)
+        events = run_program(vm, vcpu, prog.hlt())
+        assert events[0] == Rdmsr(PERF_CAP, caps), f"the guest reads the host's PERF_CAPABILITIES, saw {events[0]}"
+        assert events[1:-1] == [GP] * 66, "every guest WRMSR of PERF_CAPABILITIES #GPs"
+        assert events[-1] == Halted()
+        # After the run: same value accepted, 0 and every single-bit flip refused (host side).
+        assert vcpu.set_msrs({PERF_CAP: caps}) == 1
+        assert vcpu.set_msrs({PERF_CAP: 0}) == 0
+        for bit in range(64):
+            assert vcpu.set_msrs({PERF_CAP: caps ^ 1 << bit}) == 0, f"PERF_CAP bit {bit} flipped after KVM_RUN"
+
+
+def test_platform_info_guest_read() -> None:
+    with intel() as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        vcpu.write_msr(PLATFORM_INFO, 0x80000000 | 0xFF00)
+        assert run_program(vm, vcpu, Program().rdmsr(PLATFORM_INFO).hlt()) == [Rdmsr(PLATFORM_INFO, 0x8000FF00),
+                                                                               Halted()]
+        vm.enable_cap(uapi.KVM_CAP_MSR_PLATFORM_INFO, 0)
+        assert run_program(vm, vcpu, Program().rdmsr(PLATFORM_INFO).hlt()) == [GP, Halted()]
+
+
+def test_guest_reads_arch_capabilities_with_the_cpuid_bit() -> None:
+    with intel() as kvm, kvm.create_vm() as vm:
+        value = kvm.read_feature_msrs([ARCH_CAP])[ARCH_CAP]
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        events = run_program(vm, vcpu, Program().rdmsr(ARCH_CAP).wrmsr(ARCH_CAP, value).hlt())
+        assert events == [Rdmsr(ARCH_CAP, value), GP, Halted()], events
