@@ -21,6 +21,7 @@ from pykvm.errors import KvmError
 from pykvm.linux import LinuxSystem
 from pykvm.model import open_model
 from pykvm.model.profile import load
+from pykvm.program import Program, run_program
 
 PROFILE = load("pvm-6.18")
 SUPPORTED = PROFILE.supported_cpuid
@@ -73,6 +74,13 @@ class SetCr4(Op):
     cr4: int
 
 
+@dataclass(frozen=True)
+class Guest(Op):
+    """A guest program reading and writing feature MSRs and running CPUID."""
+
+    accesses: tuple[tuple[str, int, int], ...]  # (rdmsr|wrmsr|cpuid, msr or leaf, value)
+
+
 vcpu_ids = st.integers(0, 1)
 values = st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 0x80000000, 0x8000FF00, 0x1000065, 2**64 - 1]))
 # Feature MSRs are what the rules are about: draw them half the time.
@@ -88,6 +96,9 @@ ops = st.one_of(
     st.builds(Run, vcpu_ids, st.booleans()),
     st.builds(GetCpuid, vcpu_ids),
     st.builds(SetCr4, vcpu_ids, st.sampled_from([0, 1 << 18, 1 << 22, 1 << 18 | 1 << 22])),
+    st.builds(Guest, vcpu_ids, st.lists(st.tuples(st.sampled_from(["rdmsr", "wrmsr", "cpuid"]),
+                                                  st.sampled_from([*FEATURE, 0, 1, 7]), values),
+                                        min_size=1, max_size=5).map(tuple)),
 )
 
 
@@ -135,6 +146,17 @@ def apply(vm: Vm, vcpus: dict[int, Vcpu], op: Op) -> Any:
             return vcpu.run().name
         if isinstance(op, GetCpuid):
             return [e.to_dict() for e in vcpu.get_cpuid()]
+        if isinstance(op, Guest):
+            prog = Program()
+            for kind, target, value in op.accesses:
+                if kind == "cpuid":
+                    prog.cpuid(target)
+                elif kind == "rdmsr":
+                    prog.rdmsr(target if target in FEATURE else FEATURE[target % 4])
+                else:
+                    prog.wrmsr(target if target in FEATURE else FEATURE[target % 4], value)
+            vcpu.immediate_exit = False
+            return run_program(vm, vcpu, prog.hlt())
         if isinstance(op, SetCr4):
             sregs = vcpu.get_sregs()
             sregs.cr4 = op.cr4
@@ -147,7 +169,7 @@ def apply(vm: Vm, vcpus: dict[int, Vcpu], op: Op) -> Any:
 
 def play(system: System, sequence: list[Op]) -> list[Any]:
     with system.create_vm() as vm:
-        guest.ensure_memory(vm)
+        guest.ensure_memory(vm, 0x200000)
         vm.write_memory(guest.DEFAULT_ENTRY, guest.HLT)
         vcpus: dict[int, Vcpu] = {}
         return [apply(vm, vcpus, op) for op in sequence]

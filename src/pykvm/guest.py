@@ -21,10 +21,15 @@ def ensure_memory(vm: Vm, size: int = DEFAULT_MEMORY) -> None:
 
 
 def setup_real_mode(vcpu: Vcpu, entry: int = DEFAULT_ENTRY) -> None:
-    """Point the vCPU at ``entry`` in 16-bit real mode (CS base 0), with RFLAGS at its reset value."""
+    """Point the vCPU at ``entry`` in 16-bit real mode (CS base 0, paging and long mode off), RFLAGS at reset."""
     sregs = vcpu.get_sregs()
-    sregs.cs.base = 0
-    sregs.cs.selector = 0
+    for seg in (sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+        seg.base, seg.selector, seg.limit, seg.present, seg.s, seg.l, seg.db, seg.g, seg.dpl = 0, 0, 0xFFFF, 1, 1, 0, 0, 0, 0
+        seg.type = 3
+    sregs.cs.type = 11
+    sregs.cr0 &= ~(1 << 0 | 1 << 31)  # PE, PG
+    sregs.cr4 = 0
+    sregs.efer = 0
     vcpu.set_sregs(sregs)
     regs = vcpu.get_regs()
     regs.rip = entry

@@ -21,15 +21,15 @@ from . import uapi
 from .api import Exit, HltExit, IoExit, MsrExit, RdmsrExit, Vcpu, Vm, WrmsrExit
 from .errors import InvalidValueError
 
-# --- guest memory layout (guest-physical = guest-virtual) -------------------------------------------------------------
+# --- guest memory layout (guest-physical = guest-virtual), clear of the low 64 KB that real-mode guests use ---------
 MEMORY_SIZE = 0x200000
-GDT = 0x1000
-PML4, PDPT, PD = 0x2000, 0x3000, 0x4000
-IDT = 0x5000
-MAILBOX = 0x6000  # +0 tag (u32) +4 index/vector (u32) +8 .. +24: values
-RESUME = 0x6100  # where an exception handler resumes: the next operation
-STUBS = 0x7000
-CODE = 0x10000
+GDT = 0x20000
+PML4, PDPT, PD = 0x21000, 0x22000, 0x23000
+IDT = 0x24000
+MAILBOX = 0x25000  # +0 tag (u32) +4 index/vector (u32) +8 .. +24: values
+RESUME = 0x25100  # where an exception handler resumes: the next operation
+STUBS = 0x26000
+CODE = 0x30000
 STACK_TOP = 0x80000
 REPORT_PORT = 0xF0
 
