@@ -70,7 +70,10 @@ def parse_text(text: str, where: str) -> Node:
             json.loads(text)
         except json.JSONDecodeError as e:
             raise ScenarioError(f"{where}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as e:  # e.g. a control character: the reader refuses the text before parsing
+        raise ScenarioError(f"{where}: not valid YAML: {e}") from None
     try:
         root = loader.get_single_node()
         if root is None:
@@ -81,6 +84,8 @@ def parse_text(text: str, where: str) -> Node:
         raise ScenarioError(f"{where}:{line}: not valid YAML: {e.problem}") from None
     except yaml.YAMLError as e:
         raise ScenarioError(f"{where}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ScenarioError(f"{where}: nested too deeply") from None
     finally:
         loader.dispose()
 

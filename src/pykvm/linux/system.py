@@ -29,15 +29,30 @@ def open_system(path: str = DEFAULT_PATH) -> LinuxSystem:
             "(load kvm_intel, kvm_amd or your vendor module, or run where hardware virtualization is exposed)",
         ) from None
     except PermissionError:
-        raise KvmUnavailableError(
-            path,
-            "permission",
-            f"{path} exists but this user may not open it read-write: add the user to the group that owns it "
-            "(usually 'kvm': sudo usermod -aG kvm $USER, then log in again) or run as root",
-        ) from None
+        raise KvmUnavailableError(path, "permission", _permission_message(path)) from None
     except OSError as e:
         raise KvmUnavailableError(path, "error", f"cannot open {path}: {e.strerror}") from None
     return LinuxSystem(fd, path)
+
+
+def _permission_message(path: str) -> str:
+    import grp
+    import pwd
+    import stat
+
+    try:
+        st = os.stat(path)
+        owner = pwd.getpwuid(st.st_uid).pw_name
+        group = grp.getgrgid(st.st_gid).gr_name
+        where = f" (mode {stat.filemode(st.st_mode)}, owner {owner}:{group})"
+    except (OSError, KeyError):
+        group, where = "kvm", ""
+    who = f"uid {os.getuid()}"
+    if group != "root":
+        fix = f"add the user to group '{group}' (sudo usermod -aG {group} $USER, then log in again) or run as root"
+    else:
+        fix = "run as root, or have the administrator give /dev/kvm to a 'kvm' group with mode 0660 (udev rule)"
+    return f"{path} exists but this user ({who}) may not open it read-write{where}: {fix}"
 
 
 class LinuxSystem(System):

@@ -1,0 +1,185 @@
+"""Faults, concurrency and resources on the live kernel: nothing crashes, nothing leaks, nothing is lost."""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import signal
+import threading
+import time
+
+import pytest
+
+from pykvm import guest
+from pykvm.api import CpuidEntry, HltExit, InterruptedExit, IoExit
+from pykvm.errors import ClosedError, InvalidValueError, KvmError
+from pykvm.linux import LinuxSystem
+
+# out 0x10, al; jmp $-2 : a guest that exits forever
+PIO_LOOP = bytes([0xE6, 0x10, 0xEB, 0xFC])
+# jmp $ : a guest that never exits on its own
+SPIN = bytes([0xEB, 0xFE])
+
+
+@pytest.fixture
+def kick_signal() -> object:
+    previous = signal.signal(signal.SIGUSR1, lambda *a: None)
+    yield signal.SIGUSR1
+    signal.signal(signal.SIGUSR1, previous)
+
+
+def test_threads_run_vcpus_concurrently_while_another_kicks_them(live: LinuxSystem, kick_signal: object) -> None:
+    """One thread per vCPU, each taking thousands of exits, while a third thread kicks them with a signal."""
+    n_vcpus, exits_each = 2, 5000
+    with live.create_vm() as vm:
+        guest.ensure_memory(vm)
+        vm.write_memory(guest.DEFAULT_ENTRY, PIO_LOOP)
+        vcpus = [vm.create_vcpu(i) for i in range(n_vcpus)]
+        for v in vcpus:
+            guest.setup_real_mode(v)
+        counts = [{"io": 0, "interrupted": 0, "other": 0} for _ in vcpus]
+        tids: list[int] = [0] * n_vcpus
+        errors: list[BaseException] = []
+        started = threading.Barrier(n_vcpus + 1)
+
+        def worker(i: int) -> None:
+            tids[i] = threading.get_ident()
+            started.wait()
+            try:
+                while counts[i]["io"] < exits_each:
+                    e = vcpus[i].run()
+                    key = "io" if isinstance(e, IoExit) and e.port == 0x10 else \
+                        "interrupted" if isinstance(e, InterruptedExit) else "other"
+                    counts[i][key] += 1
+            except BaseException as e:  # reported below, with the vCPU
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_vcpus)]
+        for t in threads:
+            t.start()
+        started.wait()
+        kicks = 0
+        while any(t.is_alive() for t in threads):
+            for i, t in enumerate(threads):
+                if t.is_alive():
+                    signal.pthread_kill(tids[i], signal.SIGUSR1)
+                    kicks += 1
+            time.sleep(0.002)
+        for t in threads:
+            t.join()
+    assert not errors, f"vCPU threads raised: {errors!r}"
+    for i, c in enumerate(counts):
+        assert c["io"] == exits_each and c["other"] == 0, f"vCPU {i}: expected {exits_each} IO exits only, saw {c}"
+    assert kicks > 0
+    assert sum(c["interrupted"] for c in counts) > 0, f"no kick interrupted a run ({kicks} kicks sent): {counts}"
+
+
+def test_kick_a_spinning_vcpu_from_another_thread(live: LinuxSystem, kick_signal: object) -> None:
+    with live.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        guest.load_real_mode(vm, vcpu, SPIN)
+        me = threading.get_ident()
+        timer = threading.Timer(0.05, signal.pthread_kill, (me, signal.SIGUSR1))
+        timer.start()
+        assert isinstance(vcpu.run(), InterruptedExit), "a kicked KVM_RUN returns an interrupted exit"
+        timer.join()
+        # The vCPU keeps working: it entered the guest, so its model is frozen (live: counted as a run).
+        assert vcpu.set_msrs({0xCE: 0}) == 0, "a signal that arrives inside the guest still counts as a run"
+        guest.load_real_mode(vm, vcpu, guest.HLT)
+        assert isinstance(vcpu.run(), HltExit)
+
+
+def test_errnos_are_typed_and_name_the_ioctl(live: LinuxSystem) -> None:
+    with live.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        sregs = vcpu.get_sregs()
+        sregs.efer = 1 << 10  # LMA without LME and paging
+        with pytest.raises(KvmError) as info:
+            vcpu.set_sregs(sregs)
+        assert (info.value.errno, info.value.ioctl) == (errno.EINVAL, "KVM_SET_SREGS")
+        with pytest.raises(KvmError) as info:
+            vm.set_user_memory_region(0, 0, 0, 0x1000, 0x1001)  # unaligned host address
+        assert (info.value.errno, info.value.ioctl) == (errno.EINVAL, "KVM_SET_USER_MEMORY_REGION")
+        with pytest.raises(KvmError) as info:
+            vm.enable_cap(0x7FFF)
+        assert (info.value.errno, info.value.ioctl) == (errno.EINVAL, "KVM_ENABLE_CAP")
+        vcpu.set_cpuid([CpuidEntry(0)])
+        with pytest.raises(KvmError) as info:
+            vcpu.get_cpuid(max_entries=0)
+        assert (info.value.errno, info.value.ioctl) == (errno.E2BIG, "KVM_GET_CPUID2")
+
+
+def test_refused_memory_regions_change_nothing(live: LinuxSystem) -> None:
+    with live.create_vm() as vm:
+        vm.add_memory(0, 0x10000)
+        before = list(vm.regions)
+        for args in ((0x8000, 0x10000), (0x20001, 0x1000), (0x30000, 0), (0x40000, 0x1001), (-0x1000, 0x1000)):
+            with pytest.raises(InvalidValueError):
+                vm.add_memory(*args)
+        assert vm.regions == before, "a refused region must not be added"
+        vm.write_memory(0x100, b"ok")
+        assert vm.read_memory(0x100, 2) == b"ok"
+
+
+def test_vm_closed_under_live_vcpu_and_use_after_close(live: LinuxSystem) -> None:
+    vm = live.create_vm()
+    vcpu = vm.create_vcpu(0)
+    guest.load_real_mode(vm, vcpu, guest.HLT)
+    vm.close()
+    for call in (vcpu.run, vcpu.get_regs, lambda: vcpu.set_msrs({0x8B: 1}), lambda: vm.read_memory(0, 1),
+                 lambda: vm.create_vcpu(1), lambda: vcpu.get_cpuid()):
+        with pytest.raises(ClosedError):
+            call()
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def test_create_run_close_cycles_keep_fds_and_memory_flat(live: LinuxSystem) -> None:
+    """1000 cycles here; `python benchmarks/soak.py 10000` runs the full count (figures in docs/reliability.md)."""
+
+    def cycle() -> None:
+        with live.create_vm() as vm:
+            vcpu = vm.create_vcpu(0)
+            assert isinstance(guest.run_to_hlt(vm, vcpu), HltExit)
+
+    for _ in range(200):  # warm-up: allocator pools, caches
+        cycle()
+    fds, rss = len(os.listdir("/proc/self/fd")), _rss_kb()
+    for _ in range(1000):
+        cycle()
+    assert len(os.listdir("/proc/self/fd")) == fds, "file descriptors leaked over 1000 VM cycles"
+    grown = _rss_kb() - rss
+    assert grown < 2048, f"resident memory grew by {grown} KiB over 1000 VM cycles"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
+
+
+def test_unprivileged_user_gets_the_permission_message() -> None:
+    """Runs the binding as uid 65534 (nobody); the core is stdlib only, so the system Python is enough."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    python, setpriv = Path("/usr/bin/python3"), shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None or not python.exists():
+        pytest.skip("needs root, setpriv and /usr/bin/python3 to switch to an unprivileged user")
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("needs /dev/kvm (the message under test is about permission, not absence)")
+    src = Path(__file__).parent.parent / "src"
+    tmp = Path(tempfile.mkdtemp(prefix="pykvm-nobody-"))  # pytest's tmp_path is private to root
+    dest = tmp / "src"
+    shutil.copytree(src, dest)
+    for p in [tmp, *tmp.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import pykvm.linux as L\n"
+            "try:\n    L.open_system()\nexcept Exception as e:\n    print(type(e).__name__, e.reason, e)\n")
+    out = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", str(python), "-c", code,
+                          str(dest)], capture_output=True, text=True, cwd="/", check=True).stdout
+    shutil.rmtree(tmp)
+    if "permission" not in out and os.stat("/dev/kvm").st_mode & 0o006 == 0o006:
+        pytest.skip("/dev/kvm is world read-write here")
+    assert out.startswith("KvmUnavailableError permission /dev/kvm exists but this user (uid 65534)"), out
