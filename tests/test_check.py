@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from pykvm.check import outcome_text, replay
 from pykvm.cli import main
+from pykvm.errors import ScenarioError
 from pykvm.linux import LinuxSystem
 from pykvm.model import open_model
 from pykvm.scenario import load, parse
@@ -138,3 +139,27 @@ steps:
     report = replay(s, open_model())
     assert report.ok, [(r.summary, r.expected, r.met) for r in report.steps]
     assert report.steps[3].refusal and report.steps[3].refusal.index == 0xCE
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_streamed_scenario_equals_loaded(path: Path) -> None:
+    from pykvm.scenario import stream
+
+    loaded = load(path)
+    s = stream(path)
+    assert (s.header.name, s.header.kernel, s.header.profile) == (loaded.name, loaded.kernel, loaded.profile)
+    assert list(s.steps) == loaded.steps
+
+
+def test_streamed_errors_name_the_line(tmp_path: Path) -> None:
+    from pykvm.scenario import stream
+
+    f = tmp_path / "s.yaml"
+    f.write_text("scenario: 1\nsteps:\n  - create_vcpu: 0\n  - run: {vcpu: x}\n")
+    steps = stream(f).steps
+    next(steps)
+    with pytest.raises(ScenarioError, match=r"s.yaml:4: steps\[1\].run.vcpu"):
+        next(steps)
+    f.write_text("steps:\n  - create_vcpu: 0\nscenario: 1\n")
+    with pytest.raises(ScenarioError, match="scenario: missing before steps"):
+        stream(f)

@@ -8,6 +8,7 @@ so instead of guessing.
 from __future__ import annotations
 
 import errno as _errno
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -292,13 +293,19 @@ def judge(e: Expect, r: StepResult) -> tuple[str, bool]:
     return ", ".join(parts), bool(ok)
 
 
-def replay(scenario: Scenario, system: System, shadow_system: System | None = None) -> Report:
-    """Play every step of ``scenario`` on ``system`` (a fresh VM) and report."""
+def replay_iter(steps: Iterable[Step], system: System, shadow_system: System | None = None) -> Iterator[StepResult]:
+    """Play ``steps`` on ``system`` (a fresh VM), yielding each result as it happens (constant memory)."""
     player = Replayer(system, Replayer(shadow_system) if shadow_system is not None else None)
     try:
-        steps = [player.play(n, s) for n, s in enumerate(scenario.steps)]
+        for n, s in enumerate(steps):
+            yield player.play(n, s)
     finally:
         player.close()
+
+
+def replay(scenario: Scenario, system: System, shadow_system: System | None = None) -> Report:
+    """Play every step of ``scenario`` on ``system`` (a fresh VM) and report."""
+    steps = list(replay_iter(scenario.steps, system, shadow_system))
     return Report(scenario.name, scenario.path, system.backend, system.describe(), steps)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any, NoReturn
 
@@ -243,36 +244,52 @@ def _diff_marks(old: int, new: int) -> str:
 
 
 def _print_report(console: Console, report: Any) -> None:
-    from .check import Report
-
-    assert isinstance(report, Report)
     console.print(f"[bold]{report.scenario}[/] ({report.path}) on {report.description}", highlight=False)
+    _print_steps(console, report)
+    _print_verdict(console, report.ok)
+
+
+_STYLE_TAGS = re.compile(r"\[(?:/|(?:bold )?(?:green|red|yellow)|bold|dim)\]")
+
+
+def _emit(console: Console, markup: str) -> None:
+    """One line of a report: styled on a terminal, plain (and fast) otherwise."""
+    if console.is_terminal:
+        console.print(markup, highlight=False)
+    else:
+        sys.stdout.write(_STYLE_TAGS.sub("", markup) + "\n")
+
+
+def _print_verdict(console: Console, ok: bool) -> None:
+    verdict = "[bold green]OK[/]: every step did what it expected" if ok else \
+        "[bold red]FAILED[/]: a step did not do what it expected (or was refused without an expectation)"
+    console.print(verdict, highlight=False)
+
+
+def _print_steps(console: Console, report: Any) -> None:
     for s in report.steps:
         mark = {True: "[green]✓[/]", False: "[red]✗[/]", None: " "}[s.met]
         colour = {"accepted": "green", "ok": "green", "refused": "yellow", "error": "red"}[s.outcome]
         label = f" ({s.label})" if s.label else ""
-        console.print(f"{mark} [{s.number}] line {s.line:<3} {s.kind} vCPU {s.vcpu}{label}: "
-                      f"[{colour}]{s.outcome.upper()}[/] {s.summary}", highlight=False)
+        _emit(console, f"{mark} [{s.number}] line {s.line:<3} {s.kind} vCPU {s.vcpu}{label}: "
+                      f"[{colour}]{s.outcome.upper()}[/] {s.summary}")
         r = s.refusal
         if r is not None:
             old = "unreadable" if r.old is None else f"0x{r.old:016x}"
-            console.print(f"      {r.name} (0x{r.index:x}) at position {r.position}", highlight=False)
-            console.print(f"      old {old}\n      new 0x{r.new:016x}", highlight=False)
+            _emit(console, f"      {r.name} (0x{r.index:x}) at position {r.position}")
+            _emit(console, f"      old {old}\n      new 0x{r.new:016x}")
             if r.old is not None and r.differing:
                 bits = [b for b in range(64) if r.differing >> b & 1]
                 shown = ", ".join(map(str, bits[:12])) + (" ..." if len(bits) > 12 else "")
-                console.print(f"          {_diff_marks(r.old, r.new)}  bits differing: {shown}", highlight=False)
+                _emit(console, f"          {_diff_marks(r.old, r.new)}  bits differing: {shown}")
             elif r.old is not None:
-                console.print("          (same value as before)", highlight=False)
-            console.print(f"      rule: {r.rule or 'not known (the live kernel does not say why)'}", highlight=False)
-            console.print(f"      hint: {r.hint}", highlight=False)
+                _emit(console, "          (same value as before)")
+            _emit(console, f"      rule: {r.rule or 'not known (the live kernel does not say why)'}")
+            _emit(console, f"      hint: {r.hint}")
         for note in s.notes:
-            console.print(f"      {note}", highlight=False)
+            _emit(console, f"      {note}")
         if s.expected:
-            console.print(f"      expected: {s.expected} -> {'met' if s.met else '[red]NOT met[/]'}", highlight=False)
-    verdict = "[bold green]OK[/]: every step did what it expected" if report.ok else \
-        "[bold red]FAILED[/]: a step did not do what it expected (or was refused without an expectation)"
-    console.print(verdict, highlight=False)
+            _emit(console, f"      expected: {s.expected} -> {'met' if s.met else '[red]NOT met[/]'}")
 
 
 @main.command()
@@ -299,12 +316,18 @@ def check(scenario_file: str, backend: str, kernel: str | None, profile: str | N
     """
     import pykvm
 
-    from .check import compare, replay
+    from .check import compare, replay, replay_iter
     from .model import open_model
-    from .scenario import load
+    from .scenario import load, stream
 
+    # YAML tables are printed step by step, in constant memory; JSON files are read whole (line-located errors).
+    streaming = not as_json and not compare_kernels and not scenario_file.endswith(".json")
     try:
-        scenario = load(scenario_file)
+        if streaming:
+            opened = stream(scenario_file)
+            scenario = opened.header
+        else:
+            scenario = load(scenario_file)
     except PykvmError as e:
         fail(str(e), EXIT_USAGE)
     if backend == "model":
@@ -340,6 +363,17 @@ def check(scenario_file: str, backend: str, kernel: str | None, profile: str | N
         else:
             system, shadow = open_model(kernel=kernel, profile=profile), None
         with system:
+            if streaming:
+                from .check import Report
+
+                console.print(f"[bold]{scenario.name}[/] ({scenario.path}) on {system.describe()}", highlight=False)
+                ok = True
+                for result in replay_iter(opened.steps, system, shadow):
+                    one = Report(scenario.name, scenario.path, system.backend, "", [result])
+                    _print_steps(console, one)
+                    ok = ok and one.ok
+                _print_verdict(console, ok)
+                sys.exit(EXIT_OK if ok else EXIT_FAILED)
             report = replay(scenario, system, shadow)
     except KvmUnavailableError as e:
         fail(str(e), EXIT_NO_KVM)

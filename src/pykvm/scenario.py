@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno as _errno
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ class Node:
         self.line = line
 
 
-def _convert(node: yaml.Node, loader: yaml.SafeLoader) -> Node:
+def _convert(node: yaml.Node, loader: Any) -> Node:
     line = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Node] = {}
@@ -398,3 +399,124 @@ def load(path: str | Path) -> Scenario:
     except UnicodeDecodeError:
         raise ScenarioError(f"{path}: not a text file") from None
     return parse(text, str(path))
+
+
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available: ~10x faster
+
+
+def _event(loader: Any) -> None:
+    loader.get_event()
+
+
+def _compose(loader: Any) -> yaml.Node:
+    """The next whole node, built from events (works with libyaml's loader, which has no per-node composer)."""
+    ev = loader.get_event()
+    if isinstance(ev, yaml.ScalarEvent):
+        tag = ev.tag if ev.tag not in (None, "!") else loader.resolve(yaml.ScalarNode, ev.value, ev.implicit)
+        return yaml.ScalarNode(tag, ev.value, ev.start_mark, ev.end_mark, style=ev.style)  # type: ignore[arg-type]
+    if isinstance(ev, yaml.SequenceStartEvent):
+        items = []
+        while not loader.check_event(yaml.SequenceEndEvent):
+            items.append(_compose(loader))
+        end = loader.get_event()
+        tag = ev.tag if ev.tag not in (None, "!") else loader.resolve(yaml.SequenceNode, None, ev.implicit)
+        return yaml.SequenceNode(tag, items, ev.start_mark, end.end_mark,  # type: ignore[arg-type]
+                                 flow_style=ev.flow_style)
+    if isinstance(ev, yaml.MappingStartEvent):
+        pairs = []
+        while not loader.check_event(yaml.MappingEndEvent):
+            key = _compose(loader)
+            pairs.append((key, _compose(loader)))
+        end = loader.get_event()
+        tag = ev.tag if ev.tag not in (None, "!") else loader.resolve(yaml.MappingNode, None, ev.implicit)
+        return yaml.MappingNode(tag, pairs, ev.start_mark, end.end_mark,  # type: ignore[arg-type]
+                                flow_style=ev.flow_style)
+    if isinstance(ev, yaml.AliasEvent):
+        raise yaml.MarkedYAMLError(None, None, "anchors and aliases are not supported in scenarios",
+                                   ev.start_mark)  # type: ignore[arg-type]
+    raise yaml.YAMLError(f"unexpected {type(ev).__name__}")
+
+
+@dataclass
+class Stream:
+    """A scenario read step by step (constant memory however long it is): the header first, then :attr:`steps`."""
+
+    header: Scenario
+    steps: Iterator[Step]
+
+
+def stream(path: str | Path) -> Stream:
+    """Open a scenario for step-by-step reading. The header fields (``scenario``, ``name``, ``kernel``, ``profile``)
+    must come before ``steps``; the steps are parsed as they are consumed, and errors name the line as usual."""
+    where = str(path)
+    try:
+        f = open(path)  # noqa: SIM115 - closed when the step iterator ends
+    except OSError as e:
+        raise ScenarioError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        loader = _Loader(f)
+        p = _Parser(where)
+        _event(loader)  # stream start
+        if loader.check_event(yaml.StreamEndEvent):
+            raise ScenarioError(f"{where}:1: the file is empty")
+        _event(loader)  # document start
+        if not loader.check_event(yaml.MappingStartEvent):
+            node = _convert(_compose(loader), loader)
+            raise p.fail(node, "(top level)", f"expected a mapping, got {_kind(node.value)}")
+        _event(loader)
+        header: dict[str, Node] = {}
+        while not loader.check_event(yaml.MappingEndEvent):
+            key = _compose(loader)
+            name = str(key.value)
+            if name == "steps":
+                break
+            header[name] = _convert(_compose(loader), loader)
+        else:
+            raise ScenarioError(f"{where}: steps: missing")
+        root = Node(header, 1)
+        p.keys(header, root, "(top level)", ("scenario", "name", "description", "kernel", "profile"))
+        if "scenario" not in header:
+            raise p.fail(root, "scenario", f"missing before steps (the format version, {SCHEMA})")
+        if header["scenario"].value != SCHEMA:
+            raise p.fail(header["scenario"], "scenario", f"unsupported format version {header['scenario'].value!r}")
+        if not loader.check_event(yaml.SequenceStartEvent):
+            node = _convert(_compose(loader), loader)
+            raise p.fail(node, "steps", f"expected a list, got {_kind(node.value)}")
+        _event(loader)
+    except yaml.MarkedYAMLError as e:
+        f.close()
+        line = (e.problem_mark.line + 1) if e.problem_mark else 0
+        raise ScenarioError(f"{where}:{line}: not valid YAML: {e.problem}") from None
+    except (yaml.YAMLError, ScenarioError) as e:
+        f.close()
+        if isinstance(e, ScenarioError):
+            raise
+        raise ScenarioError(f"{where}: not valid YAML: {e}") from None
+
+    def steps() -> Iterator[Step]:
+        i = 0
+        try:
+            while not loader.check_event(yaml.SequenceEndEvent):
+                node = _convert(_compose(loader), loader)
+                # The constructor caches every object it built for the document: drop them step by step.
+                loader.constructed_objects.clear()
+                loader.recursive_objects.clear()
+                loader.state_generators = []
+                yield p.step(node, i)
+                i += 1
+        except yaml.MarkedYAMLError as e:
+            line = (e.problem_mark.line + 1) if e.problem_mark else 0
+            raise ScenarioError(f"{where}:{line}: not valid YAML: {e.problem}") from None
+        except yaml.YAMLError as e:
+            raise ScenarioError(f"{where}: not valid YAML: {e}") from None
+        finally:
+            f.close()
+
+    head = Scenario(
+        name=p.string(header["name"], "name") if "name" in header else Path(where).stem,
+        description=p.string(header["description"], "description") if "description" in header else "",
+        steps=[], path=where,
+        kernel=str(header["kernel"].value) if "kernel" in header else None,
+        profile=p.string(header["profile"], "profile") if "profile" in header else None,
+    )
+    return Stream(head, steps())
