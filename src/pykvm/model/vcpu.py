@@ -139,6 +139,13 @@ class ModelVcpu(Vcpu):
         self._in_data = b""
         p, rs = self.profile, self.rules
         self._advertised = vm.system.advertised
+        # kvm_is_immutable_feature_msr: the generic list plus the VMX range, computed once so the check stays cheap.
+        self._immutable_set = frozenset(M.VMX_RANGE) | self.rules.immutable_generic
+        # The MSRs frozen right now: empty until the first real VM entry, then the immutable set (if the ruleset
+        # freezes), so the per-entry check is one set lookup.
+        self._frozen: frozenset[int] = frozenset()
+        # MSRs whose do_get_msr is a plain read of the stored value (no CPUID gate): the check reads them directly.
+        self._plain = frozenset({M.MSR_PLATFORM_INFO} | ({M.MSR_AMD64_DE_CFG} if vm.profile.vendor == "svm" else set()))
         features = p.feature_msrs
         quirk = (not rs.stuff_quirk) or not vm.disabled_quirks & uapi.KVM_X86_QUIRK_STUFF_FEATURE_MSRS
         self._msr: dict[int, int] = {
@@ -341,14 +348,11 @@ class ModelVcpu(Vcpu):
             return OK, 0
         return code, value if code == OK else 0
 
-    def _immutable(self, index: int) -> bool:
-        return M.VMX_FIRST <= index <= M.VMX_LAST or index in self.rules.immutable_generic
-
     def _do_set(self, index: int, data: int) -> int:
         self._refusals.pop(index, None)  # the rule behind the last refusal only, not an older one
         rs = self.rules
-        if rs.freeze and self.has_run and self._immutable(index):
-            code, current = self._access_get(index)
+        if index in self._frozen:
+            code, current = (OK, self._msr[index]) if index in self._plain else self._access_get(index)
             if code or current != data:
                 rule = "platform_info_immutable" if index == M.MSR_PLATFORM_INFO else "freeze"
                 return self._refuse(index, rule, EINVAL)
@@ -448,6 +452,8 @@ class ModelVcpu(Vcpu):
         if not self.vm.regions and self.profile.run_without_memory_errno:
             raise KvmError(self.profile.run_without_memory_errno, "KVM_RUN")
         self.has_run = True
+        if self.rules.freeze:
+            self._frozen = self._immutable_set
         if self._pending_in is not None:
             size, count = self._pending_in
             data = self._in_data.ljust(size * count, b"\0")
