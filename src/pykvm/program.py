@@ -76,6 +76,11 @@ class OutOp(Op):
 
 
 @dataclass(frozen=True)
+class InOp(Op):
+    port: int
+
+
+@dataclass(frozen=True)
 class HltOp(Op):
     pass
 
@@ -120,6 +125,12 @@ class Program:
         if not 0 <= port <= 0xFF or port == REPORT_PORT or not 0 <= value <= 0xFF:
             raise InvalidValueError(f"out takes a port 0..0xff other than 0x{REPORT_PORT:x} and a byte value")
         return self._add(OutOp(port, value))
+
+    def inb(self, port: int) -> Program:
+        """``in al, port``: the host answers through ``run_program(..., on_in=...)`` (default 0)."""
+        if not 0 <= port <= 0xFF or port == REPORT_PORT:
+            raise InvalidValueError(f"in takes a port 0..0xff other than 0x{REPORT_PORT:x}")
+        return self._add(InOp(port))
 
     def hlt(self) -> Program:
         return self._add(HltOp())
@@ -166,6 +177,14 @@ class GuestException(Event):
 
 @dataclass(frozen=True)
 class Out(Event):
+    port: int
+    value: int
+
+
+@dataclass(frozen=True)
+class In(Event):
+    """The guest read a port; ``value`` is what the host answered."""
+
     port: int
     value: int
 
@@ -248,6 +267,8 @@ def _op_instructions(op: Op, next_ip: int, loop_start: int = 0) -> list[object]:
     if isinstance(op, OutOp):
         return [Instruction.create_reg_u32(Code.MOV_R8_IMM8, Register.AL, op.value),
                 Instruction.create_u32_reg(Code.OUT_IMM8_AL, op.port, Register.AL)]
+    if isinstance(op, InOp):
+        return [Instruction.create_reg_u32(Code.IN_AL_IMM8, Register.AL, op.port)]
     if isinstance(op, HltOp):
         return [*resume, Instruction.create(Code.HLT)]
     raise InvalidValueError(f"cannot assemble {op!r}")
@@ -362,20 +383,21 @@ def load_program(vm: Vm, vcpu: Vcpu, program: Program) -> None:
 
 
 MsrHandler = Callable[[MsrExit], "int | None"]
+InHandler = Callable[[int], int]
 
 
 def run_program(vm: Vm, vcpu: Vcpu, program: Program, on_msr: MsrHandler | None = None,
-                max_exits: int = 100_000) -> list[Event]:
+                on_in: InHandler | None = None, max_exits: int = 100_000) -> list[Event]:
     """Load and run ``program`` to its halt; return what the host saw.
 
     ``on_msr`` answers guest MSR accesses sent to userspace: return the value for a RDMSR (anything for a WRMSR) to
-    complete it, or None to inject #GP.
+    complete it, or None to inject #GP. ``on_in(port)`` answers an ``in`` with a byte (default 0).
     """
     load_program(vm, vcpu, program)
     events: list[Event] = []
     for _ in range(max_exits):
         exit_ = vcpu.run()
-        event = _event(vm, exit_, on_msr)
+        event = _event(vm, exit_, on_msr, on_in)
         events.append(event)
         if isinstance(event, (Halted, Stopped)):
             return events
@@ -383,9 +405,13 @@ def run_program(vm: Vm, vcpu: Vcpu, program: Program, on_msr: MsrHandler | None 
     return events
 
 
-def _event(vm: Vm, exit_: Exit, on_msr: MsrHandler | None) -> Event:
+def _event(vm: Vm, exit_: Exit, on_msr: MsrHandler | None, on_in: InHandler | None = None) -> Event:
     if isinstance(exit_, HltExit):
         return Halted()
+    if isinstance(exit_, IoExit) and not exit_.is_out and exit_.size == 1 and exit_.count == 1:
+        value = (on_in(exit_.port) if on_in is not None else 0) & 0xFF
+        exit_.reply(bytes([value]))
+        return In(exit_.port, value)
     if isinstance(exit_, IoExit) and exit_.is_out and exit_.size == 1:
         if exit_.port != REPORT_PORT:
             return Out(exit_.port, exit_.data[0])
@@ -411,6 +437,6 @@ def _event(vm: Vm, exit_: Exit, on_msr: MsrHandler | None) -> Event:
 
 
 __all__ = [
-    "Cpuid", "Event", "GuestException", "Halted", "Out", "Program", "Rdmsr", "Stopped", "UserMsr", "Wrmsr",
+    "Cpuid", "Event", "GuestException", "Halted", "In", "Out", "Program", "Rdmsr", "Stopped", "UserMsr", "Wrmsr",
     "load_program", "run_program", "uapi",
 ]

@@ -6,7 +6,7 @@ import pytest
 
 from pykvm import uapi
 from pykvm.api import MsrExit, System, find_cpuid
-from pykvm.program import Cpuid, GuestException, Halted, Out, Program, Rdmsr, UserMsr, Wrmsr, run_program
+from pykvm.program import Cpuid, GuestException, Halted, In, Out, Program, Rdmsr, UserMsr, Wrmsr, run_program
 
 UCODE_REV, ARCH_CAP, PERF_CAP, PLATFORM_INFO = 0x8B, 0x10A, 0x345, 0xCE
 GP = GuestException(13, 0)
@@ -56,6 +56,13 @@ def test_platform_info_read_needs_the_capability(kvm: System) -> None:
     events, _ = run(kvm, Program().rdmsr(PLATFORM_INFO).hlt(),
                     vm_setup=lambda vm: vm.enable_cap(uapi.KVM_CAP_MSR_PLATFORM_INFO, 0))
     assert events == [GP, Halted()], events
+
+
+def test_in_is_answered_by_the_host(kvm: System) -> None:
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        events = run_program(vm, vcpu, Program().inb(0x60).inb(0x61).hlt(), on_in=lambda port: port + 1)
+    assert events == [In(0x60, 0x61), In(0x61, 0x62), Halted()], events
 
 
 def test_loop_and_out(kvm: System) -> None:

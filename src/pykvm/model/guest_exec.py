@@ -199,5 +199,8 @@ def run_program(vcpu: ModelVcpu, state: ProgramState) -> Exit:
             return _report(vcpu, P.TAG_CPUID, op.leaf, struct.pack("<IIII", a, b, c, d))
         elif isinstance(op, P.OutOp):
             return IoExit(uapi.KVM_EXIT_IO_OUT, 1, op.port, 1, bytes([op.value]))
+        elif isinstance(op, P.InOp):
+            vcpu._pending_in = (1, 1)
+            return IoExit(uapi.KVM_EXIT_IO_IN, 1, op.port, 1, b"", vcpu._reply_in)
         elif isinstance(op, P.HltOp):
             return HltExit()
