@@ -77,3 +77,11 @@ def test_readme_model_example_runs_as_written(capsys: pytest.CaptureFixture[str]
     exec(compile(block, "README.md", "exec"), {})
     out = capsys.readouterr().out.strip()
     assert out == "KVM: x86: Disallow writes to immutable feature MSRs after KVM_RUN (since 6.4, 0094f62c7eaa)", out
+
+
+def test_readme_guest_program_example_runs_as_written(capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", readme, re.S)[2]
+    exec(compile(block, "README.md", "exec"), {})
+    out = capsys.readouterr().out.strip()
+    assert out == ("[Rdmsr(index=206, value=2147483648), GuestException(vector=13, error_code=0), Halted()]"), out
