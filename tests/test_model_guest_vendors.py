@@ -55,3 +55,36 @@ def test_guest_reads_arch_capabilities_with_the_cpuid_bit() -> None:
         vcpu.set_cpuid(kvm.get_supported_cpuid())
         events = run_program(vm, vcpu, Program().rdmsr(ARCH_CAP).wrmsr(ARCH_CAP, value).hlt())
         assert events == [Rdmsr(ARCH_CAP, value), GP, Halted()], events
+
+
+def test_guest_perf_cap_write_reasons_by_kernel() -> None:
+    # kvm_set_msr_common: a guest write is "host only": UNSUPPORTED (exit reason UNKNOWN) since 6.13, 1 (INVAL)
+    # before; vmx_set_msr's PEBS/LBR format checks come first and give 1 on every version.
+    from pykvm.program import UserMsr
+
+    for kernel, value, reason in (("6.18", 0x2000, uapi.KVM_MSR_EXIT_REASON_UNKNOWN),
+                                  ("6.10", 0x2000, uapi.KVM_MSR_EXIT_REASON_INVAL),
+                                  ("6.18", 0x100, uapi.KVM_MSR_EXIT_REASON_INVAL)):  # PEBS format 1: wrong
+        with pykvm.open("model", profile="intel-spr", kernel=kernel) as kvm, kvm.create_vm() as vm:
+            vm.enable_cap(uapi.KVM_CAP_X86_USER_SPACE_MSR, uapi.KVM_MSR_EXIT_REASON_UNKNOWN |
+                          uapi.KVM_MSR_EXIT_REASON_INVAL)
+            vcpu = vm.create_vcpu(0)
+            vcpu.set_cpuid(kvm.get_supported_cpuid())
+            events = run_program(vm, vcpu, Program().wrmsr(PERF_CAP, value).hlt(), on_msr=lambda e: None)
+            assert events[0] == UserMsr(True, PERF_CAP, value, reason, "#GP"), (kernel, hex(value), events)
+
+
+def test_guest_cpuid_out_of_range_leaf_on_intel() -> None:
+    # get_out_of_range_cpuid_entry: an Intel guest's leaf above the maximum basic leaf reads as that maximum leaf.
+    from dataclasses import replace
+
+    from pykvm.program import Cpuid
+
+    with intel() as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        entries = [replace(e, eax=0xD) if e.function == 0 else e for e in kvm.get_supported_cpuid()]
+        vcpu.set_cpuid(entries)
+        events = run_program(vm, vcpu, Program().cpuid(0x15).cpuid(0xD).hlt())
+        assert isinstance(events[0], Cpuid) and isinstance(events[1], Cpuid)
+        assert (events[0].eax, events[0].ebx, events[0].edx) == (events[1].eax, events[1].ebx, events[1].edx) != (
+            0, 0, 0), f"leaf 0x15 above the maximum 0xd should read as leaf 0xd: {events[:2]}"

@@ -58,13 +58,17 @@ def open(backend: str | None = None, **options: Any) -> System:  # noqa: A001 - 
     """
     if backend is None:
         from .linux import open_system
+        from .model import open_model
 
+        if set(options) & {"kernel", "profile"}:
+            return open_model(**options)  # a kernel or profile can only mean the model
         try:
             return open_system(**options)
         except KvmUnavailableError:
-            from .model import open_model
-
             return open_model()
+    unknown = set(options) - ({"path"} if backend == "linux" else {"kernel", "profile"})
+    if backend in BACKENDS and unknown:
+        raise InvalidValueError(f"backend {backend!r} takes no option {', '.join(sorted(unknown))}")
     if backend == "linux":
         from .linux import open_system
 

@@ -343,10 +343,11 @@ def compare(reports: dict[str, Report]) -> list[Change]:
                 why = ""
                 if r.refusal and r.refusal.rule_key:
                     rule = RULES[r.refusal.rule_key]
-                    why = f" by {rule.commit} ({rule.title})"
+                    why = f" (rule since {rule.since}: {rule.commit}, {rule.title})"
                 elif r.notes:
                     why = " (" + r.notes[0].removeprefix("rule: ") + ")"
-                segments.append(f"{outcomes[k]} {'on' if prev is None else 'since'} {k}{why}")
+                # "from" names the first compared kernel with this outcome; the rule says when it really began.
+                segments.append(f"{outcomes[k]} {'on' if prev is None else 'from'} {k}{why}")
                 prev = outcomes[k]
         changes.append(Change(n, base.line, base.kind, outcomes, "; ".join(segments)))
     return changes

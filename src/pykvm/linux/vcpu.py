@@ -35,6 +35,8 @@ from ._ioctl import ioctl_buf, ioctl_int
 
 _KVM_RUN = uapi.KVM_RUN
 _KVM_GET_MSRS = uapi.KVM_GET_MSRS
+_EXIT_IO = uapi.KVM_EXIT_IO
+_EXIT_HLT = uapi.KVM_EXIT_HLT
 _KVM_SET_MSRS = uapi.KVM_SET_MSRS
 _fcntl_ioctl = fcntl.ioctl
 _EXIT = uapi.KVM_RUN_EXIT_OFFSET
@@ -105,12 +107,12 @@ class LinuxVcpu(Vcpu):
         except ValueError:  # fd -1: closed
             raise ClosedError("this vCPU is closed") from None
         reason = self._u32[2]
-        if reason == 2:  # KVM_EXIT_IO
+        if reason == _EXIT_IO:
             direction, size, port, count, offset = _IO.unpack_from(self._run, _EXIT)
             if direction == 1:
                 return IoExit(direction, size, port, count, self._run[offset : offset + size * count])
             return IoExit(direction, size, port, count, b"", self._reply_io)
-        if reason == 5:
+        if reason == _EXIT_HLT:
             return _HLT
         return self._decode_other(reason)
 

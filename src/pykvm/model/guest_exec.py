@@ -92,7 +92,8 @@ def guest_set(vcpu: ModelVcpu, index: int, data: int) -> int:
     if index == M.MSR_IA32_ARCH_CAPABILITIES:
         return UNSUPPORTED if rs.cpuid_gated_caps else FAIL
     if index == M.MSR_IA32_PERF_CAPABILITIES:
-        return UNSUPPORTED
+        # vmx_set_msr's LBR/PEBS checks run first (code 1); then the common code: host only.
+        return vcpu.perf_cap_vendor_check(data) or (UNSUPPORTED if rs.cpuid_gated_caps else FAIL)
     if index == M.MSR_PLATFORM_INFO:
         return FAIL
     if index == M.MSR_AMD64_DE_CFG:
@@ -109,14 +110,23 @@ def guest_set(vcpu: ModelVcpu, index: int, data: int) -> int:
 
 
 def guest_cpuid(vcpu: ModelVcpu, leaf: int, subleaf: int) -> tuple[int, int, int, int]:
-    """``kvm_cpuid``: the vCPU's stored CPUID (runtime bits applied); a missing leaf reads as zeros, except that
-    Intel guests get the highest basic leaf for basic leaves above the maximum."""
+    """``kvm_cpuid``: the vCPU's stored CPUID (runtime bits applied). A missing leaf reads as zeros; for vendors other
+    than AMD and Hygon a leaf beyond the top of its range reads as the highest basic leaf
+    (``get_out_of_range_cpuid_entry``)."""
     entries = C.runtime_update(vcpu._cpuid, vcpu._runtime, vcpu.profile)
     e = find_cpuid(entries, leaf, subleaf)
     if e is None:
-        vendor = find_cpuid(entries, 0)
-        if vendor is not None and vendor.ebx == 0x756E6547 and leaf < 0x40000000 and leaf > vendor.eax:
-            e = find_cpuid(entries, vendor.eax, subleaf)
+        basic = find_cpuid(entries, 0)
+        amd_like = basic is not None and basic.ebx in (0x68747541, 0x6F677948)  # "Auth"enticAMD, "Hygo"nGenuine
+        if basic is not None and not amd_like:
+            if 0x40000000 <= leaf <= 0x4FFFFFFF:
+                top = find_cpuid(entries, leaf & 0xFFFFFF00)
+            elif leaf >= 0xC0000000:
+                top = find_cpuid(entries, 0xC0000000)
+            else:
+                top = find_cpuid(entries, leaf & 0x80000000)
+            if top is None or leaf > top.eax:
+                e = find_cpuid(entries, basic.eax, subleaf)
     return (e.eax, e.ebx, e.ecx, e.edx) if e is not None else (0, 0, 0, 0)
 
 

@@ -73,6 +73,8 @@ class Ruleset:
     cpuid_gated_caps: bool  # 6.13: ARCH_CAP needs CPUID.7.0:EDX[29], PERF_CAP needs PDCM (a5d563890b8f, d75cac366f44)
     platform_info_order_check: bool  # before 6.13: cannot clear CPUID_FAULT while enabled (removed by 1ded7a57b805)
     perf_cap_pebs_mask: int  # PERF_CAP_PEBS_MASK: 6.18 adds PEBS_TIMING_INFO (bit 17)
+    cr4_fixed1_lam: bool = False  # nested_vmx_cr_fixed1_bits_update allows LAM_SUP from CPUID.7.1:EAX.LAM (6.8)
+    cr4_fixed1_cet: bool = False  # ... and CET from SHSTK/IBT (the CET series, 6.18)
 
     @property
     def immutable_generic(self) -> frozenset[int]:
@@ -92,10 +94,10 @@ def _v(text: str) -> tuple[int, ...]:
 RULESETS: dict[str, Ruleset] = {
     "6.3": Ruleset("6.3", False, False, False, False, False, False, True, 0x4FC0),
     "6.4": Ruleset("6.4", True, False, False, False, False, False, True, 0x4FC0),
-    "6.10": Ruleset("6.10", True, True, False, False, False, False, True, 0x4FC0),
-    "6.12": Ruleset("6.12", True, True, True, False, False, False, True, 0x4FC0),
-    "6.13": Ruleset("6.13", True, True, True, True, True, True, False, 0x4FC0),
-    "6.18": Ruleset("6.18", True, True, True, True, True, True, False, 0x24FC0),
+    "6.10": Ruleset("6.10", True, True, False, False, False, False, True, 0x4FC0, True),
+    "6.12": Ruleset("6.12", True, True, True, False, False, False, True, 0x4FC0, True),
+    "6.13": Ruleset("6.13", True, True, True, True, True, True, False, 0x4FC0, True),
+    "6.18": Ruleset("6.18", True, True, True, True, True, True, False, 0x24FC0, True, True),
 }
 KNOWN = sorted(RULESETS, key=_v)
 DEFAULT = "6.18"

@@ -312,7 +312,8 @@ class ModelVcpu(Vcpu):
             (self.vm.msrs if key in VM_WIDE_MSRS else self._msr)[key] = data
         return OK
 
-    def _set_perf_cap(self, data: int) -> int:
+    def perf_cap_vendor_check(self, data: int) -> int:
+        """``vmx_set_msr``'s LBR and PEBS format checks, which run before the common code, for host and guest."""
         index, p, rs = M.MSR_IA32_PERF_CAPABILITIES, self.profile, self.rules
         supported = p.supported_perf_cap
         if p.vendor == "vmx":
@@ -332,6 +333,14 @@ class ModelVcpu(Vcpu):
                 pmu = find_cpuid(self._cpuid, 0xA)
                 if pmu is None or not pmu.eax & 0xFF:
                     return self._refuse(index, "perf_cap_subset", FAIL)
+        return OK
+
+    def _set_perf_cap(self, data: int) -> int:
+        index, p, rs = M.MSR_IA32_PERF_CAPABILITIES, self.profile, self.rules
+        supported = p.supported_perf_cap
+        code = self.perf_cap_vendor_check(data)
+        if code:
+            return code
         if rs.cpuid_gated_caps and not self._cpuid_has(PDCM_BIT):
             return self._refuse(index, "perf_cap_needs_pdcm", UNSUPPORTED)
         if data & ~supported:
@@ -425,12 +434,13 @@ class ModelVcpu(Vcpu):
         """``vmx_vcpu_after_set_cpuid``: KVM re-derives some nested VMX MSRs from the new CPUID."""
         if self.profile.vendor != "vmx" or not self.profile.nested_vmx:
             return
-        raw = self._raw_cpuid
+        raw, supported = self._raw_cpuid, self.profile.supported_cpuid
         if not self.rules.stuff_quirk or not self.vm.disabled_quirks & uapi.KVM_X86_QUIRK_STUFF_FEATURE_MSRS:
             high = self._vmx[0x48B]
             for bit, sources in SECONDARY_ADJUST:
                 if self._vmx_kvm[0x48B] >> 32 >> bit & 1:
-                    on = any(C.has_feature(raw, *s) for s in sources)
+                    # guest_cpu_cap_has: the guest's CPUID bit, and KVM supports the feature
+                    on = any(C.has_feature(raw, *s) and C.has_feature(supported, *s) for s in sources)
                     if bit == 20:  # vmx_vcpu_after_set_cpuid drops XSAVES from the guest caps without XSAVE first
                         on = on and C.has_feature(raw, *XSAVE_BIT)
                     high = high | 1 << (32 + bit) if on else high & ~(1 << (32 + bit))
@@ -439,6 +449,10 @@ class ModelVcpu(Vcpu):
             self._vmx[0x487] = 0xFFFFFFFF
             cr4 = 1 << 8  # PCE is always allowed
             for source, allowed in CR4_FIXED1_MAP:
+                if allowed == 1 << 28 and not self.rules.cr4_fixed1_lam:
+                    continue
+                if allowed == 1 << 23 and not self.rules.cr4_fixed1_cet:
+                    continue
                 if C.has_feature(raw, *source):
                     cr4 |= allowed
             self._vmx[0x489] = cr4
