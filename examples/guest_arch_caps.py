@@ -28,11 +28,17 @@ def main(backend: str | None = None, profile: str | None = None) -> int:
                 for name, on in msrs.decode_arch_capabilities(event.value).items():
                     if on:
                         print(f"  {name}")
+            elif isinstance(event, GuestException) and event.vector == 13:
+                print("guest RDMSR 0x10a raised #GP: the vCPU's CPUID lacks ARCH_CAPABILITIES (7.0:EDX[29])")
             elif isinstance(event, GuestException):
-                print(f"guest RDMSR 0x10a raised #{'GP' if event.vector == 13 else event.vector}: "
-                      "the vCPU's CPUID lacks ARCH_CAPABILITIES (7.0:EDX[29])")
+                print(f"guest RDMSR 0x10a raised exception {event.vector} (error code {event.error_code:#x})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:3]))
+    if len(sys.argv) > 3 or any(a.startswith("-") for a in sys.argv[1:]):
+        sys.exit(__doc__)
+    try:
+        sys.exit(main(*sys.argv[1:3]))
+    except pykvm.PykvmError as e:
+        sys.exit(f"error: {e}")

@@ -127,6 +127,13 @@ def probe(backend: str, kernel: str | None, profile: str | None, as_json: bool, 
     if fallback:
         err_console.print(f"[yellow]warning:[/] {fallback}\n[yellow]warning:[/] showing the MODEL instead "
                           f"({system.describe()}); nothing below was measured on a live kernel", highlight=False)
+    if save_path:
+        import os
+
+        parent = os.path.dirname(os.path.abspath(save_path))
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            system.close()
+            fail(f"cannot write {save_path}: {parent} is not a writable directory", EXIT_USAGE)
     if save_path and system.backend != "linux":
         system.close()
         fail("--save captures a profile from the live kernel; the model has nothing new to capture", EXIT_NO_KVM
@@ -206,12 +213,16 @@ def probe(backend: str, kernel: str | None, profile: str | None, as_json: bool, 
 def decode(msr: str, value: str | None, as_json: bool) -> None:
     """Look up an MSR by name or index and decode VALUE (e.g. `pykvm decode ARCH_CAP 0x400000000c000069`)."""
     try:
-        m = _msrs.lookup(msr)
+        try:
+            number = int(msr, 0)
+        except ValueError:
+            number = None
+        m = _msrs.lookup(number if number is not None else msr)
         v = _msrs.check_value(int(value, 0)) if value is not None else None
-    except ValueError as e:
-        fail(f"bad value {value!r}: {e}", EXIT_USAGE)
     except PykvmError as e:
         fail(str(e), EXIT_USAGE)
+    except ValueError as e:
+        fail(f"bad value {value!r}: {e}", EXIT_USAGE)
     fields = m.decode(v) if v is not None else {}
     if as_json:
         click.echo(json.dumps({"index": f"0x{m.index:x}", "name": m.name, "aliases": list(m.aliases),
@@ -335,7 +346,7 @@ def check(scenario_file: str, backend: str, kernel: str | None, profile: str | N
         profile = profile or scenario.profile
     console = Console(width=None if sys.stdout.isatty() else 160)
     try:
-        if compare_kernels:
+        if compare_kernels is not None:
             if backend != "model":
                 raise click.UsageError("--compare replays on the model; drop --backend linux")
             versions = [v.strip() for v in compare_kernels.split(",") if v.strip()]
@@ -358,8 +369,18 @@ def check(scenario_file: str, backend: str, kernel: str | None, profile: str | N
         if backend == "linux":
             if kernel:
                 raise click.UsageError("--kernel chooses a model ruleset; it does not apply to --backend linux")
+            if scenario.profile and not profile:
+                err_console.print(f"note: the scenario's profile {scenario.profile!r} is for the model; the live "
+                                  "kernel is this host", highlight=False)
             system: System = pykvm.open("linux")
-            shadow: System | None = open_model(profile=profile)
+            # The model replayed alongside explains refusals; only a profile of this host's kind can do that.
+            model = open_model(profile=profile)
+            shadow: System | None = model
+            live_vendor = system.host_info().get("vendor")
+            if model.profile.vendor != live_vendor:
+                err_console.print(f"note: no {live_vendor} profile given (--profile): refusals are reported "
+                                  "without the rule behind them", highlight=False)
+                shadow = None
         else:
             system, shadow = open_model(kernel=kernel, profile=profile), None
         with system:

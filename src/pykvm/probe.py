@@ -178,7 +178,7 @@ def probe(system: System, set_cpuid: bool = True) -> ProbeReport:
     values = {index: value for i, (index, value) in enumerate(batch) if i < done}
     for index in features:
         report.msrs.append(probe_msr(system, index, values.get(index), cpuid))
-    frozen = [m for m in report.msrs if m.verdict == FROZEN]
+    frozen = [m for m in report.msrs if m.verdict == FROZEN and m.after_run_same_ok]
     writable = [m for m in report.msrs if m.verdict == WRITABLE]
     immutable_writable = [m for m in writable if m.index != _msrs.MSR_IA32_UCODE_REV]
     if frozen and not immutable_writable:
