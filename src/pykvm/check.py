@@ -19,25 +19,13 @@ from .errors import InvalidValueError, KvmError, PykvmError
 from .model.rulesets import RULES
 from .scenario import Expect, Scenario, Step
 
-HINTS = {
-    "freeze": "write feature MSRs before the first KVM_RUN; after it, write only the value the vCPU already has "
-              "(read it back with KVM_GET_MSRS)",
-    "platform_info_immutable": "set MSR_PLATFORM_INFO before the first KVM_RUN (immutable after it since 6.13)",
-    "cpuid_after_run_identical": "after KVM_RUN, re-send exactly what KVM_GET_CPUID2 returns (KVM may have "
-                                 "rewritten what you first gave it)",
-    "arch_cap_needs_cpuid": "set CPUID.7.0:EDX[29] (ARCH_CAPABILITIES) with KVM_SET_CPUID2 before writing it, or "
-                            "write 0",
-    "perf_cap_needs_pdcm": "set CPUID.1:ECX[15] (PDCM) with KVM_SET_CPUID2 before writing it, or write 0",
-    "perf_cap_subset": "write a subset of the PERF_CAPABILITIES feature value (system KVM_GET_MSRS), with the host's "
-                       "LBR and PEBS formats",
-    "vmx_restore": "VMX MSRs may only restrict KVM's nested capabilities (system KVM_GET_MSRS); 0x481-0x484, "
-                   "CR0_FIXED1 and CR4_FIXED1 are never writable; set CPUID.1:ECX.VMX first",
-    "de_cfg_subset": "write a subset of the DE_CFG feature value",
-    "unknown_msr": "this KVM does not know the MSR: leave it out (see KVM_GET_MSR_INDEX_LIST)",
-    "host_profile": "this host's KVM refuses this value for this MSR (see the profile's msr_behaviour)",
-    "msr_io_limit": "split the batch into chunks of at most 255 MSRs",
-    "platform_info_no_order_check": "set PLATFORM_INFO.CPUID_FAULT before enabling MISC_FEATURES_ENABLES.CPUID_FAULT",
-}
+DEFAULT_HINT = "compare with KVM_GET_MSR_INDEX_LIST and the feature MSRs"
+
+
+def hint(key: str | None) -> str:
+    """What to do about a refusal by rule ``key`` (the hints live with the rules, in model/rulesets.py)."""
+    rule = RULES.get(key or "")
+    return rule.hint if rule is not None and rule.hint else DEFAULT_HINT
 
 
 @dataclass
@@ -185,7 +173,7 @@ class Replayer:
         key = _rule_key(cited)
         res.outcome = "refused"
         res.refusal = Refusal(index, M.name_of(index), count, value, olds[count], cited, key,
-                              HINTS.get(key or "", "compare with KVM_GET_MSR_INDEX_LIST and the feature MSRs"))
+                              hint(key))
         res.summary = f"KVM_SET_MSRS returned {count} of {len(pairs)}: refused {M.name_of(index)} (0x{index:x})"
 
     def play(self, number: int, step: Step) -> StepResult:
@@ -226,7 +214,7 @@ class Replayer:
                         key = "cpuid_after_run_identical"
                         res.refusal = None
                         res.notes.append(f"rule: {RULES[key].cite()}")
-                        res.notes.append(f"hint: {HINTS[key]}")
+                        res.notes.append(f"hint: {hint(key)}")
             elif kind in ("set_msrs", "microcode_load", "reset"):
                 vcpu = self._vcpu(step)
                 if kind == "set_msrs":
@@ -247,7 +235,7 @@ class Replayer:
                 if count < len(batch):
                     index = batch[count][0]
                     res.refusal = Refusal(index, M.name_of(index), count, 0, None, vcpu.refusal_rule(index), None,
-                                          HINTS["unknown_msr"])
+                                          hint("unknown_msr"))
             elif kind == "get_cpuid":
                 entries = self._vcpu(step).get_cpuid()
                 res.outcome, res.summary = "ok", f"KVM_GET_CPUID2 returned {len(entries)} entries"

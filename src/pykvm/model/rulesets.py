@@ -19,6 +19,7 @@ class Rule:
     since: str
     commit: str
     title: str
+    hint: str = ""  # what a VMM can do about a refusal by this rule
 
     def cite(self) -> str:
         return f"{self.title} (since {self.since}, {self.commit})"
@@ -28,34 +29,50 @@ RULES: dict[str, Rule] = {
     r.key: r
     for r in (
         Rule("freeze", "6.4", "0094f62c7eaa",
-             "KVM: x86: Disallow writes to immutable feature MSRs after KVM_RUN"),
+             "KVM: x86: Disallow writes to immutable feature MSRs after KVM_RUN",
+             "write feature MSRs before the first KVM_RUN; after it, write only the value the vCPU already "
+             "has (read it back with KVM_GET_MSRS)"),
         Rule("same_value_real_write", "6.10", "1d294dfaba8c",
              "KVM: x86: Allow, don't ignore, same-value writes to immutable MSRs"),
         Rule("unsupported_zero", "6.12", "64a5d7a1091f",
              "KVM: x86: Suppress failures on userspace access to advertised, unsupported MSRs"),
         Rule("platform_info_immutable", "6.13", "bc2ca3680b30",
-             "KVM: x86: Disallow changing MSR_PLATFORM_INFO after vCPU has run"),
+             "KVM: x86: Disallow changing MSR_PLATFORM_INFO after vCPU has run",
+             "set MSR_PLATFORM_INFO before the first KVM_RUN (immutable after it since 6.13)"),
         Rule("stuff_quirk", "6.13", "dcb988cdac85",
              "KVM: x86: Quirk initialization of feature MSRs to KVM's max configuration"),
         Rule("perf_cap_needs_pdcm", "6.13", "d75cac366f44",
-             "KVM: x86: Reject userspace attempts to access PERF_CAPABILITIES w/o PDCM"),
+             "KVM: x86: Reject userspace attempts to access PERF_CAPABILITIES w/o PDCM",
+             "set CPUID.1:ECX[15] (PDCM) with KVM_SET_CPUID2 before writing it, or write 0"),
         Rule("arch_cap_needs_cpuid", "6.13", "a5d563890b8f",
-             "KVM: x86: Reject userspace attempts to access ARCH_CAPABILITIES w/o support"),
+             "KVM: x86: Reject userspace attempts to access ARCH_CAPABILITIES w/o support",
+             "set CPUID.7.0:EDX[29] (ARCH_CAPABILITIES) with KVM_SET_CPUID2 before writing it, or write 0"),
         Rule("platform_info_no_order_check", "< 6.13 (removed in 6.13 by 1ded7a57b805)", "kvm_set_msr_common",
-             "PLATFORM_INFO.CPUID_FAULT cannot be cleared while MISC_FEATURES_ENABLES.CPUID_FAULT is set"),
+             "PLATFORM_INFO.CPUID_FAULT cannot be cleared while MISC_FEATURES_ENABLES.CPUID_FAULT is set",
+             "set PLATFORM_INFO.CPUID_FAULT before enabling MISC_FEATURES_ENABLES.CPUID_FAULT"),
         Rule("cpuid_after_run_identical", "5.17", "c6617c61e8fe",
-             "KVM: x86: Partially allow KVM_SET_CPUID{,2} after KVM_RUN"),
+             "KVM: x86: Partially allow KVM_SET_CPUID{,2} after KVM_RUN",
+             "after KVM_RUN, re-send exactly what KVM_GET_CPUID2 returns (KVM may have rewritten what you "
+             "first gave it)"),
         Rule("msr_io_limit", "2.6.x", "MAX_IO_MSRS",
-             "msr_io: batches of MAX_IO_MSRS (256) or more entries get E2BIG"),
+             "msr_io: batches of MAX_IO_MSRS (256) or more entries get E2BIG",
+             "split the batch into chunks of at most 255 MSRs"),
         Rule("vmx_restore", "< 6.3", "vmx_set_vmx_msr",
-             "nVMX: host writes of VMX MSRs must be restorable against KVM's nested capabilities"),
+             "nVMX: host writes of VMX MSRs must be restorable against KVM's nested capabilities",
+             "VMX MSRs may only restrict KVM's nested capabilities (system KVM_GET_MSRS); 0x481-0x484, "
+             "CR0_FIXED1 and CR4_FIXED1 are never writable; set CPUID.1:ECX.VMX first"),
         Rule("perf_cap_subset", "< 6.3", "kvm_set_msr_common",
-             "PERF_CAPABILITIES must be a subset of kvm_caps.supported_perf_cap"),
+             "PERF_CAPABILITIES must be a subset of kvm_caps.supported_perf_cap",
+             "write a subset of the PERF_CAPABILITIES feature value (system KVM_GET_MSRS), with the host's "
+             "LBR and PEBS formats"),
         Rule("de_cfg_subset", "< 6.3", "svm_set_msr",
-             "DE_CFG writes must be a subset of the supported bits (LFENCE_SERIALIZE)"),
+             "DE_CFG writes must be a subset of the supported bits (LFENCE_SERIALIZE)",
+             "write a subset of the DE_CFG feature value"),
         Rule("unsupported", "-", "-", "the MSR is not supported for this vCPU and the value is not 0"),
-        Rule("unknown_msr", "-", "-", "KVM does not know this MSR (not advertised, ignore_msrs=N)"),
-        Rule("host_profile", "-", "-", "this host's KVM refuses the value (observed behaviour recorded in the profile)"),
+        Rule("unknown_msr", "-", "-", "KVM does not know this MSR (not advertised, ignore_msrs=N)",
+             "this KVM does not know the MSR: leave it out (see KVM_GET_MSR_INDEX_LIST)"),
+        Rule("host_profile", "-", "-", "this host's KVM refuses the value (observed behaviour recorded in the profile)",
+             "this host's KVM refuses this value for this MSR (see the profile's msr_behaviour)"),
     )
 }  # fmt: skip
 
