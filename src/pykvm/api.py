@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 from . import msrs as _msrs
 from . import uapi
 from .errors import ClosedError, InvalidValueError, MsrReadError, MsrWriteError
+from .memory import MemoryRegion, check_region, find_region
 
 # --- MSR batches ---------------------------------------------------------------------------------------------------------
 
@@ -397,11 +398,30 @@ class Vm(_Closable, ABC):
     def add_memory(self, guest_phys_addr: int, size: int, slot: int | None = None, flags: int = 0) -> int:
         """Back ``[guest_phys_addr, +size)`` with new host memory (KVM_SET_USER_MEMORY_REGION); return the slot."""
 
-    @abstractmethod
-    def read_memory(self, guest_phys_addr: int, length: int) -> bytes: ...
+    regions: list[MemoryRegion]
 
-    @abstractmethod
-    def write_memory(self, guest_phys_addr: int, data: bytes) -> None: ...
+    def _claim_slot(self, guest_phys_addr: int, size: int, slot: int | None) -> int:
+        """Validate a new region as KVM_SET_USER_MEMORY_REGION would, before anything is mapped; return its slot."""
+        self._check_open()
+        if slot is None:
+            slot = max((r.slot for r in self.regions), default=-1) + 1
+        check_region(self.regions, guest_phys_addr, size, slot)
+        return slot
+
+    def memory(self, guest_phys_addr: int, length: int) -> memoryview:
+        """A live view of guest memory inside one region (valid while the VM is open)."""
+        self._check_open()
+        r = find_region(self.regions, guest_phys_addr, length)
+        off = guest_phys_addr - r.guest_phys_addr
+        return memoryview(r.mem)[off : off + length]
+
+    def read_memory(self, guest_phys_addr: int, length: int) -> bytes:
+        with self.memory(guest_phys_addr, length) as view:
+            return bytes(view)
+
+    def write_memory(self, guest_phys_addr: int, data: bytes) -> None:
+        with self.memory(guest_phys_addr, len(data)) as view:
+            view[:] = data
 
     @abstractmethod
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:

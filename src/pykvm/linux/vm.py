@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from .. import uapi
 from ..api import Vm
 from ..errors import InvalidValueError
-from ..memory import MemoryRegion, check_region, find_region, host_address
+from ..memory import MemoryRegion, host_address
 from ._ioctl import ioctl_buf, ioctl_int
 from .vcpu import LinuxVcpu
 
@@ -68,10 +68,7 @@ class LinuxVm(Vm):
         ioctl_buf(self.fd, uapi.KVM_SET_USER_MEMORY_REGION, region)
 
     def add_memory(self, guest_phys_addr: int, size: int, slot: int | None = None, flags: int = 0) -> int:
-        self._check_open()
-        if slot is None:
-            slot = max((r.slot for r in self.regions), default=-1) + 1
-        check_region(self.regions, guest_phys_addr, size, slot)
+        slot = self._claim_slot(guest_phys_addr, size, slot)
         mem = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, mmap.PROT_READ | mmap.PROT_WRITE)
         try:
             self.set_user_memory_region(slot, flags, guest_phys_addr, size, host_address(mem))
@@ -80,21 +77,6 @@ class LinuxVm(Vm):
             raise
         self.regions.append(MemoryRegion(slot, guest_phys_addr, size, flags, mem))
         return slot
-
-    def memory(self, guest_phys_addr: int, length: int) -> memoryview:
-        """A live view of guest memory (valid while the VM is open)."""
-        self._check_open()
-        r = find_region(self.regions, guest_phys_addr, length)
-        off = guest_phys_addr - r.guest_phys_addr
-        return memoryview(r.mem)[off : off + length]
-
-    def read_memory(self, guest_phys_addr: int, length: int) -> bytes:
-        with self.memory(guest_phys_addr, length) as view:
-            return bytes(view)
-
-    def write_memory(self, guest_phys_addr: int, data: bytes) -> None:
-        with self.memory(guest_phys_addr, len(data)) as view:
-            view[:] = data
 
     def create_vcpu(self, vcpu_id: int = 0) -> LinuxVcpu:
         """KVM_CREATE_VCPU, then mmap its ``struct kvm_run``."""

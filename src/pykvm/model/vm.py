@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from .. import uapi
 from ..api import Vm
 from ..errors import InvalidValueError, KvmError
-from ..memory import MemoryRegion, check_region, find_region
+from ..memory import MemoryRegion
 from .vcpu import ModelVcpu
 
 if TYPE_CHECKING:
@@ -74,24 +74,9 @@ class ModelVm(Vm):
         self.msr_filter = (flags, tuple((f, b, n, bytes(bm)) for f, b, n, bm in ranges))
 
     def add_memory(self, guest_phys_addr: int, size: int, slot: int | None = None, flags: int = 0) -> int:
-        self._check_open()
-        if slot is None:
-            slot = max((r.slot for r in self.regions), default=-1) + 1
-        check_region(self.regions, guest_phys_addr, size, slot)
+        slot = self._claim_slot(guest_phys_addr, size, slot)
         self.regions.append(MemoryRegion(slot, guest_phys_addr, size, flags, bytearray(size)))
         return slot
-
-    def _view(self, gpa: int, length: int) -> memoryview:
-        self._check_open()
-        r = find_region(self.regions, gpa, length)
-        off = gpa - r.guest_phys_addr
-        return memoryview(r.mem)[off : off + length]
-
-    def read_memory(self, guest_phys_addr: int, length: int) -> bytes:
-        return bytes(self._view(guest_phys_addr, length))
-
-    def write_memory(self, guest_phys_addr: int, data: bytes) -> None:
-        self._view(guest_phys_addr, len(data))[:] = data
 
     def fetch(self, gpa: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``gpa`` from the region holding it (fewer at its end; empty outside memory)."""
