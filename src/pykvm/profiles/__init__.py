@@ -1,0 +1,1 @@
+"""Host profiles shipped with pykvm (JSON, schema in docs/profiles.md)."""
