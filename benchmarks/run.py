@@ -79,6 +79,21 @@ def py_pio(n: int) -> float:
         return timed(loop, n)
 
 
+def py_pio_raw(n: int) -> float:
+    with pykvm.open("linux") as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        guest.load_real_mode(vm, vcpu, PIO_GUEST)
+        run_raw = vcpu.run_raw
+        io = pykvm.uapi.KVM_EXIT_IO
+
+        def loop() -> None:
+            for _ in range(n):
+                if run_raw() != io or vcpu.io_port != 0x10:
+                    raise RuntimeError(f"unexpected exit {vcpu.last_exit()}")
+
+        return timed(loop, n)
+
+
 def _msr_loop(system: pykvm.System, op: str, count: int, n: int, after_run: bool = False) -> float:
     with system.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
@@ -159,7 +174,8 @@ def figures(rounds: int, quick: bool, only: list[str]) -> list[Figure]:
         out.append(Figure(name, "per second", baseline, p, r, p / r, f">= {floor}x", p / r >= floor))
 
     n_pio, n_msr = 200_000 // k, 200_000 // k
-    rate("PIO exits (run loop)", lambda: py_pio(n_pio), lambda: run_c("pio", n_pio), "C", 0.95)
+    rate("PIO exits (run loop, typed exits)", lambda: py_pio(n_pio), lambda: run_c("pio", n_pio), "C", 0.95)
+    rate("PIO exits (run_raw loop)", lambda: py_pio_raw(n_pio), lambda: run_c("pio", n_pio), "C", 0.95)
     for op, c_mode in (("set", "setmsr"), ("get", "getmsr"), ("strict-set", "setmsr"), ("strict-get", "getmsr")):
         for count in (1, 32):
             rate(f"{op}_msrs x{count}", lambda op=op, count=count: py_msrs(op, count, n_msr),

@@ -312,6 +312,27 @@ class Vcpu(_Closable, ABC):
     def run(self) -> Exit:
         """KVM_RUN: enter the guest until the next exit. The returned exit describes that exit only."""
 
+    _last_exit: Exit | None = None
+
+    def run_raw(self) -> int:
+        """KVM_RUN returning only the exit reason (KVM_EXIT_INTR when interrupted), for tight loops; the exit's
+        details are read with :attr:`io_port` or :meth:`last_exit` until the next run."""
+        e = self._last_exit = self.run()
+        return e.exit_reason if isinstance(e, OtherExit) else e.reason
+
+    def last_exit(self) -> Exit:
+        """The last exit of :meth:`run_raw`, decoded."""
+        self._check_open()
+        if self._last_exit is None:
+            raise InvalidValueError("this vCPU has not run yet")
+        return self._last_exit
+
+    @property
+    def io_port(self) -> int:
+        """The port of the last exit (after a KVM_EXIT_IO from :meth:`run_raw`)."""
+        e = self._last_exit
+        return e.port if isinstance(e, IoExit) else 0
+
     @property
     @abstractmethod
     def immediate_exit(self) -> bool:

@@ -33,3 +33,16 @@ def test_real_mode_guest_exits(kvm: System) -> None:
         assert vcpu.run() == MmioExit(0xF000, b"\x77", 1, True), "a write beyond memory is MMIO"
         assert vcpu.run() == HltExit()
         assert vcpu.get_regs().rip == 0x1000 + len(code), "RIP is past the HLT"
+
+
+def test_run_raw_loop(kvm: System) -> None:
+    # out 0x10, al; jmp $-2 : the tight loop the benchmarks use, read through run_raw and io_port.
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        guest.load_real_mode(vm, vcpu, bytes([0xE6, 0x10, 0xEB, 0xFC]))
+        for _ in range(50):
+            assert vcpu.run_raw() == uapi.KVM_EXIT_IO and vcpu.io_port == 0x10
+        assert vcpu.last_exit() == IoExit(uapi.KVM_EXIT_IO_OUT, 1, 0x10, 1, b"\x00")
+        vcpu.immediate_exit = True
+        assert vcpu.run_raw() == uapi.KVM_EXIT_INTR
+        assert vcpu.last_exit().name == "InterruptedExit"

@@ -37,6 +37,8 @@ _KVM_RUN = uapi.KVM_RUN
 _KVM_GET_MSRS = uapi.KVM_GET_MSRS
 _EXIT_IO = uapi.KVM_EXIT_IO
 _EXIT_HLT = uapi.KVM_EXIT_HLT
+_EXIT_INTR = uapi.KVM_EXIT_INTR
+_IO_PORT = (uapi.KVM_RUN_EXIT_OFFSET + 2) // 2  # kvm_run.io.port as an index of 16-bit words
 _KVM_SET_MSRS = uapi.KVM_SET_MSRS
 _fcntl_ioctl = fcntl.ioctl
 _EXIT = uapi.KVM_RUN_EXIT_OFFSET
@@ -59,6 +61,7 @@ class LinuxVcpu(Vcpu):
         self._run = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._view = memoryview(self._run)
         self._u32 = self._view.cast("I")
+        self._u16 = self._view.cast("H")
 
     @property
     def fd(self) -> int:
@@ -71,6 +74,7 @@ class LinuxVcpu(Vcpu):
         self._closed = True
         fd, self._fd = self._fd, -1  # later ioctls fail with EBADF, reported as ClosedError
         self._u32.release()
+        self._u16.release()
         self._view.release()
         self._run.close()
         os.close(fd)
@@ -101,12 +105,42 @@ class LinuxVcpu(Vcpu):
         try:
             _fcntl_ioctl(self._fd, _KVM_RUN)
         except OSError as e:
-            if e.errno == errno.EINTR:
-                return _INTERRUPTED
-            raise self._ioctl_error(e, "KVM_RUN") from None
+            return self._run_failed(e)
         except ValueError:  # fd -1: closed
             raise ClosedError("this vCPU is closed") from None
-        reason = self._u32[2]
+        return self._decode(self._u32[2])
+
+    def run_raw(self) -> int:
+        """KVM_RUN for tight loops: returns ``kvm_run.exit_reason`` (KVM_EXIT_INTR on EINTR) and decodes nothing.
+        The exit stays in ``kvm_run`` until the next run: read it with :attr:`io_port` or :meth:`last_exit`."""
+        try:
+            _fcntl_ioctl(self._fd, _KVM_RUN)
+        except OSError as e:
+            self._run_failed(e)
+            return _EXIT_INTR
+        except ValueError:  # fd -1: closed
+            raise ClosedError("this vCPU is closed") from None
+        return self._u32[2]
+
+    def _run_failed(self, e: OSError) -> Exit:
+        if e.errno != errno.EINTR:
+            raise self._ioctl_error(e, "KVM_RUN") from None
+        # KVM leaves exit_reason as it was when it did not enter (immediate_exit): record the interruption there, so
+        # that last_exit() sees it; KVM overwrites the field at the next exit.
+        self._u32[2] = _EXIT_INTR
+        return _INTERRUPTED
+
+    @property
+    def io_port(self) -> int:
+        """``kvm_run.io.port`` of the last exit (meaningful after a KVM_EXIT_IO)."""
+        return self._u16[_IO_PORT]
+
+    def last_exit(self) -> Exit:
+        """The last exit, decoded (after :meth:`run_raw`)."""
+        self._check_open()
+        return self._decode(self._u32[2])
+
+    def _decode(self, reason: int) -> Exit:
         if reason == _EXIT_IO:
             direction, size, port, count, offset = _IO.unpack_from(self._run, _EXIT)
             if direction == 1:
@@ -114,6 +148,8 @@ class LinuxVcpu(Vcpu):
             return IoExit(direction, size, port, count, b"", self._reply_io)
         if reason == _EXIT_HLT:
             return _HLT
+        if reason == _EXIT_INTR:
+            return _INTERRUPTED
         return self._decode_other(reason)
 
     def _reply_io(self, data: bytes) -> None:
