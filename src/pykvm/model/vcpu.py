@@ -50,45 +50,6 @@ VMX_BIT = (1, 0, "ecx", 5)
 DS_BIT = (1, 0, "edx", 21)
 DTES64_BIT = (1, 0, "ecx", 2)
 XSAVE_BIT = (1, 0, "ecx", 26)
-MSR_IA32_FEAT_CTL = 0x3A
-# KVM_SUPPORTED_FEATURE_CONTROL (vmx.c): LOCKED | VMX inside/outside SMX | SGX_LC | SGX | LMCE.
-KVM_SUPPORTED_FEATURE_CONTROL = 0x160007
-
-# nested_vmx_cr_fixed1_bits_update: guest CPUID bit -> CR4 bits it allows.
-CR4_FIXED1_MAP: tuple[tuple[tuple[int, int, str, int], int], ...] = (
-    ((1, 0, "edx", 1), 1 << 0 | 1 << 1),  # VME -> VME, PVI
-    ((1, 0, "edx", 4), 1 << 2),  # TSC -> TSD
-    ((1, 0, "edx", 2), 1 << 3),  # DE
-    ((1, 0, "edx", 3), 1 << 4),  # PSE
-    ((1, 0, "edx", 6), 1 << 5),  # PAE
-    ((1, 0, "edx", 7), 1 << 6),  # MCE
-    ((1, 0, "edx", 13), 1 << 7),  # PGE
-    ((1, 0, "edx", 24), 1 << 9),  # FXSR -> OSFXSR
-    ((1, 0, "edx", 25), 1 << 10),  # XMM -> OSXMMEXCPT
-    ((1, 0, "ecx", 5), 1 << 13),  # VMX -> VMXE
-    ((1, 0, "ecx", 6), 1 << 14),  # SMX -> SMXE
-    ((1, 0, "ecx", 17), 1 << 17),  # PCID -> PCIDE
-    ((1, 0, "ecx", 26), 1 << 18),  # XSAVE -> OSXSAVE
-    ((7, 0, "ebx", 0), 1 << 16),  # FSGSBASE
-    ((7, 0, "ebx", 7), 1 << 20),  # SMEP
-    ((7, 0, "ebx", 20), 1 << 21),  # SMAP
-    ((7, 0, "ecx", 3), 1 << 22),  # PKU -> PKE
-    ((7, 0, "ecx", 2), 1 << 11),  # UMIP
-    ((7, 0, "ecx", 16), 1 << 12),  # LA57
-    ((7, 0, "ecx", 7), 1 << 23),  # SHSTK -> CET
-    ((7, 0, "edx", 20), 1 << 23),  # IBT -> CET
-    ((7, 1, "eax", 26), 1 << 28),  # LAM -> LAM_SUP
-)
-# vmx_secondary_exec_control adjustments of PROCBASED_CTLS2 (allowed-1 bit) by guest CPUID, with the quirk on.
-SECONDARY_ADJUST: tuple[tuple[int, tuple[tuple[int, int, str, int], ...]], ...] = (
-    (20, ((0xD, 1, "eax", 3),)),  # ENABLE_XSAVES <- XSAVES
-    (3, ((0x80000001, 0, "edx", 27), (7, 0, "ecx", 22))),  # ENABLE_RDTSCP <- RDTSCP or RDPID
-    (12, ((7, 0, "ebx", 10),)),  # ENABLE_INVPCID <- INVPCID
-    (11, ((1, 0, "ecx", 30),)),  # RDRAND_EXITING <- RDRAND
-    (16, ((7, 0, "ebx", 18),)),  # RDSEED_EXITING <- RDSEED
-    (26, ((7, 0, "ecx", 5),)),  # ENABLE_USR_WAIT_PAUSE <- WAITPKG
-)
-
 
 # kvmclock MSRs share storage (x86.c kvm_set_msr_common): the old and new wall-clock MSRs both set the VM-wide
 # kvm->arch.wall_clock; the old and new system-time MSRs both set the vCPU's arch.time.
@@ -296,9 +257,9 @@ class ModelVcpu(Vcpu):
                 return self._refuse(index, "de_cfg_subset", FAIL)
             self._msr[index] = data
             return OK
-        if index == MSR_IA32_FEAT_CTL and p.vendor == "vmx":
+        if index == vmx.MSR_IA32_FEAT_CTL and p.vendor == "vmx":
             # vmx_set_msr: userspace may set any bit KVM supports (is_vmx_feature_control_msr_valid).
-            if data & ~KVM_SUPPORTED_FEATURE_CONTROL:
+            if data & ~vmx.KVM_SUPPORTED_FEATURE_CONTROL:
                 return self._refuse(index, "host_profile", FAIL)
             self._msr[index] = data
             return OK
@@ -437,7 +398,7 @@ class ModelVcpu(Vcpu):
         raw, supported = self._raw_cpuid, self.profile.supported_cpuid
         if not self.rules.stuff_quirk or not self.vm.disabled_quirks & uapi.KVM_X86_QUIRK_STUFF_FEATURE_MSRS:
             high = self._vmx[0x48B]
-            for bit, sources in SECONDARY_ADJUST:
+            for bit, sources in vmx.SECONDARY_ADJUST:
                 if self._vmx_kvm[0x48B] >> 32 >> bit & 1:
                     # guest_cpu_cap_has: the guest's CPUID bit, and KVM supports the feature
                     on = any(C.has_feature(raw, *s) and C.has_feature(supported, *s) for s in sources)
@@ -448,7 +409,7 @@ class ModelVcpu(Vcpu):
         if C.has_feature(raw, *VMX_BIT):
             self._vmx[0x487] = 0xFFFFFFFF
             cr4 = 1 << 8  # PCE is always allowed
-            for source, allowed in CR4_FIXED1_MAP:
+            for source, allowed in vmx.CR4_FIXED1_MAP:
                 if allowed == 1 << 28 and not self.rules.cr4_fixed1_lam:
                     continue
                 if allowed == 1 << 23 and not self.rules.cr4_fixed1_cet:

@@ -100,3 +100,45 @@ def write(slots: dict[int, int], kvm: dict[int, int], index: int, data: int) -> 
         return EINVAL
     slots[index] = data
     return 0
+
+
+# --- facts vmx.c derives from guest CPUID (vmx_vcpu_after_set_cpuid, vmx_set_msr) ---------------------------------
+
+MSR_IA32_FEAT_CTL = 0x3A
+# KVM_SUPPORTED_FEATURE_CONTROL (vmx.c): LOCKED | VMX inside/outside SMX | SGX_LC | SGX | LMCE.
+KVM_SUPPORTED_FEATURE_CONTROL = 0x160007
+
+# nested_vmx_cr_fixed1_bits_update: guest CPUID bit -> CR4 bits it allows.
+CR4_FIXED1_MAP: tuple[tuple[tuple[int, int, str, int], int], ...] = (
+    ((1, 0, "edx", 1), 1 << 0 | 1 << 1),  # VME -> VME, PVI
+    ((1, 0, "edx", 4), 1 << 2),  # TSC -> TSD
+    ((1, 0, "edx", 2), 1 << 3),  # DE
+    ((1, 0, "edx", 3), 1 << 4),  # PSE
+    ((1, 0, "edx", 6), 1 << 5),  # PAE
+    ((1, 0, "edx", 7), 1 << 6),  # MCE
+    ((1, 0, "edx", 13), 1 << 7),  # PGE
+    ((1, 0, "edx", 24), 1 << 9),  # FXSR -> OSFXSR
+    ((1, 0, "edx", 25), 1 << 10),  # XMM -> OSXMMEXCPT
+    ((1, 0, "ecx", 5), 1 << 13),  # VMX -> VMXE
+    ((1, 0, "ecx", 6), 1 << 14),  # SMX -> SMXE
+    ((1, 0, "ecx", 17), 1 << 17),  # PCID -> PCIDE
+    ((1, 0, "ecx", 26), 1 << 18),  # XSAVE -> OSXSAVE
+    ((7, 0, "ebx", 0), 1 << 16),  # FSGSBASE
+    ((7, 0, "ebx", 7), 1 << 20),  # SMEP
+    ((7, 0, "ebx", 20), 1 << 21),  # SMAP
+    ((7, 0, "ecx", 3), 1 << 22),  # PKU -> PKE
+    ((7, 0, "ecx", 2), 1 << 11),  # UMIP
+    ((7, 0, "ecx", 16), 1 << 12),  # LA57
+    ((7, 0, "ecx", 7), 1 << 23),  # SHSTK -> CET
+    ((7, 0, "edx", 20), 1 << 23),  # IBT -> CET
+    ((7, 1, "eax", 26), 1 << 28),  # LAM -> LAM_SUP
+)
+# vmx_secondary_exec_control adjustments of PROCBASED_CTLS2 (allowed-1 bit) by guest CPUID, with the quirk on.
+SECONDARY_ADJUST: tuple[tuple[int, tuple[tuple[int, int, str, int], ...]], ...] = (
+    (20, ((0xD, 1, "eax", 3),)),  # ENABLE_XSAVES <- XSAVES
+    (3, ((0x80000001, 0, "edx", 27), (7, 0, "ecx", 22))),  # ENABLE_RDTSCP <- RDTSCP or RDPID
+    (12, ((7, 0, "ebx", 10),)),  # ENABLE_INVPCID <- INVPCID
+    (11, ((1, 0, "ecx", 30),)),  # RDRAND_EXITING <- RDRAND
+    (16, ((7, 0, "ebx", 18),)),  # RDSEED_EXITING <- RDSEED
+    (26, ((7, 0, "ecx", 5),)),  # ENABLE_USR_WAIT_PAUSE <- WAITPKG
+)
