@@ -88,3 +88,19 @@ def test_guest_cpuid_out_of_range_leaf_on_intel() -> None:
         assert isinstance(events[0], Cpuid) and isinstance(events[1], Cpuid)
         assert (events[0].eax, events[0].ebx, events[0].edx) == (events[1].eax, events[1].ebx, events[1].edx) != (
             0, 0, 0), f"leaf 0x15 above the maximum 0xd should read as leaf 0xd: {events[:2]}"
+
+
+def test_guest_de_cfg_writes_by_kernel() -> None:
+    # AMD DE_CFG from the guest: any supported subset (svm_set_msr), except on 6.12.0 where 74a0e79df68a allowed only
+    # the current value (4d5163cba43f restored subsets after Windows guests #GP'd).
+    from pykvm.program import Wrmsr
+
+    for kernel, expected in (("6.10", [Wrmsr(0xC0011029), Rdmsr(0xC0011029, 2), GP]),
+                             ("6.12", [GP, Rdmsr(0xC0011029, 0), GP]),
+                             ("6.18", [Wrmsr(0xC0011029), Rdmsr(0xC0011029, 2), GP])):
+        with pykvm.open("model", profile="amd-epyc", kernel=kernel) as kvm, kvm.create_vm() as vm:
+            vcpu = vm.create_vcpu(0)
+            vcpu.set_cpuid(kvm.get_supported_cpuid())
+            prog = Program().wrmsr(0xC0011029, 2).rdmsr(0xC0011029).wrmsr(0xC0011029, 4).hlt()
+            events = run_program(vm, vcpu, prog)
+            assert events == [*expected, Halted()], (kernel, events)

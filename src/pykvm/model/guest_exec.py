@@ -101,6 +101,8 @@ def guest_set(vcpu: ModelVcpu, index: int, data: int) -> int:
             return UNSUPPORTED
         if data & ~p.feature_msrs.get(index, 0):  # 4d5163cba43f: the guest may write any supported subset
             return FAIL
+        if rs.de_cfg_guest_same_only and data != vcpu._msr[index]:  # 74a0e79df68a, 6.12.0
+            return FAIL
         vcpu._msr[index] = data
         return OK
     b = p.msr_behaviour.get(index)

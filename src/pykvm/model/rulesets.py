@@ -92,6 +92,8 @@ class Ruleset:
     perf_cap_pebs_mask: int  # PERF_CAP_PEBS_MASK: 6.18 adds PEBS_TIMING_INFO (bit 17)
     cr4_fixed1_lam: bool = False  # nested_vmx_cr_fixed1_bits_update allows LAM_SUP from CPUID.7.1:EAX.LAM (6.8)
     cr4_fixed1_cet: bool = False  # ... and CET from SHSTK/IBT (the CET series, 6.18)
+    de_cfg_guest_same_only: bool = False  # 6.12.0 (74a0e79df68a): the guest may only rewrite DE_CFG's current value;
+    # 4d5163cba43f (6.13-rc, Cc stable) lets it write any supported subset again
 
     @property
     def immutable_generic(self) -> frozenset[int]:
@@ -112,7 +114,7 @@ RULESETS: dict[str, Ruleset] = {
     "6.3": Ruleset("6.3", False, False, False, False, False, False, True, 0x4FC0),
     "6.4": Ruleset("6.4", True, False, False, False, False, False, True, 0x4FC0),
     "6.10": Ruleset("6.10", True, True, False, False, False, False, True, 0x4FC0, True),
-    "6.12": Ruleset("6.12", True, True, True, False, False, False, True, 0x4FC0, True),
+    "6.12": Ruleset("6.12", True, True, True, False, False, False, True, 0x4FC0, True, de_cfg_guest_same_only=True),
     "6.13": Ruleset("6.13", True, True, True, True, True, True, False, 0x4FC0, True),
     "6.18": Ruleset("6.18", True, True, True, True, True, True, False, 0x24FC0, True, True),
 }
