@@ -322,26 +322,21 @@ def test_immediate_exit_is_interrupted_and_does_not_freeze(live: LinuxSystem) ->
 
 
 def test_signal_kick_gives_interrupted_exit(live: LinuxSystem) -> None:
-    # A guest spinning forever, kicked out of KVM_RUN by a signal from another thread.
-    from iced_x86 import Instruction
+    # A guest spinning forever (jmp $), kicked out of KVM_RUN by a signal sent from another thread.
+    from iced_x86 import Code, Instruction
 
-    from asm import assemble as asm
-
-    loop = asm([Instruction.create_branch(__import__("iced_x86").Code.JMP_REL8_16, 0x1000)])
+    loop = assemble([Instruction.create_branch(Code.JMP_REL8_16, 0x1000)])
     previous = signal.signal(signal.SIGUSR1, lambda *a: None)
     try:
         with live.create_vm() as vm:
             vcpu = vm.create_vcpu(0)
             guest.load_real_mode(vm, vcpu, loop)
-            tid = threading.get_native_id()
-            timer = threading.Timer(0.05, lambda: signal.pthread_kill(main_ident, signal.SIGUSR1))
-            main_ident = threading.main_thread().ident
-            assert tid and main_ident
+            me = threading.get_ident()
+            timer = threading.Timer(0.05, signal.pthread_kill, (me, signal.SIGUSR1))
             timer.start()
             exit_ = vcpu.run()
             timer.join()
             assert isinstance(exit_, InterruptedExit), f"a signal during KVM_RUN should interrupt it, saw {exit_}"
-            vcpu.immediate_exit = False
             guest.load_real_mode(vm, vcpu, guest.HLT)
             assert isinstance(vcpu.run(), HltExit), "the vCPU keeps working after the interruption"
     finally:
