@@ -9,7 +9,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from .. import msrs as M
@@ -36,6 +38,7 @@ from .guest_exec import run_program as run_guest_program
 from .rulesets import RULES
 
 if TYPE_CHECKING:
+    from .profile import Profile
     from .vm import ModelVm
 
 OK, FAIL, UNSUPPORTED = 0, 1, 2
@@ -55,6 +58,47 @@ XSAVE_BIT = (1, 0, "ecx", 26)
 # kvm->arch.wall_clock; the old and new system-time MSRs both set the vCPU's arch.time.
 MSR_ALIASES = {0x4B564D00: 0x11, 0x4B564D01: 0x12}
 VM_WIDE_MSRS = frozenset({0x11})
+MSR_MISC_FEATURES_ENABLES = 0x140
+_PLATFORM_INFO = M.MSR_PLATFORM_INFO
+_CPUID_FAULT = M.PLATFORM_INFO_CPUID_FAULT
+_PLAN_CACHE = 256  # batch plans kept per vCPU
+# A batch's write plan: positions of entries with rules, the store-only indices, and how to pick their values from
+# the unpacked batch (index, data, index, data, ...).
+WritePlan = tuple[tuple[int, ...], tuple[int, ...], "Callable[[tuple[int, ...]], tuple[int, ...]] | None"]
+_BATCH_STRUCTS: dict[int, struct.Struct] = {}
+
+
+def batch_struct(n: int) -> struct.Struct:
+    """The entries of a ``struct kvm_msrs`` of ``n`` entries, unpacked in one call: index, data, index, data, ..."""
+    s = _BATCH_STRUCTS.get(n)
+    if s is None:
+        s = _BATCH_STRUCTS[n] = struct.Struct("<" + "I4xQ" * n)
+    return s
+
+
+def _pick_one(position: int, values: tuple[int, ...]) -> tuple[int, ...]:
+    return (values[position],)
+
+
+def store_only_msrs(profile: Profile, immutable: frozenset[int]) -> frozenset[int]:
+    """The MSRs for which ``_do_set`` always succeeds and does nothing but store the value under its own index:
+    UCODE_REV and the profile's ordinary MSRs that accept any value, less every MSR with a rule of its own and every
+    MSR a rule reads (MISC_FEATURES_ENABLES, which PLATFORM_INFO's order check reads), so that no rule depends on a
+    store-only write: ``set_msrs`` relies on it to run a batch's ruled entries first."""
+    ruled = {
+        MSR_MISC_FEATURES_ENABLES,
+        *MSR_ALIASES.values(),
+        M.MSR_IA32_ARCH_CAPABILITIES,
+        M.MSR_IA32_PERF_CAPABILITIES,
+        M.MSR_PLATFORM_INFO,
+        M.MSR_AMD64_DE_CFG,
+        vmx.MSR_IA32_FEAT_CTL,
+        *MSR_ALIASES,
+        *VM_WIDE_MSRS,
+        *immutable,
+    }
+    ordinary = {i for i, b in profile.msr_behaviour.items() if b.kind not in ("refuse", "zero_only", "drop")}
+    return frozenset(({M.MSR_IA32_UCODE_REV} | ordinary) - ruled - set(range(M.VMX_FIRST, M.VMX_LAST + 1)))
 
 
 class ModelLimitation(PykvmError):
@@ -107,6 +151,9 @@ class ModelVcpu(Vcpu):
         self._frozen: frozenset[int] = frozenset()
         # MSRs whose do_get_msr is a plain read of the stored value (no CPUID gate): the check reads them directly.
         self._plain = frozenset({M.MSR_PLATFORM_INFO} | ({M.MSR_AMD64_DE_CFG} if vm.profile.vendor == "svm" else set()))
+        self._store_only = store_only_msrs(p, self._immutable_set)
+        self._setters = self._msr_setters()
+        self._plans: dict[tuple[int, ...], WritePlan] = {}
         features = p.feature_msrs
         quirk = (not rs.stuff_quirk) or not vm.disabled_quirks & uapi.KVM_X86_QUIRK_STUFF_FEATURE_MSRS
         self._msr: dict[int, int] = {
@@ -227,7 +274,10 @@ class ModelVcpu(Vcpu):
 
     def _set(self, index: int, data: int) -> int:
         """``kvm_set_msr_ignored_check`` before the unsupported-MSR rule."""
-        p, rs = self.profile, self.rules
+        setter = self._setters.get(index)
+        if setter is not None:
+            return setter(data)
+        p = self.profile
         if M.VMX_FIRST <= index <= M.VMX_LAST:
             if p.vendor != "vmx" or not p.nested_vmx:
                 return self._refuse(index, "unknown_msr", UNSUPPORTED)
@@ -235,34 +285,6 @@ class ModelVcpu(Vcpu):
                 return self._refuse(index, "vmx_restore", FAIL)
             code = vmx.write(self._vmx, self._vmx_kvm, index, data)
             return self._refuse(index, "vmx_restore", code) if code else OK
-        if index == M.MSR_IA32_ARCH_CAPABILITIES:
-            if rs.cpuid_gated_caps and not self._cpuid_has(ARCH_CAPABILITIES_BIT):
-                return self._refuse(index, "arch_cap_needs_cpuid", UNSUPPORTED)
-            self._msr[index] = data
-            return OK
-        if index == M.MSR_IA32_PERF_CAPABILITIES:
-            return self._set_perf_cap(data)
-        if index == M.MSR_PLATFORM_INFO:
-            if rs.platform_info_order_check and not data & M.PLATFORM_INFO_CPUID_FAULT and self._msr.get(0x140, 0) & 1:
-                return self._refuse(index, "platform_info_no_order_check", FAIL)
-            self._msr[index] = data
-            return OK
-        if index == M.MSR_IA32_UCODE_REV:
-            self._msr[index] = data
-            return OK
-        if index == M.MSR_AMD64_DE_CFG:
-            if p.vendor != "svm":
-                return self._refuse(index, "unknown_msr", UNSUPPORTED)
-            if data & ~p.feature_msrs.get(M.MSR_AMD64_DE_CFG, 0):
-                return self._refuse(index, "de_cfg_subset", FAIL)
-            self._msr[index] = data
-            return OK
-        if index == vmx.MSR_IA32_FEAT_CTL and p.vendor == "vmx":
-            # vmx_set_msr: userspace may set any bit KVM supports (is_vmx_feature_control_msr_valid).
-            if data & ~vmx.KVM_SUPPORTED_FEATURE_CONTROL:
-                return self._refuse(index, "host_profile", FAIL)
-            self._msr[index] = data
-            return OK
         b = p.msr_behaviour.get(index)
         if b is None:
             return self._refuse(index, "unknown_msr", UNSUPPORTED)
@@ -271,6 +293,56 @@ class ModelVcpu(Vcpu):
         if b.kind != "drop":
             key = MSR_ALIASES.get(index, index)
             (self.vm.msrs if key in VM_WIDE_MSRS else self._msr)[key] = data
+        return OK
+
+    def _msr_setters(self) -> dict[int, Callable[[int], int]]:
+        """The MSRs with a host-write rule of their own, and the rule."""
+        setters: dict[int, Callable[[int], int]] = {
+            M.MSR_IA32_ARCH_CAPABILITIES: self._set_arch_cap,
+            M.MSR_IA32_PERF_CAPABILITIES: self._set_perf_cap,
+            M.MSR_PLATFORM_INFO: self._set_platform_info,
+            M.MSR_IA32_UCODE_REV: self._set_ucode_rev,
+            M.MSR_AMD64_DE_CFG: self._set_de_cfg,
+        }
+        if self.profile.vendor == "vmx":
+            setters[vmx.MSR_IA32_FEAT_CTL] = self._set_feat_ctl
+        return setters
+
+    def _set_arch_cap(self, data: int) -> int:
+        index = M.MSR_IA32_ARCH_CAPABILITIES
+        if self.rules.cpuid_gated_caps and not self._cpuid_has(ARCH_CAPABILITIES_BIT):
+            return self._refuse(index, "arch_cap_needs_cpuid", UNSUPPORTED)
+        self._msr[index] = data
+        return OK
+
+    def _set_platform_info(self, data: int) -> int:
+        if (
+            self.rules.platform_info_order_check
+            and not data & _CPUID_FAULT
+            and self._msr.get(MSR_MISC_FEATURES_ENABLES, 0) & 1
+        ):
+            return self._refuse(M.MSR_PLATFORM_INFO, "platform_info_no_order_check", FAIL)
+        self._msr[_PLATFORM_INFO] = data
+        return OK
+
+    def _set_ucode_rev(self, data: int) -> int:
+        self._msr[M.MSR_IA32_UCODE_REV] = data
+        return OK
+
+    def _set_de_cfg(self, data: int) -> int:
+        index, p = M.MSR_AMD64_DE_CFG, self.profile
+        if p.vendor != "svm":
+            return self._refuse(index, "unknown_msr", UNSUPPORTED)
+        if data & ~p.feature_msrs.get(index, 0):
+            return self._refuse(index, "de_cfg_subset", FAIL)
+        self._msr[index] = data
+        return OK
+
+    def _set_feat_ctl(self, data: int) -> int:
+        # vmx_set_msr: userspace may set any bit KVM supports (is_vmx_feature_control_msr_valid).
+        if data & ~vmx.KVM_SUPPORTED_FEATURE_CONTROL:
+            return self._refuse(vmx.MSR_IA32_FEAT_CTL, "host_profile", FAIL)
+        self._msr[vmx.MSR_IA32_FEAT_CTL] = data
         return OK
 
     def perf_cap_vendor_check(self, data: int) -> int:
@@ -354,17 +426,54 @@ class ModelVcpu(Vcpu):
         return n
 
     def set_msrs(self, entries: MsrBatch | MsrItems, strict: bool = False) -> int:
-        self._check_open()
-        batch = as_batch(entries)
+        if self._closed:
+            self._check_open()
+        batch = entries if type(entries) is MsrBatch else as_batch(entries)
         n = len(batch)
         if n >= uapi.MAX_IO_MSRS:
             raise KvmError(errno.E2BIG, "KVM_SET_MSRS")
-        for i, (index, _, data) in enumerate(_ENTRY.iter_unpack(memoryview(batch.buffer)[8 : 8 + 16 * n])):
-            if self._do_set(index, data):
+        flat = batch_struct(n).unpack_from(batch.buffer, 8)  # index, data, index, data, ...
+        indices = flat[0::2]
+        plan = self._plans.get(indices) or self._plan(indices)
+        specials, store_indices, pick = plan
+        for pos in specials:
+            if self._do_set(indices[pos], flat[2 * pos + 1]):
+                for i in range(pos):  # the store-only entries before the refused one took effect
+                    if indices[i] in self._store_only:
+                        self._store(indices[i], flat[2 * i + 1])
                 if strict:
-                    raise self.short_write(batch, i)
-                return i
+                    raise self.short_write(batch, pos)
+                return pos
+        if pick is not None:
+            self._msr.update(zip(store_indices, pick(flat), strict=True))
+            if self._refusals:
+                for index in store_indices:
+                    self._refusals.pop(index, None)
         return n
+
+    def _store(self, index: int, data: int) -> None:
+        """``_do_set`` of a store-only MSR."""
+        self._refusals.pop(index, None)
+        self._msr[index] = data
+
+    def _plan(self, indices: tuple[int, ...]) -> WritePlan:
+        """How to write a batch naming these MSRs. Store-only MSRs always succeed and only store their value under
+        their own index, and no rule reads them (``store_only_msrs``), so the entries with rules can run first, in
+        order, and the store-only ones follow in one C-level update: the outcome is the kernel's entry-by-entry one.
+        Which MSRs are store-only depends only on the profile and ruleset, so a plan is good for the vCPU's life."""
+        store_only = self._store_only
+        specials = tuple(i for i, index in enumerate(indices) if index not in store_only)
+        positions = [i for i, index in enumerate(indices) if index in store_only]
+        pick: Callable[[tuple[int, ...]], tuple[int, ...]] | None = None
+        if len(positions) == 1:
+            pick = partial(_pick_one, 2 * positions[0] + 1)
+        elif positions:
+            pick = itemgetter(*(2 * i + 1 for i in positions))
+        plan = (specials, tuple(indices[i] for i in positions), pick)
+        if len(self._plans) >= _PLAN_CACHE:
+            self._plans.clear()
+        self._plans[indices] = plan
+        return plan
 
     def get_cpuid(self, max_entries: int = uapi.KVM_MAX_CPUID_ENTRIES) -> list[CpuidEntry]:
         self._check_open()
