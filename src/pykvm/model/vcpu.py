@@ -10,7 +10,6 @@ import ctypes
 import errno
 import struct
 from collections.abc import Callable, Sequence
-from functools import partial
 from operator import itemgetter
 from typing import TYPE_CHECKING
 
@@ -74,10 +73,6 @@ def batch_struct(n: int) -> struct.Struct:
     if s is None:
         s = _BATCH_STRUCTS[n] = struct.Struct("<" + "I4xQ" * n)
     return s
-
-
-def _pick_one(position: int, values: tuple[int, ...]) -> tuple[int, ...]:
-    return (values[position],)
 
 
 def store_only_msrs(profile: Profile, immutable: frozenset[int]) -> frozenset[int]:
@@ -432,7 +427,7 @@ class ModelVcpu(Vcpu):
         n = len(batch)
         if n >= uapi.MAX_IO_MSRS:
             raise KvmError(errno.E2BIG, "KVM_SET_MSRS")
-        flat = batch_struct(n).unpack_from(batch.buffer, 8)  # index, data, index, data, ...
+        flat = (_BATCH_STRUCTS.get(n) or batch_struct(n)).unpack_from(batch.buffer, 8)  # index, data, index, ...
         indices = flat[0::2]
         plan = self._plans.get(indices) or self._plan(indices)
         specials, store_indices, pick = plan
@@ -445,7 +440,7 @@ class ModelVcpu(Vcpu):
                     raise self.short_write(batch, pos)
                 return pos
         if pick is not None:
-            self._msr.update(zip(store_indices, pick(flat), strict=True))
+            self._msr.update(zip(store_indices, pick(flat)))  # noqa: B905 (same length by construction)
             if self._refusals:
                 for index in store_indices:
                     self._refusals.pop(index, None)
@@ -465,8 +460,8 @@ class ModelVcpu(Vcpu):
         specials = tuple(i for i, index in enumerate(indices) if index not in store_only)
         positions = [i for i, index in enumerate(indices) if index in store_only]
         pick: Callable[[tuple[int, ...]], tuple[int, ...]] | None = None
-        if len(positions) == 1:
-            pick = partial(_pick_one, 2 * positions[0] + 1)
+        if len(positions) == 1:  # itemgetter of one item gives the item, of a slice a tuple
+            pick = itemgetter(slice(2 * positions[0] + 1, 2 * positions[0] + 2))
         elif positions:
             pick = itemgetter(*(2 * i + 1 for i in positions))
         plan = (specials, tuple(indices[i] for i in positions), pick)
