@@ -1,11 +1,14 @@
 """pykvm benchmarks: the same work through pykvm's public API and through a C program, in the same run.
 
-    python benchmarks/run.py [--rounds 5] [--quick] [--json] [--only NAME ...]
+    python benchmarks/run.py [--rounds 5] [--quick] [--json] [--only NAME ...] [--cpu N|none]
 
 Each figure runs C and Python alternately for several rounds and reports the medians and the ratio pykvm/C (for
-rates; for times, C/pykvm is shown as "speed" and the raw ratio as "time ratio"). Model figures compare the model with
-the live kernel, and the model under the 6.3 ruleset (no freeze check) with the 6.18 one. Each target is reported as
-met or not. docs/performance.md records the latest table.
+rates; for VM start, C time / pykvm time, so above 1 is always faster). Model figures compare the model with the live
+kernel, and the model under the 6.3 ruleset (no freeze check) with the 6.18 one. Each target is reported as met or
+not. For every figure measured against C, the CPU time per operation is split into user time (the program: for pykvm
+the interpreter and the binding) and system time (the kernel: the same ioctls on both sides), which is the profile of
+where the time goes. Both sides run pinned to one CPU (--cpu, default the last one) so that they compete for the same
+core. docs/performance.md records the latest table.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -46,17 +50,30 @@ def build_c() -> Path:
     return C_BINARY
 
 
-def run_c(mode: str, n: int) -> float:
+@dataclass
+class Sample:
+    """One timed run: a rate (or, for VM start, microseconds per start) and CPU time per operation."""
+
+    value: float
+    user_us: float  # user CPU time per operation
+    sys_us: float  # system (kernel) CPU time per operation
+
+
+def run_c(mode: str, n: int) -> Sample:
     out = subprocess.run([str(C_BINARY), mode, str(n)], check=True, capture_output=True, text=True).stdout
-    return float(out.strip())
+    value, user, system = (float(x) for x in out.split())
+    return Sample(value, user, system)
 
 
-def timed(fn: Callable[[], None], n: int) -> float:
+def timed(fn: Callable[[], None], n: int) -> Sample:
     gc.disable()
     try:
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         fn()
-        return n / (time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        return Sample(n / elapsed, (r1.ru_utime - r0.ru_utime) / n * 1e6, (r1.ru_stime - r0.ru_stime) / n * 1e6)
     finally:
         gc.enable()
 
@@ -64,7 +81,7 @@ def timed(fn: Callable[[], None], n: int) -> float:
 # --- the Python side: public API only ----------------------------------------------------------------------------
 
 
-def py_pio(n: int) -> float:
+def py_pio(n: int) -> Sample:
     with pykvm.open("linux") as kvm, kvm.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
         guest.load_real_mode(vm, vcpu, PIO_GUEST)
@@ -79,7 +96,7 @@ def py_pio(n: int) -> float:
         return timed(loop, n)
 
 
-def py_pio_raw(n: int) -> float:
+def py_pio_raw(n: int) -> Sample:
     with pykvm.open("linux") as kvm, kvm.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
         guest.load_real_mode(vm, vcpu, PIO_GUEST)
@@ -94,7 +111,7 @@ def py_pio_raw(n: int) -> float:
         return timed(loop, n)
 
 
-def _msr_loop(system: pykvm.System, op: str, count: int, n: int, after_run: bool = False) -> float:
+def _msr_loop(system: pykvm.System, op: str, count: int, n: int, after_run: bool = False) -> Sample:
     with system.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
         batch = MsrBatch([(BATCH_MSRS[i % 8], 0) for i in range(count)])
@@ -111,17 +128,17 @@ def _msr_loop(system: pykvm.System, op: str, count: int, n: int, after_run: bool
         return timed(loop, n)
 
 
-def py_msrs(op: str, count: int, n: int) -> float:
+def py_msrs(op: str, count: int, n: int) -> Sample:
     with pykvm.open("linux") as kvm:
         return _msr_loop(kvm, op, count, n)
 
 
-def model_msrs(kernel: str, count: int, n: int, after_run: bool = False) -> float:
+def model_msrs(kernel: str, count: int, n: int, after_run: bool = False) -> Sample:
     with pykvm.open("model", kernel=kernel) as kvm:
         return _msr_loop(kvm, "set", count, n, after_run)
 
 
-def py_vmstart(n: int) -> float:
+def py_vmstart(n: int) -> Sample:
     """Microseconds per VM start: create VM, memory, vCPU, registers, first run to HLT, close."""
     with pykvm.open("linux") as kvm:
 
@@ -134,7 +151,8 @@ def py_vmstart(n: int) -> float:
                     if vcpu.run().reason != pykvm.uapi.KVM_EXIT_HLT:
                         raise RuntimeError("no HLT")
 
-        return 1e6 / timed(loop, n)
+        sample = timed(loop, n)
+        return Sample(1e6 / sample.value, sample.user_us, sample.sys_us)
 
 
 # --- figures -----------------------------------------------------------------------------------------------------------
@@ -150,14 +168,29 @@ class Figure:
     ratio: float  # python/reference for rates; reference/python for times (so >1 is always "faster")
     target: str
     met: bool
+    # Median CPU time per operation, user and system, in microseconds: pykvm's, then the baseline's.
+    python_user_us: float = 0.0
+    python_sys_us: float = 0.0
+    reference_user_us: float = 0.0
+    reference_sys_us: float = 0.0
 
 
-def median_pair(py: Callable[[], float], ref: Callable[[], float], rounds: int) -> tuple[float, float]:
+def median_pair(py: Callable[[], Sample], ref: Callable[[], Sample], rounds: int) -> tuple[Sample, Sample]:
     ps, rs = [], []
     for _ in range(rounds):
         rs.append(ref())
         ps.append(py())
-    return statistics.median(ps), statistics.median(rs)
+    return median_sample(ps), median_sample(rs)
+
+
+def median_sample(samples: list[Sample]) -> Sample:
+    return Sample(statistics.median(s.value for s in samples), statistics.median(s.user_us for s in samples),
+                  statistics.median(s.sys_us for s in samples))
+
+
+def cpu_fields(p: Sample, r: Sample) -> dict[str, float]:
+    return {"python_user_us": p.user_us, "python_sys_us": p.sys_us, "reference_user_us": r.user_us,
+            "reference_sys_us": r.sys_us}
 
 
 def figures(rounds: int, quick: bool, only: list[str]) -> list[Figure]:
@@ -167,11 +200,12 @@ def figures(rounds: int, quick: bool, only: list[str]) -> list[Figure]:
     def want(name: str) -> bool:
         return not only or any(o in name for o in only)
 
-    def rate(name: str, py: Callable[[], float], ref: Callable[[], float], baseline: str, floor: float) -> None:
+    def rate(name: str, py: Callable[[], Sample], ref: Callable[[], Sample], baseline: str, floor: float) -> None:
         if not want(name):
             return
         p, r = median_pair(py, ref, rounds)
-        out.append(Figure(name, "per second", baseline, p, r, p / r, f">= {floor}x", p / r >= floor))
+        out.append(Figure(name, "per second", baseline, p.value, r.value, p.value / r.value, f">= {floor}x",
+                          p.value / r.value >= floor, **cpu_fields(p, r)))
 
     n_pio, n_msr = 200_000 // k, 200_000 // k
     rate("PIO exits (run loop, typed exits)", lambda: py_pio(n_pio), lambda: run_c("pio", n_pio), "C", 0.95)
@@ -183,8 +217,8 @@ def figures(rounds: int, quick: bool, only: list[str]) -> list[Figure]:
     if want("VM start"):
         n = 1000 // k
         p, r = median_pair(lambda: py_vmstart(n), lambda: run_c("vmstart", n), rounds)
-        out.append(Figure("VM start (create to first HLT, close)", "us", "C", p, r, r / p, "<= 1.15x C time",
-                          p / r <= 1.15))
+        out.append(Figure("VM start (create to first HLT, close)", "us", "C", p.value, r.value, r.value / p.value,
+                          "<= 1.15x C time", p.value / r.value <= 1.15, **cpu_fields(p, r)))
     for count in (1, 32):
         rate(f"model set_msrs x{count} vs live kernel", lambda count=count: model_msrs("6.18", count, n_msr),
              lambda count=count: run_c(f"setmsr{count}", n_msr), "live kernel (C)", 2.0)
@@ -192,9 +226,10 @@ def figures(rounds: int, quick: bool, only: list[str]) -> list[Figure]:
         if want(f"freeze check x{count}"):
             p, r = median_pair(lambda count=count: model_msrs("6.18", count, n_msr, True),
                                lambda count=count: model_msrs("6.3", count, n_msr, True), max(rounds, 9))
-            overhead = r / p - 1
+            overhead = r.value / p.value - 1
             out.append(Figure(f"freeze check overhead x{count} after a run (6.18 vs 6.3)", "per second", "model 6.3",
-                              p, r, p / r, "overhead <= 5%", overhead <= 0.05))
+                              p.value, r.value, p.value / r.value, "overhead <= 5%", overhead <= 0.05,
+                              **cpu_fields(p, r)))
     if want("pykvm check"):
         from check_replay import measure
 
@@ -215,18 +250,38 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="10x fewer iterations (a smoke run)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--only", nargs="*", default=[], help="run figures whose name contains one of these")
+    ap.add_argument("--cpu", default="last", help="pin both sides to this CPU (default: the last allowed; 'none')")
     args = ap.parse_args()
     build_c()
+    cpu = pin(args.cpu)
     figs = figures(args.rounds, args.quick, args.only)
     machine = {"kernel": os.uname().release, "python": platform.python_version(), "cpu": platform.processor() or
-               platform.machine(), "nproc": os.cpu_count()}
+               platform.machine(), "nproc": os.cpu_count(), "pinned_to_cpu": cpu}
     if args.json:
         print(json.dumps({"machine": machine, "rounds": args.rounds, "figures": [asdict(f) for f in figs]}, indent=2))
         return
     print(f"machine: {machine}  rounds: {args.rounds} (medians)")
-    print(f"{'figure':52} {'pykvm':>12} {'baseline':>12} {'ratio':>7}  target            met")
+    print(f"{'figure':52} {'pykvm':>12} {'baseline':>12} {'ratio':>7}  {'target':17} {'met':4}"
+          f" {'user/sys us per op: pykvm':>26} {'baseline':>15}")
     for f in figs:
-        print(f"{f.name:52} {f.python:12.1f} {f.reference:12.1f} {f.ratio:7.3f}  {f.target:17} {'yes' if f.met else 'NO'}")
+        cpu_split = ""
+        if f.python_user_us or f.python_sys_us:
+            cpu_split = (f" {f.python_user_us:12.3f} /{f.python_sys_us:8.3f}"
+                         f" {f.reference_user_us:6.3f} /{f.reference_sys_us:7.3f}")
+        print(f"{f.name:52} {f.python:12.1f} {f.reference:12.1f} {f.ratio:7.3f}  {f.target:17} "
+              f"{'yes' if f.met else 'NO':4}{cpu_split}")
+
+
+def pin(cpu: str) -> int | None:
+    """Pin this process, and so the C runs it starts, to one CPU: both sides then run on the same core."""
+    if cpu == "none" or not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    chosen = allowed[-1] if cpu == "last" else int(cpu)
+    if chosen not in allowed:
+        sys.exit(f"--cpu {cpu}: this process may run on CPUs {allowed} only")
+    os.sched_setaffinity(0, {chosen})
+    return chosen
 
 
 if __name__ == "__main__":

@@ -387,17 +387,20 @@ class ModelVcpu(Vcpu):
 
     def _do_set(self, index: int, data: int) -> int:
         self._refusals.pop(index, None)  # the rule behind the last refusal only, not an older one
-        rs = self.rules
         if index in self._frozen:
-            code, current = (OK, self._msr[index]) if index in self._plain else self._access_get(index)
-            if code or current != data:
+            if index in self._plain:
+                same = self._msr[index] == data
+            else:
+                code, current = self._access_get(index)
+                same = not code and current == data
+            if not same:
                 rule = "platform_info_immutable" if index == M.MSR_PLATFORM_INFO else "freeze"
                 return self._refuse(index, rule, EINVAL)
-            if not rs.same_value_real_write:
+            if not self.rules.same_value_real_write:
                 return OK
         code = self._set(index, data)
         if code == UNSUPPORTED and (
-            (rs.unsupported_zero and data == 0 and index in self._advertised) or self.profile.ignore_msrs
+            (self.rules.unsupported_zero and data == 0 and index in self._advertised) or self.profile.ignore_msrs
         ):
             return OK
         return code
