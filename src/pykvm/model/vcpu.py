@@ -61,9 +61,11 @@ MSR_MISC_FEATURES_ENABLES = 0x140
 _PLATFORM_INFO = M.MSR_PLATFORM_INFO
 _CPUID_FAULT = M.PLATFORM_INFO_CPUID_FAULT
 _PLAN_CACHE = 256  # batch plans kept per vCPU
-# A batch's write plan: positions of entries with rules, the store-only indices, and how to pick their values from
-# the unpacked batch (index, data, index, data, ...).
-WritePlan = tuple[tuple[int, ...], tuple[int, ...], "Callable[[tuple[int, ...]], tuple[int, ...]] | None"]
+# A batch's write plan: the entries with rules (position, index, where their data is in the unpacked batch: index,
+# data, index, data, ...), the store-only indices, and how to pick their values from the unpacked batch.
+WritePlan = tuple[
+    tuple[tuple[int, int, int], ...], tuple[int, ...], "Callable[[tuple[int, ...]], tuple[int, ...]] | None"
+]
 _BATCH_STRUCTS: dict[int, struct.Struct] = {}
 
 
@@ -148,6 +150,7 @@ class ModelVcpu(Vcpu):
         self._plain = frozenset({M.MSR_PLATFORM_INFO} | ({M.MSR_AMD64_DE_CFG} if vm.profile.vendor == "svm" else set()))
         self._store_only = store_only_msrs(p, self._immutable_set)
         self._setters = self._msr_setters()
+        self._same_value_real_write = rs.same_value_real_write
         self._plans: dict[tuple[int, ...], WritePlan] = {}
         features = p.feature_msrs
         quirk = (not rs.stuff_quirk) or not vm.disabled_quirks & uapi.KVM_X86_QUIRK_STUFF_FEATURE_MSRS
@@ -389,16 +392,17 @@ class ModelVcpu(Vcpu):
         self._refusals.pop(index, None)  # the rule behind the last refusal only, not an older one
         if index in self._frozen:
             if index in self._plain:
-                same = self._msr[index] == data
+                current: int | None = self._msr[index]
             else:
-                code, current = self._access_get(index)
-                same = not code and current == data
-            if not same:
+                code, value = self._access_get(index)
+                current = None if code else value
+            if current != data:
                 rule = "platform_info_immutable" if index == M.MSR_PLATFORM_INFO else "freeze"
                 return self._refuse(index, rule, EINVAL)
-            if not self.rules.same_value_real_write:
+            if not self._same_value_real_write:
                 return OK
-        code = self._set(index, data)
+        setter = self._setters.get(index)
+        code = setter(data) if setter is not None else self._set(index, data)
         if code == UNSUPPORTED and (
             (self.rules.unsupported_zero and data == 0 and index in self._advertised) or self.profile.ignore_msrs
         ):
@@ -434,8 +438,8 @@ class ModelVcpu(Vcpu):
         indices = flat[0::2]
         plan = self._plans.get(indices) or self._plan(indices)
         specials, store_indices, pick = plan
-        for pos in specials:
-            if self._do_set(indices[pos], flat[2 * pos + 1]):
+        for pos, index, at in specials:
+            if self._do_set(index, flat[at]):
                 for i in range(pos):  # the store-only entries before the refused one took effect
                     if indices[i] in self._store_only:
                         self._store(indices[i], flat[2 * i + 1])
@@ -460,7 +464,7 @@ class ModelVcpu(Vcpu):
         order, and the store-only ones follow in one C-level update: the outcome is the kernel's entry-by-entry one.
         Which MSRs are store-only depends only on the profile and ruleset, so a plan is good for the vCPU's life."""
         store_only = self._store_only
-        specials = tuple(i for i, index in enumerate(indices) if index not in store_only)
+        specials = tuple((i, index, 2 * i + 1) for i, index in enumerate(indices) if index not in store_only)
         positions = [i for i, index in enumerate(indices) if index in store_only]
         pick: Callable[[tuple[int, ...]], tuple[int, ...]] | None = None
         if len(positions) == 1:  # itemgetter of one item gives the item, of a slice a tuple

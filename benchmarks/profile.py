@@ -1,0 +1,282 @@
+"""Where the time goes on pykvm's hot paths: cost ladders, and perf profiles of the run loop.
+
+    python benchmarks/profile.py [--n 200000] [--rounds 5] [--no-perf] [--json]
+
+1. Ladders. Each hot path is timed step by step in one process pinned to one CPU, next to the C program doing the
+   same ioctls: the C loop, the bare ``fcntl.ioctl`` call from Python, then pykvm's public call, so each step's cost
+   is the difference to the one before. Best of several rounds, microseconds per operation.
+2. Model ``set_msrs`` of 32 entries, broken into its parts (``timeit``, microseconds per call).
+3. perf (when ``perf record`` works here): the typed run loop and the C loop sampled with ``cpu-clock``; the samples
+   are split into the kernel and each user-space object, and the top user-space symbols are given in microseconds
+   per exit. The Python process enables sampling only around its loop (perf's control FIFO), so start-up is left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import timeit
+from collections.abc import Callable
+from pathlib import Path
+
+import pykvm
+from pykvm import guest, uapi
+from pykvm.api import IoExit, MsrBatch
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from run import BATCH_MSRS, PIO_GUEST, build_c, pin, run_c  # noqa: E402
+
+
+def best_us(fn: Callable[[int], None], n: int, rounds: int) -> float:
+    """Best wall time per operation over ``rounds`` runs of ``fn(n)``, in microseconds."""
+    times = []
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            fn(n)
+            times.append((time.perf_counter() - t0) / n * 1e6)
+    finally:
+        gc.enable()
+    return min(times)
+
+
+def best_c_us(mode: str, n: int, rounds: int) -> float:
+    return min(1e6 / run_c(mode, n).value for _ in range(rounds))
+
+
+def run_ladder(n: int, rounds: int) -> list[tuple[str, float]]:
+    with pykvm.open("linux") as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        guest.load_real_mode(vm, vcpu, PIO_GUEST)
+        fd, kvm_run, ioctl = vcpu.fd, uapi.KVM_RUN, fcntl.ioctl
+        run, run_raw, io = vcpu.run, vcpu.run_raw, uapi.KVM_EXIT_IO
+
+        def bare(n: int) -> None:
+            for _ in range(n):
+                ioctl(fd, kvm_run)
+
+        def raw_reason(n: int) -> None:
+            for _ in range(n):
+                if run_raw() != io:
+                    raise RuntimeError("not an IO exit")
+
+        def raw_port(n: int) -> None:
+            for _ in range(n):
+                if run_raw() != io or vcpu.io_port != 0x10:
+                    raise RuntimeError("not an OUT to 0x10")
+
+        def typed(n: int) -> None:
+            for _ in range(n):
+                e = run()
+                if type(e) is not IoExit or e.port != 0x10:
+                    raise RuntimeError(f"unexpected {e}")
+
+        return [
+            ("C: ioctl(KVM_RUN), check reason and port", best_c_us("pio", n, rounds)),
+            ("Python: fcntl.ioctl(fd, KVM_RUN), nothing read", best_us(bare, n, rounds)),
+            ("pykvm: run_raw(), check the reason", best_us(raw_reason, n, rounds)),
+            ("pykvm: run_raw(), check reason and io_port", best_us(raw_port, n, rounds)),
+            ("pykvm: run(), typed IoExit, check type and port", best_us(typed, n, rounds)),
+        ]
+
+
+def msr_ladder(n: int, rounds: int) -> list[tuple[str, float]]:
+    with pykvm.open("linux") as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        batch = MsrBatch([(BATCH_MSRS[0], 0)])
+        fd, req, buf, ioctl = vcpu.fd, uapi.KVM_SET_MSRS, batch.buffer, fcntl.ioctl
+        set_msrs = vcpu.set_msrs
+
+        def bare(n: int) -> None:
+            for _ in range(n):
+                ioctl(fd, req, buf, True)
+
+        def api(n: int) -> None:
+            for _ in range(n):
+                set_msrs(batch)
+
+        def strict(n: int) -> None:
+            for _ in range(n):
+                set_msrs(batch, True)
+
+        return [
+            ("C: ioctl(KVM_SET_MSRS), 1 MSR", best_c_us("setmsr1", n, rounds)),
+            ("Python: fcntl.ioctl(fd, KVM_SET_MSRS, buf, True)", best_us(bare, n, rounds)),
+            ("pykvm: set_msrs(batch)", best_us(api, n, rounds)),
+            ("pykvm: set_msrs(batch, strict=True)", best_us(strict, n, rounds)),
+        ]
+
+
+def model_parts(n: int, rounds: int) -> list[tuple[str, float]]:
+    """The model's set_msrs of the benchmark's 32-entry batch, part by part."""
+    from pykvm.model.vcpu import batch_struct
+
+    with pykvm.open("model", kernel="6.18") as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        batch = MsrBatch([(BATCH_MSRS[i % 8], 0) for i in range(32)])
+        vcpu.set_msrs(batch)
+        unpack = batch_struct(32).unpack_from
+        flat = unpack(batch.buffer, 8)
+        indices = flat[0::2]
+        specials, store_indices, pick = vcpu._plans[indices]  # type: ignore[attr-defined]
+        ruled = [(index, flat[at]) for _, index, at in specials]
+        store = vcpu._msr  # type: ignore[attr-defined]
+        do_set = vcpu._do_set  # type: ignore[attr-defined]
+        assert pick is not None
+        names = {
+            "whole call: vcpu.set_msrs(batch)": lambda: vcpu.set_msrs(batch),
+            "unpack the 32 entries (one struct call)": lambda: unpack(batch.buffer, 8),
+            "indices = flat[0::2]": lambda: flat[0::2],
+            "find the batch's cached plan (hash + compare a 32-tuple)": lambda: vcpu._plans.get(indices),  # type: ignore[attr-defined]
+            f"{len(ruled)} entries with rules (PLATFORM_INFO) through _do_set": lambda: [do_set(i, d) for i, d in ruled],
+            f"{len(store_indices)} store-only entries: pick values, one dict update": lambda: store.update(
+                zip(store_indices, pick(flat))),  # noqa: B905
+        }
+        out = []
+        for name, fn in names.items():
+            out.append((name, min(timeit.repeat(fn, number=n, repeat=rounds)) / n * 1e6))
+        kernel = best_c_us("setmsr32", 50_000, rounds)
+        out.append(("live kernel, C: KVM_SET_MSRS of the same 32 entries", kernel))
+        out.append(("2x the kernel's rate needs a whole call under", kernel / 2))
+        return out
+
+
+# --- perf --------------------------------------------------------------------------------------------------------------
+
+PERF_LOOP = textwrap.dedent("""
+    import sys, time
+    import pykvm
+    from pykvm import guest
+    from pykvm.api import IoExit
+    ctl, ack, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    with pykvm.open("linux") as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        guest.load_real_mode(vm, vcpu, bytes([0xE6, 0x10, 0xEB, 0xFC]))
+        run = vcpu.run
+        run()
+        def control(cmd):
+            with open(ctl, "w") as c:
+                c.write(cmd + "\\n")
+            with open(ack) as a:
+                a.readline()
+        control("enable")
+        t0 = time.perf_counter()
+        for _ in range(n):
+            e = run()
+            if type(e) is not IoExit or e.port != 0x10:
+                raise SystemExit(f"unexpected {e}")
+        elapsed = time.perf_counter() - t0
+        control("disable")
+        print(n / elapsed)
+""")
+
+
+def perf_available() -> str | None:
+    perf = shutil.which("perf")
+    if perf is None:
+        return None
+    probe = subprocess.run([perf, "record", "-q", "-e", "cpu-clock", "-o", "/dev/null", "true"], capture_output=True)
+    return perf if probe.returncode == 0 else None
+
+
+def perf_profile(perf: str, n: int) -> dict[str, object]:
+    """Sample the typed run loop and the C loop; split samples by object, and name the top user-space symbols."""
+    out: dict[str, object] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ctl, ack = os.path.join(tmp, "ctl"), os.path.join(tmp, "ack")
+        os.mkfifo(ctl)
+        os.mkfifo(ack)
+        for side, cmd, data in (
+            ("pykvm run()", [sys.executable, "-c", PERF_LOOP, ctl, ack, str(n)], os.path.join(tmp, "py.data")),
+            ("C", [str(HERE / "bin" / "kvm_bench"), "pio", str(n)], os.path.join(tmp, "c.data")),
+        ):
+            control = ["-D", "-1", "--control", f"fifo:{ctl},{ack}"] if side != "C" else []
+            done = subprocess.run([perf, "record", "-q", "-e", "cpu-clock", "-F", "10000", *control, "-o", data,
+                                   "--", *cmd], check=True, capture_output=True, text=True)
+            rate = float(done.stdout.split()[0])  # both print exits per second first
+            out[side] = summarize(perf, data, 1e6 / rate)
+    return out
+
+
+def summarize(perf: str, data: str, wall_us: float) -> dict[str, object]:
+    """Shares of the samples by object and by user-space symbol; a share times the wall time per exit (measured
+    under perf, so a little slower than without) gives microseconds per exit."""
+    def report(*sort: str) -> list[tuple[float, list[str]]]:
+        text = subprocess.run([perf, "report", "-i", data, "--stdio", "--sort", ",".join(sort), "-F",
+                               "overhead,sample," + ",".join(sort)], check=True, capture_output=True, text=True).stdout
+        rows = []
+        for line in text.splitlines():
+            if not line.strip() or line.startswith("#"):
+                continue
+            parts = line.split()
+            rows.append((float(parts[0].rstrip("%")), [parts[1], *parts[2:]]))
+        return rows
+
+    by_dso = report("dso")
+    samples = sum(int(r[1][0]) for r in by_dso)
+    objects = {r[1][1]: round(r[0], 2) for r in sorted(by_dso, key=lambda r: -r[0])}
+    symbols = []
+    for share, rest in sorted(report("dso", "sym"), key=lambda r: -r[0]):
+        dso = rest[1]
+        if dso.startswith("[kernel"):
+            continue
+        symbols.append({"object": dso, "symbol": " ".join(rest[3:]) if rest[2] == "[.]" else " ".join(rest[2:]),
+                        "share_percent": share, "us_per_exit": round(share / 100 * wall_us, 4)})
+    user = sum(share for name, share in objects.items() if not name.startswith("[kernel"))
+    return {"samples": samples, "wall_us_per_exit": round(wall_us, 3), "objects_percent": objects,
+            "user_space_us_per_exit": round(user / 100 * wall_us, 3), "top_user_symbols": symbols[:15]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=200_000, help="operations per timed run (default 200000)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-perf", action="store_true", help="skip the perf profiles")
+    ap.add_argument("--cpu", default="last", help="pin to this CPU (default: the last allowed; 'none')")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    build_c()
+    pin(args.cpu)
+    result: dict[str, object] = {
+        "run loop (us per exit)": run_ladder(args.n, args.rounds),
+        "set_msrs x1 (us per call)": msr_ladder(args.n, args.rounds),
+        "model set_msrs x32 (us per call)": model_parts(20_000, args.rounds),
+    }
+    perf = None if args.no_perf else perf_available()
+    result["perf"] = perf_profile(perf, args.n) if perf else "perf record is not available here"
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    for title, rows in result.items():
+        print(f"\n{title}")
+        if isinstance(rows, list):
+            previous = None
+            for name, us in rows:
+                step = f"  (+{us - previous:.3f})" if previous is not None and "C:" not in name else ""
+                print(f"  {name:72} {us:8.3f}{step}")
+                previous = us if title != "model set_msrs x32 (us per call)" else None
+        elif isinstance(rows, dict):
+            for side, summary in rows.items():
+                assert isinstance(summary, dict)
+                print(f"  {side}: {summary['wall_us_per_exit']} us per exit under perf, "
+                      f"{summary['user_space_us_per_exit']} us of it in user space; by object (%): "
+                      f"{summary['objects_percent']}")
+                for s in summary["top_user_symbols"]:
+                    print(f"      {s['us_per_exit']:7.4f} us  {s['share_percent']:5.2f}%  {s['object']}  {s['symbol']}")
+        else:
+            print(f"  {rows}")
+
+
+if __name__ == "__main__":
+    main()
