@@ -1,6 +1,6 @@
 """Where the time goes on pykvm's hot paths: cost ladders, and perf profiles of the run loop.
 
-    python benchmarks/profile.py [--n 200000] [--rounds 5] [--no-perf] [--json]
+    python benchmarks/where_time_goes.py [--n 200000] [--rounds 5] [--no-perf] [--json]
 
 1. Ladders. Each hot path is timed step by step in one process pinned to one CPU, next to the C program doing the
    same ioctls: the C loop, the bare ``fcntl.ioctl`` call from Python, then pykvm's public call, so each step's cost
@@ -254,7 +254,10 @@ def main() -> None:
         "model set_msrs x32 (us per call)": model_parts(20_000, args.rounds),
     }
     perf = None if args.no_perf else perf_available()
-    result["perf"] = perf_profile(perf, args.n) if perf else "perf record is not available here"
+    if args.no_perf:
+        result["perf"] = "skipped (--no-perf)"
+    else:
+        result["perf"] = perf_profile(perf, args.n) if perf else "perf record is not available here"
     if args.json:
         print(json.dumps(result, indent=2))
         return

@@ -1,0 +1,75 @@
+"""The benchmark commands run from a fresh clone and report what docs/performance.md says they report (smoke runs:
+tiny counts, so the figures themselves mean nothing here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pykvm.linux import LinuxSystem
+
+ROOT = Path(__file__).resolve().parent.parent
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                              reason="the benchmarks build their C baseline with cc")
+
+
+def run_json(script: str, *args: str) -> dict[str, object]:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--json"], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, f"{script} {' '.join(args)} exited {done.returncode}: {done.stderr[-2000:]}"
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+@needs_cc
+def test_run_reports_ratio_target_and_cpu_split(live: LinuxSystem) -> None:
+    out = run_json("run.py", "--quick", "--rounds", "1", "--only", "set_msrs x1", "model set_msrs x1")
+    figures = out["figures"]
+    assert isinstance(figures, list)
+    names = [f["name"] for f in figures]
+    assert "set_msrs x1" in names and "model set_msrs x1 vs live kernel" in names, f"figures reported: {names}"
+    for f in figures:
+        assert f["python"] > 0 and f["reference"] > 0, f"{f['name']}: expected positive rates, got {f}"
+        assert abs(f["ratio"] - f["python"] / f["reference"]) < 1e-9, f"{f['name']}: ratio is not pykvm/baseline: {f}"
+        assert isinstance(f["met"], bool) and f["target"], f"{f['name']}: expected a target and a verdict: {f}"
+        assert f["reference_sys_us"] > 0, f"{f['name']}: the C baseline's kernel time per op is missing: {f}"
+    assert isinstance(out["machine"], dict) and "pinned_to_cpu" in out["machine"], f"machine: {out['machine']}"
+
+
+@needs_cc
+def test_where_time_goes_reports_ladders_and_model_parts(live: LinuxSystem) -> None:
+    out = run_json("where_time_goes.py", "--n", "2000", "--rounds", "1", "--no-perf")
+    ladder = out["run loop (us per exit)"]
+    assert isinstance(ladder, list) and len(ladder) == 5, f"run-loop ladder: {ladder}"
+    assert ladder[0][0].startswith("C:") and all(us > 0 for _, us in ladder), f"run-loop ladder: {ladder}"
+    parts = dict(out["model set_msrs x32 (us per call)"])  # type: ignore[call-overload]
+    assert parts["whole call: vcpu.set_msrs(batch)"] > 0, f"model parts: {parts}"
+    assert out["perf"] == "skipped (--no-perf)", f"--no-perf still profiled: {out['perf']}"
+
+
+@needs_cc
+def test_where_time_goes_perf_splits_kernel_and_user_time(live: LinuxSystem) -> None:
+    spec = importlib.util.spec_from_file_location("where_time_goes", ROOT / "benchmarks" / "where_time_goes.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports run.py from there
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    if module.perf_available() is None:
+        pytest.skip("perf record does not work here (no perf, or perf_event_paranoid forbids it)")
+    out = run_json("where_time_goes.py", "--n", "20000", "--rounds", "1")
+    perf = out["perf"]
+    assert isinstance(perf, dict) and set(perf) == {"pykvm run()", "C"}, f"perf sides: {perf}"
+    for side, summary in perf.items():
+        objects = summary["objects_percent"]
+        assert any(name.startswith("[kernel") for name in objects), f"{side}: no kernel samples in {objects}"
+        assert 0 < summary["user_space_us_per_exit"] < summary["wall_us_per_exit"], f"{side}: {summary}"
+    assert perf["pykvm run()"]["top_user_symbols"], f"no user-space symbols sampled: {perf['pykvm run()']}"
