@@ -3,8 +3,10 @@ entry-by-entry order, run on a twin vCPU: same counts, same stored state, same r
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +21,8 @@ U64 = (1 << 64) - 1
 # FEAT_CTL, the kvmclock aliases, VMX MSRs, an unknown MSR.
 RULED = [0x10A, 0x345, 0xCE, 0x8B, 0x140, 0x3A, 0xC0011029, 0x11, 0x12, 0x4B564D00, 0x4B564D01, 0x480, 0x482, 0x48B,
          0x491, 0x12345678]
-VALUES = st.one_of(st.sampled_from([0, 1, 0x80000000, 1 << 31 | 1, U64]), st.integers(0, U64))
+# None stands for the value the MSR holds: frozen MSRs take only that.
+VALUES = st.one_of(st.sampled_from([0, 1, 0x80000000, 1 << 31 | 1, U64]), st.integers(0, U64), st.none())
 
 
 def entry_by_entry(vcpu: ModelVcpu, batch: MsrBatch) -> int:
@@ -45,16 +48,19 @@ def twin(profile: str, kernel: str) -> ModelVcpu:
 step = st.one_of(
     st.just(("run",)),
     st.just(("cpuid",)),
-    st.tuples(st.just("write"), st.lists(st.tuples(st.integers(0, 1 << 16), VALUES), min_size=1, max_size=40)),
+    # "setters": only MSRs with setters and store-only ones, the batches set_msrs stores whole.
+    st.tuples(st.just("write"), st.sampled_from(["any", "setters"]),
+              st.lists(st.tuples(st.integers(0, 1 << 16), VALUES), min_size=1, max_size=40)),
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=int(os.environ.get("PYKVM_PLAN_EXAMPLES", "300")), deadline=None)
 @given(profile=st.sampled_from(shipped()), kernel=st.sampled_from(["6.3", "6.4", "6.10", "6.12", "6.13", "6.18"]),
        steps=st.lists(step, min_size=1, max_size=8))
 def test_batched_set_msrs_matches_entry_by_entry(profile: str, kernel: str, steps: list[Any]) -> None:
     fast, ref = twin(profile, kernel), twin(profile, kernel)
-    pool = sorted(set(RULED) | set(fast.profile.msr_behaviour))
+    pools = {"any": sorted(set(RULED) | set(fast.profile.msr_behaviour)),
+             "setters": sorted(set(fast._setters) | fast._store_only)}
     for n, s in enumerate(steps):
         if s[0] == "run":
             for v in (fast, ref):
@@ -65,7 +71,11 @@ def test_batched_set_msrs_matches_entry_by_entry(profile: str, kernel: str, step
                 if not v.has_run:
                     v.set_cpuid(cpuid)
         else:
-            entries = [(pool[i % len(pool)], value) for i, value in s[1]]
+            pool = pools[s[1]]
+            entries = []
+            for i, value in s[2]:
+                index = pool[i % len(pool)]
+                entries.append((index, ref._msr.get(index, 0) if value is None else value))
             batch = MsrBatch(entries)
             got, want = fast.set_msrs(batch), entry_by_entry(ref, batch)
             assert got == want, f"step {n}: batch {batch}: set_msrs wrote {got} entries, entry by entry wrote {want}"
@@ -81,3 +91,36 @@ def test_store_only_excludes_what_rules_read_or_write() -> None:
         overlap = vcpu._store_only & ruled
         assert not overlap, f"{profile}: store-only MSRs include ruled ones: {sorted(hex(i) for i in overlap)}"
         assert 0x8B in vcpu._store_only, f"{profile}: UCODE_REV is expected store-only (any value, no rule)"
+
+
+def test_write_taken_without_storing_keeps_the_held_value() -> None:
+    """6.13+: ARCH_CAPABILITIES without its CPUID bit is unsupported, and a write of 0 is forgiven (advertised MSR)
+    without storing anything; the rest of the batch is stored as usual."""
+    fast, ref = twin("intel-spr", "6.18"), twin("intel-spr", "6.18")
+    held = fast._msr[0x10A]
+    assert held, "the intel-spr profile is expected to stuff a nonzero ARCH_CAPABILITIES"
+    batch = MsrBatch([(0x10A, 0), (0x8B, 0x1234)])
+    assert fast.set_msrs(batch) == entry_by_entry(ref, batch) == 2, "both entries are expected to be taken"
+    assert fast._msr[0x10A] == held, f"ARCH_CAPABILITIES changed from {held:#x} to {fast._msr[0x10A]:#x}"
+    assert state(fast) == state(ref), "state differs from the entry-by-entry reference"
+
+
+@pytest.mark.parametrize(("profile", "kernel", "index"), [
+    ("intel-spr", "6.4", 0x10A), ("intel-spr", "6.18", 0x10A), ("pvm-6.18", "6.18", 0xCE), ("amd-epyc", "6.18", 0xC0011029)])
+def test_frozen_msr_given_its_own_value(profile: str, kernel: str, index: int) -> None:
+    """After a run, a frozen MSR given the value it holds is taken (without a real write before 6.10, with one
+    after); a different value stops the batch there, and the store-only entry before it took effect."""
+    fast, ref = twin(profile, kernel), twin(profile, kernel)
+    for v in (fast, ref):
+        v.set_cpuid(v.vm.system.get_supported_cpuid())
+        guest.run_to_hlt(v.vm, v)
+    assert index in fast._frozen, f"{profile} {kernel}: {index:#x} is expected frozen after a run"
+    held = fast._msr[index]
+    same = MsrBatch([(0x8B, 1), (index, held), (0x174, 2)])
+    assert fast.set_msrs(same) == entry_by_entry(ref, same) == 3, f"{index:#x}: a same-value batch is taken whole"
+    other = MsrBatch([(0x8B, 3), (index, held ^ 1), (0x174, 4)])
+    assert fast.set_msrs(other) == entry_by_entry(ref, other) == 1, f"{index:#x}: expected a stop at the frozen MSR"
+    assert fast._msr[0x8B] == 3 and fast._msr[0x174] == 2, f"entries around the refusal: {fast._msr}"
+    rule = fast.refusal_rule(index) or ""
+    assert "0094f62c7eaa" in rule or "bc2ca3680b30" in rule, f"expected the freeze rule, got {rule!r}"
+    assert state(fast) == state(ref), "state differs from the entry-by-entry reference"

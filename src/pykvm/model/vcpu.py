@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import struct
+from array import array
 from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import TYPE_CHECKING
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from .vm import ModelVm
 
 OK, FAIL, UNSUPPORTED = 0, 1, 2
+KEPT = 3  # internal to set_msrs: the write was accepted and stored nothing (a frozen MSR given its own value)
 EINVAL = -errno.EINVAL
 _ENTRY = struct.Struct("<IIQ")
 GUEST_BUDGET = 1_000_000
@@ -61,20 +63,25 @@ MSR_MISC_FEATURES_ENABLES = 0x140
 _PLATFORM_INFO = M.MSR_PLATFORM_INFO
 _CPUID_FAULT = M.PLATFORM_INFO_CPUID_FAULT
 _PLAN_CACHE = 256  # batch plans kept per vCPU
-# A batch's write plan: the entries with rules (position, index, where their data is in the unpacked batch: index,
-# data, index, data, ...), the store-only indices, and how to pick their values from the unpacked batch.
+# A batch's write plan: the entries with rules (position, index, the MSR's setter if it has one), the store-only
+# indices, how to pick their values from the batch's list of values, and all the indices when the batch can be stored
+# whole (see _plan).
+FrozenCheck = tuple[Callable[[list[int]], object], Callable[[dict[int, int]], object]]
 WritePlan = tuple[
-    tuple[tuple[int, int, int], ...], tuple[int, ...], "Callable[[tuple[int, ...]], tuple[int, ...]] | None"
+    "tuple[tuple[int, int, Callable[[int], int] | None], ...]",
+    tuple[int, ...],
+    "Callable[[list[int]], Sequence[int]] | None",
+    "tuple[int, ...] | None",
+    "FrozenCheck | None",
 ]
-_BATCH_STRUCTS: dict[int, struct.Struct] = {}
 
 
-def batch_struct(n: int) -> struct.Struct:
-    """The entries of a ``struct kvm_msrs`` of ``n`` entries, unpacked in one call: index, data, index, data, ..."""
-    s = _BATCH_STRUCTS.get(n)
-    if s is None:
-        s = _BATCH_STRUCTS[n] = struct.Struct("<" + "I4xQ" * n)
-    return s
+def _always_mismatch(values: list[int]) -> object:
+    return object()
+
+
+def _nothing(store: dict[int, int]) -> object:
+    return None
 
 
 def store_only_msrs(profile: Profile, immutable: frozenset[int]) -> frozenset[int]:
@@ -151,7 +158,7 @@ class ModelVcpu(Vcpu):
         self._store_only = store_only_msrs(p, self._immutable_set)
         self._setters = self._msr_setters()
         self._same_value_real_write = rs.same_value_real_write
-        self._plans: dict[tuple[int, ...], WritePlan] = {}
+        self._plans: dict[bytes, WritePlan] = {}
         features = p.feature_msrs
         quirk = (not rs.stuff_quirk) or not vm.disabled_quirks & uapi.KVM_X86_QUIRK_STUFF_FEATURE_MSRS
         self._msr: dict[int, int] = {
@@ -294,7 +301,8 @@ class ModelVcpu(Vcpu):
         return OK
 
     def _msr_setters(self) -> dict[int, Callable[[int], int]]:
-        """The MSRs with a host-write rule of their own, and the rule."""
+        """The MSRs with a host-write rule of their own, and the rule. A setter that returns OK has stored the value
+        verbatim under its own index in ``_msr``: ``set_msrs`` relies on it (see ``_plan``)."""
         setters: dict[int, Callable[[int], int]] = {
             M.MSR_IA32_ARCH_CAPABILITIES: self._set_arch_cap,
             M.MSR_IA32_PERF_CAPABILITIES: self._set_perf_cap,
@@ -389,7 +397,17 @@ class ModelVcpu(Vcpu):
         return code, value if code == OK else 0
 
     def _do_set(self, index: int, data: int) -> int:
-        self._refusals.pop(index, None)  # the rule behind the last refusal only, not an older one
+        """``do_set_msr`` of one host-initiated write: 0 when it took effect (or was ignored), else the code."""
+        code = self._try_set(index, data)
+        if code == KEPT or (code == UNSUPPORTED and self._unsupported_ok(index, data)):
+            return OK
+        return code
+
+    def _try_set(self, index: int, data: int) -> int:
+        """The write with the freeze check, before unsupported MSRs are forgiven (``_unsupported_ok``); ``KEPT`` when a
+        frozen MSR took its own value without a real write (before 6.10)."""
+        if self._refusals:
+            self._refusals.pop(index, None)  # the rule behind the last refusal only, not an older one
         if index in self._frozen:
             if index in self._plain:
                 current: int | None = self._msr[index]
@@ -400,14 +418,14 @@ class ModelVcpu(Vcpu):
                 rule = "platform_info_immutable" if index == M.MSR_PLATFORM_INFO else "freeze"
                 return self._refuse(index, rule, EINVAL)
             if not self._same_value_real_write:
-                return OK
+                return KEPT
         setter = self._setters.get(index)
-        code = setter(data) if setter is not None else self._set(index, data)
-        if code == UNSUPPORTED and (
-            (self.rules.unsupported_zero and data == 0 and index in self._advertised) or self.profile.ignore_msrs
-        ):
-            return OK
-        return code
+        return setter(data) if setter is not None else self._set(index, data)
+
+    def _unsupported_ok(self, index: int, data: int) -> bool:
+        """kvm_do_msr_access: an unsupported MSR's write of 0 passes when the MSR is advertised (6.12+), and any
+        write passes with ``ignore_msrs``; nothing is stored either way."""
+        return (self.rules.unsupported_zero and data == 0 and index in self._advertised) or self.profile.ignore_msrs
 
     # -- raw ioctls --
     def get_msrs(self, batch: MsrBatch, strict: bool = False) -> int:
@@ -431,50 +449,86 @@ class ModelVcpu(Vcpu):
         if self._closed:
             self._check_open()
         batch = entries if type(entries) is MsrBatch else as_batch(entries)
-        n = len(batch)
+        n = batch._n
         if n >= uapi.MAX_IO_MSRS:
             raise KvmError(errno.E2BIG, "KVM_SET_MSRS")
-        flat = (_BATCH_STRUCTS.get(n) or batch_struct(n)).unpack_from(batch.buffer, 8)  # index, data, index, ...
-        indices = flat[0::2]
-        plan = self._plans.get(indices) or self._plan(indices)
-        specials, store_indices, pick = plan
-        for pos, index, at in specials:
-            if self._do_set(index, flat[at]):
+        # The batch's indices, packed, key its plan; its values come out as one list (both one C-level call each).
+        key = batch._u32[2::4].tobytes()
+        plan = self._plans.get(key) or self._plan(key)
+        values: list[int] = batch._u64[2::2].tolist()
+        specials, store_indices, pick, verbatim, frozen = plan
+        # Frozen MSRs keep their value through the batch (a different one is refused), so their freeze check can run
+        # for the whole batch at once: when every frozen entry carries the value it has, each entry with a setter
+        # goes straight to it, as _try_set would; otherwise every entry takes the full path.
+        fast = frozen is None or (frozen[0](values) == frozen[1](self._msr) and self._same_value_real_write)
+        for pos, index, setter in specials:
+            data = values[pos]
+            if setter is None or not fast:
+                code = self._try_set(index, data)
+            else:
+                if self._refusals:
+                    self._refusals.pop(index, None)
+                code = setter(data)
+            if code:
+                if code == KEPT or (code == UNSUPPORTED and self._unsupported_ok(index, data)):
+                    verbatim = None  # taken without storing: the bulk store below must leave it alone
+                    continue
+                indices = batch.indices
                 for i in range(pos):  # the store-only entries before the refused one took effect
                     if indices[i] in self._store_only:
-                        self._store(indices[i], flat[2 * i + 1])
+                        self._store(indices[i], values[i])
                 if strict:
                     raise self.short_write(batch, pos)
                 return pos
-        if pick is not None:
-            self._msr.update(zip(store_indices, pick(flat)))  # noqa: B905 (same length by construction)
-            if self._refusals:
-                for index in store_indices:
-                    self._refusals.pop(index, None)
+        if verbatim is not None:
+            # Every entry with a rule stored its value verbatim under its own index (the setters do), so storing the
+            # whole batch in order changes nothing for them and stores the store-only entries: no picking needed.
+            self._msr.update(zip(verbatim, values))  # noqa: B905 (same length by construction)
+        elif pick is not None:
+            self._msr.update(zip(store_indices, pick(values)))  # noqa: B905
+        if self._refusals:
+            for index in store_indices:
+                self._refusals.pop(index, None)
         return n
+
+    def _frozen_check(self, specials: tuple[tuple[int, int, Callable[[int], int] | None], ...]) -> FrozenCheck | None:
+        """For a plan: how to get the values a batch gives its frozen MSRs that have setters, and the values they
+        hold, so that one comparison does their freeze check (None when no such entry). The values held are read
+        straight from ``_msr``, so only plain MSRs qualify: any other frozen MSR with a setter gets a check that
+        always fails, which sends the batch down the full path."""
+        positions = [(pos, index) for pos, index, setter in specials if setter is not None and index in self._frozen]
+        if not positions:
+            return None
+        if any(index not in self._plain for _, index in positions):
+            return (_always_mismatch, _nothing)
+        return (itemgetter(*(pos for pos, _ in positions)), itemgetter(*(index for _, index in positions)))
 
     def _store(self, index: int, data: int) -> None:
         """``_do_set`` of a store-only MSR."""
         self._refusals.pop(index, None)
         self._msr[index] = data
 
-    def _plan(self, indices: tuple[int, ...]) -> WritePlan:
+    def _plan(self, key: bytes) -> WritePlan:
         """How to write a batch naming these MSRs. Store-only MSRs always succeed and only store their value under
         their own index, and no rule reads them (``store_only_msrs``), so the entries with rules can run first, in
         order, and the store-only ones follow in one C-level update: the outcome is the kernel's entry-by-entry one.
         Which MSRs are store-only depends only on the profile and ruleset, so a plan is good for the vCPU's life."""
+        indices = array("I", key)
         store_only = self._store_only
-        specials = tuple((i, index, 2 * i + 1) for i, index in enumerate(indices) if index not in store_only)
+        specials = tuple((i, index, self._setters.get(index)) for i, index in enumerate(indices) if index not in store_only)
         positions = [i for i, index in enumerate(indices) if index in store_only]
-        pick: Callable[[tuple[int, ...]], tuple[int, ...]] | None = None
-        if len(positions) == 1:  # itemgetter of one item gives the item, of a slice a tuple
-            pick = itemgetter(slice(2 * positions[0] + 1, 2 * positions[0] + 2))
+        pick: Callable[[list[int]], Sequence[int]] | None = None
+        if len(positions) == 1:  # itemgetter of one item gives the item, of a slice a list
+            pick = itemgetter(slice(positions[0], positions[0] + 1))
         elif positions:
-            pick = itemgetter(*(2 * i + 1 for i in positions))
-        plan = (specials, tuple(indices[i] for i in positions), pick)
+            pick = itemgetter(*positions)
+        # When every entry with a rule is one of the setters' MSRs, which store the value verbatim when they accept
+        # it, the whole batch can be stored in order after the rules ran (see set_msrs).
+        verbatim = tuple(indices) if all(setter is not None for _, _, setter in specials) else None
+        plan = (specials, tuple(indices[i] for i in positions), pick, verbatim, self._frozen_check(specials))
         if len(self._plans) >= _PLAN_CACHE:
             self._plans.clear()
-        self._plans[indices] = plan
+        self._plans[key] = plan
         return plan
 
     def get_cpuid(self, max_entries: int = uapi.KVM_MAX_CPUID_ENTRIES) -> list[CpuidEntry]:
@@ -538,8 +592,9 @@ class ModelVcpu(Vcpu):
         if not self.vm.regions and self.profile.run_without_memory_errno:
             raise KvmError(self.profile.run_without_memory_errno, "KVM_RUN")
         self.has_run = True
-        if self.rules.freeze:
+        if self.rules.freeze and not self._frozen:
             self._frozen = self._immutable_set
+            self._plans.clear()  # plans know which of their MSRs are frozen
         if self._pending_in is not None:
             size, count = self._pending_in
             data = self._in_data.ljust(size * count, b"\0")
