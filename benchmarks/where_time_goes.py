@@ -155,26 +155,30 @@ PERF_LOOP = textwrap.dedent("""
     import pykvm
     from pykvm import guest
     from pykvm.api import IoExit
-    ctl, ack, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    with pykvm.open("linux") as kvm, kvm.create_vm() as vm:
-        vcpu = vm.create_vcpu(0)
-        guest.load_real_mode(vm, vcpu, bytes([0xE6, 0x10, 0xEB, 0xFC]))
-        run = vcpu.run
-        run()
-        def control(cmd):
-            with open(ctl, "w") as c:
-                c.write(cmd + "\\n")
-            with open(ack) as a:
-                a.readline()
-        control("enable")
-        t0 = time.perf_counter()
-        for _ in range(n):
-            e = run()
-            if type(e) is not IoExit or e.port != 0x10:
-                raise SystemExit(f"unexpected {e}")
-        elapsed = time.perf_counter() - t0
-        control("disable")
-        print(n / elapsed)
+
+    def control(ctl, ack, cmd):
+        with open(ctl, "w") as c:
+            c.write(cmd + "\\n")
+        with open(ack) as a:
+            a.readline()
+
+    def main(ctl, ack, n):  # a function, as in run.py: its names are fast locals, not module globals
+        with pykvm.open("linux") as kvm, kvm.create_vm() as vm:
+            vcpu = vm.create_vcpu(0)
+            guest.load_real_mode(vm, vcpu, bytes([0xE6, 0x10, 0xEB, 0xFC]))
+            run = vcpu.run
+            run()
+            control(ctl, ack, "enable")
+            t0 = time.perf_counter()
+            for _ in range(n):
+                e = run()
+                if type(e) is not IoExit or e.port != 0x10:
+                    raise SystemExit(f"unexpected {e}")
+            elapsed = time.perf_counter() - t0
+            control(ctl, ack, "disable")
+            print(n / elapsed)
+
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
 """)
 
 
