@@ -4,6 +4,7 @@ entry-by-entry order, run on a twin vCPU: same counts, same stored state, same r
 from __future__ import annotations
 
 import os
+import struct
 from typing import Any
 
 import pytest
@@ -124,3 +125,16 @@ def test_frozen_msr_given_its_own_value(profile: str, kernel: str, index: int) -
     rule = fast.refusal_rule(index) or ""
     assert "0094f62c7eaa" in rule or "bc2ca3680b30" in rule, f"expected the freeze rule, got {rule!r}"
     assert state(fast) == state(ref), "state differs from the entry-by-entry reference"
+
+
+def test_buffer_edited_in_place_is_seen_and_cannot_be_replaced() -> None:
+    """A batch's buffer may be edited in place (the plan follows the new indices); replacing it is refused, since
+    the backends keep views of it."""
+    fast, ref = twin("intel-spr", "6.18"), twin("intel-spr", "6.18")
+    batch = MsrBatch([(0x174, 1), (0x12345678, 2)])
+    assert fast.set_msrs(batch) == entry_by_entry(ref, batch) == 1, "the unknown MSR is expected to stop the batch"
+    struct.pack_into("<IIQ", batch.buffer, 8 + 16, 0x175, 0, 7)
+    assert fast.set_msrs(batch) == entry_by_entry(ref, batch) == 2, f"after the in-place edit: {batch}"
+    assert fast._msr[0x175] == 7 and state(fast) == state(ref), "the edited entry is expected stored"
+    with pytest.raises(AttributeError):
+        batch.buffer = bytearray(len(batch.buffer))  # type: ignore[misc]

@@ -8,6 +8,7 @@ processed); the strict helpers defined here once (``write_msrs``, ``read_msrs``,
 from __future__ import annotations
 
 import struct
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from .memory import MemoryRegion, check_region, find_region
 
 _ENTRY = struct.Struct("<IIQ")
 _HEADER = struct.Struct("<II")
+# The batch is little-endian (x86); its typed views read native order, so they are used only on little-endian hosts.
+LITTLE_ENDIAN = sys.byteorder == "little"
 
 MsrSpec = int | str
 MsrItems = Mapping[MsrSpec, int] | Iterable[tuple[MsrSpec, int]]
@@ -35,7 +38,7 @@ class MsrBatch:
     256 or more can be sent to see the kernel refuse it (E2BIG).
     """
 
-    __slots__ = ("buffer", "_n", "_view", "_u32", "_u64")
+    __slots__ = ("_buf", "_n", "_view", "_u32", "_u64")
 
     def __init__(self, entries: Iterable[MsrSpec | tuple[MsrSpec, int]] | Mapping[MsrSpec, int] = ()) -> None:
         items: list[tuple[int, int]] = []
@@ -49,15 +52,21 @@ class MsrBatch:
             else:
                 items.append((_msrs.index_of(entry), 0))
         self._n = len(items)
-        self.buffer = bytearray(_HEADER.size + _ENTRY.size * len(items))
-        _HEADER.pack_into(self.buffer, 0, len(items), 0)
+        self._buf = bytearray(_HEADER.size + _ENTRY.size * len(items))
+        _HEADER.pack_into(self._buf, 0, len(items), 0)
         for i, (index, value) in enumerate(items):
-            _ENTRY.pack_into(self.buffer, _HEADER.size + i * _ENTRY.size, index, 0, value)
-        self._view = memoryview(self.buffer)
+            _ENTRY.pack_into(self._buf, _HEADER.size + i * _ENTRY.size, index, 0, value)
+        self._view = memoryview(self._buf)
         # Strided views of the indices and values (entry i: index at u32 word 2+4i, data at u64 word 2+2i), so that
-        # a backend can take them all in one C-level call.
+        # a backend can take them all in one C-level call (in native byte order: see LITTLE_ENDIAN).
         self._u32 = self._view.cast("I")
         self._u64 = self._view.cast("Q")
+
+    @property
+    def buffer(self) -> bytearray:
+        """The ``struct kvm_msrs`` itself. Its contents may be changed in place; the buffer cannot be replaced (the
+        backends keep views of it)."""
+        return self._buf
 
     def __len__(self) -> int:
         return self._n
@@ -65,7 +74,7 @@ class MsrBatch:
     def __getitem__(self, i: int) -> tuple[int, int]:
         if not -self._n <= i < self._n:
             raise IndexError(f"batch entry {i} out of range (batch has {self._n})")
-        index, _, value = _ENTRY.unpack_from(self.buffer, _HEADER.size + (i % self._n) * _ENTRY.size)
+        index, _, value = _ENTRY.unpack_from(self._buf, _HEADER.size + (i % self._n) * _ENTRY.size)
         return index, value
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
@@ -78,22 +87,18 @@ class MsrBatch:
 
     @property
     def indices(self) -> list[int]:
-        return self._u32[2::4].tolist()
+        return self._u32[2::4].tolist() if LITTLE_ENDIAN else [i for i, _ in self]
 
     @property
     def values(self) -> list[int]:
-        return self._u64[2::2].tolist()
-
-    def index_key(self) -> bytes:
-        """The entries' indices, packed: a cheap key for work that depends only on which MSRs a batch names."""
-        return self._u32[2::4].tobytes()
+        return self._u64[2::2].tolist() if LITTLE_ENDIAN else [v for _, v in self]
 
     def set_value(self, i: int, value: int) -> None:
         """Set entry ``i``'s value (checked to fit in 64 bits)."""
         if not 0 <= i < self._n:
             raise IndexError(f"batch entry {i} out of range (batch has {self._n})")
         _msrs.check_value(value)
-        struct.pack_into("<Q", self.buffer, _HEADER.size + i * _ENTRY.size + 8, value)
+        struct.pack_into("<Q", self._buf, _HEADER.size + i * _ENTRY.size + 8, value)
 
     def to_dict(self) -> dict[int, int]:
         return dict(self)

@@ -209,7 +209,7 @@ class LinuxVcpu(Vcpu):
     def get_msrs(self, batch: MsrBatch, strict: bool = False) -> int:
         """KVM_GET_MSRS: values land in ``batch``; returns how many entries the kernel read."""
         try:
-            done: int = _fcntl_ioctl(self._fd, _KVM_GET_MSRS, batch.buffer, True)
+            done: int = _fcntl_ioctl(self._fd, _KVM_GET_MSRS, batch._buf, True)
         except OSError as e:
             raise self._ioctl_error(e, "KVM_GET_MSRS") from None
         except ValueError:  # fd -1: closed
@@ -222,7 +222,7 @@ class LinuxVcpu(Vcpu):
         """KVM_SET_MSRS: returns how many entries the kernel wrote (it stops at the first refused one)."""
         batch = entries if type(entries) is MsrBatch else as_batch(entries)
         try:
-            done: int = _fcntl_ioctl(self._fd, _KVM_SET_MSRS, batch.buffer, True)
+            done: int = _fcntl_ioctl(self._fd, _KVM_SET_MSRS, batch._buf, True)
         except OSError as e:
             raise self._ioctl_error(e, "KVM_SET_MSRS") from None
         except ValueError:  # fd -1: closed

@@ -64,6 +64,9 @@ class AppendRule:
 
 @dataclass
 class Profile:
+    """A host profile (schema 1, docs/profiles.md). Treat it as fixed once a system is opened with it: vCPUs derive
+    their MSR tables (which MSRs are store-only, which have setters) from it when they are created."""
+
     name: str
     description: str
     vendor: str

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import struct
-from array import array
 from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import TYPE_CHECKING
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 from .. import msrs as M
 from .. import uapi
 from ..api import (
+    LITTLE_ENDIAN,
     CpuidEntry,
     Exit,
     HltExit,
@@ -455,7 +455,7 @@ class ModelVcpu(Vcpu):
         # The batch's indices, packed, key its plan; its values come out as one list (both one C-level call each).
         key = batch._u32[2::4].tobytes()
         plan = self._plans.get(key) or self._plan(key)
-        values: list[int] = batch._u64[2::2].tolist()
+        values: list[int] = batch._u64[2::2].tolist() if LITTLE_ENDIAN else batch.values
         specials, store_indices, pick, verbatim, frozen = plan
         # Frozen MSRs keep their value through the batch (a different one is refused), so their freeze check can run
         # for the whole batch at once: when every frozen entry carries the value it has, each entry with a setter
@@ -513,7 +513,7 @@ class ModelVcpu(Vcpu):
         their own index, and no rule reads them (``store_only_msrs``), so the entries with rules can run first, in
         order, and the store-only ones follow in one C-level update: the outcome is the kernel's entry-by-entry one.
         Which MSRs are store-only depends only on the profile and ruleset, so a plan is good for the vCPU's life."""
-        indices = array("I", key)
+        indices = struct.unpack(f"<{len(key) // 4}I", key)  # the raw bytes of the little-endian batch
         store_only = self._store_only
         specials = tuple((i, index, self._setters.get(index)) for i, index in enumerate(indices) if index not in store_only)
         positions = [i for i, index in enumerate(indices) if index in store_only]
