@@ -1,14 +1,16 @@
 """pykvm benchmarks: the same work through pykvm's public API and through a C program, in the same run.
 
-    python benchmarks/run.py [--rounds 5] [--quick] [--json] [--only NAME ...] [--cpu N|none]
+    python benchmarks/run.py [--rounds 5] [--quick] [--json] [--only NAME ...] [--cpu N|none] [--no-profile]
 
 Each figure runs C and Python alternately for several rounds and reports the medians and the ratio pykvm/C (for
 rates; for VM start, C time / pykvm time, so above 1 is always faster). Model figures compare the model with the live
 kernel, and the model under the 6.3 ruleset (no freeze check) with the 6.18 one. Each target is reported as met or
 not. For every figure measured against C, the CPU time per operation is split into user time (the program: for pykvm
 the interpreter and the binding) and system time (the kernel: the same ioctls on both sides), which is the profile of
-where the time goes. Both sides run pinned to one CPU (--cpu, default the last one) so that they compete for the same
-core. docs/performance.md records the latest table.
+where the time goes. When a target is missed, the table is followed by the matching part of the profile from
+benchmarks/where_time_goes.py (cost ladders next to C, the model's parts, perf), unless --no-profile. Both sides run
+pinned to one CPU (--cpu, default the last one) so that they compete for the same core. docs/performance.md records
+the latest table.
 """
 
 from __future__ import annotations
@@ -251,14 +253,18 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--only", nargs="*", default=[], help="run figures whose name contains one of these")
     ap.add_argument("--cpu", default="last", help="pin both sides to this CPU (default: the last allowed; 'none')")
+    ap.add_argument("--no-profile", action="store_true",
+                    help="do not follow a missed target with the profile of where its time goes")
     args = ap.parse_args()
     build_c()
     cpu = pin(args.cpu)
     figs = figures(args.rounds, args.quick, args.only)
     machine = {"kernel": os.uname().release, "python": platform.python_version(), "cpu": platform.processor() or
                platform.machine(), "nproc": os.cpu_count(), "pinned_to_cpu": cpu}
+    profile = None if args.no_profile else profile_missed(figs, args.quick)
     if args.json:
-        print(json.dumps({"machine": machine, "rounds": args.rounds, "figures": [asdict(f) for f in figs]}, indent=2))
+        print(json.dumps({"machine": machine, "rounds": args.rounds, "figures": [asdict(f) for f in figs],
+                          "profile": profile}, indent=2))
         return
     print(f"machine: {machine}  rounds: {args.rounds} (medians)")
     print(f"{'figure':52} {'pykvm':>12} {'baseline':>12} {'ratio':>7}  {'target':17} {'met':4}"
@@ -270,6 +276,28 @@ def main() -> None:
                          f" {f.reference_user_us:6.3f} /{f.reference_sys_us:7.3f}")
         print(f"{f.name:52} {f.python:12.1f} {f.reference:12.1f} {f.ratio:7.3f}  {f.target:17} "
               f"{'yes' if f.met else 'NO':4}{cpu_split}")
+    if profile:
+        from where_time_goes import print_profile
+
+        print("\nTargets missed above; where their time goes (benchmarks/where_time_goes.py, docs/performance.md):")
+        print_profile(profile)
+
+
+def profile_missed(figs: list[Figure], quick: bool) -> dict[str, object] | None:
+    """For missed targets, the matching parts of the profile (ladders, the model's parts, perf), else None."""
+    from where_time_goes import profile
+
+    def part_of(name: str) -> str | None:
+        if name.startswith(("model", "freeze")):
+            return "model"
+        if name.startswith("PIO"):
+            return "run"
+        return "msr" if "_msrs x" in name else None
+
+    parts = tuple(p for p in ("run", "msr", "model") if p in {part_of(f.name) for f in figs if not f.met})
+    if not parts:
+        return None
+    return profile(20_000 if quick else 200_000, 3 if quick else 5, parts=parts)
 
 
 def pin(cpu: str) -> int | None:

@@ -242,29 +242,26 @@ def summarize(perf: str, data: str, wall_us: float) -> dict[str, object]:
             "user_space_us_per_exit": round(user / 100 * wall_us, 3), "top_user_symbols": symbols[:15]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=200_000, help="operations per timed run (default 200000)")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--no-perf", action="store_true", help="skip the perf profiles")
-    ap.add_argument("--cpu", default="last", help="pin to this CPU (default: the last allowed; 'none')")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    build_c()
-    pin(args.cpu)
-    result: dict[str, object] = {
-        "run loop (us per exit)": run_ladder(args.n, args.rounds),
-        "set_msrs x1 (us per call)": msr_ladder(args.n, args.rounds),
-        "model set_msrs x32 (us per call)": model_parts(20_000, args.rounds),
-    }
-    perf = None if args.no_perf else perf_available()
-    if args.no_perf:
-        result["perf"] = "skipped (--no-perf)"
-    else:
-        result["perf"] = perf_profile(perf, args.n) if perf else "perf record is not available here"
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return
+def profile(n: int, rounds: int, with_perf: bool = True, parts: tuple[str, ...] = ("run", "msr", "model")
+            ) -> dict[str, object]:
+    """The ladders, the model's parts and (``with_perf``) the perf profiles, as one result."""
+    result: dict[str, object] = {}
+    if "run" in parts:
+        result["run loop (us per exit)"] = run_ladder(n, rounds)
+    if "msr" in parts:
+        result["set_msrs x1 (us per call)"] = msr_ladder(n, rounds)
+    if "model" in parts:
+        result["model set_msrs x32 (us per call)"] = model_parts(max(n // 10, 1000), rounds)
+    if "run" in parts:
+        perf = perf_available() if with_perf else None
+        if not with_perf:
+            result["perf"] = "skipped (--no-perf)"
+        else:
+            result["perf"] = perf_profile(perf, n) if perf else "perf record is not available here"
+    return result
+
+
+def print_profile(result: dict[str, object]) -> None:
     for title, rows in result.items():
         print(f"\n{title}")
         if isinstance(rows, list):
@@ -283,6 +280,23 @@ def main() -> None:
                     print(f"      {s['us_per_exit']:7.4f} us  {s['share_percent']:5.2f}%  {s['object']}  {s['symbol']}")
         else:
             print(f"  {rows}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=200_000, help="operations per timed run (default 200000)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-perf", action="store_true", help="skip the perf profiles")
+    ap.add_argument("--cpu", default="last", help="pin to this CPU (default: the last allowed; 'none')")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    build_c()
+    pin(args.cpu)
+    result = profile(args.n, args.rounds, not args.no_perf)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_profile(result)
 
 
 if __name__ == "__main__":
