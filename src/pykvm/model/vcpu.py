@@ -512,7 +512,8 @@ class ModelVcpu(Vcpu):
         """How to write a batch naming these MSRs. Store-only MSRs always succeed and only store their value under
         their own index, and no rule reads them (``store_only_msrs``), so the entries with rules can run first, in
         order, and the store-only ones follow in one C-level update: the outcome is the kernel's entry-by-entry one.
-        Which MSRs are store-only depends only on the profile and ruleset, so a plan is good for the vCPU's life."""
+        Which MSRs are store-only depends only on the profile and ruleset; the freeze check depends on which MSRs are
+        frozen, so plans are rebuilt once, at the freeze."""
         indices = struct.unpack(f"<{len(key) // 4}I", key)  # the raw bytes of the little-endian batch
         store_only = self._store_only
         specials = tuple((i, index, self._setters.get(index)) for i, index in enumerate(indices) if index not in store_only)
