@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a machine with only Python and pip:
-#   make probe   create .venv on first use, install pykvm, run `pykvm probe`
+#   make probe   create .venv on first use, install kvmscope, run `kvmscope probe`
 #   make test    the same with the test extra, then the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +18,7 @@ $(VENV)/.dev: $(VENV)/.base
 	touch $@
 
 probe: $(VENV)/.base
-	$(VENV)/bin/pykvm probe $(ARGS)
+	$(VENV)/bin/kvmscope probe $(ARGS)
 
 test: $(VENV)/.dev
 	$(PY) -m pytest $(ARGS)

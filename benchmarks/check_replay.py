@@ -1,8 +1,8 @@
-"""`pykvm check` replay speed and memory on long generated scenarios.
+"""`kvmscope check` replay speed and memory on long generated scenarios.
 
     python benchmarks/check_replay.py [STEPS ...]      (default: 10000 100000)
 
-Each size runs `pykvm check` (model backend, streaming output) in its own process and reports steps per second and
+Each size runs `kvmscope check` (model backend, streaming output) in its own process and reports steps per second and
 the process's peak resident memory; flat memory means the peak does not grow with the scenario.
 """
 
@@ -37,7 +37,7 @@ def measure(steps: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "long.yaml"
         generate(path, steps)
-        code = ("import resource, sys, time\nfrom pykvm.cli import main\nt = time.perf_counter()\n"
+        code = ("import resource, sys, time\nfrom kvmscope.cli import main\nt = time.perf_counter()\n"
                 "try:\n    main(['check', sys.argv[1]])\nexcept SystemExit as e:\n    rc = e.code\n"
                 "dt = time.perf_counter() - t\n"
                 "print(rc, dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")

@@ -1,4 +1,4 @@
-/* The same KVM ioctls pykvm's benchmarks make, in C: the floor pykvm is measured against.
+/* The same KVM ioctls kvmscope's benchmarks make, in C: the floor kvmscope is measured against.
  * Usage: kvm_bench MODE ITERATIONS   (MODE: pio, setmsr1, setmsr32, getmsr1, getmsr32, vmstart)
  * Prints operations per second (vmstart: microseconds per start), then the user and system CPU time per operation in
  * microseconds (getrusage around the timed loop): the kernel's share and the program's own. */

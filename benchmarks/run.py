@@ -1,11 +1,11 @@
-"""pykvm benchmarks: the same work through pykvm's public API and through a C program, in the same run.
+"""kvmscope benchmarks: the same work through kvmscope's public API and through a C program, in the same run.
 
     python benchmarks/run.py [--rounds 5] [--quick] [--json] [--only NAME ...] [--cpu N|none] [--no-profile]
 
-Each figure runs C and Python alternately for several rounds and reports the medians and the ratio pykvm/C (for
-rates; for VM start, C time / pykvm time, so above 1 is always faster). Model figures compare the model with the live
+Each figure runs C and Python alternately for several rounds and reports the medians and the ratio kvmscope/C (for
+rates; for VM start, C time / kvmscope time, so above 1 is always faster). Model figures compare the model with the live
 kernel, and the model under the 6.3 ruleset (no freeze check) with the 6.18 one. Each target is reported as met or
-not. For every figure measured against C, the CPU time per operation is split into user time (the program: for pykvm
+not. For every figure measured against C, the CPU time per operation is split into user time (the program: for kvmscope
 the interpreter and the binding) and system time (the kernel: the same ioctls on both sides), which is the profile of
 where the time goes. When a target is missed, the table is followed by the matching part of the profile from
 benchmarks/where_time_goes.py (cost ladders next to C, the model's parts, perf), unless --no-profile. Both sides run
@@ -30,9 +30,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pykvm
-from pykvm import guest
-from pykvm.api import IoExit, MsrBatch
+import kvmscope
+from kvmscope import guest
+from kvmscope.api import IoExit, MsrBatch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -84,7 +84,7 @@ def timed(fn: Callable[[], None], n: int) -> Sample:
 
 
 def py_pio(n: int) -> Sample:
-    with pykvm.open("linux") as kvm, kvm.create_vm() as vm:
+    with kvmscope.open("linux") as kvm, kvm.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
         guest.load_real_mode(vm, vcpu, PIO_GUEST)
         run = vcpu.run
@@ -99,11 +99,11 @@ def py_pio(n: int) -> Sample:
 
 
 def py_pio_raw(n: int) -> Sample:
-    with pykvm.open("linux") as kvm, kvm.create_vm() as vm:
+    with kvmscope.open("linux") as kvm, kvm.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
         guest.load_real_mode(vm, vcpu, PIO_GUEST)
         run_raw = vcpu.run_raw
-        io = pykvm.uapi.KVM_EXIT_IO
+        io = kvmscope.uapi.KVM_EXIT_IO
 
         def loop() -> None:
             for _ in range(n):
@@ -113,7 +113,7 @@ def py_pio_raw(n: int) -> Sample:
         return timed(loop, n)
 
 
-def _msr_loop(system: pykvm.System, op: str, count: int, n: int, after_run: bool = False) -> Sample:
+def _msr_loop(system: kvmscope.System, op: str, count: int, n: int, after_run: bool = False) -> Sample:
     with system.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
         batch = MsrBatch([(BATCH_MSRS[i % 8], 0) for i in range(count)])
@@ -131,18 +131,18 @@ def _msr_loop(system: pykvm.System, op: str, count: int, n: int, after_run: bool
 
 
 def py_msrs(op: str, count: int, n: int) -> Sample:
-    with pykvm.open("linux") as kvm:
+    with kvmscope.open("linux") as kvm:
         return _msr_loop(kvm, op, count, n)
 
 
 def model_msrs(kernel: str, count: int, n: int, after_run: bool = False) -> Sample:
-    with pykvm.open("model", kernel=kernel) as kvm:
+    with kvmscope.open("model", kernel=kernel) as kvm:
         return _msr_loop(kvm, "set", count, n, after_run)
 
 
 def py_vmstart(n: int) -> Sample:
     """Microseconds per VM start: create VM, memory, vCPU, registers, first run to HLT, close."""
-    with pykvm.open("linux") as kvm:
+    with kvmscope.open("linux") as kvm:
 
         def loop() -> None:
             for _ in range(n):
@@ -150,7 +150,7 @@ def py_vmstart(n: int) -> Sample:
                     vm.add_memory(0, 0x10000)
                     vcpu = vm.create_vcpu(0)
                     guest.load_real_mode(vm, vcpu, guest.HLT)
-                    if vcpu.run().reason != pykvm.uapi.KVM_EXIT_HLT:
+                    if vcpu.run().reason != kvmscope.uapi.KVM_EXIT_HLT:
                         raise RuntimeError("no HLT")
 
         sample = timed(loop, n)
@@ -170,7 +170,7 @@ class Figure:
     ratio: float  # python/reference for rates; reference/python for times (so >1 is always "faster")
     target: str
     met: bool
-    # Median CPU time per operation, user and system, in microseconds: pykvm's, then the baseline's.
+    # Median CPU time per operation, user and system, in microseconds: kvmscope's, then the baseline's.
     python_user_us: float = 0.0
     python_sys_us: float = 0.0
     reference_user_us: float = 0.0
@@ -232,15 +232,15 @@ def figures(rounds: int, quick: bool, only: list[str]) -> list[Figure]:
             out.append(Figure(f"freeze check overhead x{count} after a run (6.18 vs 6.3)", "per second", "model 6.3",
                               p.value, r.value, p.value / r.value, "overhead <= 5%", overhead <= 0.05,
                               **cpu_fields(p, r)))
-    if want("pykvm check"):
+    if want("kvmscope check"):
         from check_replay import measure
 
         small, large = measure(10_000 // k), measure(100_000 // k)
         growth = large["peak_rss_kib"] - small["peak_rss_kib"]
-        out.append(Figure(f"pykvm check replay, {large['steps']} steps (steps/s)", "steps/s", "-",
+        out.append(Figure(f"kvmscope check replay, {large['steps']} steps (steps/s)", "steps/s", "-",
                           large["steps_per_second"], small["steps_per_second"],
                           large["steps_per_second"] / small["steps_per_second"], "steady rate", True))
-        out.append(Figure(f"pykvm check peak RSS KiB, {small['steps']} -> {large['steps']} steps", "KiB",
+        out.append(Figure(f"kvmscope check peak RSS KiB, {small['steps']} -> {large['steps']} steps", "KiB",
                           f"{small['steps']} steps", large["peak_rss_kib"], small["peak_rss_kib"],
                           large["peak_rss_kib"] / small["peak_rss_kib"], "flat (growth <= 1 MiB)", growth <= 1024))
     return out
@@ -267,8 +267,8 @@ def main() -> None:
                           "profile": profile}, indent=2))
         return
     print(f"machine: {machine}  rounds: {args.rounds} (medians)")
-    print(f"{'figure':52} {'pykvm':>12} {'baseline':>12} {'ratio':>7}  {'target':17} {'met':4}"
-          f" {'user/sys us per op: pykvm':>26} {'baseline':>15}")
+    print(f"{'figure':52} {'kvmscope':>12} {'baseline':>12} {'ratio':>7}  {'target':17} {'met':4}"
+          f" {'user/sys us per op: kvmscope':>26} {'baseline':>15}")
     for f in figs:
         cpu_split = ""
         if f.python_user_us or f.python_sys_us:

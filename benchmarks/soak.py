@@ -10,8 +10,8 @@ import os
 import sys
 import time
 
-import pykvm
-from pykvm import guest
+import kvmscope
+from kvmscope import guest
 
 
 def rss_kib() -> int:
@@ -22,7 +22,7 @@ def rss_kib() -> int:
 def main(cycles: int = 10_000) -> None:
     samples = []
     t0 = time.perf_counter()
-    with pykvm.open("linux") as kvm:
+    with kvmscope.open("linux") as kvm:
         for i in range(cycles + 1):
             if i % (cycles // 10 or 1) == 0:
                 samples.append({"cycle": i, "fds": len(os.listdir("/proc/self/fd")), "rss_kib": rss_kib()})

@@ -1,9 +1,9 @@
-"""Where the time goes on pykvm's hot paths: cost ladders, and perf profiles of the run loop.
+"""Where the time goes on kvmscope's hot paths: cost ladders, and perf profiles of the run loop.
 
     python benchmarks/where_time_goes.py [--n 200000] [--rounds 5] [--no-perf] [--json]
 
 1. Ladders. Each hot path is timed step by step in one process pinned to one CPU, next to the C program doing the
-   same ioctls: the C loop, the bare ``fcntl.ioctl`` call from Python, then pykvm's public call, so each step's cost
+   same ioctls: the C loop, the bare ``fcntl.ioctl`` call from Python, then kvmscope's public call, so each step's cost
    is the difference to the one before. The rungs take turns in every round; the best of the rounds is shown, in
    microseconds per operation. Differences under about 0.1 us are within this machine's noise.
 2. Model ``set_msrs`` of 32 entries, broken into its parts (``timeit``, microseconds per call).
@@ -30,9 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pykvm
-from pykvm import guest, uapi
-from pykvm.api import IoExit, MsrBatch
+import kvmscope
+from kvmscope import guest, uapi
+from kvmscope.api import IoExit, MsrBatch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -61,7 +61,7 @@ def ladder(rungs: list[tuple[str, str | Callable[[int], None]]], n: int, rounds:
 
 
 def run_ladder(n: int, rounds: int) -> list[tuple[str, float]]:
-    with pykvm.open("linux") as kvm, kvm.create_vm() as vm:
+    with kvmscope.open("linux") as kvm, kvm.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
         guest.load_real_mode(vm, vcpu, PIO_GUEST)
         fd, kvm_run, ioctl = vcpu.fd, uapi.KVM_RUN, fcntl.ioctl
@@ -90,14 +90,14 @@ def run_ladder(n: int, rounds: int) -> list[tuple[str, float]]:
         return ladder([
             ("C: ioctl(KVM_RUN), check reason and port", "pio"),
             ("Python: fcntl.ioctl(fd, KVM_RUN), nothing read", bare),
-            ("pykvm: run_raw(), check the reason", raw_reason),
-            ("pykvm: run_raw(), check reason and io_port", raw_port),
-            ("pykvm: run(), typed IoExit, check type and port", typed),
+            ("kvmscope: run_raw(), check the reason", raw_reason),
+            ("kvmscope: run_raw(), check reason and io_port", raw_port),
+            ("kvmscope: run(), typed IoExit, check type and port", typed),
         ], n, rounds)
 
 
 def msr_ladder(n: int, rounds: int) -> list[tuple[str, float]]:
-    with pykvm.open("linux") as kvm, kvm.create_vm() as vm:
+    with kvmscope.open("linux") as kvm, kvm.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
         batch = MsrBatch([(BATCH_MSRS[0], 0)])
         fd, req, buf, ioctl = vcpu.fd, uapi.KVM_SET_MSRS, batch.buffer, fcntl.ioctl
@@ -118,14 +118,14 @@ def msr_ladder(n: int, rounds: int) -> list[tuple[str, float]]:
         return ladder([
             ("C: ioctl(KVM_SET_MSRS), 1 MSR", "setmsr1"),
             ("Python: fcntl.ioctl(fd, KVM_SET_MSRS, buf, True)", bare),
-            ("pykvm: set_msrs(batch)", api),
-            ("pykvm: set_msrs(batch, strict=True)", strict),
+            ("kvmscope: set_msrs(batch)", api),
+            ("kvmscope: set_msrs(batch, strict=True)", strict),
         ], n, rounds)
 
 
 def model_parts(n: int, rounds: int) -> list[tuple[str, float]]:
     """The model's set_msrs of the benchmark's 32-entry batch, part by part."""
-    with pykvm.open("model", kernel="6.18") as kvm, kvm.create_vm() as vm:
+    with kvmscope.open("model", kernel="6.18") as kvm, kvm.create_vm() as vm:
         vcpu: Any = vm.create_vcpu(0)  # its private parts are timed one by one below
         batch = MsrBatch([(BATCH_MSRS[i % 8], 0) for i in range(32)])
         vcpu.set_msrs(batch)
@@ -156,9 +156,9 @@ def model_parts(n: int, rounds: int) -> list[tuple[str, float]]:
 
 PERF_LOOP = textwrap.dedent("""
     import sys, time
-    import pykvm
-    from pykvm import guest
-    from pykvm.api import IoExit
+    import kvmscope
+    from kvmscope import guest
+    from kvmscope.api import IoExit
 
     def control(ctl, ack, cmd):
         with open(ctl, "w") as c:
@@ -167,7 +167,7 @@ PERF_LOOP = textwrap.dedent("""
             a.readline()
 
     def main(ctl, ack, n):  # a function, as in run.py: its names are fast locals, not module globals
-        with pykvm.open("linux") as kvm, kvm.create_vm() as vm:
+        with kvmscope.open("linux") as kvm, kvm.create_vm() as vm:
             vcpu = vm.create_vcpu(0)
             guest.load_real_mode(vm, vcpu, bytes([0xE6, 0x10, 0xEB, 0xFC]))
             run = vcpu.run
@@ -202,7 +202,7 @@ def perf_profile(perf: str, n: int) -> dict[str, object]:
         os.mkfifo(ctl)
         os.mkfifo(ack)
         for side, cmd, data in (
-            ("pykvm run()", [sys.executable, "-c", PERF_LOOP, ctl, ack, str(n)], os.path.join(tmp, "py.data")),
+            ("kvmscope run()", [sys.executable, "-c", PERF_LOOP, ctl, ack, str(n)], os.path.join(tmp, "py.data")),
             ("C", [str(HERE / "bin" / "kvm_bench"), "pio", str(n)], os.path.join(tmp, "c.data")),
         ):
             control = ["-D", "-1", "--control", f"fifo:{ctl},{ack}"] if side != "C" else []

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import sys
 
-import pykvm
-from pykvm import msrs
-from pykvm.program import GuestException, Program, Rdmsr, run_program
+import kvmscope
+from kvmscope import msrs
+from kvmscope.program import GuestException, Program, Rdmsr, run_program
 
 
 def main(backend: str | None = None, profile: str | None = None) -> int:
     options = {"profile": profile} if profile else {}
-    with pykvm.open(backend, **options) as kvm, kvm.create_vm() as vm:
+    with kvmscope.open(backend, **options) as kvm, kvm.create_vm() as vm:
         print(kvm.describe())
         vcpu = vm.create_vcpu(0)
         vcpu.set_cpuid(kvm.get_supported_cpuid())
@@ -40,5 +40,5 @@ if __name__ == "__main__":
         sys.exit(__doc__)
     try:
         sys.exit(main(*sys.argv[1:3]))
-    except pykvm.PykvmError as e:
+    except kvmscope.KvmscopeError as e:
         sys.exit(f"error: {e}")

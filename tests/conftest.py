@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pykvm.errors import KvmUnavailableError
-from pykvm.linux import LinuxSystem, open_system
+from kvmscope.errors import KvmUnavailableError
+from kvmscope.linux import LinuxSystem, open_system
 
 
 def _unavailable() -> str | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pykvm.linux import LinuxSystem
+from kvmscope.linux import LinuxSystem
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -36,7 +36,7 @@ def test_run_reports_ratio_target_and_cpu_split(live: LinuxSystem) -> None:
     assert "set_msrs x1" in names and "model set_msrs x1 vs live kernel" in names, f"figures reported: {names}"
     for f in figures:
         assert f["python"] > 0 and f["reference"] > 0, f"{f['name']}: expected positive rates, got {f}"
-        assert abs(f["ratio"] - f["python"] / f["reference"]) < 1e-9, f"{f['name']}: ratio is not pykvm/baseline: {f}"
+        assert abs(f["ratio"] - f["python"] / f["reference"]) < 1e-9, f"{f['name']}: ratio is not kvmscope/baseline: {f}"
         assert isinstance(f["met"], bool) and f["target"], f"{f['name']}: expected a target and a verdict: {f}"
         assert f["reference_sys_us"] > 0, f"{f['name']}: the C baseline's kernel time per op is missing: {f}"
     assert isinstance(out["machine"], dict) and "pinned_to_cpu" in out["machine"], f"machine: {out['machine']}"
@@ -74,9 +74,9 @@ def test_where_time_goes_perf_splits_kernel_and_user_time(live: LinuxSystem) -> 
         pytest.skip("perf record does not work here (no perf, or perf_event_paranoid forbids it)")
     out = run_json("where_time_goes.py", "--n", "20000", "--rounds", "1")
     perf = out["perf"]
-    assert isinstance(perf, dict) and set(perf) == {"pykvm run()", "C"}, f"perf sides: {perf}"
+    assert isinstance(perf, dict) and set(perf) == {"kvmscope run()", "C"}, f"perf sides: {perf}"
     for side, summary in perf.items():
         objects = summary["objects_percent"]
         assert any(name.startswith("[kernel") for name in objects), f"{side}: no kernel samples in {objects}"
         assert 0 < summary["user_space_us_per_exit"] < summary["wall_us_per_exit"], f"{side}: {summary}"
-    assert perf["pykvm run()"]["top_user_symbols"], f"no user-space symbols sampled: {perf['pykvm run()']}"
+    assert perf["kvmscope run()"]["top_user_symbols"], f"no user-space symbols sampled: {perf['kvmscope run()']}"

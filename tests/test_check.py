@@ -1,4 +1,4 @@
-"""`pykvm check`: scenarios replayed on the model and on the live kernel, the explanations, and bad input."""
+"""`kvmscope check`: scenarios replayed on the model and on the live kernel, the explanations, and bad input."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pykvm.check import outcome_text, replay
-from pykvm.cli import main
-from pykvm.errors import ScenarioError
-from pykvm.linux import LinuxSystem
-from pykvm.model import open_model
-from pykvm.scenario import load, parse
+from kvmscope.check import outcome_text, replay
+from kvmscope.cli import main
+from kvmscope.errors import ScenarioError
+from kvmscope.linux import LinuxSystem
+from kvmscope.model import open_model
+from kvmscope.scenario import load, parse
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 LIVE_EXAMPLES = sorted(p for p in EXAMPLES.glob("*.yaml") if "intel" not in p.name)
@@ -143,7 +143,7 @@ steps:
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.stem)
 def test_streamed_scenario_equals_loaded(path: Path) -> None:
-    from pykvm.scenario import stream
+    from kvmscope.scenario import stream
 
     loaded = load(path)
     s = stream(path)
@@ -152,7 +152,7 @@ def test_streamed_scenario_equals_loaded(path: Path) -> None:
 
 
 def test_streamed_errors_name_the_line(tmp_path: Path) -> None:
-    from pykvm.scenario import stream
+    from kvmscope.scenario import stream
 
     f = tmp_path / "s.yaml"
     f.write_text("scenario: 1\nsteps:\n  - create_vcpu: 0\n  - run: {vcpu: x}\n")

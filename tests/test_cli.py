@@ -1,4 +1,4 @@
-"""The `pykvm` command, as a user runs it."""
+"""The `kvmscope` command, as a user runs it."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import pykvm
-from pykvm.cli import main
-from pykvm.errors import KvmUnavailableError
-from pykvm.linux import LinuxSystem
+import kvmscope
+from kvmscope.cli import main
+from kvmscope.errors import KvmUnavailableError
+from kvmscope.linux import LinuxSystem
 
 
 def test_probe_json_on_live_kernel(live: LinuxSystem) -> None:
@@ -46,7 +46,7 @@ def test_probe_without_kvm_exits_3_with_message(monkeypatch: pytest.MonkeyPatch)
     def unavailable(*a: object, **k: object) -> LinuxSystem:
         raise KvmUnavailableError("/dev/kvm", "missing", "/dev/kvm does not exist: this kernel has no KVM")
 
-    monkeypatch.setattr("pykvm.linux.open_system", unavailable)
+    monkeypatch.setattr("kvmscope.linux.open_system", unavailable)
     result = CliRunner().invoke(main, ["probe", "--backend", "linux"])
     assert result.exit_code == 3 and "/dev/kvm does not exist" in result.output, result.output
     assert "Traceback" not in result.output
@@ -65,7 +65,7 @@ def test_readme_api_example_runs_as_written(live: LinuxSystem, capsys: pytest.Ca
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
     assert blocks, "README has a python example"
-    exec(compile(blocks[0], "README.md", "exec"), {"pykvm": pykvm})
+    exec(compile(blocks[0], "README.md", "exec"), {"kvmscope": kvmscope})
     out = capsys.readouterr().out.splitlines()
     assert out[1] == "HltExit()" and out[2] == "1", out
     assert out[3] == "KVM_SET_MSRS of MSR_PLATFORM_INFO (0xce) = 0x0 refused at position 0 of 1", out

@@ -1,7 +1,7 @@
 """Differential property test: random sequences of vCPU-model operations on the live kernel and on the model.
 
 Every observable result (counts, errnos, values read back, exits, CPUID) must be identical. A divergence is shrunk by
-hypothesis and reported as a runnable Python reproducer. ``PYKVM_DIFF_EXAMPLES=5000 pytest tests/test_differential.py``
+hypothesis and reported as a runnable Python reproducer. ``KVMSCOPE_DIFF_EXAMPLES=5000 pytest tests/test_differential.py``
 runs more sequences than the default 500.
 """
 
@@ -15,20 +15,20 @@ from typing import Any
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from pykvm import guest
-from pykvm.api import MsrBatch, System, Vcpu, Vm
-from pykvm.errors import KvmError
-from pykvm.linux import LinuxSystem
-from pykvm.model import open_model
-from pykvm.model.profile import load
-from pykvm.program import Program, run_program
+from kvmscope import guest
+from kvmscope.api import MsrBatch, System, Vcpu, Vm
+from kvmscope.errors import KvmError
+from kvmscope.linux import LinuxSystem
+from kvmscope.model import open_model
+from kvmscope.model.profile import load
+from kvmscope.program import Program, run_program
 
 PROFILE = load("pvm-6.18")
 SUPPORTED = PROFILE.supported_cpuid
 FEATURE = [0x8B, 0x10A, 0x345, 0xCE]
 ORDINARY = sorted(i for i, b in PROFILE.msr_behaviour.items() if b.kind in ("store", "drop", "zero_only", "refuse"))
 MSRS = [*FEATURE, *ORDINARY, 0x12345678]
-EXAMPLES = int(os.environ.get("PYKVM_DIFF_EXAMPLES", "500"))
+EXAMPLES = int(os.environ.get("KVMSCOPE_DIFF_EXAMPLES", "500"))
 
 # --- operations ----------------------------------------------------------------------------------------------------
 
@@ -181,13 +181,13 @@ def reproducer(sequence: list[Op]) -> str:
         "# Reproducer: replays the sequence on the live kernel and on the model, and prints both results.",
         "import sys",
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})",
-        "import pykvm",
-        "from pykvm.model import open_model",
+        "import kvmscope",
+        "from kvmscope.model import open_model",
         "from test_differential import *",
         "sequence = [",
         *(f"    {op!r}," for op in sequence),
         "]",
-        "live = play(pykvm.open('linux'), sequence)",
+        "live = play(kvmscope.open('linux'), sequence)",
         f"model = play(open_model(profile={PROFILE.name!r}), sequence)",
         "for i, (a, b) in enumerate(zip(live, model)):",
         "    print(i, 'same' if a == b else 'DIFFERS', sequence[i], a, b if a != b else '')",
@@ -196,7 +196,7 @@ def reproducer(sequence: list[Op]) -> str:
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-          derandomize=os.environ.get("PYKVM_DIFF_RANDOM") is None)
+          derandomize=os.environ.get("KVMSCOPE_DIFF_RANDOM") is None)
 @given(st.lists(ops, min_size=1, max_size=14).map(lambda seq: [CreateVcpu(0), *seq]))
 def _check(live: LinuxSystem, sequence: list[Op]) -> None:
     model = open_model(profile=PROFILE)

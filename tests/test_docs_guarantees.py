@@ -23,11 +23,11 @@ def _code_strings(path: Path) -> list[str]:
 
 
 def test_no_host_msr_access() -> None:
-    # pykvm never opens the host's MSR devices: every MSR value comes from KVM ioctls or a profile.
+    # kvmscope never opens the host's MSR devices: every MSR value comes from KVM ioctls or a profile.
     offenders = {str(p.relative_to(ROOT)): s for p in (ROOT / "src").rglob("*.py") for s in _code_strings(p)
                  if "/dev/cpu" in s or re.search(r"cpu.*msr", s)}
     assert not offenders, f"host MSR device paths in the code: {offenders}"
-    assert _code_strings(ROOT / "src/pykvm/linux/system.py"), "the scan sees string constants"
+    assert _code_strings(ROOT / "src/kvmscope/linux/system.py"), "the scan sees string constants"
 
 
 def test_every_test_named_in_reliability_doc_exists() -> None:

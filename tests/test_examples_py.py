@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pykvm.linux import LinuxSystem
+from kvmscope.linux import LinuxSystem
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "guest_arch_caps.py"
 

@@ -1,6 +1,6 @@
-"""Fuzzing the parsers, the CLI and the API arguments: only pykvm's own errors may escape, never a traceback.
+"""Fuzzing the parsers, the CLI and the API arguments: only kvmscope's own errors may escape, never a traceback.
 
-A short budget by default; ``PYKVM_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz.py`` runs longer.
+A short budget by default; ``KVMSCOPE_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz.py`` runs longer.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pykvm.api import MsrBatch
-from pykvm.cli import main
-from pykvm.errors import InvalidValueError, MsrLookupError, ProfileError, ScenarioError
-from pykvm.model.profile import from_json, load
-from pykvm.scenario import STEP_KINDS, parse
+from kvmscope.api import MsrBatch
+from kvmscope.cli import main
+from kvmscope.errors import InvalidValueError, MsrLookupError, ProfileError, ScenarioError
+from kvmscope.model.profile import from_json, load
+from kvmscope.scenario import STEP_KINDS, parse
 
-BUDGET = settings(max_examples=int(os.environ.get("PYKVM_FUZZ_EXAMPLES", "300")), deadline=None,
+BUDGET = settings(max_examples=int(os.environ.get("KVMSCOPE_FUZZ_EXAMPLES", "300")), deadline=None,
                   suppress_health_check=[HealthCheck.too_slow])
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.text(max_size=12),
@@ -86,7 +86,7 @@ def test_msr_batch_arguments(entries: list[Any]) -> None:
         MsrBatch(entries)
 
 
-@settings(max_examples=int(os.environ.get("PYKVM_FUZZ_EXAMPLES", "300")) // 3, deadline=None,
+@settings(max_examples=int(os.environ.get("KVMSCOPE_FUZZ_EXAMPLES", "300")) // 3, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(scenarios, st.lists(st.sampled_from(["--kernel", "6.3", "6.99", "x", "--profile", "intel-spr", "nope",
                                             "--compare", "6.3,6.18", "6.3", "--json", "--backend", "model"]),

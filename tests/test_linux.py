@@ -10,12 +10,12 @@ import threading
 import pytest
 
 from asm import assemble, hlt, in_al, mov_al, mov_to_mem8, out_al
-from pykvm import guest, uapi
-from pykvm.api import CpuidEntry, HltExit, InterruptedExit, IoExit, MmioExit, MsrBatch
-from pykvm.errors import ClosedError, InvalidValueError, KvmError, KvmUnavailableError, MsrWriteError
-from pykvm.linux import LinuxSystem, open_system
-from pykvm.linux.vcpu import LinuxVcpu
-from pykvm.linux.vm import LinuxVm
+from kvmscope import guest, uapi
+from kvmscope.api import CpuidEntry, HltExit, InterruptedExit, IoExit, MmioExit, MsrBatch
+from kvmscope.errors import ClosedError, InvalidValueError, KvmError, KvmUnavailableError, MsrWriteError
+from kvmscope.linux import LinuxSystem, open_system
+from kvmscope.linux.vcpu import LinuxVcpu
+from kvmscope.linux.vm import LinuxVm
 
 PLATFORM_INFO, UCODE_REV = 0xCE, 0x8B
 

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pykvm import guest
-from pykvm.api import CpuidEntry, MsrBatch
-from pykvm.model import open_model
-from pykvm.model.profile import load, shipped
-from pykvm.model.vcpu import ModelVcpu
+from kvmscope import guest
+from kvmscope.api import CpuidEntry, MsrBatch
+from kvmscope.model import open_model
+from kvmscope.model.profile import load, shipped
+from kvmscope.model.vcpu import ModelVcpu
 
 U64 = (1 << 64) - 1
 # Rules and their neighbours: feature MSRs, UCODE_REV, MISC_FEATURES_ENABLES (read by PLATFORM_INFO's rule),
@@ -55,7 +55,7 @@ step = st.one_of(
 )
 
 
-@settings(max_examples=int(os.environ.get("PYKVM_PLAN_EXAMPLES", "300")), deadline=None)
+@settings(max_examples=int(os.environ.get("KVMSCOPE_PLAN_EXAMPLES", "300")), deadline=None)
 @given(profile=st.sampled_from(shipped()), kernel=st.sampled_from(["6.3", "6.4", "6.10", "6.12", "6.13", "6.18"]),
        steps=st.lists(step, min_size=1, max_size=8))
 def test_batched_set_msrs_matches_entry_by_entry(profile: str, kernel: str, steps: list[Any]) -> None:

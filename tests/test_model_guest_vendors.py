@@ -3,16 +3,16 @@ the guest parts of vmx_pmu_caps_test and platform_info_test."""
 
 from __future__ import annotations
 
-import pykvm
-from pykvm import uapi
-from pykvm.program import GuestException, Halted, Program, Rdmsr, run_program
+import kvmscope
+from kvmscope import uapi
+from kvmscope.program import GuestException, Halted, Program, Rdmsr, run_program
 
 PERF_CAP, PLATFORM_INFO, ARCH_CAP = 0x345, 0xCE, 0x10A
 GP = GuestException(13, 0)
 
 
-def intel() -> pykvm.System:
-    return pykvm.open("model", profile="intel-spr", kernel="6.18")
+def intel() -> kvmscope.System:
+    return kvmscope.open("model", profile="intel-spr", kernel="6.18")
 
 
 def test_guest_wrmsr_perf_capabilities() -> None:
@@ -60,12 +60,12 @@ def test_guest_reads_arch_capabilities_with_the_cpuid_bit() -> None:
 def test_guest_perf_cap_write_reasons_by_kernel() -> None:
     # kvm_set_msr_common: a guest write is "host only": UNSUPPORTED (exit reason UNKNOWN) since 6.13, 1 (INVAL)
     # before; vmx_set_msr's PEBS/LBR format checks come first and give 1 on every version.
-    from pykvm.program import UserMsr
+    from kvmscope.program import UserMsr
 
     for kernel, value, reason in (("6.18", 0x2000, uapi.KVM_MSR_EXIT_REASON_UNKNOWN),
                                   ("6.10", 0x2000, uapi.KVM_MSR_EXIT_REASON_INVAL),
                                   ("6.18", 0x100, uapi.KVM_MSR_EXIT_REASON_INVAL)):  # PEBS format 1: wrong
-        with pykvm.open("model", profile="intel-spr", kernel=kernel) as kvm, kvm.create_vm() as vm:
+        with kvmscope.open("model", profile="intel-spr", kernel=kernel) as kvm, kvm.create_vm() as vm:
             vm.enable_cap(uapi.KVM_CAP_X86_USER_SPACE_MSR, uapi.KVM_MSR_EXIT_REASON_UNKNOWN |
                           uapi.KVM_MSR_EXIT_REASON_INVAL)
             vcpu = vm.create_vcpu(0)
@@ -78,7 +78,7 @@ def test_guest_cpuid_out_of_range_leaf_on_intel() -> None:
     # get_out_of_range_cpuid_entry: an Intel guest's leaf above the maximum basic leaf reads as that maximum leaf.
     from dataclasses import replace
 
-    from pykvm.program import Cpuid
+    from kvmscope.program import Cpuid
 
     with intel() as kvm, kvm.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
@@ -93,12 +93,12 @@ def test_guest_cpuid_out_of_range_leaf_on_intel() -> None:
 def test_guest_de_cfg_writes_by_kernel() -> None:
     # AMD DE_CFG from the guest: any supported subset (svm_set_msr), except on 6.12.0 where 74a0e79df68a allowed only
     # the current value (4d5163cba43f restored subsets after Windows guests #GP'd).
-    from pykvm.program import Wrmsr
+    from kvmscope.program import Wrmsr
 
     for kernel, expected in (("6.10", [Wrmsr(0xC0011029), Rdmsr(0xC0011029, 2), GP]),
                              ("6.12", [GP, Rdmsr(0xC0011029, 0), GP]),
                              ("6.18", [Wrmsr(0xC0011029), Rdmsr(0xC0011029, 2), GP])):
-        with pykvm.open("model", profile="amd-epyc", kernel=kernel) as kvm, kvm.create_vm() as vm:
+        with kvmscope.open("model", profile="amd-epyc", kernel=kernel) as kvm, kvm.create_vm() as vm:
             vcpu = vm.create_vcpu(0)
             vcpu.set_cpuid(kvm.get_supported_cpuid())
             prog = Program().wrmsr(0xC0011029, 2).rdmsr(0xC0011029).wrmsr(0xC0011029, 4).hlt()

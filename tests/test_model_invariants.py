@@ -12,11 +12,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pykvm import guest
-from pykvm.api import MsrBatch
-from pykvm.errors import KvmError
-from pykvm.model import open_model
-from pykvm.model.profile import load, shipped
+from kvmscope import guest
+from kvmscope.api import MsrBatch
+from kvmscope.errors import KvmError
+from kvmscope.model import open_model
+from kvmscope.model.profile import load, shipped
 
 U64 = (1 << 64) - 1
 UCODE_REV = 0x8B

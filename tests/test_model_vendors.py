@@ -14,12 +14,12 @@ import dataclasses
 
 import pytest
 
-import pykvm
-from pykvm import msrs as M
-from pykvm import uapi
-from pykvm.api import CpuidEntry, HltExit, MsrBatch, Vcpu
-from pykvm.guest import run_to_hlt
-from pykvm.model import profile as profiles
+import kvmscope
+from kvmscope import msrs as M
+from kvmscope import uapi
+from kvmscope.api import CpuidEntry, HltExit, MsrBatch, Vcpu
+from kvmscope.guest import run_to_hlt
+from kvmscope.model import profile as profiles
 
 SPR = "intel-spr"
 AMD = "amd-epyc"
@@ -49,11 +49,11 @@ FEAT_CTL_SUPPORTED = 1 << 0 | 1 << 1 | 1 << 2 | 1 << 17 | 1 << 18 | 1 << 20  # K
 # --- selftest-library equivalents ----------------------------------------------------------------------------------
 
 
-def open_kvm(profile: str | profiles.Profile, kernel: str | None = None) -> pykvm.System:
-    return pykvm.open("model", profile=profile, kernel=kernel)
+def open_kvm(profile: str | profiles.Profile, kernel: str | None = None) -> kvmscope.System:
+    return kvmscope.open("model", profile=profile, kernel=kernel)
 
 
-def vm_create_with_one_vcpu(kvm: pykvm.System, quirk_disabled: bool = False) -> tuple[object, Vcpu]:
+def vm_create_with_one_vcpu(kvm: kvmscope.System, quirk_disabled: bool = False) -> tuple[object, Vcpu]:
     """``vm_create_with_one_vcpu``: a VM and vCPU 0 with KVM_GET_SUPPORTED_CPUID set (as the selftests do).
     ``quirk_disabled``: disable KVM_X86_QUIRK_STUFF_FEATURE_MSRS before the vCPU is created."""
     vm = kvm.create_vm()
@@ -90,7 +90,7 @@ def vcpu_set_msr_fails(vcpu: Vcpu, index: int, value: int, why: str) -> None:
     assert r == 0, f"{why}: wanted KVM_SET_MSRS of MSR 0x{index:x} = 0x{value:x} to write 0 entries, got {r}"
 
 
-def kvm_get_feature_msr(kvm: pykvm.System, index: int) -> int:
+def kvm_get_feature_msr(kvm: kvmscope.System, index: int) -> int:
     batch = MsrBatch([index])
     r = kvm.get_feature_msrs(batch)
     assert r == 1, f"system KVM_GET_MSRS of feature MSR 0x{index:x}: wanted 1 entry read, got {r}"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pykvm import msrs
-from pykvm.api import MsrBatch
-from pykvm.errors import InvalidValueError, MsrLookupError
+from kvmscope import msrs
+from kvmscope.api import MsrBatch
+from kvmscope.errors import InvalidValueError, MsrLookupError
 
 
 @pytest.mark.parametrize(

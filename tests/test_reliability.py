@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from pykvm import guest
-from pykvm.api import CpuidEntry, HltExit, InterruptedExit, IoExit
-from pykvm.errors import ClosedError, InvalidValueError, KvmError
-from pykvm.linux import LinuxSystem
+from kvmscope import guest
+from kvmscope.api import CpuidEntry, HltExit, InterruptedExit, IoExit
+from kvmscope.errors import ClosedError, InvalidValueError, KvmError
+from kvmscope.linux import LinuxSystem
 
 # out 0x10, al; jmp $-2 : a guest that exits forever
 PIO_LOOP = bytes([0xE6, 0x10, 0xEB, 0xFC])
@@ -170,12 +170,12 @@ def test_unprivileged_user_gets_the_permission_message() -> None:
     if not os.path.exists("/dev/kvm"):
         pytest.skip("needs /dev/kvm (the message under test is about permission, not absence)")
     src = Path(__file__).parent.parent / "src"
-    tmp = Path(tempfile.mkdtemp(prefix="pykvm-nobody-"))  # pytest's tmp_path is private to root
+    tmp = Path(tempfile.mkdtemp(prefix="kvmscope-nobody-"))  # pytest's tmp_path is private to root
     dest = tmp / "src"
     shutil.copytree(src, dest)
     for p in [tmp, *tmp.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import pykvm.linux as L\n"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import kvmscope.linux as L\n"
             "try:\n    L.open_system()\nexcept Exception as e:\n    print(type(e).__name__, e.reason, e)\n")
     out = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", str(python), "-c", code,
                           str(dest)], capture_output=True, text=True, cwd="/", check=True).stdout

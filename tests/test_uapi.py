@@ -1,4 +1,4 @@
-"""The ABI in pykvm.uapi against linux/kvm.h, checked by compiling a C program (no /dev/kvm needed)."""
+"""The ABI in kvmscope.uapi against linux/kvm.h, checked by compiling a C program (no /dev/kvm needed)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pykvm import uapi
+from kvmscope import uapi
 
 HEADER = Path("/usr/include/linux/kvm.h")
 
@@ -59,20 +59,20 @@ def header_values() -> dict[str, int]:
 def test_struct_size_matches_header(header_values: dict[str, int], name: str) -> None:
     ours = ctypes.sizeof(getattr(uapi, name))
     assert ours == header_values[f"sizeof {name}"], (
-        f"sizeof(struct {name}): kvm.h says {header_values[f'sizeof {name}']}, pykvm.uapi has {ours}")
+        f"sizeof(struct {name}): kvm.h says {header_values[f'sizeof {name}']}, kvmscope.uapi has {ours}")
 
 
 @pytest.mark.parametrize("name", IOCTLS)
 def test_ioctl_number_matches_header(header_values: dict[str, int], name: str) -> None:
     assert getattr(uapi, name) == header_values[name], (
-        f"{name}: kvm.h says {header_values[name]:#x}, pykvm.uapi has {getattr(uapi, name):#x}")
+        f"{name}: kvm.h says {header_values[name]:#x}, kvmscope.uapi has {getattr(uapi, name):#x}")
 
 
 def test_constants_match_header(header_values: dict[str, int]) -> None:
     checked = [n for n in CONSTANTS if n in header_values]
     assert len(checked) > 30, f"expected most constants to be in kvm.h, found only {checked}"
     wrong = {n: (getattr(uapi, n), header_values[n]) for n in checked if getattr(uapi, n) != header_values[n]}
-    assert not wrong, f"constants differing from kvm.h (pykvm, header): {wrong}"
+    assert not wrong, f"constants differing from kvm.h (kvmscope, header): {wrong}"
 
 
 @pytest.mark.parametrize("struct,member", OFFSETS)
@@ -83,7 +83,7 @@ def test_offsets_match_header(header_values: dict[str, int], struct: str, member
     else:
         ours = getattr(cls, member).offset
     expected = header_values[f"offsetof {struct}.{member}"]
-    assert ours == expected, f"offsetof({struct}, {member}): kvm.h says {expected}, pykvm.uapi has {ours}"
+    assert ours == expected, f"offsetof({struct}, {member}): kvm.h says {expected}, kvmscope.uapi has {ours}"
 
 
 def test_stuff_feature_msrs_quirk_value() -> None:

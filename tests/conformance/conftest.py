@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pykvm.api import System
-from pykvm.model import open_model
+from kvmscope.api import System
+from kvmscope.model import open_model
 
 PROFILE = "pvm-6.18"
 

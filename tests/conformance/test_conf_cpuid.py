@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from pykvm import guest
-from pykvm.api import CpuidEntry, HltExit, System, Vcpu, Vm, find_cpuid
-from pykvm.errors import KvmError
+from kvmscope import guest
+from kvmscope.api import CpuidEntry, HltExit, System, Vcpu, Vm, find_cpuid
+from kvmscope.errors import KvmError
 
 CR4_OSXSAVE, CR4_PKE = 1 << 18, 1 << 22
 

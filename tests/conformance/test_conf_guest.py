@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pykvm import uapi
-from pykvm.api import MsrExit, System, find_cpuid
-from pykvm.program import Cpuid, GuestException, Halted, In, Out, Program, Rdmsr, UserMsr, Wrmsr, run_program
+from kvmscope import uapi
+from kvmscope.api import MsrExit, System, find_cpuid
+from kvmscope.program import Cpuid, GuestException, Halted, In, Out, Program, Rdmsr, UserMsr, Wrmsr, run_program
 
 UCODE_REV, ARCH_CAP, PERF_CAP, PLATFORM_INFO = 0x8B, 0x10A, 0x345, 0xCE
 GP = GuestException(13, 0)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pykvm import guest, uapi
-from pykvm.api import HltExit, IoExit, MmioExit, System
+from kvmscope import guest, uapi
+from kvmscope.api import HltExit, IoExit, MmioExit, System
 
 
 def test_real_mode_guest_exits(kvm: System) -> None:

@@ -270,7 +270,7 @@ class kvm_run_msr(ctypes.Structure):
 
 
 class kvm_run_exit(ctypes.Union):
-    """The exit-reason union of ``struct kvm_run`` (256 bytes), with the members pykvm decodes."""
+    """The exit-reason union of ``struct kvm_run`` (256 bytes), with the members kvmscope decodes."""
 
     _fields_ = [
         ("io", kvm_run_io),

@@ -1,7 +1,7 @@
-"""pykvm: a pure-Python binding to Linux KVM and a software model of KVM's x86 vCPU-model rules.
+"""kvmscope: a pure-Python binding to Linux KVM and a software model of KVM's x86 vCPU-model rules.
 
->>> import pykvm
->>> with pykvm.open() as kvm:            # the live kernel when /dev/kvm is usable, else the model
+>>> import kvmscope
+>>> with kvmscope.open() as kvm:            # the live kernel when /dev/kvm is usable, else the model
 ...     print(kvm.backend, [hex(i) for i in kvm.get_msr_feature_index_list()])
 """
 
@@ -34,13 +34,13 @@ from .errors import (
     ClosedError,
     InvalidValueError,
     KvmError,
+    KvmscopeError,
     KvmUnavailableError,
     MsrAccessError,
     MsrLookupError,
     MsrReadError,
     MsrWriteError,
     ProfileError,
-    PykvmError,
     ScenarioError,
 )
 
@@ -102,7 +102,7 @@ __all__ = [
     "MsrWriteError",
     "OtherExit",
     "ProfileError",
-    "PykvmError",
+    "KvmscopeError",
     "RdmsrExit",
     "ScenarioError",
     "ShutdownExit",

@@ -2,7 +2,7 @@
 
 A profile holds the kernel release and ruleset, the vendor module (vmx, svm, pvm), capabilities, the feature-MSR list and
 values, the MSR index list, the supported CPUID, vCPU defaults, how ordinary MSRs behave, and how the kernel rewrites
-CPUID on KVM_SET_CPUID2. ``pykvm probe --save FILE`` writes one from the live host; a malformed file gets a
+CPUID on KVM_SET_CPUID2. ``kvmscope probe --save FILE`` writes one from the live host; a malformed file gets a
 :class:`ProfileError` naming the file and the field.
 """
 
@@ -339,8 +339,8 @@ def from_json(data: Any, path: str = "<memory>") -> Profile:
 
 
 def shipped() -> list[str]:
-    """Names of the profiles shipped with pykvm."""
-    return sorted(p.name[:-5] for p in resources.files("pykvm.profiles").iterdir() if p.name.endswith(".json"))
+    """Names of the profiles shipped with kvmscope."""
+    return sorted(p.name[:-5] for p in resources.files("kvmscope.profiles").iterdir() if p.name.endswith(".json"))
 
 
 DEFAULT_PROFILE = "pvm-6.18"
@@ -351,7 +351,7 @@ def load(spec: str | Path | None = None) -> Profile:
     spec = DEFAULT_PROFILE if spec is None else spec
     path = Path(spec)
     if isinstance(spec, str) and "/" not in spec and not spec.endswith(".json"):
-        res = resources.files("pykvm.profiles") / f"{spec}.json"
+        res = resources.files("kvmscope.profiles") / f"{spec}.json"
         if not res.is_file():
             raise ProfileError(f"no shipped profile named {spec!r}; shipped: {', '.join(shipped())} (or give a path)")
         text, where = res.read_text(), f"profile {spec}"

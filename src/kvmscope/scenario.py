@@ -27,7 +27,7 @@ import yaml
 
 from . import msrs as M
 from .api import CpuidEntry
-from .errors import PykvmError, ScenarioError
+from .errors import KvmscopeError, ScenarioError
 
 SCHEMA = 1
 REGISTERS = ("eax", "ebx", "ecx", "edx")
@@ -183,7 +183,7 @@ class _Parser:
         if isinstance(node.value, str):
             try:
                 return M.index_of(node.value)
-            except PykvmError as e:
+            except KvmscopeError as e:
                 raise self.fail(node, field_, str(e)) from None
         return self.integer(node, field_, 32)
 

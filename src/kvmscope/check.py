@@ -15,7 +15,7 @@ from typing import Any
 from . import guest, uapi
 from . import msrs as M
 from .api import CpuidEntry, MsrBatch, System, Vcpu, Vm
-from .errors import InvalidValueError, KvmError, PykvmError
+from .errors import InvalidValueError, KvmError, KvmscopeError
 from .model.rulesets import RULES
 from .scenario import Expect, Scenario, Step
 
@@ -249,7 +249,7 @@ class Replayer:
         except KvmError as e:
             res.outcome, res.errno = "error", e.errno
             res.summary = str(e)
-        except PykvmError as e:
+        except KvmscopeError as e:
             res.outcome, res.summary = "error", str(e)
         if step.expect is not None:
             res.expected, res.met = judge(step.expect, res)

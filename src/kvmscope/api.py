@@ -1,7 +1,7 @@
 """What a backend is: System, Vm and Vcpu, the exit types, and the value types both backends share.
 
-The ``linux`` backend (``pykvm.linux``) implements these over the real ``/dev/kvm``; the ``model`` backend
-(``pykvm.model``) implements them in software. Raw methods mirror the kernel (``set_msrs`` returns the number of entries
+The ``linux`` backend (``kvmscope.linux``) implements these over the real ``/dev/kvm``; the ``model`` backend
+(``kvmscope.model``) implements them in software. Raw methods mirror the kernel (``set_msrs`` returns the number of entries
 processed); the strict helpers defined here once (``write_msrs``, ``read_msrs``, ...) raise typed errors on top.
 """
 
@@ -280,7 +280,7 @@ class WrmsrExit(MsrExit):
 
 @dataclass(slots=True)
 class OtherExit(Exit):
-    """Any exit reason pykvm does not decode; ``exit_reason`` is the raw number."""
+    """Any exit reason kvmscope does not decode; ``exit_reason`` is the raw number."""
 
     exit_reason: int
 

@@ -172,7 +172,7 @@ def decode_de_cfg(value: int) -> Fields:
 
 @dataclass(frozen=True)
 class Msr:
-    """One MSR: its index, the kernel's name, aliases, and a decoder for its fields where pykvm has one."""
+    """One MSR: its index, the kernel's name, aliases, and a decoder for its fields where kvmscope has one."""
 
     index: int
     name: str
@@ -282,7 +282,7 @@ BY_NAME: dict[str, Msr] = {key: m for m in _CATALOGUE for key in _keys(m)}
 
 
 def catalogue() -> list[Msr]:
-    """Every MSR pykvm knows by name, in index order."""
+    """Every MSR kvmscope knows by name, in index order."""
     return sorted(_CATALOGUE, key=lambda m: m.index)
 
 
@@ -322,7 +322,7 @@ def index_of(msr: int | str) -> int:
 
 
 def lookup(msr: int | str) -> Msr:
-    """The catalogue entry for an MSR; an index pykvm has no name for gets ``MSR_0x<index>``."""
+    """The catalogue entry for an MSR; an index kvmscope has no name for gets ``MSR_0x<index>``."""
     index = index_of(msr)
     return BY_INDEX.get(index) or Msr(index, f"MSR_{index:#x}")
 

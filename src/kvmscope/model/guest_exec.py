@@ -1,4 +1,4 @@
-"""The model running guest programs (:mod:`pykvm.program`): guest-side MSR and CPUID semantics.
+"""The model running guest programs (:mod:`kvmscope.program`): guest-side MSR and CPUID semantics.
 
 Guest WRMSR/RDMSR follow ``kvm_emulate_msr_write``/``kvm_emulate_msr_read`` in x86.c (v6.18): the MSR filter first,
 then the handler with ``host_initiated`` false; a failure becomes a #GP, or an exit to userspace when

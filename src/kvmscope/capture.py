@@ -1,4 +1,4 @@
-"""Capture a host profile from a live system (``pykvm probe --save FILE``).
+"""Capture a host profile from a live system (``kvmscope probe --save FILE``).
 
 Everything the model needs is measured, not assumed: capabilities, feature MSRs, the index list, supported CPUID,
 vCPU reset state, how each ordinary MSR answers host writes, and how KVM_SET_CPUID2 rewrites what it is given.
@@ -207,7 +207,7 @@ def capture(system: System, name: str | None = None, description: str = "", cpui
         module_parameters=module_parameters,
         source={
             "kind": "captured",
-            "by": f"pykvm {__version__} probe --save",
+            "by": f"kvmscope {__version__} probe --save",
             "date": datetime.date.today().isoformat(),
         },
         api_version=system.api_version(),

@@ -1,6 +1,6 @@
 """Facts about the host a live system runs on: kernel release, KVM vendor module, module parameters.
 
-Read from ``os.uname()`` and ``/sys/module``; pykvm never reads or writes the host's own MSRs (``/dev/cpu/*/msr``).
+Read from ``os.uname()`` and ``/sys/module``; kvmscope never reads or writes the host's own MSRs (``/dev/cpu/*/msr``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ``pykvm`` command."""
+"""The ``kvmscope`` command."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from rich.table import Table
 
 from . import msrs as _msrs
 from .api import System
-from .errors import KvmUnavailableError, PykvmError
+from .errors import KvmscopeError, KvmUnavailableError
 
 # Exit codes shared by every subcommand.
 EXIT_OK = 0
@@ -31,7 +31,7 @@ def fail(message: str, code: int) -> NoReturn:
 
 def open_backend(backend: str, kernel: str | None, profile: str | None) -> tuple[System, str | None]:
     """Open the chosen backend; with ``auto``, fall back to the model and return why."""
-    import pykvm
+    import kvmscope
 
     if backend in ("auto", "linux") and (kernel or profile):
         if backend == "linux":
@@ -39,17 +39,17 @@ def open_backend(backend: str, kernel: str | None, profile: str | None) -> tuple
         backend = "model"
     if backend == "auto":
         try:
-            return pykvm.open("linux"), None
+            return kvmscope.open("linux"), None
         except KvmUnavailableError as e:
-            return pykvm.open("model"), str(e)
+            return kvmscope.open("model"), str(e)
     if backend == "linux":
-        return pykvm.open("linux"), None
+        return kvmscope.open("linux"), None
     options: dict[str, Any] = {}
     if kernel:
         options["kernel"] = kernel
     if profile:
         options["profile"] = profile
-    return pykvm.open("model", **options), None
+    return kvmscope.open("model", **options), None
 
 
 backend_option = click.option(
@@ -57,7 +57,7 @@ backend_option = click.option(
     type=click.Choice(["auto", "linux", "model"]),
     default="auto",
     show_default=True,
-    help="linux: the live /dev/kvm; model: pykvm's software KVM; auto: linux when /dev/kvm is usable, else model.",
+    help="linux: the live /dev/kvm; model: kvmscope's software KVM; auto: linux when /dev/kvm is usable, else model.",
 )
 kernel_option = click.option("--kernel", metavar="VERSION", help="Model only: kernel ruleset, e.g. 6.3, 6.10, 6.18.")
 profile_option = click.option(
@@ -66,9 +66,9 @@ profile_option = click.option(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="pykvm")
+@click.version_option(package_name="kvmscope")
 def main() -> None:
-    """pykvm: Linux KVM's x86 vCPU model, live (/dev/kvm) and modelled.
+    """kvmscope: Linux KVM's x86 vCPU model, live (/dev/kvm) and modelled.
 
     Exit codes: 0 success, 1 a check failed, 2 bad input or arguments, 3 /dev/kvm missing or not permitted.
     """
@@ -111,9 +111,9 @@ def probe(backend: str, kernel: str | None, profile: str | None, as_json: bool, 
 
     \b
     Examples:
-      pykvm probe
-      pykvm probe --json
-      pykvm probe --backend model --profile intel-spr --kernel 6.18
+      kvmscope probe
+      kvmscope probe --json
+      kvmscope probe --backend model --profile intel-spr --kernel 6.18
     """
     from .probe import FROZEN, NOT_SETTABLE, WRITABLE
     from .probe import probe as run_probe
@@ -122,7 +122,7 @@ def probe(backend: str, kernel: str | None, profile: str | None, as_json: bool, 
         system, fallback = open_backend(backend, kernel, profile)
     except KvmUnavailableError as e:
         fail(str(e), EXIT_NO_KVM)
-    except PykvmError as e:
+    except KvmscopeError as e:
         fail(str(e), EXIT_USAGE)
     if fallback:
         err_console.print(f"[yellow]warning:[/] {fallback}\n[yellow]warning:[/] showing the MODEL instead "
@@ -158,7 +158,7 @@ def probe(backend: str, kernel: str | None, profile: str | None, as_json: bool, 
     console = Console(width=None if sys.stdout.isatty() else 160)
     host = report.host
     label = "LIVE KERNEL" if report.backend == "linux" else "MODEL (software KVM, not the live kernel)"
-    console.print(f"[bold]pykvm probe[/] - {label}: {report.description}", highlight=False)
+    console.print(f"[bold]kvmscope probe[/] - {label}: {report.description}", highlight=False)
     console.print(
         f"kernel {host.get('kernel_release')}  vendor module {host.get('vendor_module')}  "
         f"API version {report.api_version}  index list {len(report.msr_index_list)} MSRs",
@@ -211,7 +211,7 @@ def probe(backend: str, kernel: str | None, profile: str | None, as_json: bool, 
 @click.argument("value", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def decode(msr: str, value: str | None, as_json: bool) -> None:
-    """Look up an MSR by name or index and decode VALUE (e.g. `pykvm decode ARCH_CAP 0x400000000c000069`)."""
+    """Look up an MSR by name or index and decode VALUE (e.g. `kvmscope decode ARCH_CAP 0x400000000c000069`)."""
     try:
         try:
             number = int(msr, 0)
@@ -219,7 +219,7 @@ def decode(msr: str, value: str | None, as_json: bool) -> None:
             number = None
         m = _msrs.lookup(number if number is not None else msr)
         v = _msrs.check_value(int(value, 0)) if value is not None else None
-    except PykvmError as e:
+    except KvmscopeError as e:
         fail(str(e), EXIT_USAGE)
     except ValueError as e:
         fail(f"bad value {value!r}: {e}", EXIT_USAGE)
@@ -238,7 +238,7 @@ def decode(msr: str, value: str | None, as_json: bool) -> None:
 @main.command("msrs")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def list_msrs(as_json: bool) -> None:
-    """List every MSR pykvm knows by name."""
+    """List every MSR kvmscope knows by name."""
     cat = _msrs.catalogue()
     if as_json:
         click.echo(json.dumps([{"index": f"0x{m.index:x}", "name": m.name, "aliases": list(m.aliases),
@@ -306,7 +306,7 @@ def _print_steps(console: Console, report: Any) -> None:
 @main.command()
 @click.argument("scenario_file", metavar="SCENARIO", type=click.Path(dir_okay=False))
 @click.option("--backend", type=click.Choice(["model", "linux"]), default="model", show_default=True,
-              help="model: replay on pykvm's software KVM; linux: replay on the live /dev/kvm.")
+              help="model: replay on kvmscope's software KVM; linux: replay on the live /dev/kvm.")
 @kernel_option
 @profile_option
 @click.option("--compare", "compare_kernels", metavar="V1,V2,...",
@@ -321,11 +321,11 @@ def check(scenario_file: str, backend: str, kernel: str | None, profile: str | N
                 1 not; 2 a bad scenario file or bad arguments; 3 /dev/kvm missing (--backend linux).
     \b
     Examples:
-      pykvm check examples/platform-info-after-run.yaml
-      pykvm check examples/platform-info-after-run.yaml --backend linux
-      pykvm check examples/sandbox-reset-snapshot.yaml --compare 6.3,6.10,6.18
+      kvmscope check examples/platform-info-after-run.yaml
+      kvmscope check examples/platform-info-after-run.yaml --backend linux
+      kvmscope check examples/sandbox-reset-snapshot.yaml --compare 6.3,6.10,6.18
     """
-    import pykvm
+    import kvmscope
 
     from .check import compare, replay, replay_iter
     from .model import open_model
@@ -339,7 +339,7 @@ def check(scenario_file: str, backend: str, kernel: str | None, profile: str | N
             scenario = opened.header
         else:
             scenario = load(scenario_file)
-    except PykvmError as e:
+    except KvmscopeError as e:
         fail(str(e), EXIT_USAGE)
     if backend == "model":
         kernel = kernel or scenario.kernel
@@ -372,7 +372,7 @@ def check(scenario_file: str, backend: str, kernel: str | None, profile: str | N
             if scenario.profile and not profile:
                 err_console.print(f"note: the scenario's profile {scenario.profile!r} is for the model; the live "
                                   "kernel is this host", highlight=False)
-            system: System = pykvm.open("linux")
+            system: System = kvmscope.open("linux")
             # The model replayed alongside explains refusals; only a profile of this host's kind can do that.
             model = open_model(profile=profile)
             shadow: System | None = model
@@ -398,7 +398,7 @@ def check(scenario_file: str, backend: str, kernel: str | None, profile: str | N
             report = replay(scenario, system, shadow)
     except KvmUnavailableError as e:
         fail(str(e), EXIT_NO_KVM)
-    except PykvmError as e:
+    except KvmscopeError as e:
         fail(str(e), EXIT_USAGE)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))

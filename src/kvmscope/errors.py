@@ -1,4 +1,4 @@
-"""pykvm's errors: every failure a user can act on has its own type and says what happened."""
+"""kvmscope's errors: every failure a user can act on has its own type and says what happened."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import errno as _errno
 import os
 
 
-class PykvmError(Exception):
-    """Base class of every error pykvm raises on purpose."""
+class KvmscopeError(Exception):
+    """Base class of every error kvmscope raises on purpose."""
 
 
-class KvmError(PykvmError, OSError):
+class KvmError(KvmscopeError, OSError):
     """An ioctl on a KVM file descriptor failed: carries the errno and the ioctl's name."""
 
     def __init__(self, err: int, ioctl: str, detail: str = "") -> None:
@@ -28,7 +28,7 @@ class KvmError(PykvmError, OSError):
         return (type(self), (self.errno, self.ioctl, self.detail))
 
 
-class KvmUnavailableError(PykvmError):
+class KvmUnavailableError(KvmscopeError):
     """``/dev/kvm`` cannot be used: ``reason`` is ``"missing"`` or ``"permission"`` (or ``"error"``)."""
 
     def __init__(self, path: str, reason: str, message: str) -> None:
@@ -37,22 +37,22 @@ class KvmUnavailableError(PykvmError):
         super().__init__(message)
 
 
-class ClosedError(PykvmError, ValueError):
+class ClosedError(KvmscopeError, ValueError):
     """A call was made on a System, VM or vCPU that has been closed."""
 
 
-class MsrLookupError(PykvmError, KeyError):
-    """An MSR name or index that pykvm cannot resolve."""
+class MsrLookupError(KvmscopeError, KeyError):
+    """An MSR name or index that kvmscope cannot resolve."""
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "unknown MSR"
 
 
-class InvalidValueError(PykvmError, ValueError):
+class InvalidValueError(KvmscopeError, ValueError):
     """An argument out of range for the kernel ABI (an MSR value beyond 64 bits, an index beyond 32 bits, ...)."""
 
 
-class MsrAccessError(PykvmError):
+class MsrAccessError(KvmscopeError):
     """A strict MSR helper saw the kernel stop short of the whole batch.
 
     Names the refused MSR (``name`` and ``index``), the ``value`` (for writes), its ``position`` in the batch, how many
@@ -98,9 +98,9 @@ class MsrReadError(MsrAccessError):
     """KVM_GET_MSRS refused an entry (see :class:`MsrAccessError`)."""
 
 
-class ProfileError(PykvmError, ValueError):
+class ProfileError(KvmscopeError, ValueError):
     """A host profile that cannot be loaded: names the file and the field."""
 
 
-class ScenarioError(PykvmError, ValueError):
+class ScenarioError(KvmscopeError, ValueError):
     """A scenario file that cannot be used: names the file, line and field."""

@@ -1,7 +1,7 @@
 """The model's vCPU: the kernel's host-MSR, CPUID and KVM_RUN rules for one vCPU, for a ruleset and a host profile.
 
 Return codes inside follow the kernel: 0 success, 1 failure, ``UNSUPPORTED`` (``KVM_MSR_RET_UNSUPPORTED``), negative
-errnos. Each refusal records the rule behind it (``refusal_rule``), which the strict helpers and ``pykvm check`` name.
+errnos. Each refusal records the rule behind it (``refusal_rule``), which the strict helpers and ``kvmscope check`` name.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ..api import (
     as_batch,
     find_cpuid,
 )
-from ..errors import InvalidValueError, KvmError, PykvmError
+from ..errors import InvalidValueError, KvmError, KvmscopeError
 from ..program import Program
 from . import cpuid as C
 from . import vmx
@@ -105,7 +105,7 @@ def store_only_msrs(profile: Profile, immutable: frozenset[int]) -> frozenset[in
     return frozenset(({M.MSR_IA32_UCODE_REV} | ordinary) - ruled - set(range(M.VMX_FIRST, M.VMX_LAST + 1)))
 
 
-class ModelLimitation(PykvmError):
+class ModelLimitation(KvmscopeError):
     """The model met guest code or a request it does not implement (the live kernel would do something)."""
 
 
@@ -187,7 +187,7 @@ class ModelVcpu(Vcpu):
         self._closed = True
 
     def attach_program(self, program: Program) -> None:
-        """Run ``program`` (pykvm.program) on the next KVM_RUNs: the model interprets its operations directly."""
+        """Run ``program`` (kvmscope.program) on the next KVM_RUNs: the model interprets its operations directly."""
         self._check_open()
         self._program = ProgramState(list(program.ops))
 

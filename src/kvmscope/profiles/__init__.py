@@ -1,0 +1,1 @@
+"""Host profiles shipped with kvmscope (JSON, schema in docs/profiles.md)."""

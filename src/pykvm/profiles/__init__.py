@@ -1,1 +1,0 @@
-"""Host profiles shipped with pykvm (JSON, schema in docs/profiles.md)."""
