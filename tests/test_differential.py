@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from kvmscope import guest
 from kvmscope.api import MsrBatch, System, Vcpu, Vm
 from kvmscope.errors import KvmError
+from kvmscope.kernel.profile import load
 from kvmscope.linux import LinuxSystem
 from kvmscope.model import open_model
-from kvmscope.model.profile import load
 from kvmscope.program import Program, run_program
 
 PROFILE = load("pvm-6.18")

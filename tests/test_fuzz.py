@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from kvmscope.api import MsrBatch
 from kvmscope.cli import main
 from kvmscope.errors import InvalidValueError, MsrLookupError, ProfileError, ScenarioError
-from kvmscope.model.profile import from_json, load
+from kvmscope.kernel.profile import from_json, load
 from kvmscope.scenario import STEP_KINDS, parse
 
 BUDGET = settings(max_examples=int(os.environ.get("KVMSCOPE_FUZZ_EXAMPLES", "300")), deadline=None,

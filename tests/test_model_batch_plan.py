@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from kvmscope import guest
 from kvmscope.api import CpuidEntry, MsrBatch
+from kvmscope.kernel.profile import load, shipped
 from kvmscope.model import open_model
-from kvmscope.model.profile import load, shipped
 from kvmscope.model.vcpu import ModelVcpu
 
 U64 = (1 << 64) - 1

@@ -15,8 +15,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from kvmscope import guest
 from kvmscope.api import MsrBatch
 from kvmscope.errors import KvmError
+from kvmscope.kernel.profile import load, shipped
 from kvmscope.model import open_model
-from kvmscope.model.profile import load, shipped
 
 U64 = (1 << 64) - 1
 UCODE_REV = 0x8B

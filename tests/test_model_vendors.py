@@ -19,7 +19,7 @@ from kvmscope import msrs as M
 from kvmscope import uapi
 from kvmscope.api import CpuidEntry, HltExit, MsrBatch, Vcpu
 from kvmscope.guest import run_to_hlt
-from kvmscope.model import profile as profiles
+from kvmscope.kernel import profile as profiles
 
 SPR = "intel-spr"
 AMD = "amd-epyc"

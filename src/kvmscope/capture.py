@@ -15,8 +15,8 @@ from . import __version__, guest, uapi
 from . import msrs as M
 from .api import CpuidEntry, MsrBatch, System, Vcpu
 from .errors import KvmError
-from .model import rulesets
-from .model.profile import REGISTERS, AppendRule, MsrBehaviour, Profile, RewriteRule
+from .kernel import rulesets
+from .kernel.profile import REGISTERS, AppendRule, MsrBehaviour, Profile, RewriteRule
 
 CAP_SCAN = range(0, 300)
 _ONES = 0xFFFFFFFF

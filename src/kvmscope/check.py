@@ -16,14 +16,14 @@ from . import guest, uapi
 from . import msrs as M
 from .api import CpuidEntry, MsrBatch, System, Vcpu, Vm
 from .errors import InvalidValueError, KvmError, KvmscopeError
-from .model.rulesets import RULES
+from .kernel.rulesets import RULES
 from .scenario import Expect, Scenario, Step
 
 DEFAULT_HINT = "compare with KVM_GET_MSR_INDEX_LIST and the feature MSRs"
 
 
 def hint(key: str | None) -> str:
-    """What to do about a refusal by rule ``key`` (the hints live with the rules, in model/rulesets.py)."""
+    """What to do about a refusal by rule ``key`` (the hints live with the rules, in kernel/rulesets.py)."""
     rule = RULES.get(key or "")
     return rule.hint if rule is not None and rule.hint else DEFAULT_HINT
 

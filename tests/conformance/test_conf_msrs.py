@@ -9,7 +9,7 @@ import pytest
 from kvmscope import guest, uapi
 from kvmscope.api import HltExit, InterruptedExit, MsrBatch, System, Vcpu, Vm
 from kvmscope.errors import KvmError, MsrWriteError
-from kvmscope.model.profile import load
+from kvmscope.kernel.profile import load
 
 UCODE_REV, ARCH_CAP, PERF_CAP, PLATFORM_INFO = 0x8B, 0x10A, 0x345, 0xCE
 FEATURES = {UCODE_REV: 0x1000065, ARCH_CAP: 0x400000000C000069, PERF_CAP: 0, PLATFORM_INFO: 0x80000000}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import rulesets
-from .profile import Profile, load
+from ..kernel import rulesets
+from ..kernel.profile import Profile, load
 from .system import ModelSystem
 from .vcpu import ModelLimitation, ModelVcpu
 from .vm import ModelVm

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from ..api import CpuidEntry, find_cpuid
+from ..kernel.profile import Profile
 from ..uapi import KVM_CPUID_FLAG_SIGNIFCANT_INDEX
-from .profile import Profile
 
 X86_CR4_OSXSAVE = 1 << 18
 X86_CR4_PKE = 1 << 22

@@ -9,8 +9,8 @@ from typing import ClassVar
 from .. import uapi
 from ..api import CpuidEntry, MsrBatch, System
 from ..errors import KvmError
-from .profile import Profile
-from .rulesets import Ruleset
+from ..kernel.profile import Profile
+from ..kernel.rulesets import Ruleset
 from .vm import ModelVm
 
 

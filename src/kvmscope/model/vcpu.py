@@ -30,15 +30,15 @@ from ..api import (
     find_cpuid,
 )
 from ..errors import InvalidValueError, KvmError, KvmscopeError
+from ..kernel.rulesets import RULES
 from ..program import Program
 from . import cpuid as C
 from . import vmx
 from .guest_exec import ProgramState
 from .guest_exec import run_program as run_guest_program
-from .rulesets import RULES
 
 if TYPE_CHECKING:
-    from .profile import Profile
+    from ..kernel.profile import Profile
     from .vm import ModelVm
 
 OK, FAIL, UNSUPPORTED = 0, 1, 2
