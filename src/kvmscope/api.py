@@ -12,12 +12,15 @@ import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from . import msrs as _msrs
 from . import uapi
 from .errors import ClosedError, InvalidValueError, MsrReadError, MsrWriteError
 from .memory import MemoryRegion, check_region, find_region
+
+if TYPE_CHECKING:
+    from .kernel.rulesets import Rule
 
 # --- MSR batches ---------------------------------------------------------------------------------------------------------
 
@@ -386,7 +389,7 @@ class Vcpu(_Closable, ABC):
         """KVM_SET_CPUID2 (EINVAL / E2BIG as :class:`KvmError`)."""
 
     # -- strict helpers --
-    def refusal_rule(self, index: int) -> str | None:
+    def refusal_rule(self, index: int) -> Rule | None:
         """The rule behind the last refusal of ``index``, where the backend knows it (the live kernel does not)."""
         return None
 

@@ -16,15 +16,14 @@ from . import guest, uapi
 from . import msrs as M
 from .api import CpuidEntry, MsrBatch, System, Vcpu, Vm
 from .errors import InvalidValueError, KvmError, KvmscopeError
-from .kernel.rulesets import RULES
+from .kernel import rulesets as R
 from .scenario import Expect, Scenario, Step
 
 DEFAULT_HINT = "compare with KVM_GET_MSR_INDEX_LIST and the feature MSRs"
 
 
-def hint(key: str | None) -> str:
-    """What to do about a refusal by rule ``key`` (the hints live with the rules, in kernel/rulesets.py)."""
-    rule = RULES.get(key or "")
+def hint(rule: R.Rule | None) -> str:
+    """What to do about a refusal by ``rule`` (the hints live with the rules, in kernel/rulesets.py)."""
     return rule.hint if rule is not None and rule.hint else DEFAULT_HINT
 
 
@@ -37,9 +36,12 @@ class Refusal:
     position: int
     new: int
     old: int | None
-    rule: str | None
-    rule_key: str | None
+    rule: R.Rule | None
     hint: str
+
+    @property
+    def rule_key(self) -> str | None:
+        return self.rule.key if self.rule is not None else None
 
     @property
     def differing(self) -> int:
@@ -73,6 +75,8 @@ class StepResult:
             r["new"] = f"0x{self.refusal.new:x}"
             r["old"] = None if self.refusal.old is None else f"0x{self.refusal.old:x}"
             r["differing_bits"] = [b for b in range(64) if self.refusal.differing >> b & 1]
+            r["rule"] = self.refusal.rule.cite() if self.refusal.rule is not None else None
+            r["rule_key"] = self.refusal.rule_key
         if self.values is not None:
             out["values"] = {f"0x{k:x}": f"0x{v:x}" for k, v in self.values.items()}
         out["errno"] = _errno.errorcode.get(self.errno, self.errno) if self.errno else None
@@ -94,15 +98,6 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         return {"scenario": self.scenario, "path": self.path, "backend": self.backend,
                 "description": self.description, "ok": self.ok, "steps": [s.to_json() for s in self.steps]}
-
-
-def _rule_key(cited: str | None) -> str | None:
-    if cited is None:
-        return None
-    for key, rule in RULES.items():
-        if rule.cite() == cited:
-            return key
-    return None
 
 
 class Replayer:
@@ -170,10 +165,8 @@ class Replayer:
         elif cited is None and shadow is not None:
             res.notes.append("the model with this host's profile predicted a different result: "
                              f"{shadow.summary}")
-        key = _rule_key(cited)
         res.outcome = "refused"
-        res.refusal = Refusal(index, M.name_of(index), count, value, olds[count], cited, key,
-                              hint(key))
+        res.refusal = Refusal(index, M.name_of(index), count, value, olds[count], cited, hint(cited))
         res.summary = f"KVM_SET_MSRS returned {count} of {len(pairs)}: refused {M.name_of(index)} (0x{index:x})"
 
     def play(self, number: int, step: Step) -> StepResult:
@@ -211,10 +204,9 @@ class Replayer:
                     res.outcome, res.errno = "refused", e.errno
                     res.summary = f"KVM_SET_CPUID2 failed: {_errno.errorcode.get(e.errno or 0, e.errno)}"
                     if step.vcpu in self.ran and e.errno == _errno.EINVAL:
-                        key = "cpuid_after_run_identical"
                         res.refusal = None
-                        res.notes.append(f"rule: {RULES[key].cite()}")
-                        res.notes.append(f"hint: {hint(key)}")
+                        res.notes.append(f"rule: {R.CPUID_AFTER_RUN_IDENTICAL.cite()}")
+                        res.notes.append(f"hint: {hint(R.CPUID_AFTER_RUN_IDENTICAL)}")
             elif kind in ("set_msrs", "microcode_load", "reset"):
                 vcpu = self._vcpu(step)
                 if kind == "set_msrs":
@@ -234,8 +226,8 @@ class Replayer:
                 res.summary = f"KVM_GET_MSRS read {count} of {len(batch)}"
                 if count < len(batch):
                     index = batch[count][0]
-                    res.refusal = Refusal(index, M.name_of(index), count, 0, None, vcpu.refusal_rule(index), None,
-                                          hint("unknown_msr"))
+                    res.refusal = Refusal(index, M.name_of(index), count, 0, None, vcpu.refusal_rule(index),
+                                          hint(R.UNKNOWN_MSR))
             elif kind == "get_cpuid":
                 entries = self._vcpu(step).get_cpuid()
                 res.outcome, res.summary = "ok", f"KVM_GET_CPUID2 returned {len(entries)} entries"
@@ -329,8 +321,8 @@ def compare(reports: dict[str, Report]) -> list[Change]:
             if outcomes[k] != prev:
                 r = reports[k].steps[n]
                 why = ""
-                if r.refusal and r.refusal.rule_key:
-                    rule = RULES[r.refusal.rule_key]
+                if r.refusal and r.refusal.rule:
+                    rule = r.refusal.rule
                     why = f" (rule since {rule.since}: {rule.commit}, {rule.title})"
                 elif r.notes:
                     why = " (" + r.notes[0].removeprefix("rule: ") + ")"

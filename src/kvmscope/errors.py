@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .kernel.rulesets import Rule
 
 
 class KvmscopeError(Exception):
@@ -57,7 +61,8 @@ class MsrAccessError(KvmscopeError):
 
     Names the refused MSR (``name`` and ``index``), the ``value`` (for writes), its ``position`` in the batch, how many
     entries the kernel processed (``processed``: those before ``position`` took effect), and ``rule``, the rule that
-    refused it where the backend knows it (the model does; the live kernel does not say).
+    refused it where the backend knows it (a :class:`~kvmscope.kernel.rulesets.Rule`: the model knows it; the live kernel
+    does not say).
     """
 
     def __init__(
@@ -68,7 +73,7 @@ class MsrAccessError(KvmscopeError):
         position: int,
         total: int,
         value: int | None = None,
-        rule: str | None = None,
+        rule: Rule | None = None,
     ) -> None:
         self.op = op
         self.index = index

@@ -30,7 +30,7 @@ from ..api import (
     find_cpuid,
 )
 from ..errors import InvalidValueError, KvmError, KvmscopeError
-from ..kernel.rulesets import RULES
+from ..kernel import rulesets as R
 from ..program import Program
 from . import cpuid as C
 from . import vmx
@@ -143,7 +143,7 @@ class ModelVcpu(Vcpu):
         self.rules = vm.rules
         self.has_run = False
         self._immediate_exit = False
-        self._refusals: dict[int, str] = {}
+        self._refusals: dict[int, R.Rule] = {}
         self._pending_in: tuple[int, int] | None = None  # (size, count) of an IN awaiting data
         self._in_data = b""
         p, rs = self.profile, self.rules
@@ -198,11 +198,11 @@ class ModelVcpu(Vcpu):
         if self._program is not None:
             self._program.reply = (error, value)
 
-    def refusal_rule(self, index: int) -> str | None:
+    def refusal_rule(self, index: int) -> R.Rule | None:
         return self._refusals.get(index)
 
-    def _refuse(self, index: int, rule: str, code: int) -> int:
-        self._refusals[index] = RULES[rule].cite() if rule in RULES else rule
+    def _refuse(self, index: int, rule: R.Rule, code: int) -> int:
+        self._refusals[index] = rule
         return code
 
     def _cpuid_has(self, bit: tuple[int, int, str, int]) -> bool:
@@ -251,16 +251,16 @@ class ModelVcpu(Vcpu):
             if p.vendor != "vmx" or not p.nested_vmx:
                 return UNSUPPORTED, 0
             if not self._cpuid_has(VMX_BIT):
-                return self._refuse(index, "vmx_restore", FAIL), 0
+                return self._refuse(index, R.VMX_RESTORE, FAIL), 0
             value = vmx.read(self._vmx, index)
             return (OK, value) if value is not None else (FAIL, 0)
         if index == M.MSR_IA32_ARCH_CAPABILITIES:
             if rs.cpuid_gated_caps and not self._cpuid_has(ARCH_CAPABILITIES_BIT):
-                return self._refuse(index, "arch_cap_needs_cpuid", UNSUPPORTED), 0
+                return self._refuse(index, R.ARCH_CAP_NEEDS_CPUID, UNSUPPORTED), 0
             return OK, self._msr[index]
         if index == M.MSR_IA32_PERF_CAPABILITIES:
             if rs.cpuid_gated_caps and not self._cpuid_has(PDCM_BIT):
-                return self._refuse(index, "perf_cap_needs_pdcm", UNSUPPORTED), 0
+                return self._refuse(index, R.PERF_CAP_NEEDS_PDCM, UNSUPPORTED), 0
             return OK, self._msr[index]
         if index in (M.MSR_PLATFORM_INFO, M.MSR_IA32_UCODE_REV):
             return OK, self._msr[index]
@@ -268,9 +268,9 @@ class ModelVcpu(Vcpu):
             return (OK, self._msr[index]) if p.vendor == "svm" else (UNSUPPORTED, 0)
         b = p.msr_behaviour.get(index)
         if b is None:
-            return self._refuse(index, "unknown_msr", UNSUPPORTED), 0
+            return self._refuse(index, R.UNKNOWN_MSR, UNSUPPORTED), 0
         if not b.readable:
-            return self._refuse(index, "host_profile", FAIL), 0
+            return self._refuse(index, R.HOST_PROFILE, FAIL), 0
         if b.kind == "drop":
             return OK, b.default
         key = MSR_ALIASES.get(index, index)
@@ -285,16 +285,16 @@ class ModelVcpu(Vcpu):
         p = self.profile
         if M.VMX_FIRST <= index <= M.VMX_LAST:
             if p.vendor != "vmx" or not p.nested_vmx:
-                return self._refuse(index, "unknown_msr", UNSUPPORTED)
+                return self._refuse(index, R.UNKNOWN_MSR, UNSUPPORTED)
             if not self._cpuid_has(VMX_BIT):
-                return self._refuse(index, "vmx_restore", FAIL)
+                return self._refuse(index, R.VMX_RESTORE, FAIL)
             code = vmx.write(self._vmx, self._vmx_kvm, index, data)
-            return self._refuse(index, "vmx_restore", code) if code else OK
+            return self._refuse(index, R.VMX_RESTORE, code) if code else OK
         b = p.msr_behaviour.get(index)
         if b is None:
-            return self._refuse(index, "unknown_msr", UNSUPPORTED)
+            return self._refuse(index, R.UNKNOWN_MSR, UNSUPPORTED)
         if b.kind == "refuse" or (b.kind == "zero_only" and data):
-            return self._refuse(index, "host_profile", FAIL)
+            return self._refuse(index, R.HOST_PROFILE, FAIL)
         if b.kind != "drop":
             key = MSR_ALIASES.get(index, index)
             (self.vm.msrs if key in VM_WIDE_MSRS else self._msr)[key] = data
@@ -317,7 +317,7 @@ class ModelVcpu(Vcpu):
     def _set_arch_cap(self, data: int) -> int:
         index = M.MSR_IA32_ARCH_CAPABILITIES
         if self.rules.cpuid_gated_caps and not self._cpuid_has(ARCH_CAPABILITIES_BIT):
-            return self._refuse(index, "arch_cap_needs_cpuid", UNSUPPORTED)
+            return self._refuse(index, R.ARCH_CAP_NEEDS_CPUID, UNSUPPORTED)
         self._msr[index] = data
         return OK
 
@@ -327,7 +327,7 @@ class ModelVcpu(Vcpu):
             and not data & _CPUID_FAULT
             and self._msr.get(MSR_MISC_FEATURES_ENABLES, 0) & 1
         ):
-            return self._refuse(M.MSR_PLATFORM_INFO, "platform_info_no_order_check", FAIL)
+            return self._refuse(M.MSR_PLATFORM_INFO, R.PLATFORM_INFO_ORDER_CHECK, FAIL)
         self._msr[_PLATFORM_INFO] = data
         return OK
 
@@ -338,16 +338,16 @@ class ModelVcpu(Vcpu):
     def _set_de_cfg(self, data: int) -> int:
         index, p = M.MSR_AMD64_DE_CFG, self.profile
         if p.vendor != "svm":
-            return self._refuse(index, "unknown_msr", UNSUPPORTED)
+            return self._refuse(index, R.UNKNOWN_MSR, UNSUPPORTED)
         if data & ~p.feature_msrs.get(index, 0):
-            return self._refuse(index, "de_cfg_subset", FAIL)
+            return self._refuse(index, R.DE_CFG_SUBSET, FAIL)
         self._msr[index] = data
         return OK
 
     def _set_feat_ctl(self, data: int) -> int:
         # vmx_set_msr: userspace may set any bit KVM supports (is_vmx_feature_control_msr_valid).
         if data & ~vmx.KVM_SUPPORTED_FEATURE_CONTROL:
-            return self._refuse(vmx.MSR_IA32_FEAT_CTL, "host_profile", FAIL)
+            return self._refuse(vmx.MSR_IA32_FEAT_CTL, R.HOST_PROFILE, FAIL)
         self._msr[vmx.MSR_IA32_FEAT_CTL] = data
         return OK
 
@@ -360,18 +360,18 @@ class ModelVcpu(Vcpu):
             guest = find_cpuid(self._cpuid, 1)
             consistent = host is not None and guest is not None and C.x86_model(host.eax) == C.x86_model(guest.eax)
             if data & M.PERF_CAP_LBR_FMT and ((data ^ supported) & M.PERF_CAP_LBR_FMT or not consistent):
-                return self._refuse(index, "perf_cap_subset", FAIL)
+                return self._refuse(index, R.PERF_CAP_SUBSET, FAIL)
             if data & M.PERF_CAP_PEBS_FORMAT and (
                 (data ^ supported) & rs.perf_cap_pebs_mask
                 or not self._cpuid_has(DS_BIT)
                 or not self._cpuid_has(DTES64_BIT)
                 or not consistent
             ):
-                return self._refuse(index, "perf_cap_subset", FAIL)
-            if not rs.cpuid_gated_caps and data:
+                return self._refuse(index, R.PERF_CAP_SUBSET, FAIL)
+            if rs.perf_cap_pmu_version and data:
                 pmu = find_cpuid(self._cpuid, 0xA)
                 if pmu is None or not pmu.eax & 0xFF:
-                    return self._refuse(index, "perf_cap_subset", FAIL)
+                    return self._refuse(index, R.PERF_CAP_SUBSET, FAIL)
         return OK
 
     def _set_perf_cap(self, data: int) -> int:
@@ -381,9 +381,9 @@ class ModelVcpu(Vcpu):
         if code:
             return code
         if rs.cpuid_gated_caps and not self._cpuid_has(PDCM_BIT):
-            return self._refuse(index, "perf_cap_needs_pdcm", UNSUPPORTED)
+            return self._refuse(index, R.PERF_CAP_NEEDS_PDCM, UNSUPPORTED)
         if data & ~supported:
-            return self._refuse(index, "perf_cap_subset", FAIL)
+            return self._refuse(index, R.PERF_CAP_SUBSET, FAIL)
         self._msr[index] = data
         return OK
 
@@ -415,7 +415,7 @@ class ModelVcpu(Vcpu):
                 code, value = self._access_get(index)
                 current = None if code else value
             if current != data:
-                rule = "platform_info_immutable" if index == M.MSR_PLATFORM_INFO else "freeze"
+                rule = R.PLATFORM_INFO_IMMUTABLE if index == M.MSR_PLATFORM_INFO else R.FREEZE
                 return self._refuse(index, rule, EINVAL)
             if not self._same_value_real_write:
                 return KEPT
@@ -546,7 +546,7 @@ class ModelVcpu(Vcpu):
         if self.has_run:
             incoming = C.runtime_update(entries, self._runtime, self.profile)
             if incoming != C.runtime_update(self._cpuid, self._runtime, self.profile):
-                self._refusals[-1] = RULES["cpuid_after_run_identical"].cite()
+                self._refusals[-1] = R.CPUID_AFTER_RUN_IDENTICAL
                 raise KvmError(errno.EINVAL, "KVM_SET_CPUID2", "CPUID differs from the vCPU's after KVM_RUN")
             self._cpuid = incoming
             return

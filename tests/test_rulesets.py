@@ -1,0 +1,67 @@
+"""Rulesets are computed from each rule's own versions: resolution, stable backports, typed refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from kvmscope import open as kvm_open
+from kvmscope.errors import InvalidValueError, MsrWriteError
+from kvmscope.kernel import rulesets as R
+
+
+@pytest.mark.parametrize(("version", "label"), [("6.3", "6.3"), ("6.9", "6.8"), ("6.11", "6.10"), ("6.12.5", "6.12"),
+                                                ("6.18.44-fc", "6.18"), ("7.2", "6.18")])
+def test_resolve_labels_with_the_newest_change(version: str, label: str) -> None:
+    assert R.resolve(version).version == label, f"kernel {version}: expected the {label} rules"
+
+
+@pytest.mark.parametrize("bad", ["6", "six.four", "6.18foo", "", "6.2"])
+def test_resolve_refuses_what_is_not_a_known_version(bad: str) -> None:
+    with pytest.raises(InvalidValueError):
+        R.resolve(bad)
+
+
+def test_each_switch_follows_its_rule() -> None:
+    """The switches the model reads come from the rules in force, not a table: spot-check each rule's edge."""
+    for rule in R.RULES.values():
+        if rule.start is not None:
+            before = (rule.start[0], rule.start[1] - 1, 0)
+            if before >= R.OLDEST:
+                assert not rule.in_force(before), f"{rule.key} should not be in force on {before}"
+            assert rule.in_force(rule.start), f"{rule.key} should be in force from {rule.since}"
+        if rule.until is not None:
+            assert not rule.in_force(R.parse_version(rule.until)), f"{rule.key} should be gone in {rule.until}"
+    assert R.resolve("6.12").perf_cap_pebs_mask == 0x4FC0 and R.resolve("6.18").perf_cap_pebs_mask == 0x24FC0
+    assert R.resolve("6.12").platform_info_order_check and not R.resolve("6.13").platform_info_order_check
+
+
+def test_a_stable_backport_is_one_line() -> None:
+    """A rule given a stable release applies from that release in its series only, and mainline from ``since``."""
+    backported = dataclasses.replace(R.STUFF_QUIRK, stable=("6.12.77",))
+    assert not backported.in_force((6, 12, 76)), "before the backport"
+    assert backported.in_force((6, 12, 77)) and backported.in_force((6, 12, 118)), "from the backport on"
+    assert not backported.in_force((6, 11, 99)), "another series does not get it"
+    assert backported.in_force((6, 13, 0)), "mainline from since"
+    removed = dataclasses.replace(R.DE_CFG_GUEST_SAME_ONLY, stable_until=("6.12.9",))
+    assert removed.in_force((6, 12, 8)) and not removed.in_force((6, 12, 9)), "a stable removal ends it in 6.12.9"
+
+
+def test_unknown_rule_key_is_an_error() -> None:
+    with pytest.raises(InvalidValueError, match="no rule named 'nope'"):
+        R.rule("nope")
+    assert R.rule("freeze") is R.FREEZE
+
+
+def test_refusals_carry_the_rule_object() -> None:
+    with kvm_open("model", profile="intel-spr", kernel="6.18") as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.write_msr("UCODE_REV", 5)
+        assert vcpu.set_msrs({"PERF_CAP": 1 << 63}) == 0
+        rule = vcpu.refusal_rule(0x345)
+        assert isinstance(rule, R.Rule), f"refusal_rule gives a Rule, saw {rule!r}"
+        with pytest.raises(MsrWriteError) as info:
+            vcpu.write_msr("PERF_CAP", 1 << 63)
+        assert info.value.rule is rule, f"the strict error carries the same Rule, saw {info.value.rule!r}"
+        assert str(rule) == rule.cite() and rule.commit in str(info.value)
