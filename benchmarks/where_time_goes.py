@@ -129,7 +129,7 @@ def model_parts(n: int, rounds: int) -> list[tuple[str, float]]:
         vcpu: Any = vm.create_vcpu(0)  # its private parts are timed one by one below
         batch = MsrBatch([(BATCH_MSRS[i % 8], 0) for i in range(32)])
         vcpu.set_msrs(batch)
-        u32, u64 = batch._u32, batch._u64
+        u32, u64 = batch.words32, batch.words64
         key = u32[2::4].tobytes()
         values = u64[2::2].tolist()
         specials, store_indices, pick, verbatim, _ = vcpu._plans[key]

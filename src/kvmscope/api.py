@@ -41,7 +41,13 @@ class MsrBatch:
     256 or more can be sent to see the kernel refuse it (E2BIG).
     """
 
-    __slots__ = ("_buf", "_n", "_view", "_u32", "_u64")
+    # ``raw``, ``nmsrs``, ``words32`` and ``words64`` are what the backends' hot paths read: plain slots (a property
+    # would cost a call per ioctl). Treat them as read-only.
+    __slots__ = ("raw", "nmsrs", "_view", "words32", "words64")
+    raw: bytearray  # the struct kvm_msrs (also :attr:`buffer`)
+    nmsrs: int  # the number of entries
+    words32: memoryview  # the buffer as native u32 words: entry i's index is word 2 + 4i
+    words64: memoryview  # the buffer as native u64 words: entry i's data is word 2 + 2i
 
     def __init__(self, entries: Iterable[MsrSpec | tuple[MsrSpec, int]] | Mapping[MsrSpec, int] = ()) -> None:
         items: list[tuple[int, int]] = []
@@ -54,30 +60,30 @@ class MsrBatch:
                 items.append((_msrs.index_of(msr), _msrs.check_value(value, f"value for MSR {msr!r}")))
             else:
                 items.append((_msrs.index_of(entry), 0))
-        self._n = len(items)
-        self._buf = bytearray(_HEADER.size + _ENTRY.size * len(items))
-        _HEADER.pack_into(self._buf, 0, len(items), 0)
+        self.nmsrs = len(items)
+        self.raw = bytearray(_HEADER.size + _ENTRY.size * len(items))
+        _HEADER.pack_into(self.raw, 0, len(items), 0)
         for i, (index, value) in enumerate(items):
-            _ENTRY.pack_into(self._buf, _HEADER.size + i * _ENTRY.size, index, 0, value)
-        self._view = memoryview(self._buf)
+            _ENTRY.pack_into(self.raw, _HEADER.size + i * _ENTRY.size, index, 0, value)
+        self._view = memoryview(self.raw)
         # Strided views of the indices and values (entry i: index at u32 word 2+4i, data at u64 word 2+2i), so that
         # a backend can take them all in one C-level call (in native byte order: see LITTLE_ENDIAN).
-        self._u32 = self._view.cast("I")
-        self._u64 = self._view.cast("Q")
+        self.words32 = self._view.cast("I")
+        self.words64 = self._view.cast("Q")
 
     @property
     def buffer(self) -> bytearray:
         """The ``struct kvm_msrs`` itself. Its contents may be changed in place; the buffer cannot be replaced (the
         backends keep views of it)."""
-        return self._buf
+        return self.raw
 
     def __len__(self) -> int:
-        return self._n
+        return self.nmsrs
 
     def __getitem__(self, i: int) -> tuple[int, int]:
-        if not -self._n <= i < self._n:
-            raise IndexError(f"batch entry {i} out of range (batch has {self._n})")
-        index, _, value = _ENTRY.unpack_from(self._buf, _HEADER.size + (i % self._n) * _ENTRY.size)
+        if not -self.nmsrs <= i < self.nmsrs:
+            raise IndexError(f"batch entry {i} out of range (batch has {self.nmsrs})")
+        index, _, value = _ENTRY.unpack_from(self.raw, _HEADER.size + (i % self.nmsrs) * _ENTRY.size)
         return index, value
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
@@ -90,18 +96,18 @@ class MsrBatch:
 
     @property
     def indices(self) -> list[int]:
-        return self._u32[2::4].tolist() if LITTLE_ENDIAN else [i for i, _ in self]
+        return self.words32[2::4].tolist() if LITTLE_ENDIAN else [i for i, _ in self]
 
     @property
     def values(self) -> list[int]:
-        return self._u64[2::2].tolist() if LITTLE_ENDIAN else [v for _, v in self]
+        return self.words64[2::2].tolist() if LITTLE_ENDIAN else [v for _, v in self]
 
     def set_value(self, i: int, value: int) -> None:
         """Set entry ``i``'s value (checked to fit in 64 bits)."""
-        if not 0 <= i < self._n:
-            raise IndexError(f"batch entry {i} out of range (batch has {self._n})")
+        if not 0 <= i < self.nmsrs:
+            raise IndexError(f"batch entry {i} out of range (batch has {self.nmsrs})")
         _msrs.check_value(value)
-        struct.pack_into("<Q", self._buf, _HEADER.size + i * _ENTRY.size + 8, value)
+        struct.pack_into("<Q", self.raw, _HEADER.size + i * _ENTRY.size + 8, value)
 
     def to_dict(self) -> dict[int, int]:
         return dict(self)

@@ -209,12 +209,12 @@ class LinuxVcpu(Vcpu):
     def get_msrs(self, batch: MsrBatch, strict: bool = False) -> int:
         """KVM_GET_MSRS: values land in ``batch``; returns how many entries the kernel read."""
         try:
-            done: int = _fcntl_ioctl(self._fd, _KVM_GET_MSRS, batch._buf, True)
+            done: int = _fcntl_ioctl(self._fd, _KVM_GET_MSRS, batch.raw, True)
         except OSError as e:
             raise self._ioctl_error(e, "KVM_GET_MSRS") from None
         except ValueError:  # fd -1: closed
             raise ClosedError("this vCPU is closed") from None
-        if strict and done != batch._n:  # the slot, not len(): this is the hot path
+        if strict and done != batch.nmsrs:  # the slot, not len(): this is the hot path
             raise self.short_read(batch, done)
         return done
 
@@ -222,12 +222,12 @@ class LinuxVcpu(Vcpu):
         """KVM_SET_MSRS: returns how many entries the kernel wrote (it stops at the first refused one)."""
         batch = entries if type(entries) is MsrBatch else as_batch(entries)
         try:
-            done: int = _fcntl_ioctl(self._fd, _KVM_SET_MSRS, batch._buf, True)
+            done: int = _fcntl_ioctl(self._fd, _KVM_SET_MSRS, batch.raw, True)
         except OSError as e:
             raise self._ioctl_error(e, "KVM_SET_MSRS") from None
         except ValueError:  # fd -1: closed
             raise ClosedError("this vCPU is closed") from None
-        if strict and done != batch._n:
+        if strict and done != batch.nmsrs:
             raise self.short_write(batch, done)
         return done
 

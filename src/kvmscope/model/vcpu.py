@@ -449,13 +449,13 @@ class ModelVcpu(Vcpu):
         if self._closed:
             self._check_open()
         batch = entries if type(entries) is MsrBatch else as_batch(entries)
-        n = batch._n
+        n = batch.nmsrs
         if n >= uapi.MAX_IO_MSRS:
             raise KvmError(errno.E2BIG, "KVM_SET_MSRS")
         # The batch's indices, packed, key its plan; its values come out as one list (both one C-level call each).
-        key = batch._u32[2::4].tobytes()
+        key = batch.words32[2::4].tobytes()
         plan = self._plans.get(key) or self._plan(key)
-        values: list[int] = batch._u64[2::2].tolist() if LITTLE_ENDIAN else batch.values
+        values: list[int] = batch.words64[2::2].tolist() if LITTLE_ENDIAN else batch.values
         specials, store_indices, pick, verbatim, frozen = plan
         # Frozen MSRs keep their value through the batch (a different one is refused), so their freeze check can run
         # for the whole batch at once: when every frozen entry carries the value it has, each entry with a setter
