@@ -126,15 +126,16 @@ def msr_ladder(n: int, rounds: int) -> list[tuple[str, float]]:
 def model_parts(n: int, rounds: int) -> list[tuple[str, float]]:
     """The model's set_msrs of the benchmark's 32-entry batch, part by part."""
     with kvmscope.open("model", kernel="6.18") as kvm, kvm.create_vm() as vm:
-        vcpu: Any = vm.create_vcpu(0)  # its private parts are timed one by one below
+        vcpu: Any = vm.create_vcpu(0)  # its MSR rules' parts are timed one by one below
         batch = MsrBatch([(BATCH_MSRS[i % 8], 0) for i in range(32)])
         vcpu.set_msrs(batch)
         u32, u64 = batch.words32, batch.words64
         key = u32[2::4].tobytes()
         values = u64[2::2].tolist()
-        specials, store_indices, pick, verbatim, _ = vcpu._plans[key]
+        msrs = vcpu.msr_rules
+        specials, store_indices, pick, verbatim, _ = msrs.plans[key]
         ruled = [(index, values[pos]) for pos, index, _ in specials]
-        store, try_set, plans = vcpu._msr, vcpu._try_set, vcpu._plans
+        store, try_set, plans = msrs.stored, msrs.try_set, msrs.plans
         names = {
             "whole call: vcpu.set_msrs(batch)": lambda: vcpu.set_msrs(batch),
             "the batch's indices, packed, as the plan's key": lambda: u32[2::4].tobytes(),

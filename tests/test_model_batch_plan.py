@@ -29,14 +29,14 @@ VALUES = st.one_of(st.sampled_from([0, 1, 0x80000000, 1 << 31 | 1, U64]), st.int
 def entry_by_entry(vcpu: ModelVcpu, batch: MsrBatch) -> int:
     """KVM_SET_MSRS as the kernel runs it: one entry after another, stopping at the first refused one."""
     for i, (index, data) in enumerate(batch):
-        if vcpu._do_set(index, data):
+        if vcpu.msr_rules.do_set(index, data):
             return i
     return len(batch)
 
 
 def state(vcpu: ModelVcpu) -> dict[str, Any]:
-    return {"msr": dict(vcpu._msr), "vm": dict(vcpu.vm.msrs), "vmx": dict(vcpu._vmx),
-            "refusals": dict(vcpu._refusals)}
+    msrs = vcpu.msr_rules
+    return {"msr": dict(msrs.stored), "vm": dict(vcpu.vm.msrs), "vmx": dict(msrs.vmx), "refusals": dict(msrs.refusals)}
 
 
 def twin(profile: str, kernel: str) -> ModelVcpu:
@@ -61,7 +61,7 @@ step = st.one_of(
 def test_batched_set_msrs_matches_entry_by_entry(profile: str, kernel: str, steps: list[Any]) -> None:
     fast, ref = twin(profile, kernel), twin(profile, kernel)
     pools = {"any": sorted(set(RULED) | set(fast.profile.msr_behaviour)),
-             "setters": sorted(set(fast._setters) | fast._store_only)}
+             "setters": sorted(set(fast.msr_rules.setters) | fast.msr_rules.store_only)}
     for n, s in enumerate(steps):
         if s[0] == "run":
             for v in (fast, ref):
@@ -76,7 +76,7 @@ def test_batched_set_msrs_matches_entry_by_entry(profile: str, kernel: str, step
             entries = []
             for i, value in s[2]:
                 index = pool[i % len(pool)]
-                entries.append((index, ref._msr.get(index, 0) if value is None else value))
+                entries.append((index, ref.msr_rules.stored.get(index, 0) if value is None else value))
             batch = MsrBatch(entries)
             got, want = fast.set_msrs(batch), entry_by_entry(ref, batch)
             assert got == want, f"step {n}: batch {batch}: set_msrs wrote {got} entries, entry by entry wrote {want}"
@@ -89,20 +89,21 @@ def test_store_only_excludes_what_rules_read_or_write() -> None:
         vcpu = twin(profile, "6.18")
         ruled = {0x10A, 0x345, 0xCE, 0xC0011029, 0x3A, 0x140, 0x11, 0x12, 0x4B564D00, 0x4B564D01}
         ruled |= set(range(0x480, 0x492))
-        overlap = vcpu._store_only & ruled
+        overlap = vcpu.msr_rules.store_only & ruled
         assert not overlap, f"{profile}: store-only MSRs include ruled ones: {sorted(hex(i) for i in overlap)}"
-        assert 0x8B in vcpu._store_only, f"{profile}: UCODE_REV is expected store-only (any value, no rule)"
+        assert 0x8B in vcpu.msr_rules.store_only, f"{profile}: UCODE_REV is expected store-only (any value, no rule)"
 
 
 def test_write_taken_without_storing_keeps_the_held_value() -> None:
     """6.13+: ARCH_CAPABILITIES without its CPUID bit is unsupported, and a write of 0 is forgiven (advertised MSR)
     without storing anything; the rest of the batch is stored as usual."""
     fast, ref = twin("intel-spr", "6.18"), twin("intel-spr", "6.18")
-    held = fast._msr[0x10A]
+    stored = fast.msr_rules.stored
+    held = stored[0x10A]
     assert held, "the intel-spr profile is expected to stuff a nonzero ARCH_CAPABILITIES"
     batch = MsrBatch([(0x10A, 0), (0x8B, 0x1234)])
     assert fast.set_msrs(batch) == entry_by_entry(ref, batch) == 2, "both entries are expected to be taken"
-    assert fast._msr[0x10A] == held, f"ARCH_CAPABILITIES changed from {held:#x} to {fast._msr[0x10A]:#x}"
+    assert stored[0x10A] == held, f"ARCH_CAPABILITIES changed from {held:#x} to {stored[0x10A]:#x}"
     assert state(fast) == state(ref), "state differs from the entry-by-entry reference"
 
 
@@ -115,13 +116,14 @@ def test_frozen_msr_given_its_own_value(profile: str, kernel: str, index: int) -
     for v in (fast, ref):
         v.set_cpuid(v.vm.system.get_supported_cpuid())
         guest.run_to_hlt(v.vm, v)
-    assert index in fast._frozen, f"{profile} {kernel}: {index:#x} is expected frozen after a run"
-    held = fast._msr[index]
+    assert index in fast.msr_rules.frozen, f"{profile} {kernel}: {index:#x} is expected frozen after a run"
+    stored = fast.msr_rules.stored
+    held = stored[index]
     same = MsrBatch([(0x8B, 1), (index, held), (0x174, 2)])
     assert fast.set_msrs(same) == entry_by_entry(ref, same) == 3, f"{index:#x}: a same-value batch is taken whole"
     other = MsrBatch([(0x8B, 3), (index, held ^ 1), (0x174, 4)])
     assert fast.set_msrs(other) == entry_by_entry(ref, other) == 1, f"{index:#x}: expected a stop at the frozen MSR"
-    assert fast._msr[0x8B] == 3 and fast._msr[0x174] == 2, f"entries around the refusal: {fast._msr}"
+    assert stored[0x8B] == 3 and stored[0x174] == 2, f"entries around the refusal: {stored}"
     rule = fast.refusal_rule(index)
     assert rule is not None and rule.key in ("freeze", "platform_info_immutable"), f"expected the freeze rule, got {rule}"
     assert state(fast) == state(ref), "state differs from the entry-by-entry reference"
@@ -135,6 +137,6 @@ def test_buffer_edited_in_place_is_seen_and_cannot_be_replaced() -> None:
     assert fast.set_msrs(batch) == entry_by_entry(ref, batch) == 1, "the unknown MSR is expected to stop the batch"
     struct.pack_into("<IIQ", batch.buffer, 8 + 16, 0x175, 0, 7)
     assert fast.set_msrs(batch) == entry_by_entry(ref, batch) == 2, f"after the in-place edit: {batch}"
-    assert fast._msr[0x175] == 7 and state(fast) == state(ref), "the edited entry is expected stored"
+    assert fast.msr_rules.stored[0x175] == 7 and state(fast) == state(ref), "the edited entry is expected stored"
     with pytest.raises(AttributeError):
         batch.buffer = bytearray(len(batch.buffer))  # type: ignore[misc]

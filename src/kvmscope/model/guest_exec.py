@@ -1,7 +1,8 @@
-"""The model running guest programs (:mod:`kvmscope.program`): guest-side MSR and CPUID semantics.
+"""The model running guest programs (:mod:`kvmscope.program`): guest MSR access, userspace MSR exits, guest CPUID.
 
 Guest WRMSR/RDMSR follow ``kvm_emulate_msr_write``/``kvm_emulate_msr_read`` in x86.c (v6.18): the MSR filter first,
-then the handler with ``host_initiated`` false; a failure becomes a #GP, or an exit to userspace when
+then the handler with ``host_initiated`` false (``MsrRules.guest_get``/``guest_set`` in ``msr_rules``, next to the
+host-side rule of each MSR); a failure becomes a #GP, or an exit to userspace when
 ``KVM_CAP_X86_USER_SPACE_MSR`` asks for that failure's reason (UNKNOWN for ``KVM_MSR_RET_UNSUPPORTED``, INVAL for
 other failures, FILTER for a filtered MSR). No immutability check applies to the guest (that rule is host-only).
 """
@@ -12,20 +13,15 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .. import msrs as M
 from .. import program as P
 from .. import uapi
 from ..api import Exit, HltExit, IoExit, RdmsrExit, WrmsrExit, find_cpuid
-from . import cpuid as C
-from . import vmx
+from .msr_rules import OK, UNSUPPORTED
 
 if TYPE_CHECKING:
     from .vcpu import ModelVcpu
 
-OK, FAIL, UNSUPPORTED = 0, 1, 2
 GP = 13
-MSR_EFER = 0xC0000080
-MSR_APIC_BASE = 0x1B
 
 
 @dataclass
@@ -54,68 +50,11 @@ def filter_allows(vcpu: ModelVcpu, index: int, write: bool) -> bool:
     return not flags & uapi.KVM_MSR_FILTER_DEFAULT_DENY
 
 
-def guest_get(vcpu: ModelVcpu, index: int) -> tuple[int, int]:
-    p, rs = vcpu.profile, vcpu.rules
-    gated = UNSUPPORTED if rs.cpuid_gated_caps else FAIL
-    if M.VMX_FIRST <= index <= M.VMX_LAST:
-        if p.vendor != "vmx" or not p.nested_vmx:
-            return UNSUPPORTED, 0
-        value = vmx.read(vcpu._vmx, index)
-        return (OK, value) if vcpu._cpuid_has((1, 0, "ecx", 5)) and value is not None else (FAIL, 0)
-    if index == M.MSR_IA32_ARCH_CAPABILITIES:
-        return (OK, vcpu._msr[index]) if vcpu._cpuid_has((7, 0, "edx", 29)) else (gated, 0)
-    if index == M.MSR_IA32_PERF_CAPABILITIES:
-        return (OK, vcpu._msr[index]) if vcpu._cpuid_has((1, 0, "ecx", 15)) else (gated, 0)
-    if index == M.MSR_PLATFORM_INFO:
-        return (OK, vcpu._msr[index]) if vcpu.vm.platform_info_readable else (FAIL, 0)
-    if index == M.MSR_IA32_UCODE_REV:
-        return OK, vcpu._msr[index]
-    if index == M.MSR_AMD64_DE_CFG:
-        return (OK, vcpu._msr[index]) if p.vendor == "svm" else (UNSUPPORTED, 0)
-    if index == MSR_EFER:
-        return OK, vcpu._sregs.efer
-    if index == MSR_APIC_BASE:
-        return OK, vcpu._sregs.apic_base
-    b = p.msr_behaviour.get(index)
-    if b is None or not b.readable:
-        return UNSUPPORTED, 0
-    code, value = vcpu._get(index)
-    return (OK, value) if code == OK else (UNSUPPORTED, 0)
-
-
-def guest_set(vcpu: ModelVcpu, index: int, data: int) -> int:
-    p, rs = vcpu.profile, vcpu.rules
-    if M.VMX_FIRST <= index <= M.VMX_LAST:
-        return FAIL if p.vendor == "vmx" and p.nested_vmx else UNSUPPORTED  # "they are read-only"
-    if index == M.MSR_IA32_UCODE_REV:
-        return OK  # guest writes are dropped: only userspace emulates a microcode load
-    if index == M.MSR_IA32_ARCH_CAPABILITIES:
-        return UNSUPPORTED if rs.cpuid_gated_caps else FAIL
-    if index == M.MSR_IA32_PERF_CAPABILITIES:
-        # vmx_set_msr's LBR/PEBS checks run first (code 1); then the common code: host only.
-        return vcpu.perf_cap_vendor_check(data) or (UNSUPPORTED if rs.cpuid_gated_caps else FAIL)
-    if index == M.MSR_PLATFORM_INFO:
-        return FAIL
-    if index == M.MSR_AMD64_DE_CFG:
-        if p.vendor != "svm":
-            return UNSUPPORTED
-        if data & ~p.feature_msrs.get(index, 0):  # 4d5163cba43f: the guest may write any supported subset
-            return FAIL
-        if rs.de_cfg_guest_same_only and data != vcpu._msr[index]:  # 74a0e79df68a, 6.12.0
-            return FAIL
-        vcpu._msr[index] = data
-        return OK
-    b = p.msr_behaviour.get(index)
-    if b is None:
-        return UNSUPPORTED
-    return FAIL if vcpu._set(index, data) else OK
-
-
 def guest_cpuid(vcpu: ModelVcpu, leaf: int, subleaf: int) -> tuple[int, int, int, int]:
     """``kvm_cpuid``: the vCPU's stored CPUID (runtime bits applied). A missing leaf reads as zeros; for vendors other
     than AMD and Hygon a leaf beyond the top of its range reads as the highest basic leaf
     (``get_out_of_range_cpuid_entry``)."""
-    entries = C.runtime_update(vcpu._cpuid, vcpu._runtime, vcpu.profile)
+    entries = vcpu.get_cpuid()
     e = find_cpuid(entries, leaf, subleaf)
     if e is None:
         basic = find_cpuid(entries, 0)
@@ -147,10 +86,10 @@ def _msr_outcome(vcpu: ModelVcpu, state: ProgramState, write: bool, index: int, 
     if not filter_allows(vcpu, index, write):
         code, value, reason = -1, 0, uapi.KVM_MSR_EXIT_REASON_FILTER
     elif write:
-        code, value = guest_set(vcpu, index, data), 0
+        code, value = vcpu.msr_rules.guest_set(index, data), 0
         reason = uapi.KVM_MSR_EXIT_REASON_UNKNOWN if code == UNSUPPORTED else uapi.KVM_MSR_EXIT_REASON_INVAL
     else:
-        code, value = guest_get(vcpu, index)
+        code, value = vcpu.msr_rules.guest_get(index)
         reason = uapi.KVM_MSR_EXIT_REASON_UNKNOWN if code == UNSUPPORTED else uapi.KVM_MSR_EXIT_REASON_INVAL
     if code == UNSUPPORTED and vcpu.profile.ignore_msrs:
         code, value = OK, 0
@@ -159,7 +98,7 @@ def _msr_outcome(vcpu: ModelVcpu, state: ProgramState, write: bool, index: int, 
     if vm.user_space_msr & reason:
         state.pending = (write, index, data)
         cls = WrmsrExit if write else RdmsrExit
-        return cls(index, data if write else 0, reason, vcpu._reply_msr)
+        return cls(index, data if write else 0, reason, vcpu.reply_msr)
     return _exception(vcpu, GP, 0)
 
 
@@ -201,7 +140,7 @@ def run_program(vcpu: ModelVcpu, state: ProgramState) -> Exit:
         if op is None:
             raise vcpu.limitation("the guest program ran past its end without a HLT")
         if isinstance(op, P.SetReg):
-            setattr(vcpu._regs, op.register, op.value)
+            setattr(vcpu.regs, op.register, op.value)
         elif isinstance(op, P.RdmsrOp):
             return _msr_outcome(vcpu, state, False, op.index, 0)
         elif isinstance(op, P.WrmsrOp):
@@ -212,7 +151,6 @@ def run_program(vcpu: ModelVcpu, state: ProgramState) -> Exit:
         elif isinstance(op, P.OutOp):
             return IoExit(uapi.KVM_EXIT_IO_OUT, 1, op.port, 1, bytes([op.value]))
         elif isinstance(op, P.InOp):
-            vcpu._pending_in = (1, 1)
-            return IoExit(uapi.KVM_EXIT_IO_IN, 1, op.port, 1, b"", vcpu._reply_in)
+            return vcpu.begin_in(op.port)
         elif isinstance(op, P.HltOp):
             return HltExit()

@@ -1,0 +1,404 @@
+"""One vCPU's MSRs: their state and the kernel's per-MSR rules, host-initiated and guest, side by side.
+
+Host access is ``do_get_msr``/``do_set_msr`` (``host_initiated`` true): the per-MSR handlers (``host_get``,
+``host_set`` and the setters), then ``kvm_do_msr_access``'s unsupported-MSR rule (``access_get``, ``unsupported_ok``)
+and, for writes, the freeze check (``try_set``). Guest RDMSR/WRMSR are ``kvm_emulate_msr_read``/``write``
+(``host_initiated`` false, no freeze check: that rule is host-only); the MSR filter and the exits to userspace are the
+guest executor's (``guest_exec``). The batch ioctls are in ``msr_batch``.
+
+Return codes follow the kernel: 0 success, 1 failure, ``UNSUPPORTED`` (``KVM_MSR_RET_UNSUPPORTED``), negative errnos.
+Each refusal records the rule behind it (``refusal_rule``), which the strict helpers and ``kvmscope check`` name.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from .. import msrs as M
+from .. import uapi
+from ..api import CpuidEntry, find_cpuid
+from ..kernel import rulesets as R
+from . import cpuid as C
+from . import vmx
+
+if TYPE_CHECKING:
+    from ..kernel.profile import Profile
+    from .vcpu import ModelVcpu
+
+OK, FAIL, UNSUPPORTED = 0, 1, 2
+KEPT = 3  # internal to set_msrs: the write was accepted and stored nothing (a frozen MSR given its own value)
+EINVAL = -errno.EINVAL
+
+# CPUID bits the MSR rules consult: (function, index, register, bit).
+ARCH_CAPABILITIES_BIT = (7, 0, "edx", 29)
+PDCM_BIT = (1, 0, "ecx", 15)
+VMX_BIT = (1, 0, "ecx", 5)
+DS_BIT = (1, 0, "edx", 21)
+DTES64_BIT = (1, 0, "ecx", 2)
+XSAVE_BIT = (1, 0, "ecx", 26)
+
+# kvmclock MSRs share storage (x86.c kvm_set_msr_common): the old and new wall-clock MSRs both set the VM-wide
+# kvm->arch.wall_clock; the old and new system-time MSRs both set the vCPU's arch.time.
+MSR_ALIASES = {0x4B564D00: 0x11, 0x4B564D01: 0x12}
+VM_WIDE_MSRS = frozenset({0x11})
+MSR_MISC_FEATURES_ENABLES = 0x140
+MSR_EFER = 0xC0000080
+MSR_APIC_BASE = 0x1B
+_PLATFORM_INFO = M.MSR_PLATFORM_INFO
+_CPUID_FAULT = M.PLATFORM_INFO_CPUID_FAULT
+
+
+def store_only_msrs(profile: Profile, immutable: frozenset[int]) -> frozenset[int]:
+    """The MSRs for which ``do_set`` always succeeds and does nothing but store the value under its own index:
+    UCODE_REV and the profile's ordinary MSRs that accept any value, less every MSR with a rule of its own and every
+    MSR a rule reads (MISC_FEATURES_ENABLES, which PLATFORM_INFO's order check reads), so that no rule depends on a
+    store-only write: ``set_msrs`` relies on it to run a batch's ruled entries first."""
+    ruled = {
+        MSR_MISC_FEATURES_ENABLES,
+        *MSR_ALIASES.values(),
+        M.MSR_IA32_ARCH_CAPABILITIES,
+        M.MSR_IA32_PERF_CAPABILITIES,
+        M.MSR_PLATFORM_INFO,
+        M.MSR_AMD64_DE_CFG,
+        vmx.MSR_IA32_FEAT_CTL,
+        *MSR_ALIASES,
+        *VM_WIDE_MSRS,
+        *immutable,
+    }
+    ordinary = {i for i, b in profile.msr_behaviour.items() if b.kind not in ("refuse", "zero_only", "drop")}
+    return frozenset(({M.MSR_IA32_UCODE_REV} | ordinary) - ruled - set(range(M.VMX_FIRST, M.VMX_LAST + 1)))
+
+
+class MsrRules:
+    """The MSR state of one vCPU and the rules that read and write it.
+
+    ``stored`` holds the vCPU's MSRs by index (the kvmclock aliases under the index they share; VM-wide ones are in
+    ``vm.msrs``), ``vmx`` the nested VMX capability MSRs (one slot per control pair, see :mod:`.vmx`), ``refusals``
+    the rule behind each MSR's last refusal, ``frozen`` the MSRs the freeze check holds (empty until the first VM
+    entry).
+    """
+
+    def __init__(self, vcpu: ModelVcpu) -> None:
+        vm = vcpu.vm
+        p, rs = vcpu.profile, vcpu.rules
+        self.vcpu = vcpu
+        self.vm = vm
+        self.profile = p
+        self.rules = rs
+        self.refusals: dict[int, R.Rule] = {}
+        self._advertised = vm.system.advertised
+        # kvm_is_immutable_feature_msr: the generic list plus the VMX range, computed once so the check stays cheap.
+        self.immutable = frozenset(M.VMX_RANGE) | rs.immutable_generic
+        # The MSRs frozen right now: empty until the first real VM entry, then the immutable set (if the ruleset
+        # freezes), so the per-entry check is one set lookup.
+        self.frozen: frozenset[int] = frozenset()
+        # MSRs whose do_get_msr is a plain read of the stored value (no CPUID gate): the check reads them directly.
+        self._plain = frozenset({M.MSR_PLATFORM_INFO} | ({M.MSR_AMD64_DE_CFG} if p.vendor == "svm" else set()))
+        self.store_only = store_only_msrs(p, self.immutable)
+        self.setters = self._msr_setters()
+        self._same_value_real_write = rs.same_value_real_write
+        features = p.feature_msrs
+        quirk = (not rs.stuff_quirk) or not vm.disabled_quirks & uapi.KVM_X86_QUIRK_STUFF_FEATURE_MSRS
+        self.stored: dict[int, int] = {
+            M.MSR_IA32_ARCH_CAPABILITIES: features.get(M.MSR_IA32_ARCH_CAPABILITIES, 0) if quirk else 0,
+            M.MSR_PLATFORM_INFO: M.PLATFORM_INFO_CPUID_FAULT if quirk else 0,
+            M.MSR_IA32_PERF_CAPABILITIES: p.supported_perf_cap if quirk else 0,
+            M.MSR_IA32_UCODE_REV: (p.ucode_rev_reset or 0) if quirk else 0,
+            M.MSR_AMD64_DE_CFG: 0,
+        }
+        for index, b in p.msr_behaviour.items():
+            self.stored.setdefault(index, b.default)
+        self.vmx_kvm = vmx.slots_from(features) if p.nested_vmx else {}
+        self.vmx = dict(self.vmx_kvm) if (quirk and p.nested_vmx) else vmx.slots_from({})
+
+    # -- refusals and the state rules read --
+    def refusal_rule(self, index: int) -> R.Rule | None:
+        return self.refusals.get(index)
+
+    def refuse(self, index: int, rule: R.Rule, code: int) -> int:
+        """Record ``rule`` as the reason ``index`` was refused; return ``code``."""
+        self.refusals[index] = rule
+        return code
+
+    def cpuid_has(self, bit: tuple[int, int, str, int]) -> bool:
+        return C.has_feature(self.vcpu.cpuid, *bit)
+
+    def freeze(self) -> None:
+        """The first real VM entry (``kvm_vcpu_has_run``): from now on the immutable MSRs keep their values."""
+        self.frozen = self.immutable
+
+    # -- host access: the kernel's per-MSR handlers --
+    def host_get(self, index: int) -> tuple[int, int]:
+        """``do_get_msr`` before the unsupported-MSR rule: (code, value)."""
+        p, rs = self.profile, self.rules
+        if M.VMX_FIRST <= index <= M.VMX_LAST:
+            if p.vendor != "vmx" or not p.nested_vmx:
+                return UNSUPPORTED, 0
+            if not self.cpuid_has(VMX_BIT):
+                return self.refuse(index, R.VMX_RESTORE, FAIL), 0
+            value = vmx.read(self.vmx, index)
+            return (OK, value) if value is not None else (FAIL, 0)
+        if index == M.MSR_IA32_ARCH_CAPABILITIES:
+            if rs.cpuid_gated_caps and not self.cpuid_has(ARCH_CAPABILITIES_BIT):
+                return self.refuse(index, R.ARCH_CAP_NEEDS_CPUID, UNSUPPORTED), 0
+            return OK, self.stored[index]
+        if index == M.MSR_IA32_PERF_CAPABILITIES:
+            if rs.cpuid_gated_caps and not self.cpuid_has(PDCM_BIT):
+                return self.refuse(index, R.PERF_CAP_NEEDS_PDCM, UNSUPPORTED), 0
+            return OK, self.stored[index]
+        if index in (M.MSR_PLATFORM_INFO, M.MSR_IA32_UCODE_REV):
+            return OK, self.stored[index]
+        if index == M.MSR_AMD64_DE_CFG:
+            return (OK, self.stored[index]) if p.vendor == "svm" else (UNSUPPORTED, 0)
+        b = p.msr_behaviour.get(index)
+        if b is None:
+            return self.refuse(index, R.UNKNOWN_MSR, UNSUPPORTED), 0
+        if not b.readable:
+            return self.refuse(index, R.HOST_PROFILE, FAIL), 0
+        if b.kind == "drop":
+            return OK, b.default
+        key = MSR_ALIASES.get(index, index)
+        store = self.vm.msrs if key in VM_WIDE_MSRS else self.stored
+        return OK, store.get(key, b.default)
+
+    def host_set(self, index: int, data: int) -> int:
+        """``kvm_set_msr_ignored_check`` before the unsupported-MSR rule."""
+        setter = self.setters.get(index)
+        if setter is not None:
+            return setter(data)
+        p = self.profile
+        if M.VMX_FIRST <= index <= M.VMX_LAST:
+            if p.vendor != "vmx" or not p.nested_vmx:
+                return self.refuse(index, R.UNKNOWN_MSR, UNSUPPORTED)
+            if not self.cpuid_has(VMX_BIT):
+                return self.refuse(index, R.VMX_RESTORE, FAIL)
+            code = vmx.write(self.vmx, self.vmx_kvm, index, data)
+            return self.refuse(index, R.VMX_RESTORE, code) if code else OK
+        b = p.msr_behaviour.get(index)
+        if b is None:
+            return self.refuse(index, R.UNKNOWN_MSR, UNSUPPORTED)
+        if b.kind == "refuse" or (b.kind == "zero_only" and data):
+            return self.refuse(index, R.HOST_PROFILE, FAIL)
+        if b.kind != "drop":
+            key = MSR_ALIASES.get(index, index)
+            (self.vm.msrs if key in VM_WIDE_MSRS else self.stored)[key] = data
+        return OK
+
+    def _msr_setters(self) -> dict[int, Callable[[int], int]]:
+        """The MSRs with a host-write rule of their own, and the rule. A setter that returns OK has stored the value
+        verbatim under its own index in ``stored``: ``set_msrs`` relies on it (see ``msr_batch``)."""
+        setters: dict[int, Callable[[int], int]] = {
+            M.MSR_IA32_ARCH_CAPABILITIES: self._set_arch_cap,
+            M.MSR_IA32_PERF_CAPABILITIES: self._set_perf_cap,
+            M.MSR_PLATFORM_INFO: self._set_platform_info,
+            M.MSR_IA32_UCODE_REV: self._set_ucode_rev,
+            M.MSR_AMD64_DE_CFG: self._set_de_cfg,
+        }
+        if self.profile.vendor == "vmx":
+            setters[vmx.MSR_IA32_FEAT_CTL] = self._set_feat_ctl
+        return setters
+
+    def _set_arch_cap(self, data: int) -> int:
+        index = M.MSR_IA32_ARCH_CAPABILITIES
+        if self.rules.cpuid_gated_caps and not self.cpuid_has(ARCH_CAPABILITIES_BIT):
+            return self.refuse(index, R.ARCH_CAP_NEEDS_CPUID, UNSUPPORTED)
+        self.stored[index] = data
+        return OK
+
+    def _set_platform_info(self, data: int) -> int:
+        if (
+            self.rules.platform_info_order_check
+            and not data & _CPUID_FAULT
+            and self.stored.get(MSR_MISC_FEATURES_ENABLES, 0) & 1
+        ):
+            return self.refuse(M.MSR_PLATFORM_INFO, R.PLATFORM_INFO_ORDER_CHECK, FAIL)
+        self.stored[_PLATFORM_INFO] = data
+        return OK
+
+    def _set_ucode_rev(self, data: int) -> int:
+        self.stored[M.MSR_IA32_UCODE_REV] = data
+        return OK
+
+    def _set_de_cfg(self, data: int) -> int:
+        index, p = M.MSR_AMD64_DE_CFG, self.profile
+        if p.vendor != "svm":
+            return self.refuse(index, R.UNKNOWN_MSR, UNSUPPORTED)
+        if data & ~p.feature_msrs.get(index, 0):
+            return self.refuse(index, R.DE_CFG_SUBSET, FAIL)
+        self.stored[index] = data
+        return OK
+
+    def _set_feat_ctl(self, data: int) -> int:
+        # vmx_set_msr: userspace may set any bit KVM supports (is_vmx_feature_control_msr_valid).
+        if data & ~vmx.KVM_SUPPORTED_FEATURE_CONTROL:
+            return self.refuse(vmx.MSR_IA32_FEAT_CTL, R.HOST_PROFILE, FAIL)
+        self.stored[vmx.MSR_IA32_FEAT_CTL] = data
+        return OK
+
+    def perf_cap_vendor_check(self, data: int) -> int:
+        """``vmx_set_msr``'s LBR and PEBS format checks, which run before the common code, for host and guest."""
+        index, p, rs = M.MSR_IA32_PERF_CAPABILITIES, self.profile, self.rules
+        supported = p.supported_perf_cap
+        if p.vendor == "vmx":
+            cpuid = self.vcpu.cpuid
+            host = next((e for e in p.supported_cpuid if e.function == 1), None)
+            guest = find_cpuid(cpuid, 1)
+            consistent = host is not None and guest is not None and C.x86_model(host.eax) == C.x86_model(guest.eax)
+            if data & M.PERF_CAP_LBR_FMT and ((data ^ supported) & M.PERF_CAP_LBR_FMT or not consistent):
+                return self.refuse(index, R.PERF_CAP_SUBSET, FAIL)
+            if data & M.PERF_CAP_PEBS_FORMAT and (
+                (data ^ supported) & rs.perf_cap_pebs_mask
+                or not self.cpuid_has(DS_BIT)
+                or not self.cpuid_has(DTES64_BIT)
+                or not consistent
+            ):
+                return self.refuse(index, R.PERF_CAP_SUBSET, FAIL)
+            if rs.perf_cap_pmu_version and data:
+                pmu = find_cpuid(cpuid, 0xA)
+                if pmu is None or not pmu.eax & 0xFF:
+                    return self.refuse(index, R.PERF_CAP_SUBSET, FAIL)
+        return OK
+
+    def _set_perf_cap(self, data: int) -> int:
+        index, p, rs = M.MSR_IA32_PERF_CAPABILITIES, self.profile, self.rules
+        supported = p.supported_perf_cap
+        code = self.perf_cap_vendor_check(data)
+        if code:
+            return code
+        if rs.cpuid_gated_caps and not self.cpuid_has(PDCM_BIT):
+            return self.refuse(index, R.PERF_CAP_NEEDS_PDCM, UNSUPPORTED)
+        if data & ~supported:
+            return self.refuse(index, R.PERF_CAP_SUBSET, FAIL)
+        self.stored[index] = data
+        return OK
+
+    # -- host access: kvm_do_msr_access and do_set_msr --
+    def access_get(self, index: int) -> tuple[int, int]:
+        """``do_get_msr`` with the unsupported-MSR rule: (code, value), the value 0 unless the read succeeded."""
+        code, value = self.host_get(index)
+        if code == UNSUPPORTED and (
+            (self.rules.unsupported_zero and index in self._advertised) or self.profile.ignore_msrs
+        ):
+            return OK, 0
+        return code, value if code == OK else 0
+
+    def do_set(self, index: int, data: int) -> int:
+        """``do_set_msr`` of one host-initiated write: 0 when it took effect (or was ignored), else the code."""
+        code = self.try_set(index, data)
+        if code == KEPT or (code == UNSUPPORTED and self.unsupported_ok(index, data)):
+            return OK
+        return code
+
+    def try_set(self, index: int, data: int) -> int:
+        """The write with the freeze check, before unsupported MSRs are forgiven (``unsupported_ok``); ``KEPT`` when a
+        frozen MSR took its own value without a real write (before 6.10)."""
+        if self.refusals:
+            self.refusals.pop(index, None)  # the rule behind the last refusal only, not an older one
+        if index in self.frozen:
+            if index in self._plain:
+                current: int | None = self.stored[index]
+            else:
+                code, value = self.access_get(index)
+                current = None if code else value
+            if current != data:
+                rule = R.PLATFORM_INFO_IMMUTABLE if index == M.MSR_PLATFORM_INFO else R.FREEZE
+                return self.refuse(index, rule, EINVAL)
+            if not self._same_value_real_write:
+                return KEPT
+        setter = self.setters.get(index)
+        return setter(data) if setter is not None else self.host_set(index, data)
+
+    def unsupported_ok(self, index: int, data: int) -> bool:
+        """kvm_do_msr_access: an unsupported MSR's write of 0 passes when the MSR is advertised (6.12+), and any
+        write passes with ``ignore_msrs``; nothing is stored either way."""
+        return (self.rules.unsupported_zero and data == 0 and index in self._advertised) or self.profile.ignore_msrs
+
+    # -- guest access: kvm_emulate_msr_read/kvm_emulate_msr_write, after the MSR filter --
+    def guest_get(self, index: int) -> tuple[int, int]:
+        """A guest RDMSR's handler: (code, value)."""
+        p, rs = self.profile, self.rules
+        gated = UNSUPPORTED if rs.cpuid_gated_caps else FAIL
+        if M.VMX_FIRST <= index <= M.VMX_LAST:
+            if p.vendor != "vmx" or not p.nested_vmx:
+                return UNSUPPORTED, 0
+            value = vmx.read(self.vmx, index)
+            return (OK, value) if self.cpuid_has(VMX_BIT) and value is not None else (FAIL, 0)
+        if index == M.MSR_IA32_ARCH_CAPABILITIES:
+            return (OK, self.stored[index]) if self.cpuid_has(ARCH_CAPABILITIES_BIT) else (gated, 0)
+        if index == M.MSR_IA32_PERF_CAPABILITIES:
+            return (OK, self.stored[index]) if self.cpuid_has(PDCM_BIT) else (gated, 0)
+        if index == M.MSR_PLATFORM_INFO:
+            return (OK, self.stored[index]) if self.vm.platform_info_readable else (FAIL, 0)
+        if index == M.MSR_IA32_UCODE_REV:
+            return OK, self.stored[index]
+        if index == M.MSR_AMD64_DE_CFG:
+            return (OK, self.stored[index]) if p.vendor == "svm" else (UNSUPPORTED, 0)
+        if index == MSR_EFER:
+            return OK, self.vcpu.sregs.efer
+        if index == MSR_APIC_BASE:
+            return OK, self.vcpu.sregs.apic_base
+        b = p.msr_behaviour.get(index)
+        if b is None or not b.readable:
+            return UNSUPPORTED, 0
+        code, value = self.host_get(index)
+        return (OK, value) if code == OK else (UNSUPPORTED, 0)
+
+    def guest_set(self, index: int, data: int) -> int:
+        """A guest WRMSR's handler: the code."""
+        p, rs = self.profile, self.rules
+        if M.VMX_FIRST <= index <= M.VMX_LAST:
+            return FAIL if p.vendor == "vmx" and p.nested_vmx else UNSUPPORTED  # "they are read-only"
+        if index == M.MSR_IA32_UCODE_REV:
+            return OK  # guest writes are dropped: only userspace emulates a microcode load
+        if index == M.MSR_IA32_ARCH_CAPABILITIES:
+            return UNSUPPORTED if rs.cpuid_gated_caps else FAIL
+        if index == M.MSR_IA32_PERF_CAPABILITIES:
+            # vmx_set_msr's LBR/PEBS checks run first (code 1); then the common code: host only.
+            return self.perf_cap_vendor_check(data) or (UNSUPPORTED if rs.cpuid_gated_caps else FAIL)
+        if index == M.MSR_PLATFORM_INFO:
+            return FAIL
+        if index == M.MSR_AMD64_DE_CFG:
+            if p.vendor != "svm":
+                return UNSUPPORTED
+            if data & ~p.feature_msrs.get(index, 0):  # 4d5163cba43f: the guest may write any supported subset
+                return FAIL
+            if rs.de_cfg_guest_same_only and data != self.stored[index]:  # 74a0e79df68a, 6.12.0
+                return FAIL
+            self.stored[index] = data
+            return OK
+        b = p.msr_behaviour.get(index)
+        if b is None:
+            return UNSUPPORTED
+        return FAIL if self.host_set(index, data) else OK
+
+    # -- KVM_SET_CPUID2 --
+    def after_set_cpuid(self, raw: Sequence[CpuidEntry]) -> None:
+        """``vmx_vcpu_after_set_cpuid``: KVM re-derives some nested VMX MSRs from the new CPUID (``raw``: as the VMM
+        gave it, before the vendor's rewriting)."""
+        p = self.profile
+        if p.vendor != "vmx" or not p.nested_vmx:
+            return
+        supported, slots = p.supported_cpuid, self.vmx
+        if not self.rules.stuff_quirk or not self.vm.disabled_quirks & uapi.KVM_X86_QUIRK_STUFF_FEATURE_MSRS:
+            high = slots[0x48B]
+            for bit, sources in vmx.SECONDARY_ADJUST:
+                if self.vmx_kvm[0x48B] >> 32 >> bit & 1:
+                    # guest_cpu_cap_has: the guest's CPUID bit, and KVM supports the feature
+                    on = any(C.has_feature(raw, *s) and C.has_feature(supported, *s) for s in sources)
+                    if bit == 20:  # vmx_vcpu_after_set_cpuid drops XSAVES from the guest caps without XSAVE first
+                        on = on and C.has_feature(raw, *XSAVE_BIT)
+                    high = high | 1 << (32 + bit) if on else high & ~(1 << (32 + bit))
+            slots[0x48B] = high
+        if C.has_feature(raw, *VMX_BIT):
+            slots[0x487] = 0xFFFFFFFF
+            cr4 = 1 << 8  # PCE is always allowed
+            for source, allowed in vmx.CR4_FIXED1_MAP:
+                if allowed == 1 << 28 and not self.rules.cr4_fixed1_lam:
+                    continue
+                if allowed == 1 << 23 and not self.rules.cr4_fixed1_cet:
+                    continue
+                if C.has_feature(raw, *source):
+                    cr4 |= allowed
+            slots[0x489] = cr4
