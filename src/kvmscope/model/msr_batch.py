@@ -13,12 +13,15 @@ from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import TYPE_CHECKING
 
+from .. import msrs as M
 from .. import uapi
 from ..api import LITTLE_ENDIAN, MsrBatch, MsrItems, as_batch
 from ..errors import ClosedError, KvmError
-from .msr_rules import KEPT, OK, UNSUPPORTED, MsrRules
+from . import vmx
+from .msr_rules import KEPT, MSR_ALIASES, MSR_MISC_FEATURES_ENABLES, OK, UNSUPPORTED, VM_WIDE_MSRS, MsrRules
 
 if TYPE_CHECKING:
+    from ..kernel.profile import Profile
     from .vcpu import ModelVcpu
 
 _ENTRY = struct.Struct("<IIQ")
@@ -36,6 +39,27 @@ WritePlan = tuple[
 ]
 
 
+def store_only_msrs(profile: Profile, immutable: frozenset[int]) -> frozenset[int]:
+    """The MSRs for which ``do_set`` always succeeds and does nothing but store the value under its own index:
+    UCODE_REV and the profile's ordinary MSRs that accept any value, less every MSR with a rule of its own and every
+    MSR a rule reads (MISC_FEATURES_ENABLES, which PLATFORM_INFO's order check reads), so that no rule depends on a
+    store-only write: ``set_msrs`` relies on it to run a batch's ruled entries first."""
+    ruled = {
+        MSR_MISC_FEATURES_ENABLES,
+        *MSR_ALIASES.values(),
+        M.MSR_IA32_ARCH_CAPABILITIES,
+        M.MSR_IA32_PERF_CAPABILITIES,
+        M.MSR_PLATFORM_INFO,
+        M.MSR_AMD64_DE_CFG,
+        vmx.MSR_IA32_FEAT_CTL,
+        *MSR_ALIASES,
+        *VM_WIDE_MSRS,
+        *immutable,
+    }
+    ordinary = {i for i, b in profile.msr_behaviour.items() if b.kind not in ("refuse", "zero_only", "drop")}
+    return frozenset(({M.MSR_IA32_UCODE_REV} | ordinary) - ruled - set(range(M.VMX_FIRST, M.VMX_LAST + 1)))
+
+
 def _always_mismatch(values: list[int]) -> object:
     return object()
 
@@ -50,6 +74,7 @@ class BatchedMsrRules(MsrRules):
 
     def __init__(self, vcpu: ModelVcpu) -> None:
         super().__init__(vcpu)
+        self.store_only = store_only_msrs(self.profile, self.immutable)
         self.closed = False  # set by the vCPU's close()
         self.plans: dict[bytes, WritePlan] = {}
 

@@ -24,7 +24,6 @@ from . import cpuid as C
 from . import vmx
 
 if TYPE_CHECKING:
-    from ..kernel.profile import Profile
     from .vcpu import ModelVcpu
 
 OK, FAIL, UNSUPPORTED = 0, 1, 2
@@ -48,27 +47,6 @@ MSR_EFER = 0xC0000080
 MSR_APIC_BASE = 0x1B
 _PLATFORM_INFO = M.MSR_PLATFORM_INFO
 _CPUID_FAULT = M.PLATFORM_INFO_CPUID_FAULT
-
-
-def store_only_msrs(profile: Profile, immutable: frozenset[int]) -> frozenset[int]:
-    """The MSRs for which ``do_set`` always succeeds and does nothing but store the value under its own index:
-    UCODE_REV and the profile's ordinary MSRs that accept any value, less every MSR with a rule of its own and every
-    MSR a rule reads (MISC_FEATURES_ENABLES, which PLATFORM_INFO's order check reads), so that no rule depends on a
-    store-only write: ``set_msrs`` relies on it to run a batch's ruled entries first."""
-    ruled = {
-        MSR_MISC_FEATURES_ENABLES,
-        *MSR_ALIASES.values(),
-        M.MSR_IA32_ARCH_CAPABILITIES,
-        M.MSR_IA32_PERF_CAPABILITIES,
-        M.MSR_PLATFORM_INFO,
-        M.MSR_AMD64_DE_CFG,
-        vmx.MSR_IA32_FEAT_CTL,
-        *MSR_ALIASES,
-        *VM_WIDE_MSRS,
-        *immutable,
-    }
-    ordinary = {i for i, b in profile.msr_behaviour.items() if b.kind not in ("refuse", "zero_only", "drop")}
-    return frozenset(({M.MSR_IA32_UCODE_REV} | ordinary) - ruled - set(range(M.VMX_FIRST, M.VMX_LAST + 1)))
 
 
 class MsrRules:
@@ -96,7 +74,6 @@ class MsrRules:
         self.frozen: frozenset[int] = frozenset()
         # MSRs whose do_get_msr is a plain read of the stored value (no CPUID gate): the check reads them directly.
         self._plain = frozenset({M.MSR_PLATFORM_INFO} | ({M.MSR_AMD64_DE_CFG} if p.vendor == "svm" else set()))
-        self.store_only = store_only_msrs(p, self.immutable)
         self.setters = self._msr_setters()
         self._same_value_real_write = rs.same_value_real_write
         features = p.feature_msrs

@@ -1,4 +1,5 @@
-"""The model running the real-mode code in guest memory: the handful of instructions ``kvmscope.guest`` loads."""
+"""The model running real-mode code from guest memory. It knows a handful of instructions: hlt, nop, ``mov al, imm8``,
+``out``/``in`` with an 8-bit port, ``jmp rel8`` and ``mov [disp16], al``; anything else is a ``ModelLimitation``."""
 
 from __future__ import annotations
 
