@@ -1,0 +1,66 @@
+"""The one reader (kvmscope.schema) behind scenarios and host profiles."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import kvmscope
+from kvmscope import schema
+from kvmscope.errors import ProfileError, ScenarioError
+from kvmscope.kernel import profile
+
+PLAIN = schema.Style(ProfileError, "{file}: field {field}: {what}")
+LINES = schema.Style(ScenarioError, "{file}:{line}: {field}: {what}", "{file}: {field}: {what}")
+
+
+def read(t: schema.Type[object], data: object, style: schema.Style = PLAIN) -> object:
+    return t.read(schema.Reader("f", style), data, "x")
+
+
+def test_field_types_read_and_name_the_field() -> None:
+    assert read(schema.Int(8), "0xff") == 255 and read(schema.Int(8), 7) == 7
+    assert read(schema.Leaf(), "0x7.1") == (7, 1) and read(schema.Leaf(), "0xd") == (0xD, 0)
+    assert read(schema.Msr(), "PLATFORM_INFO") == 0xCE
+    assert read(schema.MsrValues(), {"0xce": 1}) == read(schema.MsrValues(), [["PLATFORM_INFO", "1"]]) == [(0xCE, 1)]
+    assert read(schema.MapOf(schema.Int(32), schema.ListOf(schema.Bool())), {"0x10": [True]}) == {16: [True]}
+    for t, bad, what in ((schema.Int(8), 256, "field x: 0x100 does not fit in 8 bits unsigned"),
+                         (schema.Int(), True, "field x: expected an integer, got a boolean"),
+                         (schema.Str(("a", "b")), "c", "field x: expected one of a, b, got 'c'"),
+                         (schema.Leaf(), "0x1.0x100000000", "field x: 0x100000000 does not fit in 32 bits"),
+                         (schema.ListOf(schema.Int()), [1, "z"], "field x[1]: expected an integer like 0x1f or 31"),
+                         (schema.Version(1), True, "field x: unsupported format version True (expected 1)")):
+        with pytest.raises(ProfileError, match="^" + re.escape("f: " + what)):
+            read(t, bad)
+
+
+def test_records_defaults_dotted_fields_short_forms_and_unknown_keys() -> None:
+    rec = schema.Record(dict, [schema.Field("a", schema.Int(), required=True, note="say how many"),
+                               schema.Field("b", schema.Int(), default=5),
+                               schema.Field("in.c", schema.Str(), attr="c")], short="a")
+    assert read(rec, {"a": 1, "in": {"c": "z"}}) == {"a": 1, "b": 5, "c": "z"}
+    assert read(rec, 3) == {"a": 3, "b": 5}
+    node = schema.Node({"a": schema.Node(1, 2), "in": schema.Node({"d": schema.Node(0, 4)}, 3)}, 1)
+    with pytest.raises(ScenarioError, match=r"^f:4: x\.in\.d: unknown field \(expected c\)"):
+        read(rec, node, LINES)
+    with pytest.raises(ProfileError, match=r"^f: field x\.a: missing \(say how many\)"):
+        read(rec, {})
+    with pytest.raises(TypeError, match="no attribute for fields"):
+        schema.Record(kvmscope.CpuidEntry, [schema.Field("nope", schema.Int())])
+
+
+def test_profiles_round_trip_and_their_errors_keep_their_form() -> None:
+    for name in profile.shipped():
+        p = profile.load(name)
+        assert profile.read(p.to_json(), p.path) == p
+    data = profile.load("pvm-6.18").to_json()
+    del data["ruleset"]
+    assert profile.read(data).ruleset == data["kernel_release"]
+    data["supported_cpuid"][1]["eex"] = "0x1"
+    with pytest.raises(ProfileError, match=r"^x.json: field supported_cpuid\[1\]\.eex: unknown field \(expected "):
+        profile.read(data, "x.json")
+    data = profile.load("pvm-6.18").to_json()
+    data["vcpu"]["reset_regs"] = []
+    with pytest.raises(ProfileError, match=r"^x.json: field vcpu.reset_regs: expected a mapping, got a list$"):
+        profile.read(data, "x.json")
