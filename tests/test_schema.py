@@ -1,15 +1,29 @@
-"""The one reader (kvmscope.schema) behind scenarios and host profiles."""
+"""The one reader (kvmscope.schema) behind scenarios and host profiles, and the typed scenario steps it reads."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
 import kvmscope
 from kvmscope import schema
+from kvmscope.check import Replayer
 from kvmscope.errors import ProfileError, ScenarioError
 from kvmscope.kernel import profile
+from kvmscope.scenario import (
+    IOCTLS,
+    STEP_TYPES,
+    STEPS,
+    GetMsrs,
+    Ioctl,
+    Run,
+    SetCpuid,
+    Step,
+    parse,
+)
 
 PLAIN = schema.Style(ProfileError, "{file}: field {field}: {what}")
 LINES = schema.Style(ScenarioError, "{file}:{line}: {field}: {what}", "{file}: {field}: {what}")
@@ -48,6 +62,45 @@ def test_records_defaults_dotted_fields_short_forms_and_unknown_keys() -> None:
         read(rec, {})
     with pytest.raises(TypeError, match="no attribute for fields"):
         schema.Record(kvmscope.CpuidEntry, [schema.Field("nope", schema.Int())])
+
+
+def test_every_step_kind_has_a_table_and_a_player() -> None:
+    assert set(Replayer.PLAYERS) == set(STEP_TYPES) - {Ioctl}
+    for t in STEP_TYPES:
+        attrs = {f.name for f in dataclasses.fields(t)}
+        assert all(f.name in attrs for f in t.FIELDS), t
+        assert issubclass(t, Step) and STEPS[t.KIND].make is t
+    for name in IOCTLS:
+        assert type(Ioctl(name=name).step()) in Replayer.PLAYERS
+
+
+def test_steps_are_typed_and_ioctls_map_onto_them() -> None:
+    s = parse("""scenario: 1
+steps:
+  - run: 2
+  - set_cpuid: {vcpu: 1, from: stored}
+  - ioctl: {name: KVM_GET_MSRS, vcpu: 1, msrs: [[0xce, 5]], returned: 1}
+  - ioctl: {name: KVM_RUN, returned: 0, errno: EINTR}
+  - ioctl: {name: KVM_SET_MSRS, msrs: {0xce: 0}, returned: 0}
+    expect: accepted
+""", "s.yaml")
+    run, cpuid, get, kvm_run, set_ = s.steps
+    assert run == Run(line=3, vcpu=2) and (cpuid.kind, cpuid.line) == ("set_cpuid", 4)
+    assert isinstance(cpuid, SetCpuid) and (cpuid.vcpu, cpuid.source, cpuid.entries) == (1, "stored", None)
+    assert isinstance(get, Ioctl) and get.step() == GetMsrs(line=5, vcpu=1, msrs=[0xCE], expect=get.recorded())
+    assert get.recorded().count == 1
+    assert isinstance(kvm_run, Ioctl) and (kvm_run.recorded().errno, kvm_run.recorded().count) == (4, None)
+    assert isinstance(set_, Ioctl) and set_.step().expect == set_.expect and set_.expect and set_.expect.accepted
+
+
+def test_cpuid_file_is_read_relative_to_the_scenario(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("- {function: 7, edx: 0x10}\n- {function: 1, bogus: 1}\n")
+    text = "scenario: 1\nsteps:\n  - set_cpuid: {vcpu: 0, file: c.yaml}\n"
+    with pytest.raises(ScenarioError, match=r"c\.yaml:2: entries\[1\]\.bogus: unknown field"):
+        parse(text, str(tmp_path / "s.yaml"))
+    (tmp_path / "c.yaml").write_text("- {function: 7, edx: 0x10}\n")
+    step = parse(text, str(tmp_path / "s.yaml")).steps[0]
+    assert isinstance(step, SetCpuid) and step.entries == [kvmscope.CpuidEntry(7, edx=0x10)]
 
 
 def test_profiles_round_trip_and_their_errors_keep_their_form() -> None:
