@@ -1,4 +1,5 @@
-"""The one reader (kvmscope.schema) behind scenarios and host profiles, and the typed scenario steps it reads."""
+"""The one reader (kvmscope.schema) behind scenarios and host profiles, the typed scenario steps it reads, and the one
+backend chooser."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from pathlib import Path
 import pytest
 
 import kvmscope
-from kvmscope import schema
+from kvmscope import backends, schema
 from kvmscope.check import Replayer
-from kvmscope.errors import ProfileError, ScenarioError
+from kvmscope.errors import InvalidValueError, KvmUnavailableError, ProfileError, ScenarioError
 from kvmscope.kernel import profile
+from kvmscope.linux import LinuxSystem
 from kvmscope.scenario import (
     IOCTLS,
     STEP_TYPES,
@@ -117,3 +119,24 @@ def test_profiles_round_trip_and_their_errors_keep_their_form() -> None:
     data["vcpu"]["reset_regs"] = []
     with pytest.raises(ProfileError, match=r"^x.json: field vcpu.reset_regs: expected a mapping, got a list$"):
         profile.read(data, "x.json")
+
+
+def test_one_backend_chooser(monkeypatch: pytest.MonkeyPatch) -> None:
+    system, why = backends.choose("auto", kernel="6.10")
+    assert system.backend == "model" and why is None and "kernel 6.10" in system.describe()
+    with pytest.raises(InvalidValueError, match="the linux backend takes neither"):
+        backends.choose("linux", profile="intel-spr")
+    with pytest.raises(InvalidValueError, match="unknown backend 'kvm'"):
+        backends.choose("kvm")
+    with pytest.raises(InvalidValueError, match="backend 'model' takes no option path"):
+        kvmscope.open("model", path="/dev/kvm")
+
+    def unavailable(*a: object, **k: object) -> LinuxSystem:
+        raise KvmUnavailableError("/dev/kvm", "missing", "no /dev/kvm here")
+
+    monkeypatch.setattr("kvmscope.linux.open_system", unavailable)
+    system, why = backends.choose("auto")
+    assert system.backend == "model" and why == "no /dev/kvm here"
+    assert kvmscope.open().backend == "model"
+    with pytest.raises(KvmUnavailableError):
+        backends.choose("linux")
