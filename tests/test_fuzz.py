@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from kvmscope.api import MsrBatch
 from kvmscope.cli import main
 from kvmscope.errors import InvalidValueError, MsrLookupError, ProfileError, ScenarioError
-from kvmscope.kernel.profile import from_json, load
+from kvmscope.kernel.profile import load, read
 from kvmscope.scenario import STEP_KINDS, parse
 
 BUDGET = settings(max_examples=int(os.environ.get("KVMSCOPE_FUZZ_EXAMPLES", "300")), deadline=None,
@@ -74,7 +74,7 @@ def test_profile_loader_on_mutated_profiles(data: st.DataObject) -> None:
         elif isinstance(target, list) and target:
             target[data.draw(st.integers(0, len(target) - 1))] = data.draw(json_values)
     with contextlib.suppress(ProfileError):
-        from_json(doc, "fuzz.json")
+        read(doc, "fuzz.json")
 
 
 @BUDGET

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import msrs, uapi
+from . import backends, msrs, uapi
 from .api import (
     CpuidEntry,
     Exit,
@@ -54,30 +54,16 @@ def open(backend: str | None = None, **options: Any) -> System:  # noqa: A001 - 
 
     ``backend=None`` uses the live kernel when ``/dev/kvm`` is usable and the model otherwise (``system.backend`` and
     ``system.describe()`` say which). ``"linux"`` takes ``path``; ``"model"`` takes ``kernel`` (e.g. ``"6.18"``) and
-    ``profile`` (a shipped profile name or a JSON file path).
+    ``profile`` (a shipped profile name, a JSON file path or a Profile); a kernel or profile without a backend means
+    the model.
     """
-    if backend is None:
-        from .linux import open_system
-        from .model import open_model
-
-        if set(options) & {"kernel", "profile"}:
-            return open_model(**options)  # a kernel or profile can only mean the model
-        try:
-            return open_system(**options)
-        except KvmUnavailableError:
-            return open_model()
-    unknown = set(options) - ({"path"} if backend == "linux" else {"kernel", "profile"})
-    if backend in BACKENDS and unknown:
+    if backend is not None and backend not in BACKENDS:
+        raise InvalidValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    takes = {"linux": {"path"}, "model": {"kernel", "profile"}}.get(backend or "", {"path", "kernel", "profile"})
+    unknown = set(options) - takes
+    if unknown:
         raise InvalidValueError(f"backend {backend!r} takes no option {', '.join(sorted(unknown))}")
-    if backend == "linux":
-        from .linux import open_system
-
-        return open_system(**options)
-    if backend == "model":
-        from .model import open_model
-
-        return open_model(**options)
-    raise InvalidValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    return backends.choose(backend or "auto", **options)[0]
 
 
 __all__ = [

@@ -8,16 +8,32 @@ so instead of guessing.
 from __future__ import annotations
 
 import errno as _errno
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from . import guest, uapi
 from . import msrs as M
 from .api import CpuidEntry, MsrBatch, System, Vcpu, Vm
 from .errors import InvalidValueError, KvmError, KvmscopeError
 from .kernel import rulesets as R
-from .scenario import Expect, Scenario, Step
+from .scenario import (
+    CreateVcpu,
+    DestroyVcpu,
+    DisableQuirks,
+    Expect,
+    GetCpuid,
+    GetMsrs,
+    Hotplug,
+    Ioctl,
+    MicrocodeLoad,
+    Reset,
+    Run,
+    Scenario,
+    SetCpuid,
+    SetMsrs,
+    Step,
+)
 
 DEFAULT_HINT = "compare with KVM_GET_MSR_INDEX_LIST and the feature MSRs"
 
@@ -67,6 +83,11 @@ class StepResult:
     met: bool | None = None
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def ok(self) -> bool:
+        """Did what it expected; without an expectation: was not refused and did not fail."""
+        return not (self.met is False or (self.met is None and self.outcome in ("refused", "error")))
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         if self.refusal:
@@ -93,7 +114,7 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return not any(s.met is False or (s.met is None and s.outcome in ("refused", "error")) for s in self.steps)
+        return all(s.ok for s in self.steps)
 
     def to_json(self) -> dict[str, Any]:
         return {"scenario": self.scenario, "path": self.path, "backend": self.backend,
@@ -124,14 +145,71 @@ class Replayer:
             raise InvalidValueError(f"vCPU {step.vcpu} does not exist here (add a create_vcpu step)")
         return v
 
-    def _cpuid_for(self, step: Step, vcpu: Vcpu) -> list[CpuidEntry]:
-        if step.cpuid_from == "supported":
-            entries = self.system.get_supported_cpuid()
-        elif step.cpuid_from == "stored":
+    def _read(self, vcpu: Vcpu, index: int) -> int | None:
+        b = MsrBatch([index])
+        return b[0][1] if vcpu.get_msrs(b) == 1 else None
+
+    def play(self, number: int, step: Step) -> StepResult:
+        """Play one step (on the model alongside first, whose result explains this one) and judge it."""
+        shadow = self.shadow.play(number, step) if self.shadow else None
+        res = StepResult(number, step.line, step.kind, step.vcpu, step.label, "ok", "")
+        if isinstance(step, Ioctl):
+            step = step.step()  # reported as the ioctl it was recorded as, played as what it is
+        try:
+            self.PLAYERS[type(step)](self, step, res, shadow)
+        except KvmError as e:
+            res.outcome, res.errno = "error", e.errno
+            res.summary = str(e)
+        except KvmscopeError as e:
+            res.outcome, res.summary = "error", str(e)
+        if step.expect is not None:
+            res.expected, res.met = judge(step.expect, res)
+        return res
+
+    # One method per kind of step: (step, its result to fill in, the model's result alongside or None).
+
+    def _create_vcpu(self, step: CreateVcpu, res: StepResult, shadow: StepResult | None) -> None:
+        vcpu = self.vm.create_vcpu(step.vcpu)
+        guest.setup_real_mode(vcpu)
+        self.vcpus[step.vcpu] = vcpu
+        res.outcome, res.summary = "accepted", f"created vCPU {step.vcpu}"
+
+    def _destroy_vcpu(self, step: DestroyVcpu, res: StepResult, shadow: StepResult | None) -> None:
+        self._vcpu(step).close()
+        del self.vcpus[step.vcpu]
+        res.outcome, res.summary = "ok", f"closed vCPU {step.vcpu}'s fd (KVM keeps the vCPU until the VM goes)"
+
+    def _hotplug(self, step: Hotplug, res: StepResult, shadow: StepResult | None) -> None:
+        self._vcpu(step)
+        res.outcome = "ok"
+        res.summary = (f"vCPU {step.vcpu} unplugged and plugged back: the VMM reuses the parked vCPU fd "
+                       "(KVM cannot destroy a vCPU), so the vCPU keeps its frozen model")
+
+    def _disable_quirks(self, step: DisableQuirks, res: StepResult, shadow: StepResult | None) -> None:
+        self.vm.enable_cap(uapi.KVM_CAP_DISABLE_QUIRKS2, step.quirks)
+        res.outcome, res.summary = "accepted", f"disabled quirks 0x{step.quirks:x}"
+
+    def _set_cpuid(self, step: SetCpuid, res: StepResult, shadow: StepResult | None) -> None:
+        vcpu = self._vcpu(step)
+        entries = self._cpuid_for(step, vcpu)
+        try:
+            vcpu.set_cpuid(entries)
+            res.outcome, res.summary = "accepted", f"KVM_SET_CPUID2 took {len(entries)} entries"
+        except KvmError as e:
+            res.outcome, res.errno = "refused", e.errno
+            res.summary = f"KVM_SET_CPUID2 failed: {_errno.errorcode.get(e.errno or 0, e.errno)}"
+            if step.vcpu in self.ran and e.errno == _errno.EINVAL:
+                res.notes.append(f"rule: {R.CPUID_AFTER_RUN_IDENTICAL.cite()}")
+                res.notes.append(f"hint: {hint(R.CPUID_AFTER_RUN_IDENTICAL)}")
+
+    def _cpuid_for(self, step: SetCpuid, vcpu: Vcpu) -> list[CpuidEntry]:
+        if step.entries is not None:
+            entries = list(step.entries)
+        elif step.source == "stored":
             entries = vcpu.get_cpuid()
         else:
-            entries = list(step.cpuid_entries)
-        for edit in step.cpuid_edits:
+            entries = self.system.get_supported_cpuid()
+        for edit in step.edits:
             pos = next((i for i, e in enumerate(entries) if e.key == (edit.function, edit.index)), None)
             if pos is None:
                 raise InvalidValueError(f"CPUID leaf 0x{edit.function:x}.{edit.index} is not in the list to edit")
@@ -140,11 +218,18 @@ class Replayer:
             entries[pos] = replace(e, **{edit.register: value})
         return entries
 
-    def _read(self, vcpu: Vcpu, index: int) -> int | None:
-        b = MsrBatch([index])
-        return b[0][1] if vcpu.get_msrs(b) == 1 else None
+    def _set_msrs(self, step: SetMsrs, res: StepResult, shadow: StepResult | None) -> None:
+        self._write(res, self._vcpu(step), step.msrs, shadow)
 
-    def _set_msrs(self, res: StepResult, vcpu: Vcpu, pairs: list[tuple[int, int]], shadow: StepResult | None) -> None:
+    def _microcode_load(self, step: MicrocodeLoad, res: StepResult, shadow: StepResult | None) -> None:
+        self._write(res, self._vcpu(step), [(M.MSR_IA32_UCODE_REV, step.revision)], shadow)
+
+    def _reset(self, step: Reset, res: StepResult, shadow: StepResult | None) -> None:
+        vcpu = self._vcpu(step)
+        self._write(res, vcpu, list(self.written.get(step.vcpu, {}).items()), shadow)
+
+    def _write(self, res: StepResult, vcpu: Vcpu, pairs: list[tuple[int, int]], shadow: StepResult | None) -> None:
+        """KVM_SET_MSRS of ``pairs``, explaining a refusal (by the model alongside, on a live kernel)."""
         olds = [self._read(vcpu, i) for i, _ in pairs]
         batch = MsrBatch(pairs)
         count = vcpu.set_msrs(batch)
@@ -169,83 +254,37 @@ class Replayer:
         res.refusal = Refusal(index, M.name_of(index), count, value, olds[count], cited, hint(cited))
         res.summary = f"KVM_SET_MSRS returned {count} of {len(pairs)}: refused {M.name_of(index)} (0x{index:x})"
 
-    def play(self, number: int, step: Step) -> StepResult:
-        shadow = self.shadow.play(number, step) if self.shadow else None
-        res = StepResult(number, step.line, step.kind, step.vcpu, step.label, "ok", "")
-        kind = step.kind
-        if kind == "ioctl":
-            kind = {"KVM_SET_MSRS": "set_msrs", "KVM_GET_MSRS": "get_msrs", "KVM_SET_CPUID2": "set_cpuid",
-                    "KVM_RUN": "run", "KVM_CREATE_VCPU": "create_vcpu"}[step.ioctl]
-        try:
-            if kind == "create_vcpu":
-                vcpu = self.vm.create_vcpu(step.vcpu)
-                guest.setup_real_mode(vcpu)
-                self.vcpus[step.vcpu] = vcpu
-                res.outcome, res.summary = "accepted", f"created vCPU {step.vcpu}"
-            elif kind == "destroy_vcpu":
-                self._vcpu(step).close()
-                del self.vcpus[step.vcpu]
-                res.outcome, res.summary = "ok", f"closed vCPU {step.vcpu}'s fd (KVM keeps the vCPU until the VM goes)"
-            elif kind == "hotplug":
-                self._vcpu(step)
-                res.outcome = "ok"
-                res.summary = (f"vCPU {step.vcpu} unplugged and plugged back: the VMM reuses the parked vCPU fd "
-                               "(KVM cannot destroy a vCPU), so the vCPU keeps its frozen model")
-            elif kind == "disable_quirks":
-                self.vm.enable_cap(uapi.KVM_CAP_DISABLE_QUIRKS2, step.quirks)
-                res.outcome, res.summary = "accepted", f"disabled quirks 0x{step.quirks:x}"
-            elif kind == "set_cpuid":
-                vcpu = self._vcpu(step)
-                entries = self._cpuid_for(step, vcpu)
-                try:
-                    vcpu.set_cpuid(entries)
-                    res.outcome, res.summary = "accepted", f"KVM_SET_CPUID2 took {len(entries)} entries"
-                except KvmError as e:
-                    res.outcome, res.errno = "refused", e.errno
-                    res.summary = f"KVM_SET_CPUID2 failed: {_errno.errorcode.get(e.errno or 0, e.errno)}"
-                    if step.vcpu in self.ran and e.errno == _errno.EINVAL:
-                        res.refusal = None
-                        res.notes.append(f"rule: {R.CPUID_AFTER_RUN_IDENTICAL.cite()}")
-                        res.notes.append(f"hint: {hint(R.CPUID_AFTER_RUN_IDENTICAL)}")
-            elif kind in ("set_msrs", "microcode_load", "reset"):
-                vcpu = self._vcpu(step)
-                if kind == "set_msrs":
-                    pairs = step.msrs
-                elif kind == "microcode_load":
-                    pairs = [(M.MSR_IA32_UCODE_REV, step.revision)]
-                else:
-                    pairs = list(self.written.get(step.vcpu, {}).items())
-                self._set_msrs(res, vcpu, pairs, shadow)
-            elif kind == "get_msrs":
-                vcpu = self._vcpu(step)
-                batch = MsrBatch([i for i, _ in step.msrs])
-                count = vcpu.get_msrs(batch)
-                res.count, res.total = count, len(batch)
-                res.values = {i: v for n, (i, v) in enumerate(batch) if n < count}
-                res.outcome = "ok" if count == len(batch) else "refused"
-                res.summary = f"KVM_GET_MSRS read {count} of {len(batch)}"
-                if count < len(batch):
-                    index = batch[count][0]
-                    res.refusal = Refusal(index, M.name_of(index), count, 0, None, vcpu.refusal_rule(index),
-                                          hint(R.UNKNOWN_MSR))
-            elif kind == "get_cpuid":
-                entries = self._vcpu(step).get_cpuid()
-                res.outcome, res.summary = "ok", f"KVM_GET_CPUID2 returned {len(entries)} entries"
-            elif kind == "run":
-                vcpu = self._vcpu(step)
-                guest.setup_real_mode(vcpu)
-                exit_ = vcpu.run()
-                self.ran.add(step.vcpu)
-                res.exit, res.outcome = exit_.name, "ok"
-                res.summary = f"KVM_RUN: {exit_.name}"
-        except KvmError as e:
-            res.outcome, res.errno = "error", e.errno
-            res.summary = str(e)
-        except KvmscopeError as e:
-            res.outcome, res.summary = "error", str(e)
-        if step.expect is not None:
-            res.expected, res.met = judge(step.expect, res)
-        return res
+    def _get_msrs(self, step: GetMsrs, res: StepResult, shadow: StepResult | None) -> None:
+        vcpu = self._vcpu(step)
+        batch = MsrBatch(step.msrs)
+        count = vcpu.get_msrs(batch)
+        res.count, res.total = count, len(batch)
+        res.values = {i: v for n, (i, v) in enumerate(batch) if n < count}
+        res.outcome = "ok" if count == len(batch) else "refused"
+        res.summary = f"KVM_GET_MSRS read {count} of {len(batch)}"
+        if count < len(batch):
+            index = batch[count][0]
+            res.refusal = Refusal(index, M.name_of(index), count, 0, None, vcpu.refusal_rule(index),
+                                  hint(R.UNKNOWN_MSR))
+
+    def _get_cpuid(self, step: GetCpuid, res: StepResult, shadow: StepResult | None) -> None:
+        entries = self._vcpu(step).get_cpuid()
+        res.outcome, res.summary = "ok", f"KVM_GET_CPUID2 returned {len(entries)} entries"
+
+    def _run(self, step: Run, res: StepResult, shadow: StepResult | None) -> None:
+        vcpu = self._vcpu(step)
+        guest.setup_real_mode(vcpu)
+        exit_ = vcpu.run()
+        self.ran.add(step.vcpu)
+        res.exit, res.outcome = exit_.name, "ok"
+        res.summary = f"KVM_RUN: {exit_.name}"
+
+    PLAYERS: ClassVar[dict[type[Step], Callable[[Replayer, Any, StepResult, StepResult | None], None]]] = {
+        CreateVcpu: _create_vcpu, DestroyVcpu: _destroy_vcpu, Hotplug: _hotplug, DisableQuirks: _disable_quirks,
+        SetCpuid: _set_cpuid, SetMsrs: _set_msrs, MicrocodeLoad: _microcode_load, Reset: _reset, GetMsrs: _get_msrs,
+        GetCpuid: _get_cpuid, Run: _run,
+    }
+    """How to play each kind of step (an Ioctl plays as the step it is)."""
 
 
 def judge(e: Expect, r: StepResult) -> tuple[str, bool]:

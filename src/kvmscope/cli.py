@@ -1,19 +1,23 @@
-"""The ``kvmscope`` command."""
+"""The ``kvmscope`` command: options, exit codes and the order of the work. What is computed lives in probe.py,
+check.py and scenario.py; which backend opens, in backends.py; what is printed, in render.py."""
 
 from __future__ import annotations
 
-import json
-import re
+import os
 import sys
-from typing import Any, NoReturn
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, NoReturn
 
 import click
-from rich.console import Console
-from rich.table import Table
 
+from . import backends, render
 from . import msrs as _msrs
-from .api import System
 from .errors import KvmscopeError, KvmUnavailableError
+
+if TYPE_CHECKING:
+    from .api import System
+    from .scenario import Scenario
 
 # Exit codes shared by every subcommand.
 EXIT_OK = 0
@@ -21,40 +25,26 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NO_KVM = 3
 
-err_console = Console(stderr=True)
-
 
 def fail(message: str, code: int) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    render.error(message)
     sys.exit(code)
 
 
-def open_backend(backend: str, kernel: str | None, profile: str | None) -> tuple[System, str | None]:
-    """Open the chosen backend; with ``auto``, fall back to the model and return why."""
-    import kvmscope
-
-    if backend in ("auto", "linux") and (kernel or profile):
-        if backend == "linux":
-            raise click.UsageError("--kernel and --profile choose the model; drop them or use --backend model")
-        backend = "model"
-    if backend == "auto":
-        try:
-            return kvmscope.open("linux"), None
-        except KvmUnavailableError as e:
-            return kvmscope.open("model"), str(e)
-    if backend == "linux":
-        return kvmscope.open("linux"), None
-    options: dict[str, Any] = {}
-    if kernel:
-        options["kernel"] = kernel
-    if profile:
-        options["profile"] = profile
-    return kvmscope.open("model", **options), None
+@contextmanager
+def exit_on_error() -> Iterator[None]:
+    """kvmscope's errors as exit codes: 3 when /dev/kvm is unusable, 2 for any other (bad input or arguments)."""
+    try:
+        yield
+    except KvmUnavailableError as e:
+        fail(str(e), EXIT_NO_KVM)
+    except KvmscopeError as e:
+        fail(str(e), EXIT_USAGE)
 
 
 backend_option = click.option(
     "--backend",
-    type=click.Choice(["auto", "linux", "model"]),
+    type=click.Choice(list(backends.CHOICES)),
     default="auto",
     show_default=True,
     help="linux: the live /dev/kvm; model: kvmscope's software KVM; auto: linux when /dev/kvm is usable, else model.",
@@ -72,25 +62,6 @@ def main() -> None:
 
     Exit codes: 0 success, 1 a check failed, 2 bad input or arguments, 3 /dev/kvm missing or not permitted.
     """
-
-
-def _hex(v: int | None) -> str:
-    return "-" if v is None else f"0x{v:x}"
-
-
-def _ok(v: bool | None) -> str:
-    return "-" if v is None else ("[green]ok[/]" if v else "[red]refused[/]")
-
-
-def _fields(fields: dict[str, Any]) -> str:
-    parts = []
-    for k, v in fields.items():
-        if isinstance(v, bool):
-            if v:
-                parts.append(k)
-        elif v:
-            parts.append(f"{k}={v:#x}" if k == "other_bits" or v > 9 else f"{k}={v}")
-    return " ".join(parts) or "(none set)"
 
 
 @main.command()
@@ -115,31 +86,31 @@ def probe(backend: str, kernel: str | None, profile: str | None, as_json: bool, 
       kvmscope probe --json
       kvmscope probe --backend model --profile intel-spr --kernel 6.18
     """
-    from .probe import FROZEN, NOT_SETTABLE, WRITABLE
+    if backend == "linux" and (kernel or profile):
+        raise click.UsageError("--kernel and --profile choose the model; drop them or use --backend model")
+    with exit_on_error():
+        system, fallback = backends.choose(backend, kernel=kernel or None, profile=profile or None)
+    sys.exit(_probe(system, fallback, as_json, not no_cpuid, save_path, profile_name))
+
+
+def _probe(system: System, fallback: str | None, as_json: bool, set_cpuid: bool, save_path: str | None,
+           profile_name: str | None) -> int:
+    """Probe ``system``, capture its profile to ``save_path`` if asked, print; returns the exit code."""
     from .probe import probe as run_probe
 
-    try:
-        system, fallback = open_backend(backend, kernel, profile)
-    except KvmUnavailableError as e:
-        fail(str(e), EXIT_NO_KVM)
-    except KvmscopeError as e:
-        fail(str(e), EXIT_USAGE)
     if fallback:
-        err_console.print(f"[yellow]warning:[/] {fallback}\n[yellow]warning:[/] showing the MODEL instead "
-                          f"({system.describe()}); nothing below was measured on a live kernel", highlight=False)
+        render.fallback(fallback, system.describe())
     if save_path:
-        import os
-
         parent = os.path.dirname(os.path.abspath(save_path))
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
             system.close()
             fail(f"cannot write {save_path}: {parent} is not a writable directory", EXIT_USAGE)
-    if save_path and system.backend != "linux":
-        system.close()
-        fail("--save captures a profile from the live kernel; the model has nothing new to capture", EXIT_NO_KVM
-             if fallback else EXIT_USAGE)
+        if system.backend != "linux":
+            system.close()
+            fail("--save captures a profile from the live kernel; the model has nothing new to capture",
+                 EXIT_NO_KVM if fallback else EXIT_USAGE)
     with system:
-        report = run_probe(system, set_cpuid=not no_cpuid)
+        report = run_probe(system, set_cpuid=set_cpuid)
         if save_path:
             from .capture import capture
 
@@ -148,62 +119,9 @@ def probe(backend: str, kernel: str | None, profile: str | None, as_json: bool, 
                 captured.save(save_path)
             except OSError as e:
                 fail(f"cannot write {save_path}: {e.strerror}", EXIT_FAILED)
-            err_console.print(f"saved profile {captured.name!r} to {save_path}", highlight=False)
-    if as_json:
-        out = report.to_json()
-        out["fallback_reason"] = fallback
-        click.echo(json.dumps(out, indent=2))
-        sys.exit(EXIT_NO_KVM if fallback else EXIT_OK)
-
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    host = report.host
-    label = "LIVE KERNEL" if report.backend == "linux" else "MODEL (software KVM, not the live kernel)"
-    console.print(f"[bold]kvmscope probe[/] - {label}: {report.description}", highlight=False)
-    console.print(
-        f"kernel {host.get('kernel_release')}  vendor module {host.get('vendor_module')}  "
-        f"API version {report.api_version}  index list {len(report.msr_index_list)} MSRs",
-        highlight=False,
-    )
-    if host.get("module_parameters"):
-        params = host["module_parameters"]
-        console.print("module parameters: " + " ".join(f"{k}={v}" for k, v in params.items()), highlight=False)
-    caps = Table(title="Capabilities", show_edge=False)
-    caps.add_column("capability")
-    caps.add_column("value", justify="right")
-    for name, value in report.capabilities.items():
-        caps.add_row(name, f"{value:#x}" if "QUIRKS" in name else str(value))
-    console.print(caps)
-
-    feats = Table(title="Feature MSRs (KVM_GET_MSR_FEATURE_INDEX_LIST, system KVM_GET_MSRS)", show_edge=False)
-    for col in ("MSR", "name", "value", "decoded"):
-        feats.add_column(col, overflow="fold")
-    for m in report.msrs:
-        feats.add_row(f"0x{m.index:x}", m.name, _hex(m.value), _fields(m.fields))
-    console.print(feats)
-
-    check = Table(
-        title="Freeze check (fresh VMs" + (", CPUID = KVM_GET_SUPPORTED_CPUID" if report.cpuid_set else "") + ")",
-        show_edge=False,
-    )
-    for col in ("MSR", "vCPU default", "changed value", "before run", "after run: same", "after run: changed",
-                "read back", "verdict"):
-        check.add_column(col, overflow="fold")
-    colour = {FROZEN: "bold yellow", WRITABLE: "green", NOT_SETTABLE: "dim"}
-    for m in report.msrs:
-        check.add_row(
-            f"0x{m.index:x}",
-            _hex(m.vcpu_default),
-            _hex(m.changed_value),
-            _ok(m.before_run_changed_ok),
-            _ok(m.after_run_same_ok),
-            _ok(m.after_run_changed_ok),
-            _hex(m.after_run_readback),
-            f"[{colour.get(m.verdict, 'red')}]{m.verdict}[/]",
-        )
-    console.print(check)
-    style = "bold green" if report.freeze_enforced else "bold red" if report.freeze_enforced is False else "yellow"
-    console.print(f"[{style}]Conclusion:[/] {report.conclusion}", highlight=False)
-    sys.exit(EXIT_NO_KVM if fallback else EXIT_OK)
+            render.saved_profile(captured.name, save_path)
+    render.probe(report, fallback, as_json)
+    return EXIT_NO_KVM if fallback else EXIT_OK
 
 
 @main.command()
@@ -223,84 +141,14 @@ def decode(msr: str, value: str | None, as_json: bool) -> None:
         fail(str(e), EXIT_USAGE)
     except ValueError as e:
         fail(f"bad value {value!r}: {e}", EXIT_USAGE)
-    fields = m.decode(v) if v is not None else {}
-    if as_json:
-        click.echo(json.dumps({"index": f"0x{m.index:x}", "name": m.name, "aliases": list(m.aliases),
-                               "feature": m.feature, "value": _hex(v) if v is not None else None, "fields": fields}))
-        return
-    click.echo(f"{m.name} (0x{m.index:x}){' [feature MSR]' if m.feature else ''}")
-    if v is not None:
-        click.echo(f"value 0x{v:x}")
-        for k, fv in fields.items():
-            click.echo(f"  {k:24} {fv if isinstance(fv, bool) else hex(fv)}")
+    render.decode(m, v, as_json)
 
 
 @main.command("msrs")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def list_msrs(as_json: bool) -> None:
     """List every MSR kvmscope knows by name."""
-    cat = _msrs.catalogue()
-    if as_json:
-        click.echo(json.dumps([{"index": f"0x{m.index:x}", "name": m.name, "aliases": list(m.aliases),
-                                "feature": m.feature} for m in cat], indent=2))
-        return
-    for m in cat:
-        click.echo(f"0x{m.index:08x}  {m.name}{'  [feature]' if m.feature else ''}")
-
-
-def _diff_marks(old: int, new: int) -> str:
-    """A caret under each hex digit that differs between two 16-digit values."""
-    a, b = f"{old:016x}", f"{new:016x}"
-    return "".join("^" if x != y else " " for x, y in zip(a, b, strict=True))
-
-
-def _print_report(console: Console, report: Any) -> None:
-    console.print(f"[bold]{report.scenario}[/] ({report.path}) on {report.description}", highlight=False)
-    _print_steps(console, report)
-    _print_verdict(console, report.ok)
-
-
-_STYLE_TAGS = re.compile(r"\[(?:/|(?:bold )?(?:green|red|yellow)|bold|dim)\]")
-
-
-def _emit(console: Console, markup: str) -> None:
-    """One line of a report: styled on a terminal, plain (and fast) otherwise."""
-    if console.is_terminal:
-        console.print(markup, highlight=False)
-    else:
-        sys.stdout.write(_STYLE_TAGS.sub("", markup) + "\n")
-
-
-def _print_verdict(console: Console, ok: bool) -> None:
-    verdict = "[bold green]OK[/]: every step did what it expected" if ok else \
-        "[bold red]FAILED[/]: a step did not do what it expected (or was refused without an expectation)"
-    console.print(verdict, highlight=False)
-
-
-def _print_steps(console: Console, report: Any) -> None:
-    for s in report.steps:
-        mark = {True: "[green]✓[/]", False: "[red]✗[/]", None: " "}[s.met]
-        colour = {"accepted": "green", "ok": "green", "refused": "yellow", "error": "red"}[s.outcome]
-        label = f" ({s.label})" if s.label else ""
-        _emit(console, f"{mark} [{s.number}] line {s.line:<3} {s.kind} vCPU {s.vcpu}{label}: "
-                      f"[{colour}]{s.outcome.upper()}[/] {s.summary}")
-        r = s.refusal
-        if r is not None:
-            old = "unreadable" if r.old is None else f"0x{r.old:016x}"
-            _emit(console, f"      {r.name} (0x{r.index:x}) at position {r.position}")
-            _emit(console, f"      old {old}\n      new 0x{r.new:016x}")
-            if r.old is not None and r.differing:
-                bits = [b for b in range(64) if r.differing >> b & 1]
-                shown = ", ".join(map(str, bits[:12])) + (" ..." if len(bits) > 12 else "")
-                _emit(console, f"          {_diff_marks(r.old, r.new)}  bits differing: {shown}")
-            elif r.old is not None:
-                _emit(console, "          (same value as before)")
-            _emit(console, f"      rule: {r.rule or 'not known (the live kernel does not say why)'}")
-            _emit(console, f"      hint: {r.hint}")
-        for note in s.notes:
-            _emit(console, f"      {note}")
-        if s.expected:
-            _emit(console, f"      expected: {s.expected} -> {'met' if s.met else '[red]NOT met[/]'}")
+    render.msr_list(_msrs.catalogue(), as_json)
 
 
 @main.command()
@@ -325,83 +173,64 @@ def check(scenario_file: str, backend: str, kernel: str | None, profile: str | N
       kvmscope check examples/platform-info-after-run.yaml --backend linux
       kvmscope check examples/sandbox-reset-snapshot.yaml --compare 6.3,6.10,6.18
     """
-    import kvmscope
+    versions = None
+    if compare_kernels is not None:
+        if backend != "model":
+            raise click.UsageError("--compare replays on the model; drop --backend linux")
+        versions = [v.strip() for v in compare_kernels.split(",") if v.strip()]
+        if len(versions) < 2:
+            raise click.UsageError("--compare needs at least two kernel versions, e.g. 6.3,6.18")
+    if backend == "linux" and kernel:
+        raise click.UsageError("--kernel chooses a model ruleset; it does not apply to --backend linux")
+    with exit_on_error():
+        ok = _check(scenario_file, backend, kernel or None, profile or None, versions, as_json)
+    sys.exit(EXIT_OK if ok else EXIT_FAILED)
 
-    from .check import compare, replay, replay_iter
-    from .model import open_model
+
+def _check(path: str, backend: str, kernel: str | None, profile: str | None, versions: list[str] | None,
+           as_json: bool) -> bool:
+    """Read the scenario, replay it, print the report; True when every step did what it expected."""
+    from .check import replay, replay_iter
     from .scenario import load, stream
 
     # YAML tables are printed step by step, in constant memory; JSON files are read whole (line-located errors).
-    streaming = not as_json and not compare_kernels and not scenario_file.endswith(".json")
-    try:
-        if streaming:
-            opened = stream(scenario_file)
-            scenario = opened.header
-        else:
-            scenario = load(scenario_file)
-    except KvmscopeError as e:
-        fail(str(e), EXIT_USAGE)
+    opened = stream(path) if not as_json and versions is None and not path.endswith(".json") else None
+    scenario = opened.header if opened is not None else load(path)
     if backend == "model":
-        kernel = kernel or scenario.kernel
-        profile = profile or scenario.profile
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    try:
-        if compare_kernels is not None:
-            if backend != "model":
-                raise click.UsageError("--compare replays on the model; drop --backend linux")
-            versions = [v.strip() for v in compare_kernels.split(",") if v.strip()]
-            if len(versions) < 2:
-                raise click.UsageError("--compare needs at least two kernel versions, e.g. 6.3,6.18")
-            reports = {v: replay(scenario, open_model(kernel=v, profile=profile)) for v in versions}
-            changes = compare(reports)
-            if as_json:
-                click.echo(json.dumps({"scenario": scenario.name, "kernels": versions,
-                                       "reports": {v: r.to_json() for v, r in reports.items()},
-                                       "changes": [c.__dict__ for c in changes]}, indent=2))
-            else:
-                console.print(f"[bold]{scenario.name}[/] on kernels {', '.join(versions)} "
-                              f"(model, profile {open_model(profile=profile).profile.name})", highlight=False)
-                if not changes:
-                    console.print("no step changes outcome between these kernels", highlight=False)
-                for c in changes:
-                    console.print(f"  [{c.number}] line {c.line} {c.kind}: {c.text}", highlight=False)
-            sys.exit(EXIT_OK if all(r.ok for r in reports.values()) else EXIT_FAILED)
-        if backend == "linux":
-            if kernel:
-                raise click.UsageError("--kernel chooses a model ruleset; it does not apply to --backend linux")
-            if scenario.profile and not profile:
-                err_console.print(f"note: the scenario's profile {scenario.profile!r} is for the model; the live "
-                                  "kernel is this host", highlight=False)
-            system: System = kvmscope.open("linux")
-            # The model replayed alongside explains refusals; only a profile of this host's kind can do that.
-            model = open_model(profile=profile)
-            shadow: System | None = model
-            live_vendor = system.host_info().get("vendor")
-            if model.profile.vendor != live_vendor:
-                err_console.print(f"note: no {live_vendor} profile given (--profile): refusals are reported "
-                                  "without the rule behind them", highlight=False)
-                shadow = None
-        else:
-            system, shadow = open_model(kernel=kernel, profile=profile), None
-        with system:
-            if streaming:
-                from .check import Report
+        kernel, profile = kernel or scenario.kernel, profile or scenario.profile
+    if versions is not None:
+        return _compare(scenario, versions, profile, as_json)
+    system, shadow = _check_systems(backend, kernel, profile, scenario)
+    with system:
+        if opened is not None:
+            return render.check_stream(scenario.name, scenario.path, system.describe(),
+                                       replay_iter(opened.steps, system, shadow))
+        report = replay(scenario, system, shadow)
+    render.check_report(report, as_json)
+    return report.ok
 
-                console.print(f"[bold]{scenario.name}[/] ({scenario.path}) on {system.describe()}", highlight=False)
-                ok = True
-                for result in replay_iter(opened.steps, system, shadow):
-                    one = Report(scenario.name, scenario.path, system.backend, "", [result])
-                    _print_steps(console, one)
-                    ok = ok and one.ok
-                _print_verdict(console, ok)
-                sys.exit(EXIT_OK if ok else EXIT_FAILED)
-            report = replay(scenario, system, shadow)
-    except KvmUnavailableError as e:
-        fail(str(e), EXIT_NO_KVM)
-    except KvmscopeError as e:
-        fail(str(e), EXIT_USAGE)
-    if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
-    else:
-        _print_report(console, report)
-    sys.exit(EXIT_OK if report.ok else EXIT_FAILED)
+
+def _check_systems(backend: str, kernel: str | None, profile: str | None, scenario: Scenario
+                   ) -> tuple[System, System | None]:
+    """Where to replay, and the model to replay alongside a live kernel to explain its refusals (or None)."""
+    if backend == "model":
+        return backends.choose("model", kernel=kernel, profile=profile)[0], None
+    if scenario.profile and not profile:
+        render.note(f"the scenario's profile {scenario.profile!r} is for the model; the live kernel is this host")
+    system, shadow = backends.live_with_explainer(profile)
+    if shadow is None:
+        render.note(f"no {system.host_info().get('vendor')} profile given (--profile): refusals are reported "
+                    "without the rule behind them")
+    return system, shadow
+
+
+def _compare(scenario: Scenario, versions: list[str], profile: str | None, as_json: bool) -> bool:
+    """Replay on the model under each kernel's rules and print the steps whose outcome changes."""
+    from .check import Report, compare, replay
+
+    reports: dict[str, Report] = {}
+    for v in versions:
+        system, _ = backends.choose("model", kernel=v, profile=profile)
+        reports[v] = replay(scenario, system)
+    render.comparison(scenario.name, versions, str(system.host_info()["profile"]), reports, compare(reports), as_json)
+    return all(r.ok for r in reports.values())

@@ -1,6 +1,7 @@
 """Scenario files: a VMM's sequence of vCPU-model operations on one VM (docs/scenarios.md).
 
-YAML (safe loader) or JSON. Every problem is a :class:`ScenarioError` naming the file, the line and the field.
+YAML (safe loader) or JSON. Each kind of step is a class declaring its fields in a table, read by the one reader of
+:mod:`kvmscope.schema`; every problem is a :class:`ScenarioError` naming the file, the line and the field.
 
 .. code-block:: yaml
 
@@ -18,36 +19,47 @@ from __future__ import annotations
 
 import errno as _errno
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
-from . import msrs as M
 from .api import CpuidEntry
-from .errors import KvmscopeError, ScenarioError
+from .errors import ScenarioError
+from .schema import (
+    CPUID_ENTRY,
+    REGISTERS,
+    Bool,
+    Choice,
+    Convert,
+    Field,
+    Int,
+    Leaf,
+    ListOf,
+    Msr,
+    MsrValues,
+    Node,
+    Raw,
+    Reader,
+    Record,
+    Str,
+    Style,
+    Text,
+    Type,
+    Version,
+    kind,
+    unwrap,
+)
 
 SCHEMA = 1
-REGISTERS = ("eax", "ebx", "ecx", "edx")
 EXITS = ("HltExit", "IoExit", "MmioExit", "ShutdownExit", "InterruptedExit", "InternalErrorExit", "FailEntryExit",
          "SystemEventExit")
-STEP_KINDS = ("create_vcpu", "set_cpuid", "set_msrs", "get_msrs", "get_cpuid", "run", "reset", "microcode_load",
-              "destroy_vcpu", "hotplug", "disable_quirks", "ioctl")
+ERRORS = Style(ScenarioError, "{file}:{line}: {field}: {what}", "{file}: {field}: {what}")
 
 
 # --- YAML with line numbers -------------------------------------------------------------------------------------------
-
-
-class Node:
-    """A parsed value with the line it came from (1-based)."""
-
-    __slots__ = ("value", "line")
-
-    def __init__(self, value: Any, line: int) -> None:
-        self.value = value
-        self.line = line
 
 
 def _convert(node: yaml.Node, loader: Any) -> Node:
@@ -94,13 +106,16 @@ def parse_text(text: str, where: str) -> Node:
 # --- the scenario model ---------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CpuidEdit:
-    function: int
-    index: int
-    register: str
-    set_bits: int = 0
-    clear_bits: int = 0
+class Errno(Type[int]):
+    """An errno name (``EINVAL``), or ``ok``/``0`` for no error (0)."""
+
+    def read(self, r: Reader, x: Any, path: str) -> int:
+        name = unwrap(x)[0]
+        if name in (0, "0", "ok", None):
+            return 0
+        if isinstance(name, str) and isinstance(getattr(_errno, name, None), int):
+            return int(getattr(_errno, name))
+        raise r.fail(x, path, f"expected an errno name such as EINVAL, got {name!r}")
 
 
 @dataclass
@@ -114,280 +129,293 @@ class Expect:
     values: dict[int, int] | None = None
     exit: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.refused_msr is not None:
+            self.accepted = False
 
-@dataclass
+
+EXPECT = Record(Expect, [
+    Field("accepted", Bool()),
+    Field("count", Int(16)),
+    Field("errno", Errno()),
+    Field("refused", Msr(), attr="refused_msr"),
+    Field("values", Convert(MsrValues(), dict)),
+    Field("exit", Str(EXITS)),
+], short=Field("expect", Choice({"accepted": True, "ok": True, "refused": False}), attr="accepted"))
+
+
+@dataclass(frozen=True)
+class CpuidEdit:
+    function: int
+    index: int
+    register: str
+    set_bits: int = 0
+    clear_bits: int = 0
+
+
+def _mask(bits: Sequence[int]) -> int:
+    mask = 0
+    for b in bits:
+        mask |= 1 << b
+    return mask
+
+
+def _edit(leaf: tuple[int, int], register: str, set_bits: Sequence[int] = (), clear_bits: Sequence[int] = ()
+          ) -> CpuidEdit:
+    return CpuidEdit(leaf[0], leaf[1], register, _mask(set_bits), _mask(clear_bits))
+
+
+CPUID_EDIT = Record(_edit, [Field("leaf", Leaf(), required=True), Field("register", Str(REGISTERS), required=True),
+                            Field("set_bits", ListOf(Int(5))), Field("clear_bits", ListOf(Int(5)))])
+
+
+class CpuidFile(Type[list[CpuidEntry]]):
+    """A file holding a list of CPUID entries, named relative to the scenario."""
+
+    def read(self, r: Reader, x: Any, path: str) -> list[CpuidEntry]:
+        file = r.base / Str().read(r, x, path)
+        try:
+            data = parse_text(file.read_text(), str(file))
+        except OSError as err:
+            raise r.fail(x, path, f"cannot read {file}: {err.strerror}") from None
+        except UnicodeDecodeError:
+            raise r.fail(x, path, f"cannot read {file}: not a text file") from None
+        inner = Reader(str(file), r.style)
+        if not isinstance(data.value, list):
+            raise inner.fail(data, "(top level)", f"expected a list, got {kind(data.value)}")
+        return [CPUID_ENTRY.read(inner, e, f"entries[{j}]") for j, e in enumerate(data.value)]
+
+
+VCPU = Field("vcpu", Int(32))
+
+
+@dataclass(kw_only=True)
 class Step:
-    kind: str
-    line: int
-    vcpu: int = 0
-    msrs: list[tuple[int, int]] = field(default_factory=list)  # set_msrs; for get_msrs only the indices matter
-    cpuid_from: str = "supported"  # supported | stored | entries | file
-    cpuid_entries: list[CpuidEntry] = field(default_factory=list)
-    cpuid_edits: list[CpuidEdit] = field(default_factory=list)
-    revision: int = 0
-    quirks: int = 0
-    ioctl: str = ""
-    expect: Expect | None = None
+    """One operation of a scenario. Each kind declares ``KIND`` (its key in the file), ``FIELDS`` (its table) and
+    ``SHORT`` (the key a bare value stands for: ``run: 0`` is ``run: {vcpu: 0}``)."""
+
+    KIND: ClassVar[str]
+    FIELDS: ClassVar[tuple[Field, ...]]
+    SHORT: ClassVar[str | None] = "vcpu"
+
+    line: int = 0
+    vcpu: int = 0  # the vCPU it acts on (0 for the VM-wide steps)
     label: str = ""
+    expect: Expect | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.KIND
+
+
+@dataclass(kw_only=True)
+class CreateVcpu(Step):
+    """KVM_CREATE_VCPU, then real-mode registers pointing at a one-byte HLT guest."""
+
+    KIND = "create_vcpu"
+    FIELDS = (VCPU,)
+
+
+@dataclass(kw_only=True)
+class SetCpuid(Step):
+    """KVM_SET_CPUID2 of ``entries`` (from the step or its ``file``), or without them of the ``source`` list
+    (``supported``: KVM_GET_SUPPORTED_CPUID; ``stored``: the vCPU's KVM_GET_CPUID2), after ``edits``."""
+
+    KIND = "set_cpuid"
+    FIELDS = (VCPU, Field("from", Str(("supported", "stored")), attr="source"), Field("entries", ListOf(CPUID_ENTRY)),
+              Field("file", CpuidFile(), attr="entries"), Field("edits", ListOf(CPUID_EDIT)))
+    SHORT = None
+    source: str = "supported"
+    entries: list[CpuidEntry] | None = None
+    edits: list[CpuidEdit] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class SetMsrs(Step):
+    """KVM_SET_MSRS of one batch: ``msrs`` as ``{MSR: value}`` or ``[[MSR, value], ...]``."""
+
+    KIND = "set_msrs"
+    FIELDS = (VCPU, Field("msrs", MsrValues(), required=True))
+    SHORT = None
+    msrs: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class GetMsrs(Step):
+    """KVM_GET_MSRS of one batch."""
+
+    KIND = "get_msrs"
+    FIELDS = (VCPU, Field("msrs", ListOf(Msr()), required=True))
+    SHORT = None
+    msrs: list[int] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class GetCpuid(Step):
+    """KVM_GET_CPUID2."""
+
+    KIND = "get_cpuid"
+    FIELDS = (VCPU,)
+
+
+@dataclass(kw_only=True)
+class Run(Step):
+    """KVM_RUN to the first exit (the guest is a HLT)."""
+
+    KIND = "run"
+    FIELDS = (VCPU,)
+
+
+@dataclass(kw_only=True)
+class Reset(Step):
+    """RESET emulation: writes again, in one batch, every MSR value the scenario wrote to the vCPU so far."""
+
+    KIND = "reset"
+    FIELDS = (VCPU,)
+
+
+@dataclass(kw_only=True)
+class MicrocodeLoad(Step):
+    """Writes IA32_UCODE_REV, as a VMM emulating a microcode update does."""
+
+    KIND = "microcode_load"
+    FIELDS = (VCPU, Field("revision", Int(), required=True))
+    SHORT = "revision"
+    revision: int = 0
+
+
+@dataclass(kw_only=True)
+class DestroyVcpu(Step):
+    """Closes the vCPU fd (KVM keeps the vCPU until the VM goes)."""
+
+    KIND = "destroy_vcpu"
+    FIELDS = (VCPU,)
+
+
+@dataclass(kw_only=True)
+class Hotplug(Step):
+    """Unplug and plug back as QEMU does: the parked vCPU fd is reused; no ioctl."""
+
+    KIND = "hotplug"
+    FIELDS = (VCPU,)
+
+
+@dataclass(kw_only=True)
+class DisableQuirks(Step):
+    """KVM_ENABLE_CAP(KVM_CAP_DISABLE_QUIRKS2) on the VM."""
+
+    KIND = "disable_quirks"
+    FIELDS = (Field("quirks", Int()),)
+    SHORT = "quirks"
+    quirks: int = 0
+
+
+IOCTLS = ("KVM_SET_MSRS", "KVM_GET_MSRS", "KVM_SET_CPUID2", "KVM_RUN", "KVM_CREATE_VCPU")
+
+
+@dataclass(kw_only=True)
+class Ioctl(Step):
+    """One recorded ioctl of a real VMM: what it passed, and what the kernel returned (``returned``, ``errno``), which
+    replaying it checks unless the step has its own ``expect``."""
+
+    KIND = "ioctl"
+    FIELDS = (VCPU, Field("name", Str(IOCTLS), required=True), Field("msrs", MsrValues()),
+              Field("entries", ListOf(CPUID_ENTRY)), Field("returned", Int(16)), Field("errno", Errno()))
+    SHORT = None
+    name: str
+    msrs: list[tuple[int, int]] = field(default_factory=list)
+    entries: list[CpuidEntry] = field(default_factory=list)
+    returned: int | None = None
+    errno: int | None = None
+
+    def recorded(self) -> Expect:
+        """What the kernel returned when this ioctl was recorded, as an expectation."""
+        e = Expect()
+        if self.returned is not None:
+            if self.name in ("KVM_SET_CPUID2", "KVM_RUN", "KVM_CREATE_VCPU"):
+                e.errno = 0  # these return 0 or fail: "returned" says it did not fail
+            else:
+                e.count = self.returned
+        if self.errno is not None:
+            e.errno = self.errno
+        return e
+
+    def step(self) -> Step:
+        """The typed step this ioctl is, expecting what the kernel returned."""
+        common: dict[str, Any] = {"line": self.line, "vcpu": self.vcpu, "label": self.label,
+                                  "expect": self.expect if self.expect is not None else self.recorded()}
+        if self.name == "KVM_SET_MSRS":
+            return SetMsrs(msrs=self.msrs, **common)
+        if self.name == "KVM_GET_MSRS":
+            return GetMsrs(msrs=[i for i, _ in self.msrs], **common)
+        if self.name == "KVM_SET_CPUID2":
+            return SetCpuid(entries=self.entries, **common)
+        if self.name == "KVM_RUN":
+            return Run(**common)
+        return CreateVcpu(**common)
+
+
+STEP_TYPES: tuple[type[Step], ...] = (CreateVcpu, SetCpuid, SetMsrs, GetMsrs, GetCpuid, Run, Reset, MicrocodeLoad,
+                                      DestroyVcpu, Hotplug, DisableQuirks, Ioctl)
+STEPS: dict[str, Record[Step]] = {t.KIND: Record(t, t.FIELDS, short=t.SHORT) for t in STEP_TYPES}
+STEP_KINDS = tuple(STEPS)
+
+
+def read_step(r: Reader, node: Node, i: int) -> Step:
+    """``steps[i]``: one action (its key names the kind), an optional ``label`` and an optional ``expect``."""
+    where = f"steps[{i}]"
+    if not isinstance(node.value, dict):
+        raise r.fail(node, where, f"expected a mapping, got {kind(node.value)}")
+    d: dict[str, Node] = node.value
+    kinds = [k for k in d if k not in ("expect", "label")]
+    if len(kinds) != 1:
+        raise r.fail(node, where, f"a step has one action (one of {', '.join(STEP_KINDS)}), got {kinds}")
+    action = kinds[0]
+    record = STEPS.get(action)
+    if record is None:
+        raise r.fail(d[action], f"{where}.{action}", f"unknown step (expected one of {', '.join(STEP_KINDS)})")
+    body = d[action]
+    label = Str().read(r, d["label"], f"{where}.label") if "label" in d else ""
+    step = record.read(r, body, f"{where}.{action}", line=body.line, label=label)
+    if "expect" in d:
+        step.expect = EXPECT.read(r, d["expect"], "expect")  # named without the step, as ever
+    return step
+
+
+class Steps(Type[list[Step]]):
+    def read(self, r: Reader, x: Any, path: str) -> list[Step]:
+        return [read_step(r, n, i) for i, n in enumerate(ListOf(Raw()).read(r, x, path))]
 
 
 @dataclass
 class Scenario:
     name: str
-    description: str
-    steps: list[Step]
-    path: str
+    description: str = ""
+    steps: list[Step] = field(default_factory=list)
+    path: str = "<scenario>"
     kernel: str | None = None
     profile: str | None = None
 
 
-class _Parser:
-    def __init__(self, where: str) -> None:
-        self.where = where
-        self.base = Path(where).parent
-
-    def fail(self, node: Node, field_: str, what: str) -> ScenarioError:
-        return ScenarioError(f"{self.where}:{node.line}: {field_}: {what}")
-
-    def mapping(self, node: Node, field_: str) -> dict[str, Node]:
-        if not isinstance(node.value, dict):
-            raise self.fail(node, field_, f"expected a mapping, got {_kind(node.value)}")
-        return node.value
-
-    def seq(self, node: Node, field_: str) -> list[Node]:
-        if not isinstance(node.value, list):
-            raise self.fail(node, field_, f"expected a list, got {_kind(node.value)}")
-        return node.value
-
-    def integer(self, node: Node, field_: str, bits: int = 64) -> int:
-        v = node.value
-        if isinstance(v, str):
-            try:
-                v = int(v.replace("_", ""), 0)
-            except ValueError:
-                raise self.fail(node, field_, f"expected an integer like 0x1f, got {node.value!r}") from None
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise self.fail(node, field_, f"expected an integer, got {_kind(v)}")
-        if not 0 <= v < 1 << bits:
-            raise self.fail(node, field_, f"{v:#x} does not fit in {bits} bits unsigned")
-        return v
-
-    def string(self, node: Node, field_: str, choices: tuple[str, ...] = ()) -> str:
-        if not isinstance(node.value, str):
-            raise self.fail(node, field_, f"expected a string, got {_kind(node.value)}")
-        if choices and node.value not in choices:
-            raise self.fail(node, field_, f"expected one of {', '.join(choices)}, got {node.value!r}")
-        return node.value
-
-    def msr(self, node: Node, field_: str) -> int:
-        if isinstance(node.value, str):
-            try:
-                return M.index_of(node.value)
-            except KvmscopeError as e:
-                raise self.fail(node, field_, str(e)) from None
-        return self.integer(node, field_, 32)
-
-    def keys(self, d: dict[str, Node], node: Node, field_: str, allowed: tuple[str, ...]) -> None:
-        for k, v in d.items():
-            if k not in allowed:
-                raise self.fail(v, f"{field_}.{k}", f"unknown field (expected {', '.join(allowed)})")
-
-    def msr_values(self, node: Node, field_: str) -> list[tuple[int, int]]:
-        if isinstance(node.value, dict):
-            return [(self.msr(Node(k, v.line), f"{field_}.{k}"), self.integer(v, f"{field_}.{k}"))
-                    for k, v in node.value.items()]
-        out = []
-        for i, item in enumerate(self.seq(node, field_)):
-            pair = self.seq(item, f"{field_}[{i}]")
-            if len(pair) != 2:
-                raise self.fail(item, f"{field_}[{i}]", "expected [msr, value]")
-            out.append((self.msr(pair[0], f"{field_}[{i}]"), self.integer(pair[1], f"{field_}[{i}]")))
-        return out
-
-    def cpuid_entry(self, node: Node, field_: str) -> CpuidEntry:
-        d = self.mapping(node, field_)
-        self.keys(d, node, field_, ("function", "index", "flags", *REGISTERS))
-        if "function" not in d:
-            raise self.fail(node, f"{field_}.function", "missing")
-        return CpuidEntry(*(self.integer(d[k], f"{field_}.{k}", 32) if k in d else 0
-                            for k in ("function", "index", "flags", *REGISTERS)))
-
-    def expect(self, node: Node, kind: str) -> Expect:
-        if isinstance(node.value, str):
-            word = self.string(node, "expect", ("accepted", "refused", "ok"))
-            return Expect(accepted=word in ("accepted", "ok"))
-        d = self.mapping(node, "expect")
-        self.keys(d, node, "expect", ("accepted", "count", "errno", "refused", "values", "exit"))
-        e = Expect()
-        if "accepted" in d:
-            if not isinstance(d["accepted"].value, bool):
-                raise self.fail(d["accepted"], "expect.accepted", "expected true or false")
-            e.accepted = d["accepted"].value
-        if "count" in d:
-            e.count = self.integer(d["count"], "expect.count", 16)
-        if "errno" in d:
-            name = d["errno"].value
-            if name in (0, "0", "ok", None):
-                e.errno = 0
-            elif isinstance(name, str) and hasattr(_errno, name):
-                e.errno = getattr(_errno, name)
-            else:
-                raise self.fail(d["errno"], "expect.errno", f"expected an errno name such as EINVAL, got {name!r}")
-        if "refused" in d:
-            e.refused_msr = self.msr(d["refused"], "expect.refused")
-            e.accepted = False
-        if "values" in d:
-            e.values = dict(self.msr_values(d["values"], "expect.values"))
-        if "exit" in d:
-            e.exit = self.string(d["exit"], "expect.exit", EXITS)
-        return e
-
-    def step(self, node: Node, i: int) -> Step:
-        where = f"steps[{i}]"
-        d = self.mapping(node, where)
-        kinds = [k for k in d if k not in ("expect", "label")]
-        if len(kinds) != 1:
-            raise self.fail(node, where, f"a step has one action (one of {', '.join(STEP_KINDS)}), got {kinds}")
-        kind = kinds[0]
-        if kind not in STEP_KINDS:
-            raise self.fail(d[kind], f"{where}.{kind}", f"unknown step (expected one of {', '.join(STEP_KINDS)})")
-        body = d[kind]
-        step = Step(kind, body.line)
-        if "label" in d:
-            step.label = self.string(d["label"], f"{where}.label")
-        field_ = f"{where}.{kind}"
-        # Short forms: `run: 0`, `create_vcpu: 1`, `microcode_load: 0x...` (vCPU 0).
-        if not isinstance(body.value, dict):
-            if kind in ("create_vcpu", "destroy_vcpu", "hotplug", "run", "get_cpuid", "reset"):
-                step.vcpu = self.integer(body, field_, 32)
-            elif kind == "microcode_load":
-                step.revision = self.integer(body, field_)
-            elif kind == "disable_quirks":
-                step.quirks = self.integer(body, field_)
-            else:
-                raise self.fail(body, field_, f"expected a mapping, got {_kind(body.value)}")
-        else:
-            b = body.value
-            allowed = {
-                "create_vcpu": ("vcpu",), "destroy_vcpu": ("vcpu",), "hotplug": ("vcpu",), "run": ("vcpu",),
-                "get_cpuid": ("vcpu",),
-                "reset": ("vcpu",), "set_msrs": ("vcpu", "msrs"), "get_msrs": ("vcpu", "msrs"),
-                "set_cpuid": ("vcpu", "from", "entries", "file", "edits"), "microcode_load": ("vcpu", "revision"),
-                "disable_quirks": ("quirks",), "ioctl": ("vcpu", "name", "msrs", "entries", "returned", "errno"),
-            }[kind]
-            self.keys(b, body, field_, allowed)
-            if "vcpu" in b:
-                step.vcpu = self.integer(b["vcpu"], f"{field_}.vcpu", 32)
-            if kind == "set_msrs" or (kind == "ioctl" and "msrs" in b):
-                if "msrs" not in b:
-                    raise self.fail(body, f"{field_}.msrs", "missing")
-                step.msrs = self.msr_values(b["msrs"], f"{field_}.msrs")
-            if kind == "get_msrs":
-                if "msrs" not in b:
-                    raise self.fail(body, f"{field_}.msrs", "missing")
-                step.msrs = [(self.msr(m, f"{field_}.msrs[{j}]"), 0)
-                             for j, m in enumerate(self.seq(b["msrs"], f"{field_}.msrs"))]
-            if kind == "set_cpuid":
-                self._cpuid(step, b, field_)
-            if kind == "microcode_load":
-                if "revision" not in b:
-                    raise self.fail(body, f"{field_}.revision", "missing")
-                step.revision = self.integer(b["revision"], f"{field_}.revision")
-            if kind == "disable_quirks":
-                step.quirks = self.integer(b.get("quirks", Node(0, body.line)), f"{field_}.quirks")
-            if kind == "ioctl":
-                self._ioctl(step, b, body, field_)
-        if "expect" in d:
-            step.expect = self.expect(d["expect"], kind)
-        return step
-
-    def _cpuid(self, step: Step, b: dict[str, Node], field_: str) -> None:
-        if "entries" in b:
-            step.cpuid_from = "entries"
-            step.cpuid_entries = [self.cpuid_entry(e, f"{field_}.entries[{j}]")
-                                  for j, e in enumerate(self.seq(b["entries"], f"{field_}.entries"))]
-        elif "file" in b:
-            step.cpuid_from = "entries"
-            fname = self.string(b["file"], f"{field_}.file")
-            path = self.base / fname
-            try:
-                data = parse_text(path.read_text(), str(path))
-            except OSError as err:
-                raise self.fail(b["file"], f"{field_}.file", f"cannot read {path}: {err.strerror}") from None
-            inner = _Parser(str(path))
-            step.cpuid_entries = [inner.cpuid_entry(e, f"entries[{j}]")
-                                  for j, e in enumerate(inner.seq(data, "(top level)"))]
-        elif "from" in b:
-            step.cpuid_from = self.string(b["from"], f"{field_}.from", ("supported", "stored"))
-        for j, edit in enumerate(self.seq(b["edits"], f"{field_}.edits") if "edits" in b else []):
-            where = f"{field_}.edits[{j}]"
-            ed = self.mapping(edit, where)
-            self.keys(ed, edit, where, ("leaf", "register", "set_bits", "clear_bits"))
-            for req in ("leaf", "register"):
-                if req not in ed:
-                    raise self.fail(edit, f"{where}.{req}", "missing")
-            leaf = self.string(ed["leaf"], f"{where}.leaf")
-            fn, _, idx = leaf.partition(".")
-            try:
-                key = (int(fn, 0), int(idx or "0", 0))
-            except ValueError:
-                raise self.fail(ed["leaf"], f"{where}.leaf", f"expected a leaf like 0x7.0, got {leaf!r}") from None
-            bits = {}
-            for name in ("set_bits", "clear_bits"):
-                mask = 0
-                for k, bit in enumerate(self.seq(ed[name], f"{where}.{name}") if name in ed else []):
-                    mask |= 1 << self.integer(bit, f"{where}.{name}[{k}]", 5)
-                bits[name] = mask
-            step.cpuid_edits.append(CpuidEdit(key[0], key[1], self.string(ed["register"], f"{where}.register",
-                                                                          REGISTERS), **bits))
-
-    def _ioctl(self, step: Step, b: dict[str, Node], body: Node, field_: str) -> None:
-        """A recorded ioctl of a real VMM: what it passed and what the kernel returned (the expectation)."""
-        if "name" not in b:
-            raise self.fail(body, f"{field_}.name", "missing")
-        step.ioctl = self.string(b["name"], f"{field_}.name", ("KVM_SET_MSRS", "KVM_GET_MSRS", "KVM_SET_CPUID2",
-                                                               "KVM_RUN", "KVM_CREATE_VCPU"))
-        if step.ioctl == "KVM_SET_CPUID2":
-            step.cpuid_from = "entries"
-            step.cpuid_entries = [self.cpuid_entry(e, f"{field_}.entries[{j}]")
-                                  for j, e in enumerate(self.seq(b.get("entries", Node([], body.line)),
-                                                                 f"{field_}.entries"))]
-        e = Expect()
-        if "returned" in b:
-            e.count = self.integer(b["returned"], f"{field_}.returned", 16)
-            if step.ioctl in ("KVM_SET_CPUID2", "KVM_RUN", "KVM_CREATE_VCPU"):
-                e.errno, e.count = 0, None
-        if "errno" in b:
-            e.errno = self.expect(Node({"errno": b["errno"]}, b["errno"].line), "ioctl").errno
-        step.expect = e
+def _scenario_defaults(r: Reader, x: Any, path: str, values: dict[str, Any]) -> None:
+    values.setdefault("name", Path(r.file).stem)
+    values["path"] = r.file
 
 
-def _kind(v: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-            type(None): "nothing"}.get(type(v), type(v).__name__)
+HEADER = (
+    Field("scenario", Version(SCHEMA), required=True, store=False, note=f"the format version, {SCHEMA}"),
+    Field("name", Str()),
+    Field("description", Str()),
+    Field("kernel", Text()),
+    Field("profile", Str()),
+)
+SCENARIO = Record(Scenario, (HEADER[0], Field("steps", Steps(), required=True), *HEADER[1:]), finish=_scenario_defaults)
+SCENARIO_HEADER = Record(Scenario, HEADER, finish=_scenario_defaults)
 
 
 def parse(text: str, where: str = "<scenario>") -> Scenario:
-    root = parse_text(text, where)
-    p = _Parser(where)
-    d = p.mapping(root, "(top level)")
-    p.keys(d, root, "(top level)", ("scenario", "name", "description", "kernel", "profile", "steps"))
-    if "scenario" not in d:
-        raise p.fail(root, "scenario", f"missing (the format version, {SCHEMA})")
-    if d["scenario"].value != SCHEMA:
-        raise p.fail(d["scenario"], "scenario", f"unsupported format version {d['scenario'].value!r} (expected "
-                                                f"{SCHEMA})")
-    if "steps" not in d:
-        raise p.fail(root, "steps", "missing")
-    steps = [p.step(s, i) for i, s in enumerate(p.seq(d["steps"], "steps"))]
-    return Scenario(
-        name=p.string(d["name"], "name") if "name" in d else Path(where).stem,
-        description=p.string(d["description"], "description") if "description" in d else "",
-        steps=steps,
-        path=where,
-        kernel=str(d["kernel"].value) if "kernel" in d else None,
-        profile=p.string(d["profile"], "profile") if "profile" in d else None,
-    )
+    """Read and check scenario text; ``where`` names it in errors (``.json`` reads it as JSON)."""
+    return SCENARIO.read(Reader(where, ERRORS), parse_text(text, where), "")
 
 
 def load(path: str | Path) -> Scenario:
@@ -455,14 +483,14 @@ def stream(path: str | Path) -> Stream:
         raise ScenarioError(f"{path}: cannot read: {e.strerror}") from None
     try:
         loader = _Loader(f)
-        p = _Parser(where)
+        r = Reader(where, ERRORS)
         _event(loader)  # stream start
         if loader.check_event(yaml.StreamEndEvent):
             raise ScenarioError(f"{where}:1: the file is empty")
         _event(loader)  # document start
         if not loader.check_event(yaml.MappingStartEvent):
             node = _convert(_compose(loader), loader)
-            raise p.fail(node, "(top level)", f"expected a mapping, got {_kind(node.value)}")
+            raise r.fail(node, "(top level)", f"expected a mapping, got {kind(node.value)}")
         _event(loader)
         header: dict[str, Node] = {}
         while not loader.check_event(yaml.MappingEndEvent):
@@ -474,14 +502,12 @@ def stream(path: str | Path) -> Stream:
         else:
             raise ScenarioError(f"{where}: steps: missing")
         root = Node(header, 1)
-        p.keys(header, root, "(top level)", ("scenario", "name", "description", "kernel", "profile"))
         if "scenario" not in header:
-            raise p.fail(root, "scenario", f"missing before steps (the format version, {SCHEMA})")
-        if header["scenario"].value != SCHEMA:
-            raise p.fail(header["scenario"], "scenario", f"unsupported format version {header['scenario'].value!r}")
+            raise r.fail(root, "scenario", f"missing before steps (the format version, {SCHEMA})")
+        head = SCENARIO_HEADER.read(r, root, "")
         if not loader.check_event(yaml.SequenceStartEvent):
             node = _convert(_compose(loader), loader)
-            raise p.fail(node, "steps", f"expected a list, got {_kind(node.value)}")
+            raise r.fail(node, "steps", f"expected a list, got {kind(node.value)}")
         _event(loader)
     except yaml.MarkedYAMLError as e:
         f.close()
@@ -502,7 +528,7 @@ def stream(path: str | Path) -> Stream:
                 loader.constructed_objects.clear()
                 loader.recursive_objects.clear()
                 loader.state_generators = []
-                yield p.step(node, i)
+                yield read_step(r, node, i)
                 i += 1
         except yaml.MarkedYAMLError as e:
             line = (e.problem_mark.line + 1) if e.problem_mark else 0
@@ -512,11 +538,4 @@ def stream(path: str | Path) -> Stream:
         finally:
             f.close()
 
-    head = Scenario(
-        name=p.string(header["name"], "name") if "name" in header else Path(where).stem,
-        description=p.string(header["description"], "description") if "description" in header else "",
-        steps=[], path=where,
-        kernel=str(header["kernel"].value) if "kernel" in header else None,
-        profile=p.string(header["profile"], "profile") if "profile" in header else None,
-    )
     return Stream(head, steps())

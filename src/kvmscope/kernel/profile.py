@@ -17,11 +17,30 @@ from typing import Any
 from .. import uapi
 from ..api import CpuidEntry
 from ..errors import ProfileError
+from ..schema import (
+    CPUID_ENTRY,
+    AnyMapping,
+    Bool,
+    Field,
+    Int,
+    Leaf,
+    ListOf,
+    MapOf,
+    Nullable,
+    Reader,
+    Record,
+    Str,
+    Style,
+    Text,
+    Type,
+    Version,
+    unwrap,
+)
+from ..schema import REGISTERS as REGISTERS  # re-exported: capture.py names CPUID registers from here
 from . import rulesets
 
 SCHEMA = 1
 VENDORS = ("vmx", "svm", "pvm")
-REGISTERS = ("eax", "ebx", "ecx", "edx")
 BEHAVIOURS = ("store", "drop", "zero_only", "refuse", "volatile", "other")
 CAP_BY_NAME = {v: k for k, v in uapi.CAPABILITY_NAMES.items()}
 
@@ -176,166 +195,85 @@ def _rule_json(r: RewriteRule) -> dict[str, Any]:
     return out
 
 
-# --- loading, with errors that name the file and the field ----------------------------------------------------------
+# --- reading, with errors that name the file and the field: the format as tables of the one reader --------------------
 
 
-class _Reader:
-    def __init__(self, path: str) -> None:
-        self.path = path
+class Capability(Type[int]):
+    """A ``KVM_CAP_*`` name kvmscope knows, or a capability number."""
 
-    def fail(self, where: str, what: str) -> ProfileError:
-        return ProfileError(f"{self.path}: field {where}: {what}")
-
-    def obj(self, v: Any, where: str) -> dict[str, Any]:
-        if not isinstance(v, dict):
-            raise self.fail(where, f"expected an object, got {type(v).__name__}")
-        return v
-
-    def lst(self, v: Any, where: str) -> list[Any]:
-        if not isinstance(v, list):
-            raise self.fail(where, f"expected a list, got {type(v).__name__}")
-        return v
-
-    def string(self, v: Any, where: str) -> str:
-        if not isinstance(v, str):
-            raise self.fail(where, f"expected a string, got {type(v).__name__}")
-        return v
-
-    def boolean(self, v: Any, where: str) -> bool:
-        if not isinstance(v, bool):
-            raise self.fail(where, f"expected true or false, got {v!r}")
-        return v
-
-    def integer(self, v: Any, where: str, bits: int = 64) -> int:
-        if isinstance(v, bool):
-            raise self.fail(where, f"expected an integer, got {v!r}")
-        if isinstance(v, str):
+    def read(self, r: Reader, x: Any, path: str) -> int:
+        name = unwrap(x)[0]
+        cap = CAP_BY_NAME.get(name) if isinstance(name, str) else None
+        if cap is None:
             try:
-                v = int(v, 0)
-            except ValueError:
-                raise self.fail(where, f"expected an integer like 0x1f or 31, got {v!r}") from None
-        if not isinstance(v, int):
-            raise self.fail(where, f"expected an integer, got {type(v).__name__}")
-        if not 0 <= v < 1 << bits:
-            raise self.fail(where, f"{v:#x} does not fit in {bits} bits unsigned")
-        return v
-
-    def leaf(self, v: Any, where: str) -> tuple[int, int]:
-        text = self.string(v, where)
-        fn, _, idx = text.partition(".")
-        return (self.integer(fn, where, 32), self.integer(idx or "0", where, 32))
-
-    def cpuid_entry(self, v: Any, where: str) -> CpuidEntry:
-        d = self.obj(v, where)
-        unknown = set(d) - {"function", "index", "flags", *REGISTERS}
-        if unknown:
-            raise self.fail(where, f"unknown keys {sorted(unknown)}")
-        if "function" not in d:
-            raise self.fail(f"{where}.function", "missing")
-        return CpuidEntry(*(self.integer(d.get(k, 0), f"{where}.{k}", 32)
-                            for k in ("function", "index", "flags", *REGISTERS)))
-
-    def caps(self, v: Any, where: str) -> dict[int, int]:
-        out = {}
-        for k, val in self.obj(v, where).items():
-            cap = CAP_BY_NAME.get(k)
-            if cap is None:
-                try:
-                    cap = int(k, 0)
-                except ValueError:
-                    raise self.fail(f"{where}.{k}", "unknown capability name") from None
-            out[cap] = self.integer(val, f"{where}.{k}", 64)
-        return out
+                cap = int(name, 0)
+            except (TypeError, ValueError):
+                raise r.fail(x, path, "unknown capability name") from None
+        return cap
 
 
-def from_json(data: Any, path: str = "<memory>") -> Profile:
-    """Build a profile from parsed JSON, checking every field."""
-    r = _Reader(path)
-    d = r.obj(data, "(top level)")
-    schema = d.get("schema")
-    if schema != SCHEMA:
-        raise r.fail("schema", f"expected {SCHEMA}, got {schema!r}")
-    for required in ("name", "vendor", "kernel_release", "feature_msrs", "msr_index_list", "supported_cpuid"):
-        if required not in d:
-            raise r.fail(required, "missing")
-    vendor = r.string(d["vendor"], "vendor")
-    if vendor not in VENDORS:
-        raise r.fail("vendor", f"expected one of {', '.join(VENDORS)}, got {vendor!r}")
-    ruleset = r.string(d.get("ruleset", d["kernel_release"]), "ruleset")
+def _rewrite(leaf: tuple[int, int], register: str, keep: int, force: int, requires: tuple[int, int] | None = None,
+             unless: tuple[int, int] | None = None) -> RewriteRule:
+    return RewriteRule(leaf[0], leaf[1], register, keep, force, requires, unless)
+
+
+def _append(trigger: tuple[int, int], entries: list[CpuidEntry]) -> AppendRule:
+    return AppendRule(trigger, tuple(entries))
+
+
+def _ruleset(r: Reader, x: Any, path: str, values: dict[str, Any]) -> None:
+    """The ruleset defaults to the kernel release, and must resolve either way."""
+    values.setdefault("ruleset", values["kernel_release"])
     try:
-        rulesets.resolve(ruleset)
+        rulesets.resolve(values["ruleset"])
     except Exception as e:
-        raise r.fail("ruleset", str(e)) from None
-    feature = {r.integer(k, f"feature_msrs.{k}", 32): r.integer(v, f"feature_msrs.{k}")
-               for k, v in r.obj(d["feature_msrs"], "feature_msrs").items()}
-    index_list = [r.integer(v, f"msr_index_list[{i}]", 32) for i, v in enumerate(r.lst(d["msr_index_list"],
-                                                                                          "msr_index_list"))]
-    cpuid = [r.cpuid_entry(e, f"supported_cpuid[{i}]") for i, e in enumerate(r.lst(d["supported_cpuid"],
-                                                                                    "supported_cpuid"))]
-    vcpu = r.obj(d.get("vcpu", {}), "vcpu")
-    ucode = vcpu.get("ucode_rev_reset")
-    behaviour = {}
-    for k, v in r.obj(d.get("msr_behaviour", {}), "msr_behaviour").items():
-        where = f"msr_behaviour.{k}"
-        b = r.obj(v, where)
-        kind = r.string(b.get("kind"), f"{where}.kind")
-        if kind not in BEHAVIOURS:
-            raise r.fail(f"{where}.kind", f"expected one of {', '.join(BEHAVIOURS)}, got {kind!r}")
-        behaviour[r.integer(k, where, 32)] = MsrBehaviour(kind, r.integer(b.get("default", 0), f"{where}.default"),
-                                                          r.boolean(b.get("readable", True), f"{where}.readable"))
-    cp = r.obj(d.get("cpuid", {}), "cpuid")
-    rules = []
-    for i, rule in enumerate(r.lst(cp.get("rewrite", []), "cpuid.rewrite")):
-        where = f"cpuid.rewrite[{i}]"
-        rd = r.obj(rule, where)
-        reg = r.string(rd.get("register"), f"{where}.register")
-        if reg not in REGISTERS:
-            raise r.fail(f"{where}.register", f"expected one of {', '.join(REGISTERS)}, got {reg!r}")
-        fn, idx = r.leaf(rd.get("leaf"), f"{where}.leaf")
-        rules.append(RewriteRule(
-            fn, idx, reg, r.integer(rd.get("keep"), f"{where}.keep", 32), r.integer(rd.get("force"), f"{where}.force", 32),
-            r.leaf(rd["requires"], f"{where}.requires") if "requires" in rd else None,
-            r.leaf(rd["unless"], f"{where}.unless") if "unless" in rd else None,
-        ))
-    appends = []
-    for i, a in enumerate(r.lst(cp.get("append", []), "cpuid.append")):
-        where = f"cpuid.append[{i}]"
-        ad = r.obj(a, where)
-        appends.append(AppendRule(
-            r.leaf(ad.get("trigger"), f"{where}.trigger"),
-            tuple(r.cpuid_entry(e, f"{where}.entries[{j}]") for j, e in enumerate(r.lst(ad.get("entries"),
-                                                                                         f"{where}.entries"))),
-        ))
-    errno_ = vcpu.get("run_without_memory_errno")
-    return Profile(
-        name=r.string(d["name"], "name"),
-        description=r.string(d.get("description", ""), "description"),
-        vendor=vendor,
-        kernel_release=r.string(d["kernel_release"], "kernel_release"),
-        ruleset=ruleset,
-        feature_msrs=feature,
-        msr_index_list=index_list,
-        supported_cpuid=cpuid,
-        capabilities=r.caps(d.get("capabilities", {}), "capabilities"),
-        vm_capabilities=r.caps(d.get("vm_capabilities", {}), "vm_capabilities"),
-        module_parameters={str(k): str(v) for k, v in r.obj(d.get("module_parameters", {}),
-                                                            "module_parameters").items()},
-        source=r.obj(d.get("source", {}), "source"),
-        api_version=r.integer(d.get("api_version", 12), "api_version", 32),
-        vcpu_mmap_size=r.integer(d.get("vcpu_mmap_size", 12288), "vcpu_mmap_size", 32),
-        ucode_rev_reset=None if ucode is None else r.integer(ucode, "vcpu.ucode_rev_reset"),
-        ignore_msrs=r.boolean(d.get("ignore_msrs", False), "ignore_msrs"),
-        msr_behaviour=behaviour,
-        cpuid_rewrite=rules,
-        cpuid_append=appends,
-        cpuid_runtime_ospke=r.boolean(cp.get("runtime_ospke", True), "cpuid.runtime_ospke"),
-        guest_xfd_permitted=r.boolean(cp.get("guest_xfd_permitted", False), "cpuid.guest_xfd_permitted"),
-        reset_regs={str(k): r.integer(v, f"vcpu.reset_regs.{k}") for k, v in r.obj(vcpu.get("reset_regs", {}),
-                                                                                      "vcpu.reset_regs").items()},
-        reset_sregs=r.obj(vcpu.get("reset_sregs", {}), "vcpu.reset_sregs"),
-        run_without_memory_errno=None if errno_ is None else r.integer(errno_, "vcpu.run_without_memory_errno", 16),
-        path=path,
-    )
+        raise r.fail(x, "ruleset", str(e)) from None
+    values["path"] = r.file
+
+
+ERRORS = Style(ProfileError, "{file}: field {field}: {what}")
+MSR_BEHAVIOUR = Record(MsrBehaviour, [Field("kind", Str(BEHAVIOURS), required=True), Field("default", Int()),
+                                      Field("readable", Bool())], strict=False)
+REWRITE_RULE = Record(_rewrite, [
+    Field("leaf", Leaf(), required=True), Field("register", Str(REGISTERS), required=True),
+    Field("keep", Int(32), required=True), Field("force", Int(32), required=True),
+    Field("requires", Leaf()), Field("unless", Leaf()),
+], strict=False)
+APPEND_RULE = Record(_append, [Field("trigger", Leaf(), required=True),
+                               Field("entries", ListOf(CPUID_ENTRY), required=True)], strict=False)
+# Unknown keys are ignored (a newer kvmscope may add some); a CPUID entry's are an error.
+PROFILE: Record[Profile] = Record(Profile, [
+    Field("schema", Version(SCHEMA), required=True, store=False),
+    Field("name", Str(), required=True),
+    Field("description", Str(), default=""),
+    Field("source", AnyMapping()),
+    Field("vendor", Str(VENDORS), required=True),
+    Field("kernel_release", Str(), required=True),
+    Field("ruleset", Str()),
+    Field("module_parameters", MapOf(Text(), Text())),
+    Field("api_version", Int(32)),
+    Field("vcpu_mmap_size", Int(32)),
+    Field("capabilities", MapOf(Capability(), Int())),
+    Field("vm_capabilities", MapOf(Capability(), Int())),
+    Field("feature_msrs", MapOf(Int(32), Int()), required=True),
+    Field("msr_index_list", ListOf(Int(32)), required=True),
+    Field("supported_cpuid", ListOf(CPUID_ENTRY), required=True),
+    Field("vcpu.ucode_rev_reset", Nullable(Int())),
+    Field("vcpu.reset_regs", MapOf(Text(), Int())),
+    Field("vcpu.reset_sregs", AnyMapping()),
+    Field("vcpu.run_without_memory_errno", Nullable(Int(16))),
+    Field("ignore_msrs", Bool()),
+    Field("msr_behaviour", MapOf(Int(32), MSR_BEHAVIOUR)),
+    Field("cpuid.rewrite", ListOf(REWRITE_RULE), attr="cpuid_rewrite"),
+    Field("cpuid.append", ListOf(APPEND_RULE), attr="cpuid_append"),
+    Field("cpuid.runtime_ospke", Bool(), attr="cpuid_runtime_ospke"),
+    Field("cpuid.guest_xfd_permitted", Bool()),
+], strict=False, finish=_ruleset)
+
+
+def read(data: Any, path: str = "<memory>") -> Profile:
+    """A profile from parsed JSON (``path`` names it in errors), checking every field."""
+    return PROFILE.read(Reader(path, ERRORS), data, "")
 
 
 def shipped() -> list[str]:
@@ -364,4 +302,4 @@ def load(spec: str | Path | None = None) -> Profile:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ProfileError(f"{where}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    return from_json(data, where)
+    return read(data, where)
