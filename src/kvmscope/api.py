@@ -422,10 +422,17 @@ class Vcpu(_Closable, ABC):
         return batch.to_dict()
 
     def read_msr(self, msr: MsrSpec) -> int:
+        """One MSR's value by name or index; raise :class:`MsrReadError` when KVM_GET_MSRS refuses it."""
         index = _msrs.index_of(msr)
         return self.read_msrs([index])[index]
 
+    def try_read_msr(self, msr: MsrSpec) -> int | None:
+        """One MSR's value by name or index, or None when KVM_GET_MSRS refuses it (the lenient :meth:`read_msr`)."""
+        batch = MsrBatch([msr])
+        return batch[0][1] if self.get_msrs(batch) == 1 else None
+
     def write_msr(self, msr: MsrSpec, value: int) -> None:
+        """Write one MSR; raise :class:`MsrWriteError` when KVM_SET_MSRS refuses it."""
         self.write_msrs([(msr, value)])
 
 
