@@ -450,6 +450,14 @@ class Vm(_Closable, ABC):
 
     regions: list[MemoryRegion]
 
+    def has_memory(self, guest_phys_addr: int | None = None, length: int = 1) -> bool:
+        """Whether the VM has guest memory: any region at all, or (given ``guest_phys_addr``) one region holding all of
+        ``[guest_phys_addr, +length)``. Raises :class:`ClosedError` on a closed VM."""
+        self._check_open()
+        if guest_phys_addr is None:
+            return bool(self.regions)
+        return any(r.contains(guest_phys_addr, length) for r in self.regions)
+
     def _claim_slot(self, guest_phys_addr: int, size: int, slot: int | None) -> int:
         """Validate a new region as KVM_SET_USER_MEMORY_REGION would, before anything is mapped; return its slot."""
         self._check_open()

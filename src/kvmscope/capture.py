@@ -13,7 +13,7 @@ from typing import Any
 
 from . import __version__, guest, uapi
 from . import msrs as M
-from .api import CpuidEntry, System, Vcpu
+from .api import CpuidEntry, System, Vcpu, Vm
 from .errors import KvmError
 from .kernel import rulesets
 from .kernel.profile import REGISTERS, AppendRule, MsrBehaviour, Profile, RewriteRule
@@ -39,7 +39,7 @@ def _sregs_dict(s: uapi.kvm_sregs) -> dict[str, Any]:
     return out
 
 
-def _fresh(system: System, cpuid: Sequence[CpuidEntry] | None = None, memory: bool = True) -> tuple[Any, Vcpu]:
+def _fresh(system: System, cpuid: Sequence[CpuidEntry] | None = None, memory: bool = True) -> tuple[Vm, Vcpu]:
     vm = system.create_vm()
     if memory:
         guest.ensure_memory(vm)

@@ -367,9 +367,7 @@ def _long_mode_sregs(vcpu: Vcpu) -> None:
 
 def load_program(vm: Vm, vcpu: Vcpu, program: Program) -> None:
     """Put ``program`` in the VM (2 MB of memory at 0 are added if the VM has none) and point the vCPU at it."""
-    try:
-        vm.read_memory(0, MEMORY_SIZE)
-    except Exception:
+    if not vm.has_memory(0, MEMORY_SIZE):
         vm.add_memory(0, MEMORY_SIZE)
     attach = getattr(vcpu, "attach_program", None)
     if attach is not None:  # the model interprets the operations instead of executing code

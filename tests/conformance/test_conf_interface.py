@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kvmscope import guest
 from kvmscope.api import System
 from kvmscope.errors import ClosedError, MsrReadError
 
@@ -21,3 +22,22 @@ def test_try_read_msr_gives_the_value_or_none(kvm: System) -> None:
             vcpu.read_msr(UNKNOWN)
     with pytest.raises(ClosedError):
         vcpu.try_read_msr(UCODE_REV)
+
+
+def test_has_memory_any_region_or_a_range(kvm: System) -> None:
+    vm = kvm.create_vm()
+    with vm:
+        assert not vm.has_memory() and not vm.has_memory(0)
+        vm.add_memory(0x10000, 0x2000)
+        assert vm.has_memory(), "a region is set"
+        assert not vm.has_memory(0), "nothing at guest-physical 0"
+        assert vm.has_memory(0x10000, 0x2000) and vm.has_memory(0x11FFF)
+        assert not vm.has_memory(0x11000, 0x2000), "the range runs past the region's end"
+        guest.ensure_memory(vm, 0x8000)
+        assert vm.has_memory(0, 0x8000) and len(vm.regions) == 2
+        guest.ensure_memory(vm)
+        assert len(vm.regions) == 2, "memory at 0 is there already"
+    with pytest.raises(ClosedError):
+        vm.has_memory()
+    with pytest.raises(ClosedError):
+        guest.ensure_memory(vm)  # not taken for "no memory yet"
