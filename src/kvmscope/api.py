@@ -12,7 +12,7 @@ import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from . import msrs as _msrs
 from . import uapi
@@ -21,6 +21,7 @@ from .memory import MemoryRegion, check_region, find_region
 
 if TYPE_CHECKING:
     from .kernel.rulesets import Rule
+    from .program import Program
 
 # --- MSR batches ---------------------------------------------------------------------------------------------------------
 
@@ -434,6 +435,16 @@ class Vcpu(_Closable, ABC):
     def write_msr(self, msr: MsrSpec, value: int) -> None:
         """Write one MSR; raise :class:`MsrWriteError` when KVM_SET_MSRS refuses it."""
         self.write_msrs([(msr, value)])
+
+
+@runtime_checkable
+class ProgramRunner(Protocol):
+    """A vCPU that runs a :class:`kvmscope.program.Program` by interpreting its operations instead of executing guest
+    code (the model's vCPU). :func:`kvmscope.program.load_program` hands such a vCPU the program itself and every other
+    one the program assembled into guest memory. Optional: test with ``isinstance(vcpu, ProgramRunner)``."""
+
+    def attach_program(self, program: Program) -> None:
+        """Run ``program`` from the next KVM_RUN on."""
 
 
 class Vm(_Closable, ABC):

@@ -1,11 +1,12 @@
-"""The interface's own helpers (``kvmscope.api``), on both backends: lenient MSR reads, memory presence."""
+"""The interface's own helpers (``kvmscope.api``), on both backends: lenient MSR reads, memory presence, the optional
+program runner."""
 
 from __future__ import annotations
 
 import pytest
 
 from kvmscope import guest
-from kvmscope.api import System
+from kvmscope.api import ProgramRunner, System
 from kvmscope.errors import ClosedError, MsrReadError
 
 UCODE_REV, PLATFORM_INFO, UNKNOWN = 0x8B, 0xCE, 0x12345678
@@ -41,3 +42,13 @@ def test_has_memory_any_region_or_a_range(kvm: System) -> None:
         vm.has_memory()
     with pytest.raises(ClosedError):
         guest.ensure_memory(vm)  # not taken for "no memory yet"
+
+
+def test_program_runner_is_optional_and_structural(kvm: System) -> None:
+    from kvmscope.program import Halted, Program, Rdmsr, run_program
+
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        # Only the model interprets programs; the live kernel executes them assembled: same events either way.
+        assert isinstance(vcpu, ProgramRunner) is (kvm.backend == "model")
+        assert run_program(vm, vcpu, Program().rdmsr(UCODE_REV).hlt()) == [Rdmsr(UCODE_REV, 0), Halted()]
