@@ -41,9 +41,9 @@ def test_index_list_size_protocol(kvm: System, which: str) -> None:
     request = getattr(uapi, which)
     expected = 40 if which == "KVM_GET_MSR_INDEX_LIST" else 4
     with pytest.raises(KvmError) as info:
-        kvm.msr_list_raw(request, 0)  # type: ignore[attr-defined]
+        kvm.msr_list_raw(request, 0)
     assert info.value.errno == errno.E2BIG and info.value.detail == f"kernel count {expected}", info.value
-    count, indices = kvm.msr_list_raw(request, 64)  # type: ignore[attr-defined]
+    count, indices = kvm.msr_list_raw(request, 64)
     assert count == expected == len(indices)
 
 
