@@ -21,9 +21,7 @@ import json
 import os
 import platform
 import resource
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -34,37 +32,9 @@ import kvmscope
 from kvmscope import guest
 from kvmscope.api import IoExit, MsrBatch
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-C_SOURCE = HERE / "kvm_bench.c"
-C_BINARY = HERE / "bin" / "kvm_bench"
-BATCH_MSRS = [0x8B, 0xCE, 0x174, 0x175, 0x176, 0xC0000081, 0xC0000084, 0x34]  # same as kvm_bench.c
-PIO_GUEST = bytes([0xE6, 0x10, 0xEB, 0xFC])  # out 0x10, al; jmp $-2  (same as kvm_bench.c)
-
-
-def build_c() -> Path:
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        sys.exit("benchmarks need a C compiler (cc) to build the C baseline")
-    C_BINARY.parent.mkdir(exist_ok=True)
-    if not C_BINARY.exists() or C_BINARY.stat().st_mtime < C_SOURCE.stat().st_mtime:
-        subprocess.run([cc, "-O2", "-o", str(C_BINARY), str(C_SOURCE)], check=True)
-    return C_BINARY
-
-
-@dataclass
-class Sample:
-    """One timed run: a rate (or, for VM start, microseconds per start) and CPU time per operation."""
-
-    value: float
-    user_us: float  # user CPU time per operation
-    sys_us: float  # system (kernel) CPU time per operation
-
-
-def run_c(mode: str, n: int) -> Sample:
-    out = subprocess.run([str(C_BINARY), mode, str(n)], check=True, capture_output=True, text=True).stdout
-    value, user, system = (float(x) for x in out.split())
-    return Sample(value, user, system)
+sys.path.insert(0, str(Path(__file__).parent))  # the sibling modules, however this file is loaded
+import where_time_goes  # noqa: E402
+from common import BATCH_MSRS, PIO_GUEST, Sample, build_c, pin, run_c  # noqa: E402
 
 
 def timed(fn: Callable[[], None], n: int) -> Sample:
@@ -277,15 +247,12 @@ def main() -> None:
         print(f"{f.name:52} {f.python:12.1f} {f.reference:12.1f} {f.ratio:7.3f}  {f.target:17} "
               f"{'yes' if f.met else 'NO':4}{cpu_split}")
     if profile:
-        from where_time_goes import print_profile
-
         print("\nTargets missed above; where their time goes (benchmarks/where_time_goes.py, docs/performance.md):")
-        print_profile(profile)
+        where_time_goes.print_profile(profile)
 
 
 def profile_missed(figs: list[Figure], quick: bool) -> dict[str, object] | None:
     """For missed targets, the matching parts of the profile (ladders, the model's parts, perf), else None."""
-    from where_time_goes import profile
 
     def part_of(name: str) -> str | None:
         if name.startswith(("model", "freeze")):
@@ -297,19 +264,7 @@ def profile_missed(figs: list[Figure], quick: bool) -> dict[str, object] | None:
     parts = tuple(p for p in ("run", "msr", "model") if p in {part_of(f.name) for f in figs if not f.met})
     if not parts:
         return None
-    return profile(20_000 if quick else 200_000, 3 if quick else 5, parts=parts)
-
-
-def pin(cpu: str) -> int | None:
-    """Pin this process, and so the C runs it starts, to one CPU: both sides then run on the same core."""
-    if cpu == "none" or not hasattr(os, "sched_setaffinity"):
-        return None
-    allowed = sorted(os.sched_getaffinity(0))
-    chosen = allowed[-1] if cpu == "last" else int(cpu)
-    if chosen not in allowed:
-        sys.exit(f"--cpu {cpu}: this process may run on CPUs {allowed} only")
-    os.sched_setaffinity(0, {chosen})
-    return chosen
+    return where_time_goes.profile(20_000 if quick else 200_000, 3 if quick else 5, parts=parts)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,8 @@ import kvmscope
 from kvmscope import guest, uapi
 from kvmscope.api import IoExit, MsrBatch
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-from run import BATCH_MSRS, PIO_GUEST, build_c, pin, run_c  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))  # the sibling modules, however this file is loaded
+from common import BATCH_MSRS, C_BINARY, PIO_GUEST, build_c, pin, run_c  # noqa: E402
 
 
 def once_us(fn: Callable[[int], None], n: int) -> float:
@@ -204,7 +203,7 @@ def perf_profile(perf: str, n: int) -> dict[str, object]:
         os.mkfifo(ack)
         for side, cmd, data in (
             ("kvmscope run()", [sys.executable, "-c", PERF_LOOP, ctl, ack, str(n)], os.path.join(tmp, "py.data")),
-            ("C", [str(HERE / "bin" / "kvm_bench"), "pio", str(n)], os.path.join(tmp, "c.data")),
+            ("C", [str(C_BINARY), "pio", str(n)], os.path.join(tmp, "c.data")),
         ):
             control = ["-D", "-1", "--control", f"fifo:{ctl},{ack}"] if side != "C" else []
             done = subprocess.run([perf, "record", "-q", "-e", "cpu-clock", "-F", "10000", *control, "-o", data,

@@ -65,7 +65,7 @@ def test_where_time_goes_perf_splits_kernel_and_user_time(live: LinuxSystem) -> 
     spec = importlib.util.spec_from_file_location("where_time_goes", ROOT / "benchmarks" / "where_time_goes.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports run.py from there
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports common.py from there
     try:
         spec.loader.exec_module(module)
     finally:

@@ -105,11 +105,6 @@ ops = st.one_of(
 # --- execution -----------------------------------------------------------------------------------------------------------
 
 
-def _read(vcpu: Vcpu, index: int) -> int:
-    b = MsrBatch([index])
-    return b[0][1] if vcpu.get_msrs(b) == 1 else 0
-
-
 def apply(vm: Vm, vcpus: dict[int, Vcpu], op: Op) -> Any:
     """Run one operation; return everything observable about it."""
     vcpu = vcpus.get(op.vcpu)
@@ -134,7 +129,7 @@ def apply(vm: Vm, vcpus: dict[int, Vcpu], op: Op) -> Any:
         if isinstance(op, SetMsrs):
             pairs = []
             for index, kind, value in op.entries:
-                pairs.append((index, _read(vcpu, index) if kind == "same" else 0 if kind == "zero" else value))
+                pairs.append((index, (vcpu.try_read_msr(index) or 0) if kind == "same" else 0 if kind == "zero" else value))
             batch = MsrBatch(pairs)
             return (pairs, vcpu.set_msrs(batch))
         if isinstance(op, GetMsrs):

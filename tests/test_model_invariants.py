@@ -39,10 +39,6 @@ class ModelMachine(RuleBasedStateMachine):
         self.others = sorted(i for i, b in self.system.profile.msr_behaviour.items() if b.kind == "store")[:4]
         self.ran = False
 
-    def read(self, index: int) -> int | None:
-        b = MsrBatch([index])
-        return b[0][1] if self.vcpu.get_msrs(b) == 1 else None
-
     def immutable(self, index: int) -> bool:
         return 0x480 <= index <= 0x491 or index in self.rules.immutable_generic
 
@@ -58,7 +54,7 @@ class ModelMachine(RuleBasedStateMachine):
     def write_batch(self, data: st.DataObject) -> None:
         pool = self.features + self.others
         picks = data.draw(st.lists(st.tuples(st.sampled_from(pool), st.integers(0, U64)), min_size=1, max_size=6))
-        before = {i: self.read(i) for i, _ in picks}
+        before = {i: self.vcpu.try_read_msr(i) for i, _ in picks}
         count = self.vcpu.set_msrs(MsrBatch(picks))
         assert 0 <= count <= len(picks)
         # Partial counts are exact: what the first `count` entries wrote is in place (last write wins), and
@@ -67,7 +63,7 @@ class ModelMachine(RuleBasedStateMachine):
         for index, value in picks[:count]:
             last[index] = value
         for index in {i for i, _ in picks}:
-            got = self.read(index)
+            got = self.vcpu.try_read_msr(index)
             if index not in last:
                 assert got == before[index], f"0x{index:x} was not written (count {count}) yet changed"
             elif self.ran and self.immutable(index):
@@ -81,7 +77,7 @@ class ModelMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.system is not None)
     def microcode_load(self, value: int) -> None:
         assert self.vcpu.set_msrs({UCODE_REV: value}) == 1, "UCODE_REV is always writable"
-        assert self.read(UCODE_REV) == value
+        assert self.vcpu.try_read_msr(UCODE_REV) == value
 
     @rule(pos=st.integers(0, 300), reg=st.sampled_from(["eax", "ebx", "ecx", "edx"]), bit=st.integers(0, 31))
     @precondition(lambda self: self.system is not None and self.ran)

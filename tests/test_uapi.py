@@ -24,6 +24,9 @@ OFFSETS = [("kvm_run", "immediate_exit"), ("kvm_run", "exit_reason"), ("kvm_run"
            ("kvm_run", "fail_entry"), ("kvm_run", "internal"), ("kvm_run", "system_event"), ("kvm_run", "msr"),
            ("kvm_run", "kvm_valid_regs"), ("kvm_run", "s"), ("kvm_sregs", "cr0"), ("kvm_sregs", "efer"),
            ("kvm_sregs", "interrupt_bitmap")]
+# Every member of the kvm_run exits that kvmscope.linux reads from the mapping (struct formats derived from these).
+OFFSETS += [("kvm_run", f"{union}.{f[0]}") for union, cls in uapi.kvm_run_exit._fields_ if isinstance(cls, type)
+            and issubclass(cls, ctypes.Structure) for f in cls._fields_ if f[0] != "pad"]
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +81,9 @@ def test_constants_match_header(header_values: dict[str, int]) -> None:
 @pytest.mark.parametrize("struct,member", OFFSETS)
 def test_offsets_match_header(header_values: dict[str, int], struct: str, member: str) -> None:
     cls = getattr(uapi, struct)
-    if member in ("io", "mmio", "fail_entry", "internal", "system_event", "msr"):
-        ours = cls.exit.offset
+    union, _, inner = member.partition(".")
+    if union in ("io", "mmio", "fail_entry", "internal", "system_event", "msr"):
+        ours = cls.exit.offset + (getattr(dict(uapi.kvm_run_exit._fields_)[union], inner).offset if inner else 0)
     else:
         ours = getattr(cls, member).offset
     expected = header_values[f"offsetof {struct}.{member}"]

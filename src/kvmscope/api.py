@@ -12,7 +12,7 @@ import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from . import msrs as _msrs
 from . import uapi
@@ -21,6 +21,7 @@ from .memory import MemoryRegion, check_region, find_region
 
 if TYPE_CHECKING:
     from .kernel.rulesets import Rule
+    from .program import Program
 
 # --- MSR batches ---------------------------------------------------------------------------------------------------------
 
@@ -314,6 +315,7 @@ class _Closable:
             raise ClosedError(f"this {self._kind} is closed")
 
     def close(self) -> None:
+        """Release the object (idempotent); using it afterwards raises :class:`ClosedError`."""
         self._closed = True
 
     def __enter__(self: Any) -> Any:
@@ -365,16 +367,20 @@ class Vcpu(_Closable, ABC):
     def immediate_exit(self, value: bool) -> None: ...
 
     @abstractmethod
-    def get_regs(self) -> uapi.kvm_regs: ...
+    def get_regs(self) -> uapi.kvm_regs:
+        """KVM_GET_REGS."""
 
     @abstractmethod
-    def set_regs(self, regs: uapi.kvm_regs) -> None: ...
+    def set_regs(self, regs: uapi.kvm_regs) -> None:
+        """KVM_SET_REGS."""
 
     @abstractmethod
-    def get_sregs(self) -> uapi.kvm_sregs: ...
+    def get_sregs(self) -> uapi.kvm_sregs:
+        """KVM_GET_SREGS."""
 
     @abstractmethod
-    def set_sregs(self, sregs: uapi.kvm_sregs) -> None: ...
+    def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
+        """KVM_SET_SREGS."""
 
     @abstractmethod
     def get_msrs(self, batch: MsrBatch, strict: bool = False) -> int:
@@ -422,11 +428,28 @@ class Vcpu(_Closable, ABC):
         return batch.to_dict()
 
     def read_msr(self, msr: MsrSpec) -> int:
+        """One MSR's value by name or index; raise :class:`MsrReadError` when KVM_GET_MSRS refuses it."""
         index = _msrs.index_of(msr)
         return self.read_msrs([index])[index]
 
+    def try_read_msr(self, msr: MsrSpec) -> int | None:
+        """One MSR's value by name or index, or None when KVM_GET_MSRS refuses it (the lenient :meth:`read_msr`)."""
+        batch = MsrBatch([msr])
+        return batch[0][1] if self.get_msrs(batch) == 1 else None
+
     def write_msr(self, msr: MsrSpec, value: int) -> None:
+        """Write one MSR; raise :class:`MsrWriteError` when KVM_SET_MSRS refuses it."""
         self.write_msrs([(msr, value)])
+
+
+@runtime_checkable
+class ProgramRunner(Protocol):
+    """A vCPU that runs a :class:`kvmscope.program.Program` by interpreting its operations instead of executing guest
+    code (the model's vCPU). :func:`kvmscope.program.load_program` hands such a vCPU the program itself and every other
+    one the program assembled into guest memory. Optional: test with ``isinstance(vcpu, ProgramRunner)``."""
+
+    def attach_program(self, program: Program) -> None:
+        """Run ``program`` from the next KVM_RUN on."""
 
 
 class Vm(_Closable, ABC):
@@ -435,13 +458,22 @@ class Vm(_Closable, ABC):
     _kind = "VM"
 
     @abstractmethod
-    def create_vcpu(self, vcpu_id: int = 0) -> Vcpu: ...
+    def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
+        """KVM_CREATE_VCPU."""
 
     @abstractmethod
     def add_memory(self, guest_phys_addr: int, size: int, slot: int | None = None, flags: int = 0) -> int:
         """Back ``[guest_phys_addr, +size)`` with new host memory (KVM_SET_USER_MEMORY_REGION); return the slot."""
 
     regions: list[MemoryRegion]
+
+    def has_memory(self, guest_phys_addr: int | None = None, length: int = 1) -> bool:
+        """Whether the VM has guest memory: any region at all, or (given ``guest_phys_addr``) one region holding all of
+        ``[guest_phys_addr, +length)``. Raises :class:`ClosedError` on a closed VM."""
+        self._check_open()
+        if guest_phys_addr is None:
+            return bool(self.regions)
+        return any(r.contains(guest_phys_addr, length) for r in self.regions)
 
     def _claim_slot(self, guest_phys_addr: int, size: int, slot: int | None) -> int:
         """Validate a new region as KVM_SET_USER_MEMORY_REGION would, before anything is mapped; return its slot."""
@@ -459,10 +491,12 @@ class Vm(_Closable, ABC):
         return memoryview(r.mem)[off : off + length]
 
     def read_memory(self, guest_phys_addr: int, length: int) -> bytes:
+        """A copy of guest memory inside one region."""
         with self.memory(guest_phys_addr, length) as view:
             return bytes(view)
 
     def write_memory(self, guest_phys_addr: int, data: bytes) -> None:
+        """Write ``data`` to guest memory inside one region."""
         with self.memory(guest_phys_addr, len(data)) as view:
             view[:] = data
 
@@ -471,7 +505,9 @@ class Vm(_Closable, ABC):
         """KVM_ENABLE_CAP on the VM."""
 
     @abstractmethod
-    def check_extension(self, cap: int) -> int: ...
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM: 0 when unsupported, else a capability-specific value (some answers differ
+        from the system's, e.g. KVM_CAP_DISABLE_QUIRKS2)."""
 
     @abstractmethod
     def set_msr_filter(self, flags: int, ranges: Sequence[tuple[int, int, int, bytes]]) -> None:
@@ -485,29 +521,42 @@ class System(_Closable, ABC):
     backend: ClassVar[str]
 
     @abstractmethod
-    def api_version(self) -> int: ...
+    def api_version(self) -> int:
+        """KVM_GET_API_VERSION (12 on every kernel since 2.6.22)."""
 
     @abstractmethod
-    def check_extension(self, cap: int) -> int: ...
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the system: 0 when unsupported, else a capability-specific positive value."""
 
     @abstractmethod
-    def get_msr_index_list(self) -> list[int]: ...
+    def get_msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: the MSRs a VMM saves and restores (msrs_to_save, then emulated_msrs)."""
 
     @abstractmethod
-    def get_msr_feature_index_list(self) -> list[int]: ...
+    def get_msr_feature_index_list(self) -> list[int]:
+        """KVM_GET_MSR_FEATURE_INDEX_LIST: the feature MSRs this KVM offers."""
+
+    @abstractmethod
+    def msr_list_raw(self, request: int, nmsrs: int) -> tuple[int, list[int]]:
+        """An index-list ioctl (``request``: KVM_GET_MSR_INDEX_LIST or KVM_GET_MSR_FEATURE_INDEX_LIST) with a
+        caller-chosen ``nmsrs``: return the count written back and the indices. Too small an ``nmsrs`` raises
+        :class:`KvmError` E2BIG with the kernel's count in ``detail`` (``"kernel count N"``)."""
 
     @abstractmethod
     def get_feature_msrs(self, batch: MsrBatch) -> int:
         """System-level KVM_GET_MSRS of feature MSRs: fill ``batch``; return the number read."""
 
     @abstractmethod
-    def get_supported_cpuid(self) -> list[CpuidEntry]: ...
+    def get_supported_cpuid(self) -> list[CpuidEntry]:
+        """KVM_GET_SUPPORTED_CPUID: the CPUID entries this KVM can give a vCPU."""
 
     @abstractmethod
-    def vcpu_mmap_size(self) -> int: ...
+    def vcpu_mmap_size(self) -> int:
+        """KVM_GET_VCPU_MMAP_SIZE: the size of a vCPU's ``struct kvm_run`` mapping."""
 
     @abstractmethod
-    def create_vm(self) -> Vm: ...
+    def create_vm(self) -> Vm:
+        """KVM_CREATE_VM."""
 
     def describe(self) -> str:
         """A one-line description of what this system is (backend, kernel, profile)."""

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import __version__, guest, uapi
 from . import msrs as M
-from .api import CpuidEntry, MsrBatch, System, Vcpu
+from .api import CpuidEntry, System, Vcpu, Vm
 from .errors import KvmError
 from .kernel import rulesets
 from .kernel.profile import REGISTERS, AppendRule, MsrBehaviour, Profile, RewriteRule
@@ -39,7 +39,7 @@ def _sregs_dict(s: uapi.kvm_sregs) -> dict[str, Any]:
     return out
 
 
-def _fresh(system: System, cpuid: Sequence[CpuidEntry] | None = None, memory: bool = True) -> tuple[Any, Vcpu]:
+def _fresh(system: System, cpuid: Sequence[CpuidEntry] | None = None, memory: bool = True) -> tuple[Vm, Vcpu]:
     vm = system.create_vm()
     if memory:
         guest.ensure_memory(vm)
@@ -49,17 +49,12 @@ def _fresh(system: System, cpuid: Sequence[CpuidEntry] | None = None, memory: bo
     return vm, vcpu
 
 
-def _read1(vcpu: Vcpu, index: int) -> int | None:
-    b = MsrBatch([index])
-    return b[0][1] if vcpu.get_msrs(b) == 1 else None
-
-
 def classify_msr(system: System, index: int, cpuid: Sequence[CpuidEntry] | None) -> MsrBehaviour:
     """Write a set of test values to ``index`` on fresh vCPUs and name the pattern."""
     vm, vcpu = _fresh(system, cpuid)
     with vm:
-        default = _read1(vcpu, index)
-        again = _read1(vcpu, index)
+        default = vcpu.try_read_msr(index)
+        again = vcpu.try_read_msr(index)
     readable = default is not None
     base = default or 0
     if readable and again != default:
@@ -70,7 +65,7 @@ def classify_msr(system: System, index: int, cpuid: Sequence[CpuidEntry] | None)
         vm, vcpu = _fresh(system, cpuid)
         with vm:
             ok = vcpu.set_msrs([(index, v)]) == 1
-            results.append((v, ok, _read1(vcpu, index)))
+            results.append((v, ok, vcpu.try_read_msr(index)))
     if all(ok for _, ok, _ in results):
         if all(rb == v for v, _, rb in results):
             return MsrBehaviour("store", base, readable)
@@ -173,7 +168,7 @@ def capture(system: System, name: str | None = None, description: str = "", cpui
         regs = vcpu.get_regs()
         reset_regs = {n: getattr(regs, n) for n, _ in regs._fields_ if getattr(regs, n)}
         sregs = _sregs_dict(vcpu.get_sregs())
-        ucode = _read1(vcpu, M.MSR_IA32_UCODE_REV)
+        ucode = vcpu.try_read_msr(M.MSR_IA32_UCODE_REV)
         try:
             vcpu.run()
             no_mem_errno = None

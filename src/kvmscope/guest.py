@@ -14,9 +14,7 @@ DEFAULT_ENTRY = 0x1000
 
 def ensure_memory(vm: Vm, size: int = DEFAULT_MEMORY) -> None:
     """Give the VM ``size`` bytes of memory at guest-physical 0 unless it already has memory there."""
-    try:
-        vm.read_memory(0, 1)
-    except Exception:
+    if not vm.has_memory(0):
         vm.add_memory(0, size)
 
 

@@ -102,11 +102,6 @@ def _candidates(current: int, feature: int | None) -> Iterator[int]:
             yield current | 1 << bit
 
 
-def _read(vcpu: Vcpu, index: int) -> int | None:
-    batch = MsrBatch([index])
-    return batch[0][1] if vcpu.get_msrs(batch) == 1 else None
-
-
 def _fresh_vcpu(system: System, cpuid: list[CpuidEntry] | None) -> tuple[Vm, Vcpu]:
     vm = system.create_vm()
     vcpu = vm.create_vcpu(0)
@@ -121,7 +116,7 @@ def probe_msr(system: System, index: int, feature: int | None, cpuid: list[Cpuid
     # A vCPU that never runs: which changed value (if any) does the kernel take at all?
     vm, vcpu = _fresh_vcpu(system, cpuid)
     with vm:
-        current = _read(vcpu, index)
+        current = vcpu.try_read_msr(index)
         result.vcpu_default = current
         base = current if current is not None else 0
         for candidate in _candidates(base, feature):
@@ -137,7 +132,7 @@ def probe_msr(system: System, index: int, feature: int | None, cpuid: list[Cpuid
         if not isinstance(exit_, HltExit):
             result.verdict = NO_RUN
             return result
-        after = _read(vcpu, index)
+        after = vcpu.try_read_msr(index)
         result.after_run_value = after
         if after is not None:
             result.after_run_same_ok = vcpu.set_msrs([(index, after)]) == 1
@@ -145,7 +140,7 @@ def probe_msr(system: System, index: int, feature: int | None, cpuid: list[Cpuid
         if changed is None:
             changed = next(_candidates(base, feature))
         result.after_run_changed_ok = vcpu.set_msrs([(index, changed)]) == 1
-        result.after_run_readback = _read(vcpu, index)
+        result.after_run_readback = vcpu.try_read_msr(index)
     if not result.before_run_changed_ok:
         result.verdict = NOT_SETTABLE
     elif result.after_run_changed_ok:

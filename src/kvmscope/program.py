@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from . import msrs as M
 from . import uapi
-from .api import Exit, HltExit, IoExit, MsrExit, RdmsrExit, Vcpu, Vm, WrmsrExit
+from .api import Exit, HltExit, IoExit, MsrExit, ProgramRunner, RdmsrExit, Vcpu, Vm, WrmsrExit
 from .errors import InvalidValueError
 
 # --- guest memory layout (guest-physical = guest-virtual), clear of the low 64 KB that real-mode guests use ---------
@@ -367,15 +367,12 @@ def _long_mode_sregs(vcpu: Vcpu) -> None:
 
 def load_program(vm: Vm, vcpu: Vcpu, program: Program) -> None:
     """Put ``program`` in the VM (2 MB of memory at 0 are added if the VM has none) and point the vCPU at it."""
-    try:
-        vm.read_memory(0, MEMORY_SIZE)
-    except Exception:
+    if not vm.has_memory(0, MEMORY_SIZE):
         vm.add_memory(0, MEMORY_SIZE)
-    attach = getattr(vcpu, "attach_program", None)
-    if attach is not None:  # the model interprets the operations instead of executing code
+    if isinstance(vcpu, ProgramRunner):  # the model interprets the operations instead of executing code
         vm.write_memory(MAILBOX, bytes(0x108))
         _long_mode_sregs(vcpu)
-        attach(program)
+        vcpu.attach_program(program)
         return
     for addr, blob in _long_mode_image(program).items():
         vm.write_memory(addr, blob)

@@ -312,6 +312,42 @@ KVM_RUN_EXIT_REASON_OFFSET: Final = kvm_run.exit_reason.offset
 KVM_RUN_EXIT_OFFSET: Final = kvm_run.exit.offset
 
 
+# --- the structs as struct-module formats -------------------------------------------------------------------------------
+# For code that reads a mapped struct (kvm_run) with the struct module instead of building ctypes objects: the formats
+# are derived from the ctypes structs above, so that the layout has one source.
+
+_INT_CODES: Final[dict[type, str]] = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "I",
+                                      ctypes.c_uint64: "Q"}
+
+
+def field_code(cls: type[ctypes.Structure], name: str) -> str:
+    """The :mod:`struct` code of field ``name`` of ``cls``: ``B``/``H``/``I``/``Q`` for an unsigned integer, ``Ns`` for
+    a ``__u8[N]`` (read as bytes), ``NQ`` (and so on) for another integer array."""
+    ctype = dict((f[0], f[1]) for f in cls._fields_)[name]
+    size = getattr(cls, name).size
+    if ctype in _INT_CODES:
+        return _INT_CODES[ctype]
+    if ctype == ctypes.c_uint8 * size:
+        return f"{size}s"
+    for element, code in _INT_CODES.items():
+        if ctype == element * (size // ctypes.sizeof(element)):
+            return f"{size // ctypes.sizeof(element)}{code}"
+    raise TypeError(f"{cls.__name__}.{name}: no struct code for {ctype.__name__}")
+
+
+def struct_format(cls: type[ctypes.Structure], *names: str) -> str:
+    """The little-endian :mod:`struct` format that reads fields ``names`` of ``cls`` (in the order they are laid out)
+    from the start of a ``cls``, skipping the bytes between them: ``unpack`` gives those fields' values in that order."""
+    fmt, end = "<", 0
+    for name in names:
+        field = getattr(cls, name)
+        if field.offset < end:
+            raise ValueError(f"{cls.__name__}.{name} (offset {field.offset}) is not after the previous field")
+        fmt += (f"{field.offset - end}x" if field.offset > end else "") + field_code(cls, name)
+        end = field.offset + field.size
+    return fmt
+
+
 # --- ioctl request numbers ------------------------------------------------------------------------------------------
 
 # System ioctls (/dev/kvm).

@@ -30,11 +30,6 @@ def ran(kvm: System, cpuid: bool = False) -> tuple[Vm, Vcpu]:
     return vm, vcpu
 
 
-def read(vcpu: Vcpu, index: int) -> int | None:
-    b = MsrBatch([index])
-    return b[0][1] if vcpu.get_msrs(b) == 1 else None
-
-
 def test_feature_list_and_system_values(kvm: System) -> None:
     assert kvm.get_msr_feature_index_list() == list(FEATURES), "KVM_GET_MSR_FEATURE_INDEX_LIST on this host"
     assert kvm.read_feature_msrs() == FEATURES, "system KVM_GET_MSRS of each feature MSR"
@@ -46,9 +41,9 @@ def test_index_list_size_protocol(kvm: System, which: str) -> None:
     request = getattr(uapi, which)
     expected = 40 if which == "KVM_GET_MSR_INDEX_LIST" else 4
     with pytest.raises(KvmError) as info:
-        kvm.msr_list_raw(request, 0)  # type: ignore[attr-defined]
+        kvm.msr_list_raw(request, 0)
     assert info.value.errno == errno.E2BIG and info.value.detail == f"kernel count {expected}", info.value
-    count, indices = kvm.msr_list_raw(request, 64)  # type: ignore[attr-defined]
+    count, indices = kvm.msr_list_raw(request, 64)
     assert count == expected == len(indices)
 
 
@@ -61,7 +56,7 @@ def test_system_get_msrs_follows_unsupported_rule(kvm: System) -> None:
 def test_vcpu_defaults_with_quirk(kvm: System) -> None:
     vm, vcpu = fresh(kvm)
     with vm:
-        got = {i: read(vcpu, i) for i in FEATURES}
+        got = {i: vcpu.try_read_msr(i) for i in FEATURES}
     # PVM: UCODE_REV is not stuffed (0, not SVM's 0x01000065); ARCH_CAP and PERF_CAP read 0 (no CPUID bit, no PMU).
     assert got == {UCODE_REV: 0, ARCH_CAP: 0, PERF_CAP: 0, PLATFORM_INFO: 0x80000000}, got
 
@@ -71,8 +66,8 @@ def test_vcpu_defaults_with_quirk_disabled(kvm: System) -> None:
         early = vm.create_vcpu(0)
         vm.enable_cap(uapi.KVM_CAP_DISABLE_QUIRKS2, uapi.KVM_X86_QUIRK_STUFF_FEATURE_MSRS)
         late = vm.create_vcpu(1)
-        assert read(early, PLATFORM_INFO) == 0x80000000, "the quirk applies when a vCPU is created"
-        got = {i: read(late, i) for i in FEATURES}
+        assert early.try_read_msr(PLATFORM_INFO) == 0x80000000, "the quirk applies when a vCPU is created"
+        got = {i: late.try_read_msr(i) for i in FEATURES}
         assert got == {UCODE_REV: 0, ARCH_CAP: 0, PERF_CAP: 0, PLATFORM_INFO: 0}, got
 
 
@@ -87,7 +82,7 @@ def test_refused_entry_position_and_zeroed_read(kvm: System) -> None:
     with vm:
         batch = MsrBatch([(UCODE_REV, 0x42), (PLATFORM_INFO, 0x80000000), (ARCH_CAP, 1), (UCODE_REV, 0x43)])
         assert vcpu.set_msrs(batch) == 2, "KVM_SET_MSRS stops at ARCH_CAPABILITIES = 1 (entry 2)"
-        assert read(vcpu, UCODE_REV) == 0x42, "entries before the refusal are written, the one after is not"
+        assert vcpu.try_read_msr(UCODE_REV) == 0x42, "entries before the refusal are written, the one after is not"
         got = MsrBatch([(PLATFORM_INFO, 0x1111), (0x12345678, 0x2222), (UCODE_REV, 0x3333)])
         assert vcpu.get_msrs(got) == 1
         assert list(got) == [(PLATFORM_INFO, 0x80000000), (0x12345678, 0), (UCODE_REV, 0x3333)], (
@@ -116,7 +111,7 @@ def test_caps_msrs_take_only_zero(kvm: System, index: int, cpuid: bool) -> None:
             assert vcpu.set_msrs({index: 0}) == 1, f"0x{index:x} = 0 is accepted (unsupported, advertised)"
             for value in (1, FEATURES[ARCH_CAP], (1 << 64) - 1):
                 assert vcpu.set_msrs({index: value}) == 0, f"0x{index:x} = 0x{value:x} is refused"
-            assert read(vcpu, index) == 0
+            assert vcpu.try_read_msr(index) == 0
 
 
 @pytest.mark.parametrize("cpuid", [False, True], ids=["no-cpuid", "supported-cpuid"])
@@ -128,7 +123,7 @@ def test_platform_info_frozen_after_run(kvm: System, cpuid: bool) -> None:
         assert isinstance(guest.run_to_hlt(vm, vcpu), HltExit)
         for changed in (0, 0x80000000, 0x8000FF01, (1 << 64) - 1):
             assert vcpu.set_msrs({PLATFORM_INFO: changed}) == 0, f"PLATFORM_INFO = 0x{changed:x} after KVM_RUN"
-        assert read(vcpu, PLATFORM_INFO) == 0x8000FF00, "a refused write keeps the old value"
+        assert vcpu.try_read_msr(PLATFORM_INFO) == 0x8000FF00, "a refused write keeps the old value"
         assert vcpu.set_msrs({PLATFORM_INFO: 0x8000FF00}) == 1, "a same-value write after KVM_RUN is accepted"
 
 
@@ -137,7 +132,7 @@ def test_ucode_rev_stays_writable(kvm: System) -> None:
     with vm:
         for value in (0x1000065, 0, 0x100000000, (1 << 64) - 1, 5):
             assert vcpu.set_msrs({UCODE_REV: value}) == 1, f"UCODE_REV = 0x{value:x} after KVM_RUN"
-            assert read(vcpu, UCODE_REV) == value
+            assert vcpu.try_read_msr(UCODE_REV) == value
 
 
 def test_re_stuffing_every_msr_after_run_passes(kvm: System) -> None:
@@ -197,7 +192,7 @@ def test_ordinary_msr_behaviour(kvm: System, index: int) -> None:
             expected_ok = b.kind in ("store", "drop") or (b.kind == "zero_only" and value == 0)
             assert ok == expected_ok, f"0x{index:x} ({b.kind}) = 0x{value:x}: expected {expected_ok}, saw {ok}"
             expected = value if (ok and b.kind == "store") else b.default if b.readable else None
-            assert read(vcpu, index) == expected, f"0x{index:x} ({b.kind}) read back after writing 0x{value:x}"
+            assert vcpu.try_read_msr(index) == expected, f"0x{index:x} ({b.kind}) read back after writing 0x{value:x}"
 
 
 def test_strict_write_error_names_the_msr(kvm: System) -> None:

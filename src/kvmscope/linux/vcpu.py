@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -38,16 +39,42 @@ _KVM_GET_MSRS = uapi.KVM_GET_MSRS
 _EXIT_IO = uapi.KVM_EXIT_IO
 _EXIT_HLT = uapi.KVM_EXIT_HLT
 _EXIT_INTR = uapi.KVM_EXIT_INTR
-_IO_PORT = (uapi.KVM_RUN_EXIT_OFFSET + 2) // 2  # kvm_run.io.port as an index of 16-bit words
-_IO_DIRECTION = uapi.KVM_RUN_EXIT_OFFSET  # kvm_run.io.direction, a byte
+_IO_OUT = uapi.KVM_EXIT_IO_OUT
 _KVM_SET_MSRS = uapi.KVM_SET_MSRS
 _fcntl_ioctl = fcntl.ioctl
-_EXIT = uapi.KVM_RUN_EXIT_OFFSET
-_IO = struct.Struct("<BBHIQ")
-_MMIO = struct.Struct("<Q8sIB")
-_FAIL = struct.Struct("<QI")
-_INTERNAL_HDR = struct.Struct("<II")
-_MSR = struct.Struct("<B7xIIQ")
+
+
+# struct kvm_run as this module reads it from the mapping: offsets and struct formats derived once, here, from the
+# ctypes structs in uapi (checked against linux/kvm.h by tests/test_uapi.py), so that the layout has one source and the
+# hot path reads plain module constants.
+def _word(offset: int, size: int) -> int:
+    """``offset`` as an index into the mapping cast to ``size``-byte words (the views need it aligned)."""
+    if offset % size:
+        raise ImportError(f"kvm_run offset {offset} is not {size}-byte aligned")
+    return offset // size
+
+
+def _fields(cls: type[ctypes.Structure], *names: str) -> struct.Struct:
+    return struct.Struct(uapi.struct_format(cls, *names))
+
+
+_EXIT = uapi.KVM_RUN_EXIT_OFFSET  # the exit-reason union, where each exit's members start
+_REASON = _word(uapi.KVM_RUN_EXIT_REASON_OFFSET, 4)  # kvm_run.exit_reason as an index of 32-bit words
+_IO_DIRECTION = _EXIT + uapi.kvm_run_io.direction.offset  # kvm_run.io.direction, a byte
+_IO_PORT = _word(_EXIT + uapi.kvm_run_io.port.offset, 2)  # kvm_run.io.port as an index of 16-bit words
+_IO = _fields(uapi.kvm_run_io, "direction", "size", "port", "count", "data_offset")
+_IO_DATA_OFFSET = _fields(uapi.kvm_run_io, "data_offset")
+_MMIO = _fields(uapi.kvm_run_mmio, "phys_addr", "data", "len", "is_write")
+_FAIL = _fields(uapi.kvm_run_fail_entry, "hardware_entry_failure_reason", "cpu")
+_INTERNAL = _fields(uapi.kvm_run_internal, "suberror", "ndata", "data")
+_SYSTEM_EVENT = _fields(uapi.kvm_run_system_event, "type", "ndata", "data")
+_MSR = _fields(uapi.kvm_run_msr, "error", "reason", "index", "data")
+# The answer to a user-space MSR exit is written field by field: a format spanning the fields between would zero them.
+_MSR_ERROR = struct.Struct("<" + uapi.field_code(uapi.kvm_run_msr, "error"))
+_MSR_ERROR_AT = _EXIT + uapi.kvm_run_msr.error.offset
+_MSR_DATA = struct.Struct("<" + uapi.field_code(uapi.kvm_run_msr, "data"))
+_MSR_DATA_AT = _EXIT + uapi.kvm_run_msr.data.offset
+
 _HLT = HltExit()
 _SHUTDOWN = ShutdownExit()
 _INTERRUPTED = InterruptedExit()
@@ -109,10 +136,10 @@ class LinuxVcpu(Vcpu):
             return self._run_failed(e)
         except ValueError:  # fd -1: closed
             raise ClosedError("this vCPU is closed") from None
-        reason = self._u32[2]
-        if reason == _EXIT_IO and self._run[_IO_DIRECTION] == 1:  # an OUT, decoded here: saves a call per exit
+        reason = self._u32[_REASON]
+        if reason == _EXIT_IO and self._run[_IO_DIRECTION] == _IO_OUT:  # decoded here: saves a call per exit
             _, size, port, count, offset = _IO.unpack_from(self._run, _EXIT)
-            return IoExit(1, size, port, count, self._run[offset : offset + size * count])
+            return IoExit(_IO_OUT, size, port, count, self._run[offset : offset + size * count])
         return self._decode(reason)
 
     def run_raw(self) -> int:
@@ -125,14 +152,14 @@ class LinuxVcpu(Vcpu):
             return _EXIT_INTR
         except ValueError:  # fd -1: closed
             raise ClosedError("this vCPU is closed") from None
-        return self._u32[2]
+        return self._u32[_REASON]
 
     def _run_failed(self, e: OSError) -> Exit:
         if e.errno != errno.EINTR:
             raise self._ioctl_error(e, "KVM_RUN") from None
         # KVM leaves exit_reason as it was when it did not enter (immediate_exit): record the interruption there, so
         # that last_exit() sees it; KVM overwrites the field at the next exit.
-        self._u32[2] = _EXIT_INTR
+        self._u32[_REASON] = _EXIT_INTR
         return _INTERRUPTED
 
     @property
@@ -143,12 +170,12 @@ class LinuxVcpu(Vcpu):
     def last_exit(self) -> Exit:
         """The last exit, decoded (after :meth:`run_raw`)."""
         self._check_open()
-        return self._decode(self._u32[2])
+        return self._decode(self._u32[_REASON])
 
     def _decode(self, reason: int) -> Exit:
         if reason == _EXIT_IO:
             direction, size, port, count, offset = _IO.unpack_from(self._run, _EXIT)
-            if direction == 1:
+            if direction == _IO_OUT:
                 return IoExit(direction, size, port, count, self._run[offset : offset + size * count])
             return IoExit(direction, size, port, count, b"", self._reply_io)
         if reason == _EXIT_HLT:
@@ -158,12 +185,12 @@ class LinuxVcpu(Vcpu):
         return self._decode_other(reason)
 
     def _reply_io(self, data: bytes) -> None:
-        offset = _IO.unpack_from(self._run, _EXIT)[4]
+        offset = _IO_DATA_OFFSET.unpack_from(self._run, _EXIT)[0]
         self._run[offset : offset + len(data)] = data
 
     def _reply_msr(self, error: int, value: int) -> None:
-        struct.pack_into("<B", self._run, _EXIT, error)
-        struct.pack_into("<Q", self._run, _EXIT + 16, value)
+        _MSR_ERROR.pack_into(self._run, _MSR_ERROR_AT, error)
+        _MSR_DATA.pack_into(self._run, _MSR_DATA_AT, value)
 
     def _decode_other(self, reason: int) -> Exit:
         run = self._run
@@ -175,11 +202,11 @@ class LinuxVcpu(Vcpu):
         if reason == uapi.KVM_EXIT_FAIL_ENTRY:
             return FailEntryExit(*_FAIL.unpack_from(run, _EXIT))
         if reason == uapi.KVM_EXIT_INTERNAL_ERROR:
-            sub, ndata = _INTERNAL_HDR.unpack_from(run, _EXIT)
-            return InternalErrorExit(sub, struct.unpack_from(f"<{min(ndata, 16)}Q", run, _EXIT + 8))
+            sub, ndata, *data = _INTERNAL.unpack_from(run, _EXIT)
+            return InternalErrorExit(sub, tuple(data[:ndata]))
         if reason == uapi.KVM_EXIT_SYSTEM_EVENT:
-            etype, ndata = _INTERNAL_HDR.unpack_from(run, _EXIT)
-            return SystemEventExit(etype, struct.unpack_from(f"<{min(ndata, 16)}Q", run, _EXIT + 8))
+            etype, ndata, *data = _SYSTEM_EVENT.unpack_from(run, _EXIT)
+            return SystemEventExit(etype, tuple(data[:ndata]))
         if reason in (uapi.KVM_EXIT_X86_RDMSR, uapi.KVM_EXIT_X86_WRMSR):
             _error, msr_reason, index, data = _MSR.unpack_from(run, _EXIT)
             cls = RdmsrExit if reason == uapi.KVM_EXIT_X86_RDMSR else WrmsrExit
