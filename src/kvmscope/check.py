@@ -145,10 +145,6 @@ class Replayer:
             raise InvalidValueError(f"vCPU {step.vcpu} does not exist here (add a create_vcpu step)")
         return v
 
-    def _read(self, vcpu: Vcpu, index: int) -> int | None:
-        b = MsrBatch([index])
-        return b[0][1] if vcpu.get_msrs(b) == 1 else None
-
     def play(self, number: int, step: Step) -> StepResult:
         """Play one step (on the model alongside first, whose result explains this one) and judge it."""
         shadow = self.shadow.play(number, step) if self.shadow else None
@@ -230,7 +226,7 @@ class Replayer:
 
     def _write(self, res: StepResult, vcpu: Vcpu, pairs: list[tuple[int, int]], shadow: StepResult | None) -> None:
         """KVM_SET_MSRS of ``pairs``, explaining a refusal (by the model alongside, on a live kernel)."""
-        olds = [self._read(vcpu, i) for i, _ in pairs]
+        olds = [vcpu.try_read_msr(i) for i, _ in pairs]
         batch = MsrBatch(pairs)
         count = vcpu.set_msrs(batch)
         res.count, res.total = count, len(pairs)
