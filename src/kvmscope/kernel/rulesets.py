@@ -16,7 +16,11 @@ from ..errors import InvalidValueError
 
 Version = tuple[int, int, int]
 _VERSION = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?(?:[-+_~].*)?")
-OLDEST: Version = (6, 3, 0)  # the oldest kernel whose rules the model was checked against
+OLDEST: Version = (5, 10, 0)  # the oldest kernel whose rules the model was checked against
+# Long-term kernels fleets run and migrate from: each is a ruleset of its own even where no rule changed in it. Sources
+# read for them: Debian's linux-source 5.10.262, 6.1.192 and 6.12.118 trees; 5.15 and 6.6 from mainline history and the
+# stable lists (docs/rules.md says which cells are inferred).
+LTS: tuple[str, ...] = ("5.10", "5.15", "6.1", "6.6", "6.12")
 
 
 def parse_version(text: str) -> Version:
@@ -65,7 +69,7 @@ class Rule:
     @property
     def start(self) -> Version | None:
         """The first mainline release with the rule; None when it predates every version the model knows ("-",
-        "< 6.3", "2.6.x")."""
+        "< 5.10", "2.6.x")."""
         if not re.fullmatch(r"\d+\.\d+(\.\d+)?", self.since):
             return None
         v = parse_version(self.since)
@@ -102,7 +106,15 @@ PLATFORM_INFO_IMMUTABLE = Rule("platform_info_immutable", "6.13", "bc2ca3680b30"
                                "KVM: x86: Disallow changing MSR_PLATFORM_INFO after vCPU has run",
                                "set MSR_PLATFORM_INFO before the first KVM_RUN (immutable after it since 6.13)")
 STUFF_QUIRK = Rule("stuff_quirk", "6.13", "dcb988cdac85",
-                   "KVM: x86: Quirk initialization of feature MSRs to KVM's max configuration")
+                   "KVM: x86: Quirk initialization of feature MSRs to KVM's max configuration",
+                   # 6.12.78 took the series as a Stable-dep-of e2ffe85b6d2b, without bc2ca3680b30, d75cac366f44,
+                   # a5d563890b8f, a1039111192b or 1ded7a57b805 (6.12.118 x86.c:439-444, 3370-3390, 3688-3694)
+                   stable=("6.12.78",))
+QUIRKS2 = Rule("disable_quirks2", "5.18", "6d8491910fcd",
+               "KVM_CAP_DISABLE_QUIRKS2 reports the quirks a VMM may disable and refuses unknown ones",
+               "before 5.18 only KVM_CAP_DISABLE_QUIRKS exists (bits 0-4)")
+SLOT_ZAP_ALL_QUIRK = Rule("slot_zap_all_quirk", "6.12", "aa8d1f48d353",
+                          "KVM: x86/mmu: Introduce a quirk to control memslot zap behavior (quirk bit 7)")
 PERF_CAP_NEEDS_PDCM = Rule("perf_cap_needs_pdcm", "6.13", "d75cac366f44",
                            "KVM: x86: Reject userspace attempts to access PERF_CAPABILITIES w/o PDCM",
                            "set CPUID.1:ECX[15] (PDCM) with KVM_SET_CPUID2 before writing it, or write 0")
@@ -110,12 +122,13 @@ ARCH_CAP_NEEDS_CPUID = Rule("arch_cap_needs_cpuid", "6.13", "a5d563890b8f",
                             "KVM: x86: Reject userspace attempts to access ARCH_CAPABILITIES w/o support",
                             "set CPUID.7.0:EDX[29] (ARCH_CAPABILITIES) with KVM_SET_CPUID2 before writing it, or "
                             "write 0")
-PLATFORM_INFO_ORDER_CHECK = Rule("platform_info_no_order_check", "< 6.3", "kvm_set_msr_common",
+PLATFORM_INFO_ORDER_CHECK = Rule("platform_info_no_order_check", "< 5.10", "kvm_set_msr_common",
                                  "PLATFORM_INFO.CPUID_FAULT cannot be cleared while MISC_FEATURES_ENABLES.CPUID_FAULT "
                                  "is set", "set PLATFORM_INFO.CPUID_FAULT before enabling "
                                  "MISC_FEATURES_ENABLES.CPUID_FAULT", until="6.13", removed_by="1ded7a57b805")
-PERF_CAP_PMU_VERSION = Rule("perf_cap_pmu_version", "< 6.3", "kvm_set_msr_common",
-                            "a non-zero PERF_CAPABILITIES needs a PMU version > 0 in CPUID.0xA",
+PERF_CAP_PMU_VERSION = Rule("perf_cap_pmu_version", "5.12", "c646236344e9",
+                            "vmx_set_msr: a non-zero PERF_CAPABILITIES needs a PMU version > 0 in CPUID.0xA "
+                            "(absent in 5.10.262 vmx.c; 6.1.192 vmx.c:2401, 6.12.118 vmx.c:2488)",
                             until="6.13", removed_by="a1039111192b")
 PEBS_TIMING_INFO = Rule("pebs_timing_info", "6.18", "PERF_CAP_PEBS_MASK",
                         "PERF_CAP_PEBS_MASK includes PEBS_TIMING_INFO (bit 17)")
@@ -123,26 +136,43 @@ CR4_FIXED1_LAM = Rule("cr4_fixed1_lam", "6.8", "nested_vmx_cr_fixed1_bits_update
                       "nested CR4_FIXED1 allows LAM_SUP when guest CPUID.7.1:EAX.LAM is set")
 CR4_FIXED1_CET = Rule("cr4_fixed1_cet", "6.18", "nested_vmx_cr_fixed1_bits_update",
                       "nested CR4_FIXED1 allows CET when guest CPUID has SHSTK or IBT (the CET series)")
+DE_CFG_GUEST_EXACT = Rule("de_cfg_guest_exact", "< 5.10", "svm_set_msr",
+                          "a guest WRMSR of DE_CFG must write exactly KVM's supported value (5.10.262 svm.c:2764-2780, "
+                          "6.1.192 svm.c:3095-3111)", until="6.12", removed_by="74a0e79df68a")
 DE_CFG_GUEST_SAME_ONLY = Rule("de_cfg_guest_same_only", "6.12", "74a0e79df68a",
                               "the guest may only rewrite DE_CFG's current value",
-                              until="6.13", removed_by="4d5163cba43f")  # Cc stable: lets it write any subset again
+                              until="6.13", removed_by="4d5163cba43f",
+                              stable_until=("6.12.7",))  # Cc stable: lets it write any subset again
 # --- refusal reasons that hold on every version the model knows ---------------------------------------------------
+CPUID_AFTER_RUN_FORBIDDEN = Rule("cpuid_after_run_forbidden", "5.16", "feb627e8d6f6",
+                                 "KVM: x86: Forbid KVM_SET_CPUID{,2} after KVM_RUN",
+                                 "set CPUID before the first KVM_RUN", until="5.17", removed_by="c6617c61e8fe",
+                                 stable_until=("5.16.3",))
 CPUID_AFTER_RUN_IDENTICAL = Rule("cpuid_after_run_identical", "5.17", "c6617c61e8fe",
                                  "KVM: x86: Partially allow KVM_SET_CPUID{,2} after KVM_RUN",
                                  "after KVM_RUN, re-send exactly what KVM_GET_CPUID2 returns (KVM may have rewritten "
-                                 "what you first gave it)")
+                                 "what you first gave it)", stable=("5.16.3",))
+VMX_RESTORE_CURRENT = Rule("vmx_restore_current", "< 5.10", "vmx_restore_control_msr",
+                           "nVMX MSR restores are checked against the vCPU's current values: a restricted value "
+                           "cannot be widened again", "restore VMX MSRs into a fresh vCPU",
+                           until="6.0", removed_by="KVM: nVMX: Let userspace set nVMX MSR to any _host_ supported value",
+                           # 5.10.137 (Debian changelog); 5.15.61 is the same stable batch (not read in a 5.15 tree)
+                           stable_until=("5.10.137", "5.15.61"))
 MSR_IO_LIMIT = Rule("msr_io_limit", "2.6.x", "MAX_IO_MSRS",
                     "msr_io: batches of MAX_IO_MSRS (256) or more entries get E2BIG",
                     "split the batch into chunks of at most 255 MSRs")
-VMX_RESTORE = Rule("vmx_restore", "< 6.3", "vmx_set_vmx_msr",
+MISC_FEATURES_CPUID_FAULT = Rule("misc_features_cpuid_fault", "< 5.10", "kvm_set_msr_common",
+                                 "MISC_FEATURES_ENABLES takes only CPUID_FAULT (bit 0), and only when PLATFORM_INFO "
+                                 "has CPUID_FAULT (bit 31)", "set PLATFORM_INFO.CPUID_FAULT first; write 0 or 1 only")
+VMX_RESTORE = Rule("vmx_restore", "< 5.10", "vmx_set_vmx_msr",
                    "nVMX: host writes of VMX MSRs must be restorable against KVM's nested capabilities",
                    "VMX MSRs may only restrict KVM's nested capabilities (system KVM_GET_MSRS); 0x481-0x484, "
                    "CR0_FIXED1 and CR4_FIXED1 are never writable; set CPUID.1:ECX.VMX first")
-PERF_CAP_SUBSET = Rule("perf_cap_subset", "< 6.3", "kvm_set_msr_common",
+PERF_CAP_SUBSET = Rule("perf_cap_subset", "< 5.10", "kvm_set_msr_common",
                        "PERF_CAPABILITIES must be a subset of kvm_caps.supported_perf_cap",
                        "write a subset of the PERF_CAPABILITIES feature value (system KVM_GET_MSRS), with the host's "
                        "LBR and PEBS formats")
-DE_CFG_SUBSET = Rule("de_cfg_subset", "< 6.3", "svm_set_msr",
+DE_CFG_SUBSET = Rule("de_cfg_subset", "< 5.10", "svm_set_msr",
                      "DE_CFG writes must be a subset of the supported bits (LFENCE_SERIALIZE)",
                      "write a subset of the DE_CFG feature value")
 UNSUPPORTED = Rule("unsupported", "-", "-", "the MSR is not supported for this vCPU and the value is not 0")
@@ -156,7 +186,8 @@ RULES: dict[str, Rule] = {
     r.key: r
     for r in (FREEZE, SAME_VALUE_REAL_WRITE, UNSUPPORTED_ZERO, PLATFORM_INFO_IMMUTABLE, STUFF_QUIRK, PERF_CAP_NEEDS_PDCM,
               ARCH_CAP_NEEDS_CPUID, PLATFORM_INFO_ORDER_CHECK, PERF_CAP_PMU_VERSION, PEBS_TIMING_INFO, CR4_FIXED1_LAM,
-              CR4_FIXED1_CET, DE_CFG_GUEST_SAME_ONLY, CPUID_AFTER_RUN_IDENTICAL, MSR_IO_LIMIT, VMX_RESTORE,
+              CR4_FIXED1_CET, DE_CFG_GUEST_EXACT, DE_CFG_GUEST_SAME_ONLY, CPUID_AFTER_RUN_FORBIDDEN,
+              CPUID_AFTER_RUN_IDENTICAL, VMX_RESTORE_CURRENT, QUIRKS2, MISC_FEATURES_CPUID_FAULT, SLOT_ZAP_ALL_QUIRK, MSR_IO_LIMIT, VMX_RESTORE,
               PERF_CAP_SUBSET, DE_CFG_SUBSET, UNSUPPORTED, UNKNOWN_MSR, HOST_PROFILE)
 }
 
@@ -232,6 +263,30 @@ class Ruleset:
         return DE_CFG_GUEST_SAME_ONLY in self.rules
 
     @property
+    def cpuid_after_run(self) -> str:
+        """What KVM_SET_CPUID2 after KVM_RUN does: "free" (before 5.16), "forbidden" (5.16.0-5.16.2) or "identical"."""
+        if CPUID_AFTER_RUN_IDENTICAL in self.rules:
+            return "identical"
+        return "forbidden" if CPUID_AFTER_RUN_FORBIDDEN in self.rules else "free"
+
+    def supported_quirks(self, reported: int) -> int:
+        """KVM_CAP_DISABLE_QUIRKS2 at this version, for a host whose own kernel reports ``reported``: 0 before the
+        capability (5.18); bits 0-6 up to 6.11 (6.1.192 kvm_host.h:2134-2141); SLOT_ZAP_ALL (bit 7) from 6.12; bits
+        8-10 (STUFF_FEATURE_MSRS, IGNORE_GUEST_PAT, VMCS12_ALLOW_FREEZE_IN_SMM) with the quirk series (6.13, 6.12.78:
+        6.12.118 kvm_host.h:2397-2408). The host's own report caps it: a vendor may withhold a quirk."""
+        if QUIRKS2 not in self.rules:
+            return 0
+        mask = 0x7F | (0x80 if SLOT_ZAP_ALL_QUIRK in self.rules else 0) | (0x700 if STUFF_QUIRK in self.rules else 0)
+        return reported & mask
+
+    def feature_msr(self, index: int) -> bool:
+        """Whether this version lists ``index`` among the feature MSRs (if the host offers it): PLATFORM_INFO joined
+        ``msr_based_features_all_except_vmx`` with bc2ca3680b30 (6.13), not backported (6.12.118 x86.c:439-444)."""
+        from .. import msrs
+
+        return index != msrs.MSR_PLATFORM_INFO or self.platform_info_immutable
+
+    @property
     def immutable_generic(self) -> frozenset[int]:
         """The generic feature MSRs that are immutable after the first run (kvm_is_immutable_feature_msr)."""
         from .. import msrs
@@ -242,8 +297,8 @@ class Ruleset:
         return frozenset(base)
 
 
-KNOWN: list[str] = sorted({_label(v) for r in RULES.values() for v in r.versions() if v >= OLDEST} | {_label(OLDEST)},
-                          key=parse_version)
+KNOWN: list[str] = sorted({_label(v) for r in RULES.values() for v in r.versions() if v >= OLDEST} | set(LTS)
+                          | {_label(OLDEST)}, key=parse_version)
 DEFAULT = "6.18"
 
 
@@ -256,3 +311,13 @@ def resolve(version: str) -> Ruleset:
     boundaries = [v for v in map(parse_version, KNOWN) if v <= wanted and (v[2] == 0 or v[:2] == wanted[:2])]
     label = _label(max(boundaries))
     return Ruleset(label, frozenset(r for r in RULES.values() if r.in_force(wanted)))
+
+
+def newer_than_known(version: str) -> str | None:
+    """A warning when ``version`` is a release after the newest one the rules were read at (its rules may have
+    changed since), naming the ruleset in force; None otherwise."""
+    wanted, newest = parse_version(version), parse_version(KNOWN[-1])
+    if wanted[:2] <= newest[:2]:
+        return None
+    return (f"kernel {version} is newer than the newest ruleset the model knows ({KNOWN[-1]}): using the {KNOWN[-1]} "
+            f"rules, which may miss later changes")

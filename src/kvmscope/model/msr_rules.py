@@ -74,6 +74,9 @@ class MsrRules:
         self.frozen: frozenset[int] = frozenset()
         # MSRs whose do_get_msr is a plain read of the stored value (no CPUID gate): the check reads them directly.
         self._plain = frozenset({M.MSR_PLATFORM_INFO} | ({M.MSR_AMD64_DE_CFG} if p.vendor == "svm" else set()))
+        # MISC_FEATURES_ENABLES follows KVM's own rule unless the profile recorded what its host does instead (PVM
+        # stores anything there: see docs/live-kernel.md).
+        self.misc_features_rule = MSR_MISC_FEATURES_ENABLES not in p.msr_behaviour
         self.setters = self._msr_setters()
         self._same_value_real_write = rs.same_value_real_write
         features = p.feature_msrs
@@ -87,6 +90,8 @@ class MsrRules:
         }
         for index, b in p.msr_behaviour.items():
             self.stored.setdefault(index, b.default)
+        if self.misc_features_rule:
+            self.stored[MSR_MISC_FEATURES_ENABLES] = 0
         self.vmx_kvm = vmx.slots_from(features) if p.nested_vmx else {}
         self.vmx = dict(self.vmx_kvm) if (quirk and p.nested_vmx) else vmx.slots_from({})
 
@@ -129,6 +134,8 @@ class MsrRules:
             return OK, self.stored[index]
         if index == M.MSR_AMD64_DE_CFG:
             return (OK, self.stored[index]) if p.vendor == "svm" else (UNSUPPORTED, 0)
+        if index == MSR_MISC_FEATURES_ENABLES and self.misc_features_rule:
+            return OK, self.stored[index]
         b = p.msr_behaviour.get(index)
         if b is None:
             return self.refuse(index, R.UNKNOWN_MSR, UNSUPPORTED), 0
@@ -151,7 +158,9 @@ class MsrRules:
                 return self.refuse(index, R.UNKNOWN_MSR, UNSUPPORTED)
             if not self.cpuid_has(VMX_BIT):
                 return self.refuse(index, R.VMX_RESTORE, FAIL)
-            code = vmx.write(self.vmx, self.vmx_kvm, index, data)
+            # before 5.10.137 / 6.0 the restore was checked against the vCPU's current values, not KVM's
+            reference = self.vmx if self.rules.has(R.VMX_RESTORE_CURRENT) else self.vmx_kvm
+            code = vmx.write(self.vmx, reference, index, data)
             return self.refuse(index, R.VMX_RESTORE, code) if code else OK
         b = p.msr_behaviour.get(index)
         if b is None:
@@ -175,6 +184,8 @@ class MsrRules:
         }
         if self.profile.vendor == "vmx":
             setters[vmx.MSR_IA32_FEAT_CTL] = self._set_feat_ctl
+        if self.misc_features_rule:
+            setters[MSR_MISC_FEATURES_ENABLES] = self._set_misc_features
         return setters
 
     def _set_arch_cap(self, data: int) -> int:
@@ -192,6 +203,14 @@ class MsrRules:
         ):
             return self.refuse(M.MSR_PLATFORM_INFO, R.PLATFORM_INFO_ORDER_CHECK, FAIL)
         self.stored[_PLATFORM_INFO] = data
+        return OK
+
+    def _set_misc_features(self, data: int) -> int:
+        # kvm_set_msr_common, host and guest alike (5.10.262 x86.c:3418-3424 ... 6.12.118 x86.c:3695-3701): only
+        # CPUID_FAULT (bit 0), and only when PLATFORM_INFO offers CPUID faulting (supports_cpuid_fault).
+        if data & ~1 or (data & 1 and not self.stored[_PLATFORM_INFO] & _CPUID_FAULT):
+            return self.refuse(MSR_MISC_FEATURES_ENABLES, R.MISC_FEATURES_CPUID_FAULT, FAIL)
+        self.stored[MSR_MISC_FEATURES_ENABLES] = data
         return OK
 
     def _set_ucode_rev(self, data: int) -> int:
@@ -312,6 +331,8 @@ class MsrRules:
             return OK, self.stored[index]
         if index == M.MSR_AMD64_DE_CFG:
             return (OK, self.stored[index]) if p.vendor == "svm" else (UNSUPPORTED, 0)
+        if index == MSR_MISC_FEATURES_ENABLES and self.misc_features_rule:
+            return OK, self.stored[index]
         if index == MSR_EFER:
             return OK, self.vcpu.sregs.efer
         if index == MSR_APIC_BASE:
@@ -339,12 +360,17 @@ class MsrRules:
         if index == M.MSR_AMD64_DE_CFG:
             if p.vendor != "svm":
                 return UNSUPPORTED
-            if data & ~p.feature_msrs.get(index, 0):  # 4d5163cba43f: the guest may write any supported subset
+            supported = p.feature_msrs.get(index, 0)
+            if data & ~supported:  # 4d5163cba43f: the guest may write any supported subset
                 return FAIL
-            if rs.de_cfg_guest_same_only and data != self.stored[index]:  # 74a0e79df68a, 6.12.0
+            if rs.has(R.DE_CFG_GUEST_EXACT) and data != supported:  # before 6.12: exactly the supported value
+                return FAIL
+            if rs.de_cfg_guest_same_only and data != self.stored[index]:  # 74a0e79df68a, 6.12.0-6.12.6
                 return FAIL
             self.stored[index] = data
             return OK
+        if index == MSR_MISC_FEATURES_ENABLES and self.misc_features_rule:
+            return self._set_misc_features(data)
         b = p.msr_behaviour.get(index)
         if b is None:
             return UNSUPPORTED

@@ -44,7 +44,17 @@ class ModelSystem(System):
 
     def check_extension(self, cap: int) -> int:
         self._check_open()
-        return self.profile.capability(cap)
+        return self.capability(cap)
+
+    def capability(self, cap: int, vm: bool = False) -> int:
+        """The profile's capability as this kernel version reports it (quirks it does not have yet are left out)."""
+        value = self.profile.capability(cap, vm)
+        return self.rules.supported_quirks(value) if cap == uapi.KVM_CAP_DISABLE_QUIRKS2 else value
+
+    @property
+    def features(self) -> dict[int, int]:
+        """The feature MSRs (index: value) this kernel version lists on this host."""
+        return {i: v for i, v in self.profile.feature_msrs.items() if self.rules.feature_msr(i)}
 
     def vcpu_mmap_size(self) -> int:
         self._check_open()
@@ -56,7 +66,7 @@ class ModelSystem(System):
 
     def get_msr_feature_index_list(self) -> list[int]:
         self._check_open()
-        return list(self.profile.feature_msrs)
+        return list(self.features)
 
     def msr_list_raw(self, request: int, nmsrs: int) -> tuple[int, list[int]]:
         """The index-list ioctls with a caller-chosen ``nmsrs`` (E2BIG when too small, the count in ``detail``)."""
@@ -71,7 +81,7 @@ class ModelSystem(System):
         n = len(batch)
         if n >= uapi.MAX_IO_MSRS:
             raise KvmError(errno.E2BIG, "KVM_GET_MSRS")
-        features = self.profile.feature_msrs
+        features = self.features
         for i in range(n):
             index = struct.unpack_from("<I", batch.buffer, 8 + 16 * i)[0]
             if index in features:

@@ -166,7 +166,11 @@ class ModelVcpu(Vcpu):
         entries = list(entries)
         if len(entries) > uapi.KVM_MAX_CPUID_ENTRIES:
             raise KvmError(errno.E2BIG, "KVM_SET_CPUID2")
-        if self.has_run:
+        after_run = self.rules.cpuid_after_run if self.has_run else "free"
+        if after_run == "forbidden":  # feb627e8d6f6 (5.16.0-5.16.2): no KVM_SET_CPUID2 once the vCPU has run
+            self.msr_rules.refuse(-1, R.CPUID_AFTER_RUN_FORBIDDEN, 0)
+            raise KvmError(errno.EINVAL, "KVM_SET_CPUID2", "KVM_SET_CPUID2 after KVM_RUN (5.16.0-5.16.2)")
+        if after_run == "identical":
             incoming = C.runtime_update(entries, self._runtime, self.profile)
             if incoming != C.runtime_update(self.cpuid, self._runtime, self.profile):
                 self.msr_rules.refuse(-1, R.CPUID_AFTER_RUN_IDENTICAL, 0)  # recorded under index -1: not an MSR

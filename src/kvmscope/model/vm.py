@@ -39,7 +39,7 @@ class ModelVm(Vm):
 
     def check_extension(self, cap: int) -> int:
         self._check_open()
-        return self.profile.capability(cap, vm=True)
+        return self.system.capability(cap, vm=True)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP for the capabilities that shape the vCPU model; others get EINVAL as on a kernel lacking
@@ -48,7 +48,7 @@ class ModelVm(Vm):
         if len(args) > 4:
             raise InvalidValueError("KVM_ENABLE_CAP takes at most 4 arguments")
         arg0 = args[0] if args else 0
-        supported = self.profile.capability(cap, vm=True)
+        supported = self.system.capability(cap, vm=True)
         if flags or not supported:
             raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP")
         if cap == uapi.KVM_CAP_DISABLE_QUIRKS2:
