@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,8 +16,9 @@ CHOICES = ("auto", "linux", "model")
 
 
 def choose(backend: str = "auto", *, kernel: str | None = None, profile: str | Path | Profile | None = None,
-           path: str | None = None) -> tuple[System, str | None]:
-    """Open ``backend``; returns the system and, when ``auto`` fell back to the model, why (else None).
+           path: str | None = None, note: Callable[[str], None] | None = None) -> tuple[System, str | None]:
+    """Open ``backend``; returns the system and, when ``auto`` fell back to the model, why (else None). ``note``
+    hears warnings worth telling a user (a kernel newer than the newest ruleset).
 
     ``auto``: the live kernel (``/dev/kvm``, or ``path``) when it is usable, else the model; a ``kernel`` ruleset or a
     host ``profile`` can only mean the model. ``model``: the model under ``kernel`` with ``profile`` (defaults: the
@@ -32,7 +34,10 @@ def choose(backend: str = "auto", *, kernel: str | None = None, profile: str | P
             raise InvalidValueError("path names a /dev/kvm: the model backend takes kernel and profile")
         from .model import open_model
 
-        return open_model(kernel=kernel, profile=profile), None
+        model = open_model(kernel=kernel, profile=profile)
+        if model.warning and note is not None:
+            note(model.warning)
+        return model, None
     if modelled:
         raise InvalidValueError("a kernel ruleset or host profile chooses the model; the linux backend takes neither")
     from .linux import open_system  # looked up at each call: tests replace it

@@ -89,7 +89,7 @@ def probe(backend: str, kernel: str | None, profile: str | None, as_json: bool, 
     if backend == "linux" and (kernel or profile):
         raise click.UsageError("--kernel and --profile choose the model; drop them or use --backend model")
     with exit_on_error():
-        system, fallback = backends.choose(backend, kernel=kernel or None, profile=profile or None)
+        system, fallback = backends.choose(backend, kernel=kernel or None, profile=profile or None, note=render.note)
     sys.exit(_probe(system, fallback, as_json, not no_cpuid, save_path, profile_name))
 
 
@@ -214,7 +214,7 @@ def _check_systems(backend: str, kernel: str | None, profile: str | None, scenar
                    ) -> tuple[System, System | None]:
     """Where to replay, and the model to replay alongside a live kernel to explain its refusals (or None)."""
     if backend == "model":
-        return backends.choose("model", kernel=kernel, profile=profile)[0], None
+        return backends.choose("model", kernel=kernel, profile=profile, note=render.note)[0], None
     if scenario.profile and not profile:
         render.note(f"the scenario's profile {scenario.profile!r} is for the model; the live kernel is this host")
     system, shadow = backends.live_with_explainer(profile)
@@ -230,7 +230,7 @@ def _compare(scenario: Scenario, versions: list[str], profile: str | None, as_js
 
     reports: dict[str, Report] = {}
     for v in versions:
-        system, _ = backends.choose("model", kernel=v, profile=profile)
+        system, _ = backends.choose("model", kernel=v, profile=profile, note=render.note)
         reports[v] = replay(scenario, system)
     render.comparison(scenario.name, versions, str(system.host_info()["profile"]), reports, compare(reports), as_json)
     return all(r.ok for r in reports.values())

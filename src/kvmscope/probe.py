@@ -14,6 +14,7 @@ from typing import Any
 from . import guest, uapi
 from . import msrs as _msrs
 from .api import CpuidEntry, HltExit, MsrBatch, System, Vcpu, Vm
+from .kernel import rulesets as R
 
 FROZEN = "frozen after first run"
 WRITABLE = "writable after run"
@@ -150,6 +151,35 @@ def probe_msr(system: System, index: int, feature: int | None, cpuid: list[Cpuid
     return result
 
 
+def freeze_rule(index: int) -> R.Rule:
+    """The rule that freezes ``index`` after the first run (PLATFORM_INFO joined the feature MSRs later)."""
+    return R.PLATFORM_INFO_IMMUTABLE if index == _msrs.MSR_PLATFORM_INFO else R.FREEZE
+
+
+def verdict(msrs: list[MsrProbe]) -> tuple[bool | None, str]:
+    """The freeze verdict from every feature MSR probed: enforced when each one a VMM can change at all refuses a
+    changed value after the first run (UCODE_REV aside: it stays writable by design), with the rule behind each."""
+    ucode = [m for m in msrs if m.index == _msrs.MSR_IA32_UCODE_REV]
+    immutable = [m for m in msrs if m.index != _msrs.MSR_IA32_UCODE_REV]
+    frozen = [m for m in immutable if m.verdict == FROZEN and m.after_run_same_ok]
+    writable = [m for m in immutable if m.verdict == WRITABLE]
+    by_rule: dict[R.Rule, list[str]] = {}
+    for m in frozen:
+        by_rule.setdefault(freeze_rule(m.index), []).append(m.name)
+    frozen_text = "; ".join(f"{', '.join(names)} (since {r.since}, {r.commit})" for r, names in by_rule.items())
+    ucode_text = "; UCODE_REV stays writable" if any(m.verdict == WRITABLE for m in ucode) else ""
+    if frozen and not writable:
+        return True, (f"this kernel enforces the freeze on every feature MSR it lets a VMM change: {frozen_text} "
+                      f"refused a changed value after the first run and accepted the same value{ucode_text}")
+    if frozen:
+        return False, (f"this kernel enforces the freeze only in part: frozen: {frozen_text}; still writable after "
+                       f"the first run: {', '.join(m.name for m in writable)}")
+    if writable:
+        return False, (f"this kernel does not enforce the freeze (a rule since {R.FREEZE.since}, {R.FREEZE.commit}): "
+                       f"{', '.join(m.name for m in writable)} took a changed value after the first run")
+    return None, "cannot tell: no feature MSR could be changed even before a run"
+
+
 def probe(system: System, set_cpuid: bool = True) -> ProbeReport:
     """Probe ``system``: capabilities, feature MSRs with decoded values, and the live freeze check."""
     caps: dict[str, int] = {}
@@ -173,22 +203,5 @@ def probe(system: System, set_cpuid: bool = True) -> ProbeReport:
     values = {index: value for i, (index, value) in enumerate(batch) if i < done}
     for index in features:
         report.msrs.append(probe_msr(system, index, values.get(index), cpuid))
-    frozen = [m for m in report.msrs if m.verdict == FROZEN and m.after_run_same_ok]
-    writable = [m for m in report.msrs if m.verdict == WRITABLE]
-    immutable_writable = [m for m in writable if m.index != _msrs.MSR_IA32_UCODE_REV]
-    if frozen and not immutable_writable:
-        report.freeze_enforced = True
-        report.conclusion = (
-            "this kernel enforces the freeze: "
-            + ", ".join(m.name for m in frozen)
-            + " refused a changed value after the first run and accepted the same value"
-            + ("; UCODE_REV stays writable" if any(m.index == _msrs.MSR_IA32_UCODE_REV for m in writable) else "")
-        )
-    elif immutable_writable:
-        report.freeze_enforced = False
-        report.conclusion = "this kernel does not enforce the freeze: " + ", ".join(
-            m.name for m in immutable_writable
-        ) + " took a changed value after the first run"
-    else:
-        report.conclusion = "cannot tell: no feature MSR could be changed even before a run"
+    report.freeze_enforced, report.conclusion = verdict(report.msrs)
     return report

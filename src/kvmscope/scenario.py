@@ -36,6 +36,7 @@ from .schema import (
     Convert,
     Field,
     Int,
+    KernelVersion,
     Leaf,
     ListOf,
     Msr,
@@ -46,7 +47,6 @@ from .schema import (
     Record,
     Str,
     Style,
-    Text,
     Type,
     Version,
     kind,
@@ -406,7 +406,7 @@ HEADER = (
     Field("scenario", Version(SCHEMA), required=True, store=False, note=f"the format version, {SCHEMA}"),
     Field("name", Str()),
     Field("description", Str()),
-    Field("kernel", Text()),
+    Field("kernel", KernelVersion()),
     Field("profile", Str()),
 )
 SCENARIO = Record(Scenario, (HEADER[0], Field("steps", Steps(), required=True), *HEADER[1:]), finish=_scenario_defaults)

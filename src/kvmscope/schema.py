@@ -166,6 +166,26 @@ class Text(Type[str]):
         return str(plain(x))
 
 
+class KernelVersion(Type[str]):
+    """A kernel release as text (``"6.10"``, ``"6.12.118"``). A YAML number is refused: ``6.10`` unquoted is the
+    float 6.1, which would silently choose the wrong kernel."""
+
+    def read(self, r: Reader, x: Any, path: str) -> str:
+        from .kernel.rulesets import parse_version
+
+        v = unwrap(x)[0]
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise r.fail(x, path, f"expected a kernel version such as \"6.18\", got {kind(v)}")
+        if not isinstance(v, str):
+            raise r.fail(x, path, f"kernel version {v!r} was read as a number (YAML reads 6.10 as 6.1): quote it, "
+                                  f"e.g. \"6.10\"")
+        try:
+            parse_version(v)
+        except KvmscopeError as e:
+            raise r.fail(x, path, str(e)) from None
+        return v
+
+
 class Bool(Type[bool]):
     def read(self, r: Reader, x: Any, path: str) -> bool:
         v = unwrap(x)[0]

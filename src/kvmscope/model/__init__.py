@@ -15,7 +15,10 @@ def open_model(kernel: str | None = None, profile: str | Path | Profile | None =
     """The model for ``profile`` (a shipped name, a JSON path, or a Profile; default: this project's PVM host) under
     the ruleset of ``kernel`` (default: the profile's kernel)."""
     prof = profile if isinstance(profile, Profile) else load(profile)
-    return ModelSystem(prof, rulesets.resolve(kernel or prof.ruleset))
+    version = kernel or prof.ruleset
+    system = ModelSystem(prof, rulesets.resolve(version))
+    system.warning = rulesets.newer_than_known(version)
+    return system
 
 
 __all__ = ["ModelLimitation", "ModelSystem", "ModelVcpu", "ModelVm", "Profile", "open_model"]

@@ -23,13 +23,14 @@ class ModelSystem(System):
         self.profile = profile
         self.rules = rules
         self.advertised = frozenset(profile.msr_index_list)
+        self.warning: str | None = None  # set when the kernel asked for is newer than the newest ruleset
 
     def describe(self) -> str:
         return f"model backend: kernel {self.rules.version} rules, profile {self.profile.name} ({self.profile.vendor})"
 
     def host_info(self) -> dict[str, object]:
         p = self.profile
-        return {
+        info: dict[str, object] = {
             "kernel_release": p.kernel_release,
             "vendor_module": {"vmx": "kvm_intel", "svm": "kvm_amd", "pvm": "kvm_pvm"}[p.vendor],
             "vendor": p.vendor,
@@ -37,6 +38,9 @@ class ModelSystem(System):
             "profile": p.name,
             "ruleset": self.rules.version,
         }
+        if self.warning:
+            info["ruleset_warning"] = self.warning
+        return info
 
     def api_version(self) -> int:
         self._check_open()
