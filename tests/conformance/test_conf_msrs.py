@@ -206,3 +206,14 @@ def test_strict_write_error_names_the_msr(kvm: System) -> None:
             f"the model names the PLATFORM_INFO freeze rule, saw {e.rule}")
     else:
         assert e.rule is None, "the live kernel does not say why"
+
+
+def test_misc_features_enables_takes_anything_on_pvm(kvm: System) -> None:
+    # Upstream kvm_set_msr_common refuses reserved bits and CPUID_FAULT without PLATFORM_INFO.CPUID_FAULT (6.12.118
+    # x86.c:3695-3701); PVM here stores any value, host and guest side, and the pvm-6.18 profile records that.
+    vm, vcpu = fresh(kvm)
+    with vm:
+        assert vcpu.set_msrs({PLATFORM_INFO: 0}) == 1
+        for value in (2, 1, 0xFFFF):
+            assert vcpu.set_msrs({0x140: value}) == 1, f"MISC_FEATURES_ENABLES {value:#x} should be taken here"
+            assert vcpu.try_read_msr(0x140) == value, f"MISC_FEATURES_ENABLES should read back {value:#x}"

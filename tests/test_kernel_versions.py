@@ -1,0 +1,228 @@
+"""The model across kernel versions the live kernel here cannot show: LTS (5.10, 5.15, 6.1, 6.6), stable backports
+(5.10.137, 5.16.3, 6.12.7, 6.12.78) and mainline boundaries, one case on each side of each boundary.
+
+Sources are cited per test: Debian's linux-source 5.10.262, 6.1.192 and 6.12.118 trees (arch/x86/kvm/...), mainline
+commits, and the upstream selftests (tools/testing/selftests/kvm/x86/).
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import replace
+
+import pytest
+
+import kvmscope
+import kvmscope.guest
+from kvmscope import uapi
+from kvmscope.errors import KvmError
+from kvmscope.kernel import rulesets as R
+from kvmscope.probe import FROZEN, WRITABLE, probe
+from kvmscope.kernel.profile import shipped
+from kvmscope.program import GuestException, Halted, Program, Rdmsr, Wrmsr, run_program
+
+PLATFORM_INFO, UCODE_REV, ARCH_CAP, PERF_CAP, DE_CFG, MISC_FEATURES = 0xCE, 0x8B, 0x10A, 0x345, 0xC0011029, 0x140
+TRUE_PINBASED = 0x48D
+STUFF = uapi.KVM_X86_QUIRK_STUFF_FEATURE_MSRS
+GP = GuestException(13, 0)
+
+
+def model(profile: str, kernel: str) -> kvmscope.System:
+    return kvmscope.open("model", profile=profile, kernel=kernel)
+
+
+# --- probe: the verdict follows the rules on every ruleset and shipped profile ---------------------------------------
+@pytest.mark.parametrize("profile", shipped())
+@pytest.mark.parametrize("kernel", R.KNOWN)
+def test_probe_verdict_follows_the_rules(profile: str, kernel: str) -> None:
+    rules = R.resolve(kernel)
+    immutable = frozenset(range(0x480, 0x492)) | rules.immutable_generic
+    with model(profile, kernel) as kvm:
+        report = probe(kvm)
+    for m in report.msrs:
+        if not m.before_run_changed_ok:
+            continue
+        expect = FROZEN if rules.freeze and m.index in immutable else WRITABLE
+        assert m.verdict == expect, f"{profile} on {kernel}: {m.name} expected {expect!r}, probe saw {m.verdict!r}"
+    changeable = [m for m in report.msrs if m.before_run_changed_ok and m.index != UCODE_REV]
+    if changeable:
+        assert report.freeze_enforced is rules.freeze, (
+            f"{profile} on {kernel}: the freeze is {'' if rules.freeze else 'not '}in force, probe concluded "
+            f"{report.conclusion!r}")
+    if rules.freeze and changeable:
+        assert f"since {R.FREEZE.since}, {R.FREEZE.commit}" in report.conclusion or (
+            f"since {R.PLATFORM_INFO_IMMUTABLE.since}" in report.conclusion), report.conclusion
+
+
+# --- feature-MSR list: PLATFORM_INFO from 6.13 only (bc2ca3680b30, not in 6.12.118 x86.c:439-444) --------------------
+def test_platform_info_is_a_feature_msr_from_6_13() -> None:
+    for kernel, listed, system_read in (("6.1", False, 0), ("6.12.118", False, 1), ("6.13", True, 1)):
+        with model("intel-spr", kernel) as kvm:
+            assert (PLATFORM_INFO in kvm.get_msr_feature_index_list()) is listed, (
+                f"{kernel}: PLATFORM_INFO {'should' if listed else 'should not'} be a feature MSR")
+            batch = kvmscope.MsrBatch([PLATFORM_INFO])
+            done = kvm.get_feature_msrs(batch)
+            # 6.12: not a feature MSR, but advertised: the zero rule (64a5d7a1091f) gives 0; 6.1 fails the entry.
+            assert done == system_read, f"{kernel}: system KVM_GET_MSRS of PLATFORM_INFO gave {done} entries"
+            if done:
+                assert batch[0][1] == (0x80000000 if listed else 0), f"{kernel}: value {batch[0][1]:#x}"
+
+
+# --- KVM_CAP_DISABLE_QUIRKS2 by version --------------------------------------------------------------------------------
+@pytest.mark.parametrize(("kernel", "reported"), [("5.15", 0), ("5.17", 0), ("5.18", 0x7F), ("6.1", 0x7F),
+                                                  ("6.6", 0x7F), ("6.11", 0x7F), ("6.12", 0xFF), ("6.12.77", 0xFF),
+                                                  ("6.12.78", 0x3FF), ("6.18", 0x3FF)])
+def test_disable_quirks2_reports_the_quirks_of_the_version(kernel: str, reported: int) -> None:
+    # 5.10/5.15: no such capability; 6.1.192 kvm_host.h:2134-2141 (0x7F); 6.12.0 adds SLOT_ZAP_ALL; 6.12.78
+    # (6.12.118 kvm_host.h:2397-2408) the quirk series. intel-spr's own kernel reports 0x3FF.
+    with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+        got = kvm.check_extension(uapi.KVM_CAP_DISABLE_QUIRKS2)
+        assert got == reported, f"{kernel}: DISABLE_QUIRKS2 expected {reported:#x}, saw {got:#x}"
+        assert vm.check_extension(uapi.KVM_CAP_DISABLE_QUIRKS2) == reported
+        if not reported & STUFF:
+            with pytest.raises(KvmError) as info:
+                vm.enable_cap(uapi.KVM_CAP_DISABLE_QUIRKS2, STUFF)
+            assert info.value.errno == errno.EINVAL, f"{kernel}: disabling an unknown quirk must be EINVAL"
+        else:
+            vm.enable_cap(uapi.KVM_CAP_DISABLE_QUIRKS2, STUFF)
+            vcpu = vm.create_vcpu(0)
+            assert vcpu.try_read_msr(ARCH_CAP) == 0, f"{kernel}: quirk off, ARCH_CAP starts at 0"
+
+
+def test_stuff_feature_msrs_reached_6_12_78() -> None:
+    # dcb988cdac85 in 6.12.78 (Stable-dep-of e2ffe85b6d2b); before it the quirk does not exist, KVM always stuffs.
+    for kernel, stuffs_when_disabled in (("6.12.77", True), ("6.12.78", False)):
+        with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+            try:
+                vm.enable_cap(uapi.KVM_CAP_DISABLE_QUIRKS2, STUFF)
+            except KvmError:
+                pass
+            vcpu = vm.create_vcpu(0)
+            ucode = vcpu.try_read_msr(UCODE_REV)
+            assert (ucode == 0x100000000) is stuffs_when_disabled, f"{kernel}: UCODE_REV reset {ucode:#x}"
+
+
+# --- KVM_SET_CPUID2 after KVM_RUN: free, forbidden (5.16.0-5.16.2), identical only (5.16.3, 5.17) -------------------
+@pytest.mark.parametrize(("kernel", "same_ok", "changed_ok"), [("5.10", True, True), ("5.15", True, True),
+                                                               ("5.16", False, False), ("5.16.2", False, False),
+                                                               ("5.16.3", True, False), ("5.17", True, False),
+                                                               ("6.18", True, False)])
+def test_set_cpuid_after_run_by_version(kernel: str, same_ok: bool, changed_ok: bool) -> None:
+    # 5.10.262 cpuid.c:281-311 (no has-run check); feb627e8d6f6 (5.16); c6617c61e8fe (5.17, 5.16.3);
+    # selftest cpuid_test.c test_cpuid_set_after_run (6.1.192 tools/testing/selftests/kvm/x86_64/cpuid_test.c).
+    with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        kvmscope.guest.run_to_hlt(vm, vcpu)
+        current = vcpu.get_cpuid()
+        changed = [replace(e, ebx=e.ebx ^ 1) if e.function == 0x80000001 else e for e in current]
+        for entries, ok, what in ((current, same_ok, "the same CPUID"), (changed, changed_ok, "a changed CPUID")):
+            try:
+                vcpu.set_cpuid(entries)
+                took = True
+            except KvmError as e:
+                assert e.errno == errno.EINVAL
+                took = False
+            assert took is ok, f"{kernel}: KVM_SET_CPUID2 of {what} after KVM_RUN expected {ok}, saw {took}"
+
+
+# --- the freeze and its same-value write ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("kernel", "frozen"), [("5.10", False), ("6.1", False), ("6.3", False), ("6.4", True),
+                                                ("6.6", True)])
+def test_freeze_starts_in_6_4(kernel: str, frozen: bool) -> None:
+    # 0094f62c7eaa (6.4); 6.1.192 x86.c:2225-2228 has no check; feature_msrs_test.c (6.12.118 selftests).
+    with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        kvmscope.guest.run_to_hlt(vm, vcpu)
+        assert (vcpu.set_msrs({ARCH_CAP: 0}) == 0) is frozen, f"{kernel}: ARCH_CAP change after the run"
+
+
+# --- MISC_FEATURES_ENABLES: kvm_set_msr_common on every version (5.10.262 x86.c:3418, 6.12.118 x86.c:3695) ----------
+@pytest.mark.parametrize("profile", ["intel-spr", "amd-epyc"])
+@pytest.mark.parametrize("kernel", ["5.10", "6.1", "6.12", "6.18"])
+def test_misc_features_enables_is_validated(profile: str, kernel: str) -> None:
+    with model(profile, kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        assert vcpu.set_msrs({MISC_FEATURES: 2}) == 0, "a reserved bit is refused"
+        assert vcpu.set_msrs({PLATFORM_INFO: 0}) == 1
+        assert vcpu.set_msrs({MISC_FEATURES: 1}) == 0, "CPUID_FAULT needs PLATFORM_INFO.CPUID_FAULT"
+        assert vcpu.set_msrs({PLATFORM_INFO: 0x80000000, MISC_FEATURES: 1}) == 2, "with it, CPUID faulting is on"
+        assert vcpu.try_read_msr(MISC_FEATURES) == 1
+        events = run_program(vm, vcpu, Program().wrmsr(MISC_FEATURES, 4).rdmsr(MISC_FEATURES).hlt())
+        assert events == [GP, Rdmsr(MISC_FEATURES, 1), Halted()], f"the guest gets the same rule: {events}"
+
+
+# --- DE_CFG from the guest: exact value (<6.12), current value (6.12.0-6.12.6), any subset (6.12.7, 6.13) ----------
+@pytest.mark.parametrize(("kernel", "expected"), [
+    ("6.1", [Wrmsr(DE_CFG), GP]),  # 6.1.192 svm.c:3095-3111: data ^ supported
+    ("6.11", [Wrmsr(DE_CFG), GP]),
+    ("6.12", [GP, Wrmsr(DE_CFG)]),  # 74a0e79df68a: only the current value (0)
+    ("6.12.6", [GP, Wrmsr(DE_CFG)]),
+    ("6.12.7", [Wrmsr(DE_CFG), Wrmsr(DE_CFG)]),  # 4d5163cba43f (6.12.118 svm.c:3307-3318)
+    ("6.13", [Wrmsr(DE_CFG), Wrmsr(DE_CFG)]),
+])
+def test_guest_de_cfg_by_version(kernel: str, expected: list[object]) -> None:
+    with model("amd-epyc", kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        events = run_program(vm, vcpu, Program().wrmsr(DE_CFG, 2).wrmsr(DE_CFG, 0).hlt())
+        assert events == [*expected, Halted()], f"{kernel}: guest DE_CFG writes of 2 then 0 gave {events}"
+
+
+# --- VMX MSR restore: against current values before 5.10.137 ----------------------------------------------------------
+@pytest.mark.parametrize(("kernel", "widen_ok"), [("5.10", False), ("5.10.136", False), ("5.10.137", True),
+                                                  ("5.15.60", False), ("5.15.61", True), ("6.1", True)])
+def test_vmx_restore_reference_by_version(kernel: str, widen_ok: bool) -> None:
+    # "KVM: nVMX: Let userspace set nVMX MSR to any _host_ supported value" (5.10.137; 5.10.262 nested.c:1248).
+    with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        full = vcpu.read_msr(TRUE_PINBASED)
+        allowed = full >> 32 & ~full & 0xFFFFFFFF
+        bit = 1 << (allowed.bit_length() - 1)
+        assert vcpu.set_msrs({TRUE_PINBASED: full & ~(bit << 32)}) == 1, "restricting is always allowed"
+        assert (vcpu.set_msrs({TRUE_PINBASED: full}) == 1) is widen_ok, f"{kernel}: widening back"
+
+
+# --- PERF_CAPABILITIES needs a PMU (vmx_set_msr, c646236344e9; absent in 5.10.262) --------------------------------
+@pytest.mark.parametrize(("kernel", "ok"), [("5.10", True), ("5.11", True), ("5.12", False), ("6.12", False),
+                                            ("6.13", True)])
+def test_perf_cap_needs_a_pmu_by_version(kernel: str, ok: bool) -> None:
+    # vmx_pmu_caps_test.c: a non-zero PERF_CAPABILITIES with no vPMU; a1039111192b removed the check in 6.13.
+    with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        cpuid = [replace(e, eax=0) if e.function == 0xA else e for e in kvm.get_supported_cpuid()]
+        vcpu.set_cpuid(cpuid)
+        assert (vcpu.set_msrs({PERF_CAP: 0x2000}) == 1) is ok, f"{kernel}: PERF_CAP FW_WRITES without a PMU"
+
+
+# --- Intel UCODE_REV: the revision in the upper 32 bits ---------------------------------------------------------------
+def test_intel_ucode_rev_layout() -> None:
+    with model("intel-spr", "6.18") as kvm, kvm.create_vm() as vm:
+        feature = kvm.read_feature_msrs([UCODE_REV])[UCODE_REV]
+        assert feature >> 32 == 0x2B0000C0 and feature & 0xFFFFFFFF == 0, f"feature value {feature:#x}"
+        assert vm.create_vcpu(0).try_read_msr(UCODE_REV) == 0x100000000, "vCPU reset: revision 1 (upper half)"
+
+
+# --- versions as users write them -------------------------------------------------------------------------------------
+def test_a_newer_kernel_is_used_with_a_warning() -> None:
+    with model("intel-spr", "7.3") as kvm:
+        info = kvm.host_info()
+        assert info["ruleset"] == R.KNOWN[-1] and R.KNOWN[-1] in str(info.get("ruleset_warning")), info
+    with model("intel-spr", "6.18.44") as kvm:
+        assert "ruleset_warning" not in kvm.host_info()
+
+
+def test_a_yaml_float_kernel_is_refused(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from kvmscope.errors import KvmscopeError
+    from kvmscope.scenario import load
+
+    path = Path(str(tmp_path)) / "s.yaml"
+    path.write_text("scenario: 1\nname: x\nkernel: 6.10\nsteps:\n  - create_vcpu: 0\n")
+    with pytest.raises(KvmscopeError, match=r"s.yaml:3: kernel: .*read as a number.*quote it"):
+        load(str(path))
+    path.write_text("scenario: 1\nname: x\nkernel: '6.10'\nsteps:\n  - create_vcpu: 0\n")
+    assert load(str(path)).kernel == "6.10"
