@@ -17,8 +17,8 @@ import kvmscope.guest
 from kvmscope import uapi
 from kvmscope.errors import KvmError
 from kvmscope.kernel import rulesets as R
-from kvmscope.probe import FROZEN, WRITABLE, probe
 from kvmscope.kernel.profile import shipped
+from kvmscope.probe import FROZEN, WRITABLE, probe
 from kvmscope.program import GuestException, Halted, Program, Rdmsr, Wrmsr, run_program
 
 PLATFORM_INFO, UCODE_REV, ARCH_CAP, PERF_CAP, DE_CFG, MISC_FEATURES = 0xCE, 0x8B, 0x10A, 0x345, 0xC0011029, 0x140
