@@ -34,3 +34,18 @@ def test_every_test_named_in_reliability_doc_exists() -> None:
     doc = (ROOT / "docs" / "reliability.md").read_text()
     for path, name in re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", doc):
         assert re.search(rf"def {name}\b", (ROOT / path).read_text()), f"{path}::{name} is cited but does not exist"
+
+
+def test_rules_by_version_table_matches_the_code() -> None:
+    """docs/rules.md's "Rules by kernel version" lists every known version with what changes there, as computed."""
+    from kvmscope.kernel import rulesets as R
+
+    text = (ROOT / "docs" / "rules.md").read_text()
+    section = text.split("## Rules by kernel version", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| Version")}
+    assert list(rows) == R.KNOWN, f"the table should have one row per known version {R.KNOWN}, has {list(rows)}"
+    for v in R.KNOWN:
+        changes = R.changes_at(v)
+        expected = ", ".join(f"`{c}`" for c in changes) if changes else "no rule changes (LTS)"
+        assert rows[v] == expected, f"docs/rules.md row {v}: expected {expected!r}, the doc says {rows[v]!r}"

@@ -7,6 +7,7 @@ commits, and the upstream selftests (tools/testing/selftests/kvm/x86/).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from dataclasses import replace
 
@@ -93,10 +94,8 @@ def test_stuff_feature_msrs_reached_6_12_78() -> None:
     # dcb988cdac85 in 6.12.78 (Stable-dep-of e2ffe85b6d2b); before it the quirk does not exist, KVM always stuffs.
     for kernel, stuffs_when_disabled in (("6.12.77", True), ("6.12.78", False)):
         with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
-            try:
+            with contextlib.suppress(KvmError):
                 vm.enable_cap(uapi.KVM_CAP_DISABLE_QUIRKS2, STUFF)
-            except KvmError:
-                pass
             vcpu = vm.create_vcpu(0)
             ucode = vcpu.try_read_msr(UCODE_REV)
             assert (ucode == 0x100000000) is stuffs_when_disabled, f"{kernel}: UCODE_REV reset {ucode:#x}"

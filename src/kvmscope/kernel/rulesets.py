@@ -314,6 +314,21 @@ def resolve(version: str) -> Ruleset:
     return Ruleset(label, frozenset(r for r in RULES.values() if r.in_force(wanted)))
 
 
+def changes_at(version: str) -> list[str]:
+    """What changes at ``version`` (a label in ``KNOWN``) against the ruleset before it: "+key" for a rule that starts,
+    "-key" for one that ends. The oldest version lists every rule in force there."""
+    i = KNOWN.index(version)
+    now = resolve(version).rules
+    if i == 0:
+        return sorted(f"+{r.key}" for r in now)
+    wanted = parse_version(version)
+    # the ruleset just before: the previous release of the same series for a stable one, else the previous mainline
+    earlier = [v for v in map(parse_version, KNOWN[:i]) if v[2] == 0 or v[:2] == wanted[:2]]
+    before = resolve(_label(max(earlier))).rules if wanted[2] else resolve(_label(max(
+        v for v in earlier if v[2] == 0))).rules
+    return sorted([f"+{r.key}" for r in now - before] + [f"-{r.key}" for r in before - now])
+
+
 def newer_than_known(version: str) -> str | None:
     """A warning when ``version`` is a release after the newest one the rules were read at (its rules may have
     changed since), naming the ruleset in force; None otherwise."""
