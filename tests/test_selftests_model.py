@@ -434,3 +434,26 @@ def test_hwcr_6_1(profile: str) -> None:
         assert vcpu.set_msrs({HWCR: 1 << 18 | 1 << 3}) == 1, "6.1: McStatusWrEn (with an ignored bit) is taken"
         assert vcpu.read_msr(HWCR) == 1 << 18
         assert vcpu.set_msrs({HWCR: 0}) == 1 and vcpu.read_msr(HWCR) == 1 << 18, "6.1: writing 0 keeps McStatusWrEn"
+
+
+# --- kvm_pv_test.c test_pv_unhalt (6.12 x86_64/kvm_pv_test.c:136-171) ---------------------------------------------------
+KVM_CAP_X86_DISABLE_EXITS, DISABLE_EXITS_HLT, PV_UNHALT = 143, 1 << 1, 1 << 7  # uapi kvm.h, kvm_para.h
+
+
+@pytest.mark.parametrize("profile", [pytest.param(p, marks=model_differs(
+    "KVM_CAP_X86_DISABLE_EXITS is reported (check_extension 0xe) but not implemented: KVM_ENABLE_CAP is EINVAL, "
+    "where 6.12.118 x86.c:6123-6149 takes it after vCPU creation and KVM_SET_CPUID2 then clears PV_UNHALT "
+    "(cpuid.c __kvm_update_cpuid_runtime)")) for p in PROFILES])
+def test_pv_unhalt_6_12(profile: str) -> None:
+    """As the 6.12 selftest does it: set PV_UNHALT, change the KVM signature (so KVM forgets its KVM leaf), enable
+    HLT-in-guest after the vCPU exists (6.12 has no created_vcpus check), restore the signature: PV_UNHALT is gone."""
+    with one_vcpu(profile, "6.12") as (kvm, vm, vcpu):
+        entries = [replace(e, eax=e.eax | PV_UNHALT) if e.function == 0x40000001 else e for e in vcpu.get_cpuid()]
+        vcpu.set_cpuid(entries)
+        assert any(e.function == 0x40000001 and e.eax & PV_UNHALT for e in vcpu.get_cpuid()), "lines 149-152"
+        sig = [replace(e, ebx=0xDEADBEEF) if e.function == 0x40000000 else e for e in entries]
+        vcpu.set_cpuid(sig)
+        vm.enable_cap(KVM_CAP_X86_DISABLE_EXITS, DISABLE_EXITS_HLT)
+        vcpu.set_cpuid(entries)
+        leaf = [e for e in vcpu.get_cpuid() if e.function == 0x40000001]
+        assert leaf and not leaf[0].eax & PV_UNHALT, f"lines 165-166: PV_UNHALT with HLT in guest: {leaf}"

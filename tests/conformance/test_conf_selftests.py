@@ -183,3 +183,34 @@ def test_hwcr(kvm: System, request: pytest.FixtureRequest) -> None:
             got = vcpu.read_msr(HWCR)
             assert got == value & valid, f"lines 25-28: bit {bit}: HWCR reads {got:#x}, expected {value & valid:#x}"
             assert vcpu.set_msrs({HWCR: 0}) == 1, "line 30"
+
+
+# include/uapi/linux/kvm.h: KVM_CAP_X86_DISABLE_EXITS 143, KVM_X86_DISABLE_EXITS_HLT (1 << 1); KVM_FEATURE_PV_UNHALT
+# is bit 7 of KVM_CPUID_FEATURES (0x40000001) EAX (arch/x86/include/uapi/asm/kvm_para.h).
+KVM_CAP_X86_DISABLE_EXITS, DISABLE_EXITS_HLT, PV_UNHALT = 143, 1 << 1, 1 << 7
+
+
+def test_pv_unhalt_with_hlt_in_guest(kvm: System, request: pytest.FixtureRequest) -> None:
+    """6.12 x86_64/kvm_pv_test.c:136-171 (upstream 7b2658cb33c7 test_pv_unhalt): with HLT exits disabled,
+    KVM_SET_CPUID2 clears KVM_FEATURE_PV_UNHALT from the KVM leaf (__kvm_update_cpuid_runtime). The selftest enables
+    the capability after creating the vCPU; this 6.18 kernel refuses that (EINVAL: kvm->created_vcpus, absent from
+    6.12.118 x86.c:6123-6149), so the case enables it before, as userspace must here."""
+    model_differs(request, kvm, "KVM_CAP_X86_DISABLE_EXITS is not implemented (EINVAL even before any vCPU), so "
+                                "KVM_SET_CPUID2 never clears KVM_FEATURE_PV_UNHALT")
+    assert kvm.check_extension(KVM_CAP_X86_DISABLE_EXITS) & DISABLE_EXITS_HLT, "HLT exits can be disabled here"
+    with_unhalt = [replace(e, eax=e.eax | PV_UNHALT) if e.function == 0x40000001 else e
+                   for e in kvm.get_supported_cpuid()]
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(with_unhalt)
+        leaf = [e for e in vcpu.get_cpuid() if e.function == 0x40000001]
+        assert leaf and leaf[0].eax & PV_UNHALT, f"lines 149-152: PV_UNHALT should stick without the cap: {leaf}"
+        with pytest.raises(KvmError) as info:
+            vm.enable_cap(KVM_CAP_X86_DISABLE_EXITS, DISABLE_EXITS_HLT)
+        assert info.value.errno == errno.EINVAL, f"6.18: the cap after vCPU creation is EINVAL, saw {info.value}"
+    with kvm.create_vm() as vm:
+        vm.enable_cap(KVM_CAP_X86_DISABLE_EXITS, DISABLE_EXITS_HLT)
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(with_unhalt)
+        leaf = [e for e in vcpu.get_cpuid() if e.function == 0x40000001]
+        assert leaf and not leaf[0].eax & PV_UNHALT, f"lines 165-166: PV_UNHALT is cleared with HLT in guest: {leaf}"
