@@ -457,3 +457,37 @@ def test_pv_unhalt_6_12(profile: str) -> None:
         vcpu.set_cpuid(entries)
         leaf = [e for e in vcpu.get_cpuid() if e.function == 0x40000001]
         assert leaf and not leaf[0].eax & PV_UNHALT, f"lines 165-166: PV_UNHALT with HLT in guest: {leaf}"
+
+
+# --- xss_msr_test.c (5.10 x86_64/xss_msr_test.c:47-73; 6.1 and 6.12 x86_64/xss_msr_test.c:24-51) ------------------
+XSS = 0xDA0
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("kernel", ["5.10", "6.1", "6.12"])
+def test_xss_msr(profile: str, kernel: str) -> None:
+    """The selftest's own assertions: with XSAVES, IA32_XSS resets to 0 and takes 0; a single-bit write either fails
+    or IA32_XSS is in KVM_GET_MSR_INDEX_LIST (6.12 lines 28-32 and 40-51)."""
+    with one_vcpu(profile, kernel) as (kvm, _, vcpu):
+        assert any(e.function == 0xD and e.index == 1 and e.eax & 1 << 3 for e in kvm.get_supported_cpuid()), (
+            "line 26: TEST_REQUIRE(XSAVES)")
+        assert vcpu.read_msr(XSS) == 0, "lines 28-30: IA32_XSS starts at 0"
+        assert vcpu.set_msrs({XSS: 0}) == 1, "line 32"
+        listed = XSS in kvm.get_msr_index_list()
+        for bit in range(64):
+            took = vcpu.set_msrs({XSS: 1 << bit})
+            assert took == 0 or listed, f"lines 48-50: XSS bit {bit} was taken but XSS is not in the MSR index list"
+
+
+@pytest.mark.parametrize("profile", [pytest.param(p, marks=model_differs(
+    "IA32_XSS takes every bit; 5.10-6.12 KVM takes only bits in supported_xss, which vmx/svm hardware setup set to "
+    "0 (6.12.118 vmx.c:7995, svm.c:5397; x86.c:3537), so every non-zero write is refused (the selftest's own check, "
+    "lines 48-50, passes only because XSS is in KVM_GET_MSR_INDEX_LIST)")) for p in PROFILES])
+@pytest.mark.parametrize("kernel", ["5.10", "6.1", "6.12"])
+def test_xss_msr_takes_only_zero(profile: str, kernel: str) -> None:
+    """What the selftest's comment says KVM does (6.12 lines 34-39: only a guest IA32_XSS of 0 is supported), from the
+    source of each version: 5.10.262 x86.c:3252-3265 with vmx.c:7479 / svm.c:894; 6.1.192 x86.c:3713-3726 with
+    vmx.c:7854 / svm.c:4997; 6.12.118 x86.c:3528-3541 with vmx.c:7995 / svm.c:5397."""
+    with one_vcpu(profile, kernel) as (_, _, vcpu):
+        taken = [bit for bit in range(64) if vcpu.set_msrs({XSS: 1 << bit}) == 1]
+        assert taken == [], f"{kernel}: supported_xss is 0, no IA32_XSS bit can be set; took bits {taken}"
