@@ -200,6 +200,8 @@ class Template:
         Path(path).write_text(self.dumps())
 
 
+_scanstring: Any = json.decoder.scanstring  # type: ignore[attr-defined]  # the json module's scanner (C)
+
 # --- JSON with lines -------------------------------------------------------------------------------------------------
 
 
@@ -252,7 +254,7 @@ class _JsonReader:
             return self.array(pos + 1, line, depth)
         if c == '"':
             try:
-                s, end = json.decoder.scanstring(t, pos + 1, True)
+                s, end = _scanstring(t, pos + 1, True)
             except json.JSONDecodeError as e:
                 raise self.fail(e.pos, e.msg) from None
             return _Value(s, line), end

@@ -45,6 +45,7 @@ class BitDiff:
     wanted: int
     got: int | None
     mask: int
+    rule: str = ""  # the kernel rule behind a refusal, where the backend knows it (the model does)
 
     @property
     def bits(self) -> list[int]:
@@ -54,7 +55,8 @@ class BitDiff:
 
     def to_json(self) -> dict[str, Any]:
         return {"where": self.where, "kind": self.kind, "wanted": f"0x{self.wanted:x}",
-                "got": None if self.got is None else f"0x{self.got:x}", "mask": f"0x{self.mask:x}", "bits": self.bits}
+                "got": None if self.got is None else f"0x{self.got:x}", "mask": f"0x{self.mask:x}", "bits": self.bits,
+                "rule": self.rule or None}
 
 
 @dataclass
@@ -149,11 +151,11 @@ def _read_each(vcpu: Vcpu, indices: Sequence[int]) -> dict[int, int]:
     return out
 
 
-def _write_each(vcpu: Vcpu, entries: list[tuple[int, int]]) -> tuple[int, list[int]]:
+def _write_each(vcpu: Vcpu, entries: list[tuple[int, int]]) -> tuple[int, dict[int, str]]:
     """One KVM_SET_MSRS of ``entries`` (Firecracker's), then the rest past each refusal (kvmscope's, to find them
-    all): the first call's count and the refused indices."""
+    all): the first call's count and the refused indices with the rule behind each (where the backend knows it)."""
     first = -1
-    refused: list[int] = []
+    refused: dict[int, str] = {}
     rest = entries
     while rest:
         n = vcpu.set_msrs(MsrBatch(rest))
@@ -161,7 +163,8 @@ def _write_each(vcpu: Vcpu, entries: list[tuple[int, int]]) -> tuple[int, list[i
             first = n
         if n == len(rest):
             break
-        refused.append(rest[n][0])
+        rule = vcpu.refusal_rule(rest[n][0])
+        refused[rest[n][0]] = rule.cite() if rule is not None else ""
         rest = rest[n + 1 :]
     return max(first, 0), refused
 
@@ -183,8 +186,10 @@ def _cpuid_diffs(entries: Sequence[CpuidEntry], mods: Sequence[LeafModifier], wa
     return diffs
 
 
-def apply(system: System, template: Template, vcpus: int = 1) -> ApplyReport:
-    """Apply ``template`` to a new VM of ``system`` with ``vcpus`` vCPUs in Firecracker's order; report everything."""
+def apply(system: System, template: Template, vcpus: int = 1, boot: Sequence[tuple[int, int]] = BOOT_MSRS
+          ) -> ApplyReport:
+    """Apply ``template`` to a new VM of ``system`` with ``vcpus`` vCPUs in Firecracker's order, with Firecracker's
+    ``boot`` MSRs in the same KVM_SET_MSRS (``()`` judges the template alone); report everything."""
     rep = ApplyReport(template.path, system.backend, system.describe())
     for cap in template.kvm_capabilities:
         if cap.removed:
@@ -212,7 +217,7 @@ def apply(system: System, template: Template, vcpus: int = 1) -> ApplyReport:
                 rep.failures.append(f"the template changes {msr_where(a)}, which KVM_GET_MSRS on vCPU 0 refuses")
         values, masks = apply_msrs(read, template)
         entries = dict(values)
-        for index, value in BOOT_MSRS:
+        for index, value in boot:
             if index in masks:
                 rep.notes.append(f"{msr_where(index)} is a boot MSR: Firecracker writes 0x{value:x} over the "
                                  "template's value")
@@ -239,7 +244,7 @@ def _configure(vcpu: Vcpu, i: int, cpuid_set: bool, entries: list[tuple[int, int
             continue
         kind = "refused" if index in refused else "unreadable" if got is None else "changed"
         if kind != "changed" or (got is not None and (got ^ want) & mask):
-            out.diffs.append(BitDiff(msr_where(index), kind, want, got, mask))
+            out.diffs.append(BitDiff(msr_where(index), kind, want, got, mask, refused.get(index, "")))
     if cpuid_set:
         out.diffs[:0] = _cpuid_diffs(vcpu.get_cpuid(), template.cpuid_modifiers, cpuid)
     return out
@@ -327,7 +332,7 @@ def strip(templates: Sequence[Template]) -> list[Template]:
     common_c = [k for k in cps[0] if all(k in c for c in cps)] if cps else []
     common_m = [k for k in msr_maps[0] if all(k in m for m in msr_maps)] if msr_maps else []
     out = []
-    for t, c, mm in zip(templates, cps, msr_maps):
+    for t, c, mm in zip(templates, cps, msr_maps, strict=True):
         leaves: dict[tuple[int, int], list[CpuidModifier]] = {}
         flags: dict[tuple[int, int], int] = {}
         for k in common_c:
