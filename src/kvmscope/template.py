@@ -112,7 +112,8 @@ def parse_number(text: str, bits: int = 32) -> int:
     radix, digits = _PREFIXED[prefix]
     body = text[2:]
     if not digits.fullmatch(body):
-        bad = next((i for i, c in enumerate(body) if not (c.isdigit() or c in "abcdefABCDEF+")), None)
+        allowed = "01" if radix == 2 else "0123456789abcdefABCDEF"
+        bad = next((i for i, c in enumerate(body) if c not in allowed and not (c == "+" and i == 0)), None)
         where = f": character {bad + 3} ({body[bad]!r})" if bad is not None else ""
         raise ValueError(f"{text!r} is not a {'hexadecimal' if radix == 16 else 'binary'} number{where}")
     v = int(body.lstrip("+"), radix)

@@ -192,12 +192,12 @@ def apply(system: System, template: Template, vcpus: int = 1, boot: Sequence[tup
     ``boot`` MSRs in the same KVM_SET_MSRS (``()`` judges the template alone); report everything."""
     rep = ApplyReport(template.path, system.backend, system.describe())
     for cap in template.kvm_capabilities:
+        name = f"KVM capability {cap.number}" + (f" ({uapi.CAPABILITY_NAMES[cap.number]})"
+                                                 if cap.number in uapi.CAPABILITY_NAMES else "")
         if cap.removed:
-            rep.notes.append(f"capability {cap.number} ({uapi.CAPABILITY_NAMES.get(cap.number, '?')}) is dropped "
-                             "from Firecracker's own checks")
+            rep.notes.append(f"{name} is dropped from Firecracker's own checks")
         elif not system.check_extension(cap.number):
-            rep.failures.append(f"KVM capability {cap.number} ({uapi.CAPABILITY_NAMES.get(cap.number, '?')}) "
-                                "is not supported")
+            rep.failures.append(f"{name} is not supported")
     cpuid, missing = apply_cpuid(system.get_supported_cpuid(), template)
     rep.failures.extend(missing)
     with system.create_vm() as vm:
