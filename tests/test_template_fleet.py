@@ -150,3 +150,21 @@ def test_cli_dump_strip_verify_fingerprint(tmp_path: Path) -> None:
     code, out = run("fingerprint", "compare", "intel-spr", "amd-epyc")
     assert code == 1 and "vendor module: vmx vs svm" in out, out
     assert run("fingerprint", "compare", "pvm-6.18", "pvm-6.18")[0] == 0
+
+
+def test_docs_commands_run_with_the_exit_codes_they_show(live: object, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ``kvmscope ...  # exit N`` line of docs/templates.md, run in order from a fresh folder holding examples/."""
+    import re
+    import shlex
+
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    monkeypatch.chdir(tmp_path)
+    text = (ROOT / "docs" / "templates.md").read_text()
+    # A documented command: `kvmscope ARGS   # comment   # exit N` (the first "  #" ends the arguments).
+    lines = [(m.group(1).split("  #")[0].strip(), m.group(2)) for m in re.finditer(r"^kvmscope (.*# exit (\d))$",
+                                                                                   text, re.M)]
+    assert len(lines) == 11, f"expected the 11 documented commands, found {lines}"
+    for command, code in lines:
+        got, out = run(*shlex.split(command))
+        assert got == int(code), f"`kvmscope {command}`: documented exit {code}, got {got}: {out[-400:]}"
