@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, NoReturn
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .api import System
     from .scenario import Scenario
     from .template import Template
+    from .template_apply import ApplyReport
 
 # Exit codes shared by every subcommand.
 EXIT_OK = 0
@@ -304,6 +305,8 @@ def template_apply(template_file: str, backend: str, kernel: str | None, profile
     for label, system in systems:
         with system:
             reports[label] = apply(system, t, vcpus, boot)
+        if system.backend == "linux":
+            _explain_live(reports[label], t, vcpus, boot)
     render_template.apply_reports(reports, as_json)
     sys.exit(EXIT_OK if all(r.ok for r in reports.values()) else EXIT_FAILED)
 
@@ -323,6 +326,18 @@ def _template_systems(backend: str, kernel: str | None, profile: str | None, com
     if fallback:
         render.fallback(fallback, system.describe())
     return [(system.backend, system)]
+
+
+def _explain_live(report: ApplyReport, t: Template, vcpus: int, boot: Sequence[tuple[int, int]]) -> None:
+    """Apply alongside on the model of this host (when it is of the same vendor) to name the rules behind refusals."""
+    from .template_apply import apply, explain
+
+    with exit_on_error():
+        live, model = backends.live_with_explainer()
+    live.close()
+    if model is not None:
+        with model:
+            explain(report, apply(model, t, vcpus, boot))
 
 
 @template.command("verify")

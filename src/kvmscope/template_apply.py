@@ -363,3 +363,18 @@ def _differing(bitmaps: Sequence[Bitmap]) -> int:
         ones |= b.value & mask
         zeros |= ~b.value & mask
     return ones & zeros
+
+
+def explain(live: ApplyReport, model: ApplyReport) -> None:
+    """Give a live kernel's refusals the rule the model of this host names for the same refusal (the kernel does not
+    say why), and say where the two disagree."""
+    by_key = {(v.vcpu, d.where, d.kind): d for v in model.vcpus for d in v.diffs}
+    for v in live.vcpus:
+        for d in v.diffs:
+            twin = by_key.pop((v.vcpu, d.where, d.kind), None)
+            if twin is not None and twin.rule and not d.rule:
+                d.rule = f"{twin.rule} (from the model of this host, applied alongside)"
+            elif twin is None:
+                live.notes.append(f"the model of this host did not predict: vCPU {v.vcpu} {d.kind} {d.where}")
+    for (vcpu, where, kind) in by_key:
+        live.notes.append(f"the model of this host predicted, the kernel did not: vCPU {vcpu} {kind} {where}")
