@@ -164,7 +164,7 @@ def test_docs_commands_run_with_the_exit_codes_they_show(live: object, tmp_path:
     # A documented command: `kvmscope ARGS   # comment   # exit N` (the first "  #" ends the arguments).
     lines = [(m.group(1).split("  #")[0].strip(), m.group(2)) for m in re.finditer(r"^kvmscope (.*# exit (\d))$",
                                                                                    text, re.M)]
-    assert len(lines) == 11, f"expected the 11 documented commands, found {lines}"
+    assert len(lines) == 12, f"expected the 12 documented commands, found {lines}"
     for command, code in lines:
         got, out = run(*shlex.split(command))
         assert got == int(code), f"`kvmscope {command}`: documented exit {code}, got {got}: {out[-400:]}"
@@ -179,3 +179,15 @@ def test_live_refusals_carry_the_rule_of_the_model_alongside(live: object) -> No
     assert len(arch) == 2 and all("a5d563890b8f" in (d["rule"] or "") for d in arch), refused
     # The model does not know MTRRdefType yet: the report says the two disagree rather than guessing.
     assert any("predicted, the kernel did not" in n and "0x2ff" in n for n in data["notes"]), data["notes"]
+
+
+def test_applied_after_the_first_run_is_refused_from_6_4() -> None:
+    """A VMM that writes a template's MSRs to vCPUs that have run: 6.3 takes it, 6.4+ freezes the feature MSRs
+    (0094f62c7eaa) and refuses a changed value."""
+    t = load(EXAMPLES / "t2s-like.json")
+    for kernel, taken in (("6.3", True), ("6.18", False)):
+        with open_model(kernel=kernel, profile="intel-spr") as system:
+            rep = apply(system, t, 2, boot=(), after_run=True)
+        assert rep.ok is taken, f"{kernel}: expected taken={taken}, saw {rep.failures}"
+        rules = {d.rule for v in rep.vcpus for d in v.diffs}
+        assert taken or (len(rules) == 1 and "0094f62c7eaa" in rules.pop()), rules

@@ -286,9 +286,10 @@ def template_read(template_file: str, output: str | None, as_json: bool) -> None
 @click.option("--vcpus", type=click.IntRange(1, 64), default=2, show_default=True, help="vCPUs in the VM.")
 @click.option("--boot-msrs/--no-boot-msrs", default=True, show_default=True,
               help="Write Firecracker's boot MSRs in the same KVM_SET_MSRS as the template's.")
+@click.option("--after-run", is_flag=True, help="Run every vCPU to its first HLT before writing the MSRs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def template_apply(template_file: str, backend: str, kernel: str | None, profile: str | None,
-                   compare_kernels: str | None, vcpus: int, boot_msrs: bool, as_json: bool) -> None:
+                   compare_kernels: str | None, vcpus: int, boot_msrs: bool, after_run: bool, as_json: bool) -> None:
     """Apply a template in Firecracker's order and report every bit the kernel refused or changed, per vCPU.
 
     \b
@@ -304,9 +305,9 @@ def template_apply(template_file: str, backend: str, kernel: str | None, profile
     reports = {}
     for label, system in systems:
         with system:
-            reports[label] = apply(system, t, vcpus, boot)
+            reports[label] = apply(system, t, vcpus, boot, after_run)
         if system.backend == "linux":
-            _explain_live(reports[label], t, vcpus, boot)
+            _explain_live(reports[label], t, vcpus, boot, after_run)
     render_template.apply_reports(reports, as_json)
     sys.exit(EXIT_OK if all(r.ok for r in reports.values()) else EXIT_FAILED)
 
@@ -328,7 +329,8 @@ def _template_systems(backend: str, kernel: str | None, profile: str | None, com
     return [(system.backend, system)]
 
 
-def _explain_live(report: ApplyReport, t: Template, vcpus: int, boot: Sequence[tuple[int, int]]) -> None:
+def _explain_live(report: ApplyReport, t: Template, vcpus: int, boot: Sequence[tuple[int, int]],
+                  after_run: bool) -> None:
     """Apply alongside on the model of this host (when it is of the same vendor) to name the rules behind refusals."""
     from .template_apply import apply, explain
 
@@ -337,7 +339,7 @@ def _explain_live(report: ApplyReport, t: Template, vcpus: int, boot: Sequence[t
     live.close()
     if model is not None:
         with model:
-            explain(report, apply(model, t, vcpus, boot))
+            explain(report, apply(model, t, vcpus, boot, after_run))
 
 
 @template.command("verify")

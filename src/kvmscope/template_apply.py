@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from . import guest, uapi
 from . import msrs as M
-from . import uapi
 from .api import CpuidEntry, MsrBatch, System, Vcpu, find_cpuid
 from .errors import KvmError
 from .template import Bitmap, CpuidModifier, LeafModifier, MsrModifier, Template
@@ -186,10 +186,12 @@ def _cpuid_diffs(entries: Sequence[CpuidEntry], mods: Sequence[LeafModifier], wa
     return diffs
 
 
-def apply(system: System, template: Template, vcpus: int = 1, boot: Sequence[tuple[int, int]] = BOOT_MSRS
-          ) -> ApplyReport:
+def apply(system: System, template: Template, vcpus: int = 1, boot: Sequence[tuple[int, int]] = BOOT_MSRS,
+          after_run: bool = False) -> ApplyReport:
     """Apply ``template`` to a new VM of ``system`` with ``vcpus`` vCPUs in Firecracker's order, with Firecracker's
-    ``boot`` MSRs in the same KVM_SET_MSRS (``()`` judges the template alone); report everything."""
+    ``boot`` MSRs in the same KVM_SET_MSRS (``()`` judges the template alone); report everything. ``after_run`` runs
+    every vCPU to its first HLT before the MSRs are read and written: a VMM that applies (or re-applies) a template
+    to vCPUs that have already run, which kernels that freeze the vCPU model after the first run refuse."""
     rep = ApplyReport(template.path, system.backend, system.describe())
     for cap in template.kvm_capabilities:
         name = f"KVM capability {cap.number}" + (f" ({uapi.CAPABILITY_NAMES[cap.number]})"
@@ -210,6 +212,10 @@ def apply(system: System, template: Template, vcpus: int = 1, boot: Sequence[tup
             except KvmError as e:
                 rep.failures.append(f"KVM_SET_CPUID2 on vCPU {i}: {e}")
                 set_ok.append(False)
+        if after_run:
+            for i, v in enumerate(cpus):
+                exit_ = guest.run_to_hlt(vm, v)
+                rep.notes.append(f"vCPU {i} ran before the MSRs were written: {exit_.name}")
         addrs = list(dict.fromkeys(m.addr for m in template.msr_modifiers))
         read = _read_each(cpus[0], addrs)
         for a in addrs:

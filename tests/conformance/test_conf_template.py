@@ -77,3 +77,9 @@ def test_dump_verifies_against_itself(kvm: System) -> None:
     msrs[index] ^= 1 << 5
     mismatch = verify(d.template, cpuid, msrs)
     assert [(m.where.endswith(f"(0x{index:x})"), m.bits) for m in mismatch] == [(True, [5])], mismatch
+
+
+def test_pass_through_template_after_the_first_run(kvm: System) -> None:
+    """Writing back the value a vCPU already holds is taken even after it ran (same-value writes are allowed)."""
+    rep = apply(kvm, load(EXAMPLES / "arch-cap-passthrough.json"), 1, boot=(), after_run=True)
+    assert rep.ok and rep.notes[-1] == "vCPU 0 ran before the MSRs were written: HltExit", (rep.failures, rep.notes)
