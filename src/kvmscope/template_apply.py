@@ -302,7 +302,9 @@ def state_of(template: Template) -> tuple[list[CpuidEntry], dict[int, int]]:
 
 def undumpable(index: int) -> bool:
     """MSRs a dump leaves out: the TSC and its deadline/adjust, machine check, PMU counters and controls, VMX
-    capabilities (they describe the host's nested support, not the guest's model), and the KVM clock pages."""
+    capabilities (they describe the host's nested support, not the guest's model), the KVM clock pages and Hyper-V.
+    Firecracker's own list is UNDUMPABLE_MSR_RANGES in ``src/vmm/src/arch/x86_64/msr.rs``; unlike it, kvmscope keeps
+    PERF_CAPABILITIES, a feature MSR a template may fix."""
     return (
         index in (0x10, 0x3B, 0x6E0, 0x11, 0x12, 0x4B564D00, 0x4B564D01)
         or 0x179 <= index <= 0x17B or index == 0x4D0 or 0x400 <= index < 0x480  # MCG_*, MCi banks
@@ -311,6 +313,7 @@ def undumpable(index: int) -> bool:
         or 0x38D <= index <= 0x390 or index in (0x3F1, 0x600, 0x1D9) or 0x4C1 <= index <= 0x4C8  # PMU globals, PEBS
         or 0xC0010000 <= index <= 0xC0010007 or 0xC0010200 <= index <= 0xC001020B  # AMD PMU
         or 0xC0000300 <= index <= 0xC0000303
+        or 0x40000000 <= index <= 0x400000FF  # Hyper-V: needs Hyper-V CPUID to read (Firecracker leaves them out)
     )
 
 
