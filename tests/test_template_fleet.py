@@ -164,7 +164,7 @@ def test_docs_commands_run_with_the_exit_codes_they_show(live: object, tmp_path:
     # A documented command: `kvmscope ARGS   # comment   # exit N` (the first "  #" ends the arguments).
     lines = [(m.group(1).split("  #")[0].strip(), m.group(2)) for m in re.finditer(r"^kvmscope (.*# exit (\d))$",
                                                                                    text, re.M)]
-    assert len(lines) == 12, f"expected the 12 documented commands, found {lines}"
+    assert len(lines) == 14, f"expected the 14 documented commands, found {lines}"
     for command, code in lines:
         got, out = run(*shlex.split(command))
         assert got == int(code), f"`kvmscope {command}`: documented exit {code}, got {got}: {out[-400:]}"
@@ -190,3 +190,33 @@ def test_applied_after_the_first_run_is_refused_from_6_4() -> None:
         assert rep.ok is taken, f"{kernel}: expected taken={taken}, saw {rep.failures}"
         rules = {d.rule for v in rep.vcpus for d in v.diffs}
         assert taken or (len(rules) == 1 and "0094f62c7eaa" in rules.pop()), rules
+
+
+def test_restore_on_another_host_meets_its_rules() -> None:
+    """A Sapphire Rapids snapshot with T2S-like ARCH_CAPABILITIES restored on the PVM host: Firecracker would stop at
+    FEAT_CTL (not an MSR PVM knows), and ARCH_CAPABILITIES is refused by the 6.13 rule once PVM's KVM_SET_CPUID2 drops
+    the CPUID bit; restored on Sapphire Rapids under 6.3 it is taken."""
+    from kvmscope.template_restore import restore
+
+    t = load(EXAMPLES / "t2s-like.json")
+    with open_model(profile="intel-spr") as a, open_model(profile="pvm-6.18") as b:
+        rep = restore(a, b, t, 1, boot=())
+    assert rep.failures == ["restore: KVM_SET_MSRS on vCPU 0 returned 10 of 30: refused MSR_IA32_FEAT_CTL (0x3a)"], \
+        rep.failures
+    refused = {d.where: d.rule for d in rep.vcpus[0].diffs if d.kind == "refused"}
+    assert set(refused) == {"MSR_IA32_FEAT_CTL (0x3a)", "MSR_IA32_SMBASE (0x9e)",
+                            "MSR_IA32_ARCH_CAPABILITIES (0x10a)"}, refused
+    assert "a5d563890b8f" in refused["MSR_IA32_ARCH_CAPABILITIES (0x10a)"], refused
+    with open_model(profile="intel-spr") as a, open_model(profile="intel-spr", kernel="6.3") as b:
+        rep = restore(a, b, t, 2, boot=())
+    assert rep.ok, f"expected the restore taken, saw {rep.failures}"
+
+
+def test_cli_restore_defaults_to_the_source_host() -> None:
+    code, out = run("template", "restore", str(EXAMPLES / "t2s-like.json"), "--profile", "intel-spr",
+                    "--to-kernel", "6.3", "--json")
+    data = json.loads(out)
+    assert code == 0 and "profile intel-spr" in data["description"].split("->")[1], out
+    code, out = run("template", "restore", str(EXAMPLES / "t2s-like.json"), "--profile", "intel-spr",
+                    "--to-profile", "pvm-6.18")
+    assert code == 1 and "refused MSR_IA32_FEAT_CTL (0x3a)" in out, out

@@ -342,6 +342,42 @@ def _explain_live(report: ApplyReport, t: Template, vcpus: int, boot: Sequence[t
             explain(report, apply(model, t, vcpus, boot, after_run))
 
 
+@template.command("restore")
+@click.argument("template_file", metavar="TEMPLATE", type=click.Path(dir_okay=False))
+@backend_option
+@kernel_option
+@profile_option
+@click.option("--to-kernel", metavar="VERSION", help="Restore on the model under this kernel's rules.")
+@click.option("--to-profile", metavar="NAME|FILE", help="Restore on the model of this host.")
+@click.option("--vcpus", type=click.IntRange(1, 64), default=1, show_default=True, help="vCPUs in the VM.")
+@click.option("--boot-msrs/--no-boot-msrs", default=True, show_default=True, help="Boot with Firecracker's boot MSRs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def template_restore(template_file: str, backend: str, kernel: str | None, profile: str | None,
+                     to_kernel: str | None, to_profile: str | None, vcpus: int, boot_msrs: bool, as_json: bool) -> None:
+    """Boot a VM with the template (source: --backend/--kernel/--profile), snapshot it as Firecracker does and
+    restore the snapshot on another host and kernel (--to-profile/--to-kernel, the model; by default the source's
+    host); exit 1 if it fails.
+
+    \b
+    Example:
+      kvmscope template restore examples/templates/t2s-like.json --profile intel-spr --to-profile pvm-6.18
+    """
+    from . import render_template
+    from .template_apply import BOOT_MSRS
+    from .template_restore import restore
+
+    t = _load_template(template_file)
+    (_, source), = _template_systems(backend, kernel, profile, None)
+    with source, exit_on_error():
+        modelled = bool(to_kernel or to_profile or source.backend == "model")
+        target, _ = backends.choose("model" if modelled else source.backend, kernel=to_kernel,
+                                    profile=to_profile or (profile if modelled else None))
+        with target:
+            report = restore(source, target, t, vcpus, BOOT_MSRS if boot_msrs else ())
+    render_template.apply_reports({"restore": report}, as_json)
+    sys.exit(EXIT_OK if report.ok else EXIT_FAILED)
+
+
 @template.command("verify")
 @click.argument("template_file", metavar="TEMPLATE", type=click.Path(dir_okay=False))
 @click.option("--state", "state_file", metavar="DUMP", type=click.Path(dir_okay=False),

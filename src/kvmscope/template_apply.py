@@ -21,7 +21,7 @@ from typing import Any
 
 from . import guest, uapi
 from . import msrs as M
-from .api import CpuidEntry, MsrBatch, System, Vcpu, find_cpuid
+from .api import CpuidEntry, MsrBatch, System, Vcpu, Vm, find_cpuid
 from .errors import KvmError
 from .kernel import rulesets as R
 from .template import Bitmap, CpuidModifier, LeafModifier, MsrModifier, Template
@@ -197,6 +197,14 @@ def apply(system: System, template: Template, vcpus: int = 1, boot: Sequence[tup
     every vCPU to its first HLT before the MSRs are read and written: a VMM that applies (or re-applies) a template
     to vCPUs that have already run, which kernels that freeze the vCPU model after the first run refuse."""
     rep = ApplyReport(template.path, system.backend, system.describe())
+    with system.create_vm() as vm:
+        configure(system, vm, template, vcpus, boot, after_run, rep)
+    return rep
+
+
+def configure(system: System, vm: Vm, template: Template, vcpus: int, boot: Sequence[tuple[int, int]],
+              after_run: bool, rep: ApplyReport) -> list[Vcpu]:
+    """The work of :func:`apply` on ``vm``: create and configure its vCPUs, recording everything in ``rep``."""
     for cap in template.kvm_capabilities:
         name = f"KVM capability {cap.number}" + (f" ({uapi.CAPABILITY_NAMES[cap.number]})"
                                                  if cap.number in uapi.CAPABILITY_NAMES else "")
@@ -206,36 +214,35 @@ def apply(system: System, template: Template, vcpus: int = 1, boot: Sequence[tup
             rep.failures.append(f"{name} is not supported")
     cpuid, missing = apply_cpuid(system.get_supported_cpuid(), template)
     rep.failures.extend(missing)
-    with system.create_vm() as vm:
-        cpus = [vm.create_vcpu(i) for i in range(vcpus)]
-        set_ok = []
+    cpus = [vm.create_vcpu(i) for i in range(vcpus)]
+    set_ok = []
+    for i, v in enumerate(cpus):
+        try:
+            v.set_cpuid(cpuid)
+            set_ok.append(True)
+        except KvmError as e:
+            rep.failures.append(f"KVM_SET_CPUID2 on vCPU {i}: {e}")
+            set_ok.append(False)
+    if after_run:
         for i, v in enumerate(cpus):
-            try:
-                v.set_cpuid(cpuid)
-                set_ok.append(True)
-            except KvmError as e:
-                rep.failures.append(f"KVM_SET_CPUID2 on vCPU {i}: {e}")
-                set_ok.append(False)
-        if after_run:
-            for i, v in enumerate(cpus):
-                exit_ = guest.run_to_hlt(vm, v)
-                rep.notes.append(f"vCPU {i} ran before the MSRs were written: {exit_.name}")
-        addrs = list(dict.fromkeys(m.addr for m in template.msr_modifiers))
-        read = _read_each(cpus[0], addrs)
-        for a in addrs:
-            if a not in read:
-                rep.failures.append(f"the template changes {msr_where(a)}, which KVM_GET_MSRS on vCPU 0 refuses")
-        values, masks = apply_msrs(read, template)
-        entries = dict(values)
-        for index, value in boot:
-            if index in masks:
-                rep.notes.append(f"{msr_where(index)} is a boot MSR: Firecracker writes 0x{value:x} over the "
-                                 "template's value")
-                masks[index] = (1 << 64) - 1
-            entries[index] = value
-        for i, v in enumerate(cpus):
-            rep.vcpus.append(_configure(v, i, set_ok[i], list(entries.items()), masks, cpuid, template, rep))
-    return rep
+            exit_ = guest.run_to_hlt(vm, v)
+            rep.notes.append(f"vCPU {i} ran before the MSRs were written: {exit_.name}")
+    addrs = list(dict.fromkeys(m.addr for m in template.msr_modifiers))
+    read = _read_each(cpus[0], addrs)
+    for a in addrs:
+        if a not in read:
+            rep.failures.append(f"the template changes {msr_where(a)}, which KVM_GET_MSRS on vCPU 0 refuses")
+    values, masks = apply_msrs(read, template)
+    entries = dict(values)
+    for index, value in boot:
+        if index in masks:
+            rep.notes.append(f"{msr_where(index)} is a boot MSR: Firecracker writes 0x{value:x} over the "
+                             "template's value")
+            masks[index] = (1 << 64) - 1
+        entries[index] = value
+    for i, v in enumerate(cpus):
+        rep.vcpus.append(_configure(v, i, set_ok[i], list(entries.items()), masks, cpuid, template, rep))
+    return cpus
 
 
 def _configure(vcpu: Vcpu, i: int, cpuid_set: bool, entries: list[tuple[int, int]], masks: dict[int, int],
