@@ -143,7 +143,7 @@ def apply_msrs(read: dict[int, int], template: Template) -> tuple[dict[int, int]
     return values, masks
 
 
-def _read_each(vcpu: Vcpu, indices: Sequence[int]) -> dict[int, int]:
+def read_each(vcpu: Vcpu, indices: Sequence[int]) -> dict[int, int]:
     """KVM_GET_MSRS of ``indices`` in one batch, then one by one past each refusal: index -> value for those read."""
     out: dict[int, int] = {}
     rest = list(indices)
@@ -155,7 +155,7 @@ def _read_each(vcpu: Vcpu, indices: Sequence[int]) -> dict[int, int]:
     return out
 
 
-def _write_each(vcpu: Vcpu, entries: list[tuple[int, int]]) -> tuple[int, dict[int, str]]:
+def write_each(vcpu: Vcpu, entries: list[tuple[int, int]]) -> tuple[int, dict[int, str]]:
     """One KVM_SET_MSRS of ``entries`` (Firecracker's), then the rest past each refusal (kvmscope's, to find them
     all): the first call's count and the refused indices with the rule behind each (where the backend knows it)."""
     first = -1
@@ -228,7 +228,7 @@ def configure(system: System, vm: Vm, template: Template, vcpus: int, boot: Sequ
             exit_ = guest.run_to_hlt(vm, v)
             rep.notes.append(f"vCPU {i} ran before the MSRs were written: {exit_.name}")
     addrs = list(dict.fromkeys(m.addr for m in template.msr_modifiers))
-    read = _read_each(cpus[0], addrs)
+    read = read_each(cpus[0], addrs)
     for a in addrs:
         if a not in read:
             rep.failures.append(f"the template changes {msr_where(a)}, which KVM_GET_MSRS on vCPU 0 refuses")
@@ -248,7 +248,7 @@ def configure(system: System, vm: Vm, template: Template, vcpus: int, boot: Sequ
 def _configure(vcpu: Vcpu, i: int, cpuid_set: bool, entries: list[tuple[int, int]], masks: dict[int, int],
                cpuid: Sequence[CpuidEntry], template: Template, rep: ApplyReport) -> VcpuOutcome:
     """KVM_SET_MSRS on one vCPU, then read everything back and compare."""
-    written, refused = _write_each(vcpu, entries)
+    written, refused = write_each(vcpu, entries)
     for index in [ix for ix, rule in refused.items() if rule == _UNKNOWN and ix in MODEL_UNKNOWN_BOOT_MSRS]:
         # Not the kernel's answer but the model's ignorance: every KVM handles the MTRR MSRs (x86.c
         # kvm_set_msr_common -> kvm_mtrr_set_msr, 5.10 to 6.18); the live kernel here takes 0x806.
@@ -261,7 +261,7 @@ def _configure(vcpu: Vcpu, i: int, cpuid_set: bool, entries: list[tuple[int, int
                             f"{msr_where(entries[first][0])}")
         written = first
     out = VcpuOutcome(i, cpuid_set, written, len(entries))
-    now = _read_each(vcpu, [ix for ix, _ in entries])
+    now = read_each(vcpu, [ix for ix, _ in entries])
     for index, want in entries:
         mask = masks.get(index, (1 << 64) - 1)
         got = now.get(index)
@@ -339,7 +339,7 @@ def dump(system: System) -> Dump:
         vcpu = vm.create_vcpu(0)
         vcpu.set_cpuid(system.get_supported_cpuid())
         cpuid = vcpu.get_cpuid()
-        values = _read_each(vcpu, keep)
+        values = read_each(vcpu, keep)
     leaves = tuple(LeafModifier(e.function, e.index, e.flags,
                                 tuple(CpuidModifier(r, Bitmap.exact(32, getattr(e, r))) for r in ("eax", "ebx", "ecx",
                                                                                                     "edx")))

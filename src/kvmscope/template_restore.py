@@ -24,10 +24,10 @@ from .template_apply import (
     ApplyReport,
     BitDiff,
     VcpuOutcome,
-    _read_each,
-    _write_each,
     configure,
     msr_where,
+    read_each,
+    write_each,
 )
 
 # SERIALIZABLE_MSR_RANGES (Firecracker src/vmm/src/arch/x86_64/msr.rs) as (first, count); numbers from the kernel's
@@ -76,7 +76,7 @@ def restore(source: System, target: System, template: Template, vcpus: int = 1,
         rep.notes.extend(f"on the source: {n}" for n in booted.notes)
         for i, v in enumerate(cpus):
             guest.run_to_hlt(vm, v)
-            values = _read_each(v, to_save)
+            values = read_each(v, to_save)
             lost = [ix for ix in to_save if ix not in values]
             if lost:
                 rep.failures.append(f"snapshot: KVM_GET_MSRS on vCPU {i} refuses {msr_where(lost[0])}"
@@ -89,7 +89,7 @@ def restore(source: System, target: System, template: Template, vcpus: int = 1,
                 v.set_cpuid(cpuid)
             except KvmError as e:
                 rep.failures.append(f"restore: KVM_SET_CPUID2 on vCPU {i}: {e}")
-            written, refused = _write_each(v, entries)
+            written, refused = write_each(v, entries)
             for index in [ix for ix in refused if ix in MODEL_UNKNOWN_BOOT_MSRS]:
                 del refused[index]  # the model's gap, as in template_apply
                 rep.notes.append(f"vCPU {i}: the model does not know {msr_where(index)}; not judged")
@@ -99,7 +99,7 @@ def restore(source: System, target: System, template: Template, vcpus: int = 1,
                 rep.failures.append(f"restore: KVM_SET_MSRS on vCPU {i} returned {first} of {len(entries)}: "
                                     f"refused {msr_where(entries[first][0])}")
                 out.msrs_written = first
-            now = _read_each(v, [ix for ix, _ in entries])
+            now = read_each(v, [ix for ix, _ in entries])
             for index, want in entries:
                 got = now.get(index)
                 if index in refused:
