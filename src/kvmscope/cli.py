@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, NoReturn
 
@@ -18,6 +18,8 @@ from .errors import KvmscopeError, KvmUnavailableError
 if TYPE_CHECKING:
     from .api import System
     from .scenario import Scenario
+    from .template import Template
+    from .template_apply import ApplyReport
 
 # Exit codes shared by every subcommand.
 EXIT_OK = 0
@@ -234,3 +236,261 @@ def _compare(scenario: Scenario, versions: list[str], profile: str | None, as_js
         reports[v] = replay(scenario, system)
     render.comparison(scenario.name, versions, str(system.host_info()["profile"]), reports, compare(reports), as_json)
     return all(r.ok for r in reports.values())
+
+
+# --- kvmscope template, baseline, fingerprint (Firecracker's custom CPU templates; docs/templates.md) -----------------
+
+
+@main.group()
+def template() -> None:
+    """Firecracker custom CPU templates: read, apply (live or modelled), verify, dump, strip.
+
+    \b
+    Examples:
+      kvmscope template read examples/templates/t2s-like.json
+      kvmscope template apply examples/templates/t2s-like.json
+      kvmscope template apply examples/templates/t2s-like.json --profile intel-spr --compare 6.3,6.18
+    """
+
+
+def _load_template(path: str) -> Template:
+    from .template import load
+
+    with exit_on_error():
+        return load(path)
+
+
+@template.command("read")
+@click.argument("template_file", metavar="TEMPLATE", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", metavar="FILE", help="Write the template back out, as Firecracker writes it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the template as Firecracker's JSON.")
+def template_read(template_file: str, output: str | None, as_json: bool) -> None:
+    """Check a template (errors name the line, field and character) and show what it fixes."""
+    from . import render_template
+
+    t = _load_template(template_file)
+    if output:
+        try:
+            t.save(output)
+        except OSError as e:
+            fail(f"cannot write {output}: {e.strerror}", EXIT_USAGE)
+    render_template.template_summary(t, as_json)
+
+
+@template.command("apply")
+@click.argument("template_file", metavar="TEMPLATE", type=click.Path(dir_okay=False))
+@backend_option
+@kernel_option
+@profile_option
+@click.option("--compare", "compare_kernels", metavar="V1,V2,...", help="Apply on the model under each kernel.")
+@click.option("--vcpus", type=click.IntRange(1, 64), default=2, show_default=True, help="vCPUs in the VM.")
+@click.option("--boot-msrs/--no-boot-msrs", default=True, show_default=True,
+              help="Write Firecracker's boot MSRs in the same KVM_SET_MSRS as the template's.")
+@click.option("--after-run", is_flag=True, help="Run every vCPU to its first HLT before writing the MSRs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def template_apply(template_file: str, backend: str, kernel: str | None, profile: str | None,
+                   compare_kernels: str | None, vcpus: int, boot_msrs: bool, after_run: bool, as_json: bool) -> None:
+    """Apply a template in Firecracker's order and report every bit the kernel refused or changed, per vCPU.
+
+    \b
+    Exit codes: 0 every fixed bit holds and Firecracker would boot; 1 not; 2 bad template or arguments;
+                3 /dev/kvm missing (--backend linux).
+    """
+    from . import render_template
+    from .template_apply import BOOT_MSRS, apply
+
+    t = _load_template(template_file)
+    boot = BOOT_MSRS if boot_msrs else ()
+    systems = _template_systems(backend, kernel, profile, compare_kernels)
+    reports = {}
+    for label, system in systems:
+        with system:
+            reports[label] = apply(system, t, vcpus, boot, after_run)
+        if system.backend == "linux":
+            _explain_live(reports[label], t, vcpus, boot, after_run)
+    render_template.apply_reports(reports, as_json)
+    sys.exit(EXIT_OK if all(r.ok for r in reports.values()) else EXIT_FAILED)
+
+
+def _template_systems(backend: str, kernel: str | None, profile: str | None, compare_kernels: str | None
+                      ) -> list[tuple[str, System]]:
+    """The systems to judge a template on: one backend, or the model under each kernel of --compare."""
+    if backend == "linux" and (kernel or profile or compare_kernels):
+        raise click.UsageError("--kernel, --profile and --compare choose the model; drop them or --backend linux")
+    versions = [v.strip() for v in (compare_kernels or "").split(",") if v.strip()]
+    if compare_kernels is not None and len(versions) < 2:
+        raise click.UsageError("--compare needs at least two kernel versions, e.g. 6.3,6.18")
+    with exit_on_error():
+        if versions:
+            return [(v, backends.choose("model", kernel=v, profile=profile)[0]) for v in versions]
+        system, fallback = backends.choose(backend, kernel=kernel, profile=profile)
+    if fallback:
+        render.fallback(fallback, system.describe())
+    return [(system.backend, system)]
+
+
+def _explain_live(report: ApplyReport, t: Template, vcpus: int, boot: Sequence[tuple[int, int]],
+                  after_run: bool) -> None:
+    """Apply alongside on the model of this host (when it is of the same vendor) to name the rules behind refusals."""
+    from .template_apply import apply, explain
+
+    with exit_on_error():
+        live, model = backends.live_with_explainer()
+    live.close()
+    if model is not None:
+        with model:
+            explain(report, apply(model, t, vcpus, boot, after_run))
+
+
+@template.command("restore")
+@click.argument("template_file", metavar="TEMPLATE", type=click.Path(dir_okay=False))
+@backend_option
+@kernel_option
+@profile_option
+@click.option("--to-kernel", metavar="VERSION", help="Restore on the model under this kernel's rules.")
+@click.option("--to-profile", metavar="NAME|FILE", help="Restore on the model of this host.")
+@click.option("--vcpus", type=click.IntRange(1, 64), default=1, show_default=True, help="vCPUs in the VM.")
+@click.option("--boot-msrs/--no-boot-msrs", default=True, show_default=True, help="Boot with Firecracker's boot MSRs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def template_restore(template_file: str, backend: str, kernel: str | None, profile: str | None,
+                     to_kernel: str | None, to_profile: str | None, vcpus: int, boot_msrs: bool, as_json: bool) -> None:
+    """Boot a VM with the template (source: --backend/--kernel/--profile), snapshot it as Firecracker does and
+    restore the snapshot on another host and kernel (--to-profile/--to-kernel, the model; by default the source's
+    host); exit 1 if it fails.
+
+    \b
+    Example:
+      kvmscope template restore examples/templates/t2s-like.json --profile intel-spr --to-profile pvm-6.18
+    """
+    from . import render_template
+    from .template_apply import BOOT_MSRS
+    from .template_restore import restore
+
+    t = _load_template(template_file)
+    (_, source), = _template_systems(backend, kernel, profile, None)
+    with source, exit_on_error():
+        modelled = bool(to_kernel or to_profile or source.backend == "model")
+        target, _ = backends.choose("model" if modelled else source.backend, kernel=to_kernel,
+                                    profile=to_profile or (profile if modelled else None))
+        with target:
+            report = restore(source, target, t, vcpus, BOOT_MSRS if boot_msrs else ())
+    render_template.apply_reports({"restore": report}, as_json)
+    sys.exit(EXIT_OK if report.ok else EXIT_FAILED)
+
+
+@template.command("verify")
+@click.argument("template_file", metavar="TEMPLATE", type=click.Path(dir_okay=False))
+@click.option("--state", "state_file", metavar="DUMP", type=click.Path(dir_okay=False),
+              help="A vCPU state from `template dump` (default: dump a fresh vCPU of the backend now).")
+@backend_option
+@kernel_option
+@profile_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def template_verify(template_file: str, state_file: str | None, backend: str, kernel: str | None,
+                    profile: str | None, as_json: bool) -> None:
+    """Masked equality between a template and a vCPU's state, with a bit diff (exit 1 on a mismatch)."""
+    from . import render_template
+    from .template_apply import dump, state_of, verify
+
+    t = _load_template(template_file)
+    if state_file:
+        source, state = state_file, _load_template(state_file)
+    else:
+        (_, system), = _template_systems(backend, kernel, profile, None)
+        with system:
+            source, state = system.describe(), dump(system).template
+    diffs = verify(t, *state_of(state))
+    render_template.verify_report(source, diffs, as_json)
+    sys.exit(EXIT_OK if not diffs else EXIT_FAILED)
+
+
+@template.command("dump")
+@backend_option
+@kernel_option
+@profile_option
+@click.option("-o", "--output", metavar="FILE", help="Write the dump to FILE (default: standard output).")
+def template_dump(backend: str, kernel: str | None, profile: str | None, output: str | None) -> None:
+    """A vCPU's CPUID and MSRs as a template with every bit fixed (TSC, MCG, PMU, VMX and KVM clocks left out)."""
+    from . import render_template
+    from .template_apply import dump
+
+    (_, system), = _template_systems(backend, kernel, profile, None)
+    with system:
+        d = dump(system)
+    if output:
+        try:
+            d.template.save(output)
+        except OSError as e:
+            fail(f"cannot write {output}: {e.strerror}", EXIT_USAGE)
+    render_template.dump_report(d, output)
+
+
+@template.command("strip")
+@click.argument("dumps", metavar="DUMP...", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--suffix", default="_stripped", show_default=True, help="Each output is written next to its input.")
+def template_strip(dumps: tuple[str, ...], suffix: str) -> None:
+    """Keep only the bits that differ across several dumps (the rest is the same everywhere: no need to fix it)."""
+    from .template_apply import strip
+
+    if len(dumps) < 2:
+        raise click.UsageError("strip needs at least two dumps")
+    stripped = strip([_load_template(p) for p in dumps])
+    for path, t in zip(dumps, stripped, strict=True):
+        out = f"{path[:-5] if path.endswith('.json') else path}{suffix}.json"
+        try:
+            t.save(out)
+        except OSError as e:
+            fail(f"cannot write {out}: {e.strerror}", EXIT_USAGE)
+        click.echo(f"wrote {out}: {len(t.cpuid_modifiers)} CPUID leaves, {len(t.msr_modifiers)} MSRs differ")
+
+
+@main.command("baseline")
+@click.argument("profiles", metavar="PROFILE...", nargs=-1, required=True)
+@click.option("--kernel", metavar="VERSION", help="Judge every host under this kernel's rules (default: each own).")
+@click.option("-o", "--output", metavar="FILE", help="Write the template to FILE (default: standard output).")
+@click.option("--json", "as_json", is_flag=True, help="Print the template, forced bits and omissions as JSON.")
+def baseline_cmd(profiles: tuple[str, ...], kernel: str | None, output: str | None, as_json: bool) -> None:
+    """The most capable template every host of a fleet accepts (shipped profile names or profile files).
+
+    \b
+    Example:
+      kvmscope baseline intel-spr amd-epyc pvm-6.18 -o fleet.json
+    """
+    from . import render_template
+    from .fleet import baseline, settle
+    from .kernel.profile import load
+
+    with exit_on_error():
+        loaded = [load(p) for p in profiles]
+        result = settle(baseline(loaded), loaded, kernel)
+    if output:
+        try:
+            result.template.save(output)
+        except OSError as e:
+            fail(f"cannot write {output}: {e.strerror}", EXIT_USAGE)
+    render_template.baseline_report(result, [p.name for p in loaded], output, as_json)
+
+
+@main.group()
+def fingerprint() -> None:
+    """Compare captured host profiles (`kvmscope probe --save`)."""
+
+
+@fingerprint.command("compare")
+@click.argument("a")
+@click.argument("b")
+@click.option("--json", "as_json", is_flag=True, help="Print the differences as JSON.")
+def fingerprint_compare(a: str, b: str, as_json: bool) -> None:
+    """What differs between two hosts that matters for migration: vendor, kernel, microcode, feature MSRs, CPUID.
+
+    Exit 0 when nothing differs, 1 when something does.
+    """
+    from . import render_template
+    from .fleet import compare
+    from .kernel.profile import load
+
+    with exit_on_error():
+        pa, pb = load(a), load(b)
+    diffs = compare(pa, pb)
+    render_template.fingerprint_report(pa.name, pb.name, diffs, as_json)
+    sys.exit(EXIT_OK if not diffs else EXIT_FAILED)

@@ -1,0 +1,126 @@
+"""What the ``kvmscope template``, ``baseline`` and ``fingerprint`` commands print, as plain text or JSON."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from .fleet import Baseline, Difference
+    from .template import Template
+    from .template_apply import ApplyReport, BitDiff, Dump
+
+
+def _json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def _bits(d: BitDiff) -> str:
+    if d.got is None:
+        return "could not be read back"
+    shown = ", ".join(map(str, d.bits[:16])) + (" ..." if len(d.bits) > 16 else "")
+    return f"wanted 0x{d.wanted:x}, holds 0x{d.got:x}" + (f"; bits {shown}" if d.bits else "")
+
+
+def template_summary(t: Template, as_json: bool) -> None:
+    """A template read back: its canonical Firecracker JSON, or what it touches."""
+    if as_json:
+        _json(t.to_json())
+        return
+    click.echo(f"{t.path}: {len(t.kvm_capabilities)} capability check(s), {len(t.cpuid_modifiers)} CPUID leaf "
+               f"modifier(s), {len(t.msr_modifiers)} MSR modifier(s)")
+    for c in t.kvm_capabilities:
+        click.echo(f"  capability {'remove' if c.removed else 'require'} {c.number}")
+    for m in t.cpuid_modifiers:
+        for r in m.modifiers:
+            click.echo(f"  CPUID 0x{m.leaf:x}.{m.subleaf} {r.register:<3} {r.bitmap.text()}  (flags {m.flags})")
+    from .msrs import name_of
+
+    for mm in t.msr_modifiers:
+        click.echo(f"  MSR {name_of(mm.addr)} (0x{mm.addr:x})\n      {mm.bitmap.text()}")
+
+
+def apply_report(r: ApplyReport) -> None:
+    click.echo(f"template {r.template} on {r.description}")
+    for f in r.failures:
+        click.echo(f"  Firecracker stops: {f}")
+    for n in r.notes:
+        click.echo(f"  note: {n}")
+    for v in r.vcpus:
+        state = "CPUID set" if v.cpuid_set else "CPUID REFUSED"
+        click.echo(f"  vCPU {v.vcpu}: {state}; KVM_SET_MSRS wrote {v.msrs_written} of {v.msrs_total}")
+        for d in v.diffs:
+            click.echo(f"    {d.kind.upper():<10} {d.where}: {_bits(d)}")
+            if d.rule:
+                click.echo(f"               rule: {d.rule}")
+    click.echo(("OK: " if r.ok else "NOT TAKEN: ") + r.summary())
+
+
+def apply_reports(reports: dict[str, ApplyReport], as_json: bool) -> None:
+    """One report per backend (or kernel, with --compare), then a line per kernel."""
+    if as_json:
+        _json({k: r.to_json() for k, r in reports.items()} if len(reports) > 1 else
+              next(iter(reports.values())).to_json())
+        return
+    for r in reports.values():
+        apply_report(r)
+    if len(reports) > 1:
+        click.echo("by kernel:")
+        for k, r in reports.items():
+            click.echo(f"  {k:<6} {r.summary()}")
+
+
+def verify_report(source: str, diffs: Sequence[BitDiff], as_json: bool) -> None:
+    if as_json:
+        _json({"state": source, "ok": not diffs, "diffs": [d.to_json() for d in diffs]})
+        return
+    for d in diffs:
+        click.echo(f"  MISMATCH {d.where}: {_bits(d)}")
+    click.echo(f"OK: every fixed bit of the template holds in {source}" if not diffs else
+               f"MISMATCH: {len(diffs)} register(s) or MSR(s) of {source} differ from the template")
+
+
+def dump_report(d: Dump, path: str | None) -> None:
+    """The dump as JSON on standard output, or a note of where it went (and what was left out)."""
+    from .msrs import name_of
+
+    if path is None:
+        click.echo(d.template.dumps(), nl=False)
+    else:
+        click.echo(f"wrote {path}: {len(d.template.cpuid_modifiers)} CPUID leaves, {len(d.template.msr_modifiers)} MSRs")
+    if d.left_out:
+        click.echo("left out (not dumpable): " + ", ".join(name_of(i) for i in d.left_out), err=True)
+    if d.unreadable:
+        click.echo("left out (KVM_GET_MSRS refused): " + ", ".join(name_of(i) for i in d.unreadable), err=True)
+
+
+def baseline_report(b: Baseline, names: Sequence[str], path: str | None, as_json: bool) -> None:
+    if as_json:
+        _json({"hosts": list(names), **b.to_json()})
+        return
+    if path is None:
+        click.echo(b.template.dumps(), nl=False)
+    else:
+        click.echo(f"wrote {path}: the baseline of {', '.join(names)}")
+    forced: dict[tuple[str, str], list[int]] = {}
+    for f in b.forced:
+        forced.setdefault((f.where, ", ".join(f.hosts)), []).append(f.bit)
+    for (where, hosts), bits in forced.items():
+        click.echo(f"  forced by {hosts}: {where} bits {', '.join(map(str, bits))}", err=path is None)
+    for why in b.left_out:
+        click.echo(f"  left out: {why}", err=path is None)
+
+
+def fingerprint_report(a: str, b: str, diffs: Sequence[Difference], as_json: bool) -> None:
+    if as_json:
+        _json({"a": a, "b": b, "same": not diffs, "differences": [d.to_json() for d in diffs]})
+        return
+    click.echo(f"{a} vs {b}")
+    for d in diffs:
+        detail = f" ({d.detail})" if d.detail else ""
+        click.echo(f"  {d.what:<11} {d.where}: {d.a} vs {d.b}{detail}")
+    click.echo("same: nothing that matters for migration differs" if not diffs else
+               f"{len(diffs)} difference(s) that matter for migration")

@@ -1,0 +1,408 @@
+"""A CPU template applied the way Firecracker applies it, on either backend, and checked bit by bit.
+
+Firecracker's order on x86_64 (``src/vmm/src/arch/x86_64/mod.rs`` ``configure_system_for_boot``, and
+``src/vmm/src/cpu_config/x86_64/mod.rs``): the template's KVM capabilities are checked before any vCPU exists; the
+CPUID modifiers are applied to KVM_GET_SUPPORTED_CPUID (a modifier of a leaf not in that list is an error, and a
+modifier's ``flags`` replace the entry's); KVM_SET_CPUID2 on every vCPU; the template's MSRs are read from vCPU 0 (one
+that cannot be read is an error); the MSR modifiers are applied to those values; the boot MSRs
+(``create_boot_msr_entries``) are added, replacing a template value of the same index; all of them go in one
+KVM_SET_MSRS per vCPU, and a short count is an error. Firecracker also normalises CPUID (topology, cache, APIC ids)
+between the template and KVM_SET_CPUID2; kvmscope does not, so those leaves are judged as the template left them.
+
+Where Firecracker stops at the first error, kvmscope records it as the point Firecracker would fail and carries on, so
+that one run shows everything the kernel refused or silently changed (read back after the writes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from . import guest, uapi
+from . import msrs as M
+from .api import CpuidEntry, MsrBatch, System, Vcpu, Vm, find_cpuid
+from .errors import KvmError
+from .kernel import rulesets as R
+from .template import Bitmap, CpuidModifier, LeafModifier, MsrModifier, Template
+
+# create_boot_msr_entries() (Firecracker src/vmm/src/arch/x86_64/msr.rs), in its order.
+BOOT_MSRS: tuple[tuple[int, int], ...] = (
+    (0x174, 0), (0x175, 0), (0x176, 0),  # SYSENTER_CS, ESP, EIP
+    (0xC0000081, 0), (0xC0000083, 0), (0xC0000102, 0), (0xC0000084, 0), (0xC0000082, 0),  # STAR CSTAR KGS FMASK LSTAR
+    (0x10, 0),  # IA32_TSC
+    (0x1A0, 1),  # IA32_MISC_ENABLE: FAST_STRING
+    (0x2FF, (1 << 11) | 6),  # MTRRdefType: MTRRs enabled, default write-back
+)
+VOLATILE = {0x10}  # the TSC runs on: reading it back says nothing about the write
+# Boot MSRs the model does not emulate yet (no MTRRs in model/): its "unknown MSR" refusal of them is not judged.
+MODEL_UNKNOWN_BOOT_MSRS = {0x2FF}
+_UNKNOWN = R.UNKNOWN_MSR.cite()
+
+
+@dataclass
+class BitDiff:
+    """Where a register or MSR does not hold what the template (or Firecracker's boot value) fixed."""
+
+    where: str
+    kind: str  # refused (KVM_SET_MSRS stopped at it) | changed (accepted, read back different) | unreadable
+    wanted: int
+    got: int | None
+    mask: int
+    rule: str = ""  # the kernel rule behind a refusal, where the backend knows it (the model does)
+
+    @property
+    def bits(self) -> list[int]:
+        if self.got is None:
+            return []
+        return [b for b in range(64) if ((self.wanted ^ self.got) & self.mask) >> b & 1]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"where": self.where, "kind": self.kind, "wanted": f"0x{self.wanted:x}",
+                "got": None if self.got is None else f"0x{self.got:x}", "mask": f"0x{self.mask:x}", "bits": self.bits,
+                "rule": self.rule or None}
+
+
+@dataclass
+class VcpuOutcome:
+    vcpu: int
+    cpuid_set: bool
+    msrs_written: int
+    msrs_total: int
+    diffs: list[BitDiff] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"vcpu": self.vcpu, "cpuid_set": self.cpuid_set, "msrs_written": self.msrs_written,
+                "msrs_total": self.msrs_total, "diffs": [d.to_json() for d in self.diffs]}
+
+
+@dataclass
+class ApplyReport:
+    """What applying a template did: where Firecracker would stop (``failures``, first one first) and, per vCPU, every
+    bit refused or changed."""
+
+    template: str
+    backend: str
+    description: str
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    vcpus: list[VcpuOutcome] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not any(v.diffs for v in self.vcpus)
+
+    def summary(self) -> str:
+        """One line: what Firecracker would do, and how many bits were refused or changed."""
+        bits = sum(len(d.bits) or 1 for v in self.vcpus for d in v.diffs)
+        if self.ok:
+            return "taken: every fixed bit holds on every vCPU"
+        head = f"Firecracker would fail: {self.failures[0]}" if self.failures else "Firecracker would boot"
+        return f"{head}; {bits} bit(s) refused or changed" if bits else head
+
+    def to_json(self) -> dict[str, Any]:
+        return {"template": self.template, "backend": self.backend, "description": self.description, "ok": self.ok,
+                "summary": self.summary(), "failures": self.failures, "notes": self.notes,
+                "vcpus": [v.to_json() for v in self.vcpus]}
+
+
+def msr_where(index: int) -> str:
+    return f"{M.name_of(index)} (0x{index:x})"
+
+
+def cpuid_where(leaf: int, subleaf: int, register: str) -> str:
+    return f"CPUID 0x{leaf:x}.{subleaf} {register}"
+
+
+def apply_cpuid(supported: Sequence[CpuidEntry], template: Template) -> tuple[list[CpuidEntry], list[str]]:
+    """The CPUID list the template makes of ``supported``, and the modifiers Firecracker would refuse (leaf missing)."""
+    entries = list(supported)
+    missing = []
+    for mod in template.cpuid_modifiers:
+        pos = next((i for i, e in enumerate(entries) if e.key == mod.key), None)
+        if pos is None:
+            missing.append(f"the template changes CPUID leaf 0x{mod.leaf:x} subleaf 0x{mod.subleaf:x}, "
+                           "which KVM_GET_SUPPORTED_CPUID does not list")
+            continue
+        e = replace(entries[pos], flags=mod.flags)
+        for r in mod.modifiers:
+            e = replace(e, **{r.register: r.bitmap.apply(getattr(e, r.register))})
+        entries[pos] = e
+    return entries, missing
+
+
+def apply_msrs(read: dict[int, int], template: Template) -> tuple[dict[int, int], dict[int, int]]:
+    """The template's MSR values from the values read on vCPU 0: (index -> value to write, index -> fixed-bit mask)."""
+    values: dict[int, int] = {}
+    masks: dict[int, int] = {}
+    for m in template.msr_modifiers:
+        if m.addr not in read:
+            continue
+        values[m.addr] = m.bitmap.apply(values.get(m.addr, read[m.addr]))
+        masks[m.addr] = masks.get(m.addr, 0) | m.bitmap.mask
+    return values, masks
+
+
+def read_each(vcpu: Vcpu, indices: Sequence[int]) -> dict[int, int]:
+    """KVM_GET_MSRS of ``indices`` in one batch, then one by one past each refusal: index -> value for those read."""
+    out: dict[int, int] = {}
+    rest = list(indices)
+    while rest:
+        batch = MsrBatch(rest)
+        n = vcpu.get_msrs(batch)
+        out.update((i, v) for k, (i, v) in enumerate(batch) if k < n)
+        rest = rest[n + 1 :]
+    return out
+
+
+def write_each(vcpu: Vcpu, entries: list[tuple[int, int]]) -> tuple[int, dict[int, str]]:
+    """One KVM_SET_MSRS of ``entries`` (Firecracker's), then the rest past each refusal (kvmscope's, to find them
+    all): the first call's count and the refused indices with the rule behind each (where the backend knows it)."""
+    first = -1
+    refused: dict[int, str] = {}
+    rest = entries
+    while rest:
+        n = vcpu.set_msrs(MsrBatch(rest))
+        if first < 0:
+            first = n
+        if n == len(rest):
+            break
+        rule = vcpu.refusal_rule(rest[n][0])
+        refused[rest[n][0]] = rule.cite() if rule is not None else ""
+        rest = rest[n + 1 :]
+    return max(first, 0), refused
+
+
+def _cpuid_diffs(entries: Sequence[CpuidEntry], mods: Sequence[LeafModifier], wanted: Sequence[CpuidEntry]
+                 ) -> list[BitDiff]:
+    """Template-fixed CPUID bits that KVM does not hold (read back with KVM_GET_CPUID2)."""
+    diffs = []
+    for mod in mods:
+        want = next((e for e in wanted if e.key == mod.key), None)
+        if want is None:
+            continue
+        got = find_cpuid(entries, mod.leaf, mod.subleaf)
+        for r in mod.modifiers:
+            g = None if got is None else getattr(got, r.register)
+            w = getattr(want, r.register)
+            if g is None or (g ^ w) & r.bitmap.mask:
+                diffs.append(BitDiff(cpuid_where(mod.leaf, mod.subleaf, r.register), "changed", w, g, r.bitmap.mask))
+    return diffs
+
+
+def apply(system: System, template: Template, vcpus: int = 1, boot: Sequence[tuple[int, int]] = BOOT_MSRS,
+          after_run: bool = False) -> ApplyReport:
+    """Apply ``template`` to a new VM of ``system`` with ``vcpus`` vCPUs in Firecracker's order, with Firecracker's
+    ``boot`` MSRs in the same KVM_SET_MSRS (``()`` judges the template alone); report everything. ``after_run`` runs
+    every vCPU to its first HLT before the MSRs are read and written: a VMM that applies (or re-applies) a template
+    to vCPUs that have already run, which kernels that freeze the vCPU model after the first run refuse."""
+    rep = ApplyReport(template.path, system.backend, system.describe())
+    with system.create_vm() as vm:
+        configure(system, vm, template, vcpus, boot, after_run, rep)
+    return rep
+
+
+def configure(system: System, vm: Vm, template: Template, vcpus: int, boot: Sequence[tuple[int, int]],
+              after_run: bool, rep: ApplyReport) -> list[Vcpu]:
+    """The work of :func:`apply` on ``vm``: create and configure its vCPUs, recording everything in ``rep``."""
+    for cap in template.kvm_capabilities:
+        name = f"KVM capability {cap.number}" + (f" ({uapi.CAPABILITY_NAMES[cap.number]})"
+                                                 if cap.number in uapi.CAPABILITY_NAMES else "")
+        if cap.removed:
+            rep.notes.append(f"{name} is dropped from Firecracker's own checks")
+        elif not system.check_extension(cap.number):
+            rep.failures.append(f"{name} is not supported")
+    cpuid, missing = apply_cpuid(system.get_supported_cpuid(), template)
+    rep.failures.extend(missing)
+    cpus = [vm.create_vcpu(i) for i in range(vcpus)]
+    set_ok = []
+    for i, v in enumerate(cpus):
+        try:
+            v.set_cpuid(cpuid)
+            set_ok.append(True)
+        except KvmError as e:
+            rep.failures.append(f"KVM_SET_CPUID2 on vCPU {i}: {e}")
+            set_ok.append(False)
+    if after_run:
+        for i, v in enumerate(cpus):
+            exit_ = guest.run_to_hlt(vm, v)
+            rep.notes.append(f"vCPU {i} ran before the MSRs were written: {exit_.name}")
+    addrs = list(dict.fromkeys(m.addr for m in template.msr_modifiers))
+    read = read_each(cpus[0], addrs)
+    for a in addrs:
+        if a not in read:
+            rep.failures.append(f"the template changes {msr_where(a)}, which KVM_GET_MSRS on vCPU 0 refuses")
+    values, masks = apply_msrs(read, template)
+    entries = dict(values)
+    for index, value in boot:
+        if index in masks:
+            rep.notes.append(f"{msr_where(index)} is a boot MSR: Firecracker writes 0x{value:x} over the "
+                             "template's value")
+            masks[index] = (1 << 64) - 1
+        entries[index] = value
+    for i, v in enumerate(cpus):
+        rep.vcpus.append(_configure(v, i, set_ok[i], list(entries.items()), masks, cpuid, template, rep))
+    return cpus
+
+
+def _configure(vcpu: Vcpu, i: int, cpuid_set: bool, entries: list[tuple[int, int]], masks: dict[int, int],
+               cpuid: Sequence[CpuidEntry], template: Template, rep: ApplyReport) -> VcpuOutcome:
+    """KVM_SET_MSRS on one vCPU, then read everything back and compare."""
+    written, refused = write_each(vcpu, entries)
+    for index in [ix for ix, rule in refused.items() if rule == _UNKNOWN and ix in MODEL_UNKNOWN_BOOT_MSRS]:
+        # Not the kernel's answer but the model's ignorance: every KVM handles the MTRR MSRs (x86.c
+        # kvm_set_msr_common -> kvm_mtrr_set_msr, 5.10 to 6.18); the live kernel here takes 0x806.
+        del refused[index]
+        rep.notes.append(f"vCPU {i}: the model does not know {msr_where(index)}, one of Firecracker's boot MSRs that "
+                         "every KVM takes; not judged")
+    if refused:
+        first = next(n for n, (ix, _) in enumerate(entries) if ix in refused)
+        rep.failures.append(f"KVM_SET_MSRS on vCPU {i} returned {first} of {len(entries)}: refused "
+                            f"{msr_where(entries[first][0])}")
+        written = first
+    out = VcpuOutcome(i, cpuid_set, written, len(entries))
+    now = read_each(vcpu, [ix for ix, _ in entries])
+    for index, want in entries:
+        mask = masks.get(index, (1 << 64) - 1)
+        got = now.get(index)
+        if index in VOLATILE and index not in refused or (index in MODEL_UNKNOWN_BOOT_MSRS and got is None):
+            continue
+        kind = "refused" if index in refused else "unreadable" if got is None else "changed"
+        if kind != "changed" or (got is not None and (got ^ want) & mask):
+            out.diffs.append(BitDiff(msr_where(index), kind, want, got, mask, refused.get(index, "")))
+    if cpuid_set:
+        out.diffs[:0] = _cpuid_diffs(vcpu.get_cpuid(), template.cpuid_modifiers, cpuid)
+    return out
+
+
+# --- verify and dump -------------------------------------------------------------------------------------------------
+
+
+def verify(template: Template, cpuid: Sequence[CpuidEntry], msrs: dict[int, int]) -> list[BitDiff]:
+    """Masked equality of ``template`` against a vCPU's state (its CPUID and MSR values): every fixed bit that does not
+    hold, and every leaf or MSR the state lacks."""
+    diffs = []
+    for mod in template.cpuid_modifiers:
+        e = find_cpuid(cpuid, mod.leaf, mod.subleaf)
+        for r in mod.modifiers:
+            got = None if e is None else getattr(e, r.register)
+            if got is None or not r.bitmap.matches(got):
+                kind = "changed" if got is not None else "unreadable"
+                diffs.append(BitDiff(cpuid_where(mod.leaf, mod.subleaf, r.register), kind, r.bitmap.value, got,
+                                     r.bitmap.mask))
+    for m in template.msr_modifiers:
+        got = msrs.get(m.addr)
+        if got is None or not m.bitmap.matches(got):
+            diffs.append(BitDiff(msr_where(m.addr), "changed" if got is not None else "unreadable", m.bitmap.value,
+                                 got, m.bitmap.mask))
+    return diffs
+
+
+def state_of(template: Template) -> tuple[list[CpuidEntry], dict[int, int]]:
+    """A dumped template (every bit fixed) as the vCPU state it records: CPUID entries and MSR values."""
+    entries = []
+    for mod in template.cpuid_modifiers:
+        regs = {r.register: r.bitmap.value for r in mod.modifiers}
+        entries.append(CpuidEntry(mod.leaf, mod.subleaf, mod.flags, **regs))
+    return entries, {m.addr: m.bitmap.value for m in template.msr_modifiers}
+
+
+def undumpable(index: int) -> bool:
+    """MSRs a dump leaves out: the TSC and its deadline/adjust, machine check, PMU counters and controls, VMX
+    capabilities (they describe the host's nested support, not the guest's model), the KVM clock pages and Hyper-V.
+    Firecracker's own list is UNDUMPABLE_MSR_RANGES in ``src/vmm/src/arch/x86_64/msr.rs``; unlike it, kvmscope keeps
+    PERF_CAPABILITIES, a feature MSR a template may fix."""
+    return (
+        index in (0x10, 0x3B, 0x6E0, 0x11, 0x12, 0x4B564D00, 0x4B564D01)
+        or 0x179 <= index <= 0x17B or index == 0x4D0 or 0x400 <= index < 0x480  # MCG_*, MCi banks
+        or M.VMX_FIRST <= index <= M.VMX_LAST
+        or 0xC1 <= index <= 0xC8 or 0x186 <= index <= 0x18D or 0x309 <= index <= 0x30B  # Intel PMCs, PERFEVTSELs
+        or 0x38D <= index <= 0x390 or index in (0x3F1, 0x600, 0x1D9) or 0x4C1 <= index <= 0x4C8  # PMU globals, PEBS
+        or 0xC0010000 <= index <= 0xC0010007 or 0xC0010200 <= index <= 0xC001020B  # AMD PMU
+        or 0xC0000300 <= index <= 0xC0000303
+        or 0x40000000 <= index <= 0x400000FF  # Hyper-V: needs Hyper-V CPUID to read (Firecracker leaves them out)
+    )
+
+
+@dataclass
+class Dump:
+    template: Template
+    left_out: list[int]  # listed by KVM but not dumpable by rule
+    unreadable: list[int]  # KVM_GET_MSRS refused them on the vCPU
+
+
+def dump(system: System) -> Dump:
+    """A vCPU's CPUID (after KVM_SET_CPUID2 of the supported list) and MSRs as a template with every bit fixed."""
+    indices = list(dict.fromkeys([*system.get_msr_index_list(), *system.get_msr_feature_index_list()]))
+    keep = [i for i in indices if not undumpable(i)]
+    with system.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(system.get_supported_cpuid())
+        cpuid = vcpu.get_cpuid()
+        values = read_each(vcpu, keep)
+    leaves = tuple(LeafModifier(e.function, e.index, e.flags,
+                                tuple(CpuidModifier(r, Bitmap.exact(32, getattr(e, r))) for r in ("eax", "ebx", "ecx",
+                                                                                                    "edx")))
+                   for e in cpuid)
+    msr_mods = tuple(MsrModifier(i, Bitmap.exact(64, values[i])) for i in sorted(values))
+    return Dump(Template((), leaves, msr_mods, "<dump>"), sorted(set(indices) - set(keep)),
+                sorted(set(keep) - set(values)))
+
+
+def strip(templates: Sequence[Template]) -> list[Template]:
+    """Each template with only the bits that differ across all of them fixed (Firecracker's ``template strip``): a
+    register or MSR fixed the same way everywhere, or missing from one, is left out."""
+    def key_cpuid(t: Template) -> dict[tuple[int, int, str], tuple[int, Bitmap]]:
+        return {(m.leaf, m.subleaf, r.register): (m.flags, r.bitmap) for m in t.cpuid_modifiers for r in m.modifiers}
+
+    cps = [key_cpuid(t) for t in templates]
+    msr_maps = [{m.addr: m.bitmap for m in t.msr_modifiers} for t in templates]
+    common_c = [k for k in cps[0] if all(k in c for c in cps)] if cps else []
+    common_m = [k for k in msr_maps[0] if all(k in m for m in msr_maps)] if msr_maps else []
+    out = []
+    for t, c, mm in zip(templates, cps, msr_maps, strict=True):
+        leaves: dict[tuple[int, int], list[CpuidModifier]] = {}
+        flags: dict[tuple[int, int], int] = {}
+        for k in common_c:
+            differ = _differing([x[k][1] for x in cps])
+            if differ:
+                bm = c[k][1]
+                leaves.setdefault(k[:2], []).append(CpuidModifier(k[2], Bitmap(32, bm.mask & differ,
+                                                                                bm.value & differ)))
+                flags[k[:2]] = c[k][0]
+        msr_mods = []
+        for a in common_m:
+            differ = _differing([x[a] for x in msr_maps])
+            if differ:
+                msr_mods.append(MsrModifier(a, Bitmap(64, mm[a].mask & differ, mm[a].value & differ)))
+        out.append(Template(t.kvm_capabilities,
+                            tuple(LeafModifier(k[0], k[1], flags[k], tuple(v)) for k, v in leaves.items()),
+                            tuple(msr_mods), t.path))
+    return out
+
+
+def _differing(bitmaps: Sequence[Bitmap]) -> int:
+    """Bits fixed in every bitmap whose fixed value is not the same in all of them."""
+    mask = ~0
+    for b in bitmaps:
+        mask &= b.mask
+    ones = zeros = 0
+    for b in bitmaps:
+        ones |= b.value & mask
+        zeros |= ~b.value & mask
+    return ones & zeros
+
+
+def explain(live: ApplyReport, model: ApplyReport) -> None:
+    """Give a live kernel's refusals the rule the model of this host names for the same refusal (the kernel does not
+    say why), and say where the two disagree."""
+    by_key = {(v.vcpu, d.where, d.kind): d for v in model.vcpus for d in v.diffs}
+    for v in live.vcpus:
+        for d in v.diffs:
+            twin = by_key.pop((v.vcpu, d.where, d.kind), None)
+            if twin is not None and twin.rule and not d.rule:
+                d.rule = f"{twin.rule} (from the model of this host, applied alongside)"
+            elif twin is None:
+                live.notes.append(f"the model of this host did not predict: vCPU {v.vcpu} {d.kind} {d.where}")
+    for (vcpu, where, kind) in by_key:
+        live.notes.append(f"the model of this host predicted, the kernel did not: vCPU {vcpu} {kind} {where}")

@@ -1,0 +1,111 @@
+"""A templated VM snapshotted on one host and restored on another, as Firecracker does it.
+
+Firecracker (``src/vmm/src/arch/x86_64/vcpu.rs`` ``save_state``/``restore_state``, ``msr.rs``): a snapshot holds each
+vCPU's KVM_GET_CPUID2 and the MSRs it saves, the MSRs of KVM_GET_MSR_INDEX_LIST that ``msr_should_serialize`` lets
+through (``SERIALIZABLE_MSR_RANGES``, without MCG_CTL) plus the template's MSRs; a short KVM_GET_MSRS fails the
+snapshot. Restore does KVM_SET_CPUID2 with the saved CPUID on a fresh vCPU, then KVM_SET_MSRS of the saved MSRs; a
+short count fails the restore. This is where a template's ARCH_CAPABILITIES or PERF_CAPABILITIES, taken on the source
+host, meets a destination host that cannot take it. (Firecracker also saves the MSRs that CPUID features imply, MPX,
+MTRR and MCE groups; kvmscope does not.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from . import guest
+from .api import System
+from .errors import KvmError
+from .template import Template
+from .template_apply import (
+    BOOT_MSRS,
+    MODEL_UNKNOWN_BOOT_MSRS,
+    VOLATILE,
+    ApplyReport,
+    BitDiff,
+    VcpuOutcome,
+    configure,
+    msr_where,
+    read_each,
+    write_each,
+)
+
+# SERIALIZABLE_MSR_RANGES (Firecracker src/vmm/src/arch/x86_64/msr.rs) as (first, count); numbers from the kernel's
+# arch/x86/include/asm/msr-index.h.
+SERIALIZABLE: tuple[tuple[int, int], ...] = (
+    (0x0, 2), (0x10, 1), (0x17, 1), (0x1B, 1), (0x2A, 1), (0x2C, 1), (0x34, 1), (0x3A, 2), (0x48, 2), (0x79, 1),
+    (0x8B, 1), (0x9E, 1), (0xCD, 2), (0xE2, 1), (0xE7, 2), (0xFE, 1), (0x11E, 1), (0x174, 3), (0x179, 3), (0x198, 1),
+    (0x1A0, 1), (0x1A4, 1), (0x1AA, 1), (0x1AD, 2), (0x1D9, 1), (0x1DB, 4), (0x1FC, 1), (0x200, 0x100), (0x3FC, 3),
+    (0x400, 0x80), (0x606, 1), (0x60A, 3), (0x610, 2), (0x613, 2), (0x618, 2), (0x61B, 2), (0x648, 5), (0x6E0, 1),
+    (0x800, 0x400), (0x4B564D00, 5), (0xC0000080, 5), (0xC0000100, 4), (0x140, 1), (0xC0010015, 1),
+    (0x4B564D05, 2),
+)
+MCG_CTL = 0x17B
+# MSRs that need an in-kernel local APIC (x2APIC range, TSC_DEADLINE, KVM_ASYNC_PF_INT: kvm_pv_enable_async_pf_int
+# refuses without one). Firecracker's VM has one (KVM_CREATE_IRQCHIP); kvmscope's does not, so they are not judged.
+NEEDS_LAPIC: tuple[tuple[int, int], ...] = ((0x800, 0x400), (0x6E0, 1), (0x4B564D06, 1))
+
+
+def needs_lapic(index: int) -> bool:
+    return any(first <= index < first + n for first, n in NEEDS_LAPIC)
+
+
+def serializable(index: int) -> bool:
+    """Firecracker's ``msr_should_serialize``."""
+    return index != MCG_CTL and any(first <= index < first + n for first, n in SERIALIZABLE)
+
+
+def restore(source: System, target: System, template: Template, vcpus: int = 1,
+            boot: Sequence[tuple[int, int]] = BOOT_MSRS) -> ApplyReport:
+    """Boot a VM with ``template`` on ``source`` (Firecracker's order, each vCPU run to its first HLT), snapshot it,
+    and restore the snapshot on ``target``: report where Firecracker would fail and every saved MSR the target refused
+    or changed (template MSRs compared on their fixed bits)."""
+    rep = ApplyReport(template.path, target.backend, f"{source.describe()} -> {target.describe()}")
+    masks = {m.addr: m.bitmap.mask for m in template.msr_modifiers}
+    listed = [i for i in source.get_msr_index_list() if serializable(i)]
+    to_save = list(dict.fromkeys([*(i for i in listed if not needs_lapic(i)), *masks]))
+    skipped = [msr_where(i) for i in listed if needs_lapic(i)]
+    if skipped:
+        rep.notes.append(f"not judged (they need an in-kernel local APIC, which kvmscope's VM does not create): "
+                         f"{', '.join(skipped)}")
+    saved = []
+    with source.create_vm() as vm:
+        booted = ApplyReport(template.path, source.backend, source.describe())
+        cpus = configure(source, vm, template, vcpus, boot, False, booted)
+        rep.failures.extend(f"on the source: {f}" for f in booted.failures)
+        rep.notes.extend(f"on the source: {n}" for n in booted.notes)
+        for i, v in enumerate(cpus):
+            guest.run_to_hlt(vm, v)
+            values = read_each(v, to_save)
+            lost = [ix for ix in to_save if ix not in values]
+            if lost:
+                rep.failures.append(f"snapshot: KVM_GET_MSRS on vCPU {i} refuses {msr_where(lost[0])}"
+                                    + (f" and {len(lost) - 1} more" if len(lost) > 1 else ""))
+            saved.append((v.get_cpuid(), [(ix, values[ix]) for ix in to_save if ix in values]))
+    with target.create_vm() as vm:
+        for i, (cpuid, entries) in enumerate(saved):
+            v = vm.create_vcpu(i)
+            try:
+                v.set_cpuid(cpuid)
+            except KvmError as e:
+                rep.failures.append(f"restore: KVM_SET_CPUID2 on vCPU {i}: {e}")
+            written, refused = write_each(v, entries)
+            for index in [ix for ix in refused if ix in MODEL_UNKNOWN_BOOT_MSRS]:
+                del refused[index]  # the model's gap, as in template_apply
+                rep.notes.append(f"vCPU {i}: the model does not know {msr_where(index)}; not judged")
+            out = VcpuOutcome(i, True, written, len(entries))
+            if refused:
+                first = next(n for n, (ix, _) in enumerate(entries) if ix in refused)
+                rep.failures.append(f"restore: KVM_SET_MSRS on vCPU {i} returned {first} of {len(entries)}: "
+                                    f"refused {msr_where(entries[first][0])}")
+                out.msrs_written = first
+            now = read_each(v, [ix for ix, _ in entries])
+            for index, want in entries:
+                got = now.get(index)
+                if index in refused:
+                    out.diffs.append(BitDiff(msr_where(index), "refused", want, got, (1 << 64) - 1, refused[index]))
+                elif index in masks and index not in VOLATILE and (got is None or (got ^ want) & masks[index]):
+                    out.diffs.append(BitDiff(msr_where(index), "changed" if got is not None else "unreadable", want,
+                                             got, masks[index]))
+            rep.vcpus.append(out)
+    return rep

@@ -1,0 +1,222 @@
+"""Templates judged against kernels and host profiles without the host: apply on the model, the fleet baseline, strip
+and fingerprint compare, and the ``kvmscope template`` / ``baseline`` / ``fingerprint`` commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kvmscope.cli import main
+from kvmscope.fleet import LOW, _msr_baseline, baseline, compare, settle
+from kvmscope.kernel.profile import load as load_profile
+from kvmscope.model import open_model
+from kvmscope.template import load, parse
+from kvmscope.template_apply import apply, strip
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "templates"
+FLEET = ("intel-spr", "amd-epyc", "pvm-6.18")
+
+
+def summary(profile: str, kernel: str | None, name: str) -> tuple[bool, list[str], list[str]]:
+    with open_model(kernel=kernel, profile=profile) as system:
+        rep = apply(system, load(EXAMPLES / name), 2, boot=())
+    return rep.ok, rep.failures, [d.rule for v in rep.vcpus for d in v.diffs if d.rule]
+
+
+@pytest.mark.parametrize("kernel", ["6.3", "6.18"])
+def test_t2s_like_is_taken_on_sapphire_rapids(kernel: str) -> None:
+    ok, failures, _ = summary("intel-spr", kernel, "t2s-like.json")
+    assert ok, f"intel-spr at {kernel}: expected the template taken, saw {failures}"
+
+
+def test_hiding_arch_capabilities_cpuid_matters_from_6_13() -> None:
+    """The differential: the same template is taken under 6.3 rules and refused under 6.18's, by the rule that rejects
+    userspace ARCH_CAPABILITIES access without the CPUID bit (a5d563890b8f, 6.13)."""
+    ok, failures, _ = summary("intel-spr", "6.3", "arch-cap-hidden.json")
+    assert ok, f"6.3: expected taken, saw {failures}"
+    ok, failures, rules = summary("intel-spr", "6.18", "arch-cap-hidden.json")
+    assert not ok and failures[0].endswith("refused MSR_IA32_ARCH_CAPABILITIES (0x10a)"), failures
+    assert rules and all("a5d563890b8f" in r for r in rules), f"expected the 6.13 rule named, saw {rules}"
+
+
+def test_msr_rules() -> None:
+    assert _msr_baseline(0x10A, "and", {"a": 0b1101, "b": 0b0111}) == (0b0101, "")
+    perf = {"a": 0x24C5, "b": 0x0405}  # LBR format 5 on both; PEBS format 4 vs 4; bit 13 only on a
+    assert _msr_baseline(0x345, "perf", perf) == (0x0405, ""), "formats kept where equal, other bits ANDed"
+    value, _ = _msr_baseline(0x345, "perf", {"a": 0x0405, "b": 0x0305})
+    assert value == 0x0005, f"PEBS formats 4 and 3 differ: expected format 0 (LBR 5 kept), saw {value:#x}"
+    value, _ = _msr_baseline(0x48D, "controls", {"a": 0xFF_0000_0016, "b": 0x7F_0000_0017})
+    assert value == 0x7F_0000_0017, f"allowed-0 ORed, allowed-1 ANDed: saw {value:#x}"
+    value, why = _msr_baseline(0x48D, "controls", {"a": 0x01_0000_0001, "b": 0x02_0000_0002})
+    assert value is None and "must be 1" in why, (value, why)
+    assert _msr_baseline(0x480, "equal", {"a": 5, "b": 6})[0] is None
+    assert _msr_baseline(0x8B, "skip", {"a": 5})[0] is None
+    assert LOW == 0xFFFFFFFF
+
+
+def test_fleet_baseline_taken_on_every_host_and_says_who_forces_what() -> None:
+    profiles = [load_profile(n) for n in FLEET]
+    raw = baseline(profiles)
+    arch = next(m for m in raw.template.msr_modifiers if m.addr == 0x10A)
+    assert arch.bitmap.value == 0x400000000C000069, f"ARCH_CAPABILITIES is the AND: saw {arch.bitmap.value:#x}"
+    perf = [f for f in raw.forced if f.where.startswith("MSR_IA32_PERF_CAPABILITIES")]
+    assert {f.bit for f in perf} == {6, 7, 10, 13} and all(f.hosts == ["amd-epyc", "pvm-6.18"] for f in perf), perf
+    # Unsettled, pvm-6.18 refuses it: its KVM_SET_CPUID2 drops the ARCH_CAPABILITIES CPUID bit, and 6.18 then
+    # refuses the MSR. Settling takes that out, naming the host and the rule.
+    with open_model(profile="pvm-6.18") as system:
+        assert not apply(system, raw.template, 1, boot=()).ok, "the raw baseline should be refused on pvm-6.18"
+    settled = settle(raw, profiles)
+    assert 0x10A not in [m.addr for m in settled.template.msr_modifiers]
+    assert any("pvm-6.18 refuses it" in w and "a5d563890b8f" in w for w in settled.left_out), settled.left_out
+    for name in FLEET:
+        for kernel in (None, "6.3", "6.18"):
+            with open_model(kernel=kernel, profile=name) as system:
+                rep = apply(system, settled.template, 2, boot=())
+            assert rep.ok, f"{name} at {kernel}: expected the baseline taken, saw {rep.failures}"
+
+
+def test_strip_keeps_only_differing_bits() -> None:
+    a = parse('{"msr_modifiers": [{"addr": "0x10a", "bitmap": "0b1100"}, {"addr": "0xce", "bitmap": "0b1"}]}')
+    b = parse('{"msr_modifiers": [{"addr": "0x10a", "bitmap": "0b1010"}, {"addr": "0xce", "bitmap": "0b1"}]}')
+    sa, sb = strip([a, b])
+    assert [(m.addr, m.bitmap.mask, m.bitmap.value) for m in sa.msr_modifiers] == [(0x10A, 0b0110, 0b0100)]
+    assert [(m.addr, m.bitmap.mask, m.bitmap.value) for m in sb.msr_modifiers] == [(0x10A, 0b0110, 0b0010)]
+
+
+def test_fingerprint_compare() -> None:
+    spr, epyc = load_profile("intel-spr"), load_profile("amd-epyc")
+    assert compare(spr, spr) == []
+    d = {(x.what, x.where) for x in compare(spr, epyc)}
+    for want in (("vendor", "vendor module"), ("microcode", "MSR_IA32_UCODE_REV (0x8b)"),
+                 ("feature_msr", "MSR_IA32_ARCH_CAPABILITIES (0x10a)"), ("feature_msr", "MSR_AMD64_DE_CFG (0xc0011029)")):
+        assert want in d, f"expected {want} among the differences, saw {sorted(d)[:8]}"
+
+
+# --- the commands ------------------------------------------------------------------------------------------------------
+
+
+def run(*args: str) -> tuple[int, str]:
+    r = CliRunner().invoke(main, list(args))
+    return r.exit_code, r.output
+
+
+def test_cli_read_reports_bad_template_in_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n "msr_modifiers": [{"addr": "0x10a", "bitmap": "0b2"}]\n}\n')
+    code, out = run("template", "read", str(bad))
+    flat = " ".join(out.split())  # the error console wraps long lines at its width
+    assert code == 2 and flat.startswith("error: "), f"expected exit 2 and an error, saw {code}: {out!r}"
+    assert f"{bad}:2: field msr_modifiers[0].bitmap: character 3 ('2')" in flat, out
+    code, out = run("template", "read", str(EXAMPLES / "t2s-like.json"), "--json", "-o", str(tmp_path / "o.json"))
+    assert code == 0 and json.loads(out) == json.loads((tmp_path / "o.json").read_text()), out
+
+
+def test_cli_apply_compare_and_exit_codes() -> None:
+    code, out = run("template", "apply", str(EXAMPLES / "arch-cap-hidden.json"), "--profile", "intel-spr",
+                    "--compare", "6.3,6.18", "--no-boot-msrs", "--json")
+    assert code == 1, out
+    data = json.loads(out)
+    assert data["6.3"]["ok"] is True and data["6.18"]["ok"] is False, {k: v["summary"] for k, v in data.items()}
+    code, out = run("template", "apply", str(EXAMPLES / "t2s-like.json"), "--profile", "intel-spr", "--kernel", "6.3",
+                    "--no-boot-msrs")
+    assert code == 0 and "OK: taken" in out, out
+    code, out = run("template", "apply", str(EXAMPLES / "t2s-like.json"), "--backend", "linux", "--kernel", "6.3")
+    assert code == 2 and "choose the model" in out, out
+
+
+def test_cli_baseline_then_apply_on_each(tmp_path: Path) -> None:
+    out_file = tmp_path / "fleet.json"
+    code, out = run("baseline", *FLEET, "-o", str(out_file))
+    assert code == 0 and "forced by" in out and "left out" in out, out
+    for name in FLEET:
+        code, out = run("template", "apply", str(out_file), "--profile", name)
+        assert code == 0, f"{name}: {out}"
+
+
+def test_cli_dump_strip_verify_fingerprint(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert run("template", "dump", "--profile", "pvm-6.18", "-o", str(a))[0] == 0
+    assert run("template", "dump", "--profile", "intel-spr", "-o", str(b))[0] == 0
+    code, out = run("template", "strip", str(a), str(b))
+    assert code == 0 and (tmp_path / "a_stripped.json").is_file(), out
+    code, out = run("template", "verify", str(a), "--state", str(a))
+    assert code == 0 and out.startswith("OK"), out
+    code, out = run("template", "verify", str(b), "--state", str(a))
+    assert code == 1 and "MISMATCH" in out, out
+    code, out = run("fingerprint", "compare", "intel-spr", "amd-epyc")
+    assert code == 1 and "vendor module: vmx vs svm" in out, out
+    assert run("fingerprint", "compare", "pvm-6.18", "pvm-6.18")[0] == 0
+
+
+def test_docs_commands_run_with_the_exit_codes_they_show(live: object, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ``kvmscope ...  # exit N`` line of docs/templates.md, run in order from a fresh folder holding examples/."""
+    import re
+    import shlex
+
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    monkeypatch.chdir(tmp_path)
+    text = (ROOT / "docs" / "templates.md").read_text()
+    # A documented command: `kvmscope ARGS   # comment   # exit N` (the first "  #" ends the arguments).
+    lines = [(m.group(1).split("  #")[0].strip(), m.group(2)) for m in re.finditer(r"^kvmscope (.*# exit (\d))$",
+                                                                                   text, re.M)]
+    assert len(lines) == 14, f"expected the 14 documented commands, found {lines}"
+    for command, code in lines:
+        got, out = run(*shlex.split(command))
+        assert got == int(code), f"`kvmscope {command}`: documented exit {code}, got {got}: {out[-400:]}"
+
+
+def test_live_refusals_carry_the_rule_of_the_model_alongside(live: object) -> None:
+    code, out = run("template", "apply", str(EXAMPLES / "t2s-like.json"), "--backend", "linux", "--json")
+    assert code == 1, out
+    data = json.loads(out)
+    refused = [d for v in data["vcpus"] for d in v["diffs"] if d["kind"] == "refused"]
+    arch = [d for d in refused if d["where"] == "MSR_IA32_ARCH_CAPABILITIES (0x10a)"]
+    assert len(arch) == 2 and all("a5d563890b8f" in (d["rule"] or "") for d in arch), refused
+    assert not [n for n in data["notes"] if "predicted" in n], f"the model of this host agrees: {data['notes']}"
+
+
+def test_applied_after_the_first_run_is_refused_from_6_4() -> None:
+    """A VMM that writes a template's MSRs to vCPUs that have run: 6.3 takes it, 6.4+ freezes the feature MSRs
+    (0094f62c7eaa) and refuses a changed value."""
+    t = load(EXAMPLES / "t2s-like.json")
+    for kernel, taken in (("6.3", True), ("6.18", False)):
+        with open_model(kernel=kernel, profile="intel-spr") as system:
+            rep = apply(system, t, 2, boot=(), after_run=True)
+        assert rep.ok is taken, f"{kernel}: expected taken={taken}, saw {rep.failures}"
+        rules = {d.rule for v in rep.vcpus for d in v.diffs}
+        assert taken or (len(rules) == 1 and "0094f62c7eaa" in rules.pop()), rules
+
+
+def test_restore_on_another_host_meets_its_rules() -> None:
+    """A Sapphire Rapids snapshot with T2S-like ARCH_CAPABILITIES restored on the PVM host: Firecracker would stop at
+    FEAT_CTL (not an MSR PVM knows), and ARCH_CAPABILITIES is refused by the 6.13 rule once PVM's KVM_SET_CPUID2 drops
+    the CPUID bit; restored on Sapphire Rapids under 6.3 it is taken."""
+    from kvmscope.template_restore import restore
+
+    t = load(EXAMPLES / "t2s-like.json")
+    with open_model(profile="intel-spr") as a, open_model(profile="pvm-6.18") as b:
+        rep = restore(a, b, t, 1, boot=())
+    assert rep.failures == ["restore: KVM_SET_MSRS on vCPU 0 returned 10 of 30: refused MSR_IA32_FEAT_CTL (0x3a)"], \
+        rep.failures
+    refused = {d.where: d.rule for d in rep.vcpus[0].diffs if d.kind == "refused"}
+    assert set(refused) == {"MSR_IA32_FEAT_CTL (0x3a)", "MSR_IA32_SMBASE (0x9e)",
+                            "MSR_IA32_ARCH_CAPABILITIES (0x10a)"}, refused
+    assert "a5d563890b8f" in refused["MSR_IA32_ARCH_CAPABILITIES (0x10a)"], refused
+    with open_model(profile="intel-spr") as a, open_model(profile="intel-spr", kernel="6.3") as b:
+        rep = restore(a, b, t, 2, boot=())
+    assert rep.ok, f"expected the restore taken, saw {rep.failures}"
+
+
+def test_cli_restore_defaults_to_the_source_host() -> None:
+    code, out = run("template", "restore", str(EXAMPLES / "t2s-like.json"), "--profile", "intel-spr",
+                    "--to-kernel", "6.3", "--json")
+    data = json.loads(out)
+    assert code == 0 and "profile intel-spr" in data["description"].split("->")[1], out
+    code, out = run("template", "restore", str(EXAMPLES / "t2s-like.json"), "--profile", "intel-spr",
+                    "--to-profile", "pvm-6.18")
+    assert code == 1 and "refused MSR_IA32_FEAT_CTL (0x3a)" in out, out
