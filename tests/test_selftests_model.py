@@ -491,3 +491,56 @@ def test_xss_msr_takes_only_zero(profile: str, kernel: str) -> None:
     with one_vcpu(profile, kernel) as (_, _, vcpu):
         taken = [bit for bit in range(64) if vcpu.set_msrs({XSS: 1 << bit}) == 1]
         assert taken == [], f"{kernel}: supported_xss is 0, no IA32_XSS bit can be set; took bits {taken}"
+
+
+# --- xcr0_cpuid_test.c (6.12 x86_64/xcr0_cpuid_test.c:18-80; not in the 6.1 tree) ------------------------------------
+def assert_xcr0_is_usable(supported_xcr0: int, where: str) -> None:
+    """The architectural bundles of lines 62-80 on the XCR0 the guest sees in CPUID 0xD.0 (EDX:EAX)."""
+    sse, ymm, bnd, avx512, xtile = 1 << 1, 1 << 2, 0x3 << 3, 0x7 << 5, 0x3 << 17
+
+    def depends(features: int, deps: int, what: str) -> None:  # ASSERT_XFEATURE_DEPENDENCIES, lines 22-30
+        have = supported_xcr0 & (features | deps)
+        assert have & features != features or have == features | deps, f"{where}: {what} {supported_xcr0:#x}"
+
+    def all_or_none(features: int, what: str) -> None:  # ASSERT_ALL_OR_NONE_XFEATURE, lines 40-47
+        have = supported_xcr0 & features
+        assert not have or have == features, f"{where}: {what} all or none: {supported_xcr0:#x}"
+
+    assert supported_xcr0 & 1, f"{where}: x87 is always in XCR0: {supported_xcr0:#x}"
+    depends(ymm, sse, "AVX needs SSE (lines 62-65)")
+    all_or_none(bnd, "MPX (lines 67-69)")
+    depends(avx512, sse | ymm, "AVX-512 needs SSE and AVX (lines 71-74)")
+    all_or_none(avx512, "AVX-512 (lines 75-76)")
+    all_or_none(xtile, "AMX (lines 78-80)")
+
+
+def supported_xcr0(entries: list[CpuidEntry]) -> int:
+    leaf = next(e for e in entries if (e.function, e.index) == (0xD, 0))
+    return leaf.edx << 32 | leaf.eax
+
+
+XTILE_CFG_ALONE = model_differs(
+    "intel-spr's supported CPUID 0xD.0 offers XTILE_CFG (bit 17) without XTILE_DATA (bit 18), XCR0 0x202e7; "
+    "6.12.118 x86.h:406-424 (kvm_get_filtered_xcr0) drops XTILE_CFG when the process has no XTILE_DATA guest "
+    "permission (no ARCH_REQ_XCOMP_GUEST_PERM, as in this selftest), so KVM reports 0x2e7")
+
+
+@pytest.mark.parametrize("profile", [pytest.param("intel-spr", marks=XTILE_CFG_ALONE), "amd-epyc"])
+@pytest.mark.parametrize("kernel", ["6.12", "6.18"])
+def test_xcr0_cpuid(profile: str, kernel: str) -> None:
+    """The XCR0 KVM offers (supported CPUID 0xD.0, and what the guest reads there) is usable as-is."""
+    with one_vcpu(profile, kernel) as (kvm, vm, vcpu):
+        assert_xcr0_is_usable(supported_xcr0(kvm.get_supported_cpuid()), f"{profile} {kernel} supported")
+        events = run_program(vm, vcpu, Program().cpuid(0xD, 0).hlt())
+        seen = events[0]
+        assert isinstance(seen, Cpuid), events
+        assert_xcr0_is_usable(seen.edx << 32 | seen.eax, f"{profile} {kernel} guest CPUID 0xD.0")
+
+
+def test_xcr0_6_1_offers_xtile_cfg_alone() -> None:
+    """The other side: 6.1.192 cpuid.c:1016 filters only by the guest permission (XTILE_DATA is dynamic, XTILE_CFG
+    is not), so an SPR host without the permission offers XTILE_CFG alone, the XCR0 xcr0_cpuid_test (not in the 6.1
+    tree) was written to catch."""
+    with model("intel-spr", "6.1") as kvm:
+        xcr0 = supported_xcr0(kvm.get_supported_cpuid())
+        assert xcr0 & (0x3 << 17) == 1 << 17, f"6.1: XTILE_CFG without XTILE_DATA expected, saw {xcr0:#x}"

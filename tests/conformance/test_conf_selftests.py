@@ -229,3 +229,29 @@ def test_xss_without_xsaves(kvm: System, request: pytest.FixtureRequest) -> None
         assert 0xDA0 not in kvm.get_msr_index_list()
         assert vcpu.try_read_msr(0xDA0) == 0, "a host read of IA32_XSS gives 0"
         assert vcpu.set_msrs({0xDA0: 0}) == 0, "a host write of 0 without XSAVES is refused"
+
+
+def assert_xcr0_is_usable(xcr0: int, where: str) -> None:
+    """Lines 22-47 and 62-80 (the same check as tests/test_selftests_model.py, kept here so each file stands alone)."""
+    sse, ymm, bnd, avx512, xtile = 1 << 1, 1 << 2, 0x3 << 3, 0x7 << 5, 0x3 << 17
+    for features, deps in ((ymm, sse), (avx512, sse | ymm)):
+        have = xcr0 & (features | deps)
+        assert have & features != features or have == features | deps, f"{where}: {features:#x} needs {deps:#x}"
+    for features in (bnd, avx512, xtile):
+        assert xcr0 & features in (0, features), f"{where}: {features:#x} all or none in {xcr0:#x}"
+    assert xcr0 & 1, f"{where}: x87 is always in XCR0: {xcr0:#x}"
+
+
+def test_xcr0_cpuid(kvm: System) -> None:
+    """6.12 x86_64/xcr0_cpuid_test.c:18-80: the XCR0 KVM offers in CPUID 0xD.0 (EDX:EAX) keeps the architectural
+    bundles (AVX needs SSE; MPX, AVX-512 and AMX all or none; AVX-512 needs SSE and AVX), in the supported CPUID and as
+    the guest reads it."""
+    leaf = next(e for e in kvm.get_supported_cpuid() if (e.function, e.index) == (0xD, 0))
+    assert_xcr0_is_usable(leaf.edx << 32 | leaf.eax, "supported CPUID")
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        events = run_program(vm, vcpu, Program().cpuid(0xD, 0).hlt())
+        seen = events[0]
+        assert isinstance(seen, Cpuid), events
+        assert_xcr0_is_usable(seen.edx << 32 | seen.eax, "guest CPUID 0xD.0")
