@@ -140,15 +140,16 @@ def platform_info_flow(profile: str, kernel: str) -> tuple[list[object], int]:
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-@pytest.mark.parametrize(("kernel", "restore_ok"), [("6.1", True), ("6.12", True), ("6.13", False), ("6.18", False)])
+@pytest.mark.parametrize(("kernel", "restore_ok"), [("5.10", True), ("6.1", True), ("6.12", True), ("6.13", False),
+                                                   ("6.18", False)])
 def test_platform_info(profile: str, kernel: str, restore_ok: bool) -> None:
-    """6.1 x86_64/platform_info_test.c:26-67 and 82-87; 6.12 x86_64/platform_info_test.c:24-39 and 52-75; upstream
-    b2128290c299 x86/platform_info_test.c:24-38 and 50-74.
+    """5.10 x86_64/platform_info_test.c:27-78 and 97-102; 6.1 x86_64/platform_info_test.c:26-67 and 82-87; 6.12
+    x86_64/platform_info_test.c:24-39 and 52-75; upstream b2128290c299 x86/platform_info_test.c:24-38 and 50-74.
 
-    The guest reads MAX_TURBO_RATIO with the capability on and #GPs with it off (6.1: the unhandled #GP is a
-    SHUTDOWN, line 63; our runner reports the #GP). The 6.1 and 6.12 selftests restore the original value after
-    KVM_RUN (6.1 line 87, 6.12 line 75); upstream dropped that line because from 6.13 PLATFORM_INFO is immutable after
-    KVM_RUN (bc2ca3680b30): the restore succeeds through 6.12 and is refused from 6.13.
+    The guest reads MAX_TURBO_RATIO with the capability on and #GPs with it off (5.10 and 6.1: the unhandled #GP is
+    a SHUTDOWN, 6.1 line 63; our runner reports the #GP). The 5.10, 6.1 and 6.12 selftests restore the original
+    value after KVM_RUN (5.10 line 102, 6.1 line 87, 6.12 line 75); upstream dropped that line because from 6.13
+    PLATFORM_INFO is immutable after KVM_RUN (bc2ca3680b30): the restore succeeds through 6.12, is refused from 6.13.
     """
     events, restored = platform_info_flow(profile, kernel)
     on = events[0]
