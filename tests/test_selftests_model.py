@@ -318,11 +318,7 @@ def valid_bits_6_1(entries: list[CpuidEntry]) -> int:
 
 
 @pytest.mark.parametrize("kernel", [
-    pytest.param("6.1", marks=model_differs(
-        "6.1.192 vmx.c:1891-1896 and 2305-2309 check host writes of FEAT_CTL against the CPUID-derived valid bits "
-        "(msr_ia32_feature_control_valid_bits, except a write of 0); the model uses KVM_SUPPORTED_FEATURE_CONTROL on "
-        "every version, so the 6.1 refusal test below fails")),
-    "6.12", "6.18"])
+    "6.1", "6.2", "6.12", "6.18"])  # d2a00af2061d (6.2): host writes checked against KVM_SUPPORTED_FEATURE_CONTROL
 def test_ia32_feature_control(kernel: str) -> None:
     """ia32_feature_control_msr_test (6.12 x86_64/vmx_msrs_test.c:70-114; upstream b2128290c299 unchanged; not in the
     6.1 selftest): with the granting CPUID feature cleared, host writes of the bit (and LOCKED) are still taken
@@ -441,10 +437,7 @@ def test_hwcr_6_1(profile: str) -> None:
 KVM_CAP_X86_DISABLE_EXITS, DISABLE_EXITS_HLT, PV_UNHALT = 143, 1 << 1, 1 << 7  # uapi kvm.h, kvm_para.h
 
 
-@pytest.mark.parametrize("profile", [pytest.param(p, marks=model_differs(
-    "KVM_CAP_X86_DISABLE_EXITS is reported (check_extension 0xe) but not implemented: KVM_ENABLE_CAP is EINVAL, "
-    "where 6.12.118 x86.c:6123-6149 takes it after vCPU creation and KVM_SET_CPUID2 then clears PV_UNHALT "
-    "(cpuid.c __kvm_update_cpuid_runtime)")) for p in PROFILES])
+@pytest.mark.parametrize("profile", PROFILES)
 def test_pv_unhalt_6_12(profile: str) -> None:
     """As the 6.12 selftest does it: set PV_UNHALT, change the KVM signature (so KVM forgets its KVM leaf), enable
     HLT-in-guest after the vCPU exists (6.12 has no created_vcpus check), restore the signature: PV_UNHALT is gone."""
@@ -458,6 +451,21 @@ def test_pv_unhalt_6_12(profile: str) -> None:
         vcpu.set_cpuid(entries)
         leaf = [e for e in vcpu.get_cpuid() if e.function == 0x40000001]
         assert leaf and not leaf[0].eax & PV_UNHALT, f"lines 165-166: PV_UNHALT with HLT in guest: {leaf}"
+
+
+@pytest.mark.parametrize(("kernel", "after_vcpu_ok"), [("6.13", True), ("6.14", False), ("6.18", False)])
+def test_disable_exits_after_vcpu_creation(kernel: str, after_vcpu_ok: bool) -> None:
+    """04cd8f8628d8 (6.14, upstream kvm_pv_test.c @7b2658cb33c7 enables the cap before creating the vCPU): once a vCPU
+    exists, KVM_CAP_X86_DISABLE_EXITS is EINVAL; 6.12.118 x86.c:6123-6149 has no such check."""
+    from kvmscope.errors import KvmError
+
+    with one_vcpu("intel-spr", kernel) as (_, vm, _vcpu):
+        try:
+            vm.enable_cap(KVM_CAP_X86_DISABLE_EXITS, DISABLE_EXITS_HLT)
+            took = True
+        except KvmError:
+            took = False
+        assert took is after_vcpu_ok, f"{kernel}: DISABLE_EXITS after vCPU creation expected {after_vcpu_ok}"
 
 
 # --- xss_msr_test.c (5.10 x86_64/xss_msr_test.c:47-73; 6.1 and 6.12 x86_64/xss_msr_test.c:24-51) ------------------

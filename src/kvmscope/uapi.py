@@ -436,6 +436,7 @@ KVM_CAP_CHECK_EXTENSION_VM: Final = 105
 KVM_CAP_DISABLE_QUIRKS: Final = 116
 KVM_CAP_MAX_VCPU_ID: Final = 128
 KVM_CAP_IMMEDIATE_EXIT: Final = 136
+KVM_CAP_X86_DISABLE_EXITS: Final = 143
 KVM_CAP_GET_MSR_FEATURES: Final = 153
 KVM_CAP_MSR_PLATFORM_INFO: Final = 159
 KVM_CAP_X86_USER_SPACE_MSR: Final = 188
@@ -445,6 +446,11 @@ KVM_CAP_DISABLE_QUIRKS2: Final = 213
 CAPABILITY_NAMES: Final[dict[int, str]] = {
     value: name for name, value in list(globals().items()) if name.startswith("KVM_CAP_") and isinstance(value, int)
 }
+
+KVM_X86_DISABLE_EXITS_MWAIT: Final = 1 << 0
+KVM_X86_DISABLE_EXITS_HLT: Final = 1 << 1
+KVM_X86_DISABLE_EXITS_PAUSE: Final = 1 << 2
+KVM_X86_DISABLE_EXITS_CSTATE: Final = 1 << 3
 
 # --- quirks (arch/x86/include/uapi/asm/kvm.h) ------------------------------------------------------------------------
 

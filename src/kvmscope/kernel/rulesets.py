@@ -161,6 +161,15 @@ VMX_RESTORE_CURRENT = Rule("vmx_restore_current", "< 5.10", "vmx_restore_control
 MSR_IO_LIMIT = Rule("msr_io_limit", "2.6.x", "MAX_IO_MSRS",
                     "msr_io: batches of MAX_IO_MSRS (256) or more entries get E2BIG",
                     "split the batch into chunks of at most 255 MSRs")
+FEAT_CTL_HOST_ANY_SUPPORTED = Rule("feat_ctl_host_any_supported", "6.2", "d2a00af2061d",
+                                   "KVM: VMX: Allow userspace to set all supported FEATURE_CONTROL bits")
+FEAT_CTL_GUEST_CPUID = Rule("feat_ctl_guest_cpuid", "< 5.10", "vmx_feature_control_msr_valid",
+                            "IA32_FEATURE_CONTROL takes only the bits the guest CPUID grants (VMX, SGX, SGX_LC)",
+                            "set the guest CPUID (VMX, SGX, SGX_LC) before writing FEATURE_CONTROL",
+                            until="6.2", removed_by="d2a00af2061d")
+DISABLE_EXITS_BEFORE_VCPUS = Rule("disable_exits_before_vcpus", "6.14", "04cd8f8628d8",
+                                  "KVM: x86: Disallow KVM_CAP_X86_DISABLE_EXITS after vCPU creation",
+                                  "enable KVM_CAP_X86_DISABLE_EXITS before creating any vCPU")
 MISC_FEATURES_CPUID_FAULT = Rule("misc_features_cpuid_fault", "< 5.10", "kvm_set_msr_common",
                                  "MISC_FEATURES_ENABLES takes only CPUID_FAULT (bit 0), and only when PLATFORM_INFO "
                                  "has CPUID_FAULT (bit 31)", "set PLATFORM_INFO.CPUID_FAULT first; write 0 or 1 only")
@@ -187,7 +196,8 @@ RULES: dict[str, Rule] = {
     for r in (FREEZE, SAME_VALUE_REAL_WRITE, UNSUPPORTED_ZERO, PLATFORM_INFO_IMMUTABLE, STUFF_QUIRK, PERF_CAP_NEEDS_PDCM,
               ARCH_CAP_NEEDS_CPUID, PLATFORM_INFO_ORDER_CHECK, PERF_CAP_PMU_VERSION, PEBS_TIMING_INFO, CR4_FIXED1_LAM,
               CR4_FIXED1_CET, DE_CFG_GUEST_EXACT, DE_CFG_GUEST_SAME_ONLY, CPUID_AFTER_RUN_FORBIDDEN,
-              CPUID_AFTER_RUN_IDENTICAL, VMX_RESTORE_CURRENT, QUIRKS2, MISC_FEATURES_CPUID_FAULT, SLOT_ZAP_ALL_QUIRK,
+              CPUID_AFTER_RUN_IDENTICAL, VMX_RESTORE_CURRENT, QUIRKS2, MISC_FEATURES_CPUID_FAULT, FEAT_CTL_HOST_ANY_SUPPORTED,
+              FEAT_CTL_GUEST_CPUID, DISABLE_EXITS_BEFORE_VCPUS, SLOT_ZAP_ALL_QUIRK,
               MSR_IO_LIMIT, VMX_RESTORE,
               PERF_CAP_SUBSET, DE_CFG_SUBSET, UNSUPPORTED, UNKNOWN_MSR, HOST_PROFILE)
 }

@@ -28,6 +28,7 @@ class RuntimeState:
     apic_base: int = 0xFEE00900
     xcr0: int = 1
     xss: int = 0
+    hlt_in_guest: bool = False  # KVM_X86_DISABLE_EXITS_HLT when KVM_SET_CPUID2 ran
 
 
 def _set_bit(value: int, bit: int, on: bool) -> int:
@@ -73,6 +74,9 @@ def runtime_update(entries: list[CpuidEntry], state: RuntimeState, profile: Prof
     i = _first(out, 7, 0)
     if i is not None and profile.cpuid_runtime_ospke:
         out[i] = replace(out[i], ecx=_set_bit(out[i].ecx, 4, bool(state.cr4 & X86_CR4_PKE)))
+    i = _first(out, 0x40000001, 0)
+    if i is not None and state.hlt_in_guest:  # __kvm_update_cpuid_runtime: no PV_UNHALT (bit 7) with HLT in guest
+        out[i] = replace(out[i], eax=out[i].eax & ~(1 << 7))
     i = _first(out, 0xD, 0)
     if i is not None:
         out[i] = replace(out[i], ebx=xstate_size(profile.supported_cpuid, state.xcr0, False))

@@ -227,9 +227,13 @@ class MsrRules:
         return OK
 
     def _set_feat_ctl(self, data: int) -> int:
-        # vmx_set_msr: userspace may set any bit KVM supports (is_vmx_feature_control_msr_valid).
-        if data & ~vmx.KVM_SUPPORTED_FEATURE_CONTROL:
-            return self.refuse(vmx.MSR_IA32_FEAT_CTL, R.HOST_PROFILE, FAIL)
+        # vmx_set_msr: userspace may set any bit KVM supports (is_vmx_feature_control_msr_valid, 6.2+); before
+        # d2a00af2061d only the bits the guest's CPUID grants (msr_ia32_feature_control_valid_bits).
+        if self.rules.has(R.FEAT_CTL_HOST_ANY_SUPPORTED):
+            if data & ~vmx.KVM_SUPPORTED_FEATURE_CONTROL:
+                return self.refuse(vmx.MSR_IA32_FEAT_CTL, R.HOST_PROFILE, FAIL)
+        elif data & ~vmx.feature_control_valid_bits(self.vcpu.cpuid, self.profile.nested_vmx):
+            return self.refuse(vmx.MSR_IA32_FEAT_CTL, R.FEAT_CTL_GUEST_CPUID, FAIL)
         self.stored[vmx.MSR_IA32_FEAT_CTL] = data
         return OK
 

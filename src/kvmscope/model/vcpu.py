@@ -166,6 +166,7 @@ class ModelVcpu(Vcpu):
         entries = list(entries)
         if len(entries) > uapi.KVM_MAX_CPUID_ENTRIES:
             raise KvmError(errno.E2BIG, "KVM_SET_CPUID2")
+        self._runtime.hlt_in_guest = bool(self.vm.disabled_exits & uapi.KVM_X86_DISABLE_EXITS_HLT)
         after_run = self.rules.cpuid_after_run if self.has_run else "free"
         if after_run == "forbidden":  # feb627e8d6f6 (5.16.0-5.16.2): no KVM_SET_CPUID2 once the vCPU has run
             self.msr_rules.refuse(-1, R.CPUID_AFTER_RUN_FORBIDDEN, 0)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from .. import uapi
 from ..api import Vm
 from ..errors import InvalidValueError, KvmError
+from ..kernel import rulesets as R
 from ..memory import MemoryRegion
 from .vcpu import ModelVcpu
 
@@ -24,6 +25,7 @@ class ModelVm(Vm):
         self.regions: list[MemoryRegion] = []
         self.vcpus: list[ModelVcpu] = []
         self.disabled_quirks = 0
+        self.disabled_exits = 0  # KVM_CAP_X86_DISABLE_EXITS
         self.msrs: dict[int, int] = {}  # VM-wide MSR state (kvmclock wall clock)
         self.platform_info_readable = True
         self.user_space_msr = 0
@@ -57,6 +59,12 @@ class ModelVm(Vm):
             self.disabled_quirks |= arg0
         elif cap == uapi.KVM_CAP_DISABLE_QUIRKS:
             self.disabled_quirks |= arg0
+        elif cap == uapi.KVM_CAP_X86_DISABLE_EXITS:
+            # kvm_vm_ioctl_enable_cap: only the exits this host may disable; from 6.14 (04cd8f8628d8) only before
+            # any vCPU exists. With HLT exits disabled KVM_SET_CPUID2 clears KVM_FEATURE_PV_UNHALT.
+            if arg0 & ~supported or (self.vcpus and self.rules.has(R.DISABLE_EXITS_BEFORE_VCPUS)):
+                raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP")
+            self.disabled_exits |= arg0
         elif cap == uapi.KVM_CAP_MSR_PLATFORM_INFO:
             self.platform_info_readable = bool(arg0)
         elif cap == uapi.KVM_CAP_X86_USER_SPACE_MSR:

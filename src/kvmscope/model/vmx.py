@@ -8,6 +8,10 @@ the host reports as feature MSRs.
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
+
+from ..api import CpuidEntry
+from .cpuid import has_feature
 
 EINVAL = -errno.EINVAL
 U32 = 0xFFFFFFFF
@@ -107,6 +111,20 @@ def write(slots: dict[int, int], kvm: dict[int, int], index: int, data: int) -> 
 MSR_IA32_FEAT_CTL = 0x3A
 # KVM_SUPPORTED_FEATURE_CONTROL (vmx.c): LOCKED | VMX inside/outside SMX | SGX_LC | SGX | LMCE.
 KVM_SUPPORTED_FEATURE_CONTROL = 0x160007
+
+
+def feature_control_valid_bits(cpuid: Sequence[CpuidEntry], nested: bool) -> int:
+    """``msr_ia32_feature_control_valid_bits`` before 6.2 (6.1.192 vmx.c:4789, 7723-7730, 7756-7766, 8059-8064):
+    LOCKED, the VMX bits when nested and guest CPUID has VMX, SGX and SGX_LC with their CPUID bits. LMCE needs
+    MCG_CAP.LMCE_P from KVM_X86_SETUP_MCE, which the model does not offer."""
+    bits = 1
+    if nested and has_feature(cpuid, 1, 0, "ecx", 5):
+        bits |= 0x6
+    if has_feature(cpuid, 7, 0, "ebx", 2):
+        bits |= 1 << 18
+    if has_feature(cpuid, 7, 0, "ecx", 30):
+        bits |= 1 << 17
+    return bits
 
 # nested_vmx_cr_fixed1_bits_update: guest CPUID bit -> CR4 bits it allows.
 CR4_FIXED1_MAP: tuple[tuple[tuple[int, int, str, int], int], ...] = (
