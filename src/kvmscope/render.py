@@ -58,13 +58,14 @@ def console() -> Console:
     """Standard output: the terminal's width on a terminal; off one, ``COLUMNS`` or 80 (rich would otherwise ask
     stdin and stderr for a width, so ``kvmscope probe | less`` would follow whatever terminal is attached)."""
     if _terminal():
-        return _Console(file=sys.stdout)
+        return _Console(file=sys.stdout, force_terminal=True)
     return _Console(file=sys.stdout, width=_width(), force_terminal=False)
 
 
 def _err_console() -> Console:
     # Looked up at each call: the CLI's tests swap sys.stderr.
-    return Console(file=sys.stderr, width=None if sys.stderr.isatty() else _width())
+    terminal = sys.stderr.isatty()
+    return Console(file=sys.stderr, width=None if terminal else _width(), force_terminal=terminal)
 
 
 def line(*parts: Part) -> Text:
@@ -186,9 +187,9 @@ def probe(report: ProbeReport, fallback_reason: str | None, as_json: bool) -> No
     for mask in sorted(quirks):
         con.print(line("quirks KVM can disable (", f"0x{mask:x}", "): ", quirk_names(mask)), highlight=False)
     _print_table(con, *_feature_msrs(report))
-    _print_table(con, *_freeze_check(report))
-    con.print(line("before: a changed value on a vCPU that never ran (tried: the first, +N more); after: the same and "
-                   "a changed value after a run to HLT"), style="dim", highlight=False)
+    if _print_table(con, *_freeze_check(report)):
+        con.print(line("before: a changed value on a vCPU that never ran (tried: the first, +N more); after: the same and "
+                       "a changed value after a run to HLT"), style="dim", highlight=False)
     for m in report.msrs:
         if m.why:
             con.print(line(f"0x{m.index:x} {m.name}: ", m.why), highlight=False)
@@ -213,11 +214,13 @@ Layout = tuple[str, list[tuple[str, bool]], list[list[Text]], list[tuple[Text, l
 
 
 def _print_table(con: Console, title: str, columns: list[tuple[str, bool]], rows: list[list[Text]],
-                 stacked: list[tuple[Text, list[Text]]], right: list[int]) -> None:
+                 stacked: list[tuple[Text, list[Text]]], right: list[int]) -> bool:
+    """The rows as a table when it fits whole, else stacked; True for the table."""
     if _fits(con, columns, rows):
         con.print(_table(title, columns, rows, right), highlight=False)
-    else:
-        con.print(_stacked(title, stacked), highlight=False)
+        return True
+    con.print(_stacked(title, stacked), highlight=False)
+    return False
 
 
 def _capabilities(report: ProbeReport) -> Layout:
@@ -256,7 +259,8 @@ def _freeze_check(report: ProbeReport) -> Layout:
         verdict = Text(SHORT_VERDICT.get(m.verdict, m.verdict), _VERDICT_STYLE.get(m.verdict, "red"))
         rows.append([Text(f"0x{m.index:x}"), Text(_hex(m.vcpu_default)), Text(_tried(m)), _ok(m.before_run_changed_ok),
                      _ok(m.after_run_same_ok), _ok(m.after_run_changed_ok), Text(_hex(m.after_run_readback)), verdict])
-        tried = (f"took {_hex(m.changed_value)}" if m.changed_value is not None else
+        tried = (f"took {_hex(m.changed_value)}" + (f" after {m.tried_count - 1} refused" if m.tried_count > 1 else "")
+                 if m.changed_value is not None else
                  f"refused {_hex(m.tried)}" + (f" and {m.tried_count - 1} other values" if m.tried_count > 1 else "")
                  if m.tried is not None else "tried nothing")
         stacked.append((
