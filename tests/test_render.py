@@ -25,7 +25,6 @@ from kvmscope.cli import main
 from kvmscope.kernel.rulesets import KNOWN
 from kvmscope.linux import LinuxSystem
 
-
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
