@@ -68,6 +68,14 @@ def assert_fits(out: str, width: int, tokens: set[str], what: str) -> None:
     assert not split, f"{what}: expected every hex value and MSR name whole, saw these split or missing: {split}"
 
 
+def explained(m: dict[str, str], out: str) -> bool:
+    """The row of ``m`` says why: in its stacked block (``why: ...``) or in a note under the table."""
+    flat = " ".join(out.split())
+    head = f"{m['index']} {m['name']}: "
+    stacked = flat.find(f"{head}{m['verdict']}")
+    return f"{head}{m['why']}" in flat or (stacked >= 0 and flat.find(f"why: {m['why']}", stacked) > stacked)
+
+
 PROFILES = sorted(p.stem for p in (ROOT / "src/kvmscope/profiles").glob("*.json"))
 COMBOS = [(p, k) for p in PROFILES for k in KNOWN]
 
@@ -92,8 +100,7 @@ def test_probe_every_profile_and_ruleset_fits_80_and_160(profile: str, kernel: s
             assert m["verdict"] in out or render.SHORT_VERDICT.get(m["verdict"], "\0") in out, (
                 f"{what}: {m['name']} has no verdict in the text")
             if m["verdict"] == "refused even before a run (not settable here)":
-                assert m["why"] and f"{m['index']} {m['name']}: {m['why']}" in " ".join(out.split()), (
-                    f"{what}: the not-settable row {m['name']} should say why; saw:\n{out[-1500:]}")
+                assert m["why"] and explained(m, out), f"{what}: the not-settable row {m['name']} should say why:\n{out}"
 
 
 def test_probe_live_kernel_at_80_and_160(live: LinuxSystem, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,11 +123,13 @@ def test_probe_live_kernel_at_80_and_160(live: LinuxSystem, monkeypatch: pytest.
             "quirks KVM can disable (0x5ff): LINT0_REENABLED", "STUFF_FEATURE_MSRS",
             # the refused-before-a-run rows: the value tried, and why
             "0x400000000c000069",
-            "0x10a MSR_IA32_ARCH_CAPABILITIES: the vCPU's CPUID (KVM_GET_CPUID2) lacks 7.0:EDX[29] (ARCH_CAPABILITIES)",
-            "0x345 MSR_IA32_PERF_CAPABILITIES: the vCPU's CPUID (KVM_GET_CPUID2) lacks 1.0:ECX[15] (PDCM)",
+            "the vCPU's CPUID (KVM_GET_CPUID2) lacks 7.0:EDX[29] (ARCH_CAPABILITIES), so KVM takes only 0",
+            "the vCPU's CPUID (KVM_GET_CPUID2) lacks 1.0:ECX[15] (PDCM), so KVM takes only 0",
             "Conclusion: this kernel enforces the freeze",
         ):
             assert text in flat, f"{what}: expected {text!r} in:\n{out}"
+        for m in report["msrs"]:
+            assert not m["why"] or explained(m, out), f"{what}: {m['name']} should say why ({m['why']}):\n{out}"
         assert "(none set)" not in out and "True" not in out and "False" not in out, f"{what}:\n{out}"
     arch = next(m for m in report["msrs"] if m["index"] == "0x10a")
     assert arch["tried"] == arch["value"] and arch["tried_count"] > 1, f"ARCH_CAP tried the feature value first: {arch}"
@@ -383,7 +392,8 @@ def test_a_reader_that_goes_away_ends_quietly_with_0(args: list[str]) -> None:
     os.close(read)  # like `| head -1` that has already gone
     proc = subprocess.run([str(KVMSCOPE), *args], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
     os.close(write)
-    assert (proc.returncode, proc.stderr) == (0, ""), f"kvmscope {' '.join(args)} into a closed pipe: {proc}"
+    quiet = all(ln.startswith("note: ") for ln in proc.stderr.splitlines())  # the default-profile note may show
+    assert proc.returncode == 0 and quiet, f"kvmscope {' '.join(args)} into a closed pipe: {proc}"
 
 
 def test_probe_name_without_save_is_an_error() -> None:
@@ -405,3 +415,43 @@ def test_install_and_readme_for_newcomers() -> None:
     assert re.search(r"make test.*install", readme, re.S | re.I), "the README says what `make test` installs"
     docs = "\n".join(p.read_text() for p in (ROOT / "docs").glob("*.md")) + readme
     assert "our machine" not in docs.lower(), "the docs speak to users: this host, not our machines"
+
+
+# --- the default profile -----------------------------------------------------------------------------------------------
+
+
+def test_check_uses_this_hosts_profile_captured_once(live: LinuxSystem, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVMSCOPE_CACHE", str(tmp_path / "cache"))
+    release = live.host_info()["kernel_release"]
+    example = str(EXAMPLES / "platform-info-after-run.yaml")
+    code, first = cli(["check", example])
+    assert code == 0, first
+    assert "note: the model uses this host's profile, captured from /dev/kvm now (cached in" in first, first
+    assert f"profile pvm-{release} (pvm)" in first, f"the report names the captured profile:\n{first}"
+    cached = list((tmp_path / "cache").glob("host-*.json"))
+    assert len(cached) == 1, f"one cached profile, saw {cached}"
+    code, second = cli(["check", example])
+    assert code == 0 and f"captured from /dev/kvm earlier ({cached[0]})" in second, second
+    code, out = cli(["check", example, "--json"])
+    assert code == 0 and json.loads(out)["description"].endswith(f"profile pvm-{release} (pvm)"), out
+    code, out = cli(["check", example, "--profile", "amd-epyc"])
+    assert code == 0 and "note:" not in out and "profile amd-epyc" in out, "an explicit --profile is used as is"
+
+
+def test_check_without_kvm_says_which_shipped_profile_and_how_to_choose(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmscope.errors import KvmUnavailableError
+
+    def unavailable(*a: object, **k: object) -> LinuxSystem:
+        raise KvmUnavailableError("/dev/kvm", "missing", "/dev/kvm does not exist: this kernel has no KVM")
+
+    monkeypatch.setattr("kvmscope.linux.open_system", unavailable)
+    code, out = cli(["check", str(EXAMPLES / "platform-info-after-run.yaml")])
+    assert code == 0, out
+    expected = ("note: no usable /dev/kvm (/dev/kvm does not exist: this kernel has no KVM): the model uses the shipped "
+                "profile pvm-6.18; choose another with --profile (amd-epyc, intel-spr, pvm-6.18, or a FILE from "
+                "`kvmscope probe --save FILE`)")
+    assert expected in out, f"expected {expected!r} in:\n{out}"
+    assert "profile pvm-6.18 (pvm)" in out, out
+    docs = " ".join((ROOT / "docs/scenarios.md").read_text().split())
+    assert "captured once and cached" in docs and "shipped `pvm-6.18`" in docs, "docs/scenarios.md says the same"

@@ -17,6 +17,7 @@ from .errors import KvmscopeError, KvmUnavailableError
 
 if TYPE_CHECKING:
     from .api import System
+    from .kernel.profile import Profile
     from .scenario import Scenario
 
 # Exit codes shared by every subcommand.
@@ -219,11 +220,16 @@ def _check(path: str, backend: str, kernel: str | None, profile: str | None, ver
     # YAML tables are printed step by step, in constant memory; JSON files are read whole (line-located errors).
     opened = stream(path) if not as_json and versions is None and not path.endswith(".json") else None
     scenario = opened.header if opened is not None else load(path)
+    chosen: str | Profile | None = profile
     if backend == "model":
-        kernel, profile = kernel or scenario.kernel, profile or scenario.profile
+        kernel, chosen = kernel or scenario.kernel, profile or scenario.profile
+        if chosen is None:
+            chosen, said = backends.default_profile()
+            if not as_json:
+                render.note(said)
     if versions is not None:
-        return _compare(scenario, versions, profile, as_json)
-    system, shadow = _check_systems(backend, kernel, profile, scenario)
+        return _compare(scenario, versions, chosen, as_json)
+    system, shadow = _check_systems(backend, kernel, chosen, scenario)
     with system:
         if opened is not None:
             return render.check_stream(scenario.name, scenario.path, system.describe(),
@@ -233,7 +239,7 @@ def _check(path: str, backend: str, kernel: str | None, profile: str | None, ver
     return report.ok
 
 
-def _check_systems(backend: str, kernel: str | None, profile: str | None, scenario: Scenario
+def _check_systems(backend: str, kernel: str | None, profile: str | Profile | None, scenario: Scenario
                    ) -> tuple[System, System | None]:
     """Where to replay, and the model to replay alongside a live kernel to explain its refusals (or None)."""
     if backend == "model":
@@ -247,7 +253,7 @@ def _check_systems(backend: str, kernel: str | None, profile: str | None, scenar
     return system, shadow
 
 
-def _compare(scenario: Scenario, versions: list[str], profile: str | None, as_json: bool) -> bool:
+def _compare(scenario: Scenario, versions: list[str], profile: str | Profile | None, as_json: bool) -> bool:
     """Replay on the model under each kernel's rules and print the steps whose outcome changes."""
     from .check import Report, compare, replay
 

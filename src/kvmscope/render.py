@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 from rich.cells import cell_len
-from rich.console import Console, Group, RenderableType
-from rich.padding import Padding
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -130,13 +129,16 @@ def _table(title: str, columns: Sequence[tuple[str, bool]], rows: Sequence[Seque
     return table
 
 
-def _stacked(title: str, blocks: Iterable[tuple[Text, list[Text]]]) -> Group:
-    """Rows one under another: a head line, then its details indented (wrapped lines keep the indent)."""
-    out: list[RenderableType] = [Text(title, style="italic")]
+def _print_stacked(con: Console, title: str, blocks: Iterable[tuple[Text, list[Text]]]) -> None:
+    """Rows one under another: a head line, then its details indented (wrapped lines keep the indent, and no line
+    carries trailing blanks)."""
+    con.print(Text(title, style="italic"), highlight=False)
     for head, details in blocks:
-        out.append(head)
-        out.extend(Padding(d, (0, 0, 0, 4), expand=False) for d in details)
-    return Group(*out)
+        con.print(head, highlight=False)
+        for d in details:
+            for wrapped in d.wrap(con, max(con.width - 4, 20)):
+                wrapped.rstrip()
+                con.print(Text("    ") + wrapped, highlight=False, soft_wrap=True)
 
 
 # --- kvmscope probe -----------------------------------------------------------------------------------------------------
@@ -190,9 +192,9 @@ def probe(report: ProbeReport, fallback_reason: str | None, as_json: bool) -> No
     if _print_table(con, *_freeze_check(report)):
         con.print(line("before: a changed value on a vCPU that never ran (tried: the first, +N more); after: the same and "
                        "a changed value after a run to HLT"), style="dim", highlight=False)
-    for m in report.msrs:
-        if m.why:
-            con.print(line(f"0x{m.index:x} {m.name}: ", m.why), highlight=False)
+        for m in report.msrs:  # stacked rows carry their own explanation
+            if m.why:
+                con.print(line(f"0x{m.index:x} {m.name}: ", m.why), highlight=False)
     style = "bold green" if report.freeze_enforced else "bold red" if report.freeze_enforced is False else "yellow"
     con.print(line(("Conclusion:", style), " ", report.conclusion), highlight=False)
 
@@ -219,7 +221,7 @@ def _print_table(con: Console, title: str, columns: list[tuple[str, bool]], rows
     if _fits(con, columns, rows):
         con.print(_table(title, columns, rows, right), highlight=False)
         return True
-    con.print(_stacked(title, stacked), highlight=False)
+    _print_stacked(con, title, stacked)
     return False
 
 
@@ -259,15 +261,18 @@ def _freeze_check(report: ProbeReport) -> Layout:
         verdict = Text(SHORT_VERDICT.get(m.verdict, m.verdict), _VERDICT_STYLE.get(m.verdict, "red"))
         rows.append([Text(f"0x{m.index:x}"), Text(_hex(m.vcpu_default)), Text(_tried(m)), _ok(m.before_run_changed_ok),
                      _ok(m.after_run_same_ok), _ok(m.after_run_changed_ok), Text(_hex(m.after_run_readback)), verdict])
+        feature = " (the feature value)" if m.tried is not None and m.tried == m.value else ""
         tried = (f"took {_hex(m.changed_value)}" + (f" after {m.tried_count - 1} refused" if m.tried_count > 1 else "")
                  if m.changed_value is not None else
-                 f"refused {_hex(m.tried)}" + (f" and {m.tried_count - 1} other values" if m.tried_count > 1 else "")
+                 f"refused {_hex(m.tried)}{feature}" + (f" and {m.tried_count - 1} other values" if m.tried_count > 1
+                                                        else "")
                  if m.tried is not None else "tried nothing")
         stacked.append((
             line((f"0x{m.index:x}", "bold"), " ", m.name, ": ", (m.verdict, _VERDICT_STYLE.get(m.verdict, "red"))),
             [line(f"vCPU default {_hex(m.vcpu_default)}; before a run it ", tried),
              line("after a run: the same value ", _ok(m.after_run_same_ok), ", a changed one ",
-                  _ok(m.after_run_changed_ok), f"; reads back {_hex(m.after_run_readback)}")]))
+                  _ok(m.after_run_changed_ok), f"; reads back {_hex(m.after_run_readback)}"),
+             *([line("why: ", m.why)] if m.why else [])]))
     columns = [("MSR", False), ("default", False), ("tried", False), ("before", False), ("after: same", False),
                ("after: changed", False), ("read back", False), ("verdict", False)]
     return title, columns, rows, stacked, []
