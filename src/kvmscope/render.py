@@ -161,9 +161,9 @@ def quirk_names(mask: int) -> str:
 def fallback(reason: str, description: str) -> None:
     """``--backend auto`` found no usable /dev/kvm and shows the model instead."""
     con = _err_console()
-    con.print(line(("warning:", "yellow"), " ", reason), highlight=False)
+    con.print(line(("warning:", "yellow"), " ", reason), soft_wrap=True, highlight=False)
     con.print(line(("warning:", "yellow"), f" showing the MODEL instead ({description}); nothing below was measured "
-                   "on a live kernel"), highlight=False)
+                   "on a live kernel"), soft_wrap=True, highlight=False)
 
 
 def saved_profile(name: str, path: str) -> None:
