@@ -455,3 +455,19 @@ def test_check_without_kvm_says_which_shipped_profile_and_how_to_choose(monkeypa
     assert "profile pvm-6.18 (pvm)" in out, out
     docs = " ".join((ROOT / "docs/scenarios.md").read_text().split())
     assert "captured once and cached" in docs and "shipped `pvm-6.18`" in docs, "docs/scenarios.md says the same"
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])
+def test_check_report_keeps_values_whole_at_80(terminal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(EXAMPLES / "sandbox-reset-snapshot-intel.yaml")
+    _, out = cli(["check", path, "--json"])
+    steps = json.loads(out)["steps"]
+    tokens = {f"0x{int(s['refusal'][k], 16):016x}" for s in steps if s["refusal"] for k in ("old", "new")}
+    tokens |= {s["refusal"]["name"] for s in steps if s["refusal"]}
+    assert tokens, "the example has a refusal to show"
+    code, out = cli(["check", path], 80, terminal, monkeypatch)
+    assert code == 0, out
+    split = sorted(t for t in tokens if not whole(t, out))
+    assert not split, f"expected old/new values and MSR names whole at 80 columns, saw split: {split}\n{out}"
+    if terminal:
+        assert all(len(ln) <= 80 for ln in out.splitlines()), f"a terminal report wraps at 80 columns:\n{out}"
