@@ -315,12 +315,13 @@ def msr_list(catalogue: Iterable[Msr], as_json: bool) -> None:
 # --- kvmscope check -------------------------------------------------------------------------------------------------------
 
 
-def _emit(con: Console, text: Text) -> None:
-    """One line of a report: styled on a terminal (wrapped at spaces), plain and whole otherwise (fast, greppable)."""
+def _emit(con: Console, text: Text | str) -> None:
+    """One line of a report: styled on a terminal (wrapped at spaces), plain and whole otherwise (fast, greppable). A
+    str is plain text, never markup."""
     if con.is_terminal:
-        con.print(text, highlight=False)
+        con.print(Text(text) if isinstance(text, str) else text, highlight=False)
     else:
-        sys.stdout.write(text.plain + "\n")
+        sys.stdout.write((text if isinstance(text, str) else text.plain) + "\n")
 
 
 def diff_marks(old: int, new: int) -> str:
@@ -336,32 +337,32 @@ def check_title(con: Console, scenario: str, path: str, description: str) -> Non
 _VALUE_COLUMN = "      old "  # the evidence lines put each 0x%016x value under the one above
 
 
-def _evidence(s: StepResult) -> Iterable[Text]:
+def _evidence(s: StepResult) -> Iterable[Text | str]:
     """The lines that show why a step came out as it did: the refused entry, old and new values, the rule."""
     r = s.refusal
     if r is not None:
-        yield line(f"      {r.name} (0x{r.index:x}) at position {r.position}")
+        yield f"      {r.name} (0x{r.index:x}) at position {r.position}"
         yield from _old_new(r.old, r.new)
-        yield line(f"      rule: {r.rule or 'not known (the live kernel does not say why)'}")
-        yield line(f"      hint: {r.hint}")
+        yield f"      rule: {r.rule or 'not known (the live kernel does not say why)'}"
+        yield f"      hint: {r.hint}"
     elif s.met is False and s.writes:
         # Expected a refusal and the kernel took it: what was written over what, entry by entry.
         for index, name, old, new in s.writes:
-            yield line(f"      {name} (0x{index:x}) was accepted")
+            yield f"      {name} (0x{index:x}) was accepted"
             yield from _old_new(old, new)
 
 
-def _old_new(old: int | None, new: int) -> Iterable[Text]:
-    yield line(_VALUE_COLUMN + ("unreadable" if old is None else f"0x{old:016x}"))
-    yield line(f"      new 0x{new:016x}")
+def _old_new(old: int | None, new: int) -> Iterable[Text | str]:
+    yield _VALUE_COLUMN + ("unreadable" if old is None else f"0x{old:016x}")
+    yield f"      new 0x{new:016x}"
     if old is None:
         return
     if old == new:
-        yield line(" " * len(_VALUE_COLUMN) + "(same value)")
+        yield " " * len(_VALUE_COLUMN) + "(same value)"
         return
     bits = [b for b in range(64) if (old ^ new) >> b & 1]
     shown = ", ".join(map(str, bits[:12])) + (" ..." if len(bits) > 12 else "")
-    yield line(" " * len(_VALUE_COLUMN) + diff_marks(old, new) + f"  bits differing: {shown}")
+    yield " " * len(_VALUE_COLUMN) + diff_marks(old, new) + f"  bits differing: {shown}"
 
 
 _OUTCOME_STYLE = {"accepted": "green", "ok": "green", "refused": "yellow", "error": "red"}
@@ -379,7 +380,7 @@ def check_steps(con: Console, results: Iterable[StepResult]) -> bool:
         for text in _evidence(s):
             _emit(con, text)
         for n in s.notes:
-            _emit(con, line(f"      {n}"))
+            _emit(con, f"      {n}")
         if s.expected:
             _emit(con, line(f"      expected: {s.expected} -> ", ("met", "") if s.met else ("NOT met", "red")))
     return ok
