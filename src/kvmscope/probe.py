@@ -149,7 +149,7 @@ def why_refused(system: System, vcpu: Vcpu, index: int, tried: int) -> str:
             return (f"the vCPU's CPUID (KVM_GET_CPUID2) lacks {leaf:x}.{sub}:{reg.upper()}[{bit}] ({feature}), "
                     f"so KVM takes only 0 (since {gate_rule.since}, {gate_rule.commit})")
     if rule is not None:
-        return f"rule: {rule.cite()}"
+        return f"by the rule {rule.cite()}" + (f"; hint: {rule.hint}" if rule.hint else "")
     return f"all {tried} values tried were refused; the kernel does not say why"
 
 
