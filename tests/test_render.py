@@ -4,6 +4,7 @@ asserted on the text (issue 14), and user text that looks like rich markup (issu
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import pty
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvmscope import msrs as M
 from kvmscope import render
@@ -471,3 +474,31 @@ def test_check_report_keeps_values_whole_at_80(terminal: bool, monkeypatch: pyte
     assert not split, f"expected old/new values and MSR names whole at 80 columns, saw split: {split}\n{out}"
     if terminal:
         assert all(len(ln) <= 80 for ln in out.splitlines()), f"a terminal report wraps at 80 columns:\n{out}"
+
+
+# --- properties -------------------------------------------------------------------------------------------------------
+
+PRINTABLE = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=200)
+
+
+@settings(max_examples=300, deadline=None)
+@given(PRINTABLE)
+def test_any_user_text_in_an_error_or_a_report_line_prints_as_itself(text: str) -> None:
+    real = sys.stderr, sys.stdout
+    sys.stderr, sys.stdout = io.StringIO(), io.StringIO()
+    try:
+        render.error(text)
+        render.note(text)
+        render.check_title(render.console(), text, text, text)
+        err, out = sys.stderr.getvalue(), sys.stdout.getvalue()
+    finally:
+        sys.stderr, sys.stdout = real
+    assert err == f"error: {text}\nnote: {text}\n", f"expected the text as given, saw {err!r}"
+    assert out == f"{text} ({text}) on {text}\n", f"expected the text as given, saw {out!r}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0, max_value=(1 << 64) - 1))
+def test_numbers_read_back_in_every_base(n: int) -> None:
+    for text in (hex(n), hex(n).upper().replace("X", "x"), str(n), bin(n), oct(n), f"{n:_}", f"0x{n:_x}"):
+        assert M.parse_value(text) == n, f"{text!r} reads as {n}"
