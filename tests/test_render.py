@@ -502,3 +502,11 @@ def test_any_user_text_in_an_error_or_a_report_line_prints_as_itself(text: str) 
 def test_numbers_read_back_in_every_base(n: int) -> None:
     for text in (hex(n), hex(n).upper().replace("X", "x"), str(n), bin(n), oct(n), f"{n:_}", f"0x{n:_x}"):
         assert M.parse_value(text) == n, f"{text!r} reads as {n}"
+
+
+def test_probe_fits_every_width_between(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the two widths the issue names, the table/stacked choice still never splits a value."""
+    args = ["probe", "--backend", "model", "--profile", "intel-spr"]
+    tokens = probe_tokens(json.loads(cli([*args, "--json"])[1]))
+    for width in range(60, 221, 16):
+        assert_fits(cli(args, width, False, monkeypatch)[1], width, tokens, f"intel-spr probe at {width} columns")
