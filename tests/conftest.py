@@ -3,6 +3,8 @@ is missing or not permitted, and the run ends with a count of the real-kernel te
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 
@@ -21,6 +23,8 @@ def _unavailable() -> str | None:
 
 
 KVM_UNAVAILABLE = _unavailable()
+# `kvmscope check` caches this host's captured profile; the tests keep theirs apart from the user's (~/.cache).
+os.environ.setdefault("KVMSCOPE_CACHE", tempfile.mkdtemp(prefix="kvmscope-test-cache-"))
 _LIVE = Counter[str]()
 
 

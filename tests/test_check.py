@@ -65,11 +65,11 @@ def test_refusal_is_explained_on_live_kernel(live: LinuxSystem) -> None:
 def test_compare_kernels() -> None:
     code, out = run("check", str(EXAMPLES / "sandbox-reset-snapshot-intel.yaml"), "--compare", "6.3,6.4,6.18")
     assert code == 1, "the expectation (refused) is not met on 6.3"
-    assert "accepted on 6.3; refused at MSR_IA32_ARCH_CAPABILITIES from 6.4 (rule since 6.4: 0094f62c7eaa" in out, out
+    assert "accepted on 6.3; refused at MSR_IA32_ARCH_CAPABILITIES on 6.4, 6.18 by 0094f62c7eaa (since 6.4: " in out, out
     code, out = run("check", str(EXAMPLES / "platform-info-after-run.yaml"), "--compare", "6.10,6.13", "--json")
     changes = json.loads(out)["changes"]
-    assert [c["text"].split(" (rule")[0] for c in changes] == [
-        "accepted on 6.10; refused at MSR_PLATFORM_INFO from 6.13"], changes
+    assert [c["text"].split(" (since")[0] for c in changes] == [
+        "accepted on 6.10; refused at MSR_PLATFORM_INFO on 6.13 by bc2ca3680b30"], changes
 
 
 def test_unexpected_refusal_exits_1(tmp_path: Path) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import InvalidValueError, KvmUnavailableError
+from .errors import InvalidValueError, KvmscopeError, KvmUnavailableError
 
 if TYPE_CHECKING:
     from .api import System
@@ -53,12 +56,66 @@ def choose(backend: str = "auto", *, kernel: str | None = None, profile: str | P
         return open_model(), str(e)
 
 
-def live_with_explainer(profile: str | Path | None = None) -> tuple[System, System | None]:
+def cache_dir() -> Path:
+    """Where this host's captured profile is kept: ``$KVMSCOPE_CACHE``, else ``$XDG_CACHE_HOME/kvmscope``, else
+    ``~/.cache/kvmscope``."""
+    if os.environ.get("KVMSCOPE_CACHE"):
+        return Path(os.environ["KVMSCOPE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kvmscope"
+
+
+def default_profile(live: System | None = None) -> tuple[str | Profile, str]:
+    """The host profile the model uses when none is given, and a sentence saying which and why.
+
+    With a usable /dev/kvm (``live``, or opened here): this host's profile, captured once and cached under
+    :func:`cache_dir` (keyed by kernel release, vendor module, module parameters and kvmscope's version, so a new
+    kernel or module option captures again); without one: the shipped ``pvm-6.18``.
+    """
+    from . import __version__
+    from .kernel.profile import DEFAULT_PROFILE, load, shipped
+
+    system = live
+    if system is None:
+        try:
+            system, _ = choose("linux")
+        except KvmUnavailableError as e:
+            return DEFAULT_PROFILE, (f"no usable /dev/kvm ({e}): the model uses the shipped profile {DEFAULT_PROFILE}; "
+                                     f"choose another with --profile ({', '.join(shipped())}, or a FILE from "
+                                     "`kvmscope probe --save FILE`)")
+    try:
+        info = system.host_info()
+        key = json.dumps([__version__, info.get("kernel_release"), info.get("vendor_module"),
+                          info.get("module_parameters")], sort_keys=True, default=str)
+        path = cache_dir() / f"host-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+        if path.is_file():
+            try:
+                return load(path), f"the model uses this host's profile, captured from /dev/kvm earlier ({path})"
+            except KvmscopeError:
+                pass  # an unreadable cache is captured again
+        from .capture import capture
+
+        profile = capture(system)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            profile.save(tmp)
+            os.replace(tmp, path)
+            where = f"cached in {path}"
+        except OSError as e:
+            where = f"not cached: {path.parent}: {e.strerror}"
+        return profile, f"the model uses this host's profile, captured from /dev/kvm now ({where})"
+    finally:
+        if live is None:
+            system.close()
+
+
+def live_with_explainer(profile: str | Path | Profile | None = None) -> tuple[System, System | None]:
     """The live kernel, and the model of this host (``profile``) to replay alongside it and explain its refusals (the
     kernel does not say why): None when the profile is of another vendor module, whose rules would explain nothing."""
     system, _ = choose("linux")
     try:
-        model, _ = choose("model", profile=profile)
+        model, _ = choose("model", profile=profile if profile is not None else default_profile(system)[0])
     except BaseException:
         system.close()
         raise

@@ -82,6 +82,7 @@ class StepResult:
     expected: str = ""
     met: bool | None = None
     notes: list[str] = field(default_factory=list)
+    writes: list[tuple[int, str, int | None, int]] | None = None  # accepted KVM_SET_MSRS: (index, name, old, new)
 
     @property
     def ok(self) -> bool:
@@ -100,6 +101,9 @@ class StepResult:
             r["rule_key"] = self.refusal.rule_key
         if self.values is not None:
             out["values"] = {f"0x{k:x}": f"0x{v:x}" for k, v in self.values.items()}
+        if self.writes is not None:
+            out["writes"] = [{"index": f"0x{i:x}", "name": n, "old": None if o is None else f"0x{o:x}",
+                              "new": f"0x{v:x}"} for i, n, o, v in self.writes]
         out["errno"] = _errno.errorcode.get(self.errno, self.errno) if self.errno else None
         return out
 
@@ -194,6 +198,8 @@ class Replayer:
         except KvmError as e:
             res.outcome, res.errno = "refused", e.errno
             res.summary = f"KVM_SET_CPUID2 failed: {_errno.errorcode.get(e.errno or 0, e.errno)}"
+            if step.vcpu in self.ran:
+                res.notes.extend(cpuid_differences(entries, vcpu.get_cpuid()))
             if step.vcpu in self.ran and e.errno == _errno.EINVAL:
                 res.notes.append(f"rule: {R.CPUID_AFTER_RUN_IDENTICAL.cite()}")
                 res.notes.append(f"hint: {hint(R.CPUID_AFTER_RUN_IDENTICAL)}")
@@ -234,6 +240,7 @@ class Replayer:
         for index, value in pairs[:count]:
             written[index] = value
         if count == len(pairs):
+            res.writes = [(i, M.name_of(i), old, v) for (i, v), old in zip(pairs, olds, strict=True)]
             res.outcome = "accepted"
             res.summary = f"KVM_SET_MSRS wrote all {count} MSR{'s' if count != 1 else ''}"
             return
@@ -281,6 +288,28 @@ class Replayer:
         GetCpuid: _get_cpuid, Run: _run,
     }
     """How to play each kind of step (an Ioctl plays as the step it is)."""
+
+
+def cpuid_differences(given: list[CpuidEntry], current: list[CpuidEntry], limit: int = 8) -> list[str]:
+    """What differs between a CPUID list and the vCPU's (KVM_GET_CPUID2), as kvm_cpuid_check_equal compares them:
+    the entry count, then entry by entry in order: leaf and sub-leaf, flags, each register."""
+    out = []
+    if len(given) != len(current):
+        out.append(f"CPUID differs: {len(given)} entries given, the vCPU has {len(current)}")
+    for n, (g, c) in enumerate(zip(given, current, strict=False)):
+        if g.key != c.key:
+            out.append(f"CPUID entry {n} differs: leaf 0x{g.function:x}.{g.index} given where the vCPU has "
+                       f"0x{c.function:x}.{c.index}")
+            continue
+        for reg in ("flags", "eax", "ebx", "ecx", "edx"):
+            a, b = getattr(g, reg), getattr(c, reg)
+            if a != b:
+                bits = ", ".join(str(i) for i in range(32) if (a ^ b) >> i & 1)
+                out.append(f"CPUID leaf 0x{g.function:x}.{g.index} {reg.upper()} differs: given 0x{a:08x}, the vCPU "
+                           f"has 0x{b:08x} (bits {bits})")
+    if len(out) > limit:
+        out[limit:] = [f"... and {len(out) - limit} more differences"]
+    return out
 
 
 def judge(e: Expect, r: StepResult) -> tuple[str, bool]:
@@ -341,8 +370,25 @@ def outcome_text(r: StepResult) -> str:
     return r.outcome
 
 
+def _where(r: StepResult) -> str:
+    """The outcome of one step on one kernel, with where and why it was refused."""
+    verb = outcome_text(r).split(" at ", 1)[0]
+    at = f" at {r.refusal.name}" if r.outcome == "refused" and r.refusal is not None else ""
+    return verb + at
+
+
+def _why(r: StepResult) -> str:
+    if r.refusal is not None and r.refusal.rule is not None:
+        rule = r.refusal.rule
+        return f" by {rule.commit} (since {rule.since}: {rule.title})"
+    if r.notes:
+        return " (" + r.notes[0].removeprefix("rule: ") + ")"
+    return ""
+
+
 def compare(reports: dict[str, Report]) -> list[Change]:
-    """Steps whose outcome differs between kernels, with the kernel and rule that changed it."""
+    """Steps whose outcome differs between kernels: each run of kernels with one outcome, every kernel named, and the
+    rule (commit, first version) behind a refusal."""
     kernels = list(reports)
     changes = []
     first = reports[kernels[0]]
@@ -350,19 +396,15 @@ def compare(reports: dict[str, Report]) -> list[Change]:
         outcomes = {k: outcome_text(reports[k].steps[n]) for k in kernels}
         if len(set(outcomes.values())) == 1:
             continue
-        segments = []
-        prev = None
+        runs: list[list[str]] = []
         for k in kernels:
-            if outcomes[k] != prev:
-                r = reports[k].steps[n]
-                why = ""
-                if r.refusal and r.refusal.rule:
-                    rule = r.refusal.rule
-                    why = f" (rule since {rule.since}: {rule.commit}, {rule.title})"
-                elif r.notes:
-                    why = " (" + r.notes[0].removeprefix("rule: ") + ")"
-                # "from" names the first compared kernel with this outcome; the rule says when it really began.
-                segments.append(f"{outcomes[k]} {'on' if prev is None else 'from'} {k}{why}")
-                prev = outcomes[k]
+            if runs and outcomes[runs[-1][0]] == outcomes[k]:
+                runs[-1].append(k)
+            else:
+                runs.append([k])
+        segments = []
+        for run in runs:
+            r = reports[run[0]].steps[n]
+            segments.append(f"{_where(r)} on {', '.join(run)}{_why(r)}")
         changes.append(Change(n, base.line, base.kind, outcomes, "; ".join(segments)))
     return changes

@@ -17,6 +17,7 @@ from .errors import KvmscopeError, KvmUnavailableError
 
 if TYPE_CHECKING:
     from .api import System
+    from .kernel.profile import Profile
     from .scenario import Scenario
     from .template import Template
     from .template_apply import ApplyReport
@@ -57,7 +58,19 @@ profile_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """kvmscope's command group: a reader that goes away (``kvmscope msrs | head -1``) ends the command quietly."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            # Nothing more can be written; point stdout at /dev/null so the interpreter's final flush is silent.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_OK)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kvmscope")
 def main() -> None:
     """kvmscope: Linux KVM's x86 vCPU model, live (/dev/kvm) and modelled.
@@ -90,6 +103,8 @@ def probe(backend: str, kernel: str | None, profile: str | None, as_json: bool, 
     """
     if backend == "linux" and (kernel or profile):
         raise click.UsageError("--kernel and --profile choose the model; drop them or use --backend model")
+    if profile_name is not None and save_path is None:
+        raise click.UsageError("--name names the profile --save writes; add --save FILE")
     with exit_on_error():
         system, fallback = backends.choose(backend, kernel=kernel or None, profile=profile or None, note=render.note)
     sys.exit(_probe(system, fallback, as_json, not no_cpuid, save_path, profile_name))
@@ -131,18 +146,19 @@ def _probe(system: System, fallback: str | None, as_json: bool, set_cpuid: bool,
 @click.argument("value", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def decode(msr: str, value: str | None, as_json: bool) -> None:
-    """Look up an MSR by name or index and decode VALUE (e.g. `kvmscope decode ARCH_CAP 0x400000000c000069`)."""
-    try:
-        try:
-            number = int(msr, 0)
-        except ValueError:
-            number = None
-        m = _msrs.lookup(number if number is not None else msr)
-        v = _msrs.check_value(int(value, 0)) if value is not None else None
-    except KvmscopeError as e:
-        fail(str(e), EXIT_USAGE)
-    except ValueError as e:
-        fail(f"bad value {value!r}: {e}", EXIT_USAGE)
+    """Look up an MSR by name or index and decode VALUE.
+
+    MSR is a kernel name (MSR_IA32_ARCH_CAPABILITIES), a short one (ARCH_CAPABILITIES, ARCH_CAP), any case, or an
+    index (0x10a); VALUE is hex (0x...) or decimal. `kvmscope msrs` lists the names.
+
+    \b
+    Examples:
+      kvmscope decode ARCH_CAP 0x400000000c000069
+      kvmscope decode msr_platform_info 0x80000000
+    """
+    with exit_on_error():
+        m = _msrs.lookup(msr)
+        v = _msrs.parse_value(value, f"value for {m.name}") if value is not None else None
     render.decode(m, v, as_json)
 
 
@@ -159,8 +175,9 @@ def list_msrs(as_json: bool) -> None:
               help="model: replay on kvmscope's software KVM; linux: replay on the live /dev/kvm.")
 @kernel_option
 @profile_option
-@click.option("--compare", "compare_kernels", metavar="V1,V2,...",
-              help="Replay on the model under several kernel rulesets and show the steps whose outcome changes.")
+@click.option("--compare", "compare_kernels", metavar="V1,V2,...|all",
+              help="Replay on the model under several kernel rulesets (all: every version whose rules differ) and "
+                   "show the steps whose outcome changes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def check(scenario_file: str, backend: str, kernel: str | None, profile: str | None, compare_kernels: str | None,
           as_json: bool) -> None:
@@ -168,11 +185,14 @@ def check(scenario_file: str, backend: str, kernel: str | None, profile: str | N
 
     \b
     Exit codes: 0 every step did what it expected (or, without expectations, nothing was refused);
-                1 not; 2 a bad scenario file or bad arguments; 3 /dev/kvm missing (--backend linux).
+                with --compare: on every kernel compared;
+                1 not (with --compare: on at least one kernel, named in the last line);
+                2 a bad scenario file or bad arguments; 3 /dev/kvm missing (--backend linux).
     \b
     Examples:
       kvmscope check examples/platform-info-after-run.yaml
       kvmscope check examples/platform-info-after-run.yaml --backend linux
+      kvmscope check examples/sandbox-reset-snapshot.yaml --compare all
       kvmscope check examples/sandbox-reset-snapshot.yaml --compare 6.3,6.10,6.18
     """
     versions = None
@@ -180,6 +200,10 @@ def check(scenario_file: str, backend: str, kernel: str | None, profile: str | N
         if backend != "model":
             raise click.UsageError("--compare replays on the model; drop --backend linux")
         versions = [v.strip() for v in compare_kernels.split(",") if v.strip()]
+        if versions == ["all"]:
+            from .kernel.rulesets import KNOWN
+
+            versions = list(KNOWN)
         if len(versions) < 2:
             raise click.UsageError("--compare needs at least two kernel versions, e.g. 6.3,6.18")
     if backend == "linux" and kernel:
@@ -198,11 +222,16 @@ def _check(path: str, backend: str, kernel: str | None, profile: str | None, ver
     # YAML tables are printed step by step, in constant memory; JSON files are read whole (line-located errors).
     opened = stream(path) if not as_json and versions is None and not path.endswith(".json") else None
     scenario = opened.header if opened is not None else load(path)
+    chosen: str | Profile | None = profile
     if backend == "model":
-        kernel, profile = kernel or scenario.kernel, profile or scenario.profile
+        kernel, chosen = kernel or scenario.kernel, profile or scenario.profile
+        if chosen is None:
+            chosen, said = backends.default_profile()
+            if not as_json:
+                render.note(said)
     if versions is not None:
-        return _compare(scenario, versions, profile, as_json)
-    system, shadow = _check_systems(backend, kernel, profile, scenario)
+        return _compare(scenario, versions, chosen, as_json)
+    system, shadow = _check_systems(backend, kernel, chosen, scenario)
     with system:
         if opened is not None:
             return render.check_stream(scenario.name, scenario.path, system.describe(),
@@ -212,7 +241,7 @@ def _check(path: str, backend: str, kernel: str | None, profile: str | None, ver
     return report.ok
 
 
-def _check_systems(backend: str, kernel: str | None, profile: str | None, scenario: Scenario
+def _check_systems(backend: str, kernel: str | None, profile: str | Profile | None, scenario: Scenario
                    ) -> tuple[System, System | None]:
     """Where to replay, and the model to replay alongside a live kernel to explain its refusals (or None)."""
     if backend == "model":
@@ -226,7 +255,7 @@ def _check_systems(backend: str, kernel: str | None, profile: str | None, scenar
     return system, shadow
 
 
-def _compare(scenario: Scenario, versions: list[str], profile: str | None, as_json: bool) -> bool:
+def _compare(scenario: Scenario, versions: list[str], profile: str | Profile | None, as_json: bool) -> bool:
     """Replay on the model under each kernel's rules and print the steps whose outcome changes."""
     from .check import Report, compare, replay
 

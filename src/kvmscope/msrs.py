@@ -1,13 +1,15 @@
 """The MSR catalogue: names and indices, the feature-MSR set, the VMX range and field decoders.
 
-Names follow the kernel's ``arch/x86/include/asm/msr-index.h``; lookups accept the kernel name (``MSR_PLATFORM_INFO``),
-the name without its ``MSR_`` prefix (``IA32_ARCH_CAPABILITIES``, ``PLATFORM_INFO``), a short alias (``ARCH_CAP``), an
-int, or a string holding an int (``"0xce"``). Case does not matter.
+Names follow the kernel's ``arch/x86/include/asm/msr-index.h``; lookups accept the kernel name
+(``MSR_IA32_ARCH_CAPABILITIES``), the name without its ``MSR_``, ``MSR_IA32_`` or ``MSR_AMD64_`` prefix
+(``IA32_ARCH_CAPABILITIES``, ``ARCH_CAPABILITIES``, ``PLATFORM_INFO``), a short alias (``ARCH_CAP``), an int, or a
+string holding an int (``"0xce"``, ``"206"``). Case does not matter.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -162,6 +164,22 @@ def decode_vmx_controls(value: int) -> Fields:
     return {"ALLOWED_0": value & U32_MAX, "ALLOWED_1": value >> 32}
 
 
+def cpu_vendor(vendor_string: str) -> str | None:
+    """``"intel"`` or ``"amd"`` from a CPUID leaf 0 vendor string (Hygon decodes as AMD), else None."""
+    return {"GenuineIntel": "intel", "AuthenticAMD": "amd", "HygonGenuine": "amd"}.get(vendor_string)
+
+
+def decode_ucode_rev(value: int, vendor: str | None = None) -> Fields:
+    """IA32_UCODE_REV (0x8B): Intel keeps the microcode revision in bits 63:32 (SDM vol. 3A 10.11.7); AMD the patch
+    level in bits 31:0 (MSR_AMD64_PATCH_LEVEL, the same index). KVM's own defaults follow suit: VMX 0x100000000,
+    SVM 0x01000065. Without a vendor both readings are given."""
+    if vendor == "intel":
+        return {"REVISION": value >> 32}
+    if vendor == "amd":
+        return {"PATCH_LEVEL": value & U32_MAX}
+    return {"REVISION_INTEL": value >> 32, "PATCH_LEVEL_AMD": value & U32_MAX}
+
+
 def decode_de_cfg(value: int) -> Fields:
     """AMD DE_CFG (0xC0011029): KVM only knows LFENCE_SERIALIZE (bit 1)."""
     return _bits(value, {1: "LFENCE_SERIALIZE"})
@@ -183,7 +201,10 @@ class Msr:
     def feature(self) -> bool:
         return is_feature_msr(self.index)
 
-    def decode(self, value: int) -> Fields:
+    def decode(self, value: int, vendor: str | None = None) -> Fields:
+        """The named fields of ``value``; ``vendor`` (``"intel"``/``"amd"``) picks the reading where they differ."""
+        if self.index == MSR_IA32_UCODE_REV:
+            return decode_ucode_rev(value, vendor)
         return self.decoder(value) if self.decoder else {}
 
     def __str__(self) -> str:
@@ -270,15 +291,28 @@ _CATALOGUE: list[Msr] = [
 BY_INDEX: dict[int, Msr] = {m.index: m for m in _CATALOGUE}
 
 
+# Prefixes a user may leave out: MSR_IA32_ARCH_CAPABILITIES is also IA32_ARCH_CAPABILITIES and ARCH_CAPABILITIES.
+_PREFIXES = ("MSR_IA32_", "MSR_AMD64_", "MSR_", "IA32_")
+
+
 def _keys(m: Msr) -> Iterable[str]:
-    names = (m.name, *m.aliases)
-    for n in names:
-        yield n.upper()
-        if n.upper().startswith("MSR_"):
-            yield n.upper()[4:]
+    todo = [n.upper() for n in (m.name, *m.aliases)]
+    while todo:
+        key = todo.pop()
+        yield key
+        todo.extend(key[len(p):] for p in _PREFIXES if key.startswith(p) and len(key) > len(p))
 
 
-BY_NAME: dict[str, Msr] = {key: m for m in _CATALOGUE for key in _keys(m)}
+def _by_name() -> dict[str, Msr]:
+    out: dict[str, Msr] = {}
+    for m in _CATALOGUE:
+        for key in _keys(m):
+            # A short form two MSRs share would be a guess: the first (generic) one keeps it, and the test names any.
+            out.setdefault(key, m)
+    return out
+
+
+BY_NAME: dict[str, Msr] = _by_name()
 
 
 def catalogue() -> list[Msr]:
@@ -304,6 +338,27 @@ def check_value(value: int, what: str = "MSR value") -> int:
     return value
 
 
+_NUMBER = re.compile(r"[+-]?(0x[0-9a-f]+(_[0-9a-f]+)*|0b[01]+(_[01]+)*|0o[0-7]+(_[0-7]+)*|[0-9]+(_[0-9]+)*)", re.I)
+
+
+def parse_int(text: str, what: str = "value") -> int:
+    """An integer written as hex (``0x10a``), decimal (``266``), binary (``0b1``) or octal (``0o7``); anything else is an
+    :class:`InvalidValueError` that says what was expected."""
+    s = text.strip()
+    if len(s) > 100 or not _NUMBER.fullmatch(s):
+        raise InvalidValueError(f"{what} {text!r} is not a number: expected hex such as 0x80000000 or decimal")
+    digits = s.lstrip("+-")
+    # int(x, 0) refuses decimal with leading zeros ("010"); read those as decimal, as a user means them.
+    plain = digits.replace("_", "")
+    value = int(plain, 10) if plain.isdigit() else int(digits, 0)
+    return -value if s.startswith("-") else value
+
+
+def parse_value(text: str, what: str = "MSR value") -> int:
+    """An MSR value from the command line: :func:`parse_int`, then 0..2**64-1."""
+    return check_value(parse_int(text, what), what)
+
+
 def index_of(msr: int | str) -> int:
     """The index of an MSR given by index, name, alias or numeric string."""
     if isinstance(msr, str):
@@ -311,12 +366,12 @@ def index_of(msr: int | str) -> int:
         found = BY_NAME.get(key)
         if found is not None:
             return found.index
-        try:
-            return check_index(int(key, 0))
-        except ValueError:
-            pass
+        if _NUMBER.fullmatch(key):
+            return check_index(parse_int(key, "MSR index"))
         close = difflib.get_close_matches(key, BY_NAME.keys(), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; give a known name or an index such as 0xce"
+        hint = (f"; did you mean {', '.join(close)}?" if close else
+                "; expected a name such as MSR_PLATFORM_INFO or PLATFORM_INFO, or an index such as 0xce "
+                "(`kvmscope msrs` lists them)")
         raise MsrLookupError(f"unknown MSR name {msr!r}{hint}")
     return check_index(msr)
 

@@ -13,13 +13,17 @@ from typing import Any
 
 from . import guest, uapi
 from . import msrs as _msrs
-from .api import CpuidEntry, HltExit, MsrBatch, System, Vcpu, Vm
+from .api import CpuidEntry, HltExit, MsrBatch, System, Vcpu, Vm, find_cpuid
+from .errors import KvmscopeError
 from .kernel import rulesets as R
 
 FROZEN = "frozen after first run"
 WRITABLE = "writable after run"
 NOT_SETTABLE = "refused even before a run (not settable here)"
 NO_RUN = "could not run the vCPU to HLT"
+
+# The version of ``probe --json``'s layout: bumped when a key changes meaning or goes away (new keys keep it).
+JSON_SCHEMA_VERSION = 1
 
 PROBED_CAPABILITIES = (
     uapi.KVM_CAP_GET_MSR_FEATURES,
@@ -53,6 +57,9 @@ class MsrProbe:
     after_run_changed_ok: bool | None = None
     after_run_readback: int | None = None
     verdict: str = ""
+    tried: int | None = None  # the first changed value tried on the vCPU that never ran
+    tried_count: int = 0  # how many changed values were tried there before one was taken (or all were refused)
+    why: str = ""  # what explains the row, where something does (a CPUID gate, the rule behind a refusal)
 
 
 @dataclass
@@ -67,12 +74,13 @@ class ProbeReport:
     msrs: list[MsrProbe] = field(default_factory=list)
     freeze_enforced: bool | None = None
     conclusion: str = ""
+    cpu_vendor: str | None = None  # "intel" or "amd" from the supported CPUID's vendor string (decodes UCODE_REV)
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = {"schema_version": JSON_SCHEMA_VERSION, **asdict(self)}
         out["msr_index_list"] = [f"0x{i:x}" for i in self.msr_index_list]
         for m in out["msrs"]:
-            for k in ("value", "vcpu_default", "changed_value", "after_run_value", "after_run_readback"):
+            for k in ("value", "vcpu_default", "changed_value", "after_run_value", "after_run_readback", "tried"):
                 if m[k] is not None:
                     m[k] = f"0x{m[k]:x}"
             m["index"] = f"0x{m['index']:x}"
@@ -111,9 +119,44 @@ def _fresh_vcpu(system: System, cpuid: list[CpuidEntry] | None) -> tuple[Vm, Vcp
     return vm, vcpu
 
 
-def probe_msr(system: System, index: int, feature: int | None, cpuid: list[CpuidEntry] | None) -> MsrProbe:
+# Feature MSRs that KVM gates on a guest CPUID bit since 6.13: (leaf, sub-leaf, register, bit, name, rule).
+_CPUID_GATES: dict[int, tuple[int, int, str, int, str, R.Rule]] = {
+    _msrs.MSR_IA32_ARCH_CAPABILITIES: (7, 0, "edx", 29, "ARCH_CAPABILITIES", R.ARCH_CAP_NEEDS_CPUID),
+    _msrs.MSR_IA32_PERF_CAPABILITIES: (1, 0, "ecx", 15, "PDCM", R.PERF_CAP_NEEDS_PDCM),
+}
+
+
+def _kernel_rules(system: System) -> R.Ruleset | None:
+    """The ruleset of the kernel ``system`` is (the model's own, or the live kernel's release), None if unknown."""
+    info = system.host_info()
+    try:
+        return R.resolve(str(info.get("ruleset") or info.get("kernel_release") or ""))
+    except KvmscopeError:
+        return None
+
+
+def why_refused(system: System, vcpu: Vcpu, index: int, tried: int) -> str:
+    """Why a vCPU that never ran refused every changed value of ``index``: the rule where the backend knows it (the
+    model), else the CPUID gate the kernel's version has and the vCPU's own CPUID (KVM_GET_CPUID2) trips."""
+    rule = vcpu.refusal_rule(index)
+    gate = _CPUID_GATES.get(index)
+    if gate is not None:
+        leaf, sub, reg, bit, feature, gate_rule = gate
+        ruleset = _kernel_rules(system)
+        gated = rule == gate_rule if rule is not None else ruleset is not None and ruleset.has(gate_rule)
+        entry = find_cpuid(vcpu.get_cpuid(), leaf, sub)
+        if gated and (entry is None or not getattr(entry, reg) >> bit & 1):
+            return (f"the vCPU's CPUID (KVM_GET_CPUID2) lacks {leaf:x}.{sub}:{reg.upper()}[{bit}] ({feature}), "
+                    f"so KVM takes only 0 (since {gate_rule.since}, {gate_rule.commit})")
+    if rule is not None:
+        return f"by the rule {rule.cite()}" + (f"; hint: {rule.hint}" if rule.hint else "")
+    return f"all {tried} values tried were refused; the kernel does not say why"
+
+
+def probe_msr(system: System, index: int, feature: int | None, cpuid: list[CpuidEntry] | None,
+              vendor: str | None = None) -> MsrProbe:
     m = _msrs.lookup(index)
-    result = MsrProbe(index, m.name, feature, m.decode(feature) if feature is not None else {})
+    result = MsrProbe(index, m.name, feature, m.decode(feature, vendor) if feature is not None else {})
     # A vCPU that never runs: which changed value (if any) does the kernel take at all?
     vm, vcpu = _fresh_vcpu(system, cpuid)
     with vm:
@@ -121,10 +164,15 @@ def probe_msr(system: System, index: int, feature: int | None, cpuid: list[Cpuid
         result.vcpu_default = current
         base = current if current is not None else 0
         for candidate in _candidates(base, feature):
+            result.tried_count += 1
+            if result.tried is None:
+                result.tried = candidate
             if vcpu.set_msrs([(index, candidate)]) == 1:
                 result.changed_value = candidate
                 result.before_run_changed_ok = True
                 break
+        if not result.before_run_changed_ok:
+            result.why = why_refused(system, vcpu, index, result.tried_count)
     # A vCPU that has run to HLT: same value, then the changed value.
     vm, vcpu = _fresh_vcpu(system, cpuid)
     with vm:
@@ -142,6 +190,9 @@ def probe_msr(system: System, index: int, feature: int | None, cpuid: list[Cpuid
             changed = next(_candidates(base, feature))
         result.after_run_changed_ok = vcpu.set_msrs([(index, changed)]) == 1
         result.after_run_readback = vcpu.try_read_msr(index)
+    if index == _msrs.MSR_IA32_UCODE_REV and result.after_run_changed_ok:
+        result.why = ("UCODE_REV is the one feature MSR KVM leaves writable after a run, for microcode-load emulation "
+                      "(x86.c kvm_is_immutable_feature_msr)")
     if not result.before_run_changed_ok:
         result.verdict = NOT_SETTABLE
     elif result.after_run_changed_ok:
@@ -180,6 +231,15 @@ def verdict(msrs: list[MsrProbe]) -> tuple[bool | None, str]:
     return None, "cannot tell: no feature MSR could be changed even before a run"
 
 
+def _cpu_vendor(cpuid: list[CpuidEntry]) -> str | None:
+    """``"intel"``/``"amd"`` from CPUID leaf 0's vendor string (EBX, EDX, ECX), else None."""
+    leaf0 = find_cpuid(cpuid, 0)
+    if leaf0 is None:
+        return None
+    text = b"".join(r.to_bytes(4, "little") for r in (leaf0.ebx, leaf0.edx, leaf0.ecx)).decode("latin-1")
+    return _msrs.cpu_vendor(text)
+
+
 def probe(system: System, set_cpuid: bool = True) -> ProbeReport:
     """Probe ``system``: capabilities, feature MSRs with decoded values, and the live freeze check."""
     caps: dict[str, int] = {}
@@ -196,12 +256,14 @@ def probe(system: System, set_cpuid: bool = True) -> ProbeReport:
         msr_index_list=system.get_msr_index_list(),
         cpuid_set=set_cpuid,
     )
-    cpuid = system.get_supported_cpuid() if set_cpuid else None
+    supported = system.get_supported_cpuid()
+    cpuid = supported if set_cpuid else None
+    report.cpu_vendor = _cpu_vendor(supported)
     features = system.get_msr_feature_index_list()
     batch = MsrBatch(features)
     done = system.get_feature_msrs(batch)
     values = {index: value for i, (index, value) in enumerate(batch) if i < done}
     for index in features:
-        report.msrs.append(probe_msr(system, index, values.get(index), cpuid))
+        report.msrs.append(probe_msr(system, index, values.get(index), cpuid, report.cpu_vendor))
     report.freeze_enforced, report.conclusion = verdict(report.msrs)
     return report

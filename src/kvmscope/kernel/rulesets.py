@@ -339,6 +339,15 @@ def changes_at(version: str) -> list[str]:
     return sorted([f"+{r.key}" for r in now - before] + [f"-{r.key}" for r in before - now])
 
 
+def version_table() -> str:
+    """The "Rules by kernel version" table of docs/rules.md (Markdown), one row per known version."""
+    rows = ["| Version | Changes |", "|---|---|"]
+    for v in KNOWN:
+        changes = changes_at(v)
+        rows.append(f"| {v} | {', '.join(f'`{c}`' for c in changes) if changes else 'no rule changes (LTS)'} |")
+    return "\n".join(rows)
+
+
 def newer_than_known(version: str) -> str | None:
     """A warning when ``version`` is a release after the newest one the rules were read at (its rules may have
     changed since), naming the ruleset in force; None otherwise."""
