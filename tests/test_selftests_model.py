@@ -528,14 +528,8 @@ def supported_xcr0(entries: list[CpuidEntry]) -> int:
     return leaf.edx << 32 | leaf.eax
 
 
-XTILE_CFG_ALONE = model_differs(
-    "intel-spr's supported CPUID 0xD.0 offers XTILE_CFG (bit 17) without XTILE_DATA (bit 18), XCR0 0x202e7; "
-    "6.12.118 x86.h:406-424 (kvm_get_filtered_xcr0) drops XTILE_CFG when the process has no XTILE_DATA guest "
-    "permission (no ARCH_REQ_XCOMP_GUEST_PERM, as in this selftest), so KVM reports 0x2e7")
-
-
-@pytest.mark.parametrize("profile", [pytest.param("intel-spr", marks=XTILE_CFG_ALONE), "amd-epyc"])
-@pytest.mark.parametrize("kernel", ["6.12", "6.18"])
+@pytest.mark.parametrize("profile", ["intel-spr", "amd-epyc"])
+@pytest.mark.parametrize("kernel", ["6.4", "6.12", "6.18"])  # 55cd57b596e8 (6.4) filters XTILE_CFG
 def test_xcr0_cpuid(profile: str, kernel: str) -> None:
     """The XCR0 KVM offers (supported CPUID 0xD.0, and what the guest reads there) is usable as-is."""
     with one_vcpu(profile, kernel) as (kvm, vm, vcpu):

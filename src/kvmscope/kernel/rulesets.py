@@ -170,6 +170,8 @@ FEAT_CTL_GUEST_CPUID = Rule("feat_ctl_guest_cpuid", "< 5.10", "vmx_feature_contr
 DISABLE_EXITS_BEFORE_VCPUS = Rule("disable_exits_before_vcpus", "6.14", "04cd8f8628d8",
                                   "KVM: x86: Disallow KVM_CAP_X86_DISABLE_EXITS after vCPU creation",
                                   "enable KVM_CAP_X86_DISABLE_EXITS before creating any vCPU")
+XTILE_CFG_FILTER = Rule("xtile_cfg_filter", "6.4", "55cd57b596e8",
+                        "KVM: x86: Filter out XTILE_CFG if XTILE_DATA isn't permitted (supported CPUID 0xD.0)")
 MISC_FEATURES_CPUID_FAULT = Rule("misc_features_cpuid_fault", "< 5.10", "kvm_set_msr_common",
                                  "MISC_FEATURES_ENABLES takes only CPUID_FAULT (bit 0), and only when PLATFORM_INFO "
                                  "has CPUID_FAULT (bit 31)", "set PLATFORM_INFO.CPUID_FAULT first; write 0 or 1 only")
@@ -197,7 +199,7 @@ RULES: dict[str, Rule] = {
               ARCH_CAP_NEEDS_CPUID, PLATFORM_INFO_ORDER_CHECK, PERF_CAP_PMU_VERSION, PEBS_TIMING_INFO, CR4_FIXED1_LAM,
               CR4_FIXED1_CET, DE_CFG_GUEST_EXACT, DE_CFG_GUEST_SAME_ONLY, CPUID_AFTER_RUN_FORBIDDEN,
               CPUID_AFTER_RUN_IDENTICAL, VMX_RESTORE_CURRENT, QUIRKS2, MISC_FEATURES_CPUID_FAULT, FEAT_CTL_HOST_ANY_SUPPORTED,
-              FEAT_CTL_GUEST_CPUID, DISABLE_EXITS_BEFORE_VCPUS, SLOT_ZAP_ALL_QUIRK,
+              FEAT_CTL_GUEST_CPUID, DISABLE_EXITS_BEFORE_VCPUS, XTILE_CFG_FILTER, SLOT_ZAP_ALL_QUIRK,
               MSR_IO_LIMIT, VMX_RESTORE,
               PERF_CAP_SUBSET, DE_CFG_SUBSET, UNSUPPORTED, UNKNOWN_MSR, HOST_PROFILE)
 }

@@ -86,6 +86,16 @@ def runtime_update(entries: list[CpuidEntry], state: RuntimeState, profile: Prof
     return out
 
 
+def filter_xtile_cfg(entries: Sequence[CpuidEntry]) -> list[CpuidEntry]:
+    """``kvm_get_filtered_xcr0`` (55cd57b596e8, 6.4): XTILE_CFG (XCR0 bit 17) is dropped from the supported XCR0 when
+    XTILE_DATA (bit 18) is not offered, i.e. the process lacks the guest permission (6.12.118 x86.h:406-424)."""
+    out = list(entries)
+    i = _first(out, 0xD, 0)
+    if i is not None and out[i].eax & (1 << 17) and not out[i].eax & (1 << 18):
+        out[i] = replace(out[i], eax=out[i].eax & ~(1 << 17))
+    return out
+
+
 def check(entries: Sequence[CpuidEntry], profile: Profile) -> int:
     """``kvm_check_cpuid``: 0, or the errno KVM_SET_CPUID2 fails with before the first run."""
     ext = find_cpuid(entries, 0x80000008)

@@ -9,8 +9,10 @@ from typing import ClassVar
 from .. import uapi
 from ..api import CpuidEntry, MsrBatch, System
 from ..errors import KvmError
+from ..kernel import rulesets as R
 from ..kernel.profile import Profile
 from ..kernel.rulesets import Ruleset
+from .cpuid import filter_xtile_cfg
 from .vm import ModelVm
 
 
@@ -100,7 +102,8 @@ class ModelSystem(System):
 
     def get_supported_cpuid(self) -> list[CpuidEntry]:
         self._check_open()
-        return list(self.profile.supported_cpuid)
+        entries = list(self.profile.supported_cpuid)
+        return filter_xtile_cfg(entries) if self.rules.has(R.XTILE_CFG_FILTER) else entries
 
     def create_vm(self) -> ModelVm:
         self._check_open()
