@@ -67,6 +67,7 @@ class VmDevicesModel:
         self.default_tsc_khz = MODEL_TSC_KHZ
         self._clock_base = time.monotonic_ns()  # kvmclock counts from VM creation, as KVM's kvmclock_offset does
         self._clock_offset = 0
+        self._masterclock = False
 
     def run_limitation(self) -> str | None:
         """What the VM has registered that a model KVM_RUN would not honour, or None."""
@@ -275,12 +276,14 @@ class VmDevicesModel:
         return bytes((region.size // 4096 + 7) // 8)
 
     def get_clock(self) -> uapi.kvm_clock_data:
-        """KVM_GET_CLOCK: nanoseconds since the VM was created, moved by KVM_SET_CLOCK. The flags of a stable
-        master clock (as KVM_CAP_ADJUST_CLOCK offers them) appear once a vCPU exists, as on the live kernel here."""
+        """KVM_GET_CLOCK: nanoseconds since the VM was created, moved by KVM_SET_CLOCK. The flags of a stable master
+        clock (as KVM_CAP_ADJUST_CLOCK offers them) appear once KVM has re-evaluated the master clock with vCPUs
+        present: at a KVM_SET_CLOCK or a vCPU's first KVM_RUN (KVM_REQ_MASTERCLOCK_UPDATE from kvm_synchronize_tsc;
+        pvclock_update_vm_gtod_copy wants every vCPU's TSC matched, so none with no vCPU)."""
         self._check_open()
         now = time.monotonic_ns()
         data = uapi.kvm_clock_data(clock=now - self._clock_base + self._clock_offset)
-        if self.vcpus:
+        if self._masterclock or any(v.has_run for v in self.vcpus):
             data.flags = self.profile.capability(uapi.KVM_CAP_ADJUST_CLOCK) & CLOCK_FLAGS
         if data.flags & uapi.KVM_CLOCK_REALTIME:
             data.realtime = time.time_ns()
@@ -294,6 +297,7 @@ class VmDevicesModel:
         if data.flags & ~CLOCK_FLAGS:
             raise KvmError(errno.EINVAL, "KVM_SET_CLOCK")
         self._clock_offset = data.clock - (time.monotonic_ns() - self._clock_base)
+        self._masterclock = bool(self.vcpus)
 
     def register_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None:
         self._check_open()
