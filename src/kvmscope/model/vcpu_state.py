@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 APIC_ID, APIC_LVR, APIC_DFR, APIC_SPIV = 0x20, 0x30, 0xE0, 0xF0
 APIC_LVT = (0x320, 0x330, 0x340, 0x350, 0x360, 0x370)  # timer, thermal, PMC, LINT0, LINT1, error
 APIC_LVT0 = 0x350
-APIC_IRR = 0x200
+APIC_TPR, APIC_PPR, APIC_ISR, APIC_IRR = 0x80, 0xA0, 0x100, 0x200
 APIC_LVT_MASKED = 1 << 16
 APIC_MODE_EXTINT = 0x700
 APIC_VERSION = 0x14 | (len(APIC_LVT) - 1) << 16  # integrated APIC, six LVT entries
@@ -87,6 +87,12 @@ def mxcsr_mask(profile: Profile) -> int:
     """FXSAVE's MXCSR_MASK on the profiled host: AMD sets bit 17 (misaligned SSE), Intel does not."""
     vendor = next((e for e in profile.supported_cpuid if e.function == 0), None)
     return 0x2FFFF if vendor is not None and vendor.ebx == 0x68747541 else 0xFFFF  # "Auth"enticAMD
+
+
+def _highest_isr(page: bytes | bytearray) -> int:
+    """The highest vector in service in an APIC page, or -1."""
+    return max((32 * i + w.bit_length() - 1 for i in range(8)
+                if (w := struct.unpack_from("<I", page, APIC_ISR + 0x10 * i)[0])), default=-1)
 
 
 class VcpuStateModel:
@@ -155,20 +161,22 @@ class VcpuStateModel:
         ctypes.memmove(ctypes.addressof(fpu.fpr), bytes(fx[32:160]), 128)
         fpu.fcw, fpu.fsw, fpu.ftwx, _, fpu.last_opcode, fpu.last_ip, fpu.last_dp = struct.unpack_from("<HHBBHQQ", fx)
         ctypes.memmove(ctypes.addressof(fpu.xmm), bytes(fx[160:416]), 256)
-        fpu.mxcsr = struct.unpack_from("<I", fx, _MXCSR)[0]
-        return fpu
+        return fpu  # MXCSR is neither read nor written by KVM_GET/SET_FPU: kvm_fpu.mxcsr stays 0
 
     def set_fpu(self, fpu: uapi.kvm_fpu) -> None:
-        """KVM_SET_FPU writes the legacy area and leaves XSTATE_BV alone (x86.c kvm_arch_vcpu_ioctl_set_fpu)."""
+        """KVM_SET_FPU writes the legacy area but MXCSR and leaves XSTATE_BV alone (x86.c v6.12
+        kvm_arch_vcpu_ioctl_set_fpu, line 11465)."""
         self._check_open()
         fx = self.fx
         fx[32:160] = bytes(fpu.fpr)
         struct.pack_into("<HHBBHQQ", fx, 0, fpu.fcw, fpu.fsw, fpu.ftwx, 0, fpu.last_opcode, fpu.last_ip, fpu.last_dp)
         fx[160:416] = bytes(fpu.xmm)
-        struct.pack_into("<I", fx, _MXCSR, fpu.mxcsr)
 
     def _xsave_image(self, size: int) -> bytearray:
-        out, fx, xf = bytearray(size), self.fx, self.xfeatures
+        # The components the guest may use (fpstate->user_xfeatures: guest_supported_xcr0 | FP | SSE, from CPUID):
+        # the others read as their init state.
+        user = guest_xcr0(self.cpuid, self.profile) | XFEATURE_FP | XFEATURE_SSE
+        out, fx, xf = bytearray(size), self.fx, self.xfeatures & user
         if xf & XFEATURE_FP:
             for lo, hi in _FP_SPANS:
                 out[lo:hi] = fx[lo:hi]
@@ -379,11 +387,18 @@ class VcpuStateModel:
         return uapi.kvm_lapic_state.from_buffer_copy(self.lapic)
 
     def set_lapic(self, lapic: uapi.kvm_lapic_state) -> None:
-        """KVM_SET_LAPIC: the page as given (the model runs no APIC timer, so no register is recomputed)."""
+        """KVM_SET_LAPIC: the page as given, with the PPR recomputed from TPR and the highest in-service vector
+        (lapic.c apic_update_ppr); the model runs no APIC timer."""
         self._check_open()
         if self.lapic is None:
             raise KvmError(errno.EINVAL, "KVM_SET_LAPIC")
-        self.lapic = bytearray(bytes(lapic))
+        page = bytearray(bytes(lapic))
+        tpr = struct.unpack_from("<I", page, APIC_TPR)[0] & 0xFF
+        # kvm_apic_set_state (lapic.c v6.12 line 3180) updates the PPR before it recounts the in-service vectors: an
+        # in-service vector counts only when the page it replaces had one in service too.
+        isrv = _highest_isr(page) if _highest_isr(self.lapic) >= 0 else 0
+        struct.pack_into("<I", page, APIC_PPR, tpr if (tpr & 0xF0) >= (max(isrv, 0) & 0xF0) else isrv & 0xF0)
+        self.lapic = page
 
     def accept_msi(self, vector: int) -> int:
         """An MSI with ``vector`` for this vCPU's APIC: 1 and the vector's IRR bit set when the APIC is enabled in
