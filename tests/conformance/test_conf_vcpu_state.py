@@ -295,3 +295,31 @@ def test_signal_mask(kvm: System) -> None:
         vcpu.set_signal_mask(None)
         for size in (4, 16):
             expect(lambda n=size: vcpu.set_signal_mask(bytes(n)), errno.EINVAL, f"a {size}-byte sigset")
+
+
+ASYNC_PF_EN, ASYNC_PF_INT = 0x4B564D02, 0x4B564D06
+
+
+@pytest.mark.parametrize("irqchip", [False, True], ids=["no-irqchip", "irqchip"])
+def test_async_pf_msrs_follow_the_in_kernel_lapic(kvm: System, irqchip: bool) -> None:
+    # (MSR, value) -> accepted? and the value read back after it. Without an in-kernel LAPIC the kernel refuses any
+    # nonzero ASYNC_PF_EN and every ASYNC_PF_INT (even 0); with one, only reserved bits are refused.
+    if irqchip:
+        expected = {(ASYNC_PF_EN, 0): (1, 0), (ASYNC_PF_EN, 1): (1, 1), (ASYNC_PF_EN, 0x100): (1, 0x100),
+                    (ASYNC_PF_EN, 0x2F): (0, 0x100), (ASYNC_PF_EN, 0x9 | 0x100000): (0, 0x100009),
+                    (ASYNC_PF_EN, 0x9 | 0x2000): (1, 0x2009),
+                    (ASYNC_PF_INT, 0): (1, 0), (ASYNC_PF_INT, 0x2F): (1, 0x2F), (ASYNC_PF_INT, 0x100): (0, 0x2F)}
+    else:
+        expected = {(ASYNC_PF_EN, 0): (1, 0), (ASYNC_PF_EN, 1): (0, 0), (ASYNC_PF_EN, 0x100): (0, 0),
+                    (ASYNC_PF_EN, 0x2F): (0, 0), (ASYNC_PF_EN, 0x9 | 0x100000): (0, 0),
+                    (ASYNC_PF_EN, 0x9 | 0x2000): (0, 0),
+                    (ASYNC_PF_INT, 0): (0, 0), (ASYNC_PF_INT, 0x2F): (0, 0), (ASYNC_PF_INT, 0x100): (0, 0)}
+    with kvm.create_vm() as vm:
+        if irqchip:
+            vm.create_irqchip()
+        vm.add_memory(0, 0x10000)  # the enabling write's GPA 0x2000 is in memory, 0x100000 is not
+        vcpu = vm.create_vcpu(0)
+        seen = {}
+        for msr, value in expected:
+            seen[(msr, value)] = (vcpu.set_msrs([(msr, value)]), vcpu.read_msr(msr))
+        assert seen == expected, f"(MSR, value): (written, read back) differ: {seen}"

@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING
 
 from .. import uapi
 from ..errors import InvalidValueError, KvmError, KvmscopeError
+from ..kernel.rulesets import Rule
 
 if TYPE_CHECKING:
     from ..api import CpuidEntry
     from ..kernel.profile import Profile
+    from .msr_rules import MsrRules
     from .vm import ModelVm
 
 # The local APIC page at reset (lapic.c kvm_lapic_reset, v6.12 lines 2806-2870; values as KVM_GET_LAPIC shows them).
@@ -45,6 +47,17 @@ _MXCSR, _MXCSR_MASK, _XMM, _SW_BYTES, _HEADER = 24, 28, 160, 464, 512
 FCW_INIT, MXCSR_INIT = 0x37F, 0x1F80
 
 MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
+
+MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT = 0x4B564D02, 0x4B564D06
+_OK, _FAIL = 0, 1  # the MSR rules' return codes (model.msr_rules OK and FAIL)
+# The MSRs whose host writes depend on an in-kernel LAPIC (x86.c v6.12 kvm_pv_enable_async_pf, line 3132, and
+# kvm_pv_enable_async_pf_int, line 3171); without one the host profile's observed behaviour stands.
+ASYNC_PF_INT_NEEDS_LAPIC = Rule(
+    "async_pf_int_needs_lapic", "5.8", "2635b5c4a0e4", "KVM: x86: interrupt based APF 'page ready' event delivery",
+    "MSR_KVM_ASYNC_PF_INT takes an 8-bit vector, and only with an in-kernel LAPIC (KVM_CREATE_IRQCHIP first)")
+ASYNC_PF_EN_NEEDS_LAPIC = Rule(
+    "async_pf_en_needs_lapic", "5.8", "2635b5c4a0e4", "KVM: x86: interrupt based APF 'page ready' event delivery",
+    "MSR_KVM_ASYNC_PF_EN: bits 4-5 are reserved; enabling it needs an in-kernel LAPIC and its GPA in guest memory")
 
 GUESTDBG_RUN_CHANGING = uapi.KVM_GUESTDBG_SINGLESTEP | uapi.KVM_GUESTDBG_USE_SW_BP | uapi.KVM_GUESTDBG_USE_HW_BP
 
@@ -101,6 +114,7 @@ class VcpuStateModel:
 
     vm: ModelVm
     id: int
+    msr_rules: MsrRules
     profile: Profile
     regs: uapi.kvm_regs
     sregs: uapi.kvm_sregs
@@ -142,6 +156,26 @@ class VcpuStateModel:
         self.tsc_khz = self.vm.default_tsc_khz
         self.guest_debug = 0
         self.signal_mask: bytes | None = None
+        if self.lapic is not None:
+            setters = self.msr_rules.setters
+            setters[MSR_KVM_ASYNC_PF_EN] = self._set_async_pf_en
+            setters[MSR_KVM_ASYNC_PF_INT] = self._set_async_pf_int
+
+    # -- the MSRs an in-kernel LAPIC changes (host writes, through the MSR rules' setters) --
+    def _set_async_pf_int(self, data: int) -> int:
+        if data >> 8:
+            return self.msr_rules.refuse(MSR_KVM_ASYNC_PF_INT, ASYNC_PF_INT_NEEDS_LAPIC, _FAIL)
+        self.msr_rules.stored[MSR_KVM_ASYNC_PF_INT] = data
+        return _OK
+
+    def _set_async_pf_en(self, data: int) -> int:
+        if data & 0x30:
+            return self.msr_rules.refuse(MSR_KVM_ASYNC_PF_EN, ASYNC_PF_EN_NEEDS_LAPIC, _FAIL)
+        self.msr_rules.stored[MSR_KVM_ASYNC_PF_EN] = data  # msr_en_val is set before the GPA is checked
+        enabled = data & 0x9 == 0x9  # KVM_ASYNC_PF_ENABLED | KVM_ASYNC_PF_DELIVERY_AS_INT
+        if enabled and not self.vm.has_memory(data & ~0x3F, 8):
+            return self.msr_rules.refuse(MSR_KVM_ASYNC_PF_EN, ASYNC_PF_EN_NEEDS_LAPIC, _FAIL)
+        return _OK
 
     def injection_pending(self) -> str | None:
         """What a KVM_RUN would have to deliver or wait for that the model does not emulate, or None."""
