@@ -22,7 +22,7 @@ from ..kernel.rulesets import Rule
 if TYPE_CHECKING:
     from ..api import CpuidEntry
     from ..kernel.profile import Profile
-    from .msr_rules import MsrRules
+    from .msr_batch import BatchedMsrRules
     from .vm import ModelVm
 
 # The local APIC page at reset (lapic.c kvm_lapic_reset, v6.12 lines 2806-2870; values as KVM_GET_LAPIC shows them).
@@ -114,7 +114,7 @@ class VcpuStateModel:
 
     vm: ModelVm
     id: int
-    msr_rules: MsrRules
+    msr_rules: BatchedMsrRules
     profile: Profile
     regs: uapi.kvm_regs
     sregs: uapi.kvm_sregs
