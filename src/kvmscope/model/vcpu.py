@@ -205,5 +205,5 @@ class ModelVcpu(VcpuStateModel, Vcpu):
             self._pending_in = None
             self._in_data = b""
         if self._program is not None:
-            return run_guest_program(self, self._program)
-        return interpret(self)
+            return self.halted_in_kernel(run_guest_program(self, self._program))
+        return self.halted_in_kernel(interpret(self))

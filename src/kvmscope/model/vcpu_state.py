@@ -16,11 +16,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .. import uapi
+from ..api import HltExit
 from ..errors import InvalidValueError, KvmError, KvmscopeError
 from ..kernel.rulesets import Rule
 
 if TYPE_CHECKING:
-    from ..api import CpuidEntry
+    from ..api import CpuidEntry, Exit
     from ..kernel.profile import Profile
     from .msr_batch import BatchedMsrRules
     from .vm import ModelVm
@@ -187,6 +188,16 @@ class VcpuStateModel:
         if self.guest_debug & uapi.KVM_GUESTDBG_ENABLE and self.guest_debug & GUESTDBG_RUN_CHANGING:
             return "guest debugging is on (the model does not single-step or trap breakpoints)"
         return None
+
+    def halted_in_kernel(self, exit_: Exit) -> Exit:
+        """``exit_``, unless it is a HLT with an in-kernel LAPIC: then the kernel keeps the vCPU halted (MP state
+        HALTED) and KVM_RUN blocks until an interrupt or a signal (the live kernel returns EINTR on a signal), which
+        the model cannot do: it raises :class:`ModelLimitation` with the vCPU left halted."""
+        if self.lapic is not None and isinstance(exit_, HltExit):
+            self.mp_state = uapi.KVM_MP_STATE_HALTED
+            raise self.limitation("KVM_RUN: the guest halted with an in-kernel LAPIC; the kernel would block until an "
+                                  "interrupt or a signal")
+        return exit_
 
     # -- FPU and XSAVE --
     def get_fpu(self) -> uapi.kvm_fpu:
