@@ -323,3 +323,18 @@ def test_async_pf_msrs_follow_the_in_kernel_lapic(kvm: System, irqchip: bool) ->
         for msr, value in expected:
             seen[(msr, value)] = (vcpu.set_msrs([(msr, value)]), vcpu.read_msr(msr))
         assert seen == expected, f"(MSR, value): (written, read back) differ: {seen}"
+
+
+def test_closed_objects_refuse_the_new_ioctls(kvm: System) -> None:
+    from kvmscope.errors import ClosedError
+
+    vm = kvm.create_vm()
+    vm.create_irqchip()
+    vcpu = vm.create_vcpu(0)
+    vm.close()
+    calls: list[Callable[[], object]] = [vcpu.get_lapic, vcpu.get_vcpu_events, vcpu.get_xsave, vcpu.nmi,
+                                         lambda: vcpu.set_mp_state(0), vm.get_clock, lambda: vm.get_irqchip(0),
+                                         vm.create_pit2, lambda: vm.set_tss_addr(0xFFFBD000)]
+    for call in calls:
+        with pytest.raises(ClosedError):
+            call()
