@@ -45,10 +45,10 @@ def test_irq_line_with_the_irqchip_is_not_emulated(model: ModelSystem) -> None:
             vm.signal_msi(0xFEE00004, 0x30)  # logical destination mode
 
 
-@pytest.mark.parametrize("queue", ["nmi", "interrupt", "inject_db", "mp_state", "singlestep"])
+@pytest.mark.parametrize("queue", ["nmi", "interrupt", "inject_db", "mp_state", "singlestep", "tsc_deadline"])
 def test_run_refuses_what_it_cannot_deliver(model: ModelSystem, queue: str) -> None:
     with model.create_vm() as vm:
-        if queue == "mp_state":
+        if queue in ("mp_state", "tsc_deadline"):
             vm.create_irqchip()
         vcpu = vm.create_vcpu(0)
         guest.load_real_mode(vm, vcpu, bytes([0xE6, 0x10]))
@@ -60,6 +60,12 @@ def test_run_refuses_what_it_cannot_deliver(model: ModelSystem, queue: str) -> N
             vcpu.set_guest_debug(uapi.KVM_GUESTDBG_ENABLE | uapi.KVM_GUESTDBG_INJECT_DB)
         elif queue == "mp_state":
             vcpu.set_mp_state(uapi.KVM_MP_STATE_HALTED)
+        elif queue == "tsc_deadline":
+            vcpu.set_cpuid(model.get_supported_cpuid())
+            lapic = vcpu.get_lapic()
+            lapic.regs[0x322] = 0x05  # LVTT: masked, TSC-deadline mode
+            vcpu.set_lapic(lapic)
+            vcpu.write_msr(0x6E0, 1 << 40)
         else:
             vcpu.set_guest_debug(uapi.KVM_GUESTDBG_ENABLE | uapi.KVM_GUESTDBG_SINGLESTEP)
         with pytest.raises(ModelLimitation, match="KVM_RUN"):

@@ -338,3 +338,34 @@ def test_closed_objects_refuse_the_new_ioctls(kvm: System) -> None:
     for call in calls:
         with pytest.raises(ClosedError):
             call()
+
+
+TSC_DEADLINE = 0x6E0
+
+
+@pytest.mark.parametrize(("irqchip", "cpuid", "lvtt", "kept"), [
+    (False, True, None, False),  # no in-kernel LAPIC: writes dropped
+    (True, True, 0x10000, False),  # one-shot mode: ignored, reads 0
+    (True, False, 0x50000, False),  # TSC-deadline mode needs CPUID.1:ECX[24]: without it LVTT bit 18 is ignored
+    (True, True, 0x50000, True),  # TSC-deadline mode: the deadline is kept
+], ids=["no-irqchip", "oneshot", "deadline-without-cpuid", "deadline"])
+def test_tsc_deadline_follows_the_lapic_timer_mode(kvm: System, irqchip: bool, cpuid: bool, lvtt: int | None,
+                                                   kept: bool) -> None:
+    with kvm.create_vm() as vm:
+        if irqchip:
+            vm.create_irqchip()
+        vcpu = vm.create_vcpu(0)
+        if cpuid:
+            vcpu.set_cpuid(kvm.get_supported_cpuid())
+        if lvtt is not None:
+            lapic = vcpu.get_lapic()
+            struct.pack_into("<I", lapic.regs, 0x320, lvtt)
+            vcpu.set_lapic(lapic)
+        seen = [(vcpu.set_msrs([(TSC_DEADLINE, value)]), vcpu.read_msr(TSC_DEADLINE)) for value in (1 << 62, 5)]
+        expected = [(1, 1 << 62), (1, 5)] if kept else [(1, 0), (1, 0)]
+        assert seen == expected, f"(written, read back) of TSC_DEADLINE: expected {expected}, saw {seen}"
+        if kept:  # leaving TSC-deadline mode stops the timer: the deadline reads 0 again
+            lapic = vcpu.get_lapic()
+            struct.pack_into("<I", lapic.regs, 0x320, 0x10000)
+            vcpu.set_lapic(lapic)
+            assert vcpu.read_msr(TSC_DEADLINE) == 0

@@ -19,6 +19,9 @@ from ..api import HltExit
 from ..errors import InvalidValueError, KvmError, KvmscopeError
 from ..kernel.rulesets import Rule
 from .fpu_state import FpuStateModel
+from .msr_rules import FAIL as _FAIL
+from .msr_rules import KEPT as _KEPT
+from .msr_rules import OK as _OK
 
 if TYPE_CHECKING:
     from ..api import CpuidEntry, Exit
@@ -40,7 +43,9 @@ MSR_APIC_BASE_ENABLE = 1 << 11
 MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
 
 MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT = 0x4B564D02, 0x4B564D06
-_OK, _FAIL = 0, 1  # the MSR rules' return codes (model.msr_rules OK and FAIL)
+MSR_IA32_TSC_DEADLINE = 0x6E0
+APIC_LVTT, APIC_TMICT = 0x320, 0x380
+LVTT_MODE_SHIFT, LVTT_TSC_DEADLINE = 17, 2
 # The MSRs whose host writes depend on an in-kernel LAPIC (x86.c v6.12 kvm_pv_enable_async_pf, line 3132, and
 # kvm_pv_enable_async_pf_int, line 3171); without one the host profile's observed behaviour stands.
 ASYNC_PF_INT_NEEDS_LAPIC = Rule(
@@ -102,10 +107,31 @@ class VcpuStateModel(FpuStateModel):
         self.tsc_khz = self.vm.default_tsc_khz
         self.guest_debug = 0
         self.signal_mask: bytes | None = None
+        self.tsc_deadline_mode = False  # apic->lapic_timer.timer_mode == TSC deadline (set by KVM_SET_LAPIC)
         if self.lapic is not None:
             setters = self.msr_rules.setters
             setters[MSR_KVM_ASYNC_PF_EN] = self._set_async_pf_en
             setters[MSR_KVM_ASYNC_PF_INT] = self._set_async_pf_int
+            setters[MSR_IA32_TSC_DEADLINE] = self._set_tsc_deadline
+
+    def _set_tsc_deadline(self, data: int) -> int:
+        """MSR_IA32_TSC_DEADLINE with an in-kernel LAPIC (lapic.c kvm_set_lapic_tscdeadline_msr): kept while the
+        timer is in TSC-deadline mode, ignored (and read as 0) otherwise."""
+        if not self.tsc_deadline_mode:
+            return _KEPT  # accepted, not stored: reads stay 0
+        self.msr_rules.stored[MSR_IA32_TSC_DEADLINE] = data
+        return _OK
+
+    def _update_lvtt(self, page: bytearray) -> None:
+        """apic_update_lvtt (lapic.c): the timer mode is LVTT bits 17-18 under the mask CPUID allows (TSC-deadline
+        only with CPUID.1:ECX[24]); entering or leaving TSC-deadline mode stops the timer: TMICT and the deadline 0."""
+        deadline_ok = any(e.function == 1 and e.ecx >> 24 & 1 for e in self.cpuid)
+        mask = 3 if deadline_ok else 1
+        mode = struct.unpack_from("<I", page, APIC_LVTT)[0] >> LVTT_MODE_SHIFT & mask
+        if (mode == LVTT_TSC_DEADLINE) != self.tsc_deadline_mode:
+            struct.pack_into("<I", page, APIC_TMICT, 0)
+            self.msr_rules.stored[MSR_IA32_TSC_DEADLINE] = 0
+        self.tsc_deadline_mode = mode == LVTT_TSC_DEADLINE
 
     # -- the MSRs an in-kernel LAPIC changes (host writes, through the MSR rules' setters) --
     def _set_async_pf_int(self, data: int) -> int:
@@ -130,6 +156,8 @@ class VcpuStateModel(FpuStateModel):
         e = self.events
         if e.exception.injected or e.exception.pending or e.interrupt.injected or self.nmi_pending or e.nmi.injected:
             return "an exception, interrupt or NMI is queued (the model does not deliver events into the guest)"
+        if self.tsc_deadline_mode and self.msr_rules.stored.get(MSR_IA32_TSC_DEADLINE):
+            return "the APIC timer is armed (TSC deadline; the model runs no APIC timer)"
         if self.guest_debug & uapi.KVM_GUESTDBG_ENABLE and self.guest_debug & GUESTDBG_RUN_CHANGING:
             return "guest debugging is on (the model does not single-step or trap breakpoints)"
         return None
@@ -293,6 +321,7 @@ class VcpuStateModel(FpuStateModel):
         # in-service vector counts only when the page it replaces had one in service too.
         isrv = _highest_isr(page) if _highest_isr(self.lapic) >= 0 else 0
         struct.pack_into("<I", page, APIC_PPR, tpr if (tpr & 0xF0) >= (max(isrv, 0) & 0xF0) else isrv & 0xF0)
+        self._update_lvtt(page)
         self.lapic = page
 
     def accept_msi(self, vector: int) -> int:
