@@ -369,3 +369,22 @@ def test_tsc_deadline_follows_the_lapic_timer_mode(kvm: System, irqchip: bool, c
             struct.pack_into("<I", lapic.regs, 0x320, 0x10000)
             vcpu.set_lapic(lapic)
             assert vcpu.read_msr(TSC_DEADLINE) == 0
+
+
+# One-shot mode only: in TSC-deadline mode a deadline in the past expires at the next entry, which the model does not
+# emulate (its KVM_RUN refuses an armed deadline: tests/test_model_vmm.py).
+@pytest.mark.parametrize(("lvtt", "read"), [(0x10000, 0)], ids=["oneshot"])
+def test_guest_tsc_deadline_with_the_in_kernel_lapic(kvm: System, lvtt: int, read: int) -> None:
+    from kvmscope.program import Out, Program, Rdmsr, Stopped, Wrmsr, run_program
+
+    with kvm.create_vm() as vm:
+        vm.create_irqchip()
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        lapic = vcpu.get_lapic()
+        struct.pack_into("<I", lapic.regs, 0x320, lvtt)
+        vcpu.set_lapic(lapic)
+        # No HLT at the end: with an in-kernel LAPIC it would block the live vCPU; stop after the three exits.
+        events = run_program(vm, vcpu, Program().wrmsr(TSC_DEADLINE, 5).rdmsr(TSC_DEADLINE).out(0x10, 1), max_exits=3)
+        assert events[:3] == [Wrmsr(TSC_DEADLINE), Rdmsr(TSC_DEADLINE, read), Out(0x10, 1)], events
+        assert isinstance(events[3], Stopped)

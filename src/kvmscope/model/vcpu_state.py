@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import struct
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .. import uapi
@@ -20,7 +21,6 @@ from ..errors import InvalidValueError, KvmError, KvmscopeError
 from ..kernel.rulesets import Rule
 from .fpu_state import FpuStateModel
 from .msr_rules import FAIL as _FAIL
-from .msr_rules import KEPT as _KEPT
 from .msr_rules import OK as _OK
 
 if TYPE_CHECKING:
@@ -112,15 +112,6 @@ class VcpuStateModel(FpuStateModel):
             setters = self.msr_rules.setters
             setters[MSR_KVM_ASYNC_PF_EN] = self._set_async_pf_en
             setters[MSR_KVM_ASYNC_PF_INT] = self._set_async_pf_int
-            setters[MSR_IA32_TSC_DEADLINE] = self._set_tsc_deadline
-
-    def _set_tsc_deadline(self, data: int) -> int:
-        """MSR_IA32_TSC_DEADLINE with an in-kernel LAPIC (lapic.c kvm_set_lapic_tscdeadline_msr): kept while the
-        timer is in TSC-deadline mode, ignored (and read as 0) otherwise."""
-        if not self.tsc_deadline_mode:
-            return _KEPT  # accepted, not stored: reads stay 0
-        self.msr_rules.stored[MSR_IA32_TSC_DEADLINE] = data
-        return _OK
 
     def _update_lvtt(self, page: bytearray) -> None:
         """apic_update_lvtt (lapic.c): the timer mode is LVTT bits 17-18 under the mask CPUID allows (TSC-deadline
@@ -128,10 +119,21 @@ class VcpuStateModel(FpuStateModel):
         deadline_ok = any(e.function == 1 and e.ecx >> 24 & 1 for e in self.cpuid)
         mask = 3 if deadline_ok else 1
         mode = struct.unpack_from("<I", page, APIC_LVTT)[0] >> LVTT_MODE_SHIFT & mask
-        if (mode == LVTT_TSC_DEADLINE) != self.tsc_deadline_mode:
-            struct.pack_into("<I", page, APIC_TMICT, 0)
-            self.msr_rules.stored[MSR_IA32_TSC_DEADLINE] = 0
+        if (mode == LVTT_TSC_DEADLINE) == self.tsc_deadline_mode:
+            return
+        struct.pack_into("<I", page, APIC_TMICT, 0)
+        self.msr_rules.stored[MSR_IA32_TSC_DEADLINE] = 0
         self.tsc_deadline_mode = mode == LVTT_TSC_DEADLINE
+        # kvm_set/get_lapic_tscdeadline_msr: in TSC-deadline mode the MSR keeps what is written (host or guest);
+        # otherwise writes are ignored and it reads 0, which is the profile's observed "drop". The MSR rules read
+        # the profile per access, so this vCPU's rules get the profile with the MSR as "store" while in the mode.
+        if self.tsc_deadline_mode:
+            behaviour = dict(self.profile.msr_behaviour)
+            if MSR_IA32_TSC_DEADLINE in behaviour:
+                behaviour[MSR_IA32_TSC_DEADLINE] = replace(behaviour[MSR_IA32_TSC_DEADLINE], kind="store")
+            self.msr_rules.profile = replace(self.profile, msr_behaviour=behaviour)
+        else:
+            self.msr_rules.profile = self.profile
 
     # -- the MSRs an in-kernel LAPIC changes (host writes, through the MSR rules' setters) --
     def _set_async_pf_int(self, data: int) -> int:

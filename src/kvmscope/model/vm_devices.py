@@ -13,7 +13,6 @@ import errno
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .. import uapi
@@ -30,20 +29,6 @@ TSS_ADDR_MAX = 0xFFFFD000  # (unsigned int)(-3 * PAGE_SIZE): the TSS takes three
 PIC_NUM_PINS = 16
 CLOCK_FLAGS = uapi.KVM_CLOCK_TSC_STABLE | uapi.KVM_CLOCK_REALTIME | uapi.KVM_CLOCK_HOST_TSC
 IOEVENTFD_FLAGS = uapi.KVM_IOEVENTFD_FLAG_DATAMATCH | uapi.KVM_IOEVENTFD_FLAG_PIO | uapi.KVM_IOEVENTFD_FLAG_DEASSIGN
-
-
-LAPIC_MSRS = (0x6E0,)  # MSR_IA32_TSC_DEADLINE: model.vcpu_state's LAPIC setter decides (kept in TSC-deadline mode)
-
-
-def with_lapic(profile: Profile) -> Profile:
-    """``profile`` for a VM with the in-kernel LAPIC. The host profile's MSR behaviour was observed without one; the
-    MSRs the LAPIC changes get their own setters (model.vcpu_state), and their kind here only takes them out of the
-    "drop" read path and the store-only batch path ("refuse" reads the stored value; the setter answers writes)."""
-    behaviour = dict(profile.msr_behaviour)
-    for index in LAPIC_MSRS:
-        if index in behaviour:
-            behaviour[index] = replace(behaviour[index], kind="refuse")
-    return replace(profile, msr_behaviour=behaviour)
 
 
 def _eventfd_error(fd: int, ioctl: str) -> KvmError | None:
@@ -125,7 +110,6 @@ class VmDevicesModel:
         ioapic.chip.ioapic.redirtbl[:] = [1 << 16] * uapi.KVM_IOAPIC_NUM_PINS
         self.chips = [master, slave, ioapic]
         self.irqchip = True
-        self.profile = with_lapic(self.profile)
 
     def _chip(self, chip_id: int, ioctl: str) -> int:
         if not self.irqchip:
