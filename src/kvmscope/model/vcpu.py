@@ -190,9 +190,10 @@ class ModelVcpu(VcpuStateModel, Vcpu):
             return InterruptedExit()
         if not self.vm.regions and self.profile.run_without_memory_errno:
             raise KvmError(self.profile.run_without_memory_errno, "KVM_RUN")
-        blocked = self.injection_pending() or self.vm.run_limitation()
-        if blocked:
-            raise self.limitation(f"KVM_RUN: {blocked}")
+        if self.may_block or self.vm.may_block:  # one flag each: the full check only when something is queued
+            blocked = self.injection_pending() or self.vm.run_limitation()
+            if blocked:
+                raise self.limitation(f"KVM_RUN: {blocked}")
         self.has_run = True
         msrs = self.msr_rules
         if self.rules.freeze and not msrs.frozen:
@@ -204,6 +205,5 @@ class ModelVcpu(VcpuStateModel, Vcpu):
             self.regs.rax = (self.regs.rax & ~mask) | int.from_bytes(data[:size], "little")
             self._pending_in = None
             self._in_data = b""
-        if self._program is not None:
-            return self.halted_in_kernel(run_guest_program(self, self._program))
-        return self.halted_in_kernel(interpret(self))
+        exit_ = run_guest_program(self, self._program) if self._program is not None else interpret(self)
+        return exit_ if self.lapic is None else self.halted_in_kernel(exit_)

@@ -112,6 +112,11 @@ class VcpuStateModel(FpuStateModel):
             setters = self.msr_rules.setters
             setters[MSR_KVM_ASYNC_PF_EN] = self._set_async_pf_en
             setters[MSR_KVM_ASYNC_PF_INT] = self._set_async_pf_int
+        self.refresh_may_block()
+
+    def refresh_may_block(self) -> None:
+        """Recompute :attr:`may_block`, the one flag KVM_RUN reads before looking at :meth:`injection_pending`."""
+        self.may_block = self.tsc_deadline_mode or self.injection_pending() is not None
 
     def _update_lvtt(self, page: bytearray) -> None:
         """apic_update_lvtt (lapic.c): the timer mode is LVTT bits 17-18 under the mask CPUID allows (TSC-deadline
@@ -170,6 +175,7 @@ class VcpuStateModel(FpuStateModel):
         the model cannot do: it raises :class:`ModelLimitation` with the vCPU left halted."""
         if self.lapic is not None and isinstance(exit_, HltExit):
             self.mp_state = uapi.KVM_MP_STATE_HALTED
+            self.may_block = True
             raise self.limitation("KVM_RUN: the guest halted with an in-kernel LAPIC; the kernel would block until an "
                                   "interrupt or a signal")
         return exit_
@@ -202,6 +208,7 @@ class VcpuStateModel(FpuStateModel):
             ex.pending, ex.injected, ex.has_error_code, ex.error_code = 1, 0, 0, 0
             ex.nr = 1 if control & uapi.KVM_GUESTDBG_INJECT_DB else 3
         self.guest_debug = control
+        self.refresh_may_block()
 
     # -- vCPU events, MP state, injection --
     def get_vcpu_events(self) -> uapi.kvm_vcpu_events:
@@ -254,6 +261,7 @@ class VcpuStateModel(FpuStateModel):
             self.nmi_pending = events.nmi.pending
         if f & uapi.KVM_VCPUEVENT_VALID_SIPI_VECTOR and self.lapic is not None:
             self.sipi_vector = events.sipi_vector
+        self.refresh_may_block()
 
     def _shadow(self, mask: int) -> int:
         """The interrupt shadow as the vendor module keeps it: SVM has one bit and reports both (svm.c
@@ -269,6 +277,7 @@ class VcpuStateModel(FpuStateModel):
             v = self.sipi_vector
             self.sregs.cs.selector, self.sregs.cs.base, self.regs.rip = v << 8, v << 12, 0
             self.mp_state = uapi.KVM_MP_STATE_RUNNABLE
+            self.refresh_may_block()
         return self.mp_state
 
     def set_mp_state(self, mp_state: int) -> None:
@@ -280,11 +289,13 @@ class VcpuStateModel(FpuStateModel):
         if mp_state != uapi.KVM_MP_STATE_RUNNABLE and (mp_state not in needs_lapic or self.lapic is None):
             raise KvmError(errno.EINVAL, "KVM_SET_MP_STATE")
         self.mp_state = mp_state
+        self.refresh_may_block()
 
     def nmi(self) -> None:
         """KVM_NMI: one more NMI queued (reported up to the limit process_nmi applies)."""
         self._check_open()
         self.nmi_pending += 1
+        self.refresh_may_block()
 
     def smi(self) -> None:
         """KVM_SMI: ENOTTY where the profiled kernel has no SMM (KVM_CAP_X86_SMM 0, as on this host)."""
@@ -303,6 +314,7 @@ class VcpuStateModel(FpuStateModel):
             raise KvmError(errno.ENXIO, "KVM_INTERRUPT")
         i = self.events.interrupt
         i.injected, i.nr, i.soft = 1, irq, 0
+        self.refresh_may_block()
 
     # -- LAPIC --
     def get_lapic(self) -> uapi.kvm_lapic_state:
@@ -325,6 +337,7 @@ class VcpuStateModel(FpuStateModel):
         struct.pack_into("<I", page, APIC_PPR, tpr if (tpr & 0xF0) >= (max(isrv, 0) & 0xF0) else isrv & 0xF0)
         self._update_lvtt(page)
         self.lapic = page
+        self.refresh_may_block()
 
     def accept_msi(self, vector: int) -> int:
         """An MSI with ``vector`` for this vCPU's APIC: 1 and the vector's IRR bit set when the APIC is enabled in

@@ -68,6 +68,10 @@ class VmDevicesModel:
         self._clock_base = time.monotonic_ns()  # kvmclock counts from VM creation, as KVM's kvmclock_offset does
         self._clock_offset = 0
         self._masterclock = False
+        self.may_block = False  # KVM_RUN looks at run_limitation() only when set
+
+    def _refresh_may_block(self) -> None:
+        self.may_block = bool(self.ioeventfds or self.coalesced)
 
     def run_limitation(self) -> str | None:
         """What the VM has registered that a model KVM_RUN would not honour, or None."""
@@ -254,6 +258,7 @@ class VmDevicesModel:
             if entry not in self.ioeventfds:
                 raise KvmError(errno.ENOENT, "KVM_IOEVENTFD")
             self.ioeventfds.remove(entry)
+            self._refresh_may_block()
             return
         err = _eventfd_error(fd, "KVM_IOEVENTFD")
         if err:
@@ -262,6 +267,7 @@ class VmDevicesModel:
             if p == pio and a == addr and (n == length or not n or not length) and (m is None or match in (None, m)):
                 raise KvmError(errno.EEXIST, "KVM_IOEVENTFD")
         self.ioeventfds.append((pio, addr, length, fd, match))
+        self._refresh_may_block()
 
     # -- dirty log, clock, coalesced MMIO, TSC --
     def get_dirty_log(self, slot: int) -> bytes:
@@ -304,6 +310,7 @@ class VmDevicesModel:
         if int(pio) not in (0, 1):
             raise KvmError(errno.EINVAL, "KVM_REGISTER_COALESCED_MMIO")
         self.coalesced.append((addr, size, int(pio)))
+        self._refresh_may_block()
 
     def unregister_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None:
         """KVM_UNREGISTER_COALESCED_MMIO: drops every zone inside the range (none is not an error)."""
@@ -312,6 +319,7 @@ class VmDevicesModel:
             raise KvmError(errno.EINVAL, "KVM_UNREGISTER_COALESCED_MMIO")
         self.coalesced = [z for z in self.coalesced if not (z[2] == int(pio) and addr <= z[0]
                                                              and z[0] + z[1] <= addr + size)]
+        self._refresh_may_block()
 
     def get_tsc_khz(self) -> int:
         self._check_open()
