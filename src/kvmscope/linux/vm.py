@@ -29,6 +29,7 @@ class LinuxVm(Vm):
         self.regions: list[MemoryRegion] = []
         self.vcpus: list[LinuxVcpu] = []
         self._mmap_size = system.vcpu_mmap_size()
+        self._slot_sizes: dict[int, int] = {}
 
     @property
     def fd(self) -> int:
@@ -68,6 +69,7 @@ class LinuxVm(Vm):
         """KVM_SET_USER_MEMORY_REGION, raw."""
         region = uapi.kvm_userspace_memory_region(slot, flags, guest_phys_addr, size, host_addr)
         ioctl_buf(self.fd, uapi.KVM_SET_USER_MEMORY_REGION, region)
+        self._slot_sizes[slot] = size  # KVM_GET_DIRTY_LOG's bitmap is sized from it (size 0 deletes the slot)
 
     def add_memory(self, guest_phys_addr: int, size: int, slot: int | None = None, flags: int = 0) -> int:
         slot = self._claim_slot(guest_phys_addr, size, slot)
@@ -178,9 +180,10 @@ class LinuxVm(Vm):
         ioctl_buf(self.fd, uapi.KVM_IOEVENTFD, ev)
 
     def get_dirty_log(self, slot: int) -> bytes:
-        """KVM_GET_DIRTY_LOG into a bitmap sized from the slot's region (KVM writes one bit per page, in longs)."""
-        region = next((r for r in self.regions if r.slot == slot), None)
-        pages = (region.size + 4095) // 4096 if region is not None else 0
+        """KVM_GET_DIRTY_LOG into a bitmap sized from the slot (KVM writes one bit per page, in whole longs)."""
+        # Every slot this VM set has its size recorded: a slot not there does not exist (ENOENT), so the kernel writes
+        # nothing into the minimal buffer.
+        pages = (self._slot_sizes.get(slot, 0) + 4095) // 4096
         bitmap = ctypes.create_string_buffer(max(8, (pages + 63) // 64 * 8))
         ioctl_buf(self.fd, uapi.KVM_GET_DIRTY_LOG, uapi.kvm_dirty_log(slot, 0, ctypes.addressof(bitmap)))
         return bitmap.raw[: (pages + 7) // 8]
