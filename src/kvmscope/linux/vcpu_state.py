@@ -55,9 +55,11 @@ class VcpuStateIoctls:
     def get_xsave2(self, size: int) -> bytes:
         if size < ctypes.sizeof(uapi.kvm_xsave):
             raise InvalidValueError(f"KVM_GET_XSAVE2 needs at least 4096 bytes (KVM_CAP_XSAVE2), not {size}")
-        buf = bytearray(size)
+        # The kernel writes as many bytes as the VM's KVM_CAP_XSAVE2 says whatever ``size`` is: a buffer of at least
+        # 64 KiB (more than any XSAVE layout) keeps a too-small ``size`` from becoming a heap overrun.
+        buf = bytearray(max(size, 0x10000))
         ioctl_buf(self.fd, uapi.KVM_GET_XSAVE2, buf)
-        return bytes(buf)
+        return bytes(buf[:size])
 
     def get_xcrs(self) -> uapi.kvm_xcrs:
         xcrs = uapi.kvm_xcrs()
