@@ -47,9 +47,12 @@ class VcpuStateIoctls:
         return xsave
 
     def set_xsave(self, xsave: uapi.kvm_xsave | bytes) -> None:
-        buf = bytearray(xsave)
-        if len(buf) < ctypes.sizeof(uapi.kvm_xsave):
-            raise InvalidValueError(f"an XSAVE area is at least 4096 bytes, not {len(buf)}")
+        area = bytes(xsave)
+        if len(area) < ctypes.sizeof(uapi.kvm_xsave):
+            raise InvalidValueError(f"an XSAVE area is at least 4096 bytes, not {len(area)}")
+        # The kernel reads the VM's XSAVE2 size: zeros past the caller's area (components XSTATE_BV does not name).
+        buf = bytearray(max(len(area), 0x10000))
+        buf[: len(area)] = area
         ioctl_buf(self.fd, uapi.KVM_SET_XSAVE, buf)
 
     def get_xsave2(self, size: int) -> bytes:
