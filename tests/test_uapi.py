@@ -15,15 +15,38 @@ HEADER = Path("/usr/include/linux/kvm.h")
 
 SIZES = ["kvm_msr_entry", "kvm_msrs", "kvm_msr_list", "kvm_cpuid_entry2", "kvm_cpuid2", "kvm_regs", "kvm_sregs",
          "kvm_segment", "kvm_dtable", "kvm_userspace_memory_region", "kvm_enable_cap", "kvm_run",
-         "kvm_msr_filter_range", "kvm_msr_filter"]
+         "kvm_msr_filter_range", "kvm_msr_filter", "kvm_pic_state", "kvm_ioapic_state", "kvm_irqchip", "kvm_irq_level",
+         "kvm_pit_config", "kvm_pit_channel_state", "kvm_pit_state2", "kvm_msi", "kvm_irq_routing_irqchip",
+         "kvm_irq_routing_msi", "kvm_irq_routing_entry", "kvm_irq_routing", "kvm_irqfd", "kvm_ioeventfd", "kvm_dirty_log",
+         "kvm_clock_data", "kvm_coalesced_mmio_zone", "kvm_lapic_state", "kvm_fpu", "kvm_xsave", "kvm_xcr", "kvm_xcrs",
+         "kvm_debugregs", "kvm_vcpu_events", "kvm_mp_state", "kvm_nested_state", "kvm_guest_debug_arch",
+         "kvm_guest_debug", "kvm_translation", "kvm_interrupt", "kvm_signal_mask"]
 IOCTLS = [name for name in uapi.IOCTL_NAMES.values()]
 CONSTANTS = [n for n in dir(uapi) if n.startswith(("KVM_EXIT_", "KVM_CAP_", "KVM_X86_QUIRK_", "KVM_MSR_EXIT_REASON_",
-                                                   "KVM_SYSTEM_EVENT_", "KVM_MSR_FILTER_", "KVM_MEM_"))
+                                                   "KVM_SYSTEM_EVENT_", "KVM_MSR_FILTER_", "KVM_MEM_",
+                                                   "KVM_IRQCHIP_", "KVM_PIT_", "KVM_MSI_", "KVM_IRQ_ROUTING_",
+                                                   "KVM_IRQFD_", "KVM_IOEVENTFD_", "KVM_CLOCK_", "KVM_VCPUEVENT_",
+                                                   "KVM_X86_SHADOW_", "KVM_MP_STATE_", "KVM_STATE_NESTED_",
+                                                   "KVM_GUESTDBG_", "KVM_IOAPIC_", "KVM_APIC_", "KVM_MAX_XCRS"))
              and isinstance(getattr(uapi, n), int)]
 OFFSETS = [("kvm_run", "immediate_exit"), ("kvm_run", "exit_reason"), ("kvm_run", "io"), ("kvm_run", "mmio"),
            ("kvm_run", "fail_entry"), ("kvm_run", "internal"), ("kvm_run", "system_event"), ("kvm_run", "msr"),
            ("kvm_run", "kvm_valid_regs"), ("kvm_run", "s"), ("kvm_sregs", "cr0"), ("kvm_sregs", "efer"),
            ("kvm_sregs", "interrupt_bitmap")]
+# The members of the save/restore structs whose layout is not plain (unions, nested structs, padding).
+OFFSETS += [("kvm_irqchip", "chip"), ("kvm_ioapic_state", "redirtbl"), ("kvm_pit_state2", "flags"),
+            ("kvm_pit_channel_state", "count_load_time"), ("kvm_irq_routing_entry", "u"), ("kvm_ioeventfd", "fd"),
+            ("kvm_ioeventfd", "flags"), ("kvm_dirty_log", "dirty_bitmap"), ("kvm_clock_data", "realtime"),
+            ("kvm_clock_data", "host_tsc"), ("kvm_coalesced_mmio_zone", "pio"), ("kvm_fpu", "fcw"), ("kvm_fpu", "last_ip"),
+            ("kvm_fpu", "xmm"), ("kvm_fpu", "mxcsr"), ("kvm_xcrs", "xcrs"), ("kvm_xcrs", "padding"),
+            ("kvm_debugregs", "dr6"), ("kvm_debugregs", "flags"), ("kvm_vcpu_events", "interrupt"),
+            ("kvm_vcpu_events", "nmi"), ("kvm_vcpu_events", "sipi_vector"), ("kvm_vcpu_events", "flags"),
+            ("kvm_vcpu_events", "smi"), ("kvm_vcpu_events", "exception_has_payload"),
+            ("kvm_vcpu_events", "exception_payload"), ("kvm_nested_state", "hdr"), ("kvm_guest_debug", "arch"),
+            ("kvm_translation", "valid"), ("kvm_msi", "devid")]
+# Members whose C name differs from ours: (struct, C member, our member).
+RENAMED = {("kvm_vcpu_events", "triple_fault"): "triple_fault_pending"}
+OFFSETS += [("kvm_vcpu_events", "triple_fault")]
 # Every member of the kvm_run exits that kvmscope.linux reads from the mapping (struct formats derived from these).
 OFFSETS += [("kvm_run", f"{union}.{f[0]}") for union, cls in uapi.kvm_run_exit._fields_ if isinstance(cls, type)
             and issubclass(cls, ctypes.Structure) for f in cls._fields_ if f[0] != "pad"]
@@ -85,7 +108,7 @@ def test_offsets_match_header(header_values: dict[str, int], struct: str, member
     if union in ("io", "mmio", "fail_entry", "internal", "system_event", "msr"):
         ours = cls.exit.offset + (getattr(dict(uapi.kvm_run_exit._fields_)[union], inner).offset if inner else 0)
     else:
-        ours = getattr(cls, member).offset
+        ours = getattr(cls, RENAMED.get((struct, member), member)).offset
     expected = header_values[f"offsetof {struct}.{member}"]
     assert ours == expected, f"offsetof({struct}, {member}): kvm.h says {expected}, kvmscope.uapi has {ours}"
 

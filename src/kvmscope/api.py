@@ -400,6 +400,111 @@ class Vcpu(_Closable, ABC):
     def set_cpuid(self, entries: Sequence[CpuidEntry]) -> None:
         """KVM_SET_CPUID2 (EINVAL / E2BIG as :class:`KvmError`)."""
 
+    # -- the VMM's vCPU ioctls (save/restore, injection, debugging): one thin method each --
+    @abstractmethod
+    def get_fpu(self) -> uapi.kvm_fpu:
+        """KVM_GET_FPU: the x87/SSE state in FXSAVE form."""
+
+    @abstractmethod
+    def set_fpu(self, fpu: uapi.kvm_fpu) -> None:
+        """KVM_SET_FPU."""
+
+    @abstractmethod
+    def get_lapic(self) -> uapi.kvm_lapic_state:
+        """KVM_GET_LAPIC: the in-kernel local APIC's register page (EINVAL without an in-kernel irqchip)."""
+
+    @abstractmethod
+    def set_lapic(self, lapic: uapi.kvm_lapic_state) -> None:
+        """KVM_SET_LAPIC (ENXIO without an in-kernel irqchip)."""
+
+    @abstractmethod
+    def get_xsave(self) -> uapi.kvm_xsave:
+        """KVM_GET_XSAVE: the first 4096 bytes of the guest's XSAVE area."""
+
+    @abstractmethod
+    def set_xsave(self, xsave: uapi.kvm_xsave | bytes) -> None:
+        """KVM_SET_XSAVE: 4096 bytes, or as many as KVM_CAP_XSAVE2 says (the kernel copies that many)."""
+
+    @abstractmethod
+    def get_xsave2(self, size: int) -> bytes:
+        """KVM_GET_XSAVE2 into ``size`` bytes (``size``: KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) on the VM, at least 4096)."""
+
+    @abstractmethod
+    def get_xcrs(self) -> uapi.kvm_xcrs:
+        """KVM_GET_XCRS: the extended control registers (XCR0)."""
+
+    @abstractmethod
+    def set_xcrs(self, xcrs: uapi.kvm_xcrs) -> None:
+        """KVM_SET_XCRS (EINVAL for a value CPUID does not allow)."""
+
+    @abstractmethod
+    def get_debugregs(self) -> uapi.kvm_debugregs:
+        """KVM_GET_DEBUGREGS: DR0-3, DR6, DR7."""
+
+    @abstractmethod
+    def set_debugregs(self, debugregs: uapi.kvm_debugregs) -> None:
+        """KVM_SET_DEBUGREGS (EINVAL for flags, or DR6/DR7 bits set above 32)."""
+
+    @abstractmethod
+    def get_vcpu_events(self) -> uapi.kvm_vcpu_events:
+        """KVM_GET_VCPU_EVENTS: pending and injected exceptions, interrupts, NMIs, SMIs, the interrupt shadow."""
+
+    @abstractmethod
+    def set_vcpu_events(self, events: uapi.kvm_vcpu_events) -> None:
+        """KVM_SET_VCPU_EVENTS (EINVAL for unknown flags or an inconsistent state)."""
+
+    @abstractmethod
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE: a ``KVM_MP_STATE_*`` value."""
+
+    @abstractmethod
+    def set_mp_state(self, mp_state: int) -> None:
+        """KVM_SET_MP_STATE (EINVAL for any state but RUNNABLE without an in-kernel LAPIC)."""
+
+    @abstractmethod
+    def get_nested_state(self, size: int = 0x2000 + 128) -> bytes:
+        """KVM_GET_NESTED_STATE into a buffer of ``size`` bytes; returns the state (its header's ``size`` bytes)."""
+
+    @abstractmethod
+    def set_nested_state(self, state: bytes) -> None:
+        """KVM_SET_NESTED_STATE."""
+
+    @abstractmethod
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ: the vCPU's TSC frequency in kHz."""
+
+    @abstractmethod
+    def set_tsc_khz(self, khz: int) -> None:
+        """KVM_SET_TSC_KHZ (EINVAL for another frequency without TSC scaling, KVM_CAP_TSC_CONTROL)."""
+
+    @abstractmethod
+    def kvmclock_ctrl(self) -> None:
+        """KVM_KVMCLOCK_CTRL: tell the guest it was paused (EINVAL unless the guest enabled kvmclock)."""
+
+    @abstractmethod
+    def set_guest_debug(self, control: int, debugreg: Sequence[int] = ()) -> None:
+        """KVM_SET_GUEST_DEBUG: ``KVM_GUESTDBG_*`` flags and up to 8 debug-register values."""
+
+    @abstractmethod
+    def translate(self, linear_address: int) -> uapi.kvm_translation:
+        """KVM_TRANSLATE: a guest-linear address through the vCPU's current paging mode."""
+
+    @abstractmethod
+    def nmi(self) -> None:
+        """KVM_NMI: queue an NMI."""
+
+    @abstractmethod
+    def smi(self) -> None:
+        """KVM_SMI: queue an SMI (needs KVM_CAP_X86_SMM)."""
+
+    @abstractmethod
+    def interrupt(self, irq: int) -> None:
+        """KVM_INTERRUPT: queue external interrupt ``irq`` (only without an in-kernel irqchip: ENXIO with one)."""
+
+    @abstractmethod
+    def set_signal_mask(self, sigset: bytes | None) -> None:
+        """KVM_SET_SIGNAL_MASK: the signals blocked while in KVM_RUN (8 bytes on x86-64; None clears it)."""
+
     # -- strict helpers --
     def refusal_rule(self, index: int) -> Rule | None:
         """The rule behind the last refusal of ``index``, where the backend knows it (the live kernel does not)."""
@@ -513,6 +618,92 @@ class Vm(_Closable, ABC):
     def set_msr_filter(self, flags: int, ranges: Sequence[tuple[int, int, int, bytes]]) -> None:
         """KVM_X86_SET_MSR_FILTER: ``ranges`` of ``(flags, base, nmsrs, bitmap)``."""
 
+    # -- the VMM's VM ioctls (interrupt controllers, timers, eventfds, clock, dirty log): one thin method each --
+    @abstractmethod
+    def set_tss_addr(self, addr: int) -> None:
+        """KVM_SET_TSS_ADDR: three pages of guest-physical space for the real-mode TSS (Intel)."""
+
+    @abstractmethod
+    def set_identity_map_addr(self, addr: int) -> None:
+        """KVM_SET_IDENTITY_MAP_ADDR: one page for the EPT identity map (Intel); EEXIST/EINVAL after vCPUs exist."""
+
+    @abstractmethod
+    def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP: the in-kernel PIC pair, IOAPIC and local APICs (EEXIST twice, EINVAL after vCPUs)."""
+
+    @abstractmethod
+    def get_irqchip(self, chip_id: int) -> uapi.kvm_irqchip:
+        """KVM_GET_IRQCHIP of ``KVM_IRQCHIP_PIC_MASTER``/``PIC_SLAVE``/``IOAPIC`` (ENXIO without an irqchip)."""
+
+    @abstractmethod
+    def set_irqchip(self, chip: uapi.kvm_irqchip) -> None:
+        """KVM_SET_IRQCHIP (``chip.chip_id`` says which)."""
+
+    @abstractmethod
+    def irq_line(self, irq: int, level: int) -> None:
+        """KVM_IRQ_LINE: drive GSI ``irq`` to ``level``."""
+
+    @abstractmethod
+    def irq_line_status(self, irq: int, level: int) -> int:
+        """KVM_IRQ_LINE_STATUS: as :meth:`irq_line`; returns the delivery status the kernel writes back."""
+
+    @abstractmethod
+    def create_pit2(self, flags: int = 0) -> None:
+        """KVM_CREATE_PIT2 (ENOENT without an irqchip, EEXIST twice)."""
+
+    @abstractmethod
+    def get_pit2(self) -> uapi.kvm_pit_state2:
+        """KVM_GET_PIT2 (ENXIO without a PIT)."""
+
+    @abstractmethod
+    def set_pit2(self, state: uapi.kvm_pit_state2) -> None:
+        """KVM_SET_PIT2 (ENXIO without a PIT)."""
+
+    @abstractmethod
+    def signal_msi(self, address: int, data: int, flags: int = 0, devid: int = 0) -> int:
+        """KVM_SIGNAL_MSI: returns how many vCPUs took it (0: delivered nowhere; EPERM: no vCPU matched)."""
+
+    @abstractmethod
+    def set_gsi_routing(self, entries: Sequence[uapi.kvm_irq_routing_entry]) -> None:
+        """KVM_SET_GSI_ROUTING: replace the GSI routing table (EINVAL without an irqchip)."""
+
+    @abstractmethod
+    def irqfd(self, fd: int, gsi: int, flags: int = 0, resamplefd: int = 0) -> None:
+        """KVM_IRQFD: signalling eventfd ``fd`` raises ``gsi`` (``KVM_IRQFD_FLAG_DEASSIGN`` removes it)."""
+
+    @abstractmethod
+    def ioeventfd(self, fd: int, addr: int, length: int, datamatch: int = 0, flags: int = 0) -> None:
+        """KVM_IOEVENTFD: a guest write to ``addr`` (MMIO, or a port with ``KVM_IOEVENTFD_FLAG_PIO``) signals ``fd``."""
+
+    @abstractmethod
+    def get_dirty_log(self, slot: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: one bit per page of memslot ``slot`` written since the last call (ENOENT unless the slot
+        has ``KVM_MEM_LOG_DIRTY_PAGES``)."""
+
+    @abstractmethod
+    def get_clock(self) -> uapi.kvm_clock_data:
+        """KVM_GET_CLOCK: the kvmclock value in nanoseconds (and flags saying what else is valid)."""
+
+    @abstractmethod
+    def set_clock(self, data: uapi.kvm_clock_data) -> None:
+        """KVM_SET_CLOCK."""
+
+    @abstractmethod
+    def register_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None:
+        """KVM_REGISTER_COALESCED_MMIO: writes to the zone are batched in the ring instead of exiting."""
+
+    @abstractmethod
+    def unregister_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None:
+        """KVM_UNREGISTER_COALESCED_MMIO."""
+
+    @abstractmethod
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ on the VM: the default frequency of new vCPUs."""
+
+    @abstractmethod
+    def set_tsc_khz(self, khz: int) -> None:
+        """KVM_SET_TSC_KHZ on the VM (needs KVM_CAP_VM_TSC_CONTROL)."""
+
 
 class System(_Closable, ABC):
     """The KVM subsystem (``/dev/kvm``, or the model's stand-in)."""
@@ -549,6 +740,10 @@ class System(_Closable, ABC):
     @abstractmethod
     def get_supported_cpuid(self) -> list[CpuidEntry]:
         """KVM_GET_SUPPORTED_CPUID: the CPUID entries this KVM can give a vCPU."""
+
+    @abstractmethod
+    def get_emulated_cpuid(self) -> list[CpuidEntry]:
+        """KVM_GET_EMULATED_CPUID: the CPUID bits KVM emulates in software (not for a vCPU's CPUID as is)."""
 
     @abstractmethod
     def vcpu_mmap_size(self) -> int:

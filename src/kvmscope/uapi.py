@@ -212,6 +212,399 @@ class kvm_msr_filter(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint32), ("ranges", kvm_msr_filter_range * KVM_MSR_FILTER_MAX_RANGES)]
 
 
+# --- interrupt controllers, timers, clocks (VM ioctls) ------------------------------------------------------------------
+
+
+class kvm_pic_state(ctypes.Structure):
+    """``struct kvm_pic_state { __u8 last_irr, irr, imr, isr, priority_add, irq_base, read_reg_select, poll,
+    special_mask, init_state, auto_eoi, rotate_on_auto_eoi, special_fully_nested_mode, init4, elcr, elcr_mask; };``"""
+
+    _fields_ = [
+        (name, ctypes.c_uint8)
+        for name in (
+            "last_irr", "irr", "imr", "isr", "priority_add", "irq_base", "read_reg_select", "poll", "special_mask",
+            "init_state", "auto_eoi", "rotate_on_auto_eoi", "special_fully_nested_mode", "init4", "elcr", "elcr_mask",
+        )
+    ]  # fmt: skip
+
+
+KVM_IOAPIC_NUM_PINS: Final = 24
+
+
+class kvm_ioapic_state(ctypes.Structure):
+    """``struct kvm_ioapic_state { __u64 base_address; __u32 ioregsel; __u32 id; __u32 irr; __u32 pad;
+    union { __u64 bits; struct { ... } fields; } redirtbl[KVM_IOAPIC_NUM_PINS]; };`` (each entry as its ``bits``)"""
+
+    _fields_ = [
+        ("base_address", ctypes.c_uint64),
+        ("ioregsel", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("irr", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("redirtbl", ctypes.c_uint64 * KVM_IOAPIC_NUM_PINS),
+    ]
+
+
+class kvm_irqchip_chip(ctypes.Union):
+    """``union { char dummy[512]; struct kvm_pic_state pic; struct kvm_ioapic_state ioapic; } chip;``"""
+
+    _fields_ = [("dummy", ctypes.c_char * 512), ("pic", kvm_pic_state), ("ioapic", kvm_ioapic_state)]
+
+
+KVM_IRQCHIP_PIC_MASTER: Final = 0
+KVM_IRQCHIP_PIC_SLAVE: Final = 1
+KVM_IRQCHIP_IOAPIC: Final = 2
+KVM_NR_IRQCHIPS: Final = 3
+
+
+class kvm_irqchip(ctypes.Structure):
+    """``struct kvm_irqchip { __u32 chip_id; __u32 pad; union { char dummy[512]; struct kvm_pic_state pic;
+    struct kvm_ioapic_state ioapic; } chip; };``"""
+
+    _fields_ = [("chip_id", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("chip", kvm_irqchip_chip)]
+
+
+class kvm_irq_level(ctypes.Structure):
+    """``struct kvm_irq_level { union { __u32 irq; __s32 status; }; __u32 level; };`` (``irq`` in, ``status`` out as
+    the same word: KVM_IRQ_LINE_STATUS overwrites it)"""
+
+    _fields_ = [("irq", ctypes.c_uint32), ("level", ctypes.c_uint32)]
+
+    @property
+    def status(self) -> int:
+        """The ``__s32 status`` view of the first word (what KVM_IRQ_LINE_STATUS wrote back)."""
+        return ctypes.c_int32(self.irq).value
+
+
+class kvm_pit_config(ctypes.Structure):
+    """``struct kvm_pit_config { __u32 flags; __u32 pad[15]; };``"""
+
+    _fields_ = [("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32 * 15)]
+
+
+KVM_PIT_SPEAKER_DUMMY: Final = 1
+
+
+class kvm_pit_channel_state(ctypes.Structure):
+    """``struct kvm_pit_channel_state { __u32 count; __u16 latched_count; __u8 count_latched, status_latched, status,
+    read_state, write_state, write_latch, rw_mode, mode, bcd, gate; __s64 count_load_time; };``"""
+
+    _fields_ = [
+        ("count", ctypes.c_uint32),
+        ("latched_count", ctypes.c_uint16),
+        *[(n, ctypes.c_uint8) for n in ("count_latched", "status_latched", "status", "read_state", "write_state",
+                                        "write_latch", "rw_mode", "mode", "bcd", "gate")],
+        ("count_load_time", ctypes.c_int64),
+    ]
+
+
+class kvm_pit_state2(ctypes.Structure):
+    """``struct kvm_pit_state2 { struct kvm_pit_channel_state channels[3]; __u32 flags; __u32 reserved[9]; };``"""
+
+    _fields_ = [("channels", kvm_pit_channel_state * 3), ("flags", ctypes.c_uint32), ("reserved", ctypes.c_uint32 * 9)]
+
+
+KVM_PIT_FLAGS_HPET_LEGACY: Final = 0x00000001
+KVM_PIT_FLAGS_SPEAKER_DATA_ON: Final = 0x00000002
+
+
+class kvm_msi(ctypes.Structure):
+    """``struct kvm_msi { __u32 address_lo; __u32 address_hi; __u32 data; __u32 flags; __u32 devid; __u8 pad[12]; };``"""
+
+    _fields_ = [
+        ("address_lo", ctypes.c_uint32),
+        ("address_hi", ctypes.c_uint32),
+        ("data", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("devid", ctypes.c_uint32),
+        ("pad", ctypes.c_uint8 * 12),
+    ]
+
+
+KVM_MSI_VALID_DEVID: Final = 1 << 0
+
+
+class kvm_irq_routing_irqchip(ctypes.Structure):
+    """``struct kvm_irq_routing_irqchip { __u32 irqchip; __u32 pin; };``"""
+
+    _fields_ = [("irqchip", ctypes.c_uint32), ("pin", ctypes.c_uint32)]
+
+
+class kvm_irq_routing_msi(ctypes.Structure):
+    """``struct kvm_irq_routing_msi { __u32 address_lo; __u32 address_hi; __u32 data; union { __u32 pad; __u32 devid;
+    }; };``"""
+
+    _fields_ = [("address_lo", ctypes.c_uint32), ("address_hi", ctypes.c_uint32), ("data", ctypes.c_uint32),
+                ("devid", ctypes.c_uint32)]
+
+
+class kvm_irq_routing_entry_u(ctypes.Union):
+    """``union { struct kvm_irq_routing_irqchip irqchip; struct kvm_irq_routing_msi msi; ...; __u32 pad[8]; } u;``
+    (the x86 members)"""
+
+    _fields_ = [("irqchip", kvm_irq_routing_irqchip), ("msi", kvm_irq_routing_msi), ("pad", ctypes.c_uint32 * 8)]
+
+
+class kvm_irq_routing_entry(ctypes.Structure):
+    """``struct kvm_irq_routing_entry { __u32 gsi; __u32 type; __u32 flags; __u32 pad; union { ... } u; };``"""
+
+    _fields_ = [("gsi", ctypes.c_uint32), ("type", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32), ("u", kvm_irq_routing_entry_u)]
+
+
+KVM_IRQ_ROUTING_IRQCHIP: Final = 1
+KVM_IRQ_ROUTING_MSI: Final = 2
+# KVM_MAX_IRQ_ROUTES (include/linux/kvm_host.h): KVM_SET_GSI_ROUTING refuses more entries with EINVAL.
+KVM_MAX_IRQ_ROUTES: Final = 4096
+
+
+class kvm_irq_routing(ctypes.Structure):
+    """``struct kvm_irq_routing { __u32 nr; __u32 flags; struct kvm_irq_routing_entry entries[]; };`` (header only)"""
+
+    _fields_ = [("nr", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class kvm_irqfd(ctypes.Structure):
+    """``struct kvm_irqfd { __u32 fd; __u32 gsi; __u32 flags; __u32 resamplefd; __u8 pad[16]; };``"""
+
+    _fields_ = [("fd", ctypes.c_uint32), ("gsi", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("resamplefd", ctypes.c_uint32), ("pad", ctypes.c_uint8 * 16)]
+
+
+KVM_IRQFD_FLAG_DEASSIGN: Final = 1 << 0
+KVM_IRQFD_FLAG_RESAMPLE: Final = 1 << 1
+
+
+class kvm_ioeventfd(ctypes.Structure):
+    """``struct kvm_ioeventfd { __u64 datamatch; __u64 addr; __u32 len; __s32 fd; __u32 flags; __u8 pad[36]; };``"""
+
+    _fields_ = [("datamatch", ctypes.c_uint64), ("addr", ctypes.c_uint64), ("len", ctypes.c_uint32),
+                ("fd", ctypes.c_int32), ("flags", ctypes.c_uint32), ("pad", ctypes.c_uint8 * 36)]
+
+
+KVM_IOEVENTFD_FLAG_DATAMATCH: Final = 1 << 0
+KVM_IOEVENTFD_FLAG_PIO: Final = 1 << 1
+KVM_IOEVENTFD_FLAG_DEASSIGN: Final = 1 << 2
+
+
+class kvm_dirty_log(ctypes.Structure):
+    """``struct kvm_dirty_log { __u32 slot; __u32 padding1; union { void *dirty_bitmap; __u64 padding2; }; };``"""
+
+    _fields_ = [("slot", ctypes.c_uint32), ("padding1", ctypes.c_uint32), ("dirty_bitmap", ctypes.c_uint64)]
+
+
+class kvm_clock_data(ctypes.Structure):
+    """``struct kvm_clock_data { __u64 clock; __u32 flags; __u32 pad0; __u64 realtime; __u64 host_tsc;
+    __u32 pad[4]; };``"""
+
+    _fields_ = [("clock", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("pad0", ctypes.c_uint32),
+                ("realtime", ctypes.c_uint64), ("host_tsc", ctypes.c_uint64), ("pad", ctypes.c_uint32 * 4)]
+
+
+KVM_CLOCK_TSC_STABLE: Final = 2
+KVM_CLOCK_REALTIME: Final = 1 << 2
+KVM_CLOCK_HOST_TSC: Final = 1 << 3
+
+
+class kvm_coalesced_mmio_zone(ctypes.Structure):
+    """``struct kvm_coalesced_mmio_zone { __u64 addr; __u32 size; union { __u32 pad; __u32 pio; }; };``"""
+
+    _fields_ = [("addr", ctypes.c_uint64), ("size", ctypes.c_uint32), ("pio", ctypes.c_uint32)]
+
+
+# --- vCPU state (the save/restore set) ---------------------------------------------------------------------------------
+
+KVM_APIC_REG_SIZE: Final = 0x400
+
+
+class kvm_lapic_state(ctypes.Structure):
+    """``struct kvm_lapic_state { char regs[KVM_APIC_REG_SIZE]; };`` (the APIC page: register at offset ``0x10 * n``)"""
+
+    _fields_ = [("regs", ctypes.c_uint8 * KVM_APIC_REG_SIZE)]
+
+
+class kvm_fpu(ctypes.Structure):
+    """``struct kvm_fpu { __u8 fpr[8][16]; __u16 fcw; __u16 fsw; __u8 ftwx; __u8 pad1; __u16 last_opcode;
+    __u64 last_ip; __u64 last_dp; __u8 xmm[16][16]; __u32 mxcsr; __u32 pad2; };``"""
+
+    _fields_ = [
+        ("fpr", (ctypes.c_uint8 * 16) * 8),
+        ("fcw", ctypes.c_uint16),
+        ("fsw", ctypes.c_uint16),
+        ("ftwx", ctypes.c_uint8),
+        ("pad1", ctypes.c_uint8),
+        ("last_opcode", ctypes.c_uint16),
+        ("last_ip", ctypes.c_uint64),
+        ("last_dp", ctypes.c_uint64),
+        ("xmm", (ctypes.c_uint8 * 16) * 16),
+        ("mxcsr", ctypes.c_uint32),
+        ("pad2", ctypes.c_uint32),
+    ]
+
+
+class kvm_xsave(ctypes.Structure):
+    """``struct kvm_xsave { __u32 region[1024]; __u32 extra[]; };`` (KVM_GET_XSAVE2 may need more than 4096 bytes:
+    KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) on the VM says how many)"""
+
+    _fields_ = [("region", ctypes.c_uint32 * 1024)]
+
+
+KVM_MAX_XCRS: Final = 16
+
+
+class kvm_xcr(ctypes.Structure):
+    """``struct kvm_xcr { __u32 xcr; __u32 reserved; __u64 value; };``"""
+
+    _fields_ = [("xcr", ctypes.c_uint32), ("reserved", ctypes.c_uint32), ("value", ctypes.c_uint64)]
+
+
+class kvm_xcrs(ctypes.Structure):
+    """``struct kvm_xcrs { __u32 nr_xcrs; __u32 flags; struct kvm_xcr xcrs[KVM_MAX_XCRS]; __u64 padding[16]; };``"""
+
+    _fields_ = [("nr_xcrs", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("xcrs", kvm_xcr * KVM_MAX_XCRS),
+                ("padding", ctypes.c_uint64 * 16)]
+
+
+class kvm_debugregs(ctypes.Structure):
+    """``struct kvm_debugregs { __u64 db[4]; __u64 dr6; __u64 dr7; __u64 flags; __u64 reserved[9]; };``"""
+
+    _fields_ = [("db", ctypes.c_uint64 * 4), ("dr6", ctypes.c_uint64), ("dr7", ctypes.c_uint64),
+                ("flags", ctypes.c_uint64), ("reserved", ctypes.c_uint64 * 9)]
+
+
+class kvm_vcpu_events_exception(ctypes.Structure):
+    """``struct { __u8 injected; __u8 nr; __u8 has_error_code; __u8 pending; __u32 error_code; } exception;``"""
+
+    _fields_ = [("injected", ctypes.c_uint8), ("nr", ctypes.c_uint8), ("has_error_code", ctypes.c_uint8),
+                ("pending", ctypes.c_uint8), ("error_code", ctypes.c_uint32)]
+
+
+class kvm_vcpu_events_interrupt(ctypes.Structure):
+    """``struct { __u8 injected; __u8 nr; __u8 soft; __u8 shadow; } interrupt;``"""
+
+    _fields_ = [("injected", ctypes.c_uint8), ("nr", ctypes.c_uint8), ("soft", ctypes.c_uint8),
+                ("shadow", ctypes.c_uint8)]
+
+
+class kvm_vcpu_events_nmi(ctypes.Structure):
+    """``struct { __u8 injected; __u8 pending; __u8 masked; __u8 pad; } nmi;``"""
+
+    _fields_ = [("injected", ctypes.c_uint8), ("pending", ctypes.c_uint8), ("masked", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8)]
+
+
+class kvm_vcpu_events_smi(ctypes.Structure):
+    """``struct { __u8 smm; __u8 pending; __u8 smm_inside_nmi; __u8 latched_init; } smi;``"""
+
+    _fields_ = [("smm", ctypes.c_uint8), ("pending", ctypes.c_uint8), ("smm_inside_nmi", ctypes.c_uint8),
+                ("latched_init", ctypes.c_uint8)]
+
+
+class kvm_vcpu_events(ctypes.Structure):
+    """``struct kvm_vcpu_events { struct {...} exception; struct {...} interrupt; struct {...} nmi; __u32 sipi_vector;
+    __u32 flags; struct {...} smi; struct { __u8 pending; } triple_fault; __u8 reserved[26];
+    __u8 exception_has_payload; __u64 exception_payload; };``"""
+
+    _fields_ = [
+        ("exception", kvm_vcpu_events_exception),
+        ("interrupt", kvm_vcpu_events_interrupt),
+        ("nmi", kvm_vcpu_events_nmi),
+        ("sipi_vector", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("smi", kvm_vcpu_events_smi),
+        ("triple_fault_pending", ctypes.c_uint8),
+        ("reserved", ctypes.c_uint8 * 26),
+        ("exception_has_payload", ctypes.c_uint8),
+        ("exception_payload", ctypes.c_uint64),
+    ]
+
+
+KVM_VCPUEVENT_VALID_NMI_PENDING: Final = 0x00000001
+KVM_VCPUEVENT_VALID_SIPI_VECTOR: Final = 0x00000002
+KVM_VCPUEVENT_VALID_SHADOW: Final = 0x00000004
+KVM_VCPUEVENT_VALID_SMM: Final = 0x00000008
+KVM_VCPUEVENT_VALID_PAYLOAD: Final = 0x00000010
+KVM_VCPUEVENT_VALID_TRIPLE_FAULT: Final = 0x00000020
+
+KVM_X86_SHADOW_INT_MOV_SS: Final = 0x01
+KVM_X86_SHADOW_INT_STI: Final = 0x02
+
+
+class kvm_mp_state(ctypes.Structure):
+    """``struct kvm_mp_state { __u32 mp_state; };``"""
+
+    _fields_ = [("mp_state", ctypes.c_uint32)]
+
+
+KVM_MP_STATE_RUNNABLE: Final = 0
+KVM_MP_STATE_UNINITIALIZED: Final = 1
+KVM_MP_STATE_INIT_RECEIVED: Final = 2
+KVM_MP_STATE_HALTED: Final = 3
+KVM_MP_STATE_SIPI_RECEIVED: Final = 4
+KVM_MP_STATE_STOPPED: Final = 5
+KVM_MP_STATE_CHECK_STOP: Final = 6
+KVM_MP_STATE_OPERATING: Final = 7
+KVM_MP_STATE_LOAD: Final = 8
+KVM_MP_STATE_AP_RESET_HOLD: Final = 9
+KVM_MP_STATE_SUSPENDED: Final = 10
+
+
+class kvm_nested_state(ctypes.Structure):
+    """``struct kvm_nested_state { __u16 flags; __u16 format; __u32 size; union { struct kvm_vmx_nested_state_hdr vmx;
+    struct kvm_svm_nested_state_hdr svm; __u8 pad[120]; } hdr; union { ... } data; };`` (the 128-byte header; ``size``
+    says how many bytes the whole state takes)"""
+
+    _fields_ = [("flags", ctypes.c_uint16), ("format", ctypes.c_uint16), ("size", ctypes.c_uint32),
+                ("hdr", ctypes.c_uint8 * 120)]
+
+
+KVM_STATE_NESTED_FORMAT_VMX: Final = 0
+KVM_STATE_NESTED_FORMAT_SVM: Final = 1
+KVM_STATE_NESTED_GUEST_MODE: Final = 0x00000001
+KVM_STATE_NESTED_RUN_PENDING: Final = 0x00000002
+
+
+class kvm_guest_debug_arch(ctypes.Structure):
+    """``struct kvm_guest_debug_arch { __u64 debugreg[8]; };``"""
+
+    _fields_ = [("debugreg", ctypes.c_uint64 * 8)]
+
+
+class kvm_guest_debug(ctypes.Structure):
+    """``struct kvm_guest_debug { __u32 control; __u32 pad; struct kvm_guest_debug_arch arch; };``"""
+
+    _fields_ = [("control", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("arch", kvm_guest_debug_arch)]
+
+
+KVM_GUESTDBG_ENABLE: Final = 0x00000001
+KVM_GUESTDBG_SINGLESTEP: Final = 0x00000002
+KVM_GUESTDBG_USE_SW_BP: Final = 0x00010000
+KVM_GUESTDBG_USE_HW_BP: Final = 0x00020000
+KVM_GUESTDBG_INJECT_DB: Final = 0x00040000
+KVM_GUESTDBG_INJECT_BP: Final = 0x00080000
+KVM_GUESTDBG_BLOCKIRQ: Final = 0x00100000
+
+
+class kvm_translation(ctypes.Structure):
+    """``struct kvm_translation { __u64 linear_address; __u64 physical_address; __u8 valid; __u8 writeable;
+    __u8 usermode; __u8 pad[5]; };``"""
+
+    _fields_ = [("linear_address", ctypes.c_uint64), ("physical_address", ctypes.c_uint64), ("valid", ctypes.c_uint8),
+                ("writeable", ctypes.c_uint8), ("usermode", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 5)]
+
+
+class kvm_interrupt(ctypes.Structure):
+    """``struct kvm_interrupt { __u32 irq; };``"""
+
+    _fields_ = [("irq", ctypes.c_uint32)]
+
+
+class kvm_signal_mask(ctypes.Structure):
+    """``struct kvm_signal_mask { __u32 len; __u8 sigset[]; };`` (header only; x86-64 takes an 8-byte sigset)"""
+
+    _fields_ = [("len", ctypes.c_uint32)]
+
+
 # --- struct kvm_run ---------------------------------------------------------------------------------------------------
 
 
@@ -358,6 +751,7 @@ KVM_CHECK_EXTENSION: Final = _io(0x03)
 KVM_GET_VCPU_MMAP_SIZE: Final = _io(0x04)
 KVM_GET_SUPPORTED_CPUID: Final = _iowr(0x05, kvm_cpuid2)
 KVM_GET_MSR_FEATURE_INDEX_LIST: Final = _iowr(0x0A, kvm_msr_list)
+KVM_GET_EMULATED_CPUID: Final = _iowr(0x09, kvm_cpuid2)
 
 # VM ioctls.
 KVM_CREATE_VCPU: Final = _io(0x41)
@@ -365,6 +759,28 @@ KVM_SET_USER_MEMORY_REGION: Final = _iow(0x46, kvm_userspace_memory_region)
 KVM_SET_TSS_ADDR: Final = _io(0x47)
 KVM_ENABLE_CAP: Final = _iow(0xA3, kvm_enable_cap)
 KVM_X86_SET_MSR_FILTER: Final = _iow(0xC6, kvm_msr_filter)
+KVM_GET_DIRTY_LOG: Final = _iow(0x42, kvm_dirty_log)
+KVM_SET_IDENTITY_MAP_ADDR: Final = _ioc(_IOC_WRITE, 0x48, 8)  # _IOW(KVMIO, 0x48, __u64)
+KVM_CREATE_IRQCHIP: Final = _io(0x60)
+KVM_IRQ_LINE: Final = _iow(0x61, kvm_irq_level)
+KVM_GET_IRQCHIP: Final = _iowr(0x62, kvm_irqchip)
+KVM_SET_IRQCHIP: Final = _ior(0x63, kvm_irqchip)  # _IOR, not _IOW: a historical slip kept for ABI compatibility
+KVM_IRQ_LINE_STATUS: Final = _iowr(0x67, kvm_irq_level)
+KVM_REGISTER_COALESCED_MMIO: Final = _iow(0x67, kvm_coalesced_mmio_zone)
+KVM_UNREGISTER_COALESCED_MMIO: Final = _iow(0x68, kvm_coalesced_mmio_zone)
+KVM_SET_GSI_ROUTING: Final = _iow(0x6A, kvm_irq_routing)
+KVM_IRQFD: Final = _iow(0x76, kvm_irqfd)
+KVM_CREATE_PIT2: Final = _iow(0x77, kvm_pit_config)
+KVM_IOEVENTFD: Final = _iow(0x79, kvm_ioeventfd)
+KVM_SET_CLOCK: Final = _iow(0x7B, kvm_clock_data)
+KVM_GET_CLOCK: Final = _ior(0x7C, kvm_clock_data)
+KVM_GET_PIT2: Final = _ior(0x9F, kvm_pit_state2)
+KVM_SET_PIT2: Final = _iow(0xA0, kvm_pit_state2)
+KVM_SIGNAL_MSI: Final = _iow(0xA5, kvm_msi)
+# KVM_SET_TSC_KHZ / KVM_GET_TSC_KHZ work on a vCPU, and on the VM (the default for new vCPUs) with
+# KVM_CAP_VM_TSC_CONTROL.
+KVM_SET_TSC_KHZ: Final = _io(0xA2)
+KVM_GET_TSC_KHZ: Final = _io(0xA3)
 
 # vCPU ioctls (KVM_GET_MSRS also works on /dev/kvm for feature MSRs).
 KVM_RUN: Final = _io(0x80)
@@ -376,6 +792,30 @@ KVM_GET_MSRS: Final = _iowr(0x88, kvm_msrs)
 KVM_SET_MSRS: Final = _iow(0x89, kvm_msrs)
 KVM_SET_CPUID2: Final = _iow(0x90, kvm_cpuid2)
 KVM_GET_CPUID2: Final = _iowr(0x91, kvm_cpuid2)
+KVM_TRANSLATE: Final = _iowr(0x85, kvm_translation)
+KVM_INTERRUPT: Final = _iow(0x86, kvm_interrupt)
+KVM_SET_SIGNAL_MASK: Final = _iow(0x8B, kvm_signal_mask)
+KVM_GET_FPU: Final = _ior(0x8C, kvm_fpu)
+KVM_SET_FPU: Final = _iow(0x8D, kvm_fpu)
+KVM_GET_LAPIC: Final = _ior(0x8E, kvm_lapic_state)
+KVM_SET_LAPIC: Final = _iow(0x8F, kvm_lapic_state)
+KVM_GET_MP_STATE: Final = _ior(0x98, kvm_mp_state)
+KVM_SET_MP_STATE: Final = _iow(0x99, kvm_mp_state)
+KVM_NMI: Final = _io(0x9A)
+KVM_SET_GUEST_DEBUG: Final = _iow(0x9B, kvm_guest_debug)
+KVM_GET_VCPU_EVENTS: Final = _ior(0x9F, kvm_vcpu_events)
+KVM_SET_VCPU_EVENTS: Final = _iow(0xA0, kvm_vcpu_events)
+KVM_GET_DEBUGREGS: Final = _ior(0xA1, kvm_debugregs)
+KVM_SET_DEBUGREGS: Final = _iow(0xA2, kvm_debugregs)
+KVM_GET_XSAVE: Final = _ior(0xA4, kvm_xsave)
+KVM_SET_XSAVE: Final = _iow(0xA5, kvm_xsave)
+KVM_GET_XCRS: Final = _ior(0xA6, kvm_xcrs)
+KVM_SET_XCRS: Final = _iow(0xA7, kvm_xcrs)
+KVM_KVMCLOCK_CTRL: Final = _io(0xAD)
+KVM_SMI: Final = _io(0xB7)
+KVM_GET_NESTED_STATE: Final = _iowr(0xBE, kvm_nested_state)
+KVM_SET_NESTED_STATE: Final = _iow(0xBF, kvm_nested_state)
+KVM_GET_XSAVE2: Final = _ior(0xCF, kvm_xsave)
 
 IOCTL_NAMES: Final[dict[int, str]] = {
     globals()[name]: name
@@ -384,7 +824,15 @@ IOCTL_NAMES: Final[dict[int, str]] = {
         "KVM_GET_VCPU_MMAP_SIZE", "KVM_GET_SUPPORTED_CPUID", "KVM_GET_MSR_FEATURE_INDEX_LIST", "KVM_CREATE_VCPU",
         "KVM_SET_USER_MEMORY_REGION", "KVM_SET_TSS_ADDR", "KVM_ENABLE_CAP", "KVM_X86_SET_MSR_FILTER", "KVM_RUN",
         "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS", "KVM_GET_MSRS", "KVM_SET_MSRS",
-        "KVM_SET_CPUID2", "KVM_GET_CPUID2",
+        "KVM_SET_CPUID2", "KVM_GET_CPUID2", "KVM_GET_EMULATED_CPUID", "KVM_GET_DIRTY_LOG", "KVM_SET_IDENTITY_MAP_ADDR",
+        "KVM_CREATE_IRQCHIP", "KVM_IRQ_LINE", "KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP", "KVM_IRQ_LINE_STATUS",
+        "KVM_REGISTER_COALESCED_MMIO", "KVM_UNREGISTER_COALESCED_MMIO", "KVM_SET_GSI_ROUTING", "KVM_IRQFD",
+        "KVM_CREATE_PIT2", "KVM_IOEVENTFD", "KVM_SET_CLOCK", "KVM_GET_CLOCK", "KVM_GET_PIT2", "KVM_SET_PIT2",
+        "KVM_SIGNAL_MSI", "KVM_SET_TSC_KHZ", "KVM_GET_TSC_KHZ", "KVM_TRANSLATE", "KVM_INTERRUPT",
+        "KVM_SET_SIGNAL_MASK", "KVM_GET_FPU", "KVM_SET_FPU", "KVM_GET_LAPIC", "KVM_SET_LAPIC", "KVM_GET_MP_STATE",
+        "KVM_SET_MP_STATE", "KVM_NMI", "KVM_SET_GUEST_DEBUG", "KVM_GET_VCPU_EVENTS", "KVM_SET_VCPU_EVENTS",
+        "KVM_GET_DEBUGREGS", "KVM_SET_DEBUGREGS", "KVM_GET_XSAVE", "KVM_SET_XSAVE", "KVM_GET_XCRS", "KVM_SET_XCRS",
+        "KVM_KVMCLOCK_CTRL", "KVM_SMI", "KVM_GET_NESTED_STATE", "KVM_SET_NESTED_STATE", "KVM_GET_XSAVE2",
     )
 }  # fmt: skip
 """Request number to ioctl name, for error messages."""
@@ -429,19 +877,46 @@ KVM_CAP_SET_TSS_ADDR: Final = 4
 KVM_CAP_EXT_CPUID: Final = 7
 KVM_CAP_NR_VCPUS: Final = 9
 KVM_CAP_NR_MEMSLOTS: Final = 10
+KVM_CAP_PIT: Final = 11
+KVM_CAP_MP_STATE: Final = 14
+KVM_CAP_COALESCED_MMIO: Final = 15
+KVM_CAP_USER_NMI: Final = 22
+KVM_CAP_SET_GUEST_DEBUG: Final = 23
+KVM_CAP_IRQ_ROUTING: Final = 25
+KVM_CAP_IRQ_INJECT_STATUS: Final = 26
+KVM_CAP_IRQFD: Final = 32
+KVM_CAP_PIT2: Final = 33
+KVM_CAP_PIT_STATE2: Final = 35
+KVM_CAP_IOEVENTFD: Final = 36
+KVM_CAP_SET_IDENTITY_MAP_ADDR: Final = 37
+KVM_CAP_ADJUST_CLOCK: Final = 39
+KVM_CAP_VCPU_EVENTS: Final = 41
+KVM_CAP_DEBUGREGS: Final = 50
+KVM_CAP_XSAVE: Final = 55
+KVM_CAP_XCRS: Final = 56
+KVM_CAP_TSC_CONTROL: Final = 60
+KVM_CAP_GET_TSC_KHZ: Final = 61
 KVM_CAP_MAX_VCPUS: Final = 66
 KVM_CAP_ONE_REG: Final = 70
+KVM_CAP_KVMCLOCK_CTRL: Final = 76
+KVM_CAP_SIGNAL_MSI: Final = 77
+KVM_CAP_EXT_EMUL_CPUID: Final = 95
 KVM_CAP_ENABLE_CAP_VM: Final = 98
 KVM_CAP_CHECK_EXTENSION_VM: Final = 105
 KVM_CAP_DISABLE_QUIRKS: Final = 116
+KVM_CAP_X86_SMM: Final = 117
+KVM_CAP_SPLIT_IRQCHIP: Final = 121
 KVM_CAP_MAX_VCPU_ID: Final = 128
 KVM_CAP_IMMEDIATE_EXIT: Final = 136
 KVM_CAP_X86_DISABLE_EXITS: Final = 143
 KVM_CAP_GET_MSR_FEATURES: Final = 153
+KVM_CAP_NESTED_STATE: Final = 157
 KVM_CAP_MSR_PLATFORM_INFO: Final = 159
 KVM_CAP_X86_USER_SPACE_MSR: Final = 188
 KVM_CAP_X86_MSR_FILTER: Final = 189
+KVM_CAP_XSAVE2: Final = 208
 KVM_CAP_DISABLE_QUIRKS2: Final = 213
+KVM_CAP_VM_TSC_CONTROL: Final = 214
 
 CAPABILITY_NAMES: Final[dict[int, str]] = {
     value: name for name, value in list(globals().items()) if name.startswith("KVM_CAP_") and isinstance(value, int)

@@ -23,3 +23,24 @@ def ioctl_buf(fd: int, request: int, buf: Any) -> int:
         return int(fcntl.ioctl(fd, request, buf, True))
     except OSError as e:
         raise KvmError(e.errno or 0, IOCTL_NAMES.get(request, hex(request))) from None
+
+
+_libc: Any = None
+
+
+def ioctl_ulong(fd: int, request: int, arg: int) -> int:
+    """An ioctl whose argument is an ``unsigned long`` (fcntl.ioctl passes only a C int: an address such as
+    KVM_SET_TSS_ADDR's 0xfffbd000 does not fit)."""
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+        _libc.ioctl.restype = ctypes.c_int
+    import ctypes
+
+    r = int(_libc.ioctl(fd, request, arg))
+    if r < 0:
+        raise KvmError(ctypes.get_errno(), IOCTL_NAMES.get(request, hex(request)))
+    return r

@@ -142,11 +142,18 @@ class LinuxSystem(System):
 
     def get_supported_cpuid(self) -> list[CpuidEntry]:
         """KVM_GET_SUPPORTED_CPUID (grows its buffer on E2BIG)."""
+        return self._cpuid_list(uapi.KVM_GET_SUPPORTED_CPUID)
+
+    def get_emulated_cpuid(self) -> list[CpuidEntry]:
+        """KVM_GET_EMULATED_CPUID (grows its buffer on E2BIG)."""
+        return self._cpuid_list(uapi.KVM_GET_EMULATED_CPUID)
+
+    def _cpuid_list(self, request: int) -> list[CpuidEntry]:
         n = uapi.KVM_MAX_CPUID_ENTRIES
         while True:
             buf = encode_cpuid([], capacity=n)
             try:
-                ioctl_buf(self.fd, uapi.KVM_GET_SUPPORTED_CPUID, buf)
+                ioctl_buf(self.fd, request, buf)
             except KvmError as e:
                 if e.errno == errno.E2BIG and n < 4096:
                     n *= 2

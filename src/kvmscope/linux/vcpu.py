@@ -33,6 +33,7 @@ from ..api import (
 from ..errors import ClosedError, KvmError
 from ._cpuid import decode_cpuid, encode_cpuid
 from ._ioctl import ioctl_buf, ioctl_int
+from .vcpu_state import VcpuStateIoctls
 
 _KVM_RUN = uapi.KVM_RUN
 _KVM_GET_MSRS = uapi.KVM_GET_MSRS
@@ -80,8 +81,9 @@ _SHUTDOWN = ShutdownExit()
 _INTERRUPTED = InterruptedExit()
 
 
-class LinuxVcpu(Vcpu):
-    """A vCPU created by KVM_CREATE_VCPU."""
+class LinuxVcpu(VcpuStateIoctls, Vcpu):
+    """A vCPU created by KVM_CREATE_VCPU. The save/restore, injection and debugging ioctls are in
+    :class:`~kvmscope.linux.vcpu_state.VcpuStateIoctls`."""
 
     def __init__(self, fd: int, vcpu_id: int, mmap_size: int) -> None:
         self._fd = fd

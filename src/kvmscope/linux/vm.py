@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -12,11 +13,12 @@ from .. import uapi
 from ..api import Vm
 from ..errors import InvalidValueError
 from ..memory import MemoryRegion, host_address
-from ._ioctl import ioctl_buf, ioctl_int
+from ._ioctl import ioctl_buf, ioctl_int, ioctl_ulong
 from .vcpu import LinuxVcpu
 
 if TYPE_CHECKING:
     from .system import LinuxSystem
+
 
 class LinuxVm(Vm):
     """A VM created by KVM_CREATE_VM. Closing it closes its vCPUs and unmaps its memory."""
@@ -27,6 +29,7 @@ class LinuxVm(Vm):
         self.regions: list[MemoryRegion] = []
         self.vcpus: list[LinuxVcpu] = []
         self._mmap_size = system.vcpu_mmap_size()
+        self._slot_sizes: dict[int, int] = {}
 
     @property
     def fd(self) -> int:
@@ -66,6 +69,7 @@ class LinuxVm(Vm):
         """KVM_SET_USER_MEMORY_REGION, raw."""
         region = uapi.kvm_userspace_memory_region(slot, flags, guest_phys_addr, size, host_addr)
         ioctl_buf(self.fd, uapi.KVM_SET_USER_MEMORY_REGION, region)
+        self._slot_sizes[slot] = size  # KVM_GET_DIRTY_LOG's bitmap is sized from it (size 0 deletes the slot)
 
     def add_memory(self, guest_phys_addr: int, size: int, slot: int | None = None, flags: int = 0) -> int:
         slot = self._claim_slot(guest_phys_addr, size, slot)
@@ -103,3 +107,111 @@ class LinuxVm(Vm):
             f.ranges[i] = uapi.kvm_msr_filter_range(rflags, nmsrs, base, ctypes.addressof(cbuf))
         ioctl_buf(self.fd, uapi.KVM_X86_SET_MSR_FILTER, f)
         del keep
+
+    # -- the VMM's VM ioctls: one thin method each, no policy --
+    def set_tss_addr(self, addr: int) -> None:
+        """KVM_SET_TSS_ADDR (the argument is an unsigned long, not a pointer)."""
+        ioctl_ulong(self.fd, uapi.KVM_SET_TSS_ADDR, addr)
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        """KVM_SET_IDENTITY_MAP_ADDR (a pointer to a __u64)."""
+        ioctl_buf(self.fd, uapi.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(addr))
+
+    def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP."""
+        ioctl_int(self.fd, uapi.KVM_CREATE_IRQCHIP)
+
+    def get_irqchip(self, chip_id: int) -> uapi.kvm_irqchip:
+        """KVM_GET_IRQCHIP."""
+        chip = uapi.kvm_irqchip(chip_id=chip_id)
+        ioctl_buf(self.fd, uapi.KVM_GET_IRQCHIP, chip)
+        return chip
+
+    def set_irqchip(self, chip: uapi.kvm_irqchip) -> None:
+        """KVM_SET_IRQCHIP."""
+        ioctl_buf(self.fd, uapi.KVM_SET_IRQCHIP, chip)
+
+    def irq_line(self, irq: int, level: int) -> None:
+        """KVM_IRQ_LINE."""
+        ioctl_buf(self.fd, uapi.KVM_IRQ_LINE, uapi.kvm_irq_level(irq, level))
+
+    def irq_line_status(self, irq: int, level: int) -> int:
+        """KVM_IRQ_LINE_STATUS: the status the kernel writes over ``irq``."""
+        line = uapi.kvm_irq_level(irq, level)
+        ioctl_buf(self.fd, uapi.KVM_IRQ_LINE_STATUS, line)
+        return line.status
+
+    def create_pit2(self, flags: int = 0) -> None:
+        """KVM_CREATE_PIT2."""
+        ioctl_buf(self.fd, uapi.KVM_CREATE_PIT2, uapi.kvm_pit_config(flags=flags))
+
+    def get_pit2(self) -> uapi.kvm_pit_state2:
+        """KVM_GET_PIT2."""
+        state = uapi.kvm_pit_state2()
+        ioctl_buf(self.fd, uapi.KVM_GET_PIT2, state)
+        return state
+
+    def set_pit2(self, state: uapi.kvm_pit_state2) -> None:
+        """KVM_SET_PIT2."""
+        ioctl_buf(self.fd, uapi.KVM_SET_PIT2, state)
+
+    def signal_msi(self, address: int, data: int, flags: int = 0, devid: int = 0) -> int:
+        """KVM_SIGNAL_MSI: the kernel's return value (vCPUs that took it)."""
+        msi = uapi.kvm_msi(address_lo=address & 0xFFFFFFFF, address_hi=address >> 32, data=data, flags=flags,
+                           devid=devid)
+        return ioctl_buf(self.fd, uapi.KVM_SIGNAL_MSI, msi)
+
+    def set_gsi_routing(self, entries: Sequence[uapi.kvm_irq_routing_entry]) -> None:
+        """KVM_SET_GSI_ROUTING."""
+        head, size = ctypes.sizeof(uapi.kvm_irq_routing), ctypes.sizeof(uapi.kvm_irq_routing_entry)
+        buf = bytearray(head + size * len(entries))
+        struct.pack_into("<II", buf, 0, len(entries), 0)
+        for i, entry in enumerate(entries):
+            buf[head + i * size : head + (i + 1) * size] = bytes(entry)
+        ioctl_buf(self.fd, uapi.KVM_SET_GSI_ROUTING, buf)
+
+    def irqfd(self, fd: int, gsi: int, flags: int = 0, resamplefd: int = 0) -> None:
+        """KVM_IRQFD."""
+        ioctl_buf(self.fd, uapi.KVM_IRQFD, uapi.kvm_irqfd(fd=fd, gsi=gsi, flags=flags, resamplefd=resamplefd))
+
+    def ioeventfd(self, fd: int, addr: int, length: int, datamatch: int = 0, flags: int = 0) -> None:
+        """KVM_IOEVENTFD."""
+        ev = uapi.kvm_ioeventfd(datamatch=datamatch, addr=addr, len=length, fd=fd, flags=flags)
+        ioctl_buf(self.fd, uapi.KVM_IOEVENTFD, ev)
+
+    def get_dirty_log(self, slot: int) -> bytes:
+        """KVM_GET_DIRTY_LOG into a bitmap sized from the slot (KVM writes one bit per page, in whole longs)."""
+        # Every slot this VM set has its size recorded: a slot not there does not exist (ENOENT), so the kernel writes
+        # nothing into the minimal buffer.
+        pages = (self._slot_sizes.get(slot, 0) + 4095) // 4096
+        bitmap = ctypes.create_string_buffer(max(8, (pages + 63) // 64 * 8))
+        ioctl_buf(self.fd, uapi.KVM_GET_DIRTY_LOG, uapi.kvm_dirty_log(slot, 0, ctypes.addressof(bitmap)))
+        return bitmap.raw[: (pages + 7) // 8]
+
+    def get_clock(self) -> uapi.kvm_clock_data:
+        """KVM_GET_CLOCK."""
+        data = uapi.kvm_clock_data()
+        ioctl_buf(self.fd, uapi.KVM_GET_CLOCK, data)
+        return data
+
+    def set_clock(self, data: uapi.kvm_clock_data) -> None:
+        """KVM_SET_CLOCK."""
+        ioctl_buf(self.fd, uapi.KVM_SET_CLOCK, data)
+
+    def register_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None:
+        """KVM_REGISTER_COALESCED_MMIO."""
+        zone = uapi.kvm_coalesced_mmio_zone(addr, size, int(pio))
+        ioctl_buf(self.fd, uapi.KVM_REGISTER_COALESCED_MMIO, zone)
+
+    def unregister_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None:
+        """KVM_UNREGISTER_COALESCED_MMIO."""
+        zone = uapi.kvm_coalesced_mmio_zone(addr, size, int(pio))
+        ioctl_buf(self.fd, uapi.KVM_UNREGISTER_COALESCED_MMIO, zone)
+
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ on the VM."""
+        return ioctl_int(self.fd, uapi.KVM_GET_TSC_KHZ)
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """KVM_SET_TSC_KHZ on the VM."""
+        ioctl_int(self.fd, uapi.KVM_SET_TSC_KHZ, khz)

@@ -105,6 +105,15 @@ class ModelSystem(System):
         entries = list(self.profile.supported_cpuid)
         return filter_xtile_cfg(entries) if self.rules.has(R.XTILE_CFG_FILTER) else entries
 
+    def get_emulated_cpuid(self) -> list[CpuidEntry]:
+        """KVM_GET_EMULATED_CPUID as cpuid.c __do_cpuid_func_emulated (v6.12 lines 935-968) builds it: leaf 0 with
+        EAX 7, MOVBE in leaf 1, leaf 7 with RDPID when the host has RDTSCP."""
+        self._check_open()
+        ext = next((e for e in self.profile.supported_cpuid if e.function == 0x80000001), None)
+        rdpid = 1 << 22 if ext is not None and ext.edx & 1 << 27 else 0
+        return [CpuidEntry(0, eax=7), CpuidEntry(1, ecx=1 << 22),
+                CpuidEntry(7, flags=uapi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX, ecx=rdpid)]
+
     def create_vm(self) -> ModelVm:
         self._check_open()
         return ModelVm(self)

@@ -21,6 +21,7 @@ from .guest_exec import ProgramState
 from .guest_exec import run_program as run_guest_program
 from .msr_batch import BatchedMsrRules
 from .realmode import interpret
+from .vcpu_state import VcpuStateModel
 
 if TYPE_CHECKING:
     from ..kernel.profile import Profile
@@ -55,9 +56,10 @@ def reset_sregs(profile_sregs: dict[str, object], vcpu_id: int) -> uapi.kvm_sreg
     return s
 
 
-class ModelVcpu(Vcpu):
+class ModelVcpu(VcpuStateModel, Vcpu):
     """A vCPU of the software KVM. ``regs``, ``sregs`` and ``cpuid`` are its state as KVM holds it (the ioctls
-    return copies); ``msr_rules`` holds its MSRs and their rules."""
+    return copies); ``msr_rules`` holds its MSRs and their rules; the save/restore state (LAPIC, MP state, events,
+    FPU/XSAVE, ...) is in :class:`~kvmscope.model.vcpu_state.VcpuStateModel`."""
 
     def __init__(self, vm: ModelVm, vcpu_id: int) -> None:
         self.vm = vm
@@ -82,6 +84,7 @@ class ModelVcpu(Vcpu):
         # hot path); the methods below stand for them in the class.
         self.get_msrs = msrs.get_msrs  # type: ignore[method-assign]
         self.set_msrs = msrs.set_msrs  # type: ignore[method-assign]
+        self.reset_vcpu_state()
 
     # -- plumbing --
     def close(self) -> None:
@@ -192,6 +195,10 @@ class ModelVcpu(Vcpu):
             return InterruptedExit()
         if not self.vm.regions and self.profile.run_without_memory_errno:
             raise KvmError(self.profile.run_without_memory_errno, "KVM_RUN")
+        if self.may_block or self.vm.may_block:  # one flag each: the full check only when something is queued
+            blocked = self.injection_pending() or self.vm.run_limitation()
+            if blocked:
+                raise self.limitation(f"KVM_RUN: {blocked}")
         self.has_run = True
         msrs = self.msr_rules
         if self.rules.freeze and not msrs.frozen:
@@ -203,6 +210,5 @@ class ModelVcpu(Vcpu):
             self.regs.rax = (self.regs.rax & ~mask) | int.from_bytes(data[:size], "little")
             self._pending_in = None
             self._in_data = b""
-        if self._program is not None:
-            return run_guest_program(self, self._program)
-        return interpret(self)
+        exit_ = run_guest_program(self, self._program) if self._program is not None else interpret(self)
+        return exit_ if self.lapic is None else self.halted_in_kernel(exit_)

@@ -11,13 +11,16 @@ from ..api import Vm
 from ..errors import InvalidValueError, KvmError
 from ..kernel import rulesets as R
 from ..memory import MemoryRegion
-from .vcpu import ModelVcpu
+from .vcpu import ModelLimitation, ModelVcpu
+from .vm_devices import VmDevicesModel
 
 if TYPE_CHECKING:
     from .system import ModelSystem
 
 
-class ModelVm(Vm):
+class ModelVm(VmDevicesModel, Vm):
+    """A VM of the software KVM; the irqchip, PIT, routing, eventfds and clock are in :class:`VmDevicesModel`."""
+
     def __init__(self, system: ModelSystem) -> None:
         self.system = system
         self.profile = system.profile
@@ -30,6 +33,10 @@ class ModelVm(Vm):
         self.platform_info_readable = True
         self.user_space_msr = 0
         self.msr_filter: tuple[int, tuple[tuple[int, int, int, bytes], ...]] = (0, ())
+        self.reset_devices()
+
+    def limitation(self, message: str) -> ModelLimitation:
+        return ModelLimitation(message)
 
     def close(self) -> None:
         if self._closed:

@@ -1,0 +1,403 @@
+"""The model's answers to the VMM's vCPU ioctls: LAPIC, MP state, vCPU events, debug registers, TSC frequency,
+injection and the rest (FPU, XSAVE and XCRS in ``fpu_state``), as ``arch/x86/kvm/x86.c`` and ``lapic.c`` (v6.12) handle them.
+
+What the model keeps is the state these ioctls save and restore, with the kernel's checks on the way in. What it does
+not emulate (interrupt delivery into the guest, single-stepping, paging for KVM_TRANSLATE, nested state, SMM where the
+profile has it) raises :class:`~kvmscope.model.vcpu.ModelLimitation`, or the errno the profiled kernel gives where it
+refuses the ioctl itself. ``docs/binding.md`` lists each.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from .. import uapi
+from ..api import HltExit
+from ..errors import InvalidValueError, KvmError, KvmscopeError
+from ..kernel.rulesets import Rule
+from .fpu_state import FpuStateModel
+from .msr_rules import FAIL as _FAIL
+from .msr_rules import OK as _OK
+
+if TYPE_CHECKING:
+    from ..api import CpuidEntry, Exit
+    from ..kernel.profile import Profile
+    from .msr_batch import BatchedMsrRules
+    from .vm import ModelVm
+
+# The local APIC page at reset (lapic.c kvm_lapic_reset, v6.12 lines 2806-2870; values as KVM_GET_LAPIC shows them).
+APIC_ID, APIC_LVR, APIC_DFR, APIC_SPIV = 0x20, 0x30, 0xE0, 0xF0
+APIC_LVT = (0x320, 0x330, 0x340, 0x350, 0x360, 0x370)  # timer, thermal, PMC, LINT0, LINT1, error
+APIC_LVT0 = 0x350
+APIC_TPR, APIC_PPR, APIC_ISR, APIC_IRR = 0x80, 0xA0, 0x100, 0x200
+APIC_LVT_MASKED = 1 << 16
+APIC_MODE_EXTINT = 0x700
+APIC_VERSION = 0x14 | (len(APIC_LVT) - 1) << 16  # integrated APIC, six LVT entries
+APIC_SPIV_ENABLED = 1 << 8
+MSR_APIC_BASE_ENABLE = 1 << 11
+
+MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
+
+MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT = 0x4B564D02, 0x4B564D06
+MSR_IA32_TSC_DEADLINE = 0x6E0
+APIC_LVTT, APIC_TMICT = 0x320, 0x380
+LVTT_MODE_SHIFT, LVTT_TSC_DEADLINE = 17, 2
+# The MSRs whose host writes depend on an in-kernel LAPIC (x86.c v6.12 kvm_pv_enable_async_pf, line 3132, and
+# kvm_pv_enable_async_pf_int, line 3171); without one the host profile's observed behaviour stands.
+ASYNC_PF_INT_NEEDS_LAPIC = Rule(
+    "async_pf_int_needs_lapic", "5.8", "2635b5c4a0e4", "KVM: x86: interrupt based APF 'page ready' event delivery",
+    "MSR_KVM_ASYNC_PF_INT takes an 8-bit vector, and only with an in-kernel LAPIC (KVM_CREATE_IRQCHIP first)")
+ASYNC_PF_EN_NEEDS_LAPIC = Rule(
+    "async_pf_en_needs_lapic", "5.8", "2635b5c4a0e4", "KVM: x86: interrupt based APF 'page ready' event delivery",
+    "MSR_KVM_ASYNC_PF_EN: bits 4-5 are reserved; enabling it needs an in-kernel LAPIC and its GPA in guest memory")
+
+GUESTDBG_RUN_CHANGING = uapi.KVM_GUESTDBG_SINGLESTEP | uapi.KVM_GUESTDBG_USE_SW_BP | uapi.KVM_GUESTDBG_USE_HW_BP
+
+
+def _highest_isr(page: bytes | bytearray) -> int:
+    """The highest vector in service in an APIC page, or -1."""
+    return max((32 * i + w.bit_length() - 1 for i in range(8)
+                if (w := struct.unpack_from("<I", page, APIC_ISR + 0x10 * i)[0])), default=-1)
+
+
+class VcpuStateModel(FpuStateModel):
+    """The save/restore state of a model vCPU and its ioctls. Mixed into :class:`~kvmscope.model.vcpu.ModelVcpu`,
+    which calls :meth:`reset_vcpu_state` when it is created."""
+
+    vm: ModelVm
+    id: int
+    msr_rules: BatchedMsrRules
+    profile: Profile
+    regs: uapi.kvm_regs
+    sregs: uapi.kvm_sregs
+    cpuid: list[CpuidEntry]
+
+    if TYPE_CHECKING:  # provided by ModelVcpu (declared here for the type checker only: a body would shadow them)
+
+        def _check_open(self) -> None: ...
+
+        def limitation(self, message: str) -> KvmscopeError: ...
+
+        def try_read_msr(self, msr: int | str) -> int | None: ...
+
+    # -- reset (kvm_arch_vcpu_create, kvm_vcpu_reset, kvm_lapic_reset) --
+    def reset_vcpu_state(self) -> None:
+        """The state a new vCPU has: a LAPIC page when the VM has an in-kernel irqchip, the BSP runnable and the APs
+        waiting for INIT/SIPI (only with an in-kernel LAPIC), nothing pending."""
+        bsp = self.id == 0
+        self.lapic: bytearray | None = None
+        if self.vm.irqchip:
+            lapic = bytearray(uapi.KVM_APIC_REG_SIZE)
+            for offset, value in ((APIC_ID, self.id << 24), (APIC_LVR, APIC_VERSION), (APIC_DFR, 0xFFFFFFFF),
+                                  (APIC_SPIV, 0xFF), *((lvt, APIC_LVT_MASKED) for lvt in APIC_LVT)):
+                struct.pack_into("<I", lapic, offset, value)
+            if bsp and not self.vm.disabled_quirks & uapi.KVM_X86_QUIRK_LINT0_REENABLED:
+                struct.pack_into("<I", lapic, APIC_LVT0, APIC_MODE_EXTINT)
+            self.lapic = lapic
+        self.mp_state = uapi.KVM_MP_STATE_RUNNABLE if bsp or not self.vm.irqchip else uapi.KVM_MP_STATE_UNINITIALIZED
+        self.events = uapi.kvm_vcpu_events()  # the kernel's fields; get_vcpu_events reports them as x86.c does
+        self.nmi_pending = 0
+        self.sipi_vector = 0
+        self.debugregs = uapi.kvm_debugregs(dr6=0xFFFF0FF0, dr7=0x400)
+        self.reset_fpu_state()
+        self.tsc_khz = self.vm.default_tsc_khz
+        self.guest_debug = 0
+        self.signal_mask: bytes | None = None
+        self.tsc_deadline_mode = False  # apic->lapic_timer.timer_mode == TSC deadline (set by KVM_SET_LAPIC)
+        if self.lapic is not None:
+            setters = self.msr_rules.setters
+            setters[MSR_KVM_ASYNC_PF_EN] = self._set_async_pf_en
+            setters[MSR_KVM_ASYNC_PF_INT] = self._set_async_pf_int
+        self.refresh_may_block()
+
+    def refresh_may_block(self) -> None:
+        """Recompute :attr:`may_block`, the one flag KVM_RUN reads before looking at :meth:`injection_pending`."""
+        self.may_block = self.tsc_deadline_mode or self.injection_pending() is not None
+
+    def _update_lvtt(self, page: bytearray) -> None:
+        """apic_update_lvtt (lapic.c): the timer mode is LVTT bits 17-18 under the mask CPUID allows (TSC-deadline
+        only with CPUID.1:ECX[24]); entering or leaving TSC-deadline mode stops the timer: TMICT and the deadline 0."""
+        deadline_ok = any(e.function == 1 and e.ecx >> 24 & 1 for e in self.cpuid)
+        mask = 3 if deadline_ok else 1
+        mode = struct.unpack_from("<I", page, APIC_LVTT)[0] >> LVTT_MODE_SHIFT & mask
+        if (mode == LVTT_TSC_DEADLINE) == self.tsc_deadline_mode:
+            return
+        struct.pack_into("<I", page, APIC_TMICT, 0)
+        self.msr_rules.stored[MSR_IA32_TSC_DEADLINE] = 0
+        self.tsc_deadline_mode = mode == LVTT_TSC_DEADLINE
+        # kvm_set/get_lapic_tscdeadline_msr: in TSC-deadline mode the MSR keeps what is written (host or guest);
+        # otherwise writes are ignored and it reads 0, which is the profile's observed "drop". The MSR rules read
+        # the profile per access, so this vCPU's rules get the profile with the MSR as "store" while in the mode.
+        if self.tsc_deadline_mode:
+            behaviour = dict(self.profile.msr_behaviour)
+            if MSR_IA32_TSC_DEADLINE in behaviour:
+                behaviour[MSR_IA32_TSC_DEADLINE] = replace(behaviour[MSR_IA32_TSC_DEADLINE], kind="store")
+            self.msr_rules.profile = replace(self.profile, msr_behaviour=behaviour)
+        else:
+            self.msr_rules.profile = self.profile
+
+    # -- the MSRs an in-kernel LAPIC changes (host writes, through the MSR rules' setters) --
+    def _set_async_pf_int(self, data: int) -> int:
+        if data >> 8:
+            return self.msr_rules.refuse(MSR_KVM_ASYNC_PF_INT, ASYNC_PF_INT_NEEDS_LAPIC, _FAIL)
+        self.msr_rules.stored[MSR_KVM_ASYNC_PF_INT] = data
+        return _OK
+
+    def _set_async_pf_en(self, data: int) -> int:
+        if data & 0x30:
+            return self.msr_rules.refuse(MSR_KVM_ASYNC_PF_EN, ASYNC_PF_EN_NEEDS_LAPIC, _FAIL)
+        self.msr_rules.stored[MSR_KVM_ASYNC_PF_EN] = data  # msr_en_val is set before the GPA is checked
+        enabled = data & 0x9 == 0x9  # KVM_ASYNC_PF_ENABLED | KVM_ASYNC_PF_DELIVERY_AS_INT
+        if enabled and not self.vm.has_memory(data & ~0x3F, 8):
+            return self.msr_rules.refuse(MSR_KVM_ASYNC_PF_EN, ASYNC_PF_EN_NEEDS_LAPIC, _FAIL)
+        return _OK
+
+    def injection_pending(self) -> str | None:
+        """What a KVM_RUN would have to deliver or wait for that the model does not emulate, or None."""
+        if self.mp_state != uapi.KVM_MP_STATE_RUNNABLE:
+            return f"the vCPU is in MP state {self.mp_state} (KVM_RUN would wait for INIT/SIPI or an interrupt)"
+        e = self.events
+        if e.exception.injected or e.exception.pending or e.interrupt.injected or self.nmi_pending or e.nmi.injected:
+            return "an exception, interrupt or NMI is queued (the model does not deliver events into the guest)"
+        if self.tsc_deadline_mode and self.msr_rules.stored.get(MSR_IA32_TSC_DEADLINE):
+            return "the APIC timer is armed (TSC deadline; the model runs no APIC timer)"
+        if self.guest_debug & uapi.KVM_GUESTDBG_ENABLE and self.guest_debug & GUESTDBG_RUN_CHANGING:
+            return "guest debugging is on (the model does not single-step or trap breakpoints)"
+        return None
+
+    def halted_in_kernel(self, exit_: Exit) -> Exit:
+        """``exit_``, unless it is a HLT with an in-kernel LAPIC: then the kernel keeps the vCPU halted (MP state
+        HALTED) and KVM_RUN blocks until an interrupt or a signal (the live kernel returns EINTR on a signal), which
+        the model cannot do: it raises :class:`ModelLimitation` with the vCPU left halted."""
+        if self.lapic is not None and isinstance(exit_, HltExit):
+            self.mp_state = uapi.KVM_MP_STATE_HALTED
+            self.may_block = True
+            raise self.limitation("KVM_RUN: the guest halted with an in-kernel LAPIC; the kernel would block until an "
+                                  "interrupt or a signal")
+        return exit_
+
+    # -- debug registers, guest debugging --
+    def get_debugregs(self) -> uapi.kvm_debugregs:
+        self._check_open()
+        out = uapi.kvm_debugregs(dr6=self.debugregs.dr6, dr7=self.debugregs.dr7)
+        out.db[:] = list(self.debugregs.db)
+        return out
+
+    def set_debugregs(self, debugregs: uapi.kvm_debugregs) -> None:
+        """KVM_SET_DEBUGREGS: EINVAL for flags or DR6/DR7 bits above 31 (kvm_dr6_valid, kvm_dr7_valid)."""
+        self._check_open()
+        if debugregs.flags or debugregs.dr6 >> 32 or debugregs.dr7 >> 32:
+            raise KvmError(errno.EINVAL, "KVM_SET_DEBUGREGS")
+        self.debugregs = uapi.kvm_debugregs(dr6=debugregs.dr6, dr7=debugregs.dr7)
+        self.debugregs.db[:] = list(debugregs.db)
+
+    def set_guest_debug(self, control: int, debugreg: Sequence[int] = ()) -> None:
+        """KVM_SET_GUEST_DEBUG: INJECT_DB/INJECT_BP queue #DB/#BP (EBUSY with an exception queued); single-step and
+        breakpoints are kept but make the next KVM_RUN a :class:`ModelLimitation`."""
+        self._check_open()
+        if len(debugreg) > 8:
+            raise InvalidValueError("KVM_SET_GUEST_DEBUG takes at most 8 debug registers")
+        if control & (uapi.KVM_GUESTDBG_INJECT_DB | uapi.KVM_GUESTDBG_INJECT_BP):
+            ex = self.events.exception
+            if ex.injected or ex.pending:
+                raise KvmError(errno.EBUSY, "KVM_SET_GUEST_DEBUG")
+            ex.pending, ex.injected, ex.has_error_code, ex.error_code = 1, 0, 0, 0
+            ex.nr = 1 if control & uapi.KVM_GUESTDBG_INJECT_DB else 3
+        self.guest_debug = control
+        self.refresh_may_block()
+
+    # -- vCPU events, MP state, injection --
+    def get_vcpu_events(self) -> uapi.kvm_vcpu_events:
+        """KVM_GET_VCPU_EVENTS as kvm_vcpu_ioctl_x86_get_vcpu_events (x86.c v6.12 lines 4946-5014) reports it."""
+        self._check_open()
+        e, out = self.events, uapi.kvm_vcpu_events()
+        if e.exception.nr not in (3, 4):  # software exceptions (#BP, #OF) are not reported as injected
+            out.exception.injected = e.exception.injected | e.exception.pending  # no KVM_CAP_EXCEPTION_PAYLOAD
+            out.exception.pending = e.exception.pending
+        out.exception.nr, out.exception.has_error_code = e.exception.nr, e.exception.has_error_code
+        out.exception.error_code = e.exception.error_code
+        out.interrupt.injected = e.interrupt.injected and not e.interrupt.soft
+        out.interrupt.nr, out.interrupt.shadow = e.interrupt.nr, e.interrupt.shadow
+        out.nmi.injected, out.nmi.masked = e.nmi.injected, e.nmi.masked
+        limit = 1 if e.nmi.masked or e.nmi.injected else 2  # process_nmi
+        self.nmi_pending = min(self.nmi_pending, limit)
+        out.nmi.pending = self.nmi_pending
+        out.flags = (uapi.KVM_VCPUEVENT_VALID_NMI_PENDING | uapi.KVM_VCPUEVENT_VALID_SHADOW
+                     | uapi.KVM_VCPUEVENT_VALID_SMM)
+        return out
+
+    def set_vcpu_events(self, events: uapi.kvm_vcpu_events) -> None:
+        """KVM_SET_VCPU_EVENTS with the checks of kvm_vcpu_ioctl_x86_set_vcpu_events (x86.c v6.12 lines 5016-5110)."""
+        self._check_open()
+        f = events.flags
+        valid = (uapi.KVM_VCPUEVENT_VALID_NMI_PENDING | uapi.KVM_VCPUEVENT_VALID_SIPI_VECTOR
+                 | uapi.KVM_VCPUEVENT_VALID_SHADOW | uapi.KVM_VCPUEVENT_VALID_SMM | uapi.KVM_VCPUEVENT_VALID_PAYLOAD
+                 | uapi.KVM_VCPUEVENT_VALID_TRIPLE_FAULT)
+        # PAYLOAD and TRIPLE_FAULT need KVM_CAP_EXCEPTION_PAYLOAD / KVM_CAP_X86_TRIPLE_FAULT_EVENT enabled, which the
+        # model does not offer; without CONFIG_KVM_SMM (KVM_CAP_X86_SMM 0) any SMM state is refused.
+        refused = f & ~valid or f & (uapi.KVM_VCPUEVENT_VALID_PAYLOAD | uapi.KVM_VCPUEVENT_VALID_TRIPLE_FAULT)
+        ex = events.exception
+        if refused or (ex.injected and (ex.nr > 31 or ex.nr == 2)):
+            raise KvmError(errno.EINVAL, "KVM_SET_VCPU_EVENTS")
+        smi = events.smi
+        if f & uapi.KVM_VCPUEVENT_VALID_SMM and (smi.smm or smi.pending or smi.smm_inside_nmi):
+            if not self.profile.capability(uapi.KVM_CAP_X86_SMM):
+                raise KvmError(errno.EINVAL, "KVM_SET_VCPU_EVENTS", "SMM state without KVM_CAP_X86_SMM")
+            raise self.limitation("KVM_SET_VCPU_EVENTS: the model does not implement SMM")
+        e = self.events
+        e.exception.injected, e.exception.pending = ex.injected, 0  # pending only with VALID_PAYLOAD
+        e.exception.nr, e.exception.has_error_code = ex.nr, ex.has_error_code
+        e.exception.error_code = ex.error_code
+        e.interrupt.injected, e.interrupt.nr = events.interrupt.injected, events.interrupt.nr
+        e.interrupt.soft = events.interrupt.soft
+        if f & uapi.KVM_VCPUEVENT_VALID_SHADOW:
+            e.interrupt.shadow = self._shadow(events.interrupt.shadow)
+        e.nmi.injected, e.nmi.masked = events.nmi.injected, 1 if events.nmi.masked else 0
+        if f & uapi.KVM_VCPUEVENT_VALID_NMI_PENDING:
+            self.nmi_pending = events.nmi.pending
+        if f & uapi.KVM_VCPUEVENT_VALID_SIPI_VECTOR and self.lapic is not None:
+            self.sipi_vector = events.sipi_vector
+        self.refresh_may_block()
+
+    def _shadow(self, mask: int) -> int:
+        """The interrupt shadow as the vendor module keeps it: SVM has one bit and reports both (svm.c
+        svm_get_interrupt_shadow); VMX and PVM keep the two."""
+        mask &= uapi.KVM_X86_SHADOW_INT_MOV_SS | uapi.KVM_X86_SHADOW_INT_STI
+        return 3 if self.profile.vendor == "svm" and mask else mask
+
+    def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE, after kvm_apic_accept_events: a SIPI received in INIT_RECEIVED starts the vCPU at the
+        SIPI vector (kvm_vcpu_deliver_sipi_vector: CS selector vector << 8, base vector << 12, RIP 0)."""
+        self._check_open()
+        if self.mp_state == uapi.KVM_MP_STATE_SIPI_RECEIVED:
+            v = self.sipi_vector
+            self.sregs.cs.selector, self.sregs.cs.base, self.regs.rip = v << 8, v << 12, 0
+            self.mp_state = uapi.KVM_MP_STATE_RUNNABLE
+            self.refresh_may_block()
+        return self.mp_state
+
+    def set_mp_state(self, mp_state: int) -> None:
+        """KVM_SET_MP_STATE (x86.c v6.12 kvm_arch_vcpu_ioctl_set_mpstate, line 11246): anything but RUNNABLE needs
+        the in-kernel LAPIC; STOPPED, SUSPENDED and others are EINVAL on x86."""
+        self._check_open()
+        needs_lapic = (uapi.KVM_MP_STATE_UNINITIALIZED, uapi.KVM_MP_STATE_HALTED, uapi.KVM_MP_STATE_AP_RESET_HOLD,
+                       uapi.KVM_MP_STATE_INIT_RECEIVED, uapi.KVM_MP_STATE_SIPI_RECEIVED)
+        if mp_state != uapi.KVM_MP_STATE_RUNNABLE and (mp_state not in needs_lapic or self.lapic is None):
+            raise KvmError(errno.EINVAL, "KVM_SET_MP_STATE")
+        self.mp_state = mp_state
+        self.refresh_may_block()
+
+    def nmi(self) -> None:
+        """KVM_NMI: one more NMI queued (reported up to the limit process_nmi applies)."""
+        self._check_open()
+        self.nmi_pending += 1
+        self.refresh_may_block()
+
+    def smi(self) -> None:
+        """KVM_SMI: ENOTTY where the profiled kernel has no SMM (KVM_CAP_X86_SMM 0, as on this host)."""
+        self._check_open()
+        if not self.profile.capability(uapi.KVM_CAP_X86_SMM):
+            raise KvmError(errno.ENOTTY, "KVM_SMI")
+        raise self.limitation("KVM_SMI: the model does not implement SMM")
+
+    def interrupt(self, irq: int) -> None:
+        """KVM_INTERRUPT (x86.c v6.12 line 4746): without an irqchip the vector is queued as injected; with the
+        in-kernel PIC, ENXIO."""
+        self._check_open()
+        if irq >= uapi.KVM_NR_INTERRUPTS:
+            raise KvmError(errno.EINVAL, "KVM_INTERRUPT")
+        if self.vm.irqchip:
+            raise KvmError(errno.ENXIO, "KVM_INTERRUPT")
+        i = self.events.interrupt
+        i.injected, i.nr, i.soft = 1, irq, 0
+        self.refresh_may_block()
+
+    # -- LAPIC --
+    def get_lapic(self) -> uapi.kvm_lapic_state:
+        self._check_open()
+        if self.lapic is None:
+            raise KvmError(errno.EINVAL, "KVM_GET_LAPIC")
+        return uapi.kvm_lapic_state.from_buffer_copy(self.lapic)
+
+    def set_lapic(self, lapic: uapi.kvm_lapic_state) -> None:
+        """KVM_SET_LAPIC: the page as given, with the PPR recomputed from TPR and the highest in-service vector
+        (lapic.c apic_update_ppr); the model runs no APIC timer."""
+        self._check_open()
+        if self.lapic is None:
+            raise KvmError(errno.EINVAL, "KVM_SET_LAPIC")
+        page = bytearray(bytes(lapic))
+        tpr = struct.unpack_from("<I", page, APIC_TPR)[0] & 0xFF
+        # kvm_apic_set_state (lapic.c v6.12 line 3180) updates the PPR before it recounts the in-service vectors: an
+        # in-service vector counts only when the page it replaces had one in service too.
+        isrv = _highest_isr(page) if _highest_isr(self.lapic) >= 0 else 0
+        struct.pack_into("<I", page, APIC_PPR, tpr if (tpr & 0xF0) >= (max(isrv, 0) & 0xF0) else isrv & 0xF0)
+        self._update_lvtt(page)
+        self.lapic = page
+        self.refresh_may_block()
+
+    def accept_msi(self, vector: int) -> int:
+        """An MSI with ``vector`` for this vCPU's APIC: 1 and the vector's IRR bit set when the APIC is enabled in
+        software (SPIV bit 8), else 0 (lapic.c __apic_accept_irq)."""
+        if self.lapic is None or not struct.unpack_from("<I", self.lapic, APIC_SPIV)[0] & APIC_SPIV_ENABLED:
+            return 0
+        offset = APIC_IRR + (vector >> 5) * 0x10
+        struct.pack_into("<I", self.lapic, offset, struct.unpack_from("<I", self.lapic, offset)[0] | 1 << (vector & 31))
+        return 1
+
+    @property
+    def apic_id(self) -> int | None:
+        """The xAPIC ID in the LAPIC page, or None when the APIC is off (no irqchip, or APIC_BASE bit 11 clear)."""
+        if self.lapic is None or not self.sregs.apic_base & MSR_APIC_BASE_ENABLE:
+            return None
+        return int(struct.unpack_from("<I", self.lapic, APIC_ID)[0] >> 24)
+
+    # -- nested state, TSC, kvmclock, translation, signal mask --
+    def get_nested_state(self, size: int = 0x2000 + 128) -> bytes:
+        self._check_open()
+        if not self.profile.capability(uapi.KVM_CAP_NESTED_STATE):
+            raise KvmError(errno.EINVAL, "KVM_GET_NESTED_STATE")
+        raise self.limitation("KVM_GET_NESTED_STATE: the model does not implement nested virtualization state")
+
+    def set_nested_state(self, state: bytes) -> None:
+        self._check_open()
+        if not self.profile.capability(uapi.KVM_CAP_NESTED_STATE):
+            raise KvmError(errno.EINVAL, "KVM_SET_NESTED_STATE")
+        raise self.limitation("KVM_SET_NESTED_STATE: the model does not implement nested virtualization state")
+
+    def get_tsc_khz(self) -> int:
+        self._check_open()
+        return self.tsc_khz
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """KVM_SET_TSC_KHZ: without TSC scaling (KVM_CAP_TSC_CONTROL 0) only the current rate is accepted."""
+        self._check_open()
+        if khz != self.tsc_khz and not self.profile.capability(uapi.KVM_CAP_TSC_CONTROL):
+            raise KvmError(errno.EINVAL, "KVM_SET_TSC_KHZ", "no TSC scaling on this host")
+        if not 0 < khz < 1 << 32:
+            raise KvmError(errno.EINVAL, "KVM_SET_TSC_KHZ")
+        self.tsc_khz = khz
+
+    def kvmclock_ctrl(self) -> None:
+        """KVM_KVMCLOCK_CTRL: EINVAL unless the guest enabled kvmclock (MSR_KVM_SYSTEM_TIME_NEW bit 0)."""
+        self._check_open()
+        if not (self.try_read_msr(MSR_KVM_SYSTEM_TIME_NEW) or 0) & 1:
+            raise KvmError(errno.EINVAL, "KVM_KVMCLOCK_CTRL", "kvmclock is not enabled by the guest")
+
+    def translate(self, linear_address: int) -> uapi.kvm_translation:
+        """KVM_TRANSLATE: with paging off the address is the physical one (kvm_arch_vcpu_ioctl_translate)."""
+        self._check_open()
+        if self.sregs.cr0 & 1 << 31:
+            raise self.limitation("KVM_TRANSLATE: the model does not walk guest page tables")
+        return uapi.kvm_translation(linear_address=linear_address, physical_address=linear_address, valid=1,
+                                    writeable=1)
+
+    def set_signal_mask(self, sigset: bytes | None) -> None:
+        """KVM_SET_SIGNAL_MASK: an 8-byte sigset (EINVAL otherwise) or None; the model takes no signals."""
+        self._check_open()
+        if sigset is not None and len(sigset) != 8:
+            raise KvmError(errno.EINVAL, "KVM_SET_SIGNAL_MASK")
+        self.signal_mask = None if sigset is None else bytes(sigset)

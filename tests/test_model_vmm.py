@@ -1,0 +1,130 @@
+"""Where the model stops on the VMM ioctls: what it does not emulate raises ModelLimitation (never a made-up answer),
+leaving the state the kernel would leave. ``test_linux_vmm.py`` shows the live kernel on the same calls."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from kvmscope import guest, uapi
+from kvmscope.model import ModelLimitation, ModelSystem, open_model
+
+
+@pytest.fixture
+def model() -> Iterator[ModelSystem]:
+    system = open_model(profile="pvm-6.18")
+    yield system
+    system.close()
+
+
+def test_hlt_with_the_in_kernel_lapic_leaves_the_vcpu_halted(model: ModelSystem) -> None:
+    with model.create_vm() as vm:
+        vm.create_irqchip()
+        vcpu = vm.create_vcpu(0)
+        guest.load_real_mode(vm, vcpu, guest.HLT)
+        with pytest.raises(ModelLimitation, match="halted with an in-kernel LAPIC"):
+            vcpu.run()
+        assert vcpu.get_mp_state() == uapi.KVM_MP_STATE_HALTED and vcpu.get_regs().rip == guest.DEFAULT_ENTRY + 1
+        with pytest.raises(ModelLimitation, match="MP state 3"):
+            vcpu.run()
+        vcpu.immediate_exit = True
+        assert vcpu.run().name == "InterruptedExit", "immediate_exit still returns before anything else"
+
+
+def test_irq_line_with_the_irqchip_is_not_emulated(model: ModelSystem) -> None:
+    with model.create_vm() as vm:
+        vm.create_irqchip()
+        with pytest.raises(ModelLimitation, match="PIC and IOAPIC"):
+            vm.irq_line(4, 1)
+        with pytest.raises(ModelLimitation, match="PIC and IOAPIC"):
+            vm.irq_line_status(4, 1)
+        vm.create_vcpu(0)
+        with pytest.raises(ModelLimitation, match="physical destinations"):
+            vm.signal_msi(0xFEE00004, 0x30)  # logical destination mode
+
+
+@pytest.mark.parametrize("queue", ["nmi", "interrupt", "inject_db", "mp_state", "singlestep", "tsc_deadline"])
+def test_run_refuses_what_it_cannot_deliver(model: ModelSystem, queue: str) -> None:
+    with model.create_vm() as vm:
+        if queue in ("mp_state", "tsc_deadline"):
+            vm.create_irqchip()
+        vcpu = vm.create_vcpu(0)
+        guest.load_real_mode(vm, vcpu, bytes([0xE6, 0x10]))
+        if queue == "nmi":
+            vcpu.nmi()
+        elif queue == "interrupt":
+            vcpu.interrupt(0x20)
+        elif queue == "inject_db":
+            vcpu.set_guest_debug(uapi.KVM_GUESTDBG_ENABLE | uapi.KVM_GUESTDBG_INJECT_DB)
+        elif queue == "mp_state":
+            vcpu.set_mp_state(uapi.KVM_MP_STATE_HALTED)
+        elif queue == "tsc_deadline":
+            vcpu.set_cpuid(model.get_supported_cpuid())
+            lapic = vcpu.get_lapic()
+            lapic.regs[0x322] = 0x05  # LVTT: masked, TSC-deadline mode
+            vcpu.set_lapic(lapic)
+            vcpu.write_msr(0x6E0, 1 << 40)
+        else:
+            vcpu.set_guest_debug(uapi.KVM_GUESTDBG_ENABLE | uapi.KVM_GUESTDBG_SINGLESTEP)
+        with pytest.raises(ModelLimitation, match="KVM_RUN"):
+            vcpu.run()
+        assert not vcpu.has_run, "nothing ran"
+
+
+def test_run_refuses_with_eventfds_or_coalesced_zones(model: ModelSystem) -> None:
+    fd = os.eventfd(0)
+    try:
+        with model.create_vm() as vm:
+            vcpu = vm.create_vcpu(0)
+            guest.load_real_mode(vm, vcpu, bytes([0xE6, 0x10]))
+            vm.ioeventfd(fd, 0x10, 1, 0, uapi.KVM_IOEVENTFD_FLAG_PIO)
+            with pytest.raises(ModelLimitation, match="ioeventfds"):
+                vcpu.run()
+            vm.ioeventfd(fd, 0x10, 1, 0, uapi.KVM_IOEVENTFD_FLAG_PIO | uapi.KVM_IOEVENTFD_FLAG_DEASSIGN)
+            vm.register_coalesced_mmio(0xD0000000, 0x1000)
+            with pytest.raises(ModelLimitation, match="coalesced"):
+                vcpu.run()
+            vm.unregister_coalesced_mmio(0xD0000000, 0x1000)
+            assert vcpu.run().name == "IoExit", "runs once nothing unmodelled is registered"
+    finally:
+        os.close(fd)
+
+
+def test_dirty_log_after_a_run_and_translate_with_paging(model: ModelSystem) -> None:
+    with model.create_vm() as vm:
+        vm.add_memory(0, 0x10000, flags=uapi.KVM_MEM_LOG_DIRTY_PAGES)
+        vcpu = vm.create_vcpu(0)
+        guest.load_real_mode(vm, vcpu, bytes([0xE6, 0x10]))
+        vcpu.run()
+        with pytest.raises(ModelLimitation, match="pages a guest writes"):
+            vm.get_dirty_log(0)
+        sregs = vcpu.get_sregs()
+        sregs.cr0 |= 1 << 31 | 1
+        sregs.cr4 |= 1 << 5
+        vcpu.set_sregs(sregs)
+        with pytest.raises(ModelLimitation, match="page tables"):
+            vcpu.translate(0x1000)
+
+
+def test_smm_and_nested_state_where_the_profile_has_them() -> None:
+    with open_model(profile="intel-spr") as system, system.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        with pytest.raises(ModelLimitation, match="SMM"):
+            vcpu.smi()
+        events = uapi.kvm_vcpu_events(flags=uapi.KVM_VCPUEVENT_VALID_SMM)
+        events.smi.pending = 1
+        with pytest.raises(ModelLimitation, match="SMM"):
+            vcpu.set_vcpu_events(events)
+        with pytest.raises(ModelLimitation, match="nested"):
+            vcpu.get_nested_state()
+
+
+def test_svm_reports_both_shadow_bits() -> None:
+    with open_model(profile="amd-epyc") as system, system.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        events = uapi.kvm_vcpu_events(flags=uapi.KVM_VCPUEVENT_VALID_SHADOW)
+        events.interrupt.shadow = uapi.KVM_X86_SHADOW_INT_STI
+        vcpu.set_vcpu_events(events)
+        assert vcpu.get_vcpu_events().interrupt.shadow == 3, "SVM keeps one shadow bit (svm_get_interrupt_shadow)"
