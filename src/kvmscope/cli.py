@@ -204,7 +204,7 @@ def _check(path: str, backend: str, kernel: str | None, profile: str | None, ver
     with system:
         if opened is not None:
             return render.check_stream(scenario.name, scenario.path, system.describe(),
-                                       replay_iter(opened.steps, system, shadow))
+                                       replay_iter(opened.steps, system, shadow, scenario.faithful))
         report = replay(scenario, system, shadow)
     render.check_report(report, as_json)
     return report.ok
