@@ -234,3 +234,41 @@ def _compare(scenario: Scenario, versions: list[str], profile: str | None, as_js
         reports[v] = replay(scenario, system)
     render.comparison(scenario.name, versions, str(system.host_info()["profile"]), reports, compare(reports), as_json)
     return all(r.ok for r in reports.values())
+
+
+# --- kvmscope trace ---------------------------------------------------------------------------------------------------
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--out", "out_path", metavar="FILE", default="trace.yaml", show_default=True,
+              type=click.Path(dir_okay=False), help="Write the recording (a scenario file) here.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=0, metavar="SECONDS",
+              help="Kill the command (and its children) after SECONDS; 0: no limit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def trace(out_path: str, timeout: float, as_json: bool, command: tuple[str, ...]) -> None:
+    """Run COMMAND (a VMM) and record its KVM ioctls as a scenario that `kvmscope check` replays and explains.
+
+    Only ioctls on KVM fds stop the command (a seccomp filter); every other syscall runs at full speed. Threads and
+    child processes are followed. The recording holds every vCPU-model ioctl with its arguments and what KVM returned
+    (KVM_SET_MSRS entries and the count written, KVM_SET_CPUID2 entries, ...), the first KVM_RUN of each vCPU, counts of
+    the later ones, and the time of each step. Exit codes: 0 recorded (whatever the command did); 2 bad arguments or
+    the command could not be started.
+
+    \b
+    Examples:
+      kvmscope trace --out host.yaml --timeout 30 -- qemu-system-x86_64 -enable-kvm -cpu host -S -nographic -nodefaults
+      kvmscope check host.yaml
+      kvmscope check host.yaml --compare 6.3,6.12,6.13,6.18
+    """
+    from .trace.recorder import TraceError, record
+    from .trace.report import trace_result
+
+    try:
+        with open(out_path, "w") as out:
+            result = record(command, out, timeout=timeout or None)
+    except (TraceError, OSError) as e:
+        fail(f"kvmscope trace: {e.strerror or e}", EXIT_USAGE)
+    if result.exit_code == 127 and not result.summary.calls:
+        fail(f"kvmscope trace: {command[0]} could not be run (exit status 127, no KVM ioctl)", EXIT_USAGE)
+    trace_result(result, out_path, as_json)

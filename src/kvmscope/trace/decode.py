@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .. import uapi
+from .. import msrs, uapi
 from ..api import CpuidEntry
 
 Reader = Callable[[int, int], bytes]
@@ -157,7 +157,8 @@ class Summary:
     vcpus: list[int] = field(default_factory=list)
     runs: dict[int, int] = field(default_factory=dict)
     by_name: dict[str, int] = field(default_factory=dict)
-    refused: list[str] = field(default_factory=list)  # the calls KVM refused or failed, described
+    refused: list[str] = field(default_factory=list)  # vCPU-model calls KVM refused or failed, described
+    failed: dict[str, int] = field(default_factory=dict)  # other calls that failed (e.g. E2BIG size probes), by name
     other_vms: int = 0
 
 
@@ -224,15 +225,12 @@ class Writer:
                 self.vm = (call.pid, call.result)
             else:
                 s.other_vms += 1
-        if call.errno:
-            s.refused.append(f"{call.name}{f' on vCPU {call.vcpu}' if call.obj == 'vcpu' else ''}: "
-                             f"{_errno_name(call.errno)}")
         if call.obj == "vcpu":
             self._flush_runs(call.vcpu)
         typed = self._ours(call) and (call.obj == "vcpu" or call.name == "KVM_CREATE_VCPU")
         if typed and call.name in MODEL_STEPS:
             return self._model_step(call)
-        if typed and call.name == "KVM_RUN":
+        if typed and call.name == "KVM_RUN" and not call.errno:  # an interrupted first try (EINTR) is only traced
             self.ran[call.vcpu] = (call.time, 0)
             exit_ = EXIT_NAMES.get(call.data.get("exit_reason", -1), "")
             return self._model_step(call, f"(first run: {exit_})" if exit_ else "(first run)")
@@ -261,12 +259,13 @@ class Writer:
                                 "ebx": Hex(e.ebx), "ecx": Hex(e.ecx), "edx": Hex(e.edx)} for e in call.data["entries"]]
         if call.errno:
             body["errno"] = _errno_name(call.errno)
+            self.summary.refused.append(f"{call.name} on vCPU {body['vcpu']}: failed with {body['errno']}")
         else:
             body["returned"] = call.result if call.result is not None else 0
         if call.name == "KVM_SET_MSRS" and call.result is not None and 0 <= call.result < len(call.data["msrs"]):
             index, value = call.data["msrs"][call.result]
             self.summary.refused.append(f"KVM_SET_MSRS on vCPU {call.vcpu}: returned {call.result} of "
-                                        f"{len(call.data['msrs'])}, refused MSR 0x{index:x} = 0x{value:x}")
+                                        f"{len(call.data['msrs'])}, refused {msrs.name_of(index)} (0x{index:x}) = 0x{value:x}")
         self._step("ioctl", body, call.time, call.pid, note)
 
     def _traced(self, call: Call) -> None:
@@ -279,6 +278,8 @@ class Writer:
             body["detail"] = detail
         if call.errno:
             body["errno"] = _errno_name(call.errno)
+            self.summary.failed[f"{call.name} {body['errno']}"] = self.summary.failed.get(
+                f"{call.name} {body['errno']}", 0) + 1
         elif call.result is not None:
             body["returned"] = call.result
         if not self._ours(call) and call.pid:
@@ -303,7 +304,7 @@ def _detail(call: Call) -> str:
     d = call.data
     n = call.name
     if n == "KVM_ENABLE_CAP":
-        cap = uapi.CAPABILITY_NAMES.get(d["cap"], str(d["cap"]))
+        cap = uapi.CAPABILITY_NAMES.get(d["cap"], f"capability {d['cap']}")
         return f"{cap} flags 0x{d['flags']:x} args [{', '.join(hex(a) for a in d['args'])}]"
     if n == "KVM_SET_USER_MEMORY_REGION":
         return f"slot {d['slot']} gpa 0x{d['gpa']:x} size 0x{d['size']:x} flags 0x{d['flags']:x}"
@@ -314,5 +315,5 @@ def _detail(call: Call) -> str:
     if n in ("KVM_GET_MSRS", "KVM_SET_MSRS") and "msrs" in d:  # on /dev/kvm (feature MSRs) or another VM
         return " ".join(f"0x{i:x}=0x{v:x}" for i, v in d["msrs"])
     if n == "KVM_CHECK_EXTENSION":
-        return uapi.CAPABILITY_NAMES.get(d["value"], str(d["value"]))
+        return uapi.CAPABILITY_NAMES.get(d["value"], f"capability {d['value']}")
     return ""

@@ -9,6 +9,7 @@ to see the result (except for a vCPU's later KVM_RUNs, only counted). Threads an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import struct
@@ -36,12 +37,29 @@ class Result:
     """How the traced command ended and what was recorded."""
 
     argv: list[str]
+    pid: int
     exit_code: int | None  # the command's exit status, or None when a signal ended it
     signal: int | None
     timed_out: bool
     seconds: float
     summary: Summary
     errors: list[str] = field(default_factory=list)  # payloads that could not be read, etc.
+
+    @property
+    def ended(self) -> str:
+        """How the command ended, in words."""
+        if self.timed_out:
+            return "was killed by kvmscope trace after the timeout"
+        if self.signal is not None:
+            return f"was killed by signal {self.signal} ({signal.Signals(self.signal).name})"
+        return f"exited with status {self.exit_code}"
+
+    def to_json(self) -> dict[str, object]:
+        s = self.summary
+        return {"command": self.argv, "exit_code": self.exit_code, "signal": self.signal, "timed_out": self.timed_out,
+                "ended": self.ended, "seconds": round(self.seconds, 6), "ioctls": s.calls, "steps": s.steps,
+                "vcpus": s.vcpus, "runs": {str(k): v for k, v in s.runs.items()}, "by_name": s.by_name,
+                "refused": s.refused, "failed": s.failed, "other_vms": s.other_vms, "errors": self.errors}
 
 
 def _skip_requests() -> list[int]:
@@ -193,10 +211,8 @@ class Tracer:
 
 def _signal_all(tasks: set[int], sig: int) -> None:
     for t in list(tasks):
-        try:
+        with contextlib.suppress(OSError):  # gone already
             os.kill(t, sig)
-        except OSError:
-            pass
 
 
 def _child(argv: Sequence[str]) -> None:
@@ -251,7 +267,7 @@ def record(argv: Sequence[str], out: TextIO, timeout: float | None = None, name:
         if timer:
             timer.cancel()
     summary = writer.close()
-    return Result(list(argv), os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+    return Result(list(argv), pid, os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
                   os.WTERMSIG(status) if os.WIFSIGNALED(status) else None, timed_out.is_set(),
                   time.monotonic() - started, summary, tracer.errors)
 

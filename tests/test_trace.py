@@ -1,0 +1,187 @@
+"""`kvmscope trace`: the seccomp filter, the ioctl names, and real recordings of QEMU on this machine."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kvmscope import uapi
+from kvmscope.cli import main
+from kvmscope.linux import LinuxSystem
+from kvmscope.scenario import Traced, load
+from kvmscope.trace import seccomp
+from kvmscope.trace.recorder import record
+
+QEMU = shutil.which("qemu-system-x86_64")
+# A QEMU that stops before the guest runs (-S), with nothing attached; it aborts at vCPU creation with -cpu host here.
+QEMU_ARGS = ["-enable-kvm", "-nographic", "-nodefaults", "-nic", "none", "-S", "-display", "none"]
+BY_NAME = {v: k for k, v in uapi.TRACE_IOCTL_NAMES.items()}
+TCGETS = 0x5401
+
+
+def _qemu(cpu: str) -> list[str]:
+    assert QEMU, "qemu-system-x86_64 is missing: .ci/run installs Debian's qemu-system-x86"
+    return [QEMU, *QEMU_ARGS, "-cpu", cpu]
+
+
+# --- the filter -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("nr", "request_", "arch", "expected"), [
+    (seccomp.NR_IOCTL, uapi.KVM_RUN, seccomp.AUDIT_ARCH_X86_64, seccomp.SECCOMP_RET_TRACE),
+    (seccomp.NR_IOCTL, uapi.KVM_SET_MSRS, seccomp.AUDIT_ARCH_X86_64, seccomp.SECCOMP_RET_TRACE),
+    (seccomp.NR_IOCTL, 0xFFFFFFFF_C008AE88 & 0xFFFFFFFF, seccomp.AUDIT_ARCH_X86_64, seccomp.SECCOMP_RET_TRACE),
+    (seccomp.NR_IOCTL, TCGETS, seccomp.AUDIT_ARCH_X86_64, seccomp.SECCOMP_RET_ALLOW),
+    (seccomp.NR_IOCTL, BY_NAME["KVM_IRQ_LINE"], seccomp.AUDIT_ARCH_X86_64, seccomp.SECCOMP_RET_ALLOW),
+    (seccomp.NR_IOCTL, BY_NAME["KVM_SIGNAL_MSI"], seccomp.AUDIT_ARCH_X86_64, seccomp.SECCOMP_RET_ALLOW),
+    (0, uapi.KVM_RUN, seccomp.AUDIT_ARCH_X86_64, seccomp.SECCOMP_RET_ALLOW),  # read(), whatever its args
+    (seccomp.NR_IOCTL, uapi.KVM_RUN, 0x40000003, seccomp.SECCOMP_RET_ALLOW),  # not x86_64
+])
+def test_filter_program(nr: int, request_: int, arch: int, expected: int) -> None:
+    skip = [BY_NAME[n] for n in uapi.TRACE_SKIPPED]
+    got = seccomp.run_filter(seccomp.program(skip), nr, request_, arch)
+    assert got == expected, f"syscall {nr} request 0x{request_:x} arch 0x{arch:x}: expected 0x{expected:x}, got 0x{got:x}"
+
+
+def test_filter_in_the_kernel(live: LinuxSystem) -> None:
+    """Installed for real without a tracer, a TRACE verdict fails the call with ENOSYS: only KVMIO ioctls get it."""
+    pid = os.fork()
+    if pid == 0:  # the child reports each outcome as one bit of its exit code
+        code = 0
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            kvm = os.open("/dev/kvm", os.O_RDWR)
+            seccomp.install([BY_NAME[n] for n in uapi.TRACE_SKIPPED])
+            if libc.ioctl(kvm, uapi.KVM_GET_API_VERSION, 0) == -1 and ctypes.get_errno() == errno.ENOSYS:
+                code |= 1
+            if libc.ioctl(kvm, TCGETS, 0) == -1 and ctypes.get_errno() != errno.ENOSYS:  # KVM: EINVAL
+                code |= 2
+            if libc.ioctl(kvm, BY_NAME["KVM_IRQ_LINE"], 0) == -1 and ctypes.get_errno() != errno.ENOSYS:
+                code |= 4
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 10
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the filtered child did not exit within 10 s")
+    assert os.WEXITSTATUS(done[1]) == 7, (
+        f"expected ENOSYS for KVM_GET_API_VERSION, a real error for TCGETS and for KVM_IRQ_LINE (bits 1|2|4), "
+        f"got bits {os.WEXITSTATUS(done[1])}")
+
+
+def test_ioctl_names_match_the_header() -> None:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    assert cc, "needs a C compiler (gcc) to check against linux/kvm.h"
+    lines = ["#include <stdio.h>", "#include <linux/kvm.h>", "int main(void) {"]
+    lines += [f'printf("{n} %lu\\n", (unsigned long){n});' for n in uapi.TRACE_IOCTL_NAMES.values()]
+    lines += ["return 0;", "}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "names.c"
+        src.write_text("\n".join(lines))
+        subprocess.run([cc, "-o", f"{tmp}/names", str(src)], check=True, capture_output=True, timeout=60)
+        out = subprocess.run([f"{tmp}/names"], check=True, capture_output=True, text=True, timeout=10).stdout
+    header = {name: int(v) for name, v in (line.split() for line in out.splitlines())}
+    wrong = {n: (hex(r), hex(header[n])) for r, n in uapi.TRACE_IOCTL_NAMES.items() if header[n] != r}
+    assert not wrong, f"request numbers (ours, kvm.h's) that differ: {wrong}"
+
+
+# --- real recordings ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def host_recording(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """`kvmscope trace` of QEMU -cpu host, which aborts at vCPU creation on this host."""
+    out = tmp_path_factory.mktemp("trace") / "cpu-host.yaml"
+    result = CliRunner().invoke(main, ["trace", "--out", str(out), "--timeout", "60", "--", *_qemu("host")],
+                                terminal_width=250)
+    return out, result.output
+
+
+def test_trace_records_the_arch_capabilities_abort(live: LinuxSystem, host_recording: tuple[Path, str]) -> None:
+    path, output = host_recording
+    assert "killed by signal 6 (SIGABRT)" in output, f"expected QEMU to abort, got:\n{output}"
+    assert re.search(r"refused: KVM_SET_MSRS on vCPU 0: returned 0 of \d+, refused MSR_IA32_ARCH_CAPABILITIES "
+                     r"\(0x10a\) = 0x69", output), f"expected the refused ARCH_CAPABILITIES write, got:\n{output}"
+    scenario = load(path)
+    assert scenario.faithful, "a recording replays faithfully"
+    sets = [s for s in scenario.steps if getattr(s, "name", "") == "KVM_SET_MSRS"]
+    assert sets and (0x10A, 0x69) in sets[-1].msrs and sets[-1].returned == 0, (  # type: ignore[attr-defined]
+        f"expected the last KVM_SET_MSRS to hold 0x10a=0x69 and return 0, got {sets[-1:]}")
+    names = [s.name for s in scenario.steps if isinstance(s, Traced)]
+    assert "KVM_CREATE_VM" in names and "KVM_X86_SETUP_MCE" in names, f"expected the other ioctls kept, got {names}"
+    assert "KVM_IRQ_LINE" not in names, "IRQ_LINE is not trapped"
+
+
+@pytest.mark.parametrize("backend", ["model", "linux"])
+def test_check_explains_the_recording(live: LinuxSystem, host_recording: tuple[Path, str], backend: str) -> None:
+    """Replayed on the live kernel and on the model (this host's profile), every recorded result comes back."""
+    path, _ = host_recording
+    result = CliRunner().invoke(main, ["check", str(path), "--backend", backend, "--profile", "pvm-6.18"],
+                                terminal_width=250)
+    assert result.exit_code == 0, f"expected every recorded result reproduced on {backend}, got:\n{result.output}"
+    for text in ("refused MSR_IA32_ARCH_CAPABILITIES (0x10a)", "a5d563890b8f", "since 6.13",
+                 "CPUID.7.0:EDX[29]", "expected: count 0 -> met"):
+        assert text in result.output, f"expected {text!r} in the {backend} report, got:\n{result.output}"
+
+
+def test_compare_names_the_kernels_that_accept_it(host_recording: tuple[Path, str]) -> None:
+    path, _ = host_recording
+    result = CliRunner().invoke(main, ["check", str(path), "--compare", "6.3,6.12,6.13,6.18", "--profile",
+                                       "pvm-6.18"], terminal_width=300)
+    assert re.search(r"ioctl: accepted on 6\.3; refused at MSR_IA32_ARCH_CAPABILITIES from 6\.13 \(rule since "
+                     r"6\.13: a5d563890b8f", result.output), f"expected 6.3-6.12 to accept, got:\n{result.output}"
+
+
+def _vcpu_ioctls(path: Path) -> list[str]:
+    """The vCPU ioctls of a recording, in order (typed steps by name, traced ones too)."""
+    out = []
+    for s in load(path).steps:
+        name = getattr(s, "name", "")
+        if isinstance(s, Traced) and s.on != "vcpu":
+            continue
+        if name:
+            out.append(name)
+    return out
+
+
+def test_faithful_replay_issues_only_the_recorded_ioctls(live: LinuxSystem, host_recording: tuple[Path, str],
+                                                         tmp_path: Path) -> None:
+    """The tracer records `check --backend linux` replaying a recording: the replay's vCPU ioctls are exactly the
+    VMM's vCPU-model ones. Without ``faithful`` the replay adds register set-up and reads, and the test sees it."""
+    path, _ = host_recording
+    recorded = [n for n in _vcpu_ioctls(path) if n in ("KVM_CREATE_VCPU", "KVM_SET_CPUID2", "KVM_SET_MSRS",
+                                                        "KVM_GET_MSRS", "KVM_RUN")]
+    unfaithful = tmp_path / "unfaithful.yaml"
+    unfaithful.write_text(path.read_text().replace("faithful: true\n", ""))
+    seen = {}
+    for name, scenario in (("faithful", path), ("unfaithful", unfaithful)):
+        replay = tmp_path / f"replay-{name}.yaml"
+        with open(replay, "w") as out:
+            r = record([str(Path(sys.executable).parent / "kvmscope"), "check", str(scenario), "--backend", "linux",
+                        "--profile", "pvm-6.18"], out, timeout=120)
+        assert r.exit_code == 0, f"the replay of {name} failed: {r.ended}"
+        seen[name] = _vcpu_ioctls(replay)
+    assert seen["faithful"] == recorded, f"expected the replay's vCPU ioctls {recorded}, got {seen['faithful']}"
+    assert "KVM_SET_SREGS" in seen["unfaithful"], f"expected extra set-up without faithful: {seen['unfaithful']}"
+
+
+def test_timeout_kills_the_command_and_its_threads(live: LinuxSystem, tmp_path: Path) -> None:
+    with open(tmp_path / "q.yaml", "w") as out:
+        r = record(_qemu("qemu64"), out, timeout=2)
+    assert r.timed_out and r.signal == 9, f"expected QEMU -S killed after 2 s, got {r.ended}"
+    assert r.summary.vcpus == [0] and r.summary.runs.get(0, 0) == 0, f"expected a vCPU that never ran: {r.summary}"
+    assert not Path(f"/proc/{r.pid}").exists(), f"expected QEMU (pid {r.pid}) gone, it is still there"
