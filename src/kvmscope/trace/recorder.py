@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from os import _exit  # the documented exit for a forked child (no cleanup of the parent's state)
 from typing import TextIO
 
 from .. import uapi
@@ -226,7 +227,7 @@ def _child(argv: Sequence[str]) -> None:
     except OSError as e:
         os.write(2, f"kvmscope trace: cannot run {argv[0]}: {e.strerror or e}\n".encode())
     finally:
-        os._exit(127)
+        _exit(127)
 
 
 def record(argv: Sequence[str], out: TextIO, timeout: float | None = None, name: str | None = None) -> Result:
