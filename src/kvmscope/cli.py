@@ -152,16 +152,18 @@ def list_msrs(as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("scenario_file", metavar="SCENARIO", type=click.Path(dir_okay=False))
+@click.argument("scenario_file", metavar="SCENARIO", type=click.Path(dir_okay=False), required=False)
 @click.option("--backend", type=click.Choice(["model", "linux"]), default="model", show_default=True,
               help="model: replay on kvmscope's software KVM; linux: replay on the live /dev/kvm.")
 @kernel_option
 @profile_option
 @click.option("--compare", "compare_kernels", metavar="V1,V2,...",
               help="Replay on the model under several kernel rulesets and show the steps whose outcome changes.")
+@click.option("--corpus", "corpus_dir", metavar="DIR", type=click.Path(file_okay=False, exists=True),
+              help="Instead of SCENARIO: every recording in DIR x the --compare kernels (x --profile P1,P2).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def check(scenario_file: str, backend: str, kernel: str | None, profile: str | None, compare_kernels: str | None,
-          as_json: bool) -> None:
+def check(scenario_file: str | None, backend: str, kernel: str | None, profile: str | None,
+          compare_kernels: str | None, corpus_dir: str | None, as_json: bool) -> None:
     """Replay a VMM's sequence of vCPU-model operations and say, step by step, what the kernel does and why.
 
     \b
@@ -172,7 +174,10 @@ def check(scenario_file: str, backend: str, kernel: str | None, profile: str | N
       kvmscope check examples/platform-info-after-run.yaml
       kvmscope check examples/platform-info-after-run.yaml --backend linux
       kvmscope check examples/sandbox-reset-snapshot.yaml --compare 6.3,6.10,6.18
+      kvmscope check --corpus corpus/qemu-7.2 --compare 6.3,6.12,6.13,6.18
     """
+    if corpus_dir is not None or scenario_file is None:
+        _corpus(corpus_dir, scenario_file, compare_kernels, profile, as_json)
     versions = None
     if compare_kernels is not None:
         if backend != "model":
@@ -272,3 +277,20 @@ def trace(out_path: str, timeout: float, as_json: bool, command: tuple[str, ...]
     if result.exit_code == 127 and not result.summary.calls:
         fail(f"kvmscope trace: {command[0]} could not be run (exit status 127, no KVM ioctl)", EXIT_USAGE)
     trace_result(result, out_path, as_json)
+
+
+def _corpus(corpus_dir: str | None, scenario_file: str | None, kernels: str | None, profiles: str | None,
+            as_json: bool) -> None:
+    """`check --corpus DIR`: the matrix of recordings x kernels (x profiles), each cell OK or the first refusal."""
+    from pathlib import Path
+
+    from .trace.report import corpus_matrix
+    from .trace.whatif import matrix
+
+    if corpus_dir is None or scenario_file is not None:
+        raise click.UsageError("give either SCENARIO or --corpus DIR")
+    versions = [v.strip() for v in (kernels or "6.3,6.12,6.13,6.18").split(",") if v.strip()]
+    with exit_on_error():
+        cells = matrix(Path(corpus_dir), versions, [p.strip() for p in profiles.split(",")] if profiles else [None])
+    corpus_matrix(cells, versions, as_json)
+    sys.exit(EXIT_OK)

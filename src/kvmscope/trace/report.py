@@ -8,6 +8,7 @@ import click
 
 from ..render import console
 from .recorder import Result as TraceResult
+from .whatif import Cell
 
 
 def trace_result(result: TraceResult, out: str, as_json: bool) -> None:
@@ -34,3 +35,31 @@ def trace_result(result: TraceResult, out: str, as_json: bool) -> None:
         con.print(f"[yellow]warning[/]: {line}", highlight=False)
     con.print(f"next: kvmscope check {out}   (why each refusal; --compare V1,V2 for other kernels)",
               highlight=False)
+
+
+def corpus_matrix(cells: list[Cell], kernels: list[str], as_json: bool) -> None:
+    """Recordings x kernels (x profiles): OK, or the first refusal."""
+    if as_json:
+        click.echo(json.dumps([c.to_json() for c in cells], indent=2))
+        return
+    from rich.table import Table
+
+    con = console()
+    profiles = list(dict.fromkeys(c.profile for c in cells))
+    for profile in profiles:
+        table = Table(title=f"recordings x kernels (model, profile {profile})", show_lines=True)
+        table.add_column("recording")
+        for k in kernels:
+            table.add_column(k.rsplit("/", 1)[-1].removesuffix(".toml") + (" (proposed)" if k.endswith(".toml") else ""))
+        for rec in dict.fromkeys(c.recording for c in cells):
+            row = {c.kernel: c for c in cells if c.recording == rec and c.profile == profile}
+            table.add_row(rec, *(_cell(row[k]) for k in kernels))
+        con.print(table)
+
+
+def _cell(c: Cell) -> str:
+    if c.ok:
+        return "[green]OK[/]"
+    rule = f"; rule {c.rule}" if c.rule else ""
+    same = "; as recorded" if c.as_recorded else ""
+    return f"[red]{c.text}[/]{rule}{same}"
