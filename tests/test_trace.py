@@ -185,3 +185,79 @@ def test_timeout_kills_the_command_and_its_threads(live: LinuxSystem, tmp_path: 
     assert r.timed_out and r.signal == 9, f"expected QEMU -S killed after 2 s, got {r.ended}"
     assert r.summary.vcpus == [0] and r.summary.runs.get(0, 0) == 0, f"expected a vCPU that never ran: {r.summary}"
     assert not Path(f"/proc/{r.pid}").exists(), f"expected QEMU (pid {r.pid}) gone, it is still there"
+
+
+# --- what-if: the corpus matrix and proposed rules ------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "corpus" / "qemu-7.2"
+REVERT = ROOT / "examples" / "proposals" / "revert-arch-cap-check.toml"
+
+
+def test_corpus_matrix_names_the_kernels_and_the_proposal() -> None:
+    result = CliRunner().invoke(main, ["check", "--corpus", str(CORPUS), "--compare", f"6.12,6.18,{REVERT}", "--json"])
+    assert result.exit_code == 0, result.output
+    cells = {(c["recording"], c["kernel"]): c for c in __import__("json").loads(result.output)}
+    recordings = {r for r, _ in cells}
+    assert {"qemu64", "skylake-server", "host-arch-cap-off", "host", "reset", "hotplug", "savevm-loadvm",
+            "migrate-out", "migrate-in"} <= recordings, f"expected the whole corpus, got {sorted(recordings)}"
+    assert cells[("host", "6.12")]["ok"], f"expected 6.12 to accept -cpu host's writes: {cells[('host', '6.12')]}"
+    on_618 = cells[("host", "6.18")]
+    assert not on_618["ok"] and "MSR_IA32_ARCH_CAPABILITIES (0x10a) = 0x69" in on_618["text"] \
+        and on_618["rule"] == "a5d563890b8f" and on_618["as_recorded"], f"expected the 6.13 refusal: {on_618}"
+    assert cells[("host", str(REVERT))]["ok"], f"expected the proposal to accept it: {cells[('host', str(REVERT))]}"
+
+
+FREEZE_SCENARIO = """scenario: 1
+steps:
+  - create_vcpu: 0
+  - set_msrs: {vcpu: 0, msrs: {UCODE_REV: 0x100000000}}
+  - run: 0
+  - set_msrs: {vcpu: 0, msrs: {UCODE_REV: 0x200000000}}
+"""
+
+
+def test_a_proposed_freeze_refuses_what_the_kernel_accepts(tmp_path: Path) -> None:
+    (tmp_path / "s.yaml").write_text(FREEZE_SCENARIO)
+    (tmp_path / "freeze-ucode.toml").write_text('base = "6.18"\nimmutable = ["UCODE_REV"]\n')
+    outcomes = {}
+    for kernel in ("6.18", str(tmp_path / "freeze-ucode.toml")):
+        result = CliRunner().invoke(main, ["check", str(tmp_path / "s.yaml"), "--kernel", kernel, "--json"])
+        outcomes[kernel] = __import__("json").loads(result.output)["steps"][3]["outcome"]
+    assert outcomes == {"6.18": "accepted", str(tmp_path / "freeze-ucode.toml"): "refused"}, (
+        f"expected UCODE_REV writable on 6.18 and frozen by the proposal, got {outcomes}")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('base = "6.18"\nimmutable = ["NO_SUCH_MSR"]\n', "NO_SUCH_MSR"),
+    ('base = "6.18"\nremove = ["no_such_rule"]\n', "no rule named 'no_such_rule'"),
+    ('immutable = []\n', "base: expected a kernel version"),
+    ('base = "6.18"\nfreeze = true\n', "unknown field(s) ['freeze']"),
+    ('base = 6.18.1\n', "not valid TOML"),
+])
+def test_a_bad_proposal_is_one_clear_line(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "s.yaml").write_text(FREEZE_SCENARIO)
+    (tmp_path / "p.toml").write_text(text)
+    result = CliRunner().invoke(main, ["check", str(tmp_path / "s.yaml"), "--kernel", str(tmp_path / "p.toml")])
+    said = "".join(result.output.split())  # the console wraps long lines
+    assert result.exit_code == 2 and "".join(message.split()) in said and str(tmp_path / "p.toml") in said, (
+        f"expected exit 2 naming the file and {message!r}, got {result.exit_code}: {result.output}")
+
+
+def test_trace_boot_records_the_first_run_and_counts_the_rest(live: LinuxSystem, tmp_path: Path) -> None:
+    """A real SeaBIOS boot (QEMU -cpu qemu64 to "No bootable device", then quit through the monitor)."""
+    from kvmscope.trace.corpus import CASES, run_case
+
+    seconds, result, drove = run_case(CASES[0], tmp_path, tmp_path / "qemu64.yaml", timeout=120)
+    assert result is not None and drove.error is None and result.exit_code == 0, (
+        f"expected QEMU to boot and quit, got {result.ended if result else None}, driver: {drove.error}")
+    steps = load(tmp_path / "qemu64.yaml").steps
+    first = [s for s in steps if getattr(s, "name", "") == "KVM_RUN" and not isinstance(s, Traced)]
+    counted = sum(s.count for s in steps if isinstance(s, Traced) and s.name == "KVM_RUN")
+    assert len(first) == 1 and "first run" in first[0].label, f"expected one first KVM_RUN step, got {first}"
+    assert counted + 1 >= result.summary.runs[0] - 5 and counted > 100, (
+        f"expected the later runs counted (summary {result.summary.runs}), got {counted}")
+    writes = [s for s in steps if getattr(s, "name", "") == "KVM_SET_MSRS"]
+    mtrr = [s for s in writes if any(i == 0x2FF for i, _ in s.msrs)]  # type: ignore[attr-defined]
+    assert mtrr and all(s.returned == len(s.msrs) for s in mtrr), (  # type: ignore[attr-defined]
+        "expected QEMU's MTRRdefType writes, all accepted by the live kernel")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import msrs
-from ..errors import InvalidValueError
+from ..errors import InvalidValueError, KvmscopeError
 from . import rulesets as R
 
 
@@ -73,7 +73,7 @@ def load(path: str | Path) -> ProposedRuleset:
         rules -= {R.rule(k) for k in _strings(data, "remove", where)}
         immutable = frozenset(msrs.index_of(m if not m.lower().startswith("0x") else int(m, 16))
                               for m in _strings(data, "immutable", where))
-    except InvalidValueError as e:
+    except KvmscopeError as e:  # an unknown rule key or MSR name
         raise InvalidValueError(f"{where}: {e}") from None
     except ValueError as e:
         raise InvalidValueError(f"{where}: immutable: {e}") from None
