@@ -280,7 +280,7 @@ def trace(out_path: str, timeout: float, as_json: bool, command: tuple[str, ...]
 
 
 def _corpus(corpus_dir: str | None, scenario_file: str | None, kernels: str | None, profiles: str | None,
-            as_json: bool) -> None:
+            as_json: bool) -> NoReturn:
     """`check --corpus DIR`: the matrix of recordings x kernels (x profiles), each cell OK or the first refusal."""
     from pathlib import Path
 

@@ -44,8 +44,8 @@ def first_refusal(path: Path, kernel: str, profile: str | None) -> Cell:
                 if r.outcome in ("refused", "error"):
                     return _refused(path, kernel, prof, r)
     finally:
-        results.close()
-        opened.steps.close()
+        for generator in (results, opened.steps):  # stop both now: the VM and the file are released at once
+            getattr(generator, "close", lambda: None)()
     return Cell(path.stem, kernel, prof, True, "OK")
 
 
