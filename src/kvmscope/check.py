@@ -379,8 +379,30 @@ def compare(reports: dict[str, Report]) -> list[Change]:
 # --- recordings (`kvmscope trace`) ------------------------------------------------------------------------------------
 
 
+def _setup_mce(self: Replayer, step: Traced, res: StepResult) -> bool:
+    """KVM_X86_SETUP_MCE replayed on the live kernel: it decides which MCE MSRs (MCG_CTL, the banks) KVM_SET_MSRS takes
+    later. The binding has no method for it yet (and the model no MCE banks), so it is issued on the vCPU's fd here."""
+    fd = getattr(self.vcpus.get(step.vcpu), "fd", None)
+    if self.system.backend != "linux" or fd is None or step.errno or not step.detail.startswith("mcg_cap "):
+        return False
+    import fcntl
+    import struct
+
+    cap = int(step.detail.split()[1], 16)
+    try:
+        fcntl.ioctl(fd, uapi.KVM_X86_SETUP_MCE_TRACED, struct.pack("<Q", cap))
+        res.outcome, res.summary = "accepted", f"KVM_X86_SETUP_MCE mcg_cap 0x{cap:x} (replayed)"
+    except OSError as e:
+        res.outcome, res.errno = "error", e.errno
+        res.summary = f"KVM_X86_SETUP_MCE mcg_cap 0x{cap:x} failed: {_errno.errorcode.get(e.errno or 0, e.errno)}"
+        res.met = False
+    return True
+
+
 def _traced(self: Replayer, step: Traced, res: StepResult, shadow: StepResult | None) -> None:
     """A recorded ioctl that replay does not repeat: reported as it was recorded."""
+    if step.name == "KVM_X86_SETUP_MCE" and _setup_mce(self, step, res):
+        return
     what = f"{step.name}{f' ({step.detail})' if step.detail else ''}{f' x{step.count}' if step.count != 1 else ''}"
     if step.errno:
         got = f"failed with {_errno.errorcode.get(step.errno, step.errno)}"

@@ -555,3 +555,6 @@ TRACE_IOCTL_NAMES: Final[dict[int, str]] = {
 
 TRACE_SKIPPED: Final[tuple[str, ...]] = ("KVM_IRQ_LINE", "KVM_IRQ_LINE_STATUS", "KVM_SIGNAL_MSI", "KVM_INTERRUPT")
 """Interrupt-injection ioctls, issued at device rate: the recorder's seccomp filter lets them run untrapped."""
+
+KVM_X86_SETUP_MCE_TRACED: Final = 0x4008AE9C
+"""KVM_X86_SETUP_MCE (``_IOW(KVMIO, 0x9c, __u64)``), which a faithful replay of a recording repeats on the live kernel."""
