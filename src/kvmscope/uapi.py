@@ -550,6 +550,8 @@ TRACE_IOCTL_NAMES: Final[dict[int, str]] = {
     0x0000aece: "KVM_GET_STATS_FD",
     0x9000aecf: "KVM_GET_XSAVE2",
     0xc008aeba: "KVM_MEMORY_ENCRYPT_OP",
+    0x8140aecc: "KVM_GET_SREGS2",
+    0x4140aecd: "KVM_SET_SREGS2",
 }  # fmt: skip
 """Request number to name, for every KVMIO ioctl a VMM may issue on x86 (the recorder names what it traps)."""
 

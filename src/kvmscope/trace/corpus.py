@@ -43,7 +43,7 @@ CASES: tuple[Case, ...] = (
     Case("host-arch-cap-off", "host,arch-capabilities=off"),
     Case("host", "host", boots=False),
     Case("reset", "qemu64", actions=("system_reset", "wait-boot")),
-    Case("hotplug", "qemu64", ("-smp", "1,maxcpus=2"),
+    Case("hotplug", "qemu64", ("-smp", "1,sockets=2,cores=1,threads=1,maxcpus=2"),
          actions=("device_add qemu64-x86_64-cpu,id=cpu1,socket-id=1,core-id=0,thread-id=0", "sleep 1")),
     Case("savevm-loadvm", "qemu64", actions=("savevm snap1", "loadvm snap1", "sleep 1"), disk=True),
     Case("migrate-out", "qemu64", actions=("stop", "migrate exec:cat>MIGFILE", "wait-migrate")),
@@ -133,7 +133,12 @@ def drive(case: Case, work: Path, deadline: float, drove: Drive) -> None:
                             raise TimeoutError(f"migration did not complete: {status[-200:]}")
                         time.sleep(0.1)
                 else:
-                    drove.log.append(mon.command(action.replace("MIGFILE", str(work / "migration.bin"))))
+                    # HMP echoes the line as typed (with terminal escapes): keep what follows it.
+                    answer = mon.command(action.replace("MIGFILE", str(work / "migration.bin")))
+                    answer = answer.rsplit("\x1b[K", 1)[-1].removesuffix("(qemu) ").strip()
+                    drove.log.append(f"{action}: {answer}")
+                    if "Error" in answer or "error" in answer:
+                        raise OSError(f"{action}: {answer}")
             mon.command("quit")  # answered by the socket closing as QEMU exits (closing first loses the command)
         finally:
             mon.close()

@@ -174,6 +174,7 @@ class Writer:
         self.vm: tuple[int, int] | None = None  # (pid, fd) of the VM the scenario follows
         self.pending: _Pending | None = None
         self.ran: dict[int, tuple[float, int]] = {}  # vCPU -> (time of the last unwritten run, runs not written)
+        self.pid = 0  # the process that created the VM
         out.write(f"scenario: 1\nname: {json.dumps(name)}\ndescription: {json.dumps(description)}\nfaithful: true\n"
                   "steps:\n")
 
@@ -196,7 +197,7 @@ class Writer:
             time, n = self.ran.get(v, (0.0, 0))
             if n:
                 self._flush_pending()
-                self._step("traced", {"on": "vcpu", "vcpu": v, "name": "KVM_RUN", "count": n}, time, 0,
+                self._step("traced", {"on": "vcpu", "vcpu": v, "name": "KVM_RUN", "count": n}, time, self.pid,
                            "(later runs of this vCPU, counted)")
                 self.ran[v] = (time, 0)
 
@@ -223,6 +224,7 @@ class Writer:
         if call.name == "KVM_CREATE_VM" and call.result is not None and call.result >= 0:
             if self.vm is None:
                 self.vm = (call.pid, call.result)
+                self.pid = call.pid
             else:
                 s.other_vms += 1
         if call.obj == "vcpu":
