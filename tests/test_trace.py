@@ -163,8 +163,8 @@ def test_faithful_replay_issues_only_the_recorded_ioctls(live: LinuxSystem, host
     """The tracer records `check --backend linux` replaying a recording: the replay's vCPU ioctls are exactly the
     VMM's vCPU-model ones. Without ``faithful`` the replay adds register set-up and reads, and the test sees it."""
     path, _ = host_recording
-    recorded = [n for n in _vcpu_ioctls(path) if n in ("KVM_CREATE_VCPU", "KVM_SET_CPUID2", "KVM_SET_MSRS",
-                                                        "KVM_GET_MSRS", "KVM_RUN")]
+    replayed = ("KVM_CREATE_VCPU", "KVM_X86_SETUP_MCE", "KVM_SET_CPUID2", "KVM_SET_MSRS", "KVM_GET_MSRS", "KVM_RUN")
+    recorded = [n for n in _vcpu_ioctls(path) if n in replayed]
     unfaithful = tmp_path / "unfaithful.yaml"
     unfaithful.write_text(path.read_text().replace("faithful: true\n", ""))
     seen = {}
@@ -278,3 +278,11 @@ def test_corpus_replays_on_the_live_kernel_as_recorded(live: LinuxSystem, record
             f"expected only the LAPIC-dependent ASYNC_PF_INT writes to differ, got {unmet}")
         return
     assert result.exit_code == 0 and not unmet, f"expected every recorded result on the live kernel, got {unmet}"
+
+
+def test_a_command_that_stops_itself_goes_on(tmp_path: Path) -> None:
+    """A SIGSTOP the traced command sends itself is a group-stop: resumed, not re-injected forever."""
+    with open(tmp_path / "sh.yaml", "w") as out:
+        r = record(["sh", "-c", "kill -STOP $$; exit 3"], out, timeout=20)
+    assert not r.timed_out and r.exit_code == 3, f"expected the shell to go on and exit 3, got: {r.ended}"
+    assert r.summary.calls == 0 and load(tmp_path / "sh.yaml").steps == [], "no KVM ioctl, no step"

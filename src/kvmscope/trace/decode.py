@@ -175,15 +175,21 @@ class Writer:
         self.pending: _Pending | None = None
         self.ran: dict[int, tuple[float, int]] = {}  # vCPU -> (time of the last unwritten run, runs not written)
         self.pid = 0  # the process that created the VM
-        out.write(f"scenario: 1\nname: {json.dumps(name)}\ndescription: {json.dumps(description)}\nfaithful: true\n"
-                  "steps:\n")
+        out.write(f"scenario: 1\nname: {json.dumps(name)}\ndescription: {json.dumps(description)}\nfaithful: true\n")
+        self.started = False  # "steps:" is written with the first step ("steps: []" at the end if none came)
 
     # --- writing -----------------------------------------------------------------------------------------------
 
     def _step(self, kind: str, body: dict[str, Any], time: float, pid: int, note: str = "") -> None:
         label = f"t={time:.6f} pid {pid}" + (f" {note}" if note else "")
+        self._begin()
         self.out.write(f"- {{{kind}: {flow(body)}, label: {json.dumps(label)}}}\n")
         self.summary.steps += 1
+
+    def _begin(self) -> None:
+        if not self.started:
+            self.out.write("steps:\n")
+            self.started = True
 
     def _flush_pending(self) -> None:
         p, self.pending = self.pending, None
@@ -240,6 +246,7 @@ class Writer:
                 and call.data.get("cap") == uapi.KVM_CAP_DISABLE_QUIRKS2):
             self._flush_pending()
             expect = {"errno": _errno_name(call.errno) if call.errno else "ok"}
+            self._begin()
             self.out.write(f"- {{disable_quirks: {{quirks: {flow(Hex(call.data['args'][0]))}}}, "
                            f"expect: {flow(expect)}, label: {json.dumps(f't={call.time:.6f} pid {call.pid}')}}}\n")
             s.steps += 1
@@ -298,6 +305,8 @@ class Writer:
     def close(self) -> Summary:
         self._flush_pending()
         self._flush_runs()
+        if not self.started:
+            self.out.write("steps: []\n")
         self.out.flush()
         return self.summary
 

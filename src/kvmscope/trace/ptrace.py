@@ -12,6 +12,7 @@ PTRACE_GETREGS = 12
 PTRACE_SYSCALL = 24
 PTRACE_SETOPTIONS = 0x4200
 PTRACE_GETEVENTMSG = 0x4201
+PTRACE_GETSIGINFO = 0x4202
 
 PTRACE_O_TRACESYSGOOD = 0x01
 PTRACE_O_TRACEFORK = 0x02
@@ -85,6 +86,12 @@ def geteventmsg(tid: int) -> int:
     msg = ctypes.c_ulong()
     _check(_libc.ptrace(PTRACE_GETEVENTMSG, tid, None, ctypes.byref(msg)), "ptrace(PTRACE_GETEVENTMSG)")
     return msg.value
+
+
+def is_group_stop(tid: int) -> bool:
+    """Whether a stop is a group-stop (no siginfo: PTRACE_GETSIGINFO fails with EINVAL), not a signal to deliver."""
+    info = ctypes.create_string_buffer(128)  # siginfo_t
+    return _libc.ptrace(PTRACE_GETSIGINFO, tid, None, info) == -1 and ctypes.get_errno() == 22
 
 
 def read_memory(pid: int, address: int, size: int) -> bytes:

@@ -26,6 +26,7 @@ from .decode import Call, Reader, Summary, Writer, classify, name_of, read_entry
 
 WALL = 0x40000000  # __WALL: wait for threads too
 SYSCALL_STOP = signal.SIGTRAP | 0x80  # with PTRACE_O_TRACESYSGOOD
+STOPPING = (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 KVM_RUN_EXIT_REASON = 8  # offsetof(struct kvm_run, exit_reason)
 
 
@@ -204,7 +205,8 @@ class Tracer:
                                                  ptrace.PTRACE_EVENT_VFORK):
             self.tasks.add(ptrace.geteventmsg(tid))
             ptrace.cont(tid)
-        elif sig == signal.SIGTRAP and event != 0:  # exec and the other events
+        elif (sig == signal.SIGTRAP and event != 0) or (sig in STOPPING and ptrace.is_group_stop(tid)):
+            # exec and the other events; a group-stop (the stop already happened: injecting it again would loop)
             ptrace.cont(tid)
         else:  # a signal for the VMM: deliver it
             ptrace.cont(tid, sig)
@@ -216,13 +218,13 @@ def _signal_all(tasks: set[int], sig: int) -> None:
             os.kill(t, sig)
 
 
-def _child(argv: Sequence[str]) -> None:
+def _child(argv: Sequence[str], filt: seccomp.Filter) -> None:
     """In the forked child: be traced, stop until the tracer is ready, install the filter, exec. Never returns."""
     try:
         os.setpgid(0, 0)
         ptrace.traceme()
         os.kill(os.getpid(), signal.SIGSTOP)
-        seccomp.install(_skip_requests())
+        seccomp.install(filt)
         os.execvp(argv[0], list(argv))
     except OSError as e:
         os.write(2, f"kvmscope trace: cannot run {argv[0]}: {e.strerror or e}\n".encode())
@@ -239,9 +241,10 @@ def record(argv: Sequence[str], out: TextIO, timeout: float | None = None, name:
     writer = Writer(out, name or os.path.basename(argv[0]), description)
     tracer = Tracer(writer)
     started = time.monotonic()
+    filt = seccomp.Filter(_skip_requests())  # built before fork: the child only installs it
     pid = os.fork()
     if pid == 0:
-        _child(argv)
+        _child(argv, filt)
     timed_out = threading.Event()
 
     def kill_all() -> None:

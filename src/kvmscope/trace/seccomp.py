@@ -81,12 +81,23 @@ def run_filter(prog: list[tuple[int, int, int, int]], nr: int, request: int, arc
         pc += 1
 
 
-def install(skip: Iterable[int] = ()) -> None:
+_libc = ctypes.CDLL(None, use_errno=True)  # loaded at import: a forked child must not dlopen (another thread may hold
+# the loader's lock at fork time)
+
+
+class Filter:
+    """The filter built in memory ahead of time, so that the forked child only makes two system calls."""
+
+    def __init__(self, skip: Iterable[int] = ()) -> None:
+        prog = program(skip)
+        self.array = (sock_filter * len(prog))(*(sock_filter(*ins) for ins in prog))
+        self.fprog = sock_fprog(len(prog), self.array)
+
+
+def install(skip: Iterable[int] | Filter = ()) -> None:
     """Install the filter on the calling thread (and what it execs). Raises OSError on failure."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    prog = program(skip)
-    arr = (sock_filter * len(prog))(*(sock_filter(*ins) for ins in prog))
-    fprog = sock_fprog(len(prog), arr)
+    built = skip if isinstance(skip, Filter) else Filter(skip)
+    fprog, libc = built.fprog, _libc
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(e)}")
