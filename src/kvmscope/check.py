@@ -372,7 +372,8 @@ def compare(reports: dict[str, Report]) -> list[Change]:
                 # "from" names the first compared kernel with this outcome; the rule says when it really began.
                 segments.append(f"{outcomes[k]} {'on' if prev is None else 'from'} {k}{why}")
                 prev = outcomes[k]
-        changes.append(Change(n, base.line, base.kind, outcomes, "; ".join(segments)))
+        where = f" (vCPU {base.vcpu}, {base.label})" if base.label else ""  # recordings: time, pid and phase
+        changes.append(Change(n, base.line, base.kind, outcomes, "; ".join(segments) + where))
     return changes
 
 

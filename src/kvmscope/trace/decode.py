@@ -175,13 +175,17 @@ class Writer:
         self.pending: _Pending | None = None
         self.ran: dict[int, tuple[float, int]] = {}  # vCPU -> (time of the last unwritten run, runs not written)
         self.pid = 0  # the process that created the VM
+        # The phase, as the ioctls show it: "creation" until a vCPU first runs, then "run"; "hotplug" from a vCPU
+        # created after another ran to its first run; "reload" for vCPU-model writes to a vCPU that has run (a reset,
+        # loadvm and an incoming migration look alike at this level) until the next run.
+        self.phase = "creation"
         out.write(f"scenario: 1\nname: {json.dumps(name)}\ndescription: {json.dumps(description)}\nfaithful: true\n")
         self.started = False  # "steps:" is written with the first step ("steps: []" at the end if none came)
 
     # --- writing -----------------------------------------------------------------------------------------------
 
     def _step(self, kind: str, body: dict[str, Any], time: float, pid: int, note: str = "") -> None:
-        label = f"t={time:.6f} pid {pid}" + (f" {note}" if note else "")
+        label = f"t={time:.6f} pid {pid} {self.phase}" + (f" {note}" if note else "")
         self._begin()
         self.out.write(f"- {{{kind}: {flow(body)}, label: {json.dumps(label)}}}\n")
         self.summary.steps += 1
@@ -216,6 +220,8 @@ class Writer:
         if call.vcpu not in self.ran or not self._ours(call):
             return True
         self.ran[call.vcpu] = (call.time, self.ran[call.vcpu][1] + 1)
+        if self.phase == "reload":
+            self.phase = "run"
         return False
 
     def _ours(self, call: Call) -> bool:
@@ -236,10 +242,13 @@ class Writer:
         if call.obj == "vcpu":
             self._flush_runs(call.vcpu)
         typed = self._ours(call) and (call.obj == "vcpu" or call.name == "KVM_CREATE_VCPU")
+        if typed:
+            self._track_phase(call)
         if typed and call.name in MODEL_STEPS:
             return self._model_step(call)
         if typed and call.name == "KVM_RUN" and not call.errno:  # an interrupted first try (EINTR) is only traced
             self.ran[call.vcpu] = (call.time, 0)
+            self.phase = "run"
             exit_ = EXIT_NAMES.get(call.data.get("exit_reason", -1), "")
             return self._model_step(call, f"(first run: {exit_})" if exit_ else "(first run)")
         if (self._ours(call) and call.name == "KVM_ENABLE_CAP" and call.obj == "vm"
@@ -248,11 +257,19 @@ class Writer:
             expect = {"errno": _errno_name(call.errno) if call.errno else "ok"}
             self._begin()
             self.out.write(f"- {{disable_quirks: {{quirks: {flow(Hex(call.data['args'][0]))}}}, "
-                           f"expect: {flow(expect)}, label: {json.dumps(f't={call.time:.6f} pid {call.pid}')}}}\n")
+                           f"expect: {flow(expect)}, label: {json.dumps(f't={call.time:.6f} pid {call.pid} {self.phase}')}}}\n")
             s.steps += 1
             return None
         self._traced(call)
         return None
+
+    def _track_phase(self, call: Call) -> None:
+        if call.name == "KVM_CREATE_VCPU" and self.ran:
+            self._flush_pending()
+            self.phase = "hotplug"
+        elif call.name in ("KVM_SET_MSRS", "KVM_SET_CPUID2") and call.vcpu in self.ran and self.phase == "run":
+            self._flush_pending()
+            self.phase = "reload"
 
     def _model_step(self, call: Call, note: str = "") -> None:
         self._flush_pending()
