@@ -286,3 +286,34 @@ def test_a_command_that_stops_itself_goes_on(tmp_path: Path) -> None:
         r = record(["sh", "-c", "kill -STOP $$; exit 3"], out, timeout=20)
     assert not r.timed_out and r.exit_code == 3, f"expected the shell to go on and exit 3, got: {r.ended}"
     assert r.summary.calls == 0 and load(tmp_path / "sh.yaml").steps == [], "no KVM ioctl, no step"
+
+
+def test_attach_records_a_running_vmm_and_lets_it_go(live: LinuxSystem, tmp_path: Path) -> None:
+    from kvmscope.trace.corpus import CASES, prepare, qemu_argv
+
+    prepare(CASES[0], tmp_path)
+    qemu = subprocess.Popen(qemu_argv(CASES[0], tmp_path), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(2)  # SeaBIOS is running
+        out = tmp_path / "attached.yaml"
+        result = CliRunner().invoke(main, ["trace", "--attach", str(qemu.pid), "--timeout", "3", "--out", str(out)],
+                                    terminal_width=250)
+        said = " ".join(result.output.split())  # the console wraps long lines
+        assert result.exit_code == 0 and "runs on (kvmscope trace detached from it)" in said, result.output
+        time.sleep(0.5)
+        assert qemu.poll() is None, f"expected QEMU to run on after the detach, it exited with {qemu.returncode}"
+        state = Path(f"/proc/{qemu.pid}/status").read_text().split("\n")[2]
+        assert "T (" not in state, f"expected QEMU not stopped after the detach, got {state!r}"
+        steps = load(out).steps
+        assert steps[0].kind == "create_vcpu" and "existed at attach" in steps[0].label, steps[:1]
+        assert any(getattr(s, "name", "") == "KVM_RUN" for s in steps), "expected KVM_RUNs recorded"
+    finally:
+        qemu.kill()
+        qemu.wait(timeout=10)
+
+
+def test_trace_needs_a_command_or_attach() -> None:
+    for args in (["trace"], ["trace", "--attach", "1", "--", "true"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and "give a COMMAND to run, or --attach PID" in result.output, result.output

@@ -248,10 +248,12 @@ def _compare(scenario: Scenario, versions: list[str], profile: str | None, as_js
 @click.option("--out", "out_path", metavar="FILE", default="trace.yaml", show_default=True,
               type=click.Path(dir_okay=False), help="Write the recording (a scenario file) here.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=0, metavar="SECONDS",
-              help="Kill the command (and its children) after SECONDS; 0: no limit.")
+              help="Kill the command (and its children) after SECONDS; with --attach, detach then. 0: no limit.")
+@click.option("--attach", "attach_pid", type=click.IntRange(min=1), metavar="PID",
+              help="Record a running process instead (every syscall stops it: slower; detaches at the end).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def trace(out_path: str, timeout: float, as_json: bool, command: tuple[str, ...]) -> None:
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def trace(out_path: str, timeout: float, attach_pid: int | None, as_json: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND (a VMM) and record its KVM ioctls as a scenario that `kvmscope check` replays and explains.
 
     Only ioctls on KVM fds stop the command (a seccomp filter); every other syscall runs at full speed. Threads and
@@ -263,15 +265,19 @@ def trace(out_path: str, timeout: float, as_json: bool, command: tuple[str, ...]
     \b
     Examples:
       kvmscope trace --out host.yaml --timeout 30 -- qemu-system-x86_64 -enable-kvm -cpu host -S -nographic -nodefaults
+      kvmscope trace --out running.yaml --attach 4242 --timeout 10
       kvmscope check host.yaml
       kvmscope check host.yaml --compare 6.3,6.12,6.13,6.18
     """
+    from .trace.attach import attach
     from .trace.recorder import TraceError, record
     from .trace.report import trace_result
 
+    if bool(command) == bool(attach_pid):
+        raise click.UsageError("give a COMMAND to run, or --attach PID (not both)")
     try:
         with open(out_path, "w") as out:
-            result = record(command, out, timeout=timeout or None)
+            result = attach(attach_pid, out, timeout or None) if attach_pid else record(command, out, timeout or None)
     except (TraceError, OSError) as e:
         fail(f"kvmscope trace: {e.strerror or e}", EXIT_USAGE)
     if result.exit_code == 127 and not result.summary.calls:

@@ -271,6 +271,11 @@ class Writer:
             self._flush_pending()
             self.phase = "reload"
 
+    def existing(self, vcpu: int) -> None:
+        """A vCPU that existed before an attach: a create_vcpu step, marked (its ioctl was not seen)."""
+        self.summary.vcpus.append(vcpu)
+        self._step("create_vcpu", {"vcpu": vcpu}, 0.0, self.pid, "(existed at attach)")
+
     def _model_step(self, call: Call, note: str = "") -> None:
         self._flush_pending()
         body: dict[str, Any] = {"name": call.name, "vcpu": call.vcpu}

@@ -13,6 +13,13 @@ PTRACE_SYSCALL = 24
 PTRACE_SETOPTIONS = 0x4200
 PTRACE_GETEVENTMSG = 0x4201
 PTRACE_GETSIGINFO = 0x4202
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_GET_SYSCALL_INFO = 0x420E
+PTRACE_DETACH = 17
+PTRACE_EVENT_STOP = 128
+PTRACE_SYSCALL_INFO_ENTRY = 1
+PTRACE_SYSCALL_INFO_EXIT = 2
 
 PTRACE_O_TRACESYSGOOD = 0x01
 PTRACE_O_TRACEFORK = 0x02
@@ -106,3 +113,25 @@ def read_memory(pid: int, address: int, size: int) -> bytes:
     if n != size:
         raise OSError(5, f"process_vm_readv({pid}, 0x{address:x}, {size}): read {n} bytes")
     return buf.raw
+
+
+def seize(tid: int, options: int) -> None:
+    """PTRACE_SEIZE: trace a running task without stopping it (``--attach``)."""
+    _check(_libc.ptrace(PTRACE_SEIZE, tid, None, options), f"ptrace(PTRACE_SEIZE, {tid})")
+
+
+def interrupt(tid: int) -> None:
+    if _libc.ptrace(PTRACE_INTERRUPT, tid, None, None) == -1 and ctypes.get_errno() != 3:
+        _check(-1, "ptrace(PTRACE_INTERRUPT)")
+
+
+def detach(tid: int, sig: int = 0) -> None:
+    if _libc.ptrace(PTRACE_DETACH, tid, None, sig) == -1 and ctypes.get_errno() != 3:
+        _check(-1, "ptrace(PTRACE_DETACH)")
+
+
+def syscall_op(tid: int) -> int:
+    """PTRACE_GET_SYSCALL_INFO's ``op`` at a syscall stop: PTRACE_SYSCALL_INFO_ENTRY or _EXIT."""
+    info = ctypes.create_string_buffer(88)
+    _check(_libc.ptrace(PTRACE_GET_SYSCALL_INFO, tid, ctypes.c_void_p(88), info), "ptrace(PTRACE_GET_SYSCALL_INFO)")
+    return info.raw[0]

@@ -46,10 +46,13 @@ class Result:
     seconds: float
     summary: Summary
     errors: list[str] = field(default_factory=list)  # payloads that could not be read, etc.
+    detached: bool = False  # --attach: the tracer let go of a command that runs on
 
     @property
     def ended(self) -> str:
         """How the command ended, in words."""
+        if self.detached:
+            return "runs on (kvmscope trace detached from it)"
         if self.timed_out:
             return "was killed by kvmscope trace after the timeout"
         if self.signal is not None:
@@ -59,7 +62,8 @@ class Result:
     def to_json(self) -> dict[str, object]:
         s = self.summary
         return {"command": self.argv, "exit_code": self.exit_code, "signal": self.signal, "timed_out": self.timed_out,
-                "ended": self.ended, "seconds": round(self.seconds, 6), "ioctls": s.calls, "steps": s.steps,
+                "ended": self.ended, "detached": self.detached, "seconds": round(self.seconds, 6), "ioctls": s.calls,
+                "steps": s.steps,
                 "vcpus": s.vcpus, "runs": {str(k): v for k, v in s.runs.items()}, "by_name": s.by_name,
                 "refused": s.refused, "failed": s.failed, "other_vms": s.other_vms, "errors": self.errors}
 
@@ -81,6 +85,10 @@ class Tracer:
         self.at_entry: dict[int, Call] = {}
         self.runs: dict[tuple[int, int], int] = {}  # (pid, fd) -> vCPU id, for the hot KVM_RUN path
         self.errors: list[str] = []
+
+    def resume(self, tid: int, sig: int = 0) -> None:
+        """Let ``tid`` run on to its next trapped ioctl."""
+        ptrace.cont(tid, sig)
 
     def _pid_of(self, tid: int) -> int:
         pid = self.tgid.get(tid)
@@ -109,7 +117,7 @@ class Tracer:
         if request == uapi.KVM_RUN and (pid, fd) in self.runs:
             call = Call(now, pid, tid, fd, "vcpu", self.runs[(pid, fd)], request, arg, "KVM_RUN")
             if not self.writer.run(call):
-                ptrace.cont(tid)
+                self.resume(tid)
                 return
         else:
             try:
@@ -121,7 +129,7 @@ class Tracer:
             if call.name == "KVM_RUN" and obj == "vcpu":
                 self.runs[(pid, fd)] = vcpu
                 if not self.writer.run(call):
-                    ptrace.cont(tid)
+                    self.resume(tid)
                     return
             try:
                 read_entry(call, self._read(tid))
@@ -135,7 +143,7 @@ class Tracer:
         """The syscall-exit stop of a call seen at entry."""
         call = self.at_entry.pop(tid, None)
         if call is None:
-            ptrace.cont(tid)
+            self.resume(tid)
             return
         rax = ptrace.getregs(tid).rax
         call.result = struct.unpack("<q", struct.pack("<Q", rax))[0]
@@ -149,7 +157,7 @@ class Tracer:
             self.errors.append(f"{call.name} at t={call.time:.6f}: cannot read its result: {e}")
         if call.name in ("KVM_CREATE_VCPU", "KVM_CREATE_VM") and call.result is not None and call.result >= 0:
             self.runs.pop((call.pid, call.result), None)  # that fd number now names a new object
-        ptrace.cont(tid)
+        self.resume(tid)
         self.writer.add(call)
 
     def _exit_reason(self, tid: int, vcpu: int) -> int:
