@@ -317,3 +317,13 @@ def test_trace_needs_a_command_or_attach() -> None:
     for args in (["trace"], ["trace", "--attach", "1", "--", "true"]):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2 and "give a COMMAND to run, or --attach PID" in result.output, result.output
+
+
+def test_overhead_benchmark_runs(live: LinuxSystem) -> None:
+    """The per-call figures of docs/performance.md come from this command (smoke run: tiny counts)."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "trace_overhead.py"), "--per-call", "300",
+                           "--runs", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = __import__("json").loads(done.stdout)
+    assert figures["kvm"]["traced_us"] > figures["kvm"]["untraced_us"], f"a trapped ioctl costs more: {figures}"
+    assert set(figures) == {"kvm", "getppid"}, figures
