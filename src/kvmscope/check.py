@@ -366,7 +366,10 @@ def compare(reports: dict[str, Report]) -> list[Change]:
                 why = ""
                 if r.refusal and r.refusal.rule:
                     rule = r.refusal.rule
-                    why = f" (rule since {rule.since}: {rule.commit}, {rule.title})"
+                    f = r.refusal
+                    old = "unreadable" if f.old is None else f"0x{f.old:x}"
+                    why = (f" (rule since {rule.since}: {rule.commit}, {rule.title}; 0x{f.index:x} = 0x{f.new:x}, "
+                           f"was {old}; hint: {f.hint})")
                 elif r.notes:
                     why = " (" + r.notes[0].removeprefix("rule: ") + ")"
                 # "from" names the first compared kernel with this outcome; the rule says when it really began.
