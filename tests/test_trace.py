@@ -327,3 +327,44 @@ def test_overhead_benchmark_runs(live: LinuxSystem) -> None:
     figures = __import__("json").loads(done.stdout)
     assert figures["kvm"]["traced_us"] > figures["kvm"]["untraced_us"], f"a trapped ioctl costs more: {figures}"
     assert set(figures) == {"kvm", "getppid"}, figures
+
+
+def test_writer_steps_counts_and_phases() -> None:
+    """Calls as the tracer hands them over, to the steps the scenario reader gets back."""
+    import io
+
+    from kvmscope.scenario import DisableQuirks, Ioctl, parse
+    from kvmscope.trace.decode import Call, Writer
+
+    out = io.StringIO()
+    w = Writer(out, "unit", "synthetic calls")
+
+    def call(name: str, obj: str = "vcpu", result: int = 0, **data: object) -> Call:
+        request = BY_NAME[name]
+        c = Call(0.5, 100, 100, 5, obj, 0, request, 0, name, dict(data), result)
+        return c
+
+    w.add(call("KVM_CREATE_VM", "system", 4))
+    w.add(call("KVM_ENABLE_CAP", "vm", 0, cap=uapi.KVM_CAP_DISABLE_QUIRKS2, flags=0, args=[0x100, 0, 0, 0]))
+    w.add(call("KVM_CREATE_VCPU", "vm", 6, value=0))
+    for _ in range(3):
+        w.add(call("KVM_GET_REGS"))
+    assert w.run(call("KVM_RUN"))
+    w.add(call("KVM_RUN", result=-errno.EINTR))  # an interrupted first try: the next one is still the first
+    assert w.run(call("KVM_RUN"))
+    w.add(call("KVM_RUN", exit_reason=uapi.KVM_EXIT_IO))
+    assert not w.run(call("KVM_RUN")) and not w.run(call("KVM_RUN")), "later runs are counted"
+    w.add(call("KVM_SET_MSRS", result=0, msrs=[(0xCE, 0)]))
+    summary = w.close()
+    steps = parse(out.getvalue(), "unit.yaml").steps
+    kinds = [(s.kind, getattr(s, "name", ""), getattr(s, "count", None)) for s in steps]
+    assert kinds == [
+        ("traced", "KVM_CREATE_VM", 1), ("disable_quirks", "", None), ("ioctl", "KVM_CREATE_VCPU", None),
+        ("traced", "KVM_GET_REGS", 3), ("traced", "KVM_RUN", 1), ("ioctl", "KVM_RUN", None),
+        ("traced", "KVM_RUN", 2), ("ioctl", "KVM_SET_MSRS", None)], kinds
+    assert isinstance(steps[1], DisableQuirks) and steps[1].quirks == 0x100
+    assert isinstance(steps[7], Ioctl) and steps[7].returned == 0 and steps[7].msrs == [(0xCE, 0)]
+    phases = [s.label.split()[3] for s in steps]
+    assert phases[:3] == ["creation"] * 3 and phases[5] == "run" and phases[7] == "reload", phases
+    assert summary.runs == {0: 4} and summary.refused == [
+        "KVM_SET_MSRS on vCPU 0: returned 0 of 1, refused MSR_PLATFORM_INFO (0xce) = 0x0"], summary

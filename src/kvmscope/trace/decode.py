@@ -245,23 +245,27 @@ class Writer:
         if typed:
             self._track_phase(call)
         if typed and call.name in MODEL_STEPS:
-            return self._model_step(call)
-        if typed and call.name == "KVM_RUN" and not call.errno:  # an interrupted first try (EINTR) is only traced
+            self._model_step(call)
+        elif typed and call.name == "KVM_RUN" and not call.errno:  # an interrupted first try (EINTR) is only traced
             self.ran[call.vcpu] = (call.time, 0)
             self.phase = "run"
             exit_ = EXIT_NAMES.get(call.data.get("exit_reason", -1), "")
-            return self._model_step(call, f"(first run: {exit_})" if exit_ else "(first run)")
-        if (self._ours(call) and call.name == "KVM_ENABLE_CAP" and call.obj == "vm"
-                and call.data.get("cap") == uapi.KVM_CAP_DISABLE_QUIRKS2):
-            self._flush_pending()
-            expect = {"errno": _errno_name(call.errno) if call.errno else "ok"}
-            self._begin()
-            self.out.write(f"- {{disable_quirks: {{quirks: {flow(Hex(call.data['args'][0]))}}}, "
-                           f"expect: {flow(expect)}, label: {json.dumps(f't={call.time:.6f} pid {call.pid} {self.phase}')}}}\n")
-            s.steps += 1
-            return None
-        self._traced(call)
-        return None
+            self._model_step(call, f"(first run: {exit_})" if exit_ else "(first run)")
+        elif (self._ours(call) and call.name == "KVM_ENABLE_CAP" and call.obj == "vm"
+              and call.data.get("cap") == uapi.KVM_CAP_DISABLE_QUIRKS2):
+            self._disable_quirks(call)
+        else:
+            self._traced(call)
+
+    def _disable_quirks(self, call: Call) -> None:
+        """KVM_CAP_DISABLE_QUIRKS2 as the scenario step that replays it, expecting what KVM returned."""
+        self._flush_pending()
+        self._begin()
+        expect = {"errno": _errno_name(call.errno) if call.errno else "ok"}
+        label = f"t={call.time:.6f} pid {call.pid} {self.phase}"
+        self.out.write(f"- {{disable_quirks: {{quirks: {flow(Hex(call.data['args'][0]))}}}, expect: {flow(expect)}, "
+                       f"label: {json.dumps(label)}}}\n")
+        self.summary.steps += 1
 
     def _track_phase(self, call: Call) -> None:
         if call.name == "KVM_CREATE_VCPU" and self.ran:
