@@ -33,6 +33,7 @@ from .scenario import (
     SetCpuid,
     SetMsrs,
     Step,
+    Traced,
 )
 
 DEFAULT_HINT = "compare with KVM_GET_MSR_INDEX_LIST and the feature MSRs"
@@ -128,9 +129,12 @@ class Report:
 class Replayer:
     """Plays a scenario's steps on one VM of ``system``; ``shadow`` (a model) explains refusals of a live kernel."""
 
-    def __init__(self, system: System, shadow: Replayer | None = None) -> None:
+    def __init__(self, system: System, shadow: Replayer | None = None, faithful: bool = False) -> None:
         self.system = system
         self.shadow = shadow
+        # Faithful (recordings): no register set-up at vCPU creation and no reads of old values on a live kernel,
+        # so the kernel sees only the recorded ioctls (and, before a vCPU's first run, its registers set to the HLT).
+        self.faithful = faithful
         self.vm: Vm = system.create_vm()
         guest.ensure_memory(self.vm)
         self.vm.write_memory(guest.DEFAULT_ENTRY, guest.HLT)
@@ -170,7 +174,8 @@ class Replayer:
 
     def _create_vcpu(self, step: CreateVcpu, res: StepResult, shadow: StepResult | None) -> None:
         vcpu = self.vm.create_vcpu(step.vcpu)
-        guest.setup_real_mode(vcpu)
+        if not self.faithful:
+            guest.setup_real_mode(vcpu)
         self.vcpus[step.vcpu] = vcpu
         res.outcome, res.summary = "accepted", f"created vCPU {step.vcpu}"
 
@@ -232,7 +237,8 @@ class Replayer:
 
     def _write(self, res: StepResult, vcpu: Vcpu, pairs: list[tuple[int, int]], shadow: StepResult | None) -> None:
         """KVM_SET_MSRS of ``pairs``, explaining a refusal (by the model alongside, on a live kernel)."""
-        olds = [vcpu.try_read_msr(i) for i, _ in pairs]
+        quiet = self.faithful and self.system.backend != "model"  # reading old values would add KVM_GET_MSRS
+        olds = [None if quiet else vcpu.try_read_msr(i) for i, _ in pairs]
         batch = MsrBatch(pairs)
         count = vcpu.set_msrs(batch)
         res.count, res.total = count, len(pairs)
@@ -337,9 +343,11 @@ def judge(e: Expect, r: StepResult) -> tuple[str, bool]:
     return ", ".join(parts), bool(ok)
 
 
-def replay_iter(steps: Iterable[Step], system: System, shadow_system: System | None = None) -> Iterator[StepResult]:
+def replay_iter(steps: Iterable[Step], system: System, shadow_system: System | None = None, faithful: bool = False
+                ) -> Iterator[StepResult]:
     """Play ``steps`` on ``system`` (a fresh VM), yielding each result as it happens (constant memory)."""
-    player = Replayer(system, Replayer(shadow_system) if shadow_system is not None else None)
+    shadow = Replayer(shadow_system, faithful=faithful) if shadow_system is not None else None
+    player = Replayer(system, shadow, faithful=faithful)
     try:
         for n, s in enumerate(steps):
             yield player.play(n, s)
@@ -349,7 +357,7 @@ def replay_iter(steps: Iterable[Step], system: System, shadow_system: System | N
 
 def replay(scenario: Scenario, system: System, shadow_system: System | None = None) -> Report:
     """Play every step of ``scenario`` on ``system`` (a fresh VM) and report."""
-    steps = list(replay_iter(scenario.steps, system, shadow_system))
+    steps = list(replay_iter(scenario.steps, system, shadow_system, scenario.faithful))
     return Report(scenario.name, scenario.path, system.backend, system.describe(), steps)
 
 
@@ -380,7 +388,10 @@ def _where(r: StepResult) -> str:
 def _why(r: StepResult) -> str:
     if r.refusal is not None and r.refusal.rule is not None:
         rule = r.refusal.rule
-        return f" by {rule.commit} (since {rule.since}: {rule.title})"
+        f = r.refusal
+        old = "unreadable" if f.old is None else f"0x{f.old:x}"
+        return (f" by {rule.commit} (since {rule.since}: {rule.title}; 0x{f.index:x} = 0x{f.new:x}, was {old}; "
+                f"hint: {f.hint})")
     if r.notes:
         return " (" + r.notes[0].removeprefix("rule: ") + ")"
     return ""
@@ -406,5 +417,44 @@ def compare(reports: dict[str, Report]) -> list[Change]:
         for run in runs:
             r = reports[run[0]].steps[n]
             segments.append(f"{_where(r)} on {', '.join(run)}{_why(r)}")
-        changes.append(Change(n, base.line, base.kind, outcomes, "; ".join(segments)))
+        where = f" (vCPU {base.vcpu}, {base.label})" if base.label else ""  # recordings: time, pid and phase
+        changes.append(Change(n, base.line, base.kind, outcomes, "; ".join(segments) + where))
     return changes
+
+
+# --- recordings (`kvmscope trace`) ------------------------------------------------------------------------------------
+
+
+def _setup_mce(self: Replayer, step: Traced, res: StepResult) -> bool:
+    """KVM_X86_SETUP_MCE replayed on the live kernel: it decides which MCE MSRs (MCG_CTL, the banks) KVM_SET_MSRS takes
+    later. The binding has no method for it yet (and the model no MCE banks), so it is issued on the vCPU's fd here."""
+    fd = getattr(self.vcpus.get(step.vcpu), "fd", None)
+    if self.system.backend != "linux" or fd is None or step.errno or not step.detail.startswith("mcg_cap "):
+        return False
+    import fcntl
+    import struct
+
+    cap = int(step.detail.split()[1], 16)
+    try:
+        fcntl.ioctl(fd, uapi.KVM_X86_SETUP_MCE_TRACED, struct.pack("<Q", cap))
+        res.outcome, res.summary = "accepted", f"KVM_X86_SETUP_MCE mcg_cap 0x{cap:x} (replayed)"
+    except OSError as e:
+        res.outcome, res.errno = "error", e.errno
+        res.summary = f"KVM_X86_SETUP_MCE mcg_cap 0x{cap:x} failed: {_errno.errorcode.get(e.errno or 0, e.errno)}"
+        res.met = False
+    return True
+
+
+def _traced(self: Replayer, step: Traced, res: StepResult, shadow: StepResult | None) -> None:
+    """A recorded ioctl that replay does not repeat: reported as it was recorded."""
+    if step.name == "KVM_X86_SETUP_MCE" and _setup_mce(self, step, res):
+        return
+    what = f"{step.name}{f' ({step.detail})' if step.detail else ''}{f' x{step.count}' if step.count != 1 else ''}"
+    if step.errno:
+        got = f"failed with {_errno.errorcode.get(step.errno, step.errno)}"
+    else:
+        got = f"returned {step.returned}" if step.returned is not None else "counted"
+    res.outcome, res.summary = "ok", f"recorded {what}: {got} (not replayed)"
+
+
+Replayer.PLAYERS[Traced] = _traced

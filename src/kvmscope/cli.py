@@ -170,7 +170,7 @@ def list_msrs(as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("scenario_file", metavar="SCENARIO", type=click.Path(dir_okay=False))
+@click.argument("scenario_file", metavar="SCENARIO", type=click.Path(dir_okay=False), required=False)
 @click.option("--backend", type=click.Choice(["model", "linux"]), default="model", show_default=True,
               help="model: replay on kvmscope's software KVM; linux: replay on the live /dev/kvm.")
 @kernel_option
@@ -178,9 +178,11 @@ def list_msrs(as_json: bool) -> None:
 @click.option("--compare", "compare_kernels", metavar="V1,V2,...|all",
               help="Replay on the model under several kernel rulesets (all: every version whose rules differ) and "
                    "show the steps whose outcome changes.")
+@click.option("--corpus", "corpus_dir", metavar="DIR", type=click.Path(file_okay=False, exists=True),
+              help="Instead of SCENARIO: every recording in DIR x the --compare kernels (x --profile P1,P2).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def check(scenario_file: str, backend: str, kernel: str | None, profile: str | None, compare_kernels: str | None,
-          as_json: bool) -> None:
+def check(scenario_file: str | None, backend: str, kernel: str | None, profile: str | None,
+          compare_kernels: str | None, corpus_dir: str | None, as_json: bool) -> None:
     """Replay a VMM's sequence of vCPU-model operations and say, step by step, what the kernel does and why.
 
     \b
@@ -194,7 +196,10 @@ def check(scenario_file: str, backend: str, kernel: str | None, profile: str | N
       kvmscope check examples/platform-info-after-run.yaml --backend linux
       kvmscope check examples/sandbox-reset-snapshot.yaml --compare all
       kvmscope check examples/sandbox-reset-snapshot.yaml --compare 6.3,6.10,6.18
+      kvmscope check --corpus corpus/qemu-7.2 --compare 6.3,6.12,6.13,6.18
     """
+    if corpus_dir is not None or scenario_file is None:
+        _corpus(corpus_dir, scenario_file, compare_kernels, profile, as_json)
     versions = None
     if compare_kernels is not None:
         if backend != "model":
@@ -235,7 +240,7 @@ def _check(path: str, backend: str, kernel: str | None, profile: str | None, ver
     with system:
         if opened is not None:
             return render.check_stream(scenario.name, scenario.path, system.describe(),
-                                       replay_iter(opened.steps, system, shadow))
+                                       replay_iter(opened.steps, system, shadow, scenario.faithful))
         report = replay(scenario, system, shadow)
     render.check_report(report, as_json)
     return report.ok
@@ -523,3 +528,64 @@ def fingerprint_compare(a: str, b: str, as_json: bool) -> None:
     diffs = compare(pa, pb)
     render_template.fingerprint_report(pa.name, pb.name, diffs, as_json)
     sys.exit(EXIT_OK if not diffs else EXIT_FAILED)
+
+
+# --- kvmscope trace ---------------------------------------------------------------------------------------------------
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--out", "out_path", metavar="FILE", default="trace.yaml", show_default=True,
+              type=click.Path(dir_okay=False), help="Write the recording (a scenario file) here.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=0, metavar="SECONDS",
+              help="Kill the command (and its children) after SECONDS; with --attach, detach then. 0: no limit.")
+@click.option("--attach", "attach_pid", type=click.IntRange(min=1), metavar="PID",
+              help="Record a running process instead (every syscall stops it: slower; detaches at the end).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def trace(out_path: str, timeout: float, attach_pid: int | None, as_json: bool, command: tuple[str, ...]) -> None:
+    """Run COMMAND (a VMM) and record its KVM ioctls as a scenario that `kvmscope check` replays and explains.
+
+    Only ioctls on KVM fds stop the command (a seccomp filter); every other syscall runs at full speed. Threads and
+    child processes are followed. The recording holds every vCPU-model ioctl with its arguments and what KVM returned
+    (KVM_SET_MSRS entries and the count written, KVM_SET_CPUID2 entries, ...), the first KVM_RUN of each vCPU, counts of
+    the later ones, and the time of each step. Exit codes: 0 recorded (whatever the command did); 2 bad arguments or
+    the command could not be started.
+
+    \b
+    Examples:
+      kvmscope trace --out host.yaml --timeout 30 -- qemu-system-x86_64 -enable-kvm -cpu host -S -nographic -nodefaults
+      kvmscope trace --out running.yaml --attach 4242 --timeout 10
+      kvmscope check host.yaml
+      kvmscope check host.yaml --compare 6.3,6.12,6.13,6.18
+    """
+    from .trace.attach import attach
+    from .trace.recorder import TraceError, record
+    from .trace.report import trace_result
+
+    if bool(command) == bool(attach_pid):
+        raise click.UsageError("give a COMMAND to run, or --attach PID (not both)")
+    try:
+        with open(out_path, "w") as out:
+            result = attach(attach_pid, out, timeout or None) if attach_pid else record(command, out, timeout or None)
+    except (TraceError, OSError) as e:
+        fail(f"kvmscope trace: {e.strerror or e}", EXIT_USAGE)
+    if result.exit_code == 127 and not result.summary.calls:
+        fail(f"kvmscope trace: {command[0]} could not be run (exit status 127, no KVM ioctl)", EXIT_USAGE)
+    trace_result(result, out_path, as_json)
+
+
+def _corpus(corpus_dir: str | None, scenario_file: str | None, kernels: str | None, profiles: str | None,
+            as_json: bool) -> NoReturn:
+    """`check --corpus DIR`: the matrix of recordings x kernels (x profiles), each cell OK or the first refusal."""
+    from pathlib import Path
+
+    from .trace.report import corpus_matrix
+    from .trace.whatif import matrix
+
+    if corpus_dir is None or scenario_file is not None:
+        raise click.UsageError("give either SCENARIO or --corpus DIR")
+    versions = [v.strip() for v in (kernels or "6.3,6.12,6.13,6.18").split(",") if v.strip()]
+    with exit_on_error():
+        cells = matrix(Path(corpus_dir), versions, [p.strip() for p in profiles.split(",")] if profiles else [None])
+    corpus_matrix(cells, versions, as_json)
+    sys.exit(EXIT_OK)

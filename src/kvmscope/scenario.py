@@ -355,8 +355,28 @@ class Ioctl(Step):
         return CreateVcpu(**common)
 
 
+@dataclass(kw_only=True)
+class Traced(Step):
+    """An ioctl a traced VMM issued that replay does not repeat (``kvmscope trace``): kept so the recording shows the
+    whole sequence. ``on`` is the object (system, vm, vcpu, device), ``count`` how many identical calls in a row,
+    ``detail`` the decoded arguments, ``returned``/``errno`` what the kernel returned."""
+
+    KIND = "traced"
+    FIELDS = (VCPU, Field("on", Str(("system", "vm", "vcpu", "device", "other"))), Field("name", Str(), required=True),
+              Field("count", Int(64)), Field("detail", Str()), Field("returned", Int(64)), Field("errno", Errno()),
+              Field("pid", Int(32)))
+    SHORT = None
+    on: str = "vm"
+    name: str = ""
+    count: int = 1
+    detail: str = ""
+    returned: int | None = None
+    errno: int | None = None
+    pid: int | None = None
+
+
 STEP_TYPES: tuple[type[Step], ...] = (CreateVcpu, SetCpuid, SetMsrs, GetMsrs, GetCpuid, Run, Reset, MicrocodeLoad,
-                                      DestroyVcpu, Hotplug, DisableQuirks, Ioctl)
+                                      DestroyVcpu, Hotplug, DisableQuirks, Ioctl, Traced)
 STEPS: dict[str, Record[Step]] = {t.KIND: Record(t, t.FIELDS, short=t.SHORT) for t in STEP_TYPES}
 STEP_KINDS = tuple(STEPS)
 
@@ -395,6 +415,7 @@ class Scenario:
     path: str = "<scenario>"
     kernel: str | None = None
     profile: str | None = None
+    faithful: bool = False  # replay issues only the recorded ioctls (a recording by `kvmscope trace`)
 
 
 def _scenario_defaults(r: Reader, x: Any, path: str, values: dict[str, Any]) -> None:
@@ -408,6 +429,7 @@ HEADER = (
     Field("description", Str()),
     Field("kernel", KernelVersion()),
     Field("profile", Str()),
+    Field("faithful", Bool(), note="replay only the ioctls of the steps (no register set-up or extra reads)"),
 )
 SCENARIO = Record(Scenario, (HEADER[0], Field("steps", Steps(), required=True), *HEADER[1:]), finish=_scenario_defaults)
 SCENARIO_HEADER = Record(Scenario, HEADER, finish=_scenario_defaults)

@@ -1,0 +1,65 @@
+"""What ``kvmscope trace`` prints (the CLI's printing for the recorder, next to kvmscope.render)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..render import console
+from .recorder import Result as TraceResult
+from .whatif import Cell
+
+
+def trace_result(result: TraceResult, out: str, as_json: bool) -> None:
+    """What a trace recorded, where, and what KVM refused."""
+    if as_json:
+        click.echo(json.dumps({"recording": out, **result.to_json()}, indent=2))
+        return
+    con = console()
+    s = result.summary
+    con.print(f"recorded [bold]{' '.join(result.argv)}[/] to {out}: {s.steps} steps from {s.calls} KVM ioctls "
+              f"in {result.seconds:.2f} s; the command {result.ended}", highlight=False)
+    if s.vcpus:
+        runs = ", ".join(f"vCPU {v}: {s.runs.get(v, 0)}" for v in s.vcpus)
+        con.print(f"vCPUs created: {', '.join(map(str, s.vcpus))}; KVM_RUN calls: {runs}", highlight=False)
+    if s.other_vms:
+        con.print(f"{s.other_vms} more VM(s) created: their ioctls are kept as traced steps, not replayed",
+                  highlight=False)
+    if s.failed:
+        con.print("other failed calls (kept as traced steps): "
+                  + ", ".join(f"{k} x{n}" for k, n in s.failed.items()), highlight=False)
+    for line in s.refused:
+        con.print(f"[red]refused[/]: {line}", highlight=False)
+    for line in result.errors:
+        con.print(f"[yellow]warning[/]: {line}", highlight=False)
+    con.print(f"next: kvmscope check {out}   (why each refusal; --compare V1,V2 for other kernels)",
+              highlight=False)
+
+
+def corpus_matrix(cells: list[Cell], kernels: list[str], as_json: bool) -> None:
+    """Recordings x kernels (x profiles): OK, or the first refusal."""
+    if as_json:
+        click.echo(json.dumps([c.to_json() for c in cells], indent=2))
+        return
+    from rich.table import Table
+
+    con = console()
+    profiles = list(dict.fromkeys(c.profile for c in cells))
+    for profile in profiles:
+        table = Table(title=f"recordings x kernels (model, profile {profile})", show_lines=True)
+        table.add_column("recording")
+        for k in kernels:
+            table.add_column(k.rsplit("/", 1)[-1].removesuffix(".toml") + (" (proposed)" if k.endswith(".toml") else ""))
+        for rec in dict.fromkeys(c.recording for c in cells):
+            row = {c.kernel: c for c in cells if c.recording == rec and c.profile == profile}
+            table.add_row(rec, *(_cell(row[k]) for k in kernels))
+        con.print(table)
+
+
+def _cell(c: Cell) -> str:
+    if c.ok:
+        return "[green]OK[/]"
+    rule = f"; rule {c.rule}" if c.rule else ""
+    same = "; as recorded" if c.as_recorded else ""
+    return f"[red]{c.text}[/]{rule}{same}"

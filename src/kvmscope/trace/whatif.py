@@ -1,0 +1,70 @@
+"""What each kernel would do with each recording: the matrix of ``kvmscope check --corpus DIR``.
+
+Each recording is replayed faithfully on the model under each kernel (a version or a proposed-rule TOML file) and
+host profile; a cell is OK when nothing is refused, else the first refused operation with its rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import backends
+from ..check import StepResult, outcome_text, replay_iter
+from ..errors import InvalidValueError
+from ..scenario import stream
+
+
+@dataclass
+class Cell:
+    recording: str
+    kernel: str
+    profile: str
+    ok: bool
+    text: str  # "OK", or the first refusal
+    step: int | None = None
+    line: int | None = None
+    rule: str | None = None  # the refusing rule's commit and title, when the model knows it
+    as_recorded: bool | None = None  # did the step do what the live kernel did when it was recorded?
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def first_refusal(path: Path, kernel: str, profile: str | None) -> Cell:
+    """Replay ``path`` on the model until its first refused (or failed) step."""
+    opened = stream(path)
+    system, _ = backends.choose("model", kernel=kernel, profile=profile)
+    prof = str(system.host_info().get("profile"))
+    results = replay_iter(opened.steps, system, None, opened.header.faithful)
+    try:
+        with system:
+            for r in results:
+                if r.outcome in ("refused", "error"):
+                    return _refused(path, kernel, prof, r)
+    finally:
+        for generator in (results, opened.steps):  # stop both now: the VM and the file are released at once
+            getattr(generator, "close", lambda: None)()
+    return Cell(path.stem, kernel, prof, True, "OK")
+
+
+def _refused(path: Path, kernel: str, profile: str, r: StepResult) -> Cell:
+    f = r.refusal
+    if f is not None:
+        what = f"{'read' if r.kind == 'get_msrs' or 'GET' in r.summary else 'refused'} {f.name} (0x{f.index:x})"
+        what += "" if "read" in what else f" = 0x{f.new:x}"
+    else:
+        what = outcome_text(r)
+    rule = f.rule if f is not None else None
+    cite = None if rule is None else (rule.commit if rule.commit != "-" else rule.key)
+    return Cell(path.stem, kernel, profile, False, f"{what} at step {r.number} (vCPU {r.vcpu}, "
+                f"{r.label.split(' pid')[0]})", r.number, r.line, cite, r.met)
+
+
+def matrix(directory: Path, kernels: list[str], profiles: list[str | None]) -> list[Cell]:
+    """Every recording (``*.yaml`` in ``directory``) x kernel x profile."""
+    recordings = sorted(directory.glob("*.yaml"))
+    if not recordings:
+        raise InvalidValueError(f"{directory}: no recordings (*.yaml) there")
+    return [first_refusal(r, k, p) for r in recordings for p in profiles for k in kernels]
