@@ -147,6 +147,11 @@ class ModelVcpu(Vcpu):
         self._runtime.cr4 = sregs.cr4
         self._runtime.apic_base = sregs.apic_base
 
+    def set_apic_base(self, value: int) -> None:
+        """``__kvm_apic_set_base``: the new APIC_BASE (KVM_GET_SREGS shows it; CPUID.1:EDX.APIC follows its enable bit)."""
+        self.sregs.apic_base = value
+        self._runtime.apic_base = value
+
     # -- MSRs: KVM_GET_MSRS and KVM_SET_MSRS run in msr_rules (bound in __init__) --
     def get_msrs(self, batch: MsrBatch, strict: bool = False) -> int:
         return self.msr_rules.get_msrs(batch, strict)
