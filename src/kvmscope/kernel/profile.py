@@ -50,8 +50,8 @@ class MsrBehaviour:
     """How an ordinary (non-feature) MSR answers host accesses on this host.
 
     ``store``: any value is written and read back; ``drop``: writes succeed, reads keep giving ``default``;
-    ``zero_only``: only 0 is accepted; ``zero_drop``: only 0 is accepted, reads keep giving ``default``, guest accesses
-    fault; ``refuse``: every write is refused; ``volatile``: reads change on their own (TSC);
+    ``zero_only``: only 0 is accepted; ``zero_drop``: only 0 and ``default`` are accepted, reads keep giving ``default``,
+    guest accesses fault; ``refuse``: every write is refused; ``volatile``: reads change on their own (TSC);
     ``other``: a pattern the classes above do not capture (the model stores the value; conformance tests skip these).
     """
 

@@ -181,7 +181,7 @@ class MsrRules:
         b = self.behaviour.get(index)
         if b is None:
             return self.refuse(index, R.UNKNOWN_MSR, UNSUPPORTED)
-        if b.kind == "refuse" or (b.kind in ("zero_only", "zero_drop") and data):
+        if b.kind == "refuse" or (b.kind == "zero_only" and data) or (b.kind == "zero_drop" and data not in (0, b.default)):
             return self.refuse(index, R.HOST_PROFILE, FAIL)
         if b.kind not in ("drop", "zero_drop"):
             key = MSR_ALIASES.get(index, index)
