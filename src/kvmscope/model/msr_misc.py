@@ -58,6 +58,7 @@ KVM_X86_QUIRK_MISC_ENABLE_NO_MWAIT = 1 << 4
 PRED_CMD_IBPB, PRED_CMD_SBPB = 1, 1 << 7
 AMD_VENDORS = {(0x68747541, 0x69746E65, 0x444D4163), (0x6F677948, 0x6E65476E, 0x656E6975)}  # AuthenticAMD, HygonGenuine
 
+KVM_CAP_X86_SMM = 117
 MSR_APIC_BASE, MSR_EFER = 0x1B, 0xC0000080
 MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_CSTAR = 0xC0000100, 0xC0000101, 0xC0000102, 0xC0000082, 0xC0000083
 CANONICAL_MSRS = frozenset({MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_CSTAR})
@@ -177,6 +178,8 @@ class MiscMsrs(Family):
             allowed |= EFER_SVME | EFER_FFXSR | (EFER_AUTOIBRS if C.has_feature(supported, *AUTOIBRS) else 0)
         self.efer_allowed = allowed
         self.pmu_off = p.module_parameters.get("kvm.enable_pmu", "Y") == "N"
+        # CONFIG_KVM_SMM: KVM_CAP_X86_SMM (117) is 0 without it (kvm_vm_ioctl_check_extension), and SMBASE then fails.
+        self.smm = p.capability(KVM_CAP_X86_SMM) != 0
         stored = rules.stored
         for index in (MSR_HWCR, MSR_OSVW_ID_LENGTH, MSR_OSVW_STATUS, MSR_XSS, MSR_XFD, MSR_XFD_ERR, MSR_TSC_AUX,
                       MSR_TSC_ADJUST, MSR_SMI_COUNT, MSR_POWER_CTL, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_CSTAR,
@@ -190,7 +193,7 @@ class MiscMsrs(Family):
             MSR_TSC_ADJUST: (self._get_stored, self._set_tsc_adjust),
             MSR_TSC_DEADLINE: (self._get_zero, self._set_ignored),
             MSR_MISC_ENABLE: (self._get_stored, self._set_misc_enable),
-            MSR_SMBASE: (self._get_smbase, self._set_host_only),
+            MSR_SMBASE: (self._get_smbase, self._set_smbase),
             MSR_SMI_COUNT: (self._get_stored, self._set_host_only),
             MSR_POWER_CTL: (self._get_stored, self._set_any),
             MSR_HWCR: (self._get_stored, self._set_hwcr),
@@ -236,7 +239,14 @@ class MiscMsrs(Family):
         return OK
 
     def _get_smbase(self, index: int, host: bool) -> tuple[int, int]:
-        return (OK, self.rules.stored[index]) if host else (self.refuse(index, E.HOST_ONLY, FAIL), 0)
+        if not self.smm or not host:  # x86.c: !IS_ENABLED(CONFIG_KVM_SMM) || !host_initiated
+            return self.refuse(index, E.HOST_ONLY, FAIL), 0
+        return OK, self.rules.stored[index]
+
+    def _set_smbase(self, index: int, data: int, host: bool) -> int:
+        if not self.smm:
+            return self.refuse(index, E.HOST_ONLY, FAIL)
+        return self._set_host_only(index, data, host)
 
     # -- APIC_BASE (lapic.c:2687 kvm_apic_set_base; x86.c:3468) --
     def _get_apic_base(self, index: int, host: bool) -> tuple[int, int]:

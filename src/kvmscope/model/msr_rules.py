@@ -341,7 +341,9 @@ class MsrRules:
         if family is not None:
             return family.get(index, False)
         b = self.behaviour.get(index)
-        if b is None or not b.readable or b.kind == "zero_drop":
+        if b is not None and b.kind == "zero_drop":
+            return FAIL, 0  # a value only userspace sees (PVM's TSC_RATIO): the guest's access fails with 1
+        if b is None or not b.readable:
             return UNSUPPORTED, 0
         code, value = self.host_get(index)
         return (OK, value) if code == OK else (UNSUPPORTED, 0)
@@ -373,8 +375,10 @@ class MsrRules:
         if family is not None:
             return family.set(index, data, False)
         b = self.behaviour.get(index)
-        if b is None or b.kind == "zero_drop":
+        if b is None:
             return UNSUPPORTED
+        if b.kind == "zero_drop":
+            return FAIL
         return FAIL if self.host_set(index, data) else OK
 
     # -- KVM_SET_CPUID2 --
