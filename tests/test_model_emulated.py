@@ -49,3 +49,12 @@ def test_efer_svm_allows_svme() -> None:
     for profile, count in (("amd-epyc", 1), ("intel-spr", 0)):
         with open_model(profile=profile) as kvm, kvm.create_vm() as vm:
             assert vm.create_vcpu(0).set_msrs(MsrBatch([(0xC0000080, 1 << 12)])) == count, profile
+
+
+@pytest.mark.parametrize(("kernel", "count", "rule"), [("6.12", 1, None), ("6.18", 0, E.XSS_NEEDS_XSAVES)])
+def test_xss_needs_xsaves_from_6_18(kernel: str, count: int, rule: E.Rule | None) -> None:
+    # Before the 6.18 CET series userspace could write 0 (any bit KVM supports) to IA32_XSS whatever CPUID said.
+    with open_model(profile="pvm-6.18", kernel=kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        assert vcpu.set_msrs(MsrBatch([(0xDA0, 0)])) == count, kernel
+        assert vcpu.refusal_rule(0xDA0) is rule, kernel

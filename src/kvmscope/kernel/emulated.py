@@ -54,3 +54,11 @@ READ_ONLY = Rule("read_only_msr", "< 6.3", "x86.c kvm_get_msr_common",
                  "KVM emulates reads of this MSR only (a constant); a write is unsupported", "")
 X2APIC_NO_IRQCHIP = Rule("x2apic_needs_irqchip", "< 6.3", "lapic.c kvm_x2apic_msr_write/read",
                          "x2APIC MSRs need an in-kernel LAPIC in x2APIC mode", "create an in-kernel irqchip")
+XSS_NEEDS_XSAVES = Rule("xss_needs_xsaves", "6.18", "CET series, lore 20250919223258.1604852-1-seanjc@google.com",
+                        "IA32_XSS needs CPUID.XSAVES from userspace too (KVM_MSR_RET_UNSUPPORTED without it) and takes "
+                        "only the guest's supported XSS bits; before, userspace could write any bit KVM supports",
+                        "set CPUID.(EAX=0xD,ECX=1):EAX.XSAVES before restoring XSS")
+CANONICAL_HOST_WIDTH = Rule("canonical_msr_host_width", "6.13", "is_noncanonical_msr_address (model canonical checks "
+                            "more precisely, M. Levitsky)",
+                            "MSR addresses are checked against the host's virtual-address width (57 with host LA57), "
+                            "not the guest's CR4.LA57; before 6.13 the guest's CR4.LA57 chose 57 or 48", "")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..api import find_cpuid
 from ..kernel import emulated as E
-from ..kernel.rulesets import Rule
+from ..kernel.rulesets import Rule, parse_version
 from . import cpuid as C
 from .mtrr import reserved_gpa_bits
 
@@ -169,8 +169,11 @@ class MiscMsrs(Family):
         super().__init__(rules)
         p = rules.profile
         supported = p.supported_cpuid
-        # max_host_virt_addr_bits: 57 with LA57 on the host, else 48.
+        version = parse_version(rules.rules.version)
+        # max_host_virt_addr_bits: 57 with LA57 on the host, else 48 (before 6.13: the guest's CR4.LA57 chose).
+        self.host_width = E.CANONICAL_HOST_WIDTH.in_force(version)
         self.virt_bits = 57 if C.has_feature(supported, *LA57) else 48
+        self.xss_gated = E.XSS_NEEDS_XSAVES.in_force(version)
         # efer_reserved_bits: SCE, LME, LMA; NX when the host has it; SVM adds SVME, FFXSR, AUTOIBRS (svm_hardware_setup,
         # nested and host features). PVM and VMX enable no more (seen on this host: 0xD01 accepted, 0x1000 refused).
         allowed = EFER_SCE | EFER_LME | EFER_LMA | (EFER_NX if C.has_feature(supported, *NX) else 0)
@@ -291,7 +294,8 @@ class MiscMsrs(Family):
         return OK, self.rules.stored[index]
 
     def _set_canonical(self, index: int, data: int, host: bool) -> int:
-        if canonical(data, self.virt_bits) != data:
+        bits = self.virt_bits if self.host_width else 57 if self.vcpu.sregs.cr4 >> 12 & 1 else 48
+        if canonical(data, bits) != data:
             return self.refuse(index, E.CANONICAL, FAIL)
         if index == MSR_FS_BASE:
             self.vcpu.sregs.fs.base = data
@@ -373,13 +377,15 @@ class MiscMsrs(Family):
         return OK, self.rules.stored[index]
 
     def _set_xss(self, index: int, data: int, host: bool) -> int:
-        if not self.cpuid_has(XSAVES):
-            return self.refuse(index, E.CPUID_GATED, UNSUPPORTED)
-        guest = find_cpuid(self.vcpu.cpuid, 0xD, 1)
         host_leaf = find_cpuid(self.rules.profile.supported_cpuid, 0xD, 1)
-        supported = 0
-        if guest is not None and host_leaf is not None:
-            supported = (guest.ecx | guest.edx << 32) & (host_leaf.ecx | host_leaf.edx << 32)
+        supported = host_leaf.ecx | host_leaf.edx << 32 if host_leaf is not None else 0  # kvm_caps.supported_xss
+        if self.xss_gated:  # 6.18: CPUID.XSAVES for everyone, and the guest's own XSS bits
+            if not self.cpuid_has(XSAVES):
+                return self.refuse(index, E.XSS_NEEDS_XSAVES, UNSUPPORTED)
+            guest = find_cpuid(self.vcpu.cpuid, 0xD, 1)
+            supported &= guest.ecx | guest.edx << 32 if guest is not None else 0
+        elif not host and not self.cpuid_has(XSAVES):
+            return self.refuse(index, E.CPUID_GATED, FAIL)
         if data & ~supported:
             return self.refuse(index, E.VALUE_RESERVED, FAIL)
         self.rules.stored[index] = data
