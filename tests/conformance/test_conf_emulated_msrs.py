@@ -192,3 +192,31 @@ def test_guest_failure_kinds_reach_userspace(kvm: System) -> None:
     assert run(kvm, prog, exits=INVAL | UNKNOWN) == [
         UserMsr(False, 0x210, 0, INVAL, "#GP"), GP, UserMsr(True, 0xFE, 0, UNKNOWN, "#GP"), GP,
         UserMsr(False, 0x802, 0, INVAL, "#GP"), GP, UserMsr(False, 0x17B, 0, INVAL, "#GP"), GP, Halted()]
+
+
+@pytest.mark.parametrize("apic_base", [0xFEE00C00, 0xFEE00901, 0x1000000900, 0xFEE00500])
+def test_set_sregs_checks_apic_base(kvm: System, apic_base: int) -> None:
+    # __set_sregs_common: kvm_apic_set_base(host_initiated) refuses what the MSR write refuses, before anything changes.
+    import errno
+
+    from kvmscope.errors import KvmError
+
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        sregs = vcpu.get_sregs()
+        sregs.apic_base, sregs.cr4 = apic_base, 1 << 9
+        with pytest.raises(KvmError) as info:
+            vcpu.set_sregs(sregs)
+        assert info.value.errno == errno.EINVAL, info.value
+        after = vcpu.get_sregs()
+        assert (after.apic_base, after.cr4) == (0xFEE00900, 0), (hex(after.apic_base), hex(after.cr4))
+
+
+def test_set_sregs_does_not_check_efer(kvm: System) -> None:
+    # KVM_SET_SREGS hands EFER to the vendor's set_efer without set_efer's reserved-bit check (SVME here).
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        sregs = vcpu.get_sregs()
+        sregs.efer = 1 << 12
+        vcpu.set_sregs(sregs)
+        assert vcpu.try_read_msr(0xC0000080) == 1 << 12
