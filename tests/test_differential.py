@@ -107,6 +107,14 @@ class SetCr4(Op):
 
 
 @dataclass(frozen=True)
+class SetSregs(Op):
+    """KVM_SET_SREGS with one MSR-backed field changed (``efer`` or ``apic_base``)."""
+
+    field: str
+    value: int
+
+
+@dataclass(frozen=True)
 class Guest(Op):
     """A guest program reading and writing MSRs and running CPUID."""
 
@@ -157,6 +165,7 @@ def ops_for(focus: list[int], msr_ops: int = 1) -> st.SearchStrategy[Op]:
         st.builds(Run, vcpu_ids, st.booleans()),
         st.builds(GetCpuid, vcpu_ids),
         st.builds(SetCr4, vcpu_ids, st.sampled_from([0, 1 << 18, 1 << 22, 1 << 18 | 1 << 22])),
+        st.builds(SetSregs, vcpu_ids, st.sampled_from(["efer", "apic_base"]), values),
         st.builds(Guest, vcpu_ids, st.lists(st.tuples(st.sampled_from(["rdmsr", "wrmsr", "wrmsr", "cpuid"]),
                                                       msr_index, values),
                                             min_size=1, max_size=5).map(tuple)),
@@ -224,6 +233,11 @@ def apply(vm: Vm, vcpus: dict[int, Vcpu], op: Op) -> Any:
                     prog.wrmsr(target, value)
             vcpu.immediate_exit = False
             return run_program(vm, vcpu, prog.hlt())
+        if isinstance(op, SetSregs):
+            sregs = vcpu.get_sregs()
+            setattr(sregs, op.field, op.value)
+            vcpu.set_sregs(sregs)
+            return [vcpu.try_read_msr(0xC0000080), vcpu.try_read_msr(0x1B)]
         if isinstance(op, SetCr4):
             sregs = vcpu.get_sregs()
             sregs.cr4 = op.cr4
