@@ -401,13 +401,8 @@ def test_cpuid(profile: str, kernel: str) -> None:
 
 # --- hwcr_msr_test.c (6.12 x86_64/hwcr_msr_test.c:11-42; not in the 6.1 tree) -----------------------------------------
 HWCR = 0xC0010015
-HWCR_NOT_EMULATED = model_differs(
-    "the model does not emulate MSR_K7_HWCR (0xc0010015): every non-zero host write is refused and it reads 0, where "
-    "KVM (kvm_set_msr_common, any vendor) takes bits 3, 6 and 8 (dropped), and 18 (6.1: alone; 6.12+: with 24)")
-
-
-@pytest.mark.parametrize("profile", [pytest.param(p, marks=HWCR_NOT_EMULATED) for p in PROFILES])
-@pytest.mark.parametrize("kernel", ["6.12", "6.18"])
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("kernel", ["6.7", "6.12", "6.18"])  # 8b0e00fba934, 598a790fc20f (6.7)
 def test_hwcr(profile: str, kernel: str) -> None:
     """Each single bit: 3, 6 and 8 are taken and dropped (read 0), 18 (McStatusWrEn) and 24 (TscFreqSel) are taken
     and read back, the rest are refused (6.12.118 x86.c:3436-3451; unchanged upstream)."""
@@ -422,11 +417,12 @@ def test_hwcr(profile: str, kernel: str) -> None:
             assert vcpu.set_msrs({HWCR: 0}) == 1, "line 30"
 
 
-@pytest.mark.parametrize("profile", [pytest.param(p, marks=HWCR_NOT_EMULATED) for p in PROFILES])
-def test_hwcr_6_1(profile: str) -> None:
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("kernel", ["6.1", "6.6"])
+def test_hwcr_before_6_7(profile: str, kernel: str) -> None:
     """The other side of the boundary (6.1.192 x86.c:3630-3642, 4240-4241): only McStatusWrEn alone is stored, bit
     24 is refused, and a later write of 0 is taken without clearing it (the write of 0 stores nothing)."""
-    with one_vcpu(profile, "6.1") as (_, _, vcpu):
+    with one_vcpu(profile, kernel) as (_, _, vcpu):
         assert vcpu.set_msrs({HWCR: 1 << 24}) == 0, "6.1: TscFreqSel is refused"
         assert vcpu.set_msrs({HWCR: 1 << 18 | 1 << 3}) == 1, "6.1: McStatusWrEn (with an ignored bit) is taken"
         assert vcpu.read_msr(HWCR) == 1 << 18

@@ -23,7 +23,6 @@ from . import guest, uapi
 from . import msrs as M
 from .api import CpuidEntry, MsrBatch, System, Vcpu, Vm, find_cpuid
 from .errors import KvmError
-from .kernel import rulesets as R
 from .template import Bitmap, CpuidModifier, LeafModifier, MsrModifier, Template
 
 # create_boot_msr_entries() (Firecracker src/vmm/src/arch/x86_64/msr.rs), in its order.
@@ -35,9 +34,6 @@ BOOT_MSRS: tuple[tuple[int, int], ...] = (
     (0x2FF, (1 << 11) | 6),  # MTRRdefType: MTRRs enabled, default write-back
 )
 VOLATILE = {0x10}  # the TSC runs on: reading it back says nothing about the write
-# Boot MSRs the model does not emulate yet (no MTRRs in model/): its "unknown MSR" refusal of them is not judged.
-MODEL_UNKNOWN_BOOT_MSRS = {0x2FF}
-_UNKNOWN = R.UNKNOWN_MSR.cite()
 
 
 @dataclass
@@ -249,12 +245,6 @@ def _configure(vcpu: Vcpu, i: int, cpuid_set: bool, entries: list[tuple[int, int
                cpuid: Sequence[CpuidEntry], template: Template, rep: ApplyReport) -> VcpuOutcome:
     """KVM_SET_MSRS on one vCPU, then read everything back and compare."""
     written, refused = write_each(vcpu, entries)
-    for index in [ix for ix, rule in refused.items() if rule == _UNKNOWN and ix in MODEL_UNKNOWN_BOOT_MSRS]:
-        # Not the kernel's answer but the model's ignorance: every KVM handles the MTRR MSRs (x86.c
-        # kvm_set_msr_common -> kvm_mtrr_set_msr, 5.10 to 6.18); the live kernel here takes 0x806.
-        del refused[index]
-        rep.notes.append(f"vCPU {i}: the model does not know {msr_where(index)}, one of Firecracker's boot MSRs that "
-                         "every KVM takes; not judged")
     if refused:
         first = next(n for n, (ix, _) in enumerate(entries) if ix in refused)
         rep.failures.append(f"KVM_SET_MSRS on vCPU {i} returned {first} of {len(entries)}: refused "
@@ -265,7 +255,7 @@ def _configure(vcpu: Vcpu, i: int, cpuid_set: bool, entries: list[tuple[int, int
     for index, want in entries:
         mask = masks.get(index, (1 << 64) - 1)
         got = now.get(index)
-        if index in VOLATILE and index not in refused or (index in MODEL_UNKNOWN_BOOT_MSRS and got is None):
+        if index in VOLATILE and index not in refused:
             continue
         kind = "refused" if index in refused else "unreadable" if got is None else "changed"
         if kind != "changed" or (got is not None and (got ^ want) & mask):

@@ -19,7 +19,6 @@ from .errors import KvmError
 from .template import Template
 from .template_apply import (
     BOOT_MSRS,
-    MODEL_UNKNOWN_BOOT_MSRS,
     VOLATILE,
     ApplyReport,
     BitDiff,
@@ -90,9 +89,6 @@ def restore(source: System, target: System, template: Template, vcpus: int = 1,
             except KvmError as e:
                 rep.failures.append(f"restore: KVM_SET_CPUID2 on vCPU {i}: {e}")
             written, refused = write_each(v, entries)
-            for index in [ix for ix in refused if ix in MODEL_UNKNOWN_BOOT_MSRS]:
-                del refused[index]  # the model's gap, as in template_apply
-                rep.notes.append(f"vCPU {i}: the model does not know {msr_where(index)}; not judged")
             out = VcpuOutcome(i, True, written, len(entries))
             if refused:
                 first = next(n for n, (ix, _) in enumerate(entries) if ix in refused)

@@ -170,8 +170,6 @@ def test_hwcr(kvm: System, request: pytest.FixtureRequest) -> None:
     """6.12 x86_64/hwcr_msr_test.c:11-42 (upstream unchanged in substance): a host write of each single HWCR bit;
     bits 3, 6 and 8 are taken and ignored (read 0), 18 (McStatusWrEn) and 24 (TscFreqSel) are taken and read back,
     every other bit is refused (6.12.118 x86.c:3436-3451, the same in 6.18)."""
-    model_differs(request, kvm, "the model does not emulate MSR_K7_HWCR (0xc0010015): every non-zero host write is "
-                                "refused, where KVM takes bits 3, 6, 8 (ignored), 18 and 24")
     with kvm.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
         vcpu.set_cpuid(kvm.get_supported_cpuid())
@@ -219,8 +217,6 @@ def test_xss_without_xsaves(kvm: System, request: pytest.FixtureRequest) -> None
     reads first still holds here: a host read of IA32_XSS gives 0 (6.12.118 x86.c:3991-3996 checks XSAVES only for
     guest reads). A host write, even of 0, is refused: XSS is not in KVM_GET_MSR_INDEX_LIST, so the zero-write rule
     (64a5d7a1091f) does not apply."""
-    model_differs(request, kvm, "a host KVM_GET_MSRS of IA32_XSS (0xda0) fails on the model; KVM reads ia32_xss (0) "
-                                "for host accesses whatever the CPUID")
     with kvm.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
         vcpu.set_cpuid(kvm.get_supported_cpuid())

@@ -57,14 +57,11 @@ def test_fleet_baseline_is_taken_here(kvm: System) -> None:
 
 
 def test_firecracker_boot_msrs(kvm: System) -> None:
-    """Firecracker's boot MSRs in one KVM_SET_MSRS are taken. The model does not know MTRRdefType (0x2ff) yet: it says
-    so instead of reporting a refusal the kernel does not make (the live kernel takes it)."""
+    """Firecracker's boot MSRs in one KVM_SET_MSRS are taken, MTRRdefType (0x2ff) included, on both backends."""
     rep = apply(kvm, parse("{}"), 1, boot=BOOT_MSRS)
     assert rep.ok, f"{rep.failures} {diffs(rep)}"
-    gap = ["vCPU 0: the model does not know MSR_0x2ff (0x2ff), one of Firecracker's boot MSRs that every KVM takes; "
-           "not judged"]
-    assert rep.notes == (gap if kvm.backend == "model" else []), rep.notes
-    assert rep.vcpus[0].msrs_written == len(BOOT_MSRS) - (kvm.backend == "model"), rep.vcpus[0]
+    assert rep.notes == [], rep.notes
+    assert rep.vcpus[0].msrs_written == len(BOOT_MSRS), rep.vcpus[0]
 
 
 def test_dump_verifies_against_itself(kvm: System) -> None:

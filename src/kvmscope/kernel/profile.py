@@ -41,7 +41,7 @@ from . import rulesets
 
 SCHEMA = 1
 VENDORS = ("vmx", "svm", "pvm")
-BEHAVIOURS = ("store", "drop", "zero_only", "refuse", "volatile", "other")
+BEHAVIOURS = ("store", "drop", "zero_only", "zero_drop", "refuse", "volatile", "other")
 CAP_BY_NAME = {v: k for k, v in uapi.CAPABILITY_NAMES.items()}
 
 
@@ -50,13 +50,15 @@ class MsrBehaviour:
     """How an ordinary (non-feature) MSR answers host accesses on this host.
 
     ``store``: any value is written and read back; ``drop``: writes succeed, reads keep giving ``default``;
-    ``zero_only``: only 0 is accepted; ``refuse``: every write is refused; ``volatile``: reads change on their own (TSC);
+    ``zero_only``: only 0 is accepted; ``zero_drop``: only 0 and ``default`` are accepted, reads keep giving ``default``,
+    guest accesses fault; ``refuse``: every write is refused; ``volatile``: reads change on their own (TSC);
     ``other``: a pattern the classes above do not capture (the model stores the value; conformance tests skip these).
     """
 
     kind: str
     default: int = 0
     readable: bool = True
+    evidence: str = ""  # for a vendor MSR (Profile.vendor_msrs): what showed the vendor module's behaviour
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,9 @@ class Profile:
     ucode_rev_reset: int | None = None
     ignore_msrs: bool = False
     msr_behaviour: dict[int, MsrBehaviour] = field(default_factory=dict)
+    # MSRs this host's vendor module handles itself, unlike upstream KVM's common-code rule, with the evidence: the
+    # model takes their behaviour from here instead of the rule (written by hand; a capture does not produce them).
+    vendor_msrs: dict[int, MsrBehaviour] = field(default_factory=dict)
     cpuid_rewrite: list[RewriteRule] = field(default_factory=list)
     cpuid_append: list[AppendRule] = field(default_factory=list)
     cpuid_runtime_ospke: bool = True
@@ -116,6 +121,11 @@ class Profile:
     @property
     def supported_perf_cap(self) -> int:
         return self.feature_msrs.get(0x345, 0)
+
+    @property
+    def behaviours(self) -> dict[int, MsrBehaviour]:
+        """How each ordinary MSR behaves: the captured ``msr_behaviour``, with ``vendor_msrs`` over it."""
+        return {**self.msr_behaviour, **self.vendor_msrs}
 
     @property
     def nested_vmx(self) -> bool:
@@ -160,6 +170,10 @@ class Profile:
             "msr_behaviour": {
                 h(i): {"kind": b.kind, "default": h(b.default), "readable": b.readable}
                 for i, b in self.msr_behaviour.items()
+            },
+            "vendor_msrs": {
+                h(i): {"kind": b.kind, "default": h(b.default), "readable": b.readable, "evidence": b.evidence}
+                for i, b in self.vendor_msrs.items()
             },
             "cpuid": {
                 "rewrite": [_rule_json(r) for r in self.cpuid_rewrite],
@@ -234,6 +248,8 @@ def _ruleset(r: Reader, x: Any, path: str, values: dict[str, Any]) -> None:
 ERRORS = Style(ProfileError, "{file}: field {field}: {what}")
 MSR_BEHAVIOUR = Record(MsrBehaviour, [Field("kind", Str(BEHAVIOURS), required=True), Field("default", Int()),
                                       Field("readable", Bool())], strict=False)
+VENDOR_MSR = Record(MsrBehaviour, [Field("kind", Str(BEHAVIOURS), required=True), Field("default", Int()),
+                                   Field("readable", Bool()), Field("evidence", Text(), required=True)], strict=False)
 REWRITE_RULE = Record(_rewrite, [
     Field("leaf", Leaf(), required=True), Field("register", Str(REGISTERS), required=True),
     Field("keep", Int(32), required=True), Field("force", Int(32), required=True),
@@ -264,6 +280,7 @@ PROFILE: Record[Profile] = Record(Profile, [
     Field("vcpu.run_without_memory_errno", Nullable(Int(16))),
     Field("ignore_msrs", Bool()),
     Field("msr_behaviour", MapOf(Int(32), MSR_BEHAVIOUR)),
+    Field("vendor_msrs", MapOf(Int(32), VENDOR_MSR)),
     Field("cpuid.rewrite", ListOf(REWRITE_RULE), attr="cpuid_rewrite"),
     Field("cpuid.append", ListOf(APPEND_RULE), attr="cpuid_append"),
     Field("cpuid.runtime_ospke", Bool(), attr="cpuid_runtime_ospke"),

@@ -18,7 +18,7 @@ from .. import uapi
 from ..api import LITTLE_ENDIAN, MsrBatch, MsrItems, as_batch
 from ..errors import ClosedError, KvmError
 from . import vmx
-from .msr_rules import KEPT, MSR_ALIASES, MSR_MISC_FEATURES_ENABLES, OK, UNSUPPORTED, VM_WIDE_MSRS, MsrRules
+from .msr_rules import FAMILY_MSRS, KEPT, MSR_ALIASES, MSR_MISC_FEATURES_ENABLES, OK, UNSUPPORTED, VM_WIDE_MSRS, MsrRules
 
 if TYPE_CHECKING:
     from ..kernel.profile import Profile
@@ -55,8 +55,9 @@ def store_only_msrs(profile: Profile, immutable: frozenset[int]) -> frozenset[in
         *MSR_ALIASES,
         *VM_WIDE_MSRS,
         *immutable,
+        *FAMILY_MSRS,
     }
-    ordinary = {i for i, b in profile.msr_behaviour.items() if b.kind not in ("refuse", "zero_only", "drop")}
+    ordinary = {i for i, b in profile.behaviours.items() if b.kind not in ("refuse", "zero_only", "zero_drop", "drop")}
     return frozenset(({M.MSR_IA32_UCODE_REV} | ordinary) - ruled - set(range(M.VMX_FIRST, M.VMX_LAST + 1)))
 
 

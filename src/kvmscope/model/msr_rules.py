@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .. import msrs as M
 from .. import uapi
 from ..api import CpuidEntry, find_cpuid
 from ..kernel import rulesets as R
 from . import cpuid as C
-from . import vmx
+from . import msr_misc, msr_pv, mtrr, vmx
 
 if TYPE_CHECKING:
     from .vcpu import ModelVcpu
@@ -45,8 +45,22 @@ VM_WIDE_MSRS = frozenset({0x11})
 MSR_MISC_FEATURES_ENABLES = 0x140
 MSR_EFER = 0xC0000080
 MSR_APIC_BASE = 0x1B
+# The MSRs whose rules live in a family module (msr_misc: kvm_set_msr_common's emulated MSRs; msr_pv: MCE, KVM PV,
+# x2APIC; mtrr: MTRRs and PAT).
+FAMILY_MSRS = msr_misc.ALL_INDICES | msr_pv.ALL_INDICES | mtrr.ALL_INDICES
 _PLATFORM_INFO = M.MSR_PLATFORM_INFO
 _CPUID_FAULT = M.PLATFORM_INFO_CPUID_FAULT
+
+
+class MsrFamily(Protocol):
+    """A family of MSRs with rules of their own: ``get`` gives (code, value), ``set`` the code; ``host`` is
+    ``host_initiated``."""
+
+    indices: frozenset[int]
+
+    def get(self, index: int, host: bool) -> tuple[int, int]: ...
+
+    def set(self, index: int, data: int, host: bool) -> int: ...
 
 
 class MsrRules:
@@ -66,6 +80,7 @@ class MsrRules:
         self.profile = p
         self.rules = rs
         self.refusals: dict[int, R.Rule] = {}
+        self.behaviour = p.behaviours  # how the profile's ordinary MSRs behave, the vendor's own handling included
         self._advertised = vm.system.advertised
         # kvm_is_immutable_feature_msr: the generic list plus the VMX range, computed once so the check stays cheap.
         self.immutable = frozenset(M.VMX_RANGE) | rs.immutable_generic
@@ -88,11 +103,15 @@ class MsrRules:
             M.MSR_IA32_UCODE_REV: (p.ucode_rev_reset or 0) if quirk else 0,
             M.MSR_AMD64_DE_CFG: 0,
         }
-        for index, b in p.msr_behaviour.items():
+        for index, b in self.behaviour.items():
             self.stored.setdefault(index, b.default)
         if self.misc_features_rule:
             self.stored[MSR_MISC_FEATURES_ENABLES] = 0
         self.vmx_kvm = vmx.slots_from(features) if p.nested_vmx else {}
+        # The emulated MSR families (msr_misc, mtrr): index -> the family whose get/set rule it follows.
+        families: tuple[MsrFamily, ...] = (msr_misc.MiscMsrs(self), msr_pv.PvMceMsrs(self), mtrr.MtrrMsrs(self))
+        vendor = p.vendor_msrs  # the vendor module's own handling, recorded in the profile, comes first (behaviour)
+        self.families = {i: f for f in families for i in f.indices if i not in vendor}
         self.vmx = dict(self.vmx_kvm) if (quirk and p.nested_vmx) else vmx.slots_from({})
 
     # -- refusals and the state rules read --
@@ -136,12 +155,15 @@ class MsrRules:
             return (OK, self.stored[index]) if p.vendor == "svm" else (UNSUPPORTED, 0)
         if index == MSR_MISC_FEATURES_ENABLES and self.misc_features_rule:
             return OK, self.stored[index]
-        b = p.msr_behaviour.get(index)
+        family = self.families.get(index)
+        if family is not None:
+            return family.get(index, True)
+        b = self.behaviour.get(index)
         if b is None:
             return self.refuse(index, R.UNKNOWN_MSR, UNSUPPORTED), 0
         if not b.readable:
             return self.refuse(index, R.HOST_PROFILE, FAIL), 0
-        if b.kind == "drop":
+        if b.kind in ("drop", "zero_drop"):
             return OK, b.default
         key = MSR_ALIASES.get(index, index)
         store = self.vm.msrs if key in VM_WIDE_MSRS else self.stored
@@ -162,12 +184,15 @@ class MsrRules:
             reference = self.vmx if self.rules.has(R.VMX_RESTORE_CURRENT) else self.vmx_kvm
             code = vmx.write(self.vmx, reference, index, data)
             return self.refuse(index, R.VMX_RESTORE, code) if code else OK
-        b = p.msr_behaviour.get(index)
+        family = self.families.get(index)
+        if family is not None:
+            return family.set(index, data, True)
+        b = self.behaviour.get(index)
         if b is None:
             return self.refuse(index, R.UNKNOWN_MSR, UNSUPPORTED)
-        if b.kind == "refuse" or (b.kind == "zero_only" and data):
+        if b.kind == "refuse" or (b.kind == "zero_only" and data) or (b.kind == "zero_drop" and data not in (0, b.default)):
             return self.refuse(index, R.HOST_PROFILE, FAIL)
-        if b.kind != "drop":
+        if b.kind not in ("drop", "zero_drop"):
             key = MSR_ALIASES.get(index, index)
             (self.vm.msrs if key in VM_WIDE_MSRS else self.stored)[key] = data
         return OK
@@ -337,11 +362,12 @@ class MsrRules:
             return (OK, self.stored[index]) if p.vendor == "svm" else (UNSUPPORTED, 0)
         if index == MSR_MISC_FEATURES_ENABLES and self.misc_features_rule:
             return OK, self.stored[index]
-        if index == MSR_EFER:
-            return OK, self.vcpu.sregs.efer
-        if index == MSR_APIC_BASE:
-            return OK, self.vcpu.sregs.apic_base
-        b = p.msr_behaviour.get(index)
+        family = self.families.get(index)
+        if family is not None:
+            return family.get(index, False)
+        b = self.behaviour.get(index)
+        if b is not None and b.kind == "zero_drop":
+            return FAIL, 0  # a value only userspace sees (PVM's TSC_RATIO): the guest's access fails with 1
         if b is None or not b.readable:
             return UNSUPPORTED, 0
         code, value = self.host_get(index)
@@ -375,9 +401,14 @@ class MsrRules:
             return OK
         if index == MSR_MISC_FEATURES_ENABLES and self.misc_features_rule:
             return self._set_misc_features(data)
-        b = p.msr_behaviour.get(index)
+        family = self.families.get(index)
+        if family is not None:
+            return family.set(index, data, False)
+        b = self.behaviour.get(index)
         if b is None:
             return UNSUPPORTED
+        if b.kind == "zero_drop":
+            return FAIL
         return FAIL if self.host_set(index, data) else OK
 
     # -- KVM_SET_CPUID2 --

@@ -139,16 +139,24 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         return uapi.kvm_sregs.from_buffer_copy(self.sregs)
 
     def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
-        """KVM_SET_SREGS with ``kvm_is_valid_sregs``'s long-mode consistency checks."""
+        """KVM_SET_SREGS with ``kvm_is_valid_sregs``'s long-mode consistency checks, then APIC_BASE's MSR rule."""
         self._check_open()
         lme, lma, pg, pae = sregs.efer & 1 << 8, sregs.efer & 1 << 10, sregs.cr0 & 1 << 31, sregs.cr4 & 1 << 5
         if (lme and pg and (not pae or not lma)) or (not (lme and pg) and (lma or sregs.cs.l)):
             raise KvmError(errno.EINVAL, "KVM_SET_SREGS")
+        apic_rule = self.msr_rules.families.get(0x1B)  # __set_sregs_common: kvm_apic_set_base(host_initiated) first
+        if apic_rule is not None and apic_rule.set(0x1B, sregs.apic_base, True):
+            raise KvmError(errno.EINVAL, "KVM_SET_SREGS", f"APIC_BASE {sregs.apic_base:#x} refused")
         self.sregs = uapi.kvm_sregs.from_buffer_copy(sregs)
         if not sregs.cr0 & 1:
             self._program = None  # back in real mode: run the code in guest memory again
         self._runtime.cr4 = sregs.cr4
         self._runtime.apic_base = sregs.apic_base
+
+    def set_apic_base(self, value: int) -> None:
+        """``__kvm_apic_set_base``: the new APIC_BASE (KVM_GET_SREGS shows it; CPUID.1:EDX.APIC follows its enable bit)."""
+        self.sregs.apic_base = value
+        self._runtime.apic_base = value
 
     # -- MSRs: KVM_GET_MSRS and KVM_SET_MSRS run in msr_rules (bound in __init__) --
     def get_msrs(self, batch: MsrBatch, strict: bool = False) -> int:

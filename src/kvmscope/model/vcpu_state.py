@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from .. import uapi
 from ..api import HltExit
 from ..errors import InvalidValueError, KvmError, KvmscopeError
-from ..kernel.rulesets import Rule
+from ..kernel.emulated import ASYNC_PF_EN_NEEDS_LAPIC, ASYNC_PF_INT_NEEDS_LAPIC
 from .fpu_state import FpuStateModel
 from .msr_rules import FAIL as _FAIL
 from .msr_rules import OK as _OK
@@ -46,15 +46,6 @@ MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT = 0x4B564D02, 0x4B564D06
 MSR_IA32_TSC_DEADLINE = 0x6E0
 APIC_LVTT, APIC_TMICT = 0x320, 0x380
 LVTT_MODE_SHIFT, LVTT_TSC_DEADLINE = 17, 2
-# The MSRs whose host writes depend on an in-kernel LAPIC (x86.c v6.12 kvm_pv_enable_async_pf, line 3132, and
-# kvm_pv_enable_async_pf_int, line 3171); without one the host profile's observed behaviour stands.
-ASYNC_PF_INT_NEEDS_LAPIC = Rule(
-    "async_pf_int_needs_lapic", "5.8", "2635b5c4a0e4", "KVM: x86: interrupt based APF 'page ready' event delivery",
-    "MSR_KVM_ASYNC_PF_INT takes an 8-bit vector, and only with an in-kernel LAPIC (KVM_CREATE_IRQCHIP first)")
-ASYNC_PF_EN_NEEDS_LAPIC = Rule(
-    "async_pf_en_needs_lapic", "5.8", "2635b5c4a0e4", "KVM: x86: interrupt based APF 'page ready' event delivery",
-    "MSR_KVM_ASYNC_PF_EN: bits 4-5 are reserved; enabling it needs an in-kernel LAPIC and its GPA in guest memory")
-
 GUESTDBG_RUN_CHANGING = uapi.KVM_GUESTDBG_SINGLESTEP | uapi.KVM_GUESTDBG_USE_SW_BP | uapi.KVM_GUESTDBG_USE_HW_BP
 
 
@@ -112,6 +103,9 @@ class VcpuStateModel(FpuStateModel):
             setters = self.msr_rules.setters
             setters[MSR_KVM_ASYNC_PF_EN] = self._set_async_pf_en
             setters[MSR_KVM_ASYNC_PF_INT] = self._set_async_pf_int
+            # with an in-kernel LAPIC these follow it (below), not the no-irqchip answers of msr_pv and msr_misc
+            for index in (MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT, MSR_IA32_TSC_DEADLINE):
+                self.msr_rules.families.pop(index, None)
         self.refresh_may_block()
 
     def refresh_may_block(self) -> None:
@@ -139,6 +133,7 @@ class VcpuStateModel(FpuStateModel):
             self.msr_rules.profile = replace(self.profile, msr_behaviour=behaviour)
         else:
             self.msr_rules.profile = self.profile
+        self.msr_rules.behaviour = self.msr_rules.profile.behaviours
 
     # -- the MSRs an in-kernel LAPIC changes (host writes, through the MSR rules' setters) --
     def _set_async_pf_int(self, data: int) -> int:

@@ -1,0 +1,441 @@
+"""The MSRs KVM emulates in common code beyond the feature MSRs: the rules of ``kvm_set_msr_common``,
+``kvm_get_msr_common``, ``__kvm_set_msr``/``__kvm_get_msr``, ``set_efer``, ``set_msr_mce``/``get_msr_mce``, the KVM PV
+MSRs and ``kvm_apic_set_base`` (lapic.c), host-initiated (``host``) and guest alike.
+
+Sources: ``arch/x86/kvm/x86.c`` of the extracted 6.12 tree (line numbers below) and ``CachyOS/linux`` x86.c
+@4703912f5e30 (6.18+), which has the same rules except where a comment names 6.18. The vendor module runs first
+(``vmx_set_msr``/``svm_set_msr``/``pvm_set_msr``) and hands these MSRs to the common code; where it stores a value
+differently the profile's vendor says so (SYSENTER_ESP/EIP on SVM).
+
+The machine-check, KVM PV and x2APIC MSRs are in ``msr_pv``; MTRRs and PAT in ``mtrr``. Without an in-kernel LAPIC
+(the state this binding creates) TSC_DEADLINE reads 0 and drops writes (``kvm_set_lapic_tscdeadline_msr``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..api import find_cpuid
+from ..kernel import emulated as E
+from ..kernel.rulesets import Rule
+from . import cpuid as C
+from .mtrr import reserved_gpa_bits
+
+if TYPE_CHECKING:
+    from .msr_rules import MsrRules
+
+OK, FAIL, UNSUPPORTED = 0, 1, 2
+U64 = (1 << 64) - 1
+Bit = tuple[int, int, str, int]
+
+# CPUID bits (function, index, register, bit) the rules consult.
+X2APIC: Bit = (1, 0, "ecx", 21)
+SSE3: Bit = (1, 0, "ecx", 0)
+LM: Bit = (0x80000001, 0, "edx", 29)
+NX: Bit = (0x80000001, 0, "edx", 20)
+SVM: Bit = (0x80000001, 0, "ecx", 2)
+FFXSR: Bit = (0x80000001, 0, "edx", 25)
+AUTOIBRS: Bit = (0x80000021, 0, "eax", 8)
+RDTSCP: Bit = (0x80000001, 0, "edx", 27)
+RDPID: Bit = (7, 0, "ecx", 22)
+TSC_ADJUST: Bit = (7, 0, "ebx", 1)
+OSVW: Bit = (0x80000001, 0, "ecx", 9)
+XSAVES: Bit = (0xD, 1, "eax", 3)
+XFD: Bit = (0xD, 1, "eax", 4)
+FLUSH_L1D: Bit = (7, 0, "edx", 28)
+SPEC_CTRL: Bit = (7, 0, "edx", 26)
+AMD_IBPB: Bit = (0x80000008, 0, "ebx", 12)
+SBPB: Bit = (0x80000021, 0, "eax", 27)
+LA57: Bit = (7, 0, "ecx", 16)
+
+EFER_SCE, EFER_LME, EFER_LMA, EFER_NX = 1, 1 << 8, 1 << 10, 1 << 11
+EFER_SVME, EFER_FFXSR, EFER_AUTOIBRS = 1 << 12, 1 << 14, 1 << 21
+APIC_BSP, X2APIC_ENABLE, APIC_ENABLE = 1 << 8, 1 << 10, 1 << 11
+MISC_ENABLE_EMON, MISC_ENABLE_MWAIT = 1 << 7, 1 << 18
+MISC_ENABLE_PMU_RO = 1 << 11 | 1 << 12  # BTS_UNAVAIL | PEBS_UNAVAIL
+KVM_X86_QUIRK_MISC_ENABLE_NO_MWAIT = 1 << 4
+PRED_CMD_IBPB, PRED_CMD_SBPB = 1, 1 << 7
+AMD_VENDORS = {(0x68747541, 0x69746E65, 0x444D4163), (0x6F677948, 0x6E65476E, 0x656E6975)}  # AuthenticAMD, HygonGenuine
+
+KVM_CAP_X86_SMM = 117
+MSR_APIC_BASE, MSR_EFER = 0x1B, 0xC0000080
+MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_CSTAR = 0xC0000100, 0xC0000101, 0xC0000102, 0xC0000082, 0xC0000083
+CANONICAL_MSRS = frozenset({MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_CSTAR})
+MSR_SYSENTER_ESP, MSR_SYSENTER_EIP = 0x175, 0x176
+MSR_TSC_AUX, MSR_TSC_ADJUST, MSR_TSC_DEADLINE = 0xC0000103, 0x3B, 0x6E0
+MSR_MISC_ENABLE, MSR_SMBASE, MSR_SMI_COUNT, MSR_POWER_CTL = 0x1A0, 0x9E, 0x34, 0x1FC
+MSR_HWCR, MSR_MMIO_CONF_BASE, MSR_K7_CLK_CTL, MSR_BBL_CR_CTL3 = 0xC0010015, 0xC0010058, 0xC001001B, 0x11E
+MSR_OSVW_ID_LENGTH, MSR_OSVW_STATUS = 0xC0010140, 0xC0010141
+MSR_XSS, MSR_XFD, MSR_XFD_ERR = 0xDA0, 0x1C4, 0x1C5
+MSR_PRED_CMD, MSR_FLUSH_CMD = 0x49, 0x10B
+
+# kvm_get_msr_common's constant reads (x86.c:3786-3811, 3901-3917, 3940-3945): the value; writes are unsupported.
+READ_ONLY: dict[int, int] = {
+    0x17: 0, 0x2A: 0, 0x1DB: 0, 0x1DC: 0, 0x1DD: 0, 0x1DE: 0,  # PLATFORM_ID, EBL_CR_POWERON, LBR/LER from/to
+    0xC0010010: 0, 0xC0010112: 0, 0xC0010113: 0, 0xC0010055: 0,  # SYSCFG, TSEG_ADDR/MASK, INT_PENDING_MSG
+    0x199: 0, 0x606: 0, 0x639: 0, 0x641: 0, 0x611: 0, 0x619: 0,  # PERF_CTL, RAPL unit and energy status
+    0xCD: 3, 0x2C: 1 << 24, 0x198: 1000 | 4 << 40,  # FSB frequency, EBC_FREQUENCY_ID, PERF_STATUS
+}
+# kvm_set_msr_common's ignored writes (x86.c:3354-3362, 3592-3601, 3621-3626) and what a read gives (None: the read
+# is unsupported).
+WRITE_IGNORED: dict[int, int | None] = {
+    0xC001001F: 0, 0xC0010117: 0, 0xC001102A: 0, 0xC0011022: 0, 0xC0011023: 0, 0xC001102C: 0,  # NB_CFG .. EX_CFG
+    0x79: None, 0xC0010020: None,  # UCODE_WRITE, PATCH_LOADER
+    MSR_K7_CLK_CTL: 0x20000000, MSR_BBL_CR_CTL3: 0xBE702111,
+}
+# The legacy PMU MSRs with the PMU off (kvm.enable_pmu=N): kvm_pmu_is_valid_msr is false, reads give 0, writes drop.
+LEGACY_PMU = frozenset((*range(0xC0010000, 0xC0010008), 0xC1, 0xC2, 0x186, 0x187))
+# Every index this family may own (the legacy PMU ones only with the PMU off): no batch may treat them as store-only.
+ALL_INDICES = frozenset({
+    MSR_APIC_BASE, MSR_EFER, MSR_TSC_AUX, MSR_TSC_ADJUST, MSR_TSC_DEADLINE, MSR_MISC_ENABLE, MSR_SMBASE, MSR_SMI_COUNT,
+    MSR_POWER_CTL, MSR_HWCR, MSR_MMIO_CONF_BASE, MSR_OSVW_ID_LENGTH, MSR_OSVW_STATUS, MSR_XSS, MSR_XFD, MSR_XFD_ERR,
+    MSR_PRED_CMD, MSR_FLUSH_CMD, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP, *CANONICAL_MSRS, *READ_ONLY, *WRITE_IGNORED,
+    *LEGACY_PMU,
+})
+
+
+def canonical(value: int, bits: int) -> int:
+    """``__canonical_address``: sign-extend from bit ``bits - 1``."""
+    value &= (1 << bits) - 1
+    return (value | (U64 & ~((1 << bits) - 1))) if value >> (bits - 1) else value
+
+
+Getter = Callable[[int, bool], tuple[int, int]]
+Setter = Callable[[int, int, bool], int]
+
+
+class Family:
+    """What every family of MSR rules shares: dispatch through ``handlers`` (index -> getter, setter; ``host`` is
+    ``host_initiated``) and the vCPU state the kernel's rules read."""
+
+    def __init__(self, rules: MsrRules) -> None:
+        self.rules = rules
+        self.vcpu = rules.vcpu
+        self.handlers: dict[int, tuple[Getter, Setter]] = {}
+        self.indices: frozenset[int] = frozenset()
+
+    def install(self, handlers: dict[int, tuple[Getter, Setter]]) -> None:
+        self.handlers = handlers
+        self.indices = frozenset(handlers)
+
+    # -- the family interface (MsrRules dispatches here) --
+    def get(self, index: int, host: bool) -> tuple[int, int]:
+        return self.handlers[index][0](index, host)
+
+    def set(self, index: int, data: int, host: bool) -> int:
+        return self.handlers[index][1](index, data, host)
+
+    # -- what the rules read --
+    def cap(self, bit: Bit) -> bool:
+        """``guest_cpu_cap_has``: the guest's CPUID bit, and KVM supports the feature."""
+        return C.has_feature(self.vcpu.cpuid, *bit) and C.has_feature(self.rules.profile.supported_cpuid, *bit)
+
+    def cpuid_has(self, bit: Bit) -> bool:
+        """``guest_cpuid_has``: the guest's CPUID bit alone."""
+        return C.has_feature(self.vcpu.cpuid, *bit)
+
+    def amd_compatible(self) -> bool:
+        """``guest_cpuid_is_amd_compatible`` (vcpu->arch.is_amd_compatible): AMD or Hygon in CPUID leaf 0."""
+        leaf = find_cpuid(self.vcpu.cpuid, 0)
+        return leaf is not None and (leaf.ebx, leaf.edx, leaf.ecx) in AMD_VENDORS
+
+    def lapic_in_kernel(self) -> bool:
+        return False  # no KVM_CREATE_IRQCHIP in this binding yet (see msr_pv)
+
+    def refuse(self, index: int, rule: Rule, code: int) -> int:
+        return self.rules.refuse(index, rule, code)
+
+    # -- plain handlers --
+    def _get_stored(self, index: int, host: bool) -> tuple[int, int]:
+        return OK, self.rules.stored[index]
+
+    def _get_zero(self, index: int, host: bool) -> tuple[int, int]:
+        return OK, 0
+
+    def _set_any(self, index: int, data: int, host: bool) -> int:
+        self.rules.stored[index] = data
+        return OK
+
+    def _set_ignored(self, index: int, data: int, host: bool) -> int:
+        return OK
+
+
+class MiscMsrs(Family):
+    """The common-code MSR rules of one vCPU. State lives where the rest of the model reads it: EFER and APIC_BASE in
+    ``vcpu.sregs`` (KVM_GET_SREGS shows them), FS/GS base in the segment registers, the rest in ``rules.stored``."""
+
+    def __init__(self, rules: MsrRules) -> None:
+        super().__init__(rules)
+        p = rules.profile
+        supported = p.supported_cpuid
+        ruleset = rules.rules
+        # max_host_virt_addr_bits: 57 with LA57 on the host, else 48 (before 6.13: the guest's CR4.LA57 chose).
+        self.host_width = ruleset.has(E.CANONICAL_HOST_WIDTH)
+        self.virt_bits = 57 if C.has_feature(supported, *LA57) else 48
+        self.xss_gated = ruleset.has(E.XSS_NEEDS_XSAVES)
+        self.hwcr_tscfreqsel = ruleset.has(E.HWCR_TSCFREQSEL)
+        # efer_reserved_bits: SCE, LME, LMA; NX when the host has it; SVM adds SVME, FFXSR, AUTOIBRS (svm_hardware_setup,
+        # nested and host features). PVM and VMX enable no more (seen on this host: 0xD01 accepted, 0x1000 refused).
+        allowed = EFER_SCE | EFER_LME | EFER_LMA | (EFER_NX if C.has_feature(supported, *NX) else 0)
+        if p.vendor == "svm":
+            allowed |= EFER_SVME | EFER_FFXSR | (EFER_AUTOIBRS if C.has_feature(supported, *AUTOIBRS) else 0)
+        self.efer_allowed = allowed
+        self.pmu_off = p.module_parameters.get("kvm.enable_pmu", "Y") == "N"
+        # CONFIG_KVM_SMM: KVM_CAP_X86_SMM (117) is 0 without it (kvm_vm_ioctl_check_extension), and SMBASE then fails.
+        self.smm = p.capability(KVM_CAP_X86_SMM) != 0
+        stored = rules.stored
+        for index in (MSR_HWCR, MSR_OSVW_ID_LENGTH, MSR_OSVW_STATUS, MSR_XSS, MSR_XFD, MSR_XFD_ERR, MSR_TSC_AUX,
+                      MSR_TSC_ADJUST, MSR_SMI_COUNT, MSR_POWER_CTL, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_CSTAR,
+                      MSR_SYSENTER_ESP, MSR_SYSENTER_EIP, MSR_MISC_ENABLE):
+            stored.setdefault(index, 0)
+        stored[MSR_SMBASE] = 0x30000  # kvm_vcpu_reset: SMBASE = 0x30000
+        handlers: dict[int, tuple[Getter, Setter]] = {
+            MSR_APIC_BASE: (self._get_apic_base, self._set_apic_base),
+            MSR_EFER: (self._get_efer, self._set_efer),
+            MSR_TSC_AUX: (self._get_tsc_aux, self._set_tsc_aux),
+            MSR_TSC_ADJUST: (self._get_stored, self._set_tsc_adjust),
+            MSR_TSC_DEADLINE: (self._get_zero, self._set_ignored),
+            MSR_MISC_ENABLE: (self._get_stored, self._set_misc_enable),
+            MSR_SMBASE: (self._get_smbase, self._set_smbase),
+            MSR_SMI_COUNT: (self._get_stored, self._set_host_only),
+            MSR_POWER_CTL: (self._get_stored, self._set_any),
+            MSR_HWCR: (self._get_stored, self._set_hwcr),
+            MSR_MMIO_CONF_BASE: (self._get_zero, self._set_mmio_conf_base),
+            MSR_OSVW_ID_LENGTH: (self._get_osvw, self._set_osvw),
+            MSR_OSVW_STATUS: (self._get_osvw, self._set_osvw),
+            MSR_XSS: (self._get_xss, self._set_xss),
+            MSR_XFD: (self._get_xfd, self._set_xfd),
+            MSR_XFD_ERR: (self._get_xfd, self._set_xfd),
+            MSR_PRED_CMD: (self._get_unsupported, self._set_pred_cmd),
+            MSR_FLUSH_CMD: (self._get_unsupported, self._set_flush_cmd),
+            MSR_SYSENTER_ESP: (self._get_sysenter, self._set_sysenter),
+            MSR_SYSENTER_EIP: (self._get_sysenter, self._set_sysenter),
+        }
+        for index in CANONICAL_MSRS:
+            handlers[index] = (self._get_canonical, self._set_canonical)
+        for index in READ_ONLY:
+            handlers[index] = (self._get_constant, self._set_read_only)
+        for index in WRITE_IGNORED:
+            handlers[index] = (self._get_ignored_msr, self._set_ignored)
+        if self.pmu_off:
+            for index in LEGACY_PMU:
+                handlers[index] = (self._get_zero, self._set_ignored)
+        self.install(handlers)
+
+    def _get_constant(self, index: int, host: bool) -> tuple[int, int]:
+        return OK, READ_ONLY[index]
+
+    def _get_ignored_msr(self, index: int, host: bool) -> tuple[int, int]:
+        value = WRITE_IGNORED[index]
+        return (UNSUPPORTED, 0) if value is None else (OK, value)
+
+    def _get_unsupported(self, index: int, host: bool) -> tuple[int, int]:
+        return self.refuse(index, E.READ_ONLY, UNSUPPORTED), 0
+
+    def _set_read_only(self, index: int, data: int, host: bool) -> int:
+        return self.refuse(index, E.READ_ONLY, UNSUPPORTED)
+
+    def _set_host_only(self, index: int, data: int, host: bool) -> int:
+        if not host:
+            return self.refuse(index, E.HOST_ONLY, FAIL)
+        self.rules.stored[index] = data
+        return OK
+
+    def _get_smbase(self, index: int, host: bool) -> tuple[int, int]:
+        if not self.smm or not host:  # x86.c: !IS_ENABLED(CONFIG_KVM_SMM) || !host_initiated
+            return self.refuse(index, E.HOST_ONLY, FAIL), 0
+        return OK, self.rules.stored[index]
+
+    def _set_smbase(self, index: int, data: int, host: bool) -> int:
+        if not self.smm:
+            return self.refuse(index, E.HOST_ONLY, FAIL)
+        return self._set_host_only(index, data, host)
+
+    # -- APIC_BASE (lapic.c:2687 kvm_apic_set_base; x86.c:3468) --
+    def _get_apic_base(self, index: int, host: bool) -> tuple[int, int]:
+        return OK, self.vcpu.sregs.apic_base
+
+    def _set_apic_base(self, index: int, data: int, host: bool) -> int:
+        reserved = reserved_gpa_bits(self.rules) | 0x2FF | (0 if self.cpuid_has(X2APIC) else X2APIC_ENABLE)
+        new_mode, old_mode = data & (APIC_ENABLE | X2APIC_ENABLE), self.vcpu.sregs.apic_base & (APIC_ENABLE | X2APIC_ENABLE)
+        if data & reserved or new_mode == X2APIC_ENABLE:  # LAPIC_MODE_INVALID: x2APIC without enable
+            return self.refuse(index, E.APIC_BASE_VALID, FAIL)
+        x2apic, xapic = APIC_ENABLE | X2APIC_ENABLE, APIC_ENABLE
+        if not host and ((old_mode == x2apic and new_mode == xapic) or (old_mode == 0 and new_mode == x2apic)):
+            return self.refuse(index, E.APIC_BASE_VALID, FAIL)
+        self.vcpu.set_apic_base(data)
+        return OK
+
+    # -- EFER (x86.c:1336 set_efer, 1306 __kvm_valid_efer) --
+    def _get_efer(self, index: int, host: bool) -> tuple[int, int]:
+        return OK, self.vcpu.sregs.efer
+
+    def _set_efer(self, index: int, data: int, host: bool) -> int:
+        old = self.vcpu.sregs.efer
+        if data & ~self.efer_allowed:
+            return self.refuse(index, E.EFER_RESERVED, FAIL)
+        if not host:
+            needs = ((EFER_AUTOIBRS, AUTOIBRS), (EFER_FFXSR, FFXSR), (EFER_SVME, SVM), (EFER_LME | EFER_LMA, LM),
+                     (EFER_NX, NX))
+            if any(data & bits and not self.cap(bit) for bits, bit in needs):
+                return self.refuse(index, E.EFER_RESERVED, FAIL)
+            if self.vcpu.sregs.cr0 >> 31 & 1 and (old ^ data) & EFER_LME:
+                return self.refuse(index, E.EFER_RESERVED, FAIL)
+        self.vcpu.sregs.efer = (data & ~EFER_LMA) | (old & EFER_LMA)
+        return OK
+
+    # -- canonical addresses (x86.c:1433 __kvm_set_msr) --
+    def _get_canonical(self, index: int, host: bool) -> tuple[int, int]:
+        sregs = self.vcpu.sregs
+        if index == MSR_FS_BASE:
+            return OK, sregs.fs.base
+        if index == MSR_GS_BASE:
+            return OK, sregs.gs.base
+        return OK, self.rules.stored[index]
+
+    def _set_canonical(self, index: int, data: int, host: bool) -> int:
+        bits = self.virt_bits if self.host_width else 57 if self.vcpu.sregs.cr4 >> 12 & 1 else 48
+        if canonical(data, bits) != data:
+            return self.refuse(index, E.CANONICAL, FAIL)
+        if index == MSR_FS_BASE:
+            self.vcpu.sregs.fs.base = data
+        elif index == MSR_GS_BASE:
+            self.vcpu.sregs.gs.base = data
+        else:
+            self.rules.stored[index] = data
+        return OK
+
+    # -- SYSENTER_ESP/EIP: made canonical (x86.c:1440), then the vendor stores them --
+    def _get_sysenter(self, index: int, host: bool) -> tuple[int, int]:
+        value = self.rules.stored[index]
+        if self.rules.profile.vendor == "svm" and self.amd_compatible():
+            value &= 0xFFFFFFFF  # svm_get_msr adds the high half only for an Intel-compatible guest
+        return OK, value
+
+    def _set_sysenter(self, index: int, data: int, host: bool) -> int:
+        self.rules.stored[index] = canonical(data, self.virt_bits)
+        return OK
+
+    # -- TSC_AUX (x86.c:1455, 1519) and TSC_ADJUST (x86.c:3473) --
+    def _get_tsc_aux(self, index: int, host: bool) -> tuple[int, int]:
+        if not host and not self.cap(RDTSCP) and not self.cap(RDPID):
+            return self.refuse(index, E.TSC_AUX, FAIL), 0
+        return OK, self.rules.stored[index]
+
+    def _set_tsc_aux(self, index: int, data: int, host: bool) -> int:
+        if not host and not self.cap(RDTSCP) and not self.cap(RDPID):
+            return self.refuse(index, E.TSC_AUX, FAIL)
+        if not self.amd_compatible() and data >> 32:
+            return self.refuse(index, E.TSC_AUX, FAIL)
+        self.rules.stored[index] = data & 0xFFFFFFFF
+        return OK
+
+    def _set_tsc_adjust(self, index: int, data: int, host: bool) -> int:
+        if self.cap(TSC_ADJUST):  # without the CPUID bit the write is dropped
+            self.rules.stored[index] = data
+        return OK
+
+    # -- MISC_ENABLE (x86.c:3485) --
+    def _set_misc_enable(self, index: int, data: int, host: bool) -> int:
+        old = self.rules.stored[index]
+        if not host:
+            if (old ^ data) & MISC_ENABLE_PMU_RO:
+                return self.refuse(index, E.MISC_ENABLE_RO, FAIL)
+            data = (data & ~MISC_ENABLE_EMON) | (old & MISC_ENABLE_EMON)
+        quirk_on = not self.rules.vm.disabled_quirks & KVM_X86_QUIRK_MISC_ENABLE_NO_MWAIT
+        if not quirk_on and (old ^ data) & MISC_ENABLE_MWAIT and not self.cap(SSE3):
+            return self.refuse(index, E.CPUID_GATED, FAIL)
+        self.rules.stored[index] = data
+        return OK
+
+    # -- AMD HWCR and friends (x86.c:3403, 3419) --
+    def _set_hwcr(self, index: int, data: int, host: bool) -> int:
+        data &= ~(0x40 | 0x100 | 0x8)
+        if not self.hwcr_tscfreqsel:  # before 6.7 (6.1.192 x86.c:3630-3642): McStatusWrEn alone; 0 stores nothing
+            if data not in (0, 1 << 18):
+                return self.refuse(index, E.HWCR, FAIL)
+            if data:
+                self.rules.stored[index] = data
+            return OK
+        if data & ~(1 << 18 | 1 << 24):
+            return self.refuse(index, E.HWCR, FAIL)
+        self.rules.stored[index] = data
+        return OK
+
+    def _set_mmio_conf_base(self, index: int, data: int, host: bool) -> int:
+        return self.refuse(index, E.VALUE_RESERVED, FAIL) if data else OK
+
+    def _get_osvw(self, index: int, host: bool) -> tuple[int, int]:
+        if not self.cap(OSVW):
+            return self.refuse(index, E.CPUID_GATED, FAIL), 0
+        return OK, self.rules.stored[index]
+
+    def _set_osvw(self, index: int, data: int, host: bool) -> int:
+        if not self.cap(OSVW):
+            return self.refuse(index, E.CPUID_GATED, FAIL)
+        self.rules.stored[index] = data
+        return OK
+
+    # -- XSS and XFD (6.18: XSS needs CPUID.XSAVES even from userspace) --
+    def _get_xss(self, index: int, host: bool) -> tuple[int, int]:
+        if not host and not self.cpuid_has(XSAVES):
+            return self.refuse(index, E.CPUID_GATED, FAIL), 0
+        return OK, self.rules.stored[index]
+
+    def _set_xss(self, index: int, data: int, host: bool) -> int:
+        host_leaf = find_cpuid(self.rules.profile.supported_cpuid, 0xD, 1)
+        supported = host_leaf.ecx | host_leaf.edx << 32 if host_leaf is not None else 0  # kvm_caps.supported_xss
+        if self.xss_gated:  # 6.18: CPUID.XSAVES for everyone, and the guest's own XSS bits
+            if not self.cpuid_has(XSAVES):
+                return self.refuse(index, E.XSS_NEEDS_XSAVES, UNSUPPORTED)
+            guest = find_cpuid(self.vcpu.cpuid, 0xD, 1)
+            supported &= guest.ecx | guest.edx << 32 if guest is not None else 0
+        elif not host and not self.cpuid_has(XSAVES):
+            return self.refuse(index, E.CPUID_GATED, FAIL)
+        if data & ~supported:
+            return self.refuse(index, E.VALUE_RESERVED, FAIL)
+        self.rules.stored[index] = data
+        return OK
+
+    def _get_xfd(self, index: int, host: bool) -> tuple[int, int]:
+        if not host and not self.cap(XFD):
+            return self.refuse(index, E.CPUID_GATED, FAIL), 0
+        return OK, self.rules.stored[index]
+
+    def _set_xfd(self, index: int, data: int, host: bool) -> int:
+        if not host and not self.cap(XFD):
+            return self.refuse(index, E.CPUID_GATED, FAIL)
+        guest = find_cpuid(self.vcpu.cpuid, 0xD, 0)
+        host_leaf = find_cpuid(self.rules.profile.supported_cpuid, 0xD, 0)
+        xcr0 = 0
+        if guest is not None and host_leaf is not None:
+            xcr0 = (guest.eax | guest.edx << 32) & (host_leaf.eax | host_leaf.edx << 32)
+        if data & ~(xcr0 & C.XFEATURE_MASK_XTILE_DATA):  # kvm_guest_supported_xfd
+            return self.refuse(index, E.VALUE_RESERVED, FAIL)
+        self.rules.stored[index] = data
+        return OK
+
+    # -- PRED_CMD and FLUSH_CMD (x86.c:3383, 3410): commands, never read --
+    def _set_pred_cmd(self, index: int, data: int, host: bool) -> int:
+        supported = self.rules.profile.supported_cpuid
+        reserved = U64 & ~(PRED_CMD_IBPB | PRED_CMD_SBPB)
+        if not host:
+            if not (self.cap(SPEC_CTRL) or self.cap(AMD_IBPB) or self.cap(SBPB)):
+                return self.refuse(index, E.CPUID_GATED, FAIL)
+            if not self.cap(SPEC_CTRL) and not self.cap(AMD_IBPB):
+                reserved |= PRED_CMD_IBPB
+            if not self.cap(SBPB):
+                reserved |= PRED_CMD_SBPB
+        if not (C.has_feature(supported, *AMD_IBPB) or C.has_feature(supported, *SPEC_CTRL)):
+            reserved |= PRED_CMD_IBPB
+        if not C.has_feature(supported, *SBPB):
+            reserved |= PRED_CMD_SBPB
+        return self.refuse(index, E.VALUE_RESERVED, FAIL) if data & reserved else OK
+
+    def _set_flush_cmd(self, index: int, data: int, host: bool) -> int:
+        if not host and not self.cap(FLUSH_L1D):
+            return self.refuse(index, E.CPUID_GATED, FAIL)
+        if not C.has_feature(self.rules.profile.supported_cpuid, *FLUSH_L1D) or data & ~1:
+            return self.refuse(index, E.VALUE_RESERVED, FAIL)
+        return OK

@@ -1,0 +1,110 @@
+"""The vMTRRs and IA32_PAT (``arch/x86/kvm/mtrr.c`` and ``kvm_pat_valid`` in ``x86.h``), host and guest alike.
+
+``kvm_mtrr_set_msr``/``kvm_mtrr_get_msr`` (mtrr.c:92-133 in 6.12, unchanged in 6.18): MTRRcap reads
+``0x500 | KVM_NR_VAR_MTRR`` and is not writable (``kvm_set_msr_common`` has no case for it: unsupported); every other
+index KVM routes here (0x200-0x26F and 0x2FF) is either an MTRR or fails with 1 (``find_mtrr`` finds nothing). MTRRs
+hold any valid value for host and guest alike and start at 0.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..api import find_cpuid
+from ..kernel import emulated as E
+
+if TYPE_CHECKING:
+    from .msr_rules import MsrRules
+
+OK, FAIL, UNSUPPORTED = 0, 1, 2
+MSR_MTRRCAP = 0xFE
+MSR_MTRR_DEF_TYPE = 0x2FF
+MSR_PAT = 0x277
+KVM_NR_VAR_MTRR = 8
+MTRRCAP_VALUE = 0x500 | KVM_NR_VAR_MTRR  # WC and FIX supported, no SMRR
+VARIABLE = range(0x200, 0x200 + 2 * KVM_NR_VAR_MTRR)
+FIXED = (0x250, 0x258, 0x259, *range(0x268, 0x270))
+MTRRS = frozenset((*VARIABLE, *FIXED, MSR_MTRR_DEF_TYPE))
+# kvm_set_msr_common: MTRRphysBase_MSR(0) ... MSR_MTRRfix4K_F8000 and MSR_MTRRdefType go to kvm_mtrr_set_msr.
+ROUTED = frozenset((*range(0x200, 0x270), MSR_MTRR_DEF_TYPE))
+ALL_INDICES = ROUTED | {MSR_MTRRCAP, MSR_PAT}
+PAT_RESET = 0x0007040600070406  # kvm_vcpu_reset: MSR_IA32_CR_PAT_DEFAULT
+
+
+def valid_type(t: int) -> bool:
+    """``valid_mtrr_type``: 0 (UC), 1 (WC), 4 (WT), 5 (WP), 6 (WB)."""
+    return t < 8 and bool((1 << t) & 0x73)
+
+
+def maxphyaddr(rules: MsrRules) -> int:
+    """``cpuid_query_maxphyaddr``: CPUID 0x80000008 EAX[7:0] when leaf 0x80000000 reaches it, else 36."""
+    cpuid = rules.vcpu.cpuid
+    top = find_cpuid(cpuid, 0x80000000)
+    if top is None or top.eax < 0x80000008:
+        return 36
+    leaf = find_cpuid(cpuid, 0x80000008)
+    return leaf.eax & 0xFF if leaf is not None else 36
+
+
+def reserved_gpa_bits(rules: MsrRules) -> int:
+    """``kvm_vcpu_reserved_gpa_bits_raw``: ``rsvd_bits(maxphyaddr, 63)``."""
+    bits = maxphyaddr(rules)
+    return 0 if bits > 63 else ((1 << 64) - 1) & ~((1 << bits) - 1)
+
+
+def mtrr_valid(rules: MsrRules, index: int, data: int) -> bool:
+    """``kvm_mtrr_valid``."""
+    if index == MSR_MTRR_DEF_TYPE:
+        return not data & ~0xCFF and valid_type(data & 0xFF)
+    if index in FIXED:
+        return all(valid_type(data >> (8 * i) & 0xFF) for i in range(8))
+    mask = reserved_gpa_bits(rules)
+    if index % 2 == 0:  # PHYSBASE
+        if not valid_type(data & 0xFF):
+            return False
+        mask |= 0xF00
+    else:  # PHYSMASK
+        mask |= 0x7FF
+    return not data & mask
+
+
+def pat_valid(data: int) -> bool:
+    """``kvm_pat_valid``: each byte 0, 1, 4, 5, 6 or 7."""
+    if data & 0xF8F8F8F8F8F8F8F8:
+        return False
+    return (data | ((data & 0x0202020202020202) << 1)) == data
+
+
+class MtrrMsrs:
+    """MTRRcap, the MTRRs and PAT of one vCPU (state in ``rules.stored``)."""
+
+    def __init__(self, rules: MsrRules) -> None:
+        self.rules = rules
+        self.indices = ALL_INDICES
+        for index in MTRRS:
+            rules.stored[index] = 0
+        rules.stored[MSR_PAT] = PAT_RESET
+
+    def get(self, index: int, host: bool) -> tuple[int, int]:
+        if index == MSR_MTRRCAP:
+            return OK, MTRRCAP_VALUE
+        if index == MSR_PAT:
+            return OK, self.rules.stored[MSR_PAT]
+        if index not in MTRRS:
+            return self.rules.refuse(index, E.MTRR_UNKNOWN, FAIL), 0
+        return OK, self.rules.stored[index]
+
+    def set(self, index: int, data: int, host: bool) -> int:
+        rules = self.rules
+        if index == MSR_MTRRCAP:
+            return rules.refuse(index, E.READ_ONLY, UNSUPPORTED)
+        if index == MSR_PAT:
+            if not pat_valid(data):
+                return rules.refuse(index, E.PAT_VALID, FAIL)
+        elif index not in MTRRS:
+            return rules.refuse(index, E.MTRR_UNKNOWN, FAIL)
+        elif not mtrr_valid(rules, index, data):
+            return rules.refuse(index, E.MTRR_VALID, FAIL)
+        rules.stored[index] = data
+        return OK
+
