@@ -5,7 +5,8 @@
 1. Ladders. Each hot path is timed step by step in one process pinned to one CPU, next to the C program doing the
    same ioctls: the C loop, the bare ``fcntl.ioctl`` call from Python, then kvmscope's public call, so each step's cost
    is the difference to the one before. The rungs take turns in every round; the best of the rounds is shown, in
-   microseconds per operation. Differences under about 0.1 us are within this machine's noise.
+   microseconds of the thread's CPU time per operation. Differences under about 0.1 us are within this machine's
+   noise.
 2. Model ``set_msrs`` of 32 entries, broken into its parts (``timeit``, microseconds per call).
 3. perf (when ``perf record`` works here): the typed run loop and the C loop sampled with ``cpu-clock``; the samples
    are split into the kernel and each user-space object, and the top user-space symbols are given in microseconds
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import gc
 import json
 import os
 import shutil
@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 import timeit
 from collections.abc import Callable
 from pathlib import Path
@@ -35,27 +34,20 @@ from kvmscope import guest, uapi
 from kvmscope.api import IoExit, MsrBatch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling modules, however this file is loaded
-from common import BATCH_MSRS, C_BINARY, PIO_GUEST, build_c, pin, run_c  # noqa: E402
+from common import BATCH_MSRS, C_BINARY, PIO_GUEST, build_c, pin, run_c, timed  # noqa: E402
 
 
-def once_us(fn: Callable[[int], None], n: int) -> float:
-    """Wall time per operation of one run of ``fn(n)``, in microseconds."""
-    gc.disable()
-    try:
-        t0 = time.perf_counter()
-        fn(n)
-        return (time.perf_counter() - t0) / n * 1e6
-    finally:
-        gc.enable()
+Rung = tuple[str, "tuple[str, list[int]] | Callable[[int], None]"]
 
 
-def ladder(rungs: list[tuple[str, str | Callable[[int], None]]], n: int, rounds: int) -> list[tuple[str, float]]:
+def ladder(rungs: list[Rung], n: int, rounds: int) -> list[tuple[str, float]]:
     """Best time per operation of each rung (a C mode or a Python loop), the rungs taken in turn in every round so
     that a slow spell of the machine hits them all alike."""
     times: dict[str, list[float]] = {name: [] for name, _ in rungs}
     for _ in range(rounds):
         for name, rung in rungs:
-            times[name].append(1e6 / run_c(rung, n).value if isinstance(rung, str) else once_us(rung, n))
+            sample = run_c(rung[0], n, rung[1]) if isinstance(rung, tuple) else timed(rung, n)
+            times[name].append(sample.cpu_us)
     return [(name, min(times[name])) for name, _ in rungs]
 
 
@@ -87,7 +79,7 @@ def run_ladder(n: int, rounds: int) -> list[tuple[str, float]]:
                     raise RuntimeError(f"unexpected {e}")
 
         return ladder([
-            ("C: ioctl(KVM_RUN), check reason and port", "pio"),
+            ("C: ioctl(KVM_RUN), check reason and port", ("pio", [])),
             ("Python: fcntl.ioctl(fd, KVM_RUN), nothing read", bare),
             ("kvmscope: run_raw(), check the reason", raw_reason),
             ("kvmscope: run_raw(), check reason and io_port", raw_port),
@@ -115,7 +107,7 @@ def msr_ladder(n: int, rounds: int) -> list[tuple[str, float]]:
                 set_msrs(batch, True)
 
         return ladder([
-            ("C: ioctl(KVM_SET_MSRS), 1 MSR", "setmsr1"),
+            ("C: ioctl(KVM_SET_MSRS), 1 MSR", ("set", [BATCH_MSRS[0]])),
             ("Python: fcntl.ioctl(fd, KVM_SET_MSRS, buf, True)", bare),
             ("kvmscope: set_msrs(batch)", api),
             ("kvmscope: set_msrs(batch, strict=True)", strict),
@@ -146,7 +138,7 @@ def model_parts(n: int, rounds: int) -> list[tuple[str, float]]:
         out = []
         for name, fn in names.items():
             out.append((name, min(timeit.repeat(fn, number=n, repeat=rounds)) / n * 1e6))
-        kernel = min(1e6 / run_c("setmsr32", 50_000).value for _ in range(rounds))
+        kernel = min(run_c("set", 50_000, [BATCH_MSRS[i % 8] for i in range(32)]).cpu_us for _ in range(rounds))
         out.append(("live kernel, C: KVM_SET_MSRS of the same 32 entries", kernel))
         out.append(("2x the kernel's rate needs a whole call under", kernel / 2))
         return out
@@ -208,7 +200,8 @@ def perf_profile(perf: str, n: int) -> dict[str, object]:
             control = ["-D", "-1", "--control", f"fifo:{ctl},{ack}"] if side != "C" else []
             done = subprocess.run([perf, "record", "-q", "-e", "cpu-clock", "-F", "10000", *control, "-o", data,
                                    "--", *cmd], check=True, capture_output=True, text=True)
-            rate = float(done.stdout.split()[0])  # both print exits per second first
+            first = float(done.stdout.split()[0])  # Python prints exits per second, C its wall time in ns
+            rate = n / (first / 1e9) if side == "C" else first
             out[side] = summarize(perf, data, 1e6 / rate)
     return out
 

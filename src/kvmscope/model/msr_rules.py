@@ -66,6 +66,8 @@ class MsrRules:
         self.profile = p
         self.rules = rs
         self.refusals: dict[int, R.Rule] = {}
+        self._bits_of: object = None  # the CPUID list _bits was computed from (cpuid_has)
+        self._bits: dict[tuple[int, int, str, int], bool] = {}
         self._advertised = vm.system.advertised
         # kvm_is_immutable_feature_msr: the generic list plus the VMX range, computed once so the check stays cheap.
         self.immutable = frozenset(M.VMX_RANGE) | rs.immutable_generic
@@ -100,7 +102,25 @@ class MsrRules:
         return code
 
     def cpuid_has(self, bit: tuple[int, int, str, int]) -> bool:
-        return C.has_feature(self.vcpu.cpuid, *bit)
+        # Cached per CPUID list: KVM_SET_CPUID2 gives the vCPU a new list (the batch ioctls' setters ask often).
+        cpuid = self.vcpu.cpuid
+        if cpuid is not self._bits_of:
+            self._bits_of, self._bits = cpuid, {}
+        has = self._bits.get(bit)
+        if has is None:
+            has = self._bits[bit] = C.has_feature(cpuid, *bit)
+        return has
+
+    def ruled_msrs(self) -> frozenset[int]:
+        """Every MSR with a host rule of its own (read or write, in ``host_get``/``host_set`` or a setter) and every
+        MSR a rule reads. The batch ioctls (``msr_batch``) send only these through the rules one by one and handle
+        the profile's plain MSRs in bulk: a new rule adds its MSR here (or to ``_msr_setters``)."""
+        return frozenset({
+            MSR_MISC_FEATURES_ENABLES,  # read by PLATFORM_INFO's order check
+            M.MSR_IA32_ARCH_CAPABILITIES, M.MSR_IA32_PERF_CAPABILITIES, M.MSR_PLATFORM_INFO, M.MSR_IA32_UCODE_REV,
+            M.MSR_AMD64_DE_CFG, vmx.MSR_IA32_FEAT_CTL, *MSR_ALIASES, *MSR_ALIASES.values(), *VM_WIDE_MSRS,
+            *self.setters, *self.immutable, *range(M.VMX_FIRST, M.VMX_LAST + 1),
+        })
 
     def freeze(self) -> None:
         """The first real VM entry (``kvm_vcpu_has_run``): from now on the immutable MSRs keep their values."""
