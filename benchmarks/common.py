@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import kvmscope
+from kvmscope.api import MsrBatch, Vcpu
+
 HERE = Path(__file__).parent
 C_SOURCE = HERE / "kvm_bench.c"
 C_BINARY = HERE / "bin" / "kvm_bench"
@@ -39,6 +42,26 @@ QEMU_CREATION_MSRS: list[int] = [
     0x2FF, 0x250, 0x258, 0x259, *range(0x268, 0x270), *range(0x200, 0x210),  # MTRRs
     0x17A, 0x17B, *range(0x400, 0x400 + 10 * 4),  # MCG_STATUS, MCG_CTL, MC0-9 CTL/STATUS/ADDR/MISC
 ]
+
+
+def takes_back(vcpu: Vcpu, index: int) -> bool:
+    """Whether ``vcpu`` reads this MSR and takes the value it read back."""
+    batch = MsrBatch([index])
+    return vcpu.get_msrs(batch) == 1 and vcpu.set_msrs(MsrBatch([(index, batch[0][1])])) == 1
+
+
+def batches() -> dict[str, list[int]]:
+    """The realistic batches: the first 32 index-list MSRs the live kernel reads and takes back (what a VMM saves and
+    restores), and QEMU's vCPU-creation batch, each kept to what both the live kernel and the 6.18 model take back
+    (the model's misses are listed in ``dropped``)."""
+    with kvmscope.open("linux") as kvm, kvm.create_vm() as vm, kvmscope.open("model", kernel="6.18") as model, \
+            model.create_vm() as mvm:
+        live, twin = vm.create_vcpu(0), mvm.create_vcpu(0)
+        index_list = [i for i in kvm.get_msr_index_list() if takes_back(live, i)][:32]
+        qemu_live = [i for i in QEMU_CREATION_MSRS if takes_back(live, i)]
+        qemu = [i for i in qemu_live if takes_back(twin, i)]
+        dropped = sorted({i for i in qemu_live if i not in qemu})
+    return {"index list": index_list, "qemu": qemu, "qemu (live kernel)": qemu_live, "dropped": dropped}
 
 
 def build_c() -> Path:

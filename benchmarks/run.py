@@ -31,36 +31,13 @@ from pathlib import Path
 
 import kvmscope
 from kvmscope import guest, uapi
-from kvmscope.api import IoExit, MsrBatch, Vcpu
+from kvmscope.api import IoExit, MsrBatch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling modules, however this file is loaded
 import where_time_goes  # noqa: E402
-from common import PIO_GUEST, QEMU_CREATION_MSRS, CBaseline, Sample, build_c, pin, timed  # noqa: E402
+from common import PIO_GUEST, QEMU_CREATION_MSRS, CBaseline, Sample, batches, build_c, pin, timed  # noqa: E402
 
 Chunk = Callable[[int], Sample]
-
-
-# --- the batches: what VMMs send ---------------------------------------------------------------------------------------
-
-
-def takes_back(vcpu: Vcpu, index: int) -> bool:
-    """Whether ``vcpu`` reads this MSR and takes the value it read back."""
-    batch = MsrBatch([index])
-    return vcpu.get_msrs(batch) == 1 and vcpu.set_msrs(MsrBatch([(index, batch[0][1])])) == 1
-
-
-def batches() -> dict[str, list[int]]:
-    """The realistic batches: the first 32 index-list MSRs the live kernel reads and takes back (what a VMM saves and
-    restores), and QEMU's vCPU-creation batch, each kept to what both the live kernel and the 6.18 model take back
-    (the model's misses are listed in ``dropped``)."""
-    with kvmscope.open("linux") as kvm, kvm.create_vm() as vm, kvmscope.open("model", kernel="6.18") as model, \
-            model.create_vm() as mvm:
-        live, twin = vm.create_vcpu(0), mvm.create_vcpu(0)
-        index_list = [i for i in kvm.get_msr_index_list() if takes_back(live, i)][:32]
-        qemu_live = [i for i in QEMU_CREATION_MSRS if takes_back(live, i)]
-        qemu = [i for i in qemu_live if takes_back(twin, i)]
-        dropped = sorted({i for i in qemu_live if i not in qemu})
-    return {"index list": index_list, "qemu": qemu, "qemu (live kernel)": qemu_live, "dropped": dropped}
 
 
 # --- the Python side: public API only, one chunk of n operations per call -----------------------------------------------
