@@ -235,8 +235,9 @@ class BatchedMsrRules(MsrRules):
     def _frozen_check(self, ruled: tuple[tuple[int, int, Setter | None], ...]) -> FrozenCheck | None:
         """For a plan: how to get the values a batch gives its frozen MSRs that have setters, and the values they
         hold, so that one comparison does their freeze check (None when no such entry). The values held are read
-        straight from ``stored``, so only plain-read MSRs qualify: any other frozen MSR with a setter gets a check
-        that always fails, which sends the ruled entries down the full path."""
+        straight from ``stored``, so only plain-read MSRs (``_plain``) qualify. Any other frozen MSR is read by the
+        check as ``try_set`` reads it, and that read records refusals of its own (a CPUID-gated feature MSR), so it
+        gets a check that always fails, which sends the ruled entries down the full path, in order."""
         positions = [(pos, index) for pos, index, setter in ruled if setter is not None and index in self.frozen]
         if not positions:
             return None
