@@ -1,6 +1,7 @@
 """kvmscope benchmarks: the same work through kvmscope's public API and through a C program, in the same run.
 
-    python benchmarks/run.py [--rounds 21] [--quick] [--json] [--only NAME ...] [--cpu N|none] [--no-profile]
+    python benchmarks/run.py [--rounds 21] [--quick] [--json] [--save FILE] [--only NAME ...] [--cpu N|none]
+                             [--no-profile]
 
 How it measures, so that the figures hold on a busy machine:
 - The measure is CPU time per operation of the working thread on both sides (CLOCK_THREAD_CPUTIME_ID: user plus
@@ -305,6 +306,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=21, help="rounds of alternating chunks (default 21)")
     ap.add_argument("--quick", action="store_true", help="10x shorter chunks (a smoke run)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--save", metavar="FILE", help="also write the JSON result to FILE (with the printed table)")
     ap.add_argument("--only", nargs="*", default=[], help="run figures whose name contains one of these")
     ap.add_argument("--cpu", default="last", help="pin both sides to this CPU (default: the last allowed; 'none')")
     ap.add_argument("--no-profile", action="store_true",
@@ -322,9 +324,12 @@ def main() -> None:
     machine = {"kernel": os.uname().release, "python": platform.python_version(), "cpu": platform.processor() or
                platform.machine(), "nproc": os.cpu_count(), "pinned_to_cpu": cpu, "loadavg": os.getloadavg()}
     profile = None if args.no_profile else profile_missed(figs, args.quick)
+    result = json.dumps({"machine": machine, "rounds": args.rounds, "batches": bench.batches,
+                         "figures": [asdict(f) for f in figs], "profile": profile}, indent=2)
+    if args.save:
+        Path(args.save).write_text(result + "\n")
     if args.json:
-        print(json.dumps({"machine": machine, "rounds": args.rounds, "batches": bench.batches,
-                          "figures": [asdict(f) for f in figs], "profile": profile}, indent=2))
+        print(result)
         return
     print_table(machine, args.rounds, bench.batches, figs)
     if profile:
