@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import TYPE_CHECKING
 
+from .. import msrs as M
 from .. import uapi
 from ..api import LITTLE_ENDIAN, MsrBatch, MsrItems, as_batch
 from ..errors import ClosedError, KvmError
@@ -80,6 +81,13 @@ def _always_mismatch(words: memoryview) -> object:
 
 def _nothing(store: dict[int, int]) -> object:
     return None
+
+
+def _one(key: int) -> Callable[[object], object]:
+    """``obj[key]`` as a 1-tuple, to compare with what itemgetter of several keys gives."""
+    def get(obj: object) -> object:
+        return (obj[key],)  # type: ignore[index]
+    return get
 
 
 def _picker(positions: Sequence[int]) -> Pick:
@@ -234,16 +242,37 @@ class BatchedMsrRules(MsrRules):
 
     def _frozen_check(self, ruled: tuple[tuple[int, int, Setter | None], ...]) -> FrozenCheck | None:
         """For a plan: how to get the values a batch gives its frozen MSRs that have setters, and the values they
-        hold, so that one comparison does their freeze check (None when no such entry). The values held are read
-        straight from ``stored``, so only plain-read MSRs (``_plain``) qualify. Any other frozen MSR is read by the
-        check as ``try_set`` reads it, and that read records refusals of its own (a CPUID-gated feature MSR), so it
-        gets a check that always fails, which sends the ruled entries down the full path, in order."""
+        hold, as tuples, so that one comparison does their freeze check (None when no such entry); on a match each
+        goes straight to its setter, as ``try_set`` would after its check.
+
+        Plain-read MSRs (``_plain``) are read straight from ``stored``. Any other is read as ``try_set`` reads it
+        (``access_get``). Such a read can record a refusal (a CPUID-gated feature MSR without its bit), which the
+        kernel's order records only when it reaches the entry, so the reads run against a scratch refusal record: a
+        read that records anything counts as a mismatch and the ruled entries take the full path, in order. The
+        read-ahead needs reads that no earlier entry of the batch can change: no VMX MSR (control pairs share a slot)
+        and no frozen MSR twice; otherwise the check always fails."""
         positions = [(pos, index) for pos, index, setter in ruled if setter is not None and index in self.frozen]
         if not positions:
             return None
-        if any(index not in self._plain for _, index in positions):
+        words = [2 + 2 * pos for pos, _ in positions]
+        indices = tuple(index for _, index in positions)
+        given: Callable[[memoryview], object] = itemgetter(*words) if len(words) > 1 else _one(words[0])
+        if all(index in self._plain for index in indices):
+            return given, itemgetter(*indices) if len(indices) > 1 else _one(indices[0])
+        if len(set(indices)) < len(indices) or any(M.VMX_FIRST <= index <= M.VMX_LAST for index in indices):
             return (_always_mismatch, _nothing)
-        return (itemgetter(*(2 + 2 * pos for pos, _ in positions)), itemgetter(*(index for _, index in positions)))
+        access_get = self.access_get
+
+        def held(stored: dict[int, int]) -> object:
+            saved, self.refusals = self.refusals, {}
+            try:
+                values = tuple(value if code == OK else None for code, value in map(access_get, indices))
+                recorded = bool(self.refusals)
+            finally:
+                self.refusals = saved
+            return _nothing if recorded else values
+
+        return given, held
 
     def _write_plan(self, key: bytes) -> WritePlan:
         """How to write a batch naming these MSRs. Plain MSRs always take a value their kind allows and only store
