@@ -6,6 +6,7 @@
  * Commands (MODE N [INDEX ...]):
  *   pio N            N KVM_RUNs of a guest looping on `out 0x10, al`, each exit's reason and port checked
  *   set N INDEX...   N KVM_SET_MSRS of the batch of these MSRs, written back with the values KVM_GET_MSRS read
+ *                    (on a vCPU given KVM_GET_SUPPORTED_CPUID, as a VMM sets CPUID before it restores MSRs)
  *   get N INDEX...   N KVM_GET_MSRS of that batch
  *   vmstart N        N times: create a VM, 64 KiB of memory, a vCPU, set registers, run to HLT, close
  * Answer: "WALL_NS CPU_NS USER_US SYS_US" for the timed loop only: wall time, this thread's CPU time
@@ -60,6 +61,15 @@ static void vm_create(int kvm, struct vm *v, const unsigned char *code, size_t l
     if (ioctl(v->vcpu, KVM_SET_REGS, &regs) < 0) die("KVM_SET_REGS");
 }
 
+/* What a VMM does before it restores MSRs: give the vCPU the CPUID KVM supports. */
+static void set_supported_cpuid(int kvm, int vcpu) {
+    static struct { struct kvm_cpuid2 h; struct kvm_cpuid_entry2 e[256]; } c;
+    memset(&c, 0, sizeof(c));
+    c.h.nent = 256;
+    if (ioctl(kvm, KVM_GET_SUPPORTED_CPUID, &c) < 0) die("KVM_GET_SUPPORTED_CPUID");
+    if (ioctl(vcpu, KVM_SET_CPUID2, &c) < 0) die("KVM_SET_CPUID2");
+}
+
 static void vm_destroy(struct vm *v) {
     munmap(v->run, v->run_size);
     close(v->vcpu);
@@ -82,7 +92,7 @@ static int chunk(char *line) {
     long n = atol(count);
     int set = !strcmp(mode, "set"), get = !strcmp(mode, "get");
     if (set || get) {
-        if (!have_msr) { vm_create(kvm, &msr_vm, PIO, sizeof(PIO)); have_msr = 1; }
+        if (!have_msr) { vm_create(kvm, &msr_vm, PIO, sizeof(PIO)); set_supported_cpuid(kvm, msr_vm.vcpu); have_msr = 1; }
         int k = 0;
         for (char *t; (t = strtok_r(NULL, " \t\n", &save)) && k < MAX_MSRS;) batch.e[k++].index = strtoul(t, NULL, 0);
         batch.h.nmsrs = k;

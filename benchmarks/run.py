@@ -80,6 +80,7 @@ def msr_side(backend: str, op: str, indices: Sequence[int], kernel: str = "6.18"
     kvm = kvmscope.open(backend, kernel=kernel) if backend == "model" else kvmscope.open(backend)
     vm = kvm.create_vm()
     vcpu = vm.create_vcpu(0)
+    vcpu.set_cpuid(kvm.get_supported_cpuid())  # as a VMM does before it restores MSRs (and kvm_bench.c)
     if after_run:  # the freeze check only runs once the vCPU has run
         guest.run_to_hlt(vm, vcpu)
     batch = MsrBatch(list(indices))

@@ -262,15 +262,21 @@ class BatchedMsrRules(MsrRules):
         if len(set(indices)) < len(indices) or any(M.VMX_FIRST <= index <= M.VMX_LAST for index in indices):
             return (_always_mismatch, _nothing)
         access_get = self.access_get
+        recorded_once: list[bool] = []  # set when a read recorded a refusal: from then on the plan skips the read-ahead
 
         def held(stored: dict[int, int]) -> object:
+            if recorded_once:  # the full path reads again anyway: do not read twice (only speed depends on this)
+                return _nothing
             saved, self.refusals = self.refusals, {}
             try:
                 values = tuple(value if code == OK else None for code, value in map(access_get, indices))
                 recorded = bool(self.refusals)
             finally:
                 self.refusals = saved
-            return _nothing if recorded else values
+            if recorded:
+                recorded_once.append(True)
+                return _nothing
+            return values
 
         return given, held
 
