@@ -156,7 +156,9 @@ class BatchedMsrRules(MsrRules):
 
     def _read_plan(self, key: bytes) -> ReadPlan:
         """Plain MSRs read from the dict that holds them (a DROP MSR's key is never stored, so its default comes
-        back); the others go through ``access_get``, with a placeholder in the bulk read."""
+        back); the others go through ``access_get``, with a placeholder in the bulk read. Plans hold the dicts
+        themselves (``stored``, the VM's ``msrs``): code that replaced either, rather than updating it, would have to
+        clear ``plans`` and ``read_plans``."""
         indices = struct.unpack(f"<{len(key) // 4}I", key)
         stores = {STORE: self.stored, VM_WIDE: self.vm.msrs, ZERO: self.stored, DROP: {}}
         dicts, keys, defaults, ruled = [], [], [], []
