@@ -5,8 +5,10 @@
 1. Ladders. Each hot path is timed step by step in one process pinned to one CPU, next to the C program doing the
    same ioctls: the C loop, the bare ``fcntl.ioctl`` call from Python, then kvmscope's public call, so each step's cost
    is the difference to the one before. The rungs take turns in every round; the best of the rounds is shown, in
-   microseconds per operation. Differences under about 0.1 us are within this machine's noise.
-2. Model ``set_msrs`` of 32 entries, broken into its parts (``timeit``, microseconds per call).
+   microseconds of the thread's CPU time per operation. Differences under about 0.1 us are within this machine's
+   noise.
+2. Model ``set_msrs`` of the index-list batch (the first 32 MSRs of KVM_GET_MSR_INDEX_LIST that read and write
+   back), broken into its parts (CPU time, microseconds per call).
 3. perf (when ``perf record`` works here): the typed run loop and the C loop sampled with ``cpu-clock``; the samples
    are split into the kernel and each user-space object, and the top user-space symbols are given in microseconds
    per exit. The Python process enables sampling only around its loop (perf's control FIFO), so start-up is left out.
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import gc
 import json
 import os
 import shutil
@@ -24,8 +25,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
-import timeit
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,27 +34,19 @@ from kvmscope import guest, uapi
 from kvmscope.api import IoExit, MsrBatch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling modules, however this file is loaded
-from common import BATCH_MSRS, C_BINARY, PIO_GUEST, build_c, pin, run_c  # noqa: E402
+from common import BATCH_MSRS, C_BINARY, PIO_GUEST, batches, build_c, pin, run_c, timed  # noqa: E402
+
+Rung = tuple[str, "tuple[str, list[int]] | Callable[[int], None]"]
 
 
-def once_us(fn: Callable[[int], None], n: int) -> float:
-    """Wall time per operation of one run of ``fn(n)``, in microseconds."""
-    gc.disable()
-    try:
-        t0 = time.perf_counter()
-        fn(n)
-        return (time.perf_counter() - t0) / n * 1e6
-    finally:
-        gc.enable()
-
-
-def ladder(rungs: list[tuple[str, str | Callable[[int], None]]], n: int, rounds: int) -> list[tuple[str, float]]:
+def ladder(rungs: list[Rung], n: int, rounds: int) -> list[tuple[str, float]]:
     """Best time per operation of each rung (a C mode or a Python loop), the rungs taken in turn in every round so
     that a slow spell of the machine hits them all alike."""
     times: dict[str, list[float]] = {name: [] for name, _ in rungs}
     for _ in range(rounds):
         for name, rung in rungs:
-            times[name].append(1e6 / run_c(rung, n).value if isinstance(rung, str) else once_us(rung, n))
+            sample = run_c(rung[0], n, rung[1]) if isinstance(rung, tuple) else timed(rung, n)
+            times[name].append(sample.cpu_us)
     return [(name, min(times[name])) for name, _ in rungs]
 
 
@@ -87,7 +78,7 @@ def run_ladder(n: int, rounds: int) -> list[tuple[str, float]]:
                     raise RuntimeError(f"unexpected {e}")
 
         return ladder([
-            ("C: ioctl(KVM_RUN), check reason and port", "pio"),
+            ("C: ioctl(KVM_RUN), check reason and port", ("pio", [])),
             ("Python: fcntl.ioctl(fd, KVM_RUN), nothing read", bare),
             ("kvmscope: run_raw(), check the reason", raw_reason),
             ("kvmscope: run_raw(), check reason and io_port", raw_port),
@@ -115,7 +106,7 @@ def msr_ladder(n: int, rounds: int) -> list[tuple[str, float]]:
                 set_msrs(batch, True)
 
         return ladder([
-            ("C: ioctl(KVM_SET_MSRS), 1 MSR", "setmsr1"),
+            ("C: ioctl(KVM_SET_MSRS), 1 MSR", ("set", [BATCH_MSRS[0]])),
             ("Python: fcntl.ioctl(fd, KVM_SET_MSRS, buf, True)", bare),
             ("kvmscope: set_msrs(batch)", api),
             ("kvmscope: set_msrs(batch, strict=True)", strict),
@@ -123,38 +114,45 @@ def msr_ladder(n: int, rounds: int) -> list[tuple[str, float]]:
 
 
 def model_parts(n: int, rounds: int) -> list[tuple[str, float]]:
-    """The model's set_msrs of the benchmark's 32-entry batch, part by part."""
+    """The model's set_msrs of the index-list batch (what a VMM saves and restores), part by part, in CPU time."""
+    indices = batches()["index list"]
     with kvmscope.open("model", kernel="6.18") as kvm, kvm.create_vm() as vm:
         vcpu: Any = vm.create_vcpu(0)  # its MSR rules' parts are timed one by one below
-        batch = MsrBatch([(BATCH_MSRS[i % 8], 0) for i in range(32)])
+        batch = MsrBatch(indices)
+        vcpu.get_msrs(batch, strict=True)
         vcpu.set_msrs(batch)
-        u32, u64 = batch.words32, batch.words64
-        key = u32[2::4].tobytes()
-        values = u64[2::2].tolist()
+        words = batch.words64
+        key = batch.words32[2::4].tobytes()
         msrs = vcpu.msr_rules
-        specials, store_indices, pick, verbatim, _ = msrs.plans[key]
-        ruled = [(index, values[pos]) for pos, index, _ in specials]
-        store, try_set, plans = msrs.stored, msrs.try_set, msrs.plans
-        names = {
-            "whole call: vcpu.set_msrs(batch)": lambda: vcpu.set_msrs(batch),
-            "the batch's indices, packed, as the plan's key": lambda: u32[2::4].tobytes(),
-            "find the batch's cached plan": lambda: plans.get(u32[2::4].tobytes()),
-            "the batch's values as a list": lambda: u64[2::2].tolist(),
-            f"{len(ruled)} entries with rules (PLATFORM_INFO, SYSENTER_ESP/EIP, SMI_COUNT), one by one":
-                lambda: [try_set(i, d) for i, d in ruled],
+        ruled, stores, zero, _, _, _, _ = msrs.plans[key]
+        plans = msrs.plans
+        setters = [(setter, words[2 + 2 * pos]) for pos, _, setter in ruled if setter is not None]
+
+        def each(fn: Callable[[], object]) -> Callable[[int], None]:
+            def loop(n: int) -> None:
+                for _ in range(n):
+                    fn()
+            return loop
+
+        names: dict[str, Callable[[], object]] = {
+            "empty loop (subtracted from nothing: the floor of a timed call)": lambda: None,
+            f"whole call: vcpu.set_msrs(batch), {len(indices)} entries": lambda: vcpu.set_msrs(batch),
+            "the batch's indices, packed, as the plan's key": lambda: batch.words32[2::4].tobytes(),
+            "find the batch's cached plan (with the key)": lambda: plans.get(batch.words32[2::4].tobytes()),
+            "check the ZERO MSRs' values (one itemgetter)": lambda: zero is not None and any(zero(words)),
+            f"{len(ruled)} entries with rules, their setters one by one": lambda: [s(d) for s, d in setters],
+            f"the plain entries stored ({len(stores)} dict updates)": lambda: [
+                store.update(zip(keys, pick(words))) for store, keys, pick in stores],  # noqa: B905
+            "get_msrs(batch): the same batch read": lambda: vcpu.get_msrs(batch),
         }
-        if verbatim is not None:
-            names["then the whole batch stored in order (one dict update)"] = (
-                lambda: store.update(zip(verbatim, values)))  # noqa: B905
-        elif pick is not None:  # some ruled entries do not store verbatim (SYSENTER_ESP/EIP are made canonical)
-            names["then the store-only entries (one dict update)"] = (
-                lambda: store.update(zip(store_indices, pick(values))))  # noqa: B905
-        out = []
-        for name, fn in names.items():
-            out.append((name, min(timeit.repeat(fn, number=n, repeat=rounds)) / n * 1e6))
-        kernel = min(1e6 / run_c("setmsr32", 50_000).value for _ in range(rounds))
-        out.append(("live kernel, C: KVM_SET_MSRS of the same 32 entries", kernel))
-        out.append(("2x the kernel's rate needs a whole call under", kernel / 2))
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(rounds):
+            for name, fn in names.items():
+                times[name].append(timed(each(fn), n).cpu_us)
+        out = [(name, min(t)) for name, t in times.items()]
+        kernel = min(run_c("set", n, indices).cpu_us for _ in range(rounds))
+        out.append((f"live kernel, C: KVM_SET_MSRS of the same {len(indices)} entries", kernel))
+        out.append(("4x the kernel's rate needs a whole call under", kernel / 4))
         return out
 
 
@@ -214,7 +212,8 @@ def perf_profile(perf: str, n: int) -> dict[str, object]:
             control = ["-D", "-1", "--control", f"fifo:{ctl},{ack}"] if side != "C" else []
             done = subprocess.run([perf, "record", "-q", "-e", "cpu-clock", "-F", "10000", *control, "-o", data,
                                    "--", *cmd], check=True, capture_output=True, text=True)
-            rate = float(done.stdout.split()[0])  # both print exits per second first
+            first = float(done.stdout.split()[0])  # Python prints exits per second, C its wall time in ns
+            rate = n / (first / 1e9) if side == "C" else first
             out[side] = summarize(perf, data, 1e6 / rate)
     return out
 
@@ -257,7 +256,7 @@ def profile(n: int, rounds: int, with_perf: bool = True, parts: tuple[str, ...] 
     if "msr" in parts:
         result["set_msrs x1 (us per call)"] = msr_ladder(n, rounds)
     if "model" in parts:
-        result["model set_msrs x32 (us per call)"] = model_parts(max(n // 10, 1000), rounds)
+        result["model set_msrs, index-list batch (us per call)"] = model_parts(max(n // 10, 1000), rounds)
     if "run" in parts:
         perf = perf_available() if with_perf else None
         if not with_perf:
@@ -275,7 +274,7 @@ def print_profile(result: dict[str, object]) -> None:
             for name, us in rows:
                 step = f"  (+{us - previous:.3f})" if previous is not None and "C:" not in name else ""
                 print(f"  {name:72} {us:8.3f}{step}")
-                previous = us if title != "model set_msrs x32 (us per call)" else None
+                previous = us if not title.startswith("model") else None
         elif isinstance(rows, dict):
             for side, summary in rows.items():
                 assert isinstance(summary, dict)

@@ -28,20 +28,26 @@ def run_json(script: str, *args: str) -> dict[str, object]:
 
 
 @needs_cc
-def test_run_reports_ratio_target_and_cpu_split(live: LinuxSystem) -> None:
+def test_run_reports_paired_ratios_range_and_target(live: LinuxSystem) -> None:
     out = run_json("run.py", "--quick", "--rounds", "1", "--only", "set_msrs x1", "model set_msrs x1")
     figures = out["figures"]
     assert isinstance(figures, list)
     names = [f["name"] for f in figures]
     assert "set_msrs x1" in names and "model set_msrs x1 vs live kernel" in names, f"figures reported: {names}"
     for f in figures:
-        assert f["python"] > 0 and f["reference"] > 0, f"{f['name']}: expected positive rates, got {f}"
-        assert abs(f["ratio"] - f["python"] / f["reference"]) < 1e-9, f"{f['name']}: ratio is not kvmscope/baseline: {f}"
-        assert isinstance(f["met"], bool) and f["target"], f"{f['name']}: expected a target and a verdict: {f}"
-        assert f["reference_sys_us"] > 0, f"{f['name']}: the C baseline's kernel time per op is missing: {f}"
+        assert f["python_us"] > 0 and f["reference_us"] > 0, f"{f['name']}: expected positive CPU times, got {f}"
+        assert f["rounds"] == 1, f"{f['name']}: expected the one round asked for, got {f['rounds']}"
+        # One round: the median of the paired ratios is that round's ratio, kvmscope's rate over the baseline's.
+        assert abs(f["ratio"] - f["reference_us"] / f["python_us"]) < 1e-9, f"{f['name']}: ratio is not paired: {f}"
+        assert f["ratio_low"] <= f["ratio"] <= f["ratio_high"], f"{f['name']}: ratio outside its range: {f}"
+        assert f["wall_ratio"] > 0 and f["python_wall_us"] > 0, f"{f['name']}: wall time missing: {f}"
+        assert (f["met"] is None) == (not f["target"]), f"{f['name']}: a target needs a verdict and back: {f}"
+    index_list = out["batches"]["index list"]  # type: ignore[index]
+    assert 0 < len(index_list) <= 32, f"index-list batch: {index_list}"
     assert isinstance(out["machine"], dict) and "pinned_to_cpu" in out["machine"], f"machine: {out['machine']}"
     # Any missed binding MSR figure (set_msrs x1, strict-set_msrs x1) brings the MSR part of the profile.
-    missed_msr = any(not f["met"] for f in figures if "_msrs x" in f["name"] and not f["name"].startswith("model"))
+    missed_msr = any(f["met"] is False for f in figures
+                     if "_msrs x" in f["name"] and not f["name"].startswith(("model", "freeze")))
     profile = out["profile"]
     if missed_msr:  # a missed target is followed by the profile of where its time goes
         assert isinstance(profile, dict) and "set_msrs x1 (us per call)" in profile, f"profile: {profile}"
@@ -55,8 +61,9 @@ def test_where_time_goes_reports_ladders_and_model_parts(live: LinuxSystem) -> N
     ladder = out["run loop (us per exit)"]
     assert isinstance(ladder, list) and len(ladder) == 5, f"run-loop ladder: {ladder}"
     assert ladder[0][0].startswith("C:") and all(us > 0 for _, us in ladder), f"run-loop ladder: {ladder}"
-    parts = dict(out["model set_msrs x32 (us per call)"])  # type: ignore[call-overload]
-    assert parts["whole call: vcpu.set_msrs(batch)"] > 0, f"model parts: {parts}"
+    parts = dict(out["model set_msrs, index-list batch (us per call)"])  # type: ignore[call-overload]
+    whole = [us for name, us in parts.items() if name.startswith("whole call: vcpu.set_msrs(batch)")]
+    assert len(whole) == 1 and whole[0] > 0, f"model parts: {parts}"
     assert out["perf"] == "skipped (--no-perf)", f"--no-perf still profiled: {out['perf']}"
 
 

@@ -84,14 +84,16 @@ def test_batched_set_msrs_matches_entry_by_entry(profile: str, kernel: str, step
 
 
 def test_store_only_excludes_what_rules_read_or_write() -> None:
-    """No MSR with a rule, none a rule reads (MISC_FEATURES_ENABLES), no alias and no immutable MSR is store-only."""
+    """No MSR with a rule (a setter), none a rule reads (MISC_FEATURES_ENABLES), no alias and no immutable MSR is
+    store-only."""
     for profile in shipped():
         vcpu = twin(profile, "6.18")
         ruled = {0x10A, 0x345, 0xCE, 0xC0011029, 0x3A, 0x140, 0x11, 0x12, 0x4B564D00, 0x4B564D01}
         ruled |= set(range(0x480, 0x492))
         overlap = vcpu.msr_rules.store_only & ruled
         assert not overlap, f"{profile}: store-only MSRs include ruled ones: {sorted(hex(i) for i in overlap)}"
-        assert 0x8B in vcpu.msr_rules.store_only, f"{profile}: UCODE_REV is expected store-only (any value, no rule)"
+        assert 0x174 in vcpu.msr_rules.store_only, f"{profile}: SYSENTER_CS is expected store-only (any value, no rule)"
+        assert 0x8B not in vcpu.msr_rules.plain, f"{profile}: UCODE_REV has a setter, so it is expected ruled"
 
 
 def test_write_taken_without_storing_keeps_the_held_value() -> None:
@@ -140,3 +142,36 @@ def test_buffer_edited_in_place_is_seen_and_cannot_be_replaced() -> None:
     assert fast.msr_rules.stored[0x175] == 7 and state(fast) == state(ref), "the edited entry is expected stored"
     with pytest.raises(AttributeError):
         batch.buffer = bytearray(len(batch.buffer))  # type: ignore[misc]
+
+
+@settings(max_examples=int(os.environ.get("KVMSCOPE_PLAN_EXAMPLES", "300")), deadline=None)
+@given(profile=st.sampled_from(shipped()), kernel=st.sampled_from(["6.3", "6.10", "6.12", "6.18"]),
+       writes=st.lists(st.tuples(st.integers(0, 1 << 16), VALUES), max_size=20),
+       reads=st.lists(st.integers(0, 1 << 16), min_size=1, max_size=40), cpuid=st.booleans(), run=st.booleans())
+def test_batched_get_msrs_matches_entry_by_entry(profile: str, kernel: str, writes: list[Any], reads: list[int],
+                                                 cpuid: bool, run: bool) -> None:
+    """The planned get_msrs (plain MSRs in one pass) against ``access_get`` entry by entry: same count, same buffer
+    (values read, the refused entry zeroed, later entries left as passed), same refusals."""
+    fast, ref = twin(profile, kernel), twin(profile, kernel)
+    pool = sorted(set(RULED) | set(fast.profile.msr_behaviour))
+    for v in (fast, ref):
+        if cpuid:
+            v.set_cpuid(v.vm.system.get_supported_cpuid())
+        if run:
+            guest.run_to_hlt(v.vm, v)
+        for i, value in writes:  # the same writes on both, entry by entry: the reads see varied state
+            index = pool[i % len(pool)]
+            v.msr_rules.do_set(index, 0 if value is None else value)
+    indices = [pool[i % len(pool)] for i in reads]
+    got, want = MsrBatch([(i, 0xAA) for i in indices]), MsrBatch([(i, 0xAA) for i in indices])
+    n_got = fast.get_msrs(got)
+    n_want = len(indices)
+    for pos, (index, _) in enumerate(want):
+        code, value = ref.msr_rules.access_get(index)
+        want.set_value(pos, value if code == 0 else 0)
+        if code:
+            n_want = pos
+            break
+    assert n_got == n_want, f"batch {indices}: get_msrs read {n_got} entries, entry by entry read {n_want}"
+    assert bytes(got.buffer) == bytes(want.buffer), f"buffers differ: {got} vs {want}"
+    assert state(fast) == state(ref), "state differs from the entry-by-entry reference"

@@ -10,6 +10,7 @@ Sources: the kernel commits named below, read in ``arch/x86/kvm/x86.c`` (CachyOS
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from ..errors import InvalidValueError
 from . import emulated
@@ -150,7 +151,8 @@ PEBS_MASK = 0x4FC0  # PERF_CAP_PEBS_MASK before PEBS_TIMING_INFO
 
 @dataclass(frozen=True)
 class Ruleset:
-    """What one kernel version does with the vCPU model: the rules in force there."""
+    """What one kernel version does with the vCPU model: the rules in force there. Its flags are cached properties
+    (a ruleset never changes): the model's MSR rules read them on every entry."""
 
     version: str
     rules: frozenset[Rule]
@@ -158,52 +160,52 @@ class Ruleset:
     def has(self, r: Rule) -> bool:
         return r in self.rules
 
-    @property
+    @cached_property
     def freeze(self) -> bool:
         return FREEZE in self.rules
 
-    @property
+    @cached_property
     def same_value_real_write(self) -> bool:
         return SAME_VALUE_REAL_WRITE in self.rules
 
-    @property
+    @cached_property
     def unsupported_zero(self) -> bool:
         return UNSUPPORTED_ZERO in self.rules
 
-    @property
+    @cached_property
     def platform_info_immutable(self) -> bool:
         return PLATFORM_INFO_IMMUTABLE in self.rules
 
-    @property
+    @cached_property
     def stuff_quirk(self) -> bool:
         return STUFF_QUIRK in self.rules
 
-    @property
+    @cached_property
     def cpuid_gated_caps(self) -> bool:
         """ARCH_CAP needs CPUID.7.0:EDX[29] and PERF_CAP needs PDCM, for host and guest accesses (6.13)."""
         return ARCH_CAP_NEEDS_CPUID in self.rules and PERF_CAP_NEEDS_PDCM in self.rules
 
-    @property
+    @cached_property
     def platform_info_order_check(self) -> bool:
         return PLATFORM_INFO_ORDER_CHECK in self.rules
 
-    @property
+    @cached_property
     def perf_cap_pmu_version(self) -> bool:
         return PERF_CAP_PMU_VERSION in self.rules
 
-    @property
+    @cached_property
     def perf_cap_pebs_mask(self) -> int:
         return PEBS_MASK | (1 << 17 if PEBS_TIMING_INFO in self.rules else 0)
 
-    @property
+    @cached_property
     def cr4_fixed1_lam(self) -> bool:
         return CR4_FIXED1_LAM in self.rules
 
-    @property
+    @cached_property
     def cr4_fixed1_cet(self) -> bool:
         return CR4_FIXED1_CET in self.rules
 
-    @property
+    @cached_property
     def de_cfg_guest_same_only(self) -> bool:
         return DE_CFG_GUEST_SAME_ONLY in self.rules
 
@@ -231,7 +233,7 @@ class Ruleset:
 
         return index != msrs.MSR_PLATFORM_INFO or self.platform_info_immutable
 
-    @property
+    @cached_property
     def immutable_generic(self) -> frozenset[int]:
         """The generic feature MSRs that are immutable after the first run (kvm_is_immutable_feature_msr)."""
         from .. import msrs

@@ -61,10 +61,10 @@ def _fields(cls: type[ctypes.Structure], *names: str) -> struct.Struct:
 
 _EXIT = uapi.KVM_RUN_EXIT_OFFSET  # the exit-reason union, where each exit's members start
 _REASON = _word(uapi.KVM_RUN_EXIT_REASON_OFFSET, 4)  # kvm_run.exit_reason as an index of 32-bit words
-_IO_DIRECTION = _EXIT + uapi.kvm_run_io.direction.offset  # kvm_run.io.direction, a byte
 _IO_PORT = _word(_EXIT + uapi.kvm_run_io.port.offset, 2)  # kvm_run.io.port as an index of 16-bit words
 _IO = _fields(uapi.kvm_run_io, "direction", "size", "port", "count", "data_offset")
 _IO_DATA_OFFSET = _fields(uapi.kvm_run_io, "data_offset")
+_unpack_io = _IO.unpack_from  # bound once: run() calls it on every IO exit
 _MMIO = _fields(uapi.kvm_run_mmio, "phys_addr", "data", "len", "is_write")
 _FAIL = _fields(uapi.kvm_run_fail_entry, "hardware_entry_failure_reason", "cpu")
 _INTERNAL = _fields(uapi.kvm_run_internal, "suberror", "ndata", "data")
@@ -139,9 +139,11 @@ class LinuxVcpu(VcpuStateIoctls, Vcpu):
         except ValueError:  # fd -1: closed
             raise ClosedError("this vCPU is closed") from None
         reason = self._u32[_REASON]
-        if reason == _EXIT_IO and self._run[_IO_DIRECTION] == _IO_OUT:  # decoded here: saves a call per exit
-            _, size, port, count, offset = _IO.unpack_from(self._run, _EXIT)
-            return IoExit(_IO_OUT, size, port, count, self._run[offset : offset + size * count])
+        if reason == _EXIT_IO:  # an OUT is decoded here, in one unpack: saves a call per exit
+            run = self._run
+            direction, size, port, count, offset = _unpack_io(run, _EXIT)
+            if direction == _IO_OUT:
+                return IoExit(_IO_OUT, size, port, count, run[offset : offset + size * count])
         return self._decode(reason)
 
     def run_raw(self) -> int:

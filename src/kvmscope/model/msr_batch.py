@@ -1,14 +1,18 @@
 """KVM_GET_MSRS and KVM_SET_MSRS on the model (``msr_io``/``__msr_io``): whole batches over a vCPU's MSR rules.
 
-A batch stops at the first refused entry and returns the count processed; the entries before it took effect. Writes
-run by plan (``BatchedMsrRules._plan``): the outcome is the kernel's entry-by-entry one, at a fraction of the cost.
-This is the model's hot path: keep it free of extra calls and attribute hops (``benchmarks/run.py``).
+A batch stops at the first refused entry and returns the count processed; the entries before it took effect. Both
+ioctls run by plan, made once per set of indices and cached (``_write_plan``, ``_read_plan``): the MSRs with rules of
+their own (``MsrRules.ruled_msrs``) go through the rules one by one, in order; the profile's plain MSRs, classified
+once per vCPU by a per-MSR table (``plain_msrs``), are read and written in bulk with C-level calls. The outcome is the
+kernel's entry-by-entry one (``tests/test_model_batch_plan.py`` holds it to that on a twin vCPU). This is the model's
+hot path: keep it free of per-entry Python work and attribute hops (``benchmarks/run.py``).
 """
 
 from __future__ import annotations
 
 import errno
 import struct
+from array import array
 from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import TYPE_CHECKING
@@ -17,56 +21,82 @@ from .. import msrs as M
 from .. import uapi
 from ..api import LITTLE_ENDIAN, MsrBatch, MsrItems, as_batch
 from ..errors import ClosedError, KvmError
-from . import vmx
-from .msr_rules import FAMILY_MSRS, KEPT, MSR_ALIASES, MSR_MISC_FEATURES_ENABLES, OK, UNSUPPORTED, VM_WIDE_MSRS, MsrRules
+from .msr_rules import KEPT, MSR_ALIASES, OK, UNSUPPORTED, VM_WIDE_MSRS, MsrRules
 
 if TYPE_CHECKING:
-    from ..kernel.profile import Profile
     from .vcpu import ModelVcpu
 
 _ENTRY = struct.Struct("<IIQ")
-_PLAN_CACHE = 256  # batch plans kept per vCPU
-# A batch's write plan: the entries with rules (position, index, the MSR's setter if it has one), the store-only
-# indices, how to pick their values from the batch's list of values, and all the indices when the batch can be stored
-# whole (see _plan).
-FrozenCheck = tuple[Callable[[list[int]], object], Callable[[dict[int, int]], object]]
+_PLAN_CACHE = 256  # plans kept per vCPU, for writes and for reads
+
+# How a plain MSR is written (plain_msrs): STORE keeps any value under a key (its own index, or the index a kvmclock
+# alias shares), in the vCPU's MSRs or (VM_WIDE) the VM's; ZERO takes only 0 (and keeps it); DROP takes any value and
+# keeps nothing (reads give the profile's default).
+STORE, VM_WIDE, ZERO, DROP = range(4)
+Plain = tuple[int, int, int]  # (how, key, the profile's default)
+
+Setter = Callable[[int], int]
+FrozenCheck = tuple[Callable[[memoryview], object], Callable[[dict[int, int]], object]]
+Pick = Callable[[memoryview], Sequence[int]]
+# A write plan: the entries with rules (position, index, its setter if it has one); the bulk stores, each (the dict,
+# the keys, how to pick their values from the batch's values); how to pick the ZERO entries' values; the plain
+# entries' positions (for a refusal part-way); the indices when the batch can be stored whole (else None); the freeze
+# check of the ruled entries; the set of the plain indices.
 WritePlan = tuple[
-    "tuple[tuple[int, int, Callable[[int], int] | None], ...]",
+    "tuple[tuple[int, int, Setter | None], ...]",
+    "tuple[tuple[dict[int, int], tuple[int, ...], Pick], ...]",
+    "Pick | None",
     tuple[int, ...],
-    "Callable[[list[int]], Sequence[int]] | None",
     "tuple[int, ...] | None",
     "FrozenCheck | None",
+    frozenset[int],
 ]
+# A read plan: for each entry, the dict its value is in, its key and its default (map(dict.get, ...)); the entries
+# read through the rules (position, index).
+ReadPlan = tuple[tuple[dict[int, int], ...], tuple[int, ...], tuple[int, ...], tuple[tuple[int, int], ...]]
 
 
-def store_only_msrs(profile: Profile, immutable: frozenset[int]) -> frozenset[int]:
-    """The MSRs for which ``do_set`` always succeeds and does nothing but store the value under its own index:
-    UCODE_REV and the profile's ordinary MSRs that accept any value, less every MSR with a rule of its own and every
-    MSR a rule reads (MISC_FEATURES_ENABLES, which PLATFORM_INFO's order check reads), so that no rule depends on a
-    store-only write: ``set_msrs`` relies on it to run a batch's ruled entries first."""
-    ruled = {
-        MSR_MISC_FEATURES_ENABLES,
-        *MSR_ALIASES.values(),
-        M.MSR_IA32_ARCH_CAPABILITIES,
-        M.MSR_IA32_PERF_CAPABILITIES,
-        M.MSR_PLATFORM_INFO,
-        M.MSR_AMD64_DE_CFG,
-        vmx.MSR_IA32_FEAT_CTL,
-        *MSR_ALIASES,
-        *VM_WIDE_MSRS,
-        *immutable,
-        *FAMILY_MSRS,
-    }
-    ordinary = {i for i, b in profile.behaviours.items() if b.kind not in ("refuse", "zero_only", "zero_drop", "drop")}
-    return frozenset(({M.MSR_IA32_UCODE_REV} | ordinary) - ruled - set(range(M.VMX_FIRST, M.VMX_LAST + 1)))
+def plain_msrs(rules: MsrRules) -> dict[int, Plain]:
+    """The per-MSR table of the profile's plain MSRs: those with no rule of their own, none a rule reads
+    (``MsrRules.ruled_msrs``), and how ``host_set``/``host_get`` treat each by its kind, plus the kvmclock aliases. No
+    rule reads any of them, so a batch's ruled entries can run first and the plain ones follow in bulk."""
+    ruled = rules.ruled_msrs()
+    table: dict[int, Plain] = {}
+    for index, b in rules.behaviour.items():
+        if b.kind in ("refuse", "zero_drop") or not b.readable or index in rules.setters or index in rules.immutable:
+            continue  # refused writes or reads, or rules of their own: the rules decide, entry by entry
+        alias = MSR_ALIASES.get(index, index)
+        if index in MSR_ALIASES or index in MSR_ALIASES.values():  # host_set/host_get: stored under the shared key
+            if b.kind not in ("zero_only", "drop"):
+                table[index] = (VM_WIDE if alias in VM_WIDE_MSRS else STORE, alias, b.default)
+        elif index not in ruled:
+            how = {"zero_only": ZERO, "drop": DROP}.get(b.kind, STORE)
+            table[index] = (how, index, b.default)
+    return table
 
 
-def _always_mismatch(values: list[int]) -> object:
+def _always_mismatch(words: memoryview) -> object:
     return object()
 
 
 def _nothing(store: dict[int, int]) -> object:
     return None
+
+
+def _one(key: int) -> Callable[[object], object]:
+    """``obj[key]`` as a 1-tuple, to compare with what itemgetter of several keys gives."""
+    def get(obj: object) -> object:
+        return (obj[key],)  # type: ignore[index]
+    return get
+
+
+def _picker(positions: Sequence[int]) -> Pick:
+    """The values of the entries at ``positions`` from a batch's u64 words (entry i's value is word 2 + 2i), as a
+    sequence even for one entry (itemgetter of one item gives the item, of a slice a sequence)."""
+    words = [2 + 2 * pos for pos in positions]
+    if len(words) == 1:
+        return itemgetter(slice(words[0], words[0] + 1))
+    return itemgetter(*words)
 
 
 class BatchedMsrRules(MsrRules):
@@ -75,22 +105,45 @@ class BatchedMsrRules(MsrRules):
 
     def __init__(self, vcpu: ModelVcpu) -> None:
         super().__init__(vcpu)
-        self.store_only = store_only_msrs(self.profile, self.immutable)
+        self.plain = plain_msrs(self)
+        # The plain MSRs that keep any value under their own index and share it with none (not kvmclock's).
+        shared = {*MSR_ALIASES, *MSR_ALIASES.values()}
+        self.store_only = frozenset(i for i, (how, _, _) in self.plain.items() if how == STORE and i not in shared)
         self.closed = False  # set by the vCPU's close()
         self.plans: dict[bytes, WritePlan] = {}
+        self.read_plans: dict[bytes, ReadPlan] = {}
 
     def freeze(self) -> None:
         super().freeze()
         self.plans.clear()  # plans know which of their MSRs are frozen
 
+    # -- KVM_GET_MSRS --
     def get_msrs(self, batch: MsrBatch, strict: bool = False) -> int:
         if self.closed:
             raise ClosedError("this vCPU is closed")
-        n = len(batch)
+        n = batch.nmsrs
         if n >= uapi.MAX_IO_MSRS:
             raise KvmError(errno.E2BIG, "KVM_GET_MSRS")
+        if not LITTLE_ENDIAN:
+            return self._get_one_by_one(batch, strict)
+        key = batch.words32[2::4].tobytes()
+        dicts, keys, defaults, ruled = self.read_plans.get(key) or self._read_plan(key)
+        if not ruled:  # all plain: every value in one C-level pass, written back in one
+            batch.words64[2::2] = array("Q", map(dict.get, dicts, keys, defaults))
+            return n
+        values = list(map(dict.get, dicts, keys, defaults))
+        access_get = self.access_get
+        for pos, index in ruled:
+            code, value = access_get(index)
+            if code:  # the batch stops here: redo it entry by entry, which writes and zeroes as the kernel does
+                return self._get_one_by_one(batch, strict)
+            values[pos] = value
+        batch.words64[2::2] = array("Q", values)
+        return n
+
+    def _get_one_by_one(self, batch: MsrBatch, strict: bool) -> int:
         buf = batch.buffer
-        for i in range(n):
+        for i in range(batch.nmsrs):
             off = 8 + 16 * i
             index = _ENTRY.unpack_from(buf, off)[0]
             code, value = self.access_get(index)
@@ -99,8 +152,35 @@ class BatchedMsrRules(MsrRules):
                 if strict:
                     raise self.vcpu.short_read(batch, i)
                 return i
-        return n
+        return batch.nmsrs
 
+    def _read_plan(self, key: bytes) -> ReadPlan:
+        """Plain MSRs read from the dict that holds them (a DROP MSR's key is never stored, so its default comes
+        back); the others go through ``access_get``, with a placeholder in the bulk read. Plans hold the dicts
+        themselves (``stored``, the VM's ``msrs``): code that replaced either, rather than updating it, would have to
+        clear ``plans`` and ``read_plans``."""
+        indices = struct.unpack(f"<{len(key) // 4}I", key)
+        stores = {STORE: self.stored, VM_WIDE: self.vm.msrs, ZERO: self.stored, DROP: {}}
+        dicts, keys, defaults, ruled = [], [], [], []
+        for pos, index in enumerate(indices):
+            plain = self.plain.get(index)
+            if plain is None:
+                ruled.append((pos, index))
+                dicts.append(self.stored)
+                keys.append(index)
+                defaults.append(0)
+            else:
+                how, k, default = plain
+                dicts.append(stores[how])
+                keys.append(k if how != DROP else index)
+                defaults.append(default)
+        plan = (tuple(dicts), tuple(keys), tuple(defaults), tuple(ruled))
+        if len(self.read_plans) >= _PLAN_CACHE:
+            self.read_plans.clear()
+        self.read_plans[key] = plan
+        return plan
+
+    # -- KVM_SET_MSRS --
     def set_msrs(self, entries: MsrBatch | MsrItems, strict: bool = False) -> int:
         if self.closed:
             raise ClosedError("this vCPU is closed")
@@ -108,81 +188,128 @@ class BatchedMsrRules(MsrRules):
         n = batch.nmsrs
         if n >= uapi.MAX_IO_MSRS:
             raise KvmError(errno.E2BIG, "KVM_SET_MSRS")
-        # The batch's indices, packed, key its plan; its values come out as one list (both one C-level call each).
+        if not LITTLE_ENDIAN:
+            return self._set_one_by_one(batch, strict)
+        # The batch's indices, packed, key its plan (one C-level call). Values are read straight from the buffer's
+        # u64 words (entry i's value is word 2 + 2i), by the plan's itemgetters: no list of them is built.
         key = batch.words32[2::4].tobytes()
-        plan = self.plans.get(key) or self._plan(key)
-        values: list[int] = batch.words64[2::2].tolist() if LITTLE_ENDIAN else batch.values
-        specials, store_indices, pick, verbatim, frozen = plan
+        plan = self.plans.get(key) or self._write_plan(key)
+        words = batch.words64
+        ruled, stores, zero, plain_positions, whole, frozen, plain_set = plan
+        if zero is not None and any(zero(words)):
+            return self._set_one_by_one(batch, strict)  # a ZERO MSR refuses its value: the kernel's order decides
         # Frozen MSRs keep their value through the batch (a different one is refused), so their freeze check can run
         # for the whole batch at once: when every frozen entry carries the value it has, each entry with a setter
-        # goes straight to it, as try_set would; otherwise every entry takes the full path.
-        fast = frozen is None or (frozen[0](values) == frozen[1](self.stored) and self._same_value_real_write)
-        for pos, index, setter in specials:
-            data = values[pos]
+        # goes straight to it, as try_set would; otherwise every ruled entry takes the full path.
+        fast = frozen is None or (frozen[0](words) == frozen[1](self.stored) and self._same_value_real_write)
+        refusals = self.refusals
+        for pos, index, setter in ruled:
+            data = words[2 + 2 * pos]
             if setter is None or not fast:
                 code = self.try_set(index, data)
             else:
-                if self.refusals:
-                    self.refusals.pop(index, None)
+                if refusals:
+                    refusals.pop(index, None)
                 code = setter(data)
             if code:
                 if code == KEPT or (code == UNSUPPORTED and self.unsupported_ok(index, data)):
-                    verbatim = None  # taken without storing: the bulk store below must leave it alone
+                    whole = None  # taken without storing: the whole-batch store below must leave it alone
                     continue
-                indices = batch.indices
-                for i in range(pos):  # the store-only entries before the refused one took effect
-                    if indices[i] in self.store_only:
-                        self._store(indices[i], values[i])
+                for i in plain_positions:  # the plain entries before the refused one took effect, in order
+                    if i > pos:
+                        break
+                    self.do_set(*batch[i])
                 if strict:
                     raise self.vcpu.short_write(batch, pos)
                 return pos
-        if verbatim is not None:
-            # Every entry with a rule stored its value verbatim under its own index (the setters do), so storing the
-            # whole batch in order changes nothing for them and stores the store-only entries: no picking needed.
-            self.stored.update(zip(verbatim, values))  # noqa: B905 (same length by construction)
-        elif pick is not None:
-            self.stored.update(zip(store_indices, pick(values)))  # noqa: B905
-        if self.refusals:
-            for index in store_indices:
-                self.refusals.pop(index, None)
+        if whole is not None:
+            # Every ruled entry stored its value verbatim under its own index (the setters do), as every plain one
+            # does: storing the whole batch in order changes nothing for the ruled ones and stores the plain ones.
+            self.stored.update(zip(whole, words[2::2]))  # noqa: B905 (same length by construction)
+        else:
+            for store, keys, pick in stores:
+                store.update(zip(keys, pick(words)))  # noqa: B905
+        if refusals and not plain_set.isdisjoint(refusals):  # each write of a plain MSR clears its last refusal
+            for index in plain_set & refusals.keys():
+                del refusals[index]
         return n
 
-    def _frozen_check(self, specials: tuple[tuple[int, int, Callable[[int], int] | None], ...]) -> FrozenCheck | None:
+    def _set_one_by_one(self, batch: MsrBatch, strict: bool) -> int:
+        for i, (index, data) in enumerate(batch):
+            if self.do_set(index, data):
+                if strict:
+                    raise self.vcpu.short_write(batch, i)
+                return i
+        return batch.nmsrs
+
+    def _frozen_check(self, ruled: tuple[tuple[int, int, Setter | None], ...]) -> FrozenCheck | None:
         """For a plan: how to get the values a batch gives its frozen MSRs that have setters, and the values they
-        hold, so that one comparison does their freeze check (None when no such entry). The values held are read
-        straight from ``stored``, so only plain MSRs qualify: any other frozen MSR with a setter gets a check that
-        always fails, which sends the batch down the full path."""
-        positions = [(pos, index) for pos, index, setter in specials if setter is not None and index in self.frozen]
+        hold, as tuples, so that one comparison does their freeze check (None when no such entry); on a match each
+        goes straight to its setter, as ``try_set`` would after its check.
+
+        Plain-read MSRs (``_plain``) are read straight from ``stored``. Any other is read as ``try_set`` reads it
+        (``access_get``). Such a read can record a refusal (a CPUID-gated feature MSR without its bit), which the
+        kernel's order records only when it reaches the entry, so the reads run against a scratch refusal record: a
+        read that records anything counts as a mismatch and the ruled entries take the full path, in order. The
+        read-ahead needs reads that no earlier entry of the batch can change: no VMX MSR (control pairs share a slot)
+        and no frozen MSR twice; otherwise the check always fails."""
+        positions = [(pos, index) for pos, index, setter in ruled if setter is not None and index in self.frozen]
         if not positions:
             return None
-        if any(index not in self._plain for _, index in positions):
+        words = [2 + 2 * pos for pos, _ in positions]
+        indices = tuple(index for _, index in positions)
+        given: Callable[[memoryview], object] = itemgetter(*words) if len(words) > 1 else _one(words[0])
+        if all(index in self._plain for index in indices):
+            return given, itemgetter(*indices) if len(indices) > 1 else _one(indices[0])
+        if len(set(indices)) < len(indices) or any(M.VMX_FIRST <= index <= M.VMX_LAST for index in indices):
             return (_always_mismatch, _nothing)
-        return (itemgetter(*(pos for pos, _ in positions)), itemgetter(*(index for _, index in positions)))
+        access_get = self.access_get
+        recorded_once: list[bool] = []  # set when a read recorded a refusal: from then on the plan skips the read-ahead
 
-    def _store(self, index: int, data: int) -> None:
-        """``do_set`` of a store-only MSR."""
-        self.refusals.pop(index, None)
-        self.stored[index] = data
+        def held(stored: dict[int, int]) -> object:
+            if recorded_once:  # the full path reads again anyway: do not read twice (only speed depends on this)
+                return _nothing
+            saved, self.refusals = self.refusals, {}
+            try:
+                values = tuple(value if code == OK else None for code, value in map(access_get, indices))
+                recorded = bool(self.refusals)
+            finally:
+                self.refusals = saved
+            if recorded:
+                recorded_once.append(True)
+                return _nothing
+            return values
 
-    def _plan(self, key: bytes) -> WritePlan:
-        """How to write a batch naming these MSRs. Store-only MSRs always succeed and only store their value under
-        their own index, and no rule reads them (``store_only_msrs``), so the entries with rules can run first, in
-        order, and the store-only ones follow in one C-level update: the outcome is the kernel's entry-by-entry one.
-        Which MSRs are store-only depends only on the profile and ruleset; the freeze check depends on which MSRs are
-        frozen, so plans are rebuilt once, at the freeze."""
+        return given, held
+
+    def _write_plan(self, key: bytes) -> WritePlan:
+        """How to write a batch naming these MSRs. Plain MSRs always take a value their kind allows and only store
+        it (``plain_msrs``), and no rule reads them, so the ruled entries can run first, in order, and the plain ones
+        follow in C-level updates (one per dict): the outcome is the kernel's entry-by-entry one. ZERO entries are
+        checked before anything runs. Which MSRs are plain depends only on the profile and ruleset; the freeze check
+        depends on which MSRs are frozen, so plans are rebuilt once, at the freeze."""
         indices = struct.unpack(f"<{len(key) // 4}I", key)  # the raw bytes of the little-endian batch
-        store_only = self.store_only
-        specials = tuple((i, index, self.setters.get(index)) for i, index in enumerate(indices) if index not in store_only)
-        positions = [i for i, index in enumerate(indices) if index in store_only]
-        pick: Callable[[list[int]], Sequence[int]] | None = None
-        if len(positions) == 1:  # itemgetter of one item gives the item, of a slice a list
-            pick = itemgetter(slice(positions[0], positions[0] + 1))
-        elif positions:
-            pick = itemgetter(*positions)
-        # When every entry with a rule is one of the setters' MSRs, which store the value verbatim when they accept
-        # it, the whole batch can be stored in order after the rules ran (see set_msrs).
-        verbatim = tuple(indices) if all(setter is not None for _, _, setter in specials) else None
-        plan = (specials, tuple(indices[i] for i in positions), pick, verbatim, self._frozen_check(specials))
+        plain, setters = self.plain, self.setters
+        ruled = tuple((i, index, setters.get(index)) for i, index in enumerate(indices) if index not in plain)
+        by_store: dict[int, tuple[list[int], list[int]]] = {STORE: ([], []), VM_WIDE: ([], [])}  # keys, positions
+        zero = []
+        for pos, index in enumerate(indices):
+            how, k, _ = plain.get(index, (-1, 0, 0))
+            if how == ZERO:
+                zero.append(pos)
+            if how in (STORE, ZERO, VM_WIDE):
+                keys, positions = by_store[VM_WIDE if how == VM_WIDE else STORE]
+                keys.append(k)
+                positions.append(pos)
+        stores = tuple((self.stored if which == STORE else self.vm.msrs, tuple(keys), _picker(positions))
+                       for which, (keys, positions) in by_store.items() if keys)
+        # When every entry is stored verbatim under its own index (plain STORE/ZERO entries, and setters, which store
+        # the value verbatim when they accept it), the whole batch can be stored in order in one update.
+        verbatim = all(setter is not None for _, _, setter in ruled) and all(
+            plain[i][0] in (STORE, ZERO) and plain[i][1] == i for i in indices if i in plain)
+        plain_positions = tuple(pos for pos, index in enumerate(indices) if index in plain)
+        plan = (ruled, stores, _picker(zero) if zero else None, plain_positions, indices if verbatim else None,
+                self._frozen_check(ruled), frozenset(i for i in indices if i in plain))
         if len(self.plans) >= _PLAN_CACHE:
             self.plans.clear()
         self.plans[key] = plan

@@ -81,6 +81,8 @@ class MsrRules:
         self.rules = rs
         self.refusals: dict[int, R.Rule] = {}
         self.behaviour = p.behaviours  # how the profile's ordinary MSRs behave, the vendor's own handling included
+        self._bits_of: object = None  # the CPUID list _bits was computed from (cpuid_has)
+        self._bits: dict[tuple[int, int, str, int], bool] = {}
         self._advertised = vm.system.advertised
         # kvm_is_immutable_feature_msr: the generic list plus the VMX range, computed once so the check stays cheap.
         self.immutable = frozenset(M.VMX_RANGE) | rs.immutable_generic
@@ -124,7 +126,25 @@ class MsrRules:
         return code
 
     def cpuid_has(self, bit: tuple[int, int, str, int]) -> bool:
-        return C.has_feature(self.vcpu.cpuid, *bit)
+        # Cached per CPUID list: KVM_SET_CPUID2 gives the vCPU a new list (the batch ioctls' setters ask often).
+        cpuid = self.vcpu.cpuid
+        if cpuid is not self._bits_of:
+            self._bits_of, self._bits = cpuid, {}
+        has = self._bits.get(bit)
+        if has is None:
+            has = self._bits[bit] = C.has_feature(cpuid, *bit)
+        return has
+
+    def ruled_msrs(self) -> frozenset[int]:
+        """Every MSR with a host rule of its own (read or write, in ``host_get``/``host_set`` or a setter) and every
+        MSR a rule reads. The batch ioctls (``msr_batch``) send only these through the rules one by one and handle
+        the profile's plain MSRs in bulk: a new rule adds its MSR here (or to ``_msr_setters``)."""
+        return frozenset({
+            MSR_MISC_FEATURES_ENABLES,  # read by PLATFORM_INFO's order check
+            M.MSR_IA32_ARCH_CAPABILITIES, M.MSR_IA32_PERF_CAPABILITIES, M.MSR_PLATFORM_INFO, M.MSR_IA32_UCODE_REV,
+            M.MSR_AMD64_DE_CFG, vmx.MSR_IA32_FEAT_CTL, *MSR_ALIASES, *MSR_ALIASES.values(), *VM_WIDE_MSRS,
+            *self.setters, *self.immutable, *range(M.VMX_FIRST, M.VMX_LAST + 1), *FAMILY_MSRS,
+        })
 
     def freeze(self) -> None:
         """The first real VM entry (``kvm_vcpu_has_run``): from now on the immutable MSRs keep their values."""
@@ -413,30 +433,8 @@ class MsrRules:
 
     # -- KVM_SET_CPUID2 --
     def after_set_cpuid(self, raw: Sequence[CpuidEntry]) -> None:
-        """``vmx_vcpu_after_set_cpuid``: KVM re-derives some nested VMX MSRs from the new CPUID (``raw``: as the VMM
-        gave it, before the vendor's rewriting)."""
+        """``vmx_vcpu_after_set_cpuid``: KVM re-derives some nested VMX MSRs from the new CPUID (see :mod:`.vmx`)."""
         p = self.profile
-        if p.vendor != "vmx" or not p.nested_vmx:
-            return
-        supported, slots = p.supported_cpuid, self.vmx
-        if not self.rules.stuff_quirk or not self.vm.disabled_quirks & uapi.KVM_X86_QUIRK_STUFF_FEATURE_MSRS:
-            high = slots[0x48B]
-            for bit, sources in vmx.SECONDARY_ADJUST:
-                if self.vmx_kvm[0x48B] >> 32 >> bit & 1:
-                    # guest_cpu_cap_has: the guest's CPUID bit, and KVM supports the feature
-                    on = any(C.has_feature(raw, *s) and C.has_feature(supported, *s) for s in sources)
-                    if bit == 20:  # vmx_vcpu_after_set_cpuid drops XSAVES from the guest caps without XSAVE first
-                        on = on and C.has_feature(raw, *XSAVE_BIT)
-                    high = high | 1 << (32 + bit) if on else high & ~(1 << (32 + bit))
-            slots[0x48B] = high
-        if C.has_feature(raw, *VMX_BIT):
-            slots[0x487] = 0xFFFFFFFF
-            cr4 = 1 << 8  # PCE is always allowed
-            for source, allowed in vmx.CR4_FIXED1_MAP:
-                if allowed == 1 << 28 and not self.rules.cr4_fixed1_lam:
-                    continue
-                if allowed == 1 << 23 and not self.rules.cr4_fixed1_cet:
-                    continue
-                if C.has_feature(raw, *source):
-                    cr4 |= allowed
-            slots[0x489] = cr4
+        if p.vendor == "vmx" and p.nested_vmx:
+            quirk_off = self.rules.stuff_quirk and bool(self.vm.disabled_quirks & uapi.KVM_X86_QUIRK_STUFF_FEATURE_MSRS)
+            vmx.after_set_cpuid(self.vmx, self.vmx_kvm, raw, p.supported_cpuid, self.rules, adjust=not quirk_off)

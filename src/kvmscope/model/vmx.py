@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..api import CpuidEntry
 from .cpuid import has_feature
+
+if TYPE_CHECKING:
+    from ..kernel.rulesets import Ruleset
 
 EINVAL = -errno.EINVAL
 U32 = 0xFFFFFFFF
@@ -160,3 +164,31 @@ SECONDARY_ADJUST: tuple[tuple[int, tuple[tuple[int, int, str, int], ...]], ...] 
     (16, ((7, 0, "ebx", 18),)),  # RDSEED_EXITING <- RDSEED
     (26, ((7, 0, "ecx", 5),)),  # ENABLE_USR_WAIT_PAUSE <- WAITPKG
 )
+
+
+def after_set_cpuid(slots: dict[int, int], kvm: dict[int, int], raw: Sequence[CpuidEntry],
+                    supported: Sequence[CpuidEntry], rules: Ruleset, adjust: bool) -> None:
+    """``vmx_vcpu_after_set_cpuid`` on the vCPU's VMX MSRs ``slots`` (``raw``: the CPUID as the VMM gave it, before
+    the vendor's rewriting): with the STUFF quirk on (``adjust``) the PROCBASED_CTLS2 allowed-1 bits follow guest
+    CPUID; with guest VMX, CR0_FIXED1 and CR4_FIXED1 are rebuilt."""
+    if adjust:
+        high = slots[0x48B]
+        for bit, sources in SECONDARY_ADJUST:
+            if kvm[0x48B] >> 32 >> bit & 1:
+                # guest_cpu_cap_has: the guest's CPUID bit, and KVM supports the feature
+                on = any(has_feature(raw, *s) and has_feature(supported, *s) for s in sources)
+                if bit == 20:  # vmx_vcpu_after_set_cpuid drops XSAVES from the guest caps without XSAVE first
+                    on = on and has_feature(raw, 1, 0, "ecx", 26)
+                high = high | 1 << (32 + bit) if on else high & ~(1 << (32 + bit))
+        slots[0x48B] = high
+    if has_feature(raw, 1, 0, "ecx", 5):
+        slots[0x487] = 0xFFFFFFFF
+        cr4 = 1 << 8  # PCE is always allowed
+        for source, allowed in CR4_FIXED1_MAP:
+            if allowed == 1 << 28 and not rules.cr4_fixed1_lam:
+                continue
+            if allowed == 1 << 23 and not rules.cr4_fixed1_cet:
+                continue
+            if has_feature(raw, *source):
+                cr4 |= allowed
+        slots[0x489] = cr4
