@@ -21,7 +21,8 @@ from .. import msrs as M
 from .. import uapi
 from ..api import LITTLE_ENDIAN, MsrBatch, MsrItems, as_batch
 from ..errors import ClosedError, KvmError
-from .msr_rules import KEPT, MSR_ALIASES, OK, UNSUPPORTED, VM_WIDE_MSRS, MsrRules
+from .msr_misc import Family
+from .msr_rules import KEPT, MSR_ALIASES, MSR_MISC_FEATURES_ENABLES, OK, UNSUPPORTED, VM_WIDE_MSRS, MsrRules
 
 if TYPE_CHECKING:
     from .vcpu import ModelVcpu
@@ -36,6 +37,7 @@ STORE, VM_WIDE, ZERO, DROP = range(4)
 Plain = tuple[int, int, int]  # (how, key, the profile's default)
 
 Setter = Callable[[int], int]
+Getter = Callable[[int, bool], tuple[int, int]]
 FrozenCheck = tuple[Callable[[memoryview], object], Callable[[dict[int, int]], object]]
 Pick = Callable[[memoryview], Sequence[int]]
 # A write plan: the entries with rules (position, index, its setter if it has one); the bulk stores, each (the dict,
@@ -53,7 +55,7 @@ WritePlan = tuple[
 ]
 # A read plan: for each entry, the dict its value is in, its key and its default (map(dict.get, ...)); the entries
 # read through the rules (position, index).
-ReadPlan = tuple[tuple[dict[int, int], ...], tuple[int, ...], tuple[int, ...], tuple[tuple[int, int], ...]]
+ReadPlan = tuple[tuple[dict[int, int], ...], tuple[int, ...], tuple[int, ...], "tuple[tuple[int, int, Getter | None], ...]"]
 
 
 def plain_msrs(rules: MsrRules) -> dict[int, Plain]:
@@ -133,8 +135,8 @@ class BatchedMsrRules(MsrRules):
             return n
         values = list(map(dict.get, dicts, keys, defaults))
         access_get = self.access_get
-        for pos, index in ruled:
-            code, value = access_get(index)
+        for pos, index, getter in ruled:
+            code, value = getter(index, True) if getter is not None else access_get(index)
             if code:  # the batch stops here: redo it entry by entry, which writes and zeroes as the kernel does
                 return self._get_one_by_one(batch, strict)
             values[pos] = value
@@ -165,7 +167,7 @@ class BatchedMsrRules(MsrRules):
         for pos, index in enumerate(indices):
             plain = self.plain.get(index)
             if plain is None:
-                ruled.append((pos, index))
+                ruled.append((pos, index, self._direct_get(index)))
                 dicts.append(self.stored)
                 keys.append(index)
                 defaults.append(0)
@@ -234,6 +236,33 @@ class BatchedMsrRules(MsrRules):
                 del refusals[index]
         return n
 
+    def _direct_get(self, index: int) -> Getter | None:
+        """The host-side read handler of ``index``'s emulated family, which ``access_get`` reaches for it (a failed
+        read sends the batch entry by entry through ``access_get``); None for the others."""
+        if index == MSR_MISC_FEATURES_ENABLES or M.VMX_FIRST <= index <= M.VMX_LAST:
+            return None
+        family = self.families.get(index)
+        if family is None:
+            return None
+        if isinstance(family, Family):
+            return family.handlers[index][0]
+        return family.get
+
+    def _direct(self, index: int) -> Setter | None:
+        """What ``try_set`` ends at for ``index`` once its freeze check passed: the MSR's setter, or the host-side
+        handler of its emulated family (``host_set`` reaches it when there is no setter and it is no VMX MSR); None
+        for the others, which take the full path."""
+        setter = self.setters.get(index)
+        if setter is not None or index in self.immutable or M.VMX_FIRST <= index <= M.VMX_LAST:
+            return setter
+        family = self.families.get(index)
+        if family is None:
+            return None
+        if isinstance(family, Family):  # its handler directly, without the family's own dispatch
+            handler = family.handlers[index][1]
+            return lambda data: handler(index, data, True)
+        return lambda data: family.set(index, data, True)
+
     def _set_one_by_one(self, batch: MsrBatch, strict: bool) -> int:
         for i, (index, data) in enumerate(batch):
             if self.do_set(index, data):
@@ -290,7 +319,7 @@ class BatchedMsrRules(MsrRules):
         depends on which MSRs are frozen, so plans are rebuilt once, at the freeze."""
         indices = struct.unpack(f"<{len(key) // 4}I", key)  # the raw bytes of the little-endian batch
         plain, setters = self.plain, self.setters
-        ruled = tuple((i, index, setters.get(index)) for i, index in enumerate(indices) if index not in plain)
+        ruled = tuple((i, index, self._direct(index)) for i, index in enumerate(indices) if index not in plain)
         by_store: dict[int, tuple[list[int], list[int]]] = {STORE: ([], []), VM_WIDE: ([], [])}  # keys, positions
         zero = []
         for pos, index in enumerate(indices):
@@ -305,7 +334,7 @@ class BatchedMsrRules(MsrRules):
                        for which, (keys, positions) in by_store.items() if keys)
         # When every entry is stored verbatim under its own index (plain STORE/ZERO entries, and setters, which store
         # the value verbatim when they accept it), the whole batch can be stored in order in one update.
-        verbatim = all(setter is not None for _, _, setter in ruled) and all(
+        verbatim = all(index in setters for _, index, _ in ruled) and all(
             plain[i][0] in (STORE, ZERO) and plain[i][1] == i for i in indices if i in plain)
         plain_positions = tuple(pos for pos, index in enumerate(indices) if index in plain)
         plan = (ruled, stores, _picker(zero) if zero else None, plain_positions, indices if verbatim else None,

@@ -52,13 +52,16 @@ def reserved_gpa_bits(rules: MsrRules) -> int:
     return 0 if bits > 63 else ((1 << 64) - 1) & ~((1 << bits) - 1)
 
 
-def mtrr_valid(rules: MsrRules, index: int, data: int) -> bool:
-    """``kvm_mtrr_valid``."""
+_VALID_TYPES = frozenset({0, 1, 4, 5, 6})
+
+
+def mtrr_valid(rules: MsrRules, index: int, data: int, reserved: int | None = None) -> bool:
+    """``kvm_mtrr_valid`` (``reserved``: the vCPU's reserved GPA bits, when the caller has them at hand)."""
     if index == MSR_MTRR_DEF_TYPE:
         return not data & ~0xCFF and valid_type(data & 0xFF)
-    if index in FIXED:
-        return all(valid_type(data >> (8 * i) & 0xFF) for i in range(8))
-    mask = reserved_gpa_bits(rules)
+    if index in FIXED:  # eight memory types, one per byte
+        return _VALID_TYPES.issuperset(data.to_bytes(8, "little"))
+    mask = reserved_gpa_bits(rules) if reserved is None else reserved
     if index % 2 == 0:  # PHYSBASE
         if not valid_type(data & 0xFF):
             return False
@@ -84,6 +87,8 @@ class MtrrMsrs:
         for index in MTRRS:
             rules.stored[index] = 0
         rules.stored[MSR_PAT] = PAT_RESET
+        self._gpa_of: object = None  # the CPUID list _gpa was computed from: MAXPHYADDR is read from it
+        self._gpa = 0
 
     def get(self, index: int, host: bool) -> tuple[int, int]:
         if index == MSR_MTRRCAP:
@@ -94,6 +99,12 @@ class MtrrMsrs:
             return self.rules.refuse(index, E.MTRR_UNKNOWN, FAIL), 0
         return OK, self.rules.stored[index]
 
+    def _reserved(self) -> int:
+        cpuid = self.rules.vcpu.cpuid
+        if cpuid is not self._gpa_of:
+            self._gpa_of, self._gpa = cpuid, reserved_gpa_bits(self.rules)
+        return self._gpa
+
     def set(self, index: int, data: int, host: bool) -> int:
         rules = self.rules
         if index == MSR_MTRRCAP:
@@ -103,7 +114,7 @@ class MtrrMsrs:
                 return rules.refuse(index, E.PAT_VALID, FAIL)
         elif index not in MTRRS:
             return rules.refuse(index, E.MTRR_UNKNOWN, FAIL)
-        elif not mtrr_valid(rules, index, data):
+        elif not mtrr_valid(rules, index, data, self._reserved()):
             return rules.refuse(index, E.MTRR_VALID, FAIL)
         rules.stored[index] = data
         return OK
