@@ -395,7 +395,7 @@ def test_reproducer_runs_and_compares(live: LinuxSystem, tmp_path: Path) -> None
 # --- the differential finds a missing rule ----------------------------------------------------------------------------
 
 
-def _accept_any_mtrr(rules: object, index: int, data: int) -> bool:
+def _accept_any_mtrr(rules: object, index: int, data: int, reserved: int | None = None) -> bool:
     return True
 
 
