@@ -3,7 +3,6 @@ check.py and scenario.py; which backend opens, in backends.py; what is printed, 
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,7 +12,7 @@ import click
 
 from . import backends, render
 from . import msrs as _msrs
-from .errors import KvmscopeError, KvmUnavailableError
+from .errors import KvmscopeError, KvmUnavailableError, ProfileError
 
 if TYPE_CHECKING:
     from .api import System
@@ -27,7 +26,7 @@ EXIT_NO_KVM = 3
 
 
 def fail(message: str, code: int) -> NoReturn:
-    render.error(message)
+    render.error_line(message)
     sys.exit(code)
 
 
@@ -89,6 +88,10 @@ def probe(backend: str, kernel: str | None, profile: str | None, as_json: bool, 
     if backend == "linux" and (kernel or profile):
         raise click.UsageError("--kernel and --profile choose the model; drop them or use --backend model")
     with exit_on_error():
+        if save_path:  # a bad target is bad input: refused before anything is opened or captured
+            from .inputs import check_output
+
+            check_output(save_path, ProfileError)
         system, fallback = backends.choose(backend, kernel=kernel or None, profile=profile or None)
     sys.exit(_probe(system, fallback, as_json, not no_cpuid, save_path, profile_name))
 
@@ -100,25 +103,18 @@ def _probe(system: System, fallback: str | None, as_json: bool, set_cpuid: bool,
 
     if fallback:
         render.fallback(fallback, system.describe())
-    if save_path:
-        parent = os.path.dirname(os.path.abspath(save_path))
-        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-            system.close()
-            fail(f"cannot write {save_path}: {parent} is not a writable directory", EXIT_USAGE)
-        if system.backend != "linux":
-            system.close()
-            fail("--save captures a profile from the live kernel; the model has nothing new to capture",
-                 EXIT_NO_KVM if fallback else EXIT_USAGE)
+    if save_path and system.backend != "linux":
+        system.close()
+        fail("--save captures a profile from the live kernel; the model has nothing new to capture",
+             EXIT_NO_KVM if fallback else EXIT_USAGE)
     with system:
         report = run_probe(system, set_cpuid=set_cpuid)
         if save_path:
             from .capture import capture
 
             captured = capture(system, name=profile_name)
-            try:
+            with exit_on_error():
                 captured.save(save_path)
-            except OSError as e:
-                fail(f"cannot write {save_path}: {e.strerror}", EXIT_FAILED)
             render.saved_profile(captured.name, save_path)
     render.probe(report, fallback, as_json)
     return EXIT_NO_KVM if fallback else EXIT_OK
@@ -193,8 +189,9 @@ def _check(path: str, backend: str, kernel: str | None, profile: str | None, ver
     from .check import replay, replay_iter
     from .scenario import load, stream
 
-    # YAML tables are printed step by step, in constant memory; JSON files are read whole (line-located errors).
-    opened = stream(path) if not as_json and versions is None and not path.endswith(".json") else None
+    # Tables are printed step by step, in constant memory (the whole file is checked first: one verdict per file);
+    # --json and --compare keep every result, so they read the file whole, within its limits.
+    opened = stream(path) if not as_json and versions is None else None
     scenario = opened.header if opened is not None else load(path)
     if backend == "model":
         kernel, profile = kernel or scenario.kernel, profile or scenario.profile

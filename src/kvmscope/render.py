@@ -256,3 +256,16 @@ def comparison(scenario: str, kernels: list[str], profile: str, reports: dict[st
         con.print("no step changes outcome between these kernels", highlight=False)
     for c in changes:
         con.print(f"  [{c.number}] line {c.line} {c.kind}: {c.text}", highlight=False)
+
+
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def error_line(message: str) -> None:
+    """An error as exactly one line on stderr (issue 13): never wrapped, never read as markup, control characters
+    escaped, and text that cannot be encoded (a lone surrogate) shown as an escape rather than failing."""
+    from rich.text import Text
+
+    line = _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], " ".join(message.splitlines()))
+    line = line.encode("utf-8", "backslashreplace").decode("utf-8")
+    err_console.print(Text.assemble(("error:", "bold red"), " ", line), soft_wrap=True, highlight=False)
