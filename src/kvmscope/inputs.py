@@ -42,6 +42,8 @@ MAX_SHOWN = 160
 ErrorType = Callable[[str], KvmscopeError]
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# What YAML 1.1 does not allow in a text (its printable set is tab, newlines and the rest of Unicode but controls).
+_NOT_YAML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f\ud800-\udfff\ufffe\uffff]")
 _CONTROL = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 _TAG = "tag:yaml.org,2002:"
 _BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, "UTF-16"),
@@ -139,7 +141,8 @@ def check_output(path: str | os.PathLike[str], error: ErrorType) -> None:
 
 def write_text(path: str | os.PathLike[str], text: str, error: ErrorType) -> None:
     """Write ``text`` to a regular file (created or replaced), refusing FIFOs and devices without blocking."""
-    p = _path(path, error)
+    check_output(path, error)
+    p = os.fspath(path)
     try:
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o644)
     except OSError as e:
@@ -208,6 +211,10 @@ class TextSource:
                 raise self.error(f"{self.where}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {at})"
                                  ) from None
             self.offset += len(data)
+        bad = _NOT_YAML.search(text)
+        if bad:
+            line = self.lines + text.count("\n", 0, bad.start()) + 1
+            raise self.error(f"{self.where}:{line}: the character U+{ord(bad.group()):04X} is not allowed in YAML text")
         self.lines += text.count("\n")
         if self.first:
             self.first = False
