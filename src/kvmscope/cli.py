@@ -12,7 +12,7 @@ import click
 
 from . import backends, render
 from . import msrs as _msrs
-from .errors import KvmscopeError, KvmUnavailableError, ProfileError
+from .errors import KvmscopeError, KvmUnavailableError, ProfileError, ScenarioError
 
 if TYPE_CHECKING:
     from .api import System
@@ -207,11 +207,25 @@ def _check(path: str, backend: str, kernel: str | None, profile: str | None, ver
     return report.ok
 
 
+@contextmanager
+def _named_by(scenario: Scenario, kernel: str | None, profile: str | None) -> Iterator[None]:
+    """A bad kernel or profile that the scenario names is an error of the scenario file, and says so."""
+    try:
+        yield
+    except KvmUnavailableError:
+        raise
+    except KvmscopeError as e:
+        if (kernel and kernel == scenario.kernel) or (profile and profile == scenario.profile):
+            raise ScenarioError(f"{scenario.path}: {e}") from None
+        raise
+
+
 def _check_systems(backend: str, kernel: str | None, profile: str | None, scenario: Scenario
                    ) -> tuple[System, System | None]:
     """Where to replay, and the model to replay alongside a live kernel to explain its refusals (or None)."""
     if backend == "model":
-        return backends.choose("model", kernel=kernel, profile=profile)[0], None
+        with _named_by(scenario, kernel, profile):
+            return backends.choose("model", kernel=kernel, profile=profile)[0], None
     if scenario.profile and not profile:
         render.note(f"the scenario's profile {scenario.profile!r} is for the model; the live kernel is this host")
     system, shadow = backends.live_with_explainer(profile)
@@ -227,7 +241,8 @@ def _compare(scenario: Scenario, versions: list[str], profile: str | None, as_js
 
     reports: dict[str, Report] = {}
     for v in versions:
-        system, _ = backends.choose("model", kernel=v, profile=profile)
+        with _named_by(scenario, v, profile):
+            system, _ = backends.choose("model", kernel=v, profile=profile)
         reports[v] = replay(scenario, system)
     render.comparison(scenario.name, versions, str(system.host_info()["profile"]), reports, compare(reports), as_json)
     return all(r.ok for r in reports.values())

@@ -111,14 +111,18 @@ def decode(data: bytes, where: str, error: ErrorType) -> str:
         raise error(f"{where}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
-def read_text(path: str | os.PathLike[str], error: ErrorType, what: str = "", limit: int = MAX_FILE) -> str:
-    """The whole text of a regular file of at most ``limit`` bytes, strict UTF-8."""
+def read_bytes(path: str | os.PathLike[str], error: ErrorType, what: str = "", limit: int = MAX_FILE) -> bytes:
+    """The whole of a regular file of at most ``limit`` bytes."""
     with open_regular(path, error, what) as f:
         data = f.read(limit + 1)
-    where = shown(path)
     if len(data) > limit:
-        raise error(f"{where}: larger than {limit // MiB} MiB, the limit for a file read whole")
-    return decode(data, where, error)
+        raise error(f"{shown(path)}: larger than {limit // MiB} MiB, the limit for a file read whole")
+    return data
+
+
+def read_text(path: str | os.PathLike[str], error: ErrorType, what: str = "", limit: int = MAX_FILE) -> str:
+    """The whole text of a regular file of at most ``limit`` bytes, strict UTF-8."""
+    return decode(read_bytes(path, error, what, limit), shown(path), error)
 
 
 def check_output(path: str | os.PathLike[str], error: ErrorType) -> None:
@@ -206,10 +210,11 @@ class TextSource:
                 self._check_start(data)
             try:
                 text = self.decoder.decode(data, final=not data)
-            except UnicodeDecodeError as e:
-                at, line = self.offset + e.start, self.lines + data.count(b"\n", 0, e.start) + 1
-                raise self.error(f"{self.where}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {at})"
-                                 ) from None
+            except UnicodeDecodeError as e:  # e.object: this chunk, after any bytes held back from the last one
+                held = len(e.object) - len(data)
+                at, line = self.offset - held + e.start, self.lines + e.object.count(b"\n", 0, e.start) + 1
+                raise self.error(f"{self.where}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                                 f"{at})") from None
             self.offset += len(data)
         bad = _NOT_YAML.search(text)
         if bad:

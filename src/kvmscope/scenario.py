@@ -18,6 +18,7 @@ YAML (safe loader) or JSON. Each kind of step is a class declaring its fields in
 from __future__ import annotations
 
 import errno as _errno
+import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,15 +150,15 @@ class CpuidFile(Type[list[CpuidEntry]]):
 
     def read(self, r: Reader, x: Any, path: str) -> list[CpuidEntry]:
         file = r.base / Str().read(r, x, path)
-        try:
+        try:  # every problem in that file is named with the step that names the file
             text = inputs.read_text(file, ScenarioError, "a CPUID list", limit=MAX_CPUID_FILE)
+            data = parse_text(text, inputs.shown(file))
+            inner = Reader(inputs.shown(file), r.style)
+            if not isinstance(data.value, list):
+                raise inner.fail(data, "(top level)", f"expected a list, got {kind(data.value)}")
+            return [CPUID_ENTRY.read(inner, e, f"entries[{j}]") for j, e in enumerate(data.value)]
         except ScenarioError as e:
             raise r.fail(x, path, str(e)) from None
-        data = parse_text(text, inputs.shown(file))
-        inner = Reader(inputs.shown(file), r.style)
-        if not isinstance(data.value, list):
-            raise inner.fail(data, "(top level)", f"expected a list, got {kind(data.value)}")
-        return [CPUID_ENTRY.read(inner, e, f"entries[{j}]") for j, e in enumerate(data.value)]
 
 
 MAX_CPUID_FILE = inputs.MiB  # a CPUID list has a few hundred entries at most
@@ -474,7 +475,11 @@ def parse(text: str, where: str = "<scenario>") -> Scenario:
 
 def load(path: str | Path) -> Scenario:
     """Read and check a scenario file (at most ``inputs.MAX_FILE`` bytes and ``MAX_STEPS`` steps)."""
-    return parse(inputs.read_text(path, ScenarioError, "a scenario"), inputs.shown(path))
+    where = inputs.shown(path)
+    if where.endswith(".json"):
+        return parse(inputs.read_text(path, ScenarioError, "a scenario"), where)
+    # Decoded as it is parsed, as stream() does: the first problem in the file is the one reported either way.
+    return _read_all(TextSource(io.BytesIO(inputs.read_bytes(path, ScenarioError, "a scenario"))), where)
 
 
 @dataclass

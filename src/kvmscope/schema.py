@@ -255,7 +255,7 @@ class Version(Type[int]):
         self.number = number
 
     def read(self, r: Reader, x: Any, path: str) -> int:
-        v = unwrap(x)[0]
+        v = plain(x)
         if isinstance(v, bool) or v != self.number:
             raise r.fail(x, path, f"unsupported format version {shown(v)} (expected {self.number})")
         return self.number

@@ -1,0 +1,190 @@
+"""A byte-level fuzzer for every file reader and the CLI, under a memory limit and a per-input timeout (issue 13).
+
+Each input is bytes: a seed (the example scenarios, the shipped profiles, CPUID lists, known-bad files) mutated at the
+byte level (flips, cuts, splices, repeated runs, YAML/JSON tokens, invalid UTF-8, control characters). Each is given to
+every reader of its kind and to `kvmscope check`; a finding is any of:
+
+- an exception that is not kvmscope's own error (a traceback), a hang (over ``--timeout`` seconds), ``MemoryError``
+  (the address space is limited to ``--memory`` MiB);
+- a CLI run that exits other than 0, 1 or 2, or whose exit-2 error is not one line naming the file;
+- two readers of the same scenario that disagree (``load`` and ``stream``; the table and ``--json``).
+
+    python tests/fuzz_inputs.py --seconds 600          # a long run; prints what it did, exits 1 on a finding
+
+tests/test_fuzz_inputs.py runs it for a few seconds in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import resource
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from click.testing import CliRunner
+
+from kvmscope.cli import main as cli_main
+from kvmscope.errors import ProfileError, ScenarioError
+from kvmscope.kernel import profile
+from kvmscope.scenario import load, stream
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENS = [b"&a ", b"*a", b"!!timestamp ", b"!!int ", b"!!bool ", b"!!binary ", b"!!python/object ", b"<<: ", b"---\n",
+          b"...\n", b"[", b"]", b"{", b"}", b": ", b"- ", b"\n", b"\t", b"#", b"'", b'"', b"\\ud800", b"\\u0000",
+          b"\x00", b"\xff", b"\xfe\xff", b"\xef\xbb\xbf", b"\xed\xa0\x80", b"\x1b[31m", b"[/]", b"[bold]", b"9" * 90,
+          b"0x" + b"f" * 40, b"2001-13-45", b"1e999", b"NaN", b"-1", b"null", b"~", b"yes", b"steps:\n", b"scenario: 1\n",
+          b"errno: __spec__", b"vcpu: ", b"set_cpuid: {vcpu: 0, file: /dev/zero}", b"file: c.yaml", b"? ", b"|\n",
+          b">\n", b"%YAML 1.1\n", b"%TAG ! tag:x,2000:\n"]
+
+
+class Timeout(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: Any) -> None:
+    raise Timeout()
+
+
+def seeds() -> dict[str, list[bytes]]:
+    """Seed files by kind: scenario (YAML), scenario JSON, profile, CPUID list."""
+    yaml_seeds = [p.read_bytes() for p in sorted((ROOT / "examples").glob("*.yaml"))]
+    yaml_seeds.append(b"scenario: 1\nsteps:\n  - create_vcpu: 0\n  - set_cpuid: {vcpu: 0, file: c.yaml}\n  - run: 0\n")
+    json_seeds = [b'{"scenario": 1, "name": "j", "steps": [{"create_vcpu": 0}, {"run": 0, "expect": {"exit": "HltExit"}},'
+                  b' {"set_msrs": {"vcpu": 0, "msrs": [["0xce", 0]]}, "expect": "refused"}]}']
+    profiles = [(ROOT / "src/kvmscope/profiles" / f"{n}.json").read_bytes() for n in profile.shipped()]
+    cpuid = [b"- {function: 0x7, index: 0, edx: 0x10}\n- {function: 1, eax: 0x806f8}\n",
+             b'[{"function": "0x7", "ebx": "0x1"}]\n']
+    return {"yaml": yaml_seeds, "json": json_seeds, "profile": profiles, "cpuid": cpuid}
+
+
+def mutate(rng: random.Random, data: bytes, pool: list[bytes]) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.choice((1, 1, 2, 3, 5, 8))):
+        op = rng.randrange(8)
+        at = rng.randrange(len(out) + 1)
+        if op == 0 and out:  # flip a byte
+            out[min(at, len(out) - 1)] = rng.randrange(256)
+        elif op == 1:  # insert a token
+            out[at:at] = rng.choice(TOKENS)
+        elif op == 2:  # cut a range
+            del out[at:at + rng.randrange(1, 64)]
+        elif op == 3:  # repeat a range
+            chunk = bytes(out[at:at + rng.randrange(1, 32)])
+            out[at:at] = chunk * rng.randrange(2, 200)
+        elif op == 4:  # splice from another seed
+            other = rng.choice(pool)
+            start = rng.randrange(len(other) + 1)
+            out[at:at] = other[start:start + rng.randrange(1, 200)]
+        elif op == 5:  # truncate
+            del out[at:]
+        elif op == 6:  # deep nesting
+            n = rng.choice((10, 70, 1000, 20000))
+            out[at:at] = b"[" * n + b"]" * n
+        else:  # random bytes
+            out[at:at] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 16)))
+    return bytes(out)
+
+
+def verdict(fn: Callable[[], Any], errors: tuple[type[Exception], ...]) -> tuple[str, Any]:
+    """("ok", value) or ("error", message); anything else propagates as a finding."""
+    try:
+        return "ok", fn()
+    except errors as e:
+        return "error", str(e)
+
+
+def check_scenario(path: Path) -> None:
+    loaded = verdict(lambda: load(path), (ScenarioError,))
+
+    def streamed() -> Any:
+        s = stream(path)
+        steps = list(s.steps)
+        s.header.steps = steps
+        return s.header
+
+    streamed_v = verdict(streamed, (ScenarioError,))
+    # One verdict per file: a file over the whole-file limits may stream; otherwise both agree.
+    if "the limit for a" not in str(loaded[1]):
+        assert loaded == streamed_v, f"load and stream disagree: {loaded!r} vs {streamed_v!r}"
+    for args in ([], ["--json"]):
+        result = CliRunner().invoke(cli_main, ["check", str(path), *args])
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        assert result.exit_code in (0, 1, 2), f"exit {result.exit_code}: {result.stderr!r}"
+        if result.exit_code == 2:
+            assert result.stderr.count("\n") == 1 and str(path) in result.stderr, f"not one line: {result.stderr!r}"
+        assert (result.exit_code == 2) == (loaded[0] == "error"), (
+            f"the CLI's exit {result.exit_code} disagrees with the reader's verdict {loaded!r}")
+
+
+def check_profile(path: Path) -> None:
+    verdict(lambda: profile.load(path), (ProfileError,))
+    result = CliRunner().invoke(cli_main, ["probe", "--backend", "model", "--profile", str(path), "--json"])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code in (0, 2), f"exit {result.exit_code}: {result.stderr!r}"
+    if result.exit_code == 2:
+        assert result.stderr.count("\n") == 1, f"not one line: {result.stderr!r}"
+
+
+def run(seconds: float, seed: int, timeout: int, memory_mib: int, log: Any = sys.stdout) -> int:
+    """Fuzz for ``seconds``; returns the number of findings (each printed with a reproducer file)."""
+    resource.setrlimit(resource.RLIMIT_AS, (memory_mib << 20, memory_mib << 20))
+    signal.signal(signal.SIGALRM, _alarm)
+    rng = random.Random(seed)
+    pools = seeds()
+    everything = [s for pool in pools.values() for s in pool]
+    counts = dict.fromkeys(pools, 0)
+    findings = 0
+    end = time.monotonic() + seconds
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        (d / "c.yaml").write_bytes(pools["cpuid"][0])
+        while time.monotonic() < end:
+            kind = rng.choice(list(pools))
+            data = mutate(rng, rng.choice(pools[kind]), everything)
+            target = {"yaml": d / "s.yaml", "json": d / "s.json", "profile": d / "p.json", "cpuid": d / "c.yaml"}[kind]
+            target.write_bytes(data)
+            signal.alarm(timeout)
+            try:
+                if kind == "profile":
+                    check_profile(target)
+                else:
+                    check_scenario(d / "s.yaml" if kind == "cpuid" else target)
+            except Exception as e:  # a finding: anything but kvmscope's own errors, a hang, MemoryError, a disagreement
+                findings += 1
+                keep = Path(tempfile.mkstemp(prefix=f"kvmscope-fuzz-{kind}-", suffix=target.suffix)[1])
+                keep.write_bytes(data)
+                kind_of = "hang" if isinstance(e, Timeout) else type(e).__name__
+                print(f"FINDING ({kind_of}) on {kind} input saved to {keep}:", file=log)
+                traceback.print_exception(e, file=log, limit=6)
+            finally:
+                signal.alarm(0)
+                if kind == "cpuid":
+                    (d / "c.yaml").write_bytes(pools["cpuid"][0])
+            counts[kind] += 1
+    total = sum(counts.values())
+    print(f"fuzzed {total} inputs in {seconds:.0f} s (seed {seed}, {memory_mib} MiB address space, {timeout} s each): "
+          f"{', '.join(f'{k} {v}' for k, v in counts.items())}; {findings} findings", file=log)
+    return findings
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--seed", type=int, default=int(time.time()))
+    ap.add_argument("--timeout", type=int, default=10, help="seconds one input may take")
+    ap.add_argument("--memory", type=int, default=1024, help="address space limit in MiB")
+    args = ap.parse_args()
+    sys.exit(1 if run(args.seconds, args.seed, args.timeout, args.memory) else 0)
+
+
+if __name__ == "__main__":
+    main()
