@@ -226,6 +226,9 @@ def test_limits_name_the_limit(tmp_path: Path, untouched: list[Any], monkeypatch
     for args in PATHS.values():
         one_line_exit_2(["check", str(f), *args], ":4: a value (or comment) after this line is longer than 1 MiB",
                         str(f))
+    f.write_text(HEAD + "  - get_msrs: {vcpu: 0, msrs: [" + "0, " * inputs.MAX_NODES + "]}\n")
+    for args in PATHS.values():
+        one_line_exit_2(["check", str(f), *args], ":4: more than 200,000 values in one entry: the limit", str(f))
     f.write_text(HEAD + ("# a comment line to make the file large\n" * (inputs.MAX_FILE // 40 + 1)))
     for args in PATHS.values():
         if args:

@@ -391,7 +391,7 @@ SCENARIO_HEADER = Record(Scenario, HEADER, finish=_scenario_defaults)
 
 
 HEADER_FIELDS = {f.key: f for f in HEADER}
-MAX_STEPS = 100_000
+MAX_STEPS = 50_000
 """The most steps of a scenario read whole (``load``, ``parse``: ``check --json`` and ``--compare`` keep every result);
 :func:`stream` reads any number in constant memory."""
 
