@@ -336,4 +336,17 @@ def test_api_readers_raise_typed_errors() -> None:
         profile.load("x/\0.json")
     with pytest.raises(ProfileError, match="field vcpu.reset_sregs.cs.base"):
         profile.read(_profile_with(vcpu__reset_sregs={"cs": {"base": None}}), "p.json")
-    assert kvmscope.ScenarioError is ScenarioError
+    for bad in (5, b"x", ["a"]):
+        with pytest.raises(ProfileError, match="a profile is a shipped name or a path"):
+            kvmscope.open("model", profile=bad)  # type: ignore[arg-type]
+    with pytest.raises(kvmscope.InvalidValueError, match="is not like 6.18"):
+        kvmscope.open("model", kernel="6." + "9" * 5000)
+
+
+def test_bad_kernel_versions_are_one_line_exit_2(tmp_path: Path) -> None:
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(HEAD)
+    one_line_exit_2(["check", str(ok), "--kernel", "6." + "9" * 5000], "is not like 6.18", "kernel version")
+    one_line_exit_2(["probe", "--kernel", "[/]"], "is not like 6.18", "[/]")
+    ok.write_text(HEAD.replace("scenario: 1", "scenario: 1\nkernel: '6." + "9" * 5000 + "'"))
+    one_line_exit_2(["check", str(ok)], "is not like 6.18", str(ok))

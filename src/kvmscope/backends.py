@@ -24,6 +24,8 @@ def choose(backend: str = "auto", *, kernel: str | None = None, profile: str | P
     """
     if backend not in CHOICES:
         raise InvalidValueError(f"unknown backend {backend!r}: choose one of {', '.join(CHOICES)}")
+    if kernel is not None and (not isinstance(kernel, str) or len(kernel) > 32):  # "6." and 5,000 nines, say
+        raise InvalidValueError(f"kernel version {str(kernel)[:40]!r} is not like 6.18 or 6.18.44")
     modelled = kernel is not None or profile is not None
     if backend == "auto" and modelled:
         backend = "model"

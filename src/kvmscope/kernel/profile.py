@@ -289,6 +289,8 @@ DEFAULT_PROFILE = "pvm-6.18"
 def load(spec: str | Path | None = None) -> Profile:
     """Load a shipped profile by name, or a profile JSON file by path."""
     spec = DEFAULT_PROFILE if spec is None else spec
+    if not isinstance(spec, (str, Path)):
+        raise ProfileError(f"a profile is a shipped name or a path, got {type(spec).__name__} {spec!r:.60}")
     path = Path(spec)
     if isinstance(spec, str) and "/" not in spec and not spec.endswith(".json"):
         if spec not in shipped():  # never a path: a name with "..", NUL or 10,000 characters is just not shipped
