@@ -67,6 +67,9 @@ BAD_TEXT: dict[str, tuple[str, str]] = {
     "alias bomb": (BOMB, ":6: anchors and aliases (*name) are not supported"),
     "!!timestamp": (HEAD.replace("scenario: 1", "scenario: 1\nname: !!timestamp 2001-01-01"),
                     ":2: the tag !!timestamp is not supported"),
+    "!!python on the steps": (HEAD.replace("steps:", "steps: !!python/object:os.system"),
+                              ":2: the tag !!python/object:os.system is not supported"),
+    "!!set on the top": ("!!set\n" + HEAD, ":1: the tag !!set is not supported"),
     "!!int abc": (HEAD + "  - run: !!int abc\n", ":4: expected an integer, got 'abc'"),
     "!!bool maybe": (HEAD + "  - run: 0\n    expect: {accepted: !!bool maybe}\n", ":5: expected true or false"),
     "bad date": (HEAD + "  - run: 2001-13-45\n", ":4: steps[1].run: expected an integer like 0x1f or 31, got '2001-13-45'"),
@@ -82,6 +85,7 @@ BAD_TEXT: dict[str, tuple[str, str]] = {
     "duplicate steps": (HEAD + "steps:\n  - run: 0\n", ":4: duplicate key 'steps'"),
     "duplicate key in a step": (HEAD + "  - run: {vcpu: 0, vcpu: 1}\n", ":4: duplicate key 'vcpu'"),
     "header after steps": (HEAD + "name: [1]\n", ":4: name: expected a string, got a list"),
+    "long key": (HEAD + "  - run: {" + "k" * 300 + ": 0}\n", ":4: a key of 300 characters: the limit is 256"),
     "lone surrogate": (HEAD.replace("scenario: 1", 'scenario: 1\nname: "\\ud800"'), ":2: "),
     "typo on the last line": (HEAD + "  - run: 0\n  - set_msrs: {vcpu: 0, msrs: {PLATFORM_INFOO: 1}}\n",
                               ":5: steps[2].set_msrs.msrs.PLATFORM_INFOO: unknown MSR name"),
@@ -183,6 +187,8 @@ BAD_PROFILES: dict[str, tuple[bytes, str]] = {
     "reset_regs unknown register": (json.dumps(_profile_with(vcpu__reset_regs={"eip": 0})).encode(),
                                     "field vcpu.reset_regs.eip: not a field of struct kvm_regs"),
     "duplicate key": (b'{"schema": 1, "schema": 1}', "duplicate key 'schema'"),
+    "long key": (json.dumps(_profile_with(source={"k" * 300: 1})).encode(), "a key of 300 characters"),
+    "long ruleset": (json.dumps(_profile_with(ruleset="6." + "9" * 5000)).encode(), "field ruleset: "),
 }
 
 

@@ -37,6 +37,8 @@ MAX_NODES = 200_000
 """The most values under one entry of a file (one step, one header field) or in one file read whole."""
 MAX_INT_DIGITS = 80
 """The longest integer literal (a 64-bit value in binary with a prefix and separators fits)."""
+MAX_KEY = 256
+"""The longest mapping key (every key kvmscope reads is a word or a number)."""
 MAX_SHOWN = 160
 
 ErrorType = Callable[[str], KvmscopeError]
@@ -52,14 +54,15 @@ _BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (code
 
 def shown(path: str | os.PathLike[str]) -> str:
     """A path as it can be printed on one line: control characters escaped, an over-long name shortened."""
-    text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], os.fspath(path))
+    raw = os.fspath(path) if isinstance(path, (str, os.PathLike)) else repr(path)
+    text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], raw if isinstance(raw, str) else os.fsdecode(raw))
     return text if len(text) <= MAX_SHOWN else f"{text[:100]}...{text[-50:]} ({len(text)} characters)"
 
 
 def _path(path: str | os.PathLike[str], error: ErrorType) -> str:
-    p = os.fspath(path)
+    p = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
     if not isinstance(p, str):
-        raise error(f"{shown(os.fsdecode(p))}: expected a file name as text")
+        raise error(f"{shown(path)}: expected a file name as text, got {type(path).__name__}")
     if "\0" in p:
         raise error(f"{shown(p)}: a file name cannot contain a NUL byte")
     return p
@@ -292,6 +295,8 @@ class Events:
         line = ev.start_mark.line + 1
         if not isinstance(ev, yaml.ScalarEvent):
             self.fail(line, "a key must be a plain value (text or a number)")
+        if len(ev.value) > MAX_KEY:
+            self.fail(line, f"a key of {len(ev.value):,} characters: the limit is {MAX_KEY}")
         self._check_text(ev.value, line)
         return str(ev.value), line
 
@@ -313,14 +318,14 @@ class Events:
         if depth >= MAX_DEPTH:
             self.fail(line, f"nested more than {MAX_DEPTH} levels deep: the limit")
         if isinstance(ev, yaml.SequenceStartEvent):
-            self._check_tag(ev.tag, "seq", line)
+            self.check_tag(ev)
             items = []
             while not self.peek(yaml.SequenceEndEvent):
                 items.append(self._node(depth + 1))
             self.next()
             return Node(items, line)
         if isinstance(ev, yaml.MappingStartEvent):
-            self._check_tag(ev.tag, "map", line)
+            self.check_tag(ev)
             out: dict[str, Node] = {}
             while not self.peek(yaml.MappingEndEvent):
                 name, at = self.key()
@@ -331,9 +336,12 @@ class Events:
             return Node(out, line)
         self.fail(line, f"unexpected {type(ev).__name__}")
 
-    def _check_tag(self, tag: str | None, plain: str, line: int) -> None:
-        if tag not in (None, "!", _TAG + plain):
-            self.fail(line, f"the tag {_short(tag)} is not supported: plain values, lists and mappings only")
+    def check_tag(self, ev: Any) -> None:
+        """A list or mapping has no tag but its own."""
+        plain = _TAG + ("seq" if isinstance(ev, yaml.SequenceStartEvent) else "map")
+        if ev.tag not in (None, "!", plain):
+            self.fail(ev.start_mark.line + 1,
+                      f"the tag {_short(ev.tag)} is not supported: plain values, lists and mappings only")
 
     def _check_text(self, text: str, line: int) -> None:
         bad = _SURROGATE.search(text)
@@ -444,5 +452,8 @@ def _check_json(data: Any, where: str, error: ErrorType) -> None:
         if isinstance(value, list):
             todo.extend((v, depth + 1) for v in value)
         elif isinstance(value, dict):
+            long_key = next((k for k in value if len(k) > MAX_KEY), None)
+            if long_key is not None:
+                raise error(f"{where}: a key of {len(long_key):,} characters: the limit is {MAX_KEY}")
             todo.extend((k, depth + 1) for k in value)
             todo.extend((v, depth + 1) for v in value.values())

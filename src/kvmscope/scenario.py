@@ -416,7 +416,7 @@ class _Walk:
             if not ev.peek(yaml.MappingStartEvent):
                 node = ev.node()
                 raise r.fail(node, "(top level)", f"expected a mapping, got {kind(node.value)}")
-            ev.next()
+            ev.check_tag(ev.next())
             seen_steps = False
             while not ev.peek(yaml.MappingEndEvent):
                 name, line = ev.key()
@@ -447,7 +447,7 @@ class _Walk:
         if not ev.peek(yaml.SequenceStartEvent):
             node = ev.node(depth=1)
             raise r.fail(node, "steps", f"expected a list, got {kind(node.value)}")
-        ev.next()
+        ev.check_tag(ev.next())
         i = 0
         while not ev.peek(yaml.SequenceEndEvent):
             yield read_step(r, ev.node(depth=2), i)

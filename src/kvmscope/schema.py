@@ -69,7 +69,7 @@ def shown(v: Any, limit: int = 60) -> str:
 def kind(v: Any) -> str:
     """What a value is, for messages."""
     return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-            type(None): "nothing"}.get(type(v), type(v).__name__)
+            float: "a fractional number", type(None): "nothing"}.get(type(v), type(v).__name__)
 
 
 @dataclass(frozen=True)

@@ -229,7 +229,7 @@ def _ruleset(r: Reader, x: Any, path: str, values: dict[str, Any]) -> None:
     try:
         rulesets.resolve(values["ruleset"])
     except Exception as e:
-        raise r.fail(x, "ruleset", str(e)) from None
+        raise r.fail(x, "ruleset", inputs.shown(str(e))) from None
     values["path"] = r.file
 
 
