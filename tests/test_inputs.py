@@ -248,6 +248,21 @@ def test_a_live_replay_touches_nothing_before_the_whole_file_is_read(tmp_path: P
     one_line_exit_2(["check", str(f), "--backend", "linux"], ":7: steps[4].runn: unknown step", str(f))
 
 
+def test_a_bad_profile_for_a_live_replay_is_refused_before_dev_kvm_opens(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvmscope.linux
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("/dev/kvm was opened before the profile was read")
+
+    monkeypatch.setattr(kvmscope.linux, "open_system", refuse)
+    f = tmp_path / "s.yaml"
+    f.write_text(HEAD)
+    p = tmp_path / "p.json"
+    p.write_bytes(BAD_PROFILES["UTF-16"][0])
+    one_line_exit_2(["check", str(f), "--backend", "linux", "--profile", str(p)], "UTF-16 text", str(p))
+
+
 def test_probe_save_target_is_checked_before_anything_opens(tmp_path: Path, untouched: list[Any]) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)

@@ -53,11 +53,11 @@ def choose(backend: str = "auto", *, kernel: str | None = None, profile: str | P
 def live_with_explainer(profile: str | Path | None = None) -> tuple[System, System | None]:
     """The live kernel, and the model of this host (``profile``) to replay alongside it and explain its refusals (the
     kernel does not say why): None when the profile is of another vendor module, whose rules would explain nothing."""
-    system, _ = choose("linux")
+    model, _ = choose("model", profile=profile)  # a bad profile is refused before /dev/kvm is opened
     try:
-        model, _ = choose("model", profile=profile)
+        system, _ = choose("linux")
     except BaseException:
-        system.close()
+        model.close()
         raise
     if model.host_info().get("vendor") != system.host_info().get("vendor"):
         model.close()
