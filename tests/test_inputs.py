@@ -371,3 +371,11 @@ def test_bad_kernel_versions_are_one_line_exit_2(tmp_path: Path) -> None:
     one_line_exit_2(["probe", "--kernel", "[/]"], "is not like 6.18", "[/]")
     ok.write_text(HEAD.replace("scenario: 1", "scenario: 1\nkernel: '6." + "9" * 5000 + "'"))
     one_line_exit_2(["check", str(ok)], "is not like 6.18", str(ok))
+
+
+def test_user_text_in_errors_is_printed_as_text() -> None:
+    # Errors print user text as it is: "[/]" was read as rich markup and crashed the CLI.
+    one_line_exit_2(["decode", "[/]"], "unknown MSR name '[/]'", "[/]")
+    one_line_exit_2(["decode", "ARCH_CAP", "[bold]1[/]"], "bad value '[bold]1[/]'", "[bold]1[/]")
+    one_line_exit_2(["check", "[/].yaml"], "cannot read a scenario file", "[/].yaml")
+    one_line_exit_2(["check", "esc\x1b[31m.yaml"], "cannot read a scenario file", "esc\\x1b[31m.yaml")
