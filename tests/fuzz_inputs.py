@@ -17,9 +17,11 @@ tests/test_fuzz_inputs.py runs it for a few seconds in CI.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import resource
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -167,7 +169,9 @@ def run(seconds: float, seed: int, timeout: int, memory_mib: int, log: Any = sys
                     known[type(e).__name__] += 1
                     continue
                 findings += 1
-                keep = Path(tempfile.mkstemp(prefix=f"kvmscope-fuzz-{kind}-", suffix=target.suffix)[1])
+                fd, name = tempfile.mkstemp(prefix=f"kvmscope-fuzz-{kind}-", suffix=target.suffix)
+                os.close(fd)
+                keep = Path(name)
                 keep.write_bytes(data)
                 kind_of = "hang" if isinstance(e, Timeout) else type(e).__name__
                 print(f"FINDING ({kind_of}) on {kind} input saved to {keep}:", file=log)
@@ -193,8 +197,36 @@ def main() -> None:
     ap.add_argument("--known", action="append", default=[], metavar="EXCEPTION",
                     help="count this exception type apart instead of as a finding (repeatable)")
     args = ap.parse_args()
+    if args.seconds > CHUNK:
+        sys.exit(1 if chunked(args) else 0)
     known = dict.fromkeys(args.known, 0)
     sys.exit(1 if run(args.seconds, args.seed, args.timeout, args.memory, known=known) else 0)
+
+
+CHUNK = 300.0
+"""Seconds per child process in a long run: the harness (click's CliRunner) keeps a little of each run alive, about
+3 MiB per thousand inputs, which would reach the memory limit in an hour; kvmscope's readers keep nothing."""
+
+
+def chunked(args: argparse.Namespace) -> int:
+    """A long run as children of ``CHUNK`` seconds each (seeds ``seed``, ``seed + 1``, ...); the number of findings."""
+    findings = inputs = 0
+    left, seed = args.seconds, args.seed
+    while left > 0:
+        cmd = [sys.executable, __file__, "--seconds", str(min(CHUNK, left)), "--seed", str(seed), "--timeout",
+               str(args.timeout), "--memory", str(args.memory), *(a for k in args.known for a in ("--known", k))]
+        out = subprocess.run(cmd, capture_output=True, text=True).stdout
+        print(out, end="", flush=True)
+        summary = out.rpartition("fuzzed ")[2]
+        if not summary:
+            findings += 1
+            print(f"FINDING: the child with seed {seed} printed no summary", flush=True)
+        else:
+            inputs += int(summary.split()[0])
+            findings += int(summary.split("; ")[1].split()[0])
+        left, seed = left - CHUNK, seed + 1
+    print(f"in all: fuzzed {inputs} inputs in {args.seconds:.0f} s; {findings} findings")
+    return findings
 
 
 if __name__ == "__main__":
