@@ -13,7 +13,7 @@ from kvmscope.cli import main
 from kvmscope.errors import ScenarioError
 from kvmscope.linux import LinuxSystem
 from kvmscope.model import open_model
-from kvmscope.scenario import load, parse
+from kvmscope.scenario import CreateVcpu, load, parse
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 LIVE_EXAMPLES = sorted(p for p in EXAMPLES.glob("*.yaml") if "intel" not in p.name)
@@ -151,15 +151,15 @@ def test_streamed_scenario_equals_loaded(path: Path) -> None:
     assert list(s.steps) == loaded.steps
 
 
-def test_streamed_errors_name_the_line(tmp_path: Path) -> None:
+def test_streamed_errors_name_the_line_before_any_step(tmp_path: Path) -> None:
     from kvmscope.scenario import stream
 
     f = tmp_path / "s.yaml"
     f.write_text("scenario: 1\nsteps:\n  - create_vcpu: 0\n  - run: {vcpu: x}\n")
-    steps = stream(f).steps
-    next(steps)
+    # The whole file is checked before the first step is handed out (a live replay touches nothing).
     with pytest.raises(ScenarioError, match=r"s.yaml:4: steps\[1\].run.vcpu"):
-        next(steps)
-    f.write_text("steps:\n  - create_vcpu: 0\nscenario: 1\n")
-    with pytest.raises(ScenarioError, match="scenario: missing before steps"):
         stream(f)
+    # The header may follow the steps: read either way, the file gives the same scenario.
+    f.write_text("steps:\n  - create_vcpu: 0\nscenario: 1\nname: late\n")
+    s = stream(f)
+    assert s.header.name == "late" and list(s.steps) == load(f).steps == [CreateVcpu(line=2, vcpu=0)]

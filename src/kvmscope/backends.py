@@ -18,6 +18,16 @@ if TYPE_CHECKING:
 CHOICES = ("auto", "linux", "model")
 
 
+def check_kernel(version: str) -> None:
+    """Refuse a kernel version the model has no ruleset for (typed error), before anything is opened."""
+    from .kernel import proposal, rulesets
+
+    if proposal.is_proposal(version):
+        proposal.load(version)
+    else:
+        rulesets.resolve(version)
+
+
 def choose(backend: str = "auto", *, kernel: str | None = None, profile: str | Path | Profile | None = None,
            path: str | None = None, note: Callable[[str], None] | None = None) -> tuple[System, str | None]:
     """Open ``backend``; returns the system and, when ``auto`` fell back to the model, why (else None). ``note``
@@ -29,6 +39,8 @@ def choose(backend: str = "auto", *, kernel: str | None = None, profile: str | P
     """
     if backend not in CHOICES:
         raise InvalidValueError(f"unknown backend {backend!r}: choose one of {', '.join(CHOICES)}")
+    if kernel is not None and not isinstance(kernel, str):
+        raise InvalidValueError(f"kernel version {str(kernel)[:40]!r} is not like 6.18 or 6.18.44")
     modelled = kernel is not None or profile is not None
     if backend == "auto" and modelled:
         backend = "model"
@@ -111,14 +123,22 @@ def default_profile(live: System | None = None) -> tuple[str | Profile, str]:
 
 
 def live_with_explainer(profile: str | Path | Profile | None = None) -> tuple[System, System | None]:
-    """The live kernel, and the model of this host (``profile``) to replay alongside it and explain its refusals (the
-    kernel does not say why): None when the profile is of another vendor module, whose rules would explain nothing."""
-    system, _ = choose("linux")
+    """The live kernel, and the model of this host (``profile``; default: this host's captured profile) to replay
+    alongside it and explain its refusals (the kernel does not say why): None when the profile is of another vendor
+    module, whose rules would explain nothing. A given profile is read before /dev/kvm is opened."""
+    model = choose("model", profile=profile)[0] if profile is not None else None
     try:
-        model, _ = choose("model", profile=profile if profile is not None else default_profile(system)[0])
+        system, _ = choose("linux")
     except BaseException:
-        system.close()
+        if model is not None:
+            model.close()
         raise
+    if model is None:
+        try:
+            model, _ = choose("model", profile=default_profile(system)[0])
+        except BaseException:
+            system.close()
+            raise
     if model.host_info().get("vendor") != system.host_info().get("vendor"):
         model.close()
         return system, None

@@ -13,7 +13,7 @@ import click
 
 from . import backends, render
 from . import msrs as _msrs
-from .errors import KvmscopeError, KvmUnavailableError
+from .errors import KvmscopeError, KvmUnavailableError, ProfileError, ScenarioError
 
 if TYPE_CHECKING:
     from .api import System
@@ -30,7 +30,7 @@ EXIT_NO_KVM = 3
 
 
 def fail(message: str, code: int) -> NoReturn:
-    render.error(message)
+    render.error_line(message)
     sys.exit(code)
 
 
@@ -85,7 +85,7 @@ def main() -> None:
 @profile_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--no-cpuid", is_flag=True, help="Do not set KVM_GET_SUPPORTED_CPUID on the probe vCPUs first.")
-@click.option("--save", "save_path", metavar="FILE", type=click.Path(dir_okay=False, writable=True),
+@click.option("--save", "save_path", metavar="FILE",  # checked by inputs.check_output: one line, exit 2
               help="Also capture this host's profile (live kernel only) and write it to FILE as JSON.")
 @click.option("--name", "profile_name", metavar="NAME", help="With --save: the profile's name.")
 def probe(backend: str, kernel: str | None, profile: str | None, as_json: bool, no_cpuid: bool,
@@ -106,6 +106,10 @@ def probe(backend: str, kernel: str | None, profile: str | None, as_json: bool, 
     if profile_name is not None and save_path is None:
         raise click.UsageError("--name names the profile --save writes; add --save FILE")
     with exit_on_error():
+        if save_path:  # a bad target is bad input: refused before anything is opened or captured
+            from .inputs import check_output
+
+            check_output(save_path, ProfileError)
         system, fallback = backends.choose(backend, kernel=kernel or None, profile=profile or None, note=render.note)
     sys.exit(_probe(system, fallback, as_json, not no_cpuid, save_path, profile_name))
 
@@ -117,25 +121,18 @@ def _probe(system: System, fallback: str | None, as_json: bool, set_cpuid: bool,
 
     if fallback:
         render.fallback(fallback, system.describe())
-    if save_path:
-        parent = os.path.dirname(os.path.abspath(save_path))
-        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-            system.close()
-            fail(f"cannot write {save_path}: {parent} is not a writable directory", EXIT_USAGE)
-        if system.backend != "linux":
-            system.close()
-            fail("--save captures a profile from the live kernel; the model has nothing new to capture",
-                 EXIT_NO_KVM if fallback else EXIT_USAGE)
+    if save_path and system.backend != "linux":
+        system.close()
+        fail("--save captures a profile from the live kernel; the model has nothing new to capture",
+             EXIT_NO_KVM if fallback else EXIT_USAGE)
     with system:
         report = run_probe(system, set_cpuid=set_cpuid)
         if save_path:
             from .capture import capture
 
             captured = capture(system, name=profile_name)
-            try:
+            with exit_on_error():
                 captured.save(save_path)
-            except OSError as e:
-                fail(f"cannot write {save_path}: {e.strerror}", EXIT_FAILED)
             render.saved_profile(captured.name, save_path)
     render.probe(report, fallback, as_json)
     return EXIT_NO_KVM if fallback else EXIT_OK
@@ -170,7 +167,7 @@ def list_msrs(as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("scenario_file", metavar="SCENARIO", type=click.Path(dir_okay=False), required=False)
+@click.argument("scenario_file", metavar="SCENARIO", required=False)  # read by inputs.open_regular
 @click.option("--backend", type=click.Choice(["model", "linux"]), default="model", show_default=True,
               help="model: replay on kvmscope's software KVM; linux: replay on the live /dev/kvm.")
 @kernel_option
@@ -224,12 +221,17 @@ def _check(path: str, backend: str, kernel: str | None, profile: str | None, ver
     from .check import replay, replay_iter
     from .scenario import load, stream
 
-    # YAML tables are printed step by step, in constant memory; JSON files are read whole (line-located errors).
-    opened = stream(path) if not as_json and versions is None and not path.endswith(".json") else None
+    # Tables are printed step by step, in constant memory (the whole file is checked first: one verdict per file);
+    # --json and --compare keep every result, so they read the file whole, within its limits.
+    opened = stream(path) if not as_json and versions is None else None
     scenario = opened.header if opened is not None else load(path)
     chosen: str | Profile | None = profile
     if backend == "model":
         kernel, chosen = kernel or scenario.kernel, profile or scenario.profile
+        for v in [kernel] if versions is None else versions:  # a bad version is refused before /dev/kvm is opened
+            if v is not None:
+                with _named_by(scenario, v, None):
+                    backends.check_kernel(v)
         if chosen is None:
             chosen, said = backends.default_profile()
             if not as_json:
@@ -246,11 +248,25 @@ def _check(path: str, backend: str, kernel: str | None, profile: str | None, ver
     return report.ok
 
 
+@contextmanager
+def _named_by(scenario: Scenario, kernel: str | None, profile: str | Profile | None) -> Iterator[None]:
+    """A bad kernel or profile that the scenario names is an error of the scenario file, and says so."""
+    try:
+        yield
+    except KvmUnavailableError:
+        raise
+    except KvmscopeError as e:
+        if (kernel and kernel == scenario.kernel) or (profile and profile == scenario.profile):
+            raise ScenarioError(f"{scenario.path}: {e}") from None
+        raise
+
+
 def _check_systems(backend: str, kernel: str | None, profile: str | Profile | None, scenario: Scenario
                    ) -> tuple[System, System | None]:
     """Where to replay, and the model to replay alongside a live kernel to explain its refusals (or None)."""
     if backend == "model":
-        return backends.choose("model", kernel=kernel, profile=profile, note=render.note)[0], None
+        with _named_by(scenario, kernel, profile):
+            return backends.choose("model", kernel=kernel, profile=profile, note=render.note)[0], None
     if scenario.profile and not profile:
         render.note(f"the scenario's profile {scenario.profile!r} is for the model; the live kernel is this host")
     system, shadow = backends.live_with_explainer(profile)
@@ -266,7 +282,8 @@ def _compare(scenario: Scenario, versions: list[str], profile: str | Profile | N
 
     reports: dict[str, Report] = {}
     for v in versions:
-        system, _ = backends.choose("model", kernel=v, profile=profile, note=render.note)
+        with _named_by(scenario, v, profile):
+            system, _ = backends.choose("model", kernel=v, profile=profile, note=render.note)
         reports[v] = replay(scenario, system)
     render.comparison(scenario.name, versions, str(system.host_info()["profile"]), reports, compare(reports), as_json)
     return all(r.ok for r in reports.values())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -428,3 +429,16 @@ def comparison(scenario: str, kernels: list[str], profile: str, reports: dict[st
     failed = [k for k, r in reports.items() if not r.ok]
     _emit(con, line(("FAILED", "bold red"), f": a step did not do what it expected on {', '.join(failed)}") if failed
           else line(("OK", "bold green"), ": every step did what it expected on every kernel"))
+
+
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def error_line(message: str) -> None:
+    """An error as exactly one line on stderr (issue 13): never wrapped, never read as markup, control characters
+    escaped, and text that cannot be encoded (a lone surrogate) shown as an escape rather than failing."""
+    from rich.text import Text
+
+    line = _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], " ".join(message.splitlines()))
+    line = line.encode("utf-8", "backslashreplace").decode("utf-8")
+    _err_console().print(Text.assemble(("error:", "bold red"), " ", line), soft_wrap=True, highlight=False)

@@ -18,7 +18,7 @@ YAML (safe loader) or JSON. Each kind of step is a class declaring its fields in
 from __future__ import annotations
 
 import errno as _errno
-import json
+import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +26,10 @@ from typing import Any, ClassVar
 
 import yaml
 
+from . import inputs
 from .api import CpuidEntry
 from .errors import ScenarioError
+from .inputs import TextSource
 from .schema import (
     CPUID_ENTRY,
     REGISTERS,
@@ -59,51 +61,25 @@ EXITS = ("HltExit", "IoExit", "MmioExit", "ShutdownExit", "InterruptedExit", "In
 ERRORS = Style(ScenarioError, "{file}:{line}: {field}: {what}", "{file}: {field}: {what}")
 
 
-# --- YAML with line numbers -------------------------------------------------------------------------------------------
+# --- reading text: one reader for every path (src/kvmscope/inputs.py holds the limits) ------------------------------------
 
 
-def _convert(node: yaml.Node, loader: Any) -> Node:
-    line = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        out: dict[str, Node] = {}
-        for k, v in node.value:
-            # Keys keep their source text (`0xce`, not 206) so that messages name them as written.
-            name = str(k.value) if isinstance(k, yaml.ScalarNode) else str(_convert(k, loader).value)
-            out[name] = _convert(v, loader)
-        return Node(out, line)
-    if isinstance(node, yaml.SequenceNode):
-        return Node([_convert(v, loader) for v in node.value], line)
-    return Node(loader.construct_object(node, deep=True), line)
+def _source(text: str, where: str) -> TextSource:
+    """A text as YAML events; a ``.json`` file must be valid JSON first (it is read as YAML for its line numbers)."""
+    if where.endswith(".json"):
+        inputs.json_data(text, where, ScenarioError, duplicates=False)  # duplicates are named with their line below
+    return TextSource(text)
 
 
 def parse_text(text: str, where: str) -> Node:
     """YAML or JSON text to a tree of :class:`Node` (values with lines)."""
-    if where.endswith(".json"):
-        try:
-            json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ScenarioError(f"{where}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
-    try:
-        loader = yaml.SafeLoader(text)
-    except yaml.YAMLError as e:  # e.g. a control character: the reader refuses the text before parsing
-        raise ScenarioError(f"{where}: not valid YAML: {e}") from None
-    try:
-        root = loader.get_single_node()
-        if root is None:
-            raise ScenarioError(f"{where}:1: the file is empty")
-        return _convert(root, loader)
-    except yaml.MarkedYAMLError as e:
-        line = (e.problem_mark.line + 1) if e.problem_mark else 0
-        raise ScenarioError(f"{where}:{line}: not valid YAML: {e.problem}") from None
-    except yaml.YAMLError as e:
-        raise ScenarioError(f"{where}: not valid YAML: {e}") from None
-    except RecursionError:
-        raise ScenarioError(f"{where}: nested too deeply") from None
-    finally:
-        loader.dispose()
+    return inputs.yaml_document(_source(text, where), where, ScenarioError)
 
 
 # --- the scenario model ---------------------------------------------------------------------------------------------------
+
+
+_ERRNOS = {name: number for number, name in _errno.errorcode.items()}
 
 
 class Errno(Type[int]):
@@ -113,8 +89,8 @@ class Errno(Type[int]):
         name = unwrap(x)[0]
         if name in (0, "0", "ok", None):
             return 0
-        if isinstance(name, str) and isinstance(getattr(_errno, name, None), int):
-            return int(getattr(_errno, name))
+        if isinstance(name, str) and name in _ERRNOS:
+            return _ERRNOS[name]
         raise r.fail(x, path, f"expected an errno name such as EINVAL, got {name!r}")
 
 
@@ -174,17 +150,18 @@ class CpuidFile(Type[list[CpuidEntry]]):
 
     def read(self, r: Reader, x: Any, path: str) -> list[CpuidEntry]:
         file = r.base / Str().read(r, x, path)
-        try:
-            data = parse_text(file.read_text(), str(file))
-        except OSError as err:
-            raise r.fail(x, path, f"cannot read {file}: {err.strerror}") from None
-        except UnicodeDecodeError:
-            raise r.fail(x, path, f"cannot read {file}: not a text file") from None
-        inner = Reader(str(file), r.style)
-        if not isinstance(data.value, list):
-            raise inner.fail(data, "(top level)", f"expected a list, got {kind(data.value)}")
-        return [CPUID_ENTRY.read(inner, e, f"entries[{j}]") for j, e in enumerate(data.value)]
+        try:  # every problem in that file is named with the step that names the file
+            text = inputs.read_text(file, ScenarioError, "a CPUID list", limit=MAX_CPUID_FILE)
+            data = parse_text(text, inputs.shown(file))
+            inner = Reader(inputs.shown(file), r.style)
+            if not isinstance(data.value, list):
+                raise inner.fail(data, "(top level)", f"expected a list, got {kind(data.value)}")
+            return [CPUID_ENTRY.read(inner, e, f"entries[{j}]") for j, e in enumerate(data.value)]
+        except ScenarioError as e:
+            raise r.fail(x, path, str(e)) from None
 
+
+MAX_CPUID_FILE = inputs.MiB  # a CPUID list has a few hundred entries at most
 
 VCPU = Field("vcpu", Int(32))
 
@@ -435,56 +412,96 @@ SCENARIO = Record(Scenario, (HEADER[0], Field("steps", Steps(), required=True), 
 SCENARIO_HEADER = Record(Scenario, HEADER, finish=_scenario_defaults)
 
 
+HEADER_FIELDS = {f.key: f for f in HEADER}
+MAX_STEPS = 50_000
+"""The most steps of a scenario read whole (``load``, ``parse``: ``check --json`` and ``--compare`` keep every result);
+:func:`stream` reads any number in constant memory."""
+
+
+class _Walk:
+    """One pass over a scenario's YAML events: the header fields (anywhere in the top-level mapping, each checked as it
+    comes) and the steps, checked to the end of the file, so that every way of reading a file gives one verdict."""
+
+    def __init__(self, source: TextSource, where: str) -> None:
+        self.events = inputs.Events(source, where, ScenarioError)
+        self.where = where
+        self.reader = Reader(where, ERRORS)
+        self.header: dict[str, Node] = {}
+        self.scenario: Scenario | None = None  # the header, once the whole file has been read
+
+    def steps(self) -> Iterator[Step]:
+        """Each step as it is read; at the end, :attr:`scenario` holds the header."""
+        ev, r = self.events, self.reader
+        try:
+            if not ev.start():
+                raise ScenarioError(f"{self.where}:1: the file is empty")
+            if not ev.peek(yaml.MappingStartEvent):
+                node = ev.node()
+                raise r.fail(node, "(top level)", f"expected a mapping, got {kind(node.value)}")
+            ev.check_tag(ev.next())
+            seen_steps = False
+            while not ev.peek(yaml.MappingEndEvent):
+                name, line = ev.key()
+                if name in self.header or (name == "steps" and seen_steps):
+                    ev.fail(line, f"duplicate key {name!r}: a key appears once in a mapping")
+                if name == "steps":
+                    seen_steps = True
+                    yield from self._steps()
+                elif name in HEADER_FIELDS:
+                    node = self.header[name] = ev.node(depth=1)
+                    HEADER_FIELDS[name].type.read(r, node, name)  # checked now: the version before any step
+                else:
+                    raise r.fail(Node(None, line), f"(top level).{name}",
+                                 f"unknown field (expected {', '.join(SCENARIO.keys)})")
+            ev.next()
+            ev.finish()
+            root = Node(self.header, 1)
+            if not seen_steps:
+                raise r.fail(root, "steps", "missing")
+            self.scenario = SCENARIO_HEADER.read(r, root, "")
+        except yaml.YAMLError as e:
+            raise ev.translate(e) from None
+        finally:
+            ev.close()
+
+    def _steps(self) -> Iterator[Step]:
+        ev, r = self.events, self.reader
+        if not ev.peek(yaml.SequenceStartEvent):
+            node = ev.node(depth=1)
+            raise r.fail(node, "steps", f"expected a list, got {kind(node.value)}")
+        ev.check_tag(ev.next())
+        i = 0
+        while not ev.peek(yaml.SequenceEndEvent):
+            yield read_step(r, ev.node(depth=2), i)
+            i += 1
+        ev.next()
+
+
+def _read_all(source: TextSource, where: str) -> Scenario:
+    walk = _Walk(source, where)
+    steps: list[Step] = []
+    for step in walk.steps():
+        if len(steps) == MAX_STEPS:
+            raise ScenarioError(f"{where}:{step.line}: more than {MAX_STEPS:,} steps, the limit for a scenario read "
+                                "whole (--json, --compare); without them `kvmscope check` streams any number")
+        steps.append(step)
+    assert walk.scenario is not None
+    walk.scenario.steps = steps
+    return walk.scenario
+
+
 def parse(text: str, where: str = "<scenario>") -> Scenario:
     """Read and check scenario text; ``where`` names it in errors (``.json`` reads it as JSON)."""
-    return SCENARIO.read(Reader(where, ERRORS), parse_text(text, where), "")
+    return _read_all(_source(text, where), where)
 
 
 def load(path: str | Path) -> Scenario:
-    """Read and check a scenario file."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ScenarioError(f"{path}: cannot read: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise ScenarioError(f"{path}: not a text file") from None
-    return parse(text, str(path))
-
-
-_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available: ~10x faster
-
-
-def _event(loader: Any) -> None:
-    loader.get_event()
-
-
-def _compose(loader: Any) -> yaml.Node:
-    """The next whole node, built from events (works with libyaml's loader, which has no per-node composer)."""
-    ev = loader.get_event()
-    if isinstance(ev, yaml.ScalarEvent):
-        tag = ev.tag if ev.tag not in (None, "!") else loader.resolve(yaml.ScalarNode, ev.value, ev.implicit)
-        return yaml.ScalarNode(tag, ev.value, ev.start_mark, ev.end_mark, style=ev.style)  # type: ignore[arg-type]
-    if isinstance(ev, yaml.SequenceStartEvent):
-        items = []
-        while not loader.check_event(yaml.SequenceEndEvent):
-            items.append(_compose(loader))
-        end = loader.get_event()
-        tag = ev.tag if ev.tag not in (None, "!") else loader.resolve(yaml.SequenceNode, None, ev.implicit)
-        return yaml.SequenceNode(tag, items, ev.start_mark, end.end_mark,  # type: ignore[arg-type]
-                                 flow_style=ev.flow_style)
-    if isinstance(ev, yaml.MappingStartEvent):
-        pairs = []
-        while not loader.check_event(yaml.MappingEndEvent):
-            key = _compose(loader)
-            pairs.append((key, _compose(loader)))
-        end = loader.get_event()
-        tag = ev.tag if ev.tag not in (None, "!") else loader.resolve(yaml.MappingNode, None, ev.implicit)
-        return yaml.MappingNode(tag, pairs, ev.start_mark, end.end_mark,  # type: ignore[arg-type]
-                                flow_style=ev.flow_style)
-    if isinstance(ev, yaml.AliasEvent):
-        raise yaml.MarkedYAMLError(None, None, "anchors and aliases are not supported in scenarios",
-                                   ev.start_mark)  # type: ignore[arg-type]
-    raise yaml.YAMLError(f"unexpected {type(ev).__name__}")
+    """Read and check a scenario file (at most ``inputs.MAX_FILE`` bytes and ``MAX_STEPS`` steps)."""
+    where = inputs.shown(path)
+    if where.endswith(".json"):
+        return parse(inputs.read_text(path, ScenarioError, "a scenario"), where)
+    # Decoded as it is parsed, as stream() does: the first problem in the file is the one reported either way.
+    return _read_all(TextSource(io.BytesIO(inputs.read_bytes(path, ScenarioError, "a scenario"))), where)
 
 
 @dataclass
@@ -496,68 +513,32 @@ class Stream:
 
 
 def stream(path: str | Path) -> Stream:
-    """Open a scenario for step-by-step reading. The header fields (``scenario``, ``name``, ``kernel``, ``profile``)
-    must come before ``steps``; the steps are parsed as they are consumed, and errors name the line as usual."""
-    where = str(path)
+    """Open a scenario for step-by-step reading, in constant memory. The whole file is read and checked first
+    (its steps are not kept), so that a bad line anywhere is reported before any step is played; the steps are then
+    read again as they are consumed. A JSON file is read whole (``inputs.MAX_FILE``)."""
+    where = inputs.shown(path)
+    if where.endswith(".json"):
+        source = _source(inputs.read_text(path, ScenarioError, "a scenario"), where)
+        file = None
+    else:
+        file = inputs.open_regular(path, ScenarioError, "a scenario")
+        source = TextSource(file)
     try:
-        f = open(path)  # noqa: SIM115 - closed when the step iterator ends
-    except OSError as e:
-        raise ScenarioError(f"{path}: cannot read: {e.strerror}") from None
-    try:
-        loader = _Loader(f)
-        r = Reader(where, ERRORS)
-        _event(loader)  # stream start
-        if loader.check_event(yaml.StreamEndEvent):
-            raise ScenarioError(f"{where}:1: the file is empty")
-        _event(loader)  # document start
-        if not loader.check_event(yaml.MappingStartEvent):
-            node = _convert(_compose(loader), loader)
-            raise r.fail(node, "(top level)", f"expected a mapping, got {kind(node.value)}")
-        _event(loader)
-        header: dict[str, Node] = {}
-        while not loader.check_event(yaml.MappingEndEvent):
-            key = _compose(loader)
-            name = str(key.value)
-            if name == "steps":
-                break
-            header[name] = _convert(_compose(loader), loader)
-        else:
-            raise ScenarioError(f"{where}: steps: missing")
-        root = Node(header, 1)
-        if "scenario" not in header:
-            raise r.fail(root, "scenario", f"missing before steps (the format version, {SCHEMA})")
-        head = SCENARIO_HEADER.read(r, root, "")
-        if not loader.check_event(yaml.SequenceStartEvent):
-            node = _convert(_compose(loader), loader)
-            raise r.fail(node, "steps", f"expected a list, got {kind(node.value)}")
-        _event(loader)
-    except yaml.MarkedYAMLError as e:
-        f.close()
-        line = (e.problem_mark.line + 1) if e.problem_mark else 0
-        raise ScenarioError(f"{where}:{line}: not valid YAML: {e.problem}") from None
-    except (yaml.YAMLError, ScenarioError) as e:
-        f.close()
-        if isinstance(e, ScenarioError):
-            raise
-        raise ScenarioError(f"{where}: not valid YAML: {e}") from None
+        first = _Walk(source, where)
+        for _ in first.steps():
+            pass
+        assert first.scenario is not None
+        source.rewind()
+    except BaseException:
+        if file is not None:
+            file.close()
+        raise
 
     def steps() -> Iterator[Step]:
-        i = 0
         try:
-            while not loader.check_event(yaml.SequenceEndEvent):
-                node = _convert(_compose(loader), loader)
-                # The constructor caches every object it built for the document: drop them step by step.
-                loader.constructed_objects.clear()
-                loader.recursive_objects.clear()
-                loader.state_generators = []
-                yield read_step(r, node, i)
-                i += 1
-        except yaml.MarkedYAMLError as e:
-            line = (e.problem_mark.line + 1) if e.problem_mark else 0
-            raise ScenarioError(f"{where}:{line}: not valid YAML: {e.problem}") from None
-        except yaml.YAMLError as e:
-            raise ScenarioError(f"{where}: not valid YAML: {e}") from None
+            yield from _Walk(source, where).steps()
         finally:
-            f.close()
+            if file is not None:
+                file.close()
 
-    return Stream(head, steps())
+    return Stream(first.scenario, steps())

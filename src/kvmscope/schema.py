@@ -13,6 +13,7 @@ in the file kind's :class:`Style`.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -59,10 +60,16 @@ def located(x: Any, v: Any) -> Any:
     return Node(v, x.line) if isinstance(x, Node) else v
 
 
+def shown(v: Any, limit: int = 60) -> str:
+    """``repr(v)`` for a message, shortened: a value from a file can be a megabyte long."""
+    text = repr(v)
+    return text if len(text) <= limit else f"{text[:limit - 20]}...{text[-12:]} ({len(text):,} characters)"
+
+
 def kind(v: Any) -> str:
     """What a value is, for messages."""
     return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-            type(None): "nothing"}.get(type(v), type(v).__name__)
+            float: "a fractional number", type(None): "nothing"}.get(type(v), type(v).__name__)
 
 
 @dataclass(frozen=True)
@@ -112,13 +119,16 @@ class Int(Type[int]):
             return v
         if isinstance(v, str):
             try:
+                if len(v) > 80:  # int() of a long text is slow, and no such number fits anyway
+                    raise ValueError
                 v = int(v.replace("_", ""), 0)
             except ValueError:
-                raise r.fail(x, path, f"expected an integer like 0x1f or 31, got {unwrap(x)[0]!r}") from None
+                raise r.fail(x, path, f"expected an integer like 0x1f or 31, got {shown(unwrap(x)[0])}") from None
         if isinstance(v, bool) or not isinstance(v, int):
             raise r.fail(x, path, f"expected an integer, got {kind(v)}")
         if not 0 <= v < self.limit:
-            raise r.fail(x, path, f"{v:#x} does not fit in {self.bits} bits unsigned")
+            number = f"{v:#x}" if v.bit_length() <= 128 else f"a {v.bit_length()}-bit number"
+            raise r.fail(x, path, f"{number} does not fit in {self.bits} bits unsigned")
         return v
 
 
@@ -137,7 +147,7 @@ class Str(Type[str]):
         if not isinstance(v, str):
             raise r.fail(x, path, f"expected a string, got {kind(v)}")
         if self.choices and v not in self.choices:
-            raise r.fail(x, path, f"expected one of {', '.join(self.choices)}, got {v!r}")
+            raise r.fail(x, path, f"expected one of {', '.join(self.choices)}, got {shown(v)}")
         return v
 
 
@@ -190,7 +200,7 @@ class Bool(Type[bool]):
     def read(self, r: Reader, x: Any, path: str) -> bool:
         v = unwrap(x)[0]
         if not isinstance(v, bool):
-            raise r.fail(x, path, f"expected true or false, got {v!r}")
+            raise r.fail(x, path, f"expected true or false, got {shown(v)}")
         return v
 
 
@@ -265,9 +275,9 @@ class Version(Type[int]):
         self.number = number
 
     def read(self, r: Reader, x: Any, path: str) -> int:
-        v = unwrap(x)[0]
+        v = plain(x)
         if isinstance(v, bool) or v != self.number:
-            raise r.fail(x, path, f"unsupported format version {v!r} (expected {self.number})")
+            raise r.fail(x, path, f"unsupported format version {shown(v)} (expected {self.number})")
         return self.number
 
 
@@ -277,6 +287,8 @@ class Msr(Type[int]):
     def read(self, r: Reader, x: Any, path: str) -> int:
         v = unwrap(x)[0]
         if isinstance(v, str):
+            if len(v) > 64:
+                raise r.fail(x, path, f"expected an MSR name or index, got {shown(v)}")
             try:
                 return M.index_of(v)
             except KvmscopeError as e:
@@ -311,10 +323,40 @@ class Leaf(Type[tuple[int, int]]):
         text = Str().read(r, x, path)
         fn, _, idx = text.partition(".")
         try:
+            if len(text) > 40:
+                raise ValueError
             function, index = int(fn, 0), int(idx or "0", 0)
         except ValueError:
-            raise r.fail(x, path, f"expected a leaf like 0x7.0, got {text!r}") from None
+            raise r.fail(x, path, f"expected a leaf like 0x7.0, got {shown(text)}") from None
         return U32.read(r, located(x, function), path), U32.read(r, located(x, index), path)
+
+
+class Struct(Type[dict[str, Any]]):
+    """Some fields of a ctypes structure of the kernel ABI (``kvm_regs``, ``kvm_sregs``): each an unsigned integer
+    of its field's width, or a mapping for a nested structure; arrays and padding are not settable."""
+
+    def __init__(self, struct: type[ctypes.Structure]) -> None:
+        self.struct = struct
+        self.fields: dict[str, Type[Any]] = {}
+        for name, ctype, *_ in struct._fields_:
+            if name == "padding" or issubclass(ctype, ctypes.Array):
+                continue
+            if issubclass(ctype, ctypes.Structure):
+                self.fields[name] = Struct(ctype)
+            else:
+                self.fields[name] = Int(8 * ctypes.sizeof(ctype))
+
+    def read(self, r: Reader, x: Any, path: str) -> dict[str, Any]:
+        v, _ = unwrap(x)
+        if not isinstance(v, dict):
+            raise r.fail(x, path, f"expected a mapping, got {kind(v)}")
+        out = {}
+        for k, item in v.items():
+            if k not in self.fields:
+                raise r.fail(item, f"{path}.{k}", f"not a field of struct {self.struct.__name__} "
+                                                  f"(expected {', '.join(self.fields)})")
+            out[k] = self.fields[k].read(r, item, f"{path}.{k}")
+        return out
 
 
 ABSENT: Any = object()  # Field.default: pass nothing, leaving the record's own default

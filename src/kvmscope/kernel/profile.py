@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .. import uapi
+from .. import inputs, uapi
 from ..api import CpuidEntry
 from ..errors import ProfileError
 from ..schema import (
@@ -30,6 +30,7 @@ from ..schema import (
     Reader,
     Record,
     Str,
+    Struct,
     Style,
     Text,
     Type,
@@ -187,7 +188,8 @@ class Profile:
         }
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        """Write the profile as JSON to a regular file (a FIFO or a device is refused, never waited on)."""
+        inputs.write_text(path, json.dumps(self.to_json(), indent=1) + "\n", ProfileError)
 
 
 def _leaf(key: tuple[int, int]) -> str:
@@ -241,7 +243,7 @@ def _ruleset(r: Reader, x: Any, path: str, values: dict[str, Any]) -> None:
     try:
         rulesets.resolve(values["ruleset"])
     except Exception as e:
-        raise r.fail(x, "ruleset", str(e)) from None
+        raise r.fail(x, "ruleset", inputs.shown(str(e))) from None
     values["path"] = r.file
 
 
@@ -275,8 +277,8 @@ PROFILE: Record[Profile] = Record(Profile, [
     Field("msr_index_list", ListOf(Int(32)), required=True),
     Field("supported_cpuid", ListOf(CPUID_ENTRY), required=True),
     Field("vcpu.ucode_rev_reset", Nullable(Int())),
-    Field("vcpu.reset_regs", MapOf(Text(), Int())),
-    Field("vcpu.reset_sregs", AnyMapping()),
+    Field("vcpu.reset_regs", Struct(uapi.kvm_regs)),
+    Field("vcpu.reset_sregs", Struct(uapi.kvm_sregs)),
     Field("vcpu.run_without_memory_errno", Nullable(Int(16))),
     Field("ignore_msrs", Bool()),
     Field("msr_behaviour", MapOf(Int(32), MSR_BEHAVIOUR)),
@@ -304,19 +306,16 @@ DEFAULT_PROFILE = "pvm-6.18"
 def load(spec: str | Path | None = None) -> Profile:
     """Load a shipped profile by name, or a profile JSON file by path."""
     spec = DEFAULT_PROFILE if spec is None else spec
+    if not isinstance(spec, (str, Path)):
+        raise ProfileError(f"a profile is a shipped name or a path, got {type(spec).__name__} {spec!r:.60}")
     path = Path(spec)
     if isinstance(spec, str) and "/" not in spec and not spec.endswith(".json"):
+        if spec not in shipped():  # never a path: a name with "..", NUL or 10,000 characters is just not shipped
+            raise ProfileError(f"no shipped profile named {inputs.shown(spec)!r}; shipped: {', '.join(shipped())} "
+                               "(or give a path)")
         res = resources.files("kvmscope.profiles") / f"{spec}.json"
-        if not res.is_file():
-            raise ProfileError(f"no shipped profile named {spec!r}; shipped: {', '.join(shipped())} (or give a path)")
         text, where = res.read_text(), f"profile {spec}"
     else:
-        try:
-            text, where = path.read_text(), str(path)
-        except OSError as e:
-            raise ProfileError(f"{path}: cannot read profile: {e.strerror}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ProfileError(f"{where}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    return read(data, where)
+        where = inputs.shown(path)
+        text = inputs.read_text(path, ProfileError, "a profile")
+    return read(inputs.json_data(text, where, ProfileError), where)

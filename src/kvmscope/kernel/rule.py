@@ -14,7 +14,9 @@ OLDEST: Version = (5, 10, 0)  # the oldest kernel whose rules the model was chec
 
 def parse_version(text: str) -> Version:
     """``"6.18"`` -> (6, 18, 0); ``"6.12.118-fc"`` -> (6, 12, 118)."""
-    m = _VERSION.fullmatch(str(text).strip())
+    if not isinstance(text, str) or len(text) > 32:  # "6." and 5,000 nines would not fit an int conversion
+        raise InvalidValueError(f"kernel version {str(text)[:40]!r} is not like 6.18 or 6.18.44")
+    m = _VERSION.fullmatch(text.strip())
     if m is None:
         raise InvalidValueError(f"kernel version {text!r} is not like 6.18 or 6.18.44")
     return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
