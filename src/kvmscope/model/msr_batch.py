@@ -204,10 +204,10 @@ class BatchedMsrRules(MsrRules):
         # for the whole batch at once: when every frozen entry carries the value it has, each entry with a setter
         # goes straight to it, as try_set would; otherwise every ruled entry takes the full path.
         fast = frozen is None or (frozen[0](words) == frozen[1](self.stored) and self._same_value_real_write)
-        refusals = self.refusals
+        refusals, frozen_now = self.refusals, self.frozen
         for pos, index, setter in ruled:
             data = words[2 + 2 * pos]
-            if setter is None or not fast:
+            if setter is None or (not fast and index in frozen_now):  # an MSR not frozen has no freeze check to run
                 code = self.try_set(index, data)
             else:
                 if refusals:
