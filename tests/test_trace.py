@@ -264,21 +264,23 @@ def test_trace_boot_records_the_first_run_and_counts_the_rest(live: LinuxSystem,
         "expected QEMU's MTRRdefType writes, all accepted by the live kernel")
 
 
-NEEDS_IRQCHIP = {"host-arch-cap-off"}  # ASYNC_PF_INT needs the in-kernel LAPIC: KVM_CREATE_IRQCHIP is not replayed yet
-
-
 @pytest.mark.parametrize("recording", sorted(p.stem for p in CORPUS.glob("*.yaml")))
-def test_corpus_replays_on_the_live_kernel_as_recorded(live: LinuxSystem, recording: str) -> None:
-    """Every recorded result comes back on the kernel that recorded it (KVM_X86_SETUP_MCE replayed: without it
-    QEMU's MCG_CTL write is refused, which this test sees)."""
-    result = CliRunner().invoke(main, ["check", str(CORPUS / f"{recording}.yaml"), "--backend", "linux", "--profile",
-                                       "pvm-6.18"], terminal_width=250)
-    unmet = [line for line in result.output.splitlines() if line.startswith("✗")]
-    if recording in NEEDS_IRQCHIP:
-        assert unmet and all("MSR_KVM_ASYNC_PF_INT" in line for line in unmet), (
-            f"expected only the LAPIC-dependent ASYNC_PF_INT writes to differ, got {unmet}")
-        return
-    assert result.exit_code == 0 and not unmet, f"expected every recorded result on the live kernel, got {unmet}"
+def test_corpus_replays_identically_on_the_live_kernel_and_the_model(live: LinuxSystem, recording: str) -> None:
+    """Every recorded result comes back on the kernel that recorded it, and the model of this host gives the same
+    outcome and exit at every step. KVM_X86_SETUP_MCE (without it QEMU's MCG_CTL write is refused) and
+    KVM_CREATE_IRQCHIP (ASYNC_PF_INT needs the in-kernel LAPIC) are replayed on both."""
+    import json
+
+    outcomes = {}
+    for backend in ("linux", "model"):
+        result = CliRunner().invoke(main, ["check", str(CORPUS / f"{recording}.yaml"), "--backend", backend,
+                                           "--profile", "pvm-6.18", "--json"])
+        report = json.loads(result.output)
+        unmet = [s for s in report["steps"] if s.get("met") is False]
+        assert result.exit_code == 0 and not unmet, f"{backend}: expected every recorded result, got {unmet[:3]}"
+        outcomes[backend] = [(s["kind"], s["outcome"], s.get("exit")) for s in report["steps"]]
+    differ = [(n, a, b) for n, (a, b) in enumerate(zip(outcomes["linux"], outcomes["model"], strict=True)) if a != b]
+    assert not differ, f"{recording}: live and model differ at (step, live, model) {differ[:3]}"
 
 
 def test_a_command_that_stops_itself_goes_on(tmp_path: Path) -> None:

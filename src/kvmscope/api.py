@@ -462,6 +462,11 @@ class Vcpu(_Closable, ABC):
         """KVM_SET_MP_STATE (EINVAL for any state but RUNNABLE without an in-kernel LAPIC)."""
 
     @abstractmethod
+    def setup_mce(self, mcg_cap: int) -> None:
+        """KVM_X86_SETUP_MCE: the vCPU's MCG_CAP (bank count in bits 7:0; EINVAL for 0 or more than 32 banks, or a
+        capability KVM does not support). It decides which machine-check MSRs KVM_SET_MSRS takes later."""
+
+    @abstractmethod
     def get_nested_state(self, size: int = 0x2000 + 128) -> bytes:
         """KVM_GET_NESTED_STATE into a buffer of ``size`` bytes; returns the state (its header's ``size`` bytes)."""
 

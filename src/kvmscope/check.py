@@ -141,6 +141,7 @@ class Replayer:
         self.vcpus: dict[int, Vcpu] = {}
         self.written: dict[int, dict[int, int]] = {}
         self.ran: set[int] = set()
+        self.irqchip = False  # a recorded KVM_CREATE_IRQCHIP was replayed
 
     def close(self) -> None:
         self.vm.close()
@@ -282,6 +283,10 @@ class Replayer:
 
     def _run(self, step: Run, res: StepResult, shadow: StepResult | None) -> None:
         vcpu = self._vcpu(step)
+        if self.irqchip and vcpu.get_mp_state() != uapi.KVM_MP_STATE_RUNNABLE:
+            # an AP waiting for INIT/SIPI would block in KVM_RUN until a signal: report it rather than hang
+            res.outcome, res.summary = "ok", "KVM_RUN not replayed: the vCPU waits for INIT/SIPI (in-kernel LAPIC)"
+            return
         guest.setup_real_mode(vcpu)
         exit_ = vcpu.run()
         self.ran.add(step.vcpu)
@@ -426,28 +431,46 @@ def compare(reports: dict[str, Report]) -> list[Change]:
 
 
 def _setup_mce(self: Replayer, step: Traced, res: StepResult) -> bool:
-    """KVM_X86_SETUP_MCE replayed on the live kernel: it decides which MCE MSRs (MCG_CTL, the banks) KVM_SET_MSRS takes
-    later. The binding has no method for it yet (and the model no MCE banks), so it is issued on the vCPU's fd here."""
-    fd = getattr(self.vcpus.get(step.vcpu), "fd", None)
-    if self.system.backend != "linux" or fd is None or step.errno or not step.detail.startswith("mcg_cap "):
+    """KVM_X86_SETUP_MCE replayed on both backends: it decides which MCE MSRs (MCG_CTL, the banks) KVM_SET_MSRS takes
+    later."""
+    vcpu = self.vcpus.get(step.vcpu)
+    if vcpu is None or step.errno or not step.detail.startswith("mcg_cap "):
         return False
-    import fcntl
-    import struct
-
     cap = int(step.detail.split()[1], 16)
     try:
-        fcntl.ioctl(fd, uapi.KVM_X86_SETUP_MCE_TRACED, struct.pack("<Q", cap))
+        vcpu.setup_mce(cap)
         res.outcome, res.summary = "accepted", f"KVM_X86_SETUP_MCE mcg_cap 0x{cap:x} (replayed)"
-    except OSError as e:
+    except KvmError as e:
         res.outcome, res.errno = "error", e.errno
         res.summary = f"KVM_X86_SETUP_MCE mcg_cap 0x{cap:x} failed: {_errno.errorcode.get(e.errno or 0, e.errno)}"
         res.met = False
     return True
 
 
+# With an in-kernel LAPIC a guest HLT halts inside KVM_RUN; the replay's guest leaves by a port write instead.
+OUT_THEN_HLT = b"\xe6\x30\xf4"  # out 0x30, al; hlt
+
+
+def _create_irqchip(self: Replayer, step: Traced, res: StepResult) -> None:
+    """KVM_CREATE_IRQCHIP replayed on both backends: the in-kernel LAPIC decides what ASYNC_PF_INT, ASYNC_PF_EN and
+    TSC_DEADLINE take later."""
+    try:
+        self.vm.create_irqchip()
+    except KvmError as e:
+        res.outcome, res.errno, res.met = "error", e.errno, False
+        res.summary = f"KVM_CREATE_IRQCHIP failed: {_errno.errorcode.get(e.errno or 0, e.errno)}"
+        return
+    self.irqchip = True
+    self.vm.write_memory(guest.DEFAULT_ENTRY, OUT_THEN_HLT)
+    res.outcome, res.summary = "accepted", "KVM_CREATE_IRQCHIP (replayed)"
+
+
 def _traced(self: Replayer, step: Traced, res: StepResult, shadow: StepResult | None) -> None:
     """A recorded ioctl that replay does not repeat: reported as it was recorded."""
     if step.name == "KVM_X86_SETUP_MCE" and _setup_mce(self, step, res):
+        return
+    if step.name == "KVM_CREATE_IRQCHIP" and not step.errno:
+        _create_irqchip(self, step, res)
         return
     what = f"{step.name}{f' ({step.detail})' if step.detail else ''}{f' x{step.count}' if step.count != 1 else ''}"
     if step.errno:

@@ -275,6 +275,23 @@ class VcpuStateModel(FpuStateModel):
             self.refresh_may_block()
         return self.mp_state
 
+    def setup_mce(self, mcg_cap: int) -> None:
+        """KVM_X86_SETUP_MCE (x86.c v6.12 kvm_vcpu_x86_setup_mce): 1-32 banks and supported capability bits (CTL_P,
+        SER_P, and on VMX CMCI_P and LMCE_P, plus bits 23:16); MCG_CTL all ones with CTL_P, each MCi_CTL all ones."""
+        self._check_open()
+        banks = mcg_cap & 0xFF
+        supported = 1 << 8 | 1 << 24 | ((1 << 10 | 1 << 27) if self.profile.vendor == "vmx" else 0)
+        if not 0 < banks <= 32 or mcg_cap & ~(supported | 0xFF | 0xFF0000):
+            raise KvmError(errno.EINVAL, "KVM_X86_SETUP_MCE")
+        stored = self.msr_rules.stored
+        stored[0x179] = mcg_cap
+        if mcg_cap & 1 << 8:
+            stored[0x17B] = (1 << 64) - 1
+        for bank in range(banks):
+            stored[0x400 + 4 * bank] = (1 << 64) - 1
+            if mcg_cap & 1 << 10:
+                stored[0x280 + bank] = 0
+
     def set_mp_state(self, mp_state: int) -> None:
         """KVM_SET_MP_STATE (x86.c v6.12 kvm_arch_vcpu_ioctl_set_mpstate, line 11246): anything but RUNNABLE needs
         the in-kernel LAPIC; STOPPED, SUSPENDED and others are EINVAL on x86."""
