@@ -386,6 +386,8 @@ class MiscMsrs(Family):
     def _set_xss(self, index: int, data: int, host: bool) -> int:
         host_leaf = find_cpuid(self.rules.profile.supported_cpuid, 0xD, 1)
         supported = host_leaf.ecx | host_leaf.edx << 32 if host_leaf is not None else 0  # kvm_caps.supported_xss
+        if not self.xss_gated:  # before the CET series both vendors set supported_xss to 0 (6.12.118 vmx.c:7995,
+            supported = 0  # svm.c:5397; 6.1.192 vmx.c:7854, svm.c:4997; 5.10.262 vmx.c:7479, svm.c:894)
         if self.xss_gated:  # 6.18: CPUID.XSAVES for everyone, and the guest's own XSS bits
             if not self.cpuid_has(XSAVES):
                 return self.refuse(index, E.XSS_NEEDS_XSAVES, UNSUPPORTED)
