@@ -27,6 +27,7 @@ import platform
 import statistics
 import subprocess
 import sys
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,8 +76,10 @@ def pio_sides() -> tuple[dict[str, Chunk], Callable[[], None]]:
 
 
 def msr_side(backend: str, op: str, indices: Sequence[int], kernel: str = "6.18", after_run: bool = False,
-             strict: bool = False, bare: bool = False) -> tuple[Chunk, Callable[[], None]]:
-    """A chunk of ``op`` ("get" or "set") of the batch of ``indices``, written back with the values read."""
+             strict: bool = False, bare: bool = False, floor: bool = False) -> tuple[Chunk, Callable[[], None]]:
+    """A chunk of ``op`` ("get" or "set") of the batch of ``indices``, written back with the values read. ``bare``:
+    the ioctl by ``fcntl.ioctl`` alone; ``floor``: no rules at all, the batch's values stored in (or read from) one
+    dict by its plan, the least a model in Python does."""
     kvm = kvmscope.open(backend, kernel=kernel) if backend == "model" else kvmscope.open(backend)
     vm = kvm.create_vm()
     vcpu = vm.create_vcpu(0)
@@ -90,6 +93,18 @@ def msr_side(backend: str, op: str, indices: Sequence[int], kernel: str = "6.18"
     def loop(n: int) -> None:
         for _ in range(n):
             call(batch, strict)
+
+    if floor:  # the least any pure-Python model does per call: key the batch, find its plan, one C-level pass
+        plans, stored = {batch.words32[2::4].tobytes(): tuple(indices)}, dict.fromkeys(indices, 0)
+        dicts, defaults = (stored,) * len(indices), (0,) * len(indices)
+
+        def loop(n: int) -> None:
+            for _ in range(n):
+                keys = plans[batch.words32[2::4].tobytes()]
+                if op == "set":
+                    stored.update(zip(keys, batch.words64[2::2]))  # noqa: B905
+                else:
+                    batch.words64[2::2] = array("Q", map(dict.get, dicts, keys, defaults))
 
     if bare:
         fd, req, buf, ioctl = vcpu.fd, uapi.KVM_GET_MSRS if op == "get" else uapi.KVM_SET_MSRS, batch.raw, fcntl.ioctl
@@ -258,11 +273,15 @@ class Bench:
                 if not self.want(name):
                     continue
                 side, close = msr_side("model", op, indices)
+                floor, close_floor = msr_side("model", op, indices, floor=True)
                 try:
-                    s = alternate({"C": lambda n, op=op, indices=indices: self.c.chunk(op, n, indices), "model": side},
-                                  n // self.k, self.rounds)
+                    s = alternate({"C": lambda n, op=op, indices=indices: self.c.chunk(op, n, indices), "model": side,
+                                   "floor": floor}, n // self.k, self.rounds)
                 finally:
                     close()
+                    close_floor()
+                self.add(figure(f"model {op}_msrs {label}: no rules, one dict pass (Python's floor)", "live kernel (C)",
+                                s["floor"], s["C"]))
                 self.add(figure(name, "live kernel (C)", s["model"], s["C"], ">= 4x" if targeted else "",
                                 (lambda r: r >= 4.0) if targeted else None))
         for label, indices in (("x1", index_list[:1]), (f"x{len(index_list)} index-list", index_list)):

@@ -124,9 +124,13 @@ def model_parts(n: int, rounds: int) -> list[tuple[str, float]]:
         words = batch.words64
         key = batch.words32[2::4].tobytes()
         msrs = vcpu.msr_rules
-        ruled, stores, zero, _, _, _, _ = msrs.plans[key]
+        ruled, stores, zero, _, _, _, _, quick = msrs.plans[key]
         plans = msrs.plans
-        setters = [(setter, words[2 + 2 * pos]) for pos, _, setter in ruled if setter is not None]
+        calls = [(fn, index, words[2 + 2 * pos], form) for pos, index, fn, form in (quick[0] if quick else ())]
+
+        def run_calls() -> None:
+            for fn, index, data, form in calls:
+                fn(data) if form == 0 else fn(index, data, True) if form == 1 else fn(index, data)
 
         def each(fn: Callable[[], object]) -> Callable[[int], None]:
             def loop(n: int) -> None:
@@ -140,7 +144,7 @@ def model_parts(n: int, rounds: int) -> list[tuple[str, float]]:
             "the batch's indices, packed, as the plan's key": lambda: batch.words32[2::4].tobytes(),
             "find the batch's cached plan (with the key)": lambda: plans.get(batch.words32[2::4].tobytes()),
             "check the ZERO MSRs' values (one itemgetter)": lambda: zero is not None and any(zero(words)),
-            f"{len(ruled)} entries with rules, their setters one by one": lambda: [s(d) for s, d in setters],
+            f"{len(calls)} of the {len(ruled)} entries with rules, their handlers one by one": run_calls,
             f"the plain entries stored ({len(stores)} dict updates)": lambda: [
                 store.update(zip(keys, pick(words))) for store, keys, pick in stores],  # noqa: B905
             "get_msrs(batch): the same batch read": lambda: vcpu.get_msrs(batch),

@@ -15,6 +15,7 @@ from kvmscope import guest
 from kvmscope.api import CpuidEntry, MsrBatch
 from kvmscope.kernel.profile import load, shipped
 from kvmscope.model import open_model
+from kvmscope.model.msr_rules import FAMILY_MSRS
 from kvmscope.model.vcpu import ModelVcpu
 
 U64 = (1 << 64) - 1
@@ -35,8 +36,17 @@ def entry_by_entry(vcpu: ModelVcpu, batch: MsrBatch) -> int:
 
 
 def state(vcpu: ModelVcpu) -> dict[str, Any]:
-    msrs = vcpu.msr_rules
-    return {"msr": dict(msrs.stored), "vm": dict(vcpu.vm.msrs), "vmx": dict(msrs.vmx), "refusals": dict(msrs.refusals)}
+    msrs, sregs = vcpu.msr_rules, vcpu.sregs
+    return {"msr": dict(msrs.stored), "vm": dict(vcpu.vm.msrs), "vmx": dict(msrs.vmx), "refusals": dict(msrs.refusals),
+            "sregs": (sregs.efer, sregs.apic_base, sregs.fs.base, sregs.gs.base)}
+
+
+def every_msr(vcpu: ModelVcpu) -> list[int]:
+    """The whole space a batch may name: the rules' neighbours, the profile's MSRs, the index lists and every MSR
+    an emulated family owns (``FAMILY_MSRS``)."""
+    system = vcpu.vm.system
+    return sorted(set(RULED) | set(vcpu.profile.msr_behaviour) | set(system.get_msr_index_list())
+                  | set(system.get_msr_feature_index_list()) | FAMILY_MSRS)
 
 
 def twin(profile: str, kernel: str) -> ModelVcpu:
@@ -49,8 +59,9 @@ def twin(profile: str, kernel: str) -> ModelVcpu:
 step = st.one_of(
     st.just(("run",)),
     st.just(("cpuid",)),
-    # "setters": only MSRs with setters and store-only ones, the batches set_msrs stores whole.
-    st.tuples(st.just("write"), st.sampled_from(["any", "setters"]),
+    # "setters": only MSRs with setters and store-only ones, the batches set_msrs stores whole; "index": the index
+    # list, what a VMM saves and restores (a value of None writes back what a read gives).
+    st.tuples(st.just("write"), st.sampled_from(["any", "setters", "index", "index"]),
               st.lists(st.tuples(st.integers(0, 1 << 16), VALUES), min_size=1, max_size=40)),
 )
 
@@ -60,8 +71,9 @@ step = st.one_of(
        steps=st.lists(step, min_size=1, max_size=8))
 def test_batched_set_msrs_matches_entry_by_entry(profile: str, kernel: str, steps: list[Any]) -> None:
     fast, ref = twin(profile, kernel), twin(profile, kernel)
-    pools = {"any": sorted(set(RULED) | set(fast.profile.msr_behaviour)),
-             "setters": sorted(set(fast.msr_rules.setters) | fast.msr_rules.store_only)}
+    pools = {"any": every_msr(fast),
+             "setters": sorted(set(fast.msr_rules.setters) | fast.msr_rules.store_only),
+             "index": sorted(fast.vm.system.get_msr_index_list())}
     for n, s in enumerate(steps):
         if s[0] == "run":
             for v in (fast, ref):
@@ -76,7 +88,10 @@ def test_batched_set_msrs_matches_entry_by_entry(profile: str, kernel: str, step
             entries = []
             for i, value in s[2]:
                 index = pool[i % len(pool)]
-                entries.append((index, ref.msr_rules.stored.get(index, 0) if value is None else value))
+                if value is None:  # read on both twins: a read may record a refusal
+                    value = ref.msr_rules.access_get(index)[1]
+                    fast.msr_rules.access_get(index)
+                entries.append((index, value))
             batch = MsrBatch(entries)
             got, want = fast.set_msrs(batch), entry_by_entry(ref, batch)
             assert got == want, f"step {n}: batch {batch}: set_msrs wrote {got} entries, entry by entry wrote {want}"
@@ -153,7 +168,7 @@ def test_batched_get_msrs_matches_entry_by_entry(profile: str, kernel: str, writ
     """The planned get_msrs (plain MSRs in one pass) against ``access_get`` entry by entry: same count, same buffer
     (values read, the refused entry zeroed, later entries left as passed), same refusals."""
     fast, ref = twin(profile, kernel), twin(profile, kernel)
-    pool = sorted(set(RULED) | set(fast.profile.msr_behaviour))
+    pool = every_msr(fast)
     for v in (fast, ref):
         if cpuid:
             v.set_cpuid(v.vm.system.get_supported_cpuid())

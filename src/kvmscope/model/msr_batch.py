@@ -1,18 +1,20 @@
-"""KVM_GET_MSRS and KVM_SET_MSRS on the model (``msr_io``/``__msr_io``): whole batches over a vCPU's MSR rules.
+"""KVM_SET_MSRS on the model (``msr_io``/``__msr_io``), over a vCPU's MSR rules; KVM_GET_MSRS is in ``msr_reads``.
 
 A batch stops at the first refused entry and returns the count processed; the entries before it took effect. Both
 ioctls run by plan, made once per set of indices and cached (``_write_plan``, ``_read_plan``): the MSRs with rules of
 their own (``MsrRules.ruled_msrs``) go through the rules one by one, in order; the profile's plain MSRs, classified
-once per vCPU by a per-MSR table (``plain_msrs``), are read and written in bulk with C-level calls. The outcome is the
-kernel's entry-by-entry one (``tests/test_model_batch_plan.py`` holds it to that on a twin vCPU). This is the model's
-hot path: keep it free of per-entry Python work and attribute hops (``benchmarks/run.py``).
+once per vCPU by a per-MSR table (``plain_msrs``), are read and written in bulk with C-level calls. Of the ruled
+entries, those whose write always passes and changes nothing, or is always unsupported and forgiven for 0
+(``Family.write_kind``), are decided by the plan without a call, and the others call their handler directly
+(``_quick_plan``). The outcome is the kernel's entry-by-entry one (``tests/test_model_batch_plan.py`` holds it to
+that on a twin vCPU, over every MSR the index lists and the emulated families have). This is the model's hot path:
+keep it free of per-entry Python work and attribute hops (``benchmarks/run.py``).
 """
 
 from __future__ import annotations
 
 import errno
 import struct
-from array import array
 from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import TYPE_CHECKING
@@ -21,20 +23,17 @@ from .. import msrs as M
 from .. import uapi
 from ..api import LITTLE_ENDIAN, MsrBatch, MsrItems, as_batch
 from ..errors import ClosedError, KvmError
-from .msr_misc import Family
-from .msr_rules import KEPT, MSR_ALIASES, MSR_MISC_FEATURES_ENABLES, OK, UNSUPPORTED, VM_WIDE_MSRS, MsrRules
+from ..kernel import emulated as E
+from ..kernel.rule import Rule
+from .msr_family import Family
+from .msr_reads import PLAN_CACHE, STORE, VM_WIDE, ZERO, ReadingMsrRules
+from .msr_rules import KEPT, OK, UNSUPPORTED
 
 if TYPE_CHECKING:
     from .vcpu import ModelVcpu
 
-_ENTRY = struct.Struct("<IIQ")
-_PLAN_CACHE = 256  # plans kept per vCPU, for writes and for reads
 
-# How a plain MSR is written (plain_msrs): STORE keeps any value under a key (its own index, or the index a kvmclock
-# alias shares), in the vCPU's MSRs or (VM_WIDE) the VM's; ZERO takes only 0 (and keeps it); DROP takes any value and
-# keeps nothing (reads give the profile's default).
-STORE, VM_WIDE, ZERO, DROP = range(4)
-Plain = tuple[int, int, int]  # (how, key, the profile's default)
+_ALL_STORED, _TAKEN_NOT_STORED = -1, -2  # how the ruled entries of a batch all passed (_run_ruled, _run_quick)
 
 Setter = Callable[[int], int]
 Getter = Callable[[int, bool], tuple[int, int]]
@@ -52,29 +51,22 @@ WritePlan = tuple[
     "tuple[int, ...] | None",
     "FrozenCheck | None",
     frozenset[int],
+    "QuickPlan | None",
 ]
-# A read plan: for each entry, the dict its value is in, its key and its default (map(dict.get, ...)); the entries
-# read through the rules (position, index).
-ReadPlan = tuple[tuple[dict[int, int], ...], tuple[int, ...], tuple[int, ...], "tuple[tuple[int, int, Getter | None], ...]"]
+# What a write plan does when its freeze check passes (``_quick_plan``): the entries whose handler must run, each
+# (position, index, the function, how it is called: 0 ``f(data)``, 1 ``f(index, data, True)``, 2 ``f(index, data)``);
+# how to pick the values of the read-only entries that pass only with 0 (None when none or any value passes); the
+# read-only entries (position, index), each recorded as refused and forgiven; the other ruled entries' positions by
+# index (each write clears its MSR's last refusal); how to pick the values of the entries called; the refusals the
+# read-only entries leave. Entries whose write always passes and changes nothing (``Family.write_kind``) need no call.
+QuickPlan = tuple[
+    "tuple[tuple[int, int, Callable[..., int], int], ...]", "Pick | None", tuple[tuple[int, int], ...], dict[int, int],
+    "Pick", "dict[int, Rule]"]
 
 
-def plain_msrs(rules: MsrRules) -> dict[int, Plain]:
-    """The per-MSR table of the profile's plain MSRs: those with no rule of their own, none a rule reads
-    (``MsrRules.ruled_msrs``), and how ``host_set``/``host_get`` treat each by its kind, plus the kvmclock aliases. No
-    rule reads any of them, so a batch's ruled entries can run first and the plain ones follow in bulk."""
-    ruled = rules.ruled_msrs()
-    table: dict[int, Plain] = {}
-    for index, b in rules.behaviour.items():
-        if b.kind in ("refuse", "zero_drop") or not b.readable or index in rules.setters or index in rules.immutable:
-            continue  # refused writes or reads, or rules of their own: the rules decide, entry by entry
-        alias = MSR_ALIASES.get(index, index)
-        if index in MSR_ALIASES or index in MSR_ALIASES.values():  # host_set/host_get: stored under the shared key
-            if b.kind not in ("zero_only", "drop"):
-                table[index] = (VM_WIDE if alias in VM_WIDE_MSRS else STORE, alias, b.default)
-        elif index not in ruled:
-            how = {"zero_only": ZERO, "drop": DROP}.get(b.kind, STORE)
-            table[index] = (how, index, b.default)
-    return table
+
+def _no_values(words: memoryview) -> Sequence[int]:
+    return ()
 
 
 def _always_mismatch(words: memoryview) -> object:
@@ -101,86 +93,17 @@ def _picker(positions: Sequence[int]) -> Pick:
     return itemgetter(*words)
 
 
-class BatchedMsrRules(MsrRules):
+class BatchedMsrRules(ReadingMsrRules):
     """A vCPU's MSR rules with the batch ioctls. The vCPU binds ``get_msrs``/``set_msrs`` as its own (see
     ``ModelVcpu.__init__``), so they check that the vCPU is open (``closed``) and raise its strict errors."""
 
     def __init__(self, vcpu: ModelVcpu) -> None:
         super().__init__(vcpu)
-        self.plain = plain_msrs(self)
-        # The plain MSRs that keep any value under their own index and share it with none (not kvmclock's).
-        shared = {*MSR_ALIASES, *MSR_ALIASES.values()}
-        self.store_only = frozenset(i for i, (how, _, _) in self.plain.items() if how == STORE and i not in shared)
-        self.closed = False  # set by the vCPU's close()
         self.plans: dict[bytes, WritePlan] = {}
-        self.read_plans: dict[bytes, ReadPlan] = {}
 
     def freeze(self) -> None:
         super().freeze()
         self.plans.clear()  # plans know which of their MSRs are frozen
-
-    # -- KVM_GET_MSRS --
-    def get_msrs(self, batch: MsrBatch, strict: bool = False) -> int:
-        if self.closed:
-            raise ClosedError("this vCPU is closed")
-        n = batch.nmsrs
-        if n >= uapi.MAX_IO_MSRS:
-            raise KvmError(errno.E2BIG, "KVM_GET_MSRS")
-        if not LITTLE_ENDIAN:
-            return self._get_one_by_one(batch, strict)
-        key = batch.words32[2::4].tobytes()
-        dicts, keys, defaults, ruled = self.read_plans.get(key) or self._read_plan(key)
-        if not ruled:  # all plain: every value in one C-level pass, written back in one
-            batch.words64[2::2] = array("Q", map(dict.get, dicts, keys, defaults))
-            return n
-        values = list(map(dict.get, dicts, keys, defaults))
-        access_get = self.access_get
-        for pos, index, getter in ruled:
-            code, value = getter(index, True) if getter is not None else access_get(index)
-            if code:  # the batch stops here: redo it entry by entry, which writes and zeroes as the kernel does
-                return self._get_one_by_one(batch, strict)
-            values[pos] = value
-        batch.words64[2::2] = array("Q", values)
-        return n
-
-    def _get_one_by_one(self, batch: MsrBatch, strict: bool) -> int:
-        buf = batch.buffer
-        for i in range(batch.nmsrs):
-            off = 8 + 16 * i
-            index = _ENTRY.unpack_from(buf, off)[0]
-            code, value = self.access_get(index)
-            struct.pack_into("<Q", buf, off + 8, value if code == OK else 0)
-            if code:
-                if strict:
-                    raise self.vcpu.short_read(batch, i)
-                return i
-        return batch.nmsrs
-
-    def _read_plan(self, key: bytes) -> ReadPlan:
-        """Plain MSRs read from the dict that holds them (a DROP MSR's key is never stored, so its default comes
-        back); the others go through ``access_get``, with a placeholder in the bulk read. Plans hold the dicts
-        themselves (``stored``, the VM's ``msrs``): code that replaced either, rather than updating it, would have to
-        clear ``plans`` and ``read_plans``."""
-        indices = struct.unpack(f"<{len(key) // 4}I", key)
-        stores = {STORE: self.stored, VM_WIDE: self.vm.msrs, ZERO: self.stored, DROP: {}}
-        dicts, keys, defaults, ruled = [], [], [], []
-        for pos, index in enumerate(indices):
-            plain = self.plain.get(index)
-            if plain is None:
-                ruled.append((pos, index, self._direct_get(index)))
-                dicts.append(self.stored)
-                keys.append(index)
-                defaults.append(0)
-            else:
-                how, k, default = plain
-                dicts.append(stores[how])
-                keys.append(k if how != DROP else index)
-                defaults.append(default)
-        plan = (tuple(dicts), tuple(keys), tuple(defaults), tuple(ruled))
-        if len(self.read_plans) >= _PLAN_CACHE:
-            self.read_plans.clear()
-        self.read_plans[key] = plan
-        return plan
 
     # -- KVM_SET_MSRS --
     def set_msrs(self, entries: MsrBatch | MsrItems, strict: bool = False) -> int:
@@ -197,33 +120,37 @@ class BatchedMsrRules(MsrRules):
         key = batch.words32[2::4].tobytes()
         plan = self.plans.get(key) or self._write_plan(key)
         words = batch.words64
-        ruled, stores, zero, plain_positions, whole, frozen, plain_set = plan
+        ruled, stores, zero, plain_positions, whole, frozen, plain_set, quick = plan
         if zero is not None and any(zero(words)):
             return self._set_one_by_one(batch, strict)  # a ZERO MSR refuses its value: the kernel's order decides
         # Frozen MSRs keep their value through the batch (a different one is refused), so their freeze check can run
         # for the whole batch at once: when every frozen entry carries the value it has, each entry with a setter
         # goes straight to it, as try_set would; otherwise every ruled entry takes the full path.
         fast = frozen is None or (frozen[0](words) == frozen[1](self.stored) and self._same_value_real_write)
-        refusals, frozen_now = self.refusals, self.frozen
-        for pos, index, setter in ruled:
-            data = words[2 + 2 * pos]
-            if setter is None or (not fast and index in frozen_now):  # an MSR not frozen has no freeze check to run
-                code = self.try_set(index, data)
+        refusals = self.refusals
+        if fast and quick is not None and not (quick[1] is not None and any(quick[1](words))):
+            cleared = quick[3]
+            if refusals and not cleared.keys().isdisjoint(refusals):
+                # each write clears its MSR's last refusal: clear them all now, and give back those of the entries
+                # after a refused one (only which rule is on record counts, not the order)
+                held = {index: refusals.pop(index) for index in cleared.keys() & refusals.keys()}
+                stop = self._run_quick(quick, words)
+                if stop >= 0:
+                    refusals.update((index, rule) for index, rule in held.items() if cleared[index] > stop)
             else:
-                if refusals:
-                    refusals.pop(index, None)
-                code = setter(data)
-            if code:
-                if code == KEPT or (code == UNSUPPORTED and self.unsupported_ok(index, data)):
-                    whole = None  # taken without storing: the whole-batch store below must leave it alone
-                    continue
-                for i in plain_positions:  # the plain entries before the refused one took effect, in order
-                    if i > pos:
-                        break
-                    self.do_set(*batch[i])
-                if strict:
-                    raise self.vcpu.short_write(batch, pos)
-                return pos
+                stop = self._run_quick(quick, words)
+        else:
+            stop = self._run_ruled(ruled, words, fast)
+        if stop == _TAKEN_NOT_STORED:
+            whole = None  # taken without storing: the whole-batch store below must leave it alone
+        if stop >= 0:
+            for i in plain_positions:  # the plain entries before the refused one took effect, in order
+                if i > stop:
+                    break
+                self.do_set(*batch[i])
+            if strict:
+                raise self.vcpu.short_write(batch, stop)
+            return stop
         if whole is not None:
             # Every ruled entry stored its value verbatim under its own index (the setters do), as every plain one
             # does: storing the whole batch in order changes nothing for the ruled ones and stores the plain ones.
@@ -236,17 +163,87 @@ class BatchedMsrRules(MsrRules):
                 del refusals[index]
         return n
 
-    def _direct_get(self, index: int) -> Getter | None:
-        """The host-side read handler of ``index``'s emulated family, which ``access_get`` reaches for it (a failed
-        read sends the batch entry by entry through ``access_get``); None for the others."""
-        if index == MSR_MISC_FEATURES_ENABLES or M.VMX_FIRST <= index <= M.VMX_LAST:
+    def _run_ruled(self, ruled: tuple[tuple[int, int, Setter | None], ...], words: memoryview, fast: bool) -> int:
+        """The ruled entries in order, each through its setter or (frozen ones when the batch's freeze check failed,
+        and those without a setter) ``try_set``: the position of the refused one, else _ALL_STORED or
+        _TAKEN_NOT_STORED."""
+        refusals, frozen_now, taken = self.refusals, self.frozen, _ALL_STORED
+        for pos, index, setter in ruled:
+            data = words[2 + 2 * pos]
+            if setter is None or (not fast and index in frozen_now):  # an MSR not frozen has no freeze check to run
+                code = self.try_set(index, data)
+            else:
+                if refusals:
+                    refusals.pop(index, None)
+                code = setter(data)
+            if code:
+                if code == KEPT or (code == UNSUPPORTED and self.unsupported_ok(index, data)):
+                    taken = _TAKEN_NOT_STORED
+                    continue
+                return pos
+        return taken
+
+    def _run_quick(self, quick: QuickPlan, words: memoryview) -> int:
+        """The ruled entries as ``_run_ruled`` runs them, once their refusals on record are cleared (by the caller)
+        and when the read-only ones' values pass: only the handlers that must run are called; the read-only
+        entries' refusals are recorded as their handler records them. The position of the refused entry, else
+        _TAKEN_NOT_STORED (the read-only and ignored entries store nothing)."""
+        calls, _, read_only, _, pick, recorded = quick
+        taken = _TAKEN_NOT_STORED if read_only else _ALL_STORED
+        for (pos, index, fn, form), data in zip(calls, pick(words)):  # noqa: B905 (same length by construction)
+            code = fn(data) if form == 0 else fn(index, data, True) if form == 1 else fn(index, data)
+            if code:
+                if code == KEPT or (code == UNSUPPORTED and self.unsupported_ok(index, data)):
+                    taken = _TAKEN_NOT_STORED
+                    continue
+                self.refusals.update((i, E.READ_ONLY) for p, i in read_only if p < pos)
+                return pos
+        if recorded:
+            self.refusals.update(recorded)
+        return taken
+
+    def _quick_plan(self, ruled: tuple[tuple[int, int, Setter | None], ...]) -> QuickPlan | None:
+        """The quick path of a plan's ruled entries (``QuickPlan``); None when a ruled MSR comes twice (a second
+        write must clear what the first recorded)."""
+        if len({index for _, index, _ in ruled}) < len(ruled):
+            return None
+        calls: list[tuple[int, int, Callable[..., int], int]] = []
+        read_only: list[tuple[int, int]] = []
+        zero_only: list[int] = []
+        for pos, index, setter in ruled:
+            family = self.families.get(index)
+            handler = self._family_handler(index)
+            kind = family.write_kind(index) if handler is not None and isinstance(family, Family) else None
+            if kind == "ignored":
+                continue
+            if kind == "read_only" and (self.profile.ignore_msrs or (
+                    self.rules.unsupported_zero and index in self._advertised)):
+                read_only.append((pos, index))
+                if not self.profile.ignore_msrs:
+                    zero_only.append(pos)
+                continue
+            if handler is not None:
+                calls.append((pos, index, handler, 1))
+            elif setter is not None:
+                calls.append((pos, index, setter, 0))
+            else:
+                calls.append((pos, index, self.try_set, 2))
+        kept = {index for _, index in read_only}
+        cleared = {index: pos for pos, index, _ in ruled if index not in kept}
+        pick = _picker([pos for pos, _, _, _ in calls]) if calls else _no_values
+        return (tuple(calls), _picker(zero_only) if zero_only else None, tuple(read_only), cleared, pick,
+                dict.fromkeys(kept, E.READ_ONLY))
+
+    def _family_handler(self, index: int) -> Callable[[int, int, bool], int] | None:
+        """The family handler ``try_set`` ends at for ``index`` (as ``_direct``), called as ``f(index, data, True)``;
+        None for an MSR with a setter or none of these."""
+        if index in self.setters or index in self.immutable or index in self.frozen or (
+                M.VMX_FIRST <= index <= M.VMX_LAST):
             return None
         family = self.families.get(index)
         if family is None:
             return None
-        if isinstance(family, Family):
-            return family.handlers[index][0]
-        return family.get
+        return family.handlers[index][1] if isinstance(family, Family) else family.set
 
     def _direct(self, index: int) -> Setter | None:
         """What ``try_set`` ends at for ``index`` once its freeze check passed: the MSR's setter, or the host-side
@@ -338,8 +335,8 @@ class BatchedMsrRules(MsrRules):
             plain[i][0] in (STORE, ZERO) and plain[i][1] == i for i in indices if i in plain)
         plain_positions = tuple(pos for pos, index in enumerate(indices) if index in plain)
         plan = (ruled, stores, _picker(zero) if zero else None, plain_positions, indices if verbatim else None,
-                self._frozen_check(ruled), frozenset(i for i in indices if i in plain))
-        if len(self.plans) >= _PLAN_CACHE:
+                self._frozen_check(ruled), frozenset(i for i in indices if i in plain), self._quick_plan(ruled))
+        if len(self.plans) >= PLAN_CACHE:
             self.plans.clear()
         self.plans[key] = plan
         return plan

@@ -13,21 +13,17 @@ The machine-check, KVM PV and x2APIC MSRs are in ``msr_pv``; MTRRs and PAT in ``
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..api import find_cpuid
 from ..kernel import emulated as E
-from ..kernel.rulesets import Rule
 from . import cpuid as C
+from .msr_family import _NOTHING, FAIL, OK, U64, UNSUPPORTED, Bit, Family, Getter, Setter, canonical
 from .mtrr import reserved_gpa_bits
 
 if TYPE_CHECKING:
     from .msr_rules import MsrRules
 
-OK, FAIL, UNSUPPORTED = 0, 1, 2
-U64 = (1 << 64) - 1
-Bit = tuple[int, int, str, int]
 
 # CPUID bits (function, index, register, bit) the rules consult.
 X2APIC: Bit = (1, 0, "ecx", 21)
@@ -56,7 +52,6 @@ MISC_ENABLE_EMON, MISC_ENABLE_MWAIT = 1 << 7, 1 << 18
 MISC_ENABLE_PMU_RO = 1 << 11 | 1 << 12  # BTS_UNAVAIL | PEBS_UNAVAIL
 KVM_X86_QUIRK_MISC_ENABLE_NO_MWAIT = 1 << 4
 PRED_CMD_IBPB, PRED_CMD_SBPB = 1, 1 << 7
-AMD_VENDORS = {(0x68747541, 0x69746E65, 0x444D4163), (0x6F677948, 0x6E65476E, 0x656E6975)}  # AuthenticAMD, HygonGenuine
 
 KVM_CAP_X86_SMM = 117
 MSR_APIC_BASE, MSR_EFER = 0x1B, 0xC0000080
@@ -93,72 +88,6 @@ ALL_INDICES = frozenset({
     MSR_PRED_CMD, MSR_FLUSH_CMD, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP, *CANONICAL_MSRS, *READ_ONLY, *WRITE_IGNORED,
     *LEGACY_PMU,
 })
-
-
-def canonical(value: int, bits: int) -> int:
-    """``__canonical_address``: sign-extend from bit ``bits - 1``."""
-    value &= (1 << bits) - 1
-    return (value | (U64 & ~((1 << bits) - 1))) if value >> (bits - 1) else value
-
-
-Getter = Callable[[int, bool], tuple[int, int]]
-Setter = Callable[[int, int, bool], int]
-
-
-class Family:
-    """What every family of MSR rules shares: dispatch through ``handlers`` (index -> getter, setter; ``host`` is
-    ``host_initiated``) and the vCPU state the kernel's rules read."""
-
-    def __init__(self, rules: MsrRules) -> None:
-        self.rules = rules
-        self.vcpu = rules.vcpu
-        self.handlers: dict[int, tuple[Getter, Setter]] = {}
-        self.indices: frozenset[int] = frozenset()
-
-    def install(self, handlers: dict[int, tuple[Getter, Setter]]) -> None:
-        self.handlers = handlers
-        self.indices = frozenset(handlers)
-
-    # -- the family interface (MsrRules dispatches here) --
-    def get(self, index: int, host: bool) -> tuple[int, int]:
-        return self.handlers[index][0](index, host)
-
-    def set(self, index: int, data: int, host: bool) -> int:
-        return self.handlers[index][1](index, data, host)
-
-    # -- what the rules read --
-    def cap(self, bit: Bit) -> bool:
-        """``guest_cpu_cap_has``: the guest's CPUID bit, and KVM supports the feature."""
-        return C.has_feature(self.vcpu.cpuid, *bit) and C.has_feature(self.rules.profile.supported_cpuid, *bit)
-
-    def cpuid_has(self, bit: Bit) -> bool:
-        """``guest_cpuid_has``: the guest's CPUID bit alone."""
-        return C.has_feature(self.vcpu.cpuid, *bit)
-
-    def amd_compatible(self) -> bool:
-        """``guest_cpuid_is_amd_compatible`` (vcpu->arch.is_amd_compatible): AMD or Hygon in CPUID leaf 0."""
-        leaf = find_cpuid(self.vcpu.cpuid, 0)
-        return leaf is not None and (leaf.ebx, leaf.edx, leaf.ecx) in AMD_VENDORS
-
-    def lapic_in_kernel(self) -> bool:
-        return False  # no KVM_CREATE_IRQCHIP in this binding yet (see msr_pv)
-
-    def refuse(self, index: int, rule: Rule, code: int) -> int:
-        return self.rules.refuse(index, rule, code)
-
-    # -- plain handlers --
-    def _get_stored(self, index: int, host: bool) -> tuple[int, int]:
-        return OK, self.rules.stored[index]
-
-    def _get_zero(self, index: int, host: bool) -> tuple[int, int]:
-        return OK, 0
-
-    def _set_any(self, index: int, data: int, host: bool) -> int:
-        self.rules.stored[index] = data
-        return OK
-
-    def _set_ignored(self, index: int, data: int, host: bool) -> int:
-        return OK
 
 
 class MiscMsrs(Family):
@@ -223,6 +152,16 @@ class MiscMsrs(Family):
                 handlers[index] = (self._get_zero, self._set_ignored)
         self.install(handlers)
 
+    def read_source(self, index: int) -> tuple[dict[int, int], int, int] | None:
+        getter = self.handlers[index][0]
+        if getter == self._get_constant:
+            return _NOTHING, index, READ_ONLY[index]
+        if getter == self._get_ignored_msr and WRITE_IGNORED[index] is not None:
+            return _NOTHING, index, WRITE_IGNORED[index]  # type: ignore[return-value]
+        if getter == self._get_canonical and index not in (MSR_FS_BASE, MSR_GS_BASE):
+            return self.rules.stored, index, 0
+        return super().read_source(index)
+
     def _get_constant(self, index: int, host: bool) -> tuple[int, int]:
         return OK, READ_ONLY[index]
 
@@ -232,9 +171,6 @@ class MiscMsrs(Family):
 
     def _get_unsupported(self, index: int, host: bool) -> tuple[int, int]:
         return self.refuse(index, E.READ_ONLY, UNSUPPORTED), 0
-
-    def _set_read_only(self, index: int, data: int, host: bool) -> int:
-        return self.refuse(index, E.READ_ONLY, UNSUPPORTED)
 
     def _set_host_only(self, index: int, data: int, host: bool) -> int:
         if not host:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..kernel import emulated as E
-from .msr_misc import FAIL, OK, U64, UNSUPPORTED, Family, Getter, Setter
+from .msr_family import FAIL, OK, U64, UNSUPPORTED, Family, Getter, Setter
 
 if TYPE_CHECKING:
     from .msr_rules import MsrRules

@@ -1,0 +1,120 @@
+"""What every family of emulated-MSR rules shares (``msr_misc``, ``msr_pv``, ``mtrr``): the result codes, dispatch
+through a per-MSR handler table, the CPUID bits the rules read, and what the batch ioctls (``msr_batch``) may do for an
+MSR without calling its handler."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..api import find_cpuid
+from ..kernel import emulated as E
+from ..kernel.rulesets import Rule
+from . import cpuid as C
+
+if TYPE_CHECKING:
+    from .msr_rules import MsrRules
+
+OK, FAIL, UNSUPPORTED = 0, 1, 2
+U64 = (1 << 64) - 1
+Bit = tuple[int, int, str, int]
+AMD_VENDORS = {(0x68747541, 0x69746E65, 0x444D4163), (0x6F677948, 0x6E65476E, 0x656E6975)}  # AuthenticAMD, HygonGenuine
+
+
+def canonical(value: int, bits: int) -> int:
+    """``__canonical_address``: sign-extend from bit ``bits - 1``."""
+    value &= (1 << bits) - 1
+    return (value | (U64 & ~((1 << bits) - 1))) if value >> (bits - 1) else value
+
+
+Getter = Callable[[int, bool], tuple[int, int]]
+Setter = Callable[[int, int, bool], int]
+_NOTHING: dict[int, int] = {}  # read_source of a getter that always gives its default: no key is ever stored here
+
+
+class Family:
+    """What every family of MSR rules shares: dispatch through ``handlers`` (index -> getter, setter; ``host`` is
+    ``host_initiated``) and the vCPU state the kernel's rules read."""
+
+    def __init__(self, rules: MsrRules) -> None:
+        self.rules = rules
+        self.vcpu = rules.vcpu
+        self.handlers: dict[int, tuple[Getter, Setter]] = {}
+        self.indices: frozenset[int] = frozenset()
+        self._supported: dict[Bit, bool] = {}
+
+    def install(self, handlers: dict[int, tuple[Getter, Setter]]) -> None:
+        self.handlers = handlers
+        self.indices = frozenset(handlers)
+
+    # -- the family interface (MsrRules dispatches here) --
+    def get(self, index: int, host: bool) -> tuple[int, int]:
+        return self.handlers[index][0](index, host)
+
+    def set(self, index: int, data: int, host: bool) -> int:
+        return self.handlers[index][1](index, data, host)
+
+    # -- what the rules read --
+    def cap(self, bit: Bit) -> bool:
+        """``guest_cpu_cap_has``: the guest's CPUID bit, and KVM supports the feature."""
+        return self.rules.cpuid_has(bit) and self.supported(bit)
+
+    def cpuid_has(self, bit: Bit) -> bool:
+        """``guest_cpuid_has``: the guest's CPUID bit alone."""
+        return self.rules.cpuid_has(bit)
+
+    def supported(self, bit: Bit) -> bool:
+        """The bit in the profile's supported CPUID (fixed for the vCPU's life, so looked up once per bit)."""
+        has = self._supported.get(bit)
+        if has is None:
+            has = self._supported[bit] = C.has_feature(self.rules.profile.supported_cpuid, *bit)
+        return has
+
+    # -- what the batch ioctls may do without calling a handler (msr_batch) --
+    def write_kind(self, index: int) -> str | None:
+        """"ignored" when a host write of ``index`` always succeeds and changes nothing (``_set_ignored``),
+        "read_only" when it is always unsupported (``_set_read_only``); None when its handler must run."""
+        setter = self.handlers[index][1]
+        if setter == self._set_ignored:  # the same method of this object
+            return "ignored"
+        if setter == self._set_read_only:
+            return "read_only"
+        return None
+
+    def read_source(self, index: int) -> tuple[dict[int, int], int, int] | None:
+        """Where a host read of ``index`` always finds its value, when its getter reads nothing else and never
+        fails: (dict, key, default), for ``dict.get(key, default)``; None when the getter must run."""
+        getter = self.handlers[index][0]
+        if getter == self._get_stored:
+            return self.rules.stored, index, 0
+        if getter == self._get_zero:
+            return _NOTHING, index, 0
+        return None
+
+    def amd_compatible(self) -> bool:
+        """``guest_cpuid_is_amd_compatible`` (vcpu->arch.is_amd_compatible): AMD or Hygon in CPUID leaf 0."""
+        leaf = find_cpuid(self.vcpu.cpuid, 0)
+        return leaf is not None and (leaf.ebx, leaf.edx, leaf.ecx) in AMD_VENDORS
+
+    def lapic_in_kernel(self) -> bool:
+        return False  # no KVM_CREATE_IRQCHIP in this binding yet (see msr_pv)
+
+    def refuse(self, index: int, rule: Rule, code: int) -> int:
+        return self.rules.refuse(index, rule, code)
+
+    # -- plain handlers --
+    def _get_stored(self, index: int, host: bool) -> tuple[int, int]:
+        return OK, self.rules.stored[index]
+
+    def _get_zero(self, index: int, host: bool) -> tuple[int, int]:
+        return OK, 0
+
+    def _set_any(self, index: int, data: int, host: bool) -> int:
+        self.rules.stored[index] = data
+        return OK
+
+    def _set_ignored(self, index: int, data: int, host: bool) -> int:
+        return OK
+
+    def _set_read_only(self, index: int, data: int, host: bool) -> int:
+        return self.refuse(index, E.READ_ONLY, UNSUPPORTED)

@@ -1,0 +1,155 @@
+"""KVM_GET_MSRS on the model (``msr_io`` reading), by plan, and the table of the profile's plain MSRs that both batch
+ioctls use (``plain_msrs``). ``msr_batch`` adds KVM_SET_MSRS on top; its docstring says how plans work."""
+
+from __future__ import annotations
+
+import errno
+import struct
+from array import array
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .. import msrs as M
+from .. import uapi
+from ..api import LITTLE_ENDIAN, MsrBatch
+from ..errors import ClosedError, KvmError
+from .msr_family import Family
+from .msr_rules import MSR_ALIASES, MSR_MISC_FEATURES_ENABLES, OK, VM_WIDE_MSRS, MsrRules
+
+if TYPE_CHECKING:
+    from .vcpu import ModelVcpu
+
+ENTRY = struct.Struct("<IIQ")
+PLAN_CACHE = 256  # plans kept per vCPU, for writes and for reads
+
+# How a plain MSR is written (plain_msrs): STORE keeps any value under a key (its own index, or the index a kvmclock
+# alias shares), in the vCPU's MSRs or (VM_WIDE) the VM's; ZERO takes only 0 (and keeps it); DROP takes any value and
+# keeps nothing (reads give the profile's default).
+STORE, VM_WIDE, ZERO, DROP = range(4)
+Plain = tuple[int, int, int]  # (how, key, the profile's default)
+
+Getter = Callable[[int, bool], tuple[int, int]]
+# A read plan: for each entry, the dict its value is in, its key and its default (map(dict.get, ...)); the entries
+# read through the rules (position, index).
+ReadPlan = tuple[tuple[dict[int, int], ...], tuple[int, ...], tuple[int, ...], "tuple[tuple[int, int, Getter | None], ...]"]
+
+
+def plain_msrs(rules: MsrRules) -> dict[int, Plain]:
+    """The per-MSR table of the profile's plain MSRs: those with no rule of their own, none a rule reads
+    (``MsrRules.ruled_msrs``), and how ``host_set``/``host_get`` treat each by its kind, plus the kvmclock aliases. No
+    rule reads any of them, so a batch's ruled entries can run first and the plain ones follow in bulk."""
+    ruled = rules.ruled_msrs()
+    table: dict[int, Plain] = {}
+    for index, b in rules.behaviour.items():
+        if b.kind in ("refuse", "zero_drop") or not b.readable or index in rules.setters or index in rules.immutable:
+            continue  # refused writes or reads, or rules of their own: the rules decide, entry by entry
+        alias = MSR_ALIASES.get(index, index)
+        if index in MSR_ALIASES or index in MSR_ALIASES.values():  # host_set/host_get: stored under the shared key
+            if b.kind not in ("zero_only", "drop"):
+                table[index] = (VM_WIDE if alias in VM_WIDE_MSRS else STORE, alias, b.default)
+        elif index not in ruled:
+            how = {"zero_only": ZERO, "drop": DROP}.get(b.kind, STORE)
+            table[index] = (how, index, b.default)
+    return table
+
+
+class ReadingMsrRules(MsrRules):
+    """A vCPU's MSR rules with KVM_GET_MSRS; the vCPU binds ``get_msrs`` as its own (see ``ModelVcpu.__init__``), so
+    it checks that the vCPU is open (``closed``) and raises its strict errors."""
+
+    def __init__(self, vcpu: ModelVcpu) -> None:
+        super().__init__(vcpu)
+        self.plain = plain_msrs(self)
+        # The plain MSRs that keep any value under their own index and share it with none (not kvmclock's).
+        shared = {*MSR_ALIASES, *MSR_ALIASES.values()}
+        self.store_only = frozenset(i for i, (how, _, _) in self.plain.items() if how == STORE and i not in shared)
+        self.closed = False  # set by the vCPU's close()
+        self.read_plans: dict[bytes, ReadPlan] = {}
+
+    # -- KVM_GET_MSRS --
+    def get_msrs(self, batch: MsrBatch, strict: bool = False) -> int:
+        if self.closed:
+            raise ClosedError("this vCPU is closed")
+        n = batch.nmsrs
+        if n >= uapi.MAX_IO_MSRS:
+            raise KvmError(errno.E2BIG, "KVM_GET_MSRS")
+        if not LITTLE_ENDIAN:
+            return self._get_one_by_one(batch, strict)
+        key = batch.words32[2::4].tobytes()
+        dicts, keys, defaults, ruled = self.read_plans.get(key) or self._read_plan(key)
+        if not ruled:  # all plain: every value in one C-level pass, written back in one
+            batch.words64[2::2] = array("Q", map(dict.get, dicts, keys, defaults))
+            return n
+        values = list(map(dict.get, dicts, keys, defaults))
+        access_get = self.access_get
+        for pos, index, getter in ruled:
+            code, value = getter(index, True) if getter is not None else access_get(index)
+            if code:  # the batch stops here: redo it entry by entry, which writes and zeroes as the kernel does
+                return self._get_one_by_one(batch, strict)
+            values[pos] = value
+        batch.words64[2::2] = array("Q", values)
+        return n
+
+    def _get_one_by_one(self, batch: MsrBatch, strict: bool) -> int:
+        buf = batch.buffer
+        for i in range(batch.nmsrs):
+            off = 8 + 16 * i
+            index = ENTRY.unpack_from(buf, off)[0]
+            code, value = self.access_get(index)
+            struct.pack_into("<Q", buf, off + 8, value if code == OK else 0)
+            if code:
+                if strict:
+                    raise self.vcpu.short_read(batch, i)
+                return i
+        return batch.nmsrs
+
+    def _read_plan(self, key: bytes) -> ReadPlan:
+        """Plain MSRs read from the dict that holds them (a DROP MSR's key is never stored, so its default comes
+        back); the others go through ``access_get``, with a placeholder in the bulk read. Plans hold the dicts
+        themselves (``stored``, the VM's ``msrs``): code that replaced either, rather than updating it, would have to
+        clear ``plans`` and ``read_plans``."""
+        indices = struct.unpack(f"<{len(key) // 4}I", key)
+        stores = {STORE: self.stored, VM_WIDE: self.vm.msrs, ZERO: self.stored, DROP: {}}
+        dicts, keys, defaults, ruled = [], [], [], []
+        for pos, index in enumerate(indices):
+            plain = self.plain.get(index)
+            source = self._read_source(index) if plain is None else None
+            if source is not None:  # a getter that only ever reads one dict: read in bulk like a plain MSR
+                dicts.append(source[0])
+                keys.append(source[1])
+                defaults.append(source[2])
+            elif plain is None:
+                ruled.append((pos, index, self._direct_get(index)))
+                dicts.append(self.stored)
+                keys.append(index)
+                defaults.append(0)
+            else:
+                how, k, default = plain
+                dicts.append(stores[how])
+                keys.append(k if how != DROP else index)
+                defaults.append(default)
+        plan = (tuple(dicts), tuple(keys), tuple(defaults), tuple(ruled))
+        if len(self.read_plans) >= PLAN_CACHE:
+            self.read_plans.clear()
+        self.read_plans[key] = plan
+        return plan
+
+    def _read_source(self, index: int) -> tuple[dict[int, int], int, int] | None:
+        """Where ``access_get`` always finds ``index``'s value, for a family getter that reads one dict and never
+        fails (``Family.read_source``); None for the others."""
+        if index == MSR_MISC_FEATURES_ENABLES or M.VMX_FIRST <= index <= M.VMX_LAST:
+            return None
+        family = self.families.get(index)
+        return family.read_source(index) if isinstance(family, Family) else None
+
+    def _direct_get(self, index: int) -> Getter | None:
+        """The host-side read handler of ``index``'s emulated family, which ``access_get`` reaches for it (a failed
+        read sends the batch entry by entry through ``access_get``); None for the others."""
+        if index == MSR_MISC_FEATURES_ENABLES or M.VMX_FIRST <= index <= M.VMX_LAST:
+            return None
+        family = self.families.get(index)
+        if family is None:
+            return None
+        if isinstance(family, Family):
+            return family.handlers[index][0]
+        return family.get
