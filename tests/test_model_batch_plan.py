@@ -190,3 +190,19 @@ def test_batched_get_msrs_matches_entry_by_entry(profile: str, kernel: str, writ
     assert n_got == n_want, f"batch {indices}: get_msrs read {n_got} entries, entry by entry read {n_want}"
     assert bytes(got.buffer) == bytes(want.buffer), f"buffers differ: {got} vs {want}"
     assert state(fast) == state(ref), "state differs from the entry-by-entry reference"
+
+
+@pytest.mark.parametrize("profile", ["pvm-6.18", "intel-spr"])
+def test_frozen_gated_msr_after_a_refused_entry(profile: str) -> None:
+    """6.13+ after a run, without CPUID set: ARCH_CAPABILITIES reads as 0 (unsupported, forgiven) and its freeze
+    check's read records a refusal. A batch refused before it must leave no trace of that read; one taken whole
+    records what the kernel's order records."""
+    fast, ref = twin(profile, "6.18"), twin(profile, "6.18")
+    for v in (fast, ref):
+        guest.run_to_hlt(v.vm, v)
+    assert 0x10A in fast.msr_rules.frozen, f"{profile}: ARCH_CAPABILITIES is expected frozen after a run"
+    for entries in ([(0x17B, 5), (0x10A, 0), (0x174, 1)], [(0x174, 2), (0x10A, 0), (0x175, 3)]):
+        batch = MsrBatch(entries)
+        got, want = fast.set_msrs(batch), entry_by_entry(ref, batch)
+        assert got == want, f"{profile} {batch}: set_msrs wrote {got} entries, entry by entry wrote {want}"
+        assert state(fast) == state(ref), f"{profile} {batch}: state differs from the entry-by-entry reference"

@@ -100,6 +100,7 @@ class BatchedMsrRules(ReadingMsrRules):
     def __init__(self, vcpu: ModelVcpu) -> None:
         super().__init__(vcpu)
         self.plans: dict[bytes, WritePlan] = {}
+        self.frozen_reads: dict[int, Rule] | None = None  # what a batch's freeze check recorded (_frozen_check)
 
     def freeze(self) -> None:
         super().freeze()
@@ -126,21 +127,33 @@ class BatchedMsrRules(ReadingMsrRules):
         # Frozen MSRs keep their value through the batch (a different one is refused), so their freeze check can run
         # for the whole batch at once: when every frozen entry carries the value it has, each entry with a setter
         # goes straight to it, as try_set would; otherwise every ruled entry takes the full path.
-        fast = frozen is None or (frozen[0](words) == frozen[1](self.stored) and self._same_value_real_write)
+        # The refusals the check's reads recorded (``_frozen_check``) are recorded as each entry's turn comes.
+        reads: dict[int, Rule] | None = None
+        if frozen is None:
+            fast = True
+        else:
+            self.frozen_reads = None
+            fast = frozen[0](words) == frozen[1](self.stored) and self._same_value_real_write
+            reads = self.frozen_reads if fast else None
         refusals = self.refusals
         if fast and quick is not None and not (quick[1] is not None and any(quick[1](words))):
             cleared = quick[3]
-            if refusals and not cleared.keys().isdisjoint(refusals):
-                # each write clears its MSR's last refusal: clear them all now, and give back those of the entries
-                # after a refused one (only which rule is on record counts, not the order)
+            if reads or (refusals and not cleared.keys().isdisjoint(refusals)):
+                # each write clears its MSR's last refusal and records what its freeze check's read records: do both
+                # now, and undo them for the entries after a refused one (only which rule is on record counts)
                 held = {index: refusals.pop(index) for index in cleared.keys() & refusals.keys()}
+                if reads:
+                    refusals.update(reads)
                 stop = self._run_quick(quick, words)
                 if stop >= 0:
+                    for index in reads or ():
+                        if cleared[index] > stop:
+                            del refusals[index]
                     refusals.update((index, rule) for index, rule in held.items() if cleared[index] > stop)
             else:
                 stop = self._run_quick(quick, words)
         else:
-            stop = self._run_ruled(ruled, words, fast)
+            stop = self._run_ruled(ruled, words, fast, reads)
         if stop == _TAKEN_NOT_STORED:
             whole = None  # taken without storing: the whole-batch store below must leave it alone
         if stop >= 0:
@@ -163,7 +176,8 @@ class BatchedMsrRules(ReadingMsrRules):
                 del refusals[index]
         return n
 
-    def _run_ruled(self, ruled: tuple[tuple[int, int, Setter | None], ...], words: memoryview, fast: bool) -> int:
+    def _run_ruled(self, ruled: tuple[tuple[int, int, Setter | None], ...], words: memoryview, fast: bool,
+                   reads: dict[int, Rule] | None) -> int:
         """The ruled entries in order, each through its setter or (frozen ones when the batch's freeze check failed,
         and those without a setter) ``try_set``: the position of the refused one, else _ALL_STORED or
         _TAKEN_NOT_STORED."""
@@ -175,6 +189,8 @@ class BatchedMsrRules(ReadingMsrRules):
             else:
                 if refusals:
                     refusals.pop(index, None)
+                if reads and index in reads:  # what the freeze check's read of it recorded
+                    refusals[index] = reads[index]
                 code = setter(data)
             if code:
                 if code == KEPT or (code == UNSUPPORTED and self.unsupported_ok(index, data)):
@@ -274,11 +290,11 @@ class BatchedMsrRules(ReadingMsrRules):
         goes straight to its setter, as ``try_set`` would after its check.
 
         Plain-read MSRs (``_plain``) are read straight from ``stored``. Any other is read as ``try_set`` reads it
-        (``access_get``). Such a read can record a refusal (a CPUID-gated feature MSR without its bit), which the
-        kernel's order records only when it reaches the entry, so the reads run against a scratch refusal record: a
-        read that records anything counts as a mismatch and the ruled entries take the full path, in order. The
-        read-ahead needs reads that no earlier entry of the batch can change: no VMX MSR (control pairs share a slot)
-        and no frozen MSR twice; otherwise the check always fails."""
+        (``access_get``). Such a read can record a refusal (a CPUID-gated feature MSR without its bit, read as 0),
+        which the kernel's order records only when it reaches the entry, so the reads run against a scratch refusal
+        record, left in ``frozen_reads`` for ``set_msrs`` to record at each entry's turn. The read-ahead needs reads
+        that no earlier entry of the batch can change: no VMX MSR (control pairs share a slot) and no frozen MSR
+        twice; otherwise the check always fails."""
         positions = [(pos, index) for pos, index, setter in ruled if setter is not None and index in self.frozen]
         if not positions:
             return None
@@ -290,20 +306,14 @@ class BatchedMsrRules(ReadingMsrRules):
         if len(set(indices)) < len(indices) or any(M.VMX_FIRST <= index <= M.VMX_LAST for index in indices):
             return (_always_mismatch, _nothing)
         access_get = self.access_get
-        recorded_once: list[bool] = []  # set when a read recorded a refusal: from then on the plan skips the read-ahead
 
         def held(stored: dict[int, int]) -> object:
-            if recorded_once:  # the full path reads again anyway: do not read twice (only speed depends on this)
-                return _nothing
             saved, self.refusals = self.refusals, {}
             try:
                 values = tuple(value if code == OK else None for code, value in map(access_get, indices))
-                recorded = bool(self.refusals)
+                self.frozen_reads = self.refusals
             finally:
                 self.refusals = saved
-            if recorded:
-                recorded_once.append(True)
-                return _nothing
             return values
 
         return given, held
