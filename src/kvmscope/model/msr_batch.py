@@ -27,7 +27,7 @@ from ..kernel import emulated as E
 from ..kernel.rule import Rule
 from .msr_family import Family
 from .msr_reads import PLAN_CACHE, STORE, VM_WIDE, ZERO, ReadingMsrRules
-from .msr_rules import KEPT, OK, UNSUPPORTED
+from .msr_rules import KEPT, OK, UNSUPPORTED, MsrFamily
 
 if TYPE_CHECKING:
     from .vcpu import ModelVcpu
@@ -39,6 +39,7 @@ Setter = Callable[[int], int]
 Getter = Callable[[int, bool], tuple[int, int]]
 FrozenCheck = tuple[Callable[[memoryview], object], Callable[[dict[int, int]], object]]
 Pick = Callable[[memoryview], Sequence[int]]
+BulkCheck = Callable[[str, Sequence[int], Sequence[int]], bool]
 # A write plan: the entries with rules (position, index, its setter if it has one); the bulk stores, each (the dict,
 # the keys, how to pick their values from the batch's values); how to pick the ZERO entries' values; the plain
 # entries' positions (for a refusal part-way); the indices when the batch can be stored whole (else None); the freeze
@@ -58,10 +59,14 @@ WritePlan = tuple[
 # how to pick the values of the read-only entries that pass only with 0 (None when none or any value passes); the
 # read-only entries (position, index), each recorded as refused and forgiven; the other ruled entries' positions by
 # index (each write clears its MSR's last refusal); how to pick the values of the entries called; the refusals the
-# read-only entries leave. Entries whose write always passes and changes nothing (``Family.write_kind``) need no call.
+# read-only entries leave; the groups of entries a family checks at once (``MsrFamily.bulk_ok``: the check, the group,
+# its indices, how to pick its values); where the grouped entries are stored (indices, how to pick their values); the
+# positions of the plain and grouped entries (those before a refused one take effect). Entries whose write always
+# passes and changes nothing (``Family.write_kind``) need no call.
 QuickPlan = tuple[
     "tuple[tuple[int, int, Callable[..., int], int], ...]", "Pick | None", tuple[tuple[int, int], ...], dict[int, int],
-    "Pick", "dict[int, Rule]"]
+    "Pick", "dict[int, Rule]", "tuple[tuple[BulkCheck, str, tuple[int, ...], Pick], ...]",
+    "tuple[tuple[int, ...], Pick] | None", tuple[int, ...]]
 
 
 
@@ -136,7 +141,8 @@ class BatchedMsrRules(ReadingMsrRules):
             fast = frozen[0](words) == frozen[1](self.stored) and self._same_value_real_write
             reads = self.frozen_reads if fast else None
         refusals = self.refusals
-        if fast and quick is not None and not (quick[1] is not None and any(quick[1](words))):
+        if fast and quick is not None and not (quick[1] is not None and any(quick[1](words))) and all(
+                ok(kind, indices, pick(words)) for ok, kind, indices, pick in quick[6]):
             cleared = quick[3]
             if reads or (refusals and not cleared.keys().isdisjoint(refusals)):
                 # each write clears its MSR's last refusal and records what its freeze check's read records: do both
@@ -152,12 +158,15 @@ class BatchedMsrRules(ReadingMsrRules):
                     refusals.update((index, rule) for index, rule in held.items() if cleared[index] > stop)
             else:
                 stop = self._run_quick(quick, words)
+            if stop < 0 and quick[7] is not None:  # the grouped entries, checked above: stored verbatim
+                self.stored.update(zip(quick[7][0], quick[7][1](words)))  # noqa: B905
+            plain_positions = quick[8]
         else:
             stop = self._run_ruled(ruled, words, fast, reads)
         if stop == _TAKEN_NOT_STORED:
             whole = None  # taken without storing: the whole-batch store below must leave it alone
         if stop >= 0:
-            for i in plain_positions:  # the plain entries before the refused one took effect, in order
+            for i in plain_positions:  # the plain (and grouped) entries before the refused one took effect, in order
                 if i > stop:
                     break
                 self.do_set(*batch[i])
@@ -204,7 +213,7 @@ class BatchedMsrRules(ReadingMsrRules):
         and when the read-only ones' values pass: only the handlers that must run are called; the read-only
         entries' refusals are recorded as their handler records them. The position of the refused entry, else
         _TAKEN_NOT_STORED (the read-only and ignored entries store nothing)."""
-        calls, _, read_only, _, pick, recorded = quick
+        calls, _, read_only, _, pick, recorded, _, _, _ = quick
         taken = _TAKEN_NOT_STORED if read_only else _ALL_STORED
         for (pos, index, fn, form), data in zip(calls, pick(words)):  # noqa: B905 (same length by construction)
             code = fn(data) if form == 0 else fn(index, data, True) if form == 1 else fn(index, data)
@@ -218,7 +227,8 @@ class BatchedMsrRules(ReadingMsrRules):
             self.refusals.update(recorded)
         return taken
 
-    def _quick_plan(self, ruled: tuple[tuple[int, int, Setter | None], ...]) -> QuickPlan | None:
+    def _quick_plan(self, ruled: tuple[tuple[int, int, Setter | None], ...], plain_positions: tuple[int, ...]
+                    ) -> QuickPlan | None:
         """The quick path of a plan's ruled entries (``QuickPlan``); None when a ruled MSR comes twice (a second
         write must clear what the first recorded)."""
         if len({index for _, index, _ in ruled}) < len(ruled):
@@ -226,9 +236,17 @@ class BatchedMsrRules(ReadingMsrRules):
         calls: list[tuple[int, int, Callable[..., int], int]] = []
         read_only: list[tuple[int, int]] = []
         zero_only: list[int] = []
+        groups: dict[tuple[int, str], tuple[MsrFamily, list[int], list[int]]] = {}  # (family, kind): indices, positions
         for pos, index, setter in ruled:
             family = self.families.get(index)
             handler = self._family_handler(index)
+            group = family.bulk_kind(index) if handler is not None and family is not None else None
+            if group is not None:
+                assert family is not None
+                _, group_indices, group_positions = groups.setdefault((id(family), group), (family, [], []))
+                group_indices.append(index)
+                group_positions.append(pos)
+                continue
             kind = family.write_kind(index) if handler is not None and isinstance(family, Family) else None
             if kind == "ignored":
                 continue
@@ -247,8 +265,14 @@ class BatchedMsrRules(ReadingMsrRules):
         kept = {index for _, index in read_only}
         cleared = {index: pos for pos, index, _ in ruled if index not in kept}
         pick = _picker([pos for pos, _, _, _ in calls]) if calls else _no_values
+        bulk = tuple((family.bulk_ok, kind, tuple(indices), _picker(positions))
+                     for (_, kind), (family, indices, positions) in groups.items())
+        in_bulk = sorted((pos, index) for _, indices, positions in groups.values()
+                         for pos, index in zip(positions, indices, strict=True))
+        store = (tuple(index for _, index in in_bulk), _picker([pos for pos, _ in in_bulk])) if in_bulk else None
+        before = tuple(sorted({*plain_positions, *(pos for pos, _ in in_bulk)}))
         return (tuple(calls), _picker(zero_only) if zero_only else None, tuple(read_only), cleared, pick,
-                dict.fromkeys(kept, E.READ_ONLY))
+                dict.fromkeys(kept, E.READ_ONLY), bulk, store, before)
 
     def _family_handler(self, index: int) -> Callable[[int, int, bool], int] | None:
         """The family handler ``try_set`` ends at for ``index`` (as ``_direct``), called as ``f(index, data, True)``;
@@ -345,7 +369,8 @@ class BatchedMsrRules(ReadingMsrRules):
             plain[i][0] in (STORE, ZERO) and plain[i][1] == i for i in indices if i in plain)
         plain_positions = tuple(pos for pos, index in enumerate(indices) if index in plain)
         plan = (ruled, stores, _picker(zero) if zero else None, plain_positions, indices if verbatim else None,
-                self._frozen_check(ruled), frozenset(i for i in indices if i in plain), self._quick_plan(ruled))
+                self._frozen_check(ruled), frozenset(i for i in indices if i in plain),
+                self._quick_plan(ruled, plain_positions))
         if len(self.plans) >= PLAN_CACHE:
             self.plans.clear()
         self.plans[key] = plan

@@ -4,7 +4,7 @@ MSR without calling its handler."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ..api import find_cpuid
@@ -80,6 +80,12 @@ class Family:
         if setter == self._set_read_only:
             return "read_only"
         return None
+
+    def bulk_kind(self, index: int) -> str | None:
+        return None
+
+    def bulk_ok(self, kind: str, indices: Sequence[int], values: Sequence[int]) -> bool:
+        return False
 
     def read_source(self, index: int) -> tuple[dict[int, int], int, int] | None:
         """Where a host read of ``index`` always finds its value, when its getter reads nothing else and never

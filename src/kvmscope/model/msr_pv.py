@@ -14,6 +14,7 @@ rules change (issue 17's ioctls): ASYNC_PF_EN then needs its address in guest me
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..kernel import emulated as E
@@ -28,6 +29,7 @@ KVM_STEAL_RESERVED_MASK = 0x3E  # ((1 << KVM_STEAL_ALIGNMENT_BITS) - 1) << 1
 MSR_MCG_CAP, MSR_MCG_STATUS, MSR_MCG_CTL = 0x179, 0x17A, 0x17B
 MSR_P5_MC_ADDR, MSR_P5_MC_TYPE = 0x0, 0x1
 MSR_HWCR = 0xC0010015
+_MC_CTL_OK = frozenset({0, U64, U64 ^ 1, U64 ^ 1 << 10, U64 ^ (1 << 10 | 1)})  # (data | 1 << 10 | 1) == U64, or 0
 MC_CTL = range(0x400, 0x480)  # MSR_IA32_MC0_CTL ... MSR_IA32_MCx_CTL(KVM_MAX_MCE_BANKS) - 1
 MC_CTL2 = range(0x280, 0x2A0)  # MSR_IA32_MC0_CTL2 ... MSR_IA32_MCx_CTL2(KVM_MAX_MCE_BANKS) - 1
 PV_ASYNC_PF_EN, PV_STEAL_TIME, PV_EOI_EN, PV_POLL_CONTROL, PV_ASYNC_PF_INT, PV_ASYNC_PF_ACK = range(0x4B564D02, 0x4B564D08)
@@ -95,6 +97,18 @@ class PvMceMsrs(Family):
                 return self.refuse(index, E.MCE, FAIL)  # can_set_mci_status
         stored[index] = data
         return OK
+
+    # -- the MCi banks in bulk (msr_batch): host writes of MCi_STATUS/ADDR/MISC take any value, MCi_CTL 0 or all ones
+    # (bits 0 and 10 aside), within the banks MCG_CAP gives --
+    def bulk_kind(self, index: int) -> str | None:
+        if index in MC_CTL:
+            return "mc_ctl" if index % 4 == 0 else "mc_bank"
+        return None
+
+    def bulk_ok(self, kind: str, indices: Sequence[int], values: Sequence[int]) -> bool:
+        if max(indices) >= 0x400 + 4 * (self.rules.stored[MSR_MCG_CAP] & 0xFF):
+            return False
+        return kind == "mc_bank" or _MC_CTL_OK.issuperset(values)
 
     # -- KVM PV MSRs (x86.c:3551-3617, 3132 kvm_pv_enable_async_pf; lapic.c kvm_lapic_set_pv_eoi) --
     def _set_async_pf_en(self, index: int, data: int, host: bool) -> int:

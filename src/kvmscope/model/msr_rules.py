@@ -62,6 +62,14 @@ class MsrFamily(Protocol):
 
     def set(self, index: int, data: int, host: bool) -> int: ...
 
+    def bulk_kind(self, index: int) -> str | None:
+        """The group whose host writes ``bulk_ok`` checks for a whole batch at once; None for the others."""
+
+    def bulk_ok(self, kind: str, indices: Sequence[int], values: Sequence[int]) -> bool:
+        """True when each host write of ``values[i]`` to ``indices[i]`` (all of group ``kind``) would store the
+        value verbatim under its index in ``stored``, return OK and record nothing; False when any might not (the
+        batch then runs entry by entry, so False is always safe)."""
+
 
 class MsrRules:
     """The MSR state of one vCPU and the rules that read and write it.

@@ -8,6 +8,10 @@ hold any valid value for host and guest alike and start at 0.
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Sequence
+from itertools import repeat
+from operator import and_
 from typing import TYPE_CHECKING
 
 from ..api import find_cpuid
@@ -104,6 +108,23 @@ class MtrrMsrs:
         if cpuid is not self._gpa_of:
             self._gpa_of, self._gpa = cpuid, reserved_gpa_bits(self.rules)
         return self._gpa
+
+    # -- the fixed and variable MTRRs in bulk (msr_batch): each check of mtrr_valid over all values at once --
+    def bulk_kind(self, index: int) -> str | None:
+        if index in FIXED:
+            return "fixed"
+        if index in VARIABLE:
+            return "base" if index % 2 == 0 else "mask"
+        return None
+
+    def bulk_ok(self, kind: str, indices: Sequence[int], values: Sequence[int]) -> bool:
+        raw = array("Q", values).tobytes()  # little-endian on the hosts the batches run in bulk on
+        if kind == "fixed":
+            return _VALID_TYPES.issuperset(raw)
+        reserved = self._reserved() | (0xF00 if kind == "base" else 0x7FF)
+        if any(map(and_, values, repeat(reserved))):
+            return False
+        return kind == "mask" or _VALID_TYPES.issuperset(raw[::8])  # PHYSBASE: the type in each low byte
 
     def set(self, index: int, data: int, host: bool) -> int:
         rules = self.rules
