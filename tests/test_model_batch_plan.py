@@ -59,6 +59,7 @@ def twin(profile: str, kernel: str) -> ModelVcpu:
 step = st.one_of(
     st.just(("run",)),
     st.just(("cpuid",)),
+    st.tuples(st.just("mce"), st.integers(1, 32), st.booleans()),  # KVM_X86_SETUP_MCE: banks, MCG_CTL_P
     # "setters": only MSRs with setters and store-only ones, the batches set_msrs stores whole; "index": the index
     # list, what a VMM saves and restores (a value of None writes back what a read gives).
     st.tuples(st.just("write"), st.sampled_from(["any", "setters", "index", "index"]),
@@ -83,6 +84,9 @@ def test_batched_set_msrs_matches_entry_by_entry(profile: str, kernel: str, step
             for v in (fast, ref):
                 if not v.has_run:
                     v.set_cpuid(cpuid)
+        elif s[0] == "mce":
+            for v in (fast, ref):
+                v.setup_mce(s[1] | (1 << 8 if s[2] else 0))
         else:
             pool = pools[s[1]]
             entries = []
@@ -162,14 +166,17 @@ def test_buffer_edited_in_place_is_seen_and_cannot_be_replaced() -> None:
 @settings(max_examples=int(os.environ.get("KVMSCOPE_PLAN_EXAMPLES", "300")), deadline=None)
 @given(profile=st.sampled_from(shipped()), kernel=st.sampled_from(["6.3", "6.10", "6.12", "6.18"]),
        writes=st.lists(st.tuples(st.integers(0, 1 << 16), VALUES), max_size=20),
-       reads=st.lists(st.integers(0, 1 << 16), min_size=1, max_size=40), cpuid=st.booleans(), run=st.booleans())
+       reads=st.lists(st.integers(0, 1 << 16), min_size=1, max_size=40), cpuid=st.booleans(), run=st.booleans(),
+       banks=st.one_of(st.none(), st.integers(1, 32)))
 def test_batched_get_msrs_matches_entry_by_entry(profile: str, kernel: str, writes: list[Any], reads: list[int],
-                                                 cpuid: bool, run: bool) -> None:
+                                                 cpuid: bool, run: bool, banks: int | None) -> None:
     """The planned get_msrs (plain MSRs in one pass) against ``access_get`` entry by entry: same count, same buffer
     (values read, the refused entry zeroed, later entries left as passed), same refusals."""
     fast, ref = twin(profile, kernel), twin(profile, kernel)
     pool = every_msr(fast)
     for v in (fast, ref):
+        if banks is not None:
+            v.setup_mce(banks)
         if cpuid:
             v.set_cpuid(v.vm.system.get_supported_cpuid())
         if run:

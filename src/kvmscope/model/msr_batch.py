@@ -25,9 +25,9 @@ from ..api import LITTLE_ENDIAN, MsrBatch, MsrItems, as_batch
 from ..errors import ClosedError, KvmError
 from ..kernel import emulated as E
 from ..kernel.rule import Rule
-from .msr_family import Family
+from .msr_family import Family, MsrFamily
 from .msr_reads import PLAN_CACHE, STORE, VM_WIDE, ZERO, ReadingMsrRules
-from .msr_rules import KEPT, OK, UNSUPPORTED, MsrFamily
+from .msr_rules import KEPT, OK, UNSUPPORTED
 
 if TYPE_CHECKING:
     from .vcpu import ModelVcpu

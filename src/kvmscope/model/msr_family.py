@@ -5,7 +5,7 @@ MSR without calling its handler."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..api import find_cpuid
 from ..kernel import emulated as E
@@ -19,6 +19,33 @@ OK, FAIL, UNSUPPORTED = 0, 1, 2
 U64 = (1 << 64) - 1
 Bit = tuple[int, int, str, int]
 AMD_VENDORS = {(0x68747541, 0x69746E65, 0x444D4163), (0x6F677948, 0x6E65476E, 0x656E6975)}  # AuthenticAMD, HygonGenuine
+
+
+class MsrFamily(Protocol):
+    """A family of MSRs with rules of their own: ``get`` gives (code, value), ``set`` the code; ``host`` is
+    ``host_initiated``."""
+
+    indices: frozenset[int]
+
+    def get(self, index: int, host: bool) -> tuple[int, int]: ...
+
+    def set(self, index: int, data: int, host: bool) -> int: ...
+
+    def bulk_kind(self, index: int) -> str | None:
+        """The group whose host writes ``bulk_ok`` checks for a whole batch at once; None for the others."""
+
+    def bulk_ok(self, kind: str, indices: Sequence[int], values: Sequence[int]) -> bool:
+        """True when each host write of ``values[i]`` to ``indices[i]`` (all of group ``kind``) would store the
+        value verbatim under its index in ``stored``, return OK and record nothing; False when any might not (the
+        batch then runs entry by entry, so False is always safe)."""
+
+    def bulk_read_ok(self, kind: str, indices: Sequence[int]) -> bool:
+        """True when each host read of ``indices`` (all of group ``kind``) would give ``stored[index]`` and record
+        nothing (False is always safe, as for ``bulk_ok``)."""
+
+    def read_source(self, index: int) -> tuple[dict[int, int], int, int] | None:
+        """Where a host read of ``index`` always finds its value, ``(dict, key, default)`` for ``dict.get``, when its
+        getter reads nothing else and never fails; None when the getter must run."""
 
 
 def canonical(value: int, bits: int) -> int:
@@ -85,6 +112,9 @@ class Family:
         return None
 
     def bulk_ok(self, kind: str, indices: Sequence[int], values: Sequence[int]) -> bool:
+        return False
+
+    def bulk_read_ok(self, kind: str, indices: Sequence[int]) -> bool:
         return False
 
     def read_source(self, index: int) -> tuple[dict[int, int], int, int] | None:

@@ -110,6 +110,9 @@ class PvMceMsrs(Family):
             return False
         return kind == "mc_bank" or _MC_CTL_OK.issuperset(values)
 
+    def bulk_read_ok(self, kind: str, indices: Sequence[int]) -> bool:
+        return max(indices) < 0x400 + 4 * (self.rules.stored[MSR_MCG_CAP] & 0xFF)
+
     # -- KVM PV MSRs (x86.c:3551-3617, 3132 kvm_pv_enable_async_pf; lapic.c kvm_lapic_set_pv_eoi) --
     def _set_async_pf_en(self, index: int, data: int, host: bool) -> int:
         if data & 0x30 or (data and not self.lapic_in_kernel()):

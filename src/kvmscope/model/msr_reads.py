@@ -6,14 +6,14 @@ from __future__ import annotations
 import errno
 import struct
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from .. import msrs as M
 from .. import uapi
 from ..api import LITTLE_ENDIAN, MsrBatch
 from ..errors import ClosedError, KvmError
-from .msr_family import Family
+from .msr_family import Family, MsrFamily
 from .msr_rules import MSR_ALIASES, MSR_MISC_FEATURES_ENABLES, OK, VM_WIDE_MSRS, MsrRules
 
 if TYPE_CHECKING:
@@ -30,8 +30,11 @@ Plain = tuple[int, int, int]  # (how, key, the profile's default)
 
 Getter = Callable[[int, bool], tuple[int, int]]
 # A read plan: for each entry, the dict its value is in, its key and its default (map(dict.get, ...)); the entries
-# read through the rules (position, index).
-ReadPlan = tuple[tuple[dict[int, int], ...], tuple[int, ...], tuple[int, ...], "tuple[tuple[int, int, Getter | None], ...]"]
+# read through the rules (position, index); the checks that let the grouped entries be read in bulk (each the family's
+# ``bulk_read_ok``, the group and its indices; when one fails the batch is read entry by entry).
+ReadPlan = tuple[
+    tuple[dict[int, int], ...], tuple[int, ...], tuple[int, ...], "tuple[tuple[int, int, Getter | None], ...]",
+    "tuple[tuple[Callable[[str, Sequence[int]], bool], str, tuple[int, ...]], ...]"]
 
 
 def plain_msrs(rules: MsrRules) -> dict[int, Plain]:
@@ -76,7 +79,9 @@ class ReadingMsrRules(MsrRules):
         if not LITTLE_ENDIAN:
             return self._get_one_by_one(batch, strict)
         key = batch.words32[2::4].tobytes()
-        dicts, keys, defaults, ruled = self.read_plans.get(key) or self._read_plan(key)
+        dicts, keys, defaults, ruled, guards = self.read_plans.get(key) or self._read_plan(key)
+        if guards and not all(ok(kind, indices) for ok, kind, indices in guards):
+            return self._get_one_by_one(batch, strict)
         if not ruled:  # all plain: every value in one C-level pass, written back in one
             batch.words64[2::2] = array("Q", map(dict.get, dicts, keys, defaults))
             return n
@@ -111,9 +116,16 @@ class ReadingMsrRules(MsrRules):
         indices = struct.unpack(f"<{len(key) // 4}I", key)
         stores = {STORE: self.stored, VM_WIDE: self.vm.msrs, ZERO: self.stored, DROP: {}}
         dicts, keys, defaults, ruled = [], [], [], []
+        groups: dict[tuple[int, str], tuple[MsrFamily, list[int]]] = {}
         for pos, index in enumerate(indices):
             plain = self.plain.get(index)
             source = self._read_source(index) if plain is None else None
+            family = self.families.get(index) if plain is None and source is None else None
+            group = family.bulk_kind(index) if family is not None and self._read_source_allowed(index) else None
+            if group is not None:  # read from stored in bulk when the family's check passes for the whole group
+                assert family is not None
+                groups.setdefault((id(family), group), (family, []))[1].append(index)
+                source = (self.stored, index, 0)
             if source is not None:  # a getter that only ever reads one dict: read in bulk like a plain MSR
                 dicts.append(source[0])
                 keys.append(source[1])
@@ -128,7 +140,8 @@ class ReadingMsrRules(MsrRules):
                 dicts.append(stores[how])
                 keys.append(k if how != DROP else index)
                 defaults.append(default)
-        plan = (tuple(dicts), tuple(keys), tuple(defaults), tuple(ruled))
+        guards = tuple((family.bulk_read_ok, kind, tuple(group)) for (_, kind), (family, group) in groups.items())
+        plan = (tuple(dicts), tuple(keys), tuple(defaults), tuple(ruled), guards)
         if len(self.read_plans) >= PLAN_CACHE:
             self.read_plans.clear()
         self.read_plans[key] = plan
@@ -137,10 +150,14 @@ class ReadingMsrRules(MsrRules):
     def _read_source(self, index: int) -> tuple[dict[int, int], int, int] | None:
         """Where ``access_get`` always finds ``index``'s value, for a family getter that reads one dict and never
         fails (``Family.read_source``); None for the others."""
-        if index == MSR_MISC_FEATURES_ENABLES or M.VMX_FIRST <= index <= M.VMX_LAST:
+        if not self._read_source_allowed(index):
             return None
         family = self.families.get(index)
-        return family.read_source(index) if isinstance(family, Family) else None
+        return family.read_source(index) if family is not None else None
+
+    def _read_source_allowed(self, index: int) -> bool:
+        """Whether ``host_get`` hands ``index`` to its family: not for MISC_FEATURES_ENABLES or a VMX MSR."""
+        return index != MSR_MISC_FEATURES_ENABLES and not M.VMX_FIRST <= index <= M.VMX_LAST
 
     def _direct_get(self, index: int) -> Getter | None:
         """The host-side read handler of ``index``'s emulated family, which ``access_get`` reaches for it (a failed

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from .. import msrs as M
 from .. import uapi
@@ -22,6 +22,7 @@ from ..api import CpuidEntry, find_cpuid
 from ..kernel import rulesets as R
 from . import cpuid as C
 from . import msr_misc, msr_pv, mtrr, vmx
+from .msr_family import MsrFamily
 
 if TYPE_CHECKING:
     from .vcpu import ModelVcpu
@@ -50,25 +51,6 @@ MSR_APIC_BASE = 0x1B
 FAMILY_MSRS = msr_misc.ALL_INDICES | msr_pv.ALL_INDICES | mtrr.ALL_INDICES
 _PLATFORM_INFO = M.MSR_PLATFORM_INFO
 _CPUID_FAULT = M.PLATFORM_INFO_CPUID_FAULT
-
-
-class MsrFamily(Protocol):
-    """A family of MSRs with rules of their own: ``get`` gives (code, value), ``set`` the code; ``host`` is
-    ``host_initiated``."""
-
-    indices: frozenset[int]
-
-    def get(self, index: int, host: bool) -> tuple[int, int]: ...
-
-    def set(self, index: int, data: int, host: bool) -> int: ...
-
-    def bulk_kind(self, index: int) -> str | None:
-        """The group whose host writes ``bulk_ok`` checks for a whole batch at once; None for the others."""
-
-    def bulk_ok(self, kind: str, indices: Sequence[int], values: Sequence[int]) -> bool:
-        """True when each host write of ``values[i]`` to ``indices[i]`` (all of group ``kind``) would store the
-        value verbatim under its index in ``stored``, return OK and record nothing; False when any might not (the
-        batch then runs entry by entry, so False is always safe)."""
 
 
 class MsrRules:

@@ -57,6 +57,7 @@ def reserved_gpa_bits(rules: MsrRules) -> int:
 
 
 _VALID_TYPES = frozenset({0, 1, 4, 5, 6})
+_CONSTANT: dict[int, int] = {}  # read_source of MTRRcap: never holds a key, so its default comes back
 
 
 def mtrr_valid(rules: MsrRules, index: int, data: int, reserved: int | None = None) -> bool:
@@ -125,6 +126,14 @@ class MtrrMsrs:
         if any(map(and_, values, repeat(reserved))):
             return False
         return kind == "mask" or _VALID_TYPES.issuperset(raw[::8])  # PHYSBASE: the type in each low byte
+
+    def bulk_read_ok(self, kind: str, indices: Sequence[int]) -> bool:
+        return False  # read_source covers every MTRR read
+
+    def read_source(self, index: int) -> tuple[dict[int, int], int, int] | None:
+        if index == MSR_MTRRCAP:
+            return _CONSTANT, index, MTRRCAP_VALUE
+        return (self.rules.stored, index, 0) if index in MTRRS or index == MSR_PAT else None
 
     def set(self, index: int, data: int, host: bool) -> int:
         rules = self.rules
