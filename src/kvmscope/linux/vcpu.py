@@ -29,6 +29,7 @@ from ..api import (
     Vcpu,
     WrmsrExit,
     as_batch,
+    not_a_batch,
 )
 from ..errors import ClosedError, KvmError
 from ._cpuid import decode_cpuid, encode_cpuid
@@ -243,6 +244,8 @@ class LinuxVcpu(VcpuStateIoctls, Vcpu):
             done: int = _fcntl_ioctl(self._fd, _KVM_GET_MSRS, batch.raw, True)
         except OSError as e:
             raise self._ioctl_error(e, "KVM_GET_MSRS") from None
+        except AttributeError:  # not an MsrBatch (checked here: free when the batch is right)
+            raise not_a_batch("Vcpu.get_msrs", batch) from None
         except ValueError:  # fd -1: closed
             raise ClosedError("this vCPU is closed") from None
         if strict and done != batch.nmsrs:  # the slot, not len(): this is the hot path
