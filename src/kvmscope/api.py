@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 from . import argcheck, uapi
 from . import msrs as _msrs
 from .errors import ClosedError, InvalidTypeError, InvalidValueError, MsrReadError, MsrWriteError
-from .memory import MemoryRegion, check_region, find_region
+from .memory import DEFAULT_NR_SLOTS, MemoryRegion, check_region, find_region
 
 if TYPE_CHECKING:
     from .kernel.rulesets import Rule
@@ -607,12 +607,14 @@ class Vm(_Closable, ABC):
             return bool(self.regions)
         return any(r.contains(guest_phys_addr, length) for r in self.regions)
 
-    def _claim_slot(self, guest_phys_addr: int, size: int, slot: int | None) -> int:
+    def _claim_slot(self, guest_phys_addr: int, size: int, slot: int | None, flags: int = 0) -> int:
         """Validate a new region as KVM_SET_USER_MEMORY_REGION would, before anything is mapped; return its slot."""
         self._check_open()
         if slot is None:
             slot = max((r.slot for r in self.regions), default=-1) + 1
-        check_region(self.regions, guest_phys_addr, size, slot)
+        check_region(self.regions, guest_phys_addr, size, slot, flags,
+                     self.check_extension(uapi.KVM_CAP_NR_MEMSLOTS) or DEFAULT_NR_SLOTS,
+                     self.check_extension(uapi.KVM_CAP_MULTI_ADDRESS_SPACE))
         return slot
 
     def memory(self, guest_phys_addr: int, length: int) -> memoryview:

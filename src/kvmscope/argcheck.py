@@ -142,6 +142,12 @@ def filter_range(where: str, name: str, value: Any) -> None:
                                  strict=True):
         check(where, f"{name}.{part}", item)
     byteslike(where, f"{name}.bitmap", value[3])
+    # The kernel copies BITS_TO_LONGS(nmsrs) longs of bitmap when that is at most KVM_MSR_FILTER_MAX_BITMAP_SIZE
+    # (kvm_add_msr_filter, x86.c:6373-6378 in 6.12): the bitmap given must cover the nmsrs it claims.
+    nmsrs, bitmap = value[2], value[3]
+    if 0 < nmsrs <= 8 * uapi.KVM_MSR_FILTER_MAX_BITMAP_SIZE and len(bitmap) * 8 < nmsrs:
+        raise value_error(where, f"{name}.bitmap", f"at least {(nmsrs + 7) // 8} bytes (one bit per MSR of nmsrs "
+                          f"{nmsrs})", f"{len(bitmap)} bytes")
 
 
 # The value types of api.py (CpuidEntry, MsrBatch), given by api.py itself: this module sits below it.
