@@ -121,10 +121,10 @@ def as_batch(entries: MsrBatch | MsrItems) -> MsrBatch:
     return entries if isinstance(entries, MsrBatch) else MsrBatch(entries)
 
 
-def not_a_batch(where: str, value: object) -> InvalidTypeError:
-    """The error of a batch ioctl given something other than an :class:`MsrBatch` (raised from the except branch of
-    the hot path, so that the check costs nothing when the batch is right)."""
-    return argcheck.type_error(where, "batch", "a kvmscope.api.MsrBatch (read_msrs takes a list)", value)
+def not_a_batch(method: str, value: object) -> InvalidTypeError:
+    """The error of a vCPU's batch ioctl ``method`` given something other than an :class:`MsrBatch` (raised from the
+    except branch of the hot path, so that the check costs nothing when the batch is right)."""
+    return argcheck.type_error(f"Vcpu.{method}", "batch", "a kvmscope.api.MsrBatch (read_msrs takes a list)", value)
 
 
 # --- CPUID ---------------------------------------------------------------------------------------------------------------
@@ -612,13 +612,24 @@ class Vm(_Closable, ABC):
         self._check_open()
         if slot is None:
             slot = max((r.slot for r in self.regions), default=-1) + 1
-        check_region(self.regions, guest_phys_addr, size, slot, flags,
-                     self.check_extension(uapi.KVM_CAP_NR_MEMSLOTS) or DEFAULT_NR_SLOTS,
-                     self.check_extension(uapi.KVM_CAP_MULTI_ADDRESS_SPACE))
+        check_region(self.regions, guest_phys_addr, size, slot, flags, *self._memslot_limits())
         return slot
+
+    _limits: tuple[int, int] | None = None
+
+    def _memslot_limits(self) -> tuple[int, int]:
+        """KVM_CAP_NR_MEMSLOTS and KVM_CAP_MULTI_ADDRESS_SPACE of this VM, asked once (they do not change)."""
+        if self._limits is None:
+            self._limits = (self.check_extension(uapi.KVM_CAP_NR_MEMSLOTS) or DEFAULT_NR_SLOTS,
+                            self.check_extension(uapi.KVM_CAP_MULTI_ADDRESS_SPACE))
+        return self._limits
 
     def memory(self, guest_phys_addr: int, length: int) -> memoryview:
         """A live view of guest memory inside one region (valid while the VM is open)."""
+        return self._view(guest_phys_addr, length)
+
+    def _view(self, guest_phys_addr: int, length: int) -> memoryview:
+        # The arguments were checked by the public method that called this one (argcheck): no second check.
         self._check_open()
         r = find_region(self.regions, guest_phys_addr, length)
         off = guest_phys_addr - r.guest_phys_addr
@@ -626,12 +637,12 @@ class Vm(_Closable, ABC):
 
     def read_memory(self, guest_phys_addr: int, length: int) -> bytes:
         """A copy of guest memory inside one region."""
-        with self.memory(guest_phys_addr, length) as view:
+        with self._view(guest_phys_addr, length) as view:
             return bytes(view)
 
     def write_memory(self, guest_phys_addr: int, data: bytes) -> None:
         """Write ``data`` to guest memory inside one region."""
-        with self.memory(guest_phys_addr, len(data)) as view:
+        with self._view(guest_phys_addr, len(data)) as view:
             view[:] = data
 
     @abstractmethod

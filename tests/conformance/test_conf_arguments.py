@@ -535,3 +535,15 @@ def test_guest_memory_is_lazy(kvm: System) -> None:
         assert grown < 16 * 1024, f"{kvm.backend}: a 4 GiB slot with one page written grew RSS by {grown} KiB"
         assert vm.read_memory((4 << 30) - 4096, 9) == b"last page", "the written page reads back"
         assert vm.read_memory(1 << 31, 4) == bytes(4), "an untouched page reads as zeros"
+
+
+@pytest.mark.parametrize("kwargs", [{"profile": 5}, {"profile": b"pvm-6.18"}, {"profile": ["pvm-6.18"]},
+                                    {"kernel": 5}, {"kernel": b"6.18"}, {"kernel": 6.18}],
+                         ids=["profile=5", "profile=bytes", "profile=list", "kernel=5", "kernel=bytes", "kernel=float"])
+def test_open_model_wrong_types_are_typed(kwargs: dict[str, Any]) -> None:
+    """The model's constructor: a profile or kernel of the wrong type is a kvmscope error naming it."""
+    with pytest.raises(KvmscopeError) as info:
+        open_model(**kwargs)
+    assert isinstance(info.value, ValueError), f"open_model({kwargs}): expected a ValueError kind, saw {info.value!r}"
+    name = next(iter(kwargs))
+    assert name in str(info.value), f"open_model({kwargs}): the message names {name}: {info.value}"

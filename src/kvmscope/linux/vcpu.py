@@ -245,7 +245,7 @@ class LinuxVcpu(VcpuStateIoctls, Vcpu):
         except OSError as e:
             raise self._ioctl_error(e, "KVM_GET_MSRS") from None
         except AttributeError:  # not an MsrBatch (checked here: free when the batch is right)
-            raise not_a_batch("Vcpu.get_msrs", batch) from None
+            raise not_a_batch("get_msrs", batch) from None
         except ValueError:  # fd -1: closed
             raise ClosedError("this vCPU is closed") from None
         if strict and done != batch.nmsrs:  # the slot, not len(): this is the hot path

@@ -126,7 +126,7 @@ class BatchedMsrRules(MsrRules):
         try:
             n = batch.nmsrs
         except AttributeError:  # not an MsrBatch: checked here, where it costs nothing when the batch is right
-            raise not_a_batch("Vcpu.get_msrs", batch) from None
+            raise not_a_batch("get_msrs", batch) from None
         if n >= uapi.MAX_IO_MSRS:
             raise KvmError(errno.E2BIG, "KVM_GET_MSRS")
         if not LITTLE_ENDIAN:
