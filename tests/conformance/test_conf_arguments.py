@@ -547,3 +547,37 @@ def test_open_model_wrong_types_are_typed(kwargs: dict[str, Any]) -> None:
     assert isinstance(info.value, ValueError), f"open_model({kwargs}): expected a ValueError kind, saw {info.value!r}"
     name = next(iter(kwargs))
     assert name in str(info.value), f"open_model({kwargs}): the message names {name}: {info.value}"
+
+
+EXTREMES = (0, 1, 2**31 - 1, 2**32 - 1, 2**64 - 1)
+
+
+def _outcome(system: System, on: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    with system.create_vm() as vm:
+        target = {"system": system, "vm": vm, "vcpu": vm.create_vcpu(0)}[on]
+        try:
+            getattr(target, method)(*args, **kwargs)
+        except KvmError as e:
+            return f"KvmError {errno.errorcode.get(e.errno or 0, e.errno)}"
+        except KvmscopeError as e:
+            return type(e).__name__
+        return "ok"
+
+
+def test_in_range_extremes_agree_on_both_backends(live: LinuxSystem, both: dict[str, dict[str, Any]]) -> None:
+    """The other side of the checks: every integer argument at the edges its check accepts (0, 1, 2**31-1, 2**32-1,
+    2**64-1) gives the same outcome on the live kernel and the model (success, the same errno, or the same kvmscope
+    error), never an untyped one. Found and fixed this way: the model's KVM_GET_DIRTY_LOG slot check, irqfd deassign
+    of a non-eventfd, KVM_SET_TSC_KHZ of 0 and of a faster rate."""
+    diffs = []
+    for method, (on, args, kwargs) in sorted(VALID.items()):
+        spec = argcheck.checks()[method]
+        names = [p.name for p in list(inspect.signature(getattr(type(both["model"][on]), method)).parameters.values())
+                 [1:]]
+        for i, name in enumerate(names[: len(args)]):
+            for value in (v for v in EXTREMES if name in spec and not _bad_for(spec[name], v)):
+                call = (*args[:i], value, *args[i + 1:])
+                got = {b: _outcome(objects["system"], on, method, call, kwargs) for b, objects in both.items()}
+                if got["linux"] != got["model"]:
+                    diffs.append(f"{method}({name}={value:#x}): {got}")
+    assert not diffs, "the backends differ at the edges of the accepted ranges:\n" + "\n".join(diffs)
