@@ -171,6 +171,9 @@ def _checks() -> dict[str, dict[str, Check]]:
         "add_memory": {"guest_phys_addr": GPA, "size": LENGTH,
                        "slot": optional(field(u.kvm_userspace_memory_region, "slot")),
                        "flags": field(u.kvm_userspace_memory_region, "flags")},
+        "set_user_memory_region": {  # the live backend's raw KVM_SET_USER_MEMORY_REGION: ctypes would truncate
+            "slot": field(u.kvm_userspace_memory_region, "slot"), "flags": field(u.kvm_userspace_memory_region, "flags"),
+            "guest_phys_addr": GPA, "size": LENGTH, "host_addr": field(u.kvm_userspace_memory_region, "userspace_addr")},
         "has_memory": {"guest_phys_addr": optional(GPA), "length": LENGTH},
         "memory": {"guest_phys_addr": GPA, "length": LENGTH},
         "read_memory": {"guest_phys_addr": GPA, "length": LENGTH},

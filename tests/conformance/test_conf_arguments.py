@@ -581,3 +581,18 @@ def test_in_range_extremes_agree_on_both_backends(live: LinuxSystem, both: dict[
                 if got["linux"] != got["model"]:
                     diffs.append(f"{method}({name}={value:#x}): {got}")
     assert not diffs, "the backends differ at the edges of the accepted ranges:\n" + "\n".join(diffs)
+
+
+def test_backend_only_methods_are_checked_too(live: LinuxSystem) -> None:
+    """The live backend's raw KVM_SET_USER_MEMORY_REGION (ctypes would truncate 2**32 to slot 0) and the model's
+    attach_program take the same typed errors."""
+    with live.create_vm() as vm:
+        for args, error in (((2**32, 0, 0, 4096, 0), V), ((0, None, 0, 4096, 0), T), ((0, 0, -4096, 4096, 0), V)):
+            with pytest.raises(KvmscopeError) as info:
+                vm.set_user_memory_region(*args)
+            assert type(info.value) is error, f"set_user_memory_region{args}: expected {error.__name__}, " \
+                                              f"saw {info.value!r}"
+    model = open_model(profile=PROFILE)
+    with pytest.raises(InvalidTypeError) as info:
+        model.create_vm().create_vcpu(0).attach_program(None)  # type: ignore[arg-type]
+    assert info.value.argument == "program", f"attach_program(None): {info.value}"
