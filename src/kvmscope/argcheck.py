@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from . import uapi
 from .errors import InvalidTypeError, InvalidValueError
@@ -244,38 +244,45 @@ def checks() -> dict[str, dict[str, Check]]:
     return _CHECKS
 
 
-def _plan(func: Callable[..., Any], spec: Mapping[str, Check]) -> tuple[tuple[str, int, Check], ...]:
-    """(argument, position after self or -1 for *args, check) from the implementation's own signature."""
+def checked(func: Callable[..., Any], where: str, spec: Mapping[str, Check]) -> Callable[..., Any]:
+    """``func`` with its arguments checked first. The wrapper is generated with ``func``'s own parameters (defaults
+    included), so that a call costs one extra frame and one call per checked argument, not a loop over ``*args``."""
     import inspect
 
-    out = []
     params = list(inspect.signature(func).parameters.values())[1:]
-    for pos, p in enumerate(params):
-        if p.kind is p.VAR_POSITIONAL and "*args" in spec:
-            out.append(("*args", pos, spec["*args"]))
-        elif p.name in spec:
-            out.append((p.name, pos if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) else -2, spec[p.name]))
-    return tuple(out)
-
-
-def checked(func: Callable[..., Any], where: str, spec: Mapping[str, Check]) -> Callable[..., Any]:
-    """``func`` with its arguments checked first (a cold path: a loop over a few names per call)."""
-    plan = _plan(func, spec)
-
-    @functools.wraps(func)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        for name, pos, check in plan:
-            if name == "*args":
-                for i, value in enumerate(args[pos:]):
-                    check(where, f"args[{i}]", value)
-            elif 0 <= pos < len(args):
-                check(where, name, args[pos])
-            elif name in kwargs:
-                check(where, name, kwargs[name])
-        return func(self, *args, **kwargs)
-
-    wrapper.__kvmscope_checked__ = True  # type: ignore[attr-defined]
-    return wrapper
+    namespace: dict[str, Any] = {"_func": func, "_where": where}
+    head, call, lines = [], [], []
+    star = False
+    for p in params:
+        if p.default is not p.empty:
+            namespace[f"_d_{p.name}"] = p.default
+        default = f"=_d_{p.name}" if p.default is not p.empty else ""
+        if p.kind is p.VAR_POSITIONAL:
+            head.append(f"*{p.name}")
+            call.append(f"*{p.name}")
+            star = True
+            if "*args" in spec:
+                namespace["_c_args"] = spec["*args"]
+                lines.append(f"    for _i, _v in enumerate({p.name}):\n        _c_args(_where, f'args[{{_i}}]', _v)")
+            continue
+        if p.kind is p.VAR_KEYWORD:
+            head.append(f"**{p.name}")
+            call.append(f"**{p.name}")
+            continue
+        if p.kind is p.KEYWORD_ONLY and not star:
+            head.append("*")
+            star = True
+        head.append(f"{p.name}{default}")
+        call.append(f"{p.name}={p.name}" if p.kind is p.KEYWORD_ONLY else p.name)
+        if p.name in spec:
+            namespace[f"_c_{p.name}"] = spec[p.name]
+            lines.append(f"    _c_{p.name}(_where, {p.name!r}, {p.name})")
+    source = (f"def wrapper(self, {', '.join(head)}):\n" + "\n".join(lines)
+              + f"\n    return _func(self, {', '.join(call)})\n")
+    exec(source, namespace)  # noqa: S102 - code built above from the signature's parameter names only
+    wrapper: Any = functools.wraps(func)(namespace["wrapper"])
+    wrapper.__kvmscope_checked__ = True
+    return cast(Callable[..., Any], wrapper)
 
 
 def install(cls: type, kind: str) -> None:
