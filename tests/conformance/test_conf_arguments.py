@@ -12,6 +12,7 @@ import errno
 import fcntl
 import inspect
 import mmap
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -493,7 +494,8 @@ def test_every_public_method_with_arguments_is_checked() -> None:
                 assert name in VALID, f"{cls.__name__}.{name}: the property test needs a valid call for it"
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("KVMSCOPE_FUZZ_EXAMPLES", "300")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_drawn_bad_arguments_fail_alike_on_both_backends(live: LinuxSystem, both: dict[str, dict[str, Any]],
                                                          data: st.DataObject) -> None:
