@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
+from . import argcheck, uapi
 from . import msrs as _msrs
-from . import uapi
-from .errors import ClosedError, InvalidValueError, MsrReadError, MsrWriteError
-from .memory import MemoryRegion, check_region, find_region
+from .errors import ClosedError, InvalidTypeError, InvalidValueError, MsrReadError, MsrWriteError
+from .memory import DEFAULT_NR_SLOTS, MemoryRegion, check_region, find_region
 
 if TYPE_CHECKING:
     from .kernel.rulesets import Rule
@@ -52,6 +52,9 @@ class MsrBatch:
 
     def __init__(self, entries: Iterable[MsrSpec | tuple[MsrSpec, int]] | Mapping[MsrSpec, int] = ()) -> None:
         items: list[tuple[int, int]] = []
+        if isinstance(entries, (str, bytes, bytearray)) or not isinstance(entries, Iterable):
+            raise argcheck.type_error("MsrBatch", "entries", "MSRs (names or indices), (msr, value) pairs or a mapping",
+                                      entries)
         source: Iterable[Any] = entries.items() if isinstance(entries, Mapping) else entries
         for entry in source:
             if isinstance(entry, tuple):
@@ -116,6 +119,12 @@ class MsrBatch:
 
 def as_batch(entries: MsrBatch | MsrItems) -> MsrBatch:
     return entries if isinstance(entries, MsrBatch) else MsrBatch(entries)
+
+
+def not_a_batch(method: str, value: object) -> InvalidTypeError:
+    """The error of a vCPU's batch ioctl ``method`` given something other than an :class:`MsrBatch` (raised from the
+    except branch of the hot path, so that the check costs nothing when the batch is right)."""
+    return argcheck.type_error(f"Vcpu.{method}", "batch", "a kvmscope.api.MsrBatch (read_msrs takes a list)", value)
 
 
 # --- CPUID ---------------------------------------------------------------------------------------------------------------
@@ -301,10 +310,23 @@ class OtherExit(Exit):
 
 # --- objects ----------------------------------------------------------------------------------------------------------------
 
+_INTERFACES = ("System", "Vm", "Vcpu")
+
+
+argcheck.TYPES.update(CpuidEntry=CpuidEntry, MsrBatch=MsrBatch)
+
 
 class _Closable:
     _closed: bool = False
     _kind: ClassVar[str] = "object"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every class implementing System, Vm or Vcpu (a backend, or the interface's own concrete methods) gets the
+        # same argument checks (argcheck): the backends cannot drift on what they take.
+        super().__init_subclass__(**kwargs)
+        api = next((c.__name__ for c in cls.__mro__ if c.__module__ == __name__ and c.__name__ in _INTERFACES), None)
+        if api is not None:
+            argcheck.install(cls, api)
 
     @property
     def closed(self) -> bool:
@@ -533,7 +555,7 @@ class Vcpu(_Closable, ABC):
 
     def read_msrs(self, msrs: Iterable[MsrSpec]) -> dict[int, int]:
         """Read MSRs by name or index; raise :class:`MsrReadError` naming the first refused MSR."""
-        batch = msrs if isinstance(msrs, MsrBatch) else MsrBatch(list(msrs))
+        batch = msrs if isinstance(msrs, MsrBatch) else MsrBatch(msrs)
         self.get_msrs(batch, strict=True)
         return batch.to_dict()
 
@@ -585,16 +607,29 @@ class Vm(_Closable, ABC):
             return bool(self.regions)
         return any(r.contains(guest_phys_addr, length) for r in self.regions)
 
-    def _claim_slot(self, guest_phys_addr: int, size: int, slot: int | None) -> int:
+    def _claim_slot(self, guest_phys_addr: int, size: int, slot: int | None, flags: int = 0) -> int:
         """Validate a new region as KVM_SET_USER_MEMORY_REGION would, before anything is mapped; return its slot."""
         self._check_open()
         if slot is None:
             slot = max((r.slot for r in self.regions), default=-1) + 1
-        check_region(self.regions, guest_phys_addr, size, slot)
+        check_region(self.regions, guest_phys_addr, size, slot, flags, *self._memslot_limits())
         return slot
+
+    _limits: tuple[int, int] | None = None
+
+    def _memslot_limits(self) -> tuple[int, int]:
+        """KVM_CAP_NR_MEMSLOTS and KVM_CAP_MULTI_ADDRESS_SPACE of this VM, asked once (they do not change)."""
+        if self._limits is None:
+            self._limits = (self.check_extension(uapi.KVM_CAP_NR_MEMSLOTS) or DEFAULT_NR_SLOTS,
+                            self.check_extension(uapi.KVM_CAP_MULTI_ADDRESS_SPACE))
+        return self._limits
 
     def memory(self, guest_phys_addr: int, length: int) -> memoryview:
         """A live view of guest memory inside one region (valid while the VM is open)."""
+        return self._view(guest_phys_addr, length)
+
+    def _view(self, guest_phys_addr: int, length: int) -> memoryview:
+        # The arguments were checked by the public method that called this one (argcheck): no second check.
         self._check_open()
         r = find_region(self.regions, guest_phys_addr, length)
         off = guest_phys_addr - r.guest_phys_addr
@@ -602,12 +637,12 @@ class Vm(_Closable, ABC):
 
     def read_memory(self, guest_phys_addr: int, length: int) -> bytes:
         """A copy of guest memory inside one region."""
-        with self.memory(guest_phys_addr, length) as view:
+        with self._view(guest_phys_addr, length) as view:
             return bytes(view)
 
     def write_memory(self, guest_phys_addr: int, data: bytes) -> None:
         """Write ``data`` to guest memory inside one region."""
-        with self.memory(guest_phys_addr, len(data)) as view:
+        with self._view(guest_phys_addr, len(data)) as view:
             view[:] = data
 
     @abstractmethod
@@ -768,7 +803,7 @@ class System(_Closable, ABC):
 
     def read_feature_msrs(self, msrs: Iterable[MsrSpec] | None = None) -> dict[int, int]:
         """The feature MSRs' values (all of them by default); raise :class:`MsrReadError` on a short count."""
-        batch = MsrBatch(list(msrs) if msrs is not None else self.get_msr_feature_index_list())
+        batch = MsrBatch(msrs if msrs is not None else self.get_msr_feature_index_list())
         done = self.get_feature_msrs(batch)
         if done != len(batch):
             index, _ = batch[done]

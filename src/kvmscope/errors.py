@@ -53,7 +53,32 @@ class MsrLookupError(KvmscopeError, KeyError):
 
 
 class InvalidValueError(KvmscopeError, ValueError):
-    """An argument out of range for the kernel ABI (an MSR value beyond 64 bits, an index beyond 32 bits, ...)."""
+    """An argument out of range for the kernel ABI (an MSR value beyond 64 bits, an index beyond 32 bits, ...).
+
+    Where an API argument is at fault, ``argument`` names it, ``expected`` says what it takes and ``given`` is what it
+    got (all None for errors raised before these attributes existed, or not about one argument)."""
+
+    def __init__(self, message: str, *, argument: str | None = None, expected: str | None = None,
+                 given: object = None) -> None:
+        super().__init__(message)
+        self.argument = argument
+        self.expected = expected
+        self.given = given
+
+
+class InvalidTypeError(InvalidValueError, TypeError):
+    """An API argument of the wrong type (None, a str or float for an int, a list for a ctypes struct, ...): also a
+    ``TypeError``, so code that caught Python's own error keeps working."""
+
+
+class MemoryRegionError(KvmError, InvalidValueError):
+    """Guest memory that KVM_SET_USER_MEMORY_REGION (or the host ``mmap`` behind it) refuses, found before the ioctl:
+    carries the errno the kernel gives for it (EINVAL, EEXIST; ENOMEM when the host cannot map the size), so that it
+    is caught alike as a :class:`KvmError` or an :class:`InvalidValueError`."""
+
+    def __init__(self, err: int, ioctl: str, detail: str = "") -> None:
+        KvmError.__init__(self, err, ioctl, detail)
+        self.argument = self.expected = self.given = None
 
 
 class MsrAccessError(KvmscopeError):

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .errors import InvalidValueError, MsrLookupError
+from .errors import InvalidTypeError, InvalidValueError, MsrLookupError
 
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
@@ -323,7 +323,7 @@ def catalogue() -> list[Msr]:
 def check_index(index: int) -> int:
     """Return ``index`` if it is a valid 32-bit MSR index, else raise :class:`InvalidValueError`."""
     if isinstance(index, bool) or not isinstance(index, int):
-        raise InvalidValueError(f"MSR index must be an int, not {type(index).__name__} ({index!r})")
+        raise InvalidTypeError(f"MSR index must be an int, not {type(index).__name__} ({index!r:.60})")
     if not 0 <= index <= U32_MAX:
         raise InvalidValueError(f"MSR index {index:#x} is outside 0..0xffffffff")
     return index
@@ -332,7 +332,7 @@ def check_index(index: int) -> int:
 def check_value(value: int, what: str = "MSR value") -> int:
     """Return ``value`` if it fits in 64 bits unsigned, else raise :class:`InvalidValueError`."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidValueError(f"{what} must be an int, not {type(value).__name__} ({value!r})")
+        raise InvalidTypeError(f"{what} must be an int, not {type(value).__name__} ({value!r:.60})")
     if not 0 <= value <= U64_MAX:
         raise InvalidValueError(f"{what} {value:#x} is outside 0..0xffffffffffffffff (64 bits)")
     return value

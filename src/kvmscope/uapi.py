@@ -204,6 +204,10 @@ KVM_MSR_FILTER_READ: Final = 1 << 0
 KVM_MSR_FILTER_WRITE: Final = 1 << 1
 KVM_MSR_FILTER_DEFAULT_ALLOW: Final = 0
 KVM_MSR_FILTER_DEFAULT_DENY: Final = 1
+# arch/x86/include/uapi/asm/kvm.h: the flags each range and the filter take, and the largest bitmap one range reads.
+KVM_MSR_FILTER_RANGE_VALID_MASK: Final = KVM_MSR_FILTER_READ | KVM_MSR_FILTER_WRITE
+KVM_MSR_FILTER_VALID_MASK: Final = KVM_MSR_FILTER_DEFAULT_DENY
+KVM_MSR_FILTER_MAX_BITMAP_SIZE: Final = 0x600
 
 
 class kvm_msr_filter(ctypes.Structure):
@@ -877,6 +881,7 @@ KVM_CAP_SET_TSS_ADDR: Final = 4
 KVM_CAP_EXT_CPUID: Final = 7
 KVM_CAP_NR_VCPUS: Final = 9
 KVM_CAP_NR_MEMSLOTS: Final = 10
+KVM_CAP_MULTI_ADDRESS_SPACE: Final = 118
 KVM_CAP_PIT: Final = 11
 KVM_CAP_MP_STATE: Final = 14
 KVM_CAP_COALESCED_MMIO: Final = 15

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from .. import uapi
 from ..api import CpuidEntry, MsrBatch, System
-from ..errors import KvmError, KvmUnavailableError
+from ..errors import InvalidValueError, KvmError, KvmUnavailableError
 from ._cpuid import decode_cpuid, encode_cpuid
 from ._ioctl import ioctl_buf, ioctl_int
 from .vm import LinuxVm
@@ -126,6 +126,9 @@ class LinuxSystem(System):
     def msr_list_raw(self, request: int, nmsrs: int) -> tuple[int, list[int]]:
         """Call an index-list ioctl with a caller-chosen ``nmsrs``: return the count the kernel wrote back and the
         indices (raises :class:`KvmError` E2BIG when ``nmsrs`` is too small; the count is in ``e.detail``)."""
+        if request not in (uapi.KVM_GET_MSR_INDEX_LIST, uapi.KVM_GET_MSR_FEATURE_INDEX_LIST):
+            raise InvalidValueError(f"System.msr_list_raw: request must be KVM_GET_MSR_INDEX_LIST or "
+                                    f"KVM_GET_MSR_FEATURE_INDEX_LIST, not {request:#x}", argument="request")
         buf = bytearray(4 + 4 * nmsrs)
         struct.pack_into("<I", buf, 0, nmsrs)
         try:

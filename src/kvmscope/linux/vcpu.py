@@ -29,6 +29,7 @@ from ..api import (
     Vcpu,
     WrmsrExit,
     as_batch,
+    not_a_batch,
 )
 from ..errors import ClosedError, KvmError
 from ._cpuid import decode_cpuid, encode_cpuid
@@ -243,6 +244,8 @@ class LinuxVcpu(VcpuStateIoctls, Vcpu):
             done: int = _fcntl_ioctl(self._fd, _KVM_GET_MSRS, batch.raw, True)
         except OSError as e:
             raise self._ioctl_error(e, "KVM_GET_MSRS") from None
+        except AttributeError:  # not an MsrBatch (checked here: free when the batch is right)
+            raise not_a_batch("get_msrs", batch) from None
         except ValueError:  # fd -1: closed
             raise ClosedError("this vCPU is closed") from None
         if strict and done != batch.nmsrs:  # the slot, not len(): this is the hot path
@@ -269,7 +272,10 @@ class LinuxVcpu(VcpuStateIoctls, Vcpu):
 
     # -- CPUID --
     def get_cpuid(self, max_entries: int = uapi.KVM_MAX_CPUID_ENTRIES) -> list[CpuidEntry]:
-        buf = encode_cpuid([], capacity=max_entries)
+        # The header says max_entries (any u32); the buffer holds at most KVM_MAX_CPUID_ENTRIES, all a vCPU can have
+        # (kvm_vcpu_ioctl_set_cpuid2 refuses more, cpuid.c:562 in 6.12; get_cpuid2 copies cpuid_nent, cpuid.c:585).
+        buf = encode_cpuid([], capacity=min(max_entries, uapi.KVM_MAX_CPUID_ENTRIES))
+        struct.pack_into("<I", buf, 0, max_entries)
         ioctl_buf(self.fd, uapi.KVM_GET_CPUID2, buf)
         return decode_cpuid(buf, struct.unpack_from("<I", buf)[0])
 

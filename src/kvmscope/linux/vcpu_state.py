@@ -97,7 +97,7 @@ class VcpuStateIoctls:
         ioctl_buf(self.fd, uapi.KVM_SET_MP_STATE, uapi.kvm_mp_state(mp_state))
 
     def setup_mce(self, mcg_cap: int) -> None:
-        ioctl_buf(self.fd, uapi.KVM_X86_SETUP_MCE_TRACED, bytearray(struct.pack("<Q", mcg_cap & (1 << 64) - 1)))
+        ioctl_buf(self.fd, uapi.KVM_X86_SETUP_MCE_TRACED, bytearray(struct.pack("<Q", mcg_cap)))
 
     def get_nested_state(self, size: int = 0x2000 + 128) -> bytes:
         if size < ctypes.sizeof(uapi.kvm_nested_state):

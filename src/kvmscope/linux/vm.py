@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from .. import uapi
 from ..api import Vm
 from ..errors import InvalidValueError
-from ..memory import MemoryRegion, host_address
+from ..memory import MemoryRegion, host_address, map_guest_memory
 from ._ioctl import ioctl_buf, ioctl_int, ioctl_ulong
 from .vcpu import LinuxVcpu
 
@@ -72,8 +72,8 @@ class LinuxVm(Vm):
         self._slot_sizes[slot] = size  # KVM_GET_DIRTY_LOG's bitmap is sized from it (size 0 deletes the slot)
 
     def add_memory(self, guest_phys_addr: int, size: int, slot: int | None = None, flags: int = 0) -> int:
-        slot = self._claim_slot(guest_phys_addr, size, slot)
-        mem = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, mmap.PROT_READ | mmap.PROT_WRITE)
+        slot = self._claim_slot(guest_phys_addr, size, slot, flags)
+        mem = map_guest_memory(size, slot)
         try:
             self.set_user_memory_region(slot, flags, guest_phys_addr, size, host_address(mem))
         except BaseException:
@@ -100,9 +100,8 @@ class LinuxVm(Vm):
         f = uapi.kvm_msr_filter(flags=flags)
         keep = []
         for i, (rflags, base, nmsrs, bitmap) in enumerate(ranges):
-            if len(bitmap) * 8 < nmsrs:
-                raise InvalidValueError(f"filter range {i}: bitmap of {len(bitmap)} bytes covers fewer than {nmsrs}")
-            cbuf = ctypes.create_string_buffer(bytes(bitmap), len(bitmap))
+            # The kernel reads whole longs (BITS_TO_LONGS(nmsrs), x86.c:6373 in 6.12): pad to them.
+            cbuf = ctypes.create_string_buffer(bytes(bitmap), max(len(bitmap), (nmsrs + 63) // 64 * 8, 1))
             keep.append(cbuf)
             f.ranges[i] = uapi.kvm_msr_filter_range(rflags, nmsrs, base, ctypes.addressof(cbuf))
         ioctl_buf(self.fd, uapi.KVM_X86_SET_MSR_FILTER, f)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from .. import msrs as M
 from .. import uapi
-from ..api import LITTLE_ENDIAN, MsrBatch
+from ..api import LITTLE_ENDIAN, MsrBatch, not_a_batch
 from ..errors import ClosedError, KvmError
 from .msr_family import Family, MsrFamily
 from .msr_rules import MSR_ALIASES, MSR_MISC_FEATURES_ENABLES, OK, VM_WIDE_MSRS, MsrRules
@@ -73,7 +73,10 @@ class ReadingMsrRules(MsrRules):
     def get_msrs(self, batch: MsrBatch, strict: bool = False) -> int:
         if self.closed:
             raise ClosedError("this vCPU is closed")
-        n = batch.nmsrs
+        try:
+            n = batch.nmsrs
+        except AttributeError:  # not an MsrBatch: checked here, where it costs nothing when the batch is right
+            raise not_a_batch("get_msrs", batch) from None
         if n >= uapi.MAX_IO_MSRS:
             raise KvmError(errno.E2BIG, "KVM_GET_MSRS")
         if not LITTLE_ENDIAN:

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from .. import uapi
 from ..api import CpuidEntry, MsrBatch, System
-from ..errors import KvmError
+from ..errors import InvalidValueError, KvmError
 from ..kernel import rulesets as R
 from ..kernel.profile import Profile
 from ..kernel.rulesets import Ruleset
@@ -76,6 +76,9 @@ class ModelSystem(System):
 
     def msr_list_raw(self, request: int, nmsrs: int) -> tuple[int, list[int]]:
         """The index-list ioctls with a caller-chosen ``nmsrs`` (E2BIG when too small, the count in ``detail``)."""
+        if request not in (uapi.KVM_GET_MSR_INDEX_LIST, uapi.KVM_GET_MSR_FEATURE_INDEX_LIST):
+            raise InvalidValueError(f"System.msr_list_raw: request must be KVM_GET_MSR_INDEX_LIST or "
+                                    f"KVM_GET_MSR_FEATURE_INDEX_LIST, not {request:#x}", argument="request")
         full = self.get_msr_index_list() if request == uapi.KVM_GET_MSR_INDEX_LIST else self.get_msr_feature_index_list()
         if nmsrs < len(full):
             raise KvmError(errno.E2BIG, uapi.IOCTL_NAMES[request], f"kernel count {len(full)}")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from .. import uapi
 from ..api import CpuidEntry, Exit, InterruptedExit, IoExit, MsrBatch, MsrItems, Vcpu
-from ..errors import KvmError, KvmscopeError
+from ..errors import InvalidTypeError, KvmError, KvmscopeError
 from ..kernel import rulesets as R
 from ..program import Program
 from . import cpuid as C
@@ -94,6 +94,10 @@ class ModelVcpu(VcpuStateModel, Vcpu):
     def attach_program(self, program: Program) -> None:
         """Run ``program`` (kvmscope.program) on the next KVM_RUNs: the model interprets its operations directly."""
         self._check_open()
+        if not isinstance(program, Program):
+            raise InvalidTypeError(f"Vcpu.attach_program: program must be a kvmscope.program.Program, not "
+                                   f"{type(program).__name__} {program!r:.60}", argument="program",
+                                   expected="a kvmscope.program.Program", given=program)
         self._program = ProgramState(list(program.ops))
 
     def limitation(self, message: str) -> ModelLimitation:

@@ -22,6 +22,7 @@ from ..kernel.emulated import ASYNC_PF_EN_NEEDS_LAPIC, ASYNC_PF_INT_NEEDS_LAPIC
 from .fpu_state import FpuStateModel
 from .msr_rules import FAIL as _FAIL
 from .msr_rules import OK as _OK
+from .vm_devices import MODEL_TSC_KHZ
 
 if TYPE_CHECKING:
     from ..api import CpuidEntry, Exit
@@ -385,13 +386,18 @@ class VcpuStateModel(FpuStateModel):
         return self.tsc_khz
 
     def set_tsc_khz(self, khz: int) -> None:
-        """KVM_SET_TSC_KHZ: without TSC scaling (KVM_CAP_TSC_CONTROL 0) only the current rate is accepted."""
+        """KVM_SET_TSC_KHZ as x86.c (6.12) lines 5703-5720 and kvm_set_tsc_khz/set_tsc_khz (2010-2075) take it: 0 means
+        the host's rate; the rate is recorded (KVM_GET_TSC_KHZ reads it) before it is judged, so a refused one still
+        reads back (seen on the live kernel). Within tsc_tolerance_ppm (250) of the host's rate nothing is scaled;
+        without TSC scaling (KVM_CAP_TSC_CONTROL 0) a faster rate is caught up in software and a slower one is EINVAL.
+        The host's rate is the model's (MODEL_TSC_KHZ): profiles do not record it."""
         self._check_open()
-        if khz != self.tsc_khz and not self.profile.capability(uapi.KVM_CAP_TSC_CONTROL):
-            raise KvmError(errno.EINVAL, "KVM_SET_TSC_KHZ", "no TSC scaling on this host")
-        if not 0 < khz < 1 << 32:
-            raise KvmError(errno.EINVAL, "KVM_SET_TSC_KHZ")
+        host = MODEL_TSC_KHZ
+        khz = khz or host
         self.tsc_khz = khz
+        within = host * (1_000_000 - 250) // 1_000_000 <= khz <= host * (1_000_000 + 250) // 1_000_000
+        if not (within or khz > host or self.profile.capability(uapi.KVM_CAP_TSC_CONTROL)):
+            raise KvmError(errno.EINVAL, "KVM_SET_TSC_KHZ", "a rate below the host's without TSC scaling")
 
     def kvmclock_ctrl(self) -> None:
         """KVM_KVMCLOCK_CTRL: EINVAL unless the guest enabled kvmclock (MSR_KVM_SYSTEM_TIME_NEW bit 0)."""

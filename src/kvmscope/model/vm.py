@@ -10,7 +10,7 @@ from .. import uapi
 from ..api import Vm
 from ..errors import InvalidValueError, KvmError
 from ..kernel import rulesets as R
-from ..memory import MemoryRegion
+from ..memory import MemoryRegion, map_guest_memory
 from .vcpu import ModelLimitation, ModelVcpu
 from .vm_devices import VmDevicesModel
 
@@ -83,14 +83,32 @@ class ModelVm(VmDevicesModel, Vm):
             raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", "the model does not implement this capability")
 
     def set_msr_filter(self, flags: int, ranges: Sequence[tuple[int, int, int, bytes]]) -> None:
+        """KVM_X86_SET_MSR_FILTER with kvm_vm_ioctl_set_msr_filter's and kvm_add_msr_filter's checks (x86.c in 6.12,
+        lines 6392-6410 and 6358-6376; the same in 6.18): EINVAL for unknown filter flags, a default-deny filter
+        with no range, a range with unknown or no flags, or a bitmap over KVM_MSR_FILTER_MAX_BITMAP_SIZE. Ranges with
+        nmsrs 0 are skipped unchecked. The old filter stays when the new one is refused."""
         self._check_open()
         if len(ranges) > uapi.KVM_MSR_FILTER_MAX_RANGES:
             raise InvalidValueError(f"at most {uapi.KVM_MSR_FILTER_MAX_RANGES} MSR filter ranges")
-        self.msr_filter = (flags, tuple((f, b, n, bytes(bm)) for f, b, n, bm in ranges))
+        if flags & ~uapi.KVM_MSR_FILTER_VALID_MASK:
+            raise KvmError(errno.EINVAL, "KVM_X86_SET_MSR_FILTER", f"filter flags {flags:#x}")
+        used = [r for r in ranges if r[2]]
+        if not used and flags & uapi.KVM_MSR_FILTER_DEFAULT_DENY:
+            raise KvmError(errno.EINVAL, "KVM_X86_SET_MSR_FILTER", "default deny with no range")
+        for i, (rflags, _base, nmsrs, _bitmap) in enumerate(ranges):
+            if not nmsrs:
+                continue
+            if rflags & ~uapi.KVM_MSR_FILTER_RANGE_VALID_MASK or not rflags:
+                raise KvmError(errno.EINVAL, "KVM_X86_SET_MSR_FILTER", f"range {i} flags {rflags:#x}")
+            if (nmsrs + 63) // 64 * 8 > uapi.KVM_MSR_FILTER_MAX_BITMAP_SIZE:
+                raise KvmError(errno.EINVAL, "KVM_X86_SET_MSR_FILTER", f"range {i}: {nmsrs} MSRs need a bitmap over "
+                               f"{uapi.KVM_MSR_FILTER_MAX_BITMAP_SIZE:#x} bytes")
+        self.msr_filter = (flags, tuple((f, b, n, bytes(bm)) for f, b, n, bm in used))
 
     def add_memory(self, guest_phys_addr: int, size: int, slot: int | None = None, flags: int = 0) -> int:
-        slot = self._claim_slot(guest_phys_addr, size, slot)
-        self.regions.append(MemoryRegion(slot, guest_phys_addr, size, flags, bytearray(size)))
+        slot = self._claim_slot(guest_phys_addr, size, slot, flags)
+        # The same lazy anonymous mapping as the live backend: a 4 GiB slot costs nothing until its pages are touched.
+        self.regions.append(MemoryRegion(slot, guest_phys_addr, size, flags, map_guest_memory(size, slot)))
         return slot
 
     def fetch(self, gpa: int, length: int) -> bytes:

@@ -52,6 +52,8 @@ class VmDevicesModel:
 
         def _check_open(self) -> None: ...
 
+        def _memslot_limits(self) -> tuple[int, int]: ...
+
         def limitation(self, message: str) -> KvmscopeError: ...
 
     def reset_devices(self) -> None:
@@ -231,7 +233,10 @@ class VmDevicesModel:
         self._check_open()
         if flags & ~(uapi.KVM_IRQFD_FLAG_DEASSIGN | uapi.KVM_IRQFD_FLAG_RESAMPLE):
             raise KvmError(errno.EINVAL, "KVM_IRQFD")
-        if flags & uapi.KVM_IRQFD_FLAG_DEASSIGN:
+        if flags & uapi.KVM_IRQFD_FLAG_DEASSIGN:  # kvm_irqfd_deassign: the fd must be an eventfd even then
+            err = _eventfd_error(fd, "KVM_IRQFD")
+            if err:
+                raise err
             self.irqfds.discard((fd, gsi))
             return
         if not self.irqchip:
@@ -274,6 +279,11 @@ class VmDevicesModel:
         """KVM_GET_DIRTY_LOG: ENOENT for a slot without KVM_MEM_LOG_DIRTY_PAGES; no page is dirty until a vCPU runs
         (userspace writes are not logged). After a run the model cannot say which pages the guest wrote."""
         self._check_open()
+        # kvm_get_dirty_log_protect (virt/kvm/kvm_main.c): the address space (slot bits 31:16) and the slot id below
+        # KVM_USER_MEM_SLOTS are EINVAL; only then is a missing slot or one without a dirty bitmap ENOENT.
+        nr_slots, nr_as = self._memslot_limits()
+        if slot >> 16 >= max(nr_as, 1) or slot & 0xFFFF >= nr_slots:
+            raise KvmError(errno.EINVAL, "KVM_GET_DIRTY_LOG")
         region = next((r for r in self.regions if r.slot == slot), None)
         if region is None or not region.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
             raise KvmError(errno.ENOENT, "KVM_GET_DIRTY_LOG")
