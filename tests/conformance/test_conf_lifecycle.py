@@ -10,9 +10,9 @@ import time
 import weakref
 
 import pytest
-from asm import assemble, hlt, mov_al, out_al
 from iced_x86 import Code, Instruction
 
+from asm import assemble, hlt, mov_al, out_al
 from kvmscope import guest, uapi
 from kvmscope.api import HltExit, InterruptedExit, IoExit, System
 from kvmscope.errors import ClosedError, InvalidValueError
