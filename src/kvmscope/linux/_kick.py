@@ -15,6 +15,8 @@ SIGURG is ignored by default, and the kernel does not drop a signal that is bloc
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import signal
 import threading
 import time
@@ -36,10 +38,15 @@ class Watchdog:
     """One daemon thread for every timed run in the process: at each deadline it calls the run's kick function."""
 
     def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # a child has no watchdog thread, and maybe a held lock
+
+    def _reset(self) -> None:
         self._cond = threading.Condition()
         self._armed: dict[int, tuple[float, Callable[[], None]]] = {}
         self._next = 0
         self._thread: threading.Thread | None = None
+        self._waiting_until = math.inf  # the deadline the thread sleeps to: a later one needs no wake-up
 
     def arm(self, deadline: float, kick: Callable[[], None]) -> int:
         """Call ``kick`` at ``deadline`` (time.monotonic) unless disarmed first; returns the token for :meth:`disarm`."""
@@ -49,7 +56,8 @@ class Watchdog:
                 self._thread.start()
             self._next += 1
             self._armed[self._next] = (deadline, kick)
-            self._cond.notify()
+            if deadline < self._waiting_until:  # back-to-back runs with one timeout wake the thread only at times
+                self._cond.notify()
             return self._next
 
     def disarm(self, token: int) -> bool:
@@ -61,11 +69,13 @@ class Watchdog:
         with self._cond:
             while True:
                 if not self._armed:
+                    self._waiting_until = math.inf
                     self._cond.wait()
                     continue
                 token, (deadline, kick) = min(self._armed.items(), key=lambda item: item[1][0])
                 wait = deadline - time.monotonic()
                 if wait > 0:
+                    self._waiting_until = deadline
                     self._cond.wait(wait)
                     continue
                 del self._armed[token]

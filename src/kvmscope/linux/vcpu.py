@@ -112,7 +112,8 @@ def map_kvm_run(fd: int, size: int) -> Any:
     if addr is None or addr == _MAP_FAILED:
         raise kvm_error(ctypes.get_errno(), "mmap(kvm_run)")
     run = (ctypes.c_char * size).from_address(addr)
-    weakref.finalize(run, _munmap, addr, size)
+    # Not at exit: a daemon thread may still be in KVM_RUN then, and the process's mappings go with it anyway.
+    weakref.finalize(run, _munmap, addr, size).atexit = False
     return run
 
 
