@@ -129,3 +129,19 @@ def test_run_timeout_bad_values_are_refused_before_the_run(kvm: System, bad: obj
             vcpu.run(timeout=bad)  # type: ignore[arg-type]
         assert vcpu.get_regs().rip == guest.DEFAULT_ENTRY, "expected a refused run not to enter the guest"
         assert vcpu.run() == HltExit()
+
+
+def test_run_timeout_stops_a_long_guest_program(kvm: System) -> None:
+    """A guest program in a loop of 2**31 register writes (the model interprets it, the live kernel runs it as long-mode
+    code) is interrupted at the deadline on both backends, then runs on."""
+    from kvmscope.program import Program, load_program
+
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        load_program(vm, vcpu, Program().loop(1 << 31, Program().set_reg("rax", 1)).hlt())
+        for _ in range(2):
+            start = time.monotonic()
+            exit_ = vcpu.run(timeout=0.1)
+            took = time.monotonic() - start
+            assert exit_ == InterruptedExit(), f"expected the long loop interrupted, saw {exit_}"
+            assert 0.1 <= took < 0.5, f"expected the run to end at 0.1 s, it took {took:.3f} s"
