@@ -140,19 +140,24 @@ class LinuxVcpu(VcpuStateIoctls, Vcpu):
         return self._fd
 
     def close(self) -> None:
-        if self._closed:
-            return
+        if not self._closed:
+            os.close(self._detach())
+
+    def _detach(self) -> int:
+        """Mark the vCPU closed and release its views of kvm_run; return its fd, for the caller to close."""
         self._closed = True
         fd, self._fd = self._fd, -1  # later ioctls fail with EBADF, reported as ClosedError
         for view in (self._u32, self._u16, self._view):
             with contextlib.suppress(BufferError):  # the caller holds a buffer of it: the mapping stays with it
                 view.release()
         self._run = self._view  # drops the array: the page is unmapped when no view of it is left
-        os.close(fd)
+        return fd
 
     def __del__(self) -> None:
+        # Dropped, not closed: the fd goes to the VM, which closes it with its own. KVM keeps a vCPU as long as its VM,
+        # and a caller may still use the fd by number (as benchmarks/run.py does).
         if not getattr(self, "_closed", True):
-            self.close()
+            self.vm.adopt_fd(self._detach())
 
     # -- KVM_RUN --
     @property

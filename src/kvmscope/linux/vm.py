@@ -31,6 +31,7 @@ class LinuxVm(Vm):
         # Weak: each vCPU holds its VM, and a cycle would keep a dropped VM's fds open until the next garbage
         # collection. Keyed by id, in creation order.
         self._vcpus: weakref.WeakValueDictionary[int, LinuxVcpu] = weakref.WeakValueDictionary()
+        self._adopted: list[int] = []  # fds of vCPUs dropped unclosed
         self._mmap_size = system.vcpu_mmap_size()
         self._slot_sizes: dict[int, int] = {}
 
@@ -50,6 +51,9 @@ class LinuxVm(Vm):
         self._closed = True
         for vcpu in self.vcpus:
             vcpu.close()
+        for fd in self._adopted:
+            os.close(fd)
+        self._adopted.clear()
         os.close(self._fd)
         for r in self.regions:
             if isinstance(r.mem, mmap.mmap):
@@ -59,6 +63,13 @@ class LinuxVm(Vm):
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             self.close()
+
+    def adopt_fd(self, fd: int) -> None:
+        """Close ``fd`` with the VM (a vCPU dropped without close() hands its fd over here); at once if it is closed."""
+        if self._closed:
+            os.close(fd)
+        else:
+            self._adopted.append(fd)
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (VM-specific answers, e.g. for KVM_CAP_DISABLE_QUIRKS2)."""
