@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from kvmscope import guest
+from kvmscope import guest, uapi
 from kvmscope.api import CpuidEntry, HltExit, InterruptedExit, IoExit
 from kvmscope.errors import ClosedError, InvalidValueError, KvmError
 from kvmscope.linux import LinuxSystem
@@ -266,3 +266,22 @@ def test_dropped_vms_and_vcpus_close_their_fds_without_the_garbage_collector(liv
             assert len(os.listdir("/proc/self/fd")) == fds, "expected every fd closed once the vCPUs are dropped"
     finally:
         gc.enable()
+
+
+def test_a_vcpu_dropped_unclosed_keeps_its_fd_until_its_vm_closes(live: LinuxSystem) -> None:
+    """KVM keeps a vCPU as long as its VM: a vCPU object dropped without close() leaves its fd open with the VM (a
+    caller may use it by number), and the VM closes it."""
+    import fcntl
+
+    vm = live.create_vm()
+    vcpu = vm.create_vcpu(0)
+    fd = vcpu.fd
+    del vcpu
+    regs = uapi.kvm_regs()
+    fcntl.ioctl(fd, uapi.KVM_GET_REGS, regs, True)  # raises if the fd were closed (or another file's)
+    assert regs.rip == 0xFFF0, f"expected the dropped vCPU's RIP at reset, saw 0x{regs.rip:x}"
+    vm.close()
+    with pytest.raises(OSError) as info:
+        os.fstat(fd)
+    assert info.value.errno == errno.EBADF, f"expected the fd closed with the VM, saw {info.value}"
+
