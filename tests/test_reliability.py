@@ -285,3 +285,13 @@ def test_a_vcpu_dropped_unclosed_keeps_its_fd_until_its_vm_closes(live: LinuxSys
         os.fstat(fd)
     assert info.value.errno == errno.EBADF, f"expected the fd closed with the VM, saw {info.value}"
 
+
+
+def test_fd_limit_errnos_are_fd_limit_errors() -> None:
+    """EMFILE and ENFILE from any fd-making ioctl are FdLimitError (a KvmError) saying which limit; others are not."""
+    from kvmscope.errors import FdLimitError, kvm_error
+
+    emfile, enfile, other = (kvm_error(e, "KVM_CREATE_VM") for e in (errno.EMFILE, errno.ENFILE, errno.ENOMEM))
+    assert type(emfile) is FdLimitError and "ulimit -n" in str(emfile), f"saw {emfile!r}"
+    assert type(enfile) is FdLimitError and "the system is out of open files" in str(enfile), f"saw {enfile!r}"
+    assert type(other) is KvmError and other.errno == errno.ENOMEM, f"saw {other!r}"

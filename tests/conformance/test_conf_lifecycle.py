@@ -145,3 +145,25 @@ def test_run_timeout_stops_a_long_guest_program(kvm: System) -> None:
             took = time.monotonic() - start
             assert exit_ == InterruptedExit(), f"expected the long loop interrupted, saw {exit_}"
             assert 0.1 <= took < 0.5, f"expected the run to end at 0.1 s, it took {took:.3f} s"
+
+
+def test_closing_the_vm_under_a_timed_run_of_a_spinning_guest(kvm: System) -> None:
+    """The guest never exits, the VM is closed under it: the timed run still ends at its deadline, with ClosedError."""
+    vm = kvm.create_vm()
+    vcpu = vm.create_vcpu(0)
+    guest.load_real_mode(vm, vcpu, _spin())
+    seen: list[object] = []
+
+    def timed() -> None:
+        try:
+            seen.append(vcpu.run(timeout=0.3))
+        except BaseException as e:  # reported below
+            seen.append(e)
+
+    t = threading.Thread(target=timed)
+    t.start()
+    time.sleep(0.05)
+    vm.close()
+    t.join(5)
+    assert not t.is_alive(), "expected the timed run to end at its deadline after the close"
+    assert len(seen) == 1 and type(seen[0]) is ClosedError, f"expected ClosedError, saw {seen!r}"
