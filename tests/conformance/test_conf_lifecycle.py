@@ -87,7 +87,7 @@ def test_run_timeout_leaves_a_spinning_guest_and_the_vcpu_keeps_working(kvm: Sys
             exit_ = vcpu.run(timeout=timeout)
             took = time.monotonic() - start
             assert exit_ == InterruptedExit(), f"expected InterruptedExit from a jmp $ guest, saw {exit_}"
-            assert timeout <= took < 5 * timeout, f"expected the run to end at {timeout} s, it took {took:.3f} s"
+            assert timeout <= took < 5 * timeout + 0.5, f"expected the run to end at {timeout} s, it took {took:.3f} s"
             assert vcpu.get_regs().rip == guest.DEFAULT_ENTRY, "expected RIP still on the jmp $"
             assert vcpu.immediate_exit is False, "expected immediate_exit as it was before the run"
         vm.write_memory(guest.DEFAULT_ENTRY, guest.HLT)
@@ -144,7 +144,7 @@ def test_run_timeout_stops_a_long_guest_program(kvm: System) -> None:
             exit_ = vcpu.run(timeout=0.1)
             took = time.monotonic() - start
             assert exit_ == InterruptedExit(), f"expected the long loop interrupted, saw {exit_}"
-            assert 0.1 <= took < 0.5, f"expected the run to end at 0.1 s, it took {took:.3f} s"
+            assert 0.1 <= took < 1.0, f"expected the run to end at 0.1 s, it took {took:.3f} s"
 
 
 def test_closing_the_vm_under_a_timed_run_of_a_spinning_guest(kvm: System) -> None:
