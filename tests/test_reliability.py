@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from kvmscope import guest
+from kvmscope import guest, uapi
 from kvmscope.api import CpuidEntry, HltExit, InterruptedExit, IoExit
 from kvmscope.errors import ClosedError, InvalidValueError, KvmError
 from kvmscope.linux import LinuxSystem
@@ -183,3 +183,115 @@ def test_unprivileged_user_gets_the_permission_message() -> None:
     if "permission" not in out and os.stat("/dev/kvm").st_mode & 0o006 == 0o006:
         pytest.skip("/dev/kvm is world read-write here")
     assert out.startswith("KvmUnavailableError permission /dev/kvm exists but this user (uid 65534)"), out
+
+
+# Run in a child under a lowered RLIMIT_NOFILE: create vCPUs until the fd limit, then free two fds and retry the id.
+_FD_LIMIT_CHILD = r"""
+import errno, json, os, resource
+from kvmscope.errors import FdLimitError
+from kvmscope.linux import open_system
+
+def nfds():
+    return len(os.listdir("/proc/self/fd")) - 1  # the listing's own fd
+
+system = open_system()
+vm = system.create_vm()
+base = nfds()
+probe = [vm.create_vcpu(i) for i in range(4)]
+per_vcpu = (nfds() - base) / 4
+for v in probe:
+    v.close()  # ids 0-3 stay taken; the fds go
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (nfds() + 24, hard))
+vcpus, error = [], None
+while error is None and len(vcpus) < 200:
+    try:
+        vcpus.append(vm.create_vcpu(4 + len(vcpus)))
+    except FdLimitError as e:
+        error = e
+refused = 4 + len(vcpus)
+out = {"made": len(vcpus), "fds_per_vcpu": per_vcpu, "limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+       "error": None if error is None else [type(error).__name__, error.errno, error.ioctl, str(error)]}
+again = None
+try:
+    vm.create_vcpu(refused)
+except FdLimitError as e:
+    again = e.errno
+out["still_refused"] = again == errno.EMFILE
+vcpus.pop().close()
+vcpus.pop().close()
+retry = vm.create_vcpu(refused)  # the kernel undid the refused vCPU: its id is free
+out["retry"] = [refused, retry.id, retry.get_regs().rip]
+del vcpus, retry
+vm.close()
+system.close()
+print(json.dumps(out))
+"""
+
+
+def test_fd_limit_is_a_typed_error_one_fd_per_vcpu_and_the_id_is_not_burnt(live: LinuxSystem) -> None:
+    """At ``ulimit -n`` KVM_CREATE_VCPU fails with EMFILE before the vCPU is made (kvm_main.c:4352-4354, 4373-4389 in
+    6.12): FdLimitError, nothing printed at teardown, and the same id works once two fds are closed."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _FD_LIMIT_CHILD], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"the child failed: {proc.stderr}"
+    assert proc.stderr == "", f"expected nothing on stderr (no __del__ noise), saw {proc.stderr!r}"
+    out = json.loads(proc.stdout)
+    assert out["fds_per_vcpu"] == 1, f"expected one fd per vCPU, saw {out}"
+    assert out["made"] == 24, f"expected 24 vCPUs under a limit 24 fds above the baseline, saw {out['made']}"
+    name, err, ioctl, text = out["error"]
+    assert (name, err, ioctl) == ("FdLimitError", errno.EMFILE, "KVM_CREATE_VCPU"), f"saw {out['error']}"
+    assert f"limit of {out['limit']} open files" in text, f"expected the message to give the limit, saw {text!r}"
+    assert out["still_refused"], "expected the same id refused again at the limit (EMFILE, not EEXIST)"
+    refused, made_id, rip = out["retry"]
+    assert made_id == refused and rip == 0xFFF0, f"expected vCPU {refused} made after the close, saw {out['retry']}"
+
+
+def test_dropped_vms_and_vcpus_close_their_fds_without_the_garbage_collector(live: LinuxSystem) -> None:
+    """No reference cycle between a VM and its vCPUs: dropping them closes their fds at once, with gc disabled."""
+    import gc
+
+    fds = len(os.listdir("/proc/self/fd"))
+    gc.disable()
+    try:
+        for _ in range(50):
+            vm = live.create_vm()
+            vcpus = [vm.create_vcpu(i) for i in range(2)]
+            del vm  # the vCPUs keep it
+            assert len(os.listdir("/proc/self/fd")) == fds + 3, "expected the VM and 2 vCPU fds open"
+            del vcpus
+            assert len(os.listdir("/proc/self/fd")) == fds, "expected every fd closed once the vCPUs are dropped"
+    finally:
+        gc.enable()
+
+
+def test_a_vcpu_dropped_unclosed_keeps_its_fd_until_its_vm_closes(live: LinuxSystem) -> None:
+    """KVM keeps a vCPU as long as its VM: a vCPU object dropped without close() leaves its fd open with the VM (a
+    caller may use it by number), and the VM closes it."""
+    import fcntl
+
+    vm = live.create_vm()
+    vcpu = vm.create_vcpu(0)
+    fd = vcpu.fd
+    del vcpu
+    regs = uapi.kvm_regs()
+    fcntl.ioctl(fd, uapi.KVM_GET_REGS, regs, True)  # raises if the fd were closed (or another file's)
+    assert regs.rip == 0xFFF0, f"expected the dropped vCPU's RIP at reset, saw 0x{regs.rip:x}"
+    vm.close()
+    with pytest.raises(OSError) as info:
+        os.fstat(fd)
+    assert info.value.errno == errno.EBADF, f"expected the fd closed with the VM, saw {info.value}"
+
+
+
+def test_fd_limit_errnos_are_fd_limit_errors() -> None:
+    """EMFILE and ENFILE from any fd-making ioctl are FdLimitError (a KvmError) saying which limit; others are not."""
+    from kvmscope.errors import FdLimitError, kvm_error
+
+    emfile, enfile, other = (kvm_error(e, "KVM_CREATE_VM") for e in (errno.EMFILE, errno.ENFILE, errno.ENOMEM))
+    assert type(emfile) is FdLimitError and "ulimit -n" in str(emfile), f"saw {emfile!r}"
+    assert type(enfile) is FdLimitError and "the system is out of open files" in str(enfile), f"saw {enfile!r}"
+    assert type(other) is KvmError and other.errno == errno.ENOMEM, f"saw {other!r}"

@@ -32,6 +32,7 @@ from .api import (
 )
 from .errors import (
     ClosedError,
+    FdLimitError,
     InvalidValueError,
     KvmError,
     KvmscopeError,
@@ -72,6 +73,7 @@ __all__ = [
     "CpuidEntry",
     "Exit",
     "FailEntryExit",
+    "FdLimitError",
     "HltExit",
     "InternalErrorExit",
     "InterruptedExit",

@@ -7,6 +7,7 @@ processed); the strict helpers defined here once (``write_msrs``, ``read_msrs``,
 
 from __future__ import annotations
 
+import math
 import struct
 import sys
 from abc import ABC, abstractmethod
@@ -347,6 +348,15 @@ class _Closable:
         self.close()
 
 
+def check_timeout(timeout: object) -> float:
+    """``run(timeout=...)``'s seconds: a finite int or float >= 0, else :class:`InvalidValueError`."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise InvalidValueError(f"run(timeout=...) takes seconds as an int or float, not {timeout!r}")
+    if not math.isfinite(timeout) or timeout < 0:
+        raise InvalidValueError(f"run(timeout=...) takes a finite number of seconds >= 0, not {timeout!r}")
+    return float(timeout)
+
+
 class Vcpu(_Closable, ABC):
     """A vCPU. Raw methods mirror the vCPU ioctls; strict helpers raise typed errors."""
 
@@ -355,8 +365,12 @@ class Vcpu(_Closable, ABC):
 
     # -- raw, one per ioctl --
     @abstractmethod
-    def run(self) -> Exit:
-        """KVM_RUN: enter the guest until the next exit. The returned exit describes that exit only."""
+    def run(self, timeout: float | None = None) -> Exit:
+        """KVM_RUN: enter the guest until the next exit. The returned exit describes that exit only.
+
+        With ``timeout`` (seconds, an int or float >= 0) the run is kicked out of the guest at that deadline if it has
+        not exited by then, and returns :class:`InterruptedExit`: the way out of a guest that never exits (``jmp $``).
+        The vCPU keeps its state and can run again. Without it, nothing bounds the run (and it costs nothing extra)."""
 
     _last_exit: Exit | None = None
 

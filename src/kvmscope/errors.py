@@ -134,3 +134,27 @@ class ProfileError(KvmscopeError, ValueError):
 
 class ScenarioError(KvmscopeError, ValueError):
     """A scenario file that cannot be used: names the file, line and field."""
+
+
+class FdLimitError(KvmError):
+    """An ioctl that makes a file descriptor (KVM_CREATE_VM, KVM_CREATE_VCPU, ...) failed with EMFILE (this process is
+    at ``ulimit -n``) or ENFILE (the system is out of files). The kernel undoes the object when it cannot give it an
+    fd (for a vCPU, virt/kvm/kvm_main.c:4352-4354 and 4373-4389 in 6.12), so the same call works once fds are closed."""
+
+
+def kvm_error(err: int, ioctl: str, detail: str = "") -> KvmError:
+    """The :class:`KvmError` for ``err`` from ``ioctl``: :class:`FdLimitError` for EMFILE and ENFILE."""
+    if err in (_errno.EMFILE, _errno.ENFILE):
+        if not detail:
+            detail = _fd_limit_detail(err)
+        return FdLimitError(err, ioctl, detail)
+    return KvmError(err, ioctl, detail)
+
+
+def _fd_limit_detail(err: int) -> str:
+    if err == _errno.ENFILE:
+        return "the system is out of open files (fs.file-max); close some and retry"
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return f"this process has its limit of {soft} open files (ulimit -n); close some or raise the limit and retry"

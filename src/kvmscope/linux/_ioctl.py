@@ -5,7 +5,7 @@ from __future__ import annotations
 import fcntl
 from typing import Any
 
-from ..errors import KvmError
+from ..errors import kvm_error
 from ..uapi import IOCTL_NAMES
 
 
@@ -14,7 +14,7 @@ def ioctl_int(fd: int, request: int, arg: int = 0) -> int:
     try:
         return int(fcntl.ioctl(fd, request, arg))
     except OSError as e:
-        raise KvmError(e.errno or 0, IOCTL_NAMES.get(request, hex(request))) from None
+        raise kvm_error(e.errno or 0, IOCTL_NAMES.get(request, hex(request))) from None
 
 
 def ioctl_buf(fd: int, request: int, buf: Any) -> int:
@@ -22,7 +22,7 @@ def ioctl_buf(fd: int, request: int, buf: Any) -> int:
     try:
         return int(fcntl.ioctl(fd, request, buf, True))
     except OSError as e:
-        raise KvmError(e.errno or 0, IOCTL_NAMES.get(request, hex(request))) from None
+        raise kvm_error(e.errno or 0, IOCTL_NAMES.get(request, hex(request))) from None
 
 
 _libc: Any = None
@@ -42,5 +42,5 @@ def ioctl_ulong(fd: int, request: int, arg: int) -> int:
 
     r = int(_libc.ioctl(fd, request, arg))
     if r < 0:
-        raise KvmError(ctypes.get_errno(), IOCTL_NAMES.get(request, hex(request)))
+        raise kvm_error(ctypes.get_errno(), IOCTL_NAMES.get(request, hex(request)))
     return r

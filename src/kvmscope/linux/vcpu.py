@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
 import mmap
 import os
+import signal
 import struct
+import threading
+import time
+import weakref
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from .. import uapi
 from ..api import (
@@ -29,12 +35,17 @@ from ..api import (
     Vcpu,
     WrmsrExit,
     as_batch,
+    check_timeout,
     not_a_batch,
 )
-from ..errors import ClosedError, KvmError
+from ..errors import ClosedError, kvm_error
 from ._cpuid import decode_cpuid, encode_cpuid
 from ._ioctl import ioctl_buf, ioctl_int
-from .vcpu_state import VcpuStateIoctls
+from ._kick import KICK_SIGNAL, WATCHDOG, sigset_bytes
+from .vcpu_state import SIGSET_BYTES, VcpuStateIoctls
+
+if TYPE_CHECKING:
+    from .vm import LinuxVm
 
 _KVM_RUN = uapi.KVM_RUN
 _KVM_GET_MSRS = uapi.KVM_GET_MSRS
@@ -77,22 +88,52 @@ _MSR_ERROR_AT = _EXIT + uapi.kvm_run_msr.error.offset
 _MSR_DATA = struct.Struct("<" + uapi.field_code(uapi.kvm_run_msr, "data"))
 _MSR_DATA_AT = _EXIT + uapi.kvm_run_msr.data.offset
 
+_IMMEDIATE_EXIT = uapi.KVM_RUN_IMMEDIATE_EXIT_OFFSET
 _HLT = HltExit()
 _SHUTDOWN = ShutdownExit()
 _INTERRUPTED = InterruptedExit()
+_CLOSED = "this vCPU is closed"
+
+# kvm_run is mapped with libc's mmap, not Python's: mmap.mmap dups the fd it maps (until 3.13's trackfd=False), which
+# costs every vCPU a second fd, and a process at its fd limit then fails after KVM_CREATE_VCPU, with the vCPU made.
+_libc = ctypes.CDLL(None, use_errno=True)
+_mmap = _libc.mmap
+_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_mmap.restype = ctypes.c_void_p
+_munmap = _libc.munmap
+_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_munmap.restype = ctypes.c_int
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def map_kvm_run(fd: int, size: int) -> Any:
+    """``struct kvm_run`` of vCPU ``fd``, mapped shared, as a ``c_char`` array over the mapping (slices are bytes).
+    The mapping goes with the array: when the vCPU is closed and the last view of it is gone, never under one."""
+    addr = _mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        raise kvm_error(ctypes.get_errno(), "mmap(kvm_run)")
+    run = (ctypes.c_char * size).from_address(addr)
+    # Not at exit: a daemon thread may still be in KVM_RUN then, and the process's mappings go with it anyway.
+    weakref.finalize(run, _munmap, addr, size).atexit = False
+    return run
 
 
 class LinuxVcpu(VcpuStateIoctls, Vcpu):
     """A vCPU created by KVM_CREATE_VCPU. The save/restore, injection and debugging ioctls are in
     :class:`~kvmscope.linux.vcpu_state.VcpuStateIoctls`."""
 
-    def __init__(self, fd: int, vcpu_id: int, mmap_size: int) -> None:
+    def __init__(self, vm: LinuxVm, fd: int, vcpu_id: int, kvm_run: Any) -> None:
+        self._closed = True  # until made: a half-made vCPU has nothing for __del__ to close
+        self.vm = vm  # a strong reference: the VM (its fd, its memory) lives as long as any of its vCPUs
         self._fd = fd
         self.id = vcpu_id
-        self._run = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._view = memoryview(self._run)
+        # Reads that must give bytes slice the c_char array; ints and writes go through the views. close() swaps a
+        # released view in for the array: a run() in another thread then raises ValueError, reported as ClosedError.
+        self._run: Any = kvm_run
+        self._view = memoryview(kvm_run).cast("B")
         self._u32 = self._view.cast("I")
         self._u16 = self._view.cast("H")
+        self._closed = False
 
     @property
     def fd(self) -> int:
@@ -100,30 +141,35 @@ class LinuxVcpu(VcpuStateIoctls, Vcpu):
         return self._fd
 
     def close(self) -> None:
-        if self._closed:
-            return
+        if not self._closed:
+            os.close(self._detach())
+
+    def _detach(self) -> int:
+        """Mark the vCPU closed and release its views of kvm_run; return its fd, for the caller to close."""
         self._closed = True
         fd, self._fd = self._fd, -1  # later ioctls fail with EBADF, reported as ClosedError
-        self._u32.release()
-        self._u16.release()
-        self._view.release()
-        self._run.close()
-        os.close(fd)
+        for view in (self._u32, self._u16, self._view):
+            with contextlib.suppress(BufferError):  # the caller holds a buffer of it: the mapping stays with it
+                view.release()
+        self._run = self._view  # drops the array: the page is unmapped when no view of it is left
+        return fd
 
     def __del__(self) -> None:
+        # Dropped, not closed: the fd goes to the VM, which closes it with its own. KVM keeps a vCPU as long as its VM,
+        # and a caller may still use the fd by number (as benchmarks/run.py does).
         if not getattr(self, "_closed", True):
-            self.close()
+            self.vm.adopt_fd(self._detach())
 
     # -- KVM_RUN --
     @property
     def immediate_exit(self) -> bool:
         self._check_open()
-        return bool(self._run[uapi.KVM_RUN_IMMEDIATE_EXIT_OFFSET])
+        return bool(self._view[_IMMEDIATE_EXIT])
 
     @immediate_exit.setter
     def immediate_exit(self, value: bool) -> None:
         self._check_open()
-        self._run[uapi.KVM_RUN_IMMEDIATE_EXIT_OFFSET] = 1 if value else 0
+        self._view[_IMMEDIATE_EXIT] = 1 if value else 0
 
     @property
     def kvm_run(self) -> memoryview:
@@ -131,21 +177,61 @@ class LinuxVcpu(VcpuStateIoctls, Vcpu):
         self._check_open()
         return self._view
 
-    def run(self) -> Exit:
-        """KVM_RUN. Returns the exit, :class:`InterruptedExit` on EINTR (signal or ``immediate_exit``)."""
+    def run(self, timeout: float | None = None) -> Exit:
+        """KVM_RUN. Returns the exit, :class:`InterruptedExit` on EINTR (signal or ``immediate_exit``), or when
+        ``timeout`` seconds pass first (see :meth:`_run_timed`). Closed here or in another thread: ClosedError."""
+        if timeout is not None:
+            return self._run_timed(check_timeout(timeout))
         try:
             _fcntl_ioctl(self._fd, _KVM_RUN)
         except OSError as e:
             return self._run_failed(e)
         except ValueError:  # fd -1: closed
-            raise ClosedError("this vCPU is closed") from None
-        reason = self._u32[_REASON]
-        if reason == _EXIT_IO:  # an OUT is decoded here, in one unpack: saves a call per exit
-            run = self._run
-            direction, size, port, count, offset = _unpack_io(run, _EXIT)
-            if direction == _IO_OUT:
-                return IoExit(_IO_OUT, size, port, count, run[offset : offset + size * count])
-        return self._decode(reason)
+            raise ClosedError(_CLOSED) from None
+        try:  # no check per exit: a vCPU closed by another thread during KVM_RUN shows as a released view here
+            reason = self._u32[_REASON]
+            if reason == _EXIT_IO:  # an OUT is decoded here, in one unpack: saves a call per exit
+                run = self._run
+                direction, size, port, count, offset = _unpack_io(run, _EXIT)
+                if direction == _IO_OUT:
+                    return IoExit(_IO_OUT, size, port, count, run[offset : offset + size * count])
+            return self._decode(reason)
+        except ValueError:
+            if self._closed:
+                raise ClosedError(_CLOSED) from None
+            raise
+
+    def _run_timed(self, timeout: float) -> Exit:
+        """KVM_RUN kicked at ``timeout``: the watchdog thread sets ``immediate_exit`` and signals this thread, which
+        holds the signal blocked outside KVM_RUN and lets KVM_RUN take it (KVM_SET_SIGNAL_MASK); see ``_kick``."""
+        self._check_open()
+        view, tid = self._view, threading.get_ident()
+
+        def kick() -> None:
+            with contextlib.suppress(ValueError):  # closed meanwhile: the signal still ends the run
+                view[_IMMEDIATE_EXIT] = 1  # a kick before the entry: KVM_RUN returns at once
+            signal.pthread_kill(tid, KICK_SIGNAL)
+
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [KICK_SIGNAL])
+        try:
+            mine = self._signal_mask  # the caller's KVM_SET_SIGNAL_MASK, else this thread's mask, minus the kick
+            during = bytearray(mine if mine is not None else sigset_bytes(set(blocked), SIGSET_BYTES))
+            during[(KICK_SIGNAL - 1) // 8] &= ~(1 << (KICK_SIGNAL - 1) % 8)
+            self._set_kvm_sigmask(bytes(during))
+            before = view[_IMMEDIATE_EXIT]
+            token = WATCHDOG.arm(time.monotonic() + timeout, kick)
+            try:
+                return self.run()
+            finally:
+                if WATCHDOG.disarm(token):  # kicked: the signal is pending (blocked) on this thread
+                    signal.sigtimedwait([KICK_SIGNAL], 0)
+                    if not self._closed:
+                        view[_IMMEDIATE_EXIT] = before
+                if not self._closed:
+                    self._set_kvm_sigmask(mine)
+        finally:
+            if KICK_SIGNAL not in blocked:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, [KICK_SIGNAL])
 
     def run_raw(self) -> int:
         """KVM_RUN for tight loops: returns ``kvm_run.exit_reason`` (KVM_EXIT_INTR on EINTR) and decodes nothing.
@@ -156,21 +242,30 @@ class LinuxVcpu(VcpuStateIoctls, Vcpu):
             self._run_failed(e)
             return _EXIT_INTR
         except ValueError:  # fd -1: closed
-            raise ClosedError("this vCPU is closed") from None
-        return self._u32[_REASON]
+            raise ClosedError(_CLOSED) from None
+        try:
+            return self._u32[_REASON]
+        except ValueError:  # released by close() in another thread during KVM_RUN
+            raise ClosedError(_CLOSED) from None
 
     def _run_failed(self, e: OSError) -> Exit:
         if e.errno != errno.EINTR:
             raise self._ioctl_error(e, "KVM_RUN") from None
         # KVM leaves exit_reason as it was when it did not enter (immediate_exit): record the interruption there, so
         # that last_exit() sees it; KVM overwrites the field at the next exit.
-        self._u32[_REASON] = _EXIT_INTR
+        try:
+            self._u32[_REASON] = _EXIT_INTR
+        except ValueError:  # closed by another thread during KVM_RUN
+            raise ClosedError(_CLOSED) from None
         return _INTERRUPTED
 
     @property
     def io_port(self) -> int:
         """``kvm_run.io.port`` of the last exit (meaningful after a KVM_EXIT_IO)."""
-        return self._u16[_IO_PORT]
+        try:
+            return self._u16[_IO_PORT]
+        except ValueError:
+            raise ClosedError(_CLOSED) from None
 
     def last_exit(self) -> Exit:
         """The last exit, decoded (after :meth:`run_raw`)."""
@@ -190,12 +285,12 @@ class LinuxVcpu(VcpuStateIoctls, Vcpu):
         return self._decode_other(reason)
 
     def _reply_io(self, data: bytes) -> None:
-        offset = _IO_DATA_OFFSET.unpack_from(self._run, _EXIT)[0]
-        self._run[offset : offset + len(data)] = data
+        offset = _IO_DATA_OFFSET.unpack_from(self._view, _EXIT)[0]
+        self._view[offset : offset + len(data)] = data
 
     def _reply_msr(self, error: int, value: int) -> None:
-        _MSR_ERROR.pack_into(self._run, _MSR_ERROR_AT, error)
-        _MSR_DATA.pack_into(self._run, _MSR_DATA_AT, value)
+        _MSR_ERROR.pack_into(self._view, _MSR_ERROR_AT, error)
+        _MSR_DATA.pack_into(self._view, _MSR_DATA_AT, value)
 
     def _decode_other(self, reason: int) -> Exit:
         run = self._run
@@ -247,7 +342,7 @@ class LinuxVcpu(VcpuStateIoctls, Vcpu):
         except AttributeError:  # not an MsrBatch (checked here: free when the batch is right)
             raise not_a_batch("get_msrs", batch) from None
         except ValueError:  # fd -1: closed
-            raise ClosedError("this vCPU is closed") from None
+            raise ClosedError(_CLOSED) from None
         if strict and done != batch.nmsrs:  # the slot, not len(): this is the hot path
             raise self.short_read(batch, done)
         return done
@@ -260,15 +355,15 @@ class LinuxVcpu(VcpuStateIoctls, Vcpu):
         except OSError as e:
             raise self._ioctl_error(e, "KVM_SET_MSRS") from None
         except ValueError:  # fd -1: closed
-            raise ClosedError("this vCPU is closed") from None
+            raise ClosedError(_CLOSED) from None
         if strict and done != batch.nmsrs:
             raise self.short_write(batch, done)
         return done
 
     def _ioctl_error(self, e: OSError, name: str) -> Exception:
         if self._closed:
-            return ClosedError("this vCPU is closed")
-        return KvmError(e.errno or 0, name)
+            return ClosedError(_CLOSED)
+        return kvm_error(e.errno or 0, name)
 
     # -- CPUID --
     def get_cpuid(self, max_entries: int = uapi.KVM_MAX_CPUID_ENTRIES) -> list[CpuidEntry]:

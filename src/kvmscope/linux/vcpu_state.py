@@ -142,7 +142,13 @@ class VcpuStateIoctls:
     def interrupt(self, irq: int) -> None:
         ioctl_buf(self.fd, uapi.KVM_INTERRUPT, uapi.kvm_interrupt(irq))
 
+    _signal_mask: bytes | None = None  # the caller's last KVM_SET_SIGNAL_MASK: run(timeout=...) puts it back
+
     def set_signal_mask(self, sigset: bytes | None) -> None:
+        self._set_kvm_sigmask(sigset)
+        self._signal_mask = None if sigset is None else bytes(sigset)
+
+    def _set_kvm_sigmask(self, sigset: bytes | None) -> None:
         if sigset is None:
             ioctl_int(self.fd, uapi.KVM_SET_SIGNAL_MASK, 0)  # NULL: no mask while in KVM_RUN
             return

@@ -6,6 +6,7 @@ import ctypes
 import mmap
 import os
 import struct
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -14,7 +15,7 @@ from ..api import Vm
 from ..errors import InvalidValueError
 from ..memory import MemoryRegion, host_address, map_guest_memory
 from ._ioctl import ioctl_buf, ioctl_int, ioctl_ulong
-from .vcpu import LinuxVcpu
+from .vcpu import LinuxVcpu, map_kvm_run
 
 if TYPE_CHECKING:
     from .system import LinuxSystem
@@ -27,7 +28,10 @@ class LinuxVm(Vm):
         self._fd = fd
         self.system = system
         self.regions: list[MemoryRegion] = []
-        self.vcpus: list[LinuxVcpu] = []
+        # Weak: each vCPU holds its VM, and a cycle would keep a dropped VM's fds open until the next garbage
+        # collection. Keyed by id, in creation order.
+        self._vcpus: weakref.WeakValueDictionary[int, LinuxVcpu] = weakref.WeakValueDictionary()
+        self._adopted: list[int] = []  # fds of vCPUs dropped unclosed
         self._mmap_size = system.vcpu_mmap_size()
         self._slot_sizes: dict[int, int] = {}
 
@@ -36,12 +40,20 @@ class LinuxVm(Vm):
         self._check_open()
         return self._fd
 
+    @property
+    def vcpus(self) -> list[LinuxVcpu]:
+        """The vCPUs made here that are still referenced (a vCPU keeps its VM alive, not the other way round)."""
+        return list(self._vcpus.values())
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         for vcpu in self.vcpus:
             vcpu.close()
+        for fd in self._adopted:
+            os.close(fd)
+        self._adopted.clear()
         os.close(self._fd)
         for r in self.regions:
             if isinstance(r.mem, mmap.mmap):
@@ -51,6 +63,13 @@ class LinuxVm(Vm):
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             self.close()
+
+    def adopt_fd(self, fd: int) -> None:
+        """Close ``fd`` with the VM (a vCPU dropped without close() hands its fd over here); at once if it is closed."""
+        if self._closed:
+            os.close(fd)
+        else:
+            self._adopted.append(fd)
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (VM-specific answers, e.g. for KVM_CAP_DISABLE_QUIRKS2)."""
@@ -83,14 +102,17 @@ class LinuxVm(Vm):
         return slot
 
     def create_vcpu(self, vcpu_id: int = 0) -> LinuxVcpu:
-        """KVM_CREATE_VCPU, then mmap its ``struct kvm_run``."""
+        """KVM_CREATE_VCPU, then mmap its ``struct kvm_run``: one fd per vCPU. Out of fds, the ioctl fails with a
+        :class:`~kvmscope.errors.FdLimitError` and the kernel has undone the vCPU (kvm_main.c:4352-4354, 4373-4389 in
+        6.12): the same id can be created once fds are free. Only a failed mmap after it (ENOMEM) leaves the id taken,
+        as KVM has no call to destroy a vCPU."""
         fd = ioctl_int(self.fd, uapi.KVM_CREATE_VCPU, vcpu_id)
         try:
-            vcpu = LinuxVcpu(fd, vcpu_id, self._mmap_size)
+            vcpu = LinuxVcpu(self, fd, vcpu_id, map_kvm_run(fd, self._mmap_size))
         except BaseException:
             os.close(fd)
             raise
-        self.vcpus.append(vcpu)
+        self._vcpus[vcpu_id] = vcpu
         return vcpu
 
     def set_msr_filter(self, flags: int, ranges: Sequence[tuple[int, int, int, bytes]]) -> None:

@@ -10,13 +10,15 @@ other failures, FILTER for a filtered MSR). No immutability check applies to the
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .. import program as P
 from .. import uapi
-from ..api import Exit, HltExit, IoExit, RdmsrExit, WrmsrExit, find_cpuid
+from ..api import Exit, HltExit, InterruptedExit, IoExit, RdmsrExit, WrmsrExit, find_cpuid
 from .msr_rules import OK, UNSUPPORTED
+from .realmode import DEADLINE_EVERY
 
 if TYPE_CHECKING:
     from .vcpu import ModelVcpu
@@ -126,8 +128,9 @@ def _next_op(state: ProgramState) -> P.Op | None:
     return op
 
 
-def run_program(vcpu: ModelVcpu, state: ProgramState) -> Exit:
-    """Run the program from where it stopped to its next exit."""
+def run_program(vcpu: ModelVcpu, state: ProgramState, deadline: float | None = None) -> Exit:
+    """Run the program from where it stopped to its next exit; interrupted at ``deadline`` (time.monotonic) if given
+    (before an operation: the next run starts with it)."""
     if state.pending is not None:
         write, index, data = state.pending
         error, value = state.reply if state.reply is not None else (0, 0)
@@ -135,7 +138,12 @@ def run_program(vcpu: ModelVcpu, state: ProgramState) -> Exit:
         if error:
             return _exception(vcpu, GP, 0)
         return _msr_done(vcpu, write, index, value)
+    steps = 0
     while True:
+        if deadline is not None:
+            steps += 1
+            if not steps % DEADLINE_EVERY and time.monotonic() >= deadline:
+                return InterruptedExit()
         op = _next_op(state)
         if op is None:
             raise vcpu.limitation("the guest program ran past its end without a HLT")

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .. import uapi
-from ..api import CpuidEntry, Exit, InterruptedExit, IoExit, MsrBatch, MsrItems, Vcpu
-from ..errors import InvalidTypeError, KvmError, KvmscopeError
+from ..api import CpuidEntry, Exit, InterruptedExit, IoExit, MsrBatch, MsrItems, Vcpu, check_timeout
+from ..errors import ClosedError, InvalidTypeError, KvmError, KvmscopeError
 from ..kernel import rulesets as R
 from ..program import Program
 from . import cpuid as C
@@ -200,9 +201,11 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         self.msr_rules.after_set_cpuid(entries)
 
     # -- KVM_RUN --
-    def run(self) -> Exit:
-        """Enter the guest: interpret its code until an exit. ``immediate_exit`` returns before entering."""
+    def run(self, timeout: float | None = None) -> Exit:
+        """Enter the guest: interpret its code until an exit. ``immediate_exit`` returns before entering; with
+        ``timeout`` (seconds) a guest that has not exited by then returns :class:`InterruptedExit`."""
         self._check_open()
+        deadline = None if timeout is None else time.monotonic() + check_timeout(timeout)
         if self._immediate_exit:
             return InterruptedExit()
         if not self.vm.regions and self.profile.run_without_memory_errno:
@@ -222,5 +225,11 @@ class ModelVcpu(VcpuStateModel, Vcpu):
             self.regs.rax = (self.regs.rax & ~mask) | int.from_bytes(data[:size], "little")
             self._pending_in = None
             self._in_data = b""
-        exit_ = run_guest_program(self, self._program) if self._program is not None else interpret(self)
+        try:
+            exit_ = run_guest_program(self, self._program, deadline) if self._program is not None \
+                else interpret(self, deadline)
+        except KvmscopeError:
+            if self._closed:  # closed by another thread mid-run: its memory went with the VM
+                raise ClosedError("this vCPU is closed") from None
+            raise
         return exit_ if self.lapic is None else self.halted_in_kernel(exit_)
