@@ -349,11 +349,13 @@ class _Closable:
 
 
 def check_timeout(timeout: object) -> float:
-    """``run(timeout=...)``'s seconds: a finite int or float >= 0, else :class:`InvalidValueError`."""
+    """``run(timeout=...)``'s seconds: a finite int or float >= 0, else :class:`InvalidTypeError` (not a number) or
+    :class:`InvalidValueError`."""
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise InvalidValueError(f"run(timeout=...) takes seconds as an int or float, not {timeout!r}")
+        raise InvalidTypeError(f"Vcpu.run: timeout must be seconds as an int or float, not {type(timeout).__name__} "
+                               f"{timeout!r}")
     if not math.isfinite(timeout) or timeout < 0:
-        raise InvalidValueError(f"run(timeout=...) takes a finite number of seconds >= 0, not {timeout!r}")
+        raise InvalidValueError(f"Vcpu.run: timeout must be a finite number of seconds >= 0, not {timeout!r}")
     return float(timeout)
 
 
