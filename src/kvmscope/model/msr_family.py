@@ -32,12 +32,16 @@ class MsrFamily(Protocol):
     def set(self, index: int, data: int, host: bool) -> int: ...
 
     def bulk_kind(self, index: int) -> str | None:
-        """The group whose host writes ``bulk_ok`` checks for a whole batch at once; None for the others."""
+        """The group whose host writes ``bulk_ok`` checks for a whole batch at once; None for the others. Worth it for
+        groups that batches hold many of (MCi banks, MTRRs): each group costs a call, as one entry's handler does."""
 
     def bulk_ok(self, kind: str, indices: Sequence[int], values: Sequence[int]) -> bool:
         """True when each host write of ``values[i]`` to ``indices[i]`` (all of group ``kind``) would store the
         value verbatim under its index in ``stored``, return OK and record nothing; False when any might not (the
         batch then runs entry by entry, so False is always safe)."""
+
+    def bulk_read_kind(self, index: int) -> str | None:
+        """The group whose host reads ``bulk_read_ok`` checks for a whole batch at once; None for the others."""
 
     def bulk_read_ok(self, kind: str, indices: Sequence[int]) -> bool:
         """True when each host read of ``indices`` (all of group ``kind``) would give ``stored[index]`` and record
@@ -113,6 +117,9 @@ class Family:
 
     def bulk_ok(self, kind: str, indices: Sequence[int], values: Sequence[int]) -> bool:
         return False
+
+    def bulk_read_kind(self, index: int) -> str | None:
+        return None
 
     def bulk_read_ok(self, kind: str, indices: Sequence[int]) -> bool:
         return False

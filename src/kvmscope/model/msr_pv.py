@@ -110,6 +110,9 @@ class PvMceMsrs(Family):
             return False
         return kind == "mc_bank" or _MC_CTL_OK.issuperset(values)
 
+    def bulk_read_kind(self, index: int) -> str | None:
+        return "mc_bank" if index in MC_CTL else None
+
     def bulk_read_ok(self, kind: str, indices: Sequence[int]) -> bool:
         return max(indices) < 0x400 + 4 * (self.rules.stored[MSR_MCG_CAP] & 0xFF)
 

@@ -124,7 +124,7 @@ class ReadingMsrRules(MsrRules):
             plain = self.plain.get(index)
             source = self._read_source(index) if plain is None else None
             family = self.families.get(index) if plain is None and source is None else None
-            group = family.bulk_kind(index) if family is not None and self._read_source_allowed(index) else None
+            group = family.bulk_read_kind(index) if family is not None and self._read_source_allowed(index) else None
             if group is not None:  # read from stored in bulk when the family's check passes for the whole group
                 assert family is not None
                 groups.setdefault((id(family), group), (family, []))[1].append(index)

@@ -128,12 +128,13 @@ class MsrRules:
     def ruled_msrs(self) -> frozenset[int]:
         """Every MSR with a host rule of its own (read or write, in ``host_get``/``host_set`` or a setter) and every
         MSR a rule reads. The batch ioctls (``msr_batch``) send only these through the rules one by one and handle
-        the profile's plain MSRs in bulk: a new rule adds its MSR here (or to ``_msr_setters``)."""
+        the profile's plain MSRs in bulk: a new rule adds its MSR here (or to ``_msr_setters``). A family's MSR that
+        the profile's vendor module handles itself (``vendor_msrs``) follows the profile's behaviour, as a plain one."""
         return frozenset({
             MSR_MISC_FEATURES_ENABLES,  # read by PLATFORM_INFO's order check
             M.MSR_IA32_ARCH_CAPABILITIES, M.MSR_IA32_PERF_CAPABILITIES, M.MSR_PLATFORM_INFO, M.MSR_IA32_UCODE_REV,
             M.MSR_AMD64_DE_CFG, vmx.MSR_IA32_FEAT_CTL, *MSR_ALIASES, *MSR_ALIASES.values(), *VM_WIDE_MSRS,
-            *self.setters, *self.immutable, *range(M.VMX_FIRST, M.VMX_LAST + 1), *FAMILY_MSRS,
+            *self.setters, *self.immutable, *range(M.VMX_FIRST, M.VMX_LAST + 1), *self.families,
         })
 
     def freeze(self) -> None:

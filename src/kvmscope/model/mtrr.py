@@ -127,8 +127,11 @@ class MtrrMsrs:
             return False
         return kind == "mask" or _VALID_TYPES.issuperset(raw[::8])  # PHYSBASE: the type in each low byte
 
+    def bulk_read_kind(self, index: int) -> str | None:
+        return None  # read_source covers every MTRR read
+
     def bulk_read_ok(self, kind: str, indices: Sequence[int]) -> bool:
-        return False  # read_source covers every MTRR read
+        return False
 
     def read_source(self, index: int) -> tuple[dict[int, int], int, int] | None:
         if index == MSR_MTRRCAP:
