@@ -330,14 +330,23 @@ class BatchedMsrRules(ReadingMsrRules):
         if len(set(indices)) < len(indices) or any(M.VMX_FIRST <= index <= M.VMX_LAST for index in indices):
             return (_always_mismatch, _nothing)
         access_get = self.access_get
+        kept = itemgetter(*indices) if len(indices) > 1 else _one(indices[0])
+        # A read of a feature MSR (no VMX MSR here) depends on the vCPU's CPUID and the MSR's stored value only, and
+        # frozen ones change neither, so the reads are made again only when either changed.
+        last: list[object] = [None, None, (), {}]  # the CPUID list, the stored values, the values read, the records
 
         def held(stored: dict[int, int]) -> object:
+            cpuid, now = self.vcpu.cpuid, kept(stored)
+            if last[0] is cpuid and last[1] == now:
+                self.frozen_reads = last[3]  # type: ignore[assignment]
+                return last[2]
             saved, self.refusals = self.refusals, {}
             try:
                 values = tuple(value if code == OK else None for code, value in map(access_get, indices))
                 self.frozen_reads = self.refusals
             finally:
                 self.refusals = saved
+            last[:] = [cpuid, now, values, self.frozen_reads]
             return values
 
         return given, held
