@@ -255,15 +255,16 @@ class LinuxVcpu(VcpuStateIoctls, Vcpu):
 
     def set_msrs(self, entries: MsrBatch | MsrItems, strict: bool = False) -> int:
         """KVM_SET_MSRS: returns how many entries the kernel wrote (it stops at the first refused one)."""
-        batch = entries if type(entries) is MsrBatch else as_batch(entries)
-        try:
-            done: int = _fcntl_ioctl(self._fd, _KVM_SET_MSRS, batch.raw, True)
+        try:  # a batch is used as it is: reading .raw is the type check (cheaper than type(entries) is MsrBatch)
+            done: int = _fcntl_ioctl(self._fd, _KVM_SET_MSRS, entries.raw, True)  # type: ignore[union-attr]
+        except AttributeError:  # a mapping or pairs: made into a batch
+            return self.set_msrs(as_batch(entries), strict)
         except OSError as e:
             raise self._ioctl_error(e, "KVM_SET_MSRS") from None
         except ValueError:  # fd -1: closed
             raise ClosedError("this vCPU is closed") from None
-        if strict and done != batch.nmsrs:
-            raise self.short_write(batch, done)
+        if strict and done != entries.nmsrs:  # type: ignore[union-attr]
+            raise self.short_write(entries, done)  # type: ignore[arg-type]
         return done
 
     def _ioctl_error(self, e: OSError, name: str) -> Exception:
