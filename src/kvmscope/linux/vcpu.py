@@ -182,10 +182,11 @@ class LinuxVcpu(VcpuStateIoctls, Vcpu):
 
     def _decode(self, reason: int) -> Exit:
         if reason == _EXIT_IO:
-            direction, size, port, count, offset = _IO.unpack_from(self._run, _EXIT)
+            run = self._run
+            direction, size, port, count, offset = _IO.unpack_from(run, _EXIT)
             if direction == _IO_OUT:
-                return IoExit(direction, size, port, count, self._run[offset : offset + size * count])
-            return IoExit(direction, size, port, count, b"", self._reply_io)
+                return _new_tuple(IoExit, (direction, size, port, count, run[offset : offset + size * count], None))
+            return _new_tuple(IoExit, (direction, size, port, count, b"", self._reply_io))  # an IN: as fast as an OUT
         if reason == _EXIT_HLT:
             return _HLT
         if reason == _EXIT_INTR:
