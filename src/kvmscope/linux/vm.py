@@ -81,7 +81,10 @@ class LinuxVm(Vm):
         try:
             # the region packed straight to bytes (no ctypes struct): VM start does this once per VM
             region = bytearray(_REGION.size)
-            _REGION.pack_into(region, 0, slot, flags, guest_phys_addr, size, host_address(mem))
+            try:
+                _REGION.pack_into(region, 0, slot, flags, guest_phys_addr, size, host_address(mem))
+            except struct.error:  # gpa and size are checked above; a ctypes struct would have truncated these
+                raise InvalidValueError(f"slot {slot!r} and flags {flags!r} must be 32-bit unsigned ints") from None
             ioctl_buf(self._fd, _SET_USER_MEMORY_REGION, region)
         except BaseException:
             mem.close()
