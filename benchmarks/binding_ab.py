@@ -87,7 +87,7 @@ def exits(rounds: int, n: int = 3000) -> None:
             for _ in range(k):
                 ioctl(fd, request)
 
-        def loop(run: Callable[[], Any], cls: type) -> Callable[[int], None]:
+        def loop(run: Callable[[], Any], cls: Any) -> Callable[[int], None]:
             def typed(k: int) -> None:
                 for _ in range(k):
                     e: Any = run()
