@@ -129,9 +129,10 @@ class VmStartWorker:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.mappings = 0
 
-    def chunk(self, n: int) -> Sample:
+    def chunk(self, n: int, mode: str = "api") -> Sample:
+        """``n`` starts through kvmscope's API ("api"), or the same system calls made bare from Python ("bare")."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.write(f"{n} {mode}\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
@@ -252,14 +253,16 @@ class Bench:
 
     def vm_start(self) -> None:
         name = "VM start: create, memory, vCPU, registers, run to HLT, close"
-        if not self.want(name):
+        bare_name = "VM start: the same system calls, bare from Python (Python's floor)"
+        if not self.want(name, bare_name):
             return
         worker = VmStartWorker()
         try:
-            s = alternate({"C": lambda n: self.c.chunk("vmstart", n), "py": worker.chunk}, max(20 // self.k, 2),
-                          self.rounds)
+            s = alternate({"C": lambda n: self.c.chunk("vmstart", n), "bare": lambda n: worker.chunk(n, "bare"),
+                           "py": worker.chunk}, max(20 // self.k, 2), self.rounds)
         finally:
             worker.close()
+        self.add(figure(bare_name, "C", s["bare"], s["C"], time_ratio=True))
         self.add(figure(f"{name} ({worker.mappings} mappings)", "C", s["py"], s["C"], "<= 1.10x C time",
                         lambda r: r <= 1.10, time_ratio=True))
 

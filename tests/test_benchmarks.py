@@ -87,3 +87,19 @@ def test_where_time_goes_perf_splits_kernel_and_user_time(live: LinuxSystem) -> 
         assert any(name.startswith("[kernel") for name in objects), f"{side}: no kernel samples in {objects}"
         assert 0 < summary["user_space_us_per_exit"] < summary["wall_us_per_exit"], f"{side}: {summary}"
     assert perf["kvmscope run()"]["top_user_symbols"], f"no user-space symbols sampled: {perf['kvmscope run()']}"
+
+
+def test_binding_ab_prints_what_the_docs_quote(live: LinuxSystem) -> None:
+    """benchmarks/binding_ab.py (the A/Bs docs/performance.md quotes), on tiny counts: every side and phase named."""
+    def run(*args: str) -> str:
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "binding_ab.py"), *args], capture_output=True,
+                              text=True, timeout=300, cwd=ROOT)
+        assert done.returncode == 0, f"binding_ab.py {' '.join(args)} exited {done.returncode}: {done.stderr[-2000:]}"
+        return done.stdout
+
+    out = run("exits", "--rounds", "1")
+    for line in ("bare fcntl.ioctl", "run(), dataclass exit (before)", "run(), tuple exit (now)", "now - before"):
+        assert line in out, f"expected a line for {line!r} in:\n{out}"
+    out = run("vmstart", "--starts", "2")
+    for phase in ("create VM", "memory", "vCPU", "registers and code", "run to HLT", "close", "whole start"):
+        assert phase in out, f"expected a line for {phase!r} in:\n{out}"

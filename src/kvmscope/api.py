@@ -12,7 +12,8 @@ import struct
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from . import argcheck, uapi
@@ -168,31 +169,90 @@ def find_cpuid(entries: Sequence[CpuidEntry], function: int, index: int = 0) -> 
 # --- exits ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class Exit:
+class Exit(tuple[Any, ...]):
     """Why KVM_RUN returned. Subclasses carry the members of ``kvm_run`` for their exit reason.
 
-    Exits are plain slotted records, built once per exit (cheap enough for the run loop); treat them as read-only.
+    An exit is a read-only record built once per exit. It is a tuple underneath, so that ``run()`` builds it with one
+    C-level call (``tuple.__new__``) instead of a Python ``__init__``: its fields are read-only attributes, in order
+    (``__match_args__``), and then, for an exit that takes an answer, the reply hook. Exits compare equal only to exits
+    of the same class with equal fields (never to plain tuples, the reply hook not compared), are always true, and are
+    not hashable, as the dataclasses they replace.
     """
 
+    __slots__ = ()
     reason: ClassVar[int] = -1
+    _fields: ClassVar[tuple[str, ...]] = ()  # the public fields, in order (the reply hook, if any, comes after them)
+    __match_args__: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give each field declared in the class body (annotations that are not ClassVar) a read-only C-level
+        getter of its tuple item; fields of the parent class come first."""
+        super().__init_subclass__(**kwargs)
+        names = [n for n, a in vars(cls).get("__annotations__", {}).items() if not str(a).startswith("ClassVar")]
+        fields = [*cls._fields, *(n for n in names if not n.startswith("_"))]
+        for i, name in enumerate([*fields, *(n for n in names if n.startswith("_"))]):
+            setattr(cls, name, _tuplegetter(i, f"Field {i} of the exit"))
+        cls._fields = tuple(fields)
+        setattr(cls, "__match_args__", cls._fields)  # noqa: B010 - mypy takes __match_args__ as final
+
+    def __new__(cls) -> Exit:
+        return _new_tuple(cls, ())
+
+    def __getnewargs__(self) -> tuple[Any, ...]:  # copy and pickle call __new__ with the items, as positional args
+        return tuple(self)
 
     @property
     def name(self) -> str:
         return type(self).__name__
 
+    def __bool__(self) -> bool:  # a field-less exit is an empty tuple, which would be false
+        return True
 
-@dataclass(slots=True)
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return False if isinstance(other, tuple) else NotImplemented  # False: tuple.__eq__ would compare items
+        n = len(self._fields)
+        return _tuple_getitem(self, slice(n)) == _tuple_getitem(other, slice(n))  # not the reply hook
+
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    __hash__ = None  # type: ignore[assignment]  # as a dataclass with eq: exits are not dict keys
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in self._fields)})"
+
+
+_new_tuple = tuple.__new__
+_tuple_getitem = tuple.__getitem__
+
+
+def _field(index: int, doc: str) -> Any:
+    return property(itemgetter(index), doc=doc)
+
+
+try:  # the C-level getter namedtuple uses; a property over itemgetter elsewhere (same behaviour, slower)
+    from collections import _tuplegetter  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - CPython has it since 3.8
+    _tuplegetter = _field
+
+
 class IoExit(Exit):
     """KVM_EXIT_IO: a port access. ``data`` holds what an OUT wrote; answer an IN with :meth:`reply`."""
 
+    __slots__ = ()
     reason: ClassVar[int] = uapi.KVM_EXIT_IO
     direction: int
     size: int
     port: int
-    count: int
+    count: int  # type: ignore[assignment]  # the field, not tuple.count (as in a namedtuple)
     data: bytes
-    _reply: Callable[[bytes], None] | None = field(default=None, compare=False, repr=False)
+    _reply: Callable[[bytes], None] | None
+
+    def __new__(cls, direction: int, size: int, port: int, count: int, data: bytes,
+                _reply: Callable[[bytes], None] | None = None) -> IoExit:
+        return _new_tuple(cls, (direction, size, port, count, data, _reply))
 
     @property
     def is_out(self) -> bool:
@@ -207,73 +267,89 @@ class IoExit(Exit):
         self._reply(data)
 
 
-@dataclass(slots=True)
 class MmioExit(Exit):
     """KVM_EXIT_MMIO: an access to guest-physical memory no memslot backs."""
 
+    __slots__ = ()
     reason: ClassVar[int] = uapi.KVM_EXIT_MMIO
     phys_addr: int
     data: bytes
     length: int
     is_write: bool
 
+    def __new__(cls, phys_addr: int, data: bytes, length: int, is_write: bool) -> MmioExit:
+        return _new_tuple(cls, (phys_addr, data, length, is_write))
 
-@dataclass(slots=True)
+
 class HltExit(Exit):
     """KVM_EXIT_HLT: the guest executed HLT (no in-kernel local APIC)."""
 
+    __slots__ = ()
     reason: ClassVar[int] = uapi.KVM_EXIT_HLT
 
 
-@dataclass(slots=True)
 class ShutdownExit(Exit):
     """KVM_EXIT_SHUTDOWN: a triple fault."""
 
+    __slots__ = ()
     reason: ClassVar[int] = uapi.KVM_EXIT_SHUTDOWN
 
 
-@dataclass(slots=True)
 class FailEntryExit(Exit):
     """KVM_EXIT_FAIL_ENTRY: the hardware (or vendor module) refused the VM entry."""
 
+    __slots__ = ()
     reason: ClassVar[int] = uapi.KVM_EXIT_FAIL_ENTRY
     hardware_entry_failure_reason: int
     cpu: int
 
+    def __new__(cls, hardware_entry_failure_reason: int, cpu: int) -> FailEntryExit:
+        return _new_tuple(cls, (hardware_entry_failure_reason, cpu))
 
-@dataclass(slots=True)
+
 class InternalErrorExit(Exit):
     """KVM_EXIT_INTERNAL_ERROR: KVM could not handle something (e.g. emulation failure)."""
 
+    __slots__ = ()
     reason: ClassVar[int] = uapi.KVM_EXIT_INTERNAL_ERROR
     suberror: int
     data: tuple[int, ...]
 
+    def __new__(cls, suberror: int, data: tuple[int, ...]) -> InternalErrorExit:
+        return _new_tuple(cls, (suberror, data))
 
-@dataclass(slots=True)
+
 class SystemEventExit(Exit):
     """KVM_EXIT_SYSTEM_EVENT: shutdown, reset, crash, ..."""
 
+    __slots__ = ()
     reason: ClassVar[int] = uapi.KVM_EXIT_SYSTEM_EVENT
     type: int
     data: tuple[int, ...]
 
+    def __new__(cls, type: int, data: tuple[int, ...]) -> SystemEventExit:  # noqa: A002 - kvm_run's member name
+        return _new_tuple(cls, (type, data))
 
-@dataclass(slots=True)
+
 class InterruptedExit(Exit):
     """KVM_RUN returned EINTR: ``immediate_exit`` was set or a signal was pending. The vCPU did not (re)enter."""
 
+    __slots__ = ()
     reason: ClassVar[int] = uapi.KVM_EXIT_INTR
 
 
-@dataclass(slots=True)
 class MsrExit(Exit):
     """KVM_EXIT_X86_RDMSR / WRMSR: a guest MSR access sent to userspace (KVM_CAP_X86_USER_SPACE_MSR)."""
 
-    index: int
+    __slots__ = ()
+    index: int  # type: ignore[assignment]  # the field, not tuple.index (as in a namedtuple)
     data: int
     msr_reason: int
-    _reply: Callable[[int, int], None] | None = field(default=None, compare=False, repr=False)
+    _reply: Callable[[int, int], None] | None
+
+    def __new__(cls, index: int, data: int, msr_reason: int,
+                _reply: Callable[[int, int], None] | None = None) -> MsrExit:
+        return _new_tuple(cls, (index, data, msr_reason, _reply))
 
     def reply(self, value: int = 0) -> None:
         """Complete the access: for RDMSR, ``value`` is what the guest reads."""
@@ -288,21 +364,24 @@ class MsrExit(Exit):
         self._reply(1, self.data)
 
 
-@dataclass(slots=True)
 class RdmsrExit(MsrExit):
+    __slots__ = ()
     reason: ClassVar[int] = uapi.KVM_EXIT_X86_RDMSR
 
 
-@dataclass(slots=True)
 class WrmsrExit(MsrExit):
+    __slots__ = ()
     reason: ClassVar[int] = uapi.KVM_EXIT_X86_WRMSR
 
 
-@dataclass(slots=True)
 class OtherExit(Exit):
     """Any exit reason kvmscope does not decode; ``exit_reason`` is the raw number."""
 
+    __slots__ = ()
     exit_reason: int
+
+    def __new__(cls, exit_reason: int) -> OtherExit:
+        return _new_tuple(cls, (exit_reason,))
 
     @property
     def name(self) -> str:

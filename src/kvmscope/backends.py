@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -84,6 +82,11 @@ def default_profile(live: System | None = None) -> tuple[str | Profile, str]:
     :func:`cache_dir` (keyed by kernel release, vendor module, module parameters and kvmscope's version, so a new
     kernel or module option captures again); without one: the shipped ``pvm-6.18``.
     """
+    # hashlib and json are imported here, not at the top: every import of kvmscope would otherwise map their C
+    # libraries (libcrypto, _hashlib, _blake2, _json: 20 mappings), and KVM_CREATE_VM's cost grows with the mappings.
+    import hashlib
+    import json
+
     from . import __version__
     from .kernel.profile import DEFAULT_PROFILE, load, shipped
 

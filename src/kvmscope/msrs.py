@@ -8,7 +8,6 @@ string holding an int (``"0xce"``, ``"206"``). Case does not matter.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -368,6 +367,8 @@ def index_of(msr: int | str) -> int:
             return found.index
         if _NUMBER.fullmatch(key):
             return check_index(parse_int(key, "MSR index"))
+        import difflib  # here: only a misspelt name needs it (and it maps _heapq into every kvmscope process)
+
         close = difflib.get_close_matches(key, BY_NAME.keys(), n=3, cutoff=0.6)
         hint = (f"; did you mean {', '.join(close)}?" if close else
                 "; expected a name such as MSR_PLATFORM_INFO or PLATFORM_INFO, or an index such as 0xce "

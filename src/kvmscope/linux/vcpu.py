@@ -76,7 +76,13 @@ _REASON = _word(uapi.KVM_RUN_EXIT_REASON_OFFSET, 4)  # kvm_run.exit_reason as an
 _IO_PORT = _word(_EXIT + uapi.kvm_run_io.port.offset, 2)  # kvm_run.io.port as an index of 16-bit words
 _IO = _fields(uapi.kvm_run_io, "direction", "size", "port", "count", "data_offset")
 _IO_DATA_OFFSET = _fields(uapi.kvm_run_io, "data_offset")
-_unpack_io = _IO.unpack_from  # bound once: run() calls it on every IO exit
+# run() reads exit_reason and the io members in one unpack, from exit_reason to the end of kvm_run.io (the bytes
+# between are skipped): one C call per exit instead of an index of the u32 view and then an unpack.
+_REASON_AT = uapi.KVM_RUN_EXIT_REASON_OFFSET
+_REASON_IO = struct.Struct(
+    f"<{uapi.field_code(uapi.kvm_run, 'exit_reason')}{_EXIT - _REASON_AT - 4}x{_IO.format.lstrip('<=')}")
+_unpack_reason_io = _REASON_IO.unpack_from  # bound once: run() calls it on every exit
+_new_tuple = tuple.__new__  # exits are tuples: run() builds an IoExit with no Python-level __init__
 _MMIO = _fields(uapi.kvm_run_mmio, "phys_addr", "data", "len", "is_write")
 _FAIL = _fields(uapi.kvm_run_fail_entry, "hardware_entry_failure_reason", "cpu")
 _INTERNAL = _fields(uapi.kvm_run_internal, "suberror", "ndata", "data")
@@ -189,12 +195,10 @@ class LinuxVcpu(VcpuStateIoctls, Vcpu):
         except ValueError:  # fd -1: closed
             raise ClosedError(_CLOSED) from None
         try:  # no check per exit: a vCPU closed by another thread during KVM_RUN shows as a released view here
-            reason = self._u32[_REASON]
-            if reason == _EXIT_IO:  # an OUT is decoded here, in one unpack: saves a call per exit
-                run = self._run
-                direction, size, port, count, offset = _unpack_io(run, _EXIT)
-                if direction == _IO_OUT:
-                    return IoExit(_IO_OUT, size, port, count, run[offset : offset + size * count])
+            run = self._run
+            reason, direction, size, port, count, offset = _unpack_reason_io(run, _REASON_AT)
+            if reason == _EXIT_IO and direction == _IO_OUT:  # an OUT is decoded here: saves a call per exit
+                return _new_tuple(IoExit, (_IO_OUT, size, port, count, run[offset : offset + size * count], None))
             return self._decode(reason)
         except ValueError:
             if self._closed:
@@ -274,10 +278,11 @@ class LinuxVcpu(VcpuStateIoctls, Vcpu):
 
     def _decode(self, reason: int) -> Exit:
         if reason == _EXIT_IO:
-            direction, size, port, count, offset = _IO.unpack_from(self._run, _EXIT)
+            run = self._run
+            direction, size, port, count, offset = _IO.unpack_from(run, _EXIT)
             if direction == _IO_OUT:
-                return IoExit(direction, size, port, count, self._run[offset : offset + size * count])
-            return IoExit(direction, size, port, count, b"", self._reply_io)
+                return _new_tuple(IoExit, (direction, size, port, count, run[offset : offset + size * count], None))
+            return _new_tuple(IoExit, (direction, size, port, count, b"", self._reply_io))  # an IN: as fast as an OUT
         if reason == _EXIT_HLT:
             return _HLT
         if reason == _EXIT_INTR:
@@ -349,15 +354,16 @@ class LinuxVcpu(VcpuStateIoctls, Vcpu):
 
     def set_msrs(self, entries: MsrBatch | MsrItems, strict: bool = False) -> int:
         """KVM_SET_MSRS: returns how many entries the kernel wrote (it stops at the first refused one)."""
-        batch = entries if type(entries) is MsrBatch else as_batch(entries)
-        try:
-            done: int = _fcntl_ioctl(self._fd, _KVM_SET_MSRS, batch.raw, True)
+        try:  # a batch is used as it is: reading .raw is the type check (cheaper than type(entries) is MsrBatch)
+            done: int = _fcntl_ioctl(self._fd, _KVM_SET_MSRS, entries.raw, True)  # type: ignore[union-attr]
+        except AttributeError:  # a mapping or pairs: made into a batch
+            return self.set_msrs(as_batch(entries), strict)
         except OSError as e:
             raise self._ioctl_error(e, "KVM_SET_MSRS") from None
         except ValueError:  # fd -1: closed
             raise ClosedError(_CLOSED) from None
-        if strict and done != batch.nmsrs:
-            raise self.short_write(batch, done)
+        if strict and done != entries.nmsrs:  # type: ignore[union-attr]
+            raise self.short_write(entries, done)  # type: ignore[arg-type]
         return done
 
     def _ioctl_error(self, e: OSError, name: str) -> Exception:

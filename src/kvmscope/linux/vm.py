@@ -13,12 +13,16 @@ from typing import TYPE_CHECKING
 from .. import uapi
 from ..api import Vm
 from ..errors import InvalidValueError
-from ..memory import MemoryRegion, host_address, map_guest_memory
+from ..memory import MemoryRegion, find_region, host_address, map_guest_memory
 from ._ioctl import ioctl_buf, ioctl_int, ioctl_ulong
 from .vcpu import LinuxVcpu, map_kvm_run
 
 if TYPE_CHECKING:
     from .system import LinuxSystem
+
+_SET_USER_MEMORY_REGION = uapi.KVM_SET_USER_MEMORY_REGION
+_REGION = struct.Struct(uapi.struct_format(uapi.kvm_userspace_memory_region, "slot", "flags", "guest_phys_addr",
+                                           "memory_size", "userspace_addr"))
 
 
 class LinuxVm(Vm):
@@ -94,12 +98,26 @@ class LinuxVm(Vm):
         slot = self._claim_slot(guest_phys_addr, size, slot, flags)
         mem = map_guest_memory(size, slot)
         try:
-            self.set_user_memory_region(slot, flags, guest_phys_addr, size, host_address(mem))
+            # the region packed straight to bytes (no ctypes struct): VM start does this once per VM
+            region = bytearray(_REGION.size)
+            try:
+                _REGION.pack_into(region, 0, slot, flags, guest_phys_addr, size, host_address(mem))
+            except struct.error:  # gpa and size are checked above; a ctypes struct would have truncated these
+                raise InvalidValueError(f"slot {slot!r} and flags {flags!r} must be 32-bit unsigned ints") from None
+            ioctl_buf(self._fd, _SET_USER_MEMORY_REGION, region)
         except BaseException:
             mem.close()
             raise
+        self._slot_sizes[slot] = size
         self.regions.append(MemoryRegion(slot, guest_phys_addr, size, flags, mem))
         return slot
+
+    def write_memory(self, guest_phys_addr: int, data: bytes) -> None:
+        """Write ``data`` to guest memory inside one region (into the mapping, with no view made)."""
+        self._check_open()
+        r = find_region(self.regions, guest_phys_addr, len(data))
+        offset = guest_phys_addr - r.guest_phys_addr
+        r.mem[offset : offset + len(data)] = data
 
     def create_vcpu(self, vcpu_id: int = 0) -> LinuxVcpu:
         """KVM_CREATE_VCPU, then mmap its ``struct kvm_run``: one fd per vCPU. Out of fds, the ioctl fails with a
