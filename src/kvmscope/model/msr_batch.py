@@ -132,47 +132,48 @@ class BatchedMsrRules(ReadingMsrRules):
         # Frozen MSRs keep their value through the batch (a different one is refused), so their freeze check can run
         # for the whole batch at once: when every frozen entry carries the value it has, each entry with a setter
         # goes straight to it, as try_set would; otherwise every ruled entry takes the full path.
-        # The refusals the check's reads recorded (``_frozen_check``) are recorded as each entry's turn comes.
-        reads: dict[int, Rule] | None = None
-        if frozen is None:
-            fast = True
-        else:
-            self.frozen_reads = None
-            fast = frozen[0](words) == frozen[1](self.stored) and self._same_value_real_write
-            reads = self.frozen_reads if fast else None
-        refusals = self.refusals
-        if fast and quick is not None and not (quick[1] is not None and any(quick[1](words))) and all(
-                ok(kind, indices, pick(words)) for ok, kind, indices, pick in quick[6]):
-            cleared = quick[3]
-            if reads or (refusals and not cleared.keys().isdisjoint(refusals)):
-                # each write clears its MSR's last refusal and records what its freeze check's read records: do both
-                # now, and undo them for the entries after a refused one (only which rule is on record counts)
-                held = {index: refusals.pop(index) for index in cleared.keys() & refusals.keys()}
-                if reads:
-                    refusals.update(reads)
-                stop = self._run_quick(quick, words)
-                if stop >= 0:
-                    for index in reads or ():
-                        if cleared[index] > stop:
-                            del refusals[index]
-                    refusals.update((index, rule) for index, rule in held.items() if cleared[index] > stop)
+        if ruled:  # a batch of plain MSRs alone (the 1-MSR case) goes straight to the stores
+            # The refusals the check's reads recorded (``_frozen_check``) are recorded as each entry's turn comes.
+            reads: dict[int, Rule] | None = None
+            if frozen is None:
+                fast = True
             else:
-                stop = self._run_quick(quick, words)
-            if stop < 0 and quick[7] is not None:  # the grouped entries, checked above: stored verbatim
-                self.stored.update(zip(quick[7][0], quick[7][1](words)))  # noqa: B905
-            plain_positions = quick[8]
-        else:
-            stop = self._run_ruled(ruled, words, fast, reads)
-        if stop == _TAKEN_NOT_STORED:
-            whole = None  # taken without storing: the whole-batch store below must leave it alone
-        if stop >= 0:
-            for i in plain_positions:  # the plain (and grouped) entries before the refused one took effect, in order
-                if i > stop:
-                    break
-                self.do_set(*batch[i])
-            if strict:
-                raise self.vcpu.short_write(batch, stop)
-            return stop
+                self.frozen_reads = None
+                fast = frozen[0](words) == frozen[1](self.stored) and self._same_value_real_write
+                reads = self.frozen_reads if fast else None
+            refusals = self.refusals
+            if fast and quick is not None and not (quick[1] is not None and any(quick[1](words))) and (not quick[6] or all(
+                    ok(kind, indices, pick(words)) for ok, kind, indices, pick in quick[6])):
+                cleared = quick[3]
+                if reads or (refusals and not cleared.keys().isdisjoint(refusals)):
+                    # each write clears its MSR's last refusal and records what its freeze check's read records: do both
+                    # now, and undo them for the entries after a refused one (only which rule is on record counts)
+                    held = {index: refusals.pop(index) for index in cleared.keys() & refusals.keys()}
+                    if reads:
+                        refusals.update(reads)
+                    stop = self._run_quick(quick, words)
+                    if stop >= 0:
+                        for index in reads or ():
+                            if cleared[index] > stop:
+                                del refusals[index]
+                        refusals.update((index, rule) for index, rule in held.items() if cleared[index] > stop)
+                else:
+                    stop = self._run_quick(quick, words)
+                if stop < 0 and quick[7] is not None:  # the grouped entries, checked above: stored verbatim
+                    self.stored.update(zip(quick[7][0], quick[7][1](words)))  # noqa: B905
+                plain_positions = quick[8]
+            else:
+                stop = self._run_ruled(ruled, words, fast, reads)
+            if stop == _TAKEN_NOT_STORED:
+                whole = None  # taken without storing: the whole-batch store below must leave it alone
+            if stop >= 0:
+                for i in plain_positions:  # the plain (and grouped) entries before the refused one took effect, in order
+                    if i > stop:
+                        break
+                    self.do_set(*batch[i])
+                if strict:
+                    raise self.vcpu.short_write(batch, stop)
+                return stop
         if whole is not None:
             # Every ruled entry stored its value verbatim under its own index (the setters do), as every plain one
             # does: storing the whole batch in order changes nothing for the ruled ones and stores the plain ones.
@@ -180,6 +181,7 @@ class BatchedMsrRules(ReadingMsrRules):
         else:
             for store, keys, pick in stores:
                 store.update(zip(keys, pick(words)))  # noqa: B905
+        refusals = self.refusals
         if refusals and not plain_set.isdisjoint(refusals):  # each write of a plain MSR clears its last refusal
             for index in plain_set & refusals.keys():
                 del refusals[index]
