@@ -10,7 +10,7 @@ import sys
 
 # C extensions (each maps 5 regions; _hashlib also maps libcrypto) that the binding's VM start never needs.
 NOT_AT_IMPORT = ("_hashlib", "_blake2", "_json", "_heapq", "_bz2", "_lzma", "zlib", "_ssl", "_socket", "select",
-                 "_posixsubprocess")
+                 "_posixsubprocess", "math")
 
 
 def test_import_kvmscope_loads_no_unneeded_c_extension() -> None:

@@ -7,7 +7,6 @@ processed); the strict helpers defined here once (``write_msrs``, ``read_msrs``,
 
 from __future__ import annotations
 
-import math
 import struct
 import sys
 from abc import ABC, abstractmethod
@@ -427,13 +426,16 @@ class _Closable:
         self.close()
 
 
+_INFINITY = float("inf")  # not math.inf: importing math maps one more library, and VM creation walks every mapping
+
+
 def check_timeout(timeout: object) -> float:
     """``run(timeout=...)``'s seconds: a finite int or float >= 0, else :class:`InvalidTypeError` (not a number) or
     :class:`InvalidValueError`."""
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise InvalidTypeError(f"Vcpu.run: timeout must be seconds as an int or float, not {type(timeout).__name__} "
                                f"{timeout!r}")
-    if not math.isfinite(timeout) or timeout < 0:
+    if not 0 <= timeout < _INFINITY:  # NaN compares false
         raise InvalidValueError(f"Vcpu.run: timeout must be a finite number of seconds >= 0, not {timeout!r}")
     return float(timeout)
 

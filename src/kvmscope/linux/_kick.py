@@ -15,7 +15,6 @@ SIGURG is ignored by default, and the kernel does not drop a signal that is bloc
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
 import threading
@@ -34,6 +33,9 @@ def sigset_bytes(signals: set[signal.Signals] | set[int], size: int) -> bytes:
     return bits.to_bytes(size, "little")
 
 
+_INFINITY = float("inf")  # not math.inf: see api.check_timeout
+
+
 class Watchdog:
     """One daemon thread for every timed run in the process: at each deadline it calls the run's kick function."""
 
@@ -46,7 +48,7 @@ class Watchdog:
         self._armed: dict[int, tuple[float, Callable[[], None]]] = {}
         self._next = 0
         self._thread: threading.Thread | None = None
-        self._waiting_until = math.inf  # the deadline the thread sleeps to: a later one needs no wake-up
+        self._waiting_until = _INFINITY  # the deadline the thread sleeps to: a later one needs no wake-up
 
     def arm(self, deadline: float, kick: Callable[[], None]) -> int:
         """Call ``kick`` at ``deadline`` (time.monotonic) unless disarmed first; returns the token for :meth:`disarm`."""
@@ -69,7 +71,7 @@ class Watchdog:
         with self._cond:
             while True:
                 if not self._armed:
-                    self._waiting_until = math.inf
+                    self._waiting_until = _INFINITY
                     self._cond.wait()
                     continue
                 token, (deadline, kick) = min(self._armed.items(), key=lambda item: item[1][0])
