@@ -1,8 +1,9 @@
 """A byte-level fuzzer for every file reader and the CLI, under a memory limit and a per-input timeout (issue 13).
 
-Each input is bytes: a seed (the example scenarios, the shipped profiles, CPUID lists, known-bad files) mutated at the
-byte level (flips, cuts, splices, repeated runs, YAML/JSON tokens, invalid UTF-8, control characters). Each is given to
-every reader of its kind and to `kvmscope check`; a finding is any of:
+Each input is bytes: a seed (the example scenarios, the shipped profiles, CPUID lists, the example CPU templates,
+known-bad files) mutated at the byte level (flips, cuts, splices, repeated runs, YAML/JSON tokens, invalid UTF-8,
+control characters). Each is given to every reader of its kind and to the command that reads it (`kvmscope check`,
+`probe --profile`, `template read` and `template apply`); a finding is any of:
 
 - an exception that is not kvmscope's own error (a traceback), a hang (over ``--timeout`` seconds), ``MemoryError``
   (the address space is limited to ``--memory`` MiB);
@@ -32,10 +33,12 @@ from typing import Any
 
 from click.testing import CliRunner
 
+from kvmscope import template
 from kvmscope.cli import main as cli_main
 from kvmscope.errors import ProfileError, ScenarioError
 from kvmscope.kernel import profile
 from kvmscope.scenario import load, stream
+from kvmscope.template import TemplateError
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS = [b"&a ", b"*a", b"!!timestamp ", b"!!int ", b"!!bool ", b"!!binary ", b"!!python/object ", b"<<: ", b"---\n",
@@ -55,7 +58,7 @@ def _alarm(signum: int, frame: Any) -> None:
 
 
 def seeds() -> dict[str, list[bytes]]:
-    """Seed files by kind: scenario (YAML), scenario JSON, profile, CPUID list."""
+    """Seed files by kind: scenario (YAML), scenario JSON, profile, CPUID list, CPU template (Firecracker's JSON)."""
     yaml_seeds = [p.read_bytes() for p in sorted((ROOT / "examples").glob("*.yaml"))]
     yaml_seeds.append(b"scenario: 1\nsteps:\n  - create_vcpu: 0\n  - set_cpuid: {vcpu: 0, file: c.yaml}\n  - run: 0\n")
     json_seeds = [b'{"scenario": 1, "name": "j", "steps": [{"create_vcpu": 0}, {"run": 0, "expect": {"exit": "HltExit"}},'
@@ -63,7 +66,8 @@ def seeds() -> dict[str, list[bytes]]:
     profiles = [(ROOT / "src/kvmscope/profiles" / f"{n}.json").read_bytes() for n in profile.shipped()]
     cpuid = [b"- {function: 0x7, index: 0, edx: 0x10}\n- {function: 1, eax: 0x806f8}\n",
              b'[{"function": "0x7", "ebx": "0x1"}]\n']
-    return {"yaml": yaml_seeds, "json": json_seeds, "profile": profiles, "cpuid": cpuid}
+    templates = [p.read_bytes() for p in sorted((ROOT / "examples/templates").glob("*.json"))]
+    return {"yaml": yaml_seeds, "json": json_seeds, "profile": profiles, "cpuid": cpuid, "template": templates}
 
 
 def mutate(rng: random.Random, data: bytes, pool: list[bytes]) -> bytes:
@@ -137,6 +141,17 @@ def check_profile(path: Path) -> None:
         assert result.stderr.count("\n") == 1, f"not one line: {result.stderr!r}"
 
 
+def check_template(path: Path) -> None:
+    verdict(lambda: template.load(path), (TemplateError,))
+    for args in (["read", str(path), "--json"], ["apply", str(path), "--backend", "model", "--vcpus", "1", "--json"]):
+        result = CliRunner().invoke(cli_main, ["template", *args])
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        assert result.exit_code in (0, 1, 2), f"exit {result.exit_code}: {result.stderr!r}"
+        if result.exit_code == 2:
+            assert result.stderr.count("\n") == 1 and str(path) in result.stderr, f"not one line: {result.stderr!r}"
+
+
 def run(seconds: float, seed: int, timeout: int, memory_mib: int, log: Any = sys.stdout,
         known: dict[str, int] | None = None) -> int:
     """Fuzz for ``seconds``; returns the number of findings (each printed with a reproducer file). ``known``: names of
@@ -156,12 +171,15 @@ def run(seconds: float, seed: int, timeout: int, memory_mib: int, log: Any = sys
         while time.monotonic() < end:
             kind = rng.choice(list(pools))
             data = mutate(rng, rng.choice(pools[kind]), everything)
-            target = {"yaml": d / "s.yaml", "json": d / "s.json", "profile": d / "p.json", "cpuid": d / "c.yaml"}[kind]
+            target = {"yaml": d / "s.yaml", "json": d / "s.json", "profile": d / "p.json", "cpuid": d / "c.yaml",
+                      "template": d / "t.json"}[kind]
             target.write_bytes(data)
             signal.alarm(timeout)
             try:
                 if kind == "profile":
                     check_profile(target)
+                elif kind == "template":
+                    check_template(target)
                 else:
                     check_scenario(d / "s.yaml" if kind == "cpuid" else target)
             except Exception as e:  # a finding: anything but kvmscope's own errors, a hang, MemoryError, a disagreement
