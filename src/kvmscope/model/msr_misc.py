@@ -160,6 +160,8 @@ class MiscMsrs(Family):
             return _NOTHING, index, WRITE_IGNORED[index]  # type: ignore[return-value]
         if getter == self._get_canonical and index not in (MSR_FS_BASE, MSR_GS_BASE):
             return self.rules.stored, index, 0
+        if getter == self._get_sysenter and self.rules.profile.vendor != "svm":  # only svm_get_msr masks them
+            return self.rules.stored, index, 0
         return super().read_source(index)
 
     def _get_constant(self, index: int, host: bool) -> tuple[int, int]:

@@ -110,6 +110,11 @@ class PvMceMsrs(Family):
             return False
         return kind == "mc_bank" or _MC_CTL_OK.issuperset(values)
 
+    def read_source(self, index: int) -> tuple[dict[int, int], int, int] | None:
+        if index in (MSR_MCG_STATUS, MSR_MCG_CTL):  # a host read gives the stored value (get_msr_mce)
+            return self.rules.stored, index, 0
+        return super().read_source(index)
+
     def bulk_read_kind(self, index: int) -> str | None:
         return "mc_bank" if index in MC_CTL else None
 
