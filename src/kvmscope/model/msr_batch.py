@@ -268,7 +268,7 @@ class BatchedMsrRules(ReadingMsrRules):
         cleared = {index: pos for pos, index, _ in ruled if index not in kept}
         pick = _picker([pos for pos, _, _, _ in calls]) if calls else _no_values
         bulk = tuple((family.bulk_ok, kind, tuple(indices), _picker(positions))
-                     for (_, kind), (family, indices, positions) in groups.items())
+                     for (_, kind), (family, indices, positions) in groups.items() if kind != "any")
         in_bulk = sorted((pos, index) for _, indices, positions in groups.values()
                          for pos, index in zip(positions, indices, strict=True))
         store = (tuple(index for _, index in in_bulk), _picker([pos for pos, _ in in_bulk])) if in_bulk else None

@@ -32,8 +32,10 @@ class MsrFamily(Protocol):
     def set(self, index: int, data: int, host: bool) -> int: ...
 
     def bulk_kind(self, index: int) -> str | None:
-        """The group whose host writes ``bulk_ok`` checks for a whole batch at once; None for the others. Worth it for
-        groups that batches hold many of (MCi banks, MTRRs): each group costs a call, as one entry's handler does."""
+        """The group whose host writes ``bulk_ok`` checks for a whole batch at once ("any": every host write is
+        stored verbatim, returns OK and records nothing, so no check runs); None for the others. Worth it for "any"
+        and for groups that batches hold many of (MCi banks, MTRRs): a checked group costs a call, as one handler
+        does."""
 
     def bulk_ok(self, kind: str, indices: Sequence[int], values: Sequence[int]) -> bool:
         """True when each host write of ``values[i]`` to ``indices[i]`` (all of group ``kind``) would store the

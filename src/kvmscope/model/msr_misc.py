@@ -152,6 +152,10 @@ class MiscMsrs(Family):
                 handlers[index] = (self._get_zero, self._set_ignored)
         self.install(handlers)
 
+    def bulk_kind(self, index: int) -> str | None:
+        # SMI_COUNT (host writes only) and POWER_CTL store any host write verbatim
+        return "any" if index in (MSR_SMI_COUNT, MSR_POWER_CTL) else None
+
     def read_source(self, index: int) -> tuple[dict[int, int], int, int] | None:
         getter = self.handlers[index][0]
         if getter == self._get_constant:

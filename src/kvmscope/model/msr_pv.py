@@ -103,7 +103,7 @@ class PvMceMsrs(Family):
     def bulk_kind(self, index: int) -> str | None:
         if index in MC_CTL:
             return "mc_ctl" if index % 4 == 0 else "mc_bank"
-        return None
+        return "any" if index == MSR_MCG_STATUS else None  # set_msr_mce stores any host write of MCG_STATUS
 
     def bulk_ok(self, kind: str, indices: Sequence[int], values: Sequence[int]) -> bool:
         if max(indices) >= 0x400 + 4 * (self.rules.stored[MSR_MCG_CAP] & 0xFF):
