@@ -213,3 +213,52 @@ def test_frozen_gated_msr_after_a_refused_entry(profile: str) -> None:
         got, want = fast.set_msrs(batch), entry_by_entry(ref, batch)
         assert got == want, f"{profile} {batch}: set_msrs wrote {got} entries, entry by entry wrote {want}"
         assert state(fast) == state(ref), f"{profile} {batch}: state differs from the entry-by-entry reference"
+
+
+# Values at the edges of the grouped checks: canonical at 48 and 57 bits, MCi_CTL's all-ones with bits 0 and 10 free,
+# memory types in every byte, reserved physical-address bits.
+EDGES = st.sampled_from([0, 1, U64, U64 ^ 1, U64 ^ (1 << 10), U64 ^ 0x401, U64 ^ 2, (1 << 47) - 1, 1 << 47,
+                         U64 - (1 << 47) + 1, U64 - (1 << 47), (1 << 56) - 1, 1 << 56, U64 - (1 << 56) + 1,
+                         0x0606060606060606, 0x0706060606060606, 0x0606060606060602, 0x06, 0x806, 0xF06,
+                         1 << 35 | 6, 1 << 51 | 6, 0x800, 0xFFF, 1 << 36 | 0x800])
+
+
+def grouped(vcpu: ModelVcpu) -> dict[str, list[int]]:
+    """The MSRs whose writes a batch checks group by group (``MsrFamily.bulk_kind``), by group, and all of them with
+    their neighbours under "all"."""
+    families = vcpu.msr_rules.families
+    groups: dict[str, list[int]] = {"all": [0x179, 0x17B, 0x2FF, 0x277]}
+    for index, family in sorted(families.items()):
+        kind = family.bulk_kind(index)
+        if kind is not None:
+            groups.setdefault(kind, []).append(index)
+            groups["all"].append(index)
+    return groups
+
+
+@settings(max_examples=int(os.environ.get("KVMSCOPE_PLAN_EXAMPLES", "300")), deadline=None)
+@given(profile=st.sampled_from(shipped()), kernel=st.sampled_from(["6.3", "6.12", "6.18"]),
+       batches=st.lists(st.tuples(st.integers(0, 99), st.lists(st.tuples(st.integers(0, 1 << 16), st.one_of(
+           EDGES, EDGES, st.integers(0, U64))), min_size=1, max_size=12)), min_size=1, max_size=4),
+       banks=st.one_of(st.none(), st.integers(1, 32)), cr4_la57=st.booleans())
+def test_grouped_writes_match_entry_by_entry(profile: str, kernel: str, batches: list[Any], banks: int | None,
+                                             cr4_la57: bool) -> None:
+    """Batches of the grouped MSRs (MCi banks, MTRRs, canonical-address MSRs), each mostly of one group (so that its
+    check decides the batch) with values at the edges of each group's check: the same counts, state and refusals as
+    entry by entry."""
+    fast, ref = twin(profile, kernel), twin(profile, kernel)
+    for v in (fast, ref):
+        if banks is not None:
+            v.setup_mce(banks)
+        if cr4_la57:
+            sregs = v.get_sregs()
+            sregs.cr4 |= 1 << 12
+            v.set_sregs(sregs)
+    groups = grouped(fast)
+    kinds = sorted(groups)
+    for n, (which, entries) in enumerate(batches):
+        pool = groups[kinds[which % len(kinds)]]
+        batch = MsrBatch([(pool[i % len(pool)], value) for i, value in entries])
+        got, want = fast.set_msrs(batch), entry_by_entry(ref, batch)
+        assert got == want, f"batch {n} {batch}: set_msrs wrote {got} entries, entry by entry wrote {want}"
+        assert state(fast) == state(ref), f"batch {n} {batch}: state differs from the entry-by-entry reference"

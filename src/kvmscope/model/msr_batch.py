@@ -142,8 +142,14 @@ class BatchedMsrRules(ReadingMsrRules):
                 fast = frozen[0](words) == frozen[1](self.stored) and self._same_value_real_write
                 reads = self.frozen_reads if fast else None
             refusals = self.refusals
-            if fast and quick is not None and not (quick[1] is not None and any(quick[1](words))) and (not quick[6] or all(
-                    ok(kind, indices, pick(words)) for ok, kind, indices, pick in quick[6])):
+            use_quick = fast and quick is not None and not (quick[1] is not None and any(quick[1](words)))
+            if use_quick and quick[6]:  # type: ignore[index]
+                for ok, kind, indices, pick in quick[6]:  # type: ignore[index]
+                    if not ok(kind, indices, pick(words)):
+                        use_quick = False
+                        break
+            if use_quick:
+                assert quick is not None
                 cleared = quick[3]
                 if reads or (refusals and not cleared.keys().isdisjoint(refusals)):
                     # each write clears its MSR's last refusal and records what its freeze check's read records: do both

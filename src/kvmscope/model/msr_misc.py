@@ -13,6 +13,7 @@ The machine-check, KVM PV and x2APIC MSRs are in ``msr_pv``; MTRRs and PAT in ``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..api import find_cpuid
@@ -153,8 +154,20 @@ class MiscMsrs(Family):
         self.install(handlers)
 
     def bulk_kind(self, index: int) -> str | None:
-        # SMI_COUNT (host writes only) and POWER_CTL store any host write verbatim
-        return "any" if index in (MSR_SMI_COUNT, MSR_POWER_CTL) else None
+        if index in (MSR_SMI_COUNT, MSR_POWER_CTL):  # any host write stored verbatim (SMI_COUNT: host writes only)
+            return "any"
+        # KERNEL_GS_BASE, LSTAR, CSTAR: stored when canonical; SYSENTER_ESP/EIP: stored made canonical, so verbatim
+        # when already canonical. One group when both use the host's width (CANONICAL_HOST_WIDTH).
+        if index in (MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_CSTAR):
+            return "canonical" if self.host_width else "canonical_cr4"
+        if index in (MSR_SYSENTER_ESP, MSR_SYSENTER_EIP):
+            return "canonical"
+        return None
+
+    def bulk_ok(self, kind: str, indices: Sequence[int], values: Sequence[int]) -> bool:
+        bits = self.virt_bits if kind == "canonical" else 57 if self.vcpu.sregs.cr4 >> 12 & 1 else 48
+        shift = bits - 1  # canonical: bits 63..bits-1 all 0 or all 1
+        return {value >> shift for value in values} <= {0, U64 >> shift}
 
     def read_source(self, index: int) -> tuple[dict[int, int], int, int] | None:
         getter = self.handlers[index][0]
