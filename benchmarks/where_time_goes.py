@@ -127,6 +127,16 @@ def model_parts(n: int, rounds: int) -> list[tuple[str, float]]:
         ruled, stores, zero, _, _, _, _, quick = msrs.plans[key]
         plans = msrs.plans
         calls = [(fn, index, words[2 + 2 * pos], form) for pos, index, fn, form in (quick[0] if quick else ())]
+        groups = quick[6] if quick else ()
+        grouped = quick[7] if quick else None
+
+        def check_groups() -> None:
+            for ok, kind, group, pick in groups:
+                ok(kind, group, pick(words))
+
+        def store_grouped() -> None:
+            if grouped is not None:
+                vcpu.msr_rules.stored.update(zip(grouped[0], grouped[1](words)))  # noqa: B905
 
         def run_calls() -> None:
             for fn, index, data, form in calls:
@@ -145,6 +155,8 @@ def model_parts(n: int, rounds: int) -> list[tuple[str, float]]:
             "find the batch's cached plan (with the key)": lambda: plans.get(batch.words32[2::4].tobytes()),
             "check the ZERO MSRs' values (one itemgetter)": lambda: zero is not None and any(zero(words)),
             f"{len(calls)} of the {len(ruled)} entries with rules, their handlers one by one": run_calls,
+            f"{len(grouped[0]) if grouped else 0} grouped entries: {len(groups)} group checks": check_groups,
+            "the grouped entries stored (1 dict update)": store_grouped,
             f"the plain entries stored ({len(stores)} dict updates)": lambda: [
                 store.update(zip(keys, pick(words))) for store, keys, pick in stores],  # noqa: B905
             "get_msrs(batch): the same batch read": lambda: vcpu.get_msrs(batch),
