@@ -215,12 +215,23 @@ def test_frozen_gated_msr_after_a_refused_entry(profile: str) -> None:
         assert state(fast) == state(ref), f"{profile} {batch}: state differs from the entry-by-entry reference"
 
 
-# Values at the edges of the grouped checks: canonical at 48 and 57 bits, MCi_CTL's all-ones with bits 0 and 10 free,
-# memory types in every byte, reserved physical-address bits.
+# Values at the edges of the grouped and checked writes: canonical at 48 and 57 bits, MCi_CTL's all-ones with bits 0
+# and 10 free, memory types in every byte, reserved physical-address bits, the PV MSRs' reserved bits and enable bit
+# (with an address in guest memory and one outside it), PERF_CAPABILITIES' LBR and PEBS formats.
 EDGES = st.sampled_from([0, 1, U64, U64 ^ 1, U64 ^ (1 << 10), U64 ^ 0x401, U64 ^ 2, (1 << 47) - 1, 1 << 47,
                          U64 - (1 << 47) + 1, U64 - (1 << 47), (1 << 56) - 1, 1 << 56, U64 - (1 << 56) + 1,
                          0x0606060606060606, 0x0706060606060606, 0x0606060606060602, 0x06, 0x806, 0xF06,
-                         1 << 35 | 6, 1 << 51 | 6, 0x800, 0xFFF, 1 << 36 | 0x800])
+                         1 << 35 | 6, 1 << 51 | 6, 0x800, 0xFFF, 1 << 36 | 0x800, 2, 3, 0x10, 0x30, 0x40, 0x3E,
+                         0x1000, 0x1001, 0x1003, 0x100001, 0x3F, 0x1F, 0x1F00, 0x2000, 0x4000 | 0x1F])
+
+
+def checked(vcpu: ModelVcpu) -> list[int]:
+    """The MSRs a batch checks without their handler under the vCPU's configuration now (``write_check``,
+    ``setter_check``), and those whose write a setter refuses as unsupported (``setter_refusal``)."""
+    rules = vcpu.msr_rules
+    return sorted({index for index, family in rules.families.items() if family.write_check(index) is not None}
+                  | {index for index in rules.setters
+                     if rules.setter_check(index) is not None or rules.setter_refusal(index) is not None})
 
 
 def grouped(vcpu: ModelVcpu) -> dict[str, list[int]]:
@@ -240,14 +251,17 @@ def grouped(vcpu: ModelVcpu) -> dict[str, list[int]]:
 @given(profile=st.sampled_from(shipped()), kernel=st.sampled_from(["6.3", "6.12", "6.18"]),
        batches=st.lists(st.tuples(st.integers(0, 99), st.lists(st.tuples(st.integers(0, 1 << 16), st.one_of(
            EDGES, EDGES, st.integers(0, U64))), min_size=1, max_size=12)), min_size=1, max_size=4),
-       banks=st.one_of(st.none(), st.integers(1, 32)), cr4_la57=st.booleans())
+       banks=st.one_of(st.none(), st.integers(1, 32)), cr4_la57=st.booleans(), cpuid=st.booleans())
 def test_grouped_writes_match_entry_by_entry(profile: str, kernel: str, batches: list[Any], banks: int | None,
-                                             cr4_la57: bool) -> None:
-    """Batches of the grouped MSRs (MCi banks, MTRRs, canonical-address MSRs), each mostly of one group (so that its
-    check decides the batch) with values at the edges of each group's check: the same counts, state and refusals as
-    entry by entry."""
+                                             cr4_la57: bool, cpuid: bool) -> None:
+    """Batches of the grouped MSRs (MCi banks, MTRRs, canonical-address MSRs) and the checked ones (PV MSRs, MCG_CTL,
+    TSC_ADJUST, the feature MSRs with setters...), each mostly of one group (so that its check decides the batch) with
+    values at the edges of each group's check: the same counts, state and refusals as entry by entry."""
     fast, ref = twin(profile, kernel), twin(profile, kernel)
     for v in (fast, ref):
+        v.vm.add_memory(0, 0x10000)  # PV EOI's address: 0x1000 is in guest memory, 0x100000 is not
+        if cpuid:
+            v.set_cpuid(v.vm.system.get_supported_cpuid())
         if banks is not None:
             v.setup_mce(banks)
         if cr4_la57:
@@ -255,6 +269,8 @@ def test_grouped_writes_match_entry_by_entry(profile: str, kernel: str, batches:
             sregs.cr4 |= 1 << 12
             v.set_sregs(sregs)
     groups = grouped(fast)
+    groups["checked"] = checked(fast)
+    groups["all"] += groups["checked"]
     kinds = sorted(groups)
     for n, (which, entries) in enumerate(batches):
         pool = groups[kinds[which % len(kinds)]]

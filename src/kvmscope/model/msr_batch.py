@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import struct
 from collections.abc import Callable, Sequence
-from operator import itemgetter
+from operator import add, and_, itemgetter
 from typing import TYPE_CHECKING
 
 from .. import msrs as M
@@ -43,7 +43,7 @@ BulkCheck = Callable[[str, Sequence[int], Sequence[int]], bool]
 # A write plan: the entries with rules (position, index, its setter if it has one); the bulk stores, each (the dict,
 # the keys, how to pick their values from the batch's values); how to pick the ZERO entries' values; the plain
 # entries' positions (for a refusal part-way); the indices when the batch can be stored whole (else None); the freeze
-# check of the ruled entries; the set of the plain indices.
+# check of the ruled entries; the set of the plain indices; the quick path (``QuickPlan``), and its checked variant.
 WritePlan = tuple[
     "tuple[tuple[int, int, Setter | None], ...]",
     "tuple[tuple[dict[int, int], tuple[int, ...], Pick], ...]",
@@ -53,20 +53,29 @@ WritePlan = tuple[
     "FrozenCheck | None",
     frozenset[int],
     "QuickPlan | None",
+    "QuickPlan | None",
 ]
 # What a write plan does when its freeze check passes (``_quick_plan``): the entries whose handler must run, each
 # (position, index, the function, how it is called: 0 ``f(data)``, 1 ``f(index, data, True)``, 2 ``f(index, data)``);
 # how to pick the values of the read-only entries that pass only with 0 (None when none or any value passes); the
-# read-only entries (position, index), each recorded as refused and forgiven; the other ruled entries' positions by
+# read-only entries (position, index, rule), each recorded as refused by its rule and forgiven: family MSRs whose
+# write is always unsupported, and setters' MSRs refused as unsupported under the CPUID now (``setter_refusal``); the other ruled entries' positions by
 # index (each write clears its MSR's last refusal); how to pick the values of the entries called; the refusals the
 # read-only entries leave; the groups of entries a family checks at once (``MsrFamily.bulk_ok``: the check, the group,
 # its indices, how to pick its values); where the grouped entries are stored (indices, how to pick their values); the
 # positions of the plain and grouped entries (those before a refused one take effect). Entries whose write always
 # passes and changes nothing (``Family.write_kind``) need no call.
+# A plan's checked variant (``_quick_plan`` with the plain stores) also stores the plain entries that go to ``stored``
+# with the grouped ones, in one update, and adds: the stores left for after (the VM-wide ones); and the entries
+# checked without their handler (``MsrFamily.write_check``), each stored verbatim when the check passes: how to pick
+# their values, the offsets and masks of their checks, which of them enable a guest address with bit 0. Both
+# variants end with the MSRs whose write clears their last refusal, and every ruled entry's position by index.
 QuickPlan = tuple[
-    "tuple[tuple[int, int, Callable[..., int], int], ...]", "Pick | None", tuple[tuple[int, int], ...], dict[int, int],
-    "Pick", "dict[int, Rule]", "tuple[tuple[BulkCheck, str, tuple[int, ...], Pick], ...]",
-    "tuple[tuple[int, ...], Pick] | None", tuple[int, ...]]
+    "tuple[tuple[int, int, Callable[..., int], int], ...]", "Pick | None", tuple[tuple[int, int, Rule], ...],
+    dict[int, int], "Pick", "dict[int, Rule]", "tuple[tuple[BulkCheck, str, tuple[int, ...], Pick], ...]",
+    "tuple[tuple[int, ...], Pick] | None", tuple[int, ...],
+    "tuple[tuple[dict[int, int], tuple[int, ...], Pick], ...] | None",
+    "tuple[Pick, tuple[int, ...], tuple[int, ...], tuple[bool, ...]] | None", frozenset[int], dict[int, int]]
 
 
 
@@ -111,6 +120,10 @@ class BatchedMsrRules(ReadingMsrRules):
         super().freeze()
         self.plans.clear()  # plans know which of their MSRs are frozen
 
+    def config_changed(self) -> None:
+        """The vCPU's CPUID or MCG_CAP changed: write plans decide by both (``write_check``, ``setter_refusal``)."""
+        self.plans.clear()
+
     # -- KVM_SET_MSRS --
     def set_msrs(self, entries: MsrBatch | MsrItems, strict: bool = False) -> int:
         if self.closed:
@@ -126,7 +139,7 @@ class BatchedMsrRules(ReadingMsrRules):
         key = batch.words32[2::4].tobytes()
         plan = self.plans.get(key) or self._write_plan(key)
         words = batch.words64
-        ruled, stores, zero, plain_positions, whole, frozen, plain_set, quick = plan
+        ruled, stores, zero, plain_positions, whole, frozen, plain_set, quick, checked = plan
         if zero is not None and any(zero(words)):
             return self._set_one_by_one(batch, strict)  # a ZERO MSR refuses its value: the kernel's order decides
         # Frozen MSRs keep their value through the batch (a different one is refused), so their freeze check can run
@@ -143,6 +156,23 @@ class BatchedMsrRules(ReadingMsrRules):
                 reads = self.frozen_reads if fast else None
             refusals = self.refusals
             use_quick = fast and quick is not None and not (quick[1] is not None and any(quick[1](words)))
+            if use_quick and checked is not None:  # every write_check passes (C-level): no handler of theirs runs
+                pick, offsets, masks, enables = checked[10]  # type: ignore[misc]
+                values = pick(words)
+                if not any(map(and_, map(add, values, offsets), masks)) or self._checks_pass(checked[10], values):
+                    quick = checked
+                    if not quick[0] and not quick[6] and not reads:  # nothing to call, no group to check
+                        wipe = quick[11]  # type: ignore[misc]
+                        if refusals and not wipe.isdisjoint(refusals):  # each write clears its MSR's last refusal
+                            for index in wipe & refusals.keys():
+                                del refusals[index]
+                        if quick[5]:
+                            refusals.update(quick[5])  # what the read-only entries record
+                        if quick[7] is not None:
+                            self.stored.update(zip(quick[7][0], quick[7][1](words)))  # noqa: B905
+                        for store, keys, pick in quick[9]:  # type: ignore[union-attr]
+                            store.update(zip(keys, pick(words)))  # noqa: B905
+                        return n
             if use_quick and quick[6]:  # type: ignore[index]
                 for ok, kind, indices, pick in quick[6]:  # type: ignore[index]
                     if not ok(kind, indices, pick(words)):
@@ -154,20 +184,24 @@ class BatchedMsrRules(ReadingMsrRules):
                 if reads or (refusals and not cleared.keys().isdisjoint(refusals)):
                     # each write clears its MSR's last refusal and records what its freeze check's read records: do both
                     # now, and undo them for the entries after a refused one (only which rule is on record counts)
-                    held = {index: refusals.pop(index) for index in cleared.keys() & refusals.keys()}
+                    where = quick[12]  # type: ignore[misc]
+                    held = {index: refusals.pop(index) for index in (cleared.keys() | (reads or {}).keys())
+                            & refusals.keys()}
                     if reads:
                         refusals.update(reads)
                     stop = self._run_quick(quick, words)
                     if stop >= 0:
                         for index in reads or ():
-                            if cleared[index] > stop:
-                                del refusals[index]
-                        refusals.update((index, rule) for index, rule in held.items() if cleared[index] > stop)
+                            if where[index] > stop:
+                                refusals.pop(index, None)
+                        refusals.update((index, rule) for index, rule in held.items() if where[index] > stop)
                 else:
                     stop = self._run_quick(quick, words)
                 if stop < 0 and quick[7] is not None:  # the grouped entries, checked above: stored verbatim
                     self.stored.update(zip(quick[7][0], quick[7][1](words)))  # noqa: B905
                 plain_positions = quick[8]
+                if quick[9] is not None:  # the checked variant stored the plain entries with the grouped ones
+                    whole, stores = None, quick[9]
             else:
                 stop = self._run_ruled(ruled, words, fast, reads)
             if stop == _TAKEN_NOT_STORED:
@@ -221,7 +255,7 @@ class BatchedMsrRules(ReadingMsrRules):
         and when the read-only ones' values pass: only the handlers that must run are called; the read-only
         entries' refusals are recorded as their handler records them. The position of the refused entry, else
         _TAKEN_NOT_STORED (the read-only and ignored entries store nothing)."""
-        calls, _, read_only, _, pick, recorded, _, _, _ = quick
+        calls, _, read_only, _, pick, recorded = quick[:6]
         taken = _TAKEN_NOT_STORED if read_only else _ALL_STORED
         for (pos, index, fn, form), data in zip(calls, pick(words)):  # noqa: B905 (same length by construction)
             code = fn(data) if form == 0 else fn(index, data, True) if form == 1 else fn(index, data)
@@ -229,25 +263,47 @@ class BatchedMsrRules(ReadingMsrRules):
                 if code == KEPT or (code == UNSUPPORTED and self.unsupported_ok(index, data)):
                     taken = _TAKEN_NOT_STORED
                     continue
-                self.refusals.update((i, E.READ_ONLY) for p, i in read_only if p < pos)
+                self.refusals.update((i, rule) for p, i, rule in read_only if p < pos)
                 return pos
         if recorded:
             self.refusals.update(recorded)
         return taken
 
-    def _quick_plan(self, ruled: tuple[tuple[int, int, Setter | None], ...], plain_positions: tuple[int, ...]
-                    ) -> QuickPlan | None:
+    def _checks_pass(self, checks: tuple[Pick, tuple[int, ...], tuple[int, ...], tuple[bool, ...]],
+                     values: Sequence[int]) -> bool:
+        """The entries' ``write_check``s, when the C-level pass failed: it counts an address's enable bit (bit 0)
+        as a failure, which passes here when guest memory holds the address."""
+        has_memory = self.vm.has_memory
+        for value, offset, mask, gpa in zip(values, *checks[1:], strict=True):
+            if (value + offset) & mask & ~gpa:
+                return False
+            if gpa and value & 1 and not has_memory(value & ~1, 1):
+                return False
+        return True
+
+    def _quick_plan(self, ruled: tuple[tuple[int, int, Setter | None], ...], plain_positions: tuple[int, ...],
+                    stores: tuple[tuple[dict[int, int], tuple[int, ...], Pick], ...] | None = None,
+                    plain_store: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+                    plain_set: frozenset[int] | None = None) -> QuickPlan | None:
         """The quick path of a plan's ruled entries (``QuickPlan``); None when a ruled MSR comes twice (a second
-        write must clear what the first recorded)."""
+        write must clear what the first recorded). Given the plan's stores and its plain entries stored in
+        ``stored`` (keys, positions), the checked variant instead: the entries with a ``write_check`` are checked
+        at once, not called, and stored with the grouped and plain ones; None when no entry has a check."""
         if len({index for _, index, _ in ruled}) < len(ruled):
             return None
         calls: list[tuple[int, int, Callable[..., int], int]] = []
-        read_only: list[tuple[int, int]] = []
+        read_only: list[tuple[int, int, Rule]] = []
         zero_only: list[int] = []
+        checks: list[tuple[int, int, tuple[int, int, bool]]] = []  # position, index, check
         groups: dict[tuple[int, str], tuple[MsrFamily, list[int], list[int]]] = {}  # (family, kind): indices, positions
         for pos, index, setter in ruled:
             family = self.families.get(index)
             handler = self._family_handler(index)
+            if plain_store is not None and (handler is not None or setter is not None):
+                check = self.setter_check(index) if handler is None else family.write_check(index)  # type: ignore[union-attr]
+                if check is not None:
+                    checks.append((pos, index, check))
+                    continue
             group = family.bulk_kind(index) if handler is not None and family is not None else None
             if group is not None:
                 assert family is not None
@@ -258,9 +314,10 @@ class BatchedMsrRules(ReadingMsrRules):
             kind = family.write_kind(index) if handler is not None and isinstance(family, Family) else None
             if kind == "ignored":
                 continue
-            if kind == "read_only" and (self.profile.ignore_msrs or (
+            refusal = E.READ_ONLY if kind == "read_only" else self.setter_refusal(index) if handler is None else None
+            if refusal is not None and (self.profile.ignore_msrs or (
                     self.rules.unsupported_zero and index in self._advertised)):
-                read_only.append((pos, index))
+                read_only.append((pos, index, refusal))
                 if not self.profile.ignore_msrs:
                     zero_only.append(pos)
                 continue
@@ -270,17 +327,33 @@ class BatchedMsrRules(ReadingMsrRules):
                 calls.append((pos, index, setter, 0))
             else:
                 calls.append((pos, index, self.try_set, 2))
-        kept = {index for _, index in read_only}
+        if plain_store is not None and not checks:
+            return None
+        kept = {index: rule for _, index, rule in read_only}
         cleared = {index: pos for pos, index, _ in ruled if index not in kept}
         pick = _picker([pos for pos, _, _, _ in calls]) if calls else _no_values
         bulk = tuple((family.bulk_ok, kind, tuple(indices), _picker(positions))
                      for (_, kind), (family, indices, positions) in groups.items() if kind != "any")
-        in_bulk = sorted((pos, index) for _, indices, positions in groups.values()
-                         for pos, index in zip(positions, indices, strict=True))
+        in_bulk = sorted([*((pos, index) for _, indices, positions in groups.values()
+                            for pos, index in zip(positions, indices, strict=True)),
+                          *((pos, index) for pos, index, _ in checks)])
+        after = None
+        if plain_store is not None:
+            if {index for _, index in in_bulk} & set(plain_store[0]):
+                return None  # a plain key that a ruled entry also stores: the ruled stores must come first
+            # the plain entries bound for ``stored`` join the one update, in batch order; the other stores stay
+            in_bulk = sorted([*in_bulk, *zip(plain_store[1], plain_store[0], strict=True)])
+            after = tuple(store for store in stores or () if store[0] is not self.stored)
         store = (tuple(index for _, index in in_bulk), _picker([pos for pos, _ in in_bulk])) if in_bulk else None
         before = tuple(sorted({*plain_positions, *(pos for pos, _ in in_bulk)}))
+        checked = None
+        if checks:  # an address's enable bit joins its mask: the C-level pass fails it, _checks_pass looks closer
+            checked = (_picker([pos for pos, _, _ in checks]), tuple(offset for _, _, (offset, _, _) in checks),
+                       tuple(mask | gpa for _, _, (_, mask, gpa) in checks),
+                       tuple(bool(gpa) for _, _, (_, _, gpa) in checks))
+        wipe = frozenset(cleared) | (plain_set or frozenset())  # the MSRs whose write clears their last refusal
         return (tuple(calls), _picker(zero_only) if zero_only else None, tuple(read_only), cleared, pick,
-                dict.fromkeys(kept, E.READ_ONLY), bulk, store, before)
+                kept, bulk, store, before, after, checked, wipe, {index: pos for pos, index, _ in ruled})
 
     def _family_handler(self, index: int) -> Callable[[int, int, bool], int] | None:
         """The family handler ``try_set`` ends at for ``index`` (as ``_direct``), called as ``f(index, data, True)``;
@@ -385,9 +458,11 @@ class BatchedMsrRules(ReadingMsrRules):
         verbatim = all(index in setters for _, index, _ in ruled) and all(
             plain[i][0] in (STORE, ZERO) and plain[i][1] == i for i in indices if i in plain)
         plain_positions = tuple(pos for pos, index in enumerate(indices) if index in plain)
+        in_stored = (tuple(by_store[STORE][0]), tuple(by_store[STORE][1]))  # the plain entries bound for ``stored``
+        plain_set = frozenset(i for i in indices if i in plain)
         plan = (ruled, stores, _picker(zero) if zero else None, plain_positions, indices if verbatim else None,
-                self._frozen_check(ruled), frozenset(i for i in indices if i in plain),
-                self._quick_plan(ruled, plain_positions))
+                self._frozen_check(ruled), plain_set, self._quick_plan(ruled, plain_positions),
+                self._quick_plan(ruled, plain_positions, stores, in_stored, plain_set))
         if len(self.plans) >= PLAN_CACHE:
             self.plans.clear()
         self.plans[key] = plan

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 OK, FAIL, UNSUPPORTED = 0, 1, 2
 U64 = (1 << 64) - 1
 Bit = tuple[int, int, str, int]
+# How a batch checks a host write without its handler (``write_check``): (offset, mask, gpa).
+WriteCheck = tuple[int, int, bool]
 AMD_VENDORS = {(0x68747541, 0x69746E65, 0x444D4163), (0x6F677948, 0x6E65476E, 0x656E6975)}  # AuthenticAMD, HygonGenuine
 
 
@@ -41,6 +43,16 @@ class MsrFamily(Protocol):
         """True when each host write of ``values[i]`` to ``indices[i]`` (all of group ``kind``) would store the
         value verbatim under its index in ``stored``, return OK and record nothing; False when any might not (the
         batch then runs entry by entry, so False is always safe)."""
+
+    def write_check(self, index: int) -> WriteCheck | None:
+        """How a batch may check a host write of ``index`` without calling its handler, under the vCPU's
+        configuration now (its CPUID and MCG_CAP: ``msr_batch`` remakes its plans when either changes):
+        ``(offset, mask, gpa)``. The write of ``v`` returns OK, stores ``v`` verbatim under ``index`` and records
+        nothing when ``(v + offset) & mask == 0`` and, with ``gpa``, when bit 0 of ``v`` is clear or guest memory
+        holds the byte at ``v & ~1``. A mask of reserved bits has offset 0; an offset moves the allowed values to 0
+        first (canonical addresses: ``1 << (bits - 1)``; 0 or all ones: 1, with bit 0 out of the mask). A value that
+        fails may still be taken: the batch then calls the handler, so a narrower check is always safe. None when
+        the handler must run."""
 
     def bulk_read_kind(self, index: int) -> str | None:
         """The group whose host reads ``bulk_read_ok`` checks for a whole batch at once; None for the others."""
@@ -119,6 +131,9 @@ class Family:
 
     def bulk_ok(self, kind: str, indices: Sequence[int], values: Sequence[int]) -> bool:
         return False
+
+    def write_check(self, index: int) -> WriteCheck | None:
+        return None
 
     def bulk_read_kind(self, index: int) -> str | None:
         return None

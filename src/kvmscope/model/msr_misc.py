@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from ..api import find_cpuid
 from ..kernel import emulated as E
 from . import cpuid as C
-from .msr_family import _NOTHING, FAIL, OK, U64, UNSUPPORTED, Bit, Family, Getter, Setter, canonical
+from .msr_family import _NOTHING, FAIL, OK, U64, UNSUPPORTED, Bit, Family, Getter, Setter, WriteCheck, canonical
 from .mtrr import reserved_gpa_bits
 
 if TYPE_CHECKING:
@@ -162,6 +162,14 @@ class MiscMsrs(Family):
             return "canonical" if self.host_width else "canonical_cr4"
         if index in (MSR_SYSENTER_ESP, MSR_SYSENTER_EIP):
             return "canonical"
+        return None
+
+    def write_check(self, index: int) -> WriteCheck | None:
+        # The "canonical" group's check for one MSR: v + 2**(bits - 1) wraps the canonical values to below 2**bits.
+        if self.bulk_kind(index) == "canonical":
+            return 1 << (self.virt_bits - 1), U64 & ~((1 << self.virt_bits) - 1), False
+        if self.handlers[index][1] == self._set_tsc_adjust and self.cap(TSC_ADJUST):  # without the bit: dropped
+            return 0, 0, False
         return None
 
     def bulk_ok(self, kind: str, indices: Sequence[int], values: Sequence[int]) -> bool:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..kernel import emulated as E
-from .msr_family import FAIL, OK, U64, UNSUPPORTED, Family, Getter, Setter
+from .msr_family import FAIL, OK, U64, UNSUPPORTED, Family, Getter, Setter, WriteCheck
 
 if TYPE_CHECKING:
     from .msr_rules import MsrRules
@@ -109,6 +109,20 @@ class PvMceMsrs(Family):
         if max(indices) >= 0x400 + 4 * (self.rules.stored[MSR_MCG_CAP] & 0xFF):
             return False
         return kind == "mc_bank" or _MC_CTL_OK.issuperset(values)
+
+    def write_check(self, index: int) -> WriteCheck | None:
+        setter = self.handlers[index][1]
+        if setter == self._set_steal_time:
+            return 0, KVM_STEAL_RESERVED_MASK, False
+        if setter == self._set_async_pf_en:  # bits 4-5 reserved; with no in-kernel LAPIC only 0 is taken
+            return 0, 0x30 if self.lapic_in_kernel() else U64, False
+        if setter == self._set_pv_eoi:  # aligned, and when enabled the address in guest memory
+            return 0, 2, True
+        if setter == self._set_poll_control:
+            return 0, U64 ^ 1, False
+        if index == MSR_MCG_CTL:  # host: 0 or all ones with MCG_CTL_P, else 0 alone
+            return (1, U64 ^ 1, False) if self.rules.stored[MSR_MCG_CAP] & MCG_CTL_P else (0, U64, False)
+        return None
 
     def read_source(self, index: int) -> tuple[dict[int, int], int, int] | None:
         if index in (MSR_MCG_STATUS, MSR_MCG_CTL):  # a host read gives the stored value (get_msr_mce)

@@ -127,6 +127,11 @@ class MtrrMsrs:
             return False
         return kind == "mask" or _VALID_TYPES.issuperset(raw[::8])  # PHYSBASE: the type in each low byte
 
+    def write_check(self, index: int) -> tuple[int, int, bool] | None:
+        if index in VARIABLE and index % 2:  # PHYSMASK: reserved bits alone (the base's type needs bulk_ok)
+            return 0, self._reserved() | 0x7FF, False
+        return None
+
     def bulk_read_kind(self, index: int) -> str | None:
         return None  # read_source covers every MTRR read
 

@@ -193,11 +193,13 @@ class ModelVcpu(VcpuStateModel, Vcpu):
                 self.msr_rules.refuse(-1, R.CPUID_AFTER_RUN_IDENTICAL, 0)  # recorded under index -1: not an MSR
                 raise KvmError(errno.EINVAL, "KVM_SET_CPUID2", "CPUID differs from the vCPU's after KVM_RUN")
             self.cpuid = incoming
+            self.msr_rules.config_changed()
             return
         err = C.check(entries, self.profile)
         if err:
             raise KvmError(err, "KVM_SET_CPUID2")
         self.cpuid = C.rewrite(entries, self.profile)
+        self.msr_rules.config_changed()
         self.msr_rules.after_set_cpuid(entries)
 
     # -- KVM_RUN --

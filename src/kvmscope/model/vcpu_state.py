@@ -286,6 +286,7 @@ class VcpuStateModel(FpuStateModel):
             raise KvmError(errno.EINVAL, "KVM_X86_SETUP_MCE")
         stored = self.msr_rules.stored
         stored[0x179] = mcg_cap
+        self.msr_rules.config_changed()
         if mcg_cap & 1 << 8:
             stored[0x17B] = (1 << 64) - 1
         for bank in range(banks):
