@@ -58,13 +58,13 @@ WritePlan = tuple[
 # What a write plan does when its freeze check passes (``_quick_plan``): the entries whose handler must run, each
 # (position, index, the function, how it is called: 0 ``f(data)``, 1 ``f(index, data, True)``, 2 ``f(index, data)``);
 # how to pick the values of the read-only entries that pass only with 0 (None when none or any value passes); the
-# read-only entries (position, index, rule), each recorded as refused by its rule and forgiven: family MSRs whose
-# write is always unsupported, and setters' MSRs refused as unsupported under the CPUID now (``setter_refusal``); the other ruled entries' positions by
-# index (each write clears its MSR's last refusal); how to pick the values of the entries called; the refusals the
-# read-only entries leave; the groups of entries a family checks at once (``MsrFamily.bulk_ok``: the check, the group,
-# its indices, how to pick its values); where the grouped entries are stored (indices, how to pick their values); the
-# positions of the plain and grouped entries (those before a refused one take effect). Entries whose write always
-# passes and changes nothing (``Family.write_kind``) need no call.
+# read-only entries (position, index, rule), each recorded as refused by its rule and forgiven (family MSRs whose
+# write is always unsupported, and setters' MSRs refused as unsupported under the CPUID now: ``setter_refusal``);
+# the other ruled entries' positions by index (each write clears its MSR's last refusal); how to pick the values of
+# the entries called; the refusals the read-only entries leave; the groups of entries a family checks at once
+# (``MsrFamily.bulk_ok``: the check, the group, its indices, how to pick its values); where the grouped entries are
+# stored (indices, how to pick their values); the positions of the plain and grouped entries (those before a refused
+# one take effect). Entries whose write always passes and changes nothing (``Family.write_kind``) need no call.
 # A plan's checked variant (``_quick_plan`` with the plain stores) also stores the plain entries that go to ``stored``
 # with the grouped ones, in one update, and adds: the stores left for after (the VM-wide ones); and the entries
 # checked without their handler (``MsrFamily.write_check``), each stored verbatim when the check passes: how to pick
@@ -157,12 +157,14 @@ class BatchedMsrRules(ReadingMsrRules):
             refusals = self.refusals
             use_quick = fast and quick is not None and not (quick[1] is not None and any(quick[1](words)))
             if use_quick and checked is not None:  # every write_check passes (C-level): no handler of theirs runs
-                pick, offsets, masks, enables = checked[10]  # type: ignore[misc]
+                checks = checked[10]
+                assert checks is not None  # the checked variant has checks (``_quick_plan``)
+                pick, offsets, masks, _ = checks
                 values = pick(words)
-                if not any(map(and_, map(add, values, offsets), masks)) or self._checks_pass(checked[10], values):
+                if not any(map(and_, map(add, values, offsets), masks)) or self._checks_pass(checks, values):
                     quick = checked
                     if not quick[0] and not quick[6] and not reads:  # nothing to call, no group to check
-                        wipe = quick[11]  # type: ignore[misc]
+                        wipe = quick[11]
                         if refusals and not wipe.isdisjoint(refusals):  # each write clears its MSR's last refusal
                             for index in wipe & refusals.keys():
                                 del refusals[index]
@@ -184,7 +186,7 @@ class BatchedMsrRules(ReadingMsrRules):
                 if reads or (refusals and not cleared.keys().isdisjoint(refusals)):
                     # each write clears its MSR's last refusal and records what its freeze check's read records: do both
                     # now, and undo them for the entries after a refused one (only which rule is on record counts)
-                    where = quick[12]  # type: ignore[misc]
+                    where = quick[12]
                     held = {index: refusals.pop(index) for index in (cleared.keys() | (reads or {}).keys())
                             & refusals.keys()}
                     if reads:
