@@ -324,3 +324,30 @@ def test_each_checked_write_matches_entry_by_entry(profile: str, kernel: str) ->
                     got, want = fast.set_msrs(batch), entry_by_entry(ref, batch)
                     assert got == want, f"{config}: {batch}: set_msrs wrote {got} entries, entry by entry {want}"
                     assert state(fast) == state(ref), f"{config}: {batch}: state differs from entry by entry"
+
+
+@pytest.mark.parametrize("kernel", ["6.3", "6.12", "6.18"])
+@pytest.mark.parametrize("profile", shipped())
+def test_reads_follow_config_changes(profile: str, kernel: str) -> None:
+    """Reads of the feature MSRs with setters (decided by the plan under the CPUID now: ``read_decided``), with a
+    plan made before KVM_SET_CPUID2 and used after it, and after a run: the same buffer, count and refusals as
+    ``access_get`` entry by entry."""
+    fast, ref = twin(profile, kernel), twin(profile, kernel)
+    indices = [0x174, 0x10A, 0x345, 0xCE, 0x8B, 0xC0011029, 0x175]
+    for step in ("none", "cpuid", "run"):
+        for v in (fast, ref):
+            if step == "cpuid":
+                v.set_cpuid(v.vm.system.get_supported_cpuid())
+            elif step == "run":
+                guest.run_to_hlt(v.vm, v)
+        got, want = MsrBatch([(i, 0xAA) for i in indices]), MsrBatch([(i, 0xAA) for i in indices])
+        n_got, n_want = fast.get_msrs(got), len(indices)
+        for pos, (index, _) in enumerate(want):
+            code, value = ref.msr_rules.access_get(index)
+            want.set_value(pos, value if code == 0 else 0)
+            if code:
+                n_want = pos
+                break
+        assert n_got == n_want, f"{step}: get_msrs read {n_got} entries, entry by entry {n_want}"
+        assert bytes(got.buffer) == bytes(want.buffer), f"{step}: buffers differ: {got} vs {want}"
+        assert state(fast) == state(ref), f"{step}: state differs from the entry-by-entry reference"

@@ -121,8 +121,10 @@ class BatchedMsrRules(ReadingMsrRules):
         self.plans.clear()  # plans know which of their MSRs are frozen
 
     def config_changed(self) -> None:
-        """The vCPU's CPUID or MCG_CAP changed: write plans decide by both (``write_check``, ``setter_refusal``)."""
+        """The vCPU's CPUID or MCG_CAP changed: plans decide by both (``write_check``, ``setter_refusal``,
+        ``read_decided``)."""
         self.plans.clear()
+        self.read_plans.clear()
 
     # -- KVM_SET_MSRS --
     def set_msrs(self, entries: MsrBatch | MsrItems, strict: bool = False) -> int:

@@ -17,6 +17,7 @@ from .msr_family import Family, MsrFamily
 from .msr_rules import MSR_ALIASES, MSR_MISC_FEATURES_ENABLES, OK, VM_WIDE_MSRS, MsrRules
 
 if TYPE_CHECKING:
+    from ..kernel.rule import Rule
     from .vcpu import ModelVcpu
 
 ENTRY = struct.Struct("<IIQ")
@@ -31,10 +32,11 @@ Plain = tuple[int, int, int]  # (how, key, the profile's default)
 Getter = Callable[[int, bool], tuple[int, int]]
 # A read plan: for each entry, the dict its value is in, its key and its default (map(dict.get, ...)); the entries
 # read through the rules (position, index); the checks that let the grouped entries be read in bulk (each the family's
-# ``bulk_read_ok``, the group and its indices; when one fails the batch is read entry by entry).
+# ``bulk_read_ok``, the group and its indices; when one fails the batch is read entry by entry); the refusals that
+# entries read as forgiven record (``read_decided``: a feature MSR refused under the CPUID now reads as 0).
 ReadPlan = tuple[
     tuple[dict[int, int], ...], tuple[int, ...], tuple[int, ...], "tuple[tuple[int, int, Getter | None], ...]",
-    "tuple[tuple[Callable[[str, Sequence[int]], bool], str, tuple[int, ...]], ...]"]
+    "tuple[tuple[Callable[[str, Sequence[int]], bool], str, tuple[int, ...]], ...]", "dict[int, Rule]"]
 
 
 def plain_msrs(rules: MsrRules) -> dict[int, Plain]:
@@ -82,11 +84,13 @@ class ReadingMsrRules(MsrRules):
         if not LITTLE_ENDIAN:
             return self._get_one_by_one(batch, strict)
         key = batch.words32[2::4].tobytes()
-        dicts, keys, defaults, ruled, guards = self.read_plans.get(key) or self._read_plan(key)
+        dicts, keys, defaults, ruled, guards, recorded = self.read_plans.get(key) or self._read_plan(key)
         if guards and not all(ok(kind, indices) for ok, kind, indices in guards):
             return self._get_one_by_one(batch, strict)
         if not ruled:  # all plain: every value in one C-level pass, written back in one
             batch.words64[2::2] = array("Q", map(dict.get, dicts, keys, defaults))
+            if recorded:  # what the reads refused and forgave record (the batch ran whole)
+                self.refusals.update(recorded)
             return n
         values = list(map(dict.get, dicts, keys, defaults))
         access_get = self.access_get
@@ -96,6 +100,8 @@ class ReadingMsrRules(MsrRules):
                 return self._get_one_by_one(batch, strict)
             values[pos] = value
         batch.words64[2::2] = array("Q", values)
+        if recorded:
+            self.refusals.update(recorded)
         return n
 
     def _get_one_by_one(self, batch: MsrBatch, strict: bool) -> int:
@@ -120,9 +126,15 @@ class ReadingMsrRules(MsrRules):
         stores = {STORE: self.stored, VM_WIDE: self.vm.msrs, ZERO: self.stored, DROP: {}}
         dicts, keys, defaults, ruled = [], [], [], []
         groups: dict[tuple[int, str], tuple[MsrFamily, list[int]]] = {}
+        recorded: dict[int, Rule] = {}
         for pos, index in enumerate(indices):
             plain = self.plain.get(index)
             source = self._read_source(index) if plain is None else None
+            decided = self.read_decided(index) if plain is None and source is None else None
+            if decided is not None:
+                source = decided[:3]
+                if decided[3] is not None:
+                    recorded[index] = decided[3]
             family = self.families.get(index) if plain is None and source is None else None
             group = family.bulk_read_kind(index) if family is not None and self._read_source_allowed(index) else None
             if group is not None:  # read from stored in bulk when the family's check passes for the whole group
@@ -144,7 +156,7 @@ class ReadingMsrRules(MsrRules):
                 keys.append(k if how != DROP else index)
                 defaults.append(default)
         guards = tuple((family.bulk_read_ok, kind, tuple(group)) for (_, kind), (family, group) in groups.items())
-        plan = (tuple(dicts), tuple(keys), tuple(defaults), tuple(ruled), guards)
+        plan = (tuple(dicts), tuple(keys), tuple(defaults), tuple(ruled), guards, recorded)
         if len(self.read_plans) >= PLAN_CACHE:
             self.read_plans.clear()
         self.read_plans[key] = plan

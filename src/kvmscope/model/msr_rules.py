@@ -246,6 +246,24 @@ class MsrRules:
             return 0, mask, False
         return None
 
+    def read_decided(self, index: int) -> tuple[dict[int, int], int, int, R.Rule | None] | None:
+        """How ``access_get`` reads a feature MSR with a setter here under the vCPU's CPUID now, when it reads one
+        dict and never fails: ``(dict, key, default, the rule it records or None)``; None when it must run."""
+        p, rs = self.profile, self.rules
+        gates = {M.MSR_IA32_ARCH_CAPABILITIES: (ARCH_CAPABILITIES_BIT, R.ARCH_CAP_NEEDS_CPUID),
+                 M.MSR_IA32_PERF_CAPABILITIES: (PDCM_BIT, R.PERF_CAP_NEEDS_PDCM)}
+        forgiven = p.ignore_msrs or (rs.unsupported_zero and index in self._advertised)
+        if index in gates:
+            bit, rule = gates[index]
+            if not (rs.cpuid_gated_caps and not self.cpuid_has(bit)):
+                return self.stored, index, 0, None
+            return ({}, index, 0, rule) if forgiven else None  # refused as unsupported: 0 when forgiven
+        if index in (M.MSR_PLATFORM_INFO, M.MSR_IA32_UCODE_REV) or (index == M.MSR_AMD64_DE_CFG and p.vendor == "svm"):
+            return self.stored, index, 0, None
+        if index == M.MSR_AMD64_DE_CFG:
+            return ({}, index, 0, None) if forgiven else None
+        return None
+
     def setter_refusal(self, index: int) -> R.Rule | None:
         """The rule a host write of ``index`` is always refused by, as unsupported, under the vCPU's CPUID now (for
         any value ``unsupported_ok`` forgives); None when its setter must run."""
