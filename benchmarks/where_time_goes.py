@@ -26,6 +26,7 @@ import sys
 import tempfile
 import textwrap
 from collections.abc import Callable
+from operator import add, and_
 from pathlib import Path
 from typing import Any
 
@@ -118,21 +119,38 @@ def model_parts(n: int, rounds: int) -> list[tuple[str, float]]:
     indices = batches()["index list"]
     with kvmscope.open("model", kernel="6.18") as kvm, kvm.create_vm() as vm:
         vcpu: Any = vm.create_vcpu(0)  # its MSR rules' parts are timed one by one below
+        vcpu.set_cpuid(kvm.get_supported_cpuid())  # as benchmarks/run.py's batches (and kvm_bench.c)
         batch = MsrBatch(indices)
         vcpu.get_msrs(batch, strict=True)
         vcpu.set_msrs(batch)
         words = batch.words64
         key = batch.words32[2::4].tobytes()
         msrs = vcpu.msr_rules
-        ruled, stores, zero, _, _, _, _, quick = msrs.plans[key]
+        ruled, stores, zero, _, _, _, _, quick, checked = msrs.plans[key]
         plans = msrs.plans
+        if checked is not None:  # the variant a batch takes when its checks pass (msr_batch.set_msrs)
+            quick, stores = checked, checked[9] or ()
         calls = [(fn, index, words[2 + 2 * pos], form) for pos, index, fn, form in (quick[0] if quick else ())]
         groups = quick[6] if quick else ()
         grouped = quick[7] if quick else None
+        checks = checked[10] if checked is not None else None
+        refusals = msrs.refusals
 
         def check_groups() -> None:
             for ok, kind, group, pick in groups:
                 ok(kind, group, pick(words))
+
+        def run_checks() -> None:
+            if checks is not None:
+                any(map(and_, map(add, checks[0](words), checks[1]), checks[2]))
+
+        def record() -> None:
+            if quick is not None:
+                wipe = quick[11]
+                if refusals and not wipe.isdisjoint(refusals):
+                    for index in wipe & refusals.keys():
+                        del refusals[index]
+                refusals.update(quick[5])
 
         def store_grouped() -> None:
             if grouped is not None:
@@ -148,16 +166,20 @@ def model_parts(n: int, rounds: int) -> list[tuple[str, float]]:
                     fn()
             return loop
 
+        n_checked = len(checks[1]) if checks is not None else 0
         names: dict[str, Callable[[], object]] = {
             "empty loop (subtracted from nothing: the floor of a timed call)": lambda: None,
             f"whole call: vcpu.set_msrs(batch), {len(indices)} entries": lambda: vcpu.set_msrs(batch),
             "the batch's indices, packed, as the plan's key": lambda: batch.words32[2::4].tobytes(),
             "find the batch's cached plan (with the key)": lambda: plans.get(batch.words32[2::4].tobytes()),
             "check the ZERO MSRs' values (one itemgetter)": lambda: zero is not None and any(zero(words)),
-            f"{len(calls)} of the {len(ruled)} entries with rules, their handlers one by one": run_calls,
-            f"{len(grouped[0]) if grouped else 0} grouped entries: {len(groups)} group checks": check_groups,
-            "the grouped entries stored (1 dict update)": store_grouped,
-            f"the plain entries stored ({len(stores)} dict updates)": lambda: [
+            f"{n_checked} of the {len(ruled)} entries with rules checked at once (write_check, C-level)": run_checks,
+            f"{len(calls)} entries with rules, their handlers one by one": run_calls,
+            f"{len(groups)} group checks": check_groups,
+            "refusals cleared and recorded": record,
+            f"{len(grouped[0]) if grouped else 0} checked, grouped and plain entries stored (1 dict update)":
+                store_grouped,
+            f"the other plain entries stored ({len(stores)} dict updates)": lambda: [
                 store.update(zip(keys, pick(words))) for store, keys, pick in stores],  # noqa: B905
             "get_msrs(batch): the same batch read": lambda: vcpu.get_msrs(batch),
         }
