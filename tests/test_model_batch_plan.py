@@ -17,6 +17,7 @@ from kvmscope.kernel.profile import load, shipped
 from kvmscope.model import open_model
 from kvmscope.model.msr_family import Family
 from kvmscope.model.msr_rules import FAMILY_MSRS
+from kvmscope.model.msr_setter_checks import setter_check, setter_refusal
 from kvmscope.model.vcpu import ModelVcpu
 
 U64 = (1 << 64) - 1
@@ -233,7 +234,7 @@ def checked(vcpu: ModelVcpu) -> list[int]:
     rules = vcpu.msr_rules
     return sorted({index for index, family in rules.families.items() if family.write_check(index) is not None}
                   | {index for index in rules.setters
-                     if rules.setter_check(index) is not None or rules.setter_refusal(index) is not None})
+                     if setter_check(rules, index) is not None or setter_refusal(rules, index) is not None})
 
 
 def grouped(vcpu: ModelVcpu) -> dict[str, list[int]]:
@@ -295,7 +296,7 @@ def read_only(vcpu: ModelVcpu) -> list[int]:
     rules = vcpu.msr_rules
     return sorted({index for index, family in rules.families.items()
                    if isinstance(family, Family) and family.write_kind(index) == "read_only"}
-                  | {index for index in rules.setters if rules.setter_refusal(index) is not None})
+                  | {index for index in rules.setters if setter_refusal(rules, index) is not None})
 
 
 @pytest.mark.parametrize("kernel", ["6.3", "6.18"])

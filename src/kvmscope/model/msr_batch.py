@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from operator import add, and_, itemgetter
 from typing import TYPE_CHECKING
 
@@ -26,86 +26,28 @@ from ..errors import ClosedError, KvmError
 from ..kernel import emulated as E
 from ..kernel.rule import Rule
 from .msr_family import Family, MsrFamily
+from .msr_plan import (
+    FrozenCheck,
+    Pick,
+    QuickPlan,
+    Setter,
+    WritePlan,
+    always_mismatch,
+    checks_pass,
+    no_values,
+    nothing,
+    one,
+    picker,
+)
 from .msr_reads import PLAN_CACHE, STORE, VM_WIDE, ZERO, ReadingMsrRules
 from .msr_rules import KEPT, OK, UNSUPPORTED
+from .msr_setter_checks import setter_check, setter_refusal
 
 if TYPE_CHECKING:
     from .vcpu import ModelVcpu
 
 
 _ALL_STORED, _TAKEN_NOT_STORED = -1, -2  # how the ruled entries of a batch all passed (_run_ruled, _run_quick)
-
-Setter = Callable[[int], int]
-Getter = Callable[[int, bool], tuple[int, int]]
-FrozenCheck = tuple[Callable[[memoryview], object], Callable[[dict[int, int]], object]]
-Pick = Callable[[memoryview], Sequence[int]]
-BulkCheck = Callable[[str, Sequence[int], Sequence[int]], bool]
-# A write plan: the entries with rules (position, index, its setter if it has one); the bulk stores, each (the dict,
-# the keys, how to pick their values from the batch's values); how to pick the ZERO entries' values; the plain
-# entries' positions (for a refusal part-way); the indices when the batch can be stored whole (else None); the freeze
-# check of the ruled entries; the set of the plain indices; the quick path (``QuickPlan``), and its checked variant.
-WritePlan = tuple[
-    "tuple[tuple[int, int, Setter | None], ...]",
-    "tuple[tuple[dict[int, int], tuple[int, ...], Pick], ...]",
-    "Pick | None",
-    tuple[int, ...],
-    "tuple[int, ...] | None",
-    "FrozenCheck | None",
-    frozenset[int],
-    "QuickPlan | None",
-    "QuickPlan | None",
-]
-# What a write plan does when its freeze check passes (``_quick_plan``): the entries whose handler must run, each
-# (position, index, the function, how it is called: 0 ``f(data)``, 1 ``f(index, data, True)``, 2 ``f(index, data)``);
-# how to pick the values of the read-only entries that pass only with 0 (None when none or any value passes); the
-# read-only entries (position, index, rule), each recorded as refused by its rule and forgiven (family MSRs whose
-# write is always unsupported, and setters' MSRs refused as unsupported under the CPUID now: ``setter_refusal``);
-# the other ruled entries' positions by index (each write clears its MSR's last refusal); how to pick the values of
-# the entries called; the refusals the read-only entries leave; the groups of entries a family checks at once
-# (``MsrFamily.bulk_ok``: the check, the group, its indices, how to pick its values); where the grouped entries are
-# stored (indices, how to pick their values); the positions of the plain and grouped entries (those before a refused
-# one take effect). Entries whose write always passes and changes nothing (``Family.write_kind``) need no call.
-# A plan's checked variant (``_quick_plan`` with the plain stores) also stores the plain entries that go to ``stored``
-# with the grouped ones, in one update, and adds: the stores left for after (the VM-wide ones); and the entries
-# checked without their handler (``MsrFamily.write_check``), each stored verbatim when the check passes: how to pick
-# their values, the offsets and masks of their checks, which of them enable a guest address with bit 0. Both
-# variants end with the MSRs whose write clears their last refusal, and every ruled entry's position by index.
-QuickPlan = tuple[
-    "tuple[tuple[int, int, Callable[..., int], int], ...]", "Pick | None", tuple[tuple[int, int, Rule], ...],
-    dict[int, int], "Pick", "dict[int, Rule]", "tuple[tuple[BulkCheck, str, tuple[int, ...], Pick], ...]",
-    "tuple[tuple[int, ...], Pick] | None", tuple[int, ...],
-    "tuple[tuple[dict[int, int], tuple[int, ...], Pick], ...] | None",
-    "tuple[Pick, tuple[int, ...], tuple[int, ...], tuple[bool, ...]] | None", frozenset[int], dict[int, int]]
-
-
-
-def _no_values(words: memoryview) -> Sequence[int]:
-    return ()
-
-
-def _always_mismatch(words: memoryview) -> object:
-    return object()
-
-
-def _nothing(store: dict[int, int]) -> object:
-    return None
-
-
-def _one(key: int) -> Callable[[object], object]:
-    """``obj[key]`` as a 1-tuple, to compare with what itemgetter of several keys gives."""
-    def get(obj: object) -> object:
-        return (obj[key],)  # type: ignore[index]
-    return get
-
-
-def _picker(positions: Sequence[int]) -> Pick:
-    """The values of the entries at ``positions`` from a batch's u64 words (entry i's value is word 2 + 2i), as a
-    sequence even for one entry (itemgetter of one item gives the item, of a slice a sequence)."""
-    words = [2 + 2 * pos for pos in positions]
-    if len(words) == 1:
-        return itemgetter(slice(words[0], words[0] + 1))
-    return itemgetter(*words)
-
 
 class BatchedMsrRules(ReadingMsrRules):
     """A vCPU's MSR rules with the batch ioctls. The vCPU binds ``get_msrs``/``set_msrs`` as its own (see
@@ -135,7 +77,7 @@ class BatchedMsrRules(ReadingMsrRules):
         if n >= uapi.MAX_IO_MSRS:
             raise KvmError(errno.E2BIG, "KVM_SET_MSRS")
         if not LITTLE_ENDIAN:
-            return self._set_one_by_one(batch, strict)
+            return self._set_one_byone(batch, strict)
         # The batch's indices, packed, key its plan (one C-level call). Values are read straight from the buffer's
         # u64 words (entry i's value is word 2 + 2i), by the plan's itemgetters: no list of them is built.
         key = batch.words32[2::4].tobytes()
@@ -143,7 +85,7 @@ class BatchedMsrRules(ReadingMsrRules):
         words = batch.words64
         ruled, stores, zero, plain_positions, whole, frozen, plain_set, quick, checked = plan
         if zero is not None and any(zero(words)):
-            return self._set_one_by_one(batch, strict)  # a ZERO MSR refuses its value: the kernel's order decides
+            return self._set_one_byone(batch, strict)  # a ZERO MSR refuses its value: the kernel's order decides
         # Frozen MSRs keep their value through the batch (a different one is refused), so their freeze check can run
         # for the whole batch at once: when every frozen entry carries the value it has, each entry with a setter
         # goes straight to it, as try_set would; otherwise every ruled entry takes the full path.
@@ -163,7 +105,7 @@ class BatchedMsrRules(ReadingMsrRules):
                 assert checks is not None  # the checked variant has checks (``_quick_plan``)
                 pick, offsets, masks, _ = checks
                 values = pick(words)
-                if not any(map(and_, map(add, values, offsets), masks)) or self._checks_pass(checks, values):
+                if not any(map(and_, map(add, values, offsets), masks)) or checks_pass(self.vm.has_memory, checks, values):
                     quick = checked
                     if not quick[0] and not quick[6] and not reads:  # nothing to call, no group to check
                         wipe = quick[11]
@@ -273,18 +215,6 @@ class BatchedMsrRules(ReadingMsrRules):
             self.refusals.update(recorded)
         return taken
 
-    def _checks_pass(self, checks: tuple[Pick, tuple[int, ...], tuple[int, ...], tuple[bool, ...]],
-                     values: Sequence[int]) -> bool:
-        """The entries' ``write_check``s, when the C-level pass failed: it counts an address's enable bit (bit 0)
-        as a failure, which passes here when guest memory holds the address."""
-        has_memory = self.vm.has_memory
-        for value, offset, mask, gpa in zip(values, *checks[1:], strict=True):
-            if (value + offset) & mask & ~gpa:
-                return False
-            if gpa and value & 1 and not has_memory(value & ~1, 1):
-                return False
-        return True
-
     def _quick_plan(self, ruled: tuple[tuple[int, int, Setter | None], ...], plain_positions: tuple[int, ...],
                     stores: tuple[tuple[dict[int, int], tuple[int, ...], Pick], ...] | None = None,
                     plain_store: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
@@ -304,7 +234,7 @@ class BatchedMsrRules(ReadingMsrRules):
             family = self.families.get(index)
             handler = self._family_handler(index)
             if plain_store is not None and (handler is not None or setter is not None):
-                check = self.setter_check(index) if handler is None else family.write_check(index)  # type: ignore[union-attr]
+                check = setter_check(self, index) if handler is None else family.write_check(index)  # type: ignore[union-attr]
                 if check is not None:
                     checks.append((pos, index, check))
                     continue
@@ -318,7 +248,7 @@ class BatchedMsrRules(ReadingMsrRules):
             kind = family.write_kind(index) if handler is not None and isinstance(family, Family) else None
             if kind == "ignored":
                 continue
-            refusal = E.READ_ONLY if kind == "read_only" else self.setter_refusal(index) if handler is None else None
+            refusal = E.READ_ONLY if kind == "read_only" else setter_refusal(self, index) if handler is None else None
             if refusal is not None and (self.profile.ignore_msrs or (
                     self.rules.unsupported_zero and index in self._advertised)):
                 read_only.append((pos, index, refusal))
@@ -335,8 +265,8 @@ class BatchedMsrRules(ReadingMsrRules):
             return None
         kept = {index: rule for _, index, rule in read_only}
         cleared = {index: pos for pos, index, _ in ruled if index not in kept}
-        pick = _picker([pos for pos, _, _, _ in calls]) if calls else _no_values
-        bulk = tuple((family.bulk_ok, kind, tuple(indices), _picker(positions))
+        pick = picker([pos for pos, _, _, _ in calls]) if calls else no_values
+        bulk = tuple((family.bulk_ok, kind, tuple(indices), picker(positions))
                      for (_, kind), (family, indices, positions) in groups.items() if kind != "any")
         in_bulk = sorted([*((pos, index) for _, indices, positions in groups.values()
                             for pos, index in zip(positions, indices, strict=True)),
@@ -348,15 +278,15 @@ class BatchedMsrRules(ReadingMsrRules):
             # the plain entries bound for ``stored`` join the one update, in batch order; the other stores stay
             in_bulk = sorted([*in_bulk, *zip(plain_store[1], plain_store[0], strict=True)])
             after = tuple(store for store in stores or () if store[0] is not self.stored)
-        store = (tuple(index for _, index in in_bulk), _picker([pos for pos, _ in in_bulk])) if in_bulk else None
+        store = (tuple(index for _, index in in_bulk), picker([pos for pos, _ in in_bulk])) if in_bulk else None
         before = tuple(sorted({*plain_positions, *(pos for pos, _ in in_bulk)}))
         checked = None
         if checks:  # an address's enable bit joins its mask: the C-level pass fails it, _checks_pass looks closer
-            checked = (_picker([pos for pos, _, _ in checks]), tuple(offset for _, _, (offset, _, _) in checks),
+            checked = (picker([pos for pos, _, _ in checks]), tuple(offset for _, _, (offset, _, _) in checks),
                        tuple(mask | gpa for _, _, (_, mask, gpa) in checks),
                        tuple(bool(gpa) for _, _, (_, _, gpa) in checks))
         wipe = frozenset(cleared) | (plain_set or frozenset())  # the MSRs whose write clears their last refusal
-        return (tuple(calls), _picker(zero_only) if zero_only else None, tuple(read_only), cleared, pick,
+        return (tuple(calls), picker(zero_only) if zero_only else None, tuple(read_only), cleared, pick,
                 kept, bulk, store, before, after, checked, wipe, {index: pos for pos, index, _ in ruled})
 
     def _family_handler(self, index: int) -> Callable[[int, int, bool], int] | None:
@@ -385,7 +315,7 @@ class BatchedMsrRules(ReadingMsrRules):
             return lambda data: handler(index, data, True)
         return lambda data: family.set(index, data, True)
 
-    def _set_one_by_one(self, batch: MsrBatch, strict: bool) -> int:
+    def _set_one_byone(self, batch: MsrBatch, strict: bool) -> int:
         for i, (index, data) in enumerate(batch):
             if self.do_set(index, data):
                 if strict:
@@ -409,13 +339,13 @@ class BatchedMsrRules(ReadingMsrRules):
             return None
         words = [2 + 2 * pos for pos, _ in positions]
         indices = tuple(index for _, index in positions)
-        given: Callable[[memoryview], object] = itemgetter(*words) if len(words) > 1 else _one(words[0])
+        given: Callable[[memoryview], object] = itemgetter(*words) if len(words) > 1 else one(words[0])
         if all(index in self._plain for index in indices):
-            return given, itemgetter(*indices) if len(indices) > 1 else _one(indices[0])
+            return given, itemgetter(*indices) if len(indices) > 1 else one(indices[0])
         if len(set(indices)) < len(indices) or any(M.VMX_FIRST <= index <= M.VMX_LAST for index in indices):
-            return (_always_mismatch, _nothing)
+            return (always_mismatch, nothing)
         access_get = self.access_get
-        kept = itemgetter(*indices) if len(indices) > 1 else _one(indices[0])
+        kept = itemgetter(*indices) if len(indices) > 1 else one(indices[0])
         # A read of a feature MSR (no VMX MSR here) depends on the vCPU's CPUID and the MSR's stored value only, and
         # frozen ones change neither, so the reads are made again only when either changed.
         last: list[object] = [None, None, (), {}]  # the CPUID list, the stored values, the values read, the records
@@ -455,7 +385,7 @@ class BatchedMsrRules(ReadingMsrRules):
                 keys, positions = by_store[VM_WIDE if how == VM_WIDE else STORE]
                 keys.append(k)
                 positions.append(pos)
-        stores = tuple((self.stored if which == STORE else self.vm.msrs, tuple(keys), _picker(positions))
+        stores = tuple((self.stored if which == STORE else self.vm.msrs, tuple(keys), picker(positions))
                        for which, (keys, positions) in by_store.items() if keys)
         # When every entry is stored verbatim under its own index (plain STORE/ZERO entries, and setters, which store
         # the value verbatim when they accept it), the whole batch can be stored in order in one update.
@@ -464,7 +394,7 @@ class BatchedMsrRules(ReadingMsrRules):
         plain_positions = tuple(pos for pos, index in enumerate(indices) if index in plain)
         in_stored = (tuple(by_store[STORE][0]), tuple(by_store[STORE][1]))  # the plain entries bound for ``stored``
         plain_set = frozenset(i for i in indices if i in plain)
-        plan = (ruled, stores, _picker(zero) if zero else None, plain_positions, indices if verbatim else None,
+        plan = (ruled, stores, picker(zero) if zero else None, plain_positions, indices if verbatim else None,
                 self._frozen_check(ruled), plain_set, self._quick_plan(ruled, plain_positions),
                 self._quick_plan(ruled, plain_positions, stores, in_stored, plain_set))
         if len(self.plans) >= PLAN_CACHE:

@@ -15,6 +15,7 @@ from ..api import LITTLE_ENDIAN, MsrBatch, not_a_batch
 from ..errors import ClosedError, KvmError
 from .msr_family import Family, MsrFamily
 from .msr_rules import MSR_ALIASES, MSR_MISC_FEATURES_ENABLES, OK, VM_WIDE_MSRS, MsrRules
+from .msr_setter_checks import read_decided
 
 if TYPE_CHECKING:
     from ..kernel.rule import Rule
@@ -130,7 +131,7 @@ class ReadingMsrRules(MsrRules):
         for pos, index in enumerate(indices):
             plain = self.plain.get(index)
             source = self._read_source(index) if plain is None else None
-            decided = self.read_decided(index) if plain is None and source is None else None
+            decided = read_decided(self, index) if plain is None and source is None else None
             if decided is not None:
                 source = decided[:3]
                 if decided[3] is not None:

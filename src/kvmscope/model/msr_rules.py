@@ -22,7 +22,7 @@ from ..api import CpuidEntry, find_cpuid
 from ..kernel import rulesets as R
 from . import cpuid as C
 from . import msr_misc, msr_pv, mtrr, vmx
-from .msr_family import U64, MsrFamily, WriteCheck
+from .msr_family import MsrFamily
 
 if TYPE_CHECKING:
     from .vcpu import ModelVcpu
@@ -223,59 +223,6 @@ class MsrRules:
         if self.misc_features_rule:
             setters[MSR_MISC_FEATURES_ENABLES] = self._set_misc_features
         return setters
-
-    def setter_check(self, index: int) -> WriteCheck | None:
-        """``MsrFamily.write_check`` for the MSRs with setters here: how a batch checks a host write without the
-        setter, under the vCPU's CPUID now; None when the setter must run."""
-        p, rs = self.profile, self.rules
-        if index == M.MSR_IA32_UCODE_REV:
-            return 0, 0, False
-        if index == M.MSR_IA32_ARCH_CAPABILITIES:
-            return None if rs.cpuid_gated_caps and not self.cpuid_has(ARCH_CAPABILITIES_BIT) else (0, 0, False)
-        if index == M.MSR_AMD64_DE_CFG:
-            return (0, U64 & ~p.feature_msrs.get(index, 0), False) if p.vendor == "svm" else None
-        if index == M.MSR_IA32_PERF_CAPABILITIES:
-            if rs.cpuid_gated_caps and not self.cpuid_has(PDCM_BIT):
-                return None
-            mask = U64 & ~p.supported_perf_cap
-            if p.vendor == "vmx":  # a value with an LBR or PEBS format takes the setter (perf_cap_vendor_check)
-                mask |= M.PERF_CAP_LBR_FMT | M.PERF_CAP_PEBS_FORMAT
-                pmu = find_cpuid(self.vcpu.cpuid, 0xA)
-                if rs.perf_cap_pmu_version and (pmu is None or not pmu.eax & 0xFF):
-                    mask = U64
-            return 0, mask, False
-        return None
-
-    def read_decided(self, index: int) -> tuple[dict[int, int], int, int, R.Rule | None] | None:
-        """How ``access_get`` reads a feature MSR with a setter here under the vCPU's CPUID now, when it reads one
-        dict and never fails: ``(dict, key, default, the rule it records or None)``; None when it must run."""
-        p, rs = self.profile, self.rules
-        gates = {M.MSR_IA32_ARCH_CAPABILITIES: (ARCH_CAPABILITIES_BIT, R.ARCH_CAP_NEEDS_CPUID),
-                 M.MSR_IA32_PERF_CAPABILITIES: (PDCM_BIT, R.PERF_CAP_NEEDS_PDCM)}
-        forgiven = p.ignore_msrs or (rs.unsupported_zero and index in self._advertised)
-        if index in gates:
-            bit, rule = gates[index]
-            if not (rs.cpuid_gated_caps and not self.cpuid_has(bit)):
-                return self.stored, index, 0, None
-            return ({}, index, 0, rule) if forgiven else None  # refused as unsupported: 0 when forgiven
-        if index in (M.MSR_PLATFORM_INFO, M.MSR_IA32_UCODE_REV) or (index == M.MSR_AMD64_DE_CFG and p.vendor == "svm"):
-            return self.stored, index, 0, None
-        if index == M.MSR_AMD64_DE_CFG:
-            return ({}, index, 0, None) if forgiven else None
-        return None
-
-    def setter_refusal(self, index: int) -> R.Rule | None:
-        """The rule a host write of ``index`` is always refused by, as unsupported, under the vCPU's CPUID now (for
-        any value ``unsupported_ok`` forgives); None when its setter must run."""
-        p, rs = self.profile, self.rules
-        if index == M.MSR_IA32_ARCH_CAPABILITIES and rs.cpuid_gated_caps and not self.cpuid_has(ARCH_CAPABILITIES_BIT):
-            return R.ARCH_CAP_NEEDS_CPUID
-        if index == M.MSR_IA32_PERF_CAPABILITIES and rs.cpuid_gated_caps and not self.cpuid_has(PDCM_BIT) and not (
-                p.vendor == "vmx" and p.ignore_msrs):  # vmx's format checks come first, and pass only for 0
-            return R.PERF_CAP_NEEDS_PDCM
-        if index == M.MSR_AMD64_DE_CFG and p.vendor != "svm":
-            return R.UNKNOWN_MSR
-        return None
 
     def _set_arch_cap(self, data: int) -> int:
         index = M.MSR_IA32_ARCH_CAPABILITIES

@@ -1,0 +1,93 @@
+"""The shapes of the model's batch plans (``msr_batch``) and the C-level pickers they read a batch's values with."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from operator import itemgetter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..kernel.rule import Rule
+
+Setter = Callable[[int], int]
+Getter = Callable[[int, bool], tuple[int, int]]
+FrozenCheck = tuple[Callable[[memoryview], object], Callable[[dict[int, int]], object]]
+Pick = Callable[[memoryview], Sequence[int]]
+BulkCheck = Callable[[str, Sequence[int], Sequence[int]], bool]
+# A write plan: the entries with rules (position, index, its setter if it has one); the bulk stores, each (the dict,
+# the keys, how to pick their values from the batch's values); how to pick the ZERO entries' values; the plain
+# entries' positions (for a refusal part-way); the indices when the batch can be stored whole (else None); the freeze
+# check of the ruled entries; the set of the plain indices; the quick path (``QuickPlan``), and its checked variant.
+WritePlan = tuple[
+    "tuple[tuple[int, int, Setter | None], ...]",
+    "tuple[tuple[dict[int, int], tuple[int, ...], Pick], ...]",
+    "Pick | None",
+    tuple[int, ...],
+    "tuple[int, ...] | None",
+    "FrozenCheck | None",
+    frozenset[int],
+    "QuickPlan | None",
+    "QuickPlan | None",
+]
+# What a write plan does when its freeze check passes (``_quick_plan``): the entries whose handler must run, each
+# (position, index, the function, how it is called: 0 ``f(data)``, 1 ``f(index, data, True)``, 2 ``f(index, data)``);
+# how to pick the values of the read-only entries that pass only with 0 (None when none or any value passes); the
+# read-only entries (position, index, rule), each recorded as refused by its rule and forgiven (family MSRs whose
+# write is always unsupported, and setters' MSRs refused as unsupported under the CPUID now: ``setter_refusal``);
+# the other ruled entries' positions by index (each write clears its MSR's last refusal); how to pick the values of
+# the entries called; the refusals the read-only entries leave; the groups of entries a family checks at once
+# (``MsrFamily.bulk_ok``: the check, the group, its indices, how to pick its values); where the grouped entries are
+# stored (indices, how to pick their values); the positions of the plain and grouped entries (those before a refused
+# one take effect). Entries whose write always passes and changes nothing (``Family.write_kind``) need no call.
+# A plan's checked variant (``_quick_plan`` with the plain stores) also stores the plain entries that go to ``stored``
+# with the grouped ones, in one update, and adds: the stores left for after (the VM-wide ones); and the entries
+# checked without their handler (``MsrFamily.write_check``), each stored verbatim when the check passes: how to pick
+# their values, the offsets and masks of their checks, which of them enable a guest address with bit 0. Both
+# variants end with the MSRs whose write clears their last refusal, and every ruled entry's position by index.
+QuickPlan = tuple[
+    "tuple[tuple[int, int, Callable[..., int], int], ...]", "Pick | None", tuple[tuple[int, int, Rule], ...],
+    dict[int, int], "Pick", "dict[int, Rule]", "tuple[tuple[BulkCheck, str, tuple[int, ...], Pick], ...]",
+    "tuple[tuple[int, ...], Pick] | None", tuple[int, ...],
+    "tuple[tuple[dict[int, int], tuple[int, ...], Pick], ...] | None",
+    "tuple[Pick, tuple[int, ...], tuple[int, ...], tuple[bool, ...]] | None", frozenset[int], dict[int, int]]
+
+
+
+def no_values(words: memoryview) -> Sequence[int]:
+    return ()
+
+
+def always_mismatch(words: memoryview) -> object:
+    return object()
+
+
+def nothing(store: dict[int, int]) -> object:
+    return None
+
+
+def one(key: int) -> Callable[[object], object]:
+    """``obj[key]`` as a 1-tuple, to compare with what itemgetter of several keys gives."""
+    def get(obj: object) -> object:
+        return (obj[key],)  # type: ignore[index]
+    return get
+
+
+def picker(positions: Sequence[int]) -> Pick:
+    """The values of the entries at ``positions`` from a batch's u64 words (entry i's value is word 2 + 2i), as a
+    sequence even for one entry (itemgetter of one item gives the item, of a slice a sequence)."""
+    words = [2 + 2 * pos for pos in positions]
+    if len(words) == 1:
+        return itemgetter(slice(words[0], words[0] + 1))
+    return itemgetter(*words)
+
+
+def checks_pass(has_memory: Callable[[int, int], bool],
+                checks: tuple[Pick, tuple[int, ...], tuple[int, ...], tuple[bool, ...]], values: Sequence[int]) -> bool:
+    """The entries' ``write_check``s, when the batch's C-level pass failed: it counts an address's enable bit (bit 0)
+    as a failure, which passes here when guest memory holds the address (``has_memory(address, 1)``)."""
+    for value, offset, mask, gpa in zip(values, *checks[1:], strict=True):
+        if (value + offset) & mask & ~gpa:
+            return False
+        if gpa and value & 1 and not has_memory(value & ~1, 1):
+            return False
+    return True
