@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from operator import itemgetter
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from ..kernel.rule import Rule
+from ..kernel.rule import Rule
 
 Setter = Callable[[int], int]
 Getter = Callable[[int, bool], tuple[int, int]]
