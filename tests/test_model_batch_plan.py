@@ -210,7 +210,8 @@ def test_frozen_gated_msr_after_a_refused_entry(profile: str) -> None:
     for v in (fast, ref):
         guest.run_to_hlt(v.vm, v)
     assert 0x10A in fast.msr_rules.frozen, f"{profile}: ARCH_CAPABILITIES is expected frozen after a run"
-    for entries in ([(0x17B, 5), (0x10A, 0), (0x174, 1)], [(0x174, 2), (0x10A, 0), (0x175, 3)]):
+    for entries in ([(0x17B, 5), (0x10A, 0), (0x174, 1)], [(0x174, 2), (0x10A, 0), (0x175, 3)],
+                    [(0x174, 3), (0x10A, 5), (0x175, 4)], [(0x345, 1), (0x174, 5)]):
         batch = MsrBatch(entries)
         got, want = fast.set_msrs(batch), entry_by_entry(ref, batch)
         assert got == want, f"{profile} {batch}: set_msrs wrote {got} entries, entry by entry wrote {want}"
