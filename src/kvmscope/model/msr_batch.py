@@ -107,11 +107,13 @@ class BatchedMsrRules(ReadingMsrRules):
                 values = pick(words)
                 if not any(map(and_, map(add, values, offsets), masks)) or checks_pass(self.vm.has_memory, checks, values):
                     quick = checked
-                    if not quick[0] and not quick[6] and not reads:  # nothing to call, no group to check
+                    if not quick[0] and not quick[6]:  # nothing to call, no group to check: no entry is refused
                         wipe = quick[11]
                         if refusals and not wipe.isdisjoint(refusals):  # each write clears its MSR's last refusal
                             for index in wipe & refusals.keys():
                                 del refusals[index]
+                        if reads:  # then records what its freeze check's read records
+                            refusals.update(reads)
                         if quick[5]:
                             refusals.update(quick[5])  # what the read-only entries record
                         if quick[7] is not None:
@@ -149,7 +151,9 @@ class BatchedMsrRules(ReadingMsrRules):
                 if quick[9] is not None:  # the checked variant stored the plain entries with the grouped ones
                     whole, stores = None, quick[9]
             else:
-                stop = self._run_ruled(ruled, words, fast, reads)
+                # a frozen MSR checked only by its 0 (``_zero_only_refused``) needs try_set's freeze check here
+                stop = self._run_ruled(ruled, words, fast and not any(
+                    index in self.frozen and self._zero_only_refused(index) for _, index, _ in ruled), reads)
             if stop == _TAKEN_NOT_STORED:
                 whole = None  # taken without storing: the whole-batch store below must leave it alone
             if stop >= 0:
@@ -323,6 +327,12 @@ class BatchedMsrRules(ReadingMsrRules):
                 return i
         return batch.nmsrs
 
+    def _zero_only_refused(self, index: int) -> bool:
+        """A frozen MSR whose write is refused as unsupported and forgiven for 0 alone, whose read gives 0 and
+        records the write's rule (``setter_refusal``, ``read_decided``): the plan's check that its value is 0 is
+        then its freeze check, so it needs none of its own (the full path, ``try_set``, still runs one)."""
+        return not self.profile.ignore_msrs and self.unsupported_ok(index, 0) and setter_refusal(self, index) is not None
+
     def _frozen_check(self, ruled: tuple[tuple[int, int, Setter | None], ...]) -> FrozenCheck | None:
         """For a plan: how to get the values a batch gives its frozen MSRs that have setters, and the values they
         hold, as tuples, so that one comparison does their freeze check (None when no such entry); on a match each
@@ -334,7 +344,8 @@ class BatchedMsrRules(ReadingMsrRules):
         record, left in ``frozen_reads`` for ``set_msrs`` to record at each entry's turn. The read-ahead needs reads
         that no earlier entry of the batch can change: no VMX MSR (control pairs share a slot) and no frozen MSR
         twice; otherwise the check always fails."""
-        positions = [(pos, index) for pos, index, setter in ruled if setter is not None and index in self.frozen]
+        positions = [(pos, index) for pos, index, setter in ruled
+                     if setter is not None and index in self.frozen and not self._zero_only_refused(index)]
         if not positions:
             return None
         words = [2 + 2 * pos for pos, _ in positions]
