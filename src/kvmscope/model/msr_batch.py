@@ -27,6 +27,7 @@ from ..kernel import emulated as E
 from ..kernel.rule import Rule
 from .msr_family import Family, MsrFamily
 from .msr_plan import (
+    DirectPlan,
     FrozenCheck,
     Pick,
     QuickPlan,
@@ -77,15 +78,29 @@ class BatchedMsrRules(ReadingMsrRules):
         if n >= uapi.MAX_IO_MSRS:
             raise KvmError(errno.E2BIG, "KVM_SET_MSRS")
         if not LITTLE_ENDIAN:
-            return self._set_one_byone(batch, strict)
+            return self._set_one_by_one(batch, strict)
         # The batch's indices, packed, key its plan (one C-level call). Values are read straight from the buffer's
         # u64 words (entry i's value is word 2 + 2i), by the plan's itemgetters: no list of them is built.
         key = batch.words32[2::4].tobytes()
         plan = self.plans.get(key) or self._write_plan(key)
         words = batch.words64
-        ruled, stores, zero, plain_positions, whole, frozen, plain_set, quick, checked = plan
+        direct = plan[9]
+        if direct is not None:  # nothing to call, no group, no freeze check: when its checks pass, the batch is taken
+            zeros, given, offsets, masks, wipe, recorded, keys, taken, after = direct
+            if not (zeros is not None and any(zeros(words))) and not any(map(and_, map(add, given(words), offsets), masks)):
+                refusals = self.refusals
+                if refusals and not wipe.isdisjoint(refusals):  # each write clears its MSR's last refusal
+                    for index in wipe & refusals.keys():
+                        del refusals[index]
+                if recorded:
+                    refusals.update(recorded)  # what the read-only entries record
+                self.stored.update(zip(keys, taken(words)))  # noqa: B905
+                for store, keys, taken in after:
+                    store.update(zip(keys, taken(words)))  # noqa: B905
+                return n
+        ruled, stores, zero, plain_positions, whole, frozen, plain_set, quick, checked, _ = plan
         if zero is not None and any(zero(words)):
-            return self._set_one_byone(batch, strict)  # a ZERO MSR refuses its value: the kernel's order decides
+            return self._set_one_by_one(batch, strict)  # a ZERO MSR refuses its value: the kernel's order decides
         # Frozen MSRs keep their value through the batch (a different one is refused), so their freeze check can run
         # for the whole batch at once: when every frozen entry carries the value it has, each entry with a setter
         # goes straight to it, as try_set would; otherwise every ruled entry takes the full path.
@@ -319,13 +334,26 @@ class BatchedMsrRules(ReadingMsrRules):
             return lambda data: handler(index, data, True)
         return lambda data: family.set(index, data, True)
 
-    def _set_one_byone(self, batch: MsrBatch, strict: bool) -> int:
+    def _set_one_by_one(self, batch: MsrBatch, strict: bool) -> int:
         for i, (index, data) in enumerate(batch):
             if self.do_set(index, data):
                 if strict:
                     raise self.vcpu.short_write(batch, i)
                 return i
         return batch.nmsrs
+
+    def _direct_plan(self, checked: QuickPlan | None, zero: list[int]) -> DirectPlan | None:
+        """The checked variant of a plan with nothing to call and no group to check, flattened for ``set_msrs``'
+        first branch (``DirectPlan``); None for the others."""
+        if checked is None or checked[0] or checked[6] or checked[7] is None or checked[10] is None:
+            return None
+        # the ZERO entries and the read-only ones that pass only with 0; an enabled address fails the checks here
+        # (its enable bit is in the mask) and takes the quick path, which looks guest memory up
+        zeros = sorted([*zero, *(pos for pos, _, _ in checked[2] if not self.profile.ignore_msrs)])
+        pick, offsets, masks, _ = checked[10]
+        keys, values = checked[7]
+        return (picker(zeros) if zeros else None, pick, offsets, masks, checked[11], checked[5], keys, values,
+                checked[9] or ())
 
     def _zero_only_refused(self, index: int) -> bool:
         """A frozen MSR whose write is refused as unsupported and forgiven for 0 alone, whose read gives 0 and
@@ -405,9 +433,11 @@ class BatchedMsrRules(ReadingMsrRules):
         plain_positions = tuple(pos for pos, index in enumerate(indices) if index in plain)
         in_stored = (tuple(by_store[STORE][0]), tuple(by_store[STORE][1]))  # the plain entries bound for ``stored``
         plain_set = frozenset(i for i in indices if i in plain)
+        frozen = self._frozen_check(ruled)
+        checked = self._quick_plan(ruled, plain_positions, stores, in_stored, plain_set)
         plan = (ruled, stores, picker(zero) if zero else None, plain_positions, indices if verbatim else None,
-                self._frozen_check(ruled), plain_set, self._quick_plan(ruled, plain_positions),
-                self._quick_plan(ruled, plain_positions, stores, in_stored, plain_set))
+                frozen, plain_set, self._quick_plan(ruled, plain_positions), checked,
+                self._direct_plan(checked, zero) if frozen is None else None)
         if len(self.plans) >= PLAN_CACHE:
             self.plans.clear()
         self.plans[key] = plan

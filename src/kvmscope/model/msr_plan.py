@@ -15,7 +15,8 @@ BulkCheck = Callable[[str, Sequence[int], Sequence[int]], bool]
 # A write plan: the entries with rules (position, index, its setter if it has one); the bulk stores, each (the dict,
 # the keys, how to pick their values from the batch's values); how to pick the ZERO entries' values; the plain
 # entries' positions (for a refusal part-way); the indices when the batch can be stored whole (else None); the freeze
-# check of the ruled entries; the set of the plain indices; the quick path (``QuickPlan``), and its checked variant.
+# check of the ruled entries; the set of the plain indices; the quick path (``QuickPlan``), its checked variant, and
+# that variant flattened when it has nothing to call (``DirectPlan``).
 WritePlan = tuple[
     "tuple[tuple[int, int, Setter | None], ...]",
     "tuple[tuple[dict[int, int], tuple[int, ...], Pick], ...]",
@@ -26,6 +27,7 @@ WritePlan = tuple[
     frozenset[int],
     "QuickPlan | None",
     "QuickPlan | None",
+    "DirectPlan | None",
 ]
 # What a write plan does when its freeze check passes (``_quick_plan``): the entries whose handler must run, each
 # (position, index, the function, how it is called: 0 ``f(data)``, 1 ``f(index, data, True)``, 2 ``f(index, data)``);
@@ -50,6 +52,13 @@ QuickPlan = tuple[
     "tuple[Pick, tuple[int, ...], tuple[int, ...], tuple[bool, ...]] | None", frozenset[int], dict[int, int]]
 
 
+# The checked variant of a plan with nothing to call, no group to check and no freeze check, as ``set_msrs`` takes it
+# first: how to pick the values that must be 0 (ZERO entries, read-only ones forgiven only for 0); the checks' pick,
+# offsets and masks; the MSRs whose write clears their last refusal; the refusals the read-only entries record; the
+# keys and values of the one update of ``stored``; the other stores.
+DirectPlan = tuple[
+    "Pick | None", "Pick", tuple[int, ...], tuple[int, ...], frozenset[int], "dict[int, Rule]", tuple[int, ...], "Pick",
+    "tuple[tuple[dict[int, int], tuple[int, ...], Pick], ...]"]
 
 def no_values(words: memoryview) -> Sequence[int]:
     return ()
