@@ -25,7 +25,7 @@ from ..api import LITTLE_ENDIAN, MsrBatch, MsrItems, as_batch
 from ..errors import ClosedError, KvmError
 from ..kernel import emulated as E
 from ..kernel.rule import Rule
-from .msr_family import Family, MsrFamily
+from .msr_family import U64, Family, MsrFamily
 from .msr_plan import (
     DirectPlan,
     FrozenCheck,
@@ -86,17 +86,19 @@ class BatchedMsrRules(ReadingMsrRules):
         words = batch.words64
         direct = plan[9]
         if direct is not None:  # nothing to call, no group, no freeze check: when its checks pass, the batch is taken
-            zeros, given, offsets, masks, wipe, recorded, keys, taken, after = direct
-            if not (zeros is not None and any(zeros(words))) and not any(map(and_, map(add, given(words), offsets), masks)):
+            given, offsets, masks, wipe, recorded, keys, taken, after = direct
+            if not any(map(and_, map(add, given(words), offsets), masks)):
                 refusals = self.refusals
-                if refusals and not wipe.isdisjoint(refusals):  # each write clears its MSR's last refusal
-                    for index in wipe & refusals.keys():
-                        del refusals[index]
-                if recorded:
-                    refusals.update(recorded)  # what the read-only entries record
+                # each write clears its MSR's last refusal, and the read-only entries record theirs: nothing to do
+                # when those are all that is on record
+                if refusals != recorded:
+                    if refusals and not wipe.isdisjoint(refusals):
+                        for index in wipe & refusals.keys():
+                            del refusals[index]
+                    refusals.update(recorded)
                 self.stored.update(zip(keys, taken(words)))  # noqa: B905
-                for store, keys, taken in after:
-                    store.update(zip(keys, taken(words)))  # noqa: B905
+                if after is not None:
+                    after[0].update(zip(after[1], after[2](words)))  # noqa: B905
                 return n
         ruled, stores, zero, plain_positions, whole, frozen, plain_set, quick, checked, _ = plan
         if zero is not None and any(zero(words)):
@@ -118,7 +120,7 @@ class BatchedMsrRules(ReadingMsrRules):
             if use_quick and checked is not None:  # every write_check passes (C-level): no handler of theirs runs
                 checks = checked[10]
                 assert checks is not None  # the checked variant has checks (``_quick_plan``)
-                pick, offsets, masks, _ = checks
+                pick, offsets, masks, _, _ = checks
                 values = pick(words)
                 if not any(map(and_, map(add, values, offsets), masks)) or checks_pass(self.vm.has_memory, checks, values):
                     quick = checked
@@ -303,7 +305,7 @@ class BatchedMsrRules(ReadingMsrRules):
         if checks:  # an address's enable bit joins its mask: the C-level pass fails it, _checks_pass looks closer
             checked = (picker([pos for pos, _, _ in checks]), tuple(offset for _, _, (offset, _, _) in checks),
                        tuple(mask | gpa for _, _, (_, mask, gpa) in checks),
-                       tuple(bool(gpa) for _, _, (_, _, gpa) in checks))
+                       tuple(bool(gpa) for _, _, (_, _, gpa) in checks), tuple(pos for pos, _, _ in checks))
         wipe = frozenset(cleared) | (plain_set or frozenset())  # the MSRs whose write clears their last refusal
         return (tuple(calls), picker(zero_only) if zero_only else None, tuple(read_only), cleared, pick,
                 kept, bulk, store, before, after, checked, wipe, {index: pos for pos, index, _ in ruled})
@@ -345,15 +347,20 @@ class BatchedMsrRules(ReadingMsrRules):
     def _direct_plan(self, checked: QuickPlan | None, zero: list[int]) -> DirectPlan | None:
         """The checked variant of a plan with nothing to call and no group to check, flattened for ``set_msrs``'
         first branch (``DirectPlan``); None for the others."""
-        if checked is None or checked[0] or checked[6] or checked[7] is None or checked[10] is None:
+        if (checked is None or checked[0] or checked[6] or checked[7] is None or checked[10] is None
+                or len(checked[9] or ()) > 1):
             return None
-        # the ZERO entries and the read-only ones that pass only with 0; an enabled address fails the checks here
-        # (its enable bit is in the mask) and takes the quick path, which looks guest memory up
-        zeros = sorted([*zero, *(pos for pos, _, _ in checked[2] if not self.profile.ignore_msrs)])
-        pick, offsets, masks, _ = checked[10]
+        # One pass checks all: the checked entries (an enabled address fails here, its enable bit being in its mask,
+        # and takes the quick path, which looks guest memory up; a check with mask 0 always passes), the ZERO
+        # entries and the read-only ones that pass only with 0 (mask all ones).
+        checks = [(pos, offset, mask) for pos, offset, mask in zip(checked[10][4], *checked[10][1:3], strict=True)
+                  if mask]
+        zeros = [*zero, *(pos for pos, _, _ in checked[2] if not self.profile.ignore_msrs)]
+        checks = sorted([*checks, *((pos, 0, U64) for pos in zeros)])
         keys, values = checked[7]
-        return (picker(zeros) if zeros else None, pick, offsets, masks, checked[11], checked[5], keys, values,
-                checked[9] or ())
+        after = checked[9][0] if checked[9] else None
+        return (picker([pos for pos, _, _ in checks]) if checks else no_values, tuple(off for _, off, _ in checks),
+                tuple(mask for _, _, mask in checks), checked[11], checked[5], keys, values, after)
 
     def _zero_only_refused(self, index: int) -> bool:
         """A frozen MSR whose write is refused as unsupported and forgiven for 0 alone, whose read gives 0 and

@@ -42,23 +42,26 @@ WritePlan = tuple[
 # A plan's checked variant (``_quick_plan`` with the plain stores) also stores the plain entries that go to ``stored``
 # with the grouped ones, in one update, and adds: the stores left for after (the VM-wide ones); and the entries
 # checked without their handler (``MsrFamily.write_check``), each stored verbatim when the check passes: how to pick
-# their values, the offsets and masks of their checks, which of them enable a guest address with bit 0. Both
-# variants end with the MSRs whose write clears their last refusal, and every ruled entry's position by index.
+# their values, the offsets and masks of their checks, which of them enable a guest address with bit 0, their
+# positions. Both variants end with the MSRs whose write clears their last refusal, and every ruled entry's position
+# by index.
 QuickPlan = tuple[
     "tuple[tuple[int, int, Callable[..., int], int], ...]", "Pick | None", tuple[tuple[int, int, Rule], ...],
     dict[int, int], "Pick", "dict[int, Rule]", "tuple[tuple[BulkCheck, str, tuple[int, ...], Pick], ...]",
     "tuple[tuple[int, ...], Pick] | None", tuple[int, ...],
     "tuple[tuple[dict[int, int], tuple[int, ...], Pick], ...] | None",
-    "tuple[Pick, tuple[int, ...], tuple[int, ...], tuple[bool, ...]] | None", frozenset[int], dict[int, int]]
+    "tuple[Pick, tuple[int, ...], tuple[int, ...], tuple[bool, ...], tuple[int, ...]] | None", frozenset[int],
+    dict[int, int]]
 
 
 # The checked variant of a plan with nothing to call, no group to check and no freeze check, as ``set_msrs`` takes it
-# first: how to pick the values that must be 0 (ZERO entries, read-only ones forgiven only for 0); the checks' pick,
-# offsets and masks; the MSRs whose write clears their last refusal; the refusals the read-only entries record; the
-# keys and values of the one update of ``stored``; the other stores.
+# first: the pick, offsets and masks of one pass of checks (the checked entries, and with mask all ones the ZERO entries
+# and the read-only ones taken only with 0); the MSRs whose write clears their last refusal; the refusals the
+# read-only entries record; the keys and values of the one update of ``stored``; the other store (VM-wide), if any.
 DirectPlan = tuple[
-    "Pick | None", "Pick", tuple[int, ...], tuple[int, ...], frozenset[int], "dict[int, Rule]", tuple[int, ...], "Pick",
-    "tuple[tuple[dict[int, int], tuple[int, ...], Pick], ...]"]
+    "Pick", tuple[int, ...], tuple[int, ...], frozenset[int], "dict[int, Rule]", tuple[int, ...], "Pick",
+    "tuple[dict[int, int], tuple[int, ...], Pick] | None"]
+
 
 def no_values(words: memoryview) -> Sequence[int]:
     return ()
@@ -89,10 +92,11 @@ def picker(positions: Sequence[int]) -> Pick:
 
 
 def checks_pass(has_memory: Callable[[int, int], bool],
-                checks: tuple[Pick, tuple[int, ...], tuple[int, ...], tuple[bool, ...]], values: Sequence[int]) -> bool:
+                checks: tuple[Pick, tuple[int, ...], tuple[int, ...], tuple[bool, ...], tuple[int, ...]],
+                values: Sequence[int]) -> bool:
     """The entries' ``write_check``s, when the batch's C-level pass failed: it counts an address's enable bit (bit 0)
     as a failure, which passes here when guest memory holds the address (``has_memory(address, 1)``)."""
-    for value, offset, mask, gpa in zip(values, *checks[1:], strict=True):
+    for value, offset, mask, gpa in zip(values, *checks[1:4], strict=True):
         if (value + offset) & mask & ~gpa:
             return False
         if gpa and value & 1 and not has_memory(value & ~1, 1):
