@@ -126,39 +126,54 @@ def model_parts(n: int, rounds: int) -> list[tuple[str, float]]:
         words = batch.words64
         key = batch.words32[2::4].tobytes()
         msrs = vcpu.msr_rules
-        ruled, stores, zero, _, _, _, _, quick, checked = msrs.plans[key]
+        ruled, stores, zero, _, _, _, _, quick, checked, direct = msrs.plans[key]
         plans = msrs.plans
-        if checked is not None:  # the variant a batch takes when its checks pass (msr_batch.set_msrs)
-            quick, stores = checked, checked[9] or ()
-        calls = [(fn, index, words[2 + 2 * pos], form) for pos, index, fn, form in (quick[0] if quick else ())]
-        groups = quick[6] if quick else ()
-        grouped = quick[7] if quick else None
-        checks = checked[10] if checked is not None else None
         refusals = msrs.refusals
+        names: dict[str, Callable[[], object]] = {
+            "empty loop (subtracted from nothing: the floor of a timed call)": lambda: None,
+            f"whole call: vcpu.set_msrs(batch), {len(indices)} entries": lambda: vcpu.set_msrs(batch),
+            "the batch's indices, packed, as the plan's key": lambda: batch.words32[2::4].tobytes(),
+            "find the batch's cached plan (with the key)": lambda: plans.get(batch.words32[2::4].tobytes()),
+        }
+        if direct is not None:  # the path the batch takes: msr_batch.set_msrs' first branch (DirectPlan)
+            given, offsets, masks, wipe, recorded, keys, taken, after = direct
 
-        def check_groups() -> None:
-            for ok, kind, group, pick in groups:
-                ok(kind, group, pick(words))
+            def record() -> None:
+                if refusals != recorded:
+                    if refusals and not wipe.isdisjoint(refusals):
+                        for index in wipe & refusals.keys():
+                            del refusals[index]
+                    refusals.update(recorded)
 
-        def run_checks() -> None:
-            if checks is not None:
-                any(map(and_, map(add, checks[0](words), checks[1]), checks[2]))
+            names.update({
+                f"{len(offsets)} checks in one C-level pass (write_check; ZERO and read-only entries)":
+                    lambda: any(map(and_, map(add, given(words), offsets), masks)),
+                "refusals cleared and recorded (nothing to do when unchanged)": record,
+                f"{len(keys)} checked and plain entries stored (1 dict update)":
+                    lambda: msrs.stored.update(zip(keys, taken(words))),  # noqa: B905
+                f"the VM-wide entries stored ({0 if after is None else 1} dict update)":
+                    lambda: after is not None and after[0].update(zip(after[1], after[2](words))),  # noqa: B905
+            })
+        else:  # the quick path: handlers called one by one, group checks, then the stores
+            calls = [(fn, index, words[2 + 2 * pos], form) for pos, index, fn, form in (quick[0] if quick else ())]
+            groups = quick[6] if quick else ()
 
-        def record() -> None:
-            if quick is not None:
-                wipe = quick[11]
-                if refusals and not wipe.isdisjoint(refusals):
-                    for index in wipe & refusals.keys():
-                        del refusals[index]
-                refusals.update(quick[5])
+            def run_calls() -> None:
+                for fn, index, data, form in calls:
+                    fn(data) if form == 0 else fn(index, data, True) if form == 1 else fn(index, data)
 
-        def store_grouped() -> None:
-            if grouped is not None:
-                vcpu.msr_rules.stored.update(zip(grouped[0], grouped[1](words)))  # noqa: B905
+            def check_groups() -> None:
+                for ok, kind, group, pick in groups:
+                    ok(kind, group, pick(words))
 
-        def run_calls() -> None:
-            for fn, index, data, form in calls:
-                fn(data) if form == 0 else fn(index, data, True) if form == 1 else fn(index, data)
+            names.update({
+                "check the ZERO MSRs' values (one itemgetter)": lambda: zero is not None and any(zero(words)),
+                f"{len(calls)} of the {len(ruled)} entries with rules, their handlers one by one": run_calls,
+                f"{len(groups)} group checks": check_groups,
+                f"the plain entries stored ({len(stores)} dict updates)": lambda: [
+                    store.update(zip(keys, pick(words))) for store, keys, pick in stores],  # noqa: B905
+            })
+        names["get_msrs(batch): the same batch read"] = lambda: vcpu.get_msrs(batch)
 
         def each(fn: Callable[[], object]) -> Callable[[int], None]:
             def loop(n: int) -> None:
@@ -166,23 +181,6 @@ def model_parts(n: int, rounds: int) -> list[tuple[str, float]]:
                     fn()
             return loop
 
-        n_checked = len(checks[1]) if checks is not None else 0
-        names: dict[str, Callable[[], object]] = {
-            "empty loop (subtracted from nothing: the floor of a timed call)": lambda: None,
-            f"whole call: vcpu.set_msrs(batch), {len(indices)} entries": lambda: vcpu.set_msrs(batch),
-            "the batch's indices, packed, as the plan's key": lambda: batch.words32[2::4].tobytes(),
-            "find the batch's cached plan (with the key)": lambda: plans.get(batch.words32[2::4].tobytes()),
-            "check the ZERO MSRs' values (one itemgetter)": lambda: zero is not None and any(zero(words)),
-            f"{n_checked} of the {len(ruled)} entries with rules checked at once (write_check, C-level)": run_checks,
-            f"{len(calls)} entries with rules, their handlers one by one": run_calls,
-            f"{len(groups)} group checks": check_groups,
-            "refusals cleared and recorded": record,
-            f"{len(grouped[0]) if grouped else 0} checked, grouped and plain entries stored (1 dict update)":
-                store_grouped,
-            f"the other plain entries stored ({len(stores)} dict updates)": lambda: [
-                store.update(zip(keys, pick(words))) for store, keys, pick in stores],  # noqa: B905
-            "get_msrs(batch): the same batch read": lambda: vcpu.get_msrs(batch),
-        }
         times: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(rounds):
             for name, fn in names.items():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from operator import add, and_, itemgetter
 from typing import TYPE_CHECKING
 
@@ -86,8 +86,8 @@ class BatchedMsrRules(ReadingMsrRules):
         words = batch.words64
         direct = plan[9]
         if direct is not None:  # nothing to call, no group, no freeze check: when its checks pass, the batch is taken
-            given, offsets, masks, wipe, recorded, keys, taken, after = direct
-            if not any(map(and_, map(add, given(words), offsets), masks)):
+            all_offsets, all_masks, wipe, recorded, keys, taken, after = direct
+            if not (int.from_bytes(batch.raw, "little") + all_offsets) & all_masks:  # every check, in one C-level pass
                 refusals = self.refusals
                 # each write clears its MSR's last refusal, and the read-only entries record theirs: nothing to do
                 # when those are all that is on record
@@ -344,7 +344,7 @@ class BatchedMsrRules(ReadingMsrRules):
                 return i
         return batch.nmsrs
 
-    def _direct_plan(self, checked: QuickPlan | None, zero: list[int]) -> DirectPlan | None:
+    def _direct_plan(self, checked: QuickPlan | None, zero: list[int], indices: Sequence[int]) -> DirectPlan | None:
         """The checked variant of a plan with nothing to call and no group to check, flattened for ``set_msrs``'
         first branch (``DirectPlan``); None for the others."""
         if (checked is None or checked[0] or checked[6] or checked[7] is None or checked[10] is None
@@ -357,10 +357,16 @@ class BatchedMsrRules(ReadingMsrRules):
                   if mask]
         zeros = [*zero, *(pos for pos, _, _ in checked[2] if not self.profile.ignore_msrs)]
         checks = sorted([*checks, *((pos, 0, U64) for pos in zeros)])
+        # The checks run on the whole buffer read as one little-endian integer: entry i's value is its bits
+        # 128 + 128i to 191 + 128i. An offset's carry out of a value lands in the next entry's index, and stops there
+        # unless that index is 0xFFFFFFFF (then no direct plan); the masks cover the values' bits alone.
+        if 0xFFFFFFFF in indices:
+            return None
+        offsets = sum(offset << (128 + 128 * pos) for pos, offset, _ in checks)
+        masks = sum(mask << (128 + 128 * pos) for pos, _, mask in checks)
         keys, values = checked[7]
         after = checked[9][0] if checked[9] else None
-        return (picker([pos for pos, _, _ in checks]) if checks else no_values, tuple(off for _, off, _ in checks),
-                tuple(mask for _, _, mask in checks), checked[11], checked[5], keys, values, after)
+        return offsets, masks, checked[11], checked[5], keys, values, after
 
     def _zero_only_refused(self, index: int) -> bool:
         """A frozen MSR whose write is refused as unsupported and forgiven for 0 alone, whose read gives 0 and
@@ -444,7 +450,7 @@ class BatchedMsrRules(ReadingMsrRules):
         checked = self._quick_plan(ruled, plain_positions, stores, in_stored, plain_set)
         plan = (ruled, stores, picker(zero) if zero else None, plain_positions, indices if verbatim else None,
                 frozen, plain_set, self._quick_plan(ruled, plain_positions), checked,
-                self._direct_plan(checked, zero) if frozen is None else None)
+                self._direct_plan(checked, zero, indices) if frozen is None else None)
         if len(self.plans) >= PLAN_CACHE:
             self.plans.clear()
         self.plans[key] = plan

@@ -55,11 +55,12 @@ QuickPlan = tuple[
 
 
 # The checked variant of a plan with nothing to call, no group to check and no freeze check, as ``set_msrs`` takes it
-# first: the pick, offsets and masks of one pass of checks (the checked entries, and with mask all ones the ZERO entries
-# and the read-only ones taken only with 0); the MSRs whose write clears their last refusal; the refusals the
-# read-only entries record; the keys and values of the one update of ``stored``; the other store (VM-wide), if any.
+# first: the offsets and masks of every check (the checked entries, and with mask all ones the ZERO entries and the
+# read-only ones taken only with 0), each shifted to its entry's value in the batch's buffer read as one integer; the
+# MSRs whose write clears their last refusal; the refusals the read-only entries record; the keys and values of the
+# one update of ``stored``; the other store (VM-wide), if any.
 DirectPlan = tuple[
-    "Pick", tuple[int, ...], tuple[int, ...], frozenset[int], "dict[int, Rule]", tuple[int, ...], "Pick",
+    int, int, frozenset[int], "dict[int, Rule]", tuple[int, ...], "Pick",
     "tuple[dict[int, int], tuple[int, ...], Pick] | None"]
 
 
