@@ -357,3 +357,20 @@ def test_reads_follow_config_changes(profile: str, kernel: str) -> None:
         assert n_got == n_want, f"{step}: get_msrs read {n_got} entries, entry by entry {n_want}"
         assert bytes(got.buffer) == bytes(want.buffer), f"{step}: buffers differ: {got} vs {want}"
         assert state(fast) == state(ref), f"{step}: state differs from the entry-by-entry reference"
+
+
+def test_direct_checks_carry_into_the_next_index_only() -> None:
+    """The direct plan checks every entry on the buffer read as one integer, where an offset's carry out of one
+    entry's value lands in the next entry's index. Canonical values that carry (the high half), next to an entry whose
+    value fails by one, and batches whose next index is the largest: the same as entry by entry."""
+    for profile in shipped():
+        fast, ref = twin(profile, "6.18"), twin(profile, "6.18")
+        canonical = [i for i in checked(fast) if i in (0x175, 0x176, 0xC0000082, 0xC0000083, 0xC0000102)]
+        assert canonical, f"{profile}: expected the canonical-address MSRs among the checked ones"
+        high = U64 - (1 << 46)  # canonical at 48 and 57 bits: adding the offset carries out of bit 63
+        for index in canonical:
+            for nxt, value in ((0x4B564D03, 0x40), (0x4B564D03, 0), (0x175, 1 << 47), (0xFFFFFFFF, 0), (0x174, 5)):
+                batch = MsrBatch([(index, high), (nxt, value)])
+                got, want = fast.set_msrs(batch), entry_by_entry(ref, batch)
+                assert got == want, f"{profile}: {batch}: set_msrs wrote {got} entries, entry by entry {want}"
+                assert state(fast) == state(ref), f"{profile}: {batch}: state differs from entry by entry"
