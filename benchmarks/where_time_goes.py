@@ -26,7 +26,6 @@ import sys
 import tempfile
 import textwrap
 from collections.abc import Callable
-from operator import add, and_
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +135,8 @@ def model_parts(n: int, rounds: int) -> list[tuple[str, float]]:
             "find the batch's cached plan (with the key)": lambda: plans.get(batch.words32[2::4].tobytes()),
         }
         if direct is not None:  # the path the batch takes: msr_batch.set_msrs' first branch (DirectPlan)
-            given, offsets, masks, wipe, recorded, keys, taken, after = direct
+            offsets, masks, wipe, recorded, keys, taken, after = direct
+            raw = batch.raw
 
             def record() -> None:
                 if refusals != recorded:
@@ -146,8 +146,8 @@ def model_parts(n: int, rounds: int) -> list[tuple[str, float]]:
                     refusals.update(recorded)
 
             names.update({
-                f"{len(offsets)} checks in one C-level pass (write_check; ZERO and read-only entries)":
-                    lambda: any(map(and_, map(add, given(words), offsets), masks)),
+                "every check at once: the buffer as one integer, plus the offsets, and the masks":
+                    lambda: (int.from_bytes(raw, "little") + offsets) & masks,
                 "refusals cleared and recorded (nothing to do when unchanged)": record,
                 f"{len(keys)} checked and plain entries stored (1 dict update)":
                     lambda: msrs.stored.update(zip(keys, taken(words))),  # noqa: B905
