@@ -302,8 +302,10 @@ class BatchedMsrRules(ReadingMsrRules):
         store = (tuple(index for _, index in in_bulk), picker([pos for pos, _ in in_bulk])) if in_bulk else None
         before = tuple(sorted({*plain_positions, *(pos for pos, _ in in_bulk)}))
         checked = None
-        if checks:  # an address's enable bit joins its mask: the C-level pass fails it, _checks_pass looks closer
-            checked = (picker([pos for pos, _, _ in checks]), tuple(offset for _, _, (offset, _, _) in checks),
+        if checks:  # an address's enable bit joins its mask: the C-level pass fails it, checks_pass looks closer
+            checks = [check for check in checks if check[2][1] or check[2][2]]  # a mask of 0 always passes
+            checked = (picker([pos for pos, _, _ in checks]) if checks else no_values,
+                       tuple(offset for _, _, (offset, _, _) in checks),
                        tuple(mask | gpa for _, _, (_, mask, gpa) in checks),
                        tuple(bool(gpa) for _, _, (_, _, gpa) in checks), tuple(pos for pos, _, _ in checks))
         wipe = frozenset(cleared) | (plain_set or frozenset())  # the MSRs whose write clears their last refusal

@@ -170,6 +170,8 @@ class MiscMsrs(Family):
             return 1 << (self.virt_bits - 1), U64 & ~((1 << self.virt_bits) - 1), False
         if self.handlers[index][1] == self._set_tsc_adjust and self.cap(TSC_ADJUST):  # without the bit: dropped
             return 0, 0, False
+        if self.handlers[index][1] == self._set_tsc_aux:  # host: the low 32 bits (AMD keeps only those: the handler)
+            return 0, U64 ^ 0xFFFFFFFF, False
         return None
 
     def bulk_ok(self, kind: str, indices: Sequence[int], values: Sequence[int]) -> bool:

@@ -122,6 +122,8 @@ class PvMceMsrs(Family):
             return 0, U64 ^ 1, False
         if index == MSR_MCG_CTL:  # host: 0 or all ones with MCG_CTL_P, else 0 alone
             return (1, U64 ^ 1, False) if self.rules.stored[MSR_MCG_CAP] & MCG_CTL_P else (0, U64, False)
+        if index in MC_CTL and index % 4 and index < 0x400 + 4 * (self.rules.stored[MSR_MCG_CAP] & 0xFF):
+            return 0, 0, False  # MCi_STATUS/ADDR/MISC within MCG_CAP's banks: any host write
         return None
 
     def read_source(self, index: int) -> tuple[dict[int, int], int, int] | None:
