@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from operator import add, and_, itemgetter
 from typing import TYPE_CHECKING
 
@@ -25,9 +25,8 @@ from ..api import LITTLE_ENDIAN, MsrBatch, MsrItems, as_batch
 from ..errors import ClosedError, KvmError
 from ..kernel import emulated as E
 from ..kernel.rule import Rule
-from .msr_family import U64, Family, MsrFamily
+from .msr_family import Family, MsrFamily
 from .msr_plan import (
-    DirectPlan,
     FrozenCheck,
     Pick,
     QuickPlan,
@@ -35,6 +34,7 @@ from .msr_plan import (
     WritePlan,
     always_mismatch,
     checks_pass,
+    direct_plan,
     no_values,
     nothing,
     one,
@@ -346,30 +346,6 @@ class BatchedMsrRules(ReadingMsrRules):
                 return i
         return batch.nmsrs
 
-    def _direct_plan(self, checked: QuickPlan | None, zero: list[int], indices: Sequence[int]) -> DirectPlan | None:
-        """The checked variant of a plan with nothing to call and no group to check, flattened for ``set_msrs``'
-        first branch (``DirectPlan``); None for the others."""
-        if (checked is None or checked[0] or checked[6] or checked[7] is None or checked[10] is None
-                or len(checked[9] or ()) > 1):
-            return None
-        # One pass checks all: the checked entries (an enabled address fails here, its enable bit being in its mask,
-        # and takes the quick path, which looks guest memory up; a check with mask 0 always passes), the ZERO
-        # entries and the read-only ones that pass only with 0 (mask all ones).
-        checks = [(pos, offset, mask) for pos, offset, mask in zip(checked[10][4], *checked[10][1:3], strict=True)
-                  if mask]
-        zeros = [*zero, *(pos for pos, _, _ in checked[2] if not self.profile.ignore_msrs)]
-        checks = sorted([*checks, *((pos, 0, U64) for pos in zeros)])
-        # The checks run on the whole buffer read as one little-endian integer: entry i's value is its bits
-        # 128 + 128i to 191 + 128i. An offset's carry out of a value lands in the next entry's index, and stops there
-        # unless that index is 0xFFFFFFFF (then no direct plan); the masks cover the values' bits alone.
-        if 0xFFFFFFFF in indices:
-            return None
-        offsets = sum(offset << (128 + 128 * pos) for pos, offset, _ in checks)
-        masks = sum(mask << (128 + 128 * pos) for pos, _, mask in checks)
-        keys, values = checked[7]
-        after = checked[9][0] if checked[9] else None
-        return offsets, masks, checked[11], checked[5], keys, values, after
-
     def _zero_only_refused(self, index: int) -> bool:
         """A frozen MSR whose write is refused as unsupported and forgiven for 0 alone, whose read gives 0 and
         records the write's rule (``setter_refusal``, ``read_decided``): the plan's check that its value is 0 is
@@ -452,7 +428,7 @@ class BatchedMsrRules(ReadingMsrRules):
         checked = self._quick_plan(ruled, plain_positions, stores, in_stored, plain_set)
         plan = (ruled, stores, picker(zero) if zero else None, plain_positions, indices if verbatim else None,
                 frozen, plain_set, self._quick_plan(ruled, plain_positions), checked,
-                self._direct_plan(checked, zero, indices) if frozen is None else None)
+                direct_plan(checked, zero, indices, self.profile.ignore_msrs) if frozen is None else None)
         if len(self.plans) >= PLAN_CACHE:
             self.plans.clear()
         self.plans[key] = plan

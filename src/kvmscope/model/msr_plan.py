@@ -1,4 +1,5 @@
-"""The shapes of the model's batch plans (``msr_batch``) and the C-level pickers they read a batch's values with."""
+"""The shapes of the model's batch plans (``msr_batch``), the C-level pickers they read a batch's values with, and
+the plan-time helpers of their checks (``checks_pass``, ``direct_plan``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from collections.abc import Callable, Sequence
 from operator import itemgetter
 
 from ..kernel.rule import Rule
+
+U64 = (1 << 64) - 1
 
 Setter = Callable[[int], int]
 Getter = Callable[[int, bool], tuple[int, int]]
@@ -103,3 +106,29 @@ def checks_pass(has_memory: Callable[[int, int], bool],
         if gpa and value & 1 and not has_memory(value & ~1, 1):
             return False
     return True
+
+
+def direct_plan(checked: QuickPlan | None, zero: list[int], indices: Sequence[int], ignore_msrs: bool
+                ) -> DirectPlan | None:
+    """The checked variant of a plan with nothing to call and no group to check, flattened for ``set_msrs``'
+    first branch (``DirectPlan``); None for the others."""
+    if (checked is None or checked[0] or checked[6] or checked[7] is None or checked[10] is None
+            or len(checked[9] or ()) > 1):
+        return None
+    # One pass checks all: the checked entries (an enabled address fails here, its enable bit being in its mask,
+    # and takes the quick path, which looks guest memory up; a check with mask 0 always passes), the ZERO
+    # entries and the read-only ones that pass only with 0 (mask all ones).
+    checks = [(pos, offset, mask) for pos, offset, mask in zip(checked[10][4], *checked[10][1:3], strict=True)
+              if mask]
+    zeros = [*zero, *(pos for pos, _, _ in checked[2] if not ignore_msrs)]
+    checks = sorted([*checks, *((pos, 0, U64) for pos in zeros)])
+    # The checks run on the whole buffer read as one little-endian integer: entry i's value is its bits
+    # 128 + 128i to 191 + 128i. An offset's carry out of a value lands in the next entry's index, and stops there
+    # unless that index is 0xFFFFFFFF (then no direct plan); the masks cover the values' bits alone.
+    if 0xFFFFFFFF in indices:
+        return None
+    offsets = sum(offset << (128 + 128 * pos) for pos, offset, _ in checks)
+    masks = sum(mask << (128 + 128 * pos) for pos, _, mask in checks)
+    keys, values = checked[7]
+    after = checked[9][0] if checked[9] else None
+    return offsets, masks, checked[11], checked[5], keys, values, after
