@@ -3,6 +3,7 @@ entry-by-entry order, run on a twin vCPU: same counts, same stored state, same r
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 from typing import Any
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 from kvmscope import guest
 from kvmscope.api import CpuidEntry, MsrBatch
-from kvmscope.kernel.profile import load, shipped
+from kvmscope.kernel.profile import MsrBehaviour, load, shipped
 from kvmscope.model import open_model
 from kvmscope.model.msr_family import Family
 from kvmscope.model.msr_rules import FAMILY_MSRS
@@ -374,3 +375,23 @@ def test_direct_checks_carry_into_the_next_index_only() -> None:
                 got, want = fast.set_msrs(batch), entry_by_entry(ref, batch)
                 assert got == want, f"{profile}: {batch}: set_msrs wrote {got} entries, entry by entry {want}"
                 assert state(fast) == state(ref), f"{profile}: {batch}: state differs from entry by entry"
+
+
+def test_mcg_cap_written_by_a_batch() -> None:
+    """A profile whose vendor module takes MCG_CAP writes (``vendor_msrs``) lets a batch change what MCG_CTL's and
+    the MCi banks' rules read: in the same batch, and in a later one whose plan was made before (found by review)."""
+    def vcpu() -> ModelVcpu:
+        p = load("intel-spr")
+        p = dataclasses.replace(p, vendor_msrs={**p.vendor_msrs, 0x179: MsrBehaviour("store")})
+        v = open_model(kernel="6.18", profile=p).create_vm().create_vcpu(0)
+        assert isinstance(v, ModelVcpu)
+        v.setup_mce(0x10A)  # 10 banks, MCG_CTL_P
+        return v
+    for batches in ([[(0x179, 10), (0x17B, U64)]], [[(0x17B, 0)], [(0x179, 10)], [(0x17B, U64)]],
+                    [[(0x179, 2), (0x409, 5)]], [[(0x409, 1), (0x17B, 0)], [(0x179, 2)], [(0x409, 5), (0x17B, 0)]]):
+        fast, ref = vcpu(), vcpu()
+        for entries in batches:
+            batch = MsrBatch(entries)
+            got, want = fast.set_msrs(batch), entry_by_entry(ref, batch)
+            assert got == want, f"{batches}: {batch}: set_msrs wrote {got} entries, entry by entry {want}"
+            assert state(fast) == state(ref), f"{batches}: {batch}: state differs from entry by entry"

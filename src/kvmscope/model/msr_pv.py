@@ -43,6 +43,9 @@ class PvMceMsrs(Family):
 
     def __init__(self, rules: MsrRules) -> None:
         super().__init__(rules)
+        # A profile whose vendor module takes MCG_CAP writes (``vendor_msrs``) lets a batch change it: the rules that
+        # read it must then run entry by entry, with no check or group decided before the batch's writes.
+        self.cap_fixed = MSR_MCG_CAP not in rules.profile.vendor_msrs
         stored = rules.stored
         for index in (MSR_MCG_STATUS, MSR_MCG_CTL, PV_ASYNC_PF_EN, PV_STEAL_TIME, PV_EOI_EN, *MC_CTL, *MC_CTL2):
             stored.setdefault(index, 0)
@@ -101,7 +104,7 @@ class PvMceMsrs(Family):
     # -- the MCi banks in bulk (msr_batch): host writes of MCi_STATUS/ADDR/MISC take any value, MCi_CTL 0 or all ones
     # (bits 0 and 10 aside), within the banks MCG_CAP gives --
     def bulk_kind(self, index: int) -> str | None:
-        if index in MC_CTL:
+        if index in MC_CTL and self.cap_fixed:
             return "mc_ctl" if index % 4 == 0 else "mc_bank"
         return "any" if index == MSR_MCG_STATUS else None  # set_msr_mce stores any host write of MCG_STATUS
 
@@ -120,6 +123,8 @@ class PvMceMsrs(Family):
             return 0, 2, True
         if setter == self._set_poll_control:
             return 0, U64 ^ 1, False
+        if not self.cap_fixed:
+            return None
         if index == MSR_MCG_CTL:  # host: 0 or all ones with MCG_CTL_P, else 0 alone
             return (1, U64 ^ 1, False) if self.rules.stored[MSR_MCG_CAP] & MCG_CTL_P else (0, U64, False)
         if index in MC_CTL and index % 4 and index < 0x400 + 4 * (self.rules.stored[MSR_MCG_CAP] & 0xFF):
@@ -132,7 +137,7 @@ class PvMceMsrs(Family):
         return super().read_source(index)
 
     def bulk_read_kind(self, index: int) -> str | None:
-        return "mc_bank" if index in MC_CTL else None
+        return "mc_bank" if index in MC_CTL and self.cap_fixed else None
 
     def bulk_read_ok(self, kind: str, indices: Sequence[int]) -> bool:
         return max(indices) < 0x400 + 4 * (self.rules.stored[MSR_MCG_CAP] & 0xFF)

@@ -132,6 +132,7 @@ class MsrRules:
         the profile's vendor module handles itself (``vendor_msrs``) follows the profile's behaviour, as a plain one."""
         return frozenset({
             MSR_MISC_FEATURES_ENABLES,  # read by PLATFORM_INFO's order check
+            msr_pv.MSR_MCG_CAP,  # read by MCG_CTL's and the MCi banks' rules (even when the vendor module writes it)
             M.MSR_IA32_ARCH_CAPABILITIES, M.MSR_IA32_PERF_CAPABILITIES, M.MSR_PLATFORM_INFO, M.MSR_IA32_UCODE_REV,
             M.MSR_AMD64_DE_CFG, vmx.MSR_IA32_FEAT_CTL, *MSR_ALIASES, *MSR_ALIASES.values(), *VM_WIDE_MSRS,
             *self.setters, *self.immutable, *range(M.VMX_FIRST, M.VMX_LAST + 1), *self.families,
