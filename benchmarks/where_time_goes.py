@@ -146,7 +146,7 @@ def model_parts(n: int, rounds: int) -> list[tuple[str, float]]:
                     refusals.update(recorded)
 
             names.update({
-                "every check at once: the buffer as one integer, plus the offsets, and the masks":
+                "every check at once (the buffer as one integer, + offsets, & masks)":
                     lambda: (int.from_bytes(raw, "little") + offsets) & masks,
                 "refusals cleared and recorded (nothing to do when unchanged)": record,
                 f"{len(keys)} checked and plain entries stored (1 dict update)":
