@@ -88,10 +88,11 @@ def one(key: int) -> Callable[[object], object]:
 
 def picker(positions: Sequence[int]) -> Pick:
     """The values of the entries at ``positions`` from a batch's u64 words (entry i's value is word 2 + 2i), as a
-    sequence even for one entry (itemgetter of one item gives the item, of a slice a sequence)."""
+    sequence even for one entry. Consecutive entries come as a strided slice of the words (a memoryview: no int is
+    made until the caller reads one, and its ``tobytes()`` gives their bytes); others as a tuple."""
     words = [2 + 2 * pos for pos in positions]
-    if len(words) == 1:
-        return itemgetter(slice(words[0], words[0] + 1))
+    if words and words == list(range(words[0], words[-1] + 1, 2)):
+        return itemgetter(slice(words[0], words[-1] + 1, 2))
     return itemgetter(*words)
 
 

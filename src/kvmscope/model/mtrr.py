@@ -57,6 +57,7 @@ def reserved_gpa_bits(rules: MsrRules) -> int:
 
 
 _VALID_TYPES = frozenset({0, 1, 4, 5, 6})
+_VALID_TYPE_BYTES = bytes(sorted(_VALID_TYPES))
 _CONSTANT: dict[int, int] = {}  # read_source of MTRRcap: never holds a key, so its default comes back
 
 
@@ -119,13 +120,14 @@ class MtrrMsrs:
         return None
 
     def bulk_ok(self, kind: str, indices: Sequence[int], values: Sequence[int]) -> bool:
-        raw = array("Q", values).tobytes()  # little-endian on the hosts the batches run in bulk on
+        # little-endian on the hosts the batches run in bulk on; consecutive entries come as a view of the batch
+        raw = values.tobytes() if isinstance(values, memoryview) else array("Q", values).tobytes()
         if kind == "fixed":
-            return _VALID_TYPES.issuperset(raw)
+            return not raw.translate(None, _VALID_TYPE_BYTES)  # every byte a valid type: nothing left once deleted
         reserved = self._reserved() | (0xF00 if kind == "base" else 0x7FF)
         if any(map(and_, values, repeat(reserved))):
             return False
-        return kind == "mask" or _VALID_TYPES.issuperset(raw[::8])  # PHYSBASE: the type in each low byte
+        return kind == "mask" or not raw[::8].translate(None, _VALID_TYPE_BYTES)  # PHYSBASE: the type in each low byte
 
     def write_check(self, index: int) -> tuple[int, int, bool] | None:
         if index in VARIABLE and index % 2:  # PHYSMASK: reserved bits alone (the base's type needs bulk_ok)
