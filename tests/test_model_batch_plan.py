@@ -395,3 +395,26 @@ def test_mcg_cap_written_by_a_batch() -> None:
             got, want = fast.set_msrs(batch), entry_by_entry(ref, batch)
             assert got == want, f"{batches}: {batch}: set_msrs wrote {got} entries, entry by entry {want}"
             assert state(fast) == state(ref), f"{batches}: {batch}: state differs from entry by entry"
+
+
+@pytest.mark.parametrize("kernel", ["6.3", "6.18"])
+@pytest.mark.parametrize("profile", shipped())
+def test_each_grouped_write_matches_entry_by_entry(profile: str, kernel: str) -> None:
+    """Every MSR a batch checks as a group (MTRRs, MCi banks: the first, the last within MCG_CAP, the first beyond
+    it and the last of all), with every edge value, alone and in a run of its group (so that the group's check decides
+    the batch), with 10 banks and with 32: the same count, state and refusals as entry by entry."""
+    fast, ref = twin(profile, kernel), twin(profile, kernel)
+    for banks in (10 | 1 << 8, 32):
+        for v in (fast, ref):
+            v.setup_mce(banks)
+        pool = [i for i in grouped(fast)["all"]
+                if not (0x400 <= i < 0x480 or 0x280 <= i < 0x2A0) or (i - 0x400) // 4 in (0, 9, 10, 31)
+                or i - 0x280 in (0, 9, 10, 31)]
+        for index in pool:
+            run = [i for i in pool if i != index and fast.msr_rules.families.get(i) is fast.msr_rules.families.get(index)]
+            for value in EDGE_VALUES:
+                for entries in ([(index, value)], [(index, value), *((i, 0) for i in run[:3])]):
+                    batch = MsrBatch(entries)
+                    got, want = fast.set_msrs(batch), entry_by_entry(ref, batch)
+                    assert got == want, f"{banks:#x}: {batch}: set_msrs wrote {got} entries, entry by entry {want}"
+                    assert state(fast) == state(ref), f"{banks:#x}: {batch}: state differs from entry by entry"
