@@ -38,6 +38,18 @@ def entry_by_entry(vcpu: ModelVcpu, batch: MsrBatch) -> int:
     return len(batch)
 
 
+def read_entry_by_entry(vcpu: ModelVcpu, indices: list[int]) -> tuple[int, MsrBatch]:
+    """KVM_GET_MSRS as the kernel runs it (``access_get`` one entry after another): the count, and the buffer with
+    the values read, the refused entry zeroed and later entries left as passed (0xAA)."""
+    want, count = MsrBatch([(i, 0xAA) for i in indices]), len(indices)
+    for pos, (index, _) in enumerate(want):
+        code, value = vcpu.msr_rules.access_get(index)
+        want.set_value(pos, value if code == 0 else 0)
+        if code:
+            return pos, want
+    return count, want
+
+
 def state(vcpu: ModelVcpu) -> dict[str, Any]:
     msrs, sregs = vcpu.msr_rules, vcpu.sregs
     return {"msr": dict(msrs.stored), "vm": dict(vcpu.vm.msrs), "vmx": dict(msrs.vmx), "refusals": dict(msrs.refusals),
@@ -188,15 +200,9 @@ def test_batched_get_msrs_matches_entry_by_entry(profile: str, kernel: str, writ
             index = pool[i % len(pool)]
             v.msr_rules.do_set(index, 0 if value is None else value)
     indices = [pool[i % len(pool)] for i in reads]
-    got, want = MsrBatch([(i, 0xAA) for i in indices]), MsrBatch([(i, 0xAA) for i in indices])
+    got = MsrBatch([(i, 0xAA) for i in indices])
     n_got = fast.get_msrs(got)
-    n_want = len(indices)
-    for pos, (index, _) in enumerate(want):
-        code, value = ref.msr_rules.access_get(index)
-        want.set_value(pos, value if code == 0 else 0)
-        if code:
-            n_want = pos
-            break
+    n_want, want = read_entry_by_entry(ref, indices)
     assert n_got == n_want, f"batch {indices}: get_msrs read {n_got} entries, entry by entry read {n_want}"
     assert bytes(got.buffer) == bytes(want.buffer), f"buffers differ: {got} vs {want}"
     assert state(fast) == state(ref), "state differs from the entry-by-entry reference"
@@ -347,14 +353,9 @@ def test_reads_follow_config_changes(profile: str, kernel: str) -> None:
                 guest.run_to_hlt(v.vm, v)
         for v in (fast, ref):  # the refusals a read records are what is compared
             v.msr_rules.refusals.clear()
-        got, want = MsrBatch([(i, 0xAA) for i in indices]), MsrBatch([(i, 0xAA) for i in indices])
-        n_got, n_want = fast.get_msrs(got), len(indices)
-        for pos, (index, _) in enumerate(want):
-            code, value = ref.msr_rules.access_get(index)
-            want.set_value(pos, value if code == 0 else 0)
-            if code:
-                n_want = pos
-                break
+        got = MsrBatch([(i, 0xAA) for i in indices])
+        n_got = fast.get_msrs(got)
+        n_want, want = read_entry_by_entry(ref, indices)
         assert n_got == n_want, f"{step}: get_msrs read {n_got} entries, entry by entry {n_want}"
         assert bytes(got.buffer) == bytes(want.buffer), f"{step}: buffers differ: {got} vs {want}"
         assert state(fast) == state(ref), f"{step}: state differs from the entry-by-entry reference"
