@@ -27,6 +27,7 @@ from ..kernel import emulated as E
 from ..kernel.rule import Rule
 from .msr_family import Family, MsrFamily
 from .msr_plan import (
+    BulkCheck,
     FrozenCheck,
     Pick,
     QuickPlan,
@@ -85,9 +86,12 @@ class BatchedMsrRules(ReadingMsrRules):
         plan = self.plans.get(key) or self._write_plan(key)
         words = batch.words64
         direct = plan[9]
-        if direct is not None:  # nothing to call, no group, no freeze check: when its checks pass, the batch is taken
-            all_offsets, all_masks, wipe, recorded, keys, taken, after = direct
-            if not (int.from_bytes(batch.raw, "little") + all_offsets) & all_masks:  # every check, in one C-level pass
+        if direct is not None:  # nothing to call, no freeze check: when its checks pass, the batch is taken
+            all_offsets, all_masks, wipe, recorded, keys, taken, after, groups = direct
+            # every check in one C-level pass, then the groups' checks (a failed one: the batch goes the quick way,
+            # which checks all again)
+            if not (int.from_bytes(batch.raw, "little") + all_offsets) & all_masks and (
+                    groups is None or self._groups_pass(groups, words)):
                 refusals = self.refusals
                 # each write clears its MSR's last refusal, and the read-only entries record theirs: nothing to do
                 # when those are all that is on record
@@ -138,11 +142,8 @@ class BatchedMsrRules(ReadingMsrRules):
                         for store, keys, pick in quick[9]:  # type: ignore[union-attr]
                             store.update(zip(keys, pick(words)))  # noqa: B905
                         return n
-            if use_quick and quick[6]:  # type: ignore[index]
-                for ok, kind, indices, pick in quick[6]:  # type: ignore[index]
-                    if not ok(kind, indices, pick(words)):
-                        use_quick = False
-                        break
+            if use_quick and quick[6] and not self._groups_pass(quick[6], words):  # type: ignore[index]
+                use_quick = False
             if use_quick:
                 assert quick is not None
                 cleared = quick[3]
@@ -193,6 +194,13 @@ class BatchedMsrRules(ReadingMsrRules):
             for index in plain_set & refusals.keys():
                 del refusals[index]
         return n
+
+    @staticmethod
+    def _groups_pass(groups: tuple[tuple[BulkCheck, str, tuple[int, ...], Pick], ...], words: memoryview) -> bool:
+        for ok, kind, indices, pick in groups:
+            if not ok(kind, indices, pick(words)):
+                return False
+        return True
 
     def _run_ruled(self, ruled: tuple[tuple[int, int, Setter | None], ...], words: memoryview, fast: bool,
                    reads: dict[int, Rule] | None) -> int:

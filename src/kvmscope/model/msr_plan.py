@@ -61,10 +61,12 @@ QuickPlan = tuple[
 # first: the offsets and masks of every check (the checked entries, and with mask all ones the ZERO entries and the
 # read-only ones taken only with 0), each shifted to its entry's value in the batch's buffer read as one integer; the
 # MSRs whose write clears their last refusal; the refusals the read-only entries record; the keys and values of the
-# one update of ``stored``; the other store (VM-wide), if any.
+# one update of ``stored``; the other store (VM-wide), if any; the groups a family checks at once (as in
+# ``QuickPlan``), run once the one pass has passed, or None when there are none.
 DirectPlan = tuple[
     int, int, frozenset[int], "dict[int, Rule]", tuple[int, ...], "Pick",
-    "tuple[dict[int, int], tuple[int, ...], Pick] | None"]
+    "tuple[dict[int, int], tuple[int, ...], Pick] | None",
+    "tuple[tuple[BulkCheck, str, tuple[int, ...], Pick], ...] | None"]
 
 
 def no_values(words: memoryview) -> Sequence[int]:
@@ -111,9 +113,9 @@ def checks_pass(has_memory: Callable[[int, int], bool],
 
 def direct_plan(checked: QuickPlan | None, zero: list[int], indices: Sequence[int], ignore_msrs: bool
                 ) -> DirectPlan | None:
-    """The checked variant of a plan with nothing to call and no group to check, flattened for ``set_msrs``'
-    first branch (``DirectPlan``); None for the others."""
-    if (checked is None or checked[0] or checked[6] or checked[7] is None or checked[10] is None
+    """The checked variant of a plan with nothing to call, flattened for ``set_msrs``' first branch
+    (``DirectPlan``); None for the others. Its groups' checks have no side effect: they run after the one pass."""
+    if (checked is None or checked[0] or checked[7] is None or checked[10] is None
             or len(checked[9] or ()) > 1):
         return None
     # One pass checks all: the checked entries (an enabled address fails here, its enable bit being in its mask,
@@ -132,4 +134,4 @@ def direct_plan(checked: QuickPlan | None, zero: list[int], indices: Sequence[in
     masks = sum(mask << (128 + 128 * pos) for pos, _, mask in checks)
     keys, values = checked[7]
     after = checked[9][0] if checked[9] else None
-    return offsets, masks, checked[11], checked[5], keys, values, after
+    return offsets, masks, checked[11], checked[5], keys, values, after, checked[6] or None

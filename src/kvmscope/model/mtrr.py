@@ -58,13 +58,14 @@ def reserved_gpa_bits(rules: MsrRules) -> int:
 
 _VALID_TYPES = frozenset({0, 1, 4, 5, 6})
 _VALID_TYPE_BYTES = bytes(sorted(_VALID_TYPES))
+_DEF_TYPE_RESERVED = ((1 << 64) - 1) & ~0xCFF  # MTRRdefType: the type, FE (bit 10) and E (bit 11) alone
 _CONSTANT: dict[int, int] = {}  # read_source of MTRRcap: never holds a key, so its default comes back
 
 
 def mtrr_valid(rules: MsrRules, index: int, data: int, reserved: int | None = None) -> bool:
     """``kvm_mtrr_valid`` (``reserved``: the vCPU's reserved GPA bits, when the caller has them at hand)."""
     if index == MSR_MTRR_DEF_TYPE:
-        return not data & ~0xCFF and valid_type(data & 0xFF)
+        return not data & _DEF_TYPE_RESERVED and valid_type(data & 0xFF)
     if index in FIXED:  # eight memory types, one per byte
         return _VALID_TYPES.issuperset(data.to_bytes(8, "little"))
     mask = reserved_gpa_bits(rules) if reserved is None else reserved
@@ -115,6 +116,8 @@ class MtrrMsrs:
     def bulk_kind(self, index: int) -> str | None:
         if index in FIXED:
             return "fixed"
+        if index == MSR_MTRR_DEF_TYPE:
+            return "def_type"
         if index in VARIABLE:
             return "base" if index % 2 == 0 else "mask"
         return None
@@ -124,10 +127,14 @@ class MtrrMsrs:
         raw = values.tobytes() if isinstance(values, memoryview) else array("Q", values).tobytes()
         if kind == "fixed":
             return not raw.translate(None, _VALID_TYPE_BYTES)  # every byte a valid type: nothing left once deleted
-        reserved = self._reserved() | (0xF00 if kind == "base" else 0x7FF)
+        if kind == "def_type":
+            reserved = _DEF_TYPE_RESERVED
+        else:
+            reserved = self._reserved() | (0xF00 if kind == "base" else 0x7FF)
         if any(map(and_, values, repeat(reserved))):
             return False
-        return kind == "mask" or not raw[::8].translate(None, _VALID_TYPE_BYTES)  # PHYSBASE: the type in each low byte
+        # PHYSBASE and MTRRdefType: the type in each low byte
+        return kind == "mask" or not raw[::8].translate(None, _VALID_TYPE_BYTES)
 
     def write_check(self, index: int) -> tuple[int, int, bool] | None:
         if index in VARIABLE and index % 2:  # PHYSMASK: reserved bits alone (the base's type needs bulk_ok)
