@@ -40,6 +40,8 @@ from .msr_plan import (
     nothing,
     one,
     picker,
+    type_span,
+    types_valid,
 )
 from .msr_reads import PLAN_CACHE, STORE, VM_WIDE, ZERO, ReadingMsrRules
 from .msr_rules import KEPT, OK, UNSUPPORTED
@@ -87,11 +89,12 @@ class BatchedMsrRules(ReadingMsrRules):
         words = batch.words64
         direct = plan[9]
         if direct is not None:  # nothing to call, no freeze check: when its checks pass, the batch is taken
-            all_offsets, all_masks, wipe, recorded, keys, taken, after, groups = direct
-            # every check in one C-level pass, then the groups' checks (a failed one: the batch goes the quick way,
-            # which checks all again)
-            if not (int.from_bytes(batch.raw, "little") + all_offsets) & all_masks and (
-                    groups is None or self._groups_pass(groups, words)):
+            all_offsets, all_masks, types, wipe, recorded, keys, taken, after, groups = direct
+            # every check in one C-level pass (and the memory types in another), then the groups' checks (a failed
+            # one: the batch goes the quick way, which checks all again)
+            raw = batch.raw
+            if not (int.from_bytes(raw, "little") + all_offsets) & all_masks and (
+                    types is None or types_valid(raw, types)) and (groups is None or self._groups_pass(groups, words)):
                 refusals = self.refusals
                 # each write clears its MSR's last refusal, and the read-only entries record theirs: nothing to do
                 # when those are all that is on record
@@ -124,9 +127,10 @@ class BatchedMsrRules(ReadingMsrRules):
             if use_quick and checked is not None:  # every write_check passes (C-level): no handler of theirs runs
                 checks = checked[10]
                 assert checks is not None  # the checked variant has checks (``_quick_plan``)
-                pick, offsets, masks, _, _ = checks
+                pick, offsets, masks, _, _, types = checks
                 values = pick(words)
-                if not any(map(and_, map(add, values, offsets), masks)) or checks_pass(self.vm.has_memory, checks, values):
+                if (not any(map(and_, map(add, values, offsets), masks)) or checks_pass(self.vm.has_memory, checks, values)
+                        ) and (types is None or types_valid(batch.raw, types)):
                     quick = checked
                     if not quick[0] and not quick[6]:  # nothing to call, no group to check: no entry is refused
                         wipe = quick[11]
@@ -197,7 +201,7 @@ class BatchedMsrRules(ReadingMsrRules):
 
     @staticmethod
     def _groups_pass(groups: tuple[tuple[BulkCheck, str, tuple[int, ...], Pick], ...], words: memoryview) -> bool:
-        for ok, kind, indices, pick in groups:
+        for ok, kind, indices, pick in groups:  # noqa: SIM110 (a loop: no generator made on the hot path)
             if not ok(kind, indices, pick(words)):
                 return False
         return True
@@ -258,6 +262,7 @@ class BatchedMsrRules(ReadingMsrRules):
         read_only: list[tuple[int, int, Rule]] = []
         zero_only: list[int] = []
         checks: list[tuple[int, int, tuple[int, int, bool]]] = []  # position, index, check
+        types = 0  # the bytes of the batch's buffer that must be memory types (``memory_types``), 0xFF each
         groups: dict[tuple[int, str], tuple[MsrFamily, list[int], list[int]]] = {}  # (family, kind): indices, positions
         for pos, index, setter in ruled:
             family = self.families.get(index)
@@ -266,6 +271,9 @@ class BatchedMsrRules(ReadingMsrRules):
                 check = setter_check(self, index) if handler is None else family.write_check(index)  # type: ignore[union-attr]
                 if check is not None:
                     checks.append((pos, index, check))
+                    if handler is not None:
+                        byte_mask = family.memory_types(index)  # type: ignore[union-attr]
+                        types |= sum(0xFF << (8 * byte) for byte in range(8) if byte_mask >> byte & 1) << (128 + 128 * pos)
                     continue
             group = family.bulk_kind(index) if handler is not None and family is not None else None
             if group is not None:
@@ -315,7 +323,8 @@ class BatchedMsrRules(ReadingMsrRules):
             checked = (picker([pos for pos, _, _ in checks]) if checks else no_values,
                        tuple(offset for _, _, (offset, _, _) in checks),
                        tuple(mask | gpa for _, _, (_, mask, gpa) in checks),
-                       tuple(bool(gpa) for _, _, (_, _, gpa) in checks), tuple(pos for pos, _, _ in checks))
+                       tuple(bool(gpa) for _, _, (_, _, gpa) in checks), tuple(pos for pos, _, _ in checks),
+                       type_span(types))
         wipe = frozenset(cleared) | (plain_set or frozenset())  # the MSRs whose write clears their last refusal
         return (tuple(calls), picker(zero_only) if zero_only else None, tuple(read_only), cleared, pick,
                 kept, bulk, store, before, after, checked, wipe, {index: pos for pos, index, _ in ruled})

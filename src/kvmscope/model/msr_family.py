@@ -54,6 +54,10 @@ class MsrFamily(Protocol):
         fails may still be taken: the batch then calls the handler, so a narrower check is always safe. None when
         the handler must run."""
 
+    def memory_types(self, index: int) -> int:
+        """With ``write_check``: a byte mask, bit ``i`` set when byte ``i`` of a written value must also be a valid
+        MTRR memory type (``MEMORY_TYPE_INVALID`` maps each byte to 1 when it is not) for the check to pass."""
+
     def bulk_read_kind(self, index: int) -> str | None:
         """The group whose host reads ``bulk_read_ok`` checks for a whole batch at once; None for the others."""
 
@@ -134,6 +138,9 @@ class Family:
 
     def write_check(self, index: int) -> WriteCheck | None:
         return None
+
+    def memory_types(self, index: int) -> int:
+        return 0
 
     def bulk_read_kind(self, index: int) -> str | None:
         return None

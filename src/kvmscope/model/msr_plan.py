@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from operator import itemgetter
 
 from ..kernel.rule import Rule
+from .mtrr import MEMORY_TYPE_INVALID
 
 U64 = (1 << 64) - 1
 
@@ -14,6 +15,9 @@ Setter = Callable[[int], int]
 Getter = Callable[[int, bool], tuple[int, int]]
 FrozenCheck = tuple[Callable[[memoryview], object], Callable[[dict[int, int]], object]]
 Pick = Callable[[memoryview], Sequence[int]]
+# The bytes of a batch's buffer that must be MTRR memory types: the span [start, end) that holds them, and a mask of
+# 0xFF at each of them within the span read as a little-endian integer.
+TypeSpan = tuple[int, int, int]
 BulkCheck = Callable[[str, Sequence[int], Sequence[int]], bool]
 # A write plan: the entries with rules (position, index, its setter if it has one); the bulk stores, each (the dict,
 # the keys, how to pick their values from the batch's values); how to pick the ZERO entries' values; the plain
@@ -46,25 +50,27 @@ WritePlan = tuple[
 # with the grouped ones, in one update, and adds: the stores left for after (the VM-wide ones); and the entries
 # checked without their handler (``MsrFamily.write_check``), each stored verbatim when the check passes: how to pick
 # their values, the offsets and masks of their checks, which of them enable a guest address with bit 0, their
-# positions. Both variants end with the MSRs whose write clears their last refusal, and every ruled entry's position
-# by index.
+# positions, and the bytes of the batch's buffer that must be memory types (as in ``DirectPlan``). Both variants
+# end with the MSRs whose write clears their last refusal, and every ruled entry's position by index.
 QuickPlan = tuple[
     "tuple[tuple[int, int, Callable[..., int], int], ...]", "Pick | None", tuple[tuple[int, int, Rule], ...],
     dict[int, int], "Pick", "dict[int, Rule]", "tuple[tuple[BulkCheck, str, tuple[int, ...], Pick], ...]",
     "tuple[tuple[int, ...], Pick] | None", tuple[int, ...],
     "tuple[tuple[dict[int, int], tuple[int, ...], Pick], ...] | None",
-    "tuple[Pick, tuple[int, ...], tuple[int, ...], tuple[bool, ...], tuple[int, ...]] | None", frozenset[int],
+    "tuple[Pick, tuple[int, ...], tuple[int, ...], tuple[bool, ...], tuple[int, ...], TypeSpan | None] | None",
+    frozenset[int],
     dict[int, int]]
 
 
 # The checked variant of a plan with nothing to call, no group to check and no freeze check, as ``set_msrs`` takes it
 # first: the offsets and masks of every check (the checked entries, and with mask all ones the ZERO entries and the
 # read-only ones taken only with 0), each shifted to its entry's value in the batch's buffer read as one integer; the
+# bytes of that buffer that must be memory types (``MsrFamily.memory_types``), if any; the
 # MSRs whose write clears their last refusal; the refusals the read-only entries record; the keys and values of the
 # one update of ``stored``; the other store (VM-wide), if any; the groups a family checks at once (as in
 # ``QuickPlan``), run once the one pass has passed, or None when there are none.
 DirectPlan = tuple[
-    int, int, frozenset[int], "dict[int, Rule]", tuple[int, ...], "Pick",
+    int, int, "TypeSpan | None", frozenset[int], "dict[int, Rule]", tuple[int, ...], "Pick",
     "tuple[dict[int, int], tuple[int, ...], Pick] | None",
     "tuple[tuple[BulkCheck, str, tuple[int, ...], Pick], ...] | None"]
 
@@ -98,8 +104,23 @@ def picker(positions: Sequence[int]) -> Pick:
     return itemgetter(*words)
 
 
+def type_span(types: int) -> TypeSpan | None:
+    """The ``TypeSpan`` of a mask with 0xFF at each byte of a batch's buffer that must be a memory type."""
+    if not types:
+        return None
+    start, end = ((types & -types).bit_length() - 1) // 8, (types.bit_length() + 7) // 8
+    return start, end, types >> (8 * start)
+
+
+def types_valid(raw: bytearray, span: TypeSpan) -> bool:
+    """Whether each byte of ``raw`` that ``span`` names is a valid MTRR memory type: the span translated to 0 (valid)
+    or 1 per byte, read as one integer and masked."""
+    start, end, mask = span
+    return not int.from_bytes(raw[start:end].translate(MEMORY_TYPE_INVALID), "little") & mask
+
+
 def checks_pass(has_memory: Callable[[int, int], bool],
-                checks: tuple[Pick, tuple[int, ...], tuple[int, ...], tuple[bool, ...], tuple[int, ...]],
+                checks: tuple[Pick, tuple[int, ...], tuple[int, ...], tuple[bool, ...], tuple[int, ...], TypeSpan | None],
                 values: Sequence[int]) -> bool:
     """The entries' ``write_check``s, when the batch's C-level pass failed: it counts an address's enable bit (bit 0)
     as a failure, which passes here when guest memory holds the address (``has_memory(address, 1)``)."""
@@ -134,4 +155,4 @@ def direct_plan(checked: QuickPlan | None, zero: list[int], indices: Sequence[in
     masks = sum(mask << (128 + 128 * pos) for pos, _, mask in checks)
     keys, values = checked[7]
     after = checked[9][0] if checked[9] else None
-    return offsets, masks, checked[11], checked[5], keys, values, after, checked[6] or None
+    return offsets, masks, checked[10][5], checked[11], checked[5], keys, values, after, checked[6] or None

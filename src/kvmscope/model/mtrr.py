@@ -58,6 +58,9 @@ def reserved_gpa_bits(rules: MsrRules) -> int:
 
 _VALID_TYPES = frozenset({0, 1, 4, 5, 6})
 _VALID_TYPE_BYTES = bytes(sorted(_VALID_TYPES))
+# Each byte to 0 when it is a valid memory type, else to 1: a batch checks the type bytes of its MTRR writes with one
+# ``bytes.translate`` of its buffer (``write_check``, ``memory_types``, ``msr_batch``).
+MEMORY_TYPE_INVALID = bytes(0 if t in _VALID_TYPES else 1 for t in range(256))
 _DEF_TYPE_RESERVED = ((1 << 64) - 1) & ~0xCFF  # MTRRdefType: the type, FE (bit 10) and E (bit 11) alone
 _CONSTANT: dict[int, int] = {}  # read_source of MTRRcap: never holds a key, so its default comes back
 
@@ -127,19 +130,26 @@ class MtrrMsrs:
         raw = values.tobytes() if isinstance(values, memoryview) else array("Q", values).tobytes()
         if kind == "fixed":
             return not raw.translate(None, _VALID_TYPE_BYTES)  # every byte a valid type: nothing left once deleted
-        if kind == "def_type":
-            reserved = _DEF_TYPE_RESERVED
-        else:
-            reserved = self._reserved() | (0xF00 if kind == "base" else 0x7FF)
+        reserved = _DEF_TYPE_RESERVED if kind == "def_type" else self._reserved() | (0xF00 if kind == "base" else 0x7FF)
         if any(map(and_, values, repeat(reserved))):
             return False
         # PHYSBASE and MTRRdefType: the type in each low byte
         return kind == "mask" or not raw[::8].translate(None, _VALID_TYPE_BYTES)
 
     def write_check(self, index: int) -> tuple[int, int, bool] | None:
-        if index in VARIABLE and index % 2:  # PHYSMASK: reserved bits alone (the base's type needs bulk_ok)
-            return 0, self._reserved() | 0x7FF, False
+        # the reserved bits; the memory types are in memory_types
+        if index in VARIABLE:
+            return 0, self._reserved() | (0x7FF if index % 2 else 0xF00), False
+        if index in FIXED:
+            return 0, 0, False
+        if index == MSR_MTRR_DEF_TYPE:
+            return 0, _DEF_TYPE_RESERVED, False
         return None
+
+    def memory_types(self, index: int) -> int:
+        if index in FIXED:  # eight types, one per byte
+            return 0xFF
+        return 1 if index == MSR_MTRR_DEF_TYPE or (index in VARIABLE and index % 2 == 0) else 0
 
     def bulk_read_kind(self, index: int) -> str | None:
         return None  # read_source covers every MTRR read
