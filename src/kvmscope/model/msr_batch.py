@@ -89,11 +89,11 @@ class BatchedMsrRules(ReadingMsrRules):
         words = batch.words64
         direct = plan[9]
         if direct is not None:  # nothing to call, no freeze check: when its checks pass, the batch is taken
-            all_offsets, all_masks, types, wipe, recorded, keys, taken, after, groups = direct
+            start, end, all_offsets, all_masks, types, wipe, recorded, keys, taken, after, groups = direct
             # every check in one C-level pass (and the memory types in another), then the groups' checks (a failed
             # one: the batch goes the quick way, which checks all again)
             raw = batch.raw
-            if not (int.from_bytes(raw, "little") + all_offsets) & all_masks and (
+            if not (int.from_bytes(raw[start:end], "little") + all_offsets) & all_masks and (
                     types is None or types_valid(raw, types)) and (groups is None or self._groups_pass(groups, words)):
                 refusals = self.refusals
                 # each write clears its MSR's last refusal, and the read-only entries record theirs: nothing to do

@@ -62,15 +62,15 @@ QuickPlan = tuple[
     dict[int, int]]
 
 
-# The checked variant of a plan with nothing to call, no group to check and no freeze check, as ``set_msrs`` takes it
-# first: the offsets and masks of every check (the checked entries, and with mask all ones the ZERO entries and the
-# read-only ones taken only with 0), each shifted to its entry's value in the batch's buffer read as one integer; the
-# bytes of that buffer that must be memory types (``MsrFamily.memory_types``), if any; the
-# MSRs whose write clears their last refusal; the refusals the read-only entries record; the keys and values of the
-# one update of ``stored``; the other store (VM-wide), if any; the groups a family checks at once (as in
+# The checked variant of a plan with nothing to call and no freeze check, as ``set_msrs`` takes it first: the span
+# of the batch's buffer the checks read (start, end); the offsets and masks of every check (the checked entries, and
+# with mask all ones the ZERO entries and the read-only ones taken only with 0), each shifted to its entry's value in
+# that span read as one integer; the bytes of the buffer that must be memory types (``MsrFamily.memory_types``), if
+# any; the MSRs whose write clears their last refusal; the refusals the read-only entries record; the keys and values
+# of the one update of ``stored``; the other store (VM-wide), if any; the groups a family checks at once (as in
 # ``QuickPlan``), run once the one pass has passed, or None when there are none.
 DirectPlan = tuple[
-    int, int, "TypeSpan | None", frozenset[int], "dict[int, Rule]", tuple[int, ...], "Pick",
+    int, int, int, int, "TypeSpan | None", frozenset[int], "dict[int, Rule]", tuple[int, ...], "Pick",
     "tuple[dict[int, int], tuple[int, ...], Pick] | None",
     "tuple[tuple[BulkCheck, str, tuple[int, ...], Pick], ...] | None"]
 
@@ -146,13 +146,16 @@ def direct_plan(checked: QuickPlan | None, zero: list[int], indices: Sequence[in
               if mask]
     zeros = [*zero, *(pos for pos, _, _ in checked[2] if not ignore_msrs)]
     checks = sorted([*checks, *((pos, 0, U64) for pos in zeros)])
-    # The checks run on the whole buffer read as one little-endian integer: entry i's value is its bits
-    # 128 + 128i to 191 + 128i. An offset's carry out of a value lands in the next entry's index, and stops there
-    # unless that index is 0xFFFFFFFF (then no direct plan); the masks cover the values' bits alone.
+    # The checks run on the buffer's bytes from the first checked value to the end of the last, read as one
+    # little-endian integer: entry i's value is at bytes 16 + 16i to 23 + 16i, the first one's at bit 0. An offset's
+    # carry out of a value lands in the next entry's index, and stops there unless that index is 0xFFFFFFFF (then no
+    # direct plan); the masks cover the values' bits alone.
     if 0xFFFFFFFF in indices:
         return None
-    offsets = sum(offset << (128 + 128 * pos) for pos, offset, _ in checks)
-    masks = sum(mask << (128 + 128 * pos) for pos, _, mask in checks)
+    first, last = (checks[0][0], checks[-1][0]) if checks else (0, -1)
+    offsets = sum(offset << (128 * (pos - first)) for pos, offset, _ in checks)
+    masks = sum(mask << (128 * (pos - first)) for pos, _, mask in checks)
     keys, values = checked[7]
     after = checked[9][0] if checked[9] else None
-    return offsets, masks, checked[10][5], checked[11], checked[5], keys, values, after, checked[6] or None
+    return (16 + 16 * first, 24 + 16 * last if checks else 0, offsets, masks, checked[10][5], checked[11], checked[5],
+            keys, values, after, checked[6] or None)
