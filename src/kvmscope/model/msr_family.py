@@ -62,8 +62,8 @@ class MsrFamily(Protocol):
         """The group whose host reads ``bulk_read_ok`` checks for a whole batch at once; None for the others."""
 
     def bulk_read_ok(self, kind: str, indices: Sequence[int]) -> bool:
-        """True when each host read of ``indices`` (all of group ``kind``) would give ``stored[index]`` and record
-        nothing (False is always safe, as for ``bulk_ok``)."""
+        """True when each host read of ``indices`` (all of group ``kind``, sorted, each once) would give
+        ``stored[index]`` and record nothing (False is always safe, as for ``bulk_ok``)."""
 
     def read_source(self, index: int) -> tuple[dict[int, int], int, int] | None:
         """Where a host read of ``index`` always finds its value, ``(dict, key, default)`` for ``dict.get``, when its

@@ -189,6 +189,8 @@ class MiscMsrs(Family):
             return self.rules.stored, index, 0
         if getter == self._get_sysenter and self.rules.profile.vendor != "svm":  # only svm_get_msr masks them
             return self.rules.stored, index, 0
+        if getter == self._get_tsc_aux:  # a host read is never refused
+            return self.rules.stored, index, 0
         return super().read_source(index)
 
     def _get_constant(self, index: int, host: bool) -> tuple[int, int]:

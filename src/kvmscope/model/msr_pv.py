@@ -140,7 +140,7 @@ class PvMceMsrs(Family):
         return "mc_bank" if index in MC_CTL and self.cap_fixed else None
 
     def bulk_read_ok(self, kind: str, indices: Sequence[int]) -> bool:
-        return max(indices) < 0x400 + 4 * (self.rules.stored[MSR_MCG_CAP] & 0xFF)
+        return indices[-1] < 0x400 + 4 * (self.rules.stored[MSR_MCG_CAP] & 0xFF)  # sorted: the last is the highest
 
     # -- KVM PV MSRs (x86.c:3551-3617, 3132 kvm_pv_enable_async_pf; lapic.c kvm_lapic_set_pv_eoi) --
     def _set_async_pf_en(self, index: int, data: int, host: bool) -> int:

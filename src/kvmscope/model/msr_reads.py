@@ -86,8 +86,10 @@ class ReadingMsrRules(MsrRules):
             return self._get_one_by_one(batch, strict)
         key = batch.words32[2::4].tobytes()
         dicts, keys, defaults, ruled, guards, recorded = self.read_plans.get(key) or self._read_plan(key)
-        if guards and not all(ok(kind, indices) for ok, kind, indices in guards):
-            return self._get_one_by_one(batch, strict)
+        if guards:
+            for ok, kind, indices in guards:  # a loop: no generator made on the hot path
+                if not ok(kind, indices):
+                    return self._get_one_by_one(batch, strict)
         if not ruled:  # all plain: every value in one C-level pass, written back in one
             batch.words64[2::2] = array("Q", map(dict.get, dicts, keys, defaults))
             if recorded:  # what the reads refused and forgave record (the batch ran whole)
@@ -156,7 +158,8 @@ class ReadingMsrRules(MsrRules):
                 dicts.append(stores[how])
                 keys.append(k if how != DROP else index)
                 defaults.append(default)
-        guards = tuple((family.bulk_read_ok, kind, tuple(group)) for (_, kind), (family, group) in groups.items())
+        guards = tuple((family.bulk_read_ok, kind, tuple(sorted(set(group))))
+                       for (_, kind), (family, group) in groups.items())
         plan = (tuple(dicts), tuple(keys), tuple(defaults), tuple(ruled), guards, recorded)
         if len(self.read_plans) >= PLAN_CACHE:
             self.read_plans.clear()
