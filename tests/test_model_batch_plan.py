@@ -362,6 +362,33 @@ def test_reads_follow_config_changes(profile: str, kernel: str) -> None:
         assert state(fast) == state(ref), f"{step}: state differs from the entry-by-entry reference"
 
 
+@pytest.mark.parametrize("kernel", ["6.3", "6.18"])
+@pytest.mark.parametrize("profile", shipped())
+def test_each_read_matches_entry_by_entry(profile: str, kernel: str) -> None:
+    """Every MSR a batch may name, read alone and between two plain MSRs after each of three writes (a value of its
+    own, one shaped like a page address, a memory type), without CPUID and with the supported one: the same buffer,
+    count and refusals as ``access_get`` entry by entry. The read plans are made at the first read and used after
+    the later writes, so a plan that reads the wrong key or a stale value shows."""
+    fast, ref = twin(profile, kernel), twin(profile, kernel)
+    pool = every_msr(fast)
+    for config in ("none", "cpuid"):
+        for v in (fast, ref):
+            if config == "cpuid":
+                v.set_cpuid(v.vm.system.get_supported_cpuid())
+        for index in pool:
+            for value in ((index * 0x9E3779B97F4A7C15) & U64, (index & 0xFFF) << 12, 6):
+                for v in (fast, ref):
+                    v.msr_rules.do_set(index, value)
+                    v.msr_rules.refusals.clear()
+                for indices in ([index], [0x174, index, 0x8B]):
+                    got = MsrBatch([(i, 0xAA) for i in indices])
+                    n_got = fast.get_msrs(got)
+                    n_want, want = read_entry_by_entry(ref, indices)
+                    assert n_got == n_want, f"{config} {indices} after {value:#x}: read {n_got}, entry by entry {n_want}"
+                    assert bytes(got.buffer) == bytes(want.buffer), f"{config} {value:#x}: buffers differ: {got} vs {want}"
+                    assert state(fast) == state(ref), f"{config} {indices} after {value:#x}: state differs"
+
+
 def test_direct_checks_carry_into_the_next_index_only() -> None:
     """The direct plan checks every entry on the buffer read as one integer, where an offset's carry out of one
     entry's value lands in the next entry's index. Canonical values that carry (the high half), next to an entry whose
