@@ -32,6 +32,7 @@ from typing import Any
 import kvmscope
 from kvmscope import guest, uapi
 from kvmscope.api import IoExit, MsrBatch
+from kvmscope.model.msr_plan import types_valid
 
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling modules, however this file is loaded
 from common import BATCH_MSRS, C_BINARY, PIO_GUEST, batches, build_c, pin, run_c, timed  # noqa: E402
@@ -113,9 +114,10 @@ def msr_ladder(n: int, rounds: int) -> list[tuple[str, float]]:
         ], n, rounds)
 
 
-def model_parts(n: int, rounds: int) -> list[tuple[str, float]]:
-    """The model's set_msrs of the index-list batch (what a VMM saves and restores), part by part, in CPU time."""
-    indices = batches()["index list"]
+def model_parts(n: int, rounds: int, batch_name: str = "index list") -> list[tuple[str, float]]:
+    """The model's set_msrs of a benchmark batch ("index list": what a VMM saves and restores; "qemu": QEMU's write at
+    vCPU creation), part by part, in CPU time."""
+    indices = batches()[batch_name]
     with kvmscope.open("model", kernel="6.18") as kvm, kvm.create_vm() as vm:
         vcpu: Any = vm.create_vcpu(0)  # its MSR rules' parts are timed one by one below
         vcpu.set_cpuid(kvm.get_supported_cpuid())  # as benchmarks/run.py's batches (and kvm_bench.c)
@@ -135,7 +137,7 @@ def model_parts(n: int, rounds: int) -> list[tuple[str, float]]:
             "find the batch's cached plan (with the key)": lambda: plans.get(batch.words32[2::4].tobytes()),
         }
         if direct is not None:  # the path the batch takes: msr_batch.set_msrs' first branch (DirectPlan)
-            offsets, masks, wipe, recorded, keys, taken, after = direct
+            start, end, offsets, masks, types, wipe, recorded, keys, taken, after, groups = direct
             raw = batch.raw
 
             def record() -> None:
@@ -146,8 +148,16 @@ def model_parts(n: int, rounds: int) -> list[tuple[str, float]]:
                     refusals.update(recorded)
 
             names.update({
-                "every check at once (the buffer as one integer, + offsets, & masks)":
-                    lambda: (int.from_bytes(raw, "little") + offsets) & masks,
+                f"every check at once (bytes {start}-{end} as one integer, + offsets, & masks)":
+                    lambda: (int.from_bytes(raw[start:end], "little") + offsets) & masks,
+            })
+            if types is not None:
+                names[f"the memory types (bytes {types[0]}-{types[1]}, translated, as one integer, & mask)"] = (
+                    lambda: types_valid(raw, types))
+            for ok, kind, group, pick in groups or ():
+                names[f"group check {kind!r} ({len(group)} entries, a call)"] = (
+                    lambda ok=ok, kind=kind, group=group, pick=pick: ok(kind, group, pick(words)))  # type: ignore[misc]
+            names.update({
                 "refusals cleared and recorded (nothing to do when unchanged)": record,
                 f"{len(keys)} checked and plain entries stored (1 dict update)":
                     lambda: msrs.stored.update(zip(keys, taken(words))),  # noqa: B905
@@ -293,6 +303,8 @@ def profile(n: int, rounds: int, with_perf: bool = True, parts: tuple[str, ...] 
         result["set_msrs x1 (us per call)"] = msr_ladder(n, rounds)
     if "model" in parts:
         result["model set_msrs, index-list batch (us per call)"] = model_parts(max(n // 10, 1000), rounds)
+        result["model set_msrs, QEMU's vCPU-creation batch (us per call)"] = model_parts(
+            max(n // 40, 250), rounds, "qemu")
     if "run" in parts:
         perf = perf_available() if with_perf else None
         if not with_perf:

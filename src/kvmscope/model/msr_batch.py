@@ -27,7 +27,6 @@ from ..kernel import emulated as E
 from ..kernel.rule import Rule
 from .msr_family import Family, MsrFamily
 from .msr_plan import (
-    BulkCheck,
     FrozenCheck,
     Pick,
     QuickPlan,
@@ -36,6 +35,7 @@ from .msr_plan import (
     always_mismatch,
     checks_pass,
     direct_plan,
+    groups_pass,
     no_values,
     nothing,
     one,
@@ -94,7 +94,7 @@ class BatchedMsrRules(ReadingMsrRules):
             # one: the batch goes the quick way, which checks all again)
             raw = batch.raw
             if not (int.from_bytes(raw[start:end], "little") + all_offsets) & all_masks and (
-                    types is None or types_valid(raw, types)) and (groups is None or self._groups_pass(groups, words)):
+                    types is None or types_valid(raw, types)) and (groups is None or groups_pass(groups, words)):
                 refusals = self.refusals
                 # each write clears its MSR's last refusal, and the read-only entries record theirs: nothing to do
                 # when those are all that is on record
@@ -146,7 +146,7 @@ class BatchedMsrRules(ReadingMsrRules):
                         for store, keys, pick in quick[9]:  # type: ignore[union-attr]
                             store.update(zip(keys, pick(words)))  # noqa: B905
                         return n
-            if use_quick and quick[6] and not self._groups_pass(quick[6], words):  # type: ignore[index]
+            if use_quick and quick[6] and not groups_pass(quick[6], words):  # type: ignore[index]
                 use_quick = False
             if use_quick:
                 assert quick is not None
@@ -198,13 +198,6 @@ class BatchedMsrRules(ReadingMsrRules):
             for index in plain_set & refusals.keys():
                 del refusals[index]
         return n
-
-    @staticmethod
-    def _groups_pass(groups: tuple[tuple[BulkCheck, str, tuple[int, ...], Pick], ...], words: memoryview) -> bool:
-        for ok, kind, indices, pick in groups:  # noqa: SIM110 (a loop: no generator made on the hot path)
-            if not ok(kind, indices, pick(words)):
-                return False
-        return True
 
     def _run_ruled(self, ruled: tuple[tuple[int, int, Setter | None], ...], words: memoryview, fast: bool,
                    reads: dict[int, Rule] | None) -> int:

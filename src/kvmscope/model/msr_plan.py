@@ -104,6 +104,14 @@ def picker(positions: Sequence[int]) -> Pick:
     return itemgetter(*words)
 
 
+def groups_pass(groups: tuple[tuple[BulkCheck, str, tuple[int, ...], Pick], ...], words: memoryview) -> bool:
+    """Whether each group's ``bulk_ok`` passes on its values in the batch's ``words``."""
+    for ok, kind, indices, pick in groups:  # noqa: SIM110 (a loop: no generator made on the hot path)
+        if not ok(kind, indices, pick(words)):
+            return False
+    return True
+
+
 def type_span(types: int) -> TypeSpan | None:
     """The ``TypeSpan`` of a mask with 0xFF at each byte of a batch's buffer that must be a memory type."""
     if not types:
