@@ -352,3 +352,22 @@ def test_add_memory_refuses_slot_or_flags_wider_than_32_bits(live: LinuxSystem, 
             vm.add_memory(0, 0x1000, **kw)
         assert vm.regions == [], f"expected no region after the refusal, saw {vm.regions}"
         assert vm.add_memory(0, 0x1000) == 0, "slot 0 is still free"
+
+
+def test_vm_start_asks_the_constant_answers_once(live: LinuxSystem, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KVM_GET_VCPU_MMAP_SIZE and the memslot limits (KVM_CAP_NR_MEMSLOTS, KVM_CAP_MULTI_ADDRESS_SPACE on the VM) are
+    asked for the first VM of a system and kept for the next ones of its type; they are what the kernel answers."""
+    asked: list[tuple[str, int]] = []
+    vm_check, size = LinuxVm.check_extension, LinuxSystem.vcpu_mmap_size
+    monkeypatch.setattr(LinuxVm, "check_extension", lambda self, cap: asked.append(("vm", cap)) or vm_check(self, cap))
+    monkeypatch.setattr(LinuxSystem, "vcpu_mmap_size", lambda self: asked.append(("size", 0)) or size(self))
+    for round_ in range(3):
+        with live.create_vm() as vm:
+            vm.add_memory(0, 0x10000)
+            vm.create_vcpu(0)
+            want = [("size", 0), ("vm", uapi.KVM_CAP_NR_MEMSLOTS), ("vm", uapi.KVM_CAP_MULTI_ADDRESS_SPACE)]
+            assert asked == (want if round_ == 0 else []), f"VM {round_}: expected {want if round_ == 0 else []} asked"
+            limits = vm._memslot_limits()
+            assert limits == (vm_check(vm, uapi.KVM_CAP_NR_MEMSLOTS), vm_check(vm, uapi.KVM_CAP_MULTI_ADDRESS_SPACE)), (
+                f"VM {round_}: kept limits {limits} differ from the kernel's answers")
+            asked.clear()

@@ -63,6 +63,9 @@ class LinuxSystem(System):
     def __init__(self, fd: int, path: str = DEFAULT_PATH) -> None:
         self._fd = fd
         self.path = path
+        # Answers that hold as long as this fd is open (it pins the module): asked once, for every VM made here.
+        self._run_size: int | None = None
+        self.memslot_limits: dict[int, tuple[int, int]] = {}  # by VM type (LinuxVm._memslot_limits)
 
     @property
     def fd(self) -> int:
@@ -164,8 +167,14 @@ class LinuxSystem(System):
                 raise
             return decode_cpuid(buf, struct.unpack_from("<I", buf)[0])
 
+    def run_size(self) -> int:
+        """:meth:`vcpu_mmap_size`, asked once."""
+        if self._run_size is None:
+            self._run_size = self.vcpu_mmap_size()
+        return self._run_size
+
     def create_vm(self, vm_type: int = 0) -> LinuxVm:
         """KVM_CREATE_VM."""
         fd = ioctl_int(self.fd, uapi.KVM_CREATE_VM, vm_type)
-        return LinuxVm(fd, self)
+        return LinuxVm(fd, self, vm_type)
 

@@ -28,15 +28,16 @@ _REGION = struct.Struct(uapi.struct_format(uapi.kvm_userspace_memory_region, "sl
 class LinuxVm(Vm):
     """A VM created by KVM_CREATE_VM. Closing it closes its vCPUs and unmaps its memory."""
 
-    def __init__(self, fd: int, system: LinuxSystem) -> None:
+    def __init__(self, fd: int, system: LinuxSystem, vm_type: int = 0) -> None:
         self._fd = fd
         self.system = system
+        self.vm_type = vm_type
         self.regions: list[MemoryRegion] = []
         # Weak: each vCPU holds its VM, and a cycle would keep a dropped VM's fds open until the next garbage
         # collection. Keyed by id, in creation order.
         self._vcpus: weakref.WeakValueDictionary[int, LinuxVcpu] = weakref.WeakValueDictionary()
         self._adopted: list[int] = []  # fds of vCPUs dropped unclosed
-        self._mmap_size = system.vcpu_mmap_size()
+        self._mmap_size = system.run_size()
         self._slot_sizes: dict[int, int] = {}
 
     @property
@@ -74,6 +75,15 @@ class LinuxVm(Vm):
             os.close(fd)
         else:
             self._adopted.append(fd)
+
+    def _memslot_limits(self) -> tuple[int, int]:
+        """As :meth:`Vm._memslot_limits`, asked once per VM type of the system: KVM_CAP_NR_MEMSLOTS is a constant, and
+        KVM_CAP_MULTI_ADDRESS_SPACE depends on the VM type alone: ``kvm_arch_nr_memslot_as_ids`` is 1 for a VM type
+        with private memory, else 2 (arch/x86/include/asm/kvm_host.h:2301 in 6.12)."""
+        limits = self.system.memslot_limits.get(self.vm_type)
+        if limits is None:
+            limits = self.system.memslot_limits[self.vm_type] = super()._memslot_limits()
+        return limits
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (VM-specific answers, e.g. for KVM_CAP_DISABLE_QUIRKS2)."""
