@@ -39,6 +39,10 @@ class LinuxVm(Vm):
         self._adopted: list[int] = []  # fds of vCPUs dropped unclosed
         self._mmap_size = system.run_size()
         self._slot_sizes: dict[int, int] = {}
+        # The memslot limits (``Vm._memslot_limits``) of the system's earlier VMs of this type: KVM_CAP_NR_MEMSLOTS is a
+        # constant, and KVM_CAP_MULTI_ADDRESS_SPACE depends on the VM type alone (``kvm_arch_nr_memslot_as_ids`` is 1
+        # for a VM type with private memory, else 2: arch/x86/include/asm/kvm_host.h:2301 in 6.12).
+        self._limits = system.memslot_limits.get(vm_type)
 
     @property
     def fd(self) -> int:
@@ -76,15 +80,6 @@ class LinuxVm(Vm):
         else:
             self._adopted.append(fd)
 
-    def _memslot_limits(self) -> tuple[int, int]:
-        """As :meth:`Vm._memslot_limits`, asked once per VM type of the system: KVM_CAP_NR_MEMSLOTS is a constant, and
-        KVM_CAP_MULTI_ADDRESS_SPACE depends on the VM type alone: ``kvm_arch_nr_memslot_as_ids`` is 1 for a VM type
-        with private memory, else 2 (arch/x86/include/asm/kvm_host.h:2301 in 6.12)."""
-        limits = self.system.memslot_limits.get(self.vm_type)
-        if limits is None:
-            limits = self.system.memslot_limits[self.vm_type] = super()._memslot_limits()
-        return limits
-
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (VM-specific answers, e.g. for KVM_CAP_DISABLE_QUIRKS2)."""
         return ioctl_int(self.fd, uapi.KVM_CHECK_EXTENSION, cap)
@@ -106,6 +101,8 @@ class LinuxVm(Vm):
 
     def add_memory(self, guest_phys_addr: int, size: int, slot: int | None = None, flags: int = 0) -> int:
         slot = self._claim_slot(guest_phys_addr, size, slot, flags)
+        if self._limits is not None:  # asked by the claim: kept for the system's next VMs
+            self.system.memslot_limits.setdefault(self.vm_type, self._limits)
         mem = map_guest_memory(size, slot)
         try:
             # the region packed straight to bytes (no ctypes struct): VM start does this once per VM
