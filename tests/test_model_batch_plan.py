@@ -50,6 +50,17 @@ def read_entry_by_entry(vcpu: ModelVcpu, indices: list[int]) -> tuple[int, MsrBa
     return count, want
 
 
+def assert_read_matches(fast: ModelVcpu, ref: ModelVcpu, indices: list[int], what: str) -> None:
+    """``fast.get_msrs`` of ``indices`` against ``access_get`` entry by entry on its twin: the same count, buffer and
+    state."""
+    got = MsrBatch([(i, 0xAA) for i in indices])
+    n_got = fast.get_msrs(got)
+    n_want, want = read_entry_by_entry(ref, indices)
+    assert n_got == n_want, f"{what}: get_msrs of {got} read {n_got} entries, entry by entry {n_want}"
+    assert bytes(got.buffer) == bytes(want.buffer), f"{what}: buffers differ: {got} vs {want}"
+    assert state(fast) == state(ref), f"{what}: {got}: state differs from the entry-by-entry reference"
+
+
 def state(vcpu: ModelVcpu) -> dict[str, Any]:
     msrs, sregs = vcpu.msr_rules, vcpu.sregs
     return {"msr": dict(msrs.stored), "vm": dict(vcpu.vm.msrs), "vmx": dict(msrs.vmx), "refusals": dict(msrs.refusals),
@@ -354,12 +365,7 @@ def test_reads_follow_config_changes(profile: str, kernel: str) -> None:
                 guest.run_to_hlt(v.vm, v)
         for v in (fast, ref):  # the refusals a read records are what is compared
             v.msr_rules.refusals.clear()
-        got = MsrBatch([(i, 0xAA) for i in indices])
-        n_got = fast.get_msrs(got)
-        n_want, want = read_entry_by_entry(ref, indices)
-        assert n_got == n_want, f"{step}: get_msrs read {n_got} entries, entry by entry {n_want}"
-        assert bytes(got.buffer) == bytes(want.buffer), f"{step}: buffers differ: {got} vs {want}"
-        assert state(fast) == state(ref), f"{step}: state differs from the entry-by-entry reference"
+        assert_read_matches(fast, ref, indices, step)
 
 
 @pytest.mark.parametrize("kernel", ["6.3", "6.18"])
@@ -381,12 +387,7 @@ def test_each_read_matches_entry_by_entry(profile: str, kernel: str) -> None:
                     v.msr_rules.do_set(index, value)
                     v.msr_rules.refusals.clear()
                 for indices in ([index], [0x174, index, 0x8B]):
-                    got = MsrBatch([(i, 0xAA) for i in indices])
-                    n_got = fast.get_msrs(got)
-                    n_want, want = read_entry_by_entry(ref, indices)
-                    assert n_got == n_want, f"{config} {indices} after {value:#x}: read {n_got}, entry by entry {n_want}"
-                    assert bytes(got.buffer) == bytes(want.buffer), f"{config} {value:#x}: buffers differ: {got} vs {want}"
-                    assert state(fast) == state(ref), f"{config} {indices} after {value:#x}: state differs"
+                    assert_read_matches(fast, ref, indices, f"{config}, after {value:#x}")
 
 
 def test_direct_checks_carry_into_the_next_index_only() -> None:
