@@ -196,6 +196,98 @@ def test_perf_cap_needs_a_pmu_by_version(kernel: str, ok: bool) -> None:
         assert (vcpu.set_msrs({PERF_CAP: 0x2000}) == 1) is ok, f"{kernel}: PERF_CAP FW_WRITES without a PMU"
 
 
+# --- the MSRs KVM sends to the MTRR code: 0x200-0x2FF before 6.5, less the MCi_CTL2 banks from 6.0 -----------------
+# 5.10.13 x86.c `case 0x200 ... 0x2ff` (set and get); 281b52780b57 (6.0) carves out MSR_IA32_MC0_CTL2 ...
+# MSR_IA32_MCx_CTL2(KVM_MAX_MCE_BANKS) - 1 (6.1.192 x86.c:3649-3651, 4058-4060); 34a83deac31c (6.5) sends only
+# MTRRphysBase_MSR(0) ... MSR_MTRRfix4K_F8000 and MSR_MTRRdefType (6.12.118 x86.c:3464-3466). mtrr.c fails an index it
+# does not know with 1 (6.1.192 mtrr.c:376-377, 409-410), which ignore_msrs does not forgive: kvm_msr_ignored_check
+# runs for KVM_MSR_RET_INVALID alone (6.1.192 x86.c:318-333).
+MTRR_GAP, MC0_CTL2, PAST_MC_CTL2 = 0x270, 0x280, 0x2A0
+ROUTING = {"5.10": ("mtrr", "mtrr", "mtrr"), "5.15": ("mtrr", "mtrr", "mtrr"), "6.0": ("mtrr", "mce", "mtrr"),
+           "6.1": ("mtrr", "mce", "mtrr"), "6.4": ("mtrr", "mce", "mtrr"), "6.5": ("unknown", "mce", "unknown"),
+           "6.18": ("unknown", "mce", "unknown")}
+
+
+@pytest.mark.parametrize("ignore_msrs", [False, True])
+@pytest.mark.parametrize("kernel", list(ROUTING))
+def test_mtrr_range_routing_by_version(kernel: str, ignore_msrs: bool) -> None:
+    from kvmscope.api import MsrBatch
+    from kvmscope.kernel import emulated as E
+    from kvmscope.kernel.profile import load
+    from kvmscope.model import open_model
+
+    with open_model(kernel, replace(load("intel-spr"), ignore_msrs=ignore_msrs)) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        for index, where in zip((MTRR_GAP, MC0_CTL2, PAST_MC_CTL2), ROUTING[kernel], strict=True):
+            # host write of 0 and read: the MCE code takes both (no CMCI_P needed for a host 0); the MTRR code fails
+            # both; an unknown MSR is taken with ignore_msrs (the read gives 0)
+            ok = where == "mce" or (where == "unknown" and ignore_msrs)
+            wrote, read = vcpu.set_msrs(MsrBatch([(index, 0)])), vcpu.get_msrs(batch := MsrBatch([index]))
+            assert (wrote, read) == (int(ok), int(ok)), (
+                f"{kernel} ignore_msrs={ignore_msrs}: {index:#x} goes to the {where} code; expected the write and "
+                f"the read {'taken' if ok else 'refused'}, saw {wrote} written and {read} read")
+            # the rule is on record for an ignored access too (what kvmscope check reports as ignored)
+            expected_rule = {"mtrr": E.MTRR_UNKNOWN, "unknown": R.UNKNOWN_MSR}.get(where)
+            assert vcpu.refusal_rule(index) is expected_rule, (
+                f"{kernel}: {index:#x} refused by {vcpu.refusal_rule(index)}, expected {expected_rule}")
+            assert not ok or batch[0] == (index, 0), f"{kernel}: {index:#x} read back {batch[0]}"
+            # the guest alike: #GP from the MTRR code, ignored with ignore_msrs when unknown
+            events = run_program(vm, vcpu, Program().wrmsr(index, 0).rdmsr(index).hlt())
+            # (the MCE code without CMCI_P in MCG_CAP: get_msr_mce/set_msr_mce fail a guest access)
+            guest = [Wrmsr(index), Rdmsr(index, 0)] if ok and where != "mce" else [GP, GP]
+            assert events == [*guest, Halted()], f"{kernel} ignore_msrs={ignore_msrs}: guest {index:#x}: {events}"
+
+
+def test_cmci_needs_6_0() -> None:
+    # KVM_X86_SETUP_MCE takes CMCI_P on VMX from 6.0 (6.1.192 vmx.c:8531-8532), with the MCi_CTL2 MSRs it enables.
+    for kernel, ok in (("5.15", False), ("6.0", True)):
+        with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+            vcpu = vm.create_vcpu(0)
+            try:
+                vcpu.setup_mce(1 << 10 | 4)
+                took = True
+            except KvmError as e:
+                assert e.errno == errno.EINVAL, e
+                took = False
+            assert took is ok, f"{kernel}: KVM_X86_SETUP_MCE with CMCI_P expected {ok}, saw {took}"
+            if ok:
+                assert vcpu.set_msrs({MC0_CTL2: 1 << 30 | 5}) == 1, f"{kernel}: MC0_CTL2 with CMCI_P"
+
+
+# --- variable MTRRs across a MAXPHYADDR change: read through it before 6.11 (0a7b73559b39) ---------------------------
+def _maxphyaddr(cpuid: list[kvmscope.CpuidEntry], bits: int) -> list[kvmscope.CpuidEntry]:
+    return [replace(e, eax=e.eax & ~0xFF | bits) if e.function == 0x80000008 else e for e in cpuid]
+
+
+@pytest.mark.parametrize(("kernel", "as_written"), [("5.10", False), ("6.1", False), ("6.6", False), ("6.10", False),
+                                                    ("6.11", True), ("6.18", True)])
+def test_variable_mtrr_read_back_by_version(kernel: str, as_written: bool) -> None:
+    # 6.1.192 mtrr.c:357-361: a PHYSMASK is stored with the reserved GPA bits (above MAXPHYADDR) set; mtrr.c:429: a
+    # PHYSBASE or PHYSMASK reads with those of the MAXPHYADDR now cleared. 6.12.118 mtrr.c:92-133: stored as written.
+    with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        cpuid = kvm.get_supported_cpuid()
+        vcpu.set_cpuid(_maxphyaddr(cpuid, 36))
+        assert vcpu.set_msrs({0x201: 0x800}) == 1, f"{kernel}: PHYSMASK0 0x800 under MAXPHYADDR 36"
+        vcpu.set_cpuid(_maxphyaddr(cpuid, 46))
+        assert vcpu.set_msrs({0x202: 1 << 45 | 6}) == 1, f"{kernel}: PHYSBASE1 with bit 45 under MAXPHYADDR 46"
+        mask = vcpu.read_msr(0x201)
+        expected = 0x800 if as_written else 0x3FF000000800  # bits 36-45 come back set
+        assert mask == expected, f"{kernel}: PHYSMASK0 after MAXPHYADDR 36 -> 46: {mask:#x}, expected {expected:#x}"
+        vcpu.set_cpuid(_maxphyaddr(cpuid, 36))
+        base = vcpu.read_msr(0x202)
+        expected = 1 << 45 | 6 if as_written else 6
+        assert base == expected, f"{kernel}: PHYSBASE1 after MAXPHYADDR 46 -> 36: {base:#x}, expected {expected:#x}"
+        # a batch reads the same (and a batch write stores the same) as one MSR at a time
+        batch = kvmscope.MsrBatch([0x200, 0x201, 0x202, 0x203, 0x2FF])
+        assert vcpu.get_msrs(batch) == 5 and batch[1][1] == 0x800 and batch[2][1] == base, f"{kernel}: {list(batch)}"
+        assert vcpu.set_msrs(kvmscope.MsrBatch([(0x201, 0x800), (0x2FF, 0x6)])) == 2
+        vcpu.set_cpuid(_maxphyaddr(cpuid, 40))
+        mask = vcpu.read_msr(0x201)
+        expected = 0x800 if as_written else 0xF000000800
+        assert mask == expected, f"{kernel}: PHYSMASK0 after a batch write, MAXPHYADDR 36 -> 40: {mask:#x}"
+
+
 # --- Intel UCODE_REV: the revision in the upper 32 bits ---------------------------------------------------------------
 def test_intel_ucode_rev_layout() -> None:
     with model("intel-spr", "6.18") as kvm, kvm.create_vm() as vm:

@@ -94,7 +94,7 @@ step = st.one_of(
 
 
 @settings(max_examples=int(os.environ.get("KVMSCOPE_PLAN_EXAMPLES", "300")), deadline=None)
-@given(profile=st.sampled_from(shipped()), kernel=st.sampled_from(["6.3", "6.4", "6.10", "6.12", "6.13", "6.18"]),
+@given(profile=st.sampled_from(shipped()), kernel=st.sampled_from(["5.10", "6.1", "6.3", "6.4", "6.10", "6.12", "6.13", "6.18"]),
        steps=st.lists(step, min_size=1, max_size=8))
 def test_batched_set_msrs_matches_entry_by_entry(profile: str, kernel: str, steps: list[Any]) -> None:
     fast, ref = twin(profile, kernel), twin(profile, kernel)
@@ -190,7 +190,7 @@ def test_buffer_edited_in_place_is_seen_and_cannot_be_replaced() -> None:
 
 
 @settings(max_examples=int(os.environ.get("KVMSCOPE_PLAN_EXAMPLES", "300")), deadline=None)
-@given(profile=st.sampled_from(shipped()), kernel=st.sampled_from(["6.3", "6.10", "6.12", "6.18"]),
+@given(profile=st.sampled_from(shipped()), kernel=st.sampled_from(["5.10", "6.1", "6.3", "6.10", "6.12", "6.18"]),
        writes=st.lists(st.tuples(st.integers(0, 1 << 16), VALUES), max_size=20),
        reads=st.lists(st.integers(0, 1 << 16), min_size=1, max_size=40), cpuid=st.booleans(), run=st.booleans(),
        banks=st.one_of(st.none(), st.integers(1, 32)))
@@ -271,7 +271,7 @@ def grouped(vcpu: ModelVcpu) -> dict[str, list[int]]:
 
 
 @settings(max_examples=int(os.environ.get("KVMSCOPE_PLAN_EXAMPLES", "300")), deadline=None)
-@given(profile=st.sampled_from(shipped()), kernel=st.sampled_from(["6.3", "6.12", "6.18"]),
+@given(profile=st.sampled_from(shipped()), kernel=st.sampled_from(["5.10", "6.1", "6.3", "6.12", "6.18"]),
        batches=st.lists(st.tuples(st.integers(0, 99), st.lists(st.tuples(st.integers(0, 1 << 16), st.one_of(
            EDGES, EDGES, st.integers(0, U64))), min_size=1, max_size=12)), min_size=1, max_size=4),
        banks=st.one_of(st.none(), st.integers(1, 32)), cr4_la57=st.booleans(), cpuid=st.booleans())
@@ -319,7 +319,7 @@ def read_only(vcpu: ModelVcpu) -> list[int]:
                   | {index for index in rules.setters if setter_refusal(rules, index) is not None})
 
 
-@pytest.mark.parametrize("kernel", ["6.3", "6.18"])
+@pytest.mark.parametrize("kernel", ["5.10", "6.1", "6.3", "6.18"])
 @pytest.mark.parametrize("profile", shipped())
 def test_each_checked_write_matches_entry_by_entry(profile: str, kernel: str) -> None:
     """Every MSR a batch checks without its handler, with every value of ``check_values``,
@@ -348,7 +348,7 @@ def test_each_checked_write_matches_entry_by_entry(profile: str, kernel: str) ->
                     assert state(fast) == state(ref), f"{config}: {batch}: state differs from entry by entry"
 
 
-@pytest.mark.parametrize("kernel", ["6.3", "6.12", "6.18"])
+@pytest.mark.parametrize("kernel", ["5.10", "6.1", "6.3", "6.12", "6.18"])
 @pytest.mark.parametrize("profile", shipped())
 def test_reads_follow_config_changes(profile: str, kernel: str) -> None:
     """Reads of the feature MSRs with setters (decided by the plan under the CPUID now: ``read_decided``), with a
@@ -368,7 +368,7 @@ def test_reads_follow_config_changes(profile: str, kernel: str) -> None:
         assert_read_matches(fast, ref, indices, step)
 
 
-@pytest.mark.parametrize("kernel", ["6.3", "6.18"])
+@pytest.mark.parametrize("kernel", ["5.10", "6.1", "6.3", "6.18"])
 @pytest.mark.parametrize("profile", shipped())
 def test_each_read_matches_entry_by_entry(profile: str, kernel: str) -> None:
     """Every MSR a batch may name, read alone and between two plain MSRs after each of three writes (a value of its
@@ -427,7 +427,7 @@ def test_mcg_cap_written_by_a_batch() -> None:
             assert state(fast) == state(ref), f"{batches}: {batch}: state differs from entry by entry"
 
 
-@pytest.mark.parametrize("kernel", ["6.3", "6.18"])
+@pytest.mark.parametrize("kernel", ["5.10", "6.1", "6.3", "6.18"])
 @pytest.mark.parametrize("profile", shipped())
 def test_each_grouped_write_matches_entry_by_entry(profile: str, kernel: str) -> None:
     """Every MSR a batch checks as a group (MTRRs, MCi banks: the first, the last within MCG_CAP, the first beyond

@@ -76,6 +76,17 @@ DE_CFG_GUEST_SAME_ONLY = Rule("de_cfg_guest_same_only", "6.12", "74a0e79df68a",
                               "the guest may only rewrite DE_CFG's current value",
                               until="6.13", removed_by="4d5163cba43f",
                               stable_until=("6.12.7",))  # Cc stable: lets it write any subset again
+MCI_CTL2 = Rule("mci_ctl2", "6.0", "281b52780b57", "KVM: x86: Add emulation for MSR_IA32_MCx_CTL2 MSRs.",
+                "before 6.0, 0x280-0x29F are no MCi_CTL2 MSRs: they fall in the MTRR range and fail (5.10.13 x86.c "
+                "`case 0x200 ... 0x2ff`), and KVM_X86_SETUP_MCE takes no CMCI_P")
+MTRR_MSR_RANGES = Rule("mtrr_msr_ranges", "6.5", "34a83deac31c",
+                       "KVM: x86: Use MTRR macros to define possible MTRR MSR ranges: only 0x200-0x26F and 0x2FF go "
+                       "to the MTRR code; before, 0x270-0x2FF did too (but the MCi_CTL2 banks from 6.0) and failed "
+                       "there whatever ignore_msrs said (6.1.192 x86.c:3649-3651, 4058-4060)")
+MTRR_AS_WRITTEN = Rule("mtrr_as_written", "6.11", "0a7b73559b39",
+                       "KVM: x86: Remove VMX support for virtualizing guest MTRR memtypes: a variable MTRR reads back "
+                       "as written; before, a PHYSMASK was stored with the reserved GPA bits set and both PHYSBASE and "
+                       "PHYSMASK read with those of the current MAXPHYADDR cleared (6.1.192 mtrr.c:357-361, 429)")
 # --- refusal reasons that hold on every version the model knows ---------------------------------------------------
 CPUID_AFTER_RUN_FORBIDDEN = Rule("cpuid_after_run_forbidden", "5.16", "feb627e8d6f6",
                                  "KVM: x86: Forbid KVM_SET_CPUID{,2} after KVM_RUN",
@@ -134,7 +145,8 @@ RULES: dict[str, Rule] = {
               CPUID_AFTER_RUN_IDENTICAL, VMX_RESTORE_CURRENT, QUIRKS2, MISC_FEATURES_CPUID_FAULT, FEAT_CTL_HOST_ANY_SUPPORTED,
               FEAT_CTL_GUEST_CPUID, DISABLE_EXITS_BEFORE_VCPUS, XTILE_CFG_FILTER, SLOT_ZAP_ALL_QUIRK,
               MSR_IO_LIMIT, VMX_RESTORE,
-              PERF_CAP_SUBSET, DE_CFG_SUBSET, UNSUPPORTED, UNKNOWN_MSR, HOST_PROFILE, *emulated.RULES)
+              PERF_CAP_SUBSET, DE_CFG_SUBSET, MCI_CTL2, MTRR_MSR_RANGES, MTRR_AS_WRITTEN, UNSUPPORTED, UNKNOWN_MSR,
+              HOST_PROFILE, *emulated.RULES)
 }
 
 
@@ -209,6 +221,21 @@ class Ruleset:
     def de_cfg_guest_same_only(self) -> bool:
         return DE_CFG_GUEST_SAME_ONLY in self.rules
 
+    @cached_property
+    def mci_ctl2(self) -> bool:
+        """0x280-0x29F are the MCi_CTL2 MSRs (6.0); before, they are in the MTRR range."""
+        return MCI_CTL2 in self.rules
+
+    @cached_property
+    def mtrr_msr_ranges(self) -> bool:
+        """Only the MTRRs' own ranges go to the MTRR code (6.5); before, 0x200-0x2FF less the MCi_CTL2 banks."""
+        return MTRR_MSR_RANGES in self.rules
+
+    @cached_property
+    def mtrr_as_written(self) -> bool:
+        """Variable MTRRs read back as written (6.11); before, with the reserved GPA bits of the time."""
+        return MTRR_AS_WRITTEN in self.rules
+
     @property
     def cpuid_after_run(self) -> str:
         """What KVM_SET_CPUID2 after KVM_RUN does: "free" (before 5.16), "forbidden" (5.16.0-5.16.2) or "identical"."""
@@ -251,7 +278,7 @@ DEFAULT = "6.18"
 
 def resolve(version: str) -> Ruleset:
     """The ruleset in force for a kernel version, labelled with the newest release where a rule changed at or before
-    it: ``"6.11"`` gets the 6.10 rules; ``"6.18.44-fc"`` the 6.18 ones; a stable release gets its series' backports."""
+    it: ``"6.9"`` gets the 6.8 rules; ``"6.18.44-fc"`` the 6.18 ones; a stable release gets its series' backports."""
     wanted = parse_version(version)
     if wanted < OLDEST:
         raise InvalidValueError(f"kernel {version!r} is older than the oldest ruleset ({KNOWN[0]}); known: {KNOWN}")

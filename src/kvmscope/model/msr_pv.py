@@ -47,11 +47,14 @@ class PvMceMsrs(Family):
         # read it must then run entry by entry, with no check or group decided before the batch's writes.
         self.cap_fixed = MSR_MCG_CAP not in rules.profile.vendor_msrs
         stored = rules.stored
-        for index in (MSR_MCG_STATUS, MSR_MCG_CTL, PV_ASYNC_PF_EN, PV_STEAL_TIME, PV_EOI_EN, *MC_CTL, *MC_CTL2):
+        # Before 6.0 (281b52780b57) KVM has no MCi_CTL2: 0x280-0x29F are the MTRR code's (mtrr.routed).
+        mce = MCE_MSRS if rules.rules.mci_ctl2 else tuple(i for i in MCE_MSRS if i not in MC_CTL2)
+        for index in (MSR_MCG_STATUS, MSR_MCG_CTL, PV_ASYNC_PF_EN, PV_STEAL_TIME, PV_EOI_EN, *MC_CTL,
+                      *(MC_CTL2 if rules.rules.mci_ctl2 else ())):
             stored.setdefault(index, 0)
         stored.setdefault(MSR_MCG_CAP, 0x20)  # kvm_arch_vcpu_create: mcg_cap = KVM_MAX_MCE_BANKS
         stored.setdefault(PV_POLL_CONTROL, 1)  # kvm_arch_vcpu_create: msr_kvm_poll_control = 1
-        handlers: dict[int, tuple[Getter, Setter]] = {index: (self._get_mce, self._set_mce) for index in MCE_MSRS}
+        handlers: dict[int, tuple[Getter, Setter]] = {index: (self._get_mce, self._set_mce) for index in mce}
         handlers.update({
             PV_ASYNC_PF_EN: (self._get_stored, self._set_async_pf_en),
             PV_ASYNC_PF_INT: (self._get_zero, self._set_no_lapic),

@@ -2,8 +2,13 @@
 
 ``kvm_mtrr_set_msr``/``kvm_mtrr_get_msr`` (mtrr.c:92-133 in 6.12, unchanged in 6.18): MTRRcap reads
 ``0x500 | KVM_NR_VAR_MTRR`` and is not writable (``kvm_set_msr_common`` has no case for it: unsupported); every other
-index KVM routes here (0x200-0x26F and 0x2FF) is either an MTRR or fails with 1 (``find_mtrr`` finds nothing). MTRRs
-hold any valid value for host and guest alike and start at 0.
+index KVM routes here is either an MTRR or fails with 1 (``find_mtrr`` finds nothing), for host and guest alike and
+whatever ``ignore_msrs`` says. MTRRs hold any valid value and start at 0.
+
+What KVM routes here depends on the version (``routed``): 0x200-0x26F and 0x2FF from 6.5 (34a83deac31c); before,
+0x200-0x2FF (6.1.192 x86.c:3649-3651), less the MCi_CTL2 banks 0x280-0x29F from 6.0 (281b52780b57). Before 6.11
+(0a7b73559b39) a PHYSMASK was stored with the reserved GPA bits of the time set, and both halves of a variable MTRR
+read with those of the vCPU's MAXPHYADDR now cleared (6.1.192 mtrr.c:357-361, 429; 5.10 the same).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from ..api import find_cpuid
 from ..kernel import emulated as E
 
 if TYPE_CHECKING:
+    from ..kernel.rulesets import Ruleset
     from .msr_rules import MsrRules
 
 OK, FAIL, UNSUPPORTED = 0, 1, 2
@@ -29,10 +35,18 @@ MTRRCAP_VALUE = 0x500 | KVM_NR_VAR_MTRR  # WC and FIX supported, no SMRR
 VARIABLE = range(0x200, 0x200 + 2 * KVM_NR_VAR_MTRR)
 FIXED = (0x250, 0x258, 0x259, *range(0x268, 0x270))
 MTRRS = frozenset((*VARIABLE, *FIXED, MSR_MTRR_DEF_TYPE))
-# kvm_set_msr_common: MTRRphysBase_MSR(0) ... MSR_MTRRfix4K_F8000 and MSR_MTRRdefType go to kvm_mtrr_set_msr.
+# kvm_set_msr_common from 6.5: MTRRphysBase_MSR(0) ... MSR_MTRRfix4K_F8000 and MSR_MTRRdefType go to kvm_mtrr_set_msr.
 ROUTED = frozenset((*range(0x200, 0x270), MSR_MTRR_DEF_TYPE))
-ALL_INDICES = ROUTED | {MSR_MTRRCAP, MSR_PAT}
+_MCI_CTL2 = range(0x280, 0x2A0)  # MSR_IA32_MC0_CTL2 ... MSR_IA32_MCx_CTL2(KVM_MAX_MCE_BANKS) - 1
+ALL_INDICES = frozenset((*range(0x200, 0x300), MSR_MTRRCAP, MSR_PAT))  # what any version routes here
 PAT_RESET = 0x0007040600070406  # kvm_vcpu_reset: MSR_IA32_CR_PAT_DEFAULT
+
+
+def routed(rs: Ruleset) -> frozenset[int]:
+    """The indices ``kvm_set_msr_common`` and ``kvm_get_msr_common`` send to the MTRR code at version ``rs``."""
+    if rs.mtrr_msr_ranges:
+        return ROUTED
+    return frozenset(range(0x200, 0x300)).difference(_MCI_CTL2 if rs.mci_ctl2 else ())
 
 
 def valid_type(t: int) -> bool:
@@ -93,7 +107,11 @@ class MtrrMsrs:
 
     def __init__(self, rules: MsrRules) -> None:
         self.rules = rules
-        self.indices = ALL_INDICES
+        self.indices = routed(rules.rules) | {MSR_MTRRCAP, MSR_PAT}
+        # Before 6.11 the variable MTRRs read back through MAXPHYADDR (module docstring): not stored values a batch
+        # may read or write in bulk.
+        self.as_written = rules.rules.mtrr_as_written
+        self._bulk_variable = VARIABLE if self.as_written else range(0x200, 0x200 + 2 * KVM_NR_VAR_MTRR, 2)
         for index in MTRRS:
             rules.stored[index] = 0
         rules.stored[MSR_PAT] = PAT_RESET
@@ -107,6 +125,8 @@ class MtrrMsrs:
             return OK, self.rules.stored[MSR_PAT]
         if index not in MTRRS:
             return self.rules.refuse(index, E.MTRR_UNKNOWN, FAIL), 0
+        if index in VARIABLE and not self.as_written:
+            return OK, self.rules.stored[index] & ~self._reserved()
         return OK, self.rules.stored[index]
 
     def _reserved(self) -> int:
@@ -121,7 +141,7 @@ class MtrrMsrs:
             return "fixed"
         if index == MSR_MTRR_DEF_TYPE:
             return "def_type"
-        if index in VARIABLE:
+        if index in self._bulk_variable:
             return "base" if index % 2 == 0 else "mask"
         return None
 
@@ -138,7 +158,7 @@ class MtrrMsrs:
 
     def write_check(self, index: int) -> tuple[int, int, bool] | None:
         # the reserved bits; the memory types are in memory_types
-        if index in VARIABLE:
+        if index in self._bulk_variable:
             return 0, self._reserved() | (0x7FF if index % 2 else 0xF00), False
         if index in FIXED:
             return 0, 0, False
@@ -160,6 +180,8 @@ class MtrrMsrs:
     def read_source(self, index: int) -> tuple[dict[int, int], int, int] | None:
         if index == MSR_MTRRCAP:
             return _CONSTANT, index, MTRRCAP_VALUE
+        if index in VARIABLE and not self.as_written:
+            return None
         return (self.rules.stored, index, 0) if index in MTRRS or index == MSR_PAT else None
 
     def set(self, index: int, data: int, host: bool) -> int:
@@ -173,6 +195,8 @@ class MtrrMsrs:
             return rules.refuse(index, E.MTRR_UNKNOWN, FAIL)
         elif not mtrr_valid(rules, index, data, self._reserved()):
             return rules.refuse(index, E.MTRR_VALID, FAIL)
+        elif index in VARIABLE and index % 2 and not self.as_written:
+            data |= self._reserved()  # PHYSMASK before 6.11: the reserved bits stored set, cleared when read
         rules.stored[index] = data
         return OK
 

@@ -278,10 +278,12 @@ class VcpuStateModel(FpuStateModel):
 
     def setup_mce(self, mcg_cap: int) -> None:
         """KVM_X86_SETUP_MCE (x86.c v6.12 kvm_vcpu_x86_setup_mce): 1-32 banks and supported capability bits (CTL_P,
-        SER_P, and on VMX CMCI_P and LMCE_P, plus bits 23:16); MCG_CTL all ones with CTL_P, each MCi_CTL all ones."""
+        SER_P, and on VMX CMCI_P and LMCE_P, plus bits 23:16); MCG_CTL all ones with CTL_P, each MCi_CTL all ones.
+        CMCI_P came with the MCi_CTL2 MSRs in 6.0 (281b52780b57; 6.1.192 vmx.c:8531-8532)."""
         self._check_open()
         banks = mcg_cap & 0xFF
-        supported = 1 << 8 | 1 << 24 | ((1 << 10 | 1 << 27) if self.profile.vendor == "vmx" else 0)
+        vmx_caps = (1 << 10 if self.rules.mci_ctl2 else 0) | 1 << 27
+        supported = 1 << 8 | 1 << 24 | (vmx_caps if self.profile.vendor == "vmx" else 0)
         if not 0 < banks <= 32 or mcg_cap & ~(supported | 0xFF | 0xFF0000):
             raise KvmError(errno.EINVAL, "KVM_X86_SETUP_MCE")
         stored = self.msr_rules.stored
