@@ -94,7 +94,8 @@ step = st.one_of(
 
 
 @settings(max_examples=int(os.environ.get("KVMSCOPE_PLAN_EXAMPLES", "300")), deadline=None)
-@given(profile=st.sampled_from(shipped()), kernel=st.sampled_from(["5.10", "6.1", "6.3", "6.4", "6.10", "6.12", "6.13", "6.18"]),
+@given(profile=st.sampled_from(shipped()),
+       kernel=st.sampled_from(["5.10", "6.1", "6.3", "6.4", "6.10", "6.12", "6.13", "6.18"]),
        steps=st.lists(step, min_size=1, max_size=8))
 def test_batched_set_msrs_matches_entry_by_entry(profile: str, kernel: str, steps: list[Any]) -> None:
     fast, ref = twin(profile, kernel), twin(profile, kernel)
