@@ -282,7 +282,7 @@ class VcpuStateModel(FpuStateModel):
         CMCI_P came with the MCi_CTL2 MSRs in 6.0 (281b52780b57; 6.1.192 vmx.c:8531-8532)."""
         self._check_open()
         banks = mcg_cap & 0xFF
-        vmx_caps = (1 << 10 if self.rules.mci_ctl2 else 0) | 1 << 27
+        vmx_caps = (1 << 10 if self.msr_rules.rules.mci_ctl2 else 0) | 1 << 27
         supported = 1 << 8 | 1 << 24 | (vmx_caps if self.profile.vendor == "vmx" else 0)
         if not 0 < banks <= 32 or mcg_cap & ~(supported | 0xFF | 0xFF0000):
             raise KvmError(errno.EINVAL, "KVM_X86_SETUP_MCE")
