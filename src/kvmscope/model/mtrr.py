@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from ..api import find_cpuid
 from ..kernel import emulated as E
+from .msr_pv import MC_CTL2
 
 if TYPE_CHECKING:
     from ..kernel.rulesets import Ruleset
@@ -37,7 +38,6 @@ FIXED = (0x250, 0x258, 0x259, *range(0x268, 0x270))
 MTRRS = frozenset((*VARIABLE, *FIXED, MSR_MTRR_DEF_TYPE))
 # kvm_set_msr_common from 6.5: MTRRphysBase_MSR(0) ... MSR_MTRRfix4K_F8000 and MSR_MTRRdefType go to kvm_mtrr_set_msr.
 ROUTED = frozenset((*range(0x200, 0x270), MSR_MTRR_DEF_TYPE))
-_MCI_CTL2 = range(0x280, 0x2A0)  # MSR_IA32_MC0_CTL2 ... MSR_IA32_MCx_CTL2(KVM_MAX_MCE_BANKS) - 1
 ALL_INDICES = frozenset((*range(0x200, 0x300), MSR_MTRRCAP, MSR_PAT))  # what any version routes here
 PAT_RESET = 0x0007040600070406  # kvm_vcpu_reset: MSR_IA32_CR_PAT_DEFAULT
 
@@ -46,7 +46,7 @@ def routed(rs: Ruleset) -> frozenset[int]:
     """The indices ``kvm_set_msr_common`` and ``kvm_get_msr_common`` send to the MTRR code at version ``rs``."""
     if rs.mtrr_msr_ranges:
         return ROUTED
-    return frozenset(range(0x200, 0x300)).difference(_MCI_CTL2 if rs.mci_ctl2 else ())
+    return frozenset(range(0x200, 0x300)).difference(MC_CTL2 if rs.mci_ctl2 else ())
 
 
 def valid_type(t: int) -> bool:
