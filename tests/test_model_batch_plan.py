@@ -428,6 +428,34 @@ def test_mcg_cap_written_by_a_batch() -> None:
             assert state(fast) == state(ref), f"{batches}: {batch}: state differs from entry by entry"
 
 
+@pytest.mark.parametrize("index", [0x4B564D02, 0x4B564D06, 0x6E0])
+def test_irqchip_rules_over_a_vendor_msr(index: int) -> None:
+    """With an in-kernel LAPIC, ASYNC_PF_EN/INT and TSC_DEADLINE follow it, even where the profile's vendor module
+    lists them (``vendor_msrs``): a batch then runs their rules as entry by entry does (found by review)."""
+    def vcpu() -> ModelVcpu:
+        p = load("intel-spr")
+        p = dataclasses.replace(p, vendor_msrs={**p.vendor_msrs, index: MsrBehaviour("store")})
+        vm = open_model(kernel="6.18", profile=p).create_vm()
+        vm.create_irqchip()
+        v = vm.create_vcpu(0)
+        assert isinstance(v, ModelVcpu)
+        return v
+    fast, ref = vcpu(), vcpu()
+    for lvtt in (None, 0x40000, 0):  # the LVT timer's mode: as reset, TSC deadline (TSC_DEADLINE keeps writes), one-shot
+        if lvtt is not None:
+            for v in (fast, ref):
+                v.set_cpuid(v.vm.system.get_supported_cpuid())
+                lapic = v.get_lapic()
+                struct.pack_into("<I", lapic.regs, 0x320, lvtt)
+                v.set_lapic(lapic)
+        for entries in ([(index, 0x1234)], [(0x174, 5), (index, 0x1234)], [(index, 0)], [(index, 0x1234), (0x174, 6)]):
+            batch = MsrBatch(entries)
+            got, want = fast.set_msrs(batch), entry_by_entry(ref, batch)
+            assert got == want, f"{index:#x} LVTT {lvtt}: {batch}: set_msrs wrote {got} entries, entry by entry {want}"
+            assert state(fast) == state(ref), f"{index:#x} LVTT {lvtt}: {batch}: state differs from entry by entry"
+            assert_read_matches(fast, ref, [0x174, index], f"{index:#x} LVTT {lvtt} after {batch}")
+
+
 @pytest.mark.parametrize("kernel", ["5.10", "6.1", "6.3", "6.18"])
 @pytest.mark.parametrize("profile", shipped())
 def test_each_grouped_write_matches_entry_by_entry(profile: str, kernel: str) -> None:

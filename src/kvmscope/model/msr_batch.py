@@ -69,8 +69,8 @@ class BatchedMsrRules(ReadingMsrRules):
     def config_changed(self) -> None:
         """The vCPU's CPUID or MCG_CAP changed: plans decide by both (``write_check``, ``setter_refusal``,
         ``read_decided``)."""
+        super().config_changed()
         self.plans.clear()
-        self.read_plans.clear()
 
     # -- KVM_SET_MSRS --
     def set_msrs(self, entries: MsrBatch | MsrItems, strict: bool = False) -> int:

@@ -65,12 +65,32 @@ class ReadingMsrRules(MsrRules):
 
     def __init__(self, vcpu: ModelVcpu) -> None:
         super().__init__(vcpu)
+        self._make_plain()
+        self.closed = False  # set by the vCPU's close()
+        self.read_plans: dict[bytes, ReadPlan] = {}
+
+    def _make_plain(self) -> None:
         self.plain = plain_msrs(self)
         # The plain MSRs that keep any value under their own index and share it with none (not kvmclock's).
         shared = {*MSR_ALIASES, *MSR_ALIASES.values()}
         self.store_only = frozenset(i for i, (how, _, _) in self.plain.items() if how == STORE and i not in shared)
-        self.closed = False  # set by the vCPU's close()
-        self.read_plans: dict[bytes, ReadPlan] = {}
+
+    def config_changed(self) -> None:
+        """The vCPU's CPUID or MCG_CAP changed: read plans decide by both (``read_decided``)."""
+        self.read_plans.clear()
+
+    def take_rules(self, setters: dict[int, Callable[[int], int]], unowned: Sequence[int]) -> None:
+        """Give ``setters`` their MSRs and take ``unowned`` from their families (an in-kernel LAPIC's rules, at vCPU
+        reset): the table of plain MSRs and every plan are made again, as they decide by both."""
+        self.setters.update(setters)
+        for index in unowned:
+            self.families.pop(index, None)
+        self.rules_changed()
+
+    def rules_changed(self) -> None:
+        """Setters, families or the profile's behaviours changed: make the plain-MSR table and every plan again."""
+        self._make_plain()
+        self.config_changed()
 
     # -- KVM_GET_MSRS --
     def get_msrs(self, batch: MsrBatch, strict: bool = False) -> int:

@@ -101,12 +101,10 @@ class VcpuStateModel(FpuStateModel):
         self.signal_mask: bytes | None = None
         self.tsc_deadline_mode = False  # apic->lapic_timer.timer_mode == TSC deadline (set by KVM_SET_LAPIC)
         if self.lapic is not None:
-            setters = self.msr_rules.setters
-            setters[MSR_KVM_ASYNC_PF_EN] = self._set_async_pf_en
-            setters[MSR_KVM_ASYNC_PF_INT] = self._set_async_pf_int
             # with an in-kernel LAPIC these follow it (below), not the no-irqchip answers of msr_pv and msr_misc
-            for index in (MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT, MSR_IA32_TSC_DEADLINE):
-                self.msr_rules.families.pop(index, None)
+            self.msr_rules.take_rules({MSR_KVM_ASYNC_PF_EN: self._set_async_pf_en,
+                                       MSR_KVM_ASYNC_PF_INT: self._set_async_pf_int},
+                                      (MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT, MSR_IA32_TSC_DEADLINE))
         self.refresh_may_block()
 
     def refresh_may_block(self) -> None:
@@ -135,6 +133,7 @@ class VcpuStateModel(FpuStateModel):
         else:
             self.msr_rules.profile = self.profile
         self.msr_rules.behaviour = self.msr_rules.profile.behaviours
+        self.msr_rules.rules_changed()  # the batches' table of plain MSRs is made from the behaviours
 
     # -- the MSRs an in-kernel LAPIC changes (host writes, through the MSR rules' setters) --
     def _set_async_pf_int(self, data: int) -> int:
