@@ -288,6 +288,25 @@ def test_variable_mtrr_read_back_by_version(kernel: str, as_written: bool) -> No
         assert mask == expected, f"{kernel}: PHYSMASK0 after a batch write, MAXPHYADDR 36 -> 40: {mask:#x}"
 
 
+# --- canonical MSR addresses: the host's width from 6.13 and 6.12.41, the guest's CR4.LA57 before --------------------
+@pytest.mark.parametrize(("kernel", "host_width"), [("6.1", False), ("6.12", False), ("6.12.40", False),
+                                                    ("6.12.41", True), ("6.13", True), ("6.18", True)])
+def test_canonical_width_by_version(kernel: str, host_width: bool) -> None:
+    # 6.1.192 x86.c:1872 (SYSENTER made canonical with vcpu_virt_addr_bits: CR4.LA57) and is_noncanonical_address;
+    # 6.12.118 x86.c:1439, 1456 (max_host_virt_addr_bits), in 6.12.y from 6.12.41 (Debian changelog). intel-spr's host
+    # has LA57; the vCPU's CR4.LA57 is 0, so 1 << 55 is canonical only with the host's 57 bits.
+    with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        lstar = vcpu.set_msrs({0xC0000082: 1 << 55})
+        assert lstar == int(host_width), f"{kernel}: LSTAR 1 << 55 with CR4.LA57 0: {lstar} written"
+        assert vcpu.set_msrs({0x175: 1 << 55, 0x176: 1 << 55 | 0x1000}) == 2
+        esp, eip = vcpu.read_msr(0x175), vcpu.read_msr(0x176)
+        expected = (1 << 55, 1 << 55 | 0x1000) if host_width else (0, 0x1000)
+        assert (esp, eip) == expected, f"{kernel}: SYSENTER_ESP/EIP made canonical: {esp:#x} {eip:#x}, expected " \
+            f"{expected[0]:#x} {expected[1]:#x}"
+
+
 # --- Intel UCODE_REV: the revision in the upper 32 bits ---------------------------------------------------------------
 def test_intel_ucode_rev_layout() -> None:
     with model("intel-spr", "6.18") as kvm, kvm.create_vm() as vm:

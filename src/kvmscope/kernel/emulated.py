@@ -61,8 +61,10 @@ XSS_NEEDS_XSAVES = Rule("xss_needs_xsaves", "6.18", "CET series, lore 2025091922
                         "set CPUID.(EAX=0xD,ECX=1):EAX.XSAVES before restoring XSS")
 CANONICAL_HOST_WIDTH = Rule("canonical_msr_host_width", "6.13", "is_noncanonical_msr_address (model canonical checks "
                             "more precisely, M. Levitsky)",
-                            "MSR addresses are checked against the host's virtual-address width (57 with host LA57), "
-                            "not the guest's CR4.LA57; before 6.13 the guest's CR4.LA57 chose 57 or 48", "")
+                            "MSR addresses are checked, and SYSENTER_ESP/EIP made canonical, with the host's "
+                            "virtual-address width (57 with host LA57), not the guest's CR4.LA57; before 6.13 (6.12.41 in "
+                            "6.12.y) the guest's CR4.LA57 chose 57 or 48 (6.1.192 x86.c:1872, 6.12.118 x86.c:1456)", "",
+                            stable=("6.12.41",))  # Debian's 6.12 changelog lists it under ChangeLog-6.12.41
 
 # The MSRs whose host writes depend on an in-kernel LAPIC (x86.c v6.12 kvm_pv_enable_async_pf, line 3132, and
 # kvm_pv_enable_async_pf_int, line 3171); without one the host profile's observed behaviour stands.

@@ -157,11 +157,9 @@ class MiscMsrs(Family):
         if index in (MSR_SMI_COUNT, MSR_POWER_CTL):  # any host write stored verbatim (SMI_COUNT: host writes only)
             return "any"
         # KERNEL_GS_BASE, LSTAR, CSTAR: stored when canonical; SYSENTER_ESP/EIP: stored made canonical, so verbatim
-        # when already canonical. One group when both use the host's width (CANONICAL_HOST_WIDTH).
-        if index in (MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_CSTAR):
+        # when already canonical. The host's width from CANONICAL_HOST_WIDTH, else the guest's CR4.LA57.
+        if index in (MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_CSTAR, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP):
             return "canonical" if self.host_width else "canonical_cr4"
-        if index in (MSR_SYSENTER_ESP, MSR_SYSENTER_EIP):
-            return "canonical"
         return None
 
     def write_check(self, index: int) -> WriteCheck | None:
@@ -175,7 +173,7 @@ class MiscMsrs(Family):
         return None
 
     def bulk_ok(self, kind: str, indices: Sequence[int], values: Sequence[int]) -> bool:
-        bits = self.virt_bits if kind == "canonical" else 57 if self.vcpu.sregs.cr4 >> 12 & 1 else 48
+        bits = self._width()  # "canonical" when the host's width applies, "canonical_cr4" when the guest's
         shift = bits - 1  # canonical: bits 63..bits-1 all 0 or all 1
         return {value >> shift for value in values} <= {0, U64 >> shift}
 
@@ -261,9 +259,12 @@ class MiscMsrs(Family):
             return OK, sregs.gs.base
         return OK, self.rules.stored[index]
 
+    def _width(self) -> int:
+        """The virtual-address width of the canonical checks: the host's (CANONICAL_HOST_WIDTH), else the guest's."""
+        return self.virt_bits if self.host_width else 57 if self.vcpu.sregs.cr4 >> 12 & 1 else 48
+
     def _set_canonical(self, index: int, data: int, host: bool) -> int:
-        bits = self.virt_bits if self.host_width else 57 if self.vcpu.sregs.cr4 >> 12 & 1 else 48
-        if canonical(data, bits) != data:
+        if canonical(data, self._width()) != data:
             return self.refuse(index, E.CANONICAL, FAIL)
         if index == MSR_FS_BASE:
             self.vcpu.sregs.fs.base = data
@@ -281,7 +282,7 @@ class MiscMsrs(Family):
         return OK, value
 
     def _set_sysenter(self, index: int, data: int, host: bool) -> int:
-        self.rules.stored[index] = canonical(data, self.virt_bits)
+        self.rules.stored[index] = canonical(data, self._width())
         return OK
 
     # -- TSC_AUX (x86.c:1455, 1519) and TSC_ADJUST (x86.c:3473) --
