@@ -307,6 +307,36 @@ def test_canonical_width_by_version(kernel: str, host_width: bool) -> None:
             f"{expected[0]:#x} {expected[1]:#x}"
 
 
+# --- the MSRs KVM knows: XFD from 5.17 (820a6ee944e7), the CET MSRs from 6.18 ------------------------------------------
+XFD_MSRS, CET_MSRS = (0x1C4, 0x1C5), (0x6A0, 0x6A2, 0x6A4, 0x6A5, 0x6A6, 0x6A7, 0x6A8)
+
+
+@pytest.mark.parametrize("ignore_msrs", [False, True])
+@pytest.mark.parametrize(("kernel", "xfd", "cet"), [("5.10", False, False), ("5.15", False, False),
+                                                    ("5.17", True, False), ("6.12", True, False),
+                                                    ("6.18", True, True)])
+def test_msr_inventory_by_version(kernel: str, xfd: bool, cet: bool, ignore_msrs: bool) -> None:
+    # 5.10.262 x86.c has no MSR_IA32_XFD; 6.12.118 arch/x86/kvm has no MSR_IA32_U_CET; CachyOS x86.c (6.18+) emulates
+    # both. intel-spr's inventory was taken on 6.18: on an older kernel those MSRs are unknown (not listed; a host access
+    # fails, unless ignore_msrs takes it).
+    from kvmscope.api import MsrBatch
+    from kvmscope.kernel.profile import load
+    from kvmscope.model import open_model
+
+    with open_model(kernel, replace(load("intel-spr"), ignore_msrs=ignore_msrs)) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        listed = set(kvm.get_msr_index_list())
+        for indices, known in ((XFD_MSRS, xfd), (CET_MSRS, cet)):
+            for index in indices:
+                assert (index in listed) is known, f"{kernel}: {index:#x} in KVM_GET_MSR_INDEX_LIST: expected {known}"
+                took = vcpu.set_msrs(MsrBatch([(index, 0)])), vcpu.get_msrs(MsrBatch([index]))
+                expected = (1, 1) if known or ignore_msrs else (0, 0)
+                assert took == expected, f"{kernel} ignore_msrs={ignore_msrs}: {index:#x} write/read of 0 took {took}"
+                rule = vcpu.refusal_rule(index)
+                assert (rule is R.UNKNOWN_MSR) is (not known), f"{kernel}: {index:#x} refused by {rule}"
+
+
 # --- Intel UCODE_REV: the revision in the upper 32 bits ---------------------------------------------------------------
 def test_intel_ucode_rev_layout() -> None:
     with model("intel-spr", "6.18") as kvm, kvm.create_vm() as vm:

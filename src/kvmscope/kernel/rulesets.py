@@ -87,6 +87,17 @@ MTRR_AS_WRITTEN = Rule("mtrr_as_written", "6.11", "0a7b73559b39",
                        "KVM: x86: Remove VMX support for virtualizing guest MTRR memtypes: a variable MTRR reads back "
                        "as written; before, a PHYSMASK was stored with the reserved GPA bits set and both PHYSBASE and "
                        "PHYSMASK read with those of the current MAXPHYADDR cleared (6.1.192 mtrr.c:357-361, 429)")
+XFD_MSRS = Rule("xfd_msrs", "5.17", "820a6ee944e7",
+                "kvm: x86: Add emulation for IA32_XFD (and IA32_XFD_ERR, the AMX series): before 5.17 KVM does not "
+                "know 0x1C4/0x1C5 (5.10.262 x86.c has no case for them)",
+                "leave IA32_XFD and IA32_XFD_ERR out before 5.17")
+CET_MSRS = Rule("cet_msrs", "6.18", "kvm_set_xstate_msr (the CET series)",
+                "KVM emulates and lists the CET MSRs (U_CET, S_CET, PL0-3_SSP, INT_SSP_TAB); before 6.18 it does not "
+                "know them (6.12.118 arch/x86/kvm has no MSR_IA32_U_CET)",
+                "leave the CET MSRs out before 6.18")
+# The MSRs KVM learned at a version: before it they are unknown MSRs, left out of KVM_GET_MSR_INDEX_LIST and of a
+# profile's inventory taken on a later kernel (ModelSystem).
+MSR_ARRIVALS: dict[Rule, tuple[int, ...]] = {XFD_MSRS: (0x1C4, 0x1C5), CET_MSRS: (0x6A0, 0x6A2, *range(0x6A4, 0x6A9))}
 # --- refusal reasons that hold on every version the model knows ---------------------------------------------------
 CPUID_AFTER_RUN_FORBIDDEN = Rule("cpuid_after_run_forbidden", "5.16", "feb627e8d6f6",
                                  "KVM: x86: Forbid KVM_SET_CPUID{,2} after KVM_RUN",
@@ -145,7 +156,8 @@ RULES: dict[str, Rule] = {
               CPUID_AFTER_RUN_IDENTICAL, VMX_RESTORE_CURRENT, QUIRKS2, MISC_FEATURES_CPUID_FAULT, FEAT_CTL_HOST_ANY_SUPPORTED,
               FEAT_CTL_GUEST_CPUID, DISABLE_EXITS_BEFORE_VCPUS, XTILE_CFG_FILTER, SLOT_ZAP_ALL_QUIRK,
               MSR_IO_LIMIT, VMX_RESTORE,
-              PERF_CAP_SUBSET, DE_CFG_SUBSET, MCI_CTL2, MTRR_MSR_RANGES, MTRR_AS_WRITTEN, UNSUPPORTED, UNKNOWN_MSR,
+              PERF_CAP_SUBSET, DE_CFG_SUBSET, MCI_CTL2, MTRR_MSR_RANGES, MTRR_AS_WRITTEN, XFD_MSRS, CET_MSRS, UNSUPPORTED,
+              UNKNOWN_MSR,
               HOST_PROFILE, *emulated.RULES)
 }
 
@@ -220,6 +232,11 @@ class Ruleset:
     @cached_property
     def de_cfg_guest_same_only(self) -> bool:
         return DE_CFG_GUEST_SAME_ONLY in self.rules
+
+    @cached_property
+    def absent_msrs(self) -> frozenset[int]:
+        """The MSRs this version's KVM does not know yet (``MSR_ARRIVALS``)."""
+        return frozenset(i for r, indices in MSR_ARRIVALS.items() if r not in self.rules for i in indices)
 
     @cached_property
     def mci_ctl2(self) -> bool:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..api import find_cpuid
 from ..kernel import emulated as E
+from ..kernel import rulesets as R
 from . import cpuid as C
 from .msr_family import _NOTHING, FAIL, OK, U64, UNSUPPORTED, Bit, Family, Getter, Setter, WriteCheck, canonical
 from .mtrr import reserved_gpa_bits
@@ -135,13 +136,13 @@ class MiscMsrs(Family):
             MSR_OSVW_ID_LENGTH: (self._get_osvw, self._set_osvw),
             MSR_OSVW_STATUS: (self._get_osvw, self._set_osvw),
             MSR_XSS: (self._get_xss, self._set_xss),
-            MSR_XFD: (self._get_xfd, self._set_xfd),
-            MSR_XFD_ERR: (self._get_xfd, self._set_xfd),
             MSR_PRED_CMD: (self._get_unsupported, self._set_pred_cmd),
             MSR_FLUSH_CMD: (self._get_unsupported, self._set_flush_cmd),
             MSR_SYSENTER_ESP: (self._get_sysenter, self._set_sysenter),
             MSR_SYSENTER_EIP: (self._get_sysenter, self._set_sysenter),
         }
+        if R.XFD_MSRS in ruleset.rules:  # unknown MSRs before 5.17
+            handlers[MSR_XFD] = handlers[MSR_XFD_ERR] = (self._get_xfd, self._set_xfd)
         for index in CANONICAL_MSRS:
             handlers[index] = (self._get_canonical, self._set_canonical)
         for index in READ_ONLY:

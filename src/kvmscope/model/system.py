@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from dataclasses import replace
 from typing import ClassVar
 
 from .. import uapi
@@ -22,6 +23,12 @@ class ModelSystem(System):
     backend: ClassVar[str] = "model"
 
     def __init__(self, profile: Profile, rules: Ruleset) -> None:
+        absent = rules.absent_msrs
+        if absent.intersection(profile.msr_index_list, profile.behaviours):
+            # a profile taken on a later kernel lists MSRs this version's KVM does not know yet: unknown here
+            profile = replace(profile, msr_index_list=[i for i in profile.msr_index_list if i not in absent],
+                              msr_behaviour={i: b for i, b in profile.msr_behaviour.items() if i not in absent},
+                              vendor_msrs={i: b for i, b in profile.vendor_msrs.items() if i not in absent})
         self.profile = profile
         self.rules = rules
         self.advertised = frozenset(profile.msr_index_list)
