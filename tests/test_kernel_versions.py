@@ -202,10 +202,10 @@ def test_perf_cap_needs_a_pmu_by_version(kernel: str, ok: bool) -> None:
 # MTRRphysBase_MSR(0) ... MSR_MTRRfix4K_F8000 and MSR_MTRRdefType (6.12.118 x86.c:3464-3466). mtrr.c fails an index it
 # does not know with 1 (6.1.192 mtrr.c:376-377, 409-410), which ignore_msrs does not forgive: kvm_msr_ignored_check
 # runs for KVM_MSR_RET_INVALID alone (6.1.192 x86.c:318-333).
-MTRR_GAP, MC0_CTL2, PAST_MC_CTL2 = 0x270, 0x280, 0x2A0
-ROUTING = {"5.10": ("mtrr", "mtrr", "mtrr"), "5.15": ("mtrr", "mtrr", "mtrr"), "6.0": ("mtrr", "mce", "mtrr"),
-           "6.1": ("mtrr", "mce", "mtrr"), "6.4": ("mtrr", "mce", "mtrr"), "6.5": ("unknown", "mce", "unknown"),
-           "6.18": ("unknown", "mce", "unknown")}
+EDGES = (0x270, 0x27F, 0x280, 0x29F, 0x2A0, 0x2FE)  # the gap after the MTRRs, the MCi_CTL2 banks, the rest to 0x2FE
+_OLD, _SPLIT, _NEW = ("mtrr",) * 6, ("mtrr", "mtrr", "mce", "mce", "mtrr", "mtrr"), ("unknown", "unknown", "mce", "mce",
+                                                                                    "unknown", "unknown")
+ROUTING = {"5.10": _OLD, "5.15": _OLD, "6.0": _SPLIT, "6.1": _SPLIT, "6.4": _SPLIT, "6.5": _NEW, "6.18": _NEW}
 
 
 @pytest.mark.parametrize("ignore_msrs", [False, True])
@@ -218,7 +218,7 @@ def test_mtrr_range_routing_by_version(kernel: str, ignore_msrs: bool) -> None:
 
     with open_model(kernel, replace(load("intel-spr"), ignore_msrs=ignore_msrs)) as kvm, kvm.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
-        for index, where in zip((MTRR_GAP, MC0_CTL2, PAST_MC_CTL2), ROUTING[kernel], strict=True):
+        for index, where in zip(EDGES, ROUTING[kernel], strict=True):
             # host write of 0 and read: the MCE code takes both (no CMCI_P needed for a host 0); the MTRR code fails
             # both; an unknown MSR is taken with ignore_msrs (the read gives 0)
             ok = where == "mce" or (where == "unknown" and ignore_msrs)
@@ -251,7 +251,7 @@ def test_cmci_needs_6_0() -> None:
                 took = False
             assert took is ok, f"{kernel}: KVM_X86_SETUP_MCE with CMCI_P expected {ok}, saw {took}"
             if ok:
-                assert vcpu.set_msrs({MC0_CTL2: 1 << 30 | 5}) == 1, f"{kernel}: MC0_CTL2 with CMCI_P"
+                assert vcpu.set_msrs({0x280: 1 << 30 | 5}) == 1, f"{kernel}: MC0_CTL2 with CMCI_P"
 
 
 # --- variable MTRRs across a MAXPHYADDR change: read through it before 6.11 (0a7b73559b39) ---------------------------
@@ -286,6 +286,9 @@ def test_variable_mtrr_read_back_by_version(kernel: str, as_written: bool) -> No
         mask = vcpu.read_msr(0x201)
         expected = 0x800 if as_written else 0xF000000800
         assert mask == expected, f"{kernel}: PHYSMASK0 after a batch write, MAXPHYADDR 36 -> 40: {mask:#x}"
+        # the guest reads through the same code (kvm_mtrr_get_msr)
+        events = run_program(vm, vcpu, Program().rdmsr(0x201).hlt())
+        assert events == [Rdmsr(0x201, expected), Halted()], f"{kernel}: guest RDMSR of PHYSMASK0: {events}"
 
 
 # --- canonical MSR addresses: the host's width from 6.13 and 6.12.41, the guest's CR4.LA57 before --------------------

@@ -430,9 +430,10 @@ def test_mcg_cap_written_by_a_batch() -> None:
 
 @pytest.mark.parametrize(("index", "vendor"), [(0x4B564D02, True), (0x4B564D06, True), (0x6E0, True), (0x6E0, False)])
 def test_irqchip_rules_over_a_vendor_msr(index: int, vendor: bool) -> None:
-    """With an in-kernel LAPIC, ASYNC_PF_EN/INT and TSC_DEADLINE follow it, even where the profile's vendor module
-    lists them (``vendor_msrs``): a batch then runs their rules as entry by entry does (found by review). TSC_DEADLINE
-    keeps what is written only in the LVT timer's TSC-deadline mode, whose switch a batch sees too."""
+    """With an in-kernel LAPIC, ASYNC_PF_EN/INT follow it even where the profile's vendor module lists them
+    (``vendor_msrs``), and TSC_DEADLINE keeps what is written only in the LVT timer's TSC-deadline mode (a vendor entry
+    for it wins in every mode): whichever rule applies, a batch runs it as entry by entry does, also after the timer's
+    mode switched (found by review)."""
     def vcpu() -> ModelVcpu:
         p = load("intel-spr")
         if vendor:

@@ -11,7 +11,7 @@ MTRR_VALID = Rule("mtrr_valid", "< 5.10", "mtrr.c kvm_mtrr_valid",
                   "MTRR values: memory types 0, 1, 4, 5, 6 only; MTRRdefType bits 63:12 and 9:8 reserved; a variable "
                   "range's base/mask reserves the bits above the guest MAXPHYADDR and 11:8 (base) or 10:0 (mask)",
                   "write a valid memory type and keep reserved bits clear")
-MTRR_UNKNOWN = Rule("mtrr_unknown", "< 5.10", "mtrr.c find_mtrr",
+MTRR_UNKNOWN = Rule("mtrr_unknown", "< 5.10", "mtrr.c msr_mtrr_valid (find_mtrr from 6.11)",
                     "an index KVM sends to the MTRR code that is not an MTRR (0x200-0x26F; before 6.5 0x200-0x2FF, "
                     "less 0x280-0x29F from 6.0): the access fails, whatever ignore_msrs says",
                     "only 0x200-0x20F, 0x250, 0x258, 0x259, 0x268-0x26F and 0x2FF are MTRRs")

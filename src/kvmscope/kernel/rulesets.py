@@ -76,9 +76,11 @@ DE_CFG_GUEST_SAME_ONLY = Rule("de_cfg_guest_same_only", "6.12", "74a0e79df68a",
                               "the guest may only rewrite DE_CFG's current value",
                               until="6.13", removed_by="4d5163cba43f",
                               stable_until=("6.12.7",))  # Cc stable: lets it write any subset again
-MCI_CTL2 = Rule("mci_ctl2", "6.0", "281b52780b57", "KVM: x86: Add emulation for MSR_IA32_MCx_CTL2 MSRs.",
-                "before 6.0, 0x280-0x29F are no MCi_CTL2 MSRs: they fall in the MTRR range and fail (5.10.13 x86.c "
-                "`case 0x200 ... 0x2ff`), and KVM_X86_SETUP_MCE takes no CMCI_P")
+MCI_CTL2 = Rule("mci_ctl2", "6.0", "281b52780b57",
+                "KVM: x86: Add emulation for MSR_IA32_MCx_CTL2 MSRs (and aebc3ca19063, CMCI_P in KVM_X86_SETUP_MCE): "
+                "before 6.0, 0x280-0x29F are no MCi_CTL2 MSRs but fall in the MTRR range and fail (5.10.13 x86.c "
+                "`case 0x200 ... 0x2ff`)",
+                "before 6.0, leave MCi_CTL2 out and CMCI_P out of KVM_X86_SETUP_MCE")
 MTRR_MSR_RANGES = Rule("mtrr_msr_ranges", "6.5", "34a83deac31c",
                        "KVM: x86: Use MTRR macros to define possible MTRR MSR ranges: only 0x200-0x26F and 0x2FF go "
                        "to the MTRR code; before, 0x270-0x2FF did too (but the MCi_CTL2 banks from 6.0) and failed "

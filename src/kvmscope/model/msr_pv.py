@@ -1,15 +1,16 @@
 """Machine-check, KVM paravirtual and x2APIC MSRs, host-initiated (``host``) and guest alike.
 
 ``set_msr_mce``/``get_msr_mce`` (x86.c:3060, 3734 in the extracted 6.12 tree; unchanged in 6.18): MCG_CAP starts at
-``KVM_MAX_MCE_BANKS`` (32 banks, no CTL_P, no CMCI_P; only KVM_X86_SETUP_MCE changes it, which this binding does not
-issue). The KVM PV MSRs (x86.c:3551-3617): ``guest_pv_has`` is true for every feature unless userspace enabled
-KVM_CAP_ENFORCE_PV_FEATURE_CPUID (not modelled). The kvmclock MSRs (0x11, 0x12, 0x4B564D00/01) store any value and stay
-with ``msr_rules``.
+``KVM_MAX_MCE_BANKS`` (32 banks, no CTL_P, no CMCI_P; only KVM_X86_SETUP_MCE changes it: ``ModelVcpu.setup_mce``).
+The MCi_CTL2 banks exist from 6.0 (``Ruleset.mci_ctl2``). The KVM PV MSRs (x86.c:3551-3617): ``guest_pv_has`` is
+true for every feature unless userspace enabled KVM_CAP_ENFORCE_PV_FEATURE_CPUID (not modelled). The kvmclock MSRs
+(0x11, 0x12, 0x4B564D00/01) store any value and stay with ``msr_rules``.
 
-The vCPU has no in-kernel LAPIC (no KVM_CREATE_IRQCHIP in this binding), so the rules that need one refuse:
-ASYNC_PF_EN of a non-zero value (``kvm_pv_enable_async_pf``), ASYNC_PF_INT (``kvm_pv_enable_async_pf_int``), and every
-x2APIC MSR 0x800-0x8FF (``kvm_x2apic_msr_read``/``write``: no LAPIC, or not in x2APIC mode). With an irqchip these
-rules change (issue 17's ioctls): ASYNC_PF_EN then needs its address in guest memory when enabled.
+Without an in-kernel LAPIC (no KVM_CREATE_IRQCHIP on the VM) the rules that need one refuse: ASYNC_PF_EN of a
+non-zero value (``kvm_pv_enable_async_pf``), ASYNC_PF_INT (``kvm_pv_enable_async_pf_int``), and every x2APIC MSR
+0x800-0x8FF (``kvm_x2apic_msr_read``/``write``: no LAPIC, or not in x2APIC mode). With an irqchip the vCPU's own
+setters take ASYNC_PF_EN/INT over (``vcpu_state``, ``take_rules``): ASYNC_PF_EN then needs its address in guest memory
+when enabled.
 """
 
 from __future__ import annotations

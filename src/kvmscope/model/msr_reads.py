@@ -65,15 +65,22 @@ class ReadingMsrRules(MsrRules):
 
     def __init__(self, vcpu: ModelVcpu) -> None:
         super().__init__(vcpu)
-        self._make_plain()
+        self._plain_table: dict[int, Plain] | None = None  # made when a plan first needs it (``plain``)
         self.closed = False  # set by the vCPU's close()
         self.read_plans: dict[bytes, ReadPlan] = {}
 
-    def _make_plain(self) -> None:
-        self.plain = plain_msrs(self)
-        # The plain MSRs that keep any value under their own index and share it with none (not kvmclock's).
+    @property
+    def plain(self) -> dict[int, Plain]:
+        """The table of the profile's plain MSRs (``plain_msrs``), made on first use and after ``rules_changed``."""
+        if self._plain_table is None:
+            self._plain_table = plain_msrs(self)
+        return self._plain_table
+
+    @property
+    def store_only(self) -> frozenset[int]:
+        """The plain MSRs that keep any value under their own index and share it with none (not kvmclock's)."""
         shared = {*MSR_ALIASES, *MSR_ALIASES.values()}
-        self.store_only = frozenset(i for i, (how, _, _) in self.plain.items() if how == STORE and i not in shared)
+        return frozenset(i for i, (how, _, _) in self.plain.items() if how == STORE and i not in shared)
 
     def config_changed(self) -> None:
         """The vCPU's CPUID or MCG_CAP changed: read plans decide by both (``read_decided``)."""
@@ -88,8 +95,8 @@ class ReadingMsrRules(MsrRules):
         self.rules_changed()
 
     def rules_changed(self) -> None:
-        """Setters, families or the profile's behaviours changed: make the plain-MSR table and every plan again."""
-        self._make_plain()
+        """Setters, families or the profile's behaviours changed: the plain-MSR table and every plan are made again."""
+        self._plain_table = None
         self.config_changed()
 
     # -- KVM_GET_MSRS --
