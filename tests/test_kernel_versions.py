@@ -23,6 +23,7 @@ from kvmscope.probe import FROZEN, WRITABLE, probe
 from kvmscope.program import GuestException, Halted, Program, Rdmsr, Wrmsr, run_program
 
 PLATFORM_INFO, UCODE_REV, ARCH_CAP, PERF_CAP, DE_CFG, MISC_FEATURES = 0xCE, 0x8B, 0x10A, 0x345, 0xC0011029, 0x140
+MISC_ENABLE = 0x1A0
 TRUE_PINBASED = 0x48D
 STUFF = uapi.KVM_X86_QUIRK_STUFF_FEATURE_MSRS
 GP = GuestException(13, 0)
@@ -338,6 +339,27 @@ def test_msr_inventory_by_version(kernel: str, xfd: bool, cet: bool, ignore_msrs
                 assert took == expected, f"{kernel} ignore_msrs={ignore_msrs}: {index:#x} write/read of 0 took {took}"
                 rule = vcpu.refusal_rule(index)
                 assert (rule is R.UNKNOWN_MSR) is (not known), f"{kernel}: {index:#x} refused by {rule}"
+
+
+# --- MISC_ENABLE: reset 0x1800, guest may not change 12:11 and EMON is ignored, from 6.0 (9fc222967a39) -------------
+@pytest.mark.parametrize("profile", ["intel-spr", "amd-epyc"])
+@pytest.mark.parametrize(("kernel", "from_6_0"), [("5.10", False), ("5.15", False), ("6.0", True), ("6.1", True),
+                                                  ("6.18", True)])
+def test_misc_enable_by_version(profile: str, kernel: str, from_6_0: bool) -> None:
+    # 5.10.262 x86.c:3224-3233: only the MWAIT rule, no reset value (0); 6.1.192 x86.c:3672-3694 (guest: 12:11
+    # read-only, EMON ignored) and 12235 (kvm_vcpu_reset: PEBS_UNAVAIL | BTS_UNAVAIL). Host writes take any value.
+    with model(profile, kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        reset = 0x1800 if from_6_0 else 0
+        assert vcpu.read_msr(MISC_ENABLE) == reset, f"{kernel}: MISC_ENABLE at reset {vcpu.read_msr(MISC_ENABLE):#x}"
+        flipped, emon = reset ^ 1 << 12, reset | 1 << 7
+        events = run_program(vm, vcpu, Program().wrmsr(MISC_ENABLE, flipped).rdmsr(MISC_ENABLE)
+                             .wrmsr(MISC_ENABLE, emon).rdmsr(MISC_ENABLE).hlt())
+        expected = ([GP, Rdmsr(MISC_ENABLE, reset), Wrmsr(MISC_ENABLE), Rdmsr(MISC_ENABLE, reset)] if from_6_0 else
+                    [Wrmsr(MISC_ENABLE), Rdmsr(MISC_ENABLE, flipped), Wrmsr(MISC_ENABLE), Rdmsr(MISC_ENABLE, emon)])
+        assert events == [*expected, Halted()], f"{kernel}: guest MISC_ENABLE writes of {flipped:#x}, {emon:#x}: {events}"
+        assert vcpu.set_msrs({MISC_ENABLE: 0x1081}) == 1 and vcpu.read_msr(MISC_ENABLE) == 0x1081, "host: any value"
 
 
 # --- Intel UCODE_REV: the revision in the upper 32 bits ---------------------------------------------------------------

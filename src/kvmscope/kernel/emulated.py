@@ -49,8 +49,11 @@ CPUID_GATED = Rule("needs_cpuid_bit", "< 5.10", "x86.c kvm_set_msr_common/kvm_ge
 VALUE_RESERVED = Rule("msr_reserved_bits", "< 5.10", "x86.c kvm_set_msr_common",
                       "the value sets bits KVM does not support for this MSR (XSS, XFD, PRED_CMD, FLUSH_CMD, "
                       "MMIO_CONF_BASE...)", "write only supported bits")
-MISC_ENABLE_RO = Rule("misc_enable_ro", "< 5.10", "x86.c kvm_set_msr_common (MSR_IA32_MISC_ENABLE)",
-                      "a guest may not change MISC_ENABLE's BTS/PEBS-unavailable bits", "")
+MISC_ENABLE_RO = Rule("misc_enable_ro", "6.0", "9fc222967a39",
+                      "KVM: x86: Give host userspace full control of MSR_IA32_MISC_ENABLES: a guest may not change "
+                      "MISC_ENABLE's BTS/PEBS-unavailable bits (12:11), its writes of EMON (7) are ignored, and a vCPU "
+                      "resets with both bits set (0x1800); before, a vCPU resets at 0 and only the MWAIT rule holds "
+                      "(5.10.262 x86.c:3224-3233; 6.1.192 x86.c:3672-3694, 12235)", "")
 READ_ONLY = Rule("read_only_msr", "< 5.10", "x86.c kvm_get_msr_common",
                  "KVM emulates reads of this MSR only (a constant); a write is unsupported", "")
 X2APIC_NO_IRQCHIP = Rule("x2apic_needs_irqchip", "< 5.10", "lapic.c kvm_x2apic_msr_write/read",

@@ -121,6 +121,11 @@ class MiscMsrs(Family):
                       MSR_SYSENTER_ESP, MSR_SYSENTER_EIP, MSR_MISC_ENABLE):
             stored.setdefault(index, 0)
         stored[MSR_SMBASE] = 0x30000  # kvm_vcpu_reset: SMBASE = 0x30000
+        # kvm_vcpu_reset from 6.0: PEBS_UNAVAIL | BTS_UNAVAIL; before, 0 (a vendor module that handles MISC_ENABLE
+        # itself keeps its profile's reset value)
+        self.misc_enable_pmu = ruleset.has(E.MISC_ENABLE_RO)
+        if MSR_MISC_ENABLE not in p.vendor_msrs:
+            stored[MSR_MISC_ENABLE] = MISC_ENABLE_PMU_RO if self.misc_enable_pmu else 0
         handlers: dict[int, tuple[Getter, Setter]] = {
             MSR_APIC_BASE: (self._get_apic_base, self._set_apic_base),
             MSR_EFER: (self._get_efer, self._set_efer),
@@ -308,7 +313,7 @@ class MiscMsrs(Family):
     # -- MISC_ENABLE (x86.c:3485) --
     def _set_misc_enable(self, index: int, data: int, host: bool) -> int:
         old = self.rules.stored[index]
-        if not host:
+        if not host and self.misc_enable_pmu:
             if (old ^ data) & MISC_ENABLE_PMU_RO:
                 return self.refuse(index, E.MISC_ENABLE_RO, FAIL)
             data = (data & ~MISC_ENABLE_EMON) | (old & MISC_ENABLE_EMON)
