@@ -362,6 +362,55 @@ def test_misc_enable_by_version(profile: str, kernel: str, from_6_0: bool) -> No
         assert vcpu.set_msrs({MISC_ENABLE: 0x1081}) == 1 and vcpu.read_msr(MISC_ENABLE) == 0x1081, "host: any value"
 
 
+# --- SYSENTER on SVM and TSC_AUX: the vendor module (< 5.13), a GenuineIntel CPUID (5.13-6.9), not AMD (6.10) -------
+GENUINE_INTEL = (0x756E6547, 0x49656E69, 0x6C65746E)  # CPUID.0 EBX, EDX, ECX
+KADDR, AUX = 0xFFFFFE0000001000, 1 << 32 | 5
+
+
+def _vendor(cpuid: list[kvmscope.CpuidEntry], regs: tuple[int, int, int]) -> list[kvmscope.CpuidEntry]:
+    return [replace(e, ebx=regs[0], edx=regs[1], ecx=regs[2]) if e.function == 0 else e for e in cpuid]
+
+
+@pytest.mark.parametrize(("profile", "kernel", "cpuid", "sysenter", "tsc_aux"), [
+    # 5.10.262 svm.c:2513-2517, 2707-2729 (64 bits kept), vmx.c:2290-2297 (bits 63:32 refused for any guest)
+    ("amd-epyc", "5.10", "own", KADDR, AUX), ("amd-epyc", "5.10", "none", KADDR, AUX),
+    ("intel-spr", "5.10", "own", KADDR, None), ("intel-spr", "5.10", "none", KADDR, None),
+    # 6.1.192 svm.c:2783-2791, 3015-3028, x86.c:1874-1896: guest_cpuid_is_intel
+    ("amd-epyc", "6.1", "own", 0x1000, 5), ("amd-epyc", "6.1", "none", 0x1000, 5),
+    ("amd-epyc", "6.1", "intel", KADDR, None), ("intel-spr", "6.1", "own", KADDR, None),
+    ("intel-spr", "6.1", "none", KADDR, 5),
+    # 6.12.118 svm.c:2952-2960, 3192-3196, x86.c:1458-1478: guest_cpuid_is_intel_compatible (no CPUID included)
+    ("amd-epyc", "6.10", "own", 0x1000, 5), ("amd-epyc", "6.10", "none", KADDR, None),
+    ("amd-epyc", "6.18", "intel", KADDR, None), ("intel-spr", "6.18", "none", KADDR, None),
+])
+def test_sysenter_and_tsc_aux_high_bits_by_version(profile: str, kernel: str, cpuid: str, sysenter: int,
+                                                    tsc_aux: int | None) -> None:
+    with model(profile, kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        if cpuid != "none":
+            supported = kvm.get_supported_cpuid()
+            vcpu.set_cpuid(_vendor(supported, GENUINE_INTEL) if cpuid == "intel" else supported)
+        assert vcpu.set_msrs({0x175: KADDR}) == 1
+        got = vcpu.read_msr(0x175)
+        assert got == sysenter, f"{profile} {kernel} CPUID {cpuid}: SYSENTER_ESP read back {got:#x}, expected {sysenter:#x}"
+        took = vcpu.set_msrs({0xC0000103: AUX})
+        assert took == (tsc_aux is not None), f"{profile} {kernel} CPUID {cpuid}: TSC_AUX {AUX:#x} written: {took}"
+        if tsc_aux is not None:
+            assert vcpu.read_msr(0xC0000103) == tsc_aux, f"{profile} {kernel}: TSC_AUX {vcpu.read_msr(0xC0000103):#x}"
+
+
+@pytest.mark.parametrize(("kernel", "rdpid_enough"), [("5.10", False), ("5.13", True), ("6.18", True)])
+def test_guest_tsc_aux_with_rdpid_alone(kernel: str, rdpid_enough: bool) -> None:
+    # 5.10.262 vmx.c:2021-2024: RDTSCP alone opens TSC_AUX to the guest; 61a05d444d2c (5.13): RDTSCP or RDPID.
+    with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid([replace(e, edx=e.edx & ~(1 << 27)) if e.function == 0x80000001 else e
+                        for e in kvm.get_supported_cpuid()])  # no RDTSCP; RDPID (CPUID.7.0:ECX[22]) stays
+        events = run_program(vm, vcpu, Program().rdmsr(0xC0000103).hlt())
+        expected = [Rdmsr(0xC0000103, 0)] if rdpid_enough else [GP]
+        assert events == [*expected, Halted()], f"{kernel}: guest RDMSR of TSC_AUX with RDPID alone: {events}"
+
+
 # --- Intel UCODE_REV: the revision in the upper 32 bits ---------------------------------------------------------------
 def test_intel_ucode_rev_layout() -> None:
     with model("intel-spr", "6.18") as kvm, kvm.create_vm() as vm:

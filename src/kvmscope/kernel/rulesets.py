@@ -89,6 +89,19 @@ MTRR_AS_WRITTEN = Rule("mtrr_as_written", "6.11", "0a7b73559b39",
                        "KVM: x86: Remove VMX support for virtualizing guest MTRR memtypes: a variable MTRR reads back "
                        "as written; before, a PHYSMASK was stored with the reserved GPA bits set and both PHYSBASE and "
                        "PHYSMASK read with those of the current MAXPHYADDR cleared (6.1.192 mtrr.c:357-361, 429)")
+INTEL_GUEST_CHECKS = Rule("intel_guest_checks", "5.13", "adc2a23734ac, 61a05d444d2c",
+                          "KVM: nSVM: improve SYSENTER emulation on AMD; KVM: x86: Tie Intel and AMD behavior for "
+                          "MSR_TSC_AUX to guest CPU model: the guest's CPUID vendor decides, not the vendor module. On "
+                          "SVM, SYSENTER_ESP/EIP keep bits 63:32 only for a GenuineIntel guest; TSC_AUX refuses bits "
+                          "63:32 for a GenuineIntel guest and drops them for any other; a guest reaches TSC_AUX with "
+                          "RDTSCP or RDPID. Before: SVM keeps all 64 bits of both, VMX refuses TSC_AUX's bits 63:32 for "
+                          "any guest, and a guest needs RDTSCP (5.10.262 svm.c:2513-2525, 2707-2729, vmx.c:2021-2024, "
+                          "2290-2297; 6.1.192 svm.c:2783-2791, 3015-3028, x86.c:1874-1896)",
+                          until="6.10", removed_by="dc2b8b2b524a, 6463e5e41842")
+INTEL_COMPATIBLE_CHECKS = Rule("intel_compatible_checks", "6.10", "dc2b8b2b524a, 6463e5e41842",
+                               "KVM: SVM: Emulate SYSENTER RIP/RSP behavior for all Intel compat vCPUs (and TSC_AUX "
+                               "alike): every guest CPUID that is not AMD or Hygon, none included, gets the Intel "
+                               "behaviour (6.12.118 svm.c:2952-2960, 3192-3196, x86.c:1458-1478)")
 XFD_MSRS = Rule("xfd_msrs", "5.17", "820a6ee944e7",
                 "kvm: x86: Add emulation for IA32_XFD (and IA32_XFD_ERR, the AMX series): before 5.17 KVM does not "
                 "know 0x1C4/0x1C5 (5.10.262 x86.c has no case for them)",
@@ -158,8 +171,8 @@ RULES: dict[str, Rule] = {
               CPUID_AFTER_RUN_IDENTICAL, VMX_RESTORE_CURRENT, QUIRKS2, MISC_FEATURES_CPUID_FAULT, FEAT_CTL_HOST_ANY_SUPPORTED,
               FEAT_CTL_GUEST_CPUID, DISABLE_EXITS_BEFORE_VCPUS, XTILE_CFG_FILTER, SLOT_ZAP_ALL_QUIRK,
               MSR_IO_LIMIT, VMX_RESTORE,
-              PERF_CAP_SUBSET, DE_CFG_SUBSET, MCI_CTL2, MTRR_MSR_RANGES, MTRR_AS_WRITTEN, XFD_MSRS, CET_MSRS, UNSUPPORTED,
-              UNKNOWN_MSR,
+              PERF_CAP_SUBSET, DE_CFG_SUBSET, MCI_CTL2, MTRR_MSR_RANGES, MTRR_AS_WRITTEN, XFD_MSRS, CET_MSRS,
+              INTEL_GUEST_CHECKS, INTEL_COMPATIBLE_CHECKS, UNSUPPORTED, UNKNOWN_MSR,
               HOST_PROFILE, *emulated.RULES)
 }
 
@@ -234,6 +247,14 @@ class Ruleset:
     @cached_property
     def de_cfg_guest_same_only(self) -> bool:
         return DE_CFG_GUEST_SAME_ONLY in self.rules
+
+    @cached_property
+    def guest_vendor_checks(self) -> str:
+        """Who decides SVM's SYSENTER high halves and TSC_AUX's bits 63:32: "vendor" (the vendor module, before 5.13),
+        "intel" (a GenuineIntel guest CPUID, 5.13-6.9) or "intel_compatible" (any but AMD or Hygon, 6.10)."""
+        if INTEL_COMPATIBLE_CHECKS in self.rules:
+            return "intel_compatible"
+        return "intel" if INTEL_GUEST_CHECKS in self.rules else "vendor"
 
     @cached_property
     def absent_msrs(self) -> frozenset[int]:

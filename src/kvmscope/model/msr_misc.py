@@ -37,6 +37,7 @@ FFXSR: Bit = (0x80000001, 0, "edx", 25)
 AUTOIBRS: Bit = (0x80000021, 0, "eax", 8)
 RDTSCP: Bit = (0x80000001, 0, "edx", 27)
 RDPID: Bit = (7, 0, "ecx", 22)
+GENUINE_INTEL = (0x756E6547, 0x49656E69, 0x6C65746E)  # CPUID leaf 0 EBX, EDX, ECX: "GenuineIntel"
 TSC_ADJUST: Bit = (7, 0, "ebx", 1)
 OSVW: Bit = (0x80000001, 0, "ecx", 9)
 XSAVES: Bit = (0xD, 1, "eax", 3)
@@ -105,6 +106,8 @@ class MiscMsrs(Family):
         self.host_width = ruleset.has(E.CANONICAL_HOST_WIDTH)
         self.virt_bits = 57 if C.has_feature(supported, *LA57) else 48
         self.xss_gated = ruleset.has(E.XSS_NEEDS_XSAVES)
+        self.vendor_checks = ruleset.guest_vendor_checks
+        self.svm = p.vendor == "svm"
         self.hwcr_tscfreqsel = ruleset.has(E.HWCR_TSCFREQSEL)
         # efer_reserved_bits: SCE, LME, LMA; NX when the host has it; SVM adds SVME, FFXSR, AUTOIBRS (svm_hardware_setup,
         # nested and host features). PVM and VMX enable no more (seen on this host: 0xD01 accepted, 0x1000 refused).
@@ -164,6 +167,8 @@ class MiscMsrs(Family):
             return "any"
         # KERNEL_GS_BASE, LSTAR, CSTAR: stored when canonical; SYSENTER_ESP/EIP: stored made canonical, so verbatim
         # when already canonical. The host's width from CANONICAL_HOST_WIDTH, else the guest's CR4.LA57.
+        if index in (MSR_SYSENTER_ESP, MSR_SYSENTER_EIP) and self.svm and self.vendor_checks != "vendor":
+            return None  # svm_set_msr keeps the high half by the guest's vendor at the write: the handler
         if index in (MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_CSTAR, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP):
             return "canonical" if self.host_width else "canonical_cr4"
         return None
@@ -283,26 +288,44 @@ class MiscMsrs(Family):
     # -- SYSENTER_ESP/EIP: made canonical (x86.c:1440), then the vendor stores them --
     def _get_sysenter(self, index: int, host: bool) -> tuple[int, int]:
         value = self.rules.stored[index]
-        if self.rules.profile.vendor == "svm" and self.amd_compatible():
-            value &= 0xFFFFFFFF  # svm_get_msr adds the high half only for an Intel-compatible guest
+        if self.svm and self.vendor_checks != "vendor" and not self.intel_like():
+            value &= 0xFFFFFFFF  # svm_get_msr adds the high half only for an Intel(-compatible) guest
         return OK, value
 
     def _set_sysenter(self, index: int, data: int, host: bool) -> int:
-        self.rules.stored[index] = canonical(data, self._width())
+        value = canonical(data, self._width())
+        if self.svm and self.vendor_checks != "vendor" and not self.intel_like():
+            value &= 0xFFFFFFFF  # svm_set_msr keeps the high half only for an Intel(-compatible) guest
+        self.rules.stored[index] = value
         return OK
 
     # -- TSC_AUX (x86.c:1455, 1519) and TSC_ADJUST (x86.c:3473) --
+    def intel_like(self) -> bool:
+        """Whether the guest gets Intel's SYSENTER and TSC_AUX behaviour (``Ruleset.guest_vendor_checks``): before 5.13
+        the vendor module decided (VMX: yes); then a GenuineIntel CPUID; from 6.10 any but AMD or Hygon."""
+        if self.vendor_checks == "intel_compatible":
+            return not self.amd_compatible()
+        if self.vendor_checks == "intel":
+            leaf = find_cpuid(self.vcpu.cpuid, 0)
+            return leaf is not None and (leaf.ebx, leaf.edx, leaf.ecx) == GENUINE_INTEL
+        return not self.svm
+
+    def _tsc_aux_reachable(self) -> bool:
+        """A guest's access: RDTSCP, or from 5.13 RDPID too."""
+        return self.cap(RDTSCP) or (self.vendor_checks != "vendor" and self.cap(RDPID))
+
     def _get_tsc_aux(self, index: int, host: bool) -> tuple[int, int]:
-        if not host and not self.cap(RDTSCP) and not self.cap(RDPID):
+        if not host and not self._tsc_aux_reachable():
             return self.refuse(index, E.TSC_AUX, FAIL), 0
         return OK, self.rules.stored[index]
 
     def _set_tsc_aux(self, index: int, data: int, host: bool) -> int:
-        if not host and not self.cap(RDTSCP) and not self.cap(RDPID):
+        if not host and not self._tsc_aux_reachable():
             return self.refuse(index, E.TSC_AUX, FAIL)
-        if not self.amd_compatible() and data >> 32:
+        if self.intel_like() and data >> 32:
             return self.refuse(index, E.TSC_AUX, FAIL)
-        self.rules.stored[index] = data & 0xFFFFFFFF
+        # bits 63:32 dropped for a non-Intel guest; before 5.13 SVM stored all 64 (5.10.262 svm.c:2729)
+        self.rules.stored[index] = data if self.vendor_checks == "vendor" else data & 0xFFFFFFFF
         return OK
 
     def _set_tsc_adjust(self, index: int, data: int, host: bool) -> int:
