@@ -58,3 +58,23 @@ def test_xss_needs_xsaves_from_6_18(kernel: str, count: int, rule: E.Rule | None
         vcpu = vm.create_vcpu(0)
         assert vcpu.set_msrs(MsrBatch([(0xDA0, 0)])) == count, kernel
         assert vcpu.refusal_rule(0xDA0) is rule, kernel
+
+
+@pytest.mark.parametrize(("profile", "kept"), [("amd-epyc", True), ("intel-spr", False)])
+def test_vm_hsave_pa_on_svm(profile: str, kept: bool) -> None:
+    # svm_set_msr/svm_get_msr handle VM_HSAVE_PA before common code (5.10.262 svm.c:2547, 2747-2757; 6.12.118
+    # svm.c:2980, 3290-3300): stored page-aligned; a guest must write a legal page-aligned address. Elsewhere
+    # kvm_set_msr_common ignores the write and a read gives 0.
+    from kvmscope.program import GuestException, Halted, Program, Rdmsr, Wrmsr, run_program
+
+    with open_model(profile=profile, kernel="6.18") as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        assert vcpu.set_msrs(MsrBatch([(0xC0010117, 0x12345678)])) == 1, "a host write takes any value"
+        got = vcpu.try_read_msr(0xC0010117)
+        assert got == (0x12345000 if kept else 0), f"{profile}: VM_HSAVE_PA read back {got:#x}"
+        events = run_program(vm, vcpu, Program().wrmsr(0xC0010117, 0x5008).wrmsr(0xC0010117, 0x6000)
+                             .rdmsr(0xC0010117).hlt())
+        expected = ([GuestException(13, 0), Wrmsr(0xC0010117), Rdmsr(0xC0010117, 0x6000)] if kept else
+                    [Wrmsr(0xC0010117), Wrmsr(0xC0010117), Rdmsr(0xC0010117, 0)])
+        assert events == [*expected, Halted()], f"{profile}: guest VM_HSAVE_PA writes of 0x5008, 0x6000: {events}"

@@ -49,6 +49,11 @@ CPUID_GATED = Rule("needs_cpuid_bit", "< 5.10", "x86.c kvm_set_msr_common/kvm_ge
 VALUE_RESERVED = Rule("msr_reserved_bits", "< 5.10", "x86.c kvm_set_msr_common",
                       "the value sets bits KVM does not support for this MSR (XSS, XFD, PRED_CMD, FLUSH_CMD, "
                       "MMIO_CONF_BASE...)", "write only supported bits")
+SVM_HSAVE_PA = Rule("svm_hsave_pa", "< 5.10", "svm.c svm_set_msr (MSR_VM_HSAVE_PA)",
+                    "on SVM the vendor module keeps VM_HSAVE_PA (page-aligned, data & PAGE_MASK) and a guest must "
+                    "write a page-aligned address within MAXPHYADDR (5.10.262 svm.c:2547, 2747-2757; 6.12.118 "
+                    "svm.c:2980, 3290-3300); elsewhere the write is ignored and reads 0",
+                    "write a page-aligned guest-physical address")
 MISC_ENABLE_RO = Rule("misc_enable_ro", "6.0", "9fc222967a39",
                       "KVM: x86: Give host userspace full control of MSR_IA32_MISC_ENABLES: a guest may not change "
                       "MISC_ENABLE's BTS/PEBS-unavailable bits (12:11), its writes of EMON (7) are ignored, and a vCPU "

@@ -37,6 +37,7 @@ FFXSR: Bit = (0x80000001, 0, "edx", 25)
 AUTOIBRS: Bit = (0x80000021, 0, "eax", 8)
 RDTSCP: Bit = (0x80000001, 0, "edx", 27)
 RDPID: Bit = (7, 0, "ecx", 22)
+MSR_VM_HSAVE_PA = 0xC0010117
 GENUINE_INTEL = (0x756E6547, 0x49656E69, 0x6C65746E)  # CPUID leaf 0 EBX, EDX, ECX: "GenuineIntel"
 TSC_ADJUST: Bit = (7, 0, "ebx", 1)
 OSVW: Bit = (0x80000001, 0, "ecx", 9)
@@ -157,6 +158,8 @@ class MiscMsrs(Family):
             handlers[index] = (self._get_constant, self._set_read_only)
         for index in WRITE_IGNORED:
             handlers[index] = (self._get_ignored_msr, self._set_ignored)
+        if self.svm:  # svm_get_msr/svm_set_msr come first and keep VM_HSAVE_PA (emulated.SVM_HSAVE_PA)
+            handlers[MSR_VM_HSAVE_PA], stored[MSR_VM_HSAVE_PA] = (self._get_stored, self._set_hsave_pa), 0
         if self.pmu_off:
             for index in LEGACY_PMU:
                 handlers[index] = (self._get_zero, self._set_ignored)
@@ -300,6 +303,12 @@ class MiscMsrs(Family):
         return OK
 
     # -- TSC_AUX (x86.c:1455, 1519) and TSC_ADJUST (x86.c:3473) --
+    def _set_hsave_pa(self, index: int, data: int, host: bool) -> int:
+        if not host and (data & 0xFFF or data & reserved_gpa_bits(self.rules)):  # page_address_valid
+            return self.refuse(index, E.SVM_HSAVE_PA, FAIL)
+        self.rules.stored[index] = data & ~0xFFF
+        return OK
+
     def intel_like(self) -> bool:
         """Whether the guest gets Intel's SYSENTER and TSC_AUX behaviour (``Ruleset.guest_vendor_checks``): before 5.13
         the vendor module decided (VMX: yes); then a GenuineIntel CPUID; from 6.10 any but AMD or Hygon."""
