@@ -341,6 +341,22 @@ def test_msr_inventory_by_version(kernel: str, xfd: bool, cet: bool, ignore_msrs
                 assert (rule is R.UNKNOWN_MSR) is (not known), f"{kernel}: {index:#x} refused by {rule}"
 
 
+@pytest.mark.parametrize("profile", ["intel-spr", "pvm-6.18"])
+@pytest.mark.parametrize(("kernel", "known"), [("6.1", False), ("6.3", False), ("6.4", True), ("6.18", True)])
+def test_flush_cmd_from_6_4(profile: str, kernel: str, known: bool) -> None:
+    # da3db168fb67 (6.4): 6.1.192 x86.c, vmx.c and svm.c have no MSR_IA32_FLUSH_CMD case, so a host write is an unknown
+    # MSR's and a guest WRMSR gets #GP; 6.12.118 x86.c:3422. It is in no index list: pvm-6.18 has it in vendor_msrs.
+    with model(profile, kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        took = vcpu.set_msrs({0x10B: 1})
+        assert took == int(known), f"{profile} {kernel}: FLUSH_CMD L1D_FLUSH from the host: {took} written"
+        assert (vcpu.refusal_rule(0x10B) is R.UNKNOWN_MSR) is not known, f"{kernel}: {vcpu.refusal_rule(0x10B)}"
+        if not known:
+            events = run_program(vm, vcpu, Program().wrmsr(0x10B, 1).hlt())
+            assert events == [GP, Halted()], f"{profile} {kernel}: guest WRMSR of FLUSH_CMD: {events}"
+
+
 # --- MISC_ENABLE: reset 0x1800, guest may not change 12:11 and EMON is ignored, from 6.0 (9fc222967a39) -------------
 @pytest.mark.parametrize("profile", ["intel-spr", "amd-epyc"])
 @pytest.mark.parametrize(("kernel", "from_6_0"), [("5.10", False), ("5.15", False), ("6.0", True), ("6.1", True),

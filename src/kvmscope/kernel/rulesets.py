@@ -110,9 +110,14 @@ CET_MSRS = Rule("cet_msrs", "6.18", "kvm_set_xstate_msr (the CET series)",
                 "KVM emulates and lists the CET MSRs (U_CET, S_CET, PL0-3_SSP, INT_SSP_TAB); before 6.18 it does not "
                 "know them (6.12.118 arch/x86/kvm has no MSR_IA32_U_CET)",
                 "leave the CET MSRs out before 6.18")
+FLUSH_CMD_MSR = Rule("flush_cmd_msr", "6.4", "da3db168fb67",
+                     "KVM: x86: Virtualize FLUSH_L1D and passthrough MSR_IA32_FLUSH_CMD: before 6.4 KVM does not know "
+                     "IA32_FLUSH_CMD (0x10B; 6.1.192 x86.c, vmx.c and svm.c have no case for it)",
+                     "leave IA32_FLUSH_CMD out before 6.4")
 # The MSRs KVM learned at a version: before it they are unknown MSRs, left out of KVM_GET_MSR_INDEX_LIST and of a
-# profile's inventory taken on a later kernel (ModelSystem).
-MSR_ARRIVALS: dict[Rule, tuple[int, ...]] = {XFD_MSRS: (0x1C4, 0x1C5), CET_MSRS: (0x6A0, 0x6A2, *range(0x6A4, 0x6A9))}
+# profile's inventory taken on a later kernel (ModelSystem), with no handler of their own (msr_misc).
+MSR_ARRIVALS: dict[Rule, tuple[int, ...]] = {XFD_MSRS: (0x1C4, 0x1C5), CET_MSRS: (0x6A0, 0x6A2, *range(0x6A4, 0x6A9)),
+                                             FLUSH_CMD_MSR: (0x10B,)}
 # --- refusal reasons that hold on every version the model knows ---------------------------------------------------
 CPUID_AFTER_RUN_FORBIDDEN = Rule("cpuid_after_run_forbidden", "5.16", "feb627e8d6f6",
                                  "KVM: x86: Forbid KVM_SET_CPUID{,2} after KVM_RUN",
@@ -171,7 +176,7 @@ RULES: dict[str, Rule] = {
               CPUID_AFTER_RUN_IDENTICAL, VMX_RESTORE_CURRENT, QUIRKS2, MISC_FEATURES_CPUID_FAULT, FEAT_CTL_HOST_ANY_SUPPORTED,
               FEAT_CTL_GUEST_CPUID, DISABLE_EXITS_BEFORE_VCPUS, XTILE_CFG_FILTER, SLOT_ZAP_ALL_QUIRK,
               MSR_IO_LIMIT, VMX_RESTORE,
-              PERF_CAP_SUBSET, DE_CFG_SUBSET, MCI_CTL2, MTRR_MSR_RANGES, MTRR_AS_WRITTEN, XFD_MSRS, CET_MSRS,
+              PERF_CAP_SUBSET, DE_CFG_SUBSET, MCI_CTL2, MTRR_MSR_RANGES, MTRR_AS_WRITTEN, XFD_MSRS, CET_MSRS, FLUSH_CMD_MSR,
               INTEL_GUEST_CHECKS, INTEL_COMPATIBLE_CHECKS, UNSUPPORTED, UNKNOWN_MSR,
               HOST_PROFILE, *emulated.RULES)
 }

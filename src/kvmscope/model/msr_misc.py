@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 from ..api import find_cpuid
 from ..kernel import emulated as E
-from ..kernel import rulesets as R
 from . import cpuid as C
 from .msr_family import _NOTHING, FAIL, OK, U64, UNSUPPORTED, Bit, Family, Getter, Setter, WriteCheck, canonical
 from .mtrr import reserved_gpa_bits
@@ -150,8 +149,7 @@ class MiscMsrs(Family):
             MSR_SYSENTER_ESP: (self._get_sysenter, self._set_sysenter),
             MSR_SYSENTER_EIP: (self._get_sysenter, self._set_sysenter),
         }
-        if R.XFD_MSRS in ruleset.rules:  # unknown MSRs before 5.17
-            handlers[MSR_XFD] = handlers[MSR_XFD_ERR] = (self._get_xfd, self._set_xfd)
+        handlers[MSR_XFD] = handlers[MSR_XFD_ERR] = (self._get_xfd, self._set_xfd)
         for index in CANONICAL_MSRS:
             handlers[index] = (self._get_canonical, self._set_canonical)
         for index in READ_ONLY:
@@ -163,6 +161,8 @@ class MiscMsrs(Family):
         if self.pmu_off:
             for index in LEGACY_PMU:
                 handlers[index] = (self._get_zero, self._set_ignored)
+        for index in ruleset.absent_msrs:  # MSRs this KVM does not know yet (XFD before 5.17, FLUSH_CMD before 6.4)
+            handlers.pop(index, None)
         self.install(handlers)
 
     def bulk_kind(self, index: int) -> str | None:

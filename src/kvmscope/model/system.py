@@ -24,7 +24,7 @@ class ModelSystem(System):
 
     def __init__(self, profile: Profile, rules: Ruleset) -> None:
         absent = rules.absent_msrs
-        if absent.intersection(profile.msr_index_list, profile.behaviours):
+        if absent & {*profile.msr_index_list, *profile.behaviours}:
             # a profile taken on a later kernel lists MSRs this version's KVM does not know yet: unknown here
             profile = replace(profile, msr_index_list=[i for i in profile.msr_index_list if i not in absent],
                               msr_behaviour={i: b for i, b in profile.msr_behaviour.items() if i not in absent},
