@@ -357,6 +357,28 @@ def test_flush_cmd_from_6_4(profile: str, kernel: str, known: bool) -> None:
             assert events == [GP, Halted()], f"{profile} {kernel}: guest WRMSR of FLUSH_CMD: {events}"
 
 
+@pytest.mark.parametrize("irqchip", [False, True])
+@pytest.mark.parametrize(("profile", "kernel", "forced"), [("intel-spr", "5.10", True), ("amd-epyc", "5.10", True),
+                                                           ("intel-spr", "5.15", False), ("amd-epyc", "6.18", False)])
+def test_apic_base_bsp_forced_before_5_15(profile: str, kernel: str, forced: bool, irqchip: bool) -> None:
+    # 5.10.262 lapic.c:2274-2282 (kvm_lapic_set_base: no in-kernel LAPIC, BSP set), vmx.c:4527-4533 (VMX resets
+    # through it), svm.c:1272-1275 (SVM sets the reset value itself); removed by 01913c57c225 (5.15).
+    with model(profile, kernel) as kvm, kvm.create_vm() as vm:
+        if irqchip:
+            vm.create_irqchip()
+        vcpu = vm.create_vcpu(1)  # not the BSP
+        bsp = 1 << 8 if forced and not irqchip else 0
+        reset = 0xFEE00800 | (bsp if profile == "intel-spr" else 0)
+        assert vcpu.read_msr(0x1B) == reset, f"{profile} {kernel}: vCPU 1 resets to {vcpu.read_msr(0x1B):#x}"
+        assert vcpu.set_msrs({0x1B: 0xFEE00800}) == 1
+        got, sregs = vcpu.read_msr(0x1B), vcpu.get_sregs().apic_base
+        assert got == sregs == 0xFEE00800 | bsp, f"{profile} {kernel} irqchip={irqchip}: wrote 0xfee00800, read {got:#x}"
+        sr = vcpu.get_sregs()
+        sr.apic_base = 0xFEE00800
+        vcpu.set_sregs(sr)
+        assert vcpu.get_sregs().apic_base == 0xFEE00800 | bsp, f"{kernel}: KVM_SET_SREGS: {vcpu.get_sregs().apic_base:#x}"
+
+
 # --- MISC_ENABLE: reset 0x1800, guest may not change 12:11 and EMON is ignored, from 6.0 (9fc222967a39) -------------
 @pytest.mark.parametrize("profile", ["intel-spr", "amd-epyc"])
 @pytest.mark.parametrize(("kernel", "from_6_0"), [("5.10", False), ("5.15", False), ("6.0", True), ("6.1", True),

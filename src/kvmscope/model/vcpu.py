@@ -74,6 +74,10 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         self._in_data = b""
         self.cpuid: list[CpuidEntry] = []
         sregs = reset_sregs(p.reset_sregs, vcpu_id)
+        # before 5.15 the BSP bit is forced without an in-kernel LAPIC, and VMX resets through that path
+        self._bsp_forced = self.rules.has(R.APIC_BASE_BSP_FORCED) and not vm.irqchip
+        if self._bsp_forced and p.vendor != "svm":
+            sregs.apic_base |= 1 << 8
         self.sregs = sregs
         self.regs = uapi.kvm_regs(rflags=2, rip=0xFFF0)
         for name, value in p.reset_regs.items():
@@ -156,10 +160,13 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         if not sregs.cr0 & 1:
             self._program = None  # back in real mode: run the code in guest memory again
         self._runtime.cr4 = sregs.cr4
-        self._runtime.apic_base = sregs.apic_base
+        self.set_apic_base(sregs.apic_base)
 
     def set_apic_base(self, value: int) -> None:
-        """``__kvm_apic_set_base``: the new APIC_BASE (KVM_GET_SREGS shows it; CPUID.1:EDX.APIC follows its enable bit)."""
+        """``__kvm_apic_set_base``: the new APIC_BASE (KVM_GET_SREGS shows it; CPUID.1:EDX.APIC follows its enable bit);
+        before 5.15, with the BSP bit set when there is no in-kernel LAPIC (``kvm_lapic_set_base``)."""
+        if self._bsp_forced:
+            value |= 1 << 8
         self.sregs.apic_base = value
         self._runtime.apic_base = value
 
