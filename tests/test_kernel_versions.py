@@ -379,6 +379,17 @@ def test_apic_base_bsp_forced_before_5_15(profile: str, kernel: str, forced: boo
         assert vcpu.get_sregs().apic_base == 0xFEE00800 | bsp, f"{kernel}: KVM_SET_SREGS: {vcpu.get_sregs().apic_base:#x}"
 
 
+@pytest.mark.parametrize(("kernel", "ok"), [("5.10", False), ("6.1", False), ("6.3", True), ("6.18", True)])
+def test_efer_autoibrs_from_6_3(kernel: str, ok: bool) -> None:
+    # 8c19b6f257fa (6.3): svm_hardware_setup enables EFER_AUTOIBRS on a host with it (6.12.118 svm.c:5518-5519);
+    # 6.1.192 svm.c:5063-5105 enables no such bit, so set_efer refuses bit 21. amd-epyc's host has Automatic IBRS.
+    with model("amd-epyc", kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        took = vcpu.set_msrs({0xC0000080: 0x500 | 1 << 21})  # LME, LMA, AUTOIBRS
+        assert took == int(ok), f"{kernel}: EFER.AUTOIBRS from the host: {took} written, expected {int(ok)}"
+
+
 # --- MISC_ENABLE: reset 0x1800, guest may not change 12:11 and EMON is ignored, from 6.0 (9fc222967a39) -------------
 @pytest.mark.parametrize("profile", ["intel-spr", "amd-epyc"])
 @pytest.mark.parametrize(("kernel", "from_6_0"), [("5.10", False), ("5.15", False), ("6.0", True), ("6.1", True),

@@ -107,6 +107,11 @@ APIC_BASE_BSP_FORCED = Rule("apic_base_bsp_forced", "< 5.10", "kvm_lapic_set_bas
                             "sets the BSP bit, and on VMX every vCPU resets to 0xFEE00900 through that path; SVM sets "
                             "the reset value directly (5.10.262 lapic.c:2274-2282, vmx.c:4527-4533, svm.c:1272-1275)",
                             until="5.15", removed_by="01913c57c225")
+EFER_AUTOIBRS = Rule("efer_autoibrs", "6.3", "8c19b6f257fa",
+                     "KVM: x86: Propagate the AMD Automatic IBRS feature to the guest: on SVM, EFER.AUTOIBRS (bit 21) "
+                     "may be set when the host has Automatic IBRS; before 6.3 the bit is reserved (6.1.192 "
+                     "svm.c:5063-5105 enables no EFER_AUTOIBRS; 6.12.118 svm.c:5518-5519)",
+                     "leave EFER.AUTOIBRS clear before 6.3")
 XFD_MSRS = Rule("xfd_msrs", "5.17", "820a6ee944e7",
                 "kvm: x86: Add emulation for IA32_XFD (and IA32_XFD_ERR, the AMX series): before 5.17 KVM does not "
                 "know 0x1C4/0x1C5 (5.10.262 x86.c has no case for them)",
@@ -182,7 +187,7 @@ RULES: dict[str, Rule] = {
               FEAT_CTL_GUEST_CPUID, DISABLE_EXITS_BEFORE_VCPUS, XTILE_CFG_FILTER, SLOT_ZAP_ALL_QUIRK,
               MSR_IO_LIMIT, VMX_RESTORE,
               PERF_CAP_SUBSET, DE_CFG_SUBSET, MCI_CTL2, MTRR_MSR_RANGES, MTRR_AS_WRITTEN, XFD_MSRS, CET_MSRS, FLUSH_CMD_MSR,
-              APIC_BASE_BSP_FORCED,
+              APIC_BASE_BSP_FORCED, EFER_AUTOIBRS,
               INTEL_GUEST_CHECKS, INTEL_COMPATIBLE_CHECKS, UNSUPPORTED, UNKNOWN_MSR,
               HOST_PROFILE, *emulated.RULES)
 }

@@ -21,6 +21,7 @@ Bit = tuple[int, int, str, int]
 # How a batch checks a host write without its handler (``write_check``): (offset, mask, gpa).
 WriteCheck = tuple[int, int, bool]
 AMD_VENDORS = {(0x68747541, 0x69746E65, 0x444D4163), (0x6F677948, 0x6E65476E, 0x656E6975)}  # AuthenticAMD, HygonGenuine
+GENUINE_INTEL = (0x756E6547, 0x49656E69, 0x6C65746E)  # CPUID leaf 0 EBX, EDX, ECX
 
 
 class MsrFamily(Protocol):
@@ -162,6 +163,11 @@ class Family:
         """``guest_cpuid_is_amd_compatible`` (vcpu->arch.is_amd_compatible): AMD or Hygon in CPUID leaf 0."""
         leaf = find_cpuid(self.vcpu.cpuid, 0)
         return leaf is not None and (leaf.ebx, leaf.edx, leaf.ecx) in AMD_VENDORS
+
+    def genuine_intel(self) -> bool:
+        """``guest_cpuid_is_intel``: GenuineIntel in CPUID leaf 0."""
+        leaf = find_cpuid(self.vcpu.cpuid, 0)
+        return leaf is not None and (leaf.ebx, leaf.edx, leaf.ecx) == GENUINE_INTEL
 
     def lapic_in_kernel(self) -> bool:
         return False  # no KVM_CREATE_IRQCHIP in this binding yet (see msr_pv)

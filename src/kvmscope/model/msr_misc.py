@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..api import find_cpuid
 from ..kernel import emulated as E
+from ..kernel import rulesets as R
 from . import cpuid as C
 from .msr_family import _NOTHING, FAIL, OK, U64, UNSUPPORTED, Bit, Family, Getter, Setter, WriteCheck, canonical
 from .mtrr import reserved_gpa_bits
@@ -37,7 +38,6 @@ AUTOIBRS: Bit = (0x80000021, 0, "eax", 8)
 RDTSCP: Bit = (0x80000001, 0, "edx", 27)
 RDPID: Bit = (7, 0, "ecx", 22)
 MSR_VM_HSAVE_PA = 0xC0010117
-GENUINE_INTEL = (0x756E6547, 0x49656E69, 0x6C65746E)  # CPUID leaf 0 EBX, EDX, ECX: "GenuineIntel"
 TSC_ADJUST: Bit = (7, 0, "ebx", 1)
 OSVW: Bit = (0x80000001, 0, "ecx", 9)
 XSAVES: Bit = (0xD, 1, "eax", 3)
@@ -113,7 +113,8 @@ class MiscMsrs(Family):
         # nested and host features). PVM and VMX enable no more (seen on this host: 0xD01 accepted, 0x1000 refused).
         allowed = EFER_SCE | EFER_LME | EFER_LMA | (EFER_NX if C.has_feature(supported, *NX) else 0)
         if p.vendor == "svm":
-            allowed |= EFER_SVME | EFER_FFXSR | (EFER_AUTOIBRS if C.has_feature(supported, *AUTOIBRS) else 0)
+            autoibrs = C.has_feature(supported, *AUTOIBRS) and ruleset.has(R.EFER_AUTOIBRS)  # 6.3
+            allowed |= EFER_SVME | EFER_FFXSR | (EFER_AUTOIBRS if autoibrs else 0)
         self.efer_allowed = allowed
         self.pmu_off = p.module_parameters.get("kvm.enable_pmu", "Y") == "N"
         # CONFIG_KVM_SMM: KVM_CAP_X86_SMM (117) is 0 without it (kvm_vm_ioctl_check_extension), and SMBASE then fails.
@@ -315,8 +316,7 @@ class MiscMsrs(Family):
         if self.vendor_checks == "intel_compatible":
             return not self.amd_compatible()
         if self.vendor_checks == "intel":
-            leaf = find_cpuid(self.vcpu.cpuid, 0)
-            return leaf is not None and (leaf.ebx, leaf.edx, leaf.ecx) == GENUINE_INTEL
+            return self.genuine_intel()
         return not self.svm
 
     def _tsc_aux_reachable(self) -> bool:
