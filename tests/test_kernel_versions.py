@@ -390,6 +390,14 @@ def test_efer_autoibrs_from_6_3(kernel: str, ok: bool) -> None:
         assert took == int(ok), f"{kernel}: EFER.AUTOIBRS from the host: {took} written, expected {int(ok)}"
 
 
+@pytest.mark.parametrize("kernel", ["5.10", "6.18"])
+def test_misc_enable_reset_of_a_vendor_entry(kernel: str) -> None:
+    # pvm-6.18 lists MISC_ENABLE in vendor_msrs (PVM keeps its own): its reset is the captured 1 on every version, not
+    # kvm_vcpu_reset's (also on the live kernel here: tests/conformance).
+    with model("pvm-6.18", kernel) as kvm, kvm.create_vm() as vm:
+        assert vm.create_vcpu(0).read_msr(MISC_ENABLE) == 1, f"{kernel}: pvm-6.18's MISC_ENABLE at reset"
+
+
 # --- MISC_ENABLE: reset 0x1800, guest may not change 12:11 and EMON is ignored, from 6.0 (9fc222967a39) -------------
 @pytest.mark.parametrize("profile", ["intel-spr", "amd-epyc"])
 @pytest.mark.parametrize(("kernel", "from_6_0"), [("5.10", False), ("5.15", False), ("6.0", True), ("6.1", True),
@@ -446,6 +454,21 @@ def test_sysenter_and_tsc_aux_high_bits_by_version(profile: str, kernel: str, cp
         assert took == (tsc_aux is not None), f"{profile} {kernel} CPUID {cpuid}: TSC_AUX {AUX:#x} written: {took}"
         if tsc_aux is not None:
             assert vcpu.read_msr(0xC0000103) == tsc_aux, f"{profile} {kernel}: TSC_AUX {vcpu.read_msr(0xC0000103):#x}"
+
+
+@pytest.mark.parametrize(("kernel", "kept"), [("5.10", True), ("6.1", False), ("6.18", False)])
+def test_svm_sysenter_high_half_is_decided_at_the_write(kernel: str, kept: bool) -> None:
+    # 6.1.192 svm.c:3015-3028: svm_set_msr keeps sysenter_esp_hi only for an Intel guest at the write; the read adds it
+    # only for one at the read. Written under an AMD CPUID, read under GenuineIntel: the high half is gone (5.10.262
+    # svm.c:2707-2712 keeps all 64 bits).
+    with model("amd-epyc", kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        supported = kvm.get_supported_cpuid()
+        vcpu.set_cpuid(supported)
+        assert vcpu.set_msrs({0x175: KADDR}) == 1
+        vcpu.set_cpuid(_vendor(supported, GENUINE_INTEL))
+        got = vcpu.read_msr(0x175)
+        assert got == (KADDR if kept else 0x1000), f"{kernel}: SYSENTER_ESP written as AMD, read as Intel: {got:#x}"
 
 
 @pytest.mark.parametrize(("kernel", "rdpid_enough"), [("5.10", False), ("5.13", True), ("6.18", True)])

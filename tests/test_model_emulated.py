@@ -73,8 +73,10 @@ def test_vm_hsave_pa_on_svm(profile: str, kept: bool) -> None:
         assert vcpu.set_msrs(MsrBatch([(0xC0010117, 0x12345678)])) == 1, "a host write takes any value"
         got = vcpu.try_read_msr(0xC0010117)
         assert got == (0x12345000 if kept else 0), f"{profile}: VM_HSAVE_PA read back {got:#x}"
-        events = run_program(vm, vcpu, Program().wrmsr(0xC0010117, 0x5008).wrmsr(0xC0010117, 0x6000)
-                             .rdmsr(0xC0010117).hlt())
-        expected = ([GuestException(13, 0), Wrmsr(0xC0010117), Rdmsr(0xC0010117, 0x6000)] if kept else
-                    [Wrmsr(0xC0010117), Wrmsr(0xC0010117), Rdmsr(0xC0010117, 0)])
+        beyond = 1 << 52  # page-aligned, above any MAXPHYADDR the profiles give (kvm_vcpu_is_legal_aligned_gpa)
+        events = run_program(vm, vcpu, Program().wrmsr(0xC0010117, 0x5008).wrmsr(0xC0010117, beyond)
+                             .wrmsr(0xC0010117, 0x6000).rdmsr(0xC0010117).hlt())
+        gp = GuestException(13, 0)
+        expected = ([gp, gp, Wrmsr(0xC0010117), Rdmsr(0xC0010117, 0x6000)] if kept else
+                    [Wrmsr(0xC0010117)] * 3 + [Rdmsr(0xC0010117, 0)])
         assert events == [*expected, Halted()], f"{profile}: guest VM_HSAVE_PA writes of 0x5008, 0x6000: {events}"
