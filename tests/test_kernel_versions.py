@@ -341,6 +341,26 @@ def test_msr_inventory_by_version(kernel: str, xfd: bool, cet: bool, ignore_msrs
                 assert (rule is R.UNKNOWN_MSR) is (not known), f"{kernel}: {index:#x} refused by {rule}"
 
 
+@pytest.mark.parametrize(("profile", "bit", "since"), [
+    ("intel-spr", (0xD, 1, "eax", 4), "5.17"),  # XFD (6.1.192 cpuid.c:585; none in 5.10.262)
+    ("intel-spr", (7, 0, "edx", 24), "5.17"),  # AMX_TILE (6.1.192 cpuid.c:659)
+    ("intel-spr", (7, 0, "edx", 28), "6.4"),  # FLUSH_L1D (6.12.118 cpuid.c:707; none in 6.1.192)
+    ("intel-spr", (7, 0, "ecx", 7), "6.18"),  # SHSTK (the CET series)
+    ("amd-epyc", (0x80000021, 0, "eax", 8), "6.3"),  # AutoIBRS (6.12.118 cpuid.c:818; none in 6.1.192)
+])
+def test_supported_cpuid_offers_a_feature_from_its_version(profile: str, bit: tuple[int, int, str, int],
+                                                           since: str) -> None:
+    from kvmscope.api import find_cpuid
+
+    function, index, reg, n = bit
+    for kernel in R.KNOWN:
+        with model(profile, kernel) as kvm:
+            leaf = find_cpuid(kvm.get_supported_cpuid(), function, index)
+            offered = leaf is not None and bool(getattr(leaf, reg) >> n & 1)
+            expected = R.parse_version(kernel) >= R.parse_version(since)
+            assert offered is expected, f"{profile} {kernel}: CPUID {function:#x}.{index} {reg}[{n}] offered: {offered}"
+
+
 @pytest.mark.parametrize("profile", ["intel-spr", "pvm-6.18"])
 @pytest.mark.parametrize(("kernel", "known"), [("6.1", False), ("6.3", False), ("6.4", True), ("6.18", True)])
 def test_flush_cmd_from_6_4(profile: str, kernel: str, known: bool) -> None:

@@ -128,6 +128,17 @@ FLUSH_CMD_MSR = Rule("flush_cmd_msr", "6.4", "da3db168fb67",
 # profile's inventory taken on a later kernel (ModelSystem), with no handler of their own (msr_misc).
 MSR_ARRIVALS: dict[Rule, tuple[int, ...]] = {XFD_MSRS: (0x1C4, 0x1C5), CET_MSRS: (0x6A0, 0x6A2, *range(0x6A4, 0x6A9)),
                                              FLUSH_CMD_MSR: (0x10B,)}
+# The KVM_GET_SUPPORTED_CPUID bits that came with them, (function, index, register, bit): a profile's supported CPUID
+# taken on a later kernel loses them too (ModelSystem). XFD and AMX (XFD, AMX_BF16/TILE/INT8, XCR0 17-18: 6.1.192
+# cpuid.c:585, 659; none in 5.10.262 cpuid.c), FLUSH_L1D (6.12.118 cpuid.c:707; none in 6.1.192), SHSTK and IBT (the
+# CET series), AutoIBRS (6.12.118 cpuid.c:818; none in 6.1.192).
+CPUID_ARRIVALS: dict[Rule, tuple[tuple[int, int, str, int], ...]] = {
+    XFD_MSRS: ((0xD, 1, "eax", 4), (7, 0, "edx", 22), (7, 0, "edx", 24), (7, 0, "edx", 25), (0xD, 0, "eax", 17),
+               (0xD, 0, "eax", 18)),
+    FLUSH_CMD_MSR: ((7, 0, "edx", 28),),
+    CET_MSRS: ((7, 0, "ecx", 7), (7, 0, "edx", 20)),
+    EFER_AUTOIBRS: ((0x80000021, 0, "eax", 8),),
+}
 # --- refusal reasons that hold on every version the model knows ---------------------------------------------------
 CPUID_AFTER_RUN_FORBIDDEN = Rule("cpuid_after_run_forbidden", "5.16", "feb627e8d6f6",
                                  "KVM: x86: Forbid KVM_SET_CPUID{,2} after KVM_RUN",
@@ -263,6 +274,11 @@ class Ruleset:
     @cached_property
     def de_cfg_guest_same_only(self) -> bool:
         return DE_CFG_GUEST_SAME_ONLY in self.rules
+
+    @cached_property
+    def absent_cpuid(self) -> tuple[tuple[int, int, str, int], ...]:
+        """The supported-CPUID bits this version's KVM does not offer yet (``CPUID_ARRIVALS``)."""
+        return tuple(bit for r, bits in CPUID_ARRIVALS.items() if r not in self.rules for bit in bits)
 
     @cached_property
     def guest_vendor_checks(self) -> str:

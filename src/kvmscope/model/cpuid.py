@@ -86,6 +86,16 @@ def runtime_update(entries: list[CpuidEntry], state: RuntimeState, profile: Prof
     return out
 
 
+def without_bits(entries: Sequence[CpuidEntry], bits: Sequence[tuple[int, int, str, int]]) -> list[CpuidEntry]:
+    """``entries`` with each (function, index, register, bit) cleared where that leaf is present."""
+    out = list(entries)
+    for function, index, reg, bit in bits:
+        i = _first(out, function, index)
+        if i is not None and getattr(out[i], reg) >> bit & 1:
+            out[i] = replace(out[i], **{reg: getattr(out[i], reg) & ~(1 << bit)})
+    return out
+
+
 def filter_xtile_cfg(entries: Sequence[CpuidEntry]) -> list[CpuidEntry]:
     """``kvm_get_filtered_xcr0`` (55cd57b596e8, 6.4): XTILE_CFG (XCR0 bit 17) is dropped from the supported XCR0 when
     XTILE_DATA (bit 18) is not offered, i.e. the process lacks the guest permission (6.12.118 x86.h:406-424)."""

@@ -13,7 +13,7 @@ from ..errors import InvalidValueError, KvmError
 from ..kernel import rulesets as R
 from ..kernel.profile import Profile
 from ..kernel.rulesets import Ruleset
-from .cpuid import filter_xtile_cfg
+from .cpuid import filter_xtile_cfg, without_bits
 from .vm import ModelVm
 
 
@@ -29,6 +29,8 @@ class ModelSystem(System):
             profile = replace(profile, msr_index_list=[i for i in profile.msr_index_list if i not in absent],
                               msr_behaviour={i: b for i, b in profile.msr_behaviour.items() if i not in absent},
                               vendor_msrs={i: b for i, b in profile.vendor_msrs.items() if i not in absent})
+        if rules.absent_cpuid:  # and offers CPUID bits this version does not (the profile's host has them)
+            profile = replace(profile, supported_cpuid=without_bits(profile.supported_cpuid, rules.absent_cpuid))
         self.profile = profile
         self.rules = rules
         self.advertised = frozenset(profile.msr_index_list)
