@@ -418,6 +418,18 @@ def test_misc_enable_reset_of_a_vendor_entry(kernel: str) -> None:
         assert vm.create_vcpu(0).read_msr(MISC_ENABLE) == 1, f"{kernel}: pvm-6.18's MISC_ENABLE at reset"
 
 
+@pytest.mark.parametrize(("kernel", "stored"), [("5.10", True), ("5.15", True), ("5.16", False), ("6.18", False)])
+def test_pv_eoi_failed_write_by_version(kernel: str, stored: bool) -> None:
+    # 5.10.262 lapic.c:2868-2887: kvm_lapic_enable_pv_eoi stores msr_val before kvm_gfn_to_hva_cache_init fails;
+    # afd67ee3cbbd (5.16) stores it only on success (6.1.192 lapic.c:3097-3121).
+    with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        assert vcpu.set_msrs({0x4B564D04: 0x7FFF0001}) == 0, f"{kernel}: PV_EOI_EN enabled outside guest memory"
+        got = vcpu.read_msr(0x4B564D04)
+        assert got == (0x7FFF0001 if stored else 0), f"{kernel}: PV_EOI_EN after the failed write: {got:#x}"
+
+
 # --- MISC_ENABLE: reset 0x1800, guest may not change 12:11 and EMON is ignored, from 6.0 (9fc222967a39) -------------
 @pytest.mark.parametrize("profile", ["intel-spr", "amd-epyc"])
 @pytest.mark.parametrize(("kernel", "from_6_0"), [("5.10", False), ("5.15", False), ("6.0", True), ("6.1", True),

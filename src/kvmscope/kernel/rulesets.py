@@ -112,6 +112,10 @@ EFER_AUTOIBRS = Rule("efer_autoibrs", "6.3", "8c19b6f257fa",
                      "may be set when the host has Automatic IBRS; before 6.3 the bit is reserved (6.1.192 "
                      "svm.c:5063-5105 enables no EFER_AUTOIBRS; 6.12.118 svm.c:5518-5519)",
                      "leave EFER.AUTOIBRS clear before 6.3")
+PV_EOI_STORED_ON_FAILURE = Rule("pv_eoi_stored_on_failure", "< 5.10", "kvm_lapic_enable_pv_eoi",
+                                "a PV_EOI_EN write that enables an address outside guest memory fails, but the MSR "
+                                "keeps the new value (5.10.262 lapic.c:2868-2887)",
+                                until="5.16", removed_by="afd67ee3cbbd")
 XFD_MSRS = Rule("xfd_msrs", "5.17", "820a6ee944e7",
                 "kvm: x86: Add emulation for IA32_XFD (and IA32_XFD_ERR, the AMX series): before 5.17 KVM does not "
                 "know 0x1C4/0x1C5 (5.10.262 x86.c has no case for them)",
@@ -198,7 +202,7 @@ RULES: dict[str, Rule] = {
               FEAT_CTL_GUEST_CPUID, DISABLE_EXITS_BEFORE_VCPUS, XTILE_CFG_FILTER, SLOT_ZAP_ALL_QUIRK,
               MSR_IO_LIMIT, VMX_RESTORE,
               PERF_CAP_SUBSET, DE_CFG_SUBSET, MCI_CTL2, MTRR_MSR_RANGES, MTRR_AS_WRITTEN, XFD_MSRS, CET_MSRS, FLUSH_CMD_MSR,
-              APIC_BASE_BSP_FORCED, EFER_AUTOIBRS,
+              APIC_BASE_BSP_FORCED, EFER_AUTOIBRS, PV_EOI_STORED_ON_FAILURE,
               INTEL_GUEST_CHECKS, INTEL_COMPATIBLE_CHECKS, UNSUPPORTED, UNKNOWN_MSR,
               HOST_PROFILE, *emulated.RULES)
 }

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..kernel import emulated as E
+from ..kernel import rulesets as R
 from .msr_family import FAIL, OK, U64, UNSUPPORTED, Family, Getter, Setter, WriteCheck
 
 if TYPE_CHECKING:
@@ -164,8 +165,12 @@ class PvMceMsrs(Family):
 
     def _set_pv_eoi(self, index: int, data: int, host: bool) -> int:
         addr = data & ~1
-        if addr % 4 or (data & 1 and not self.rules.vm.has_memory(addr, 1)):
-            return self.refuse(index, E.PV_MSR, FAIL)  # not aligned, or kvm_gfn_to_hva_cache_init fails
+        if addr % 4:
+            return self.refuse(index, E.PV_MSR, FAIL)
+        if data & 1 and not self.rules.vm.has_memory(addr, 1):  # kvm_gfn_to_hva_cache_init fails
+            if self.rules.rules.has(R.PV_EOI_STORED_ON_FAILURE):  # before 5.16 the value was stored first
+                self.rules.stored[index] = data
+            return self.refuse(index, E.PV_MSR, FAIL)
         self.rules.stored[index] = data
         return OK
 
