@@ -313,7 +313,8 @@ def test_attach_records_a_running_vmm_and_lets_it_go(live: LinuxSystem, tmp_path
         assert any(getattr(s, "name", "") == "KVM_RUN" for s in steps), "expected KVM_RUNs recorded"
     finally:
         qemu.kill()
-        qemu.wait(timeout=10)
+        # a killed QEMU exits once the kernel has torn its VM down, which took over 10 s once under a full test run
+        qemu.wait(timeout=120)
 
 
 def test_trace_needs_a_command_or_attach() -> None:

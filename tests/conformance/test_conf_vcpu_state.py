@@ -371,6 +371,25 @@ def test_tsc_deadline_follows_the_lapic_timer_mode(kvm: System, irqchip: bool, c
             assert vcpu.read_msr(TSC_DEADLINE) == 0
 
 
+def test_tsc_deadline_needs_the_apic_enabled(kvm: System) -> None:
+    """kvm_set/get_lapic_tscdeadline_msr need kvm_apic_present (APIC_BASE bit 11; 6.12.118 lapic.c:2577-2597): with
+    the APIC disabled the deadline reads 0 and writes are ignored; enabled again, the deadline set before is back."""
+    with kvm.create_vm() as vm:
+        vm.create_irqchip()
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        lapic = vcpu.get_lapic()
+        struct.pack_into("<I", lapic.regs, 0x320, 0x50000)  # LVTT: masked, TSC-deadline mode
+        vcpu.set_lapic(lapic)
+        assert vcpu.set_msrs([(TSC_DEADLINE, 1 << 62)]) == 1 and vcpu.read_msr(TSC_DEADLINE) == 1 << 62
+        assert vcpu.set_msrs([(0x1B, 0xFEE00100)]) == 1, "APIC_BASE: disable the APIC (BSP kept)"
+        seen = (vcpu.read_msr(TSC_DEADLINE), vcpu.set_msrs([(TSC_DEADLINE, 5)]), vcpu.read_msr(TSC_DEADLINE))
+        assert seen == (0, 1, 0), f"APIC disabled: (read, written, read) of TSC_DEADLINE expected (0, 1, 0), saw {seen}"
+        assert vcpu.set_msrs([(0x1B, 0xFEE00900)]) == 1, "APIC_BASE: enable the APIC again"
+        got = vcpu.read_msr(TSC_DEADLINE)
+        assert got == 1 << 62, f"APIC enabled again: TSC_DEADLINE expected {1 << 62:#x}, saw {got:#x}"
+
+
 # One-shot mode only: in TSC-deadline mode a deadline in the past expires at the next entry, which the model does not
 # emulate (its KVM_RUN refuses an armed deadline: tests/test_model_vmm.py).
 @pytest.mark.parametrize(("lvtt", "read"), [(0x10000, 0)], ids=["oneshot"])

@@ -169,6 +169,8 @@ class ModelVcpu(VcpuStateModel, Vcpu):
             value |= 1 << 8
         self.sregs.apic_base = value
         self._runtime.apic_base = value
+        if self.lapic is not None and self.tsc_deadline_mode:  # the deadline MSR follows the APIC's enable bit
+            self.tsc_deadline_rule()
 
     # -- MSRs: KVM_GET_MSRS and KVM_SET_MSRS run in msr_rules (bound in __init__) --
     def get_msrs(self, batch: MsrBatch, strict: bool = False) -> int:

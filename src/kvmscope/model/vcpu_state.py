@@ -122,10 +122,17 @@ class VcpuStateModel(FpuStateModel):
         struct.pack_into("<I", page, APIC_TMICT, 0)
         self.msr_rules.stored[MSR_IA32_TSC_DEADLINE] = 0
         self.tsc_deadline_mode = mode == LVTT_TSC_DEADLINE
-        # kvm_set/get_lapic_tscdeadline_msr: in TSC-deadline mode the MSR keeps what is written (host or guest);
-        # otherwise writes are ignored and it reads 0, which is the profile's observed "drop". The MSR rules read
-        # the profile per access, so this vCPU's rules get the profile with the MSR as "store" while in the mode.
-        if self.tsc_deadline_mode:
+        self.tsc_deadline_rule()
+
+    def tsc_deadline_rule(self) -> None:
+        """kvm_set/get_lapic_tscdeadline_msr: with the APIC present (hardware-enabled: APIC_BASE bit 11) and in
+        TSC-deadline mode the MSR keeps what is written (host or guest); otherwise writes are ignored and it reads 0,
+        which is the profile's observed "drop" (6.12.118 lapic.c:2577-2597). The MSR rules read the profile per
+        access, so this vCPU's rules get the profile with the MSR as "store" while both hold."""
+        keeps = self.tsc_deadline_mode and bool(self.sregs.apic_base & MSR_APIC_BASE_ENABLE)
+        if keeps == (self.msr_rules.profile is not self.profile):
+            return
+        if keeps:
             behaviour = dict(self.profile.msr_behaviour)
             if MSR_IA32_TSC_DEADLINE in behaviour:
                 behaviour[MSR_IA32_TSC_DEADLINE] = replace(behaviour[MSR_IA32_TSC_DEADLINE], kind="store")
