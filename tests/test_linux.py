@@ -150,6 +150,32 @@ def test_no_fd_leak_over_many_vm_cycles(live: LinuxSystem) -> None:
 # --- memory ------------------------------------------------------------------------------------------------------------
 
 
+def kvm_run_mappings() -> int:
+    with open("/proc/self/maps") as maps:
+        return sum("anon_inode:kvm-vcpu" in line for line in maps)
+
+
+def test_kvm_run_is_unmapped_when_its_last_holder_goes(live: LinuxSystem) -> None:
+    before = kvm_run_mappings()
+    vm = live.create_vm()
+    held = vm.create_vcpu(0)
+    dropped = vm.create_vcpu(1)
+    kept = vm.create_vcpu(2)
+    assert kvm_run_mappings() == before + 3, f"3 vCPUs should map 3 kvm_run pages, saw {kvm_run_mappings() - before}"
+    view = held.kvm_run[:16]  # a view of its own, as a caller keeps one
+    held.close()
+    assert kvm_run_mappings() == before + 3, "a closed vCPU's kvm_run must stay mapped while a view of it is held"
+    view.release()
+    assert kvm_run_mappings() == before + 2, "releasing the last view of a closed vCPU's kvm_run should unmap it"
+    del dropped
+    assert kvm_run_mappings() == before + 1, "a vCPU dropped unclosed should unmap its kvm_run"
+    listed = [v.id for v in vm.vcpus]
+    assert listed == [0, 2], f"the VM should list the vCPUs still referenced, 0 and 2, listed {listed}"
+    vm.close()
+    assert kept.closed, "closing the VM should close its live vCPU"
+    assert kvm_run_mappings() == before, f"closing the VM should unmap every kvm_run, {kvm_run_mappings() - before} left"
+
+
 def test_guest_memory_read_write_and_bad_regions(live: LinuxSystem) -> None:
     with live.create_vm() as vm:
         slot = vm.add_memory(0x100000, 0x2000)

@@ -6,13 +6,13 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import signal
 import struct
 import threading
 import time
-import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -112,16 +112,31 @@ _munmap.restype = ctypes.c_int
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
+@functools.cache
+def _mapping_type(size: int) -> type[ctypes.Array[ctypes.c_char]]:
+    """A ``c_char`` array of ``size`` that unmaps itself when it goes: when the vCPU is closed and the last view of
+    it is gone, never under one (a view holds the array). A ``__del__``, not ``weakref.finalize``, which costs every
+    VM start about 1 us more. Unmapping under a daemon thread still in KVM_RUN at exit is harmless: the kernel
+    writes kvm_run through its own mapping, and the thread runs no Python after the interpreter's finalization
+    begins."""
+
+    unmap, addressof = _munmap, ctypes.addressof  # held here: module globals may be gone when the last one goes
+
+    def __del__(self: ctypes.Array[ctypes.c_char]) -> None:
+        unmap(addressof(self), size)
+
+    mapping: type[ctypes.Array[ctypes.c_char]] = type("KvmRunMapping", (ctypes.c_char * size,),
+                                                      {"__del__": __del__, "__slots__": ()})
+    return mapping
+
+
 def map_kvm_run(fd: int, size: int) -> Any:
-    """``struct kvm_run`` of vCPU ``fd``, mapped shared, as a ``c_char`` array over the mapping (slices are bytes).
-    The mapping goes with the array: when the vCPU is closed and the last view of it is gone, never under one."""
+    """``struct kvm_run`` of vCPU ``fd``, mapped shared, as a ``c_char`` array over the mapping (slices are bytes),
+    unmapped when the array goes (``_mapping_type``)."""
     addr = _mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
     if addr is None or addr == _MAP_FAILED:
         raise kvm_error(ctypes.get_errno(), "mmap(kvm_run)")
-    run = (ctypes.c_char * size).from_address(addr)
-    # Not at exit: a daemon thread may still be in KVM_RUN then, and the process's mappings go with it anyway.
-    weakref.finalize(run, _munmap, addr, size).atexit = False
-    return run
+    return _mapping_type(size).from_address(addr)
 
 
 class LinuxVcpu(VcpuStateIoctls, Vcpu):
