@@ -15,6 +15,7 @@ import pytest
 
 import kvmscope
 import kvmscope.guest
+import kvmscope.model.cpuid
 from kvmscope import uapi
 from kvmscope.errors import KvmError
 from kvmscope.kernel import rulesets as R
@@ -544,3 +545,79 @@ def test_a_yaml_float_kernel_is_refused(tmp_path: object) -> None:
         load(str(path))
     path.write_text("scenario: 1\nname: x\nkernel: '6.10'\nsteps:\n  - create_vcpu: 0\n")
     assert load(str(path)).kernel == "6.10"
+
+
+# --- guest_cpu_cap_has (6.14, 8f2a27752e80): a guest CPUID bit opens its MSR only where KVM supports the feature -------
+def with_bits(cpuid: list[kvmscope.CpuidEntry], *bits: tuple[int, int, str, int], on: bool = True
+              ) -> list[kvmscope.CpuidEntry]:
+    out = list(cpuid)
+    for function, index, reg, n in bits:
+        at = next(i for i, e in enumerate(out) if (e.function, e.index) == (function, index))
+        value = getattr(out[at], reg)
+        out[at] = replace(out[at], **{reg: value | 1 << n if on else value & ~(1 << n)})
+    return out
+
+
+XFD_BIT, PDCM_BIT, OSVW_BIT = (0xD, 1, "eax", 4), (1, 0, "ecx", 15), (0x80000001, 0, "ecx", 9)
+RDTSCP_BIT, RDPID_BIT = (0x80000001, 0, "edx", 27), (7, 0, "ecx", 22)
+CAPS_EDGE = [("6.1", False), ("6.12.118", False), ("6.13", False), ("6.14", True), ("6.18", True)]
+
+
+@pytest.mark.parametrize(("profile", "bit", "msr"), [("amd-epyc", XFD_BIT, 0x1C4), ("amd-epyc", PDCM_BIT, PERF_CAP),
+                                                     ("intel-spr", OSVW_BIT, 0xC0010140)])
+@pytest.mark.parametrize(("kernel", "caps"), CAPS_EDGE)
+def test_a_guest_cpuid_bit_kvm_lacks_opens_its_msr_only_before_6_14(profile: str, bit: tuple[int, int, str, int],
+                                                                     msr: int, kernel: str, caps: bool) -> None:
+    # The profile's supported CPUID lacks the bit (AMD: no XFD, no PDCM; Intel: no OSVW); the guest's CPUID sets it.
+    # Before 6.14 guest_cpuid_has decides (6.12.118 x86.c:4060-4070 XFD, 4037-4045 OSVW; 6.13's PERF_CAP check,
+    # d75cac366f44); from 6.14 guest_cpu_cap_has (8f2a27752e80, e592ec657d84), which also needs KVM's support. The live
+    # 6.18 kernel here shows the same for XFD (tests/conformance/test_conf_emulated_msrs.py).
+    if kernel == "6.1" and msr == PERF_CAP:
+        kernel = "6.13"  # PERF_CAP's PDCM check itself came in 6.13
+    with model(profile, kernel) as kvm, kvm.create_vm() as vm:
+        supported = kvm.get_supported_cpuid()
+        assert not kvmscope.model.cpuid.has_feature(supported, *bit), f"{profile}: the premise, no {bit} supported"
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(with_bits(supported, bit))
+        events = run_program(vm, vcpu, Program().rdmsr(msr).hlt())
+        expected = [GP if caps else Rdmsr(msr, 0), Halted()]
+        assert events == expected, f"{profile} {kernel}: guest RDMSR {msr:#x} with CPUID {bit} set: {events}"
+
+
+@pytest.mark.parametrize(("kernel", "caps"), CAPS_EDGE)
+def test_osvw_from_the_host_follows_the_guest_caps(kernel: str, caps: bool) -> None:
+    # OSVW has no host_initiated exception (6.12.118 x86.c:3678-3686): KVM_SET_MSRS follows the same gate.
+    from kvmscope.kernel import emulated as E
+
+    with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(with_bits(kvm.get_supported_cpuid(), OSVW_BIT))
+        took = vcpu.set_msrs({0xC0010140: 4})
+        assert took == int(not caps), f"{kernel}: KVM_SET_MSRS of OSVW_ID_LENGTH on an Intel host: {took} written"
+        assert vcpu.try_read_msr(0xC0010140) == (None if caps else 4), f"{kernel}: read {vcpu.try_read_msr(0xC0010140)}"
+        assert vcpu.refusal_rule(0xC0010140) is (E.CPUID_GATED if caps else None), vcpu.refusal_rule(0xC0010140)
+
+
+@pytest.mark.parametrize("host_rdtscp", [True, False])
+@pytest.mark.parametrize("guest_bit", ["rdpid", "rdtscp"])
+@pytest.mark.parametrize(("kernel", "caps"), CAPS_EDGE)
+def test_tsc_aux_with_emulated_rdpid(kernel: str, caps: bool, guest_bit: str, host_rdtscp: bool) -> None:
+    # A host without RDPID (before Ice Lake): KVM emulates RDPID where the host has RDTSCP (cpuid_func_emulated), so from
+    # 6.14 a guest's RDPID still opens TSC_AUX there; a guest bit the host lacks entirely opens it only before 6.14.
+    # 6.12.118 x86.c:1458-1465 (guest RDTSCP or RDPID, from 5.13).
+    from kvmscope.kernel.profile import load
+    from kvmscope.model import open_model
+
+    spr = load("intel-spr")
+    host = with_bits(spr.supported_cpuid, RDPID_BIT, on=False)
+    if not host_rdtscp:
+        host = with_bits(host, RDTSCP_BIT, on=False)
+    with open_model(kernel, replace(spr, supported_cpuid=host)) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        cpuid = with_bits(kvm.get_supported_cpuid(), RDTSCP_BIT, RDPID_BIT, on=False)
+        vcpu.set_cpuid(with_bits(cpuid, RDPID_BIT if guest_bit == "rdpid" else RDTSCP_BIT))
+        events = run_program(vm, vcpu, Program().rdmsr(0xC0000103).hlt())
+        opens = not caps or host_rdtscp
+        expected = [Rdmsr(0xC0000103, 0) if opens else GP, Halted()]
+        assert events == expected, (
+            f"{kernel}, host RDTSCP {host_rdtscp}, guest {guest_bit}: guest RDMSR of TSC_AUX gave {events}")

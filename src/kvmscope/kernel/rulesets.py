@@ -128,6 +128,14 @@ FLUSH_CMD_MSR = Rule("flush_cmd_msr", "6.4", "da3db168fb67",
                      "KVM: x86: Virtualize FLUSH_L1D and passthrough MSR_IA32_FLUSH_CMD: before 6.4 KVM does not know "
                      "IA32_FLUSH_CMD (0x10B; 6.1.192 x86.c, vmx.c and svm.c have no case for it)",
                      "leave IA32_FLUSH_CMD out before 6.4")
+GUEST_CPU_CAPS = Rule("guest_cpu_caps", "6.14", "8f2a27752e80, e592ec657d84",
+                      "KVM: x86: Replace (almost) all guest CPUID feature queries with cpu_caps: an MSR gated on a "
+                      "guest CPUID feature (OSVW, XFD, TSC_AUX, TSC_ADJUST, PRED_CMD, FLUSH_CMD, MISC_ENABLE's MWAIT, "
+                      "EFER's bits, x2APIC, ARCH_CAPABILITIES, PERF_CAPABILITIES and its PEBS format) needs the "
+                      "feature in KVM's caps too: KVM_GET_SUPPORTED_CPUID, or emulated (RDPID on a host with RDTSCP); "
+                      "before 6.14 the guest's CPUID bit alone decides (6.12.118 x86.c:1314, 1458, 3474, 3500, 3678, "
+                      "3703, 3831, 3837; lapic.c:2692; vmx.c:2501-2503). XSS keeps the raw CPUID bit",
+                      "from 6.14 set only CPUID bits this host's KVM supports for the MSRs they open")
 # The MSRs KVM learned at a version: before it they are unknown MSRs, left out of KVM_GET_MSR_INDEX_LIST and of a
 # profile's inventory taken on a later kernel (ModelSystem), with no handler of their own (msr_misc).
 MSR_ARRIVALS: dict[Rule, tuple[int, ...]] = {XFD_MSRS: (0x1C4, 0x1C5), CET_MSRS: (0x6A0, 0x6A2, *range(0x6A4, 0x6A9)),
@@ -202,7 +210,7 @@ RULES: dict[str, Rule] = {
               FEAT_CTL_GUEST_CPUID, DISABLE_EXITS_BEFORE_VCPUS, XTILE_CFG_FILTER, SLOT_ZAP_ALL_QUIRK,
               MSR_IO_LIMIT, VMX_RESTORE,
               PERF_CAP_SUBSET, DE_CFG_SUBSET, MCI_CTL2, MTRR_MSR_RANGES, MTRR_AS_WRITTEN, XFD_MSRS, CET_MSRS, FLUSH_CMD_MSR,
-              APIC_BASE_BSP_FORCED, EFER_AUTOIBRS, PV_EOI_STORED_ON_FAILURE,
+              APIC_BASE_BSP_FORCED, EFER_AUTOIBRS, PV_EOI_STORED_ON_FAILURE, GUEST_CPU_CAPS,
               INTEL_GUEST_CHECKS, INTEL_COMPATIBLE_CHECKS, UNSUPPORTED, UNKNOWN_MSR,
               HOST_PROFILE, *emulated.RULES)
 }
@@ -278,6 +286,12 @@ class Ruleset:
     @cached_property
     def de_cfg_guest_same_only(self) -> bool:
         return DE_CFG_GUEST_SAME_ONLY in self.rules
+
+    @cached_property
+    def guest_cpu_caps(self) -> bool:
+        """A guest CPUID feature counts for the MSR code only when KVM supports it too (6.14, ``guest_cpu_cap_has``);
+        before, the guest's bit alone (``guest_cpuid_has``)."""
+        return GUEST_CPU_CAPS in self.rules
 
     @cached_property
     def absent_cpuid(self) -> tuple[tuple[int, int, str, int], ...]:

@@ -18,6 +18,10 @@ X86_CR4_OSXSAVE = 1 << 18
 X86_CR4_PKE = 1 << 22
 APIC_BASE_ENABLE = 1 << 11
 XFEATURE_MASK_XTILE_DATA = 1 << 18  # XFEATURE_MASK_USER_DYNAMIC
+# KVM emulates RDPID for a guest wherever the host has RDTSCP (cpuid_func_emulated), so from 6.14 a guest's RDPID
+# counts for TSC_AUX on such a host (``MsrRules.cap``).
+RDTSCP = (0x80000001, 0, "edx", 27)
+RDPID = (7, 0, "ecx", 22)
 
 
 @dataclass

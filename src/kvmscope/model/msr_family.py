@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Protocol
 from ..api import find_cpuid
 from ..kernel import emulated as E
 from ..kernel.rulesets import Rule
-from . import cpuid as C
 
 if TYPE_CHECKING:
     from .msr_rules import MsrRules
@@ -91,7 +90,6 @@ class Family:
         self.vcpu = rules.vcpu
         self.handlers: dict[int, tuple[Getter, Setter]] = {}
         self.indices: frozenset[int] = frozenset()
-        self._supported: dict[Bit, bool] = {}
 
     def install(self, handlers: dict[int, tuple[Getter, Setter]]) -> None:
         self.handlers = handlers
@@ -106,19 +104,16 @@ class Family:
 
     # -- what the rules read --
     def cap(self, bit: Bit) -> bool:
-        """``guest_cpu_cap_has``: the guest's CPUID bit, and KVM supports the feature."""
-        return self.rules.cpuid_has(bit) and self.supported(bit)
+        """``guest_cpu_cap_has`` from 6.14, ``guest_cpuid_has`` before (``MsrRules.cap``)."""
+        return self.rules.cap(bit)
 
     def cpuid_has(self, bit: Bit) -> bool:
         """``guest_cpuid_has``: the guest's CPUID bit alone."""
         return self.rules.cpuid_has(bit)
 
     def supported(self, bit: Bit) -> bool:
-        """The bit in the profile's supported CPUID (fixed for the vCPU's life, so looked up once per bit)."""
-        has = self._supported.get(bit)
-        if has is None:
-            has = self._supported[bit] = C.has_feature(self.rules.profile.supported_cpuid, *bit)
-        return has
+        """The bit in the profile's supported CPUID."""
+        return self.rules.supported(bit)
 
     # -- what the batch ioctls may do without calling a handler (msr_batch) --
     def write_kind(self, index: int) -> str | None:

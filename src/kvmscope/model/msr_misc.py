@@ -35,8 +35,7 @@ NX: Bit = (0x80000001, 0, "edx", 20)
 SVM: Bit = (0x80000001, 0, "ecx", 2)
 FFXSR: Bit = (0x80000001, 0, "edx", 25)
 AUTOIBRS: Bit = (0x80000021, 0, "eax", 8)
-RDTSCP: Bit = (0x80000001, 0, "edx", 27)
-RDPID: Bit = (7, 0, "ecx", 22)
+RDTSCP, RDPID = C.RDTSCP, C.RDPID
 MSR_VM_HSAVE_PA = 0xC0010117
 TSC_ADJUST: Bit = (7, 0, "ebx", 1)
 OSVW: Bit = (0x80000001, 0, "ecx", 9)
@@ -237,7 +236,7 @@ class MiscMsrs(Family):
         return OK, self.vcpu.sregs.apic_base
 
     def _set_apic_base(self, index: int, data: int, host: bool) -> int:
-        reserved = reserved_gpa_bits(self.rules) | 0x2FF | (0 if self.cpuid_has(X2APIC) else X2APIC_ENABLE)
+        reserved = reserved_gpa_bits(self.rules) | 0x2FF | (0 if self.cap(X2APIC) else X2APIC_ENABLE)
         new_mode, old_mode = data & (APIC_ENABLE | X2APIC_ENABLE), self.vcpu.sregs.apic_base & (APIC_ENABLE | X2APIC_ENABLE)
         if data & reserved or new_mode == X2APIC_ENABLE:  # LAPIC_MODE_INVALID: x2APIC without enable
             return self.refuse(index, E.APIC_BASE_VALID, FAIL)

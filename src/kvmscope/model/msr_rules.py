@@ -72,6 +72,7 @@ class MsrRules:
         self.refusals: dict[int, R.Rule] = {}
         self.behaviour = p.behaviours  # how the profile's ordinary MSRs behave, the vendor's own handling included
         self._bits_of: object = None  # the CPUID list _bits was computed from (cpuid_has)
+        self._supported: dict[tuple[int, int, str, int], bool] = {}
         self._bits: dict[tuple[int, int, str, int], bool] = {}
         self._advertised = vm.system.advertised
         # kvm_is_immutable_feature_msr: the generic list plus the VMX range, computed once so the check stays cheap.
@@ -125,6 +126,22 @@ class MsrRules:
             has = self._bits[bit] = C.has_feature(cpuid, *bit)
         return has
 
+    def cap(self, bit: tuple[int, int, str, int]) -> bool:
+        """A guest CPUID feature as KVM's MSR code asks for it: from 6.14 ``guest_cpu_cap_has``, the guest's bit and
+        KVM's support (the supported CPUID, or emulated: RDPID on a host with RDTSCP); before, the bit alone."""
+        if not self.cpuid_has(bit):
+            return False
+        if not self.rules.guest_cpu_caps:
+            return True
+        return self.supported(bit) or (bit == C.RDPID and self.supported(C.RDTSCP))
+
+    def supported(self, bit: tuple[int, int, str, int]) -> bool:
+        """The bit in the profile's supported CPUID (fixed for the vCPU's life, so looked up once per bit)."""
+        has = self._supported.get(bit)
+        if has is None:
+            has = self._supported[bit] = C.has_feature(self.profile.supported_cpuid, *bit)
+        return has
+
     def ruled_msrs(self) -> frozenset[int]:
         """Every MSR with a host rule of its own (read or write, in ``host_get``/``host_set`` or a setter) and every
         MSR a rule reads. The batch ioctls (``msr_batch``) send only these through the rules one by one and handle
@@ -154,11 +171,11 @@ class MsrRules:
             value = vmx.read(self.vmx, index)
             return (OK, value) if value is not None else (FAIL, 0)
         if index == M.MSR_IA32_ARCH_CAPABILITIES:
-            if rs.cpuid_gated_caps and not self.cpuid_has(ARCH_CAPABILITIES_BIT):
+            if rs.cpuid_gated_caps and not self.cap(ARCH_CAPABILITIES_BIT):
                 return self.refuse(index, R.ARCH_CAP_NEEDS_CPUID, UNSUPPORTED), 0
             return OK, self.stored[index]
         if index == M.MSR_IA32_PERF_CAPABILITIES:
-            if rs.cpuid_gated_caps and not self.cpuid_has(PDCM_BIT):
+            if rs.cpuid_gated_caps and not self.cap(PDCM_BIT):
                 return self.refuse(index, R.PERF_CAP_NEEDS_PDCM, UNSUPPORTED), 0
             return OK, self.stored[index]
         if index in (M.MSR_PLATFORM_INFO, M.MSR_IA32_UCODE_REV):
@@ -227,7 +244,7 @@ class MsrRules:
 
     def _set_arch_cap(self, data: int) -> int:
         index = M.MSR_IA32_ARCH_CAPABILITIES
-        if self.rules.cpuid_gated_caps and not self.cpuid_has(ARCH_CAPABILITIES_BIT):
+        if self.rules.cpuid_gated_caps and not self.cap(ARCH_CAPABILITIES_BIT):
             return self.refuse(index, R.ARCH_CAP_NEEDS_CPUID, UNSUPPORTED)
         self.stored[index] = data
         return OK
@@ -287,8 +304,8 @@ class MsrRules:
                 return self.refuse(index, R.PERF_CAP_SUBSET, FAIL)
             if data & M.PERF_CAP_PEBS_FORMAT and (
                 (data ^ supported) & rs.perf_cap_pebs_mask
-                or not self.cpuid_has(DS_BIT)
-                or not self.cpuid_has(DTES64_BIT)
+                or not self.cap(DS_BIT)
+                or not self.cap(DTES64_BIT)
                 or not consistent
             ):
                 return self.refuse(index, R.PERF_CAP_SUBSET, FAIL)
@@ -304,7 +321,7 @@ class MsrRules:
         code = self.perf_cap_vendor_check(data)
         if code:
             return code
-        if rs.cpuid_gated_caps and not self.cpuid_has(PDCM_BIT):
+        if rs.cpuid_gated_caps and not self.cap(PDCM_BIT):
             return self.refuse(index, R.PERF_CAP_NEEDS_PDCM, UNSUPPORTED)
         if data & ~supported:
             return self.refuse(index, R.PERF_CAP_SUBSET, FAIL)
@@ -363,9 +380,9 @@ class MsrRules:
             value = vmx.read(self.vmx, index)
             return (OK, value) if self.cpuid_has(VMX_BIT) and value is not None else (FAIL, 0)
         if index == M.MSR_IA32_ARCH_CAPABILITIES:
-            return (OK, self.stored[index]) if self.cpuid_has(ARCH_CAPABILITIES_BIT) else (gated, 0)
+            return (OK, self.stored[index]) if self.cap(ARCH_CAPABILITIES_BIT) else (gated, 0)
         if index == M.MSR_IA32_PERF_CAPABILITIES:
-            return (OK, self.stored[index]) if self.cpuid_has(PDCM_BIT) else (gated, 0)
+            return (OK, self.stored[index]) if self.cap(PDCM_BIT) else (gated, 0)
         if index == M.MSR_PLATFORM_INFO:
             return (OK, self.stored[index]) if self.vm.platform_info_readable else (FAIL, 0)
         if index == M.MSR_IA32_UCODE_REV:

@@ -25,11 +25,11 @@ def setter_check(rules: MsrRules, index: int) -> WriteCheck | None:
     if index == M.MSR_IA32_UCODE_REV:
         return 0, 0, False
     if index == M.MSR_IA32_ARCH_CAPABILITIES:
-        return None if rs.cpuid_gated_caps and not rules.cpuid_has(ARCH_CAPABILITIES_BIT) else (0, 0, False)
+        return None if rs.cpuid_gated_caps and not rules.cap(ARCH_CAPABILITIES_BIT) else (0, 0, False)
     if index == M.MSR_AMD64_DE_CFG:
         return (0, U64 & ~p.feature_msrs.get(index, 0), False) if p.vendor == "svm" else None
     if index == M.MSR_IA32_PERF_CAPABILITIES:
-        if rs.cpuid_gated_caps and not rules.cpuid_has(PDCM_BIT):
+        if rs.cpuid_gated_caps and not rules.cap(PDCM_BIT):
             return None
         mask = U64 & ~p.supported_perf_cap
         if p.vendor == "vmx":  # a value with an LBR or PEBS format takes the setter (perf_cap_vendor_check)
@@ -50,7 +50,7 @@ def read_decided(rules: MsrRules, index: int) -> tuple[dict[int, int], int, int,
     forgiven = rules.unsupported_ok(index, 0)  # a refused read gives 0
     if index in gates:
         bit, rule = gates[index]
-        if not (rs.cpuid_gated_caps and not rules.cpuid_has(bit)):
+        if not (rs.cpuid_gated_caps and not rules.cap(bit)):
             return rules.stored, index, 0, None
         return ({}, index, 0, rule) if forgiven else None  # refused as unsupported: 0 when forgiven
     if index in (M.MSR_PLATFORM_INFO, M.MSR_IA32_UCODE_REV) or (index == M.MSR_AMD64_DE_CFG and p.vendor == "svm"):
@@ -64,9 +64,9 @@ def setter_refusal(rules: MsrRules, index: int) -> R.Rule | None:
     """The rule a host write of ``index`` is always refused by, as unsupported, under the vCPU's CPUID now (for
     any value ``unsupported_ok`` forgives); None when its setter must run."""
     p, rs = rules.profile, rules.rules
-    if index == M.MSR_IA32_ARCH_CAPABILITIES and rs.cpuid_gated_caps and not rules.cpuid_has(ARCH_CAPABILITIES_BIT):
+    if index == M.MSR_IA32_ARCH_CAPABILITIES and rs.cpuid_gated_caps and not rules.cap(ARCH_CAPABILITIES_BIT):
         return R.ARCH_CAP_NEEDS_CPUID
-    if index == M.MSR_IA32_PERF_CAPABILITIES and rs.cpuid_gated_caps and not rules.cpuid_has(PDCM_BIT) and not (
+    if index == M.MSR_IA32_PERF_CAPABILITIES and rs.cpuid_gated_caps and not rules.cap(PDCM_BIT) and not (
             p.vendor == "vmx" and p.ignore_msrs):  # vmx's format checks come first, and pass only for 0
         return R.PERF_CAP_NEEDS_PDCM
     if index == M.MSR_AMD64_DE_CFG and p.vendor != "svm":
