@@ -8,10 +8,13 @@ run a program. Sources are cited per case: ``x86.c``/``mtrr.c``/``lapic.c`` of t
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from kvmscope import guest, uapi
-from kvmscope.api import MsrBatch, System
+from kvmscope.api import MsrBatch, System, find_cpuid
+from kvmscope.model.cpuid import has_feature
 from kvmscope.program import GuestException, Halted, Program, Rdmsr, UserMsr, Wrmsr, run_program
 
 GP = GuestException(13, 0)
@@ -165,6 +168,30 @@ def test_guest_efer_needs_cpuid_bits(kvm: System) -> None:
 def test_guest_tsc_aux_needs_rdtscp_or_rdpid(kvm: System) -> None:
     # x86.c __kvm_get_msr/__kvm_set_msr: without CPUID RDTSCP or RDPID (KVM_GET_SUPPORTED_CPUID has neither here).
     assert run(kvm, Program().rdmsr(0xC0000103).wrmsr(0xC0000103, 1), cpuid=True) == [GP, GP, Halted()]
+
+
+# MSRs a guest reaches through a CPUID bit: (name, the bit, the MSR, the other bits that must be missing too)
+CPUID_GATES = [("XFD", (0xD, 1, "eax", 4), 0x1C4, ()),
+               ("RDTSCP", (0x80000001, 0, "edx", 27), 0xC0000103, ((7, 0, "ecx", 22),)),  # RDPID opens it too
+               ("OSVW", (0x80000001, 0, "ecx", 9), 0xC0010140, ())]
+
+
+def test_a_guest_cpuid_bit_kvm_does_not_support_opens_no_msr(kvm: System) -> None:
+    # 6.14+ (8f2a27752e80) guest_cpu_cap_has: the guest's CPUID bit counts only where KVM supports the feature (before
+    # 6.14 the bit alone opened the MSR: tests/test_kernel_versions.py). Each gate this host's KVM lacks is tried.
+    supported = kvm.get_supported_cpuid()
+    lacking = [(name, bit, msr) for name, bit, msr, also in CPUID_GATES
+               if not any(has_feature(supported, *b) for b in (bit, *also))
+               and find_cpuid(supported, bit[0], bit[1]) is not None]
+    assert lacking, "this host's KVM supports every gate tried; the test needs one it lacks"
+    for name, (function, index, reg, n), msr in lacking:
+        cpuid = [replace(e, **{reg: getattr(e, reg) | 1 << n}) if (e.function, e.index) == (function, index) else e
+                 for e in supported]
+        with kvm.create_vm() as vm:
+            vcpu = vm.create_vcpu(0)
+            vcpu.set_cpuid(cpuid)
+            events = run_program(vm, vcpu, Program().rdmsr(msr).hlt())
+        assert events == [GP, Halted()], f"CPUID {name} set but not supported: guest RDMSR {msr:#x} gave {events}"
 
 
 def test_guest_machine_check(kvm: System) -> None:
