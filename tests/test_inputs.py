@@ -87,6 +87,11 @@ BAD_TEXT: dict[str, tuple[str, str]] = {
     "header after steps": (HEAD + "name: [1]\n", ":4: name: expected a string, got a list"),
     "long key": (HEAD + "  - run: {" + "k" * 300 + ": 0}\n", ":4: a key of 300 characters: the limit is 256"),
     "lone surrogate": (HEAD.replace("scenario: 1", 'scenario: 1\nname: "\\ud800"'), ":2: "),
+    "two names for one MSR": (HEAD + "  - set_msrs: {vcpu: 0, msrs: {PLATFORM_INFO: 1, MSR_PLATFORM_INFO: 0}}\n",
+                              ":4: steps[1].set_msrs.msrs.MSR_PLATFORM_INFO: 'PLATFORM_INFO' and 'MSR_PLATFORM_INFO' "
+                              "name the same MSR (0xce); give it once"),
+    "base-60 number": (HEAD + "  - create_vcpu: 1:30\n", ":4: '1:30' is a base-60 number in YAML 1.1"),
+    "leading-zero octal": (HEAD + "  - create_vcpu: 010\n", ":4: '010' is octal in YAML 1.1 (a leading 0): write 10"),
     "typo on the last line": (HEAD + "  - run: 0\n  - set_msrs: {vcpu: 0, msrs: {PLATFORM_INFOO: 1}}\n",
                               ":5: steps[2].set_msrs.msrs.PLATFORM_INFOO: unknown MSR name"),
 }

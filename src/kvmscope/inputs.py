@@ -370,12 +370,22 @@ class Events:
             kind = tag[len(_TAG):]
             if len(value) > MAX_INT_DIGITS:
                 self.fail(line, f"a number of {len(value):,} characters: the limit is {MAX_INT_DIGITS}")
+            if ev.tag in (None, "!"):  # YAML 1.1's surprises in a plain scalar: 1:30 is 90, 010 is 8
+                if ":" in value:
+                    self.fail(line, f"{value!r} is a base-60 number in YAML 1.1; write it in decimal or hex")
+                if _LEADING_ZERO.fullmatch(value):
+                    digits = value.lstrip("+-0_") or "0"
+                    self.fail(line, f"{value!r} is octal in YAML 1.1 (a leading 0): write {digits} for decimal, "
+                                    f"0o{digits} for octal")
             node = yaml.ScalarNode(tag, value)
             try:
                 return getattr(self.loader, f"construct_yaml_{kind}")(node)
             except (ValueError, TypeError, ArithmeticError, IndexError, yaml.YAMLError):
                 self.fail(line, f"expected {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
         self.fail(line, f"the tag {_short(tag)} is not supported: plain values, lists and mappings only")
+
+
+_LEADING_ZERO = re.compile(r"[-+]?0[0-7_]+")
 
 
 def _short(tag: str | None) -> str:

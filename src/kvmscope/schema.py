@@ -251,19 +251,25 @@ class ListOf(Type[list[T]]):
 class MapOf(Type[dict[T, U]]):
     """A mapping whose keys are read as ``key`` and values as ``value``; both are named ``path.KEY``."""
 
-    def __init__(self, key: Type[T], value: Type[U]) -> None:
+    def __init__(self, key: Type[T], value: Type[U], what: str = "key") -> None:
         self.key = key
         self.value = value
+        self.what = what  # what a key names, for the message about two spellings of one
 
     def read(self, r: Reader, x: Any, path: str) -> dict[T, U]:
         v, _ = unwrap(x)
         if not isinstance(v, dict):
             raise r.fail(x, path, f"expected a mapping, got {kind(v)}")
-        out = {}
+        out: dict[T, U] = {}
+        spelled: dict[T, Any] = {}
         for k, item in v.items():
             where = f"{path}.{k}"
             # Keys keep their source text (`0xce`, not 206) and take their value's line.
             key = self.key.read(r, located(item, k), where)
+            if key in spelled:  # two spellings of one key (PLATFORM_INFO, 0xce): a mapping would keep only the last
+                same = f" ({key:#x})" if isinstance(key, int) else ""
+                raise r.fail(item, where, f"{shown(spelled[key])} and {shown(k)} name the same {self.what}{same}; give it once")
+            spelled[key] = k
             out[key] = self.value.read(r, item, where)
         return out
 
@@ -305,7 +311,7 @@ class MsrValues(Type[list[tuple[int, int]]]):
     def read(self, r: Reader, x: Any, path: str) -> list[tuple[int, int]]:
         v, _ = unwrap(x)
         if isinstance(v, dict):
-            return list(MapOf(MSR, U64).read(r, x, path).items())
+            return list(MapOf(MSR, U64, "MSR").read(r, x, path).items())
         out = []
         for i, item in enumerate(ListOf(Raw()).read(r, x, path)):
             where = f"{path}[{i}]"
