@@ -92,6 +92,9 @@ BAD_TEXT: dict[str, tuple[str, str]] = {
                               "name the same MSR (0xce); give it once"),
     "base-60 number": (HEAD + "  - create_vcpu: 1:30\n", ":4: '1:30' is a base-60 number in YAML 1.1"),
     "leading-zero octal": (HEAD + "  - create_vcpu: 010\n", ":4: '010' is octal in YAML 1.1 (a leading 0): write 10"),
+    "vCPU id beyond a C int": (HEAD + "  - ioctl: {name: KVM_CREATE_VCPU, vcpu: 0xffffffff, errno: EINVAL}\n",
+                               ":4: steps[1].ioctl.vcpu: 0xffffffff does not fit in 31 bits unsigned (a vCPU id is a "
+                               "C int"),
     "typo on the last line": (HEAD + "  - run: 0\n  - set_msrs: {vcpu: 0, msrs: {PLATFORM_INFOO: 1}}\n",
                               ":5: steps[2].set_msrs.msrs.PLATFORM_INFOO: unknown MSR name"),
 }

@@ -163,7 +163,8 @@ class CpuidFile(Type[list[CpuidEntry]]):
 
 MAX_CPUID_FILE = inputs.MiB  # a CPUID list has a few hundred entries at most
 
-VCPU = Field("vcpu", Int(32))
+# KVM_CREATE_VCPU takes an unsigned long but stores an int (kvm_vcpu.vcpu_id), and the binding passes it as a C int
+VCPU = Field("vcpu", Int(31, " (a vCPU id is a C int: 0 to 0x7fffffff)"))
 
 
 @dataclass(kw_only=True)

@@ -109,9 +109,10 @@ class Type(Generic[T]):
 class Int(Type[int]):
     """An unsigned integer of ``bits`` bits: a number, or a string in any Python base (``"0x1f"``, ``"31"``)."""
 
-    def __init__(self, bits: int = 64) -> None:
+    def __init__(self, bits: int = 64, why: str = "") -> None:
         self.bits = bits
         self.limit = 1 << bits
+        self.why = why  # why the field has that width, when it is not the C type's own
 
     def read(self, r: Reader, x: Any, path: str) -> int:
         v = x.value if type(x) is Node else x
@@ -128,7 +129,7 @@ class Int(Type[int]):
             raise r.fail(x, path, f"expected an integer, got {kind(v)}")
         if not 0 <= v < self.limit:
             number = f"{v:#x}" if v.bit_length() <= 128 else f"a {v.bit_length()}-bit number"
-            raise r.fail(x, path, f"{number} does not fit in {self.bits} bits unsigned")
+            raise r.fail(x, path, f"{number} does not fit in {self.bits} bits unsigned{self.why}")
         return v
 
 
