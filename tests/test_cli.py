@@ -85,3 +85,27 @@ def test_readme_guest_program_example_runs_as_written(capsys: pytest.CaptureFixt
     exec(compile(block, "README.md", "exec"), {})
     out = capsys.readouterr().out.strip()
     assert out == ("[Rdmsr(index=206, value=2147483648), GuestException(vector=13, error_code=0), Halted()]"), out
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["decode", "NOPE", "1", "--json"], 2, "unknown MSR name 'NOPE'"),
+    (["check", "examples/platform-info-after-run.yaml", "--compare", "6.3", "--json"], 2,
+     "--compare needs at least two kernel versions, e.g. 6.3,6.18 (see `kvmscope check --help`)"),
+    (["probe", "--backend", "model", "--profile", "nope", "--json"], 2, "no shipped profile named 'nope'"),
+])
+def test_json_commands_print_a_json_error_on_failure(args: list[str], code: int, message: str) -> None:
+    # A script reading stdout of `--json` gets a document whatever happened; stderr keeps its one line.
+    root = Path(__file__).resolve().parents[1]
+    result = CliRunner().invoke(main, [str(root / a) if a.endswith(".yaml") else a for a in args], prog_name="kvmscope")
+    assert result.exit_code == code, f"{args}: expected exit {code}, got {result.exit_code}: {result.output}"
+    doc = json.loads(result.stdout)
+    assert doc["exit_code"] == code and message in doc["error"], f"{args}: stdout JSON {doc}"
+    assert result.stderr.count("\n") == 1 and message in result.stderr, f"{args}: stderr {result.stderr!r}"
+
+
+def test_usage_errors_are_one_line_naming_the_help() -> None:
+    result = CliRunner().invoke(main, ["template", "apply"], prog_name="kvmscope")
+    assert result.exit_code == 2, f"expected exit 2 for a missing argument, got {result.exit_code}"
+    assert result.stderr.count("\n") == 1 and "(see `kvmscope template apply --help`)" in result.stderr, (
+        f"expected one line naming the help, got {result.stderr!r}")
+    assert result.stdout == "", f"no JSON asked for, yet stdout has {result.stdout!r}"

@@ -3,11 +3,12 @@ check.py and scenario.py; which backend opens, in backends.py; what is printed, 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -29,8 +30,21 @@ EXIT_USAGE = 2
 EXIT_NO_KVM = 3
 
 
+_argv: list[str] = []  # the command line main() parses (not sys.argv under click's test runner)
+
+
+def _wants_json() -> bool:
+    """Whether the command line asks for --json (before any ``--``: what follows is a traced command's)."""
+    args = _argv
+    return "--json" in (args[: args.index("--")] if "--" in args else args)
+
+
 def fail(message: str, code: int) -> NoReturn:
+    """The error as one line on stderr and exit ``code``; with --json, also as JSON on stdout, so that a script reading
+    stdout gets a document whatever happened."""
     render.error_line(message)
+    if _wants_json():
+        click.echo(json.dumps({"schema_version": 1, "error": message, "exit_code": code}))
     sys.exit(code)
 
 
@@ -59,7 +73,23 @@ profile_option = click.option(
 
 
 class _Group(click.Group):
-    """kvmscope's command group: a reader that goes away (``kvmscope msrs | head -1``) ends the command quietly."""
+    """kvmscope's command group: a reader that goes away (``kvmscope msrs | head -1``) ends the command quietly, and a
+    usage error is one line (``fail``) naming the help to read, not click's usage block."""
+
+    def main(self, *args: Any, **kwargs: Any) -> NoReturn:
+        kwargs["standalone_mode"] = False  # click's own handling prints several lines; ours, one
+        given = args[0] if args else kwargs.get("args")
+        _argv[:] = [str(a) for a in (sys.argv[1:] if given is None else given)]
+        try:
+            code = super().main(*args, **kwargs)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "kvmscope"
+            fail(f"{e.format_message().rstrip('.')} (see `{where} --help`)", EXIT_USAGE)
+        except click.ClickException as e:
+            fail(e.format_message(), e.exit_code)
+        except click.Abort:  # Ctrl-C
+            fail("interrupted", 130)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
 
     def invoke(self, ctx: click.Context) -> object:
         try:
