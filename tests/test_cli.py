@@ -109,3 +109,24 @@ def test_usage_errors_are_one_line_naming_the_help() -> None:
     assert result.stderr.count("\n") == 1 and "(see `kvmscope template apply --help`)" in result.stderr, (
         f"expected one line naming the help, got {result.stderr!r}")
     assert result.stdout == "", f"no JSON asked for, yet stdout has {result.stdout!r}"
+
+
+def test_control_characters_in_user_text_print_as_escapes(tmp_path: Path) -> None:
+    # A recording's name and labels are untrusted: an escape sequence must not reach the terminal, nor a newline
+    # split the report's header, nor a bidi override reorder it.
+    f = tmp_path / "s.yaml"
+    f.write_text('scenario: 1\nname: "a\\x1b[31mRED\\nX\\u202eY"\nsteps:\n  - create_vcpu: 0\n    label: "l\\x07"\n')
+    result = CliRunner().invoke(main, ["check", "--profile", "intel-spr", str(f)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("a\\x1b[31mRED\\nX\\u202eY ("), f"header should show escapes, got {lines[0]!r}"
+    assert "(l\\x07)" in lines[1], f"the label should show its escape, got {lines[1]!r}"
+    assert not any(c in result.stdout for c in "\x1b\x07\u202e"), "a control character reached the output"
+
+
+@pytest.mark.parametrize("name", ["a\x1b[31mb", "two\nlines", " "])
+def test_probe_save_name_must_be_printable(tmp_path: Path, name: str) -> None:
+    result = CliRunner().invoke(main, ["probe", "--save", str(tmp_path / "p.json"), "--name", name])
+    assert result.exit_code == 2 and "--name: expected a printable name" in result.stderr, (
+        f"--name {name!r}: expected exit 2 naming --name, got {result.exit_code}: {result.stderr!r}")
+    assert not (tmp_path / "p.json").exists(), "a refused --name must not write the profile"

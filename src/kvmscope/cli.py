@@ -135,6 +135,8 @@ def probe(backend: str, kernel: str | None, profile: str | None, as_json: bool, 
         raise click.UsageError("--kernel and --profile choose the model; drop them or use --backend model")
     if profile_name is not None and save_path is None:
         raise click.UsageError("--name names the profile --save writes; add --save FILE")
+    if profile_name is not None and (not profile_name.strip() or render.clean(profile_name) != profile_name):
+        raise click.UsageError(f"--name: expected a printable name, got '{render.clean(profile_name)[:60]}'")
     with exit_on_error():
         if save_path:  # a bad target is bad input: refused before anything is opened or captured
             from .inputs import check_output

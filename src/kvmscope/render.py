@@ -68,9 +68,20 @@ def _err_console() -> Console:
     return Console(file=sys.stderr, width=None if terminal else _width(), force_terminal=terminal)
 
 
+# Control characters and bidirectional overrides in user text (a recording's labels, a scenario's name) would move the
+# cursor, recolour the terminal or split a line: they are shown as escapes.
+_HIDDEN = re.compile("[\x00-\x1f\x7f\u202a-\u202e\u2066-\u2069]")
+
+
+def clean(text: str) -> str:
+    """``text`` with control characters and bidi overrides shown as Python escapes."""
+    return _HIDDEN.sub(lambda m: repr(m.group())[1:-1], text) if _HIDDEN.search(text) else text
+
+
 def line(*parts: Part) -> Text:
-    """One line from plain and styled parts; no part is read as markup."""
-    return Text.assemble(*parts)
+    """One line from plain and styled parts; no part is read as markup, and none can hide or split it (``clean``)."""
+    return Text.assemble(*(clean(p) if isinstance(p, str) else (clean(p[0]), p[1]) if isinstance(p, tuple) else p
+                           for p in parts))
 
 
 def error(message: str) -> None:
