@@ -130,3 +130,31 @@ def test_probe_save_name_must_be_printable(tmp_path: Path, name: str) -> None:
     assert result.exit_code == 2 and "--name: expected a printable name" in result.stderr, (
         f"--name {name!r}: expected exit 2 naming --name, got {result.exit_code}: {result.stderr!r}")
     assert not (tmp_path / "p.json").exists(), "a refused --name must not write the profile"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["check", "--corpus", "corpus/qemu-7.2", "--backend", "linux"], "--corpus replays on the model; drop --backend"),
+    (["check", "--corpus", "corpus/qemu-7.2", "--kernel", "6.3"], "--corpus takes its kernels from --compare"),
+    (["check", "examples/platform-info-after-run.yaml", "--compare", "6.3,6.18", "--kernel", "6.1"],
+     "--compare names every kernel; drop --kernel"),
+    (["check", "examples/platform-info-after-run.yaml", "--compare", "6.3,6.3"], "--compare names a kernel twice"),
+    (["template", "apply", "examples/templates/t2s-like.json", "--compare", "6.3,6.18", "--kernel", "6.1"],
+     "--compare names every kernel; drop --kernel"),
+])
+def test_options_a_command_would_ignore_are_refused(args: list[str], message: str) -> None:
+    root = Path(__file__).resolve().parents[1]
+    result = CliRunner().invoke(main, [str(root / a) if "/" in a else a for a in args], prog_name="kvmscope")
+    assert result.exit_code == 2 and message in result.stderr, (
+        f"{args}: expected exit 2 with {message!r}, got {result.exit_code}: {result.stderr!r}")
+
+
+def test_compare_all_means_every_known_kernel_for_templates_too() -> None:
+    from kvmscope.kernel.rulesets import KNOWN
+
+    root = Path(__file__).resolve().parents[1]
+    result = CliRunner().invoke(main, ["template", "apply", str(root / "examples/templates/t2s-like.json"),
+                                       "--profile", "intel-spr", "--compare", "ALL", "--json"])
+    assert result.exit_code in (0, 1), f"expected a verdict, got exit {result.exit_code}: {result.stderr!r}"
+    doc = json.loads(result.stdout)
+    kernels = list(doc) if isinstance(doc, dict) else [r.get("label") for r in doc]
+    assert len(kernels) == len(KNOWN), f"--compare ALL should apply under {len(KNOWN)} kernels, got {kernels}"

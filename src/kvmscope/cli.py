@@ -199,7 +199,7 @@ def list_msrs(as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("scenario_file", metavar="SCENARIO", required=False)  # read by inputs.open_regular
+@click.argument("scenario_file", metavar="[SCENARIO]", required=False)  # read by inputs.open_regular
 @click.option("--backend", type=click.Choice(["model", "linux"]), default="model", show_default=True,
               help="model: replay on kvmscope's software KVM; linux: replay on the live /dev/kvm.")
 @kernel_option
@@ -219,6 +219,7 @@ def check(scenario_file: str | None, backend: str, kernel: str | None, profile: 
                 with --compare: on every kernel compared;
                 1 not (with --compare: on at least one kernel, named in the last line);
                 2 a bad scenario file or bad arguments; 3 /dev/kvm missing (--backend linux).
+                With --corpus: 0 once the matrix is printed (it reports each kernel's first refusal).
     \b
     Examples:
       kvmscope check examples/platform-info-after-run.yaml
@@ -228,23 +229,39 @@ def check(scenario_file: str | None, backend: str, kernel: str | None, profile: 
       kvmscope check --corpus corpus/qemu-7.2 --compare 6.3,6.12,6.13,6.18
     """
     if corpus_dir is not None or scenario_file is None:
-        _corpus(corpus_dir, scenario_file, compare_kernels, profile, as_json)
+        if backend != "model":
+            raise click.UsageError("--corpus replays on the model; drop --backend linux")
+        if kernel:
+            raise click.UsageError("--corpus takes its kernels from --compare; drop --kernel")
+        _corpus(corpus_dir, scenario_file, compare_kernels and ",".join(_versions(compare_kernels, 1)), profile,
+                as_json)
     versions = None
     if compare_kernels is not None:
         if backend != "model":
             raise click.UsageError("--compare replays on the model; drop --backend linux")
-        versions = [v.strip() for v in compare_kernels.split(",") if v.strip()]
-        if versions == ["all"]:
-            from .kernel.rulesets import KNOWN
-
-            versions = list(KNOWN)
-        if len(versions) < 2:
-            raise click.UsageError("--compare needs at least two kernel versions, e.g. 6.3,6.18")
+        if kernel:
+            raise click.UsageError("--compare names every kernel; drop --kernel")
+        versions = _versions(compare_kernels, 2)
     if backend == "linux" and kernel:
         raise click.UsageError("--kernel chooses a model ruleset; it does not apply to --backend linux")
     with exit_on_error():
         ok = _check(scenario_file, backend, kernel or None, profile or None, versions, as_json)
     sys.exit(EXIT_OK if ok else EXIT_FAILED)
+
+
+def _versions(text: str, least: int) -> list[str]:
+    """The kernels of ``--compare`` (``all``, any case: every version where a rule changes), at least ``least``."""
+    versions = [v.strip() for v in text.split(",") if v.strip()]
+    if [v.lower() for v in versions] == ["all"]:
+        from .kernel.rulesets import KNOWN
+
+        versions = list(KNOWN)
+    if len(versions) < least:
+        given = f"got {len(versions)}" if versions else "got none"
+        raise click.UsageError(f"--compare needs at least {least} kernel versions, e.g. 6.3,6.18 or all ({given})")
+    if len(set(versions)) < len(versions):
+        raise click.UsageError(f"--compare names a kernel twice: {text}")
+    return versions
 
 
 def _check(path: str, backend: str, kernel: str | None, profile: str | None, versions: list[str] | None,
@@ -399,10 +416,10 @@ def _template_systems(backend: str, kernel: str | None, profile: str | None, com
                       ) -> list[tuple[str, System]]:
     """The systems to judge a template on: one backend, or the model under each kernel of --compare."""
     if backend == "linux" and (kernel or profile or compare_kernels):
-        raise click.UsageError("--kernel, --profile and --compare choose the model; drop them or --backend linux")
-    versions = [v.strip() for v in (compare_kernels or "").split(",") if v.strip()]
-    if compare_kernels is not None and len(versions) < 2:
-        raise click.UsageError("--compare needs at least two kernel versions, e.g. 6.3,6.18")
+        raise click.UsageError("--kernel, --profile and --compare choose the model; drop them, or drop --backend linux")
+    if compare_kernels is not None and kernel:
+        raise click.UsageError("--compare names every kernel; drop --kernel")
+    versions = _versions(compare_kernels, 2) if compare_kernels is not None else []
     with exit_on_error():
         if versions:
             return [(v, backends.choose("model", kernel=v, profile=profile)[0]) for v in versions]
