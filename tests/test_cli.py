@@ -90,7 +90,7 @@ def test_readme_guest_program_example_runs_as_written(capsys: pytest.CaptureFixt
 @pytest.mark.parametrize(("args", "code", "message"), [
     (["decode", "NOPE", "1", "--json"], 2, "unknown MSR name 'NOPE'"),
     (["check", "examples/platform-info-after-run.yaml", "--compare", "6.3", "--json"], 2,
-     "--compare needs at least two kernel versions, e.g. 6.3,6.18 (see `kvmscope check --help`)"),
+     "--compare needs at least 2 kernel versions, e.g. 6.3,6.18 or all (got 1) (see `kvmscope check --help`)"),
     (["probe", "--backend", "model", "--profile", "nope", "--json"], 2, "no shipped profile named 'nope'"),
 ])
 def test_json_commands_print_a_json_error_on_failure(args: list[str], code: int, message: str) -> None:

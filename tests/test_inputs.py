@@ -45,7 +45,8 @@ def untouched(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
 
 
 def one_line_exit_2(args: list[str], expected: str, name: str) -> str:
-    """Run the CLI in-process; assert exit 2, one line on stderr naming ``name`` and ``expected``, nothing on stdout."""
+    """Run the CLI in-process; assert exit 2, one line on stderr naming ``name`` and ``expected``, and on stdout
+    nothing, or with --json only the error as JSON."""
     result = CliRunner().invoke(main, args)
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), (
         f"expected exit 2, saw the exception {result.exception!r} for {args}")
@@ -53,7 +54,12 @@ def one_line_exit_2(args: list[str], expected: str, name: str) -> str:
     assert result.exit_code == 2, f"expected exit 2 for {args}, saw {result.exit_code}: {err!r}"
     assert err.endswith("\n") and err.count("\n") == 1, f"expected one line on stderr for {args}, saw {err!r}"
     assert name in err and expected in err, f"expected {name!r} and {expected!r} in the error for {args}, saw {err!r}"
-    assert result.stdout == "", f"expected nothing on stdout for {args}, saw {result.stdout[:200]!r}"
+    if "--json" in args:
+        doc = json.loads(result.stdout)
+        assert doc == {"schema_version": 1, "error": err[len("error: "):-1], "exit_code": 2}, (
+            f"expected only the error as JSON on stdout for {args}, saw {result.stdout[:200]!r}")
+    else:
+        assert result.stdout == "", f"expected nothing on stdout for {args}, saw {result.stdout[:200]!r}"
     return err
 
 
