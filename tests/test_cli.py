@@ -158,3 +158,18 @@ def test_compare_all_means_every_known_kernel_for_templates_too() -> None:
     doc = json.loads(result.stdout)
     kernels = list(doc) if isinstance(doc, dict) else [r.get("label") for r in doc]
     assert len(kernels) == len(KNOWN), f"--compare ALL should apply under {len(KNOWN)} kernels, got {kernels}"
+
+
+def test_a_scenario_profile_file_is_named_relative_to_the_scenario(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmscope.kernel.profile import load
+
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "myprof.json").write_text(json.dumps(load("intel-spr").to_json()))
+    (sub / "s.yaml").write_text("scenario: 1\nprofile: myprof.json\nsteps:\n  - create_vcpu: 0\n")
+    monkeypatch.chdir(tmp_path)  # not the scenario's directory
+    result = CliRunner().invoke(main, ["check", "sub/s.yaml"])
+    assert result.exit_code == 0, f"expected the profile found next to the scenario, got {result.exit_code}: " \
+                                  f"{result.stderr!r}"
+    assert "profile intel-spr" in result.stdout, f"the report should name the profile used: {result.stdout!r}"

@@ -145,6 +145,15 @@ CPUID_EDIT = Record(_edit, [Field("leaf", Leaf(), required=True), Field("registe
                             Field("set_bits", ListOf(Int(5))), Field("clear_bits", ListOf(Int(5)))])
 
 
+class ProfileRef(Type[str]):
+    """A host profile: a shipped name, or a file (a path with "/" or ending in ".json") named relative to the
+    scenario, as CPUID files are, so that the scenario means the same from any working directory."""
+
+    def read(self, r: Reader, x: Any, path: str) -> str:
+        text = Str().read(r, x, path)
+        return str(r.base / text) if "/" in text or text.endswith(".json") else text
+
+
 class CpuidFile(Type[list[CpuidEntry]]):
     """A file holding a list of CPUID entries, named relative to the scenario."""
 
@@ -406,7 +415,7 @@ HEADER = (
     Field("name", Str()),
     Field("description", Str()),
     Field("kernel", KernelVersion()),
-    Field("profile", Str()),
+    Field("profile", ProfileRef()),
     Field("faithful", Bool(), note="replay only the ioctls of the steps (no register set-up or extra reads)"),
 )
 SCENARIO = Record(Scenario, (HEADER[0], Field("steps", Steps(), required=True), *HEADER[1:]), finish=_scenario_defaults)
