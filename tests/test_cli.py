@@ -173,3 +173,11 @@ def test_a_scenario_profile_file_is_named_relative_to_the_scenario(tmp_path: Pat
     assert result.exit_code == 0, f"expected the profile found next to the scenario, got {result.exit_code}: " \
                                   f"{result.stderr!r}"
     assert "profile intel-spr" in result.stdout, f"the report should name the profile used: {result.stdout!r}"
+
+
+@pytest.mark.parametrize("extra", [["--backend", "linux"], ["--kernel", "6.3"], ["--profile", "intel-spr"]])
+def test_template_verify_against_a_dump_refuses_options_choosing_a_vcpu(tmp_path: Path, extra: list[str]) -> None:
+    template = Path(__file__).resolve().parents[1] / "examples/templates/t2s-like.json"
+    result = CliRunner().invoke(main, ["template", "verify", str(template), "--state", str(template), *extra])
+    assert result.exit_code == 2 and "--state verifies against a dump" in result.stderr, (
+        f"{extra}: expected exit 2 naming --state, got {result.exit_code}: {result.stderr!r}")

@@ -492,6 +492,9 @@ def template_verify(template_file: str, state_file: str | None, backend: str, ke
     from . import render_template
     from .template_apply import dump, state_of, verify
 
+    if state_file and (backend != "auto" or kernel or profile):
+        raise click.UsageError("--state verifies against a dump; --backend, --kernel and --profile choose a vCPU to "
+                               "dump instead: give one or the other")
     t = _load_template(template_file)
     if state_file:
         source, state = state_file, _load_template(state_file)
