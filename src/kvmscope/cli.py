@@ -126,6 +126,9 @@ def probe(backend: str, kernel: str | None, profile: str | None, as_json: bool, 
     that never ran, and a same-value and a changed write after a run to the first HLT.
 
     \b
+    Exit codes: 0 probed; 2 bad arguments or profile; 3 /dev/kvm missing or not permitted (with --backend auto
+                the model's report is printed, and the exit is still 3).
+    \b
     Examples:
       kvmscope probe
       kvmscope probe --json
@@ -586,7 +589,7 @@ def fingerprint() -> None:
 def fingerprint_compare(a: str, b: str, as_json: bool) -> None:
     """What differs between two hosts that matters for migration: vendor, kernel, microcode, feature MSRs, CPUID.
 
-    Exit 0 when nothing differs, 1 when something does.
+    Exit 0 when nothing differs, 1 when something does, 2 for a bad profile name or file.
     """
     from . import render_template
     from .fleet import compare
