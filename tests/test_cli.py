@@ -181,3 +181,19 @@ def test_template_verify_against_a_dump_refuses_options_choosing_a_vcpu(tmp_path
     result = CliRunner().invoke(main, ["template", "verify", str(template), "--state", str(template), *extra])
     assert result.exit_code == 2 and "--state verifies against a dump" in result.stderr, (
         f"{extra}: expected exit 2 naming --state, got {result.exit_code}: {result.stderr!r}")
+
+
+@pytest.mark.parametrize("command", [["template", "apply", "examples/templates/t2s-like.json"],
+                                     ["template", "verify", "examples/templates/t2s-like.json"],
+                                     ["template", "dump"]])
+def test_template_commands_exit_3_after_falling_back_to_the_model(monkeypatch: pytest.MonkeyPatch,
+                                                                  command: list[str]) -> None:
+    def unavailable(*a: object, **k: object) -> LinuxSystem:
+        raise KvmUnavailableError("/dev/kvm", "missing", "/dev/kvm does not exist: this kernel has no KVM")
+
+    monkeypatch.setattr("kvmscope.linux.open_system", unavailable)
+    root = Path(__file__).resolve().parents[1]
+    result = CliRunner().invoke(main, [str(root / a) if "/" in a else a for a in command])
+    assert result.exit_code == 3, f"{command}: expected exit 3 after the model's report, got {result.exit_code}"
+    assert "MODEL" in result.stderr or "model" in result.stderr, f"{command}: no fallback warning: {result.stderr!r}"
+    assert result.stdout, f"{command}: the model's report should still be printed"

@@ -80,6 +80,7 @@ class _Group(click.Group):
         kwargs["standalone_mode"] = False  # click's own handling prints several lines; ours, one
         given = args[0] if args else kwargs.get("args")
         _argv[:] = [str(a) for a in (sys.argv[1:] if given is None else given)]
+        _fell_back.clear()
         try:
             code = super().main(*args, **kwargs)
         except click.UsageError as e:
@@ -397,7 +398,7 @@ def template_apply(template_file: str, backend: str, kernel: str | None, profile
 
     \b
     Exit codes: 0 every fixed bit holds and Firecracker would boot; 1 not; 2 bad template or arguments;
-                3 /dev/kvm missing (--backend linux).
+                3 /dev/kvm missing (with --backend auto, after the model's report, as probe does).
     """
     from . import render_template
     from .template_apply import BOOT_MSRS, apply
@@ -412,7 +413,7 @@ def template_apply(template_file: str, backend: str, kernel: str | None, profile
         if system.backend == "linux":
             _explain_live(reports[label], t, vcpus, boot, after_run)
     render_template.apply_reports(reports, as_json)
-    sys.exit(EXIT_OK if all(r.ok for r in reports.values()) else EXIT_FAILED)
+    _verdict(all(r.ok for r in reports.values()))
 
 
 def _template_systems(backend: str, kernel: str | None, profile: str | None, compare_kernels: str | None
@@ -429,7 +430,16 @@ def _template_systems(backend: str, kernel: str | None, profile: str | None, com
         system, fallback = backends.choose(backend, kernel=kernel, profile=profile)
     if fallback:
         render.fallback(fallback, system.describe())
+        _fell_back.append(fallback)
     return [(system.backend, system)]
+
+
+_fell_back: list[str] = []  # set when --backend auto judged the model for want of /dev/kvm (_template_systems)
+
+
+def _verdict(ok: bool) -> NoReturn:
+    """Exit with a template command's verdict; 3 when it judged the model for want of /dev/kvm, as probe does."""
+    sys.exit(EXIT_NO_KVM if _fell_back else EXIT_OK if ok else EXIT_FAILED)
 
 
 def _explain_live(report: ApplyReport, t: Template, vcpus: int, boot: Sequence[tuple[int, int]],
@@ -478,7 +488,7 @@ def template_restore(template_file: str, backend: str, kernel: str | None, profi
         with target:
             report = restore(source, target, t, vcpus, BOOT_MSRS if boot_msrs else ())
     render_template.apply_reports({"restore": report}, as_json)
-    sys.exit(EXIT_OK if report.ok else EXIT_FAILED)
+    _verdict(report.ok)
 
 
 @template.command("verify")
@@ -507,7 +517,7 @@ def template_verify(template_file: str, state_file: str | None, backend: str, ke
             source, state = system.describe(), dump(system).template
     diffs = verify(t, *state_of(state))
     render_template.verify_report(source, diffs, as_json)
-    sys.exit(EXIT_OK if not diffs else EXIT_FAILED)
+    _verdict(not diffs)
 
 
 @template.command("dump")
@@ -529,6 +539,7 @@ def template_dump(backend: str, kernel: str | None, profile: str | None, output:
         except OSError as e:
             fail(f"cannot write {output}: {e.strerror}", EXIT_USAGE)
     render_template.dump_report(d, output)
+    _verdict(True)
 
 
 @template.command("strip")
