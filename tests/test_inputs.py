@@ -101,6 +101,9 @@ BAD_TEXT: dict[str, tuple[str, str]] = {
     "vCPU id beyond a C int": (HEAD + "  - ioctl: {name: KVM_CREATE_VCPU, vcpu: 0xffffffff, errno: EINVAL}\n",
                                ":4: steps[1].ioctl.vcpu: 0xffffffff does not fit in 31 bits unsigned (a vCPU id is a "
                                "C int"),
+    "infinity for an integer": (HEAD + "  - create_vcpu: .inf\n", ":4: steps[1].create_vcpu: expected an integer, got "
+                                                                    "infinity"),
+    "NaN for an integer": (HEAD + "  - create_vcpu: .nan\n", ":4: steps[1].create_vcpu: expected an integer, got NaN"),
     "typo on the last line": (HEAD + "  - run: 0\n  - set_msrs: {vcpu: 0, msrs: {PLATFORM_INFOO: 1}}\n",
                               ":5: steps[2].set_msrs.msrs.PLATFORM_INFOO: unknown MSR name"),
 }
@@ -119,6 +122,7 @@ def test_bad_scenario_is_one_line_exit_2_on_every_path(tmp_path: Path, untouched
 
 
 BAD_JSON: dict[str, tuple[str, str]] = {
+    "version as text": ('{"scenario": "1", "steps": []}', ":1: scenario: expected the number 1, got the text '1'"),
     "5000 digits": ('{"scenario": 1, "steps": [{"microcode_load": ' + "9" * 5000 + "}]}", "a number of 5,000 digits"),
     "deep nesting": ('{"scenario": 1, "steps": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested more than 64 levels"),
     "lone surrogate in a name": ('{"scenario": 1, "name": "\\ud800", "steps": []}', "a lone surrogate ('\\ud800')"),

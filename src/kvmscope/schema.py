@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,8 @@ def shown(v: Any, limit: int = 60) -> str:
 
 def kind(v: Any) -> str:
     """What a value is, for messages."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "NaN" if math.isnan(v) else "infinity"
     return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
             float: "a fractional number", type(None): "nothing"}.get(type(v), type(v).__name__)
 
@@ -283,6 +286,8 @@ class Version(Type[int]):
 
     def read(self, r: Reader, x: Any, path: str) -> int:
         v = plain(x)
+        if isinstance(v, str) and v.strip() == str(self.number):
+            raise r.fail(x, path, f"expected the number {self.number}, got the text {shown(v)}")
         if isinstance(v, bool) or v != self.number:
             raise r.fail(x, path, f"unsupported format version {shown(v)} (expected {self.number})")
         return self.number
