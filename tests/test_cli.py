@@ -197,3 +197,11 @@ def test_template_commands_exit_3_after_falling_back_to_the_model(monkeypatch: p
     assert result.exit_code == 3, f"{command}: expected exit 3 after the model's report, got {result.exit_code}"
     assert "MODEL" in result.stderr or "model" in result.stderr, f"{command}: no fallback warning: {result.stderr!r}"
     assert result.stdout, f"{command}: the model's report should still be printed"
+
+
+def test_a_vm_wide_step_names_no_vcpu(tmp_path: Path) -> None:
+    f = tmp_path / "s.yaml"
+    f.write_text("scenario: 1\nsteps:\n  - disable_quirks: 0x10\n  - create_vcpu: 0\n")
+    out = CliRunner().invoke(main, ["check", "--profile", "intel-spr", str(f)]).stdout.splitlines()
+    assert "disable_quirks: ACCEPTED" in out[1], f"disable_quirks acts on the VM, yet its line reads {out[1]!r}"
+    assert "create_vcpu vCPU 0: ACCEPTED" in out[2], f"a vCPU step names its vCPU: {out[2]!r}"

@@ -24,6 +24,7 @@ from rich.text import Text
 
 from . import uapi
 from .probe import FROZEN, NO_RUN, NOT_SETTABLE, WRITABLE
+from .scenario import VM_WIDE_KINDS
 
 if TYPE_CHECKING:
     from .check import Change, Report, StepResult
@@ -387,7 +388,8 @@ def check_steps(con: Console, results: Iterable[StepResult]) -> bool:
         ok = ok and s.ok
         mark = Text("✓", "green") if s.met else Text("✗", "red") if s.met is False else Text(" ")
         label = f" ({s.label})" if s.label else ""
-        _emit(con, line(mark, f" [{s.number}] line {s.line:<3} {s.kind} vCPU {s.vcpu}{label}: ",
+        on = "" if s.kind in VM_WIDE_KINDS else f" vCPU {s.vcpu}"
+        _emit(con, line(mark, f" [{s.number}] line {s.line:<3} {s.kind}{on}{label}: ",
                         (s.outcome.upper(), _OUTCOME_STYLE.get(s.outcome, "red")), " ", s.summary))
         for text in _evidence(s):
             _emit(con, text)

@@ -365,6 +365,7 @@ class Traced(Step):
 STEP_TYPES: tuple[type[Step], ...] = (CreateVcpu, SetCpuid, SetMsrs, GetMsrs, GetCpuid, Run, Reset, MicrocodeLoad,
                                       DestroyVcpu, Hotplug, DisableQuirks, Ioctl, Traced)
 STEPS: dict[str, Record[Step]] = {t.KIND: Record(t, t.FIELDS, short=t.SHORT) for t in STEP_TYPES}
+VM_WIDE_KINDS = frozenset(t.KIND for t in STEP_TYPES if VCPU not in t.FIELDS)  # steps that act on no vCPU
 STEP_KINDS = tuple(STEPS)
 
 
