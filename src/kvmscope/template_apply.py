@@ -34,6 +34,7 @@ BOOT_MSRS: tuple[tuple[int, int], ...] = (
     (0x2FF, (1 << 11) | 6),  # MTRRdefType: MTRRs enabled, default write-back
 )
 VOLATILE = {0x10}  # the TSC runs on: reading it back says nothing about the write
+MSR_BATCH = uapi.MAX_IO_MSRS - 1  # the most entries KVM_GET/SET_MSRS takes in one call (x86.c msr_io: E2BIG from 256)
 
 
 @dataclass
@@ -140,33 +141,64 @@ def apply_msrs(read: dict[int, int], template: Template) -> tuple[dict[int, int]
 
 
 def read_each(vcpu: Vcpu, indices: Sequence[int]) -> dict[int, int]:
-    """KVM_GET_MSRS of ``indices`` in one batch, then one by one past each refusal: index -> value for those read."""
+    """KVM_GET_MSRS of ``indices`` in batches of at most :data:`MSR_BATCH` (KVM refuses a bigger one whole), each
+    carried on one by one past a refusal: index -> value for those read."""
     out: dict[int, int] = {}
     rest = list(indices)
     while rest:
-        batch = MsrBatch(rest)
+        batch = MsrBatch(rest[:MSR_BATCH])
         n = vcpu.get_msrs(batch)
         out.update((i, v) for k, (i, v) in enumerate(batch) if k < n)
-        rest = rest[n + 1 :]
+        rest = rest[n + 1 if n < batch.nmsrs else n :]
     return out
 
 
 def write_each(vcpu: Vcpu, entries: list[tuple[int, int]]) -> tuple[int, dict[int, str]]:
-    """One KVM_SET_MSRS of ``entries`` (Firecracker's), then the rest past each refusal (kvmscope's, to find them
-    all): the first call's count and the refused indices with the rule behind each (where the backend knows it)."""
+    """KVM_SET_MSRS of ``entries`` (Firecracker's one call; in batches of at most :data:`MSR_BATCH` where that would
+    be too big for KVM, see :func:`write_limit`), then the rest past each refusal (kvmscope's, to find them all): the
+    first call's count and the refused indices with the rule behind each (where the backend knows it)."""
     first = -1
     refused: dict[int, str] = {}
     rest = entries
     while rest:
-        n = vcpu.set_msrs(MsrBatch(rest))
+        batch = rest[:MSR_BATCH]
+        n = vcpu.set_msrs(MsrBatch(batch))
         if first < 0:
             first = n
-        if n == len(rest):
-            break
+        if n == len(batch):
+            rest = rest[n:]
+            continue
         rule = vcpu.refusal_rule(rest[n][0])
         refused[rest[n][0]] = rule.cite() if rule is not None else ""
         rest = rest[n + 1 :]
     return max(first, 0), refused
+
+
+def _field(template: Template) -> str:
+    return f"{template.path}: msr_modifiers"
+
+
+def read_limit(template: Template) -> str | None:
+    """Where Firecracker's read of the template's MSRs is too big for KVM (x86.c ``msr_io``: MAX_IO_MSRS, a batch of
+    256 or more gets E2BIG). Firecracker reads them from vCPU 0 with one index per modifier, in chunks of
+    KVM_MAX_MSR_ENTRIES (256, kvm-bindings; ``get_msr_chunks`` in ``src/vmm/src/vstate/vcpu/x86_64.rs``): 256
+    modifiers or more make a first chunk of 256, which KVM refuses whole."""
+    n = len(template.msr_modifiers)
+    if n < uapi.MAX_IO_MSRS:
+        return None
+    return (f"{_field(template)}: {n} modifiers: Firecracker reads them from vCPU 0 with KVM_GET_MSRS in chunks of "
+            f"{uapi.MAX_IO_MSRS}, and KVM refuses a batch of {uapi.MAX_IO_MSRS} or more with E2BIG (MAX_IO_MSRS): "
+            f"at most {MSR_BATCH} modifiers work")
+
+
+def write_limit(template: Template, entries: int, where: str = "") -> str | None:
+    """Where Firecracker's KVM_SET_MSRS is too big for KVM: it writes the template's MSRs and the boot MSRs in one
+    call (``set_msrs`` in ``src/vmm/src/arch/x86_64/msr.rs``, no chunks), so ``entries`` of 256 or more fail (E2BIG;
+    more than 256 do not even fit kvm-bindings' ``Msrs``)."""
+    if entries < uapi.MAX_IO_MSRS:
+        return None
+    return (f"{_field(template)}: {entries} MSRs with the boot MSRs: Firecracker writes them{where} in one "
+            f"KVM_SET_MSRS, and KVM refuses a batch of {uapi.MAX_IO_MSRS} or more with E2BIG (MAX_IO_MSRS)")
 
 
 def _cpuid_diffs(entries: Sequence[CpuidEntry], mods: Sequence[LeafModifier], wanted: Sequence[CpuidEntry]
@@ -224,6 +256,9 @@ def configure(system: System, vm: Vm, template: Template, vcpus: int, boot: Sequ
             exit_ = guest.run_to_hlt(vm, v)
             rep.notes.append(f"vCPU {i} ran before the MSRs were written: {exit_.name}")
     addrs = list(dict.fromkeys(m.addr for m in template.msr_modifiers))
+    too_many = read_limit(template)
+    if too_many:
+        rep.failures.append(too_many)
     read = read_each(cpus[0], addrs)
     for a in addrs:
         if a not in read:
@@ -236,6 +271,9 @@ def configure(system: System, vm: Vm, template: Template, vcpus: int, boot: Sequ
                              "template's value")
             masks[index] = (1 << 64) - 1
         entries[index] = value
+    too_many = write_limit(template, len(entries), " on each vCPU")
+    if too_many:
+        rep.failures.append(too_many)
     for i, v in enumerate(cpus):
         rep.vcpus.append(_configure(v, i, set_ok[i], list(entries.items()), masks, cpuid, template, rep))
     return cpus
@@ -245,7 +283,9 @@ def _configure(vcpu: Vcpu, i: int, cpuid_set: bool, entries: list[tuple[int, int
                cpuid: Sequence[CpuidEntry], template: Template, rep: ApplyReport) -> VcpuOutcome:
     """KVM_SET_MSRS on one vCPU, then read everything back and compare."""
     written, refused = write_each(vcpu, entries)
-    if refused:
+    if len(entries) >= uapi.MAX_IO_MSRS:
+        written = 0  # Firecracker's one call is refused whole (E2BIG); kvmscope wrote them in batches to judge each
+    elif refused:
         first = next(n for n, (ix, _) in enumerate(entries) if ix in refused)
         rep.failures.append(f"KVM_SET_MSRS on vCPU {i} returned {first} of {len(entries)}: refused "
                             f"{msr_where(entries[first][0])}")
