@@ -96,3 +96,70 @@ def test_cli_300_msrs_on_the_live_kernel(live: LinuxSystem, tmp_path: Path) -> N
     no_traceback(r)
     assert r.exit_code == 1 and "msr_modifiers: 300 modifiers" in r.output, (
         f"expected exit 1 and the read limit named, saw {r.exit_code}:\n{r.output[:1500]}")
+
+
+# --- B3: profiles larger than a vCPU holds; long MSR index lists; a refused KVM_SET_CPUID2 -----------------------------
+
+
+def cpuid_entry(function: int) -> dict[str, Any]:
+    return {"function": hex(function), "index": 0, "flags": 0, "eax": "0x0", "ebx": "0x0", "ecx": "0x0", "edx": "0x0"}
+
+
+@pytest.mark.parametrize("command", [["probe", "--backend", "model", "--profile"], ["template", "dump", "--profile"],
+                                     ["baseline", "intel-spr"]])
+def test_profile_with_257_cpuid_entries_is_refused(tmp_path: Path, command: list[str]) -> None:
+    data = json.loads(SPR.read_text())
+    pad = [cpuid_entry(0x40000100 + i) for i in range(257 - len(data["supported_cpuid"]))]
+    path = profile_with(tmp_path, "cpuid257", supported_cpuid=data["supported_cpuid"] + pad)
+    r = run(*command, str(path))
+    no_traceback(r)
+    want = f"error: {path}: field supported_cpuid: 257 entries; a vCPU holds at most 256"
+    assert r.exit_code == 2 and r.output.startswith(want) and r.output.count("\n") == 1, (
+        f"expected exit 2 and one line {want!r}..., saw {r.exit_code}:\n{r.output[:600]}")
+
+
+def test_profile_whose_append_rules_overflow_is_refused(tmp_path: Path) -> None:
+    data = json.loads(SPR.read_text())
+    first = data["supported_cpuid"][0]
+    rule = {"trigger": f"{first['function']}.{first['index']}", "entries": [cpuid_entry(0x40000100 + i)
+                                                                              for i in range(300)]}
+    path = profile_with(tmp_path, "append300", cpuid={**data.get("cpuid", {}), "append": [rule]})
+    r = run("template", "dump", "--profile", str(path))
+    no_traceback(r)
+    assert r.exit_code == 2 and f"{path}: field cpuid.append[0].entries: " in r.output, (
+        f"expected exit 2 naming cpuid.append[0].entries, saw {r.exit_code}:\n{r.output[:600]}")
+
+
+@pytest.mark.parametrize("command", ["dump", "verify"])
+def test_dump_and_verify_read_a_long_msr_index_list(tmp_path: Path, command: str) -> None:
+    """300 more MSRs than KVM_GET_MSRS takes in one call: read in batches, all dumped."""
+    path = profile_with(tmp_path, "idx300", extra_msrs=300)
+    out = tmp_path / "dump.json"
+    args = ["-o", str(out)] if command == "dump" else [str(ROOT / "examples" / "templates" / "t2s-like.json")]
+    r = run("template", command, "--profile", str(path), *args)
+    no_traceback(r)
+    if command == "dump":
+        dumped = {int(m["addr"], 16) for m in json.loads(out.read_text())["msr_modifiers"]}
+        missing = sorted({EXTRA + i for i in range(300)} - dumped)
+        assert r.exit_code == 0 and not missing, f"expected every extra MSR dumped, missing {missing[:5]}: {r.output}"
+    else:
+        assert r.exit_code == 1 and "MISMATCH" in r.output, f"expected a verdict (exit 1), saw {r.output[-600:]}"
+
+
+def bad_cpuid_profile(tmp_path: Path) -> Path:
+    """intel-spr with 48 virtual address bits changed to 40: kvm_check_cpuid refuses the list (EINVAL)."""
+    data = json.loads(SPR.read_text())
+    for e in data["supported_cpuid"]:
+        if int(e["function"], 16) == 0x80000008:
+            e["eax"] = hex(int(e["eax"], 16) & ~0xFF00 | 40 << 8)
+    return profile_with(tmp_path, "badva", supported_cpuid=data["supported_cpuid"])
+
+
+@pytest.mark.parametrize("command", [["probe", "--backend", "model", "--profile"], ["template", "dump", "--profile"],
+                                     ["baseline", "intel-spr"]])
+def test_refused_set_cpuid2_stops_the_command(tmp_path: Path, command: list[str]) -> None:
+    """Before: probe and dump gave a traceback, baseline exited 0 with verdicts of a vCPU without CPUID."""
+    r = run(*command, str(bad_cpuid_profile(tmp_path)))
+    no_traceback(r)
+    assert r.exit_code == 2 and "KVM_SET_CPUID2" in r.output and "EINVAL" in r.output and r.output.count("\n") == 1, (
+        f"expected exit 2 and one line naming KVM_SET_CPUID2 and EINVAL, saw {r.exit_code}:\n{r.output[-800:]}")

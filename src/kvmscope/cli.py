@@ -126,7 +126,8 @@ def _probe(system: System, fallback: str | None, as_json: bool, set_cpuid: bool,
         fail("--save captures a profile from the live kernel; the model has nothing new to capture",
              EXIT_NO_KVM if fallback else EXIT_USAGE)
     with system:
-        report = run_probe(system, set_cpuid=set_cpuid)
+        with exit_on_error():  # a profile whose KVM_SET_CPUID2 refuses its own supported CPUID: one line
+            report = run_probe(system, set_cpuid=set_cpuid)
         if save_path:
             from .capture import capture
 
@@ -448,7 +449,7 @@ def template_verify(template_file: str, state_file: str | None, backend: str, ke
         source, state = state_file, _load_template(state_file)
     else:
         (_, system), = _template_systems(backend, kernel, profile, None)
-        with system:
+        with system, exit_on_error():
             source, state = system.describe(), dump(system).template
     diffs = verify(t, *state_of(state))
     render_template.verify_report(source, diffs, as_json)
@@ -466,7 +467,7 @@ def template_dump(backend: str, kernel: str | None, profile: str | None, output:
     from .template_apply import dump
 
     (_, system), = _template_systems(backend, kernel, profile, None)
-    with system:
+    with system, exit_on_error():
         d = dump(system)
     if output:
         try:

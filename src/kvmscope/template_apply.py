@@ -367,7 +367,12 @@ def dump(system: System) -> Dump:
     keep = [i for i in indices if not undumpable(i)]
     with system.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
-        vcpu.set_cpuid(system.get_supported_cpuid())
+        try:
+            vcpu.set_cpuid(system.get_supported_cpuid())
+        except KvmError as e:
+            from .probe import cpuid_refused
+
+            raise cpuid_refused(system, e, "a dump would be of a vCPU without it") from None
         cpuid = vcpu.get_cpuid()
         values = read_each(vcpu, keep)
     leaves = tuple(LeafModifier(e.function, e.index, e.flags,

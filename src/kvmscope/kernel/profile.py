@@ -237,14 +237,38 @@ def _append(trigger: tuple[int, int], entries: list[CpuidEntry]) -> AppendRule:
     return AppendRule(trigger, tuple(entries))
 
 
-def _ruleset(r: Reader, x: Any, path: str, values: dict[str, Any]) -> None:
-    """The ruleset defaults to the kernel release, and must resolve either way."""
+def _finish(r: Reader, x: Any, path: str, values: dict[str, Any]) -> None:
+    """The ruleset defaults to the kernel release, and must resolve either way; the CPUID must fit one vCPU."""
     values.setdefault("ruleset", values["kernel_release"])
     try:
         rulesets.resolve(values["ruleset"])
     except Exception as e:
         raise r.fail(x, "ruleset", inputs.shown(str(e))) from None
+    _check_cpuid_size(r, x, values)
     values["path"] = r.file
+
+
+def _check_cpuid_size(r: Reader, x: Any, values: dict[str, Any]) -> None:
+    """KVM holds at most KVM_MAX_CPUID_ENTRIES (256) per vCPU: KVM_SET_CPUID2 refuses more (E2BIG), and a vCPU that
+    stored more could not be read back (KVM_GET_CPUID2). Every command sets the supported list (or a template of the
+    same leaves) on a vCPU, so a profile whose list, or what its ``cpuid.append`` rules make of it, is larger cannot
+    be modelled."""
+    limit = uapi.KVM_MAX_CPUID_ENTRIES
+    supported: list[CpuidEntry] = values["supported_cpuid"]
+    if len(supported) > limit:
+        raise r.fail(x, "supported_cpuid", f"{len(supported)} entries; a vCPU holds at most {limit} "
+                     "(KVM_MAX_CPUID_ENTRIES: KVM_SET_CPUID2 refuses more with E2BIG)")
+    keys = {e.key for e in supported}
+    n = len(supported)
+    for i, rule in enumerate(values.get("cpuid_append", [])):  # as model/cpuid.py rewrite() appends
+        if rule.trigger in keys:
+            added = [e.key for e in rule.entries if e.key not in keys]
+            n += len(added)
+            keys.update(added)
+            if n > limit:
+                raise r.fail(x, f"cpuid.append[{i}].entries", f"KVM_SET_CPUID2 of supported_cpuid would hold {n} "
+                             f"entries with those this rule appends; a vCPU holds at most {limit} "
+                             "(KVM_MAX_CPUID_ENTRIES)")
 
 
 ERRORS = Style(ProfileError, "{file}: field {field}: {what}")
@@ -287,7 +311,7 @@ PROFILE: Record[Profile] = Record(Profile, [
     Field("cpuid.append", ListOf(APPEND_RULE), attr="cpuid_append"),
     Field("cpuid.runtime_ospke", Bool(), attr="cpuid_runtime_ospke"),
     Field("cpuid.guest_xfd_permitted", Bool()),
-], strict=False, finish=_ruleset)
+], strict=False, finish=_finish)
 
 
 def read(data: Any, path: str = "<memory>") -> Profile:
