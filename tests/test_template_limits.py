@@ -163,3 +163,32 @@ def test_refused_set_cpuid2_stops_the_command(tmp_path: Path, command: list[str]
     no_traceback(r)
     assert r.exit_code == 2 and "KVM_SET_CPUID2" in r.output and "EINVAL" in r.output and r.output.count("\n") == 1, (
         f"expected exit 2 and one line naming KVM_SET_CPUID2 and EINVAL, saw {r.exit_code}:\n{r.output[-800:]}")
+
+
+# --- C3: several modifiers of one MSR, leaf or register -----------------------------------------------------------------
+
+
+CONFLICT = {"msr_modifiers": [{"addr": "0x8b", "bitmap": "0b" + "0" * 32 + "x" * 32},
+                              {"addr": "0x8b", "bitmap": "0b" + "1" * 32 + "x" * 32}]}
+REG_CONFLICT = {"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0, "modifiers": [
+    {"register": "eax", "bitmap": "0b1"}, {"register": "eax", "bitmap": "0b0"}]}]}
+
+
+@pytest.mark.parametrize(("template", "where"), [(CONFLICT, "(0x8b) (msr_modifiers[0])"),
+                                                 (REG_CONFLICT, "CPUID 0x1.0 eax (cpuid_modifiers[0].modifiers[0])")])
+def test_apply_checks_every_modifier_not_only_the_last(template: dict[str, Any], where: str) -> None:
+    """Firecracker accepts both and applies them in turn (the last wins), so the first one's fixed bits cannot hold:
+    before, apply said every fixed bit holds."""
+    with open_model(profile="intel-spr") as system:
+        rep = apply(system, parse(json.dumps(template), "dup.json"), 1, boot=())
+    diffs = [(d.kind, d.where) for v in rep.vcpus for d in v.diffs]
+    assert not rep.ok and any(k == "overridden" and w.endswith(where) for k, w in diffs), (
+        f"expected the first modifier reported overridden at {where!r}, saw ok={rep.ok} {diffs}")
+    assert "overridden by a later one" in rep.summary(), rep.summary()
+
+
+def test_same_modifier_twice_holds() -> None:
+    same = {"msr_modifiers": [CONFLICT["msr_modifiers"][0]] * 2}
+    with open_model(profile="intel-spr") as system:
+        rep = apply(system, parse(json.dumps(same), "same.json"), 1, boot=())
+    assert rep.ok, f"expected two identical modifiers taken, saw {rep.summary()}"

@@ -43,6 +43,7 @@ class BitDiff:
 
     where: str
     kind: str  # refused (KVM_SET_MSRS stopped at it) | changed (accepted, read back different) | unreadable
+    # | overridden (a later modifier of the same MSR or register fixes these bits otherwise)
     wanted: int
     got: int | None
     mask: int
@@ -91,11 +92,14 @@ class ApplyReport:
 
     def summary(self) -> str:
         """One line: what Firecracker would do, and how many bits were refused or changed."""
-        bits = sum(len(d.bits) or 1 for v in self.vcpus for d in v.diffs)
+        bits = sum(len(d.bits) or 1 for v in self.vcpus for d in v.diffs if d.kind != "overridden")
+        lost = sum(len(d.bits) for v in self.vcpus for d in v.diffs if d.kind == "overridden")
         if self.ok:
             return "taken: every fixed bit holds on every vCPU"
         head = f"Firecracker would fail: {self.failures[0]}" if self.failures else "Firecracker would boot"
-        return f"{head}; {bits} bit(s) refused or changed" if bits else head
+        if bits:
+            head += f"; {bits} bit(s) refused or changed"
+        return f"{head}; {lost} bit(s) fixed by one modifier and overridden by a later one" if lost else head
 
     def to_json(self) -> dict[str, Any]:
         return {"template": self.template, "backend": self.backend, "description": self.description, "ok": self.ok,
@@ -203,19 +207,34 @@ def write_limit(template: Template, entries: int, where: str = "") -> str | None
 
 def _cpuid_diffs(entries: Sequence[CpuidEntry], mods: Sequence[LeafModifier], wanted: Sequence[CpuidEntry]
                  ) -> list[BitDiff]:
-    """Template-fixed CPUID bits that KVM does not hold (read back with KVM_GET_CPUID2)."""
+    """Template-fixed CPUID bits that KVM does not hold (read back with KVM_GET_CPUID2), and the fixed bits of every
+    register modifier that a later one of the same register fixes otherwise (see :func:`overridden`)."""
     diffs = []
-    for mod in mods:
+    for i, mod in enumerate(mods):
         want = next((e for e in wanted if e.key == mod.key), None)
         if want is None:
             continue
         got = find_cpuid(entries, mod.leaf, mod.subleaf)
-        for r in mod.modifiers:
+        for j, r in enumerate(mod.modifiers):
             g = None if got is None else getattr(got, r.register)
             w = getattr(want, r.register)
+            where = cpuid_where(mod.leaf, mod.subleaf, r.register)
             if g is None or (g ^ w) & r.bitmap.mask:
-                diffs.append(BitDiff(cpuid_where(mod.leaf, mod.subleaf, r.register), "changed", w, g, r.bitmap.mask))
+                diffs.append(BitDiff(where, "changed", w, g, r.bitmap.mask))
+            if (r.bitmap.value ^ w) & r.bitmap.mask and g is not None:
+                diffs.append(BitDiff(f"{where} (cpuid_modifiers[{i}].modifiers[{j}])", "overridden", r.bitmap.value, g,
+                                     r.bitmap.mask))
     return diffs
+
+
+def overridden(template: Template, values: dict[int, int]) -> list[tuple[int, MsrModifier]]:
+    """MSR modifiers (with their position) whose fixed bits a later modifier of the same MSR fixes otherwise.
+
+    Firecracker accepts several modifiers of one MSR, CPUID leaf or register (its template is a list, and
+    ``CpuConfiguration::apply_template`` applies each in turn), so the last one's fixed bits win; an earlier one's that
+    differ cannot hold, whatever the kernel does. ``values``: the MSR values the template makes."""
+    return [(k, m) for k, m in enumerate(template.msr_modifiers)
+            if m.addr in values and (m.bitmap.value ^ values[m.addr]) & m.bitmap.mask]
 
 
 def apply(system: System, template: Template, vcpus: int = 1, boot: Sequence[tuple[int, int]] = BOOT_MSRS,
@@ -274,14 +293,16 @@ def configure(system: System, vm: Vm, template: Template, vcpus: int, boot: Sequ
     too_many = write_limit(template, len(entries), " on each vCPU")
     if too_many:
         rep.failures.append(too_many)
+    lost = overridden(template, {a: v for a, v in values.items() if a not in dict(boot)})  # boot: noted above
     for i, v in enumerate(cpus):
-        rep.vcpus.append(_configure(v, i, set_ok[i], list(entries.items()), masks, cpuid, template, rep))
+        rep.vcpus.append(_configure(v, i, set_ok[i], list(entries.items()), masks, cpuid, template, rep, lost))
     return cpus
 
 
 def _configure(vcpu: Vcpu, i: int, cpuid_set: bool, entries: list[tuple[int, int]], masks: dict[int, int],
-               cpuid: Sequence[CpuidEntry], template: Template, rep: ApplyReport) -> VcpuOutcome:
-    """KVM_SET_MSRS on one vCPU, then read everything back and compare."""
+               cpuid: Sequence[CpuidEntry], template: Template, rep: ApplyReport,
+               lost: Sequence[tuple[int, MsrModifier]] = ()) -> VcpuOutcome:
+    """KVM_SET_MSRS on one vCPU, then read everything back and compare (``lost``: modifiers a later one overrides)."""
     written, refused = write_each(vcpu, entries)
     if len(entries) >= uapi.MAX_IO_MSRS:
         written = 0  # Firecracker's one call is refused whole (E2BIG); kvmscope wrote them in batches to judge each
@@ -300,6 +321,11 @@ def _configure(vcpu: Vcpu, i: int, cpuid_set: bool, entries: list[tuple[int, int
         kind = "refused" if index in refused else "unreadable" if got is None else "changed"
         if kind != "changed" or (got is not None and (got ^ want) & mask):
             out.diffs.append(BitDiff(msr_where(index), kind, want, got, mask, refused.get(index, "")))
+    for k, m in lost:
+        got = now.get(m.addr)
+        if got is not None:
+            out.diffs.append(BitDiff(f"{msr_where(m.addr)} (msr_modifiers[{k}])", "overridden", m.bitmap.value, got,
+                                     m.bitmap.mask))
     if cpuid_set:
         out.diffs[:0] = _cpuid_diffs(vcpu.get_cpuid(), template.cpuid_modifiers, cpuid)
     return out
