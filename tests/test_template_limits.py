@@ -192,3 +192,28 @@ def test_same_modifier_twice_holds() -> None:
     with open_model(profile="intel-spr") as system:
         rep = apply(system, parse(json.dumps(same), "same.json"), 1, boot=())
     assert rep.ok, f"expected two identical modifiers taken, saw {rep.summary()}"
+
+
+# --- C4: template strip never writes over its inputs -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["a.json", "b.json", "--suffix", ""], "--suffix '': each output would be written over its input"),
+    (["a.json", "./a.json"], "./a.json: the same dump is given twice (a.json)"),
+    (["a.json", "b.json", "--suffix", "/../x"], "expected a part of a file name, without '/'"),
+    (["a.json", "a_s.json", "--suffix", "_s"], "a_s.json: the output for a.json would overwrite the dump a_s.json"),
+    (["a", "a.json"], "a_stripped.json: the outputs for a and a.json would be the same file"),
+])
+def test_strip_refuses_to_overwrite_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str],
+                                                   says: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    dump = (ROOT / "examples" / "templates" / "t2s-like.json").read_text()
+    for name in ("a.json", "b.json", "a_s.json", "a"):
+        (tmp_path / name).write_text(dump)
+    r = run("template", "strip", *args)
+    no_traceback(r)
+    assert r.exit_code == 2 and r.output.startswith("error: ") and says in r.output and r.output.count("\n") == 1, (
+        f"expected exit 2 and one error line saying {says!r}, saw {r.exit_code}: {r.output!r}")
+    changed = [p.name for p in tmp_path.iterdir() if p.read_text() != dump]
+    new = sorted(p.name for p in tmp_path.iterdir()) != sorted(["a.json", "b.json", "a_s.json", "a"])
+    assert not changed and not new, f"expected nothing written, saw changed {changed}, files {list(tmp_path.iterdir())}"

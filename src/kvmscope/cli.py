@@ -486,14 +486,51 @@ def template_strip(dumps: tuple[str, ...], suffix: str) -> None:
 
     if len(dumps) < 2:
         raise click.UsageError("strip needs at least two dumps")
+    outs = _strip_outputs(dumps, suffix)
     stripped = strip([_load_template(p) for p in dumps])
-    for path, t in zip(dumps, stripped, strict=True):
-        out = f"{path[:-5] if path.endswith('.json') else path}{suffix}.json"
+    for out, t in zip(outs, stripped, strict=True):
         try:
             t.save(out)
         except OSError as e:
             fail(f"cannot write {out}: {e.strerror}", EXIT_USAGE)
         click.echo(f"wrote {out}: {len(t.cpuid_modifiers)} CPUID leaves, {len(t.msr_modifiers)} MSRs differ")
+
+
+def _strip_outputs(dumps: Sequence[str], suffix: str) -> list[str]:
+    """Where `template strip` writes each dump's result; refused before anything is written (one line, exit 2) when
+    it would overwrite an input or another output, or when a dump is given twice."""
+    from .inputs import shown
+
+    def same(path: str) -> object:  # an existing file by its inode (links and ./ spellings), else by its path
+        try:
+            st = os.stat(path)
+            return (st.st_dev, st.st_ino)
+        except OSError:
+            return os.path.realpath(path)
+
+    if not suffix:
+        fail("--suffix '': each output would be written over its input; give a suffix such as _stripped", EXIT_USAGE)
+    if "/" in suffix or "\0" in suffix:
+        fail(f"--suffix {shown(suffix)!r}: expected a part of a file name, without '/' or NUL (each output is "
+             "written next to its input)", EXIT_USAGE)
+    inputs: dict[object, str] = {}
+    for path in dumps:
+        if same(path) in inputs:
+            fail(f"{shown(path)}: the same dump is given twice ({shown(inputs[same(path)])}): strip compares different "
+                 "dumps", EXIT_USAGE)
+        inputs[same(path)] = path
+    outs = [f"{p[:-5] if p.endswith('.json') else p}{suffix}.json" for p in dumps]
+    written: dict[object, str] = {}
+    for path, out in zip(dumps, outs, strict=True):
+        key = same(out)
+        if key in inputs:
+            fail(f"{shown(out)}: the output for {shown(path)} would overwrite the dump {shown(inputs[key])}; choose "
+                 "another --suffix", EXIT_USAGE)
+        if key in written:
+            fail(f"{shown(out)}: the outputs for {shown(written[key])} and {shown(path)} would be the same file",
+                 EXIT_USAGE)
+        written[key] = path
+    return outs
 
 
 @main.command("baseline")
