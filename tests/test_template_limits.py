@@ -217,3 +217,53 @@ def test_strip_refuses_to_overwrite_before_writing(tmp_path: Path, monkeypatch: 
     changed = [p.name for p in tmp_path.iterdir() if p.read_text() != dump]
     new = sorted(p.name for p in tmp_path.iterdir()) != sorted(["a.json", "b.json", "a_s.json", "a"])
     assert not changed and not new, f"expected nothing written, saw changed {changed}, files {list(tmp_path.iterdir())}"
+
+
+# --- E1, E4: error lines stay short and speak JSON ---------------------------------------------------------------------
+
+
+HUGE = "e" * 100_000
+
+
+@pytest.mark.parametrize(("template", "says"), [
+    ({"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0, "modifiers": [
+        {"register": HUGE, "bitmap": "0b1"}]}]}, "(100,002 characters) is not one of eax"),
+    ({"cpuid_modifiers": [{"leaf": "0x" + "f" * 100_000, "subleaf": "0x0", "flags": 0, "modifiers": []}]},
+     "(100,004 characters) does not fit 32 bits"),
+    ({"msr_modifiers": [{"addr": "z" + HUGE, "bitmap": "0b1"}]}, "(100,003 characters) must start with 0x"),
+    ({"kvm_capabilities": [HUGE]}, "(100,002 characters) is not a capability"),
+    ({HUGE: 1}, "field 'eeee"),
+    ({"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": True, "modifiers": []}]},
+     "field cpuid_modifiers[0].flags: expected an integer from 0 to 4294967295, got true"),
+    ({"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": None, "modifiers": []}]}, "got null"),
+    ({"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": "1", "modifiers": []}]}, 'got "1"'),
+])
+def test_template_errors_are_short_and_in_json_terms(tmp_path: Path, template: dict[str, Any], says: str) -> None:
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(template))
+    r = run("template", "read", str(path))
+    no_traceback(r)
+    assert r.exit_code == 2 and says in r.output and len(r.output) < 400 and r.output.count("\n") == 1, (
+        f"expected exit 2 and one line under 400 characters saying {says!r}, saw {r.exit_code}, "
+        f"{len(r.output)} characters: {r.output[:300]!r}")
+
+
+def test_template_not_utf8_names_line_byte_and_offset(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'{\n  "msr_modifiers": [{"addr": "0x10a", "bitmap": "\xe9"}]}')
+    r = run("template", "read", str(path))
+    want = f"error: {path}:2: not UTF-8 text (byte 0xe9 at offset 51)"
+    assert r.exit_code == 2 and r.output.strip() == want, f"expected {want!r}, saw {r.exit_code}: {r.output!r}"
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["z" * 100_000], "(100,002 characters); expected a name such as"),
+    (["ARCH_CAP", "9" * 100_000], "(100,002 characters) is a number too long to be one"),
+    (["ARCH_CAP", "q" * 100_000], "(100,002 characters) is not a number"),
+])
+def test_decode_echoes_long_arguments_shortened(args: list[str], says: str) -> None:
+    r = run("decode", *args)
+    no_traceback(r)
+    assert r.exit_code == 2 and says in r.output and len(r.output) < 400, (
+        f"expected exit 2 and a short line saying {says!r}, saw {r.exit_code}, {len(r.output)} characters: "
+        f"{r.output[:300]!r}")
