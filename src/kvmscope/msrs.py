@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .errors import InvalidTypeError, InvalidValueError, MsrLookupError
+from .errors import InvalidTypeError, InvalidValueError, MsrLookupError, shown
 
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
@@ -345,8 +345,6 @@ def parse_int(text: str, what: str = "value") -> int:
     :class:`InvalidValueError` that says what was expected."""
     s = text.strip()
     if len(s) > 100 or not _NUMBER.fullmatch(s):
-        from .schema import shown  # here: schema imports this module; a command-line word can be megabytes long
-
         if len(s) > 100 and _NUMBER.fullmatch(s):
             raise InvalidValueError(f"{what} {shown(text)} is a number too long to be one: expected at most 100 "
                                     "characters (the largest 64-bit value is 0xffffffffffffffff)")
@@ -373,8 +371,6 @@ def index_of(msr: int | str) -> int:
         if _NUMBER.fullmatch(key):
             return check_index(parse_int(key, "MSR index"))
         import difflib  # here: only a misspelt name needs it (and it maps _heapq into every kvmscope process)
-
-        from .schema import shown  # here: schema imports this module
 
         close = difflib.get_close_matches(key, BY_NAME.keys(), n=3, cutoff=0.6) if len(key) <= 100 else []
         hint = (f"; did you mean {', '.join(close)}?" if close else

@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from . import inputs
-from .errors import KvmscopeError
-from .schema import shown  # the scenario reader's: a value from a file can be megabytes long; errors stay one line
+from .errors import (
+    KvmscopeError,
+    shown,  # the scenario reader's: a value from a file can be megabytes long; errors stay one line
+)
 
 REGISTERS = ("eax", "ebx", "ecx", "edx")
 MAX_BYTES = 4 << 20  # a template is a few KiB; Firecracker's whole-fleet dumps are well under this
