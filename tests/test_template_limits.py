@@ -267,3 +267,21 @@ def test_decode_echoes_long_arguments_shortened(args: list[str], says: str) -> N
     assert r.exit_code == 2 and says in r.output and len(r.output) < 400, (
         f"expected exit 2 and a short line saying {says!r}, saw {r.exit_code}, {len(r.output)} characters: "
         f"{r.output[:300]!r}")
+
+
+# --- E5: --profile NAME where NAME is a file ---------------------------------------------------------------------------
+
+
+def test_profile_word_loads_a_file_of_that_name_after_shipped_names(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`probe --save myhost` writes `myhost`; `--profile myhost` loads it (it used to say no shipped profile). A
+    shipped name still means the shipped profile; ./NAME is the file."""
+    monkeypatch.chdir(tmp_path)
+    profile_with(tmp_path, "myhost").rename(tmp_path / "myhost")
+    (tmp_path / "intel-spr").write_bytes((tmp_path / "myhost").read_bytes())
+    for spec, name in (("myhost", "myhost"), ("intel-spr", "intel-spr"), ("./intel-spr", "myhost")):
+        r = run("probe", "--backend", "model", "--profile", spec, "--json")
+        assert r.exit_code == 0 and f"profile {name} (vmx)" in json.loads(r.output)["description"], (
+            f"--profile {spec}: expected profile {name}, saw {r.exit_code}: {r.output[:300]}")
+    r = run("probe", "--backend", "model", "--profile", "nope")
+    assert r.exit_code == 2 and "no shipped profile named 'nope' and no file of that name" in r.output, r.output

@@ -54,7 +54,8 @@ backend_option = click.option(
 )
 kernel_option = click.option("--kernel", metavar="VERSION", help="Model only: kernel ruleset, e.g. 6.3, 6.10, 6.18.")
 profile_option = click.option(
-    "--profile", metavar="NAME|FILE", help="Model only: a shipped host profile name or a profile JSON file."
+    "--profile", metavar="NAME|FILE", help="Model only: a shipped host profile name or a profile JSON file (a shipped "
+    "name is taken before a file of the same name: give ./NAME for the file)."
 )
 
 

@@ -9,6 +9,7 @@ CPUID on KVM_SET_CPUID2. ``kvmscope probe --save FILE`` writes one from the live
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -328,15 +329,17 @@ DEFAULT_PROFILE = "pvm-6.18"
 
 
 def load(spec: str | Path | None = None) -> Profile:
-    """Load a shipped profile by name, or a profile JSON file by path."""
+    """Load a shipped profile by name, or a profile JSON file by path. A bare word (no ``/``, no ``.json``) is a
+    shipped name first, else a file of that name (``probe --save myhost`` writes one), else an error."""
     spec = DEFAULT_PROFILE if spec is None else spec
     if not isinstance(spec, (str, Path)):
         raise ProfileError(f"a profile is a shipped name or a path, got {type(spec).__name__} {spec!r:.60}")
     path = Path(spec)
-    if isinstance(spec, str) and "/" not in spec and not spec.endswith(".json"):
-        if spec not in shipped():  # never a path: a name with "..", NUL or 10,000 characters is just not shipped
-            raise ProfileError(f"no shipped profile named {inputs.shown(spec)!r}; shipped: {', '.join(shipped())} "
-                               "(or give a path)")
+    if isinstance(spec, str) and "/" not in spec and not spec.endswith(".json") and (
+            spec in shipped() or not os.path.lexists(spec)):  # lexists: False for NUL or 10,000 characters too
+        if spec not in shipped():
+            raise ProfileError(f"no shipped profile named {inputs.shown(spec)!r} and no file of that name; shipped: "
+                               f"{', '.join(shipped())} (or give a path)")
         res = resources.files("kvmscope.profiles") / f"{spec}.json"
         text, where = res.read_text(), f"profile {spec}"
     else:
