@@ -68,7 +68,8 @@ backend_option = click.option(
 )
 kernel_option = click.option("--kernel", metavar="VERSION", help="Model only: kernel ruleset, e.g. 6.3, 6.10, 6.18.")
 profile_option = click.option(
-    "--profile", metavar="NAME|FILE", help="Model only: a shipped host profile name or a profile JSON file."
+    "--profile", metavar="NAME|FILE", help="Model only: a shipped host profile name or a profile JSON file (a shipped "
+    "name is taken before a file of the same name: give ./NAME for the file)."
 )
 
 
@@ -162,7 +163,8 @@ def _probe(system: System, fallback: str | None, as_json: bool, set_cpuid: bool,
         fail("--save captures a profile from the live kernel; the model has nothing new to capture",
              EXIT_NO_KVM if fallback else EXIT_USAGE)
     with system:
-        report = run_probe(system, set_cpuid=set_cpuid)
+        with exit_on_error():  # a profile whose KVM_SET_CPUID2 refuses its own supported CPUID: one line
+            report = run_probe(system, set_cpuid=set_cpuid)
         if save_path:
             from .capture import capture
 
@@ -513,7 +515,7 @@ def template_verify(template_file: str, state_file: str | None, backend: str, ke
         source, state = state_file, _load_template(state_file)
     else:
         (_, system), = _template_systems(backend, kernel, profile, None)
-        with system:
+        with system, exit_on_error():
             source, state = system.describe(), dump(system).template
     diffs = verify(t, *state_of(state))
     render_template.verify_report(source, diffs, as_json)
@@ -531,7 +533,7 @@ def template_dump(backend: str, kernel: str | None, profile: str | None, output:
     from .template_apply import dump
 
     (_, system), = _template_systems(backend, kernel, profile, None)
-    with system:
+    with system, exit_on_error():
         d = dump(system)
     if output:
         try:
@@ -551,14 +553,51 @@ def template_strip(dumps: tuple[str, ...], suffix: str) -> None:
 
     if len(dumps) < 2:
         raise click.UsageError("strip needs at least two dumps")
+    outs = _strip_outputs(dumps, suffix)
     stripped = strip([_load_template(p) for p in dumps])
-    for path, t in zip(dumps, stripped, strict=True):
-        out = f"{path[:-5] if path.endswith('.json') else path}{suffix}.json"
+    for out, t in zip(outs, stripped, strict=True):
         try:
             t.save(out)
         except OSError as e:
             fail(f"cannot write {out}: {e.strerror}", EXIT_USAGE)
         click.echo(f"wrote {out}: {len(t.cpuid_modifiers)} CPUID leaves, {len(t.msr_modifiers)} MSRs differ")
+
+
+def _strip_outputs(dumps: Sequence[str], suffix: str) -> list[str]:
+    """Where `template strip` writes each dump's result; refused before anything is written (one line, exit 2) when
+    it would overwrite an input or another output, or when a dump is given twice."""
+    from .inputs import shown
+
+    def same(path: str) -> object:  # an existing file by its inode (links and ./ spellings), else by its path
+        try:
+            st = os.stat(path)
+            return (st.st_dev, st.st_ino)
+        except OSError:
+            return os.path.realpath(path)
+
+    if not suffix:
+        fail("--suffix '': each output would be written over its input; give a suffix such as _stripped", EXIT_USAGE)
+    if "/" in suffix or "\0" in suffix:
+        fail(f"--suffix {shown(suffix)!r}: expected a part of a file name, without '/' or NUL (each output is "
+             "written next to its input)", EXIT_USAGE)
+    inputs: dict[object, str] = {}
+    for path in dumps:
+        if same(path) in inputs:
+            fail(f"{shown(path)}: the same dump is given twice ({shown(inputs[same(path)])}): strip compares different "
+                 "dumps", EXIT_USAGE)
+        inputs[same(path)] = path
+    outs = [f"{p[:-5] if p.endswith('.json') else p}{suffix}.json" for p in dumps]
+    written: dict[object, str] = {}
+    for path, out in zip(dumps, outs, strict=True):
+        key = same(out)
+        if key in inputs:
+            fail(f"{shown(out)}: the output for {shown(path)} would overwrite the dump {shown(inputs[key])}; choose "
+                 "another --suffix", EXIT_USAGE)
+        if key in written:
+            fail(f"{shown(out)}: the outputs for {shown(written[key])} and {shown(path)} would be the same file",
+                 EXIT_USAGE)
+        written[key] = path
+    return outs
 
 
 @main.command("baseline")

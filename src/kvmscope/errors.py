@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .kernel.rulesets import Rule
+
+
+def shown(v: Any, limit: int = 60) -> str:
+    """``repr(v)`` for a message, shortened: a value from a file or a command line can be megabytes long."""
+    text = repr(v)
+    return text if len(text) <= limit else f"{text[:limit - 20]}...{text[-12:]} ({len(text):,} characters)"
 
 
 class KvmscopeError(Exception):

@@ -27,6 +27,7 @@ from typing import Any
 
 from . import msrs as M
 from .api import CpuidEntry, find_cpuid
+from .errors import ProfileError
 from .kernel.profile import Profile
 from .template import Bitmap, CpuidModifier, LeafModifier, MsrModifier, Template
 
@@ -168,7 +169,11 @@ def settle(base: Baseline, profiles: Sequence[Profile], kernel: str | None = Non
         for p in profiles:
             with open_model(kernel=kernel, profile=p) as system:
                 rep = apply(system, t, 1, boot=())
-            for d in (d for v in rep.vcpus for d in v.diffs):
+            if not all(v.cpuid_set for v in rep.vcpus):  # every other verdict would be a vCPU's without CPUID
+                failed = next(f for f in rep.failures if "KVM_SET_CPUID2" in f)
+                raise ProfileError(f"{p.path}: {p.name} refuses the baseline's CPUID ({failed}); the fleet cannot "
+                                   "be judged on it")
+            for d in (d for v in rep.vcpus for d in v.diffs if d.kind != "overridden"):  # none: one each
                 if d.where.startswith("CPUID"):
                     leaf, sub = d.where.split()[1].split(".")
                     key = (int(leaf, 16), int(sub), d.where.split()[2])

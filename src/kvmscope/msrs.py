@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .errors import InvalidTypeError, InvalidValueError, MsrLookupError
+from .errors import InvalidTypeError, InvalidValueError, MsrLookupError, shown
 
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
@@ -345,7 +345,10 @@ def parse_int(text: str, what: str = "value") -> int:
     :class:`InvalidValueError` that says what was expected."""
     s = text.strip()
     if len(s) > 100 or not _NUMBER.fullmatch(s):
-        raise InvalidValueError(f"{what} {text!r} is not a number: expected hex such as 0x80000000 or decimal")
+        if len(s) > 100 and _NUMBER.fullmatch(s):
+            raise InvalidValueError(f"{what} {shown(text)} is a number too long to be one: expected at most 100 "
+                                    "characters (the largest 64-bit value is 0xffffffffffffffff)")
+        raise InvalidValueError(f"{what} {shown(text)} is not a number: expected hex such as 0x80000000 or decimal")
     digits = s.lstrip("+-")
     # int(x, 0) refuses decimal with leading zeros ("010"); read those as decimal, as a user means them.
     plain = digits.replace("_", "")
@@ -369,11 +372,11 @@ def index_of(msr: int | str) -> int:
             return check_index(parse_int(key, "MSR index"))
         import difflib  # here: only a misspelt name needs it (and it maps _heapq into every kvmscope process)
 
-        close = difflib.get_close_matches(key, BY_NAME.keys(), n=3, cutoff=0.6)
+        close = difflib.get_close_matches(key, BY_NAME.keys(), n=3, cutoff=0.6) if len(key) <= 100 else []
         hint = (f"; did you mean {', '.join(close)}?" if close else
                 "; expected a name such as MSR_PLATFORM_INFO or PLATFORM_INFO, or an index such as 0xce "
                 "(`kvmscope msrs` lists them)")
-        raise MsrLookupError(f"unknown MSR name {msr!r}{hint}")
+        raise MsrLookupError(f"unknown MSR name {shown(msr)}{hint}")
     return check_index(msr)
 
 

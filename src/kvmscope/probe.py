@@ -14,7 +14,7 @@ from typing import Any
 from . import guest, uapi
 from . import msrs as _msrs
 from .api import CpuidEntry, HltExit, MsrBatch, System, Vcpu, Vm, find_cpuid
-from .errors import KvmscopeError
+from .errors import KvmError, KvmscopeError
 from .kernel import rulesets as R
 
 FROZEN = "frozen after first run"
@@ -115,8 +115,19 @@ def _fresh_vcpu(system: System, cpuid: list[CpuidEntry] | None) -> tuple[Vm, Vcp
     vm = system.create_vm()
     vcpu = vm.create_vcpu(0)
     if cpuid is not None:
-        vcpu.set_cpuid(cpuid)
+        try:
+            vcpu.set_cpuid(cpuid)
+        except KvmError as e:  # probing on: the verdicts would be those of a vCPU without CPUID, without a word
+            vm.close()
+            raise cpuid_refused(system, e, "the probe would judge vCPUs without it (--no-cpuid probes without "
+                                "setting it)") from None
     return vm, vcpu
+
+
+def cpuid_refused(system: System, e: KvmError, why_not: str) -> KvmscopeError:
+    """The error for a system whose KVM_SET_CPUID2 refuses its own KVM_GET_SUPPORTED_CPUID; ``why_not`` says what
+    going on would mean."""
+    return KvmscopeError(f"{system.describe()}: KVM_SET_CPUID2 of KVM_GET_SUPPORTED_CPUID fails ({e}); {why_not}")
 
 
 # Feature MSRs that KVM gates on a guest CPUID bit since 6.13: (leaf, sub-leaf, register, bit, name, rule).

@@ -24,6 +24,7 @@ from typing import Any, Generic, TypeVar
 from . import msrs as M
 from .api import CpuidEntry
 from .errors import KvmscopeError
+from .errors import shown as shown  # re-exported: the readers' messages use it from here
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -59,12 +60,6 @@ def plain(x: Any) -> Any:
 def located(x: Any, v: Any) -> Any:
     """``v`` with the line of ``x`` (plain when ``x`` is)."""
     return Node(v, x.line) if isinstance(x, Node) else v
-
-
-def shown(v: Any, limit: int = 60) -> str:
-    """``repr(v)`` for a message, shortened: a value from a file can be a megabyte long."""
-    text = repr(v)
-    return text if len(text) <= limit else f"{text[:limit - 20]}...{text[-12:]} ({len(text):,} characters)"
 
 
 def kind(v: Any) -> str:

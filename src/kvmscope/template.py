@@ -31,7 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import KvmscopeError
+from . import inputs
+from .errors import (
+    KvmscopeError,
+    shown,  # the scenario reader's: a value from a file can be megabytes long; errors stay one line
+)
 
 REGISTERS = ("eax", "ebx", "ecx", "edx")
 MAX_BYTES = 4 << 20  # a template is a few KiB; Firecracker's whole-fleet dumps are well under this
@@ -108,17 +112,17 @@ def parse_number(text: str, bits: int = 32) -> int:
     ``from_str_radix``, which also takes one leading ``+``), within ``bits`` bits."""
     prefix = text[:2]
     if prefix not in _PREFIXED:
-        raise ValueError(f"{text!r} must start with 0x (hexadecimal) or 0b (binary)")
+        raise ValueError(f"{shown(text)} must start with 0x (hexadecimal) or 0b (binary)")
     radix, digits = _PREFIXED[prefix]
     body = text[2:]
     if not digits.fullmatch(body):
         allowed = "01" if radix == 2 else "0123456789abcdefABCDEF"
         bad = next((i for i, c in enumerate(body) if c not in allowed and not (c == "+" and i == 0)), None)
         where = f": character {bad + 3} ({body[bad]!r})" if bad is not None else ""
-        raise ValueError(f"{text!r} is not a {'hexadecimal' if radix == 16 else 'binary'} number{where}")
+        raise ValueError(f"{shown(text)} is not a {'hexadecimal' if radix == 16 else 'binary'} number{where}")
     v = int(body.lstrip("+"), radix)
     if v >> bits:
-        raise ValueError(f"{text!r} does not fit {bits} bits")
+        raise ValueError(f"{shown(text)} does not fit {bits} bits")
     return v
 
 
@@ -127,7 +131,7 @@ def parse_capability(text: str) -> tuple[int, bool]:
     removed = text.startswith("!")
     body = text[1:] if removed else text
     if not re.fullmatch(r"\+?[0-9]+", body) or int(body) > U32_MAX:
-        raise ValueError(f"{text!r} is not a capability: expected a decimal number, optionally after '!'")
+        raise ValueError(f"{shown(text)} is not a capability: expected a decimal number, optionally after '!'")
     return int(body), removed
 
 
@@ -279,7 +283,7 @@ class _JsonReader:
                 raise self.fail(pos, "expected a key in double quotes")
             key, pos = self.value(pos, depth + 1)
             if key.value in out:
-                raise TemplateError(f"{self.where}:{key.line}: duplicate key {key.value!r}")
+                raise TemplateError(f"{self.where}:{key.line}: duplicate key {shown(key.value)}")
             pos = self.skip(pos)
             if not self.text.startswith(":", pos):
                 raise self.fail(pos, "expected ':' after a key")
@@ -326,6 +330,7 @@ class _Fields:
                 raise self.error(item, self.sub(k), f"unknown field; expected one of {', '.join(allowed)}")
 
     def sub(self, key: str) -> str:
+        key = key if len(key) <= 60 else shown(key)  # a 100,000-character unknown key is named, not echoed
         return f"{self.path}.{key}" if self.path else key
 
     def error(self, at: _Value, path: str, what: str) -> TemplateError:
@@ -361,6 +366,15 @@ class _Fields:
         return list(v.value)
 
 
+def _json(v: Any) -> str:
+    """A value as the file spells it in JSON (``true``, ``null``, ``1.5``, ``"text"``), shortened; a list or an object
+    by its kind."""
+    if isinstance(v, (dict, list)):
+        return _kind(v)
+    text = json.dumps(v, ensure_ascii=False)
+    return text if len(text) <= 60 else f"{text[:40]}...{text[-12:]} ({len(text):,} characters)"
+
+
 def _kind(v: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
             float: "a number with a fraction or exponent", type(None): "null"}.get(type(v), type(v).__name__)
@@ -373,14 +387,14 @@ def _leaf(where: str, v: _Value, path: str) -> LeafModifier:
     flags_v = f.get("flags")
     assert flags_v is not None
     if type(flags_v.value) is not int or not 0 <= flags_v.value <= U32_MAX:
-        raise f.error(flags_v, f.sub("flags"), f"expected an integer from 0 to {U32_MAX}, got {flags_v.value!r}")
+        raise f.error(flags_v, f.sub("flags"), f"expected an integer from 0 to {U32_MAX}, got {_json(flags_v.value)}")
     f.get("modifiers")  # required: Firecracker has no default for it
     regs = []
     for i, item in enumerate(f.array("modifiers")):
         r = _Fields(where, item, f"{f.sub('modifiers')}[{i}]", ("register", "bitmap"))
         name, at = r.string("register")
         if name not in REGISTERS:
-            raise r.error(at, r.sub("register"), f"{name!r} is not one of {', '.join(REGISTERS)}")
+            raise r.error(at, r.sub("register"), f"{shown(name)} is not one of {', '.join(REGISTERS)}")
         regs.append(CpuidModifier(name, r.convert("bitmap", lambda s: parse_bitmap(s, 32))))
     return LeafModifier(leaf, subleaf, flags_v.value, tuple(regs))
 
@@ -411,19 +425,20 @@ def read_text(path: str | Path, limit: int = MAX_BYTES) -> str:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
-        raise TemplateError(f"{path}: cannot read: {e.strerror}") from None
+        raise TemplateError(f"{inputs.shown(path)}: cannot read: {e.strerror}") from None
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise TemplateError(f"{path}: not a regular file")
+            raise TemplateError(f"{inputs.shown(path)}: not a regular file")
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise TemplateError(f"{path}: larger than {limit} bytes; not a CPU template")
+        raise TemplateError(f"{inputs.shown(path)}: larger than {limit} bytes; not a CPU template")
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise TemplateError(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
+        return data.decode("utf-8")  # strictly: a byte-order mark is not JSON, to Firecracker either
+    except UnicodeDecodeError:
+        inputs.decode(data, inputs.shown(path), TemplateError)  # raises, naming the line, the byte and its offset
+        raise
 
 
 def load(path: str | Path) -> Template:
     """Read and check a template file."""
-    return parse(read_text(path), str(path))
+    return parse(read_text(path), inputs.shown(path))

@@ -34,6 +34,7 @@ BOOT_MSRS: tuple[tuple[int, int], ...] = (
     (0x2FF, (1 << 11) | 6),  # MTRRdefType: MTRRs enabled, default write-back
 )
 VOLATILE = {0x10}  # the TSC runs on: reading it back says nothing about the write
+MSR_BATCH = uapi.MAX_IO_MSRS - 1  # the most entries KVM_GET/SET_MSRS takes in one call (x86.c msr_io: E2BIG from 256)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class BitDiff:
 
     where: str
     kind: str  # refused (KVM_SET_MSRS stopped at it) | changed (accepted, read back different) | unreadable
+    # | overridden (a later modifier of the same MSR or register fixes these bits otherwise)
     wanted: int
     got: int | None
     mask: int
@@ -90,11 +92,14 @@ class ApplyReport:
 
     def summary(self) -> str:
         """One line: what Firecracker would do, and how many bits were refused or changed."""
-        bits = sum(len(d.bits) or 1 for v in self.vcpus for d in v.diffs)
+        bits = sum(len(d.bits) or 1 for v in self.vcpus for d in v.diffs if d.kind != "overridden")
+        lost = sum(len(d.bits) for v in self.vcpus for d in v.diffs if d.kind == "overridden")
         if self.ok:
             return "taken: every fixed bit holds on every vCPU"
         head = f"Firecracker would fail: {self.failures[0]}" if self.failures else "Firecracker would boot"
-        return f"{head}; {bits} bit(s) refused or changed" if bits else head
+        if bits:
+            head += f"; {bits} bit(s) refused or changed"
+        return f"{head}; {lost} bit(s) fixed by one modifier and overridden by a later one" if lost else head
 
     def to_json(self) -> dict[str, Any]:
         return {"template": self.template, "backend": self.backend, "description": self.description, "ok": self.ok,
@@ -140,50 +145,96 @@ def apply_msrs(read: dict[int, int], template: Template) -> tuple[dict[int, int]
 
 
 def read_each(vcpu: Vcpu, indices: Sequence[int]) -> dict[int, int]:
-    """KVM_GET_MSRS of ``indices`` in one batch, then one by one past each refusal: index -> value for those read."""
+    """KVM_GET_MSRS of ``indices`` in batches of at most :data:`MSR_BATCH` (KVM refuses a bigger one whole), each
+    carried on one by one past a refusal: index -> value for those read."""
     out: dict[int, int] = {}
     rest = list(indices)
     while rest:
-        batch = MsrBatch(rest)
+        batch = MsrBatch(rest[:MSR_BATCH])
         n = vcpu.get_msrs(batch)
         out.update((i, v) for k, (i, v) in enumerate(batch) if k < n)
-        rest = rest[n + 1 :]
+        rest = rest[n + 1 if n < batch.nmsrs else n :]
     return out
 
 
 def write_each(vcpu: Vcpu, entries: list[tuple[int, int]]) -> tuple[int, dict[int, str]]:
-    """One KVM_SET_MSRS of ``entries`` (Firecracker's), then the rest past each refusal (kvmscope's, to find them
-    all): the first call's count and the refused indices with the rule behind each (where the backend knows it)."""
+    """KVM_SET_MSRS of ``entries`` (Firecracker's one call; in batches of at most :data:`MSR_BATCH` where that would
+    be too big for KVM, see :func:`write_limit`), then the rest past each refusal (kvmscope's, to find them all): the
+    first call's count and the refused indices with the rule behind each (where the backend knows it)."""
     first = -1
     refused: dict[int, str] = {}
     rest = entries
     while rest:
-        n = vcpu.set_msrs(MsrBatch(rest))
+        batch = rest[:MSR_BATCH]
+        n = vcpu.set_msrs(MsrBatch(batch))
         if first < 0:
             first = n
-        if n == len(rest):
-            break
+        if n == len(batch):
+            rest = rest[n:]
+            continue
         rule = vcpu.refusal_rule(rest[n][0])
         refused[rest[n][0]] = rule.cite() if rule is not None else ""
         rest = rest[n + 1 :]
     return max(first, 0), refused
 
 
+def _field(template: Template) -> str:
+    return f"{template.path}: msr_modifiers"
+
+
+def read_limit(template: Template) -> str | None:
+    """Where Firecracker's read of the template's MSRs is too big for KVM (x86.c ``msr_io``: MAX_IO_MSRS, a batch of
+    256 or more gets E2BIG). Firecracker reads them from vCPU 0 with one index per modifier, in chunks of
+    KVM_MAX_MSR_ENTRIES (256, kvm-bindings; ``get_msr_chunks`` in ``src/vmm/src/vstate/vcpu/x86_64.rs``): 256
+    modifiers or more make a first chunk of 256, which KVM refuses whole."""
+    n = len(template.msr_modifiers)
+    if n < uapi.MAX_IO_MSRS:
+        return None
+    return (f"{_field(template)}: {n} modifiers: Firecracker reads them from vCPU 0 with KVM_GET_MSRS in chunks of "
+            f"{uapi.MAX_IO_MSRS}, and KVM refuses a batch of {uapi.MAX_IO_MSRS} or more with E2BIG (MAX_IO_MSRS): "
+            f"at most {MSR_BATCH} modifiers work")
+
+
+def write_limit(template: Template, entries: int, where: str = "") -> str | None:
+    """Where Firecracker's KVM_SET_MSRS is too big for KVM: it writes the template's MSRs and the boot MSRs in one
+    call (``set_msrs`` in ``src/vmm/src/arch/x86_64/msr.rs``, no chunks), so ``entries`` of 256 or more fail (E2BIG;
+    more than 256 do not even fit kvm-bindings' ``Msrs``)."""
+    if entries < uapi.MAX_IO_MSRS:
+        return None
+    return (f"{_field(template)}: {entries} MSRs with the boot MSRs: Firecracker writes them{where} in one "
+            f"KVM_SET_MSRS, and KVM refuses a batch of {uapi.MAX_IO_MSRS} or more with E2BIG (MAX_IO_MSRS)")
+
+
 def _cpuid_diffs(entries: Sequence[CpuidEntry], mods: Sequence[LeafModifier], wanted: Sequence[CpuidEntry]
                  ) -> list[BitDiff]:
-    """Template-fixed CPUID bits that KVM does not hold (read back with KVM_GET_CPUID2)."""
+    """Template-fixed CPUID bits that KVM does not hold (read back with KVM_GET_CPUID2), and the fixed bits of every
+    register modifier that a later one of the same register fixes otherwise (see :func:`overridden`)."""
     diffs = []
-    for mod in mods:
+    for i, mod in enumerate(mods):
         want = next((e for e in wanted if e.key == mod.key), None)
         if want is None:
             continue
         got = find_cpuid(entries, mod.leaf, mod.subleaf)
-        for r in mod.modifiers:
+        for j, r in enumerate(mod.modifiers):
             g = None if got is None else getattr(got, r.register)
             w = getattr(want, r.register)
+            where = cpuid_where(mod.leaf, mod.subleaf, r.register)
             if g is None or (g ^ w) & r.bitmap.mask:
-                diffs.append(BitDiff(cpuid_where(mod.leaf, mod.subleaf, r.register), "changed", w, g, r.bitmap.mask))
+                diffs.append(BitDiff(where, "changed", w, g, r.bitmap.mask))
+            if (r.bitmap.value ^ w) & r.bitmap.mask and g is not None:
+                diffs.append(BitDiff(f"{where} (cpuid_modifiers[{i}].modifiers[{j}])", "overridden", r.bitmap.value, g,
+                                     r.bitmap.mask))
     return diffs
+
+
+def overridden(template: Template, values: dict[int, int]) -> list[tuple[int, MsrModifier]]:
+    """MSR modifiers (with their position) whose fixed bits a later modifier of the same MSR fixes otherwise.
+
+    Firecracker accepts several modifiers of one MSR, CPUID leaf or register (its template is a list, and
+    ``CpuConfiguration::apply_template`` applies each in turn), so the last one's fixed bits win; an earlier one's that
+    differ cannot hold, whatever the kernel does. ``values``: the MSR values the template makes."""
+    return [(k, m) for k, m in enumerate(template.msr_modifiers)
+            if m.addr in values and (m.bitmap.value ^ values[m.addr]) & m.bitmap.mask]
 
 
 def apply(system: System, template: Template, vcpus: int = 1, boot: Sequence[tuple[int, int]] = BOOT_MSRS,
@@ -224,6 +275,9 @@ def configure(system: System, vm: Vm, template: Template, vcpus: int, boot: Sequ
             exit_ = guest.run_to_hlt(vm, v)
             rep.notes.append(f"vCPU {i} ran before the MSRs were written: {exit_.name}")
     addrs = list(dict.fromkeys(m.addr for m in template.msr_modifiers))
+    too_many = read_limit(template)
+    if too_many:
+        rep.failures.append(too_many)
     read = read_each(cpus[0], addrs)
     for a in addrs:
         if a not in read:
@@ -236,16 +290,23 @@ def configure(system: System, vm: Vm, template: Template, vcpus: int, boot: Sequ
                              "template's value")
             masks[index] = (1 << 64) - 1
         entries[index] = value
+    too_many = write_limit(template, len(entries), " on each vCPU")
+    if too_many:
+        rep.failures.append(too_many)
+    lost = overridden(template, {a: v for a, v in values.items() if a not in dict(boot)})  # boot: noted above
     for i, v in enumerate(cpus):
-        rep.vcpus.append(_configure(v, i, set_ok[i], list(entries.items()), masks, cpuid, template, rep))
+        rep.vcpus.append(_configure(v, i, set_ok[i], list(entries.items()), masks, cpuid, template, rep, lost))
     return cpus
 
 
 def _configure(vcpu: Vcpu, i: int, cpuid_set: bool, entries: list[tuple[int, int]], masks: dict[int, int],
-               cpuid: Sequence[CpuidEntry], template: Template, rep: ApplyReport) -> VcpuOutcome:
-    """KVM_SET_MSRS on one vCPU, then read everything back and compare."""
+               cpuid: Sequence[CpuidEntry], template: Template, rep: ApplyReport,
+               lost: Sequence[tuple[int, MsrModifier]] = ()) -> VcpuOutcome:
+    """KVM_SET_MSRS on one vCPU, then read everything back and compare (``lost``: modifiers a later one overrides)."""
     written, refused = write_each(vcpu, entries)
-    if refused:
+    if len(entries) >= uapi.MAX_IO_MSRS:
+        written = 0  # Firecracker's one call is refused whole (E2BIG); kvmscope wrote them in batches to judge each
+    elif refused:
         first = next(n for n, (ix, _) in enumerate(entries) if ix in refused)
         rep.failures.append(f"KVM_SET_MSRS on vCPU {i} returned {first} of {len(entries)}: refused "
                             f"{msr_where(entries[first][0])}")
@@ -260,6 +321,11 @@ def _configure(vcpu: Vcpu, i: int, cpuid_set: bool, entries: list[tuple[int, int
         kind = "refused" if index in refused else "unreadable" if got is None else "changed"
         if kind != "changed" or (got is not None and (got ^ want) & mask):
             out.diffs.append(BitDiff(msr_where(index), kind, want, got, mask, refused.get(index, "")))
+    for k, m in lost:
+        got = now.get(m.addr)
+        if got is not None:
+            out.diffs.append(BitDiff(f"{msr_where(m.addr)} (msr_modifiers[{k}])", "overridden", m.bitmap.value, got,
+                                     m.bitmap.mask))
     if cpuid_set:
         out.diffs[:0] = _cpuid_diffs(vcpu.get_cpuid(), template.cpuid_modifiers, cpuid)
     return out
@@ -327,7 +393,12 @@ def dump(system: System) -> Dump:
     keep = [i for i in indices if not undumpable(i)]
     with system.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
-        vcpu.set_cpuid(system.get_supported_cpuid())
+        try:
+            vcpu.set_cpuid(system.get_supported_cpuid())
+        except KvmError as e:
+            from .probe import cpuid_refused
+
+            raise cpuid_refused(system, e, "a dump would be of a vCPU without it") from None
         cpuid = vcpu.get_cpuid()
         values = read_each(vcpu, keep)
     leaves = tuple(LeafModifier(e.function, e.index, e.flags,

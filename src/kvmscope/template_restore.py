@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import guest
+from . import guest, uapi
 from .api import System
 from .errors import KvmError
 from .template import Template
@@ -73,6 +73,11 @@ def restore(source: System, target: System, template: Template, vcpus: int = 1,
         cpus = configure(source, vm, template, vcpus, boot, False, booted)
         rep.failures.extend(f"on the source: {f}" for f in booted.failures)
         rep.notes.extend(f"on the source: {n}" for n in booted.notes)
+        if len(to_save) >= uapi.MAX_IO_MSRS:  # get_msr_chunks (vstate/vcpu/x86_64.rs): chunks of 256 MSRs
+            rep.failures.append(f"snapshot: {template.path}: msr_modifiers: with them a snapshot saves "
+                                f"{len(to_save)} MSRs; Firecracker reads them with KVM_GET_MSRS in chunks of "
+                                f"{uapi.MAX_IO_MSRS}, and KVM refuses a batch of {uapi.MAX_IO_MSRS} or more with E2BIG "
+                                "(MAX_IO_MSRS)")
         for i, v in enumerate(cpus):
             guest.run_to_hlt(vm, v)
             values = read_each(v, to_save)

@@ -9,6 +9,7 @@ CPUID on KVM_SET_CPUID2. ``kvmscope probe --save FILE`` writes one from the live
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -237,14 +238,38 @@ def _append(trigger: tuple[int, int], entries: list[CpuidEntry]) -> AppendRule:
     return AppendRule(trigger, tuple(entries))
 
 
-def _ruleset(r: Reader, x: Any, path: str, values: dict[str, Any]) -> None:
-    """The ruleset defaults to the kernel release, and must resolve either way."""
+def _finish(r: Reader, x: Any, path: str, values: dict[str, Any]) -> None:
+    """The ruleset defaults to the kernel release, and must resolve either way; the CPUID must fit one vCPU."""
     values.setdefault("ruleset", values["kernel_release"])
     try:
         rulesets.resolve(values["ruleset"])
     except Exception as e:
         raise r.fail(x, "ruleset", inputs.shown(str(e))) from None
+    _check_cpuid_size(r, x, values)
     values["path"] = r.file
+
+
+def _check_cpuid_size(r: Reader, x: Any, values: dict[str, Any]) -> None:
+    """KVM holds at most KVM_MAX_CPUID_ENTRIES (256) per vCPU: KVM_SET_CPUID2 refuses more (E2BIG), and a vCPU that
+    stored more could not be read back (KVM_GET_CPUID2). Every command sets the supported list (or a template of the
+    same leaves) on a vCPU, so a profile whose list, or what its ``cpuid.append`` rules make of it, is larger cannot
+    be modelled."""
+    limit = uapi.KVM_MAX_CPUID_ENTRIES
+    supported: list[CpuidEntry] = values["supported_cpuid"]
+    if len(supported) > limit:
+        raise r.fail(x, "supported_cpuid", f"{len(supported)} entries; a vCPU holds at most {limit} "
+                     "(KVM_MAX_CPUID_ENTRIES: KVM_SET_CPUID2 refuses more with E2BIG)")
+    keys = {e.key for e in supported}
+    n = len(supported)
+    for i, rule in enumerate(values.get("cpuid_append", [])):  # as model/cpuid.py rewrite() appends
+        if rule.trigger in keys:
+            added = [e.key for e in rule.entries if e.key not in keys]
+            n += len(added)
+            keys.update(added)
+            if n > limit:
+                raise r.fail(x, f"cpuid.append[{i}].entries", f"KVM_SET_CPUID2 of supported_cpuid would hold {n} "
+                             f"entries with those this rule appends; a vCPU holds at most {limit} "
+                             "(KVM_MAX_CPUID_ENTRIES)")
 
 
 ERRORS = Style(ProfileError, "{file}: field {field}: {what}")
@@ -287,7 +312,7 @@ PROFILE: Record[Profile] = Record(Profile, [
     Field("cpuid.append", ListOf(APPEND_RULE), attr="cpuid_append"),
     Field("cpuid.runtime_ospke", Bool(), attr="cpuid_runtime_ospke"),
     Field("cpuid.guest_xfd_permitted", Bool()),
-], strict=False, finish=_ruleset)
+], strict=False, finish=_finish)
 
 
 def read(data: Any, path: str = "<memory>") -> Profile:
@@ -304,15 +329,17 @@ DEFAULT_PROFILE = "pvm-6.18"
 
 
 def load(spec: str | Path | None = None) -> Profile:
-    """Load a shipped profile by name, or a profile JSON file by path."""
+    """Load a shipped profile by name, or a profile JSON file by path. A bare word (no ``/``, no ``.json``) is a
+    shipped name first, else a file of that name (``probe --save myhost`` writes one), else an error."""
     spec = DEFAULT_PROFILE if spec is None else spec
     if not isinstance(spec, (str, Path)):
         raise ProfileError(f"a profile is a shipped name or a path, got {type(spec).__name__} {spec!r:.60}")
     path = Path(spec)
-    if isinstance(spec, str) and "/" not in spec and not spec.endswith(".json"):
-        if spec not in shipped():  # never a path: a name with "..", NUL or 10,000 characters is just not shipped
-            raise ProfileError(f"no shipped profile named {inputs.shown(spec)!r}; shipped: {', '.join(shipped())} "
-                               "(or give a path)")
+    if isinstance(spec, str) and "/" not in spec and not spec.endswith(".json") and (
+            spec in shipped() or not os.path.lexists(spec)):  # lexists: False for NUL or 10,000 characters too
+        if spec not in shipped():
+            raise ProfileError(f"no shipped profile named {inputs.shown(spec)!r} and no file of that name; shipped: "
+                               f"{', '.join(shipped())} (or give a path)")
         res = resources.files("kvmscope.profiles") / f"{spec}.json"
         text, where = res.read_text(), f"profile {spec}"
     else:
