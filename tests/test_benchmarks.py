@@ -45,9 +45,11 @@ def test_run_reports_paired_ratios_range_and_target(live: LinuxSystem) -> None:
     index_list = out["batches"]["index list"]  # type: ignore[index]
     assert 0 < len(index_list) <= 32, f"index-list batch: {index_list}"
     assert isinstance(out["machine"], dict) and "pinned_to_cpu" in out["machine"], f"machine: {out['machine']}"
-    # Any missed binding MSR figure (set_msrs x1, strict-set_msrs x1) brings the MSR part of the profile.
+    # Any missed binding MSR figure (set_msrs x1, strict-set_msrs x1) brings the MSR part of the profile; a floor row
+    # missing the target of the figure it stands beside does not (it is no miss of kvmscope's).
     missed_msr = any(f["met"] is False for f in figures
-                     if "_msrs x" in f["name"] and not f["name"].startswith(("model", "freeze")))
+                     if "_msrs x" in f["name"] and not f["name"].startswith(("model", "freeze"))
+                     and "floor" not in f["name"])
     profile = out["profile"]
     if missed_msr:  # a missed target is followed by the profile of where its time goes
         assert isinstance(profile, dict) and "set_msrs x1 (us per call)" in profile, f"profile: {profile}"
