@@ -621,3 +621,26 @@ def test_tsc_aux_with_emulated_rdpid(kernel: str, caps: bool, guest_bit: str, ho
         expected = [Rdmsr(0xC0000103, 0) if opens else GP, Halted()]
         assert events == expected, (
             f"{kernel}, host RDTSCP {host_rdtscp}, guest {guest_bit}: guest RDMSR of TSC_AUX gave {events}")
+
+
+# --- EFER on SVM: SVME and LMSLE with kvm_amd nested=1 (svm_hardware_setup) ---------------------------------------------
+@pytest.mark.parametrize("kernel", ["5.10", "6.1", "6.12.118", "6.18"])
+@pytest.mark.parametrize("nested", ["1", "0"])
+def test_svm_efer_svme_and_lmsle_need_nested(kernel: str, nested: str) -> None:
+    # 6.1.192 svm.c:5104-5105, 6.12.118 svm.c:5529-5531: `if (nested) kvm_enable_efer_bits(EFER_SVME | EFER_LMSLE)`;
+    # LMSLE follows the host's EferLmsleUnsupported only from 6.19 (c53c632592a4). FFXSR follows the host (5502-5503).
+    from kvmscope.kernel.profile import load
+    from kvmscope.model import open_model
+
+    epyc = load("amd-epyc")
+    profile = replace(epyc, module_parameters={**epyc.module_parameters, "kvm_amd.nested": nested})
+    with open_model(kernel, profile) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        for name, bit in (("SVME", 1 << 12), ("LMSLE", 1 << 13)):
+            took = vcpu.set_msrs({0xC0000080: 0xD01 | bit})
+            assert took == int(nested == "1"), f"{kernel} nested={nested}: EFER.{name} from the host: {took} written"
+        assert vcpu.set_msrs({0xC0000080: 0xD01 | 1 << 14}) == 1, f"{kernel}: EFER.FFXSR on a host with FFXSR"
+    with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        assert vcpu.set_msrs({0xC0000080: 0xD01 | 1 << 13}) == 0, f"{kernel}: EFER.LMSLE on VMX is reserved"

@@ -133,6 +133,11 @@ class Profile:
     def nested_vmx(self) -> bool:
         return any(0x480 <= i <= 0x491 for i in self.feature_msrs)
 
+    @property
+    def nested_svm(self) -> bool:
+        """kvm_amd's ``nested`` parameter (on unless the profile records it off)."""
+        return self.vendor == "svm" and self.module_parameters.get("kvm_amd.nested", "1") not in ("0", "N", "n")
+
     def capability(self, cap: int, vm: bool = False) -> int:
         if vm and cap in self.vm_capabilities:
             return self.vm_capabilities[cap]

@@ -48,7 +48,7 @@ SBPB: Bit = (0x80000021, 0, "eax", 27)
 LA57: Bit = (7, 0, "ecx", 16)
 
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NX = 1, 1 << 8, 1 << 10, 1 << 11
-EFER_SVME, EFER_FFXSR, EFER_AUTOIBRS = 1 << 12, 1 << 14, 1 << 21
+EFER_SVME, EFER_LMSLE, EFER_FFXSR, EFER_AUTOIBRS = 1 << 12, 1 << 13, 1 << 14, 1 << 21
 APIC_BSP, X2APIC_ENABLE, APIC_ENABLE = 1 << 8, 1 << 10, 1 << 11
 MISC_ENABLE_EMON, MISC_ENABLE_MWAIT = 1 << 7, 1 << 18
 MISC_ENABLE_PMU_RO = 1 << 11 | 1 << 12  # BTS_UNAVAIL | PEBS_UNAVAIL
@@ -108,12 +108,13 @@ class MiscMsrs(Family):
         self.vendor_checks = ruleset.guest_vendor_checks
         self.svm = p.vendor == "svm"
         self.hwcr_tscfreqsel = ruleset.has(E.HWCR_TSCFREQSEL)
-        # efer_reserved_bits: SCE, LME, LMA; NX when the host has it; SVM adds SVME, FFXSR, AUTOIBRS (svm_hardware_setup,
-        # nested and host features). PVM and VMX enable no more (seen on this host: 0xD01 accepted, 0x1000 refused).
+        # efer_reserved_bits: SCE, LME, LMA; NX if the host has it; SVM: FFXSR, AUTOIBRS as the host, SVME|LMSLE with
+        # nested=1 (6.12.118 svm.c:5502-5531). PVM and VMX: no more (this host: 0xD01 accepted, 0x1000 refused).
         allowed = EFER_SCE | EFER_LME | EFER_LMA | (EFER_NX if C.has_feature(supported, *NX) else 0)
         if p.vendor == "svm":
             autoibrs = C.has_feature(supported, *AUTOIBRS) and ruleset.has(R.EFER_AUTOIBRS)  # 6.3
-            allowed |= EFER_SVME | EFER_FFXSR | (EFER_AUTOIBRS if autoibrs else 0)
+            allowed |= ((EFER_SVME | EFER_LMSLE if p.nested_svm else 0) | (EFER_AUTOIBRS if autoibrs else 0)
+                        | (EFER_FFXSR if C.has_feature(supported, *FFXSR) else 0))
         self.efer_allowed = allowed
         self.pmu_off = p.module_parameters.get("kvm.enable_pmu", "Y") == "N"
         # CONFIG_KVM_SMM: KVM_CAP_X86_SMM (117) is 0 without it (kvm_vm_ioctl_check_extension), and SMBASE then fails.
