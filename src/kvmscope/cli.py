@@ -13,7 +13,7 @@ import click
 
 from . import backends, render
 from . import msrs as _msrs
-from .errors import KvmscopeError, KvmUnavailableError, ProfileError, ScenarioError
+from .errors import InvalidValueError, KvmscopeError, KvmUnavailableError, ProfileError, ScenarioError
 
 if TYPE_CHECKING:
     from .api import System
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from .scenario import Scenario
     from .template import Template
     from .template_apply import ApplyReport
+
+MAX_TRACE_TIMEOUT = 365 * 24 * 3600  # well within threading.TIMEOUT_MAX and setitimer's range
 
 # Exit codes shared by every subcommand.
 EXIT_OK = 0
@@ -304,6 +306,22 @@ def template() -> None:
     """
 
 
+def _check_outputs(*paths: str | None) -> None:
+    """Before any work: every file a command will write can be written as a regular file (a FIFO, a device or a
+    directory is refused with one line, exit 2, as for ``probe --save``)."""
+    from .inputs import check_output
+
+    with exit_on_error():
+        for path in paths:
+            if path is not None:
+                check_output(path, InvalidValueError)
+
+
+def _save(t: Template, path: str) -> None:
+    with exit_on_error():
+        t.save(path)
+
+
 def _load_template(path: str) -> Template:
     from .template import load
 
@@ -319,12 +337,10 @@ def template_read(template_file: str, output: str | None, as_json: bool) -> None
     """Check a template (errors name the line, field and character) and show what it fixes."""
     from . import render_template
 
+    _check_outputs(output)
     t = _load_template(template_file)
     if output:
-        try:
-            t.save(output)
-        except OSError as e:
-            fail(f"cannot write {output}: {e.strerror}", EXIT_USAGE)
+        _save(t, output)
     render_template.template_summary(t, as_json)
 
 
@@ -465,14 +481,12 @@ def template_dump(backend: str, kernel: str | None, profile: str | None, output:
     from . import render_template
     from .template_apply import dump
 
+    _check_outputs(output)
     (_, system), = _template_systems(backend, kernel, profile, None)
     with system:
         d = dump(system)
     if output:
-        try:
-            d.template.save(output)
-        except OSError as e:
-            fail(f"cannot write {output}: {e.strerror}", EXIT_USAGE)
+        _save(d.template, output)
     render_template.dump_report(d, output)
 
 
@@ -485,13 +499,11 @@ def template_strip(dumps: tuple[str, ...], suffix: str) -> None:
 
     if len(dumps) < 2:
         raise click.UsageError("strip needs at least two dumps")
+    outs = [f"{path[:-5] if path.endswith('.json') else path}{suffix}.json" for path in dumps]
+    _check_outputs(*outs)  # all of them before the first is written
     stripped = strip([_load_template(p) for p in dumps])
-    for path, t in zip(dumps, stripped, strict=True):
-        out = f"{path[:-5] if path.endswith('.json') else path}{suffix}.json"
-        try:
-            t.save(out)
-        except OSError as e:
-            fail(f"cannot write {out}: {e.strerror}", EXIT_USAGE)
+    for out, t in zip(outs, stripped, strict=True):
+        _save(t, out)
         click.echo(f"wrote {out}: {len(t.cpuid_modifiers)} CPUID leaves, {len(t.msr_modifiers)} MSRs differ")
 
 
@@ -511,14 +523,12 @@ def baseline_cmd(profiles: tuple[str, ...], kernel: str | None, output: str | No
     from .fleet import baseline, settle
     from .kernel.profile import load
 
+    _check_outputs(output)
     with exit_on_error():
         loaded = [load(p) for p in profiles]
         result = settle(baseline(loaded), loaded, kernel)
     if output:
-        try:
-            result.template.save(output)
-        except OSError as e:
-            fail(f"cannot write {output}: {e.strerror}", EXIT_USAGE)
+        _save(result.template, output)
     render_template.baseline_report(result, [p.name for p in loaded], output, as_json)
 
 
@@ -551,8 +561,8 @@ def fingerprint_compare(a: str, b: str, as_json: bool) -> None:
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.option("--out", "out_path", metavar="FILE", default="trace.yaml", show_default=True,
-              type=click.Path(dir_okay=False), help="Write the recording (a scenario file) here.")
+@click.option("--out", "out_path", metavar="FILE", default="trace.yaml", show_default=True,  # inputs.replacing
+              help="Write the recording (a scenario file) here.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=0, metavar="SECONDS",
               help="Kill the command (and its children) after SECONDS; with --attach, detach then. 0: no limit.")
 @click.option("--attach", "attach_pid", type=click.IntRange(min=1), metavar="PID",
@@ -575,19 +585,24 @@ def trace(out_path: str, timeout: float, attach_pid: int | None, as_json: bool, 
       kvmscope check host.yaml
       kvmscope check host.yaml --compare 6.3,6.12,6.13,6.18
     """
+    from .inputs import replacing
     from .trace.attach import attach
     from .trace.recorder import TraceError, record
     from .trace.report import trace_result
 
     if bool(command) == bool(attach_pid):
         raise click.UsageError("give a COMMAND to run, or --attach PID (not both)")
-    try:
-        with open(out_path, "w") as out:
+    if not 0 <= timeout <= MAX_TRACE_TIMEOUT:  # nan fails every comparison; inf and 1e308 overflow the timers
+        fail(f"--timeout {timeout}: expected seconds from 0 (no limit) to {MAX_TRACE_TIMEOUT:,} (a year)", EXIT_USAGE)
+    # The recording goes to a file beside --out that replaces it only once there is one to keep: a command that cannot
+    # be run, or a PID that is not there, leaves an existing file as it was.
+    with exit_on_error(), replacing(out_path, InvalidValueError) as out:
+        try:
             result = attach(attach_pid, out, timeout or None) if attach_pid else record(command, out, timeout or None)
-    except (TraceError, OSError) as e:
-        fail(f"kvmscope trace: {e.strerror or e}", EXIT_USAGE)
-    if result.exit_code == 127 and not result.summary.calls:
-        fail(f"kvmscope trace: {command[0]} could not be run (exit status 127, no KVM ioctl)", EXIT_USAGE)
+        except (TraceError, OSError) as e:
+            raise InvalidValueError(f"kvmscope trace: {e.strerror or e}") from None
+        if not attach_pid and result.exit_code == 127 and not result.summary.calls:
+            raise InvalidValueError(f"kvmscope trace: {command[0]} could not be run (exit status 127, no KVM ioctl)")
     trace_result(result, out_path, as_json)
 
 
