@@ -177,7 +177,7 @@ def list_msrs(as_json: bool) -> None:
 @click.option("--compare", "compare_kernels", metavar="V1,V2,...|all",
               help="Replay on the model under several kernel rulesets (all: every version whose rules differ) and "
                    "show the steps whose outcome changes.")
-@click.option("--corpus", "corpus_dir", metavar="DIR", type=click.Path(file_okay=False, exists=True),
+@click.option("--corpus", "corpus_dir", metavar="DIR",  # checked in _corpus: one line, not click's usage block
               help="Instead of SCENARIO: every recording in DIR x the --compare kernels (x --profile P1,P2).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def check(scenario_file: str | None, backend: str, kernel: str | None, profile: str | None,
@@ -323,14 +323,16 @@ def _save(t: Template, path: str) -> None:
 
 
 def _load_template(path: str) -> Template:
-    from .template import load
+    from .inputs import check_kind
+    from .template import TemplateError, load
 
     with exit_on_error():
+        check_kind(path, TemplateError, "a template")  # one line, as for a scenario; not click's usage block
         return load(path)
 
 
 @template.command("read")
-@click.argument("template_file", metavar="TEMPLATE", type=click.Path(dir_okay=False))
+@click.argument("template_file", metavar="TEMPLATE")  # read by _load_template
 @click.option("-o", "--output", metavar="FILE", help="Write the template back out, as Firecracker writes it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the template as Firecracker's JSON.")
 def template_read(template_file: str, output: str | None, as_json: bool) -> None:
@@ -345,7 +347,7 @@ def template_read(template_file: str, output: str | None, as_json: bool) -> None
 
 
 @template.command("apply")
-@click.argument("template_file", metavar="TEMPLATE", type=click.Path(dir_okay=False))
+@click.argument("template_file", metavar="TEMPLATE")  # read by _load_template
 @backend_option
 @kernel_option
 @profile_option
@@ -410,7 +412,7 @@ def _explain_live(report: ApplyReport, t: Template, vcpus: int, boot: Sequence[t
 
 
 @template.command("restore")
-@click.argument("template_file", metavar="TEMPLATE", type=click.Path(dir_okay=False))
+@click.argument("template_file", metavar="TEMPLATE")  # read by _load_template
 @backend_option
 @kernel_option
 @profile_option
@@ -446,8 +448,8 @@ def template_restore(template_file: str, backend: str, kernel: str | None, profi
 
 
 @template.command("verify")
-@click.argument("template_file", metavar="TEMPLATE", type=click.Path(dir_okay=False))
-@click.option("--state", "state_file", metavar="DUMP", type=click.Path(dir_okay=False),
+@click.argument("template_file", metavar="TEMPLATE")  # read by _load_template
+@click.option("--state", "state_file", metavar="DUMP",  # read by _load_template
               help="A vCPU state from `template dump` (default: dump a fresh vCPU of the backend now).")
 @backend_option
 @kernel_option
@@ -491,7 +493,7 @@ def template_dump(backend: str, kernel: str | None, profile: str | None, output:
 
 
 @template.command("strip")
-@click.argument("dumps", metavar="DUMP...", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("dumps", metavar="DUMP...", nargs=-1, required=True)  # read by _load_template
 @click.option("--suffix", default="_stripped", show_default=True, help="Each output is written next to its input.")
 def template_strip(dumps: tuple[str, ...], suffix: str) -> None:
     """Keep only the bits that differ across several dumps (the rest is the same everywhere: no need to fix it)."""
@@ -618,6 +620,11 @@ def _corpus(corpus_dir: str | None, scenario_file: str | None, kernels: str | No
         raise click.UsageError("give either SCENARIO or --corpus DIR")
     versions = [v.strip() for v in (kernels or "6.3,6.12,6.13,6.18").split(",") if v.strip()]
     with exit_on_error():
+        from .inputs import check_kind, shown
+
+        check_kind(corpus_dir, ScenarioError, "a corpus", directory=True)
+        if not os.path.isdir(corpus_dir):
+            raise ScenarioError(f"{shown(corpus_dir)}: cannot read a corpus: no such directory")
         cells = matrix(Path(corpus_dir), versions, [p.strip() for p in profiles.split(",")] if profiles else [None])
     corpus_matrix(cells, versions, as_json)
     sys.exit(EXIT_OK)

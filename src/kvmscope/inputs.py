@@ -106,6 +106,21 @@ def open_regular(path: str | os.PathLike[str], error: ErrorType, what: str = "")
         raise
 
 
+def check_kind(path: str | os.PathLike[str], error: ErrorType, what: str, directory: bool = False) -> None:
+    """Before reading: ``path``, when it exists, is a regular file (or, with ``directory``, a directory); anything else
+    is refused without being opened. A missing path is left to the reader, which says so."""
+    p = _path(path, error)
+    try:
+        mode = os.stat(p).st_mode
+    except OSError:
+        return
+    if directory and not stat.S_ISDIR(mode):
+        found = "a regular file" if stat.S_ISREG(mode) else _not_regular(mode)
+        raise error(f"{shown(p)}: cannot read {what} from {found}: expected a directory")
+    if not directory and not stat.S_ISREG(mode):
+        raise error(f"{shown(p)}: cannot read {what} from {_not_regular(mode)}: expected a regular file")
+
+
 def decode(data: bytes, where: str, error: ErrorType) -> str:
     """Strict UTF-8 (a UTF-8 byte-order mark is dropped); the line of the first bad byte is named."""
     for bom, name in _BOMS:
