@@ -1,9 +1,9 @@
 """A byte-level fuzzer for every file reader and the CLI, under a memory limit and a per-input timeout (issue 13).
 
-Each input is bytes: a seed (the example scenarios, the shipped profiles, CPUID lists, the example CPU templates,
-known-bad files) mutated at the byte level (flips, cuts, splices, repeated runs, YAML/JSON tokens, invalid UTF-8,
-control characters). Each is given to every reader of its kind and to the command that reads it (`kvmscope check`,
-`probe --profile`, `template read` and `template apply`); a finding is any of:
+Each input is bytes: a seed (the example scenarios, the shipped profiles, CPUID lists, the example CPU templates and
+proposal TOML files, known-bad files) mutated at the byte level (flips, cuts, splices, repeated runs, YAML/JSON/TOML
+tokens, invalid UTF-8, control characters). Each is given to every reader of its kind and to the command that reads it
+(`kvmscope check`, `probe --profile`, `probe --kernel p.toml`, `template read` and `template apply`); a finding is any of:
 
 - an exception that is not kvmscope's own error (a traceback), a hang (over ``--timeout`` seconds), ``MemoryError``
   (the address space is limited to ``--memory`` MiB);
@@ -35,8 +35,8 @@ from click.testing import CliRunner
 
 from kvmscope import template
 from kvmscope.cli import main as cli_main
-from kvmscope.errors import ProfileError, ScenarioError
-from kvmscope.kernel import profile
+from kvmscope.errors import InvalidValueError, ProfileError, ScenarioError
+from kvmscope.kernel import profile, proposal
 from kvmscope.scenario import load, stream
 from kvmscope.template import TemplateError
 
@@ -46,7 +46,8 @@ TOKENS = [b"&a ", b"*a", b"!!timestamp ", b"!!int ", b"!!bool ", b"!!binary ", b
           b"\x00", b"\xff", b"\xfe\xff", b"\xef\xbb\xbf", b"\xed\xa0\x80", b"\x1b[31m", b"[/]", b"[bold]", b"9" * 90,
           b"0x" + b"f" * 40, b"2001-13-45", b"1e999", b"NaN", b"-1", b"null", b"~", b"yes", b"steps:\n", b"scenario: 1\n",
           b"errno: __spec__", b"vcpu: ", b"set_cpuid: {vcpu: 0, file: /dev/zero}", b"file: c.yaml", b"? ", b"|\n",
-          b">\n", b"%YAML 1.1\n", b"%TAG ! tag:x,2000:\n"]
+          b">\n", b"%YAML 1.1\n", b"%TAG ! tag:x,2000:\n", b" = ", b"[[", b'"""', b"base = ", b"title = ", b"nan",
+          b"9" * 5000]
 
 
 class Timeout(Exception):
@@ -67,7 +68,9 @@ def seeds() -> dict[str, list[bytes]]:
     cpuid = [b"- {function: 0x7, index: 0, edx: 0x10}\n- {function: 1, eax: 0x806f8}\n",
              b'[{"function": "0x7", "ebx": "0x1"}]\n']
     templates = [p.read_bytes() for p in sorted((ROOT / "examples/templates").glob("*.json"))]
-    return {"yaml": yaml_seeds, "json": json_seeds, "profile": profiles, "cpuid": cpuid, "template": templates}
+    proposals = [p.read_bytes() for p in sorted((ROOT / "examples/proposals").glob("*.toml"))]
+    return {"yaml": yaml_seeds, "json": json_seeds, "profile": profiles, "cpuid": cpuid, "template": templates,
+            "proposal": proposals}
 
 
 def mutate(rng: random.Random, data: bytes, pool: list[bytes]) -> bytes:
@@ -152,6 +155,18 @@ def check_template(path: Path) -> None:
             assert result.stderr.count("\n") == 1 and str(path) in result.stderr, f"not one line: {result.stderr!r}"
 
 
+def check_proposal(path: Path) -> None:
+    verdict(lambda: proposal.load(path), (InvalidValueError,))
+    result = CliRunner().invoke(cli_main, ["probe", "--backend", "model", "--profile", "intel-spr", "--kernel",
+                                           str(path), "--json"])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code in (0, 2), f"exit {result.exit_code}: {result.stderr!r}"
+    if result.exit_code == 2:
+        assert result.stderr.count("\n") == 1 and result.stderr.count(str(path)) == 1 and len(result.stderr) < 2000, (
+            f"not one short line naming the file once: {result.stderr[:500]!r}")
+
+
 def run(seconds: float, seed: int, timeout: int, memory_mib: int, log: Any = sys.stdout,
         known: dict[str, int] | None = None) -> int:
     """Fuzz for ``seconds``; returns the number of findings (each printed with a reproducer file). ``known``: names of
@@ -172,7 +187,7 @@ def run(seconds: float, seed: int, timeout: int, memory_mib: int, log: Any = sys
             kind = rng.choice(list(pools))
             data = mutate(rng, rng.choice(pools[kind]), everything)
             target = {"yaml": d / "s.yaml", "json": d / "s.json", "profile": d / "p.json", "cpuid": d / "c.yaml",
-                      "template": d / "t.json"}[kind]
+                      "template": d / "t.json", "proposal": d / "p.toml"}[kind]
             target.write_bytes(data)
             signal.alarm(timeout)
             try:
@@ -180,6 +195,8 @@ def run(seconds: float, seed: int, timeout: int, memory_mib: int, log: Any = sys
                     check_profile(target)
                 elif kind == "template":
                     check_template(target)
+                elif kind == "proposal":
+                    check_proposal(target)
                 else:
                     check_scenario(d / "s.yaml" if kind == "cpuid" else target)
             except Exception as e:  # a finding: anything but kvmscope's own errors, a hang, MemoryError, a disagreement

@@ -205,3 +205,30 @@ def test_a_vm_wide_step_names_no_vcpu(tmp_path: Path) -> None:
     out = CliRunner().invoke(main, ["check", "--profile", "intel-spr", str(f)]).stdout.splitlines()
     assert "disable_quirks: ACCEPTED" in out[1], f"disable_quirks acts on the VM, yet its line reads {out[1]!r}"
     assert "create_vcpu vCPU 0: ACCEPTED" in out[2], f"a vCPU step names its vCPU: {out[2]!r}"
+
+
+def test_a_path_of_the_wrong_kind_is_one_line_not_a_usage_block(tmp_path: Path) -> None:
+    # click.Path(dir_okay=False) printed a four-line usage block; a scenario's reader says it in one line.
+    t2s = str(Path(__file__).parent.parent / "examples" / "templates" / "t2s-like.json")
+    folder = tmp_path / "dir.json"
+    folder.mkdir()
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text("scenario: 1\nsteps: []\n")
+    d = str(folder)
+    template_dir = f"{d}: cannot read a template from a directory: expected a regular file"
+    for args, expected in (
+        (["template", "read", d], template_dir),
+        (["template", "apply", d, "--profile", "intel-spr"], template_dir),
+        (["template", "restore", d, "--profile", "intel-spr"], template_dir),
+        (["template", "verify", d, "--profile", "intel-spr"], template_dir),
+        (["template", "verify", t2s, "--state", d], template_dir),
+        (["template", "strip", d, t2s, "--suffix", "_x"], template_dir),
+        (["trace", "--out", d, "--", "true"], f"cannot write {d}: it is a directory, expected a regular file"),
+        (["check", "--corpus", str(scenario)], f"{scenario}: cannot read a corpus from a regular file: expected a "
+                                               "directory"),
+        (["check", "--corpus", str(tmp_path / "none")], f"{tmp_path / 'none'}: cannot read a corpus: no such directory"),
+    ):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and result.stderr == f"error: {expected}\n", (
+            f"expected exit 2 and the one line 'error: {expected}' for {args}, saw {result.exit_code}: "
+            f"{result.stderr!r}")

@@ -14,7 +14,7 @@ import click
 
 from . import backends, render
 from . import msrs as _msrs
-from .errors import KvmscopeError, KvmUnavailableError, ProfileError, ScenarioError
+from .errors import InvalidValueError, KvmscopeError, KvmUnavailableError, ProfileError, ScenarioError
 
 if TYPE_CHECKING:
     from .api import System
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from .scenario import Scenario
     from .template import Template
     from .template_apply import ApplyReport
+
+MAX_TRACE_TIMEOUT = 365 * 24 * 3600  # well within threading.TIMEOUT_MAX and setitimer's range
 
 # Exit codes shared by every subcommand.
 EXIT_OK = 0
@@ -213,7 +215,7 @@ def list_msrs(as_json: bool) -> None:
 @click.option("--compare", "compare_kernels", metavar="V1,V2,...|all",
               help="Replay on the model under several kernel rulesets (all: every version whose rules differ) and "
                    "show the steps whose outcome changes.")
-@click.option("--corpus", "corpus_dir", metavar="DIR", type=click.Path(file_okay=False, exists=True),
+@click.option("--corpus", "corpus_dir", metavar="DIR",  # checked in _corpus: one line, not click's usage block
               help="Instead of SCENARIO: every recording in DIR x the --compare kernels (x --profile P1,P2).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def check(scenario_file: str | None, backend: str, kernel: str | None, profile: str | None,
@@ -359,32 +361,48 @@ def template() -> None:
     """
 
 
-def _load_template(path: str) -> Template:
-    from .template import load
+def _check_outputs(*paths: str | None) -> None:
+    """Before any work: every file a command will write can be written as a regular file (a FIFO, a device or a
+    directory is refused with one line, exit 2, as for ``probe --save``)."""
+    from .inputs import check_output
 
     with exit_on_error():
+        for path in paths:
+            if path is not None:
+                check_output(path, InvalidValueError)
+
+
+def _save(t: Template, path: str) -> None:
+    with exit_on_error():
+        t.save(path)
+
+
+def _load_template(path: str) -> Template:
+    from .inputs import check_kind
+    from .template import TemplateError, load
+
+    with exit_on_error():
+        check_kind(path, TemplateError, "a template")  # one line, as for a scenario; not click's usage block
         return load(path)
 
 
 @template.command("read")
-@click.argument("template_file", metavar="TEMPLATE", type=click.Path(dir_okay=False))
+@click.argument("template_file", metavar="TEMPLATE")  # read by _load_template
 @click.option("-o", "--output", metavar="FILE", help="Write the template back out, as Firecracker writes it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the template as Firecracker's JSON.")
 def template_read(template_file: str, output: str | None, as_json: bool) -> None:
     """Check a template (errors name the line, field and character) and show what it fixes."""
     from . import render_template
 
+    _check_outputs(output)
     t = _load_template(template_file)
     if output:
-        try:
-            t.save(output)
-        except OSError as e:
-            fail(f"cannot write {output}: {e.strerror}", EXIT_USAGE)
+        _save(t, output)
     render_template.template_summary(t, as_json)
 
 
 @template.command("apply")
-@click.argument("template_file", metavar="TEMPLATE", type=click.Path(dir_okay=False))
+@click.argument("template_file", metavar="TEMPLATE")  # read by _load_template
 @backend_option
 @kernel_option
 @profile_option
@@ -458,7 +476,7 @@ def _explain_live(report: ApplyReport, t: Template, vcpus: int, boot: Sequence[t
 
 
 @template.command("restore")
-@click.argument("template_file", metavar="TEMPLATE", type=click.Path(dir_okay=False))
+@click.argument("template_file", metavar="TEMPLATE")  # read by _load_template
 @backend_option
 @kernel_option
 @profile_option
@@ -494,8 +512,8 @@ def template_restore(template_file: str, backend: str, kernel: str | None, profi
 
 
 @template.command("verify")
-@click.argument("template_file", metavar="TEMPLATE", type=click.Path(dir_okay=False))
-@click.option("--state", "state_file", metavar="DUMP", type=click.Path(dir_okay=False),
+@click.argument("template_file", metavar="TEMPLATE")  # read by _load_template
+@click.option("--state", "state_file", metavar="DUMP",  # read by _load_template
               help="A vCPU state from `template dump` (default: dump a fresh vCPU of the backend now).")
 @backend_option
 @kernel_option
@@ -532,20 +550,18 @@ def template_dump(backend: str, kernel: str | None, profile: str | None, output:
     from . import render_template
     from .template_apply import dump
 
+    _check_outputs(output)
     (_, system), = _template_systems(backend, kernel, profile, None)
     with system, exit_on_error():
         d = dump(system)
     if output:
-        try:
-            d.template.save(output)
-        except OSError as e:
-            fail(f"cannot write {output}: {e.strerror}", EXIT_USAGE)
+        _save(d.template, output)
     render_template.dump_report(d, output)
     _verdict(True)
 
 
 @template.command("strip")
-@click.argument("dumps", metavar="DUMP...", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("dumps", metavar="DUMP...", nargs=-1, required=True)  # read by _load_template
 @click.option("--suffix", default="_stripped", show_default=True, help="Each output is written next to its input.")
 def template_strip(dumps: tuple[str, ...], suffix: str) -> None:
     """Keep only the bits that differ across several dumps (the rest is the same everywhere: no need to fix it)."""
@@ -554,12 +570,10 @@ def template_strip(dumps: tuple[str, ...], suffix: str) -> None:
     if len(dumps) < 2:
         raise click.UsageError("strip needs at least two dumps")
     outs = _strip_outputs(dumps, suffix)
+    _check_outputs(*outs)  # all of them before the first is written
     stripped = strip([_load_template(p) for p in dumps])
     for out, t in zip(outs, stripped, strict=True):
-        try:
-            t.save(out)
-        except OSError as e:
-            fail(f"cannot write {out}: {e.strerror}", EXIT_USAGE)
+        _save(t, out)
         click.echo(f"wrote {out}: {len(t.cpuid_modifiers)} CPUID leaves, {len(t.msr_modifiers)} MSRs differ")
 
 
@@ -616,14 +630,12 @@ def baseline_cmd(profiles: tuple[str, ...], kernel: str | None, output: str | No
     from .fleet import baseline, settle
     from .kernel.profile import load
 
+    _check_outputs(output)
     with exit_on_error():
         loaded = [load(p) for p in profiles]
         result = settle(baseline(loaded), loaded, kernel)
     if output:
-        try:
-            result.template.save(output)
-        except OSError as e:
-            fail(f"cannot write {output}: {e.strerror}", EXIT_USAGE)
+        _save(result.template, output)
     render_template.baseline_report(result, [p.name for p in loaded], output, as_json)
 
 
@@ -656,8 +668,8 @@ def fingerprint_compare(a: str, b: str, as_json: bool) -> None:
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.option("--out", "out_path", metavar="FILE", default="trace.yaml", show_default=True,
-              type=click.Path(dir_okay=False), help="Write the recording (a scenario file) here.")
+@click.option("--out", "out_path", metavar="FILE", default="trace.yaml", show_default=True,  # inputs.replacing
+              help="Write the recording (a scenario file) here.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=0, metavar="SECONDS",
               help="Kill the command (and its children) after SECONDS; with --attach, detach then. 0: no limit.")
 @click.option("--attach", "attach_pid", type=click.IntRange(min=1), metavar="PID",
@@ -680,19 +692,24 @@ def trace(out_path: str, timeout: float, attach_pid: int | None, as_json: bool, 
       kvmscope check host.yaml
       kvmscope check host.yaml --compare 6.3,6.12,6.13,6.18
     """
+    from .inputs import replacing
     from .trace.attach import attach
     from .trace.recorder import TraceError, record
     from .trace.report import trace_result
 
     if bool(command) == bool(attach_pid):
         raise click.UsageError("give a COMMAND to run, or --attach PID (not both)")
-    try:
-        with open(out_path, "w") as out:
+    if not 0 <= timeout <= MAX_TRACE_TIMEOUT:  # nan fails every comparison; inf and 1e308 overflow the timers
+        fail(f"--timeout {timeout}: expected seconds from 0 (no limit) to {MAX_TRACE_TIMEOUT:,} (a year)", EXIT_USAGE)
+    # The recording goes to a file beside --out that replaces it only once there is one to keep: a command that cannot
+    # be run, or a PID that is not there, leaves an existing file as it was.
+    with exit_on_error(), replacing(out_path, InvalidValueError) as out:
+        try:
             result = attach(attach_pid, out, timeout or None) if attach_pid else record(command, out, timeout or None)
-    except (TraceError, OSError) as e:
-        fail(f"kvmscope trace: {e.strerror or e}", EXIT_USAGE)
-    if result.exit_code == 127 and not result.summary.calls:
-        fail(f"kvmscope trace: {command[0]} could not be run (exit status 127, no KVM ioctl)", EXIT_USAGE)
+        except (TraceError, OSError) as e:
+            raise InvalidValueError(f"kvmscope trace: {e.strerror or e}") from None
+        if not attach_pid and result.exit_code == 127 and not result.summary.calls:
+            raise InvalidValueError(f"kvmscope trace: {command[0]} could not be run (exit status 127, no KVM ioctl)")
     trace_result(result, out_path, as_json)
 
 
@@ -708,6 +725,11 @@ def _corpus(corpus_dir: str | None, scenario_file: str | None, kernels: str | No
         raise click.UsageError("give either SCENARIO or --corpus DIR")
     versions = [v.strip() for v in (kernels or "6.3,6.12,6.13,6.18").split(",") if v.strip()]
     with exit_on_error():
+        from .inputs import check_kind, shown
+
+        check_kind(corpus_dir, ScenarioError, "a corpus", directory=True)
+        if not os.path.isdir(corpus_dir):
+            raise ScenarioError(f"{shown(corpus_dir)}: cannot read a corpus: no such directory")
         cells = matrix(Path(corpus_dir), versions, [p.strip() for p in profiles.split(",")] if profiles else [None])
     corpus_matrix(cells, versions, as_json)
     sys.exit(EXIT_OK)

@@ -14,12 +14,16 @@ naming the file, the line where known, and the limit or the expectation.
 from __future__ import annotations
 
 import codecs
+import contextlib
+import io
 import json
 import os
 import re
 import stat
-from collections.abc import Callable
-from typing import IO, Any, NoReturn
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import IO, Any, NoReturn, TextIO
 
 import yaml
 
@@ -102,6 +106,21 @@ def open_regular(path: str | os.PathLike[str], error: ErrorType, what: str = "")
         raise
 
 
+def check_kind(path: str | os.PathLike[str], error: ErrorType, what: str, directory: bool = False) -> None:
+    """Before reading: ``path``, when it exists, is a regular file (or, with ``directory``, a directory); anything else
+    is refused without being opened. A missing path is left to the reader, which says so."""
+    p = _path(path, error)
+    try:
+        mode = os.stat(p).st_mode
+    except OSError:
+        return
+    if directory and not stat.S_ISDIR(mode):
+        found = "a regular file" if stat.S_ISREG(mode) else _not_regular(mode)
+        raise error(f"{shown(p)}: cannot read {what} from {found}: expected a directory")
+    if not directory and not stat.S_ISREG(mode):
+        raise error(f"{shown(p)}: cannot read {what} from {_not_regular(mode)}: expected a regular file")
+
+
 def decode(data: bytes, where: str, error: ErrorType) -> str:
     """Strict UTF-8 (a UTF-8 byte-order mark is dropped); the line of the first bad byte is named."""
     for bom, name in _BOMS:
@@ -131,6 +150,8 @@ def read_text(path: str | os.PathLike[str], error: ErrorType, what: str = "", li
 def check_output(path: str | os.PathLike[str], error: ErrorType) -> None:
     """Before any work: ``path`` can be written as a regular file (it is one, or its folder is writable)."""
     p = _path(path, error)
+    if not p:
+        raise error("cannot write '': expected a file name")
     try:
         mode = os.stat(p).st_mode
     except FileNotFoundError:
@@ -164,6 +185,65 @@ def write_text(path: str | os.PathLike[str], text: str, error: ErrorType) -> Non
             f.write(text.encode())
         except OSError as e:
             raise error(f"cannot write {shown(p)}: {e.strerror}") from None
+
+
+class _Output(io.TextIOWrapper):
+    """A text file whose failed writes are one line naming the file the user gave, not the temporary one."""
+
+    target = ""
+    error: ErrorType = KvmscopeError
+
+    def write(self, s: str) -> int:
+        try:
+            return super().write(s)
+        except OSError as e:
+            raise self.error(f"cannot write {self.target}: {e.strerror}") from None
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError as e:
+            raise self.error(f"cannot write {self.target}: {e.strerror}") from None
+
+
+@contextmanager
+def replacing(path: str | os.PathLike[str], error: ErrorType) -> Iterator[TextIO]:
+    """A text file written beside ``path`` that replaces it only when the block ends without an exception: a run that
+    fails leaves an existing file as it was. ``path`` is checked first (:func:`check_output`); a symbolic link is
+    followed, so its target is the file replaced."""
+    check_output(path, error)
+    target = os.path.realpath(_path(path, error))
+    folder, name = os.path.split(target)
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise error(f"cannot write {shown(path)}: {e.strerror}") from None
+    try:
+        out = _Output(os.fdopen(fd, "wb"), encoding="utf-8")
+        out.target, out.error = shown(path), error
+        try:
+            yield out
+            out.flush()  # here, not in close(): a failed write is then one line naming the file
+        except BaseException:
+            with contextlib.suppress(OSError):
+                out.close()
+            raise
+        out.close()
+        try:  # the mode a plain open() would have given it, or the one it had
+            mode = stat.S_IMODE(os.stat(target).st_mode)
+        except FileNotFoundError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        try:
+            os.chmod(temporary, mode)
+            os.replace(temporary, target)
+        except OSError as e:
+            raise error(f"cannot write {shown(path)}: {e.strerror}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 # --- YAML ---------------------------------------------------------------------------------------------------------------

@@ -202,7 +202,10 @@ class Template:
         return json.dumps(self.to_json(), indent=2) + "\n"
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.dumps())
+        """Write the template to ``path``; a FIFO, a device or a directory is refused (one line), never waited on."""
+        from . import inputs  # here: reading a template needs none of it
+
+        inputs.write_text(path, self.dumps(), TemplateError)
 
 
 _scanstring: Any = json.decoder.scanstring  # type: ignore[attr-defined]  # the json module's scanner (C)

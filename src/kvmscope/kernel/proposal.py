@@ -16,14 +16,20 @@ A write of a different value to an ``immutable`` MSR after the vCPU's first run 
 from __future__ import annotations
 
 import importlib
+import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import msrs
+from .. import inputs, msrs
 from ..errors import InvalidValueError, KvmscopeError
+from ..schema import shown
 from . import rulesets as R
+
+MAX_ITEM = 64
+"""The longest rule key or MSR name in a list (the longest known is 32 characters): longer text is no name."""
+_AT = re.compile(r"^(?P<what>.*) \(at line (?P<line>\d+), column (?P<column>\d+)\)$", re.S)
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,7 @@ class ProposedRuleset(R.Ruleset):
     """A kernel's ruleset with rules added or removed and more MSRs immutable after the first run."""
 
     extra_immutable: frozenset[int] = frozenset()
+    warning: str | None = field(default=None, compare=False)  # its base is newer than the newest ruleset known
 
     @property
     def immutable_generic(self) -> frozenset[int]:
@@ -44,41 +51,69 @@ def is_proposal(kernel: str) -> bool:
 def _strings(data: dict[str, Any], key: str, where: str) -> list[str]:
     value = data.get(key, [])
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise InvalidValueError(f"{where}: {key}: expected a list of strings, got {value!r}")
+        raise InvalidValueError(f"{where}: {key}: expected a list of strings, got {shown(value)}")
+    for i, v in enumerate(value):
+        if len(v) > MAX_ITEM:
+            raise InvalidValueError(f"{where}: {key}[{i}]: {shown(v)} is longer than any rule key or MSR name")
     return value
+
+
+def _toml(text: str, where: str) -> dict[str, Any]:
+    """The TOML table of ``text``; any failure of the parser is one line naming the file (and the line it gives)."""
+    tomllib: Any = importlib.import_module("tomllib")  # 3.11+; checked by the caller (mypy targets 3.10)
+    try:
+        data: dict[str, Any] = tomllib.loads(text)
+        return data
+    except tomllib.TOMLDecodeError as e:
+        m = _AT.match(str(e))
+        if m:
+            raise InvalidValueError(f"{where}:{m['line']}: not valid TOML: {m['what']} (column {m['column']})"
+                                    ) from None
+        raise InvalidValueError(f"{where}: not valid TOML: {e}") from None
+    except ValueError as e:  # int() past sys.get_int_max_str_digits(): no field here takes a number at all
+        limit = sys.get_int_max_str_digits()
+        digits = re.search(f"[0-9_]{{{limit + 1},}}", text)
+        if digits is None:
+            raise InvalidValueError(f"{where}: not valid TOML: {shown(str(e))}") from None
+        line = text.count("\n", 0, digits.start()) + 1
+        raise InvalidValueError(f"{where}:{line}: not valid TOML here: a number of more than {limit:,} digits"
+                                ) from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise InvalidValueError(f"{where}: not valid TOML here: arrays or tables nested too deeply") from None
 
 
 def load(path: str | Path) -> ProposedRuleset:
     """Read a proposal file; every problem is one :class:`InvalidValueError` naming the file and the field."""
-    where = str(path)
+    where = inputs.shown(path)
     if sys.version_info < (3, 11):
         raise InvalidValueError(f"{where}: reading a TOML ruleset needs Python 3.11 or newer (tomllib)")
-    tomllib: Any = importlib.import_module("tomllib")  # 3.11+; checked above (mypy targets 3.10)
-
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except OSError as e:
-        raise InvalidValueError(f"{where}: cannot read: {e.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise InvalidValueError(f"{where}: not valid TOML: {e}") from None
+    # through the project's reader: a FIFO, a device or a directory is refused at once, a file read within its limit
+    data = _toml(inputs.read_text(path, InvalidValueError, "a proposal"), where)
     unknown = set(data) - {"name", "base", "title", "add", "remove", "immutable"}
     if unknown:
-        raise InvalidValueError(f"{where}: unknown field(s) {sorted(unknown)} (expected name, base, title, add, "
-                                "remove, immutable)")
+        raise InvalidValueError(f"{where}: unknown field(s) {shown(sorted(unknown))} (expected name, base, title, "
+                                "add, remove, immutable)")
     base = data.get("base")
     if not isinstance(base, str):
-        raise InvalidValueError(f"{where}: base: expected a kernel version such as \"6.18\", got {base!r}")
-    rules = set(R.resolve(base).rules)
+        raise InvalidValueError(f"{where}: base: expected a kernel version such as \"6.18\", got {shown(base)}")
     try:
-        rules |= {R.rule(k) for k in _strings(data, "add", where)}
-        rules -= {R.rule(k) for k in _strings(data, "remove", where)}
-        immutable = frozenset(msrs.index_of(m if not m.lower().startswith("0x") else int(m, 16))
-                              for m in _strings(data, "immutable", where))
-    except KvmscopeError as e:  # an unknown rule key or MSR name
+        rules = set(R.resolve(base).rules)
+    except KvmscopeError as e:  # not a version, or older than the oldest ruleset
+        raise InvalidValueError(f"{where}: base: {e}") from None
+    for key in ("name", "title"):
+        if not isinstance(data.get(key, ""), str):
+            raise InvalidValueError(f"{where}: {key}: expected a string, got {shown(data[key])}")
+    add, remove, frozen = (_strings(data, key, where) for key in ("add", "remove", "immutable"))
+    try:
+        rules |= {R.rule(k) for k in add}
+        rules -= {R.rule(k) for k in remove}
+    except KvmscopeError as e:  # an unknown rule key
         raise InvalidValueError(f"{where}: {e}") from None
-    except ValueError as e:
+    try:
+        immutable = frozenset(msrs.index_of(m) for m in frozen)
+    except KvmscopeError as e:  # an unknown MSR name, or an index that is not one
         raise InvalidValueError(f"{where}: immutable: {e}") from None
     name = data.get("name", Path(path).stem)
-    if not isinstance(name, str):
-        raise InvalidValueError(f"{where}: name: expected a string, got {name!r}")
-    return ProposedRuleset(f"{name} (proposed, on {base})", frozenset(rules), immutable)
+    warning = R.newer_than_known(base)
+    return ProposedRuleset(f"{name} (proposed, on {base})", frozenset(rules), immutable,
+                           f"{where}: base: {warning}" if warning else None)

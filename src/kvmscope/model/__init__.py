@@ -21,7 +21,10 @@ def open_model(kernel: str | None = None, profile: str | Path | Profile | None =
                                given=kernel)
     prof = profile if isinstance(profile, Profile) else load(profile)
     if kernel is not None and proposal.is_proposal(kernel):  # a proposed rule (TOML) stands in for a version
-        return ModelSystem(prof, proposal.load(kernel))
+        proposed = proposal.load(kernel)
+        system = ModelSystem(prof, proposed)
+        system.warning = proposed.warning  # a base newer than the newest ruleset is noted as --kernel is
+        return system
     version = kernel or prof.ruleset
     system = ModelSystem(prof, rulesets.resolve(version))
     system.warning = rulesets.newer_than_known(version)

@@ -226,8 +226,9 @@ def _signal_all(tasks: set[int], sig: int) -> None:
             os.kill(t, sig)
 
 
-def _child(argv: Sequence[str], filt: seccomp.Filter) -> None:
-    """In the forked child: be traced, stop until the tracer is ready, install the filter, exec. Never returns."""
+def _child(argv: Sequence[str], filt: seccomp.Filter, failed: int) -> None:
+    """In the forked child: be traced, stop until the tracer is ready, install the filter, exec. Never returns. Why
+    the exec failed goes to the parent through ``failed`` (closed on exec), so that the parent says it once."""
     try:
         os.setpgid(0, 0)
         ptrace.traceme()
@@ -235,9 +236,25 @@ def _child(argv: Sequence[str], filt: seccomp.Filter) -> None:
         seccomp.install(filt)
         os.execvp(argv[0], list(argv))
     except OSError as e:
-        os.write(2, f"kvmscope trace: cannot run {argv[0]}: {e.strerror or e}\n".encode())
+        with contextlib.suppress(OSError):
+            os.write(failed, f"{e.errno or 0} {e.strerror or e}".encode())
     finally:
         _exit(127)
+
+
+def _exec_failure(failed: int) -> tuple[int, str] | None:
+    """What the child wrote to ``failed`` before exiting (errno, text), or None when its exec succeeded."""
+    try:
+        os.set_blocking(failed, False)  # never wait here, whatever the child did
+        said = os.read(failed, 4096).decode(errors="replace")
+    except BlockingIOError:
+        said = ""
+    finally:
+        os.close(failed)
+    if not said:
+        return None
+    err, _, text = said.partition(" ")
+    return int(err) if err.isdigit() else 0, text
 
 
 def record(argv: Sequence[str], out: TextIO, timeout: float | None = None, name: str | None = None) -> Result:
@@ -250,9 +267,12 @@ def record(argv: Sequence[str], out: TextIO, timeout: float | None = None, name:
     tracer = Tracer(writer)
     started = time.monotonic()
     filt = seccomp.Filter(_skip_requests())  # built before fork: the child only installs it
+    failed_r, failed_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
-        _child(argv, filt)
+        os.close(failed_r)
+        _child(argv, filt, failed_w)
+    os.close(failed_w)  # from here the child (until its exec) holds the only writing end
     timed_out = threading.Event()
 
     def kill_all() -> None:
@@ -274,10 +294,14 @@ def record(argv: Sequence[str], out: TextIO, timeout: float | None = None, name:
     except BaseException:
         _signal_all(tracer.tasks | {pid}, signal.SIGKILL)
         _reap(tracer.tasks | {pid})
+        os.close(failed_r)
         raise
     finally:
         if timer:
             timer.cancel()
+    failure = _exec_failure(failed_r)  # the child has exited: the pipe holds its reason, or nothing
+    if failure is not None:
+        raise TraceError(failure[0], f"cannot run {argv[0]}: {failure[1]}")
     summary = writer.close()
     return Result(list(argv), pid, os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
                   os.WTERMSIG(status) if os.WIFSIGNALED(status) else None, timed_out.is_set(),
