@@ -232,3 +232,28 @@ def test_a_path_of_the_wrong_kind_is_one_line_not_a_usage_block(tmp_path: Path) 
         assert result.exit_code == 2 and result.stderr == f"error: {expected}\n", (
             f"expected exit 2 and the one line 'error: {expected}' for {args}, saw {result.exit_code}: "
             f"{result.stderr!r}")
+
+
+def test_a_gone_reader_of_json_errors_keeps_the_exit_code(tmp_path: Path) -> None:
+    # `kvmscope check missing.yaml --json | true`: the JSON error has nowhere to go; the exit still says 2.
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "kvmscope"
+    for args in ([str(tmp_path / "missing.yaml")], []):
+        cmd = [str(script), "check", *args, "--json"] if args else [str(script), "nosuch", "--json"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None
+        proc.stdout.close()  # the reader goes before anything is written
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2, f"{cmd}: expected exit 2 with stdout gone, got {proc.returncode}: {err!r}"
+        assert b"Traceback" not in err, f"{cmd}: {err.decode()}"
+
+
+@pytest.mark.parametrize("group", [[], ["template"], ["fingerprint"]])
+def test_a_group_without_a_command_prints_its_help(group: list[str]) -> None:
+    result = CliRunner().invoke(main, group, prog_name="kvmscope")
+    assert result.exit_code == 2, f"{group}: expected click's exit 2 for a missing command, got {result.exit_code}"
+    assert "Usage: kvmscope" in result.stderr and "Commands:" in result.stderr, (
+        f"{group}: expected the help, got {result.stderr[:200]!r}")
+    assert not result.stderr.startswith("error:"), f"{group}: the help should not be squashed into an error line"

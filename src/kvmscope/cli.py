@@ -35,18 +35,25 @@ EXIT_NO_KVM = 3
 _argv: list[str] = []  # the command line main() parses (not sys.argv under click's test runner)
 
 
-def _wants_json() -> bool:
-    """Whether the command line asks for --json (before any ``--``: what follows is a traced command's)."""
-    args = _argv
-    return "--json" in (args[: args.index("--")] if "--" in args else args)
+def _wants_json(ctx: click.Context | None = None) -> bool:
+    """Whether the command asks for --json: its parsed options when click got that far, else the command line (before
+    any ``--``: what follows is a traced command's)."""
+    ctx = ctx or click.get_current_context(silent=True)
+    if ctx is not None and "as_json" in ctx.params:
+        return bool(ctx.params["as_json"])
+    return "--json" in (_argv[: _argv.index("--")] if "--" in _argv else _argv)
 
 
-def fail(message: str, code: int) -> NoReturn:
+def fail(message: str, code: int, ctx: click.Context | None = None) -> NoReturn:
     """The error as one line on stderr and exit ``code``; with --json, also as JSON on stdout, so that a script reading
-    stdout gets a document whatever happened."""
+    stdout gets a document whatever happened (unless the reader has gone: the exit code still says it)."""
     render.error_line(message)
-    if _wants_json():
-        click.echo(json.dumps({"schema_version": 1, "error": message, "exit_code": code}))
+    if _wants_json(ctx):
+        try:
+            click.echo(json.dumps({"schema_version": 1, "error": message, "exit_code": code}))
+            sys.stdout.flush()
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush is silent
     sys.exit(code)
 
 
@@ -75,6 +82,11 @@ profile_option = click.option(
 )
 
 
+# click 8.2+ raises this UsageError for a group given no subcommand, to print the help
+_NO_ARGS_IS_HELP: type[click.UsageError] = getattr(click.exceptions, "NoArgsIsHelpError",
+                                                    type("_Never", (click.UsageError,), {}))
+
+
 class _Group(click.Group):
     """kvmscope's command group: a reader that goes away (``kvmscope msrs | head -1``) ends the command quietly, and a
     usage error is one line (``fail``) naming the help to read, not click's usage block."""
@@ -86,14 +98,18 @@ class _Group(click.Group):
         _fell_back.clear()
         try:
             code = super().main(*args, **kwargs)
+        except _NO_ARGS_IS_HELP as e:  # `kvmscope` or `kvmscope template` alone: the help, as click prints it
+            e.show()
+            sys.exit(e.exit_code)
         except click.UsageError as e:
             where = e.ctx.command_path if e.ctx is not None else "kvmscope"
-            fail(f"{e.format_message().rstrip('.')} (see `{where} --help`)", EXIT_USAGE)
+            fail(f"{e.format_message().rstrip('.')} (see `{where} --help`)", EXIT_USAGE, e.ctx)
         except click.ClickException as e:
             fail(e.format_message(), e.exit_code)
         except click.Abort:  # Ctrl-C
             fail("interrupted", 130)
-        sys.exit(code if isinstance(code, int) else EXIT_OK)
+        # click returns an Exit's code (--help, --version); a command itself ends with sys.exit or returns None
+        sys.exit(code if type(code) is int else EXIT_OK)
 
     def invoke(self, ctx: click.Context) -> object:
         try:
