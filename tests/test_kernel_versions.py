@@ -644,3 +644,25 @@ def test_svm_efer_svme_and_lmsle_need_nested(kernel: str, nested: str) -> None:
     with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
         assert vcpu.set_msrs({0xC0000080: 0xD01 | 1 << 13}) == 0, f"{kernel}: EFER.LMSLE on VMX is reserved"
+
+
+@pytest.mark.parametrize(("kernel", "short_circuit"), [("6.1", False), ("6.12.118", False), ("6.13", True),
+                                                       ("6.18", True)])
+def test_apic_base_same_value_short_circuits_from_6_13(kernel: str, short_circuit: bool) -> None:
+    # a75b7bb46a83 (6.13): kvm_apic_set_base returns 0 for the current value before the reserved-bit check; 6.12.118
+    # lapic.c:2687-2705 checks it (x2APIC without CPUID.X2APIC is reserved). The live 6.18 kernel: conformance.
+    with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        supported = kvm.get_supported_cpuid()
+        vcpu.set_cpuid(supported)
+        x2apic = vcpu.read_msr(0x1B) | 1 << 10
+        assert vcpu.set_msrs({0x1B: x2apic}) == 1, f"{kernel}: x2APIC mode with CPUID.X2APIC"
+        vcpu.set_cpuid(with_bits(supported, (1, 0, "ecx", 21), on=False))
+        took = vcpu.set_msrs({0x1B: x2apic})
+        assert took == int(short_circuit), f"{kernel}: the same x2APIC value without CPUID.X2APIC: {took} written"
+        sregs = vcpu.get_sregs()
+        if short_circuit:
+            vcpu.set_sregs(sregs)
+        else:
+            with pytest.raises(KvmError):
+                vcpu.set_sregs(sregs)

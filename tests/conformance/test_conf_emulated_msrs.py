@@ -170,6 +170,24 @@ def test_guest_tsc_aux_needs_rdtscp_or_rdpid(kvm: System) -> None:
     assert run(kvm, Program().rdmsr(0xC0000103).wrmsr(0xC0000103, 1), cpuid=True) == [GP, GP, Halted()]
 
 
+def test_apic_base_same_value_is_taken_without_checks(kvm: System) -> None:
+    # 6.13+ (a75b7bb46a83) kvm_apic_set_base returns at once for the current value: x2APIC mode set with CPUID.X2APIC
+    # is taken back after a CPUID without it, where any other x2APIC value is now reserved (tests/test_kernel_versions.py
+    # holds 6.12 to the checks). KVM_SET_SREGS goes the same way.
+    supported = kvm.get_supported_cpuid()
+    no_x2apic = [replace(e, ecx=e.ecx & ~(1 << 21)) if (e.function, e.index) == (1, 0) else e for e in supported]
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(supported)
+        x2apic = vcpu.read_msr(0x1B) | 1 << 10
+        assert vcpu.set_msrs({0x1B: x2apic}) == 1, "x2APIC mode with CPUID.X2APIC"
+        vcpu.set_cpuid(no_x2apic)
+        assert vcpu.set_msrs({0x1B: x2apic}) == 1, "the current x2APIC value again, CPUID.X2APIC now clear"
+        vcpu.set_sregs(vcpu.get_sregs())  # its apic_base is the same value: no check either
+        assert vcpu.set_msrs({0x1B: x2apic ^ 1 << 8}) == 0, "a changed x2APIC value without CPUID.X2APIC is reserved"
+        assert vcpu.set_msrs({0x1B: x2apic & ~(1 << 10)}) == 1, "leaving x2APIC mode is a valid change"
+
+
 # MSRs a guest reaches through a CPUID bit: (name, the bit, the MSR, the other bits that must be missing too)
 CPUID_GATES = [("XFD", (0xD, 1, "eax", 4), 0x1C4, ()),
                ("RDTSCP", (0x80000001, 0, "edx", 27), 0xC0000103, ((7, 0, "ecx", 22),)),  # RDPID opens it too

@@ -128,6 +128,12 @@ FLUSH_CMD_MSR = Rule("flush_cmd_msr", "6.4", "da3db168fb67",
                      "KVM: x86: Virtualize FLUSH_L1D and passthrough MSR_IA32_FLUSH_CMD: before 6.4 KVM does not know "
                      "IA32_FLUSH_CMD (0x10B; 6.1.192 x86.c, vmx.c and svm.c have no case for it)",
                      "leave IA32_FLUSH_CMD out before 6.4")
+APIC_BASE_SAME_VALUE = Rule("apic_base_same_value", "6.13", "a75b7bb46a83",
+                            "KVM: x86: Short-circuit all of kvm_apic_set_base() if MSR value is unchanged: from 6.13 "
+                            "a write of APIC_BASE's current value (KVM_SET_MSRS, KVM_SET_SREGS, the guest) succeeds "
+                            "before any check, so a value a later CPUID made invalid (x2APIC mode without "
+                            "CPUID.X2APIC) is still taken back; before, the checks run (6.12.118 lapic.c:2687-2705)",
+                            "")
 GUEST_CPU_CAPS = Rule("guest_cpu_caps", "6.14", "8f2a27752e80, e592ec657d84",
                       "KVM: x86: Replace (almost) all guest CPUID feature queries with cpu_caps: an MSR gated on a "
                       "guest CPUID feature (OSVW, XFD, TSC_AUX, TSC_ADJUST, PRED_CMD, FLUSH_CMD, MISC_ENABLE's MWAIT, "
@@ -210,7 +216,7 @@ RULES: dict[str, Rule] = {
               FEAT_CTL_GUEST_CPUID, DISABLE_EXITS_BEFORE_VCPUS, XTILE_CFG_FILTER, SLOT_ZAP_ALL_QUIRK,
               MSR_IO_LIMIT, VMX_RESTORE,
               PERF_CAP_SUBSET, DE_CFG_SUBSET, MCI_CTL2, MTRR_MSR_RANGES, MTRR_AS_WRITTEN, XFD_MSRS, CET_MSRS, FLUSH_CMD_MSR,
-              APIC_BASE_BSP_FORCED, EFER_AUTOIBRS, PV_EOI_STORED_ON_FAILURE, GUEST_CPU_CAPS,
+              APIC_BASE_BSP_FORCED, EFER_AUTOIBRS, PV_EOI_STORED_ON_FAILURE, GUEST_CPU_CAPS, APIC_BASE_SAME_VALUE,
               INTEL_GUEST_CHECKS, INTEL_COMPATIBLE_CHECKS, UNSUPPORTED, UNKNOWN_MSR,
               HOST_PROFILE, *emulated.RULES)
 }

@@ -30,17 +30,14 @@ if TYPE_CHECKING:
 # CPUID bits (function, index, register, bit) the rules consult.
 X2APIC: Bit = (1, 0, "ecx", 21)
 SSE3: Bit = (1, 0, "ecx", 0)
-LM: Bit = (0x80000001, 0, "edx", 29)
-NX: Bit = (0x80000001, 0, "edx", 20)
-SVM: Bit = (0x80000001, 0, "ecx", 2)
-FFXSR: Bit = (0x80000001, 0, "edx", 25)
+LM, NX = (0x80000001, 0, "edx", 29), (0x80000001, 0, "edx", 20)
+SVM, FFXSR = (0x80000001, 0, "ecx", 2), (0x80000001, 0, "edx", 25)
 AUTOIBRS: Bit = (0x80000021, 0, "eax", 8)
 RDTSCP, RDPID = C.RDTSCP, C.RDPID
 MSR_VM_HSAVE_PA = 0xC0010117
 TSC_ADJUST: Bit = (7, 0, "ebx", 1)
 OSVW: Bit = (0x80000001, 0, "ecx", 9)
-XSAVES: Bit = (0xD, 1, "eax", 3)
-XFD: Bit = (0xD, 1, "eax", 4)
+XSAVES, XFD = (0xD, 1, "eax", 3), (0xD, 1, "eax", 4)
 FLUSH_L1D: Bit = (7, 0, "edx", 28)
 SPEC_CTRL: Bit = (7, 0, "edx", 26)
 AMD_IBPB: Bit = (0x80000008, 0, "ebx", 12)
@@ -108,6 +105,7 @@ class MiscMsrs(Family):
         self.vendor_checks = ruleset.guest_vendor_checks
         self.svm = p.vendor == "svm"
         self.hwcr_tscfreqsel = ruleset.has(E.HWCR_TSCFREQSEL)
+        self.apic_same_ok = ruleset.has(R.APIC_BASE_SAME_VALUE)
         # efer_reserved_bits: SCE, LME, LMA; NX if the host has it; SVM: FFXSR, AUTOIBRS as the host, SVME|LMSLE with
         # nested=1 (6.12.118 svm.c:5502-5531). PVM and VMX: no more (this host: 0xD01 accepted, 0x1000 refused).
         allowed = EFER_SCE | EFER_LME | EFER_LMA | (EFER_NX if C.has_feature(supported, *NX) else 0)
@@ -237,6 +235,8 @@ class MiscMsrs(Family):
         return OK, self.vcpu.sregs.apic_base
 
     def _set_apic_base(self, index: int, data: int, host: bool) -> int:
+        if data == self.vcpu.sregs.apic_base and self.apic_same_ok:  # 6.13: no check at all (a75b7bb46a83)
+            return OK
         reserved = reserved_gpa_bits(self.rules) | 0x2FF | (0 if self.cap(X2APIC) else X2APIC_ENABLE)
         new_mode, old_mode = data & (APIC_ENABLE | X2APIC_ENABLE), self.vcpu.sregs.apic_base & (APIC_ENABLE | X2APIC_ENABLE)
         if data & reserved or new_mode == X2APIC_ENABLE:  # LAPIC_MODE_INVALID: x2APIC without enable
