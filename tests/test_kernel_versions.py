@@ -666,3 +666,27 @@ def test_apic_base_same_value_short_circuits_from_6_13(kernel: str, short_circui
         else:
             with pytest.raises(KvmError):
                 vcpu.set_sregs(sregs)
+
+
+@pytest.mark.parametrize(("kernel", "checked"), [("6.1", False), ("6.12.111", False), ("6.12.112", True),
+                                                 ("6.12.118", True), ("6.13", False), ("6.18", False)])
+def test_set_sregs_checks_efer_from_6_12_112(kernel: str, checked: bool) -> None:
+    # "KVM: x86: Check EFER validity on KVM_SET_SREGS*" (2026, Cc: stable): 6.12.118 regs.c:538-561 ends
+    # kvm_is_valid_sregs with kvm_valid_efer (x86.c:1327-1332: reserved bits, then __kvm_valid_efer's guest CPUID
+    # bits); in 6.12.112 by Debian's changelog; 6.1.192 and the live 6.18.44 take any EFER.
+    with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        sregs = vcpu.get_sregs()
+        for efer, why in ((1 << 11, "NX before CPUID"), (1 << 13, "LMSLE, reserved on VMX")):
+            sregs.efer = efer
+            if checked:
+                with pytest.raises(KvmError) as e:
+                    vcpu.set_sregs(sregs)
+                assert e.value.errno == errno.EINVAL, f"{kernel}: {why}: {e.value}"
+            else:
+                vcpu.set_sregs(sregs)
+                assert vcpu.get_sregs().efer == efer, f"{kernel}: {why}: EFER {vcpu.get_sregs().efer:#x} kept"
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        sregs.efer = 1 << 11
+        vcpu.set_sregs(sregs)  # NX with CPUID.NX: valid everywhere
+        assert vcpu.get_sregs().efer == 1 << 11, f"{kernel}: NX after CPUID"

@@ -11,6 +11,7 @@ from ..errors import InvalidValueError
 Version = tuple[int, int, int]
 _VERSION = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?(?:[-+_~].*)?")
 OLDEST: Version = (5, 10, 0)  # the oldest kernel whose rules the model was checked against
+AFTER_KNOWN: Version = (1 << 30, 0, 0)  # a mainline release after every one the model knows ("> 6.18", Rule.since)
 
 def parse_version(text: str) -> Version:
     """``"6.18"`` -> (6, 18, 0); ``"6.12.118-fc"`` -> (6, 12, 118)."""
@@ -31,8 +32,9 @@ class Rule:
     """A kernel behaviour the model implements: where it came from, and what a VMM can do when it refuses something.
 
     ``since`` is the first mainline release with the rule ("-" for facts that hold on every version the model knows,
-    such as a host's observed behaviour); ``until`` the first mainline release without it; ``stable`` and
-    ``stable_until`` the stable releases that received the rule or its removal (e.g. ``("6.12.77",)``).
+    such as a host's observed behaviour; "> 6.18" for a release after the newest one the model knows, not pinned,
+    which only the ``stable`` backports bring into a known series); ``until`` the first mainline release without it;
+    ``stable`` and ``stable_until`` the stable releases that received the rule or its removal (e.g. ``("6.12.77",)``).
     """
 
     key: str
@@ -61,6 +63,8 @@ class Rule:
     def start(self) -> Version | None:
         """The first mainline release with the rule; None when it predates every version the model knows ("-",
         "< 5.10", "2.6.x")."""
+        if self.since.startswith(">"):
+            return AFTER_KNOWN
         if not re.fullmatch(r"\d+\.\d+(\.\d+)?", self.since):
             return None
         v = parse_version(self.since)
@@ -80,5 +84,6 @@ class Rule:
 
     def versions(self) -> list[Version]:
         """The releases where this rule starts or stops applying."""
-        out = [v for v in (self.start, None if self.until is None else parse_version(self.until)) if v is not None]
+        start = None if self.start == AFTER_KNOWN else self.start
+        out = [v for v in (start, None if self.until is None else parse_version(self.until)) if v is not None]
         return out + [parse_version(s) for s in (*self.stable, *self.stable_until)]

@@ -128,6 +128,14 @@ FLUSH_CMD_MSR = Rule("flush_cmd_msr", "6.4", "da3db168fb67",
                      "KVM: x86: Virtualize FLUSH_L1D and passthrough MSR_IA32_FLUSH_CMD: before 6.4 KVM does not know "
                      "IA32_FLUSH_CMD (0x10B; 6.1.192 x86.c, vmx.c and svm.c have no case for it)",
                      "leave IA32_FLUSH_CMD out before 6.4")
+SREGS_EFER_CHECKED = Rule("sregs_efer_checked", "> 6.18", "KVM: x86: Check EFER validity on KVM_SET_SREGS*",
+                          "KVM_SET_SREGS checks EFER as a guest write would (kvm_valid_efer): reserved bits (SVME or "
+                          "LMSLE without nested, FFXSR without the host's) and the guest CPUID bit of each bit set "
+                          "(LME/LMA need CPUID LM, NX needs NX), else EINVAL; a 2026 fix marked for stable, in "
+                          "6.12.112 (Debian's 6.12 changelog; 6.12.118 regs.c:538-561), not in 6.1.192 or the live "
+                          "6.18.44; its mainline release was not pinned",
+                          "set CPUID (KVM_SET_CPUID2) before KVM_SET_SREGS, and only EFER bits this host's KVM allows",
+                          stable=("6.12.112",))
 APIC_BASE_SAME_VALUE = Rule("apic_base_same_value", "6.13", "a75b7bb46a83",
                             "KVM: x86: Short-circuit all of kvm_apic_set_base() if MSR value is unchanged: from 6.13 "
                             "a write of APIC_BASE's current value (KVM_SET_MSRS, KVM_SET_SREGS, the guest) succeeds "
@@ -217,6 +225,7 @@ RULES: dict[str, Rule] = {
               MSR_IO_LIMIT, VMX_RESTORE,
               PERF_CAP_SUBSET, DE_CFG_SUBSET, MCI_CTL2, MTRR_MSR_RANGES, MTRR_AS_WRITTEN, XFD_MSRS, CET_MSRS, FLUSH_CMD_MSR,
               APIC_BASE_BSP_FORCED, EFER_AUTOIBRS, PV_EOI_STORED_ON_FAILURE, GUEST_CPU_CAPS, APIC_BASE_SAME_VALUE,
+              SREGS_EFER_CHECKED,
               INTEL_GUEST_CHECKS, INTEL_COMPATIBLE_CHECKS, UNSUPPORTED, UNKNOWN_MSR,
               HOST_PROFILE, *emulated.RULES)
 }

@@ -35,17 +35,16 @@ SVM, FFXSR = (0x80000001, 0, "ecx", 2), (0x80000001, 0, "edx", 25)
 AUTOIBRS: Bit = (0x80000021, 0, "eax", 8)
 RDTSCP, RDPID = C.RDTSCP, C.RDPID
 MSR_VM_HSAVE_PA = 0xC0010117
-TSC_ADJUST: Bit = (7, 0, "ebx", 1)
-OSVW: Bit = (0x80000001, 0, "ecx", 9)
+TSC_ADJUST, OSVW = (7, 0, "ebx", 1), (0x80000001, 0, "ecx", 9)
 XSAVES, XFD = (0xD, 1, "eax", 3), (0xD, 1, "eax", 4)
 FLUSH_L1D: Bit = (7, 0, "edx", 28)
-SPEC_CTRL: Bit = (7, 0, "edx", 26)
-AMD_IBPB: Bit = (0x80000008, 0, "ebx", 12)
-SBPB: Bit = (0x80000021, 0, "eax", 27)
+SPEC_CTRL, AMD_IBPB, SBPB = (7, 0, "edx", 26), (0x80000008, 0, "ebx", 12), (0x80000021, 0, "eax", 27)
 LA57: Bit = (7, 0, "ecx", 16)
 
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NX = 1, 1 << 8, 1 << 10, 1 << 11
 EFER_SVME, EFER_LMSLE, EFER_FFXSR, EFER_AUTOIBRS = 1 << 12, 1 << 13, 1 << 14, 1 << 21
+# __kvm_valid_efer (x86.c:1306): the CPUID bit each EFER bit needs, for a guest (and KVM_SET_SREGS: sregs_efer_checked)
+EFER_NEEDS = ((EFER_AUTOIBRS, AUTOIBRS), (EFER_FFXSR, FFXSR), (EFER_SVME, SVM), (EFER_LME | EFER_LMA, LM), (EFER_NX, NX))
 APIC_BSP, X2APIC_ENABLE, APIC_ENABLE = 1 << 8, 1 << 10, 1 << 11
 MISC_ENABLE_EMON, MISC_ENABLE_MWAIT = 1 << 7, 1 << 18
 MISC_ENABLE_PMU_RO = 1 << 11 | 1 << 12  # BTS_UNAVAIL | PEBS_UNAVAIL
@@ -248,6 +247,10 @@ class MiscMsrs(Family):
         return OK
 
     # -- EFER (x86.c:1336 set_efer, 1306 __kvm_valid_efer) --
+    def efer_valid(self, data: int) -> bool:
+        """``kvm_valid_efer``: no reserved bit, and the guest's CPUID bit for each bit set."""
+        return not data & ~self.efer_allowed and not any(data & bits and not self.cap(bit) for bits, bit in EFER_NEEDS)
+
     def _get_efer(self, index: int, host: bool) -> tuple[int, int]:
         return OK, self.vcpu.sregs.efer
 
@@ -255,13 +258,8 @@ class MiscMsrs(Family):
         old = self.vcpu.sregs.efer
         if data & ~self.efer_allowed:
             return self.refuse(index, E.EFER_RESERVED, FAIL)
-        if not host:
-            needs = ((EFER_AUTOIBRS, AUTOIBRS), (EFER_FFXSR, FFXSR), (EFER_SVME, SVM), (EFER_LME | EFER_LMA, LM),
-                     (EFER_NX, NX))
-            if any(data & bits and not self.cap(bit) for bits, bit in needs):
-                return self.refuse(index, E.EFER_RESERVED, FAIL)
-            if self.vcpu.sregs.cr0 >> 31 & 1 and (old ^ data) & EFER_LME:
-                return self.refuse(index, E.EFER_RESERVED, FAIL)
+        if not host and (not self.efer_valid(data) or self.vcpu.sregs.cr0 >> 31 & 1 and (old ^ data) & EFER_LME):
+            return self.refuse(index, E.EFER_RESERVED, FAIL)  # __kvm_valid_efer; no LME toggle with paging on
         self.vcpu.sregs.efer = (data & ~EFER_LMA) | (old & EFER_LMA)
         return OK
 

@@ -76,6 +76,7 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         sregs = reset_sregs(p.reset_sregs, vcpu_id)
         # before 5.15 the BSP bit is forced without an in-kernel LAPIC, and VMX resets through that path
         self._bsp_forced = self.rules.has(R.APIC_BASE_BSP_FORCED) and not vm.irqchip
+        self._sregs_efer_checked = self.rules.has(R.SREGS_EFER_CHECKED)
         if self._bsp_forced and p.vendor != "svm":
             sregs.apic_base |= 1 << 8
         self.sregs = sregs
@@ -153,6 +154,9 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         lme, lma, pg, pae = sregs.efer & 1 << 8, sregs.efer & 1 << 10, sregs.cr0 & 1 << 31, sregs.cr4 & 1 << 5
         if (lme and pg and (not pae or not lma)) or (not (lme and pg) and (lma or sregs.cs.l)):
             raise KvmError(errno.EINVAL, "KVM_SET_SREGS")
+        efer_rule = self.msr_rules.families.get(0xC0000080)
+        if self._sregs_efer_checked and efer_rule is not None and not efer_rule.efer_valid(sregs.efer):  # type: ignore[attr-defined]
+            raise KvmError(errno.EINVAL, "KVM_SET_SREGS", f"EFER {sregs.efer:#x} refused (kvm_valid_efer)")
         apic_rule = self.msr_rules.families.get(0x1B)  # __set_sregs_common: kvm_apic_set_base(host_initiated) first
         if apic_rule is not None and apic_rule.set(0x1B, sregs.apic_base, True):
             raise KvmError(errno.EINVAL, "KVM_SET_SREGS", f"APIC_BASE {sregs.apic_base:#x} refused")
