@@ -690,3 +690,26 @@ def test_set_sregs_checks_efer_from_6_12_112(kernel: str, checked: bool) -> None
         sregs.efer = 1 << 11
         vcpu.set_sregs(sregs)  # NX with CPUID.NX: valid everywhere
         assert vcpu.get_sregs().efer == 1 << 11, f"{kernel}: NX after CPUID"
+
+
+@pytest.mark.parametrize(("kernel", "caps"), CAPS_EDGE)
+@pytest.mark.parametrize("host_rdtscp", [True, False])
+def test_nested_enable_rdtscp_follows_the_guest_caps(kernel: str, caps: bool, host_rdtscp: bool) -> None:
+    # vmx_vcpu_after_set_cpuid with the STUFF quirk: PROCBASED_CTLS2 (0x48B) allows ENABLE_RDTSCP (bit 3) when the
+    # guest has RDTSCP or RDPID: the raw bits before 6.14 (6.12.118 vmx.c:4687-4694), guest_cpu_cap_has from 6.14
+    # (8f2a27752e80), where RDPID is emulated on a host with RDTSCP. A host without RDPID (before Ice Lake).
+    from kvmscope.kernel.profile import load
+    from kvmscope.model import open_model
+
+    spr = load("intel-spr")
+    host = with_bits(spr.supported_cpuid, RDPID_BIT, on=False)
+    if not host_rdtscp:
+        host = with_bits(host, RDTSCP_BIT, on=False)
+    with open_model(kernel, replace(spr, supported_cpuid=host)) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        guest = with_bits(with_bits(kvm.get_supported_cpuid(), RDTSCP_BIT, on=False), RDPID_BIT)
+        vcpu.set_cpuid(guest)
+        allowed = vcpu.read_msr(0x48B) >> 32 >> 3 & 1
+        expected = int(not caps or host_rdtscp)
+        assert allowed == expected, (f"{kernel}, host RDTSCP {host_rdtscp}, guest RDPID only: ENABLE_RDTSCP allowed "
+                                     f"{allowed}, expected {expected}")

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..api import CpuidEntry
-from .cpuid import has_feature
+from .cpuid import RDPID, RDTSCP, has_feature
 
 if TYPE_CHECKING:
     from ..kernel.rulesets import Ruleset
@@ -175,8 +175,12 @@ def after_set_cpuid(slots: dict[int, int], kvm: dict[int, int], raw: Sequence[Cp
         high = slots[0x48B]
         for bit, sources in SECONDARY_ADJUST:
             if kvm[0x48B] >> 32 >> bit & 1:
-                # guest_cpu_cap_has: the guest's CPUID bit, and KVM supports the feature
-                on = any(has_feature(raw, *s) and has_feature(supported, *s) for s in sources)
+                # from 6.14 guest_cpu_cap_has: the guest's bit and KVM's support (RDPID emulated where the host has
+                # RDTSCP); before, the guest's bit alone (6.12.118 vmx.c:4604-4616, 4687-4694), but for XSAVES, a
+                # governed feature that needs the host's too
+                host = rules.guest_cpu_caps or bit == 20
+                on = any(has_feature(raw, *s) and (not host or has_feature(supported, *s) or (
+                    s == RDPID and has_feature(supported, *RDTSCP))) for s in sources)
                 if bit == 20:  # vmx_vcpu_after_set_cpuid drops XSAVES from the guest caps without XSAVE first
                     on = on and has_feature(raw, 1, 0, "ecx", 26)
                 high = high | 1 << (32 + bit) if on else high & ~(1 << (32 + bit))
