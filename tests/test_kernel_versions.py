@@ -713,3 +713,31 @@ def test_nested_enable_rdtscp_follows_the_guest_caps(kernel: str, caps: bool, ho
         expected = int(not caps or host_rdtscp)
         assert allowed == expected, (f"{kernel}, host RDTSCP {host_rdtscp}, guest RDPID only: ENABLE_RDTSCP allowed "
                                      f"{allowed}, expected {expected}")
+
+
+SBPB_BIT, SPEC_CTRL_BIT, AMD_IBPB_BIT = (0x80000021, 0, "eax", 27), (7, 0, "edx", 26), (0x80000008, 0, "ebx", 12)
+
+
+@pytest.mark.parametrize(("kernel", "sbpb"), [("6.1", False), ("6.6", False), ("6.7", True), ("6.18", True)])
+def test_pred_cmd_sbpb_and_ibpb_less_hosts_from_6_7(kernel: str, sbpb: bool) -> None:
+    # e47d86083c66 (6.7) "KVM: x86: Add SBPB support"; before: `if (!boot_cpu_has(X86_FEATURE_IBPB) || (data &
+    # ~PRED_CMD_IBPB)) return 1` (6.4's common code, 903358c7eddb; 6.1.192 vmx.c:2254-2266 and svm.c:2964-2977 alike),
+    # and a guest needs SPEC_CTRL or AMD_IBPB. An AMD host with SBPB (Zen 4 microcode or later), and one without IBPB.
+    from kvmscope.kernel.profile import load
+    from kvmscope.model import open_model
+
+    epyc = load("amd-epyc")
+    with open_model(kernel, replace(epyc, supported_cpuid=with_bits(epyc.supported_cpuid, SBPB_BIT))) as kvm, \
+            kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        assert vcpu.set_msrs({0x49: 1}) == 1, f"{kernel}: IBPB from the host"
+        assert vcpu.set_msrs({0x49: 0x80}) == int(sbpb), f"{kernel}: SBPB from the host of a host with SBPB"
+        guest = with_bits(kvm.get_supported_cpuid(), SPEC_CTRL_BIT, AMD_IBPB_BIT, on=False)
+        vcpu.set_cpuid(with_bits(guest, SBPB_BIT))  # SBPB alone (from 6.7 the host's SBPB is offered)
+        events = run_program(vm, vcpu, Program().wrmsr(0x49, 0).hlt())
+        assert events == [Wrmsr(0x49) if sbpb else GP, Halted()], f"{kernel}: guest with SBPB alone: {events}"
+    no_ibpb = with_bits(epyc.supported_cpuid, SPEC_CTRL_BIT, AMD_IBPB_BIT, on=False)
+    with open_model(kernel, replace(epyc, supported_cpuid=no_ibpb)) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        assert vcpu.set_msrs({0x49: 0}) == int(sbpb), f"{kernel}: a write of 0 on a host without IBPB"
+        assert vcpu.set_msrs({0x49: 1}) == 0, f"{kernel}: IBPB on a host without it"

@@ -150,6 +150,12 @@ GUEST_CPU_CAPS = Rule("guest_cpu_caps", "6.14", "8f2a27752e80, e592ec657d84",
                       "before 6.14 the guest's CPUID bit alone decides (6.12.118 x86.c:1314, 1458, 3474, 3500, 3678, "
                       "3703, 3831, 3837; lapic.c:2692; vmx.c:2501-2503). XSS keeps the raw CPUID bit",
                       "from 6.14 set only CPUID bits this host's KVM supports for the MSRs they open")
+PRED_CMD_SBPB = Rule("pred_cmd_sbpb", "6.7", "e47d86083c66",
+                     "KVM: x86: Add SBPB support: IA32_PRED_CMD takes SBPB (bit 7) where the guest (for a guest write) "
+                     "and the host have it, and 0 on a host without IBPB; before 6.7 only IBPB (bit 0), a guest needs "
+                     "CPUID SPEC_CTRL or AMD_IBPB, and a host without IBPB refuses every write, 0 included (6.1.192 "
+                     "vmx.c:2254-2266, svm.c:2964-2977; the common code of 6.4, 903358c7eddb, kept it)",
+                     "write only IBPB (1) or 0 before 6.7")
 # The MSRs KVM learned at a version: before it they are unknown MSRs, left out of KVM_GET_MSR_INDEX_LIST and of a
 # profile's inventory taken on a later kernel (ModelSystem), with no handler of their own (msr_misc).
 MSR_ARRIVALS: dict[Rule, tuple[int, ...]] = {XFD_MSRS: (0x1C4, 0x1C5), CET_MSRS: (0x6A0, 0x6A2, *range(0x6A4, 0x6A9)),
@@ -164,6 +170,7 @@ CPUID_ARRIVALS: dict[Rule, tuple[tuple[int, int, str, int], ...]] = {
     FLUSH_CMD_MSR: ((7, 0, "edx", 28),),
     CET_MSRS: ((7, 0, "ecx", 7), (7, 0, "edx", 20)),
     EFER_AUTOIBRS: ((0x80000021, 0, "eax", 8),),
+    PRED_CMD_SBPB: ((0x80000021, 0, "eax", 27),),
 }
 # --- refusal reasons that hold on every version the model knows ---------------------------------------------------
 CPUID_AFTER_RUN_FORBIDDEN = Rule("cpuid_after_run_forbidden", "5.16", "feb627e8d6f6",
@@ -225,7 +232,7 @@ RULES: dict[str, Rule] = {
               MSR_IO_LIMIT, VMX_RESTORE,
               PERF_CAP_SUBSET, DE_CFG_SUBSET, MCI_CTL2, MTRR_MSR_RANGES, MTRR_AS_WRITTEN, XFD_MSRS, CET_MSRS, FLUSH_CMD_MSR,
               APIC_BASE_BSP_FORCED, EFER_AUTOIBRS, PV_EOI_STORED_ON_FAILURE, GUEST_CPU_CAPS, APIC_BASE_SAME_VALUE,
-              SREGS_EFER_CHECKED,
+              SREGS_EFER_CHECKED, PRED_CMD_SBPB,
               INTEL_GUEST_CHECKS, INTEL_COMPATIBLE_CHECKS, UNSUPPORTED, UNKNOWN_MSR,
               HOST_PROFILE, *emulated.RULES)
 }

@@ -28,18 +28,16 @@ if TYPE_CHECKING:
 
 
 # CPUID bits (function, index, register, bit) the rules consult.
-X2APIC: Bit = (1, 0, "ecx", 21)
-SSE3: Bit = (1, 0, "ecx", 0)
+X2APIC, SSE3 = (1, 0, "ecx", 21), (1, 0, "ecx", 0)
 LM, NX = (0x80000001, 0, "edx", 29), (0x80000001, 0, "edx", 20)
 SVM, FFXSR = (0x80000001, 0, "ecx", 2), (0x80000001, 0, "edx", 25)
-AUTOIBRS: Bit = (0x80000021, 0, "eax", 8)
 RDTSCP, RDPID = C.RDTSCP, C.RDPID
 MSR_VM_HSAVE_PA = 0xC0010117
 TSC_ADJUST, OSVW = (7, 0, "ebx", 1), (0x80000001, 0, "ecx", 9)
 XSAVES, XFD = (0xD, 1, "eax", 3), (0xD, 1, "eax", 4)
 FLUSH_L1D: Bit = (7, 0, "edx", 28)
 SPEC_CTRL, AMD_IBPB, SBPB = (7, 0, "edx", 26), (0x80000008, 0, "ebx", 12), (0x80000021, 0, "eax", 27)
-LA57: Bit = (7, 0, "ecx", 16)
+AUTOIBRS, LA57 = (0x80000021, 0, "eax", 8), (7, 0, "ecx", 16)
 
 EFER_SCE, EFER_LME, EFER_LMA, EFER_NX = 1, 1 << 8, 1 << 10, 1 << 11
 EFER_SVME, EFER_LMSLE, EFER_FFXSR, EFER_AUTOIBRS = 1 << 12, 1 << 13, 1 << 14, 1 << 21
@@ -55,13 +53,11 @@ KVM_CAP_X86_SMM = 117
 MSR_APIC_BASE, MSR_EFER = 0x1B, 0xC0000080
 MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_CSTAR = 0xC0000100, 0xC0000101, 0xC0000102, 0xC0000082, 0xC0000083
 CANONICAL_MSRS = frozenset({MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_CSTAR})
-MSR_SYSENTER_ESP, MSR_SYSENTER_EIP = 0x175, 0x176
+MSR_SYSENTER_ESP, MSR_SYSENTER_EIP, MSR_PRED_CMD, MSR_FLUSH_CMD = 0x175, 0x176, 0x49, 0x10B
 MSR_TSC_AUX, MSR_TSC_ADJUST, MSR_TSC_DEADLINE = 0xC0000103, 0x3B, 0x6E0
 MSR_MISC_ENABLE, MSR_SMBASE, MSR_SMI_COUNT, MSR_POWER_CTL = 0x1A0, 0x9E, 0x34, 0x1FC
 MSR_HWCR, MSR_MMIO_CONF_BASE, MSR_K7_CLK_CTL, MSR_BBL_CR_CTL3 = 0xC0010015, 0xC0010058, 0xC001001B, 0x11E
-MSR_OSVW_ID_LENGTH, MSR_OSVW_STATUS = 0xC0010140, 0xC0010141
-MSR_XSS, MSR_XFD, MSR_XFD_ERR = 0xDA0, 0x1C4, 0x1C5
-MSR_PRED_CMD, MSR_FLUSH_CMD = 0x49, 0x10B
+MSR_OSVW_ID_LENGTH, MSR_OSVW_STATUS, MSR_XSS, MSR_XFD, MSR_XFD_ERR = 0xC0010140, 0xC0010141, 0xDA0, 0x1C4, 0x1C5
 
 # kvm_get_msr_common's constant reads (x86.c:3786-3811, 3901-3917, 3940-3945): the value; writes are unsupported.
 READ_ONLY: dict[int, int] = {
@@ -105,6 +101,7 @@ class MiscMsrs(Family):
         self.svm = p.vendor == "svm"
         self.hwcr_tscfreqsel = ruleset.has(E.HWCR_TSCFREQSEL)
         self.apic_same_ok = ruleset.has(R.APIC_BASE_SAME_VALUE)
+        self.sbpb = ruleset.has(R.PRED_CMD_SBPB)
         # efer_reserved_bits: SCE, LME, LMA; NX if the host has it; SVM: FFXSR, AUTOIBRS as the host, SVME|LMSLE with
         # nested=1 (6.12.118 svm.c:5502-5531). PVM and VMX: no more (this host: 0xD01 accepted, 0x1000 refused).
         allowed = EFER_SCE | EFER_LME | EFER_LMA | (EFER_NX if C.has_feature(supported, *NX) else 0)
@@ -425,6 +422,11 @@ class MiscMsrs(Family):
     # -- PRED_CMD and FLUSH_CMD (x86.c:3383, 3410): commands, never read --
     def _set_pred_cmd(self, index: int, data: int, host: bool) -> int:
         supported = self.rules.profile.supported_cpuid
+        host_ibpb = C.has_feature(supported, *AMD_IBPB) or C.has_feature(supported, *SPEC_CTRL)  # boot_cpu_has(IBPB)
+        if not self.sbpb:  # before 6.7: IBPB alone, and no write at all without the host's (pred_cmd_sbpb)
+            if not host and not (self.cap(SPEC_CTRL) or self.cap(AMD_IBPB)):
+                return self.refuse(index, E.CPUID_GATED, FAIL)
+            return self.refuse(index, E.VALUE_RESERVED, FAIL) if data & ~PRED_CMD_IBPB or not host_ibpb else OK
         reserved = U64 & ~(PRED_CMD_IBPB | PRED_CMD_SBPB)
         if not host:
             if not (self.cap(SPEC_CTRL) or self.cap(AMD_IBPB) or self.cap(SBPB)):
@@ -433,7 +435,7 @@ class MiscMsrs(Family):
                 reserved |= PRED_CMD_IBPB
             if not self.cap(SBPB):
                 reserved |= PRED_CMD_SBPB
-        if not (C.has_feature(supported, *AMD_IBPB) or C.has_feature(supported, *SPEC_CTRL)):
+        if not host_ibpb:
             reserved |= PRED_CMD_IBPB
         if not C.has_feature(supported, *SBPB):
             reserved |= PRED_CMD_SBPB
