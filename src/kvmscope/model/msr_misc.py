@@ -21,6 +21,7 @@ from ..kernel import emulated as E
 from ..kernel import rulesets as R
 from . import cpuid as C
 from .msr_family import _NOTHING, FAIL, OK, U64, UNSUPPORTED, Bit, Family, Getter, Setter, WriteCheck, canonical
+from .msr_fixed import LEGACY_PMU, READ_ONLY, WRITE_IGNORED
 from .mtrr import reserved_gpa_bits
 
 if TYPE_CHECKING:
@@ -56,25 +57,9 @@ CANONICAL_MSRS = frozenset({MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_LS
 MSR_SYSENTER_ESP, MSR_SYSENTER_EIP, MSR_PRED_CMD, MSR_FLUSH_CMD = 0x175, 0x176, 0x49, 0x10B
 MSR_TSC_AUX, MSR_TSC_ADJUST, MSR_TSC_DEADLINE = 0xC0000103, 0x3B, 0x6E0
 MSR_MISC_ENABLE, MSR_SMBASE, MSR_SMI_COUNT, MSR_POWER_CTL = 0x1A0, 0x9E, 0x34, 0x1FC
-MSR_HWCR, MSR_MMIO_CONF_BASE, MSR_K7_CLK_CTL, MSR_BBL_CR_CTL3 = 0xC0010015, 0xC0010058, 0xC001001B, 0x11E
+MSR_HWCR, MSR_MMIO_CONF_BASE = 0xC0010015, 0xC0010058
 MSR_OSVW_ID_LENGTH, MSR_OSVW_STATUS, MSR_XSS, MSR_XFD, MSR_XFD_ERR = 0xC0010140, 0xC0010141, 0xDA0, 0x1C4, 0x1C5
 
-# kvm_get_msr_common's constant reads (x86.c:3786-3811, 3901-3917, 3940-3945): the value; writes are unsupported.
-READ_ONLY: dict[int, int] = {
-    0x17: 0, 0x2A: 0, 0x1DB: 0, 0x1DC: 0, 0x1DD: 0, 0x1DE: 0,  # PLATFORM_ID, EBL_CR_POWERON, LBR/LER from/to
-    0xC0010010: 0, 0xC0010112: 0, 0xC0010113: 0, 0xC0010055: 0,  # SYSCFG, TSEG_ADDR/MASK, INT_PENDING_MSG
-    0x199: 0, 0x606: 0, 0x639: 0, 0x641: 0, 0x611: 0, 0x619: 0,  # PERF_CTL, RAPL unit and energy status
-    0xCD: 3, 0x2C: 1 << 24, 0x198: 1000 | 4 << 40,  # FSB frequency, EBC_FREQUENCY_ID, PERF_STATUS
-}
-# kvm_set_msr_common's ignored writes (x86.c:3354-3362, 3592-3601, 3621-3626) and what a read gives (None: the read
-# is unsupported).
-WRITE_IGNORED: dict[int, int | None] = {
-    0xC001001F: 0, 0xC0010117: 0, 0xC001102A: 0, 0xC0011022: 0, 0xC0011023: 0, 0xC001102C: 0,  # NB_CFG .. EX_CFG
-    0x79: None, 0xC0010020: None,  # UCODE_WRITE, PATCH_LOADER
-    MSR_K7_CLK_CTL: 0x20000000, MSR_BBL_CR_CTL3: 0xBE702111,
-}
-# The legacy PMU MSRs with the PMU off (kvm.enable_pmu=N): kvm_pmu_is_valid_msr is false, reads give 0, writes drop.
-LEGACY_PMU = frozenset((*range(0xC0010000, 0xC0010008), 0xC1, 0xC2, 0x186, 0x187))
 # Every index this family may own (the legacy PMU ones only with the PMU off): no batch may treat them as store-only.
 ALL_INDICES = frozenset({
     MSR_APIC_BASE, MSR_EFER, MSR_TSC_AUX, MSR_TSC_ADJUST, MSR_TSC_DEADLINE, MSR_MISC_ENABLE, MSR_SMBASE, MSR_SMI_COUNT,
