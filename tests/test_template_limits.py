@@ -285,3 +285,25 @@ def test_profile_word_loads_a_file_of_that_name_after_shipped_names(tmp_path: Pa
             f"--profile {spec}: expected profile {name}, saw {r.exit_code}: {r.output[:300]}")
     r = run("probe", "--backend", "model", "--profile", "nope")
     assert r.exit_code == 2 and "no shipped profile named 'nope' and no file of that name" in r.output, r.output
+
+
+def test_template_read_notes_modifiers_a_later_one_overrides(tmp_path: Path) -> None:
+    # Firecracker takes two modifiers of one MSR or register and applies both in turn: `read` says which bits of the
+    # earlier one cannot hold, before anything is applied (`apply` reports them as overridden afterwards).
+    zeros, ones = "0b" + "0" * 32 + "x" * 32, "0b" + "1" * 32 + "x" * 32
+    f = tmp_path / "t.json"
+    f.write_text(json.dumps({
+        "msr_modifiers": [{"addr": "0x8b", "bitmap": zeros}, {"addr": "0x8b", "bitmap": ones},
+                          {"addr": "0x10a", "bitmap": "0b1"}],
+        "cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0, "modifiers": [
+            {"register": "eax", "bitmap": "0b1" + "x" * 31}, {"register": "ebx", "bitmap": "0b0" + "x" * 31},
+            {"register": "eax", "bitmap": "0b0" + "x" * 31}]}]}))
+    result = CliRunner().invoke(main, ["template", "read", str(f)])
+    assert result.exit_code == 0, f"the template is valid for Firecracker; got {result.exit_code}: {result.stderr!r}"
+    notes = [line for line in result.stdout.splitlines() if line.startswith("  note:")]
+    assert notes == [
+        "  note: msr_modifiers[1] (MSR 0x8b) overrides msr_modifiers[0] (MSR 0x8b) at bits 0xffffffff00000000: "
+        "Firecracker applies both in turn, so the later one's bits win",
+        "  note: cpuid_modifiers[0].modifiers[2] (CPUID 0x1.0 eax) overrides cpuid_modifiers[0].modifiers[0] (CPUID "
+        "0x1.0 eax) at bits 0x80000000: Firecracker applies both in turn, so the later one's bits win",
+    ], f"expected one note per overridden modifier (not for 0x10a or ebx), got {notes}"

@@ -41,6 +41,8 @@ def template_summary(t: Template, as_json: bool) -> None:
 
     for mm in t.msr_modifiers:
         click.echo(f"  MSR {name_of(mm.addr)} (0x{mm.addr:x})\n      {mm.bitmap.text()}")
+    for o in t.overrides():
+        click.echo(f"  note: {o}: Firecracker applies both in turn, so the later one's bits win")
 
 
 def apply_report(r: ApplyReport) -> None:

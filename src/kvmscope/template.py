@@ -186,6 +186,25 @@ class Template:
         """The last modifier of ``addr`` (Firecracker applies each in turn; the last one's fixed bits win)."""
         return next((m for m in reversed(self.msr_modifiers) if m.addr == addr), None)
 
+    def overrides(self) -> list[str]:
+        """Where a later modifier of the same MSR or CPUID register fixes bits an earlier one fixed otherwise: Firecracker
+        accepts both and applies them in turn, so the earlier one's bits cannot hold (``template_apply`` reports them
+        as "overridden" after the fact)."""
+        fixed: dict[object, list[tuple[str, Bitmap]]] = {}
+        for i, mm in enumerate(self.msr_modifiers):
+            fixed.setdefault(mm.addr, []).append((f"msr_modifiers[{i}] (MSR 0x{mm.addr:x})", mm.bitmap))
+        for i, m in enumerate(self.cpuid_modifiers):
+            for j, r in enumerate(m.modifiers):
+                where = f"cpuid_modifiers[{i}].modifiers[{j}] (CPUID 0x{m.leaf:x}.{m.subleaf} {r.register})"
+                fixed.setdefault((m.leaf, m.subleaf, r.register), []).append((where, r.bitmap))
+        out = []
+        for entries in fixed.values():
+            for k, (later, b) in enumerate(entries):
+                for earlier, a in entries[:k]:
+                    if bits := a.mask & b.mask & (a.value ^ b.value):
+                        out.append(f"{later} overrides {earlier} at bits 0x{bits:x}")
+        return out
+
     def to_json(self) -> dict[str, Any]:
         """The template as Firecracker serialises it (field order, ``0x`` numbers, full-width bitmaps)."""
         return {
