@@ -161,8 +161,8 @@ def model_parts(n: int, rounds: int, batch_name: str = "index list") -> list[tup
                 "refusals cleared and recorded (nothing to do when unchanged)": record,
                 f"{len(keys)} checked and plain entries stored (1 dict update)":
                     lambda: msrs.stored.update(zip(keys, taken(words))),  # noqa: B905
-                f"the VM-wide entries stored ({0 if after is None else 1} dict update)":
-                    lambda: after is not None and after[0].update(zip(after[1], after[2](words))),  # noqa: B905
+                f"the VM-wide entry stored ({'none' if after is None else f'{after[1]:#x}, 1 assignment'})":
+                    lambda: after is not None and after[0].__setitem__(after[1], words[after[2]]),
             })
         else:  # the quick path: handlers called one by one, group checks, then the stores
             calls = [(fn, index, words[2 + 2 * pos], form) for pos, index, fn, form in (quick[0] if quick else ())]

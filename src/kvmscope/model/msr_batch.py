@@ -36,10 +36,12 @@ from .msr_plan import (
     checks_pass,
     direct_plan,
     groups_pass,
+    keyed_store,
     no_values,
     nothing,
     one,
     picker,
+    plain_stores,
     type_span,
     types_valid,
 )
@@ -105,7 +107,7 @@ class BatchedMsrRules(ReadingMsrRules):
                     refusals.update(recorded)
                 self.stored.update(zip(keys, taken(words)))  # noqa: B905
                 if after is not None:
-                    after[0].update(zip(after[1], after[2](words)))  # noqa: B905
+                    after[0][after[1]] = words[after[2]]
                 return n
         ruled, stores, zero, plain_positions, whole, frozen, plain_set, quick, checked, _ = plan
         if zero is not None and any(zero(words)):
@@ -308,7 +310,7 @@ class BatchedMsrRules(ReadingMsrRules):
             # the plain entries bound for ``stored`` join the one update, in batch order; the other stores stay
             in_bulk = sorted([*in_bulk, *zip(plain_store[1], plain_store[0], strict=True)])
             after = tuple(store for store in stores or () if store[0] is not self.stored)
-        store = (tuple(index for _, index in in_bulk), picker([pos for pos, _ in in_bulk])) if in_bulk else None
+        store = keyed_store(in_bulk)
         before = tuple(sorted({*plain_positions, *(pos for pos, _ in in_bulk)}))
         checked = None
         if checks:  # an address's enable bit joins its mask: the C-level pass fails it, checks_pass looks closer
@@ -425,8 +427,7 @@ class BatchedMsrRules(ReadingMsrRules):
                 keys, positions = by_store[VM_WIDE if how == VM_WIDE else STORE]
                 keys.append(k)
                 positions.append(pos)
-        stores = tuple((self.stored if which == STORE else self.vm.msrs, tuple(keys), picker(positions))
-                       for which, (keys, positions) in by_store.items() if keys)
+        stores, vm_wide = plain_stores(self.stored, by_store[STORE], self.vm.msrs, by_store[VM_WIDE])
         # When every entry is stored verbatim under its own index (plain STORE/ZERO entries, and setters, which store
         # the value verbatim when they accept it), the whole batch can be stored in order in one update.
         verbatim = all(index in setters for _, index, _ in ruled) and all(
@@ -438,7 +439,7 @@ class BatchedMsrRules(ReadingMsrRules):
         checked = self._quick_plan(ruled, plain_positions, stores, in_stored, plain_set)
         plan = (ruled, stores, picker(zero) if zero else None, plain_positions, indices if verbatim else None,
                 frozen, plain_set, self._quick_plan(ruled, plain_positions), checked,
-                direct_plan(checked, zero, indices, self.profile.ignore_msrs) if frozen is None else None)
+                direct_plan(checked, zero, indices, self.profile.ignore_msrs, vm_wide) if frozen is None else None)
         if len(self.plans) >= PLAN_CACHE:
             self.plans.clear()
         self.plans[key] = plan

@@ -67,11 +67,12 @@ QuickPlan = tuple[
 # with mask all ones the ZERO entries and the read-only ones taken only with 0), each shifted to its entry's value in
 # that span read as one integer; the bytes of the buffer that must be memory types (``MsrFamily.memory_types``), if
 # any; the MSRs whose write clears their last refusal; the refusals the read-only entries record; the keys and values
-# of the one update of ``stored``; the other store (VM-wide), if any; the groups a family checks at once (as in
-# ``QuickPlan``), run once the one pass has passed, or None when there are none.
+# of the one update of ``stored``; the other store (VM-wide: one MSR, 0x11, under either of its indices), if any, as
+# (the dict, its key, the word of the batch that holds the value the batch leaves it with); the groups a family
+# checks at once (as in ``QuickPlan``), run once the one pass has passed, or None when there are none.
 DirectPlan = tuple[
     int, int, int, int, "TypeSpan | None", frozenset[int], "dict[int, Rule]", tuple[int, ...], "Pick",
-    "tuple[dict[int, int], tuple[int, ...], Pick] | None",
+    "tuple[dict[int, int], int, int] | None",
     "tuple[tuple[BulkCheck, str, tuple[int, ...], Pick], ...] | None"]
 
 
@@ -92,6 +93,37 @@ def one(key: int) -> Callable[[object], object]:
     def get(obj: object) -> object:
         return (obj[key],)  # type: ignore[index]
     return get
+
+
+def last_wins(keys: Sequence[int], positions: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The keys of an update in batch order, each once (at its first place), with the position of its last entry:
+    one update of these leaves a dict as the update of all of them does (an alias's write overrides its pair's), in
+    fewer stores."""
+    last = dict(zip(keys, positions, strict=True))
+    return tuple(last), tuple(last.values())
+
+
+def keyed_store(entries: Sequence[tuple[int, int]]) -> tuple[tuple[int, ...], Pick] | None:
+    """One update's keys and how to pick their values, from its entries (position, key) in batch order
+    (``last_wins``); None when there are none."""
+    if not entries:
+        return None
+    keys, positions = last_wins([index for _, index in entries], [pos for pos, _ in entries])
+    return keys, picker(positions)
+
+
+def plain_stores(stored: dict[int, int], keys_positions: tuple[list[int], list[int]], vm_msrs: dict[int, int],
+                 vm_keys_positions: tuple[list[int], list[int]]
+                 ) -> tuple[tuple[tuple[dict[int, int], tuple[int, ...], Pick], ...], tuple[dict[int, int], int, int] | None]:
+    """A write plan's stores of its plain entries (the vCPU's, then the VM-wide ones: each the dict, its keys, how to
+    pick their values), each key once (``last_wins``); and the VM-wide store as ``DirectPlan`` takes it, when it has
+    one key."""
+    stores = []
+    for store, (keys, positions) in ((stored, last_wins(*keys_positions)), (vm_msrs, last_wins(*vm_keys_positions))):
+        if keys:
+            stores.append((store, keys, picker(positions)))
+    vm_keys, vm_positions = last_wins(*vm_keys_positions)
+    return tuple(stores), (vm_msrs, vm_keys[0], 2 + 2 * vm_positions[0]) if len(vm_keys) == 1 else None
 
 
 def picker(positions: Sequence[int]) -> Pick:
@@ -140,12 +172,12 @@ def checks_pass(has_memory: Callable[[int, int], bool],
     return True
 
 
-def direct_plan(checked: QuickPlan | None, zero: list[int], indices: Sequence[int], ignore_msrs: bool
-                ) -> DirectPlan | None:
+def direct_plan(checked: QuickPlan | None, zero: list[int], indices: Sequence[int], ignore_msrs: bool,
+                vm_wide: tuple[dict[int, int], int, int] | None) -> DirectPlan | None:
     """The checked variant of a plan with nothing to call, flattened for ``set_msrs``' first branch
     (``DirectPlan``); None for the others. Its groups' checks have no side effect: they run after the one pass."""
     if (checked is None or checked[0] or checked[7] is None or checked[10] is None
-            or len(checked[9] or ()) > 1):
+            or len(checked[9] or ()) > 1 or (checked[9] and vm_wide is None)):
         return None
     # One pass checks all: the checked entries (an enabled address fails here, its enable bit being in its mask,
     # and takes the quick path, which looks guest memory up; a check with mask 0 always passes), the ZERO
@@ -164,6 +196,5 @@ def direct_plan(checked: QuickPlan | None, zero: list[int], indices: Sequence[in
     offsets = sum(offset << (128 * (pos - first)) for pos, offset, _ in checks)
     masks = sum(mask << (128 * (pos - first)) for pos, _, mask in checks)
     keys, values = checked[7]
-    after = checked[9][0] if checked[9] else None
     return (16 + 16 * first, 24 + 16 * last if checks else 0, offsets, masks, checked[10][5], checked[11], checked[5],
-            keys, values, after, checked[6] or None)
+            keys, values, vm_wide if checked[9] else None, checked[6] or None)
