@@ -30,6 +30,7 @@ import sys
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from operator import itemgetter
 from pathlib import Path
 
 import kvmscope
@@ -119,7 +120,8 @@ def msr_side(backend: str, op: str, indices: Sequence[int], kernel: str = "6.18"
 
     if floor:  # the least any pure-Python model does per call: key the batch, find its plan, one C-level pass
         plans, stored = {batch.words32[2::4].tobytes(): tuple(indices)}, dict.fromkeys(indices, 0)
-        dicts, defaults = (stored,) * len(indices), (0,) * len(indices)
+        # every value in one C-level pass (itemgetter makes a tuple, which array takes faster than an iterator)
+        read = itemgetter(*indices) if len(indices) > 1 else (lambda d, k=indices[0]: (d[k],))
 
         def loop(n: int) -> None:
             for _ in range(n):
@@ -127,7 +129,7 @@ def msr_side(backend: str, op: str, indices: Sequence[int], kernel: str = "6.18"
                 if op == "set":
                     stored.update(zip(keys, batch.words64[2::2]))  # noqa: B905
                 else:
-                    batch.words64[2::2] = array("Q", map(dict.get, dicts, keys, defaults))
+                    batch.words64[2::2] = array("Q", read(stored))
 
     if bare or one_call:
         fd, req, buf, ioctl = vcpu.fd, uapi.KVM_GET_MSRS if op == "get" else uapi.KVM_SET_MSRS, batch.raw, fcntl.ioctl
