@@ -63,6 +63,14 @@ READ_ONLY = Rule("read_only_msr", "< 5.10", "x86.c kvm_get_msr_common",
                  "KVM emulates reads of this MSR only (a constant); a write is unsupported", "")
 X2APIC_NO_IRQCHIP = Rule("x2apic_needs_irqchip", "< 5.10", "lapic.c kvm_x2apic_msr_write/read",
                          "x2APIC MSRs need an in-kernel LAPIC in x2APIC mode", "create an in-kernel irqchip")
+X2APIC_NOT_READABLE = Rule("x2apic_not_readable", "< 5.10", "lapic.c kvm_lapic_reg_read (kvm_lapic_readable_reg_mask)",
+                           "an x2APIC MSR with no readable register: reserved offsets, the write-only EOI and SELF_IPI, "
+                           "and ARBPRI, DFR and ICR2, which exist in xAPIC mode only (LVTCMCI needs MCG_CAP.CMCI_P)", "")
+X2APIC_NOT_WRITABLE = Rule("x2apic_not_writable", "< 5.10", "lapic.c kvm_lapic_reg_write",
+                           "an x2APIC register a write does not change: the ID, LDR, DFR and ICR2 in x2APIC mode, the "
+                           "read-only LVR, PPR, ISR, TMR, IRR and TMCCT, reserved offsets (LVTCMCI needs CMCI_P)", "")
+X2APIC_ESR_NONZERO = Rule("x2apic_esr_nonzero", "< 5.10", "lapic.c kvm_lapic_reg_write (APIC_ESR)",
+                          "x2APIC ESR (0x828) takes only 0, which changes nothing", "write 0")
 XSS_NEEDS_XSAVES = Rule("xss_needs_xsaves", "6.18", "CET series, lore 20250919223258.1604852-1-seanjc@google.com",
                         "IA32_XSS needs CPUID.XSAVES from userspace too (KVM_MSR_RET_UNSUPPORTED without it) and takes "
                         "only the guest's supported XSS bits; before, userspace could write any bit KVM supports",

@@ -156,6 +156,41 @@ PRED_CMD_SBPB = Rule("pred_cmd_sbpb", "6.7", "e47d86083c66",
                      "CPUID SPEC_CTRL or AMD_IBPB, and a host without IBPB refuses every write, 0 included (6.1.192 "
                      "vmx.c:2254-2266, svm.c:2964-2977; the common code of 6.4, 903358c7eddb, kept it)",
                      "write only IBPB (1) or 0 before 6.7")
+# The local APIC in x2APIC mode (model/x2apic.py); research with file:line in docs/rules.md.
+X2APIC_ICR_64BIT = Rule("x2apic_icr_64bit", "5.18", "a57a31684d7b",
+                        "KVM: x86: Treat x2APIC's ICR as a 64-bit register, not two 32-bit regs: an x2APIC ICR write "
+                        "keeps its high half "
+                        "at 0x304 (one 64-bit register), which KVM_GET_LAPIC shows as ICR2 (0x310); the xAPIC ICR2 "
+                        "stays hidden at 0x310 until x2APIC mode is left; before, the high half went to ICR2", "")
+X2APIC_ICR_SPLIT_SVM = Rule("x2apic_icr_split_svm", "6.12", "73b42dc69be8",
+                            "KVM: x86: Re-split x2APIC ICR into ICR+ICR2 for AMD (x2AVIC): on SVM the ICR's high "
+                            "half goes to ICR2 again (x2apic_icr_is_split)", "",
+                            stable=("6.1.149", "6.6.78", "6.10.13"))
+X2APIC_ICR_RESERVED = Rule("x2apic_icr_reserved", "6.12", "71bf395a276f",
+                           "KVM: x86: Enforce x2APIC's must-be-zero reserved ICR bits: an x2APIC ICR write with bits "
+                           "31:20, 17:16 or 13 set is refused (6.12.118 lapic.c:2489-2493)",
+                           "clear the ICR's reserved bits", stable=("6.1.113", "6.10.13"))
+X2APIC_HIGH_BITS = Rule("x2apic_high_bits", "6.3", "ab52be1b310b",
+                        "KVM: x86: Inject #GP on x2APIC WRMSR that sets reserved bits 63:32: a write of any x2APIC "
+                        "register but the ICR with bits 63:32 set is refused (6.12.118 lapic.c:3360-3362); before, "
+                        "they were dropped", "write a 32-bit value", stable=("6.1.16",))
+X2APIC_SELF_IPI_VECTOR = Rule("x2apic_self_ipi_vector", "6.3", "ba5838abb053",
+                              "KVM: x86: Inject #GP if WRMSR sets reserved bits in APIC Self-IPI: SELF_IPI takes a "
+                              "vector (bits 7:0) alone (6.12.118 lapic.c:2425-2434); before, the other bits were "
+                              "ignored", "write the vector alone", stable=("6.1.16",))
+X2APIC_SELF_IPI_KEEPS_ICR = Rule("x2apic_self_ipi_keeps_icr", "5.18", "d22a81b304a2",
+                                 "KVM: x86: Do not change ICR on write to APIC_SELF_IPI: before, a SELF_IPI write was an "
+                                 "ICR write of 0x40000 | vector (the ICR kept it)", "",
+                                 stable=("5.10.115", "5.15.39", "5.17.7"))
+X2APIC_LEAVE_SETS_XAPIC_ID = Rule("x2apic_leave_sets_xapic_id", "6.3", "052c3b99cbc8",
+                                  "KVM: x86: leaving x2APIC mode for xAPIC mode (host APIC_BASE write) sets the xAPIC "
+                                  "ID from the vCPU id (6.12.118 lapic.c:2665-2670); before, the ID register kept the "
+                                  "x2APIC ID", "")
+X2APIC_ID_READONLY = Rule("x2apic_id_readonly", "6.11", "4b7c3f6d04bd",
+                          "KVM: x86: Make x2APIC ID 100% readonly: KVM_SET_LAPIC in x2APIC mode ignores the given ID "
+                          "and keeps the vCPU id (6.12.118 lapic.c:3115-3118); before, the given ID shifted right 24 "
+                          "became the x2APIC ID (6.1.192 lapic.c:2799-2803)", "",
+                          stable=("6.6.78", "6.10.13"))
 # The MSRs KVM learned at a version: before it they are unknown MSRs, left out of KVM_GET_MSR_INDEX_LIST and of a
 # profile's inventory taken on a later kernel (ModelSystem), with no handler of their own (msr_misc).
 MSR_ARRIVALS: dict[Rule, tuple[int, ...]] = {XFD_MSRS: (0x1C4, 0x1C5), CET_MSRS: (0x6A0, 0x6A2, *range(0x6A4, 0x6A9)),
@@ -232,7 +267,9 @@ RULES: dict[str, Rule] = {
               MSR_IO_LIMIT, VMX_RESTORE,
               PERF_CAP_SUBSET, DE_CFG_SUBSET, MCI_CTL2, MTRR_MSR_RANGES, MTRR_AS_WRITTEN, XFD_MSRS, CET_MSRS, FLUSH_CMD_MSR,
               APIC_BASE_BSP_FORCED, EFER_AUTOIBRS, PV_EOI_STORED_ON_FAILURE, GUEST_CPU_CAPS, APIC_BASE_SAME_VALUE,
-              SREGS_EFER_CHECKED, PRED_CMD_SBPB,
+              SREGS_EFER_CHECKED, PRED_CMD_SBPB, X2APIC_ICR_64BIT, X2APIC_ICR_SPLIT_SVM, X2APIC_ICR_RESERVED,
+              X2APIC_HIGH_BITS, X2APIC_SELF_IPI_VECTOR, X2APIC_SELF_IPI_KEEPS_ICR,
+              X2APIC_LEAVE_SETS_XAPIC_ID, X2APIC_ID_READONLY,
               INTEL_GUEST_CHECKS, INTEL_COMPATIBLE_CHECKS, UNSUPPORTED, UNKNOWN_MSR,
               HOST_PROFILE, *emulated.RULES)
 }

@@ -166,7 +166,7 @@ class Family:
 
     def lapic_in_kernel(self) -> bool:
         # The families answer as without an in-kernel LAPIC: with one, the vCPU's own setters take ASYNC_PF_EN/INT and
-        # TSC_DEADLINE over (vcpu_state), but the x2APIC MSRs are still refused as without one (not modelled yet).
+        # TSC_DEADLINE over (vcpu_state), and the x2APIC MSRs look at the vCPU's LAPIC themselves (x2apic).
         return False
 
     def refuse(self, index: int, rule: Rule, code: int) -> int:

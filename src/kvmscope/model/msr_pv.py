@@ -8,9 +8,9 @@ true for every feature unless userspace enabled KVM_CAP_ENFORCE_PV_FEATURE_CPUID
 
 Without an in-kernel LAPIC (no KVM_CREATE_IRQCHIP on the VM) the rules that need one refuse: ASYNC_PF_EN of a
 non-zero value (``kvm_pv_enable_async_pf``), ASYNC_PF_INT (``kvm_pv_enable_async_pf_int``), and every x2APIC MSR
-0x800-0x8FF (``kvm_x2apic_msr_read``/``write``: no LAPIC, or not in x2APIC mode). With an irqchip the vCPU's own
-setters take ASYNC_PF_EN/INT over (``vcpu_state``, ``take_rules``): ASYNC_PF_EN then needs its address in guest memory
-when enabled.
+0x800-0x8FF (``kvm_x2apic_msr_read``/``write``: no LAPIC, or not in x2APIC mode; with one in x2APIC mode, ``x2apic``).
+With an irqchip the vCPU's own setters take ASYNC_PF_EN/INT over (``vcpu_state``, ``take_rules``): ASYNC_PF_EN then
+needs its address in guest memory when enabled.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from ..kernel import emulated as E
 from ..kernel import rulesets as R
+from . import x2apic
 from .msr_family import FAIL, OK, U64, UNSUPPORTED, Family, Getter, Setter, WriteCheck
 
 if TYPE_CHECKING:
@@ -180,9 +181,9 @@ class PvMceMsrs(Family):
         self.rules.stored[index] = data
         return OK
 
-    # -- x2APIC MSRs: no in-kernel LAPIC --
+    # -- x2APIC MSRs: refused without an in-kernel LAPIC in x2APIC mode; with one, its registers (``x2apic``) --
     def _get_x2apic(self, index: int, host: bool) -> tuple[int, int]:
-        return self.refuse(index, E.X2APIC_NO_IRQCHIP, FAIL), 0
+        return x2apic.read(self, index)
 
     def _set_x2apic(self, index: int, data: int, host: bool) -> int:
-        return self.refuse(index, E.X2APIC_NO_IRQCHIP, FAIL)
+        return x2apic.write(self, index, data)

@@ -18,6 +18,7 @@ from ..errors import ClosedError, InvalidTypeError, KvmError, KvmscopeError
 from ..kernel import rulesets as R
 from ..program import Program
 from . import cpuid as C
+from . import x2apic
 from .guest_exec import ProgramState
 from .guest_exec import run_program as run_guest_program
 from .msr_batch import BatchedMsrRules
@@ -171,6 +172,7 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         before 5.15, with the BSP bit set when there is no in-kernel LAPIC (``kvm_lapic_set_base``)."""
         if self._bsp_forced:
             value |= 1 << 8
+        x2apic.base_changed(self, self.sregs.apic_base, value)
         self.sregs.apic_base = value
         self._runtime.apic_base = value
         if self.lapic is not None and self.tsc_deadline_mode:  # the deadline MSR follows the APIC's enable bit

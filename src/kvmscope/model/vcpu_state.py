@@ -19,6 +19,7 @@ from .. import uapi
 from ..api import HltExit
 from ..errors import InvalidValueError, KvmError, KvmscopeError
 from ..kernel.emulated import ASYNC_PF_EN_NEEDS_LAPIC, ASYNC_PF_INT_NEEDS_LAPIC
+from . import x2apic
 from .fpu_state import FpuStateModel
 from .msr_rules import FAIL as _FAIL
 from .msr_rules import OK as _OK
@@ -111,7 +112,7 @@ class VcpuStateModel(FpuStateModel):
         """Recompute :attr:`may_block`, the one flag KVM_RUN reads before looking at :meth:`injection_pending`."""
         self.may_block = self.tsc_deadline_mode or self.injection_pending() is not None
 
-    def _update_lvtt(self, page: bytearray) -> None:
+    def update_lvtt(self, page: bytearray) -> None:
         """apic_update_lvtt (lapic.c): the timer mode is LVTT bits 17-18 under the mask CPUID allows (TSC-deadline
         only with CPUID.1:ECX[24]); entering or leaving TSC-deadline mode stops the timer: TMICT and the deadline 0."""
         deadline_ok = any(e.function == 1 and e.ecx >> 24 & 1 for e in self.cpuid)
@@ -343,7 +344,9 @@ class VcpuStateModel(FpuStateModel):
         self._check_open()
         if self.lapic is None:
             raise KvmError(errno.EINVAL, "KVM_GET_LAPIC")
-        return uapi.kvm_lapic_state.from_buffer_copy(self.lapic)
+        page = bytearray(self.lapic)
+        x2apic.shown(self, page)  # type: ignore[arg-type]
+        return uapi.kvm_lapic_state.from_buffer_copy(page)
 
     def set_lapic(self, lapic: uapi.kvm_lapic_state) -> None:
         """KVM_SET_LAPIC: the page as given, with the PPR recomputed from TPR and the highest in-service vector
@@ -352,12 +355,13 @@ class VcpuStateModel(FpuStateModel):
         if self.lapic is None:
             raise KvmError(errno.EINVAL, "KVM_SET_LAPIC")
         page = bytearray(bytes(lapic))
+        x2apic.taken(self, page)  # type: ignore[arg-type]
         tpr = struct.unpack_from("<I", page, APIC_TPR)[0] & 0xFF
         # kvm_apic_set_state (lapic.c v6.12 line 3180) updates the PPR before it recounts the in-service vectors: an
         # in-service vector counts only when the page it replaces had one in service too.
         isrv = _highest_isr(page) if _highest_isr(self.lapic) >= 0 else 0
         struct.pack_into("<I", page, APIC_PPR, tpr if (tpr & 0xF0) >= (max(isrv, 0) & 0xF0) else isrv & 0xF0)
-        self._update_lvtt(page)
+        self.update_lvtt(page)
         self.lapic = page
         self.refresh_may_block()
 
