@@ -128,24 +128,19 @@ def test_model_matches_live_kernel_on_x2apic_msrs(live: LinuxSystem) -> None:
     check_cases(live)
 
 
-def test_differential_fails_without_the_x2apic_rules(live: LinuxSystem, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without the model's PPR recomputation on read, or its IPI delivery, some case disagrees."""
+@pytest.mark.parametrize(("removed", "case"), [
+    ("update_ppr", {"vcpu_id": 3, "x2apic": True, "page": {0x110: 0x20, 0xF0: 0x1FF}, "steps": [("read", 0x80A)]}),
+    ("set_bit", {"vcpu_id": 0, "x2apic": True, "page": {0xF0: 0x1FF}, "steps": [("write", 0x83F, 0x40), ("lapic",)]}),
+])
+def test_differential_fails_without_the_x2apic_rules(live: LinuxSystem, monkeypatch: pytest.MonkeyPatch,
+                                                      removed: str, case: dict[str, Any]) -> None:
+    """Without the model's PPR recomputation on read, or its IPI delivery, a case disagrees."""
     from kvmscope.model import x2apic
 
-    monkeypatch.setattr(x2apic, "update_ppr", lambda page: None)
-    c = {"vcpu_id": 3, "x2apic": True, "page": {0x110: 0x20, 0xF0: 0x1FF}, "steps": [("read", 0x80A)]}
+    monkeypatch.setattr(x2apic, removed, lambda *args: None)
     model = open_model(profile="pvm-6.18")
     try:
         with pytest.raises(AssertionError, match="live kernel"):
-            compare(live, model, c)
-    finally:
-        model.close()
-    monkeypatch.undo()
-    monkeypatch.setattr(x2apic, "set_bit", lambda page, base, vector: None)
-    c = {"vcpu_id": 0, "x2apic": True, "page": {0xF0: 0x1FF}, "steps": [("write", 0x83F, 0x40), ("lapic",)]}
-    model = open_model(profile="pvm-6.18")
-    try:
-        with pytest.raises(AssertionError, match="live kernel"):
-            compare(live, model, c)
+            compare(live, model, case)
     finally:
         model.close()

@@ -84,12 +84,18 @@ def words(lapic: uapi.kvm_lapic_state) -> dict[int, int]:
     return {o: v for o in range(0, len(raw), 4) if (v := struct.unpack_from("<I", raw, o)[0])}
 
 
-def x2apic_vcpu(kvm: System, vcpu_id: int = VCPU_ID) -> tuple[Vm, Vcpu]:
-    """A vCPU in x2APIC mode with the page of ``START``."""
+def irqchip_vcpu(kvm: System, vcpu_id: int = VCPU_ID) -> tuple[Vm, Vcpu]:
+    """A vCPU with an in-kernel LAPIC (xAPIC mode) and the supported CPUID."""
     vm = kvm.create_vm()
     vm.create_irqchip()
     vcpu = vm.create_vcpu(vcpu_id)
     vcpu.set_cpuid(kvm.get_supported_cpuid())
+    return vm, vcpu
+
+
+def x2apic_vcpu(kvm: System, vcpu_id: int = VCPU_ID) -> tuple[Vm, Vcpu]:
+    """A vCPU in x2APIC mode with the page of ``START``."""
+    vm, vcpu = irqchip_vcpu(kvm, vcpu_id)
     assert vcpu.set_msrs({0x1B: vcpu.read_msr(0x1B) | 0xC00}) == 1, "APIC_BASE: x2APIC mode"
     raw = bytearray(bytes(vcpu.get_lapic()))
     for offset, value in ((0xF0, 0x1FF), (0x80, 0x10), (0x110, 0x20)):
@@ -152,10 +158,7 @@ def test_write(kvm: System, what: str, index: int, value: int, count: int, chang
 
 def test_xapic_icr2_hides_under_the_64_bit_icr(kvm: System) -> None:
     """A 64-bit ICR keeps its high half at 0x304; the xAPIC ICR2 stays at 0x310 and comes back in xAPIC mode."""
-    vm = kvm.create_vm()
-    vm.create_irqchip()
-    vcpu = vm.create_vcpu(VCPU_ID)
-    vcpu.set_cpuid(kvm.get_supported_cpuid())
+    vm, vcpu = irqchip_vcpu(kvm)
     try:
         raw = bytearray(bytes(vcpu.get_lapic()))
         for offset, value in ((0x300, 0x4030), (0x304, 0xAABBCCDD), (0x310, 0x05000000)):
@@ -178,10 +181,7 @@ def test_xapic_icr2_hides_under_the_64_bit_icr(kvm: System) -> None:
 
 
 def test_xapic_mode_refuses_every_x2apic_msr(kvm: System) -> None:
-    vm = kvm.create_vm()
-    vm.create_irqchip()
-    vcpu = vm.create_vcpu(0)
-    vcpu.set_cpuid(kvm.get_supported_cpuid())
+    vm, vcpu = irqchip_vcpu(kvm, 0)
     try:
         taken = [hex(i) for i in range(0x800, 0x900) if read(vcpu, i)[0] or vcpu.set_msrs(MsrBatch([(i, 0)]))]
         assert not taken, f"xAPIC mode: every x2APIC MSR refused, taken: {taken}"
