@@ -118,16 +118,32 @@ def test_leaving_x2apic_mode_by_version(kernel: str, xapic_id: int) -> None:
                                                    ("6.1", 5), ("6.6.78", VCPU_ID)])
 def test_set_lapic_id_in_x2apic_mode_by_version(kernel: str, x2apic_id: int) -> None:
     """X2APIC_ID_READONLY (6.11; 6.6.78, 6.10.13): KVM_SET_LAPIC's ID in x2APIC mode, shifted right 24, became the
-    x2APIC ID, with its LDR and physical IPIs following; from 6.11 the vCPU id stays."""
+    x2APIC ID the ID register and 0x802 show, with its LDR; physical IPIs went by the vCPU id all along (6.1.192
+    lapic.c:146-149, 855-856); from 6.11 the vCPU id stays."""
     with x2apic_vcpu(kernel) as vcpu:
         set_words(vcpu, {0x20: 5 << 24})
         ldr = (x2apic_id >> 4) << 16 | 1 << (x2apic_id & 0xF)
         assert (read(vcpu, 0x802), read(vcpu, 0x80D), word(vcpu, 0x20)) == (x2apic_id, ldr, x2apic_id << 24), kernel
-        assert vcpu.set_msrs({0x830: x2apic_id << 32 | 0x31}) == 1
-        assert word(vcpu, 0x210) == 1 << 17, f"{kernel}: a fixed IPI to x2APIC ID {x2apic_id} reached the vCPU"
+        assert vcpu.set_msrs({0x830: 5 << 32 | 0x31, 0x83F: 0x32}) == 2
+        assert word(vcpu, 0x210) == 1 << 18, f"{kernel}: a fixed IPI to ID 5 missed the vCPU (interrupts go by its id)"
+        assert vcpu.set_msrs({0x830: VCPU_ID << 32 | 0x33}) == 1
+        assert word(vcpu, 0x210) == 3 << 18, f"{kernel}: a fixed IPI to its vCPU id reached it"
 
 
 def test_every_x2apic_rule_is_known() -> None:
     names = {"X2APIC_ICR_64BIT", "X2APIC_ICR_SPLIT_SVM", "X2APIC_ICR_RESERVED", "X2APIC_HIGH_BITS",
              "X2APIC_SELF_IPI_VECTOR", "X2APIC_SELF_IPI_KEEPS_ICR", "X2APIC_LEAVE_SETS_XAPIC_ID", "X2APIC_ID_READONLY"}
     assert {getattr(R, n) for n in names} <= set(R.RULES.values()), "each x2APIC rule is in the rule table"
+
+
+def test_x2apic_api_is_a_model_limitation(live: object) -> None:
+    """KVM_CAP_X2APIC_API (32-bit IDs in KVM_GET/SET_LAPIC): the live kernel here takes it; the model, which does not
+    implement it, raises ModelLimitation, not the EINVAL of a kernel without it."""
+    from kvmscope.linux import LinuxSystem
+    from kvmscope.model.vcpu import ModelLimitation
+
+    assert isinstance(live, LinuxSystem)
+    with live.create_vm() as vm:
+        vm.enable_cap(uapi.KVM_CAP_X2APIC_API, 1)  # KVM_X2APIC_API_USE_32BIT_IDS
+    with open_model(profile="pvm-6.18") as kvm, kvm.create_vm() as vm, pytest.raises(ModelLimitation, match="129"):
+        vm.enable_cap(uapi.KVM_CAP_X2APIC_API, 1)

@@ -199,3 +199,30 @@ def test_software_disabled_apic_masks_lvt_writes_and_drops_ipis(kvm: System) -> 
             f"LVT0 written masked, no IRR bit: saw LVT0 {page.get(0x350, 0):#x}, IRR1 {page.get(0x210, 0):#x}"
     finally:
         vm.close()
+
+
+def test_ppr_takes_the_tpr_low_byte(kvm: System) -> None:
+    """apic_update_ppr: PPR = TPR & 0xFF when TPR's class is at least the in-service one (a restored TPR may hold
+    more bits)."""
+    vm, vcpu = x2apic_vcpu(kvm)
+    try:
+        raw = bytearray(bytes(vcpu.get_lapic()))
+        struct.pack_into("<I", raw, 0x80, 0x1FF)
+        vcpu.set_lapic(uapi.kvm_lapic_state.from_buffer_copy(raw))
+        assert read(vcpu, 0x80A) == (1, 0xFF), "PPR read after a TPR of 0x1FF was restored"
+    finally:
+        vm.close()
+
+
+def test_set_lapic_keeps_kvms_version_and_no_count(kvm: System) -> None:
+    """kvm_apic_set_state: the LVR is KVM's own (kvm_apic_set_version) and the page's TMCCT is 0, whatever was given."""
+    vm, vcpu = irqchip_vcpu(kvm)
+    try:
+        raw = bytearray(bytes(vcpu.get_lapic()))
+        struct.pack_into("<I", raw, 0x30, 0x12345)
+        struct.pack_into("<I", raw, 0x390, 0x777)
+        vcpu.set_lapic(uapi.kvm_lapic_state.from_buffer_copy(raw))
+        page = words(vcpu.get_lapic())
+        assert (page.get(0x30), page.get(0x390)) == (0x50014, None), f"LVR {page.get(0x30)}, TMCCT {page.get(0x390)}"
+    finally:
+        vm.close()

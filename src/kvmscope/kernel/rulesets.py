@@ -169,7 +169,7 @@ X2APIC_ICR_SPLIT_SVM = Rule("x2apic_icr_split_svm", "6.12", "73b42dc69be8",
 X2APIC_ICR_RESERVED = Rule("x2apic_icr_reserved", "6.12", "71bf395a276f",
                            "KVM: x86: Enforce x2APIC's must-be-zero reserved ICR bits: an x2APIC ICR write with bits "
                            "31:20, 17:16 or 13 set is refused (6.12.118 lapic.c:2489-2493)",
-                           "clear the ICR's reserved bits", stable=("6.1.113", "6.10.13"))
+                           "clear the ICR's reserved bits", stable=("6.1.113", "6.6.54", "6.10.13"))
 X2APIC_HIGH_BITS = Rule("x2apic_high_bits", "6.3", "ab52be1b310b",
                         "KVM: x86: Inject #GP on x2APIC WRMSR that sets reserved bits 63:32: a write of any x2APIC "
                         "register but the ICR with bits 63:32 set is refused (6.12.118 lapic.c:3360-3362); before, "

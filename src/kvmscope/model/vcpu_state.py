@@ -46,7 +46,7 @@ MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
 
 MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT = 0x4B564D02, 0x4B564D06
 MSR_IA32_TSC_DEADLINE = 0x6E0
-APIC_LVTT, APIC_TMICT = 0x320, 0x380
+APIC_LVTT, APIC_TMICT, APIC_TMCCT = 0x320, 0x380, 0x390
 LVTT_MODE_SHIFT, LVTT_TSC_DEADLINE = 17, 2
 GUESTDBG_RUN_CHANGING = uapi.KVM_GUESTDBG_SINGLESTEP | uapi.KVM_GUESTDBG_USE_SW_BP | uapi.KVM_GUESTDBG_USE_HW_BP
 
@@ -356,6 +356,8 @@ class VcpuStateModel(FpuStateModel):
             raise KvmError(errno.EINVAL, "KVM_SET_LAPIC")
         page = bytearray(bytes(lapic))
         x2apic.taken(self, page)  # type: ignore[arg-type]
+        page[APIC_LVR : APIC_LVR + 4] = self.lapic[APIC_LVR : APIC_LVR + 4]  # kvm_apic_set_version: KVM's own
+        page[APIC_TMCCT : APIC_TMCCT + 4] = bytes(4)  # the kernel's page holds 0; the count is computed on a read
         tpr = struct.unpack_from("<I", page, APIC_TPR)[0] & 0xFF
         # kvm_apic_set_state (lapic.c v6.12 line 3180) updates the PPR before it recounts the in-service vectors: an
         # in-service vector counts only when the page it replaces had one in service too.

@@ -18,6 +18,13 @@ if TYPE_CHECKING:
     from .system import ModelSystem
 
 
+# Capabilities x86's kvm_vm_ioctl_enable_cap (x86.c) takes that the model does not implement.
+UNMODELLED_VM_CAPS = frozenset({
+    uapi.KVM_CAP_SPLIT_IRQCHIP, uapi.KVM_CAP_X2APIC_API, uapi.KVM_CAP_EXCEPTION_PAYLOAD, uapi.KVM_CAP_X86_BUS_LOCK_EXIT,
+    uapi.KVM_CAP_EXIT_HYPERCALL, uapi.KVM_CAP_EXIT_ON_EMULATION_FAILURE, uapi.KVM_CAP_X86_TRIPLE_FAULT_EVENT,
+    uapi.KVM_CAP_X86_NOTIFY_VMEXIT})
+
+
 class ModelVm(VmDevicesModel, Vm):
     """A VM of the software KVM; the irqchip, PIT, routing, eventfds and clock are in :class:`VmDevicesModel`."""
 
@@ -52,8 +59,8 @@ class ModelVm(VmDevicesModel, Vm):
         return self.system.capability(cap, vm=True)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
-        """KVM_ENABLE_CAP for the capabilities that shape the vCPU model; others get EINVAL as on a kernel lacking
-        them."""
+        """KVM_ENABLE_CAP for the capabilities that shape the vCPU model; one the profile's kernel lacks gets EINVAL,
+        and one it has that the model does not implement (KVM_CAP_X2APIC_API, ...) raises ModelLimitation."""
         self._check_open()
         if len(args) > 4:
             raise InvalidValueError("KVM_ENABLE_CAP takes at most 4 arguments")
@@ -80,8 +87,10 @@ class ModelVm(VmDevicesModel, Vm):
                         | uapi.KVM_MSR_EXIT_REASON_FILTER):
                 raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP")
             self.user_space_msr = arg0
-        else:
-            raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", "the model does not implement this capability")
+        elif cap in UNMODELLED_VM_CAPS:  # the profile's kernel takes it (checked above): EINVAL would be made up
+            raise self.limitation(f"KVM_ENABLE_CAP {cap}: the model does not implement this capability")
+        else:  # a capability kvm_vm_ioctl_enable_cap does not take
+            raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP")
 
     def set_msr_filter(self, flags: int, ranges: Sequence[tuple[int, int, int, bytes]]) -> None:
         """KVM_X86_SET_MSR_FILTER with kvm_vm_ioctl_set_msr_filter's and kvm_add_msr_filter's checks (x86.c in 6.12,

@@ -73,7 +73,8 @@ def icr_split(vcpu: ModelVcpu) -> bool:
 
 
 def x2apic_id(vcpu: ModelVcpu) -> int:
-    """``kvm_x2apic_id``: the vCPU id from 6.12 (4b7c3f6d04bd); before, the page's ID register."""
+    """The x2APIC ID as the ID register shows it: the vCPU id from 6.11 (4b7c3f6d04bd); before, the page's ID register,
+    which KVM_SET_LAPIC could set (interrupts still went by the vCPU id, ``kvm_x2apic_id``: 6.1.192 lapic.c:146-149)."""
     assert vcpu.lapic is not None
     return vcpu.id if vcpu.rules.has(R.X2APIC_ID_READONLY) else reg32(vcpu.lapic, ID)
 
@@ -248,7 +249,7 @@ def update_ppr(page: bytearray) -> None:
     """``apic_update_ppr`` (lapic.c:968-988): TPR when its class is at least the highest in-service vector's, else
     that vector's class."""
     tpr, isrv = reg32(page, TPR), max(highest_bit(page, ISR), 0)
-    set_reg32(page, PPR, tpr if (tpr & 0xF0) >= (isrv & 0xF0) else isrv & 0xF0)
+    set_reg32(page, PPR, tpr & 0xFF if (tpr & 0xF0) >= (isrv & 0xF0) else isrv & 0xF0)
 
 
 def send_ipi(vcpu: ModelVcpu, low: int, dest: int) -> None:
@@ -270,8 +271,8 @@ def send_ipi(vcpu: ModelVcpu, low: int, dest: int) -> None:
         elif logical:
             ldr = reg32(page, LDR)
             mine = ldr >> 16 == dest >> 16 and bool(ldr & dest & 0xFFFF)
-        else:
-            mine = dest == x2apic_id(vcpu)
+        else:  # kvm_apic_match_physical_addr: the vCPU id in x2APIC mode, whatever the ID register says
+            mine = dest == vcpu.id
     else:
         mine = shorthand in (SHORT_SELF, SHORT_ALL)
     if not mine or mode == APIC_DM_EXTINT:
