@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -313,8 +314,13 @@ def test_attach_records_a_running_vmm_and_lets_it_go(live: LinuxSystem, tmp_path
         assert any(getattr(s, "name", "") == "KVM_RUN" for s in steps), "expected KVM_RUNs recorded"
     finally:
         qemu.kill()
-        # a killed QEMU exits once the kernel has torn its VM down, which took over 10 s once under a full test run
-        qemu.wait(timeout=120)
+        # A killed QEMU exits once the kernel has torn its VM down: over 10 s once under a full test run, over 120 s
+        # once more (4 December, the detach checked above had passed). That is the host's teardown, not what this
+        # test checks: wait for it, and say so if it lasts.
+        try:
+            qemu.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            warnings.warn(f"QEMU {qemu.pid} still tearing down 300 s after SIGKILL", stacklevel=1)
 
 
 def test_trace_needs_a_command_or_attach() -> None:
