@@ -147,3 +147,14 @@ def test_x2apic_api_is_a_model_limitation(live: object) -> None:
         vm.enable_cap(uapi.KVM_CAP_X2APIC_API, 1)  # KVM_X2APIC_API_USE_32BIT_IDS
     with open_model(profile="pvm-6.18") as kvm, kvm.create_vm() as vm, pytest.raises(ModelLimitation, match="129"):
         vm.enable_cap(uapi.KVM_CAP_X2APIC_API, 1)
+
+
+def test_cmci_adds_an_lvt() -> None:
+    """kvm_apic_after_set_mcg_cap (6.12.118 lapic.c:607-623; CMCI_P from 6.0, 281b52780b57): KVM_X86_SETUP_MCE with
+    CMCI_P gives the APIC a seventh LVT, masked, counted in the LVR; x2APIC MSR 0x82F then reads and writes it."""
+    with x2apic_vcpu("6.18") as vcpu:
+        assert (word(vcpu, 0x30), read(vcpu, 0x82F)) == (0x50014, None), "six LVTs, no LVTCMCI"
+        vcpu.setup_mce(1 << 10 | 1)
+        assert (word(vcpu, 0x30), word(vcpu, 0x2F0), read(vcpu, 0x82F)) == (0x60014, 0x10000, 0x10000)
+        assert vcpu.set_msrs({0x82F: 0xFFFFFFFF}) == 1 and word(vcpu, 0x2F0) == 0x117FF, "LVTCMCI keeps 0x117FF"
+        assert vcpu.set_msrs({0x80F: 0xFF}) == 1 and word(vcpu, 0x2F0) == 0x117FF, "masked with the others"

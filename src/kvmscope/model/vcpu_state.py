@@ -296,6 +296,7 @@ class VcpuStateModel(FpuStateModel):
         stored = self.msr_rules.stored
         stored[0x179] = mcg_cap
         self.msr_rules.config_changed()
+        x2apic.mcg_cap_changed(self)  # type: ignore[arg-type]
         if mcg_cap & 1 << 8:
             stored[0x17B] = (1 << 64) - 1
         for bank in range(banks):

@@ -150,6 +150,21 @@ def current_count(vcpu: ModelVcpu) -> int:
                           "no APIC timer")
 
 
+def mcg_cap_changed(vcpu: ModelVcpu) -> None:
+    """``kvm_apic_after_set_mcg_cap`` (lapic.c:607-623): with MCG_CAP.CMCI_P the APIC has a seventh LVT (CMCI), set
+    masked when it appears, and the LVR counts the LVTs (``kvm_apic_set_version``)."""
+    page = vcpu.lapic
+    if page is None:
+        return
+    lvr = reg32(page, LVR)
+    old, new = (lvr >> 16 & 0xFF) + 1, 7 if cmci(vcpu) else 6
+    if old == new:
+        return
+    if new > old:
+        set_reg32(page, LVTCMCI, MASKED)
+    set_reg32(page, LVR, lvr & ~0xFF0000 | (new - 1) << 16)
+
+
 def cmci(vcpu: ModelVcpu) -> bool:
     """``kvm_lapic_lvt_supported(LVT_CMCI)``: the LVT exists when MCG_CAP has CMCI_P."""
     return bool((vcpu.msr_rules.stored.get(MCG_CAP) or 0) & MCG_CMCI_P)
