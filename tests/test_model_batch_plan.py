@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from kvmscope import guest
 from kvmscope.api import CpuidEntry, MsrBatch
+from kvmscope.kernel import rulesets as R
 from kvmscope.kernel.profile import MsrBehaviour, load, shipped
 from kvmscope.model import open_model
 from kvmscope.model.msr_family import Family
@@ -40,11 +41,14 @@ def entry_by_entry(vcpu: ModelVcpu, batch: MsrBatch) -> int:
 
 def read_entry_by_entry(vcpu: ModelVcpu, indices: list[int]) -> tuple[int, MsrBatch]:
     """KVM_GET_MSRS as the kernel runs it (``access_get`` one entry after another): the count, and the buffer with
-    the values read, the refused entry zeroed and later entries left as passed (0xAA)."""
+    the values read, the refused entry zeroed (before 6.12 only when refused as unsupported: REFUSED_READ_ZEROED)
+    and later entries left as passed (0xAA)."""
     want, count = MsrBatch([(i, 0xAA) for i in indices]), len(indices)
+    zeroed = vcpu.rules.has(R.REFUSED_READ_ZEROED)
     for pos, (index, _) in enumerate(want):
         code, value = vcpu.msr_rules.access_get(index)
-        want.set_value(pos, value if code == 0 else 0)
+        if code in (0, 2) or zeroed:  # OK, UNSUPPORTED
+            want.set_value(pos, value if code == 0 else 0)
         if code:
             return pos, want
     return count, want

@@ -158,3 +158,17 @@ def test_cmci_adds_an_lvt() -> None:
         assert (word(vcpu, 0x30), word(vcpu, 0x2F0), read(vcpu, 0x82F)) == (0x60014, 0x10000, 0x10000)
         assert vcpu.set_msrs({0x82F: 0xFFFFFFFF}) == 1 and word(vcpu, 0x2F0) == 0x117FF, "LVTCMCI keeps 0x117FF"
         assert vcpu.set_msrs({0x80F: 0xFF}) == 1 and word(vcpu, 0x2F0) == 0x117FF, "masked with the others"
+
+
+@pytest.mark.parametrize(("kernel", "left"), [("6.1", 0xDEAD), ("6.11", 0xDEAD), ("6.12", 0), ("6.18", 0)])
+def test_a_refused_read_keeps_userspaces_value_before_6_12(kernel: str, left: int) -> None:
+    """REFUSED_READ_ZEROED (6.12, 1cec2034980a): the entry KVM_GET_MSRS stops at. A handler's refusal (an x2APIC MSR
+    without an in-kernel LAPIC returns 1) left userspace's value before 6.12; a refusal as unsupported (an unknown
+    MSR) zeroes it at every version (6.1.192 x86.c:1945-1963)."""
+    with open_model(kernel, "intel-spr") as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        refused = MsrBatch([(0x174, 1), (0x808, 0xDEAD), (0x175, 7)])
+        assert vcpu.get_msrs(refused) == 1
+        assert [value for _, value in refused] == [0, left, 7], f"{kernel}: {list(refused)}"
+        unknown = MsrBatch([(0x12345678, 0xBEEF)])
+        assert (vcpu.get_msrs(unknown), unknown[0][1]) == (0, 0), f"{kernel}: an unknown MSR's entry is zeroed"

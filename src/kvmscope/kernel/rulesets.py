@@ -191,6 +191,12 @@ X2APIC_ID_READONLY = Rule("x2apic_id_readonly", "6.11", "4b7c3f6d04bd",
                           "and keeps the vCPU id (6.12.118 lapic.c:3115-3118); before, the given ID shifted right 24 "
                           "became the x2APIC ID (6.1.192 lapic.c:2799-2803)", "",
                           stable=("6.6.78", "6.10.13"))
+REFUSED_READ_ZEROED = Rule("refused_read_zeroed", "6.12", "1cec2034980a",
+                           "KVM: x86: Funnel all fancy MSR return value handling into a common helper: the entry a "
+                           "KVM_GET_MSRS stops at reads 0 (kvm_do_msr_access, 6.12.118 x86.c:503-505); before, only a "
+                           "refusal as unsupported (KVM_MSR_RET_UNSUPPORTED/INVALID) zeroes it and a handler's own "
+                           "refusal (return 1: x2APIC, MCE banks, MTRR indices, OSVW, ...) leaves what userspace put "
+                           "there (6.1.192 x86.c:1945-1963)", "")
 # The MSRs KVM learned at a version: before it they are unknown MSRs, left out of KVM_GET_MSR_INDEX_LIST and of a
 # profile's inventory taken on a later kernel (ModelSystem), with no handler of their own (msr_misc).
 MSR_ARRIVALS: dict[Rule, tuple[int, ...]] = {XFD_MSRS: (0x1C4, 0x1C5), CET_MSRS: (0x6A0, 0x6A2, *range(0x6A4, 0x6A9)),
@@ -270,6 +276,7 @@ RULES: dict[str, Rule] = {
               SREGS_EFER_CHECKED, PRED_CMD_SBPB, X2APIC_ICR_64BIT, X2APIC_ICR_SPLIT_SVM, X2APIC_ICR_RESERVED,
               X2APIC_HIGH_BITS, X2APIC_SELF_IPI_VECTOR, X2APIC_SELF_IPI_KEEPS_ICR,
               X2APIC_LEAVE_SETS_XAPIC_ID, X2APIC_ID_READONLY,
+              REFUSED_READ_ZEROED,
               INTEL_GUEST_CHECKS, INTEL_COMPATIBLE_CHECKS, UNSUPPORTED, UNKNOWN_MSR,
               HOST_PROFILE, *emulated.RULES)
 }

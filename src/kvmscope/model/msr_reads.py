@@ -14,8 +14,9 @@ from .. import msrs as M
 from .. import uapi
 from ..api import LITTLE_ENDIAN, MsrBatch, not_a_batch
 from ..errors import ClosedError, KvmError
+from ..kernel import rulesets as R
 from .msr_family import Family, MsrFamily
-from .msr_rules import MSR_ALIASES, MSR_MISC_FEATURES_ENABLES, OK, VM_WIDE_MSRS, MsrRules
+from .msr_rules import MSR_ALIASES, MSR_MISC_FEATURES_ENABLES, OK, UNSUPPORTED, VM_WIDE_MSRS, MsrRules
 from .msr_setter_checks import read_decided
 
 if TYPE_CHECKING:
@@ -102,6 +103,7 @@ class ReadingMsrRules(MsrRules):
         self._plain_table: dict[int, Plain] | None = None  # made when a plan first needs it (``plain``)
         self.closed = False  # set by the vCPU's close()
         self.read_plans: dict[bytes, ReadPlan] = {}
+        self._refused_read_zeroed = self.rules.has(R.REFUSED_READ_ZEROED)
 
     @property
     def plain(self) -> dict[int, Plain]:
@@ -186,7 +188,8 @@ class ReadingMsrRules(MsrRules):
             off = 8 + 16 * i
             index = ENTRY.unpack_from(buf, off)[0]
             code, value = self.access_get(index)
-            struct.pack_into("<Q", buf, off + 8, value if code == OK else 0)
+            if code in (OK, UNSUPPORTED) or self._refused_read_zeroed:  # else the entry keeps userspace's value
+                struct.pack_into("<Q", buf, off + 8, value if code == OK else 0)
             if code:
                 if strict:
                     raise self.vcpu.short_read(batch, i)
