@@ -129,11 +129,12 @@ FLUSH_CMD_MSR = Rule("flush_cmd_msr", "6.4", "da3db168fb67",
                      "IA32_FLUSH_CMD (0x10B; 6.1.192 x86.c, vmx.c and svm.c have no case for it)",
                      "leave IA32_FLUSH_CMD out before 6.4")
 SREGS_EFER_CHECKED = Rule("sregs_efer_checked", "> 6.18", "184bd464bdb6",
-                          "KVM: x86: Check EFER validity on KVM_SET_SREGS*: KVM_SET_SREGS checks EFER as a guest write would (kvm_valid_efer): reserved bits (SVME or "
-                          "LMSLE without nested, FFXSR without the host's) and the guest CPUID bit of each bit set "
-                          "(LME/LMA need CPUID LM, NX needs NX), else EINVAL; a 2026 fix marked for stable, in "
-                          "6.12.112 (Debian's 6.12 changelog; 6.12.118 regs.c:538-561), not in 6.1.192 or the live "
-                          "6.18.44; in mainline by August 2026 through the KVM pull of the 7.3 merge window (release not pinned)",
+                          "KVM: x86: Check EFER validity on KVM_SET_SREGS*: KVM_SET_SREGS checks EFER as a guest "
+                          "write would (kvm_valid_efer): reserved bits (SVME or LMSLE without nested, FFXSR without "
+                          "the host's) and the guest CPUID bit of each bit set (LME/LMA need CPUID LM, NX needs NX), "
+                          "else EINVAL; a 2026 fix marked for stable, in 6.12.112 (Debian's 6.12 changelog; 6.12.118 "
+                          "regs.c:538-561), not in 6.1.192 or the live 6.18.44; in mainline by August 2026 through "
+                          "the KVM pull of the 7.3 merge window (release not pinned)",
                           "set CPUID (KVM_SET_CPUID2) before KVM_SET_SREGS, and only EFER bits this host's KVM allows",
                           stable=("6.12.112",))
 APIC_BASE_SAME_VALUE = Rule("apic_base_same_value", "6.13", "a75b7bb46a83",
