@@ -136,19 +136,6 @@ def test_every_x2apic_rule_is_known() -> None:
     assert {getattr(R, n) for n in names} <= set(R.RULES.values()), "each x2APIC rule is in the rule table"
 
 
-def test_x2apic_api_is_a_model_limitation(live: object) -> None:
-    """KVM_CAP_X2APIC_API (32-bit IDs in KVM_GET/SET_LAPIC): the live kernel here takes it; the model, which does not
-    implement it, raises ModelLimitation, not the EINVAL of a kernel without it."""
-    from kvmscope.linux import LinuxSystem
-    from kvmscope.model.vcpu import ModelLimitation
-
-    assert isinstance(live, LinuxSystem)
-    with live.create_vm() as vm:
-        vm.enable_cap(uapi.KVM_CAP_X2APIC_API, 1)  # KVM_X2APIC_API_USE_32BIT_IDS
-    with open_model(profile="pvm-6.18") as kvm, kvm.create_vm() as vm, pytest.raises(ModelLimitation, match="129"):
-        vm.enable_cap(uapi.KVM_CAP_X2APIC_API, 1)
-
-
 def test_cmci_adds_an_lvt() -> None:
     """kvm_apic_after_set_mcg_cap (6.12.118 lapic.c:607-623; CMCI_P from 6.0, 281b52780b57): KVM_X86_SETUP_MCE with
     CMCI_P gives the APIC a seventh LVT, masked, counted in the LVR; x2APIC MSR 0x82F then reads and writes it."""

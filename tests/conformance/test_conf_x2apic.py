@@ -9,12 +9,14 @@ logical ID (cluster 0, bit 3: LDR 0x8) differ from the xAPIC ones.
 
 from __future__ import annotations
 
+import errno
 import struct
 
 import pytest
 
 from kvmscope import uapi
 from kvmscope.api import MsrBatch, System, Vcpu, Vm
+from kvmscope.errors import KvmError
 
 VCPU_ID = 3
 # The page after x2APIC mode is entered and KVM_SET_LAPIC gives SPIV 0x1FF (software-enabled), TPR 0x10 and vector
@@ -224,5 +226,49 @@ def test_set_lapic_keeps_kvms_version_and_no_count(kvm: System) -> None:
         vcpu.set_lapic(uapi.kvm_lapic_state.from_buffer_copy(raw))
         page = words(vcpu.get_lapic())
         assert (page.get(0x30), page.get(0x390)) == (0x50014, None), f"LVR {page.get(0x30)}, TMCCT {page.get(0x390)}"
+    finally:
+        vm.close()
+
+
+@pytest.mark.parametrize("quirk_off", [False, True])
+def test_msi_to_an_x2apic_vcpu(kvm: System, quirk_off: bool) -> None:
+    """KVM_SIGNAL_MSI (physical, fixed) reaches an x2APIC-mode APIC by its x2APIC ID; 0xFF is a broadcast unless
+    KVM_CAP_X2APIC_API disabled that quirk (kvm_apic_mda, 6.12.118 lapic.c:1077-1091)."""
+    taken = {}
+    for dest in (0, VCPU_ID, 0xFF, 5):
+        vm = kvm.create_vm()
+        try:
+            if quirk_off:
+                vm.enable_cap(uapi.KVM_CAP_X2APIC_API, uapi.KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK)
+            vm.create_irqchip()
+            vcpu = vm.create_vcpu(VCPU_ID)
+            vcpu.set_cpuid(kvm.get_supported_cpuid())
+            assert vcpu.set_msrs({0x1B: 0xFEE00C00, 0x80F: 0x1FF}) == 2, "x2APIC mode, software-enabled"
+            taken[dest] = (vm.signal_msi(0xFEE00000 | dest << 12, 0x31), words(vcpu.get_lapic()).get(0x210))
+        finally:
+            vm.close()
+    expected = {0: (0, None), VCPU_ID: (1, 0x20000), 0xFF: (0, None) if quirk_off else (1, 0x20000), 5: (0, None)}
+    assert taken == expected, f"APICs that took the MSI, and IRR1, by destination: expected {expected}, saw {taken}"
+
+
+def test_32_bit_x2apic_ids_in_the_lapic_page(kvm: System) -> None:
+    """KVM_CAP_X2APIC_API with USE_32BIT_IDS: in x2APIC mode KVM_GET_LAPIC shows the x2APIC ID unshifted, and
+    KVM_SET_LAPIC refuses any other ID (kvm_apic_state_fixup, 6.12.118 lapic.c:3102-3104)."""
+    vm = kvm.create_vm()
+    try:
+        vm.enable_cap(uapi.KVM_CAP_X2APIC_API, uapi.KVM_X2APIC_API_USE_32BIT_IDS)
+        vm.create_irqchip()
+        vcpu = vm.create_vcpu(VCPU_ID)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        assert vcpu.set_msrs({0x1B: 0xFEE00C00}) == 1
+        page = vcpu.get_lapic()
+        assert words(page)[0x20] == VCPU_ID, f"ID shown {words(page)[0x20]:#x}"
+        vcpu.set_lapic(page)  # its own ID: taken
+        raw = bytearray(bytes(page))
+        struct.pack_into("<I", raw, 0x20, VCPU_ID << 24)
+        with pytest.raises(KvmError) as refused:
+            vcpu.set_lapic(uapi.kvm_lapic_state.from_buffer_copy(raw))
+        assert refused.value.errno == errno.EINVAL, f"expected EINVAL for an xAPIC-style ID, saw {refused.value}"
+        assert words(vcpu.get_lapic())[0x20] == VCPU_ID, "the refused page changed nothing"
     finally:
         vm.close()

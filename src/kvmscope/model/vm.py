@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 # Capabilities x86's kvm_vm_ioctl_enable_cap (x86.c) takes that the model does not implement.
 UNMODELLED_VM_CAPS = frozenset({
-    uapi.KVM_CAP_SPLIT_IRQCHIP, uapi.KVM_CAP_X2APIC_API, uapi.KVM_CAP_EXCEPTION_PAYLOAD, uapi.KVM_CAP_X86_BUS_LOCK_EXIT,
+    uapi.KVM_CAP_SPLIT_IRQCHIP, uapi.KVM_CAP_EXCEPTION_PAYLOAD, uapi.KVM_CAP_X86_BUS_LOCK_EXIT,
     uapi.KVM_CAP_EXIT_HYPERCALL, uapi.KVM_CAP_EXIT_ON_EMULATION_FAILURE, uapi.KVM_CAP_X86_TRIPLE_FAULT_EVENT,
     uapi.KVM_CAP_X86_NOTIFY_VMEXIT})
 
@@ -36,6 +36,8 @@ class ModelVm(VmDevicesModel, Vm):
         self.vcpus: list[ModelVcpu] = []
         self._vcpu_ids: set[int] = set()  # every id ever created: KVM keeps a closed vCPU (and its id) until VM teardown
         self.disabled_quirks = 0
+        self.x2apic_format = False  # KVM_CAP_X2APIC_API: 32-bit x2APIC IDs in KVM_GET/SET_LAPIC
+        self.x2apic_broadcast_quirk_disabled = False  # ... and an MSI to 0xFF not taken as an x2APIC broadcast
         self.disabled_exits = 0  # KVM_CAP_X86_DISABLE_EXITS
         self.msrs: dict[int, int] = {}  # VM-wide MSR state (kvmclock wall clock)
         self.platform_info_readable = True
@@ -60,7 +62,7 @@ class ModelVm(VmDevicesModel, Vm):
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP for the capabilities that shape the vCPU model; one the profile's kernel lacks gets EINVAL,
-        and one it has that the model does not implement (KVM_CAP_X2APIC_API, ...) raises ModelLimitation."""
+        and one it has that the model does not implement (KVM_CAP_SPLIT_IRQCHIP, ...) raises ModelLimitation."""
         self._check_open()
         if len(args) > 4:
             raise InvalidValueError("KVM_ENABLE_CAP takes at most 4 arguments")
@@ -87,6 +89,14 @@ class ModelVm(VmDevicesModel, Vm):
                         | uapi.KVM_MSR_EXIT_REASON_FILTER):
                 raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP")
             self.user_space_msr = arg0
+        elif cap == uapi.KVM_CAP_X2APIC_API:  # x86.c:6111-6122 (6.12.118)
+            if arg0 & ~supported:
+                raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP")
+            if arg0 & ~(uapi.KVM_X2APIC_API_USE_32BIT_IDS | uapi.KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK):
+                raise self.limitation("KVM_CAP_X2APIC_API: the model implements the 32-bit IDs and the broadcast "
+                                      "quirk only, not the suppress-EOI-broadcast flags")
+            self.x2apic_format |= bool(arg0 & uapi.KVM_X2APIC_API_USE_32BIT_IDS)
+            self.x2apic_broadcast_quirk_disabled |= bool(arg0 & uapi.KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK)
         elif cap in UNMODELLED_VM_CAPS:  # the profile's kernel takes it (checked above): EINVAL would be made up
             raise self.limitation(f"KVM_ENABLE_CAP {cap}: the model does not implement this capability")
         else:  # a capability kvm_vm_ioctl_enable_cap does not take

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from .. import uapi
 from ..errors import KvmError, KvmscopeError
+from . import x2apic
 
 if TYPE_CHECKING:
     from ..kernel.profile import Profile
@@ -49,6 +50,7 @@ class VmDevicesModel:
     regions: list[MemoryRegion]
 
     if TYPE_CHECKING:  # provided by ModelVm (declared for the type checker only: a body would shadow them)
+        x2apic_broadcast_quirk_disabled: bool
 
         def _check_open(self) -> None: ...
 
@@ -160,7 +162,8 @@ class VmDevicesModel:
         if address & 1 << 2 or (data >> 8) & 7:
             raise self.limitation("KVM_SIGNAL_MSI: the model delivers fixed MSIs to physical destinations only")
         dest = (address >> 12) & 0xFF
-        return sum(v.accept_msi(data & 0xFF) for v in self.vcpus if v.apic_id is not None and dest in (0xFF, v.apic_id))
+        quirk_off = self.x2apic_broadcast_quirk_disabled
+        return sum(v.accept_msi(data & 0xFF) for v in self.vcpus if x2apic.msi_reaches(v, dest, quirk_off))
 
     # -- the PIT --
     def create_pit2(self, flags: int = 0) -> None:

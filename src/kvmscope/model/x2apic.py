@@ -14,9 +14,11 @@ and an IPI that can reach another vCPU's APIC or is not Fixed, Lowest-priority o
 
 from __future__ import annotations
 
+import errno
 import struct
 from typing import TYPE_CHECKING
 
+from ..errors import KvmError
 from ..kernel import emulated as E
 from ..kernel import rulesets as R
 
@@ -102,7 +104,7 @@ def shown(vcpu: ModelVcpu, page: bytearray) -> None:
     an xAPIC ID (shifted left 24, truncated), and a 64-bit ICR's high half shows as ICR2."""
     if not in_x2apic_mode(vcpu):
         return
-    set_reg32(page, ID, x2apic_id(vcpu) << 24)
+    set_reg32(page, ID, x2apic_id(vcpu) if vcpu.vm.x2apic_format else x2apic_id(vcpu) << 24)
     if not icr_split(vcpu):
         set_reg32(page, ICR2, reg32(page, ICR + 4))
 
@@ -113,11 +115,28 @@ def taken(vcpu: ModelVcpu, page: bytearray) -> None:
     ICR and ICR2 (the given 0x304 is lost)."""
     if not in_x2apic_mode(vcpu):
         return
-    new_id = vcpu.id if vcpu.rules.has(R.X2APIC_ID_READONLY) else reg32(page, ID) >> 24
+    if vcpu.vm.x2apic_format:  # KVM_CAP_X2APIC_API's 32-bit IDs: the given ID must be the vCPU's
+        if reg32(page, ID) != vcpu.id:
+            raise KvmError(errno.EINVAL, "KVM_SET_LAPIC", "the x2APIC ID is not the vCPU's (32-bit IDs)")
+        new_id = vcpu.id
+    else:
+        new_id = vcpu.id if vcpu.rules.has(R.X2APIC_ID_READONLY) else reg32(page, ID) >> 24
     set_reg32(page, ID, new_id)
     set_reg32(page, LDR, x2apic_ldr(new_id))
     if not icr_split(vcpu):
         set_reg32(page, ICR + 4, reg32(page, ICR2))
+
+
+def msi_reaches(vcpu: ModelVcpu, dest: int, broadcast_quirk_disabled: bool) -> bool:
+    """Whether an MSI to the 8-bit physical ``dest`` reaches this vCPU's APIC (``kvm_apic_match_physical_addr`` via
+    ``kvm_apic_mda``, lapic.c:1019-1091): an x2APIC-mode APIC by its x2APIC ID, or 0xFF as a broadcast unless
+    KVM_CAP_X2APIC_API disabled that quirk; an xAPIC-mode one by its xAPIC ID or 0xFF. Not a hardware-disabled one."""
+    page = vcpu.lapic
+    if page is None or not vcpu.sregs.apic_base & 1 << 11:
+        return False
+    if in_x2apic_mode(vcpu):
+        return dest == vcpu.id or (dest == 0xFF and not broadcast_quirk_disabled)
+    return dest in (0xFF, reg32(page, ID) >> 24)
 
 
 # -- the MSRs --
