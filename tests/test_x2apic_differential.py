@@ -1,6 +1,7 @@
 """Differential property test of the in-kernel LAPIC's x2APIC MSRs: random LAPIC pages and random sequences of
-KVM_GET_MSRS/KVM_SET_MSRS of every x2APIC MSR (0x800-0x8FF) with random values, mode changes through APIC_BASE and
-KVM_GET_LAPIC/KVM_SET_LAPIC, on the live kernel and on the model. Counts, values read and every page word must agree.
+KVM_GET_MSRS/KVM_SET_MSRS of every x2APIC MSR (0x800-0x8FF) with random values, mode changes through APIC_BASE,
+KVM_GET_LAPIC/KVM_SET_LAPIC and KVM_SIGNAL_MSI (fixed, physical), on the live kernel and on the model. Counts, values
+read and every page word must agree.
 
 Where the model says it cannot answer (:class:`ModelLimitation`: an APIC timer's current count, an IPI of another
 delivery mode than Fixed, Lowest or ExtINT) the sequence is compared up to that step. The timer's current count in
@@ -42,6 +43,8 @@ step = st.one_of(
     st.tuples(st.just("base"), st.sampled_from([0xFEE00900, 0xFEE00D00, 0xFEE00000, 0])),
     st.tuples(st.just("page"), st.dictionaries(st.sampled_from(PAGE_WORDS), u32, max_size=6)),
     st.tuples(st.just("lapic")),
+    st.tuples(st.just("msi"), st.one_of(st.sampled_from([0, 1, 3, 17, 0xFF]), st.integers(0, 0xFF)),
+              st.integers(0, 0xFF)),
 )
 case = st.fixed_dictionaries({
     "vcpu_id": st.sampled_from([0, 1, 3, 17]),
@@ -84,6 +87,11 @@ def replay(system: System, c: dict[str, Any]) -> list[Any]:
                     out.append((s, vcpu.set_msrs(MsrBatch([(s[1], s[2])]))))
                 elif s[0] == "base":
                     out.append((s, vcpu.set_msrs({0x1B: s[1] | (0x100 if c["vcpu_id"] == 0 else 0)})))
+                elif s[0] == "msi":  # fixed, physical destination s[1], vector s[2]
+                    try:
+                        out.append((s, vm.signal_msi(0xFEE00000 | s[1] << 12, s[2])))
+                    except KvmError as e:
+                        out.append((s, e.errno))
                 elif s[0] == "page":
                     try:
                         set_words(system, vcpu, s[1])

@@ -272,3 +272,17 @@ def test_32_bit_x2apic_ids_in_the_lapic_page(kvm: System) -> None:
         assert words(vcpu.get_lapic())[0x20] == VCPU_ID, "the refused page changed nothing"
     finally:
         vm.close()
+
+
+def test_msi_broadcast_no_apic_takes_is_eperm(kvm: System) -> None:
+    """A broadcast MSI takes kvm_irq_delivery_to_apic's slow path, which returns -1 (EPERM) when no present APIC
+    matches: here the only APIC is hardware-disabled. Another destination takes the fast path: 0."""
+    vm, vcpu = irqchip_vcpu(kvm)
+    try:
+        assert vcpu.set_msrs({0x1B: 0xFEE00000}) == 1, "APIC hardware-disabled"
+        assert vm.signal_msi(0xFEE00000 | VCPU_ID << 12, 0x31) == 0, "to its ID: no APIC took it"
+        with pytest.raises(KvmError) as refused:
+            vm.signal_msi(0xFEE00000 | 0xFF << 12, 0x31)
+        assert refused.value.errno == errno.EPERM, f"broadcast: expected EPERM, saw {refused.value}"
+    finally:
+        vm.close()

@@ -153,7 +153,8 @@ class VmDevicesModel:
 
     def signal_msi(self, address: int, data: int, flags: int = 0, devid: int = 0) -> int:
         """KVM_SIGNAL_MSI, fixed delivery to a physical destination: EINVAL without an irqchip or with unknown flags,
-        EPERM with no vCPU, else how many APICs accepted it (an APIC disabled in software takes none)."""
+        EPERM with no vCPU or for a broadcast no present APIC matches, else how many APICs accepted it (an APIC
+        disabled in software takes none)."""
         self._check_open()
         if not self.irqchip or flags & ~uapi.KVM_MSI_VALID_DEVID:
             raise KvmError(errno.EINVAL, "KVM_SIGNAL_MSI")
@@ -163,7 +164,10 @@ class VmDevicesModel:
             raise self.limitation("KVM_SIGNAL_MSI: the model delivers fixed MSIs to physical destinations only")
         dest = (address >> 12) & 0xFF
         quirk_off = self.x2apic_broadcast_quirk_disabled
-        return sum(v.accept_msi(data & 0xFF) for v in self.vcpus if x2apic.msi_reaches(v, dest, quirk_off))
+        targets = [v for v in self.vcpus if x2apic.msi_reaches(v, dest, quirk_off)]
+        if not targets and x2apic.msi_is_broadcast(self.vcpus, dest, quirk_off):
+            raise KvmError(errno.EPERM, "KVM_SIGNAL_MSI", "a broadcast no present APIC takes")
+        return sum(v.accept_msi(data & 0xFF) for v in targets)
 
     # -- the PIT --
     def create_pit2(self, flags: int = 0) -> None:

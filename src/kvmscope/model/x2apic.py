@@ -139,6 +139,19 @@ def msi_reaches(vcpu: ModelVcpu, dest: int, broadcast_quirk_disabled: bool) -> b
     return dest in (0xFF, reg32(page, ID) >> 24)
 
 
+def msi_is_broadcast(vcpus: list[ModelVcpu], dest: int, broadcast_quirk_disabled: bool) -> bool:
+    """``kvm_apic_is_broadcast_dest`` for an MSI (lapic.c:1142-1160): 0xFF, unless the quirk is disabled and every
+    software-enabled APIC with a logical ID is in x2APIC mode (the map's logical mode, lapic.c:306-345). A broadcast
+    takes the slow path, which fails (EPERM) when no present APIC matches; any other destination the fast one."""
+    if dest != 0xFF:
+        return False
+    if not broadcast_quirk_disabled:
+        return True
+    modes = {in_x2apic_mode(v) for v in vcpus if v.lapic is not None and v.sregs.apic_base & 1 << 11
+             and reg32(v.lapic, SPIV) & SPIV_ENABLED and reg32(v.lapic, LDR)}
+    return modes != {True}
+
+
 # -- the MSRs --
 def read(family: PvMceMsrs, index: int) -> tuple[int, int]:
     """``kvm_x2apic_msr_read``: (0, value), or a refusal by its rule."""
