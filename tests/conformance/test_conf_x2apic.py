@@ -86,6 +86,14 @@ def words(lapic: uapi.kvm_lapic_state) -> dict[int, int]:
     return {o: v for o in range(0, len(raw), 4) if (v := struct.unpack_from("<I", raw, o)[0])}
 
 
+def set_words(vcpu: Vcpu, changes: dict[int, int]) -> None:
+    """KVM_SET_LAPIC of the vCPU's page with these 32-bit words changed."""
+    raw = bytearray(bytes(vcpu.get_lapic()))
+    for offset, value in changes.items():
+        struct.pack_into("<I", raw, offset, value)
+    vcpu.set_lapic(uapi.kvm_lapic_state.from_buffer_copy(raw))
+
+
 def irqchip_vcpu(kvm: System, vcpu_id: int = VCPU_ID) -> tuple[Vm, Vcpu]:
     """A vCPU with an in-kernel LAPIC (xAPIC mode) and the supported CPUID."""
     vm = kvm.create_vm()
@@ -99,10 +107,7 @@ def x2apic_vcpu(kvm: System, vcpu_id: int = VCPU_ID) -> tuple[Vm, Vcpu]:
     """A vCPU in x2APIC mode with the page of ``START``."""
     vm, vcpu = irqchip_vcpu(kvm, vcpu_id)
     assert vcpu.set_msrs({0x1B: vcpu.read_msr(0x1B) | 0xC00}) == 1, "APIC_BASE: x2APIC mode"
-    raw = bytearray(bytes(vcpu.get_lapic()))
-    for offset, value in ((0xF0, 0x1FF), (0x80, 0x10), (0x110, 0x20)):
-        struct.pack_into("<I", raw, offset, value)
-    vcpu.set_lapic(uapi.kvm_lapic_state.from_buffer_copy(raw))
+    set_words(vcpu, {0xF0: 0x1FF, 0x80: 0x10, 0x110: 0x20})
     return vm, vcpu
 
 
@@ -162,10 +167,7 @@ def test_xapic_icr2_hides_under_the_64_bit_icr(kvm: System) -> None:
     """A 64-bit ICR keeps its high half at 0x304; the xAPIC ICR2 stays at 0x310 and comes back in xAPIC mode."""
     vm, vcpu = irqchip_vcpu(kvm)
     try:
-        raw = bytearray(bytes(vcpu.get_lapic()))
-        for offset, value in ((0x300, 0x4030), (0x304, 0xAABBCCDD), (0x310, 0x05000000)):
-            struct.pack_into("<I", raw, offset, value)
-        vcpu.set_lapic(uapi.kvm_lapic_state.from_buffer_copy(raw))
+        set_words(vcpu, {0x300: 0x4030, 0x304: 0xAABBCCDD, 0x310: 0x05000000})
         xapic = vcpu.read_msr(0x1B)
         assert vcpu.set_msrs({0x1B: xapic | 0x400}) == 1, "into x2APIC mode"
         page = words(vcpu.get_lapic())
@@ -208,9 +210,7 @@ def test_ppr_takes_the_tpr_low_byte(kvm: System) -> None:
     more bits)."""
     vm, vcpu = x2apic_vcpu(kvm)
     try:
-        raw = bytearray(bytes(vcpu.get_lapic()))
-        struct.pack_into("<I", raw, 0x80, 0x1FF)
-        vcpu.set_lapic(uapi.kvm_lapic_state.from_buffer_copy(raw))
+        set_words(vcpu, {0x80: 0x1FF})
         assert read(vcpu, 0x80A) == (1, 0xFF), "PPR read after a TPR of 0x1FF was restored"
     finally:
         vm.close()
@@ -220,10 +220,7 @@ def test_set_lapic_keeps_kvms_version_and_no_count(kvm: System) -> None:
     """kvm_apic_set_state: the LVR is KVM's own (kvm_apic_set_version) and the page's TMCCT is 0, whatever was given."""
     vm, vcpu = irqchip_vcpu(kvm)
     try:
-        raw = bytearray(bytes(vcpu.get_lapic()))
-        struct.pack_into("<I", raw, 0x30, 0x12345)
-        struct.pack_into("<I", raw, 0x390, 0x777)
-        vcpu.set_lapic(uapi.kvm_lapic_state.from_buffer_copy(raw))
+        set_words(vcpu, {0x30: 0x12345, 0x390: 0x777})
         page = words(vcpu.get_lapic())
         assert (page.get(0x30), page.get(0x390)) == (0x50014, None), f"LVR {page.get(0x30)}, TMCCT {page.get(0x390)}"
     finally:
