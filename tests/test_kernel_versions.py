@@ -19,7 +19,7 @@ import kvmscope.model.cpuid
 from kvmscope import uapi
 from kvmscope.errors import KvmError
 from kvmscope.kernel import rulesets as R
-from kvmscope.kernel.profile import shipped
+from kvmscope.kernel.profile import Profile, shipped
 from kvmscope.probe import FROZEN, WRITABLE, probe
 from kvmscope.program import GuestException, Halted, Program, Rdmsr, Wrmsr, run_program
 
@@ -598,6 +598,17 @@ def test_osvw_from_the_host_follows_the_guest_caps(kernel: str, caps: bool) -> N
         assert vcpu.refusal_rule(0xC0010140) is (E.CPUID_GATED if caps else None), vcpu.refusal_rule(0xC0010140)
 
 
+def spr_without_rdpid(host_rdtscp: bool) -> Profile:
+    """``intel-spr`` on a host without RDPID (before Ice Lake), and without RDTSCP unless ``host_rdtscp``."""
+    from kvmscope.kernel.profile import load
+
+    spr = load("intel-spr")
+    host = with_bits(spr.supported_cpuid, RDPID_BIT, on=False)
+    if not host_rdtscp:
+        host = with_bits(host, RDTSCP_BIT, on=False)
+    return replace(spr, supported_cpuid=host)
+
+
 @pytest.mark.parametrize("host_rdtscp", [True, False])
 @pytest.mark.parametrize("guest_bit", ["rdpid", "rdtscp"])
 @pytest.mark.parametrize(("kernel", "caps"), CAPS_EDGE)
@@ -605,14 +616,9 @@ def test_tsc_aux_with_emulated_rdpid(kernel: str, caps: bool, guest_bit: str, ho
     # A host without RDPID (before Ice Lake): KVM emulates RDPID where the host has RDTSCP (cpuid_func_emulated), so from
     # 6.14 a guest's RDPID still opens TSC_AUX there; a guest bit the host lacks entirely opens it only before 6.14.
     # 6.12.118 x86.c:1458-1465 (guest RDTSCP or RDPID, from 5.13).
-    from kvmscope.kernel.profile import load
     from kvmscope.model import open_model
 
-    spr = load("intel-spr")
-    host = with_bits(spr.supported_cpuid, RDPID_BIT, on=False)
-    if not host_rdtscp:
-        host = with_bits(host, RDTSCP_BIT, on=False)
-    with open_model(kernel, replace(spr, supported_cpuid=host)) as kvm, kvm.create_vm() as vm:
+    with open_model(kernel, spr_without_rdpid(host_rdtscp)) as kvm, kvm.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
         cpuid = with_bits(kvm.get_supported_cpuid(), RDTSCP_BIT, RDPID_BIT, on=False)
         vcpu.set_cpuid(with_bits(cpuid, RDPID_BIT if guest_bit == "rdpid" else RDTSCP_BIT))
@@ -698,14 +704,9 @@ def test_nested_enable_rdtscp_follows_the_guest_caps(kernel: str, caps: bool, ho
     # vmx_vcpu_after_set_cpuid with the STUFF quirk: PROCBASED_CTLS2 (0x48B) allows ENABLE_RDTSCP (bit 3) when the
     # guest has RDTSCP or RDPID: the raw bits before 6.14 (6.12.118 vmx.c:4687-4694), guest_cpu_cap_has from 6.14
     # (8f2a27752e80), where RDPID is emulated on a host with RDTSCP. A host without RDPID (before Ice Lake).
-    from kvmscope.kernel.profile import load
     from kvmscope.model import open_model
 
-    spr = load("intel-spr")
-    host = with_bits(spr.supported_cpuid, RDPID_BIT, on=False)
-    if not host_rdtscp:
-        host = with_bits(host, RDTSCP_BIT, on=False)
-    with open_model(kernel, replace(spr, supported_cpuid=host)) as kvm, kvm.create_vm() as vm:
+    with open_model(kernel, spr_without_rdpid(host_rdtscp)) as kvm, kvm.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
         guest = with_bits(with_bits(kvm.get_supported_cpuid(), RDTSCP_BIT, on=False), RDPID_BIT)
         vcpu.set_cpuid(guest)
