@@ -99,11 +99,15 @@ def pio_sides() -> tuple[dict[str, Chunk], Callable[[], None]]:
 
 
 def msr_side(backend: str, op: str, indices: Sequence[int], kernel: str = "6.18", after_run: bool = False,
-             strict: bool = False, bare: bool = False, floor: bool = False, one_call: bool = False
-             ) -> tuple[Chunk, Callable[[], None]]:
+             strict: bool = False, bare: bool = False, floor: bool = False, one_call: bool = False,
+             array_floor: bool = False, checked_floor: bool = False) -> tuple[Chunk, Callable[[], None]]:
     """A chunk of ``op`` ("get" or "set") of the batch of ``indices``, written back with the values read. ``bare``:
     the ioctl by ``fcntl.ioctl`` alone; ``one_call``: the same in one Python function call; ``floor``: no rules at all,
-    the batch's values stored in (or read from) one dict by its plan, the least a model in Python does."""
+    the batch's values stored in (or read from) one dict by its plan, the least a model in Python does.
+    ``array_floor``: no rules, the values copied into (or out of) an array in one strided copy, as if the model kept
+    its MSRs in slots laid out in this batch's order: the least any store does; ``checked_floor`` (a write): the same
+    after every check the model's plan for this batch makes, in its one pass (the least a model that checks what the
+    kernel checks does, whatever its store)."""
     kvm = kvmscope.open(backend, kernel=kernel) if backend == "model" else kvmscope.open(backend)
     vm = kvm.create_vm()
     vcpu = vm.create_vcpu(0)
@@ -119,17 +123,41 @@ def msr_side(backend: str, op: str, indices: Sequence[int], kernel: str = "6.18"
             call(batch, strict)
 
     if floor:  # the least any pure-Python model does per call: key the batch, find its plan, one C-level pass
-        plans, stored = {batch.words32[2::4].tobytes(): tuple(indices)}, dict.fromkeys(indices, 0)
+        plans, stored = {batch.indices32.tobytes(): tuple(indices)}, dict.fromkeys(indices, 0)
         # every value in one C-level pass (itemgetter makes a tuple, which array takes faster than an iterator)
         read = itemgetter(*indices) if len(indices) > 1 else (lambda d, k=indices[0]: (d[k],))
 
         def loop(n: int) -> None:
             for _ in range(n):
-                keys = plans[batch.words32[2::4].tobytes()]
+                keys = plans[batch.indices32.tobytes()]
                 if op == "set":
                     stored.update(zip(keys, batch.words64[2::2]))  # noqa: B905
                 else:
                     batch.words64[2::2] = array("Q", read(stored))
+
+    if array_floor or checked_floor:
+        plans_ = {batch.indices32.tobytes(): len(indices)}
+        slots = memoryview(array("Q", bytes(8 * len(indices))))
+        check = None
+        if checked_floor:  # the model's own one-pass check of this batch (msr_batch.set_msrs' DirectPlan)
+            vcpu.set_msrs(batch, strict=True)  # makes its plan
+            direct = vcpu.msr_rules.plans[batch.indices32.tobytes()][9]  # type: ignore[attr-defined]
+            if direct is None:
+                raise RuntimeError(f"the model writes {len(indices)} MSRs without a one-pass check: no checked floor")
+            check = direct[:4]
+        raw = batch.raw
+
+        def loop(n: int) -> None:
+            for _ in range(n):
+                count = plans_[batch.indices32.tobytes()]
+                if op == "get":
+                    batch.words64[2::2] = slots[:count]
+                    continue
+                if check is not None:
+                    start, end, offsets, masks = check
+                    if (int.from_bytes(raw[start:end], "little") + offsets) & masks:
+                        raise RuntimeError("the batch fails the model's checks")
+                slots[:count] = batch.words64[2::2]
 
     if bare or one_call:
         fd, req, buf, ioctl = vcpu.fd, uapi.KVM_GET_MSRS if op == "get" else uapi.KVM_SET_MSRS, batch.raw, fcntl.ioctl
@@ -318,16 +346,26 @@ class Bench:
                 name = f"model {op}_msrs {label} vs live kernel"
                 if not self.want(name):
                     continue
-                side, close = msr_side("model", op, indices)
-                floor, close_floor = msr_side("model", op, indices, floor=True)
+                sides, closes = {}, []
+                for side_name, how in (("model", {}), ("floor", {"floor": True}), ("array", {"array_floor": True}),
+                                       ("checked", {"checked_floor": True})):
+                    if side_name == "checked" and (op == "get" or len(indices) == 1):
+                        continue  # reads check nothing; one MSR is plain (no check)
+                    sides[side_name], close = msr_side("model", op, indices, **how)
+                    closes.append(close)
                 try:
-                    s = alternate({"C": lambda n, op=op, indices=indices: self.c.chunk(op, n, indices), "model": side,
-                                   "floor": floor}, n // self.k, self.rounds)
+                    s = alternate({"C": lambda n, op=op, indices=indices: self.c.chunk(op, n, indices), **sides},
+                                  n // self.k, self.rounds)
                 finally:
-                    close()
-                    close_floor()
+                    for close in closes:
+                        close()
                 self.add(figure(f"model {op}_msrs {label}: no rules, one dict pass (Python's floor)", "live kernel (C)",
                                 s["floor"], s["C"]))
+                self.add(figure(f"model {op}_msrs {label}: no rules, one array copy (any store's floor)",
+                                "live kernel (C)", s["array"], s["C"]))
+                if "checked" in s:
+                    self.add(figure(f"model {op}_msrs {label}: the model's checks, one array copy (a checking model's "
+                                    "floor)", "live kernel (C)", s["checked"], s["C"]))
                 self.add(figure(name, "live kernel (C)", s["model"], s["C"], ">= 4x" if targeted else "",
                                 (lambda r: r >= 4.0) if targeted else None))
         for label, indices in (("x1", index_list[:1]), (f"x{len(index_list)} index-list", index_list)):

@@ -125,7 +125,7 @@ def model_parts(n: int, rounds: int, batch_name: str = "index list") -> list[tup
         vcpu.get_msrs(batch, strict=True)
         vcpu.set_msrs(batch)
         words = batch.words64
-        key = batch.words32[2::4].tobytes()
+        key = batch.indices32.tobytes()
         msrs = vcpu.msr_rules
         ruled, stores, zero, _, _, _, _, quick, checked, direct = msrs.plans[key]
         plans = msrs.plans
@@ -133,8 +133,8 @@ def model_parts(n: int, rounds: int, batch_name: str = "index list") -> list[tup
         names: dict[str, Callable[[], object]] = {
             "empty loop (subtracted from nothing: the floor of a timed call)": lambda: None,
             f"whole call: vcpu.set_msrs(batch), {len(indices)} entries": lambda: vcpu.set_msrs(batch),
-            "the batch's indices, packed, as the plan's key": lambda: batch.words32[2::4].tobytes(),
-            "find the batch's cached plan (with the key)": lambda: plans.get(batch.words32[2::4].tobytes()),
+            "the batch's indices, packed, as the plan's key": lambda: batch.indices32.tobytes(),
+            "find the batch's cached plan (with the key)": lambda: plans.get(batch.indices32.tobytes()),
         }
         if direct is not None:  # the path the batch takes: msr_batch.set_msrs' first branch (DirectPlan)
             start, end, offsets, masks, types, wipe, recorded, keys, taken, after, groups = direct

@@ -86,7 +86,7 @@ class BatchedMsrRules(ReadingMsrRules):
             return self._set_one_by_one(batch, strict)
         # The batch's indices, packed, key its plan (one C-level call). Values are read straight from the buffer's
         # u64 words (entry i's value is word 2 + 2i), by the plan's itemgetters: no list of them is built.
-        key = batch.words32[2::4].tobytes()
+        key = batch.indices32.tobytes()
         plan = self.plans.get(key) or self._write_plan(key)
         words = batch.words64
         direct = plan[9]

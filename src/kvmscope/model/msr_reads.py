@@ -147,7 +147,7 @@ class ReadingMsrRules(MsrRules):
             raise KvmError(errno.E2BIG, "KVM_GET_MSRS")
         if not LITTLE_ENDIAN:
             return self._get_one_by_one(batch, strict)
-        key = batch.words32[2::4].tobytes()
+        key = batch.indices32.tobytes()
         dicts, keys, defaults, ruled, guards, recorded, quick = self.read_plans.get(key) or self._read_plan(key)
         if guards:
             for ok, kind, indices in guards:  # a loop: no generator made on the hot path
