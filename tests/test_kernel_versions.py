@@ -742,3 +742,18 @@ def test_pred_cmd_sbpb_and_ibpb_less_hosts_from_6_7(kernel: str, sbpb: bool) -> 
         vcpu = vm.create_vcpu(0)
         assert vcpu.set_msrs({0x49: 0}) == int(sbpb), f"{kernel}: a write of 0 on a host without IBPB"
         assert vcpu.set_msrs({0x49: 1}) == 0, f"{kernel}: IBPB on a host without it"
+
+
+@pytest.mark.parametrize(("kernel", "passes"), [("5.10", True), ("6.1", True), ("6.2", False), ("6.18", False)])
+def test_smbase_without_smm_by_version(kernel: str, passes: bool) -> None:
+    # pvm-6.18 has no SMM (KVM_CAP_X86_SMM 0, as the live kernel here). 4b8e1b32013d (6.2) fails a host access then
+    # (6.12.118 x86.c:3511-3513, 3905-3907); 6.1.192 x86.c:3696-3700, 4092-4096 checks host_initiated alone.
+    with model("pvm-6.18", kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        read = kvmscope.MsrBatch([0x9E])
+        assert vcpu.get_msrs(read) == int(passes), f"{kernel}: host read of SMBASE, expected it to pass: {passes}"
+        assert read[0][1] == (0x30000 if passes else 0), f"{kernel}: SMBASE read {read[0][1]:#x}"
+        assert vcpu.set_msrs({0x9E: 0x40000}) == int(passes), f"{kernel}: host write of SMBASE, expected {passes}"
+        if not passes:
+            rule = vcpu.refusal_rule(0x9E)
+            assert rule is R.SMBASE_NEEDS_SMM, f"{kernel}: SMBASE refused by {rule}, expected smbase_needs_smm"

@@ -192,6 +192,10 @@ X2APIC_ID_READONLY = Rule("x2apic_id_readonly", "6.11", "4b7c3f6d04bd",
                           "and keeps the vCPU id (6.12.118 lapic.c:3115-3118); before, the given ID shifted right 24 "
                           "became the x2APIC ID (6.1.192 lapic.c:2799-2803)", "",
                           stable=("6.6.78", "6.10.13"))
+SMBASE_NEEDS_SMM = Rule("smbase_needs_smm", "6.2", "4b8e1b32013d",
+                        "KVM: allow compiling out SMM support: without CONFIG_KVM_SMM (KVM_CAP_X86_SMM 0) a host read "
+                        "or write of SMBASE fails too (6.12.118 x86.c:3511-3513, 3905-3907); before, only a guest "
+                        "access failed and the host's always passed (6.1.192 x86.c:3696-3700, 4092-4096)")
 REFUSED_READ_ZEROED = Rule("refused_read_zeroed", "6.12", "1cec2034980a",
                            "KVM: x86: Funnel all fancy MSR return value handling into a common helper: the entry a "
                            "KVM_GET_MSRS stops at reads 0 (kvm_do_msr_access, 6.12.118 x86.c:503-505); before, only a "
@@ -277,7 +281,7 @@ RULES: dict[str, Rule] = {
               SREGS_EFER_CHECKED, PRED_CMD_SBPB, X2APIC_ICR_64BIT, X2APIC_ICR_SPLIT_SVM, X2APIC_ICR_RESERVED,
               X2APIC_HIGH_BITS, X2APIC_SELF_IPI_VECTOR, X2APIC_SELF_IPI_KEEPS_ICR,
               X2APIC_LEAVE_SETS_XAPIC_ID, X2APIC_ID_READONLY,
-              REFUSED_READ_ZEROED,
+              REFUSED_READ_ZEROED, SMBASE_NEEDS_SMM,
               INTEL_GUEST_CHECKS, INTEL_COMPATIBLE_CHECKS, UNSUPPORTED, UNKNOWN_MSR,
               HOST_PROFILE, *emulated.RULES)
 }

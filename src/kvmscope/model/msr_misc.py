@@ -96,8 +96,9 @@ class MiscMsrs(Family):
                         | (EFER_FFXSR if C.has_feature(supported, *FFXSR) else 0))
         self.efer_allowed = allowed
         self.pmu_off = p.module_parameters.get("kvm.enable_pmu", "Y") == "N"
-        # CONFIG_KVM_SMM: KVM_CAP_X86_SMM (117) is 0 without it (kvm_vm_ioctl_check_extension), and SMBASE then fails.
-        self.smm = p.capability(KVM_CAP_X86_SMM) != 0
+        # CONFIG_KVM_SMM (6.2): KVM_CAP_X86_SMM (117) is 0 without it (kvm_vm_ioctl_check_extension), and SMBASE then
+        # fails; before 6.2 a host access never did.
+        self.smm = p.capability(KVM_CAP_X86_SMM) != 0 or not ruleset.has(R.SMBASE_NEEDS_SMM)
         stored = rules.stored
         for index in (MSR_HWCR, MSR_OSVW_ID_LENGTH, MSR_OSVW_STATUS, MSR_XSS, MSR_XFD, MSR_XFD_ERR, MSR_TSC_AUX,
                       MSR_TSC_ADJUST, MSR_SMI_COUNT, MSR_POWER_CTL, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_CSTAR,
@@ -202,13 +203,15 @@ class MiscMsrs(Family):
         return OK
 
     def _get_smbase(self, index: int, host: bool) -> tuple[int, int]:
-        if not self.smm or not host:  # x86.c: !IS_ENABLED(CONFIG_KVM_SMM) || !host_initiated
+        if not self.smm:  # x86.c: !IS_ENABLED(CONFIG_KVM_SMM) || !host_initiated
+            return self.refuse(index, R.SMBASE_NEEDS_SMM, FAIL), 0
+        if not host:
             return self.refuse(index, E.HOST_ONLY, FAIL), 0
         return OK, self.rules.stored[index]
 
     def _set_smbase(self, index: int, data: int, host: bool) -> int:
         if not self.smm:
-            return self.refuse(index, E.HOST_ONLY, FAIL)
+            return self.refuse(index, R.SMBASE_NEEDS_SMM, FAIL)
         return self._set_host_only(index, data, host)
 
     # -- APIC_BASE (lapic.c:2687 kvm_apic_set_base; x86.c:3468) --
