@@ -3,6 +3,7 @@ the plan-time helpers of their checks (``checks_pass``, ``direct_plan``)."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
 from operator import itemgetter
 
@@ -127,13 +128,18 @@ def plain_stores(stored: dict[int, int], keys_positions: tuple[list[int], list[i
 
 
 def picker(positions: Sequence[int]) -> Pick:
-    """The values of the entries at ``positions`` from a batch's u64 words (entry i's value is word 2 + 2i), as a
-    sequence even for one entry. Consecutive entries come as a strided slice of the words (a memoryview: no int is
-    made until the caller reads one, and its ``tobytes()`` gives their bytes); others as a tuple."""
-    words = [2 + 2 * pos for pos in positions]
-    if words and words == list(range(words[0], words[-1] + 1, 2)):
-        return itemgetter(slice(words[0], words[-1] + 1, 2))
-    return itemgetter(*words)
+    """The values of the entries at ``positions`` from a batch's u64 words (entry i's value is word 2 + 2i, at byte
+    16 + 16i), as a tuple even for one entry. Positions in batch order are one ``struct`` unpack that skips the
+    bytes between them: it makes the ints in a third less time than indexing the words one by one. Others (an
+    alias's last entry before its pair's: ``last_wins``) are an ``itemgetter`` of the words."""
+    if list(positions) != sorted(set(positions)):
+        return itemgetter(*(2 + 2 * pos for pos in positions))  # two or more: a tuple
+    fmt, at = "<", 0
+    for pos in positions:
+        offset = 16 + 16 * pos
+        fmt += f"{offset - at}xQ" if offset > at else "Q"
+        at = offset + 8
+    return struct.Struct(fmt).unpack_from
 
 
 def groups_pass(groups: tuple[tuple[BulkCheck, str, tuple[int, ...], Pick], ...], words: memoryview) -> bool:
