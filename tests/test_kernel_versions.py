@@ -528,7 +528,7 @@ def test_intel_ucode_rev_layout() -> None:
 def test_a_newer_kernel_is_used_with_a_warning() -> None:
     with model("intel-spr", "7.3") as kvm:
         info = kvm.host_info()
-        assert info["ruleset"] == R.KNOWN[-1] and R.KNOWN[-1] in str(info.get("ruleset_warning")), info
+        assert info["ruleset"] == R.NEWEST and R.NEWEST in str(info.get("ruleset_warning")), info
     with model("intel-spr", "6.18.44") as kvm:
         assert "ruleset_warning" not in kvm.host_info()
 

@@ -6,6 +6,7 @@ the kernel source at that version (5.10.13, 6.1.192 and 6.12.118 lapic.c) and th
 
 from __future__ import annotations
 
+import errno
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ import pytest
 
 from kvmscope import uapi
 from kvmscope.api import MsrBatch, Vcpu
+from kvmscope.errors import KvmError
 from kvmscope.kernel import rulesets as R
 from kvmscope.model import open_model
 
@@ -159,3 +161,21 @@ def test_a_refused_read_keeps_userspaces_value_before_6_12(kernel: str, left: in
         assert [value for _, value in refused] == [0, left, 7], f"{kernel}: {list(refused)}"
         unknown = MsrBatch([(0x12345678, 0xBEEF)])
         assert (vcpu.get_msrs(unknown), unknown[0][1]) == (0, 0), f"{kernel}: an unknown MSR's entry is zeroed"
+
+
+@pytest.mark.parametrize(("kernel", "flags"), [("6.12", 0x3), ("6.18", 0x3), ("6.18.16", 0x3), ("6.18.17", 0xF),
+                                               ("6.18.44", 0xF)])
+def test_suppress_eoi_broadcast_flags_by_version(kernel: str, flags: int) -> None:
+    """X2APIC_SUPPRESS_EOI_FLAGS (6517dfbcc918, stable 6.18.17): KVM_CAP_X2APIC_API reports bits 2-3, and takes
+    DISABLE (bit 3), from 6.18.17 in the 6.18 series; before, bits 0-1 only, and bit 3 is EINVAL (6.12.118
+    x86.c:6111-6122). The host here (6.18.44) shows the newer side: tests/conformance/test_conf_x2apic.py."""
+    with open_model(kernel, "pvm-6.18") as kvm, kvm.create_vm() as vm:
+        assert kvm.check_extension(uapi.KVM_CAP_X2APIC_API) == flags, f"{kernel}: the host's report"
+        assert vm.check_extension(uapi.KVM_CAP_X2APIC_API) == flags & ~4, f"{kernel}: a VM's, without a split IRQCHIP"
+        if flags & 8:
+            vm.enable_cap(uapi.KVM_CAP_X2APIC_API, uapi.KVM_X2APIC_DISABLE_SUPPRESS_EOI_BROADCAST)
+            assert vm.suppress_eoi_broadcast == "disabled"  # type: ignore[attr-defined]
+        else:
+            with pytest.raises(KvmError) as refused:
+                vm.enable_cap(uapi.KVM_CAP_X2APIC_API, uapi.KVM_X2APIC_DISABLE_SUPPRESS_EOI_BROADCAST)
+            assert refused.value.errno == errno.EINVAL, f"{kernel}: DISABLE before the flags: {refused.value}"

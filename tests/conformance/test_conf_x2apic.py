@@ -283,3 +283,32 @@ def test_msi_broadcast_no_apic_takes_is_eperm(kvm: System) -> None:
         assert refused.value.errno == errno.EPERM, f"broadcast: expected EPERM, saw {refused.value}"
     finally:
         vm.close()
+
+
+def test_suppress_eoi_broadcast_flags(kvm: System) -> None:
+    """KVM_CAP_X2APIC_API's suppress-EOI-broadcast flags (6517dfbcc918; in 6.18.17, so on the live 6.18.44): the
+    host reports bits 0-3, a VM without a split IRQCHIP all but ENABLE (bit 2). ENABLE is EINVAL there, and so is
+    ENABLE with DISABLE; DISABLE is taken, and the LVR then shows no directed EOI, nor does SPIV take bit 12."""
+    assert kvm.check_extension(uapi.KVM_CAP_X2APIC_API) == 0xF, "the host's report: bits 0-3"
+    outcome = {}
+    for flags in (0, 4, 8, 0xC, 0x9, 0x10):
+        vm = kvm.create_vm()
+        try:
+            vm.create_irqchip()
+            outcome["vm report"] = vm.check_extension(uapi.KVM_CAP_X2APIC_API)
+            try:
+                vm.enable_cap(uapi.KVM_CAP_X2APIC_API, flags)
+                outcome[flags] = 0
+            except KvmError as e:
+                outcome[flags] = e.errno
+            if flags == 8:  # DISABLE taken: a vCPU in x2APIC mode with CPUID.X2APIC
+                vcpu = vm.create_vcpu(VCPU_ID)
+                vcpu.set_cpuid(kvm.get_supported_cpuid())
+                assert vcpu.set_msrs({0x1B: 0xFEE00C00, 0x80F: 0x11FF}) == 2, "x2APIC mode, then SPIV with bit 12"
+                page = words(vcpu.get_lapic())
+                outcome["lvr, spiv"] = (page[0x30], page[0xF0])
+        finally:
+            vm.close()
+    expected = {"vm report": 0xB, 0: 0, 4: errno.EINVAL, 8: 0, "lvr, spiv": (0x50014, 0x1FF), 0xC: errno.EINVAL,
+                0x9: 0, 0x10: errno.EINVAL}
+    assert outcome == expected, f"expected {expected}, saw {outcome}"

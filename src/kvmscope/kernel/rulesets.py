@@ -196,6 +196,14 @@ SMBASE_NEEDS_SMM = Rule("smbase_needs_smm", "6.2", "4b8e1b32013d",
                         "KVM: allow compiling out SMM support: without CONFIG_KVM_SMM (KVM_CAP_X86_SMM 0) a host read "
                         "or write of SMBASE fails too (6.12.118 x86.c:3511-3513, 3905-3907); before, only a guest "
                         "access failed and the host's always passed (6.1.192 x86.c:3696-3700, 4092-4096)")
+X2APIC_SUPPRESS_EOI_FLAGS = Rule("x2apic_suppress_eoi_flags", "> 6.18", "6517dfbcc918",
+                                 "KVM: x86: Add x2APIC \"features\" to control EOI broadcast suppression: "
+                                 "KVM_CAP_X2APIC_API takes KVM_X2APIC_ENABLE_SUPPRESS_EOI_BROADCAST (bit 2, only with "
+                                 "a split IRQCHIP, and left out of a VM's report without one) and "
+                                 "KVM_X2APIC_DISABLE_SUPPRESS_EOI_BROADCAST (bit 3), not both (EINVAL); before, only "
+                                 "bits 0-1 (6.12.118 x86.c:6111-6122); mainline in the 7.0 merge window, stable "
+                                 "6.18.17 (its patch, x86.c and lapic.c); the live 6.18.44 reports 15 (11 on a VM)",
+                                 stable=("6.18.17",))
 REFUSED_READ_ZEROED = Rule("refused_read_zeroed", "6.12", "1cec2034980a",
                            "KVM: x86: Funnel all fancy MSR return value handling into a common helper: the entry a "
                            "KVM_GET_MSRS stops at reads 0 (kvm_do_msr_access, 6.12.118 x86.c:503-505); before, only a "
@@ -281,7 +289,7 @@ RULES: dict[str, Rule] = {
               SREGS_EFER_CHECKED, PRED_CMD_SBPB, X2APIC_ICR_64BIT, X2APIC_ICR_SPLIT_SVM, X2APIC_ICR_RESERVED,
               X2APIC_HIGH_BITS, X2APIC_SELF_IPI_VECTOR, X2APIC_SELF_IPI_KEEPS_ICR,
               X2APIC_LEAVE_SETS_XAPIC_ID, X2APIC_ID_READONLY,
-              REFUSED_READ_ZEROED, SMBASE_NEEDS_SMM,
+              REFUSED_READ_ZEROED, SMBASE_NEEDS_SMM, X2APIC_SUPPRESS_EOI_FLAGS,
               INTEL_GUEST_CHECKS, INTEL_COMPATIBLE_CHECKS, UNSUPPORTED, UNKNOWN_MSR,
               HOST_PROFILE, *emulated.RULES)
 }
@@ -414,6 +422,11 @@ class Ruleset:
         mask = 0x7F | (0x80 if SLOT_ZAP_ALL_QUIRK in self.rules else 0) | (0x700 if STUFF_QUIRK in self.rules else 0)
         return reported & mask
 
+    def x2apic_api_flags(self, reported: int) -> int:
+        """KVM_CAP_X2APIC_API at this version, for a host whose own kernel reports ``reported``: bits 0-1
+        (KVM_X2APIC_VALID_FLAGS before 6517dfbcc918), bits 2-3 with the suppress-EOI-broadcast flags."""
+        return reported & (0xF if X2APIC_SUPPRESS_EOI_FLAGS in self.rules else 0x3)
+
     def feature_msr(self, index: int) -> bool:
         """Whether this version lists ``index`` among the feature MSRs (if the host offers it): PLATFORM_INFO joined
         ``msr_based_features_all_except_vmx`` with bc2ca3680b30 (6.13), not backported (6.12.118 x86.c:439-444)."""
@@ -435,6 +448,7 @@ class Ruleset:
 KNOWN: list[str] = sorted({_label(v) for r in RULES.values() for v in r.versions() if v >= OLDEST} | set(LTS)
                           | {_label(OLDEST)}, key=parse_version)
 DEFAULT = "6.18"
+NEWEST = max((v for v in KNOWN if parse_version(v)[2] == 0), key=parse_version)  # the newest mainline release known
 
 
 def resolve(version: str) -> Ruleset:
@@ -475,8 +489,8 @@ def version_table() -> str:
 def newer_than_known(version: str) -> str | None:
     """A warning when ``version`` is a release after the newest one the rules were read at (its rules may have
     changed since), naming the ruleset in force; None otherwise."""
-    wanted, newest = parse_version(version), parse_version(KNOWN[-1])
+    wanted, newest = parse_version(version), parse_version(NEWEST)
     if wanted[:2] <= newest[:2]:
         return None
-    return (f"kernel {version} is newer than the newest ruleset the model knows ({KNOWN[-1]}): using the {KNOWN[-1]} "
+    return (f"kernel {version} is newer than the newest ruleset the model knows ({NEWEST}): using the {NEWEST} "
             f"rules, which may miss later changes")

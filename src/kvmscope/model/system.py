@@ -64,7 +64,9 @@ class ModelSystem(System):
     def capability(self, cap: int, vm: bool = False) -> int:
         """The profile's capability as this kernel version reports it (quirks it does not have yet are left out)."""
         value = self.profile.capability(cap, vm)
-        return self.rules.supported_quirks(value) if cap == uapi.KVM_CAP_DISABLE_QUIRKS2 else value
+        if cap == uapi.KVM_CAP_DISABLE_QUIRKS2:
+            return self.rules.supported_quirks(value)
+        return self.rules.x2apic_api_flags(value) if cap == uapi.KVM_CAP_X2APIC_API else value
 
     @property
     def features(self) -> dict[int, int]:
