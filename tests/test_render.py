@@ -15,6 +15,7 @@ import subprocess
 import sys
 import termios
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -441,6 +442,24 @@ def test_check_uses_this_hosts_profile_captured_once(live: LinuxSystem, tmp_path
     assert code == 0 and json.loads(out)["description"].endswith(f"profile pvm-{release} (pvm)"), out
     code, out = cli(["check", example, "--profile", "amd-epyc"])
     assert code == 0 and "note:" not in out and "profile amd-epyc" in out, "an explicit --profile is used as is"
+
+
+def test_a_new_ruleset_label_captures_this_host_again(live: LinuxSystem, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached capture records the ruleset label of its kernel (6.18.17 for 6.18.44): once kvmscope knows a backport
+    that changes that label, the cache is not used, and the host is captured again with the new label."""
+    from kvmscope import backends
+    from kvmscope.kernel import rulesets
+
+    monkeypatch.setenv("KVMSCOPE_CACHE", str(tmp_path / "cache"))
+    first, why = backends.default_profile(live)
+    assert "captured from /dev/kvm now" in why and not isinstance(first, str), why
+    real = rulesets.resolve
+    monkeypatch.setattr(rulesets, "resolve", lambda version: replace(real(version), version="6.18.99"))
+    second, why = backends.default_profile(live)
+    assert "captured from /dev/kvm now" in why, f"expected a new capture under a new label, saw: {why}"
+    assert not isinstance(second, str) and second.ruleset == "6.18.99", f"the new capture's label: {second}"
+    assert len(list((tmp_path / "cache").glob("host-*.json"))) == 2, "one cached capture per label"
 
 
 def test_check_without_kvm_says_which_shipped_profile_and_how_to_choose(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -79,8 +79,9 @@ def default_profile(live: System | None = None) -> tuple[str | Profile, str]:
     """The host profile the model uses when none is given, and a sentence saying which and why.
 
     With a usable /dev/kvm (``live``, or opened here): this host's profile, captured once and cached under
-    :func:`cache_dir` (keyed by kernel release, vendor module, module parameters and kvmscope's version, so a new
-    kernel or module option captures again); without one: the shipped ``pvm-6.18``.
+    :func:`cache_dir` (keyed by kernel release, vendor module, module parameters, kvmscope's version and the ruleset
+    label of the kernel, so a new kernel, module option or known backport captures again); without one: the shipped
+    ``pvm-6.18``.
     """
     # hashlib and json are imported here, not at the top: every import of kvmscope would otherwise map their C
     # libraries (libcrypto, _hashlib, _blake2, _json: 20 mappings), and KVM_CREATE_VM's cost grows with the mappings.
@@ -88,6 +89,7 @@ def default_profile(live: System | None = None) -> tuple[str | Profile, str]:
     import json
 
     from . import __version__
+    from .kernel import rulesets
     from .kernel.profile import DEFAULT_PROFILE, load, shipped
 
     system = live
@@ -100,8 +102,14 @@ def default_profile(live: System | None = None) -> tuple[str | Profile, str]:
                                      "`kvmscope probe --save FILE`)")
     try:
         info = system.host_info()
+        # the ruleset label a capture records for this kernel is part of the key: a stable backport the rules learn
+        # (a new label for the same kernel, such as 6.18.17 for 6.18.44) captures again
+        try:
+            label = rulesets.resolve(str(info.get("kernel_release") or "")).version
+        except KvmscopeError:
+            label = None
         key = json.dumps([__version__, info.get("kernel_release"), info.get("vendor_module"),
-                          info.get("module_parameters")], sort_keys=True, default=str)
+                          info.get("module_parameters"), label], sort_keys=True, default=str)
         path = cache_dir() / f"host-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
         if path.is_file():
             try:
