@@ -32,10 +32,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from operator import itemgetter
 from pathlib import Path
+from typing import Any
 
 import kvmscope
 from kvmscope import guest, uapi
 from kvmscope.api import IoExit, MsrBatch
+from kvmscope.model.msr_plan import groups_pass, types_valid
 
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling modules, however this file is loaded
 import where_time_goes  # noqa: E402
@@ -106,8 +108,8 @@ def msr_side(backend: str, op: str, indices: Sequence[int], kernel: str = "6.18"
     the batch's values stored in (or read from) one dict by its plan, the least a model in Python does.
     ``array_floor``: no rules, the values copied into (or out of) an array in one strided copy, as if the model kept
     its MSRs in slots laid out in this batch's order: the least any store does; ``checked_floor`` (a write): the same
-    after every check the model's plan for this batch makes, in its one pass (the least a model that checks what the
-    kernel checks does, whatever its store)."""
+    after every check the model's plan for this batch makes (its one pass, the memory types and the families' group
+    checks: the least a model that checks what the kernel checks does, whatever its store)."""
     kvm = kvmscope.open(backend, kernel=kernel) if backend == "model" else kvmscope.open(backend)
     vm = kvm.create_vm()
     vcpu = vm.create_vcpu(0)
@@ -138,13 +140,15 @@ def msr_side(backend: str, op: str, indices: Sequence[int], kernel: str = "6.18"
     if array_floor or checked_floor:
         plans_ = {batch.indices32.tobytes(): len(indices)}
         slots = memoryview(array("Q", bytes(8 * len(indices))))
-        check = None
-        if checked_floor:  # the model's own one-pass check of this batch (msr_batch.set_msrs' DirectPlan)
+        check: tuple[int, int, int, int] | None = None
+        types: Any = None
+        groups: Any = None
+        if checked_floor:  # the model's own checks of this batch, as msr_batch.set_msrs' DirectPlan runs them
             vcpu.set_msrs(batch, strict=True)  # makes its plan
             direct = vcpu.msr_rules.plans[batch.indices32.tobytes()][9]  # type: ignore[attr-defined]
             if direct is None:
                 raise RuntimeError(f"the model writes {len(indices)} MSRs without a one-pass check: no checked floor")
-            check = direct[:4]
+            check, types, groups = direct[:4], direct[4], direct[10]
         raw = batch.raw
 
         def loop(n: int) -> None:
@@ -153,9 +157,11 @@ def msr_side(backend: str, op: str, indices: Sequence[int], kernel: str = "6.18"
                 if op == "get":
                     batch.words64[2::2] = slots[:count]
                     continue
-                if check is not None:
+                if check is not None:  # the one pass, the memory types, the families' group checks
                     start, end, offsets, masks = check
-                    if (int.from_bytes(raw[start:end], "little") + offsets) & masks:
+                    if (int.from_bytes(raw[start:end], "little") + offsets) & masks or (
+                            types is not None and not types_valid(raw, types)) or (
+                            groups is not None and not groups_pass(groups, batch.words64)):
                         raise RuntimeError("the batch fails the model's checks")
                 slots[:count] = batch.words64[2::2]
 
@@ -347,13 +353,13 @@ class Bench:
                 if not self.want(name):
                     continue
                 sides, closes = {}, []
-                for side_name, how in (("model", {}), ("floor", {"floor": True}), ("array", {"array_floor": True}),
-                                       ("checked", {"checked_floor": True})):
-                    if side_name == "checked" and (op == "get" or len(indices) == 1):
-                        continue  # reads check nothing; one MSR is plain (no check)
-                    sides[side_name], close = msr_side("model", op, indices, **how)
-                    closes.append(close)
                 try:
+                    for side_name, how in (("model", {}), ("floor", {"floor": True}), ("array", {"array_floor": True}),
+                                           ("checked", {"checked_floor": True})):
+                        if side_name == "checked" and (op == "get" or len(indices) == 1):
+                            continue  # reads check nothing; one MSR is plain (no check)
+                        sides[side_name], close = msr_side("model", op, indices, **how)
+                        closes.append(close)
                     s = alternate({"C": lambda n, op=op, indices=indices: self.c.chunk(op, n, indices), **sides},
                                   n // self.k, self.rounds)
                 finally:

@@ -108,6 +108,6 @@ def test_a_base_newer_than_the_rulesets_is_noted_as_for_kernel(tmp_path: Path) -
                  ["probe", "--backend", "model", "--profile", "intel-spr", "--kernel", "99.1"]):
         result = CliRunner().invoke(main, args)
         said = "".join(result.stderr.split())
-        assert result.exit_code == 0 and "kernel99.1isnewerthanthenewestruleset" in said, (
+        assert result.exit_code == 0 and "kernel99.1isnewerthanthenewestmainlinerelease" in said, (
             f"expected exit 0 and a note that 99.1 is newer than the rulesets for {args}, saw {result.exit_code}: "
             f"{result.stderr!r}")

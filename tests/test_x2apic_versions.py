@@ -179,3 +179,12 @@ def test_suppress_eoi_broadcast_flags_by_version(kernel: str, flags: int) -> Non
             with pytest.raises(KvmError) as refused:
                 vm.enable_cap(uapi.KVM_CAP_X2APIC_API, uapi.KVM_X2APIC_DISABLE_SUPPRESS_EOI_BROADCAST)
             assert refused.value.errno == errno.EINVAL, f"{kernel}: DISABLE before the flags: {refused.value}"
+
+
+@pytest.mark.parametrize("profile", ["intel-spr", "amd-epyc", "pvm-6.18"])
+def test_a_vm_never_reports_enable_suppress_eoi(profile: str) -> None:
+    """A model VM has no split IRQCHIP, so its KVM_CAP_X2APIC_API leaves ENABLE (bit 2) out on every profile, as
+    kvm_vm_ioctl_check_extension does for a VM without one (6.18.17's patch), while the host reports it."""
+    with open_model("6.18.44", profile) as kvm, kvm.create_vm() as vm:
+        assert (kvm.check_extension(uapi.KVM_CAP_X2APIC_API), vm.check_extension(uapi.KVM_CAP_X2APIC_API)) == (
+            0xF, 0xB), f"{profile}: host and VM reports"

@@ -14,9 +14,10 @@ import struct
 
 import pytest
 
-from kvmscope import uapi
+from kvmscope import guest, uapi
 from kvmscope.api import MsrBatch, System, Vcpu, Vm
 from kvmscope.errors import KvmError
+from kvmscope.model import ModelLimitation
 
 VCPU_ID = 3
 # The page after x2APIC mode is entered and KVM_SET_LAPIC gives SPIV 0x1FF (software-enabled), TPR 0x10 and vector
@@ -288,7 +289,8 @@ def test_msi_broadcast_no_apic_takes_is_eperm(kvm: System) -> None:
 def test_suppress_eoi_broadcast_flags(kvm: System) -> None:
     """KVM_CAP_X2APIC_API's suppress-EOI-broadcast flags (6517dfbcc918; in 6.18.17, so on the live 6.18.44): the
     host reports bits 0-3, a VM without a split IRQCHIP all but ENABLE (bit 2). ENABLE is EINVAL there, and so is
-    ENABLE with DISABLE; DISABLE is taken, and the LVR then shows no directed EOI, nor does SPIV take bit 12."""
+    ENABLE with DISABLE; DISABLE is taken. With the in-kernel IOAPIC the LVR shows no directed EOI and SPIV does not
+    take bit 12, with DISABLE as without it (what DISABLE changes is the EOI: test_eoi_to_the_in_kernel_ioapic)."""
     assert kvm.check_extension(uapi.KVM_CAP_X2APIC_API) == 0xF, "the host's report: bits 0-3"
     outcome = {}
     for flags in (0, 4, 8, 0xC, 0x9, 0x10):
@@ -312,3 +314,45 @@ def test_suppress_eoi_broadcast_flags(kvm: System) -> None:
     expected = {"vm report": 0xB, 0: 0, 4: errno.EINVAL, 8: 0, "lvr, spiv": (0x50014, 0x1FF), 0xC: errno.EINVAL,
                 0x9: 0, 0x10: errno.EINVAL}
     assert outcome == expected, f"expected {expected}, saw {outcome}"
+
+
+@pytest.mark.parametrize("disable", [False, True])
+@pytest.mark.parametrize("directed", [False, True])
+@pytest.mark.parametrize("ran", [False, True])
+def test_eoi_to_the_in_kernel_ioapic(kvm: System, ran: bool, directed: bool, disable: bool) -> None:
+    """An x2APIC EOI of a level-triggered vector (in ISR and TMR, restored by KVM_SET_LAPIC) whose IOAPIC pin has
+    remote IRR set (KVM_SET_IRQCHIP). It reaches the IOAPIC only for a vector the scan at a VM entry found (so not
+    before a run), and not when SPIV's directed-EOI bit suppresses it, unless KVM_X2APIC_DISABLE_SUPPRESS_EOI_BROADCAST
+    (6.18.17: kvm_lapic_suppress_eoi_broadcast; before, ioapic.c checked the SPIV bit alone). Reaching it clears the
+    pin's remote IRR. The model answers where no scan decides, and raises ModelLimitation where one does."""
+    vm = kvm.create_vm()
+    try:
+        vm.create_irqchip()
+        if disable:
+            vm.enable_cap(uapi.KVM_CAP_X2APIC_API, uapi.KVM_X2APIC_DISABLE_SUPPRESS_EOI_BROADCAST)
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        assert vcpu.set_msrs({0x1B: 0xFEE00C00}) == 1, "x2APIC mode"
+        ioapic = vm.get_irqchip(uapi.KVM_IRQCHIP_IOAPIC)
+        ioapic.chip.ioapic.redirtbl[0] = 0x40 | 1 << 15 | 1 << 14  # vector 0x40, level, remote IRR, to APIC 0
+        vm.set_irqchip(ioapic)
+        raw = bytearray(bytes(vcpu.get_lapic()))
+        struct.pack_into("<I", raw, 0xF0, 0x1FF | (0x1000 if directed else 0))  # KVM_SET_LAPIC keeps bit 12
+        struct.pack_into("<I", raw, 0x120, 1)  # 0x40 in service
+        struct.pack_into("<I", raw, 0x1A0, 1)  # ... and level-triggered
+        vcpu.set_lapic(uapi.kvm_lapic_state.from_buffer_copy(raw))
+        if ran:
+            guest.load_real_mode(vm, vcpu, b"\xe6\x10\xf4")  # out 0x10, al; hlt
+            assert vcpu.run(timeout=5).port == 0x10, "the run is expected to stop at the OUT"  # type: ignore[union-attr]
+        reaches = ran and (disable or not directed)
+        try:
+            taken = vcpu.set_msrs({0x80B: 0})
+        except ModelLimitation:
+            assert kvm.backend == "model" and reaches, "only the model, and only where the scan decides, may refuse"
+            return
+        remote_irr = vm.get_irqchip(uapi.KVM_IRQCHIP_IOAPIC).chip.ioapic.redirtbl[0] >> 14 & 1
+        in_service = words(vcpu.get_lapic()).get(0x120, 0)
+        assert (taken, in_service, remote_irr) == (1, 0, 0 if reaches else 1), (
+            f"EOI taken, ISR word 2, remote IRR: expected (1, 0, {0 if reaches else 1}), saw {(taken, in_service, remote_irr)}")
+    finally:
+        vm.close()

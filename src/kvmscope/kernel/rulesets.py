@@ -201,8 +201,10 @@ X2APIC_SUPPRESS_EOI_FLAGS = Rule("x2apic_suppress_eoi_flags", "> 6.18", "6517dfb
                                  "KVM_CAP_X2APIC_API takes KVM_X2APIC_ENABLE_SUPPRESS_EOI_BROADCAST (bit 2, only with "
                                  "a split IRQCHIP, and left out of a VM's report without one) and "
                                  "KVM_X2APIC_DISABLE_SUPPRESS_EOI_BROADCAST (bit 3), not both (EINVAL); before, only "
-                                 "bits 0-1 (6.12.118 x86.c:6111-6122); mainline in the 7.0 merge window, stable "
-                                 "6.18.17 (its patch, x86.c and lapic.c); the live 6.18.44 reports 15 (11 on a VM)",
+                                 "bits 0-1 (6.12.118 x86.c:6111-6122); mainline 7.0 (the KVM pull for 7.0, 13 February 2026), "
+                                 "stable 6.18.17 (its patch, x86.c and lapic.c); the live 6.18.44 reports 15 (11 on a "
+                                 "VM). DISABLE also lets an EOI reach the in-kernel IOAPIC despite SPIV's directed-EOI "
+                                 "bit (kvm_lapic_suppress_eoi_broadcast)",
                                  stable=("6.18.17",))
 REFUSED_READ_ZEROED = Rule("refused_read_zeroed", "6.12", "1cec2034980a",
                            "KVM: x86: Funnel all fancy MSR return value handling into a common helper: the entry a "
@@ -492,5 +494,5 @@ def newer_than_known(version: str) -> str | None:
     wanted, newest = parse_version(version), parse_version(NEWEST)
     if wanted[:2] <= newest[:2]:
         return None
-    return (f"kernel {version} is newer than the newest ruleset the model knows ({NEWEST}): using the {NEWEST} "
-            f"rules, which may miss later changes")
+    return (f"kernel {version} is newer than the newest mainline release the model knows ({NEWEST}): using the "
+            f"{NEWEST} rules, which may miss later changes")

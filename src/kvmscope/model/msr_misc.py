@@ -203,14 +203,16 @@ class MiscMsrs(Family):
         return OK
 
     def _get_smbase(self, index: int, host: bool) -> tuple[int, int]:
-        if not self.smm:  # x86.c: !IS_ENABLED(CONFIG_KVM_SMM) || !host_initiated
-            return self.refuse(index, R.SMBASE_NEEDS_SMM, FAIL), 0
+        # x86.c: !IS_ENABLED(CONFIG_KVM_SMM) || !host_initiated. A guest's access fails on every version: host_only
+        # names it; smbase_needs_smm only the host's.
         if not host:
             return self.refuse(index, E.HOST_ONLY, FAIL), 0
+        if not self.smm:
+            return self.refuse(index, R.SMBASE_NEEDS_SMM, FAIL), 0
         return OK, self.rules.stored[index]
 
     def _set_smbase(self, index: int, data: int, host: bool) -> int:
-        if not self.smm:
+        if host and not self.smm:
             return self.refuse(index, R.SMBASE_NEEDS_SMM, FAIL)
         return self._set_host_only(index, data, host)
 

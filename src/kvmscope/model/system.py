@@ -66,7 +66,10 @@ class ModelSystem(System):
         value = self.profile.capability(cap, vm)
         if cap == uapi.KVM_CAP_DISABLE_QUIRKS2:
             return self.rules.supported_quirks(value)
-        return self.rules.x2apic_api_flags(value) if cap == uapi.KVM_CAP_X2APIC_API else value
+        if cap == uapi.KVM_CAP_X2APIC_API:  # a model VM has no split IRQCHIP: a VM's report leaves ENABLE out
+            value = self.rules.x2apic_api_flags(value)
+            return value & ~uapi.KVM_X2APIC_ENABLE_SUPPRESS_EOI_BROADCAST if vm else value
+        return value
 
     @property
     def features(self) -> dict[int, int]:

@@ -98,9 +98,9 @@ class ModelVm(VmDevicesModel, Vm):
                 raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP")
             self.x2apic_format |= bool(arg0 & uapi.KVM_X2APIC_API_USE_32BIT_IDS)
             self.x2apic_broadcast_quirk_disabled |= bool(arg0 & uapi.KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK)
-            # DISABLE: the LVR never advertises directed EOI, and a SPIV with it set (KVM_SET_LAPIC) no longer keeps
-            # EOIs from the in-kernel IOAPIC. With that IOAPIC the LVR never advertised it anyway
-            # (kvm_lapic_advertise_suppress_eoi_broadcast), and the model delivers no IOAPIC interrupt to EOI.
+            # DISABLE: a SPIV with the directed-EOI bit (set by KVM_SET_LAPIC) no longer keeps EOIs from the in-kernel
+            # IOAPIC (x2apic.ioapic_may_take_eoi). The LVR never advertised that bit with the in-kernel IOAPIC anyway
+            # (kvm_lapic_advertise_suppress_eoi_broadcast).
             if arg0 & disable:
                 self.suppress_eoi_broadcast = "disabled"
         elif cap in UNMODELLED_VM_CAPS:  # the profile's kernel takes it (checked above): EINVAL would be made up

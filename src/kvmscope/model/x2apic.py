@@ -229,6 +229,10 @@ def write(family: PvMceMsrs, index: int, data: int) -> int:
     elif reg == EOI:
         highest = highest_bit(page, ISR)
         if highest >= 0:
+            if ioapic_may_take_eoi(vcpu, page, highest):
+                raise vcpu.limitation(f"an EOI of vector {highest:#x}, level-triggered, after a run: the in-kernel "
+                                      "IOAPIC takes it if its last scan at a VM entry found the vector, which the "
+                                      "model does not track (it would clear the pin's remote IRR)")
             clear_bit(page, ISR, highest)
             update_ppr(page)
     elif reg == SPIV:
@@ -262,6 +266,24 @@ def write(family: PvMceMsrs, index: int, data: int) -> int:
     else:  # ID, LDR, DFR, ICR2, LVR, PPR, ISR/TMR/IRR, TMCCT, and the reserved offsets
         return family.refuse(index, E.X2APIC_NOT_WRITABLE, 1)
     return 0
+
+
+def ioapic_may_take_eoi(vcpu: ModelVcpu, page: bytearray, vector: int) -> bool:
+    """Whether an EOI of ``vector`` could change the in-kernel IOAPIC (``kvm_ioapic_send_eoi``,
+    ``kvm_ioapic_update_eoi_one``; 6.12.118 lapic.c:1463-1490, ioapic.c:531-590, x86.c:10408). It reaches the IOAPIC only for a
+    vector in ``ioapic_handled_vectors``, which the scan at a VM entry fills (so never before the first run), and
+    changes a pin only when the vector is level-triggered in TMR and not suppressed: SPIV's directed-EOI bit keeps
+    it from the in-kernel IOAPIC unless KVM_X2APIC_DISABLE_SUPPRESS_EOI_BROADCAST (6.18.17's
+    ``kvm_lapic_suppress_eoi_broadcast``). Then a pin of that vector loses its remote IRR, and one whose line is
+    still asserted is served again."""
+    chips = vcpu.vm.chips
+    if not vcpu.has_run or not chips or not reg32(page, TMR + 0x10 * (vector >> 5)) >> (vector & 31) & 1:
+        return False
+    if reg32(page, SPIV) & 0x1000 and vcpu.vm.suppress_eoi_broadcast != "disabled":
+        return False
+    ioapic = chips[2].chip.ioapic
+    return any(entry & 0xFF == vector and (entry >> 14 & 1 or (not entry >> 16 & 1 and ioapic.irr >> pin & 1))
+               for pin, entry in enumerate(ioapic.redirtbl))
 
 
 def timer_mode_mask(vcpu: ModelVcpu) -> int:
