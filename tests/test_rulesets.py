@@ -67,3 +67,29 @@ def test_refusals_carry_the_rule_object() -> None:
             vcpu.write_msr("PERF_CAP", 1 << 63)
         assert info.value.rule is rule, f"the strict error carries the same Rule, saw {info.value.rule!r}"
         assert str(rule) == rule.cite() and rule.commit in str(info.value)
+
+
+def test_a_profile_recording_an_older_label_for_its_kernel_is_noted() -> None:
+    """A capture made before kvmscope learnt a backport of its kernel (pvm-6.18 said 6.18 for 6.18.44, which is now
+    6.18.17) keeps its recorded rules, with a note saying so and how to move on; a current label, a derived profile
+    and an explicit --kernel get none."""
+    from dataclasses import replace
+
+    from kvmscope.kernel import profile
+    from kvmscope.model import open_model
+
+    shipped = profile.load("pvm-6.18")
+    with open_model(profile=replace(shipped, ruleset="6.18")) as old:
+        assert old.rules.version == "6.18", "the recorded ruleset is used"
+        assert old.warning is not None and "6.18.17" in old.warning and "--kernel 6.18.44" in old.warning, old.warning
+    with open_model(profile=replace(shipped, ruleset="6.18"), kernel="6.18") as chosen:
+        assert chosen.warning is None, f"an explicit kernel is the user's choice: {chosen.warning}"
+    for name in ("pvm-6.18", "intel-spr", "amd-epyc"):
+        with open_model(profile=name) as current:
+            assert current.warning is None, f"{name}: {current.warning}"
+
+
+def test_a_kernel_after_the_newest_names_the_unpinned_changes() -> None:
+    warning = R.newer_than_known("7.2")
+    assert warning is not None and "x2apic_suppress_eoi_flags" in warning and "(6.18)" in warning, warning
+    assert R.newer_than_known("6.18.44") is None and R.NEWEST == "6.18"

@@ -14,6 +14,7 @@ from functools import cached_property
 
 from ..errors import InvalidValueError
 from . import emulated
+from .rule import AFTER_KNOWN
 from .rule import OLDEST as OLDEST
 from .rule import Rule as Rule
 from .rule import Version as Version
@@ -449,7 +450,6 @@ class Ruleset:
 
 KNOWN: list[str] = sorted({_label(v) for r in RULES.values() for v in r.versions() if v >= OLDEST} | set(LTS)
                           | {_label(OLDEST)}, key=parse_version)
-DEFAULT = "6.18"
 NEWEST = max((v for v in KNOWN if parse_version(v)[2] == 0), key=parse_version)  # the newest mainline release known
 
 
@@ -494,5 +494,7 @@ def newer_than_known(version: str) -> str | None:
     wanted, newest = parse_version(version), parse_version(NEWEST)
     if wanted[:2] <= newest[:2]:
         return None
+    later = sorted(r.key for r in RULES.values() if r.start == AFTER_KNOWN)
+    unpinned = f", without the later changes it knows but has not pinned to a release ({', '.join(later)})" if later else ""
     return (f"kernel {version} is newer than the newest mainline release the model knows ({NEWEST}): using the "
-            f"{NEWEST} rules, which may miss later changes")
+            f"{NEWEST} rules{unpinned}, which may miss other later changes")

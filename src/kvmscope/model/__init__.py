@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InvalidTypeError
+from ..errors import InvalidTypeError, KvmscopeError
 from ..kernel import proposal, rulesets
 from ..kernel.profile import Profile, load
 from .system import ModelSystem
@@ -27,8 +27,22 @@ def open_model(kernel: str | None = None, profile: str | Path | Profile | None =
         return system
     version = kernel or prof.ruleset
     system = ModelSystem(prof, rulesets.resolve(version))
-    system.warning = rulesets.newer_than_known(version)
+    system.warning = rulesets.newer_than_known(version) or (None if kernel else stale_label(prof))
     return system
+
+
+def stale_label(prof: Profile) -> str | None:
+    """A note when a profile records a ruleset other than the one its kernel release resolves to now: a capture
+    made before kvmscope learnt a backport of that kernel (``"6.18"`` for a 6.18.44 host, now 6.18.17)."""
+    try:
+        now, recorded = rulesets.resolve(prof.kernel_release).version, rulesets.resolve(prof.ruleset).version
+    except KvmscopeError:
+        return None  # a kernel release that names no version (a derived profile's, say): the ruleset stands
+    if now == recorded:
+        return None
+    return (f"profile {prof.name} records the {recorded} rules for kernel {prof.kernel_release}, which kvmscope now "
+            f"models with the {now} rules: using {recorded}; capture it again (kvmscope probe --save) or pass "
+            f"--kernel {prof.kernel_release.split('-')[0]}")
 
 
 __all__ = ["ModelLimitation", "ModelSystem", "ModelVcpu", "ModelVm", "Profile", "open_model"]

@@ -84,8 +84,8 @@ class BatchedMsrRules(ReadingMsrRules):
             raise KvmError(errno.E2BIG, "KVM_SET_MSRS")
         if not LITTLE_ENDIAN:
             return self._set_one_by_one(batch, strict)
-        # The batch's indices, packed, key its plan (one C-level call). Values are read straight from the buffer's
-        # u64 words (entry i's value is word 2 + 2i), by the plan's itemgetters: no list of them is built.
+        # The batch's indices, packed, key its plan (one C-level call). Values are read straight from the buffer
+        # (entry i's value is u64 word 2 + 2i) by the plan's pickers, one struct unpack each: no list of them is built.
         key = batch.indices32.tobytes()
         plan = self.plans.get(key) or self._write_plan(key)
         words = batch.words64

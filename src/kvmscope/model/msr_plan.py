@@ -136,8 +136,8 @@ def picker(positions: Sequence[int]) -> Pick:
         return itemgetter(*(2 + 2 * pos for pos in positions))  # two or more: a tuple
     fmt, at = "<", 0
     for pos in positions:
-        offset = 16 + 16 * pos
-        fmt += f"{offset - at}xQ" if offset > at else "Q"
+        offset = 16 + 16 * pos  # past the previous value's end, as the positions rise
+        fmt += f"{offset - at}xQ"
         at = offset + 8
     return struct.Struct(fmt).unpack_from
 

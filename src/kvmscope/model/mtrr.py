@@ -146,8 +146,8 @@ class MtrrMsrs:
         return None
 
     def bulk_ok(self, kind: str, indices: Sequence[int], values: Sequence[int]) -> bool:
-        # little-endian on the hosts the batches run in bulk on; consecutive entries come as a view of the batch
-        raw = values.tobytes() if isinstance(values, memoryview) else array("Q", values).tobytes()
+        # little-endian on the hosts the batches run in bulk on
+        raw = array("Q", values).tobytes()
         if kind == "fixed":
             return not raw.translate(None, _VALID_TYPE_BYTES)  # every byte a valid type: nothing left once deleted
         reserved = _DEF_TYPE_RESERVED if kind == "def_type" else self._reserved() | (0xF00 if kind == "base" else 0x7FF)
