@@ -757,3 +757,19 @@ def test_smbase_without_smm_by_version(kernel: str, passes: bool) -> None:
         if not passes:
             rule = vcpu.refusal_rule(0x9E)
             assert rule is R.SMBASE_NEEDS_SMM, f"{kernel}: SMBASE refused by {rule}, expected smbase_needs_smm"
+
+
+def test_smbase_with_smm_built_in_but_not_reported() -> None:
+    # KVM_CAP_X86_SMM is 0 with SMM built in on VMX without unrestricted guest (6.12.118 vmx.c:7049-7056), and the
+    # host's SMBASE access still passes there (x86.c:3511-3513 checks CONFIG_KVM_SMM alone): a capture that found
+    # SMBASE readable is the evidence the model takes, whatever the capability says.
+    from kvmscope.kernel.profile import MsrBehaviour, load
+
+    base = load("intel-spr")
+    caps = {**base.capabilities, uapi.KVM_CAP_X86_SMM: 0}
+    for readable, passes in ((True, True), (False, False)):
+        behaviour = {**base.msr_behaviour, 0x9E: MsrBehaviour("other", 0, readable)}
+        prof = replace(base, capabilities=caps, msr_behaviour=behaviour)
+        with kvmscope.open("model", profile=prof, kernel="6.12") as kvm, kvm.create_vm() as vm:
+            got = vm.create_vcpu(0).get_msrs(kvmscope.MsrBatch([0x9E]))
+            assert got == int(passes), f"SMBASE captured readable={readable}: host read took {got}, expected {passes}"

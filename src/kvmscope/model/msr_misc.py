@@ -97,8 +97,12 @@ class MiscMsrs(Family):
         self.efer_allowed = allowed
         self.pmu_off = p.module_parameters.get("kvm.enable_pmu", "Y") == "N"
         # CONFIG_KVM_SMM (6.2): KVM_CAP_X86_SMM (117) is 0 without it (kvm_vm_ioctl_check_extension), and SMBASE then
-        # fails; before 6.2 a host access never did.
-        self.smm = p.capability(KVM_CAP_X86_SMM) != 0 or not ruleset.has(R.SMBASE_NEEDS_SMM)
+        # fails; before 6.2 a host access never did. The capability is also 0 with SMM built in where the vendor
+        # cannot run it (VMX without unrestricted guest, 6.12.118 vmx.c:7049-7056): there a capture found SMBASE
+        # readable by the host, which is the evidence that counts.
+        smbase = p.msr_behaviour.get(MSR_SMBASE)
+        self.smm = (p.capability(KVM_CAP_X86_SMM) != 0 or (smbase is not None and smbase.readable)
+                    or not ruleset.has(R.SMBASE_NEEDS_SMM))
         stored = rules.stored
         for index in (MSR_HWCR, MSR_OSVW_ID_LENGTH, MSR_OSVW_STATUS, MSR_XSS, MSR_XFD, MSR_XFD_ERR, MSR_TSC_AUX,
                       MSR_TSC_ADJUST, MSR_SMI_COUNT, MSR_POWER_CTL, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_CSTAR,
