@@ -14,6 +14,7 @@ import pytest
 from kvmscope import guest, uapi
 from kvmscope.api import CpuidEntry, System
 from kvmscope.errors import KvmError
+from kvmscope.model import ModelLimitation
 
 
 def errno_of(call: Callable[[], object]) -> int:
@@ -95,7 +96,7 @@ def test_irqchip_state_round_trips(kvm: System) -> None:
         vm.set_irqchip(ioapic)
         got = vm.get_irqchip(2).chip.ioapic
         assert (got.redirtbl[4], got.id, got.irr) == (0x30 | 1 << 56, 2 << 24, 0), (
-            "pin 4 and the ID read back; KVM_SET_IRQCHIP restarts the IOAPIC's IRR at 0")
+            "pin 4 and the ID read back; the IRR of an unmasked edge pin is delivered, and hidden")
         bad = uapi.kvm_irqchip(chip_id=7)
         expect(lambda: vm.set_irqchip(bad), errno.EINVAL, "KVM_SET_IRQCHIP of chip 7")
 
@@ -269,3 +270,116 @@ def test_vm_tsc_khz_is_the_vcpus_default(kvm: System) -> None:
         assert khz == vm.get_tsc_khz() > 0
         vcpu.set_tsc_khz(khz)
         expect(lambda: vcpu.set_tsc_khz(khz // 2), errno.EINVAL, "another rate without KVM_CAP_TSC_CONTROL")
+
+
+def test_ioeventfd_checks_in_the_kernels_order(kvm: System, eventfd: int) -> None:
+    """KVM_IOEVENTFD (6.12.118 eventfd.c:933-1003): deassigning checks only the eventfd, then looks for the
+    registration; assigning checks the length, a range that wraps past 2^64, the flags (mask 0x1f: VIRTIO_CCW_NOTIFY
+    and FAST_MMIO are valid), DATAMATCH with length 0, then the eventfd; a length-0 registration collides with any on
+    its address, whatever the data."""
+    pio, gone = uapi.KVM_IOEVENTFD_FLAG_PIO, uapi.KVM_IOEVENTFD_FLAG_DEASSIGN
+    r, w = os.pipe()
+    try:
+        with kvm.create_vm() as vm:
+            expect(lambda: vm.ioeventfd(eventfd, 0x3F8, 3, 0, pio | gone), errno.ENOENT, "deassign skips the length check")
+            expect(lambda: vm.ioeventfd(r, 0x3F8, 1, 0, pio | gone), errno.EINVAL, "deassign with a pipe")
+            expect(lambda: vm.ioeventfd(0x7FFFFFF0, 0x3F8, 1, 0, pio | gone), errno.EBADF, "deassign with a closed fd")
+            expect(lambda: vm.ioeventfd(eventfd, 2**64 - 1, 1, 0, 0), errno.EINVAL, "a range past 2^64")
+            expect(lambda: vm.ioeventfd(eventfd, 0x3F8, 1, 0, 0x20), errno.EINVAL, "flag 0x20")
+            expect(lambda: vm.ioeventfd(r, 0x3F8, 3, 0, pio), errno.EINVAL, "length first, then the fd")
+            vm.ioeventfd(eventfd, 0xD0001000, 1, 0, uapi.KVM_IOEVENTFD_FLAG_VIRTIO_CCW_NOTIFY)
+            vm.ioeventfd(eventfd, 0xD0002000, 4, 0, uapi.KVM_IOEVENTFD_FLAG_FAST_MMIO)
+            vm.ioeventfd(eventfd, 0xD0003000, 4, 7, uapi.KVM_IOEVENTFD_FLAG_DATAMATCH)
+            expect(lambda: vm.ioeventfd(eventfd, 0xD0003000, 0, 0, 0), errno.EEXIST,
+                   "length 0 on an address taken with data")
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_irqfd_resample_fd_is_checked(kvm: System, eventfd: int) -> None:
+    """With KVM_IRQFD_FLAG_RESAMPLE the resample fd must be an eventfd (eventfd.c:360-366), checked before EBUSY."""
+    r, w = os.pipe()
+    try:
+        with kvm.create_vm() as vm:
+            vm.create_irqchip()
+            flag = uapi.KVM_IRQFD_FLAG_RESAMPLE
+            expect(lambda: vm.irqfd(eventfd, 5, flag, 0xFFFFFFFF), errno.EBADF, "a resample fd that is not open")
+            expect(lambda: vm.irqfd(eventfd, 5, flag, r), errno.EINVAL, "a pipe as the resample fd")
+            vm.irqfd(eventfd, 5)
+            expect(lambda: vm.irqfd(eventfd, 6, flag, r), errno.EINVAL, "the resample fd before EBUSY")
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_set_clock_realtime_moves_the_clock_on(kvm: System) -> None:
+    """KVM_SET_CLOCK with KVM_CLOCK_REALTIME adds the wall-clock time since ``realtime`` (never a step back)."""
+    import time
+
+    with kvm.create_vm() as vm:
+        then = time.time_ns() - 5 * 10**9
+        vm.set_clock(uapi.kvm_clock_data(clock=10**12, flags=uapi.KVM_CLOCK_REALTIME, realtime=then))
+        moved = vm.get_clock().clock - 10**12
+        assert 5 * 10**9 <= moved < 7 * 10**9, f"the clock moved {moved} ns, expected about 5 s"
+        vm.set_clock(uapi.kvm_clock_data(clock=10**12, flags=uapi.KVM_CLOCK_REALTIME, realtime=then + 10**12))
+        ahead = vm.get_clock().clock - 10**12
+        assert 0 <= ahead < 10**9, f"a realtime in the future moves nothing: {ahead} ns"
+
+
+def test_set_irqchip_injects_the_ioapic_irr_again(kvm: System) -> None:
+    """KVM_SET_IRQCHIP injects the IOAPIC's IRR again (kvm_ioapic_inject_all, 6.12.118 ioapic.c:206-276, 442-483):
+    a masked pin keeps its bit; a level pin keeps it and gets remote IRR when delivery returns nonzero, which it does
+    with no vCPU at all (-1) but not to a vCPU whose APIC is software-disabled (0); an unmasked edge pin is delivered
+    and its bit hidden. With a vCPU the vector would reach its APIC:
+    the model may refuse that (ModelLimitation), and only that."""
+    for with_vcpu in (False, True):
+        with kvm.create_vm() as vm:
+            vm.create_irqchip()
+            if with_vcpu:
+                vcpu = vm.create_vcpu(0)
+                vcpu.set_cpuid(kvm.get_supported_cpuid())
+            chip = vm.get_irqchip(uapi.KVM_IRQCHIP_IOAPIC)
+            io = chip.chip.ioapic
+            io.redirtbl[3], io.redirtbl[5], io.redirtbl[6] = 0x30 | 1 << 15, 0x31 | 1 << 16, 0x32
+            io.irr = 1 << 3 | 1 << 5 | 1 << 6
+            try:
+                vm.set_irqchip(chip)
+            except ModelLimitation:
+                assert kvm.backend == "model" and with_vcpu, "only the model, and only with an APIC to deliver to"
+                continue
+            got = vm.get_irqchip(uapi.KVM_IRQCHIP_IOAPIC).chip.ioapic
+            seen = (got.irr, got.redirtbl[3], got.redirtbl[5], got.redirtbl[6])
+            # with a vCPU whose APIC is still software-disabled, delivery returns 0: no remote IRR
+            expected = (1 << 3 | 1 << 5, 0x30 | 1 << 15 | (0 if with_vcpu else 1 << 14), 0x31 | 1 << 16, 0x32)
+            assert seen == expected, f"vCPU {with_vcpu}: IRR and pins 3, 5, 6: expected {expected}, saw {seen}"
+
+
+def test_set_irqchip_cascades_a_slave_request(kvm: System) -> None:
+    """A slave PIC request raises the master's IRQ2 at KVM_SET_IRQCHIP (kvm_pic_update_irq, x86.c:5961,
+    i8259.c:165-179); the model does not emulate the PIC and refuses (ModelLimitation)."""
+    with kvm.create_vm() as vm:
+        vm.create_irqchip()
+        slave = vm.get_irqchip(uapi.KVM_IRQCHIP_PIC_SLAVE)
+        slave.chip.pic.irr, slave.chip.pic.imr = 1, 0
+        try:
+            vm.set_irqchip(slave)
+        except ModelLimitation:
+            assert kvm.backend == "model", "only the model may refuse"
+            return
+        master = vm.get_irqchip(uapi.KVM_IRQCHIP_PIC_MASTER).chip.pic.irr
+        assert master == 4, f"the master's IRR: expected IRQ2 (4), saw {master:#x}"
+
+
+@pytest.mark.parametrize(("cap", "arg"), [(uapi.KVM_CAP_HALT_POLL, 0), (uapi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 0),
+                                          (uapi.KVM_CAP_MAX_VCPU_ID, 4), (uapi.KVM_CAP_VM_DISABLE_NX_HUGE_PAGES, 0),
+                                          (uapi.KVM_CAP_X86_APIC_BUS_CYCLES_NS, 1)])
+def test_enable_cap_the_model_does_not_implement(kvm: System, cap: int, arg: int) -> None:
+    """Capabilities the kernel takes (kvm_main.c, x86.c kvm_vm_ioctl_enable_cap) that the model does not implement:
+    the live kernel takes them; the model says so (ModelLimitation), not EINVAL, which would be made up."""
+    with kvm.create_vm() as vm:
+        vm.create_irqchip()
+        try:
+            vm.enable_cap(cap, arg)
+        except ModelLimitation:
+            assert kvm.backend == "model", "only the model may refuse"

@@ -29,7 +29,8 @@ IOAPIC_DEFAULT_BASE = 0xFEC00000
 TSS_ADDR_MAX = 0xFFFFD000  # (unsigned int)(-3 * PAGE_SIZE): the TSS takes three pages below 4 GiB
 PIC_NUM_PINS = 16
 CLOCK_FLAGS = uapi.KVM_CLOCK_TSC_STABLE | uapi.KVM_CLOCK_REALTIME | uapi.KVM_CLOCK_HOST_TSC
-IOEVENTFD_FLAGS = uapi.KVM_IOEVENTFD_FLAG_DATAMATCH | uapi.KVM_IOEVENTFD_FLAG_PIO | uapi.KVM_IOEVENTFD_FLAG_DEASSIGN
+U64 = (1 << 64) - 1
+IOEVENTFD_FLAGS = 0x1F  # KVM_IOEVENTFD_VALID_FLAG_MASK: DATAMATCH, PIO, DEASSIGN, VIRTIO_CCW_NOTIFY, FAST_MMIO
 
 
 def _eventfd_error(fd: int, ioctl: str) -> KvmError | None:
@@ -64,7 +65,7 @@ class VmDevicesModel:
         self.pit: uapi.kvm_pit_state2 | None = None
         self.routing: list[uapi.kvm_irq_routing_entry] = []
         self.irqfds: set[tuple[int, int]] = set()  # (eventfd, gsi)
-        self.ioeventfds: list[tuple[bool, int, int, int, int | None]] = []  # (pio, addr, len, eventfd, datamatch)
+        self.ioeventfds: list[tuple[int, int, int, int, int | None]] = []  # (bus, addr, len, eventfd, datamatch)
         self.coalesced: list[tuple[int, int, int]] = []  # (addr, size, pio)
         self.tss_addr: int | None = None
         self.identity_map_addr: int | None = None
@@ -131,12 +132,40 @@ class VmDevicesModel:
         return uapi.kvm_irqchip.from_buffer_copy(self.chips[self._chip(chip_id, "KVM_GET_IRQCHIP")])
 
     def set_irqchip(self, chip: uapi.kvm_irqchip) -> None:
-        """KVM_SET_IRQCHIP: the chip as given, except that the IOAPIC's IRR restarts at 0 (ioapic.c kvm_ioapic_set)."""
+        """KVM_SET_IRQCHIP: the chip as given, except the IOAPIC's IRR, which is injected again pin by pin
+        (``kvm_set_ioapic``, ``kvm_ioapic_inject_all``, ``ioapic_set_irq``, ``ioapic_service``; 6.12.118
+        ioapic.c:206-276, 442-483, 765-776): a masked pin, or a level pin already waiting for its EOI, keeps its IRR
+        bit; any other is serviced: an edge pin's bit is then hidden from KVM_GET_IRQCHIP (``irr_delivered``), and a
+        level pin keeps it and gets remote IRR, since delivery returns nonzero even when no APIC takes it. Delivery to
+        an APIC is not emulated: a pin serviced while vCPUs exist raises ModelLimitation, as does a slave PIC request
+        (it raises the master's IRQ2: ``kvm_pic_update_irq``, x86.c:5961, i8259.c:165-179), before anything
+        changes."""
         self._check_open()
         i = self._chip(chip.chip_id, "KVM_SET_IRQCHIP")
+        serviced = 0
+        if i == uapi.KVM_IRQCHIP_IOAPIC:
+            io = chip.chip.ioapic
+            for pin in range(uapi.KVM_IOAPIC_NUM_PINS):
+                entry = io.redirtbl[pin]
+                if io.irr >> pin & 1 and not entry >> 16 & 1 and not (entry >> 15 & 1 and entry >> 14 & 1):
+                    serviced |= 1 << pin
+            if serviced and self.vcpus:
+                raise self.limitation("KVM_SET_IRQCHIP: an IOAPIC IRR is delivered to the APICs again, which the "
+                                      "model does not emulate")
+        slave = chip if i == uapi.KVM_IRQCHIP_PIC_SLAVE else self.chips[uapi.KVM_IRQCHIP_PIC_SLAVE]
+        if i != uapi.KVM_IRQCHIP_IOAPIC and slave.chip.pic.irr & ~slave.chip.pic.imr & 0xFF:
+            raise self.limitation("KVM_SET_IRQCHIP: a slave PIC request raises the master's IRQ2, which the model "
+                                  "does not emulate")
         stored = uapi.kvm_irqchip.from_buffer_copy(chip)
         if i == uapi.KVM_IRQCHIP_IOAPIC:
-            stored.chip.ioapic.irr = 0
+            io = stored.chip.ioapic
+            for pin in range(uapi.KVM_IOAPIC_NUM_PINS):
+                if serviced >> pin & 1:
+                    if io.redirtbl[pin] >> 15 & 1:  # level: waits for its EOI
+                        io.redirtbl[pin] |= 1 << 14
+                    else:  # edge: delivered, hidden from KVM_GET_IRQCHIP
+                        io.irr &= ~(1 << pin)
+            io.irr &= (1 << uapi.KVM_IOAPIC_NUM_PINS) - 1
         self.chips[i] = stored
 
     def irq_line(self, irq: int, level: int) -> None:
@@ -236,7 +265,8 @@ class VmDevicesModel:
 
     def irqfd(self, fd: int, gsi: int, flags: int = 0, resamplefd: int = 0) -> None:
         """KVM_IRQFD (eventfd.c kvm_irqfd): EINVAL for unknown flags or without an irqchip, EBADF/EINVAL for a bad
-        fd, EBUSY for an eventfd already attached; deassigning what is not there succeeds."""
+        fd and then, with RESAMPLE, a bad resample fd; EBUSY for an eventfd already attached; deassigning what is not
+        there succeeds."""
         self._check_open()
         if flags & ~(uapi.KVM_IRQFD_FLAG_DEASSIGN | uapi.KVM_IRQFD_FLAG_RESAMPLE):
             raise KvmError(errno.EINVAL, "KVM_IRQFD")
@@ -249,6 +279,8 @@ class VmDevicesModel:
         if not self.irqchip:
             raise KvmError(errno.EINVAL, "KVM_IRQFD")
         err = _eventfd_error(fd, "KVM_IRQFD")
+        if not err and flags & uapi.KVM_IRQFD_FLAG_RESAMPLE:  # the resample eventfd, before EBUSY (eventfd.c:360-366)
+            err = _eventfd_error(resamplefd, "KVM_IRQFD")
         if err:
             raise err
         if any(f == fd for f, _ in self.irqfds):
@@ -256,29 +288,36 @@ class VmDevicesModel:
         self.irqfds.add((fd, gsi))
 
     def ioeventfd(self, fd: int, addr: int, length: int, datamatch: int = 0, flags: int = 0) -> None:
-        """KVM_IOEVENTFD (eventfd.c kvm_ioeventfd): EINVAL for unknown flags, a length other than 0/1/2/4/8 or a length
-        of 0 with DATAMATCH; ENOENT deassigning what is not there; EEXIST for a second one on the same access."""
+        """KVM_IOEVENTFD (6.12.118 eventfd.c:997-1003). Deassigning checks only the eventfd (EBADF, EINVAL) and then
+        looks for the same registration (ENOENT when there is none, eventfd.c:887-931). Assigning checks, in order: a
+        length other than 0/1/2/4/8, an address range that wraps past 2^64, unknown flags (beyond the mask 0x1f) and
+        DATAMATCH with length 0 (EINVAL, eventfd.c:950-973); then the eventfd; then EEXIST for one on the same bus
+        and address whose length is 0, or the same, with a wildcard or the same data (eventfd.c:801-815)."""
         self._check_open()
-        if flags & ~IOEVENTFD_FLAGS or length not in (0, 1, 2, 4, 8) or addr + length < addr:
-            raise KvmError(errno.EINVAL, "KVM_IOEVENTFD")
-        if not length and flags & uapi.KVM_IOEVENTFD_FLAG_DATAMATCH:
-            raise KvmError(errno.EINVAL, "KVM_IOEVENTFD")
-        pio = bool(flags & uapi.KVM_IOEVENTFD_FLAG_PIO)
+        bus = (0 if flags & uapi.KVM_IOEVENTFD_FLAG_PIO else 1 if flags & uapi.KVM_IOEVENTFD_FLAG_VIRTIO_CCW_NOTIFY
+               else 2)  # ioeventfd_bus_from_flags: PIO, VIRTIO_CCW_NOTIFY, MMIO
         match = datamatch if flags & uapi.KVM_IOEVENTFD_FLAG_DATAMATCH else None
         if flags & uapi.KVM_IOEVENTFD_FLAG_DEASSIGN:
-            entry = (pio, addr, length, fd, match)
+            err = _eventfd_error(fd, "KVM_IOEVENTFD")
+            if err:
+                raise err
+            entry = (bus, addr, length, fd, match)
             if entry not in self.ioeventfds:
                 raise KvmError(errno.ENOENT, "KVM_IOEVENTFD")
             self.ioeventfds.remove(entry)
             self._refresh_may_block()
             return
+        if length not in (0, 1, 2, 4, 8) or (addr + length) & U64 < addr or flags & ~IOEVENTFD_FLAGS:
+            raise KvmError(errno.EINVAL, "KVM_IOEVENTFD")
+        if not length and match is not None:
+            raise KvmError(errno.EINVAL, "KVM_IOEVENTFD")
         err = _eventfd_error(fd, "KVM_IOEVENTFD")
         if err:
             raise err
-        for p, a, n, _, m in self.ioeventfds:
-            if p == pio and a == addr and (n == length or not n or not length) and (m is None or match in (None, m)):
+        for b, a, n, _, m in self.ioeventfds:
+            if b == bus and a == addr and (not n or not length or (n == length and (m is None or match in (None, m)))):
                 raise KvmError(errno.EEXIST, "KVM_IOEVENTFD")
-        self.ioeventfds.append((pio, addr, length, fd, match))
+        self.ioeventfds.append((bus, addr, length, fd, match))
         self._refresh_may_block()
 
     # -- dirty log, clock, coalesced MMIO, TSC --
@@ -315,11 +354,17 @@ class VmDevicesModel:
         return data
 
     def set_clock(self, data: uapi.kvm_clock_data) -> None:
-        """KVM_SET_CLOCK: EINVAL for flags beyond TSC_STABLE, REALTIME and HOST_TSC."""
+        """KVM_SET_CLOCK: EINVAL for flags beyond TSC_STABLE, REALTIME and HOST_TSC. With REALTIME the clock moves on
+        by the wall-clock time since ``realtime``, never back (6.12.118 x86.c kvm_vm_ioctl_set_clock)."""
         self._check_open()
         if data.flags & ~CLOCK_FLAGS:
             raise KvmError(errno.EINVAL, "KVM_SET_CLOCK")
-        self._clock_offset = data.clock - (time.monotonic_ns() - self._clock_base)
+        clock = data.clock
+        if data.flags & uapi.KVM_CLOCK_REALTIME:
+            now_real = time.time_ns()
+            if now_real > data.realtime:
+                clock = (clock + now_real - data.realtime) & U64
+        self._clock_offset = clock - (time.monotonic_ns() - self._clock_base)
         self._masterclock = bool(self.vcpus)
 
     def register_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None:
