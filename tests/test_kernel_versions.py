@@ -773,3 +773,20 @@ def test_smbase_with_smm_built_in_but_not_reported() -> None:
         with kvmscope.open("model", profile=prof, kernel="6.12") as kvm, kvm.create_vm() as vm:
             got = vm.create_vcpu(0).get_msrs(kvmscope.MsrBatch([0x9E]))
             assert got == int(passes), f"SMBASE captured readable={readable}: host read took {got}, expected {passes}"
+
+
+@pytest.mark.parametrize(("kernel", "checked"), [("5.10", False), ("6.1", False), ("6.1.43", True), ("6.4", False),
+                                                 ("6.4.8", True), ("6.5", True), ("6.18", True)])
+def test_set_sregs_cr0_checked_by_version(kernel: str, checked: bool) -> None:
+    # 26a0652cb453 (6.5; stable 6.1.43 and 6.4.8, inferred; 6.1.192 x86.c:11645-11646 has it; the 5.10 backport
+    # failed): KVM_SET_SREGS refuses an invalid CR0 (PG without PE here).
+    with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        sregs = vcpu.get_sregs()
+        sregs.cr0 = 1 << 31
+        try:
+            vcpu.set_sregs(sregs)
+            refused = False
+        except KvmError as e:
+            refused = e.errno == errno.EINVAL
+        assert refused == checked, f"{kernel}: CR0 PG without PE refused: {refused}, expected {checked}"

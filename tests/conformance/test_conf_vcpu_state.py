@@ -407,3 +407,83 @@ def test_guest_tsc_deadline_with_the_in_kernel_lapic(kvm: System, lvtt: int, rea
         events = run_program(vm, vcpu, Program().wrmsr(TSC_DEADLINE, 5).rdmsr(TSC_DEADLINE).out(0x10, 1), max_exits=3)
         assert events[:3] == [Wrmsr(TSC_DEADLINE), Rdmsr(TSC_DEADLINE, read), Out(0x10, 1)], events
         assert isinstance(events[3], Stopped)
+
+
+@pytest.mark.parametrize(("cr0", "ok"), [(0x11, True), (1 << 32 | 0x11, False), (1 << 29 | 0x11, False),
+                                         (3 << 29 | 0x11, True), (1 << 31, False), (1 << 31 | 0x11, True)])
+def test_set_sregs_checks_cr0(kvm: System, cr0: int, ok: bool) -> None:
+    """kvm_is_valid_cr0 in KVM_SET_SREGS (26a0652cb453, 6.5): bits 63:32, NW without CD, PG without PE are EINVAL."""
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        sregs = vcpu.get_sregs()
+        sregs.cr0 = cr0
+        expect(lambda: vcpu.set_sregs(sregs), 0 if ok else errno.EINVAL, f"CR0 {cr0:#x}")
+
+
+@pytest.mark.parametrize(("cpuid", "bit", "ok"), [(False, 35, True), (False, 36, False), (True, 47, True),
+                                                  (True, 48, False)])
+def test_set_sregs_long_mode_cr3_within_maxphyaddr(kvm: System, cpuid: bool, bit: int, ok: bool) -> None:
+    """In long mode KVM_SET_SREGS refuses a CR3 beyond the guest's MAXPHYADDR (kvm_vcpu_is_legal_cr3): 36 bits with
+    no CPUID, CPUID 0x80000008 EAX[7:0] (48 here) with the supported one."""
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        if cpuid:
+            vcpu.set_cpuid(kvm.get_supported_cpuid())
+        sregs = vcpu.get_sregs()
+        sregs.cr0, sregs.cr4, sregs.efer, sregs.cr3 = 0x80000011, 0x20, 0x500, 1 << bit
+        expect(lambda: vcpu.set_sregs(sregs), 0 if ok else errno.EINVAL, f"CR3 bit {bit}, CPUID {cpuid}")
+
+
+def test_rflags_bit_1_and_table_padding(kvm: System) -> None:
+    """KVM_SET_REGS sets RFLAGS' fixed bit 1; KVM_GET_SREGS rebuilds the GDT and IDT from base and limit, so their
+    padding reads back 0."""
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        regs = vcpu.get_regs()
+        regs.rflags = 0
+        vcpu.set_regs(regs)
+        assert vcpu.get_regs().rflags == 2, f"RFLAGS after writing 0: {vcpu.get_regs().rflags:#x}"
+        sregs = vcpu.get_sregs()
+        sregs.gdt.padding[:] = (1, 2, 3)
+        sregs.idt.padding[:] = (4, 5, 6)
+        vcpu.set_sregs(sregs)
+        got = vcpu.get_sregs()
+        assert (list(got.gdt.padding), list(got.idt.padding)) == ([0, 0, 0], [0, 0, 0]), "the tables' padding"
+
+
+def test_vcpu_events_flags_are_bools_and_the_payload_is_kept(kvm: System) -> None:
+    """KVM_SET_VCPU_EVENTS keeps the injected/has_error_code flags as bools (2-255 read back 1) and the exception
+    payload whatever the flags (kvm_vcpu_ioctl_x86_set_vcpu_events); a soft interrupt reads back as none."""
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        events = vcpu.get_vcpu_events()
+        events.exception.injected, events.exception.nr, events.exception.has_error_code = 7, 13, 9
+        events.interrupt.injected, events.interrupt.nr, events.interrupt.soft = 5, 0x30, 3
+        events.nmi.injected, events.exception_payload = 4, 0x1234
+        vcpu.set_vcpu_events(events)
+        got = vcpu.get_vcpu_events()
+        seen = (got.exception.injected, got.exception.has_error_code, got.interrupt.injected, got.interrupt.soft,
+                got.nmi.injected, got.exception_payload)
+        assert seen == (1, 1, 0, 0, 1, 0x1234), f"flags and payload read back: {seen}"
+        events.interrupt.soft = 0
+        vcpu.set_vcpu_events(events)
+        assert vcpu.get_vcpu_events().interrupt.injected == 1, "a hard interrupt's injected flag 5 reads back 1"
+
+
+def test_sipi_vector_is_a_byte_at_delivery(kvm: System) -> None:
+    """A SIPI starts the AP at its vector's low byte (kvm_vcpu_deliver_sipi_vector takes a u8): vector 0x112 gives CS
+    selector 0x1200 and base 0x12000."""
+    with kvm.create_vm() as vm:
+        vm.create_irqchip()
+        vm.create_vcpu(0)
+        ap = vm.create_vcpu(1)
+        events = ap.get_vcpu_events()
+        events.flags, events.sipi_vector = uapi.KVM_VCPUEVENT_VALID_SIPI_VECTOR, 0x112
+        ap.set_vcpu_events(events)
+        ap.set_mp_state(uapi.KVM_MP_STATE_INIT_RECEIVED)
+        ap.set_mp_state(uapi.KVM_MP_STATE_SIPI_RECEIVED)
+        state = ap.get_mp_state()
+        cs = ap.get_sregs().cs
+        assert (state, cs.selector, cs.base) == (uapi.KVM_MP_STATE_RUNNABLE, 0x1200, 0x12000), (
+            f"MP state, CS selector and base: {(state, hex(cs.selector), hex(cs.base))}")
+        assert ap.get_vcpu_events().sipi_vector == 0, "KVM_GET_VCPU_EVENTS never reports the SIPI vector"

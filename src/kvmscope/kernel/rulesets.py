@@ -207,6 +207,12 @@ X2APIC_SUPPRESS_EOI_FLAGS = Rule("x2apic_suppress_eoi_flags", "> 6.18", "6517dfb
                                  "VM). DISABLE also lets an EOI reach the in-kernel IOAPIC despite SPIV's directed-EOI "
                                  "bit (kvm_lapic_suppress_eoi_broadcast)",
                                  stable=("6.18.17",))
+SREGS_CR0_CHECKED = Rule("sregs_cr0_checked", "6.5", "26a0652cb453",
+                         "KVM: x86: Disallow KVM_SET_SREGS{2} if incoming CR0 is invalid: bits 63:32, NW without CD "
+                         "or PG without PE are EINVAL (kvm_is_valid_cr0, 6.12.118 regs.c:203-216, 559-560); before, "
+                         "KVM_SET_SREGS took any CR0. Stable: 6.1.43 and 6.4.8 inferred (the stable batch of 31 July "
+                         "2023; 6.1.192 has it), not 5.10 (the backport failed)",
+                         stable=("6.1.43", "6.4.8"))
 REFUSED_READ_ZEROED = Rule("refused_read_zeroed", "6.12", "1cec2034980a",
                            "KVM: x86: Funnel all fancy MSR return value handling into a common helper: the entry a "
                            "KVM_GET_MSRS stops at reads 0 (kvm_do_msr_access, 6.12.118 x86.c:503-505); before, only a "
@@ -292,7 +298,7 @@ RULES: dict[str, Rule] = {
               SREGS_EFER_CHECKED, PRED_CMD_SBPB, X2APIC_ICR_64BIT, X2APIC_ICR_SPLIT_SVM, X2APIC_ICR_RESERVED,
               X2APIC_HIGH_BITS, X2APIC_SELF_IPI_VECTOR, X2APIC_SELF_IPI_KEEPS_ICR,
               X2APIC_LEAVE_SETS_XAPIC_ID, X2APIC_ID_READONLY,
-              REFUSED_READ_ZEROED, SMBASE_NEEDS_SMM, X2APIC_SUPPRESS_EOI_FLAGS,
+              REFUSED_READ_ZEROED, SMBASE_NEEDS_SMM, X2APIC_SUPPRESS_EOI_FLAGS, SREGS_CR0_CHECKED,
               INTEL_GUEST_CHECKS, INTEL_COMPATIBLE_CHECKS, UNSUPPORTED, UNKNOWN_MSR,
               HOST_PROFILE, *emulated.RULES)
 }

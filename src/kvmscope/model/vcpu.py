@@ -22,6 +22,7 @@ from . import x2apic
 from .guest_exec import ProgramState
 from .guest_exec import run_program as run_guest_program
 from .msr_batch import BatchedMsrRules
+from .mtrr import maxphyaddr
 from .realmode import interpret
 from .vcpu_state import VcpuStateModel
 
@@ -142,19 +143,32 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         return uapi.kvm_regs.from_buffer_copy(self.regs)
 
     def set_regs(self, regs: uapi.kvm_regs) -> None:
+        """KVM_SET_REGS: RFLAGS with its fixed bit 1 set (``kvm_set_rflags(regs->rflags | X86_EFLAGS_FIXED)``)."""
         self._check_open()
         self.regs = uapi.kvm_regs.from_buffer_copy(regs)
+        self.regs.rflags |= 2
 
     def get_sregs(self) -> uapi.kvm_sregs:
         self._check_open()
         return uapi.kvm_sregs.from_buffer_copy(self.sregs)
 
     def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
-        """KVM_SET_SREGS with ``kvm_is_valid_sregs``'s long-mode consistency checks, then APIC_BASE's MSR rule."""
+        """KVM_SET_SREGS with ``kvm_is_valid_sregs``'s checks (6.12.118 regs.c:538-562): long-mode consistency, in long
+        mode a CR3 within the guest's MAXPHYADDR (``kvm_vcpu_is_legal_cr3``; LAM's bits 61-62 with CPUID.LAM), CR0
+        from 6.5 (``sregs_cr0_checked``; CR4 is not checked: it needs the host's reserved bits); then APIC_BASE's MSR
+        rule. The GDT and IDT padding reads back 0 (KVM keeps base and limit only)."""
         self._check_open()
         lme, lma, pg, pae = sregs.efer & 1 << 8, sregs.efer & 1 << 10, sregs.cr0 & 1 << 31, sregs.cr4 & 1 << 5
         if (lme and pg and (not pae or not lma)) or (not (lme and pg) and (lma or sregs.cs.l)):
             raise KvmError(errno.EINVAL, "KVM_SET_SREGS")
+        if lme and pg:
+            lam = 3 << 61 if C.has_feature(self.cpuid, 7, 1, "eax", 26) else 0
+            if (sregs.cr3 & ~lam) >> maxphyaddr(self.msr_rules):
+                raise KvmError(errno.EINVAL, "KVM_SET_SREGS", f"CR3 {sregs.cr3:#x} beyond MAXPHYADDR")
+        cr0 = sregs.cr0
+        if self.rules.has(R.SREGS_CR0_CHECKED) and (cr0 >> 32 or (cr0 & 1 << 29 and not cr0 & 1 << 30)
+                                                    or (cr0 & 1 << 31 and not cr0 & 1)):
+            raise KvmError(errno.EINVAL, "KVM_SET_SREGS", f"CR0 {cr0:#x} refused (kvm_is_valid_cr0)")
         efer_rule = self.msr_rules.families.get(0xC0000080)
         if self._sregs_efer_checked and efer_rule is not None and not efer_rule.efer_valid(sregs.efer):  # type: ignore[attr-defined]
             raise KvmError(errno.EINVAL, "KVM_SET_SREGS", f"EFER {sregs.efer:#x} refused (kvm_valid_efer)")
@@ -162,6 +176,8 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         if apic_rule is not None and apic_rule.set(0x1B, sregs.apic_base, True):
             raise KvmError(errno.EINVAL, "KVM_SET_SREGS", f"APIC_BASE {sregs.apic_base:#x} refused")
         self.sregs = uapi.kvm_sregs.from_buffer_copy(sregs)
+        for table in (self.sregs.gdt, self.sregs.idt):
+            table.padding[:] = (0, 0, 0)
         if not sregs.cr0 & 1:
             self._program = None  # back in real mode: run the code in guest memory again
         self._runtime.cr4 = sregs.cr4

@@ -222,7 +222,7 @@ class VcpuStateModel(FpuStateModel):
             out.exception.injected = e.exception.injected | e.exception.pending  # no KVM_CAP_EXCEPTION_PAYLOAD
             out.exception.pending = e.exception.pending
         out.exception.nr, out.exception.has_error_code = e.exception.nr, e.exception.has_error_code
-        out.exception.error_code = e.exception.error_code
+        out.exception.error_code, out.exception_payload = e.exception.error_code, e.exception_payload
         out.interrupt.injected = e.interrupt.injected and not e.interrupt.soft
         out.interrupt.nr, out.interrupt.shadow = e.interrupt.nr, e.interrupt.shadow
         out.nmi.injected, out.nmi.masked = e.nmi.injected, e.nmi.masked
@@ -251,15 +251,15 @@ class VcpuStateModel(FpuStateModel):
             if not self.profile.capability(uapi.KVM_CAP_X86_SMM):
                 raise KvmError(errno.EINVAL, "KVM_SET_VCPU_EVENTS", "SMM state without KVM_CAP_X86_SMM")
             raise self.limitation("KVM_SET_VCPU_EVENTS: the model does not implement SMM")
-        e = self.events
-        e.exception.injected, e.exception.pending = ex.injected, 0  # pending only with VALID_PAYLOAD
-        e.exception.nr, e.exception.has_error_code = ex.nr, ex.has_error_code
-        e.exception.error_code = ex.error_code
-        e.interrupt.injected, e.interrupt.nr = events.interrupt.injected, events.interrupt.nr
-        e.interrupt.soft = events.interrupt.soft
+        e = self.events  # the kernel keeps the flags as bools (a byte of 2-255 reads back 1), and the payload always
+        e.exception.injected, e.exception.pending = bool(ex.injected), 0  # pending only with VALID_PAYLOAD
+        e.exception.nr, e.exception.has_error_code = ex.nr, bool(ex.has_error_code)
+        e.exception.error_code, e.exception_payload = ex.error_code, events.exception_payload
+        e.interrupt.injected, e.interrupt.nr = bool(events.interrupt.injected), events.interrupt.nr
+        e.interrupt.soft = bool(events.interrupt.soft)
         if f & uapi.KVM_VCPUEVENT_VALID_SHADOW:
             e.interrupt.shadow = self._shadow(events.interrupt.shadow)
-        e.nmi.injected, e.nmi.masked = events.nmi.injected, 1 if events.nmi.masked else 0
+        e.nmi.injected, e.nmi.masked = bool(events.nmi.injected), 1 if events.nmi.masked else 0
         if f & uapi.KVM_VCPUEVENT_VALID_NMI_PENDING:
             self.nmi_pending = events.nmi.pending
         if f & uapi.KVM_VCPUEVENT_VALID_SIPI_VECTOR and self.lapic is not None:
@@ -277,7 +277,7 @@ class VcpuStateModel(FpuStateModel):
         SIPI vector (kvm_vcpu_deliver_sipi_vector: CS selector vector << 8, base vector << 12, RIP 0)."""
         self._check_open()
         if self.mp_state == uapi.KVM_MP_STATE_SIPI_RECEIVED:
-            v = self.sipi_vector
+            v = self.sipi_vector & 0xFF  # kvm_vcpu_deliver_sipi_vector takes a u8
             self.sregs.cs.selector, self.sregs.cs.base, self.regs.rip = v << 8, v << 12, 0
             self.mp_state = uapi.KVM_MP_STATE_RUNNABLE
             self.refresh_may_block()
