@@ -487,3 +487,28 @@ def test_sipi_vector_is_a_byte_at_delivery(kvm: System) -> None:
         assert (state, cs.selector, cs.base) == (uapi.KVM_MP_STATE_RUNNABLE, 0x1200, 0x12000), (
             f"MP state, CS selector and base: {(state, hex(cs.selector), hex(cs.base))}")
         assert ap.get_vcpu_events().sipi_vector == 0, "KVM_GET_VCPU_EVENTS never reports the SIPI vector"
+
+
+@pytest.mark.parametrize("irqchip", [False, True])
+def test_cr8_is_the_tpr_and_ignores_reserved_bits(kvm: System, irqchip: bool) -> None:
+    """KVM_SET_SREGS' CR8 (kvm_set_cr8, 6.12.118 regs.c:436-445): a value above 15 is ignored (the old one stays);
+    with an in-kernel LAPIC it becomes the TPR's class (TPR = CR8 << 4, its low bits cleared), and KVM_GET_SREGS
+    reads CR8 back from the TPR."""
+    with kvm.create_vm() as vm:
+        if irqchip:
+            vm.create_irqchip()
+        vcpu = vm.create_vcpu(0)
+        seen = []
+        for cr8 in (3, 0x10, 9):
+            sregs = vcpu.get_sregs()
+            sregs.cr8 = cr8
+            vcpu.set_sregs(sregs)
+            tpr = regs32(bytes(vcpu.get_lapic())).get(0x80, 0) if irqchip else None
+            seen.append((vcpu.get_sregs().cr8, tpr))
+        if irqchip:
+            raw = bytearray(bytes(vcpu.get_lapic()))
+            struct.pack_into("<I", raw, 0x80, 0x5A)
+            vcpu.set_lapic(uapi.kvm_lapic_state.from_buffer_copy(raw))
+            seen.append((vcpu.get_sregs().cr8, 0x5A))
+        expected = [(3, 0x30), (3, 0x30), (9, 0x90), (5, 0x5A)] if irqchip else [(3, None), (3, None), (9, None)]
+        assert seen == expected, f"CR8 and TPR after each write: expected {expected}, saw {seen}"

@@ -149,8 +149,12 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         self.regs.rflags |= 2
 
     def get_sregs(self) -> uapi.kvm_sregs:
+        """KVM_GET_SREGS; with an in-kernel LAPIC, CR8 is the TPR's class (``kvm_lapic_get_cr8``)."""
         self._check_open()
-        return uapi.kvm_sregs.from_buffer_copy(self.sregs)
+        out = uapi.kvm_sregs.from_buffer_copy(self.sregs)
+        if self.lapic is not None:
+            out.cr8 = x2apic.reg32(self.lapic, x2apic.TPR) >> 4 & 0xF
+        return out
 
     def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
         """KVM_SET_SREGS with ``kvm_is_valid_sregs``'s checks (6.12.118 regs.c:538-562): long-mode consistency, in long
@@ -175,13 +179,19 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         apic_rule = self.msr_rules.families.get(0x1B)  # __set_sregs_common: kvm_apic_set_base(host_initiated) first
         if apic_rule is not None and apic_rule.set(0x1B, sregs.apic_base, True):
             raise KvmError(errno.EINVAL, "KVM_SET_SREGS", f"APIC_BASE {sregs.apic_base:#x} refused")
+        old_cr8 = self.sregs.cr8
         self.sregs = uapi.kvm_sregs.from_buffer_copy(sregs)
+        if sregs.cr8 >> 4:  # kvm_set_cr8 refuses it, and __set_sregs_common ignores that (6.12.118 regs.c:436-445)
+            self.sregs.cr8 = old_cr8
         for table in (self.sregs.gdt, self.sregs.idt):
             table.padding[:] = (0, 0, 0)
         if not sregs.cr0 & 1:
             self._program = None  # back in real mode: run the code in guest memory again
         self._runtime.cr4 = sregs.cr4
         self.set_apic_base(sregs.apic_base)
+        if self.lapic is not None and not sregs.cr8 >> 4:  # kvm_lapic_set_tpr: CR8 becomes the TPR's class
+            x2apic.set_reg32(self.lapic, x2apic.TPR, (sregs.cr8 & 0xF) << 4)
+            x2apic.update_ppr(self.lapic)
 
     def set_apic_base(self, value: int) -> None:
         """``__kvm_apic_set_base``: the new APIC_BASE (KVM_GET_SREGS shows it; CPUID.1:EDX.APIC follows its enable bit);
