@@ -383,3 +383,27 @@ def test_enable_cap_the_model_does_not_implement(kvm: System, cap: int, arg: int
             vm.enable_cap(cap, arg)
         except ModelLimitation:
             assert kvm.backend == "model", "only the model may refuse"
+
+
+def test_msi_with_32_bit_ids_refuses_address_hi_low_byte(kvm: System) -> None:
+    """With KVM_CAP_X2APIC_API's 32-bit IDs, an MSI whose address_hi has bits 7:0 set is EINVAL, before delivery, as
+    KVM_SIGNAL_MSI and as a KVM_SET_GSI_ROUTING entry (kvm_msi_route_invalid, 6.12.118 irq_comm.c:125-137, 317)."""
+    with kvm.create_vm() as vm:
+        vm.enable_cap(uapi.KVM_CAP_X2APIC_API, uapi.KVM_X2APIC_API_USE_32BIT_IDS)
+        vm.create_irqchip()
+        expect(lambda: vm.signal_msi(0x1_FEE00000, 0x30), errno.EINVAL, "MSI with address_hi 1, no vCPU")
+        entry = uapi.kvm_irq_routing_entry(gsi=30, type=uapi.KVM_IRQ_ROUTING_MSI)
+        entry.u.msi.address_lo, entry.u.msi.address_hi, entry.u.msi.data = 0xFEE00000, 1, 0x30
+        expect(lambda: vm.set_gsi_routing([entry]), errno.EINVAL, "an MSI route with address_hi 1")
+        entry.u.msi.address_hi = 0x100  # bits 31:8 hold the high part of a 32-bit ID
+        vm.set_gsi_routing([entry])
+
+
+def test_hv_sint_route_needs_hyperv(kvm: System) -> None:
+    """A KVM_IRQ_ROUTING_HV_SINT entry exists only with CONFIG_KVM_HYPERV (irq_comm.c:320-326): this host has none
+    (KVM_CAP_HYPERV 0), so it is EINVAL."""
+    with kvm.create_vm() as vm:
+        vm.create_irqchip()
+        hyperv = kvm.check_extension(uapi.KVM_CAP_HYPERV)
+        entry = uapi.kvm_irq_routing_entry(gsi=1, type=4)
+        expect(lambda: vm.set_gsi_routing([entry]), 0 if hyperv else errno.EINVAL, f"HV_SINT with KVM_CAP_HYPERV {hyperv}")

@@ -52,6 +52,7 @@ class VmDevicesModel:
 
     if TYPE_CHECKING:  # provided by ModelVm (declared for the type checker only: a body would shadow them)
         x2apic_broadcast_quirk_disabled: bool
+        x2apic_format: bool
 
         def _check_open(self) -> None: ...
 
@@ -187,6 +188,8 @@ class VmDevicesModel:
         self._check_open()
         if not self.irqchip or flags & ~uapi.KVM_MSI_VALID_DEVID:
             raise KvmError(errno.EINVAL, "KVM_SIGNAL_MSI")
+        if self.x2apic_format and address >> 32 & 0xFF:  # kvm_msi_route_invalid (6.12.118 irq_comm.c:125-137)
+            raise KvmError(errno.EINVAL, "KVM_SIGNAL_MSI", "address_hi bits 7:0 with 32-bit x2APIC IDs")
         if not self.vcpus:
             raise KvmError(errno.EPERM, "KVM_SIGNAL_MSI")
         if address & 1 << 2 or (data >> 8) & 7:
@@ -249,11 +252,14 @@ class VmDevicesModel:
             bad = e.gsi >= uapi.KVM_MAX_IRQ_ROUTES
             if e.type == uapi.KVM_IRQ_ROUTING_MSI:
                 bad |= bool(e.flags & ~uapi.KVM_MSI_VALID_DEVID)
+                bad |= self.x2apic_format and bool(e.u.msi.address_hi & 0xFF)  # kvm_msi_route_invalid
             elif e.type == uapi.KVM_IRQ_ROUTING_IRQCHIP:
                 chip, pin = e.u.irqchip.irqchip, e.u.irqchip.pin
                 limit = {0: PIC_NUM_PINS // 2, 1: PIC_NUM_PINS // 2, 2: uapi.KVM_IOAPIC_NUM_PINS}.get(chip, 0)
                 bad |= bool(e.flags) or pin >= limit
-            elif e.type != 4:  # KVM_IRQ_ROUTING_HV_SINT; s390 adapters are not x86, Xen needs KVM_XEN_HVM_CONFIG
+            elif e.type == 4:  # KVM_IRQ_ROUTING_HV_SINT: only with CONFIG_KVM_HYPERV (irq_comm.c:320-326)
+                bad |= bool(e.flags) or not self.profile.capability(uapi.KVM_CAP_HYPERV)
+            else:  # s390 adapters are not x86, Xen needs KVM_XEN_HVM_CONFIG
                 bad = True
             for other in seen.get(e.gsi, []):
                 both_chips = e.type == other.type == uapi.KVM_IRQ_ROUTING_IRQCHIP
