@@ -512,3 +512,20 @@ def test_cr8_is_the_tpr_and_ignores_reserved_bits(kvm: System, irqchip: bool) ->
             seen.append((vcpu.get_sregs().cr8, 0x5A))
         expected = [(3, 0x30), (3, 0x30), (9, 0x90), (5, 0x5A)] if irqchip else [(3, None), (3, None), (9, None)]
         assert seen == expected, f"CR8 and TPR after each write: expected {expected}, saw {seen}"
+
+
+def test_xsave_keeps_the_mxcsr_mask_given_and_checks_mxcsr_with_fp(kvm: System) -> None:
+    """copy_uabi_to_xstate: MXCSR's reserved bits are checked when XSTATE_BV has FP, SSE or YMM (FP alone too), and
+    the MXCSR_MASK word given is kept: KVM_GET_XSAVE shows it while SSE holds state."""
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        image = bytearray(bytes(vcpu.get_xsave()))
+        struct.pack_into("<QI", image, 512, 1, 0)  # XSTATE_BV = FP only
+        struct.pack_into("<I", image, 24, 0xFFFF0000)
+        expect(lambda: vcpu.set_xsave(bytes(image)), errno.EINVAL, "MXCSR reserved bits with XSTATE_BV = FP")
+        struct.pack_into("<Q", image, 512, 3)  # FP | SSE
+        struct.pack_into("<II", image, 24, 0x1F80, 0x1234)
+        vcpu.set_xsave(bytes(image))
+        got = struct.unpack_from("<II", bytes(vcpu.get_xsave()), 24)
+        assert got == (0x1F80, 0x1234), f"MXCSR and MXCSR_MASK read back: {tuple(hex(v) for v in got)}"

@@ -114,8 +114,11 @@ class FpuStateModel:
                 out[lo:hi] = fx[lo:hi]
         else:
             struct.pack_into("<H", out, 0, FCW_INIT)
-        mxcsr = struct.unpack_from("<I", fx, _MXCSR)[0] if xf & (XFEATURE_SSE | XFEATURE_YMM) else MXCSR_INIT
-        struct.pack_into("<II", out, _MXCSR, mxcsr, mxcsr_mask(self.profile))
+        # MXCSR and MXCSR_MASK as written when SSE or YMM holds state, else the init values (the host's mask)
+        if xf & (XFEATURE_SSE | XFEATURE_YMM):
+            out[_MXCSR:_MXCSR + 8] = fx[_MXCSR:_MXCSR + 8]
+        else:
+            struct.pack_into("<II", out, _MXCSR, MXCSR_INIT, mxcsr_mask(self.profile))
         if xf & XFEATURE_SSE:
             out[_XMM:416] = fx[_XMM:416]
         struct.pack_into("<Q", out, _SW_BYTES, supported_xcr0(self.profile))
@@ -146,14 +149,16 @@ class FpuStateModel:
         xstate_bv, xcomp_bv = struct.unpack_from("<QQ", image, _HEADER)
         if xstate_bv & ~supported_xcr0(self.profile) or xcomp_bv or any(image[_HEADER + 16 : _HEADER + 64]):
             raise KvmError(errno.EINVAL, "KVM_SET_XSAVE", "XSAVE header: unsupported features or reserved bits")
+        # copy_uabi_to_xstate: MXCSR is checked when FP, SSE or YMM holds state, and then MXCSR and MXCSR_MASK are
+        # taken as given (the FP component's bytes hold both)
         mxcsr = struct.unpack_from("<I", image, _MXCSR)[0]
-        if xstate_bv & (XFEATURE_SSE | XFEATURE_YMM) and mxcsr & ~mxcsr_mask(self.profile):
+        if xstate_bv & (XFEATURE_FP | XFEATURE_SSE | XFEATURE_YMM) and mxcsr & ~mxcsr_mask(self.profile):
             raise KvmError(errno.EINVAL, "KVM_SET_XSAVE", f"MXCSR 0x{mxcsr:x} sets reserved bits")
         if xstate_bv & XFEATURE_FP:
             for lo, hi in _FP_SPANS:
                 self.fx[lo:hi] = image[lo:hi]
-        if xstate_bv & (XFEATURE_SSE | XFEATURE_YMM):
-            struct.pack_into("<I", self.fx, _MXCSR, mxcsr)
+        if xstate_bv & (XFEATURE_FP | XFEATURE_SSE | XFEATURE_YMM):
+            self.fx[_MXCSR:_MXCSR + 8] = image[_MXCSR:_MXCSR + 8]
         if xstate_bv & XFEATURE_SSE:
             self.fx[_XMM:416] = image[_XMM:416]
         for bit in range(2, 64):
