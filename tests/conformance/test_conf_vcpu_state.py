@@ -529,3 +529,17 @@ def test_xsave_keeps_the_mxcsr_mask_given_and_checks_mxcsr_with_fp(kvm: System) 
         vcpu.set_xsave(bytes(image))
         got = struct.unpack_from("<II", bytes(vcpu.get_xsave()), 24)
         assert got == (0x1F80, 0x1234), f"MXCSR and MXCSR_MASK read back: {tuple(hex(v) for v in got)}"
+
+
+def test_interrupt_bitmap_queues_the_lowest_vector(kvm: System) -> None:
+    """KVM_SET_SREGS' interrupt_bitmap: the lowest vector set is queued as an injected interrupt, and KVM_GET_SREGS
+    shows only that one (6.12.118 regs.c:498-503, 648-655)."""
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        sregs = vcpu.get_sregs()
+        sregs.interrupt_bitmap[1] = 1 << 3 | 1 << 40
+        sregs.interrupt_bitmap[3] = 1
+        vcpu.set_sregs(sregs)
+        events = vcpu.get_vcpu_events()
+        seen = (list(vcpu.get_sregs().interrupt_bitmap), events.interrupt.injected, events.interrupt.nr)
+        assert seen == ([0, 1 << 3, 0, 0], 1, 67), f"bitmap, injected, vector: {seen}"

@@ -152,6 +152,10 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         """KVM_GET_SREGS; with an in-kernel LAPIC, CR8 is the TPR's class (``kvm_lapic_get_cr8``)."""
         self._check_open()
         out = uapi.kvm_sregs.from_buffer_copy(self.sregs)
+        interrupt = self.events.interrupt  # the bitmap shows the injected hard interrupt (__get_sregs)
+        out.interrupt_bitmap[:] = (0, 0, 0, 0)
+        if interrupt.injected and not interrupt.soft:
+            out.interrupt_bitmap[interrupt.nr >> 6] = 1 << (interrupt.nr & 63)
         if self.lapic is not None:
             out.cr8 = x2apic.reg32(self.lapic, x2apic.TPR) >> 4 & 0xF
         return out
@@ -185,6 +189,11 @@ class ModelVcpu(VcpuStateModel, Vcpu):
             self.sregs.cr8 = old_cr8
         for table in (self.sregs.gdt, self.sregs.idt):
             table.padding[:] = (0, 0, 0)
+        bits = next(((i, word) for i, word in enumerate(sregs.interrupt_bitmap) if word), None)
+        if bits is not None:  # the lowest vector set is queued as an injected interrupt (6.12.118 regs.c:648-655)
+            interrupt = self.events.interrupt
+            interrupt.injected, interrupt.soft = 1, 0
+            interrupt.nr = 64 * bits[0] + (bits[1] & -bits[1]).bit_length() - 1
         if not sregs.cr0 & 1:
             self._program = None  # back in real mode: run the code in guest memory again
         self._runtime.cr4 = sregs.cr4
