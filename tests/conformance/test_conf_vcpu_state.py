@@ -543,3 +543,24 @@ def test_interrupt_bitmap_queues_the_lowest_vector(kvm: System) -> None:
         events = vcpu.get_vcpu_events()
         seen = (list(vcpu.get_sregs().interrupt_bitmap), events.interrupt.injected, events.interrupt.nr)
         assert seen == ([0, 1 << 3, 0, 0], 1, 67), f"bitmap, injected, vector: {seen}"
+
+
+def test_guest_debug_injection_replaces_an_injected_exception_and_set_regs_drops_a_pending_one(kvm: System) -> None:
+    """KVM_SET_GUEST_DEBUG's INJECT_BP is EBUSY only for a pending exception (kvm_is_exception_pending); over an
+    injected #GP it replaces it (kvm_multiple_exception: #BP is benign). KVM_SET_REGS drops a pending exception
+    (__set_regs)."""
+    enable = uapi.KVM_GUESTDBG_ENABLE
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        events = vcpu.get_vcpu_events()
+        events.exception.injected, events.exception.nr = 1, 13
+        vcpu.set_vcpu_events(events)
+        vcpu.set_guest_debug(enable | uapi.KVM_GUESTDBG_INJECT_BP)
+        assert vcpu.get_vcpu_events().exception.nr == 3, "the injected #GP is replaced by #BP"
+        expect(lambda: vcpu.set_guest_debug(enable | uapi.KVM_GUESTDBG_INJECT_DB), errno.EBUSY, "over a pending #BP")
+        vcpu.set_regs(vcpu.get_regs())
+        vcpu.set_guest_debug(enable | uapi.KVM_GUESTDBG_INJECT_DB)  # KVM_SET_REGS dropped the pending #BP
+        got = vcpu.get_vcpu_events().exception
+        assert (got.injected, got.nr) == (1, 1), f"a pending #DB after KVM_SET_REGS: {(got.injected, got.nr)}"
+        vcpu.set_regs(vcpu.get_regs())
+        assert vcpu.get_vcpu_events().exception.injected == 0, "KVM_SET_REGS drops the pending #DB"

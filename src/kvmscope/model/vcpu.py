@@ -147,6 +147,7 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         self._check_open()
         self.regs = uapi.kvm_regs.from_buffer_copy(regs)
         self.regs.rflags |= 2
+        self.events.exception.pending = 0  # __set_regs drops a pending exception (6.12.118 regs.c:129)
 
     def get_sregs(self) -> uapi.kvm_sregs:
         """KVM_GET_SREGS; with an in-kernel LAPIC, CR8 is the TPR's class (``kvm_lapic_get_cr8``)."""

@@ -205,9 +205,11 @@ class VcpuStateModel(FpuStateModel):
         if len(debugreg) > 8:
             raise InvalidValueError("KVM_SET_GUEST_DEBUG takes at most 8 debug registers")
         if control & (uapi.KVM_GUESTDBG_INJECT_DB | uapi.KVM_GUESTDBG_INJECT_BP):
-            ex = self.events.exception
-            if ex.injected or ex.pending:
+            ex = self.events.exception  # EBUSY only for a pending one (kvm_is_exception_pending); an injected one is
+            if ex.pending:  # replaced by the benign #DB/#BP (kvm_multiple_exception), unless it is #DF: triple fault
                 raise KvmError(errno.EBUSY, "KVM_SET_GUEST_DEBUG")
+            if ex.injected and ex.nr == 8:
+                raise self.limitation("KVM_SET_GUEST_DEBUG: an injection on top of #DF is a triple fault")
             ex.pending, ex.injected, ex.has_error_code, ex.error_code = 1, 0, 0, 0
             ex.nr = 1 if control & uapi.KVM_GUESTDBG_INJECT_DB else 3
         self.guest_debug = control
