@@ -564,3 +564,21 @@ def test_guest_debug_injection_replaces_an_injected_exception_and_set_regs_drops
         assert (got.injected, got.nr) == (1, 1), f"a pending #DB after KVM_SET_REGS: {(got.injected, got.nr)}"
         vcpu.set_regs(vcpu.get_regs())
         assert vcpu.get_vcpu_events().exception.injected == 0, "KVM_SET_REGS drops the pending #DB"
+
+
+@pytest.mark.parametrize(("then", "started"), [(None, True), (uapi.KVM_MP_STATE_INIT_RECEIVED, True),
+                                                (uapi.KVM_MP_STATE_RUNNABLE, False)])
+def test_a_sipi_set_by_mp_state_waits_for_init_received(kvm: System, then: int | None, started: bool) -> None:
+    """KVM_SET_MP_STATE(SIPI_RECEIVED) leaves the AP in INIT_RECEIVED with the SIPI pending (KVM_APIC_SIPI): a later
+    KVM_SET_MP_STATE(INIT_RECEIVED) keeps it, and the next KVM_GET_MP_STATE starts the AP; from RUNNABLE the SIPI
+    is dropped (kvm_apic_accept_events)."""
+    with kvm.create_vm() as vm:
+        vm.create_irqchip()
+        vm.create_vcpu(0)
+        ap = vm.create_vcpu(1)
+        ap.set_mp_state(uapi.KVM_MP_STATE_SIPI_RECEIVED)
+        if then is not None:
+            ap.set_mp_state(then)
+        state, cs = ap.get_mp_state(), ap.get_sregs().cs.selector
+        expected = (uapi.KVM_MP_STATE_RUNNABLE, 0) if started else (uapi.KVM_MP_STATE_RUNNABLE, 0xF000)
+        assert (state, cs) == expected, f"MP state and CS selector: expected {expected}, saw {(state, hex(cs))}"

@@ -94,7 +94,7 @@ class VcpuStateModel(FpuStateModel):
         self.mp_state = uapi.KVM_MP_STATE_RUNNABLE if bsp or not self.vm.irqchip else uapi.KVM_MP_STATE_UNINITIALIZED
         self.events = uapi.kvm_vcpu_events()  # the kernel's fields; get_vcpu_events reports them as x86.c does
         self.nmi_pending = 0
-        self.sipi_vector = 0
+        self.sipi_vector, self.sipi_pending = 0, False  # a SIPI set by KVM_SET_MP_STATE waits (KVM_APIC_SIPI)
         self.debugregs = uapi.kvm_debugregs(dr6=0xFFFF0FF0, dr7=0x400)
         self.reset_fpu_state()
         self.tsc_khz = self.vm.default_tsc_khz
@@ -275,10 +275,11 @@ class VcpuStateModel(FpuStateModel):
         return 3 if self.profile.vendor == "svm" and mask else mask
 
     def get_mp_state(self) -> int:
-        """KVM_GET_MP_STATE, after kvm_apic_accept_events: a SIPI received in INIT_RECEIVED starts the vCPU at the
-        SIPI vector (kvm_vcpu_deliver_sipi_vector: CS selector vector << 8, base vector << 12, RIP 0)."""
+        """KVM_GET_MP_STATE, after kvm_apic_accept_events: a pending SIPI, taken in INIT_RECEIVED, starts the vCPU at
+        the SIPI vector (kvm_vcpu_deliver_sipi_vector: CS selector vector << 8, base vector << 12, RIP 0)."""
         self._check_open()
-        if self.mp_state == uapi.KVM_MP_STATE_SIPI_RECEIVED:
+        pending, self.sipi_pending = self.sipi_pending, False
+        if pending and self.mp_state == uapi.KVM_MP_STATE_INIT_RECEIVED:
             v = self.sipi_vector & 0xFF  # kvm_vcpu_deliver_sipi_vector takes a u8
             self.sregs.cs.selector, self.sregs.cs.base, self.regs.rip = v << 8, v << 12, 0
             self.mp_state = uapi.KVM_MP_STATE_RUNNABLE
@@ -314,7 +315,9 @@ class VcpuStateModel(FpuStateModel):
                        uapi.KVM_MP_STATE_INIT_RECEIVED, uapi.KVM_MP_STATE_SIPI_RECEIVED)
         if mp_state != uapi.KVM_MP_STATE_RUNNABLE and (mp_state not in needs_lapic or self.lapic is None):
             raise KvmError(errno.EINVAL, "KVM_SET_MP_STATE")
-        self.mp_state = mp_state
+        sipi = mp_state == uapi.KVM_MP_STATE_SIPI_RECEIVED  # INIT_RECEIVED with the SIPI pending
+        self.mp_state = uapi.KVM_MP_STATE_INIT_RECEIVED if sipi else mp_state
+        self.sipi_pending |= sipi
         self.refresh_may_block()
 
     def nmi(self) -> None:
