@@ -582,3 +582,21 @@ def test_a_sipi_set_by_mp_state_waits_for_init_received(kvm: System, then: int |
         state, cs = ap.get_mp_state(), ap.get_sregs().cs.selector
         expected = (uapi.KVM_MP_STATE_RUNNABLE, 0) if started else (uapi.KVM_MP_STATE_RUNNABLE, 0xF000)
         assert (state, cs) == expected, f"MP state and CS selector: expected {expected}, saw {(state, hex(cs))}"
+
+
+@pytest.mark.parametrize("late", ["triple_fault", "smm"])
+def test_late_vcpu_events_refusals_apply_the_rest_first(kvm: System, late: str) -> None:
+    """KVM_SET_VCPU_EVENTS refuses TRIPLE_FAULT without KVM_CAP_X86_TRIPLE_FAULT_EVENT, and SMM state without
+    CONFIG_KVM_SMM (this host), only after applying the exception, interrupt and NMI state (x86.c v6.12 5107-5123):
+    EINVAL, with the injected exception in place."""
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        events = vcpu.get_vcpu_events()
+        events.exception.injected, events.exception.nr = 1, 13
+        if late == "smm":
+            events.flags, events.smi.smm = uapi.KVM_VCPUEVENT_VALID_SMM, 1
+        else:
+            events.flags = uapi.KVM_VCPUEVENT_VALID_TRIPLE_FAULT
+        expect(lambda: vcpu.set_vcpu_events(events), errno.EINVAL, f"{late} refused")
+        got = vcpu.get_vcpu_events().exception
+        assert (got.injected, got.nr) == (1, 13), f"the exception applied before the refusal: {(got.injected, got.nr)}"

@@ -242,17 +242,18 @@ class VcpuStateModel(FpuStateModel):
         valid = (uapi.KVM_VCPUEVENT_VALID_NMI_PENDING | uapi.KVM_VCPUEVENT_VALID_SIPI_VECTOR
                  | uapi.KVM_VCPUEVENT_VALID_SHADOW | uapi.KVM_VCPUEVENT_VALID_SMM | uapi.KVM_VCPUEVENT_VALID_PAYLOAD
                  | uapi.KVM_VCPUEVENT_VALID_TRIPLE_FAULT)
-        # PAYLOAD and TRIPLE_FAULT need KVM_CAP_EXCEPTION_PAYLOAD / KVM_CAP_X86_TRIPLE_FAULT_EVENT enabled, which the
-        # model does not offer; without CONFIG_KVM_SMM (KVM_CAP_X86_SMM 0) any SMM state is refused.
-        refused = f & ~valid or f & (uapi.KVM_VCPUEVENT_VALID_PAYLOAD | uapi.KVM_VCPUEVENT_VALID_TRIPLE_FAULT)
-        ex = events.exception
-        if refused or (ex.injected and (ex.nr > 31 or ex.nr == 2)):
+        # PAYLOAD needs KVM_CAP_EXCEPTION_PAYLOAD, which the model does not offer: refused first. SMM state without
+        # CONFIG_KVM_SMM (KVM_CAP_X86_SMM 0), and TRIPLE_FAULT without KVM_CAP_X86_TRIPLE_FAULT_EVENT, are refused
+        # only after the rest is applied (x86.c v6.12 5107-5123).
+        ex, smi, smm_flag = events.exception, events.smi, f & uapi.KVM_VCPUEVENT_VALID_SMM
+        if f & ~valid or f & uapi.KVM_VCPUEVENT_VALID_PAYLOAD or (ex.injected and (ex.nr > 31 or ex.nr == 2)) or (
+                smm_flag and (smi.smm or smi.pending) and self.mp_state == uapi.KVM_MP_STATE_INIT_RECEIVED):
             raise KvmError(errno.EINVAL, "KVM_SET_VCPU_EVENTS")
-        smi = events.smi
-        if f & uapi.KVM_VCPUEVENT_VALID_SMM and (smi.smm or smi.pending or smi.smm_inside_nmi):
-            if not self.profile.capability(uapi.KVM_CAP_X86_SMM):
-                raise KvmError(errno.EINVAL, "KVM_SET_VCPU_EVENTS", "SMM state without KVM_CAP_X86_SMM")
+        smm = smm_flag and (smi.smm or smi.pending or smi.smm_inside_nmi)
+        if smm and self.profile.capability(uapi.KVM_CAP_X86_SMM):
             raise self.limitation("KVM_SET_VCPU_EVENTS: the model does not implement SMM")
+        if smm_flag and not smm and smi.latched_init and self.lapic is not None:
+            raise self.limitation("KVM_SET_VCPU_EVENTS: a latched INIT (the next KVM_GET_MP_STATE resets the vCPU)")
         e = self.events  # the kernel keeps the flags as bools (a byte of 2-255 reads back 1), and the payload always
         e.exception.injected, e.exception.pending = bool(ex.injected), 0  # pending only with VALID_PAYLOAD
         e.exception.nr, e.exception.has_error_code = ex.nr, bool(ex.has_error_code)
@@ -267,6 +268,8 @@ class VcpuStateModel(FpuStateModel):
         if f & uapi.KVM_VCPUEVENT_VALID_SIPI_VECTOR and self.lapic is not None:
             self.sipi_vector = events.sipi_vector
         self.refresh_may_block()
+        if smm or f & uapi.KVM_VCPUEVENT_VALID_TRIPLE_FAULT:  # the state above is applied all the same
+            raise KvmError(errno.EINVAL, "KVM_SET_VCPU_EVENTS", "SMM state without SMM, or TRIPLE_FAULT without its cap")
 
     def _shadow(self, mask: int) -> int:
         """The interrupt shadow as the vendor module keeps it: SVM has one bit and reports both (svm.c
