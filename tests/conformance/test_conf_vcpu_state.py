@@ -600,3 +600,19 @@ def test_late_vcpu_events_refusals_apply_the_rest_first(kvm: System, late: str) 
         expect(lambda: vcpu.set_vcpu_events(events), errno.EINVAL, f"{late} refused")
         got = vcpu.get_vcpu_events().exception
         assert (got.injected, got.nr) == (1, 13), f"the exception applied before the refusal: {(got.injected, got.nr)}"
+
+
+@pytest.mark.parametrize(("bsp", "runnable"), [(False, False), (True, True)])
+def test_set_sregs_unhalts_a_bsp_at_reset(kvm: System, bsp: bool, runnable: bool) -> None:
+    """KVM_SET_SREGS makes a vCPU RUNNABLE when APIC_BASE says BSP and CS:RIP are at reset in real mode ("Older
+    userspace won't unhalt the vcpu on reset", 6.12.118 regs.c:625-629); an AP otherwise stays UNINITIALIZED."""
+    with kvm.create_vm() as vm:
+        vm.create_irqchip()
+        vm.create_vcpu(0)
+        ap = vm.create_vcpu(1)
+        sregs = ap.get_sregs()
+        sregs.apic_base = 0xFEE00900 if bsp else 0xFEE00800
+        ap.set_sregs(sregs)
+        state = ap.get_mp_state()
+        expected = uapi.KVM_MP_STATE_RUNNABLE if runnable else uapi.KVM_MP_STATE_UNINITIALIZED
+        assert state == expected, f"MP state after KVM_SET_SREGS with BSP={bsp}: expected {expected}, saw {state}"

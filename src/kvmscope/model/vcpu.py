@@ -202,6 +202,12 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         if self.lapic is not None and not sregs.cr8 >> 4:  # kvm_lapic_set_tpr: CR8 becomes the TPR's class
             x2apic.set_reg32(self.lapic, x2apic.TPR, (sregs.cr8 & 0xF) << 4)
             x2apic.update_ppr(self.lapic)
+        # "Older userspace won't unhalt the vcpu on reset" (6.12.118 regs.c:625-629): a BSP at the reset CS:RIP in
+        # real mode is made runnable
+        if (self.sregs.apic_base & 1 << 8 and self.regs.rip == 0xFFF0 and sregs.cs.selector == 0xF000
+                and sregs.cs.base == 0xFFFF0000 and not sregs.cr0 & 1):
+            self.mp_state = uapi.KVM_MP_STATE_RUNNABLE
+            self.refresh_may_block()
 
     def set_apic_base(self, value: int) -> None:
         """``__kvm_apic_set_base``: the new APIC_BASE (KVM_GET_SREGS shows it; CPUID.1:EDX.APIC follows its enable bit);
