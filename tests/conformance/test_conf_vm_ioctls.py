@@ -407,3 +407,20 @@ def test_hv_sint_route_needs_hyperv(kvm: System) -> None:
         hyperv = kvm.check_extension(uapi.KVM_CAP_HYPERV)
         entry = uapi.kvm_irq_routing_entry(gsi=1, type=4)
         expect(lambda: vm.set_gsi_routing([entry]), 0 if hyperv else errno.EINVAL, f"HV_SINT with KVM_CAP_HYPERV {hyperv}")
+
+
+def test_msi_with_aliased_apic_ids_takes_the_slow_path(kvm: System) -> None:
+    """Two APICs with the same xAPIC ID disable the optimized map (kvm_recalculate_phys_map, lapic.c:289-299): an MSI
+    then takes the slow path, which fails with EPERM when no APIC matches (the fast path would say 0)."""
+    import struct
+
+    with kvm.create_vm() as vm:
+        vm.create_irqchip()
+        for vcpu_id in (0, 1):
+            vcpu = vm.create_vcpu(vcpu_id)
+            raw = bytearray(bytes(vcpu.get_lapic()))
+            struct.pack_into("<I", raw, 0x20, 5 << 24)  # xAPIC ID 5
+            struct.pack_into("<I", raw, 0xF0, 0x1FF)  # software-enabled
+            vcpu.set_lapic(uapi.kvm_lapic_state.from_buffer_copy(raw))
+        expect(lambda: vm.signal_msi(0xFEE0E000, 0x30), errno.EPERM, "MSI to ID 14, nobody there, IDs aliased")
+        assert vm.signal_msi(0xFEE05000, 0x30) == 2, "an MSI to ID 5 reaches both APICs"

@@ -197,8 +197,13 @@ class VmDevicesModel:
         dest = (address >> 12) & 0xFF
         quirk_off = self.x2apic_broadcast_quirk_disabled
         targets = [v for v in self.vcpus if x2apic.msi_reaches(v, dest, quirk_off)]
-        if not targets and x2apic.msi_is_broadcast(self.vcpus, dest, quirk_off):
-            raise KvmError(errno.EPERM, "KVM_SIGNAL_MSI", "a broadcast no present APIC takes")
+        # The slow path, which fails (EPERM) when no APIC matches, serves a broadcast, and any MSI while two present
+        # APICs share a physical ID: the optimized map is then disabled (kvm_recalculate_phys_map, lapic.c:289-299).
+        if not targets and (x2apic.msi_is_broadcast(self.vcpus, dest, quirk_off) or (
+                not self.x2apic_format and x2apic.physical_ids_aliased(self.vcpus))):
+            raise KvmError(errno.EPERM, "KVM_SIGNAL_MSI", "no APIC takes it on the slow path")
+        if address & 1 << 3 and len(targets) > 1:  # the redirection hint: lowest-priority delivery picks one
+            raise self.limitation("KVM_SIGNAL_MSI: lowest-priority delivery (the redirection hint) to several APICs")
         return sum(v.accept_msi(data & 0xFF) for v in targets)
 
     # -- the PIT --

@@ -152,6 +152,14 @@ def msi_is_broadcast(vcpus: list[ModelVcpu], dest: int, broadcast_quirk_disabled
     return modes != {True}
 
 
+def physical_ids_aliased(vcpus: list[ModelVcpu]) -> bool:
+    """Whether two present (hardware-enabled) APICs share a physical ID: the x2APIC ID in x2APIC mode, else the
+    xAPIC ID (kvm_recalculate_phys_map without 32-bit IDs)."""
+    ids = [v.id if in_x2apic_mode(v) else reg32(v.lapic, ID) >> 24 for v in vcpus
+           if v.lapic is not None and v.sregs.apic_base & 1 << 11]
+    return len(ids) != len(set(ids))
+
+
 # -- the MSRs --
 def read(family: PvMceMsrs, index: int) -> tuple[int, int]:
     """``kvm_x2apic_msr_read``: (0, value), or a refusal by its rule."""
