@@ -20,10 +20,11 @@ def ensure_memory(vm: Vm, size: int = DEFAULT_MEMORY) -> None:
 
 
 def _real_mode_segment(seg_type: int) -> bytes:
-    """The members of a real-mode ``kvm_segment`` from ``base`` to ``g``, as bytes (``avl`` and ``unusable`` after them
-    are left as they are)."""
-    seg = uapi.kvm_segment(base=0, limit=0xFFFF, selector=0, type=seg_type, present=1, dpl=0, db=0, s=1, l=0, g=0)
-    return bytes(seg)[: uapi.kvm_segment.avl.offset]
+    """The members of a real-mode ``kvm_segment`` from ``base`` to ``unusable``, as bytes: usable (the kernel's
+    emulator refuses an unusable segment outside 64-bit mode, and a guest left so faults at its first access)."""
+    seg = uapi.kvm_segment(base=0, limit=0xFFFF, selector=0, type=seg_type, present=1, dpl=0, db=0, s=1, l=0, g=0,
+                           avl=0, unusable=0)
+    return bytes(seg)[: uapi.kvm_segment.padding.offset]
 
 
 _CODE, _DATA = _real_mode_segment(11), _real_mode_segment(3)

@@ -616,3 +616,18 @@ def test_set_sregs_unhalts_a_bsp_at_reset(kvm: System, bsp: bool, runnable: bool
         state = ap.get_mp_state()
         expected = uapi.KVM_MP_STATE_RUNNABLE if runnable else uapi.KVM_MP_STATE_UNINITIALIZED
         assert state == expected, f"MP state after KVM_SET_SREGS with BSP={bsp}: expected {expected}, saw {state}"
+
+
+def test_load_real_mode_makes_the_segments_usable(kvm: System) -> None:
+    """guest.load_real_mode sets every real-mode segment usable: a CS left unusable (here by KVM_SET_SREGS) made the
+    live guest fault at its first fetch, while the model ran it."""
+    from kvmscope import guest
+
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        sregs = vcpu.get_sregs()
+        sregs.cs.unusable, sregs.ds.avl = 1, 1
+        vcpu.set_sregs(sregs)
+        guest.load_real_mode(vm, vcpu, b"\xe6\x10\xf4")  # out 0x10, al; hlt
+        exit_ = vcpu.run(timeout=5)
+        assert getattr(exit_, "port", None) == 0x10, f"expected the OUT to port 0x10, saw {exit_}"
