@@ -273,6 +273,8 @@ class ModelVcpu(VcpuStateModel, Vcpu):
             blocked = self.injection_pending() or self.vm.run_limitation()
             if blocked:
                 raise self.limitation(f"KVM_RUN: {blocked}")
+        if self.sregs.cs.unusable and not self.sregs.cs.l:  # the emulator refuses it: the guest would fault
+            raise self.limitation("KVM_RUN: CS is unusable outside 64-bit mode (the guest's first fetch faults)")
         self.has_run = True
         msrs = self.msr_rules
         if self.rules.freeze and not msrs.frozen:
