@@ -128,3 +128,17 @@ def test_svm_reports_both_shadow_bits() -> None:
         events.interrupt.shadow = uapi.KVM_X86_SHADOW_INT_STI
         vcpu.set_vcpu_events(events)
         assert vcpu.get_vcpu_events().interrupt.shadow == 3, "SVM keeps one shadow bit (svm_get_interrupt_shadow)"
+
+
+@pytest.mark.parametrize(("profile", "given", "kept"), [("intel-spr", 3, 1), ("intel-spr", 2, 2), ("amd-epyc", 2, 3),
+                                                        ("pvm-6.18", 0xFF, 0xFF)])
+def test_interrupt_shadow_by_vendor(profile: str, given: int, kept: int) -> None:
+    """KVM_SET_VCPU_EVENTS' interrupt shadow as each vendor keeps it: VMX MOV_SS, else STI (6.12.118
+    vmx.c:1607-1616); SVM one bit reported as both; PVM the byte as given (the live kernel here: conformance)."""
+    with open_model(profile=profile) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        events = vcpu.get_vcpu_events()
+        events.flags, events.interrupt.shadow = uapi.KVM_VCPUEVENT_VALID_SHADOW, given
+        vcpu.set_vcpu_events(events)
+        got = vcpu.get_vcpu_events().interrupt.shadow
+        assert got == kept, f"{profile}: shadow {given:#x} read back {got:#x}, expected {kept:#x}"

@@ -631,3 +631,15 @@ def test_load_real_mode_makes_the_segments_usable(kvm: System) -> None:
         guest.load_real_mode(vm, vcpu, b"\xe6\x10\xf4")  # out 0x10, al; hlt
         exit_ = vcpu.run(timeout=5)
         assert getattr(exit_, "port", None) == 0x10, f"expected the OUT to port 0x10, saw {exit_}"
+
+
+@pytest.mark.parametrize("shadow", [1, 2, 3, 4, 0xFF])
+def test_interrupt_shadow_round_trips(kvm: System, shadow: int) -> None:
+    """PVM keeps the interrupt shadow byte as given (upstream VMX and SVM keep bits of it: test_model_vmm.py)."""
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        events = vcpu.get_vcpu_events()
+        events.flags, events.interrupt.shadow = uapi.KVM_VCPUEVENT_VALID_SHADOW, shadow
+        vcpu.set_vcpu_events(events)
+        got = vcpu.get_vcpu_events().interrupt.shadow
+        assert got == shadow, f"shadow {shadow:#x} read back {got:#x}"

@@ -273,9 +273,13 @@ class VcpuStateModel(FpuStateModel):
 
     def _shadow(self, mask: int) -> int:
         """The interrupt shadow as the vendor module keeps it: SVM has one bit and reports both (svm.c
-        svm_get_interrupt_shadow); VMX and PVM keep the two."""
+        svm_get_interrupt_shadow); VMX keeps MOV_SS, else STI (6.12.118 vmx.c:1607-1616); PVM echoes the byte."""
+        if self.profile.vendor == "pvm":
+            return mask & 0xFF
         mask &= uapi.KVM_X86_SHADOW_INT_MOV_SS | uapi.KVM_X86_SHADOW_INT_STI
-        return 3 if self.profile.vendor == "svm" and mask else mask
+        if self.profile.vendor == "svm":
+            return 3 if mask else 0
+        return mask & uapi.KVM_X86_SHADOW_INT_MOV_SS or mask
 
     def get_mp_state(self) -> int:
         """KVM_GET_MP_STATE, after kvm_apic_accept_events: a pending SIPI, taken in INIT_RECEIVED, starts the vCPU at
