@@ -142,3 +142,18 @@ def test_interrupt_shadow_by_vendor(profile: str, given: int, kept: int) -> None
         vcpu.set_vcpu_events(events)
         got = vcpu.get_vcpu_events().interrupt.shadow
         assert got == kept, f"{profile}: shadow {given:#x} read back {got:#x}, expected {kept:#x}"
+
+
+@pytest.mark.parametrize("profile", ["intel-spr", "amd-epyc"])
+def test_upstream_keeps_rflags_vm_and_paging(profile: str) -> None:
+    """Upstream VMX and SVM keep RFLAGS.VM and CR0.PG without long mode (kvm_set_rflags, set_cr0); only PVM drops
+    them (conf_vcpu_state::test_pvm_drops_rflags_vm_and_paging_outside_long_mode)."""
+    with open_model(profile=profile) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        regs = vcpu.get_regs()
+        regs.rflags = 1 << 17 | 0x2
+        vcpu.set_regs(regs)
+        sregs = vcpu.get_sregs()
+        sregs.cr0, sregs.cr3 = 0x80000011, 0x2000
+        vcpu.set_sregs(sregs)
+        assert (vcpu.get_regs().rflags, vcpu.get_sregs().cr0) == (1 << 17 | 0x2, 0x80000011), profile

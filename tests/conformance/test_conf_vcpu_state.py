@@ -643,3 +643,20 @@ def test_interrupt_shadow_round_trips(kvm: System, shadow: int) -> None:
         vcpu.set_vcpu_events(events)
         got = vcpu.get_vcpu_events().interrupt.shadow
         assert got == shadow, f"shadow {shadow:#x} read back {got:#x}"
+
+
+def test_pvm_drops_rflags_vm_and_paging_outside_long_mode(kvm: System) -> None:
+    """On this host (PVM), KVM_SET_REGS clears RFLAGS.VM and KVM_SET_SREGS drops CR0.PG outside long mode (EFER.LME
+    clear); in long mode PG stays. Upstream VMX and SVM keep both (the model follows the profile's vendor)."""
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        regs = vcpu.get_regs()
+        regs.rflags = 1 << 17 | 1 << 18 | 0x202
+        vcpu.set_regs(regs)
+        seen = [vcpu.get_regs().rflags]
+        for cr4, efer in ((0, 0), (0x20, 0), (0x20, 0x500)):
+            sregs = vcpu.get_sregs()
+            sregs.cr0, sregs.cr4, sregs.efer, sregs.cr3 = 0x80000011, cr4, efer, 0x2000
+            vcpu.set_sregs(sregs)
+            seen.append(vcpu.get_sregs().cr0)
+        assert seen == [1 << 18 | 0x202, 0x11, 0x11, 0x80000011], f"RFLAGS, then CR0 three times: {[hex(v) for v in seen]}"

@@ -147,6 +147,8 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         self._check_open()
         self.regs = uapi.kvm_regs.from_buffer_copy(regs)
         self.regs.rflags |= 2
+        if self.profile.vendor == "pvm":  # PVM clears RFLAGS.VM (the live kernel here; upstream keeps it)
+            self.regs.rflags &= ~(1 << 17)
         self.events.exception.pending = 0  # __set_regs drops a pending exception (6.12.118 regs.c:129)
 
     def get_sregs(self) -> uapi.kvm_sregs:
@@ -190,6 +192,8 @@ class ModelVcpu(VcpuStateModel, Vcpu):
             self.sregs.cr8 = old_cr8
         for table in (self.sregs.gdt, self.sregs.idt):
             table.padding[:] = (0, 0, 0)
+        if self.profile.vendor == "pvm" and not sregs.efer & 1 << 8:  # PVM pages only in long mode: CR0.PG dropped
+            self.sregs.cr0 &= ~(1 << 31)
         bits = next(((i, word) for i, word in enumerate(sregs.interrupt_bitmap) if word), None)
         if bits is not None:  # the lowest vector set is queued as an injected interrupt (6.12.118 regs.c:648-655)
             interrupt = self.events.interrupt
