@@ -424,3 +424,24 @@ def test_msi_with_aliased_apic_ids_takes_the_slow_path(kvm: System) -> None:
             vcpu.set_lapic(uapi.kvm_lapic_state.from_buffer_copy(raw))
         expect(lambda: vm.signal_msi(0xFEE0E000, 0x30), errno.EPERM, "MSI to ID 14, nobody there, IDs aliased")
         assert vm.signal_msi(0xFEE05000, 0x30) == 2, "an MSI to ID 5 reaches both APICs"
+
+
+def test_msi_trigger_mode_sets_tmr_and_32_bit_ids_extend_the_destination(kvm: System) -> None:
+    """An MSI's trigger bit (data bit 15, kvm_set_msi_irq: is_level) sets the vector's TMR bit, an edge one clears it
+    (__apic_accept_irq); with 32-bit x2APIC IDs, address_hi bits 31:8 extend the destination (MSI_ADDR_EXT_DEST_ID),
+    so a destination beyond every vCPU reaches none."""
+    import struct
+
+    with kvm.create_vm() as vm:
+        vm.create_irqchip()
+        vcpu = vm.create_vcpu(0)
+        raw = bytearray(bytes(vcpu.get_lapic()))
+        struct.pack_into("<I", raw, 0xF0, 0x1FF)
+        vcpu.set_lapic(uapi.kvm_lapic_state.from_buffer_copy(raw))
+        tmr = []
+        for data in (0x8030, 0x30):
+            assert vm.signal_msi(0xFEE00000, data) == 1, f"MSI data {data:#x} to APIC 0"
+            tmr.append(struct.unpack_from("<I", bytes(vcpu.get_lapic()), 0x190)[0] >> 16 & 1)
+        assert tmr == [1, 0], f"TMR bit of vector 0x30 after a level, then an edge MSI: {tmr}"
+        vm.enable_cap(uapi.KVM_CAP_X2APIC_API, uapi.KVM_X2APIC_API_USE_32BIT_IDS)
+        assert vm.signal_msi(0x100_FEE00000, 0x30) == 0, "destination 0x100 (address_hi 0x100): no such APIC"

@@ -380,13 +380,13 @@ class VcpuStateModel(FpuStateModel):
         self.lapic = page
         self.refresh_may_block()
 
-    def accept_msi(self, vector: int) -> int:
-        """An MSI with ``vector`` for this vCPU's APIC: 1 and the vector's IRR bit set when the APIC is enabled in
-        software (SPIV bit 8), else 0 (lapic.c __apic_accept_irq)."""
+    def accept_msi(self, vector: int, level: bool = False) -> int:
+        """An MSI with ``vector`` for this vCPU's APIC: 1, the vector's IRR bit set and its TMR bit set or cleared by
+        the trigger mode, when the APIC is enabled in software (SPIV bit 8), else 0 (lapic.c __apic_accept_irq)."""
         if self.lapic is None or not struct.unpack_from("<I", self.lapic, APIC_SPIV)[0] & APIC_SPIV_ENABLED:
             return 0
-        offset = APIC_IRR + (vector >> 5) * 0x10
-        struct.pack_into("<I", self.lapic, offset, struct.unpack_from("<I", self.lapic, offset)[0] | 1 << (vector & 31))
+        (x2apic.set_bit if level else x2apic.clear_bit)(self.lapic, x2apic.TMR, vector)
+        x2apic.set_bit(self.lapic, APIC_IRR, vector)
         return 1
 
     @property

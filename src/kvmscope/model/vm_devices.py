@@ -195,6 +195,8 @@ class VmDevicesModel:
         if address & 1 << 2 or (data >> 8) & 7:
             raise self.limitation("KVM_SIGNAL_MSI: the model delivers fixed MSIs to physical destinations only")
         dest = (address >> 12) & 0xFF
+        if self.x2apic_format:  # the extended destination: address_hi bits 31:8 (kvm_set_msi_irq)
+            dest |= address >> 32 & 0xFFFFFF00
         quirk_off = self.x2apic_broadcast_quirk_disabled
         targets = [v for v in self.vcpus if x2apic.msi_reaches(v, dest, quirk_off)]
         # The slow path, which fails (EPERM) when no APIC matches, serves a broadcast, and any MSI while two present
@@ -202,9 +204,9 @@ class VmDevicesModel:
         if not targets and (x2apic.msi_is_broadcast(self.vcpus, dest, quirk_off) or (
                 not self.x2apic_format and x2apic.physical_ids_aliased(self.vcpus))):
             raise KvmError(errno.EPERM, "KVM_SIGNAL_MSI", "no APIC takes it on the slow path")
-        if address & 1 << 3 and len(targets) > 1:  # the redirection hint: lowest-priority delivery picks one
-            raise self.limitation("KVM_SIGNAL_MSI: lowest-priority delivery (the redirection hint) to several APICs")
-        return sum(v.accept_msi(data & 0xFF) for v in targets)
+        if address & 1 << 3:  # the redirection hint: lowest-priority delivery, to software-enabled APICs only
+            raise self.limitation("KVM_SIGNAL_MSI: lowest-priority delivery (the redirection hint)")
+        return sum(v.accept_msi(data & 0xFF, bool(data >> 15 & 1)) for v in targets)  # kvm_set_msi_irq: is_level
 
     # -- the PIT --
     def create_pit2(self, flags: int = 0) -> None:
