@@ -37,7 +37,8 @@ from typing import Any
 import kvmscope
 from kvmscope import guest, uapi
 from kvmscope.api import IoExit, MsrBatch
-from kvmscope.model.msr_plan import groups_pass, types_valid
+from kvmscope.model.msr_compiled import compile_direct
+from kvmscope.model.msr_plan import last_wins
 
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling modules, however this file is loaded
 import where_time_goes  # noqa: E402
@@ -124,45 +125,46 @@ def msr_side(backend: str, op: str, indices: Sequence[int], kernel: str = "6.18"
         for _ in range(n):
             call(batch, strict)
 
-    if floor:  # the least any pure-Python model does per call: key the batch, find its plan, one C-level pass
-        plans, stored = {batch.indices32.tobytes(): tuple(indices)}, dict.fromkeys(indices, 0)
-        # every value in one C-level pass (itemgetter makes a tuple, which array takes faster than an iterator)
+    # A floor knows the batch as the model does: by comparing its indices with those of the batch it last saw.
+    seen = memoryview(batch.indices32.tobytes()).cast("I")
+    if floor:  # the least any pure-Python model does per call: know the batch, then one pass over one dict
+        stored = dict.fromkeys(indices, 0)
+        # a write: the model's own compiled stores, with no check; a read: one itemgetter (it makes a tuple, which
+        # array takes faster than an iterator)
+        keys, positions = last_wins(indices, range(len(indices)))
+        store = compile_direct(((), None, (), frozenset(), {}, tuple(zip(keys, positions, strict=True)), stored, None))
         read = itemgetter(*indices) if len(indices) > 1 else (lambda d, k=indices[0]: (d[k],))
+        raw, refusals = batch.raw, dict[int, Any]()
 
         def loop(n: int) -> None:
             for _ in range(n):
-                keys = plans[batch.indices32.tobytes()]
+                if not batch.indices32 == seen:
+                    raise RuntimeError("another batch")
                 if op == "set":
-                    stored.update(zip(keys, batch.words64[2::2]))  # noqa: B905
+                    store(raw, batch.words64, refusals)
                 else:
                     batch.words64[2::2] = array("Q", read(stored))
 
     if array_floor or checked_floor:
-        plans_ = {batch.indices32.tobytes(): len(indices)}
         slots = memoryview(array("Q", bytes(8 * len(indices))))
-        check: tuple[int, int, int, int] | None = None
-        types: Any = None
-        groups: Any = None
-        if checked_floor:  # the model's own checks of this batch, as msr_batch.set_msrs' DirectPlan runs them
+        check: Any = None
+        if checked_floor:  # the model's own checks of this batch, as its compiled direct path runs them
             vcpu.set_msrs(batch, strict=True)  # makes its plan
             direct = vcpu.msr_rules.plans[batch.indices32.tobytes()][9]  # type: ignore[attr-defined]
             if direct is None:
-                raise RuntimeError(f"the model writes {len(indices)} MSRs without a one-pass check: no checked floor")
-            check, types, groups = direct[:4], direct[4], direct[10]
-        raw = batch.raw
+                raise RuntimeError(f"the model writes {len(indices)} MSRs without its direct path: no checked floor")
+            check = compile_direct(direct[1], checks_only=True)
+        raw, count = batch.raw, len(indices)
 
         def loop(n: int) -> None:
             for _ in range(n):
-                count = plans_[batch.indices32.tobytes()]
+                if not batch.indices32 == seen:
+                    raise RuntimeError("another batch")
                 if op == "get":
                     batch.words64[2::2] = slots[:count]
                     continue
-                if check is not None:  # the one pass, the memory types, the families' group checks
-                    start, end, offsets, masks = check
-                    if (int.from_bytes(raw[start:end], "little") + offsets) & masks or (
-                            types is not None and not types_valid(raw, types)) or (
-                            groups is not None and not groups_pass(groups, batch.words64)):
-                        raise RuntimeError("the batch fails the model's checks")
+                if check is not None and not check(raw, batch.words64, None):
+                    raise RuntimeError("the batch fails the model's checks")
                 slots[:count] = batch.words64[2::2]
 
     if bare or one_call:

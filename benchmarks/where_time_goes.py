@@ -32,7 +32,7 @@ from typing import Any
 import kvmscope
 from kvmscope import guest, uapi
 from kvmscope.api import IoExit, MsrBatch
-from kvmscope.model.msr_plan import types_valid
+from kvmscope.model.msr_compiled import compile_direct
 
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling modules, however this file is loaded
 from common import BATCH_MSRS, C_BINARY, PIO_GUEST, batches, build_c, pin, run_c, timed  # noqa: E402
@@ -126,6 +126,7 @@ def model_parts(n: int, rounds: int, batch_name: str = "index list") -> list[tup
         vcpu.set_msrs(batch)
         words = batch.words64
         key = batch.indices32.tobytes()
+        seen = memoryview(key).cast("I")
         msrs = vcpu.msr_rules
         ruled, stores, zero, _, _, _, _, quick, checked, direct = msrs.plans[key]
         plans = msrs.plans
@@ -133,36 +134,22 @@ def model_parts(n: int, rounds: int, batch_name: str = "index list") -> list[tup
         names: dict[str, Callable[[], object]] = {
             "empty loop (subtracted from nothing: the floor of a timed call)": lambda: None,
             f"whole call: vcpu.set_msrs(batch), {len(indices)} entries": lambda: vcpu.set_msrs(batch),
-            "the batch's indices, packed, as the plan's key": lambda: batch.indices32.tobytes(),
-            "find the batch's cached plan (with the key)": lambda: plans.get(batch.indices32.tobytes()),
+            "the batch's indices compared with the last batch's (a hit: its plan)": lambda: batch.indices32 == seen,
+            "a miss: the indices, packed, as the plan's key": lambda: batch.indices32.tobytes(),
+            "a miss: find the batch's cached plan (with the key)": lambda: plans.get(batch.indices32.tobytes()),
         }
-        if direct is not None:  # the path the batch takes: msr_batch.set_msrs' first branch (DirectPlan)
-            start, end, offsets, masks, types, wipe, recorded, keys, taken, after, groups = direct
+        if direct is not None:  # the path the batch takes: the plan's compiled direct path (msr_compiled)
+            write, spec = direct
             raw = batch.raw
-
-            def record() -> None:
-                if refusals != recorded:
-                    if refusals and not wipe.isdisjoint(refusals):
-                        for index in wipe & refusals.keys():
-                            del refusals[index]
-                    refusals.update(recorded)
-
+            checks_only = compile_direct(spec, checks_only=True)
+            stores_only = compile_direct(((), None, (), spec[3], spec[4], *spec[5:]))
             names.update({
-                f"every check at once (bytes {start}-{end} as one integer, + offsets, & masks)":
-                    lambda: (int.from_bytes(raw[start:end], "little") + offsets) & masks,
-            })
-            if types is not None:
-                names[f"the memory types (bytes {types[0]}-{types[1]}, translated, as one integer, & mask)"] = (
-                    lambda: types_valid(raw, types))
-            for ok, kind, group, pick in groups or ():
-                names[f"group check {kind!r} ({len(group)} entries, a call)"] = (
-                    lambda ok=ok, kind=kind, group=group, pick=pick: ok(kind, group, pick(words)))  # type: ignore[misc]
-            names.update({
-                "refusals cleared and recorded (nothing to do when unchanged)": record,
-                f"{len(keys)} checked and plain entries stored (1 dict update)":
-                    lambda: msrs.stored.update(zip(keys, taken(words))),  # noqa: B905
-                f"the VM-wide entry stored ({'none' if after is None else f'{after[1]:#x}, 1 assignment'})":
-                    lambda: after is not None and after[0].__setitem__(after[1], words[after[2]]),
+                f"its compiled direct path, whole ({len(spec[0])} checks, {len(spec[5])} stores)":
+                    lambda: write(raw, words, refusals),
+                "... its checks alone (one unpack, one integer expression, memory types, groups)":
+                    lambda: checks_only(raw, words, refusals),
+                "... its refusals and stores alone (one unpack, a dict assignment each)":
+                    lambda: stores_only(raw, words, refusals),
             })
         else:  # the quick path: handlers called one by one, group checks, then the stores
             calls = [(fn, index, words[2 + 2 * pos], form) for pos, index, fn, form in (quick[0] if quick else ())]
@@ -184,6 +171,10 @@ def model_parts(n: int, rounds: int, batch_name: str = "index list") -> list[tup
                     store.update(zip(keys, pick(words))) for store, keys, pick in stores],  # noqa: B905
             })
         names["get_msrs(batch): the same batch read"] = lambda: vcpu.get_msrs(batch)
+        read = msrs.read_plans[key][7]
+        if read is not None:
+            names["... its compiled read alone (one itemgetter, the VM-wide lookups, one strided copy)"] = (
+                lambda: read(words, refusals))
 
         def each(fn: Callable[[], object]) -> Callable[[int], None]:
             def loop(n: int) -> None:
@@ -199,6 +190,9 @@ def model_parts(n: int, rounds: int, batch_name: str = "index list") -> list[tup
         kernel = min(run_c("set", n, indices).cpu_us for _ in range(rounds))
         out.append((f"live kernel, C: KVM_SET_MSRS of the same {len(indices)} entries", kernel))
         out.append(("4x the kernel's rate needs a whole call under", kernel / 4))
+        kernel = min(run_c("get", n, indices).cpu_us for _ in range(rounds))
+        out.append((f"live kernel, C: KVM_GET_MSRS of the same {len(indices)} entries", kernel))
+        out.append(("4x the kernel's rate needs a whole read under", kernel / 4))
         return out
 
 

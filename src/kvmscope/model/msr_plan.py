@@ -1,14 +1,19 @@
 """The shapes of the model's batch plans (``msr_batch``), the C-level pickers they read a batch's values with, and
-the plan-time helpers of their checks (``checks_pass``, ``direct_plan``)."""
+the helpers of their checks (``checks_pass``, ``groups_pass``, ``types_valid``); ``msr_compiled`` compiles the direct
+path."""
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
 from operator import itemgetter
+from typing import TYPE_CHECKING
 
 from ..kernel.rule import Rule
 from .mtrr import MEMORY_TYPE_INVALID
+
+if TYPE_CHECKING:
+    from .msr_compiled import DirectPlan
 
 U64 = (1 << 64) - 1
 
@@ -24,7 +29,7 @@ BulkCheck = Callable[[str, Sequence[int], Sequence[int]], bool]
 # the keys, how to pick their values from the batch's values); how to pick the ZERO entries' values; the plain
 # entries' positions (for a refusal part-way); the indices when the batch can be stored whole (else None); the freeze
 # check of the ruled entries; the set of the plain indices; the quick path (``QuickPlan``), its checked variant, and
-# that variant flattened when it has nothing to call (``DirectPlan``).
+# that variant compiled when it has nothing to call (``msr_compiled.DirectPlan``).
 WritePlan = tuple[
     "tuple[tuple[int, int, Setter | None], ...]",
     "tuple[tuple[dict[int, int], tuple[int, ...], Pick], ...]",
@@ -45,36 +50,22 @@ WritePlan = tuple[
 # the other ruled entries' positions by index (each write clears its MSR's last refusal); how to pick the values of
 # the entries called; the refusals the read-only entries leave; the groups of entries a family checks at once
 # (``MsrFamily.bulk_ok``: the check, the group, its indices, how to pick its values); where the grouped entries are
-# stored (indices, how to pick their values); the positions of the plain and grouped entries (those before a refused
-# one take effect). Entries whose write always passes and changes nothing (``Family.write_kind``) need no call.
+# stored (indices, how to pick their values, their positions); the positions of the plain and grouped entries (those
+# before a refused one take effect). Entries whose write always passes and changes nothing (``Family.write_kind``) need no call.
 # A plan's checked variant (``_quick_plan`` with the plain stores) also stores the plain entries that go to ``stored``
 # with the grouped ones, in one update, and adds: the stores left for after (the VM-wide ones); and the entries
 # checked without their handler (``MsrFamily.write_check``), each stored verbatim when the check passes: how to pick
 # their values, the offsets and masks of their checks, which of them enable a guest address with bit 0, their
-# positions, and the bytes of the batch's buffer that must be memory types (as in ``DirectPlan``). Both variants
+# positions, and the bytes of the batch's buffer that must be memory types (``TypeSpan``). Both variants
 # end with the MSRs whose write clears their last refusal, and every ruled entry's position by index.
 QuickPlan = tuple[
     "tuple[tuple[int, int, Callable[..., int], int], ...]", "Pick | None", tuple[tuple[int, int, Rule], ...],
     dict[int, int], "Pick", "dict[int, Rule]", "tuple[tuple[BulkCheck, str, tuple[int, ...], Pick], ...]",
-    "tuple[tuple[int, ...], Pick] | None", tuple[int, ...],
+    "tuple[tuple[int, ...], Pick, tuple[int, ...]] | None", tuple[int, ...],
     "tuple[tuple[dict[int, int], tuple[int, ...], Pick], ...] | None",
     "tuple[Pick, tuple[int, ...], tuple[int, ...], tuple[bool, ...], tuple[int, ...], TypeSpan | None] | None",
     frozenset[int],
     dict[int, int]]
-
-
-# The checked variant of a plan with nothing to call and no freeze check, as ``set_msrs`` takes it first: the span
-# of the batch's buffer the checks read (start, end); the offsets and masks of every check (the checked entries, and
-# with mask all ones the ZERO entries and the read-only ones taken only with 0), each shifted to its entry's value in
-# that span read as one integer; the bytes of the buffer that must be memory types (``MsrFamily.memory_types``), if
-# any; the MSRs whose write clears their last refusal; the refusals the read-only entries record; the keys and values
-# of the one update of ``stored``; the other store (VM-wide: one MSR, 0x11, under either of its indices), if any, as
-# (the dict, its key, the word of the batch that holds the value the batch leaves it with); the groups a family
-# checks at once (as in ``QuickPlan``), run once the one pass has passed, or None when there are none.
-DirectPlan = tuple[
-    int, int, int, int, "TypeSpan | None", frozenset[int], "dict[int, Rule]", tuple[int, ...], "Pick",
-    "tuple[dict[int, int], int, int] | None",
-    "tuple[tuple[BulkCheck, str, tuple[int, ...], Pick], ...] | None"]
 
 
 def no_values(words: memoryview) -> Sequence[int]:
@@ -104,21 +95,21 @@ def last_wins(keys: Sequence[int], positions: Sequence[int]) -> tuple[tuple[int,
     return tuple(last), tuple(last.values())
 
 
-def keyed_store(entries: Sequence[tuple[int, int]]) -> tuple[tuple[int, ...], Pick] | None:
-    """One update's keys and how to pick their values, from its entries (position, key) in batch order
-    (``last_wins``); None when there are none."""
+def keyed_store(entries: Sequence[tuple[int, int]]) -> tuple[tuple[int, ...], Pick, tuple[int, ...]] | None:
+    """One update's keys, how to pick their values, and their positions, from its entries (position, key) in batch
+    order (``last_wins``); None when there are none."""
     if not entries:
         return None
     keys, positions = last_wins([index for _, index in entries], [pos for pos, _ in entries])
-    return keys, picker(positions)
+    return keys, picker(positions), positions
 
 
 def plain_stores(stored: dict[int, int], keys_positions: tuple[list[int], list[int]], vm_msrs: dict[int, int],
                  vm_keys_positions: tuple[list[int], list[int]]
                  ) -> tuple[tuple[tuple[dict[int, int], tuple[int, ...], Pick], ...], tuple[dict[int, int], int, int] | None]:
     """A write plan's stores of its plain entries (the vCPU's, then the VM-wide ones: each the dict, its keys, how to
-    pick their values), each key once (``last_wins``); and the VM-wide store as ``DirectPlan`` takes it, when it has
-    one key."""
+    pick their values), each key once (``last_wins``); and the VM-wide store as ``msr_compiled.direct_plan``
+    takes it, when it has one key."""
     stores = []
     for store, (keys, positions) in ((stored, last_wins(*keys_positions)), (vm_msrs, last_wins(*vm_keys_positions))):
         if keys:
@@ -177,30 +168,3 @@ def checks_pass(has_memory: Callable[[int, int], bool],
             return False
     return True
 
-
-def direct_plan(checked: QuickPlan | None, zero: list[int], indices: Sequence[int], ignore_msrs: bool,
-                vm_wide: tuple[dict[int, int], int, int] | None) -> DirectPlan | None:
-    """The checked variant of a plan with nothing to call, flattened for ``set_msrs``' first branch
-    (``DirectPlan``); None for the others. Its groups' checks have no side effect: they run after the one pass."""
-    if (checked is None or checked[0] or checked[7] is None or checked[10] is None
-            or len(checked[9] or ()) > 1 or (checked[9] and vm_wide is None)):
-        return None
-    # One pass checks all: the checked entries (an enabled address fails here, its enable bit being in its mask,
-    # and takes the quick path, which looks guest memory up; a check with mask 0 always passes), the ZERO
-    # entries and the read-only ones that pass only with 0 (mask all ones).
-    checks = [(pos, offset, mask) for pos, offset, mask in zip(checked[10][4], *checked[10][1:3], strict=True)
-              if mask]
-    zeros = [*zero, *(pos for pos, _, _ in checked[2] if not ignore_msrs)]
-    checks = sorted([*checks, *((pos, 0, U64) for pos in zeros)])
-    # The checks run on the buffer's bytes from the first checked value to the end of the last, read as one
-    # little-endian integer: entry i's value is at bytes 16 + 16i to 23 + 16i, the first one's at bit 0. An offset's
-    # carry out of a value lands in the next entry's index, and stops there unless that index is 0xFFFFFFFF (then no
-    # direct plan); the masks cover the values' bits alone.
-    if 0xFFFFFFFF in indices:
-        return None
-    first, last = (checks[0][0], checks[-1][0]) if checks else (0, -1)
-    offsets = sum(offset << (128 * (pos - first)) for pos, offset, _ in checks)
-    masks = sum(mask << (128 * (pos - first)) for pos, _, mask in checks)
-    keys, values = checked[7]
-    return (16 + 16 * first, 24 + 16 * last if checks else 0, offsets, masks, checked[10][5], checked[11], checked[5],
-            keys, values, vm_wide if checked[9] else None, checked[6] or None)

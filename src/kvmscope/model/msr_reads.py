@@ -8,13 +8,14 @@ import struct
 from array import array
 from collections.abc import Callable, Sequence
 from operator import itemgetter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from .. import msrs as M
 from .. import uapi
 from ..api import LITTLE_ENDIAN, MsrBatch, not_a_batch
 from ..errors import ClosedError, KvmError
 from ..kernel import rulesets as R
+from .msr_compiled import CompiledRead, ReadGuard, compile_read
 from .msr_family import Family, MsrFamily
 from .msr_rules import MSR_ALIASES, MSR_MISC_FEATURES_ENABLES, OK, UNSUPPORTED, VM_WIDE_MSRS, MsrRules
 from .msr_setter_checks import read_decided
@@ -37,43 +38,48 @@ Getter = Callable[[int, bool], tuple[int, int]]
 # read through the rules (position, index); the checks that let the grouped entries be read in bulk (each the family's
 # ``bulk_read_ok``, the group and its indices; when one fails the batch is read entry by entry); the refusals that
 # entries read as forgiven record (``read_decided``: a feature MSR refused under the CPUID now reads as 0); and the
-# quick read (``quick_read``), or None.
+# quick read (``quick_read``), or None; and, when every entry is plain and there is a quick read, the plan compiled
+# (``msr_compiled.compile_read``), else None.
 ReadPlan = tuple[
     tuple[dict[int, int], ...], tuple[int, ...], tuple[int, ...], "tuple[tuple[int, int, Getter | None], ...]",
-    "tuple[tuple[Callable[[str, Sequence[int]], bool], str, tuple[int, ...]], ...]", "dict[int, Rule]",
-    "QuickRead | None"]
+    "tuple[ReadGuard, ...]", "dict[int, Rule]", "QuickRead | None", "CompiledRead | None"]
 # A read of every entry from ``stored`` by one itemgetter (a C-level pass that makes a tuple, which ``array`` takes
-# in half the time of an iterator), with a key of the batch that ``stored`` holds in place of each entry whose value
-# is elsewhere; then those entries: the runs of those that always read their default (slices of the array), and
-# the others (position, the dict, the key, the default). A key ``stored`` lacks (an MSR not yet written) raises
-# KeyError: that batch takes ``map(dict.get, ...)``.
-QuickRead = tuple[Callable[[dict[int, int]], Sequence[int]], tuple[tuple[int, int, "array[int]"], ...],
-                  tuple[tuple[int, dict[int, int], int, int], ...]]
+# in half the time of an iterator), with each constant under its ``constant_key`` and a placeholder for each entry
+# whose value is elsewhere: those entries follow (position, the dict, the key, the default). A key ``stored`` lacks
+# (an MSR not yet written) raises KeyError: that batch takes ``map(dict.get, ...)``.
+QuickRead = tuple[Callable[[dict[int, int]], Sequence[int]], tuple[tuple[int, dict[int, int], int, int], ...]]
+NO_READ_PLAN = cast("tuple[memoryview | None, ReadPlan]", (None, None))  # equal to no batch's indices
+
+
+def constant_key(value: int) -> int:
+    """The key under which ``stored`` holds the constant ``value`` for batch reads: negative, so never an MSR's."""
+    return -1 - value
 
 
 def quick_read(stored: dict[int, int], vm_msrs: dict[int, int], dicts: Sequence[dict[int, int]], keys: Sequence[int],
-               defaults: Sequence[int]) -> QuickRead | None:
-    """The ``QuickRead`` of a read plan's entries; None when fewer than two are in ``stored`` (itemgetter of one key
-    gives no sequence, and there would be no key to stand in). A source other than ``stored`` and the VM's
-    ``vm_msrs`` is an empty dict of the plan's own (a DROP MSR, a read forgiven as 0): it reads its default."""
-    mine = [key for source, key in zip(dicts, keys, strict=True) if source is stored]
-    if len(mine) < 2:
-        return None
-    runs: list[tuple[int, int, array[int]]] = []
+               defaults: Sequence[int], constants: set[int]) -> QuickRead | None:
+    """The ``QuickRead`` of a read plan's entries; None when fewer than two are read from ``stored`` (itemgetter of
+    one key gives no sequence). A source other than ``stored`` and the VM's ``vm_msrs`` is an empty dict of the plan's
+    own (a DROP MSR, a read forgiven as 0): it reads its default, which ``stored`` is given under its
+    ``constant_key`` here (and the key added to ``constants``), so that the one pass reads it too."""
+    getter_keys: list[int] = []
     live = []
     for pos, (source, key, default) in enumerate(zip(dicts, keys, defaults, strict=True)):
         if source is vm_msrs:
             live.append((pos, source, key, default))
-        elif source is not stored:
+            getter_keys.append(constant_key(0))  # a placeholder
+        elif source is stored:
+            getter_keys.append(key)
+        else:
             assert not source, "a read plan's own source holds nothing"
-            if runs and runs[-1][1] == pos:
-                runs[-1] = (runs[-1][0], pos + 1, array("Q", [*runs[-1][2], default]))
-            else:
-                runs.append((pos, pos + 1, array("Q", [default])))
-    stand_in = mine[0]
-    return (itemgetter(*(key if source is stored else stand_in for source, key in zip(dicts, keys, strict=True))),
-            tuple(runs), tuple(live))
-
+            getter_keys.append(constant_key(default))
+    if len(getter_keys) - len(live) < 2:
+        return None
+    for key in getter_keys:
+        if key < 0:
+            stored[key] = -1 - key
+            constants.add(key)
+    return itemgetter(*getter_keys), tuple(live)
 
 
 def plain_msrs(rules: MsrRules) -> dict[int, Plain]:
@@ -103,6 +109,9 @@ class ReadingMsrRules(MsrRules):
         self._plain_table: dict[int, Plain] | None = None  # made when a plan first needs it (``plain``)
         self.closed = False  # set by the vCPU's close()
         self.read_plans: dict[bytes, ReadPlan] = {}
+        self.constant_keys: set[int] = set()  # the keys of ``stored`` that hold constants (``constant_key``)
+        # the last batch's indices (a view of its plan's key, None for none) and its plan: cleared with ``read_plans``
+        self.last_read_plan: tuple[memoryview | None, ReadPlan] = NO_READ_PLAN
         self._refused_read_zeroed = self.rules.has(R.REFUSED_READ_ZEROED)
 
     @property
@@ -118,9 +127,16 @@ class ReadingMsrRules(MsrRules):
         shared = {*MSR_ALIASES, *MSR_ALIASES.values()}
         return frozenset(i for i, (how, _, _) in self.plain.items() if how == STORE and i not in shared)
 
+    def close(self) -> None:
+        """The vCPU closed: every call raises ClosedError from now on (the batch ioctls check on a miss of their last
+        plan, which this forgets with every plan)."""
+        self.closed = True
+        self.config_changed()
+
     def config_changed(self) -> None:
         """The vCPU's CPUID or MCG_CAP changed: read plans decide by both (``read_decided``)."""
         self.read_plans.clear()
+        self.last_read_plan = NO_READ_PLAN
 
     def take_rules(self, setters: dict[int, Callable[[int], int]], unowned: Sequence[int]) -> None:
         """Give ``setters`` their MSRs and take ``unowned`` from their families (an in-kernel LAPIC's rules, at vCPU
@@ -137,21 +153,33 @@ class ReadingMsrRules(MsrRules):
 
     # -- KVM_GET_MSRS --
     def get_msrs(self, batch: MsrBatch, strict: bool = False) -> int:
-        if self.closed:
-            raise ClosedError("this vCPU is closed")
         try:
             n = batch.nmsrs
+            indices = batch.indices32  # the plan's key, or the last batch's (as in ``set_msrs``)
         except AttributeError:  # not an MsrBatch: checked here, where it costs nothing when the batch is right
+            if self.closed:
+                raise ClosedError("this vCPU is closed") from None
             raise not_a_batch("get_msrs", batch) from None
-        if n >= uapi.MAX_IO_MSRS:
-            raise KvmError(errno.E2BIG, "KVM_GET_MSRS")
-        if not LITTLE_ENDIAN:
-            return self._get_one_by_one(batch, strict)
-        key = batch.indices32.tobytes()
-        dicts, keys, defaults, ruled, guards, recorded, quick = self.read_plans.get(key) or self._read_plan(key)
+        last = self.last_read_plan
+        if indices == last[0]:  # the same indices as a batch that passed the checks below (``close`` forgets it)
+            plan = last[1]
+        else:
+            if self.closed:
+                raise ClosedError("this vCPU is closed")
+            if n >= uapi.MAX_IO_MSRS:
+                raise KvmError(errno.E2BIG, "KVM_GET_MSRS")
+            if not LITTLE_ENDIAN:
+                return self._get_one_by_one(batch, strict)
+            key = indices.tobytes()
+            plan = self.read_plans.get(key) or self._read_plan(key)
+            self.last_read_plan = (memoryview(key).cast("I"), plan)
+        compiled = plan[7]
+        if compiled is not None and compiled(batch.words64, self.refusals):
+            return n
+        dicts, keys, defaults, ruled, guards, recorded, quick, _ = plan
         if guards:
-            for ok, kind, indices in guards:  # a loop: no generator made on the hot path
-                if not ok(kind, indices):
+            for ok, kind, group in guards:  # a loop: no generator made on the hot path
+                if not ok(kind, group):
                     return self._get_one_by_one(batch, strict)
         if not ruled:  # all plain: every value in one C-level pass, written back in one
             if quick is not None:
@@ -160,9 +188,7 @@ class ReadingMsrRules(MsrRules):
                 except KeyError:
                     out = array("Q", map(dict.get, dicts, keys, defaults))
                 else:
-                    for start, stop, constant in quick[1]:
-                        out[start:stop] = constant
-                    for pos, source, k, default in quick[2]:
+                    for pos, source, k, default in quick[1]:
                         out[pos] = source.get(k, default)
             else:
                 out = array("Q", map(dict.get, dicts, keys, defaults))
@@ -236,8 +262,9 @@ class ReadingMsrRules(MsrRules):
                 defaults.append(default)
         guards = tuple((family.bulk_read_ok, kind, tuple(sorted(set(group))))
                        for (_, kind), (family, group) in groups.items())
-        plan = (tuple(dicts), tuple(keys), tuple(defaults), tuple(ruled), guards, recorded,
-                quick_read(self.stored, self.vm.msrs, dicts, keys, defaults))
+        quick = quick_read(self.stored, self.vm.msrs, dicts, keys, defaults, self.constant_keys)
+        compiled = None if ruled or quick is None else compile_read(*quick, guards, recorded, self.stored)
+        plan = (tuple(dicts), tuple(keys), tuple(defaults), tuple(ruled), guards, recorded, quick, compiled)
         if len(self.read_plans) >= PLAN_CACHE:
             self.read_plans.clear()
         self.read_plans[key] = plan

@@ -56,10 +56,10 @@ _CPUID_FAULT = M.PLATFORM_INFO_CPUID_FAULT
 class MsrRules:
     """The MSR state of one vCPU and the rules that read and write it.
 
-    ``stored`` holds the vCPU's MSRs by index (the kvmclock aliases under the index they share; VM-wide ones are in
-    ``vm.msrs``), ``vmx`` the nested VMX capability MSRs (one slot per control pair, see :mod:`.vmx`), ``refusals``
-    the rule behind each MSR's last refusal, ``frozen`` the MSRs the freeze check holds (empty until the first VM
-    entry).
+    ``stored`` holds the vCPU's MSRs by index (kvmclock's aliases under their shared index; VM-wide ones are in
+    ``vm.msrs``; a negative key, a constant batch reads take: ``msr_reads.constant_key``), ``vmx`` the nested VMX
+    capability MSRs (one slot per control pair, see :mod:`.vmx`), ``refusals`` the rule behind each MSR's last
+    refusal, ``frozen`` the MSRs the freeze check holds (empty until the first VM entry).
     """
 
     def __init__(self, vcpu: ModelVcpu) -> None:

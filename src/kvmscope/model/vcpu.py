@@ -97,7 +97,7 @@ class ModelVcpu(VcpuStateModel, Vcpu):
     # -- plumbing --
     def close(self) -> None:
         self._closed = True
-        self.msr_rules.closed = True
+        self.msr_rules.close()
 
     def attach_program(self, program: Program) -> None:
         """Run ``program`` (kvmscope.program) on the next KVM_RUNs: the model interprets its operations directly."""
