@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from kvmscope import guest
 from kvmscope.api import CpuidEntry, MsrBatch
+from kvmscope.errors import ClosedError
 from kvmscope.kernel import rulesets as R
 from kvmscope.kernel.profile import MsrBehaviour, load, shipped
 from kvmscope.model import open_model
@@ -399,9 +400,10 @@ def test_each_read_matches_entry_by_entry(profile: str, kernel: str) -> None:
 
 
 def test_direct_checks_carry_into_the_next_index_only() -> None:
-    """The direct plan checks every entry on the buffer read as one integer, where an offset's carry out of one
-    entry's value lands in the next entry's index. Canonical values that carry (the high half), next to an entry whose
-    value fails by one, and batches whose next index is the largest: the same as entry by entry."""
+    """The direct path adds each check's offset to its value, and a carry out of bit 63 must be dropped, as the
+    kernel's u64 sum drops it (the one-integer pass before ``msr_compiled`` carried it into the next entry's index).
+    Canonical values that carry (the high half), next to an entry whose value fails by one, and batches whose next
+    index is the largest: the same as entry by entry."""
     for profile in shipped():
         fast, ref = twin(profile, "6.18"), twin(profile, "6.18")
         canonical = [i for i in checked(fast) if i in (0x175, 0x176, 0xC0000082, 0xC0000083, 0xC0000102)]
@@ -521,3 +523,66 @@ def test_a_vmms_save_and_restore_takes_the_compiled_paths(profile: str) -> None:
     assert bytes(out.buffer) == bytes(batch.buffer), f"{profile}: the compiled read gave {out}, not {batch}"
     assert msrs.last_plan[1] is msrs.plans[key] and msrs.last_read_plan[1] is msrs.read_plans[key], (
         f"{profile}: the last plans are not the batch's")
+
+
+def check_of(vcpu: ModelVcpu, index: int) -> object:
+    """The check a batch makes of ``index`` without its handler (offset, mask, guest address), or a refusal."""
+    rules = vcpu.msr_rules
+    family = rules.families.get(index)
+    check = family.write_check(index) if family is not None else None
+    return check or setter_check(rules, index) or setter_refusal(rules, index)
+
+
+@pytest.mark.parametrize("profile", shipped())
+def test_checks_of_every_kind_in_one_batch(profile: str) -> None:
+    """The direct path merges the checks that share an offset and a mask: two checked MSRs of different kinds in one
+    batch (one MSR of each kind of check, every pair, the second given every value of ``check_values``), with and
+    without the supported CPUID: the same count and state as entry by entry."""
+    fast, ref = twin(profile, "6.18"), twin(profile, "6.18")
+    for config in ("none", "cpuid"):
+        if config == "cpuid":
+            for v in (fast, ref):
+                v.set_cpuid(v.vm.system.get_supported_cpuid())
+        kinds: dict[str, int] = {}
+        for index in checked(fast):
+            kinds.setdefault(repr(check_of(fast, index)), index)
+        assert len(kinds) > 2, f"{profile}: expected several kinds of check, got {kinds}"
+        for first in kinds.values():
+            for second in kinds.values():
+                for value in check_values(ref, second):
+                    batch = MsrBatch([(first, 0), (0x174, 1), (second, value)])
+                    got, want = fast.set_msrs(batch), entry_by_entry(ref, batch)
+                    assert got == want, f"{config}: {batch}: set_msrs wrote {got} entries, entry by entry {want}"
+                    assert state(fast) == state(ref), f"{config}: {batch}: state differs from entry by entry"
+
+
+@pytest.mark.parametrize("profile", shipped())
+def test_the_last_plan_is_forgotten_at_each_change(profile: str) -> None:
+    """Both batch ioctls know a batch naming the last batch's MSRs by its indices alone. The same batch before and
+    after each change its plan depends on (KVM_SET_CPUID2, KVM_X86_SETUP_MCE, the first run's freeze), written with
+    other values and read back: the same count, buffer and state as entry by entry. After close, it raises."""
+    fast, ref = twin(profile, "6.18"), twin(profile, "6.18")
+    indices = [0x10A, 0x345, 0x174, 0xC0000082, 0x17B, 0x4B564D02]
+    features = {0x10A: fast.profile.feature_msrs.get(0x10A, 0), 0x345: fast.msr_rules.stored.get(0x345, 0)}
+    for step, values in (("none", [0, 0, 1, 0, 0, 0]), ("cpuid", [features[0x10A], features[0x345], 2, 1 << 47, U64, 0]),
+                         ("mce", [features[0x10A], features[0x345], 3, 0, U64, 0]),
+                         ("run", [features[0x10A] ^ 1, features[0x345] ^ 1, 4, 0, 0, 0x3E])):
+        for v in (fast, ref):
+            if step == "cpuid":
+                v.set_cpuid(v.vm.system.get_supported_cpuid())
+            elif step == "mce":
+                v.setup_mce(10)
+            elif step == "run":
+                guest.run_to_hlt(v.vm, v)
+        for v in (fast, ref):
+            v.msr_rules.refusals.clear()
+        batch = MsrBatch(list(zip(indices, values, strict=True)))
+        got, want = fast.set_msrs(batch), entry_by_entry(ref, batch)
+        assert got == want, f"after {step}: {batch}: set_msrs wrote {got} entries, entry by entry {want}"
+        assert state(fast) == state(ref), f"after {step}: {batch}: state differs from entry by entry"
+        assert_read_matches(fast, ref, indices, f"after {step}")
+        assert fast.msr_rules.last_plan[0] == batch.indices32, f"after {step}: the last plan is not {batch}'s"
+    fast.close()
+    for call in (fast.set_msrs, fast.get_msrs):
+        with pytest.raises(ClosedError):
+            call(MsrBatch(indices))
