@@ -32,8 +32,7 @@ if TYPE_CHECKING:
 X2APIC, SSE3 = (1, 0, "ecx", 21), (1, 0, "ecx", 0)
 LM, NX = (0x80000001, 0, "edx", 29), (0x80000001, 0, "edx", 20)
 SVM, FFXSR = (0x80000001, 0, "ecx", 2), (0x80000001, 0, "edx", 25)
-RDTSCP, RDPID = C.RDTSCP, C.RDPID
-MSR_VM_HSAVE_PA = 0xC0010117
+RDTSCP, RDPID, MSR_VM_HSAVE_PA = C.RDTSCP, C.RDPID, 0xC0010117
 TSC_ADJUST, OSVW = (7, 0, "ebx", 1), (0x80000001, 0, "ecx", 9)
 XSAVES, XFD = (0xD, 1, "eax", 3), (0xD, 1, "eax", 4)
 FLUSH_L1D: Bit = (7, 0, "edx", 28)
@@ -47,11 +46,9 @@ EFER_NEEDS = ((EFER_AUTOIBRS, AUTOIBRS), (EFER_FFXSR, FFXSR), (EFER_SVME, SVM), 
 APIC_BSP, X2APIC_ENABLE, APIC_ENABLE = 1 << 8, 1 << 10, 1 << 11
 MISC_ENABLE_EMON, MISC_ENABLE_MWAIT = 1 << 7, 1 << 18
 MISC_ENABLE_PMU_RO = 1 << 11 | 1 << 12  # BTS_UNAVAIL | PEBS_UNAVAIL
-KVM_X86_QUIRK_MISC_ENABLE_NO_MWAIT = 1 << 4
-PRED_CMD_IBPB, PRED_CMD_SBPB = 1, 1 << 7
+KVM_X86_QUIRK_MISC_ENABLE_NO_MWAIT, PRED_CMD_IBPB, PRED_CMD_SBPB = 1 << 4, 1, 1 << 7
 
-KVM_CAP_X86_SMM = 117
-MSR_APIC_BASE, MSR_EFER = 0x1B, 0xC0000080
+KVM_CAP_X86_SMM, MSR_APIC_BASE, MSR_EFER = 117, 0x1B, 0xC0000080
 MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_CSTAR = 0xC0000100, 0xC0000101, 0xC0000102, 0xC0000082, 0xC0000083
 CANONICAL_MSRS = frozenset({MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_CSTAR})
 MSR_SYSENTER_ESP, MSR_SYSENTER_EIP, MSR_PRED_CMD, MSR_FLUSH_CMD = 0x175, 0x176, 0x49, 0x10B
@@ -169,6 +166,10 @@ class MiscMsrs(Family):
             return 0, 0, False
         if self.handlers[index][1] == self._set_tsc_aux:  # host: the low 32 bits (AMD keeps only those: the handler)
             return 0, U64 ^ 0xFFFFFFFF, False
+        if self.handlers[index][1] == self._set_xfd:  # XFD, XFD_ERR: a host write is checked against the bits alone
+            return 0, U64 & ~self._xfd_allowed(), False
+        if self.handlers[index][1] == self._set_xss and (allowed := self._xss_allowed()) is not None:
+            return 0, U64 & ~allowed, False
         return None
 
     def bulk_ok(self, kind: str, indices: Sequence[int], values: Sequence[int]) -> bool:
@@ -378,19 +379,23 @@ class MiscMsrs(Family):
             return self.refuse(index, E.CPUID_GATED, FAIL), 0
         return OK, self.rules.stored[index]
 
-    def _set_xss(self, index: int, data: int, host: bool) -> int:
-        host_leaf = find_cpuid(self.rules.profile.supported_cpuid, 0xD, 1)
-        supported = host_leaf.ecx | host_leaf.edx << 32 if host_leaf is not None else 0  # kvm_caps.supported_xss
+    def _xss_allowed(self) -> int | None:
+        """The XSS bits a write may set (supported_xss; 6.18: the guest's too); None: unsupported (6.18, no XSAVES)."""
         if not self.xss_gated:  # before the CET series both vendors set supported_xss to 0 (6.12.118 vmx.c:7995,
-            supported = 0  # svm.c:5397; 6.1.192 vmx.c:7854, svm.c:4997; 5.10.262 vmx.c:7479, svm.c:894)
-        if self.xss_gated:  # 6.18: CPUID.XSAVES for everyone, and the guest's own XSS bits
-            if not self.cpuid_has(XSAVES):
-                return self.refuse(index, E.XSS_NEEDS_XSAVES, UNSUPPORTED)
-            guest = find_cpuid(self.vcpu.cpuid, 0xD, 1)
-            supported &= guest.ecx | guest.edx << 32 if guest is not None else 0
-        elif not host and not self.cpuid_has(XSAVES):
+            return 0  # svm.c:5397; 6.1.192 vmx.c:7854, svm.c:4997; 5.10.262 vmx.c:7479, svm.c:894)
+        if not self.cpuid_has(XSAVES):  # 6.18: CPUID.XSAVES for everyone, and the guest's own XSS bits
+            return None
+        host, guest = find_cpuid(self.rules.profile.supported_cpuid, 0xD, 1), find_cpuid(self.vcpu.cpuid, 0xD, 1)
+        return (host.ecx | host.edx << 32 if host is not None else 0) & (
+            guest.ecx | guest.edx << 32 if guest is not None else 0)
+
+    def _set_xss(self, index: int, data: int, host: bool) -> int:
+        allowed = self._xss_allowed()
+        if allowed is None:
+            return self.refuse(index, E.XSS_NEEDS_XSAVES, UNSUPPORTED)
+        if not self.xss_gated and not host and not self.cpuid_has(XSAVES):
             return self.refuse(index, E.CPUID_GATED, FAIL)
-        if data & ~supported:
+        if data & ~allowed:
             return self.refuse(index, E.VALUE_RESERVED, FAIL)
         self.rules.stored[index] = data
         return OK
@@ -400,15 +405,16 @@ class MiscMsrs(Family):
             return self.refuse(index, E.CPUID_GATED, FAIL), 0
         return OK, self.rules.stored[index]
 
+    def _xfd_allowed(self) -> int:
+        """kvm_guest_supported_xfd: the XTILE_DATA bit of the guest's XCR0 that the host supports too."""
+        guest, host = find_cpuid(self.vcpu.cpuid, 0xD, 0), find_cpuid(self.rules.profile.supported_cpuid, 0xD, 0)
+        return ((guest.eax | guest.edx << 32) & (host.eax | host.edx << 32) & C.XFEATURE_MASK_XTILE_DATA
+                if guest is not None and host is not None else 0)
+
     def _set_xfd(self, index: int, data: int, host: bool) -> int:
         if not host and not self.cap(XFD):
             return self.refuse(index, E.CPUID_GATED, FAIL)
-        guest = find_cpuid(self.vcpu.cpuid, 0xD, 0)
-        host_leaf = find_cpuid(self.rules.profile.supported_cpuid, 0xD, 0)
-        xcr0 = 0
-        if guest is not None and host_leaf is not None:
-            xcr0 = (guest.eax | guest.edx << 32) & (host_leaf.eax | host_leaf.edx << 32)
-        if data & ~(xcr0 & C.XFEATURE_MASK_XTILE_DATA):  # kvm_guest_supported_xfd
+        if data & ~self._xfd_allowed():
             return self.refuse(index, E.VALUE_RESERVED, FAIL)
         self.rules.stored[index] = data
         return OK
