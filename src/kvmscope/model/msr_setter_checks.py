@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from .. import msrs as M
 from ..api import find_cpuid
 from ..kernel import rulesets as R
+from . import vmx
 from .msr_family import U64, WriteCheck
 from .msr_rules import ARCH_CAPABILITIES_BIT, PDCM_BIT
 
@@ -38,6 +39,10 @@ def setter_check(rules: MsrRules, index: int) -> WriteCheck | None:
             if rs.perf_cap_pmu_version and (pmu is None or not pmu.eax & 0xFF):
                 mask = U64
         return 0, mask, False
+    if index == vmx.MSR_IA32_FEAT_CTL:  # _set_feat_ctl: the bits KVM supports (6.2+), else those the CPUID grants
+        allowed = (vmx.KVM_SUPPORTED_FEATURE_CONTROL if rs.has(R.FEAT_CTL_HOST_ANY_SUPPORTED)
+                   else vmx.feature_control_valid_bits(rules.vcpu.cpuid, p.nested_vmx))
+        return 0, U64 & ~allowed, False
     return None
 
 
