@@ -268,8 +268,7 @@ class BatchedMsrRules(ReadingMsrRules):
                 if check is not None:
                     checks.append((pos, index, check))
                     if handler is not None:
-                        byte_mask = family.memory_types(index)  # type: ignore[union-attr]
-                        types |= sum(0xFF << (8 * byte) for byte in range(8) if byte_mask >> byte & 1) << (128 + 128 * pos)
+                        types |= family.memory_types(index) << (128 + 128 * pos)  # type: ignore[union-attr]
                     continue
             group = family.bulk_kind(index) if handler is not None and family is not None else None
             if group is not None:

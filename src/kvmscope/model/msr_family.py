@@ -55,8 +55,8 @@ class MsrFamily(Protocol):
         the handler must run."""
 
     def memory_types(self, index: int) -> int:
-        """With ``write_check``: a byte mask, bit ``i`` set when byte ``i`` of a written value must also be a valid
-        MTRR memory type (``MEMORY_TYPE_INVALID`` maps each byte to 1 when it is not) for the check to pass."""
+        """With ``write_check``: what each byte of a written value must also be for the check to pass, as a mask of
+        ``MEMORY_TYPE_INVALID``'s bits per byte (0xFF: an MTRR memory type; 0x02: a PAT type; 0: anything)."""
 
     def bulk_read_kind(self, index: int) -> str | None:
         """The group whose host reads ``bulk_read_ok`` checks for a whole batch at once; None for the others."""

@@ -72,9 +72,11 @@ def reserved_gpa_bits(rules: MsrRules) -> int:
 
 _VALID_TYPES = frozenset({0, 1, 4, 5, 6})
 _VALID_TYPE_BYTES = bytes(sorted(_VALID_TYPES))
-# Each byte to 0 when it is a valid memory type, else to 1: a batch checks the type bytes of its MTRR writes with one
-# ``bytes.translate`` of its buffer (``write_check``, ``memory_types``, ``msr_batch``).
-MEMORY_TYPE_INVALID = bytes(0 if t in _VALID_TYPES else 1 for t in range(256))
+# Each byte to bit 0 when it is not a valid MTRR memory type and bit 1 when it is not a valid PAT type (which adds 7,
+# UC-): a batch checks the type bytes of its MTRR and PAT writes with one ``bytes.translate`` of its buffer, masked
+# per byte (``write_check``, ``memory_types``, ``msr_plan.types_valid``). Every invalid PAT type is an invalid MTRR one.
+MEMORY_TYPE_INVALID = bytes((t not in _VALID_TYPES) | (t not in _VALID_TYPES | {7}) << 1 for t in range(256))
+_PAT_RESERVED, _PAT_TYPES = 0xF8F8F8F8F8F8F8F8, 0x0202020202020202  # kvm_pat_valid: bits 3-7 of each byte; 2 or 3
 _DEF_TYPE_RESERVED = ((1 << 64) - 1) & ~0xCFF  # MTRRdefType: the type, FE (bit 10) and E (bit 11) alone
 _CONSTANT: dict[int, int] = {}  # read_source of MTRRcap: never holds a key, so its default comes back
 
@@ -164,12 +166,16 @@ class MtrrMsrs:
             return 0, 0, False
         if index == MSR_MTRR_DEF_TYPE:
             return 0, _DEF_TYPE_RESERVED, False
+        if index == MSR_PAT:  # the reserved bits; the types (2 and 3 refused) are in memory_types
+            return 0, _PAT_RESERVED, False
         return None
 
     def memory_types(self, index: int) -> int:
         if index in FIXED:  # eight types, one per byte
-            return 0xFF
-        return 1 if index == MSR_MTRR_DEF_TYPE or (index in VARIABLE and index % 2 == 0) else 0
+            return (1 << 64) - 1
+        if index == MSR_PAT:
+            return _PAT_TYPES
+        return 0xFF if index == MSR_MTRR_DEF_TYPE or (index in VARIABLE and index % 2 == 0) else 0
 
     def bulk_read_kind(self, index: int) -> str | None:
         return None  # read_source covers every MTRR read
