@@ -491,14 +491,14 @@ def test_each_grouped_write_matches_entry_by_entry(profile: str, kernel: str) ->
                     assert state(fast) == state(ref), f"{banks:#x}: {batch}: state differs from entry by entry"
 
 
-@pytest.mark.parametrize("profile", ["pvm-6.18"])  # the benchmarks' (this host's): on the Intel and AMD profiles
-# the batch has entries with handlers (FEAT_CTL, XSS; SYSENTER on AMD), and takes the quick path
+@pytest.mark.parametrize("profile", shipped())
 def test_a_vmms_save_and_restore_takes_the_compiled_paths(profile: str) -> None:
     """What a VMM saves and restores (the first 32 index-list MSRs the vCPU reads and takes back, as
     ``benchmarks/common.py`` picks them) on a vCPU given the supported CPUID: the write takes its plan's compiled
-    direct path and the read its compiled read, the second time by the last plan alone (no key made), with the
-    result of the general path. A compiled path that declined every batch would leave the results right and the
-    model slow; this fails instead."""
+    direct path and the read its compiled read (on amd-epyc the SYSENTER MSRs' getter runs: SVM masks them by the
+    guest's vendor at the read), the second time by the last plan alone (no key made), with the result of the
+    general path. A compiled path that declined every batch would leave the results right and the model slow; this
+    fails instead."""
     vcpu = twin(profile, "6.18")
     vcpu.set_cpuid(vcpu.vm.system.get_supported_cpuid())
     indices = []
@@ -510,19 +510,22 @@ def test_a_vmms_save_and_restore_takes_the_compiled_paths(profile: str) -> None:
     assert vcpu.get_msrs(batch, strict=True) == len(batch)
     msrs = vcpu.msr_rules
     key = batch.indices32.tobytes()
-    read, direct = msrs.read_plans[key][7], None
-    assert read is not None, f"{profile}: the read plan of {batch} has no compiled read"
+    read, ruled = msrs.read_plans[key][7], {index for _, index, _ in msrs.read_plans[key][3]}
     assert vcpu.set_msrs(batch, strict=True) == len(batch)
     direct = msrs.plans[key][9]
     assert direct is not None, f"{profile}: the write plan of {batch} has no compiled direct path"
     before = state(vcpu)
     assert direct[0](batch.raw, batch.words64, msrs.refusals) is True, f"{profile}: the direct path declined {batch}"
     assert state(vcpu) == before, f"{profile}: writing back what was read changed the state"
+    assert msrs.last_plan[1] is msrs.plans[key] and msrs.last_read_plan[1] is msrs.read_plans[key], (
+        f"{profile}: the last plans are not the batch's")
+    if profile == "amd-epyc":
+        assert ruled == {0x175, 0x176} and read is None, f"{profile}: reads through the rules: {ruled}"
+        return
+    assert read is not None, f"{profile}: the read plan of {batch} has no compiled read (ruled: {ruled})"
     out = MsrBatch([(index, 0xAA) for index in indices[:32]])
     assert read(out.words64, msrs.refusals) is True, f"{profile}: the compiled read declined {out}"
     assert bytes(out.buffer) == bytes(batch.buffer), f"{profile}: the compiled read gave {out}, not {batch}"
-    assert msrs.last_plan[1] is msrs.plans[key] and msrs.last_read_plan[1] is msrs.read_plans[key], (
-        f"{profile}: the last plans are not the batch's")
 
 
 def check_of(vcpu: ModelVcpu, index: int) -> object:

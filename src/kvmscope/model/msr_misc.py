@@ -123,14 +123,12 @@ class MiscMsrs(Family):
             MSR_POWER_CTL: (self._get_stored, self._set_any),
             MSR_HWCR: (self._get_stored, self._set_hwcr),
             MSR_MMIO_CONF_BASE: (self._get_zero, self._set_mmio_conf_base),
-            MSR_OSVW_ID_LENGTH: (self._get_osvw, self._set_osvw),
-            MSR_OSVW_STATUS: (self._get_osvw, self._set_osvw),
             MSR_XSS: (self._get_xss, self._set_xss),
             MSR_PRED_CMD: (self._get_unsupported, self._set_pred_cmd),
             MSR_FLUSH_CMD: (self._get_unsupported, self._set_flush_cmd),
-            MSR_SYSENTER_ESP: (self._get_sysenter, self._set_sysenter),
-            MSR_SYSENTER_EIP: (self._get_sysenter, self._set_sysenter),
         }
+        handlers[MSR_OSVW_ID_LENGTH] = handlers[MSR_OSVW_STATUS] = (self._get_osvw, self._set_osvw)
+        handlers[MSR_SYSENTER_ESP] = handlers[MSR_SYSENTER_EIP] = (self._get_sysenter, self._set_sysenter)
         handlers[MSR_XFD] = handlers[MSR_XFD_ERR] = (self._get_xfd, self._set_xfd)
         for index in CANONICAL_MSRS:
             handlers[index] = (self._get_canonical, self._set_canonical)
@@ -162,13 +160,15 @@ class MiscMsrs(Family):
         # The "canonical" group's check for one MSR: v + 2**(bits - 1) wraps the canonical values to below 2**bits.
         if self.bulk_kind(index) == "canonical":
             return 1 << (self.virt_bits - 1), U64 & ~((1 << self.virt_bits) - 1), False
-        if self.handlers[index][1] == self._set_tsc_adjust and self.cap(TSC_ADJUST):  # without the bit: dropped
+        setter = self.handlers[index][1]
+        if setter == self._set_tsc_adjust and self.cap(TSC_ADJUST):  # without the bit: dropped
             return 0, 0, False
-        if self.handlers[index][1] == self._set_tsc_aux:  # host: the low 32 bits (AMD keeps only those: the handler)
-            return 0, U64 ^ 0xFFFFFFFF, False
-        if self.handlers[index][1] == self._set_xfd:  # XFD, XFD_ERR: a host write is checked against the bits alone
+        # as written: TSC_AUX's and SYSENTER's (SVM, CR4's width) values below 2**32, VM_HSAVE_PA's page-aligned ones
+        if setter in (self._set_tsc_aux, self._set_sysenter, self._set_hsave_pa):
+            return 0, 0xFFF if setter == self._set_hsave_pa else U64 ^ 0xFFFFFFFF, False
+        if setter == self._set_xfd:  # XFD, XFD_ERR: a host write is checked against the bits alone
             return 0, U64 & ~self._xfd_allowed(), False
-        if self.handlers[index][1] == self._set_xss and (allowed := self._xss_allowed()) is not None:
+        if setter == self._set_xss and (allowed := self._xss_allowed()) is not None:
             return 0, U64 & ~allowed, False
         return None
 
@@ -187,7 +187,7 @@ class MiscMsrs(Family):
             return self.rules.stored, index, 0
         if getter == self._get_sysenter and self.rules.profile.vendor != "svm":  # only svm_get_msr masks them
             return self.rules.stored, index, 0
-        if getter == self._get_tsc_aux:  # a host read is never refused
+        if getter in (self._get_tsc_aux, self._get_xss, self._get_xfd):  # a host read is never refused
             return self.rules.stored, index, 0
         return super().read_source(index)
 

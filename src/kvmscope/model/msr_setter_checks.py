@@ -62,6 +62,9 @@ def read_decided(rules: MsrRules, index: int) -> tuple[dict[int, int], int, int,
         return rules.stored, index, 0, None
     if index == M.MSR_AMD64_DE_CFG:
         return ({}, index, 0, None) if forgiven else None
+    b = rules.behaviour.get(index)  # FEAT_CTL has no getter: host_get reads it by the profile's behaviour
+    if index == vmx.MSR_IA32_FEAT_CTL and rules.families.get(index) is None and b is not None and b.readable:
+        return ({}, index, b.default, None) if b.kind in ("drop", "zero_drop") else (rules.stored, index, b.default, None)
     return None
 
 
