@@ -32,6 +32,8 @@ from typing import Any
 import kvmscope
 from kvmscope import guest, uapi
 from kvmscope.api import IoExit, MsrBatch
+from kvmscope.kernel.profile import load, shipped
+from kvmscope.model import open_model
 from kvmscope.model.msr_compiled import compile_direct
 
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling modules, however this file is loaded
@@ -196,6 +198,30 @@ def model_parts(n: int, rounds: int, batch_name: str = "index list") -> list[tup
         return out
 
 
+def profile_parts(n: int, rounds: int) -> list[tuple[str, float]]:
+    """The model's set_msrs and get_msrs on each shipped profile (6.18 rules, the supported CPUID set), of the batch
+    a VMM saves and restores there: the first 32 MSRs of that profile's KVM_GET_MSR_INDEX_LIST that read and write
+    back. No live kernel runs these hosts' rules, so there is no ratio: CPU time per call, best of the rounds."""
+    out = []
+    for name in shipped():
+        system = open_model(kernel="6.18", profile=load(name))
+        vcpu = system.create_vm().create_vcpu(0)
+        vcpu.set_cpuid(system.get_supported_cpuid())
+        indices = []
+        for index in system.get_msr_index_list():
+            one = MsrBatch([index])
+            if vcpu.get_msrs(one) == 1 and vcpu.set_msrs(MsrBatch([(index, one[0][1])])) == 1:
+                indices.append(index)
+        batch = MsrBatch(indices[:32])
+        vcpu.get_msrs(batch, strict=True)
+        for op, call in (("set_msrs", vcpu.set_msrs), ("get_msrs", vcpu.get_msrs)):
+            def loop(n: int, call: Callable[[MsrBatch], int] = call, batch: MsrBatch = batch) -> None:
+                for _ in range(n):
+                    call(batch)
+            out.append((f"{name}: {op}(batch), {len(batch)} entries", min(timed(loop, n).cpu_us for _ in range(rounds))))
+    return out
+
+
 # --- perf --------------------------------------------------------------------------------------------------------------
 
 PERF_LOOP = textwrap.dedent("""
@@ -299,6 +325,8 @@ def profile(n: int, rounds: int, with_perf: bool = True, parts: tuple[str, ...] 
         result["model set_msrs, index-list batch (us per call)"] = model_parts(max(n // 10, 1000), rounds)
         result["model set_msrs, QEMU's vCPU-creation batch (us per call)"] = model_parts(
             max(n // 40, 250), rounds, "qemu")
+        result["model on each shipped profile, its own index-list batch (us per call)"] = profile_parts(
+            max(n // 10, 1000), rounds)
     if "run" in parts:
         perf = perf_available() if with_perf else None
         if not with_perf:

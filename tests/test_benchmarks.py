@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmscope.kernel.profile import shipped
 from kvmscope.linux import LinuxSystem
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +67,8 @@ def test_where_time_goes_reports_ladders_and_model_parts(live: LinuxSystem) -> N
     parts = dict(out["model set_msrs, index-list batch (us per call)"])  # type: ignore[call-overload]
     whole = [us for name, us in parts.items() if name.startswith("whole call: vcpu.set_msrs(batch)")]
     assert len(whole) == 1 and whole[0] > 0, f"model parts: {parts}"
+    profiles = dict(out["model on each shipped profile, its own index-list batch (us per call)"])  # type: ignore[call-overload]
+    assert len(profiles) == 2 * len(shipped()) and all(us > 0 for us in profiles.values()), f"profiles: {profiles}"
     assert out["perf"] == "skipped (--no-perf)", f"--no-perf still profiled: {out['perf']}"
 
 
