@@ -13,16 +13,14 @@ keep it free of per-entry Python work and attribute hops (``benchmarks/run.py``)
 
 from __future__ import annotations
 
-import errno
 import struct
 from collections.abc import Callable
 from operator import add, and_, itemgetter
 from typing import TYPE_CHECKING, cast
 
 from .. import msrs as M
-from .. import uapi
-from ..api import LITTLE_ENDIAN, MsrBatch, MsrItems, as_batch
-from ..errors import ClosedError, KvmError
+from ..api import MsrBatch, MsrItems, as_batch
+from ..errors import ClosedError
 from ..kernel import emulated as E
 from ..kernel.rule import Rule
 from .msr_compiled import direct_plan
@@ -96,11 +94,7 @@ class BatchedMsrRules(ReadingMsrRules):
         if indices == last[0]:  # the same indices as a batch that passed the checks below (``close`` forgets it)
             plan = last[1]
         else:
-            if self.closed:
-                raise ClosedError("this vCPU is closed")
-            if n >= uapi.MAX_IO_MSRS:
-                raise KvmError(errno.E2BIG, "KVM_SET_MSRS")
-            if not LITTLE_ENDIAN:
+            if not self.batch_checked(n, "KVM_SET_MSRS"):
                 return self._set_one_by_one(batch, strict)
             key = indices.tobytes()
             plan = self.plans.get(key) or self._write_plan(key)

@@ -164,11 +164,7 @@ class ReadingMsrRules(MsrRules):
         if indices == last[0]:  # the same indices as a batch that passed the checks below (``close`` forgets it)
             plan = last[1]
         else:
-            if self.closed:
-                raise ClosedError("this vCPU is closed")
-            if n >= uapi.MAX_IO_MSRS:
-                raise KvmError(errno.E2BIG, "KVM_GET_MSRS")
-            if not LITTLE_ENDIAN:
+            if not self.batch_checked(n, "KVM_GET_MSRS"):
                 return self._get_one_by_one(batch, strict)
             key = indices.tobytes()
             plan = self.read_plans.get(key) or self._read_plan(key)
@@ -207,6 +203,15 @@ class ReadingMsrRules(MsrRules):
         if recorded:
             self.refusals.update(recorded)
         return n
+
+    def batch_checked(self, n: int, ioctl: str) -> bool:
+        """What a batch of ``n`` entries passes before its plan is found: raises when the vCPU is closed or ``n`` is
+        ``MAX_IO_MSRS`` or more (E2BIG); False on a big-endian host, where batches go entry by entry."""
+        if self.closed:
+            raise ClosedError("this vCPU is closed")
+        if n >= uapi.MAX_IO_MSRS:
+            raise KvmError(errno.E2BIG, ioctl)
+        return LITTLE_ENDIAN
 
     def _get_one_by_one(self, batch: MsrBatch, strict: bool) -> int:
         buf = batch.buffer
