@@ -3,12 +3,10 @@
 MSRs and ``kvm_apic_set_base`` (lapic.c), host-initiated (``host``) and guest alike.
 
 Sources: ``arch/x86/kvm/x86.c`` of the extracted 6.12 tree (line numbers below) and ``CachyOS/linux`` x86.c
-@4703912f5e30 (6.18+), which has the same rules except where a comment names 6.18. The vendor module runs first
-(``vmx_set_msr``/``svm_set_msr``/``pvm_set_msr``) and hands these MSRs to the common code; where it stores a value
-differently the profile's vendor says so (SYSENTER_ESP/EIP on SVM).
-
-The machine-check, KVM PV and x2APIC MSRs are in ``msr_pv``; MTRRs and PAT in ``mtrr``. Without an in-kernel LAPIC
-(the state this binding creates) TSC_DEADLINE reads 0 and drops writes (``kvm_set_lapic_tscdeadline_msr``).
+@4703912f5e30 (6.18+), the same rules except where a comment names 6.18. The vendor module (``vmx_set_msr``/
+``svm_set_msr``/``pvm_set_msr``) runs first; where it stores a value differently the profile's vendor says so
+(SYSENTER_ESP/EIP on SVM). Machine-check, KVM PV and x2APIC MSRs are in ``msr_pv``; MTRRs and PAT in ``mtrr``.
+Without an in-kernel LAPIC TSC_DEADLINE reads 0 and drops writes (``kvm_set_lapic_tscdeadline_msr``).
 """
 
 from __future__ import annotations
@@ -173,9 +171,14 @@ class MiscMsrs(Family):
         return None
 
     def bulk_ok(self, kind: str, indices: Sequence[int], values: Sequence[int]) -> bool:
-        bits = self._width()  # "canonical" when the host's width applies, "canonical_cr4" when the guest's
-        shift = bits - 1  # canonical: bits 63..bits-1 all 0 or all 1
+        shift = self._width() - 1  # "canonical": the host's width, "canonical_cr4": the guest's; bits 63..shift alike
         return {value >> shift for value in values} <= {0, U64 >> shift}
+
+    def bulk_read_kind(self, index: int) -> str | None:  # SYSENTER masked on read: as stored while the high half is 0
+        return "sysenter" if self.handlers[index][0] == self._get_sysenter and self._sysenter_masked() else None
+
+    def bulk_read_ok(self, kind: str, indices: Sequence[int]) -> bool:
+        return not any(self.rules.stored[index] >> 32 for index in indices)
 
     def read_source(self, index: int) -> tuple[dict[int, int], int, int] | None:
         getter = self.handlers[index][0]
@@ -185,9 +188,8 @@ class MiscMsrs(Family):
             return _NOTHING, index, WRITE_IGNORED[index]  # type: ignore[return-value]
         if getter == self._get_canonical and index not in (MSR_FS_BASE, MSR_GS_BASE):
             return self.rules.stored, index, 0
-        if getter == self._get_sysenter and self.rules.profile.vendor != "svm":  # only svm_get_msr masks them
-            return self.rules.stored, index, 0
-        if getter in (self._get_tsc_aux, self._get_xss, self._get_xfd):  # a host read is never refused
+        if getter in (self._get_tsc_aux, self._get_xss, self._get_xfd) or (  # never refused to the host; SYSENTER:
+                getter == self._get_sysenter and not self._sysenter_masked()):  # unmasked (else bulk_read_kind)
             return self.rules.stored, index, 0
         return super().read_source(index)
 
@@ -280,17 +282,15 @@ class MiscMsrs(Family):
         return OK
 
     # -- SYSENTER_ESP/EIP: made canonical (x86.c:1440), then the vendor stores them --
+    def _sysenter_masked(self) -> bool:
+        """Whether svm_get_msr/svm_set_msr drop the high half: kept only for an Intel(-compatible) guest (5.13+)."""
+        return self.svm and self.vendor_checks != "vendor" and not self.intel_like()
+
     def _get_sysenter(self, index: int, host: bool) -> tuple[int, int]:
-        value = self.rules.stored[index]
-        if self.svm and self.vendor_checks != "vendor" and not self.intel_like():
-            value &= 0xFFFFFFFF  # svm_get_msr adds the high half only for an Intel(-compatible) guest
-        return OK, value
+        return OK, self.rules.stored[index] & (0xFFFFFFFF if self._sysenter_masked() else U64)
 
     def _set_sysenter(self, index: int, data: int, host: bool) -> int:
-        value = canonical(data, self._width())
-        if self.svm and self.vendor_checks != "vendor" and not self.intel_like():
-            value &= 0xFFFFFFFF  # svm_set_msr keeps the high half only for an Intel(-compatible) guest
-        self.rules.stored[index] = value
+        self.rules.stored[index] = canonical(data, self._width()) & (0xFFFFFFFF if self._sysenter_masked() else U64)
         return OK
 
     # -- TSC_AUX (x86.c:1455, 1519) and TSC_ADJUST (x86.c:3473) --
