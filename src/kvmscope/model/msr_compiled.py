@@ -84,10 +84,12 @@ def compiled(source: str) -> CodeType:
 
 
 def header(signature: str, names: dict[str, object]) -> str:
-    """The ``def`` line of a generated function: the objects it names are keyword-only defaults, so that the
-    function reads them as locals (cheaper than globals, on every use)."""
+    """The ``def`` line of a generated function: the objects it names are positional defaults, so that the
+    function reads them as locals. Not keyword-only defaults: CPython 3.11 looks each of those up in a dict on
+    every call (the index-list read took 0.08 us more, 41 paired rounds); and not globals: plans of one shape share
+    one code object, whose specialised global loads would miss on each other plan's globals."""
     bound = ", ".join(f"{name}={name}" for name in names if not name.startswith("__"))
-    return f"def {signature[:-1]}, *, {bound}):" if bound else f"def {signature}:"
+    return f"def {signature[:-1]}, {bound}):" if bound else f"def {signature}:"
 
 
 def direct_source(spec: DirectSpec, names: dict[str, object], checks_only: bool = False) -> str:
