@@ -90,7 +90,7 @@ def default_profile(live: System | None = None) -> tuple[str | Profile, str]:
 
     from . import __version__
     from .kernel import rulesets
-    from .kernel.profile import DEFAULT_PROFILE, load, shipped
+    from .kernel.profile import CAPTURE_FORMAT, DEFAULT_PROFILE, load, shipped
 
     system = live
     if system is None:
@@ -108,7 +108,7 @@ def default_profile(live: System | None = None) -> tuple[str | Profile, str]:
             label = rulesets.resolve(str(info.get("kernel_release") or "")).version
         except KvmscopeError:
             label = None
-        key = json.dumps([__version__, info.get("kernel_release"), info.get("vendor_module"),
+        key = json.dumps([__version__, CAPTURE_FORMAT, info.get("kernel_release"), info.get("vendor_module"),
                           info.get("module_parameters"), label], sort_keys=True, default=str)
         path = cache_dir() / f"host-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
         if path.is_file():

@@ -49,6 +49,24 @@ def _fresh(system: System, cpuid: Sequence[CpuidEntry] | None = None, memory: bo
     return vm, vcpu
 
 
+def cr4_accepted(system: System, cpuid: Sequence[CpuidEntry]) -> int:
+    """The CR4 bits KVM_SET_SREGS takes, each set alone over a fresh vCPU's CR4, on a vCPU given ``cpuid``."""
+    vm, vcpu = _fresh(system, cpuid, memory=False)
+    with vm:
+        base = vcpu.get_sregs()
+        accepted = 0
+        for bit in range(64):
+            sregs = uapi.kvm_sregs.from_buffer_copy(base)
+            sregs.cr4 |= 1 << bit
+            try:
+                vcpu.set_sregs(sregs)
+            except KvmError:
+                continue  # refused before anything changed
+            accepted |= 1 << bit
+            vcpu.set_sregs(base)
+    return accepted
+
+
 def classify_msr(system: System, index: int, cpuid: Sequence[CpuidEntry] | None) -> MsrBehaviour:
     """Write a set of test values to ``index`` on fresh vCPUs and name the pattern."""
     vm, vcpu = _fresh(system, cpuid)
@@ -174,6 +192,7 @@ def capture(system: System, name: str | None = None, description: str = "", cpui
             no_mem_errno = None
         except KvmError as e:
             no_mem_errno = e.errno
+    cr4 = cr4_accepted(system, supported)
     candidates = sorted(set(index_list) | {m.index for m in M.catalogue()})
     behaviour: dict[int, MsrBehaviour] = {}
     for index in candidates:
@@ -215,4 +234,5 @@ def capture(system: System, name: str | None = None, description: str = "", cpui
         reset_regs=reset_regs,
         reset_sregs={k: v for k, v in sregs.items()},
         run_without_memory_errno=no_mem_errno,
+        cr4_accepted=cr4,
     )

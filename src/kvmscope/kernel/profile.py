@@ -42,6 +42,9 @@ from ..schema import REGISTERS as REGISTERS  # re-exported: capture.py names CPU
 from . import rulesets
 
 SCHEMA = 1
+# What a capture measures, numbered: a cached capture of this host (``backends.default_profile``) made by a kvmscope
+# that measured less is taken again. 2: ``vcpu.cr4_accepted``.
+CAPTURE_FORMAT = 2
 VENDORS = ("vmx", "svm", "pvm")
 BEHAVIOURS = ("store", "drop", "zero_only", "zero_drop", "refuse", "volatile", "other")
 CAP_BY_NAME = {v: k for k, v in uapi.CAPABILITY_NAMES.items()}
@@ -117,6 +120,9 @@ class Profile:
     reset_regs: dict[str, int] = field(default_factory=dict)
     reset_sregs: dict[str, Any] = field(default_factory=dict)
     run_without_memory_errno: int | None = None
+    # The CR4 bits KVM_SET_SREGS took on this host, each alone on a vCPU given the supported CPUID (capture); None:
+    # derived from the supported CPUID by upstream KVM's rule (model/cr4.py).
+    cr4_accepted: int | None = None
     path: str = "<memory>"
 
     # -- facts derived from the data --
@@ -172,6 +178,7 @@ class Profile:
                 "reset_regs": {k: h(v) for k, v in self.reset_regs.items()},
                 "reset_sregs": self.reset_sregs,
                 "run_without_memory_errno": self.run_without_memory_errno,
+                "cr4_accepted": None if self.cr4_accepted is None else h(self.cr4_accepted),
             },
             "ignore_msrs": self.ignore_msrs,
             "msr_behaviour": {
@@ -310,6 +317,7 @@ PROFILE: Record[Profile] = Record(Profile, [
     Field("vcpu.reset_regs", Struct(uapi.kvm_regs)),
     Field("vcpu.reset_sregs", Struct(uapi.kvm_sregs)),
     Field("vcpu.run_without_memory_errno", Nullable(Int(16))),
+    Field("vcpu.cr4_accepted", Nullable(Int())),
     Field("ignore_msrs", Bool()),
     Field("msr_behaviour", MapOf(Int(32), MSR_BEHAVIOUR)),
     Field("vendor_msrs", MapOf(Int(32), VENDOR_MSR)),
