@@ -3,6 +3,7 @@ entry-by-entry order, run on a twin vCPU: same counts, same stored state, same r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import struct
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from kvmscope import guest
 from kvmscope.api import CpuidEntry, MsrBatch
-from kvmscope.errors import ClosedError
+from kvmscope.errors import ClosedError, KvmError
 from kvmscope.kernel import rulesets as R
 from kvmscope.kernel.profile import MsrBehaviour, load, shipped
 from kvmscope.model import open_model
@@ -296,10 +297,11 @@ def test_grouped_writes_match_entry_by_entry(profile: str, kernel: str, batches:
             v.set_cpuid(v.vm.system.get_supported_cpuid())
         if banks is not None:
             v.setup_mce(banks)
-        if cr4_la57:
+        if cr4_la57:  # where the host has LA57: elsewhere KVM_SET_SREGS refuses it (model/cr4.py)
             sregs = v.get_sregs()
             sregs.cr4 |= 1 << 12
-            v.set_sregs(sregs)
+            with contextlib.suppress(KvmError):
+                v.set_sregs(sregs)
     groups = grouped(fast)
     groups["checked"] = checked(fast)
     groups["all"] += groups["checked"]

@@ -207,6 +207,36 @@ X2APIC_SUPPRESS_EOI_FLAGS = Rule("x2apic_suppress_eoi_flags", "> 6.18", "6517dfb
                                  "VM). DISABLE also lets an EOI reach the in-kernel IOAPIC despite SPIV's directed-EOI "
                                  "bit (kvm_lapic_suppress_eoi_broadcast)",
                                  stable=("6.18.17",))
+# CR4 on KVM_SET_SREGS (model/cr4.py; docs/rules.md). The bits KVM knows and each feature test, from 5.10.262, 6.1.192
+# and 6.12.118 kvm_host.h CR4_RESERVED_BITS and x86.h __cr4_reserved_bits, and the 6.18 commits named.
+CR4_PCIDE_GATED = Rule("cr4_pcide_gated", "5.12", "4683d758f48e",
+                       "KVM: x86: Supplement __cr4_reserved_bits() with X86_FEATURE_PCID check: CR4.PCIDE needs PCID in "
+                       "KVM's caps (and, after KVM_SET_CPUID2, the guest's CPUID); before, KVM_SET_SREGS took it on any "
+                       "host. Stable: 5.10.23 (Debian's 5.10 changelog)",
+                       "set CR4.PCIDE only where the host and the guest's CPUID have PCID", stable=("5.10.23",))
+CR4_VENDOR_HOOK = Rule("cr4_vendor_hook", "5.11", "c2fe3cd4604a",
+                       "KVM: x86: Move vendor CR4 validity check to dedicated kvm_x86_ops hook: VMX's refusal of "
+                       "CR4.VMXE (no nested VMX for the guest: nested off or no VMX in its CPUID; or SMM) is EINVAL "
+                       "before anything changes; before, vmx_set_cr4 refused it inside __set_sregs, which ignored "
+                       "that: KVM_SET_SREGS succeeded, took the other registers and left CR4 as it was (5.10.13 "
+                       "__set_sregs). Stable: 5.10.137 (Debian's 5.10 changelog)",
+                       "give the guest VMX in its CPUID (KVM_SET_CPUID2) before setting CR4.VMXE", stable=("5.10.137",))
+CR4_LAM_SUP = Rule("cr4_lam_sup", "6.8", "93d1c9f498a7",
+                   "KVM: x86: Virtualize LAM for supervisor pointer: CR4.LAM_SUP (bit 28) becomes a CR4 bit KVM knows, "
+                   "usable with LAM (CPUID.7.1:EAX[26]) in KVM's caps and the guest's CPUID; before, KVM_SET_SREGS "
+                   "refuses it (6.1.192 kvm_host.h:117-123; 6.12.118 kvm_host.h:135-142)",
+                   "leave CR4.LAM_SUP clear")
+CR4_CET = Rule("cr4_cet", "6.18", "b3744c59ebc5",
+               "KVM: x86: Allow setting CR4.CET if IBT or SHSTK is supported: CR4.CET (bit 23) becomes a CR4 bit KVM "
+               "knows, usable when KVM's caps and the guest's CPUID have SHSTK or IBT; before, KVM_SET_SREGS refuses it",
+               "leave CR4.CET clear")
+CR4_GUEST_AT_CREATE = Rule("cr4_guest_at_create", "6.14", "85e5ba83c016",
+                           "KVM: x86: Do all post-set CPUID processing during vCPU creation: a new vCPU's CR4 reserved "
+                           "bits come from its (empty) CPUID at once, so until KVM_SET_CPUID2 gives it the features, "
+                           "KVM_SET_SREGS refuses every feature-gated CR4 bit (OSXSAVE, SMEP, SMAP, FSGSBASE, PKE, LA57, "
+                           "UMIP, VMXE, PCIDE, LAM_SUP, CET) and takes only bits 0-10. Before, the guest reserved nothing "
+                           "until its first KVM_SET_CPUID2 (6.12.118 cpuid.c:417-418, 504; x86.c:11530)",
+                           "call KVM_SET_CPUID2 before KVM_SET_SREGS")
 SREGS_CR0_CHECKED = Rule("sregs_cr0_checked", "6.5", "26a0652cb453",
                          "KVM: x86: Disallow KVM_SET_SREGS{2} if incoming CR0 is invalid: bits 63:32, NW without CD "
                          "or PG without PE are EINVAL (kvm_is_valid_cr0, 6.12.118 regs.c:203-216, 559-560); before, "
@@ -298,7 +328,8 @@ RULES: dict[str, Rule] = {
               SREGS_EFER_CHECKED, PRED_CMD_SBPB, X2APIC_ICR_64BIT, X2APIC_ICR_SPLIT_SVM, X2APIC_ICR_RESERVED,
               X2APIC_HIGH_BITS, X2APIC_SELF_IPI_VECTOR, X2APIC_SELF_IPI_KEEPS_ICR,
               X2APIC_LEAVE_SETS_XAPIC_ID, X2APIC_ID_READONLY,
-              REFUSED_READ_ZEROED, SMBASE_NEEDS_SMM, X2APIC_SUPPRESS_EOI_FLAGS, SREGS_CR0_CHECKED,
+              REFUSED_READ_ZEROED, SMBASE_NEEDS_SMM, X2APIC_SUPPRESS_EOI_FLAGS, SREGS_CR0_CHECKED, CR4_PCIDE_GATED,
+              CR4_VENDOR_HOOK, CR4_LAM_SUP, CR4_CET, CR4_GUEST_AT_CREATE,
               INTEL_GUEST_CHECKS, INTEL_COMPATIBLE_CHECKS, UNSUPPORTED, UNKNOWN_MSR,
               HOST_PROFILE, *emulated.RULES)
 }

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from .. import uapi
@@ -18,7 +19,7 @@ from ..errors import ClosedError, InvalidTypeError, KvmError, KvmscopeError
 from ..kernel import rulesets as R
 from ..program import Program
 from . import cpuid as C
-from . import x2apic
+from . import cr4, x2apic
 from .guest_exec import ProgramState
 from .guest_exec import run_program as run_guest_program
 from .msr_batch import BatchedMsrRules
@@ -75,6 +76,7 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         self._pending_in: tuple[int, int] | None = None  # (size, count) of an IN awaiting data
         self._in_data = b""
         self.cpuid: list[CpuidEntry] = []
+        self.cpuid_set = False  # no KVM_SET_CPUID2 yet
         sregs = reset_sregs(p.reset_sregs, vcpu_id)
         # before 5.15 the BSP bit is forced without an in-kernel LAPIC, and VMX resets through that path
         self._bsp_forced = self.rules.has(R.APIC_BASE_BSP_FORCED) and not vm.irqchip
@@ -163,11 +165,31 @@ class ModelVcpu(VcpuStateModel, Vcpu):
             out.cr8 = x2apic.reg32(self.lapic, x2apic.TPR) >> 4 & 0xF
         return out
 
+    @functools.cached_property
+    def _cr4_host_accepted(self) -> int:
+        """The CR4 bits this host's KVM takes whatever the guest: the profile's measured set (less the bits this
+        version does not know yet, on an upstream host), else those KVM knows less those whose feature the supported
+        CPUID lacks; a PVM profile that measured none is not checked."""
+        known = cr4.known(self.rules)
+        if self.profile.cr4_accepted is not None:  # measured on the host's own kernel: what this version knows of it
+            return self.profile.cr4_accepted & (known if self.profile.vendor != "pvm" else (1 << 64) - 1)
+        if self.profile.vendor == "pvm":
+            return (1 << 64) - 1
+        return known & ~cr4.gated(known, self.msr_rules.supported, self.rules)
+
+    def _cr4_guest_has(self) -> Callable[[cr4.Feature], bool] | None:
+        """The guest's features as ``cr4_guest_rsvd_bits`` reads them (KVM's ``cap`` rule); None where the guest
+        reserves nothing: before the first KVM_SET_CPUID2 until 6.14 (``cr4_guest_at_create``), and on PVM (the live
+        kernel ignores the guest's CPUID here)."""
+        if self.profile.vendor == "pvm" or not (self.cpuid_set or self.rules.has(R.CR4_GUEST_AT_CREATE)):
+            return None
+        return self.msr_rules.cap
+
     def set_sregs(self, sregs: uapi.kvm_sregs) -> None:
         """KVM_SET_SREGS with ``kvm_is_valid_sregs``'s checks (6.12.118 regs.c:538-562): long-mode consistency, in long
-        mode a CR3 within the guest's MAXPHYADDR (``kvm_vcpu_is_legal_cr3``; LAM's bits 61-62 with CPUID.LAM), CR0
-        from 6.5 (``sregs_cr0_checked``; CR4 is not checked: it needs the host's reserved bits); then APIC_BASE's MSR
-        rule. The GDT and IDT padding reads back 0 (KVM keeps base and limit only)."""
+        mode a CR3 within the guest's MAXPHYADDR (``kvm_vcpu_is_legal_cr3``; LAM's bits 61-62 with CPUID.LAM), CR4
+        (``model/cr4.py``), CR0 from 6.5 (``sregs_cr0_checked``); then APIC_BASE's MSR rule. The GDT and IDT padding
+        reads back 0 (KVM keeps base and limit only)."""
         self._check_open()
         lme, lma, pg, pae = sregs.efer & 1 << 8, sregs.efer & 1 << 10, sregs.cr0 & 1 << 31, sregs.cr4 & 1 << 5
         if (lme and pg and (not pae or not lma)) or (not (lme and pg) and (lma or sregs.cs.l)):
@@ -176,6 +198,10 @@ class ModelVcpu(VcpuStateModel, Vcpu):
             lam = 3 << 61 if C.has_feature(self.cpuid, 7, 1, "eax", 26) else 0
             if (sregs.cr3 & ~lam) >> maxphyaddr(self.msr_rules):
                 raise KvmError(errno.EINVAL, "KVM_SET_SREGS", f"CR3 {sregs.cr3:#x} beyond MAXPHYADDR")
+        bad = cr4.refused(sregs.cr4, self._cr4_host_accepted, self._cr4_guest_has(), self.rules)
+        if bad:
+            raise KvmError(errno.EINVAL, "KVM_SET_SREGS", f"CR4 {sregs.cr4:#x} refused: bits {bad:#x} reserved "
+                                                          "(kvm_is_valid_cr4)")
         cr0 = sregs.cr0
         if self.rules.has(R.SREGS_CR0_CHECKED) and (cr0 >> 32 or (cr0 & 1 << 29 and not cr0 & 1 << 30)
                                                     or (cr0 & 1 << 31 and not cr0 & 1)):
@@ -186,8 +212,10 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         apic_rule = self.msr_rules.families.get(0x1B)  # __set_sregs_common: kvm_apic_set_base(host_initiated) first
         if apic_rule is not None and apic_rule.set(0x1B, sregs.apic_base, True):
             raise KvmError(errno.EINVAL, "KVM_SET_SREGS", f"APIC_BASE {sregs.apic_base:#x} refused")
-        old_cr8 = self.sregs.cr8
+        old_cr8, old_cr4 = self.sregs.cr8, self.sregs.cr4
         self.sregs = uapi.kvm_sregs.from_buffer_copy(sregs)
+        if cr4.vmxe_dropped(sregs.cr4, self.rules, self.profile.vendor, self.profile.nested_vmx, self.msr_rules.cpuid_has):
+            self.sregs.cr4 = old_cr4  # vmx_set_cr4 refused it, and __set_sregs took the rest
         if sregs.cr8 >> 4:  # kvm_set_cr8 refuses it, and __set_sregs_common ignores that (6.12.118 regs.c:436-445)
             self.sregs.cr8 = old_cr8
         for table in (self.sregs.gdt, self.sregs.idt):
@@ -201,7 +229,7 @@ class ModelVcpu(VcpuStateModel, Vcpu):
             interrupt.nr = 64 * bits[0] + (bits[1] & -bits[1]).bit_length() - 1
         if not sregs.cr0 & 1:
             self._program = None  # back in real mode: run the code in guest memory again
-        self._runtime.cr4 = sregs.cr4
+        self._runtime.cr4 = self.sregs.cr4
         self.set_apic_base(sregs.apic_base)
         if self.lapic is not None and not sregs.cr8 >> 4:  # kvm_lapic_set_tpr: CR8 becomes the TPR's class
             x2apic.set_reg32(self.lapic, x2apic.TPR, (sregs.cr8 & 0xF) << 4)
@@ -260,6 +288,7 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         if err:
             raise KvmError(err, "KVM_SET_CPUID2")
         self.cpuid = C.rewrite(entries, self.profile)
+        self.cpuid_set = True  # kvm_vcpu_after_set_cpuid: the guest's CR4 reserved bits from here on
         self.msr_rules.config_changed()
         self.msr_rules.after_set_cpuid(entries)
 
