@@ -139,6 +139,10 @@ values = st.one_of(
 )
 # The rules are about particular MSRs: each sequence picks up to three MSRs to work on (spread evenly over MSRS, so the
 # default budget reaches every one), and draws the others, and the feature MSRs, now and then.
+# CR4: the bits the runtime CPUID follows (OSXSAVE, PKE), any single bit, any combination of the low 23 (every bit
+# KVM knows up to CET) and any 64-bit value (model/cr4.py)
+cr4_values = st.one_of(st.sampled_from([0, 1 << 18, 1 << 22, 1 << 18 | 1 << 22]), st.integers(0, 63).map(lambda b: 1 << b),
+                       st.integers(0, (1 << 23) - 1), st.integers(0, 2**64 - 1))
 focus_msrs = st.lists(st.integers(0, 2**32 - 1).map(lambda i: MSRS[i % len(MSRS)]), min_size=1, max_size=3)
 flip = st.one_of(st.none(), st.tuples(st.integers(0, len(SUPPORTED) - 1), st.sampled_from(["eax", "ebx", "ecx", "edx"]),
                                       st.integers(0, 31)))
@@ -164,7 +168,7 @@ def ops_for(focus: list[int], msr_ops: int = 1) -> st.SearchStrategy[Op]:
         st.builds(GetMsrs, vcpu_ids, st.lists(msr_index, min_size=1, max_size=6).map(tuple)),
         st.builds(Run, vcpu_ids, st.booleans()),
         st.builds(GetCpuid, vcpu_ids),
-        st.builds(SetCr4, vcpu_ids, st.sampled_from([0, 1 << 18, 1 << 22, 1 << 18 | 1 << 22])),
+        st.builds(SetCr4, vcpu_ids, cr4_values),
         st.builds(SetSregs, vcpu_ids, st.sampled_from(["efer", "apic_base"]), values),
         st.builds(Guest, vcpu_ids, st.lists(st.tuples(st.sampled_from(["rdmsr", "wrmsr", "wrmsr", "cpuid"]),
                                                       msr_index, values),
@@ -242,7 +246,7 @@ def apply(vm: Vm, vcpus: dict[int, Vcpu], op: Op) -> Any:
             sregs = vcpu.get_sregs()
             sregs.cr4 = op.cr4
             vcpu.set_sregs(sregs)
-            return "ok"
+            return vcpu.get_sregs().cr4
     except KvmError as e:
         return ("KvmError", e.errno, e.ioctl)
     raise AssertionError(op)
