@@ -94,6 +94,7 @@ class GetMsrs(Op):
 @dataclass(frozen=True)
 class Run(Op):
     immediate: bool
+    cr8: int | None = None  # kvm_run.cr8 written before the run (the vCPU's own otherwise)
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class SetCr4(Op):
 
 @dataclass(frozen=True)
 class SetSregs(Op):
-    """KVM_SET_SREGS with one MSR-backed field changed (``efer`` or ``apic_base``)."""
+    """KVM_SET_SREGS with one field changed: MSR-backed (``efer``, ``apic_base``) or ``cr8``."""
 
     field: str
     value: int
@@ -166,10 +167,11 @@ def ops_for(focus: list[int], msr_ops: int = 1) -> st.SearchStrategy[Op]:
         st.builds(SetCpuid, vcpu_ids, st.sampled_from(["supported", "stored", "empty"]), flip),
         st.builds(SetMsrs, vcpu_ids, st.lists(msr_entry, min_size=1, max_size=6).map(tuple)),
         st.builds(GetMsrs, vcpu_ids, st.lists(msr_index, min_size=1, max_size=6).map(tuple)),
-        st.builds(Run, vcpu_ids, st.booleans()),
+        st.builds(Run, vcpu_ids, st.booleans(), st.one_of(st.none(), st.integers(0, 17), st.integers(0, 2**64 - 1))),
         st.builds(GetCpuid, vcpu_ids),
         st.builds(SetCr4, vcpu_ids, cr4_values),
         st.builds(SetSregs, vcpu_ids, st.sampled_from(["efer", "apic_base"]), values),
+        st.builds(SetSregs, vcpu_ids, st.just("cr8"), st.one_of(st.integers(0, 17), st.integers(0, 2**64 - 1))),
         st.builds(Guest, vcpu_ids, st.lists(st.tuples(st.sampled_from(["rdmsr", "wrmsr", "wrmsr", "cpuid"]),
                                                       msr_index, values),
                                             min_size=1, max_size=5).map(tuple)),
@@ -223,7 +225,9 @@ def apply(vm: Vm, vcpus: dict[int, Vcpu], op: Op) -> Any:
         if isinstance(op, Run):
             vcpu.immediate_exit = op.immediate
             guest.setup_real_mode(vcpu)
-            return vcpu.run().name
+            if op.cr8 is not None:
+                vcpu.run_cr8 = op.cr8
+            return [vcpu.run().name, vcpu.get_sregs().cr8, vcpu.run_cr8]
         if isinstance(op, GetCpuid):
             return [e.to_dict() for e in vcpu.get_cpuid()]
         if isinstance(op, Guest):
@@ -241,7 +245,7 @@ def apply(vm: Vm, vcpus: dict[int, Vcpu], op: Op) -> Any:
             sregs = vcpu.get_sregs()
             setattr(sregs, op.field, op.value)
             vcpu.set_sregs(sregs)
-            return [vcpu.try_read_msr(0xC0000080), vcpu.try_read_msr(0x1B)]
+            return [vcpu.try_read_msr(0xC0000080), vcpu.try_read_msr(0x1B), vcpu.get_sregs().cr8]
         if isinstance(op, SetCr4):
             sregs = vcpu.get_sregs()
             sregs.cr4 = op.cr4

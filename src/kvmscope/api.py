@@ -432,6 +432,17 @@ class _Closable:
 _INFINITY = float("inf")  # not math.inf: importing math maps one more library, and VM creation walks every mapping
 
 
+_RUN_CR8 = argcheck.field(uapi.kvm_run, "cr8")
+
+
+def check_run_cr8(value: object) -> int:
+    """``run_cr8``'s value: an int ``kvm_run.cr8`` (a u64) holds, else :class:`InvalidTypeError` or
+    :class:`InvalidValueError` (KVM_RUN itself refuses one above 15)."""
+    _RUN_CR8("Vcpu.run_cr8", "value", value)
+    assert isinstance(value, int)  # the check above raised otherwise
+    return value
+
+
 def check_timeout(timeout: object) -> float:
     """``run(timeout=...)``'s seconds: a finite int or float >= 0, else :class:`InvalidTypeError` (not a number) or
     :class:`InvalidValueError`."""
@@ -487,6 +498,17 @@ class Vcpu(_Closable, ABC):
     @immediate_exit.setter
     @abstractmethod
     def immediate_exit(self, value: bool) -> None: ...
+
+    @property
+    @abstractmethod
+    def run_cr8(self) -> int:
+        """``kvm_run.cr8``. Without an in-kernel LAPIC, KVM_RUN first loads it into CR8 (EINVAL above 15, before
+        the entry), so a CR8 given by KVM_SET_SREGS lasts only until the next run; each KVM_RUN leaves the vCPU's CR8
+        here as it returns, whatever its outcome (0 on a new vCPU). 6.12.118 x86.c:11157-11163, 9765-9771."""
+
+    @run_cr8.setter
+    @abstractmethod
+    def run_cr8(self, value: int) -> None: ...
 
     @abstractmethod
     def get_regs(self) -> uapi.kvm_regs:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+
+import pytest
+
 from kvmscope import guest, uapi
-from kvmscope.api import HltExit, IoExit, MmioExit, System
+from kvmscope.api import HltExit, InterruptedExit, IoExit, MmioExit, System, Vcpu
+from kvmscope.errors import InvalidTypeError, InvalidValueError, KvmError
 
 
 def test_real_mode_guest_exits(kvm: System) -> None:
@@ -46,3 +51,66 @@ def test_run_raw_loop(kvm: System) -> None:
         vcpu.immediate_exit = True
         assert vcpu.run_raw() == uapi.KVM_EXIT_INTR
         assert vcpu.last_exit().name == "InterruptedExit"
+
+
+def cr8s(vcpu: Vcpu) -> tuple[int, int]:
+    return vcpu.get_sregs().cr8, vcpu.run_cr8
+
+
+def set_cr8(vcpu: Vcpu, value: int) -> None:
+    sregs = vcpu.get_sregs()
+    sregs.cr8 = value
+    vcpu.set_sregs(sregs)
+
+
+def test_kvm_run_cr8_is_loaded_at_each_run_without_an_irqchip(kvm: System) -> None:
+    """Without an in-kernel LAPIC, KVM_RUN loads kvm_run.cr8 into CR8 before anything else (immediate_exit, the
+    missing-memory ENOSPC), EINVAL above 15; every return leaves the vCPU's CR8 in kvm_run.cr8 (post_kvm_run_save)."""
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        assert cr8s(vcpu) == (0, 0), f"a new vCPU: expected CR8 0 and kvm_run.cr8 0, saw {cr8s(vcpu)}"
+        set_cr8(vcpu, 5)
+        with pytest.raises(KvmError) as failed:  # no memory yet: ENOSPC on PVM, after the reload
+            vcpu.run()
+        assert cr8s(vcpu) == (0, 0), f"KVM_SET_SREGS' CR8 5, then a failed run: expected (0, 0), saw {cr8s(vcpu)}"
+        guest.load_real_mode(vm, vcpu, b"\xf4" * 8)
+        set_cr8(vcpu, 5)
+        assert isinstance(vcpu.run(), HltExit), "the guest halts"
+        assert cr8s(vcpu) == (0, 0), f"CR8 5 by KVM_SET_SREGS, then a run: expected (0, 0), saw {cr8s(vcpu)}"
+        vcpu.run_cr8 = 9
+        assert cr8s(vcpu) == (0, 9), f"kvm_run.cr8 written: expected (0, 9) before the run, saw {cr8s(vcpu)}"
+        assert isinstance(vcpu.run(), HltExit), "the guest halts"
+        assert cr8s(vcpu) == (9, 9), f"kvm_run.cr8 9, then a run: expected (9, 9), saw {cr8s(vcpu)}"
+        set_cr8(vcpu, 7)
+        vcpu.immediate_exit = True
+        assert isinstance(vcpu.run(), InterruptedExit), "immediate_exit: EINTR"
+        vcpu.immediate_exit = False
+        assert cr8s(vcpu) == (9, 9), f"CR8 7, then an immediate exit: expected (9, 9), saw {cr8s(vcpu)}"
+        vcpu.run_cr8 = 16
+        with pytest.raises(KvmError) as refused:
+            vcpu.run()
+        assert refused.value.errno == errno.EINVAL, f"kvm_run.cr8 16: expected EINVAL, saw {refused.value}"
+        assert cr8s(vcpu) == (9, 9), f"kvm_run.cr8 16 refused: expected (9, 9), saw {cr8s(vcpu)}"
+    assert failed.value.errno == errno.ENOSPC, f"a run without memory on PVM: expected ENOSPC, saw {failed.value}"
+
+
+def test_kvm_run_cr8_is_not_loaded_with_an_irqchip(kvm: System) -> None:
+    """With an in-kernel LAPIC CR8 is the TPR: KVM_RUN does not load kvm_run.cr8, and reports the TPR's class there."""
+    with kvm.create_vm() as vm:
+        vm.create_irqchip()
+        vcpu = vm.create_vcpu(0)
+        set_cr8(vcpu, 5)
+        vcpu.run_cr8 = 3
+        vcpu.immediate_exit = True
+        assert isinstance(vcpu.run(), InterruptedExit), "immediate_exit: EINTR"
+        assert cr8s(vcpu) == (5, 5), f"CR8 5 with an irqchip, kvm_run.cr8 3, a run: expected (5, 5), saw {cr8s(vcpu)}"
+
+
+@pytest.mark.parametrize(("value", "error"), [("9", InvalidTypeError), (True, InvalidTypeError),
+                                              (-1, InvalidValueError), (1 << 64, InvalidValueError)])
+def test_kvm_run_cr8_takes_a_u64(kvm: System, value: object, error: type[Exception]) -> None:
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        with pytest.raises(error, match="run_cr8"):
+            vcpu.run_cr8 = value  # type: ignore[assignment]
+        assert vcpu.run_cr8 == 0, "a refused value changes nothing"

@@ -35,6 +35,7 @@ from ..api import (
     Vcpu,
     WrmsrExit,
     as_batch,
+    check_run_cr8,
     check_timeout,
     not_a_batch,
 )
@@ -95,6 +96,8 @@ _MSR_DATA = struct.Struct("<" + uapi.field_code(uapi.kvm_run_msr, "data"))
 _MSR_DATA_AT = _EXIT + uapi.kvm_run_msr.data.offset
 
 _IMMEDIATE_EXIT = uapi.KVM_RUN_IMMEDIATE_EXIT_OFFSET
+_RUN_CR8 = struct.Struct("<" + uapi.field_code(uapi.kvm_run, "cr8"))
+_RUN_CR8_AT = uapi.kvm_run.cr8.offset
 _HLT = HltExit()
 _SHUTDOWN = ShutdownExit()
 _INTERRUPTED = InterruptedExit()
@@ -193,6 +196,17 @@ class LinuxVcpu(VcpuStateIoctls, Vcpu):
     def immediate_exit(self, value: bool) -> None:
         self._check_open()
         self._view[_IMMEDIATE_EXIT] = 1 if value else 0
+
+    @property
+    def run_cr8(self) -> int:
+        self._check_open()
+        return int(_RUN_CR8.unpack_from(self._view, _RUN_CR8_AT)[0])
+
+    @run_cr8.setter
+    def run_cr8(self, value: int) -> None:
+        value = check_run_cr8(value)
+        self._check_open()
+        _RUN_CR8.pack_into(self._view, _RUN_CR8_AT, value)
 
     @property
     def kvm_run(self) -> memoryview:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from .. import uapi
-from ..api import CpuidEntry, Exit, InterruptedExit, IoExit, MsrBatch, MsrItems, Vcpu, check_timeout
+from ..api import CpuidEntry, Exit, InterruptedExit, IoExit, MsrBatch, MsrItems, Vcpu, check_run_cr8, check_timeout
 from ..errors import ClosedError, InvalidTypeError, KvmError, KvmscopeError
 from ..kernel import rulesets as R
 from ..program import Program
@@ -73,6 +73,7 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         p = self.profile
         self.has_run = False
         self._immediate_exit = False
+        self._run_cr8 = 0  # kvm_run.cr8 (the page starts zeroed)
         self._pending_in: tuple[int, int] | None = None  # (size, count) of an IN awaiting data
         self._in_data = b""
         self.cpuid: list[CpuidEntry] = []
@@ -139,6 +140,17 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         self._check_open()
         self._immediate_exit = bool(value)
 
+    @property
+    def run_cr8(self) -> int:
+        self._check_open()
+        return self._run_cr8
+
+    @run_cr8.setter
+    def run_cr8(self, value: int) -> None:
+        value = check_run_cr8(value)
+        self._check_open()
+        self._run_cr8 = value
+
     # -- registers --
     def get_regs(self) -> uapi.kvm_regs:
         self._check_open()
@@ -161,9 +173,12 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         out.interrupt_bitmap[:] = (0, 0, 0, 0)
         if interrupt.injected and not interrupt.soft:
             out.interrupt_bitmap[interrupt.nr >> 6] = 1 << (interrupt.nr & 63)
-        if self.lapic is not None:
-            out.cr8 = x2apic.reg32(self.lapic, x2apic.TPR) >> 4 & 0xF
+        out.cr8 = self._cr8()
         return out
+
+    def _cr8(self) -> int:
+        """``kvm_get_cr8``: with an in-kernel LAPIC, the TPR's class."""
+        return self.sregs.cr8 if self.lapic is None else x2apic.reg32(self.lapic, x2apic.TPR) >> 4 & 0xF
 
     @functools.cached_property
     def _cr4_host_accepted(self) -> int:
@@ -298,6 +313,21 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         ``timeout`` (seconds) a guest that has not exited by then returns :class:`InterruptedExit`."""
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + check_timeout(timeout)
+        try:
+            return self._enter(deadline)
+        except KvmscopeError:
+            if self._closed:  # closed by another thread mid-run (its memory went with the VM: ENOSPC, a fault...)
+                raise ClosedError("this vCPU is closed") from None
+            raise
+        finally:
+            if not self._closed:  # post_kvm_run_save, whatever the outcome (6.12.118 x86.c:11202-11205, 9770)
+                self._run_cr8 = self._cr8()
+
+    def _enter(self, deadline: float | None) -> Exit:
+        if self.lapic is None:  # "re-sync apic's tpr" from kvm_run, before immediate_exit (x86.c:11157-11163)
+            if self._run_cr8 >> 4:
+                raise KvmError(errno.EINVAL, "KVM_RUN", f"kvm_run.cr8 {self._run_cr8:#x} beyond CR8's 4 bits")
+            self.sregs.cr8 = self._run_cr8
         if self._immediate_exit:
             return InterruptedExit()
         if not self.vm.regions and self.profile.run_without_memory_errno:
@@ -319,11 +349,6 @@ class ModelVcpu(VcpuStateModel, Vcpu):
             self.regs.rax = (self.regs.rax & ~mask) | int.from_bytes(data[:size], "little")
             self._pending_in = None
             self._in_data = b""
-        try:
-            exit_ = run_guest_program(self, self._program, deadline) if self._program is not None \
-                else interpret(self, deadline)
-        except KvmscopeError:
-            if self._closed:  # closed by another thread mid-run: its memory went with the VM
-                raise ClosedError("this vCPU is closed") from None
-            raise
+        exit_ = run_guest_program(self, self._program, deadline) if self._program is not None \
+            else interpret(self, deadline)
         return exit_ if self.lapic is None else self.halted_in_kernel(exit_)
