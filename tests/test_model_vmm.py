@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from kvmscope import guest, uapi
+from kvmscope.api import HltExit
 from kvmscope.model import ModelLimitation, ModelSystem, open_model
 
 
@@ -158,3 +159,19 @@ def test_upstream_keeps_rflags_vm_and_paging(profile: str) -> None:
         sregs.cr0, sregs.cr3 = 0x80000011, 0x2000
         vcpu.set_sregs(sregs)
         assert (vcpu.get_regs().rflags, vcpu.get_sregs().cr0) == (1 << 17 | 0x2, 0x80000011), profile
+
+
+def test_dr7_breakpoints_are_a_limitation_at_run() -> None:
+    """A breakpoint DR7 enables (L0-L3, G0-G3) would raise #DB in the guest, which the model does not trap: KVM_RUN
+    is a ModelLimitation until DR7 enables none (the live kernel here runs into the guest's #DB handler)."""
+    with open_model(profile="pvm-6.18") as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        guest.load_real_mode(vm, vcpu, guest.HLT)
+        for dr7 in (1 << 1, 1 << 6, 0x4830F772):
+            regs = uapi.kvm_debugregs(dr7=dr7)
+            regs.db[0] = guest.DEFAULT_ENTRY
+            vcpu.set_debugregs(regs)
+            with pytest.raises(ModelLimitation, match="DR7"):
+                vcpu.run()
+        vcpu.set_debugregs(uapi.kvm_debugregs(dr7=0x400 | 0xFF00))  # no enable bit: conditions alone trap nothing
+        assert isinstance(vcpu.run(), HltExit), "DR7 without an enabled breakpoint: the guest runs"

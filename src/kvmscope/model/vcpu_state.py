@@ -115,8 +115,7 @@ class VcpuStateModel(FpuStateModel):
     def update_lvtt(self, page: bytearray) -> None:
         """apic_update_lvtt (lapic.c): the timer mode is LVTT bits 17-18 under the mask CPUID allows (TSC-deadline
         only with CPUID.1:ECX[24]); entering or leaving TSC-deadline mode stops the timer: TMICT and the deadline 0."""
-        deadline_ok = any(e.function == 1 and e.ecx >> 24 & 1 for e in self.cpuid)
-        mask = 3 if deadline_ok else 1
+        mask = 3 if any(e.function == 1 and e.ecx >> 24 & 1 for e in self.cpuid) else 1
         mode = struct.unpack_from("<I", page, APIC_LVTT)[0] >> LVTT_MODE_SHIFT & mask
         if (mode == LVTT_TSC_DEADLINE) == self.tsc_deadline_mode:
             return
@@ -170,6 +169,8 @@ class VcpuStateModel(FpuStateModel):
             return "the APIC timer is armed (TSC deadline; the model runs no APIC timer)"
         if self.guest_debug & uapi.KVM_GUESTDBG_ENABLE and self.guest_debug & GUESTDBG_RUN_CHANGING:
             return "guest debugging is on (the model does not single-step or trap breakpoints)"
+        if self.debugregs.dr7 & 0xFF:  # L0-L3/G0-G3: the guest's own breakpoints would raise #DB in it
+            return f"DR7 {self.debugregs.dr7:#x} enables a hardware breakpoint (the model does not trap breakpoints)"
         return None
 
     def halted_in_kernel(self, exit_: Exit) -> Exit:
@@ -179,8 +180,7 @@ class VcpuStateModel(FpuStateModel):
         if self.lapic is not None and isinstance(exit_, HltExit):
             self.mp_state = uapi.KVM_MP_STATE_HALTED
             self.may_block = True
-            raise self.limitation("KVM_RUN: the guest halted with an in-kernel LAPIC; the kernel would block until an "
-                                  "interrupt or a signal")
+            raise self.limitation("KVM_RUN: the guest halted with an in-kernel LAPIC (it would block for an interrupt)")
         return exit_
 
     # -- debug registers, guest debugging --
@@ -195,12 +195,12 @@ class VcpuStateModel(FpuStateModel):
         self._check_open()
         if debugregs.flags or debugregs.dr6 >> 32 or debugregs.dr7 >> 32:
             raise KvmError(errno.EINVAL, "KVM_SET_DEBUGREGS")
-        self.debugregs = uapi.kvm_debugregs(dr6=debugregs.dr6, dr7=debugregs.dr7)
-        self.debugregs.db[:] = list(debugregs.db)
+        self.debugregs = uapi.kvm_debugregs.from_buffer_copy(debugregs)
+        self.refresh_may_block()
 
     def set_guest_debug(self, control: int, debugreg: Sequence[int] = ()) -> None:
-        """KVM_SET_GUEST_DEBUG: INJECT_DB/INJECT_BP queue #DB/#BP (EBUSY with an exception queued); single-step and
-        breakpoints are kept but make the next KVM_RUN a :class:`ModelLimitation`."""
+        """KVM_SET_GUEST_DEBUG: INJECT_DB/BP queue #DB/#BP (EBUSY over a pending exception); single-step and
+        breakpoints make the next KVM_RUN a :class:`ModelLimitation`, as DR7's own breakpoints do."""
         self._check_open()
         if len(debugreg) > 8:
             raise InvalidValueError("KVM_SET_GUEST_DEBUG takes at most 8 debug registers")
