@@ -790,3 +790,16 @@ def test_set_sregs_cr0_checked_by_version(kernel: str, checked: bool) -> None:
         except KvmError as e:
             refused = e.errno == errno.EINVAL
         assert refused == checked, f"{kernel}: CR0 PG without PE refused: {refused}, expected {checked}"
+
+
+@pytest.mark.parametrize(("kernel", "reported"), [("5.10", 1), ("6.1", 1), ("6.3", 1), ("6.4", 2), ("6.18", 2)])
+def test_kvm_get_vcpu_events_counts_pending_nmis_from_6_4(kernel: str, reported: int) -> None:
+    """ab2ee212a57b (6.4): KVM_GET_VCPU_EVENTS reports how many NMIs are pending (two, unmasked); before, whether
+    any is (6.1.192 x86.c:5143)."""
+    with model("pvm-6.18", kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        events = vcpu.get_vcpu_events()
+        events.flags, events.nmi.pending = uapi.KVM_VCPUEVENT_VALID_NMI_PENDING, 2
+        vcpu.set_vcpu_events(events)
+        got = vcpu.get_vcpu_events().nmi.pending
+        assert got == reported, f"{kernel}: two NMIs pending reported as {got}, expected {reported}"

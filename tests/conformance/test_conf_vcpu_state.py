@@ -557,6 +557,21 @@ def test_guest_debug_injection_replaces_an_injected_exception_and_set_regs_drops
         vcpu.set_vcpu_events(events)
         vcpu.set_guest_debug(enable | uapi.KVM_GUESTDBG_INJECT_BP)
         assert vcpu.get_vcpu_events().exception.nr == 3, "the injected #GP is replaced by #BP"
+        events = vcpu.get_vcpu_events()
+        events.exception.injected, events.exception.nr, events.exception_payload = 1, 18, 0x1F8F4B3F6037F686
+        vcpu.set_vcpu_events(events)  # no VALID_PAYLOAD: has_payload 0, the payload kept and reported
+        assert vcpu.get_vcpu_events().exception_payload == 0x1F8F4B3F6037F686, "the payload is kept"
+        vcpu.set_regs(vcpu.get_regs())
+        vcpu.set_guest_debug(enable | uapi.KVM_GUESTDBG_INJECT_DB)
+        got = vcpu.get_vcpu_events()
+        assert (got.exception.nr, got.exception_payload) == (1, 0), \
+            f"#DB queued over an injected #MC: expected vector 1, payload 0; saw {got.exception.nr}, " \
+            f"{got.exception_payload:#x} (kvm_multiple_exception replaces the payload too)"
+        vcpu.set_regs(vcpu.get_regs())
+        events = vcpu.get_vcpu_events()
+        events.exception.injected, events.exception.nr = 1, 13
+        vcpu.set_vcpu_events(events)
+        vcpu.set_guest_debug(enable | uapi.KVM_GUESTDBG_INJECT_BP)
         expect(lambda: vcpu.set_guest_debug(enable | uapi.KVM_GUESTDBG_INJECT_DB), errno.EBUSY, "over a pending #BP")
         vcpu.set_regs(vcpu.get_regs())
         vcpu.set_guest_debug(enable | uapi.KVM_GUESTDBG_INJECT_DB)  # KVM_SET_REGS dropped the pending #BP
@@ -660,3 +675,21 @@ def test_pvm_drops_rflags_vm_and_paging_outside_long_mode(kvm: System) -> None:
             vcpu.set_sregs(sregs)
             seen.append(vcpu.get_sregs().cr0)
         assert seen == [1 << 18 | 0x202, 0x11, 0x11, 0x80000011], f"RFLAGS, then CR0 three times: {[hex(v) for v in seen]}"
+
+
+def test_nmis_queued_by_kvm_set_vcpu_events_are_limited_under_the_mask_they_meet(kvm: System) -> None:
+    """process_nmi runs at the start of each KVM_SET_VCPU_EVENTS and at KVM_GET_VCPU_EVENTS, under the NMI state of
+    that moment: two NMIs queued while masked (or one is injected) become one at the next of these calls, and stay
+    one after the mask is lifted (x86.c 6.12.118 5049, 10059-10094); unmasked, two stay two (6.4+ reports the count)."""
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        for masked, injected, expected in ((1, 0, 1), (0, 1, 1), (0, 0, 2)):
+            events = vcpu.get_vcpu_events()
+            events.flags = uapi.KVM_VCPUEVENT_VALID_NMI_PENDING
+            events.nmi.pending, events.nmi.masked, events.nmi.injected = 2, masked, injected
+            vcpu.set_vcpu_events(events)
+            events.flags, events.nmi.masked, events.nmi.injected = 0, 0, 0  # the count itself untouched
+            vcpu.set_vcpu_events(events)
+            got = vcpu.get_vcpu_events().nmi.pending
+            assert got == expected, (f"2 NMIs queued (masked {masked}, injected {injected}), then unmasked: expected "
+                                     f"{expected} pending, saw {got}")

@@ -209,6 +209,13 @@ X2APIC_SUPPRESS_EOI_FLAGS = Rule("x2apic_suppress_eoi_flags", "> 6.18", "6517dfb
                                  stable=("6.18.17",))
 # CR4 on KVM_SET_SREGS (model/cr4.py; docs/rules.md). The bits KVM knows and each feature test, from 5.10.262, 6.1.192
 # and 6.12.118 kvm_host.h CR4_RESERVED_BITS and x86.h __cr4_reserved_bits, and the 6.18 commits named.
+NMI_PENDING_COUNT = Rule("nmi_pending_count", "6.4", "ab2ee212a57b",
+                         "KVM: x86: Save/restore all NMIs when multiple NMIs are pending: KVM_GET_VCPU_EVENTS reports "
+                         "how many NMIs are pending, up to process_nmi's limit (2, or 1 while NMIs are masked or one "
+                         "is being injected); before, only whether any is (6.1.192 x86.c:5143 `nmi_pending != 0`). "
+                         "Both run process_nmi at KVM_GET_VCPU_EVENTS and at the start of KVM_SET_VCPU_EVENTS, under "
+                         "the NMI state as it was (6.12.118 x86.c:4952, 5049; 6.1.192 :5079, 5201)",
+                         "restore the NMI count a 6.4+ kernel saved as at most 1 on an older one")
 CR4_PCIDE_GATED = Rule("cr4_pcide_gated", "5.12", "4683d758f48e",
                        "KVM: x86: Supplement __cr4_reserved_bits() with X86_FEATURE_PCID check: CR4.PCIDE needs PCID in "
                        "KVM's caps (and, after KVM_SET_CPUID2, the guest's CPUID); before, KVM_SET_SREGS took it on any "
@@ -329,7 +336,7 @@ RULES: dict[str, Rule] = {
               X2APIC_HIGH_BITS, X2APIC_SELF_IPI_VECTOR, X2APIC_SELF_IPI_KEEPS_ICR,
               X2APIC_LEAVE_SETS_XAPIC_ID, X2APIC_ID_READONLY,
               REFUSED_READ_ZEROED, SMBASE_NEEDS_SMM, X2APIC_SUPPRESS_EOI_FLAGS, SREGS_CR0_CHECKED, CR4_PCIDE_GATED,
-              CR4_VENDOR_HOOK, CR4_LAM_SUP, CR4_CET, CR4_GUEST_AT_CREATE,
+              CR4_VENDOR_HOOK, CR4_LAM_SUP, CR4_CET, CR4_GUEST_AT_CREATE, NMI_PENDING_COUNT,
               INTEL_GUEST_CHECKS, INTEL_COMPATIBLE_CHECKS, UNSUPPORTED, UNKNOWN_MSR,
               HOST_PROFILE, *emulated.RULES)
 }

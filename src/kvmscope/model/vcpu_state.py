@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from .. import uapi
 from ..api import HltExit
 from ..errors import InvalidValueError, KvmError, KvmscopeError
+from ..kernel import rulesets as R
 from ..kernel.emulated import ASYNC_PF_EN_NEEDS_LAPIC, ASYNC_PF_INT_NEEDS_LAPIC
 from . import x2apic
 from .fpu_state import FpuStateModel
@@ -34,17 +35,11 @@ if TYPE_CHECKING:
 # The local APIC page at reset (lapic.c kvm_lapic_reset, v6.12 lines 2806-2870; values as KVM_GET_LAPIC shows them).
 APIC_ID, APIC_LVR, APIC_DFR, APIC_SPIV = 0x20, 0x30, 0xE0, 0xF0
 APIC_LVT = (0x320, 0x330, 0x340, 0x350, 0x360, 0x370)  # timer, thermal, PMC, LINT0, LINT1, error
-APIC_LVT0 = 0x350
 APIC_TPR, APIC_PPR, APIC_ISR, APIC_IRR = 0x80, 0xA0, 0x100, 0x200
-APIC_LVT_MASKED = 1 << 16
-APIC_MODE_EXTINT = 0x700
+APIC_LVT0, APIC_LVT_MASKED, APIC_MODE_EXTINT = 0x350, 1 << 16, 0x700
 APIC_VERSION = 0x14 | (len(APIC_LVT) - 1) << 16  # integrated APIC, six LVT entries
-APIC_SPIV_ENABLED = 1 << 8
-MSR_APIC_BASE_ENABLE = 1 << 11
-
-MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
-
-MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT = 0x4B564D02, 0x4B564D06
+APIC_SPIV_ENABLED, MSR_APIC_BASE_ENABLE = 1 << 8, 1 << 11
+MSR_KVM_SYSTEM_TIME_NEW, MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT = 0x4B564D01, 0x4B564D02, 0x4B564D06
 MSR_IA32_TSC_DEADLINE = 0x6E0
 APIC_LVTT, APIC_TMICT, APIC_TMCCT = 0x320, 0x380, 0x390
 LVTT_MODE_SHIFT, LVTT_TSC_DEADLINE = 17, 2
@@ -65,6 +60,7 @@ class VcpuStateModel(FpuStateModel):
     id: int
     msr_rules: BatchedMsrRules
     profile: Profile
+    rules: R.Ruleset
     regs: uapi.kvm_regs
     sregs: uapi.kvm_sregs
     cpuid: list[CpuidEntry]
@@ -210,7 +206,7 @@ class VcpuStateModel(FpuStateModel):
                 raise KvmError(errno.EBUSY, "KVM_SET_GUEST_DEBUG")
             if ex.injected and ex.nr == 8:
                 raise self.limitation("KVM_SET_GUEST_DEBUG: an injection on top of #DF is a triple fault")
-            ex.pending, ex.injected, ex.has_error_code, ex.error_code = 1, 0, 0, 0
+            ex.pending, ex.injected, ex.has_error_code, ex.error_code, self.events.exception_payload = 1, 0, 0, 0, 0
             ex.nr = 1 if control & uapi.KVM_GUESTDBG_INJECT_DB else 3
         self.guest_debug = control
         self.refresh_may_block()
@@ -228,9 +224,8 @@ class VcpuStateModel(FpuStateModel):
         out.interrupt.injected = e.interrupt.injected and not e.interrupt.soft
         out.interrupt.nr, out.interrupt.shadow = e.interrupt.nr, e.interrupt.shadow
         out.nmi.injected, out.nmi.masked = e.nmi.injected, e.nmi.masked
-        limit = 1 if e.nmi.masked or e.nmi.injected else 2  # process_nmi
-        self.nmi_pending = min(self.nmi_pending, limit)
-        out.nmi.pending = self.nmi_pending
+        self._process_nmi()  # a count from 6.4 (nmi_pending_count), whether any before
+        out.nmi.pending = self.nmi_pending if self.rules.has(R.NMI_PENDING_COUNT) else int(self.nmi_pending != 0)
         out.flags = (uapi.KVM_VCPUEVENT_VALID_NMI_PENDING | uapi.KVM_VCPUEVENT_VALID_SHADOW
                      | uapi.KVM_VCPUEVENT_VALID_SMM)
         return out
@@ -242,9 +237,8 @@ class VcpuStateModel(FpuStateModel):
         valid = (uapi.KVM_VCPUEVENT_VALID_NMI_PENDING | uapi.KVM_VCPUEVENT_VALID_SIPI_VECTOR
                  | uapi.KVM_VCPUEVENT_VALID_SHADOW | uapi.KVM_VCPUEVENT_VALID_SMM | uapi.KVM_VCPUEVENT_VALID_PAYLOAD
                  | uapi.KVM_VCPUEVENT_VALID_TRIPLE_FAULT)
-        # PAYLOAD needs KVM_CAP_EXCEPTION_PAYLOAD, which the model does not offer: refused first. SMM state without
-        # CONFIG_KVM_SMM (KVM_CAP_X86_SMM 0), and TRIPLE_FAULT without KVM_CAP_X86_TRIPLE_FAULT_EVENT, are refused
-        # only after the rest is applied (x86.c v6.12 5107-5123).
+        # PAYLOAD needs KVM_CAP_EXCEPTION_PAYLOAD (not offered): refused first. SMM state without CONFIG_KVM_SMM, and
+        # TRIPLE_FAULT without its cap, are refused only after the rest is applied (x86.c v6.12 5107-5123).
         ex, smi, smm_flag = events.exception, events.smi, f & uapi.KVM_VCPUEVENT_VALID_SMM
         if f & ~valid or f & uapi.KVM_VCPUEVENT_VALID_PAYLOAD or (ex.injected and (ex.nr > 31 or ex.nr == 2)) or (
                 smm_flag and (smi.smm or smi.pending) and self.mp_state == uapi.KVM_MP_STATE_INIT_RECEIVED):
@@ -254,6 +248,7 @@ class VcpuStateModel(FpuStateModel):
             raise self.limitation("KVM_SET_VCPU_EVENTS: the model does not implement SMM")
         if smm_flag and not smm and smi.latched_init and self.lapic is not None:
             raise self.limitation("KVM_SET_VCPU_EVENTS: a latched INIT (the next KVM_GET_MP_STATE resets the vCPU)")
+        self._process_nmi()  # under the NMI state as it was (6.12.118 x86.c:5049; 6.1.192 :5201)
         e = self.events  # the kernel keeps the flags as bools (a byte of 2-255 reads back 1), and the payload always
         e.exception.injected, e.exception.pending = bool(ex.injected), 0  # pending only with VALID_PAYLOAD
         e.exception.nr, e.exception.has_error_code = ex.nr, bool(ex.has_error_code)
@@ -326,6 +321,10 @@ class VcpuStateModel(FpuStateModel):
         self.mp_state = uapi.KVM_MP_STATE_INIT_RECEIVED if sipi else mp_state
         self.sipi_pending |= sipi
         self.refresh_may_block()
+
+    def _process_nmi(self) -> None:
+        """process_nmi: the NMIs queued and pending, at most 2, or 1 while NMIs are masked or one is being injected."""
+        self.nmi_pending = min(self.nmi_pending, 1 if self.events.nmi.masked or self.events.nmi.injected else 2)
 
     def nmi(self) -> None:
         """KVM_NMI: one more NMI queued (reported up to the limit process_nmi applies)."""
