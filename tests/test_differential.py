@@ -140,10 +140,10 @@ values = st.one_of(
 )
 # The rules are about particular MSRs: each sequence picks up to three MSRs to work on (spread evenly over MSRS, so the
 # default budget reaches every one), and draws the others, and the feature MSRs, now and then.
-# CR4: the bits the runtime CPUID follows (OSXSAVE, PKE), any single bit, any combination of the low 23 (every bit
+# CR4: the bits the runtime CPUID follows (OSXSAVE, PKE), any single bit, any combination of the low 24 (every bit
 # KVM knows up to CET) and any 64-bit value (model/cr4.py)
 cr4_values = st.one_of(st.sampled_from([0, 1 << 18, 1 << 22, 1 << 18 | 1 << 22]), st.integers(0, 63).map(lambda b: 1 << b),
-                       st.integers(0, (1 << 23) - 1), st.integers(0, 2**64 - 1))
+                       st.integers(0, (1 << 24) - 1), st.integers(0, 2**64 - 1))
 focus_msrs = st.lists(st.integers(0, 2**32 - 1).map(lambda i: MSRS[i % len(MSRS)]), min_size=1, max_size=3)
 flip = st.one_of(st.none(), st.tuples(st.integers(0, len(SUPPORTED) - 1), st.sampled_from(["eax", "ebx", "ecx", "edx"]),
                                       st.integers(0, 31)))

@@ -62,7 +62,8 @@ def cr4_accepted(system: System, cpuid: Sequence[CpuidEntry]) -> int:
                 vcpu.set_sregs(sregs)
             except KvmError:
                 continue  # refused before anything changed
-            accepted |= 1 << bit
+            if vcpu.get_sregs().cr4 == sregs.cr4:  # not dropped in silence (VMX before 5.10.137: cr4_vendor_hook)
+                accepted |= 1 << bit
             vcpu.set_sregs(base)
     return accepted
 

@@ -77,3 +77,13 @@ def test_cr4_bits_together_and_in_long_mode(kvm: System) -> None:
                 got = errno.errorcode[e.errno]
             assert got == "EINVAL", f"CR4 bit {bit} beside every accepted bit: expected EINVAL, saw {got}"
         assert vcpu.get_sregs().cr4 == PVM_ACCEPTED, "the refused calls left CR4 as it was"
+        sregs = vcpu.get_sregs()  # long mode: PG, PE and PAE with EFER.LME and LMA, every accepted CR4 bit
+        sregs.cr0, sregs.efer, sregs.cr3, sregs.cs.l = 0x80050033, 0x500, 0x1000, 1
+        vcpu.set_sregs(sregs)
+        got = vcpu.get_sregs()
+        assert (got.cr4, got.cr0, got.efer) == (PVM_ACCEPTED, 0x80050033, 0x500), \
+            f"long mode with every accepted CR4 bit: read back CR4 {got.cr4:#x}, CR0 {got.cr0:#x}, EFER {got.efer:#x}"
+        sregs.cr4 |= 1 << 12  # LA57 in long mode: refused as outside it
+        with pytest.raises(KvmError) as refused:
+            vcpu.set_sregs(sregs)
+        assert refused.value.errno == errno.EINVAL, f"LA57 in long mode: expected EINVAL, saw {refused.value}"

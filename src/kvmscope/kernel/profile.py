@@ -120,8 +120,8 @@ class Profile:
     reset_regs: dict[str, int] = field(default_factory=dict)
     reset_sregs: dict[str, Any] = field(default_factory=dict)
     run_without_memory_errno: int | None = None
-    # The CR4 bits KVM_SET_SREGS took on this host, each alone on a vCPU given the supported CPUID (capture); None:
-    # derived from the supported CPUID by upstream KVM's rule (model/cr4.py).
+    # The CR4 bits KVM_SET_SREGS took on this host, each alone on a vCPU given the supported CPUID (capture). The
+    # model reads it on PVM only (model/cr4.py); None there: CR4 is not checked.
     cr4_accepted: int | None = None
     path: str = "<memory>"
 

@@ -221,11 +221,14 @@ CR4_PCIDE_GATED = Rule("cr4_pcide_gated", "5.12", "4683d758f48e",
                        "KVM's caps (and, after KVM_SET_CPUID2, the guest's CPUID); before, KVM_SET_SREGS took it on any "
                        "host. Stable: 5.10.23 (Debian's 5.10 changelog)",
                        "set CR4.PCIDE only where the host and the guest's CPUID have PCID", stable=("5.10.23",))
-CR4_VENDOR_HOOK = Rule("cr4_vendor_hook", "5.11", "c2fe3cd4604a",
-                       "KVM: x86: Move vendor CR4 validity check to dedicated kvm_x86_ops hook: VMX's refusal of "
-                       "CR4.VMXE (no nested VMX for the guest: nested off or no VMX in its CPUID; or SMM) is EINVAL "
-                       "before anything changes; before, vmx_set_cr4 refused it inside __set_sregs, which ignored "
-                       "that: KVM_SET_SREGS succeeded, took the other registers and left CR4 as it was (5.10.13 "
+CR4_VENDOR_HOOK = Rule("cr4_vendor_hook", "5.11", "c2fe3cd4604a, d3a9e4146a6f",
+                       "KVM: x86: Move vendor CR4 validity check to dedicated kvm_x86_ops hook (and KVM: VMX: Drop "
+                       "guest CPUID check for VMXE in vmx_set_cr4()): VMX's remaining CR4 checks (VMXE in SMM, the "
+                       "nested fixed bits after VMXON) run before anything changes, and VMXE no longer needs VMX in the "
+                       "guest's CPUID there (cr4_guest_rsvd_bits refuses it once the guest has a CPUID without VMX; on "
+                       "a vCPU never given one it is taken). Before, vmx_set_cr4 refused VMXE without nested VMX for "
+                       "the guest (nested off, or no VMX in its CPUID) or in SMM, and __set_sregs ignored that: "
+                       "KVM_SET_SREGS succeeded, took the other registers and left CR4 as it was (5.10.13 "
                        "__set_sregs). Stable: 5.10.137 (Debian's 5.10 changelog)",
                        "give the guest VMX in its CPUID (KVM_SET_CPUID2) before setting CR4.VMXE", stable=("5.10.137",))
 CR4_LAM_SUP = Rule("cr4_lam_sup", "6.8", "93d1c9f498a7",

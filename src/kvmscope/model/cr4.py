@@ -10,10 +10,10 @@ vmx.c:3472-3486): the model enters neither (SMM and nested state are a ModelLimi
 (svm.c:1959-1962). Before ``cr4_vendor_hook`` (5.11; 5.10.137) VMX's refusal of VMXE was not EINVAL: the call
 succeeded and left CR4 as it was (``vmxe_dropped``).
 
-A profile may record the bits its host took (``Profile.cr4_accepted``, measured by ``kvmscope probe --save`` with the
-supported CPUID set): they stand for the first two parts. PVM here takes a fixed set whatever the guest's CPUID says
-(the live kernel: no CPUID, an empty one or every bit set change nothing; ``tests/conformance/test_conf_cr4.py``), so
-on a PVM profile the guest part is left out.
+On upstream hosts the supported CPUID decides the host part at every version. PVM here takes a fixed set whatever
+the CPUIDs say (the live kernel: no CPUID, an empty one or every bit set change nothing, and it takes PKE, which
+neither its supported CPUID nor its CPU has; ``tests/conformance/test_conf_cr4.py``): the profile records that set
+(``Profile.cr4_accepted``, measured by ``kvmscope probe --save``), and on PVM the guest part is left out.
 """
 
 from __future__ import annotations

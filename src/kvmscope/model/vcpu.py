@@ -182,14 +182,13 @@ class ModelVcpu(VcpuStateModel, Vcpu):
 
     @functools.cached_property
     def _cr4_host_accepted(self) -> int:
-        """The CR4 bits this host's KVM takes whatever the guest: the profile's measured set (less the bits this
-        version does not know yet, on an upstream host), else those KVM knows less those whose feature the supported
-        CPUID lacks; a PVM profile that measured none is not checked."""
-        known = cr4.known(self.rules)
-        if self.profile.cr4_accepted is not None:  # measured on the host's own kernel: what this version knows of it
-            return self.profile.cr4_accepted & (known if self.profile.vendor != "pvm" else (1 << 64) - 1)
+        """The CR4 bits this host's KVM takes whatever the guest. Upstream: those this version knows, less those whose
+        feature ``kvm_cpu_caps`` lacks, which KVM_GET_SUPPORTED_CPUID reports verbatim for every gating feature
+        (6.12.118 cpuid.c:991, 1034, 1043), so the supported CPUID decides, at every version. PVM: the profile's
+        measured set; a PVM profile that measured none is not checked."""
         if self.profile.vendor == "pvm":
-            return (1 << 64) - 1
+            return (1 << 64) - 1 if self.profile.cr4_accepted is None else self.profile.cr4_accepted
+        known = cr4.known(self.rules)
         return known & ~cr4.gated(known, self.msr_rules.supported, self.rules)
 
     def _cr4_guest_has(self) -> Callable[[cr4.Feature], bool] | None:
