@@ -114,3 +114,27 @@ def test_kvm_run_cr8_takes_a_u64(kvm: System, value: object, error: type[Excepti
         with pytest.raises(error, match="run_cr8"):
             vcpu.run_cr8 = value  # type: ignore[assignment]
         assert vcpu.run_cr8 == 0, "a refused value changes nothing"
+
+
+def test_pvm_shuts_down_the_next_run_after_paging_outside_long_mode(kvm: System) -> None:
+    """PVM drops CR0.PG given without EFER.LME, and the next KVM_RUN that would enter the guest ends in a shutdown
+    instead: no instruction runs and no state changes, even with no memory yet (before ENOSPC), and it is no VM entry
+    (the feature MSRs stay writable). immediate_exit leaves it pending; the run after the shutdown enters as usual."""
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        sregs = vcpu.get_sregs()
+        sregs.cr0, sregs.efer = 0x80000011, 0
+        vcpu.set_sregs(sregs)
+        assert vcpu.get_sregs().cr0 == 0x11, f"CR0.PG without long mode: expected 0x11 read back, saw {vcpu.get_sregs().cr0:#x}"
+        vcpu.immediate_exit = True
+        assert isinstance(vcpu.run(), InterruptedExit), "immediate_exit: EINTR, the shutdown still pending"
+        vcpu.immediate_exit = False
+        before = bytes(vcpu.get_regs()), bytes(vcpu.get_sregs())
+        exit_ = vcpu.run(timeout=2)
+        assert exit_.reason == uapi.KVM_EXIT_SHUTDOWN, f"the next run, with no memory: expected a shutdown, saw {exit_}"
+        assert (bytes(vcpu.get_regs()), bytes(vcpu.get_sregs())) == before, "the shutdown changed no register"
+        platform_info = vcpu.read_msr(0xCE)
+        assert vcpu.set_msrs({0xCE: platform_info ^ 1 << 31}) == 1, "the shutdown was no VM entry: no freeze"
+        vcpu.set_msrs({0xCE: platform_info})
+        guest.load_real_mode(vm, vcpu, b"\xf4")
+        assert isinstance(vcpu.run(timeout=2), HltExit), "the run after the shutdown enters the guest"
