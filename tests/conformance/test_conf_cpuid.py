@@ -57,6 +57,27 @@ def test_leaf_1_brings_xsave_leaves_and_leaf_7_depends_on_them(kvm: System) -> N
         assert vcpu.get_cpuid()[0].ebx == 0x219C038B, "leaf 7.0 without leaf 0xD.0 in the list"
 
 
+XSAVE_LEAVES = [(0xD, 0), (0xD, 1), (0xD, 2), (0xD, 5), (0xD, 6), (0xD, 7)]
+
+
+@pytest.mark.parametrize(("keep", "appended"), [
+    ([(1, 0), (0xD, 1)], True), ([(1, 0), (0xD, 2), (0xD, 7)], True), ([(1, 0), (0xD, 0)], False),
+    ([(0xD, 1)], False), ([(7, 0)], False)])
+def test_leaf_1_without_leaf_0xd_0_brings_every_xsave_leaf(kvm: System, keep: list[tuple[int, int]],
+                                                          appended: bool) -> None:
+    """PVM appends all of 0xD.0, 1, 2, 5, 6, 7 when the list has leaf 1 and not 0xD.0, those already listed too,
+    which then appear twice; with 0xD.0 listed, or without leaf 1, nothing. (The second copy of a leaf carries values
+    the live kernel does not rewrite and the model does not know: only the leaves are compared.)"""
+    supported = kvm.get_supported_cpuid()
+    by_key = {e.key: e for e in supported}
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid([by_key[k] for k in keep])
+        got = [e.key for e in vcpu.get_cpuid()]
+        expected = keep + (XSAVE_LEAVES if appended else [])
+        assert got == expected, f"KVM_SET_CPUID2 of {keep}: expected {expected}, saw {got}"
+
+
 @pytest.mark.parametrize(
     "entries",
     [[], [CpuidEntry(0x12345678, 5, 0xFF, 1, 2, 3, 4)], [CpuidEntry(0), CpuidEntry(0)],

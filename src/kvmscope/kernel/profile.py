@@ -82,7 +82,9 @@ class RewriteRule:
 
 @dataclass(frozen=True)
 class AppendRule:
-    """When leaf ``trigger`` is in the list, KVM_SET_CPUID2 appends the listed leaves that are missing."""
+    """When leaf ``trigger`` is in the list and the first of ``entries`` is not, KVM_SET_CPUID2 appends every one of
+    ``entries``, those already in the list too (PVM here: leaf 1 without 0xD.0 brings 0xD.0, 1, 2, 5, 6, 7; with 0xD.0
+    it brings nothing)."""
 
     trigger: tuple[int, int]
     entries: tuple[CpuidEntry, ...]

@@ -126,10 +126,10 @@ def check(entries: Sequence[CpuidEntry], profile: Profile) -> int:
 def rewrite(entries: Sequence[CpuidEntry], profile: Profile) -> list[CpuidEntry]:
     """What the vendor module stores for ``entries`` (identity on upstream VMX/SVM; PVM rewrites, per the profile)."""
     out = list(entries)
-    for rule in profile.cpuid_append:
+    for rule in profile.cpuid_append:  # all or nothing, as PVM here does (an entry already there ends up twice)
         keys = {e.key for e in out}
-        if rule.trigger in keys:
-            out.extend(e for e in rule.entries if e.key not in keys)
+        if rule.trigger in keys and rule.entries and rule.entries[0].key not in keys:
+            out.extend(rule.entries)
     keys = {e.key for e in out}
     for i, e in enumerate(out):
         for r in profile.cpuid_rewrite:
