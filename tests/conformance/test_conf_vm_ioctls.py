@@ -409,21 +409,33 @@ def test_hv_sint_route_needs_hyperv(kvm: System) -> None:
         expect(lambda: vm.set_gsi_routing([entry]), 0 if hyperv else errno.EINVAL, f"HV_SINT with KVM_CAP_HYPERV {hyperv}")
 
 
-def test_msi_with_aliased_apic_ids_takes_the_slow_path(kvm: System) -> None:
+@pytest.mark.parametrize("rebuild", ["KVM_SET_LAPIC", "APIC_BASE"])
+def test_msi_with_aliased_apic_ids_takes_the_slow_path(kvm: System, rebuild: str) -> None:
     """Two APICs with the same xAPIC ID disable the optimized map (kvm_recalculate_phys_map, lapic.c:289-299): an MSI
-    then takes the slow path, which fails with EPERM when no APIC matches (the fast path would say 0)."""
+    then takes the slow path, which fails with EPERM when no APIC matches (the fast path would say 0). With 32-bit
+    IDs a rebuilt map keeps the first of them, but enabling those does not rebuild it: only an APIC's change does
+    (a KVM_SET_LAPIC, or APIC_BASE hardware-disabling and enabling another vCPU's APIC)."""
     import struct
 
     with kvm.create_vm() as vm:
         vm.create_irqchip()
-        for vcpu_id in (0, 1):
-            vcpu = vm.create_vcpu(vcpu_id)
+        vcpus = [vm.create_vcpu(vcpu_id) for vcpu_id in (0, 1, 2)]
+        for vcpu in vcpus[:2]:
             raw = bytearray(bytes(vcpu.get_lapic()))
             struct.pack_into("<I", raw, 0x20, 5 << 24)  # xAPIC ID 5
             struct.pack_into("<I", raw, 0xF0, 0x1FF)  # software-enabled
             vcpu.set_lapic(uapi.kvm_lapic_state.from_buffer_copy(raw))
         expect(lambda: vm.signal_msi(0xFEE0E000, 0x30), errno.EPERM, "MSI to ID 14, nobody there, IDs aliased")
         assert vm.signal_msi(0xFEE05000, 0x30) == 2, "an MSI to ID 5 reaches both APICs"
+        vm.enable_cap(uapi.KVM_CAP_X2APIC_API, uapi.KVM_X2APIC_API_USE_32BIT_IDS)
+        expect(lambda: vm.signal_msi(0xFEE0E000, 0x30), errno.EPERM, "the same MSI after 32-bit IDs, the map as built")
+        if rebuild == "KVM_SET_LAPIC":
+            vcpus[1].set_lapic(vcpus[1].get_lapic())  # the same page, IDs still aliased
+        else:
+            base = vcpus[2].read_msr(0x1B)
+            vcpus[2].write_msr(0x1B, base & ~(1 << 11))
+            vcpus[2].write_msr(0x1B, base)
+        assert vm.signal_msi(0xFEE0E000, 0x30) == 0, f"after {rebuild} rebuilt the map: nobody there, no error"
 
 
 def test_msi_trigger_mode_sets_tmr_and_32_bit_ids_extend_the_destination(kvm: System) -> None:

@@ -87,6 +87,7 @@ class VcpuStateModel(FpuStateModel):
             if bsp and not self.vm.disabled_quirks & uapi.KVM_X86_QUIRK_LINT0_REENABLED:
                 struct.pack_into("<I", lapic, APIC_LVT0, APIC_MODE_EXTINT)
             self.lapic = lapic
+            self.vm.apic_map_format = self.vm.x2apic_format  # kvm_lapic_reset rebuilds the APIC map
         self.mp_state = uapi.KVM_MP_STATE_RUNNABLE if bsp or not self.vm.irqchip else uapi.KVM_MP_STATE_UNINITIALIZED
         self.events = uapi.kvm_vcpu_events()  # the kernel's fields; get_vcpu_events reports them as x86.c does
         self.nmi_pending = 0
@@ -376,7 +377,7 @@ class VcpuStateModel(FpuStateModel):
         isrv = _highest_isr(page) if _highest_isr(self.lapic) >= 0 else 0
         struct.pack_into("<I", page, APIC_PPR, tpr if (tpr & 0xF0) >= (max(isrv, 0) & 0xF0) else isrv & 0xF0)
         self.update_lvtt(page)
-        self.lapic = page
+        self.lapic, self.vm.apic_map_format = page, self.vm.x2apic_format  # kvm_apic_set_state rebuilds the map
         self.refresh_may_block()
 
     def accept_msi(self, vector: int, level: bool = False) -> int:

@@ -38,6 +38,9 @@ class ModelVm(VmDevicesModel, Vm):
         self._vcpu_ids: set[int] = set()  # every id ever created: KVM keeps a closed vCPU (and its id) until VM teardown
         self.disabled_quirks = 0
         self.x2apic_format = False  # KVM_CAP_X2APIC_API: 32-bit x2APIC IDs in KVM_GET/SET_LAPIC
+        # x2apic_format as the APIC map was last rebuilt: enabling the capability does not rebuild it, only a change of
+        # an APIC does (kvm_recalculate_apic_map after apic_map_dirty; 6.12.118 lapic.c:385-490, x86.c:6116-6117)
+        self.apic_map_format = False
         self.x2apic_broadcast_quirk_disabled = False  # ... and an MSI to 0xFF not taken as an x2APIC broadcast
         self.suppress_eoi_broadcast = "quirked"  # ... KVM_X2APIC_DISABLE_SUPPRESS_EOI_BROADCAST makes it "disabled"
         self.disabled_exits = 0  # KVM_CAP_X86_DISABLE_EXITS

@@ -53,6 +53,7 @@ class VmDevicesModel:
     if TYPE_CHECKING:  # provided by ModelVm (declared for the type checker only: a body would shadow them)
         x2apic_broadcast_quirk_disabled: bool
         x2apic_format: bool
+        apic_map_format: bool
 
         def _check_open(self) -> None: ...
 
@@ -202,7 +203,7 @@ class VmDevicesModel:
         # The slow path, which fails (EPERM) when no APIC matches, serves a broadcast, and any MSI while two present
         # APICs share a physical ID: the optimized map is then disabled (kvm_recalculate_phys_map, lapic.c:289-299).
         if not targets and (x2apic.msi_is_broadcast(self.vcpus, dest, quirk_off) or (
-                not self.x2apic_format and x2apic.physical_ids_aliased(self.vcpus))):
+                not self.apic_map_format and x2apic.physical_ids_aliased(self.vcpus))):
             raise KvmError(errno.EPERM, "KVM_SIGNAL_MSI", "no APIC takes it on the slow path")
         if address & 1 << 3:  # the redirection hint: lowest-priority delivery, to software-enabled APICs only
             raise self.limitation("KVM_SIGNAL_MSI: lowest-priority delivery (the redirection hint)")

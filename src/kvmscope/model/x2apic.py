@@ -89,6 +89,8 @@ def base_changed(vcpu: ModelVcpu, old: int, new: int) -> None:
     if page is None:
         return
     enable = 1 << 11
+    if (old ^ new) & (enable | X2APIC_MODE):  # the map is rebuilt (apic_map_dirty), in the format of now
+        vcpu.vm.apic_map_format = vcpu.vm.x2apic_format
     if (old ^ new) & enable and new & enable:
         set_reg32(page, ID, (vcpu.id & 0xFF) << 24)
     if (old ^ new) & X2APIC_MODE:
@@ -245,6 +247,8 @@ def write(family: PvMceMsrs, index: int, data: int) -> int:
             update_ppr(page)
     elif reg == SPIV:
         set_reg32(page, SPIV, data & (0x3FF | (0x1000 if reg32(page, LVR) & LVR_DIRECTED_EOI else 0)))
+        if bool(data & SPIV_ENABLED) != sw_enabled:  # apic_set_spiv: a software-enable change rebuilds the map
+            vcpu.vm.apic_map_format = vcpu.vm.x2apic_format
         if not data & SPIV_ENABLED:  # every LVT masked, even when the APIC was already disabled
             for lvt in LVT_KEEPS:
                 if lvt != LVTCMCI or cmci(vcpu):
