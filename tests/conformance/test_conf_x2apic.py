@@ -251,7 +251,8 @@ def test_msi_to_an_x2apic_vcpu(kvm: System, quirk_off: bool) -> None:
 
 def test_32_bit_x2apic_ids_in_the_lapic_page(kvm: System) -> None:
     """KVM_CAP_X2APIC_API with USE_32BIT_IDS: in x2APIC mode KVM_GET_LAPIC shows the x2APIC ID unshifted, and
-    KVM_SET_LAPIC refuses any other ID (kvm_apic_state_fixup, 6.12.118 lapic.c:3102-3104)."""
+    KVM_SET_LAPIC refuses any other ID (kvm_apic_state_fixup, 6.12.118 lapic.c:3102-3104), after it has set the
+    page's SPIV (apic_set_spiv comes first: lapic.c:3167-3173)."""
     vm = kvm.create_vm()
     try:
         vm.enable_cap(uapi.KVM_CAP_X2APIC_API, uapi.KVM_X2APIC_API_USE_32BIT_IDS)
@@ -264,10 +265,15 @@ def test_32_bit_x2apic_ids_in_the_lapic_page(kvm: System) -> None:
         vcpu.set_lapic(page)  # its own ID: taken
         raw = bytearray(bytes(page))
         struct.pack_into("<I", raw, 0x20, VCPU_ID << 24)
+        spiv = words(page)[0xF0] ^ 0x100 ^ 0x20  # software enable toggled, a vector bit changed
+        struct.pack_into("<I", raw, 0xF0, spiv)
         with pytest.raises(KvmError) as refused:
             vcpu.set_lapic(uapi.kvm_lapic_state.from_buffer_copy(raw))
         assert refused.value.errno == errno.EINVAL, f"expected EINVAL for an xAPIC-style ID, saw {refused.value}"
-        assert words(vcpu.get_lapic())[0x20] == VCPU_ID, "the refused page changed nothing"
+        after = words(vcpu.get_lapic())
+        assert after[0x20] == VCPU_ID, "the refused page left the ID"
+        assert after[0xF0] == spiv, f"the refused page's SPIV is set first (apic_set_spiv): expected {spiv:#x}, " \
+                                    f"saw {after[0xF0]:#x}"
     finally:
         vm.close()
 

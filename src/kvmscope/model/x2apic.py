@@ -119,6 +119,12 @@ def taken(vcpu: ModelVcpu, page: bytearray) -> None:
         return
     if vcpu.vm.x2apic_format:  # KVM_CAP_X2APIC_API's 32-bit IDs: the given ID must be the vCPU's
         if reg32(page, ID) != vcpu.id:
+            # kvm_apic_set_state sets SPIV first (apic_set_spiv), so the refused page leaves its SPIV; a software-
+            # enable toggle rebuilds the APIC map (6.12.118 lapic.c:3167-3173)
+            assert vcpu.lapic is not None
+            if (reg32(page, SPIV) ^ reg32(vcpu.lapic, SPIV)) & SPIV_ENABLED:
+                vcpu.vm.apic_map_format = vcpu.vm.x2apic_format
+            set_reg32(vcpu.lapic, SPIV, reg32(page, SPIV))
             raise KvmError(errno.EINVAL, "KVM_SET_LAPIC", "the x2APIC ID is not the vCPU's (32-bit IDs)")
         new_id = vcpu.id
     else:
