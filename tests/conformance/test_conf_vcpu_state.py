@@ -693,3 +693,28 @@ def test_nmis_queued_by_kvm_set_vcpu_events_are_limited_under_the_mask_they_meet
             got = vcpu.get_vcpu_events().nmi.pending
             assert got == expected, (f"2 NMIs queued (masked {masked}, injected {injected}), then unmasked: expected "
                                      f"{expected} pending, saw {got}")
+
+
+@pytest.mark.parametrize(("component", "mxcsr", "fcw", "xmm0", "kept"), [
+    (2, 0x1F80, 0x37F, 0, False), (2, 0x1F81, 0x37F, 0, True), (2, 0, 0x37F, 0, True), (2, 0x1F80, 0x37F, 1, True),
+    (1, 0x1F80, 0x37F, 0, False), (1, 0x1F80, 0x37E, 0, True)])
+def test_each_run_drops_components_back_at_init_from_xstate_bv(kvm: System, component: int, mxcsr: int, fcw: int,
+                                                                xmm0: int, kept: bool) -> None:
+    """KVM_RUN loads and saves the guest's FPU state whatever its outcome: the save drops from XSTATE_BV a component
+    whose values are its init values (SSE: XMM 0 and MXCSR 0x1f80; x87: FCW 0x37f and the rest 0), even after an
+    immediate exit; one that differs stays."""
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        image = bytearray(bytes(vcpu.get_xsave()))
+        struct.pack_into("<H", image, 0, fcw)
+        struct.pack_into("<I", image, 24, mxcsr)
+        image[160] = xmm0
+        struct.pack_into("<Q", image, 512, component)
+        vcpu.set_xsave(bytes(image))
+        before = struct.unpack_from("<Q", bytes(vcpu.get_xsave()), 512)[0]
+        assert before == component, f"XSTATE_BV {component:#x} as set, saw {before:#x}"
+        vcpu.immediate_exit = True
+        vcpu.run()
+        after = struct.unpack_from("<Q", bytes(vcpu.get_xsave()), 512)[0]
+        assert after == (component if kept else 0), \
+            f"XSTATE_BV after a run: expected {component if kept else 0:#x}, saw {after:#x}"

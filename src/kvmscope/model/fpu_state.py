@@ -167,6 +167,23 @@ class FpuStateModel:
                 self.xstate_ext[offset : offset + length] = image[offset : offset + length]
         self.xfeatures = xstate_bv
 
+    def fpu_after_run(self) -> None:
+        """Each KVM_RUN loads the guest's FPU state and saves it back, whatever its outcome (kvm_load_guest_fpu,
+        kvm_put_guest_fpu: 6.12.118 x86.c:11108, 11203). The save drops from XSTATE_BV each component whose values
+        are its init values again: x87 (FCW 0x37f, the rest 0), SSE (XMM 0, MXCSR 0x1f80), the others (all 0). The
+        live kernel here, even after an immediate exit (``tests/conformance/test_conf_vcpu_state.py``)."""
+        xf, fx = self.xfeatures, self.fx
+        if xf & XFEATURE_FP and fx[0:2] == FCW_INIT.to_bytes(2, "little") and not any(fx[2:24]) and not any(fx[32:160]):
+            xf &= ~XFEATURE_FP
+        if xf & XFEATURE_SSE and not any(fx[_XMM:416]) and struct.unpack_from("<I", fx, _MXCSR)[0] == MXCSR_INIT:
+            xf &= ~XFEATURE_SSE
+        for bit in range(2, 64):
+            if xf & 1 << bit:
+                length, offset, _, _ = _xsave_leaf(self.profile, bit)
+                if not any(self.xstate_ext[offset : offset + length]):
+                    xf &= ~(1 << bit)
+        self.xfeatures = xf
+
     def get_xcrs(self) -> uapi.kvm_xcrs:
         self._check_open()
         xcrs = uapi.kvm_xcrs(nr_xcrs=1)

@@ -337,6 +337,7 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         finally:
             if not self._closed:  # post_kvm_run_save, whatever the outcome (6.12.118 x86.c:11202-11205, 9770)
                 self._run_cr8 = self._cr8()
+                self.fpu_after_run()
 
     def _enter(self, deadline: float | None) -> Exit:
         if self.lapic is None:  # "re-sync apic's tpr" from kvm_run, before immediate_exit (x86.c:11157-11163)
