@@ -95,6 +95,8 @@ class GetMsrs(Op):
 class Run(Op):
     immediate: bool
     cr8: int | None = None  # kvm_run.cr8 written before the run (the vCPU's own otherwise)
+    window: bool = False  # kvm_run.request_interrupt_window
+    flags: int = 2  # RFLAGS for the guest (IF or not)
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,8 @@ def ops_for(focus: list[int], msr_ops: int = 1) -> st.SearchStrategy[Op]:
         st.builds(SetCpuid, vcpu_ids, st.sampled_from(["supported", "stored", "empty"]), flip),
         st.builds(SetMsrs, vcpu_ids, st.lists(msr_entry, min_size=1, max_size=6).map(tuple)),
         st.builds(GetMsrs, vcpu_ids, st.lists(msr_index, min_size=1, max_size=6).map(tuple)),
-        st.builds(Run, vcpu_ids, st.booleans(), st.one_of(st.none(), st.integers(0, 17), st.integers(0, 2**64 - 1))),
+        st.builds(Run, vcpu_ids, st.booleans(), st.one_of(st.none(), st.integers(0, 17), st.integers(0, 2**64 - 1)),
+                  st.booleans(), st.sampled_from([2, 0x202])),
         st.builds(GetCpuid, vcpu_ids),
         st.builds(SetCr4, vcpu_ids, cr4_values),
         st.builds(SetSregs, vcpu_ids, st.sampled_from(["efer", "apic_base"]), values),
@@ -227,7 +230,12 @@ def apply(vm: Vm, vcpus: dict[int, Vcpu], op: Op) -> Any:
             guest.setup_real_mode(vcpu)
             if op.cr8 is not None:
                 vcpu.run_cr8 = op.cr8
-            return [vcpu.run().name, vcpu.get_sregs().cr8, vcpu.run_cr8]
+            regs = vcpu.get_regs()
+            regs.rflags = op.flags
+            vcpu.set_regs(regs)
+            vcpu.request_interrupt_window = op.window
+            return [vcpu.run().name, vcpu.get_sregs().cr8, vcpu.run_cr8, vcpu.if_flag,
+                    vcpu.ready_for_interrupt_injection, vcpu.run_apic_base, vcpu.run_flags]
         if isinstance(op, GetCpuid):
             return [e.to_dict() for e in vcpu.get_cpuid()]
         if isinstance(op, Guest):

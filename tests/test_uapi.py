@@ -27,9 +27,11 @@ CONSTANTS = [n for n in dir(uapi) if n.startswith(("KVM_EXIT_", "KVM_CAP_", "KVM
                                                    "KVM_IRQCHIP_", "KVM_PIT_", "KVM_MSI_", "KVM_IRQ_ROUTING_",
                                                    "KVM_IRQFD_", "KVM_IOEVENTFD_", "KVM_CLOCK_", "KVM_VCPUEVENT_",
                                                    "KVM_X86_SHADOW_", "KVM_MP_STATE_", "KVM_STATE_NESTED_",
-                                                   "KVM_GUESTDBG_", "KVM_IOAPIC_", "KVM_APIC_", "KVM_MAX_XCRS"))
+                                                   "KVM_GUESTDBG_", "KVM_IOAPIC_", "KVM_APIC_", "KVM_MAX_XCRS", "KVM_RUN_X86_"))
              and isinstance(getattr(uapi, n), int)]
-OFFSETS = [("kvm_run", "immediate_exit"), ("kvm_run", "exit_reason"), ("kvm_run", "io"), ("kvm_run", "mmio"),
+OFFSETS = [("kvm_run", "request_interrupt_window"), ("kvm_run", "immediate_exit"),
+           ("kvm_run", "ready_for_interrupt_injection"), ("kvm_run", "if_flag"), ("kvm_run", "flags"),
+           ("kvm_run", "cr8"), ("kvm_run", "apic_base"), ("kvm_run", "exit_reason"), ("kvm_run", "io"), ("kvm_run", "mmio"),
            ("kvm_run", "fail_entry"), ("kvm_run", "internal"), ("kvm_run", "system_event"), ("kvm_run", "msr"),
            ("kvm_run", "kvm_valid_regs"), ("kvm_run", "s"), ("kvm_sregs", "cr0"), ("kvm_sregs", "efer"),
            ("kvm_sregs", "interrupt_bitmap")]

@@ -297,6 +297,14 @@ class ShutdownExit(Exit):
     reason: ClassVar[int] = uapi.KVM_EXIT_SHUTDOWN
 
 
+class IrqWindowOpenExit(Exit):
+    """KVM_EXIT_IRQ_WINDOW_OPEN: :attr:`Vcpu.request_interrupt_window` was set (no in-kernel PIC) and the guest can
+    now take an interrupt from KVM_INTERRUPT (``ready_for_interrupt_injection``)."""
+
+    __slots__ = ()
+    reason: ClassVar[int] = uapi.KVM_EXIT_IRQ_WINDOW_OPEN
+
+
 class FailEntryExit(Exit):
     """KVM_EXIT_FAIL_ENTRY: the hardware (or vendor module) refused the VM entry."""
 
@@ -435,6 +443,12 @@ _INFINITY = float("inf")  # not math.inf: importing math maps one more library, 
 _RUN_CR8 = argcheck.field(uapi.kvm_run, "cr8")
 
 
+def check_flag(where: str, value: object) -> bool:
+    """A settable ``kvm_run`` flag: a bool (or 0 or 1), else :class:`InvalidTypeError`."""
+    argcheck.flag(where, "value", value)
+    return bool(value)
+
+
 def check_run_cr8(value: object) -> int:
     """``run_cr8``'s value: an int ``kvm_run.cr8`` (a u64) holds, else :class:`InvalidTypeError` or
     :class:`InvalidValueError` (KVM_RUN itself refuses one above 15)."""
@@ -509,6 +523,40 @@ class Vcpu(_Closable, ABC):
     @run_cr8.setter
     @abstractmethod
     def run_cr8(self, value: int) -> None: ...
+
+    @property
+    @abstractmethod
+    def request_interrupt_window(self) -> bool:
+        """``kvm_run.request_interrupt_window``: without an in-kernel PIC, KVM_RUN returns
+        :class:`IrqWindowOpenExit` once the guest can take an interrupt (6.12.118 x86.c:9758-9762, 10888-10894)."""
+
+    @request_interrupt_window.setter
+    @abstractmethod
+    def request_interrupt_window(self, value: bool) -> None: ...
+
+    # What each KVM_RUN leaves in kvm_run as it returns, whatever its outcome (post_kvm_run_save, 6.12.118
+    # x86.c:9765-9781); all 0 on a vCPU that has not run.
+    @property
+    @abstractmethod
+    def if_flag(self) -> bool:
+        """``kvm_run.if_flag``: RFLAGS.IF when the last KVM_RUN returned."""
+
+    @property
+    @abstractmethod
+    def ready_for_interrupt_injection(self) -> bool:
+        """``kvm_run.ready_for_interrupt_injection`` from the last KVM_RUN: an in-kernel PIC, or interrupts allowed
+        (IF set, no interrupt shadow) with no event queued or half-injected (x86.c:4731-4744)."""
+
+    @property
+    @abstractmethod
+    def run_apic_base(self) -> int:
+        """``kvm_run.apic_base``: the vCPU's APIC_BASE MSR when the last KVM_RUN returned."""
+
+    @property
+    @abstractmethod
+    def run_flags(self) -> int:
+        """``kvm_run.flags`` from the last KVM_RUN: ``KVM_RUN_X86_SMM`` (bit 0), ``KVM_RUN_X86_BUS_LOCK`` (bit 1),
+        ``KVM_RUN_X86_GUEST_MODE`` (bit 2, from 6.12)."""
 
     @abstractmethod
     def get_regs(self) -> uapi.kvm_regs:

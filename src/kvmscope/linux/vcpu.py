@@ -25,6 +25,7 @@ from ..api import (
     InternalErrorExit,
     InterruptedExit,
     IoExit,
+    IrqWindowOpenExit,
     MmioExit,
     MsrBatch,
     MsrItems,
@@ -35,6 +36,7 @@ from ..api import (
     Vcpu,
     WrmsrExit,
     as_batch,
+    check_flag,
     check_run_cr8,
     check_timeout,
     not_a_batch,
@@ -98,8 +100,13 @@ _MSR_DATA_AT = _EXIT + uapi.kvm_run_msr.data.offset
 _IMMEDIATE_EXIT = uapi.KVM_RUN_IMMEDIATE_EXIT_OFFSET
 _RUN_CR8 = struct.Struct("<" + uapi.field_code(uapi.kvm_run, "cr8"))
 _RUN_CR8_AT = uapi.kvm_run.cr8.offset
+_REQUEST_IRQ_WINDOW = uapi.kvm_run.request_interrupt_window.offset
+_READY_IF_FLAGS = _fields(  # each from the start of kvm_run (the bytes before skipped)
+    uapi.kvm_run, "ready_for_interrupt_injection", "if_flag", "flags")
+_RUN_APIC_BASE = _fields(uapi.kvm_run, "apic_base")
 _HLT = HltExit()
 _SHUTDOWN = ShutdownExit()
+_IRQ_WINDOW_OPEN = IrqWindowOpenExit()
 _INTERRUPTED = InterruptedExit()
 _CLOSED = "this vCPU is closed"
 
@@ -207,6 +214,38 @@ class LinuxVcpu(VcpuStateIoctls, Vcpu):
         value = check_run_cr8(value)
         self._check_open()
         _RUN_CR8.pack_into(self._view, _RUN_CR8_AT, value)
+
+    @property
+    def request_interrupt_window(self) -> bool:
+        self._check_open()
+        return bool(self._view[_REQUEST_IRQ_WINDOW])
+
+    @request_interrupt_window.setter
+    def request_interrupt_window(self, value: bool) -> None:
+        flag = check_flag("Vcpu.request_interrupt_window", value)
+        self._check_open()
+        self._view[_REQUEST_IRQ_WINDOW] = flag
+
+    def _ready_if_flags(self) -> tuple[int, int, int]:
+        self._check_open()
+        return _READY_IF_FLAGS.unpack_from(self._view)
+
+    @property
+    def if_flag(self) -> bool:
+        return bool(self._ready_if_flags()[1])
+
+    @property
+    def ready_for_interrupt_injection(self) -> bool:
+        return bool(self._ready_if_flags()[0])
+
+    @property
+    def run_flags(self) -> int:
+        return self._ready_if_flags()[2]
+
+    @property
+    def run_apic_base(self) -> int:
+        self._check_open()
+        return int(_RUN_APIC_BASE.unpack_from(self._view)[0])
 
     @property
     def kvm_run(self) -> memoryview:
@@ -335,6 +374,8 @@ class LinuxVcpu(VcpuStateIoctls, Vcpu):
             return MmioExit(phys, data[:length], length, bool(is_write))
         if reason == uapi.KVM_EXIT_SHUTDOWN:
             return _SHUTDOWN
+        if reason == uapi.KVM_EXIT_IRQ_WINDOW_OPEN:
+            return _IRQ_WINDOW_OPEN
         if reason == uapi.KVM_EXIT_FAIL_ENTRY:
             return FailEntryExit(*_FAIL.unpack_from(run, _EXIT))
         if reason == uapi.KVM_EXIT_INTERNAL_ERROR:

@@ -1,5 +1,13 @@
 """The model running real-mode code from guest memory. It knows a handful of instructions: hlt, nop, ``mov al, imm8``,
-``out``/``in`` with an 8-bit port, ``jmp rel8`` and ``mov [disp16], al``; anything else is a ``ModelLimitation``."""
+``out``/``in`` with an 8-bit port, ``jmp rel8``, ``mov [disp16], al``, ``cli`` and ``sti``; anything else is a
+``ModelLimitation``.
+
+The instruction that runs first ends any interrupt shadow (KVM_SET_VCPU_EVENTS'), and ``sti`` with IF clear starts
+one. With ``request_interrupt_window`` and no in-kernel PIC, upstream KVM asks the CPU for an interrupt-window exit
+(``enable_irq_window``), which comes at the first instruction boundary where IF is set and no shadow is on: the run
+returns KVM_EXIT_IRQ_WINDOW_OPEN there (6.12.118 x86.c:10292-10296, 10888-10894). PVM (live 6.18) asks for no such
+exit: the window is checked only after an exit KVM handles itself, a host timer tick here (about 1 ms into a run that
+loops, live), so the model takes it where it would look at the clock, and never before an exit to userspace."""
 
 from __future__ import annotations
 
@@ -7,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .. import uapi
-from ..api import Exit, HltExit, InterruptedExit, IoExit, MmioExit
+from ..api import Exit, HltExit, InterruptedExit, IoExit, IrqWindowOpenExit, MmioExit
 from ..errors import InvalidValueError
 
 if TYPE_CHECKING:
@@ -15,6 +23,7 @@ if TYPE_CHECKING:
 
 GUEST_BUDGET = 1_000_000  # instructions per KVM_RUN before the run returns as interrupted
 DEADLINE_EVERY = 4096  # instructions between looks at the clock in a run with a timeout
+X86_EFLAGS_IF = 1 << 9
 
 
 def interpret(vcpu: ModelVcpu, deadline: float | None = None) -> Exit:
@@ -24,9 +33,18 @@ def interpret(vcpu: ModelVcpu, deadline: float | None = None) -> Exit:
     base = sregs.cs.base
     if sregs.cr0 & 1:
         raise vcpu.limitation("the model interprets real-mode guests only (CR0.PE is set)")
-    budget = GUEST_BUDGET if deadline is None else DEADLINE_EVERY
+    window = vcpu.irq_window_requested()
+    upstream_window, pvm_window = window and vcpu.profile.vendor != "pvm", window and vcpu.profile.vendor == "pvm"
+    interrupt = vcpu.events.interrupt
+    shadow = interrupt.shadow
+    budget = GUEST_BUDGET if deadline is None and not pvm_window else DEADLINE_EVERY
+    done = 0
     while True:
         for _ in range(budget):
+            if upstream_window and not shadow and regs.rflags & X86_EFLAGS_IF:
+                return IrqWindowOpenExit()
+            if shadow:  # this instruction ends it
+                interrupt.shadow = shadow = 0
             ip = regs.rip & 0xFFFF
             addr = base + ip
             code = vm.fetch(addr, 4)
@@ -58,7 +76,21 @@ def interpret(vcpu: ModelVcpu, deadline: float | None = None) -> Exit:
                     vm.write_memory(target, value)
                 except InvalidValueError:
                     return MmioExit(target, value, 1, True)
+            elif op == 0xFA:  # cli
+                regs.rflags &= ~X86_EFLAGS_IF
+                regs.rip = ip + 1
+            elif op == 0xFB:  # sti: interrupts stay blocked until the next instruction ends
+                if not regs.rflags & X86_EFLAGS_IF:
+                    regs.rflags |= X86_EFLAGS_IF
+                    interrupt.shadow = shadow = vcpu.sti_shadow()
+                regs.rip = ip + 1
             else:
                 raise vcpu.limitation(f"the model cannot interpret opcode 0x{op:02x} at 0x{addr:x}")
-        if deadline is None or time.monotonic() >= deadline:
+        done += budget
+        if pvm_window and vcpu.ready_for_injection():
+            return IrqWindowOpenExit()
+        if deadline is None:
+            if done >= GUEST_BUDGET:
+                return InterruptedExit()
+        elif time.monotonic() >= deadline:
             return InterruptedExit()

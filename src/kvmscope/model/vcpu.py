@@ -19,10 +19,12 @@ from ..api import (
     Exit,
     InterruptedExit,
     IoExit,
+    IrqWindowOpenExit,
     MsrBatch,
     MsrItems,
     ShutdownExit,
     Vcpu,
+    check_flag,
     check_run_cr8,
     check_timeout,
 )
@@ -37,6 +39,8 @@ from .msr_batch import BatchedMsrRules
 from .mtrr import maxphyaddr
 from .realmode import interpret
 from .vcpu_state import VcpuStateModel
+
+X86_EFLAGS_IF = 1 << 9
 
 if TYPE_CHECKING:
     from ..kernel.profile import Profile
@@ -85,6 +89,8 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         self.has_run = False
         self._immediate_exit = False
         self._run_cr8 = 0  # kvm_run.cr8 (the page starts zeroed)
+        self._irq_window = False  # kvm_run.request_interrupt_window
+        self._run_out = (False, False, 0, 0)  # kvm_run's ready_for_interrupt_injection, if_flag, apic_base, flags
         self._shutdown_pending = False  # PVM: CR0.PG given outside long mode (set_sregs)
         self._pending_in: tuple[int, int] | None = None  # (size, count) of an IN awaiting data
         self._in_data = b""
@@ -162,6 +168,62 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         value = check_run_cr8(value)
         self._check_open()
         self._run_cr8 = value
+
+    @property
+    def request_interrupt_window(self) -> bool:
+        self._check_open()
+        return self._irq_window
+
+    @request_interrupt_window.setter
+    def request_interrupt_window(self, value: bool) -> None:
+        flag = check_flag("Vcpu.request_interrupt_window", value)
+        self._check_open()
+        self._irq_window = flag
+
+    @property
+    def ready_for_interrupt_injection(self) -> bool:
+        self._check_open()
+        return self._run_out[0]
+
+    @property
+    def if_flag(self) -> bool:
+        self._check_open()
+        return self._run_out[1]
+
+    @property
+    def run_apic_base(self) -> int:
+        self._check_open()
+        return self._run_out[2]
+
+    @property
+    def run_flags(self) -> int:
+        self._check_open()
+        return self._run_out[3]
+
+    def ready_for_injection(self) -> bool:
+        """``kvm_vcpu_ready_for_interrupt_injection`` without an in-kernel PIC (6.12.118 x86.c:4715-4744): interrupts
+        allowed (IF set, no interrupt shadow: any shadow byte on PVM, live), no interrupt from KVM_INTERRUPT waiting
+        (``kvm_cpu_has_extint``), nothing to reinject, no exception or triple fault pending (PVM's pending
+        shutdown is one: 0 here, live)."""
+        e = self.events
+        return bool(self.regs.rflags & X86_EFLAGS_IF and not e.interrupt.shadow and not e.interrupt.injected
+                    and not e.exception.injected and not e.nmi.injected and not e.exception.pending
+                    and not self._shutdown_pending)
+
+    def sti_shadow(self) -> int:
+        """The interrupt shadow of an STI, as KVM_GET_VCPU_EVENTS reports it for this vendor."""
+        return self._shadow(uapi.KVM_X86_SHADOW_INT_STI)
+
+    def irq_window_requested(self) -> bool:
+        """``dm_request_for_irq_injection``: ``request_interrupt_window`` set and no in-kernel PIC."""
+        return self._irq_window and not self.vm.irqchip
+
+    def _post_run_save(self) -> None:
+        """What KVM_RUN leaves in kvm_run as it returns, whatever its outcome (``post_kvm_run_save``, 6.12.118
+        x86.c:9765-9781). Flags stay 0: the model has no SMM (a limitation), bus-lock exits or nested guest mode."""
+        self._run_cr8 = self._cr8()
+        self._run_out = (self.vm.irqchip or self.ready_for_injection(), bool(self.regs.rflags & X86_EFLAGS_IF),
+                         self.sregs.apic_base, 0)
 
     # -- registers --
     def get_regs(self) -> uapi.kvm_regs:
@@ -335,8 +397,8 @@ class ModelVcpu(VcpuStateModel, Vcpu):
                 raise ClosedError("this vCPU is closed") from None
             raise
         finally:
-            if not self._closed:  # post_kvm_run_save, whatever the outcome (6.12.118 x86.c:11202-11205, 9770)
-                self._run_cr8 = self._cr8()
+            if not self._closed:  # whatever the outcome (6.12.118 x86.c:11202-11205)
+                self._post_run_save()
                 self.fpu_after_run()
 
     def _enter(self, deadline: float | None) -> Exit:
@@ -368,6 +430,15 @@ class ModelVcpu(VcpuStateModel, Vcpu):
             self.regs.rax = (self.regs.rax & ~mask) | int.from_bytes(data[:size], "little")
             self._pending_in = None
             self._in_data = b""
-        exit_ = run_guest_program(self, self._program, deadline) if self._program is not None \
-            else interpret(self, deadline)
+        if self.irq_window_requested() and self.profile.vendor != "pvm":  # the window exit comes before any instruction
+            if self.regs.rflags & X86_EFLAGS_IF and not self.events.interrupt.shadow:
+                return IrqWindowOpenExit()
+            if self._program is not None and self.events.interrupt.shadow:
+                raise self.limitation("KVM_RUN: the window would open after the first instruction of the program's "
+                                      "code (the model runs programs by operation)")
+        if self._program is not None:
+            self.events.interrupt.shadow = 0  # the program's first instruction ends it
+            exit_ = run_guest_program(self, self._program, deadline)
+        else:
+            exit_ = interpret(self, deadline)
         return exit_ if self.lapic is None else self.halted_in_kernel(exit_)
