@@ -140,7 +140,7 @@ def vmstart(starts: int) -> None:
 
         def bare(times: list[int]) -> None:
             times.append(_thread_ns())
-            vm = ioctl(kfd, uapi.KVM_CREATE_VM, 0)
+            vm = ioctl(kfd, uapi.KVM_CREATE_VM)
             times.append(_thread_ns())
             mem = mmap.mmap(-1, 0x10000, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, mmap.PROT_READ | mmap.PROT_WRITE)
             anchor = ctypes.c_char.from_buffer(mem)
@@ -148,8 +148,8 @@ def vmstart(starts: int) -> None:
             del anchor
             ioctl(vm, uapi.KVM_SET_USER_MEMORY_REGION, region, True)
             times.append(_thread_ns())
-            vcpu = ioctl(vm, uapi.KVM_CREATE_VCPU, 0)
-            run = mmap.mmap(vcpu, ioctl(kfd, uapi.KVM_GET_VCPU_MMAP_SIZE, 0), mmap.MAP_SHARED,
+            vcpu = ioctl(vm, uapi.KVM_CREATE_VCPU)
+            run = mmap.mmap(vcpu, ioctl(kfd, uapi.KVM_GET_VCPU_MMAP_SIZE), mmap.MAP_SHARED,
                             mmap.PROT_READ | mmap.PROT_WRITE)
             times.append(_thread_ns())
             mem[0x1000] = guest.HLT[0]
@@ -160,7 +160,7 @@ def vmstart(starts: int) -> None:
             regs.rip, regs.rflags = 0x1000, 2
             ioctl(vcpu, uapi.KVM_SET_REGS, regs, True)
             times.append(_thread_ns())
-            ioctl(vcpu, uapi.KVM_RUN, 0)
+            ioctl(vcpu, uapi.KVM_RUN)
             times.append(_thread_ns())
             run.close()
             os.close(vcpu)

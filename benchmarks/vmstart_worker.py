@@ -40,14 +40,14 @@ def bare_start(kvm_fd: int) -> Callable[[], None]:
     reason = uapi.KVM_RUN_EXIT_REASON_OFFSET
 
     def start() -> None:
-        vm = ioctl(kvm_fd, uapi.KVM_CREATE_VM, 0)
+        vm = ioctl(kvm_fd, uapi.KVM_CREATE_VM)
         mem = mmap.mmap(-1, MEMORY, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, mmap.PROT_READ | mmap.PROT_WRITE)
         anchor = ctypes.c_char.from_buffer(mem)
         region.userspace_addr = ctypes.addressof(anchor)
         del anchor
         ioctl(vm, uapi.KVM_SET_USER_MEMORY_REGION, region, True)
-        vcpu = ioctl(vm, uapi.KVM_CREATE_VCPU, 0)
-        run = mmap.mmap(vcpu, ioctl(kvm_fd, uapi.KVM_GET_VCPU_MMAP_SIZE, 0), mmap.MAP_SHARED,
+        vcpu = ioctl(vm, uapi.KVM_CREATE_VCPU)
+        run = mmap.mmap(vcpu, ioctl(kvm_fd, uapi.KVM_GET_VCPU_MMAP_SIZE), mmap.MAP_SHARED,
                         mmap.PROT_READ | mmap.PROT_WRITE)
         mem[CODE_AT] = guest.HLT[0]
         ioctl(vcpu, uapi.KVM_GET_SREGS, sregs, True)
@@ -56,7 +56,7 @@ def bare_start(kvm_fd: int) -> Callable[[], None]:
         ioctl(vcpu, uapi.KVM_GET_REGS, regs, True)
         regs.rip, regs.rflags = CODE_AT, 2
         ioctl(vcpu, uapi.KVM_SET_REGS, regs, True)
-        ioctl(vcpu, uapi.KVM_RUN, 0)
+        ioctl(vcpu, uapi.KVM_RUN)
         if int.from_bytes(run[reason : reason + 4], "little") != uapi.KVM_EXIT_HLT:
             raise SystemExit("no HLT")
         run.close()

@@ -11,8 +11,8 @@ from ..uapi import IOCTL_NAMES
 
 def ioctl_int(fd: int, request: int, arg: int = 0) -> int:
     """An ioctl whose argument is an integer (or nothing); returns the kernel's return value."""
-    try:
-        return int(fcntl.ioctl(fd, request, arg))
+    try:  # 0 is passed by leaving the argument out: given an int, fcntl.ioctl first fails to read it as a buffer, twice
+        return int(fcntl.ioctl(fd, request) if arg == 0 else fcntl.ioctl(fd, request, arg))
     except OSError as e:
         raise kvm_error(e.errno or 0, IOCTL_NAMES.get(request, hex(request))) from None
 
