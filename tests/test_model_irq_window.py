@@ -124,7 +124,7 @@ def test_programs_take_the_window_at_entry(profile: str) -> None:
         prepare(vcpu, IF)
         assert vcpu.run() == IrqWindowOpenExit(), "IF set at entry: the window exit before the program's first operation"
         prepare(vcpu, IF, shadow=uapi.KVM_X86_SHADOW_INT_STI)
-        with pytest.raises(ModelLimitation, match="first instruction"):
+        with pytest.raises(ModelLimitation, match="inside the program"):
             vcpu.run()  # the window would open inside the first operation's code
 
 
@@ -135,3 +135,35 @@ def test_pvm_runs_to_the_exit_with_the_window_requested() -> None:
         guest.load_real_mode(vm, vcpu, b"\x90\xf4")
         prepare(vcpu, IF)
         assert vcpu.run() == HltExit()
+
+
+@pytest.mark.parametrize("profile", UPSTREAM)
+def test_a_program_with_an_msr_reply_pending_is_a_limitation(profile: str) -> None:
+    """The reply completes first (a #GP would clear IF on its way into the handler): the model, which runs programs
+    by operation, says so instead of guessing."""
+    with open_model(profile=profile, kernel="6.12") as kvm, kvm.create_vm() as vm:
+        vm.enable_cap(uapi.KVM_CAP_X86_USER_SPACE_MSR, uapi.KVM_MSR_EXIT_REASON_UNKNOWN)
+        vcpu = vm.create_vcpu(0)
+        load_program(vm, vcpu, Program().rdmsr(0x12345678).hlt())
+        prepare(vcpu, IF)
+        vcpu.request_interrupt_window = False
+        exit_ = vcpu.run()
+        assert exit_.reason == uapi.KVM_EXIT_X86_RDMSR, f"expected the RDMSR in userspace, saw {exit_!r}"
+        exit_.reply(1)  # type: ignore[attr-defined]
+        vcpu.request_interrupt_window = True
+        with pytest.raises(ModelLimitation, match="inside the program"):
+            vcpu.run()
+
+
+def test_svm_with_cr8_15_is_a_limitation() -> None:
+    """SVM asks for the window with a virtual interrupt of priority 15 (svm.c svm_set_vintr), which a V_TPR of 15
+    (CR8, synced before each VMRUN) masks per the AMD APM: not confirmed on hardware, so the model does not guess."""
+    with open_model(profile="amd-epyc", kernel="6.12") as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        guest.load_real_mode(vm, vcpu, b"\x90\xf4")
+        prepare(vcpu, IF)
+        vcpu.run_cr8 = 15
+        with pytest.raises(ModelLimitation, match="CR8 15"):
+            vcpu.run()
+        vcpu.run_cr8 = 14
+        assert vcpu.run() == IrqWindowOpenExit(), "CR8 14: the priority-15 interrupt is taken"

@@ -545,7 +545,8 @@ class Vcpu(_Closable, ABC):
     @abstractmethod
     def ready_for_interrupt_injection(self) -> bool:
         """``kvm_run.ready_for_interrupt_injection`` from the last KVM_RUN: an in-kernel PIC, or interrupts allowed
-        (IF set, no interrupt shadow) with no event queued or half-injected (x86.c:4731-4744)."""
+        (IF set, no interrupt shadow), no KVM_INTERRUPT vector waiting, no exception, interrupt or NMI to reinject and
+        no exception pending (6.12.118 x86.c:4715-4744; a pending NMI does not count)."""
 
     @property
     @abstractmethod
@@ -556,7 +557,7 @@ class Vcpu(_Closable, ABC):
     @abstractmethod
     def run_flags(self) -> int:
         """``kvm_run.flags`` from the last KVM_RUN: ``KVM_RUN_X86_SMM`` (bit 0), ``KVM_RUN_X86_BUS_LOCK`` (bit 1),
-        ``KVM_RUN_X86_GUEST_MODE`` (bit 2, from 6.12)."""
+        ``KVM_RUN_X86_GUEST_MODE`` (bit 2, from 6.11)."""
 
     @abstractmethod
     def get_regs(self) -> uapi.kvm_regs:

@@ -710,7 +710,7 @@ KVM_RUN_IMMEDIATE_EXIT_OFFSET: Final = kvm_run.immediate_exit.offset
 KVM_RUN_EXIT_REASON_OFFSET: Final = kvm_run.exit_reason.offset
 KVM_RUN_EXIT_OFFSET: Final = kvm_run.exit.offset
 
-# kvm_run.flags, set by KVM_RUN as it returns (arch/x86/include/uapi/asm/kvm.h; GUEST_MODE from 6.12)
+# kvm_run.flags, set by KVM_RUN as it returns (arch/x86/include/uapi/asm/kvm.h; GUEST_MODE from 6.11, 85542adb65ec)
 KVM_RUN_X86_SMM: Final = 1 << 0
 KVM_RUN_X86_BUS_LOCK: Final = 1 << 1
 KVM_RUN_X86_GUEST_MODE: Final = 1 << 2

@@ -37,13 +37,15 @@ def interpret(vcpu: ModelVcpu, deadline: float | None = None) -> Exit:
     upstream_window, pvm_window = window and vcpu.profile.vendor != "pvm", window and vcpu.profile.vendor == "pvm"
     interrupt = vcpu.events.interrupt
     shadow = interrupt.shadow
+    fast_pio = vcpu.profile.vendor != "pvm"  # upstream exits on the port access itself; PVM emulates the instruction
     budget = GUEST_BUDGET if deadline is None and not pvm_window else DEADLINE_EVERY
     done = 0
     while True:
         for _ in range(budget):
             if upstream_window and not shadow and regs.rflags & X86_EFLAGS_IF:
                 return IrqWindowOpenExit()
-            if shadow:  # this instruction ends it
+            held = shadow
+            if shadow:  # this instruction ends it, unless it waits in userspace (below)
                 interrupt.shadow = shadow = 0
             ip = regs.rip & 0xFFFF
             addr = base + ip
@@ -61,11 +63,16 @@ def interpret(vcpu: ModelVcpu, deadline: float | None = None) -> Exit:
                 regs.rax = (regs.rax & ~0xFF) | code[1]
                 regs.rip = ip + 2
             elif op == 0xE6:  # out imm8, al
-                regs.rip = ip + 2
-                return IoExit(uapi.KVM_EXIT_IO_OUT, 1, code[1], 1, bytes([regs.rax & 0xFF]))
-            elif op == 0xE4:  # in al, imm8
-                regs.rip = ip + 2
-                return vcpu.begin_in(code[1])
+                data = bytes([regs.rax & 0xFF])
+                if fast_pio and not (code[1] == 0x7E and vcpu.out_7e_inc_rip()):
+                    interrupt.shadow = held  # RIP and the shadow stay until the next run completes the OUT
+                    vcpu.hold_pio(False, (base + ip) & 0xFFFFFFFF, ip + 2)
+                else:
+                    regs.rip = ip + 2
+                return IoExit(uapi.KVM_EXIT_IO_OUT, 1, code[1], 1, data)
+            elif op == 0xE4:  # in al, imm8: RIP and the shadow stay until the next run completes it, on every vendor
+                interrupt.shadow = held
+                return vcpu.begin_in(code[1], ((base + ip) & 0xFFFFFFFF, ip + 2))
             elif op == 0xEB:  # jmp rel8
                 regs.rip = (ip + 2 + int.from_bytes(code[1:2], "little", signed=True)) & 0xFFFF
             elif op == 0x88 and code[1] == 0x06:  # mov [disp16], al

@@ -18,14 +18,11 @@ from ..api import (
     CpuidEntry,
     Exit,
     InterruptedExit,
-    IoExit,
     IrqWindowOpenExit,
     MsrBatch,
     MsrItems,
     ShutdownExit,
     Vcpu,
-    check_flag,
-    check_run_cr8,
     check_timeout,
 )
 from ..errors import ClosedError, InvalidTypeError, KvmError, KvmscopeError
@@ -35,12 +32,11 @@ from . import cpuid as C
 from . import cr4, x2apic
 from .guest_exec import ProgramState
 from .guest_exec import run_program as run_guest_program
+from .kvm_run import X86_EFLAGS_IF, KvmRunModel
 from .msr_batch import BatchedMsrRules
 from .mtrr import maxphyaddr
 from .realmode import interpret
 from .vcpu_state import VcpuStateModel
-
-X86_EFLAGS_IF = 1 << 9
 
 if TYPE_CHECKING:
     from ..kernel.profile import Profile
@@ -75,7 +71,7 @@ def reset_sregs(profile_sregs: dict[str, object], vcpu_id: int) -> uapi.kvm_sreg
     return s
 
 
-class ModelVcpu(VcpuStateModel, Vcpu):
+class ModelVcpu(VcpuStateModel, KvmRunModel, Vcpu):
     """A vCPU of the software KVM. ``regs``, ``sregs`` and ``cpuid`` are its state as KVM holds it (the ioctls
     return copies); ``msr_rules`` holds its MSRs and their rules; the save/restore state (LAPIC, MP state, events,
     FPU/XSAVE, ...) is in :class:`~kvmscope.model.vcpu_state.VcpuStateModel`."""
@@ -87,13 +83,8 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         self.rules: R.Ruleset = vm.rules
         p = self.profile
         self.has_run = False
-        self._immediate_exit = False
-        self._run_cr8 = 0  # kvm_run.cr8 (the page starts zeroed)
-        self._irq_window = False  # kvm_run.request_interrupt_window
-        self._run_out = (False, False, 0, 0)  # kvm_run's ready_for_interrupt_injection, if_flag, apic_base, flags
         self._shutdown_pending = False  # PVM: CR0.PG given outside long mode (set_sregs)
-        self._pending_in: tuple[int, int] | None = None  # (size, count) of an IN awaiting data
-        self._in_data = b""
+        self.reset_kvm_run()
         self.cpuid: list[CpuidEntry] = []
         self.cpuid_set = False  # no KVM_SET_CPUID2 yet
         sregs = reset_sregs(p.reset_sregs, vcpu_id)
@@ -132,14 +123,6 @@ class ModelVcpu(VcpuStateModel, Vcpu):
     def limitation(self, message: str) -> ModelLimitation:
         return ModelLimitation(message)
 
-    def begin_in(self, port: int) -> IoExit:
-        """The exit of a one-byte IN from ``port``: the data userspace gives it lands in AL at the next KVM_RUN."""
-        self._pending_in = (1, 1)
-        return IoExit(uapi.KVM_EXIT_IO_IN, 1, port, 1, b"", self._reply_in)
-
-    def _reply_in(self, data: bytes) -> None:
-        self._in_data = data
-
     def reply_msr(self, error: int, value: int) -> None:
         """Userspace's answer to an MSR exit (``kvm_run.msr.error`` and ``data``) for the guest program."""
         if self._program is not None:
@@ -147,83 +130,6 @@ class ModelVcpu(VcpuStateModel, Vcpu):
 
     def refusal_rule(self, index: int) -> R.Rule | None:
         return self.msr_rules.refusal_rule(index)
-
-    @property
-    def immediate_exit(self) -> bool:
-        self._check_open()
-        return self._immediate_exit
-
-    @immediate_exit.setter
-    def immediate_exit(self, value: bool) -> None:
-        self._check_open()
-        self._immediate_exit = bool(value)
-
-    @property
-    def run_cr8(self) -> int:
-        self._check_open()
-        return self._run_cr8
-
-    @run_cr8.setter
-    def run_cr8(self, value: int) -> None:
-        value = check_run_cr8(value)
-        self._check_open()
-        self._run_cr8 = value
-
-    @property
-    def request_interrupt_window(self) -> bool:
-        self._check_open()
-        return self._irq_window
-
-    @request_interrupt_window.setter
-    def request_interrupt_window(self, value: bool) -> None:
-        flag = check_flag("Vcpu.request_interrupt_window", value)
-        self._check_open()
-        self._irq_window = flag
-
-    @property
-    def ready_for_interrupt_injection(self) -> bool:
-        self._check_open()
-        return self._run_out[0]
-
-    @property
-    def if_flag(self) -> bool:
-        self._check_open()
-        return self._run_out[1]
-
-    @property
-    def run_apic_base(self) -> int:
-        self._check_open()
-        return self._run_out[2]
-
-    @property
-    def run_flags(self) -> int:
-        self._check_open()
-        return self._run_out[3]
-
-    def ready_for_injection(self) -> bool:
-        """``kvm_vcpu_ready_for_interrupt_injection`` without an in-kernel PIC (6.12.118 x86.c:4715-4744): interrupts
-        allowed (IF set, no interrupt shadow: any shadow byte on PVM, live), no interrupt from KVM_INTERRUPT waiting
-        (``kvm_cpu_has_extint``), nothing to reinject, no exception or triple fault pending (PVM's pending
-        shutdown is one: 0 here, live)."""
-        e = self.events
-        return bool(self.regs.rflags & X86_EFLAGS_IF and not e.interrupt.shadow and not e.interrupt.injected
-                    and not e.exception.injected and not e.nmi.injected and not e.exception.pending
-                    and not self._shutdown_pending)
-
-    def sti_shadow(self) -> int:
-        """The interrupt shadow of an STI, as KVM_GET_VCPU_EVENTS reports it for this vendor."""
-        return self._shadow(uapi.KVM_X86_SHADOW_INT_STI)
-
-    def irq_window_requested(self) -> bool:
-        """``dm_request_for_irq_injection``: ``request_interrupt_window`` set and no in-kernel PIC."""
-        return self._irq_window and not self.vm.irqchip
-
-    def _post_run_save(self) -> None:
-        """What KVM_RUN leaves in kvm_run as it returns, whatever its outcome (``post_kvm_run_save``, 6.12.118
-        x86.c:9765-9781). Flags stay 0: the model has no SMM (a limitation), bus-lock exits or nested guest mode."""
-        self._run_cr8 = self._cr8()
-        self._run_out = (self.vm.irqchip or self.ready_for_injection(), bool(self.regs.rflags & X86_EFLAGS_IF),
-                         self.sregs.apic_base, 0)
 
     # -- registers --
     def get_regs(self) -> uapi.kvm_regs:
@@ -235,6 +141,7 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         self._check_open()
         self.regs = uapi.kvm_regs.from_buffer_copy(regs)
         self.regs.rflags |= 2
+        self._regs_set = True
         if self.profile.vendor == "pvm":  # PVM clears RFLAGS.VM (the live kernel here; upstream keeps it)
             self.regs.rflags &= ~(1 << 17)
         self.events.exception.pending = 0  # __set_regs drops a pending exception (6.12.118 regs.c:129)
@@ -406,6 +313,7 @@ class ModelVcpu(VcpuStateModel, Vcpu):
             if self._run_cr8 >> 4:
                 raise KvmError(errno.EINVAL, "KVM_RUN", f"kvm_run.cr8 {self._run_cr8:#x} beyond CR8's 4 bits")
             self.sregs.cr8 = self._run_cr8
+        self._complete_pio()
         if self._immediate_exit:
             return InterruptedExit()
         if self._shutdown_pending and self.mp_state == uapi.KVM_MP_STATE_RUNNABLE:
@@ -423,19 +331,16 @@ class ModelVcpu(VcpuStateModel, Vcpu):
         msrs = self.msr_rules
         if self.rules.freeze and not msrs.frozen:
             msrs.freeze()
-        if self._pending_in is not None:
-            size, count = self._pending_in
-            data = self._in_data.ljust(size * count, b"\0")
-            mask = (1 << (8 * size)) - 1
-            self.regs.rax = (self.regs.rax & ~mask) | int.from_bytes(data[:size], "little")
-            self._pending_in = None
-            self._in_data = b""
         if self.irq_window_requested() and self.profile.vendor != "pvm":  # the window exit comes before any instruction
+            if self.profile.vendor == "svm" and self.sregs.cr8 == 15:  # V_TPR 15 masks KVM's V_IRQ of priority 15
+                raise self.limitation("KVM_RUN: SVM's window request with CR8 15 (AMD APM 15.21.4: the virtual "
+                                      "interrupt KVM asks for is not taken, so no window exit; not confirmed on hardware)")
+            program = self._program
+            if program is not None and (program.pending is not None or self.events.interrupt.shadow):
+                raise self.limitation("KVM_RUN: the window would open inside the program's code (the model runs "
+                                      "programs by operation)")
             if self.regs.rflags & X86_EFLAGS_IF and not self.events.interrupt.shadow:
                 return IrqWindowOpenExit()
-            if self._program is not None and self.events.interrupt.shadow:
-                raise self.limitation("KVM_RUN: the window would open after the first instruction of the program's "
-                                      "code (the model runs programs by operation)")
         if self._program is not None:
             self.events.interrupt.shadow = 0  # the program's first instruction ends it
             exit_ = run_guest_program(self, self._program, deadline)

@@ -89,7 +89,7 @@ class VcpuStateModel(FpuStateModel):
             self.lapic = lapic
             self.vm.apic_map_format = self.vm.x2apic_format  # kvm_lapic_reset rebuilds the APIC map
         self.mp_state = uapi.KVM_MP_STATE_RUNNABLE if bsp or not self.vm.irqchip else uapi.KVM_MP_STATE_UNINITIALIZED
-        self.events = uapi.kvm_vcpu_events()  # the kernel's fields; get_vcpu_events reports them as x86.c does
+        self.events: uapi.kvm_vcpu_events = uapi.kvm_vcpu_events()  # the kernel's fields, reported as x86.c does
         self.nmi_pending = 0
         self.sipi_vector, self.sipi_pending = 0, False  # a SIPI set by KVM_SET_MP_STATE waits (KVM_APIC_SIPI)
         self.debugregs = uapi.kvm_debugregs(dr6=0xFFFF0FF0, dr7=0x400)
