@@ -99,3 +99,21 @@ def test_the_window_opens_once_the_out_is_finished(profile: str) -> None:
         exit_ = vcpu.run()
         assert (exit_, vcpu.get_regs().rip) == (IrqWindowOpenExit(), 0x1003), \
             f"the completion ends the shadow: expected the window exit past the OUT, saw {exit_!r}"
+
+
+@pytest.mark.parametrize("code", [b"\xe4\x20\xf4", b"\xe6\xa1\xf4"])
+def test_the_in_kernel_pics_ports_are_a_limitation(code: bytes) -> None:
+    """With KVM_CREATE_IRQCHIP the kernel's PIC takes ports 0x20-0x21 and 0xA0-0xA1 (i8259.c kvm_pic_init): no exit
+    on the live kernel, and the model, which does not emulate the PIC, says so."""
+    from kvmscope.model import ModelLimitation
+
+    with open_model(profile="pvm-6.18") as kvm, kvm.create_vm() as vm:
+        vm.create_irqchip()
+        vcpu = vm.create_vcpu(0)
+        guest.load_real_mode(vm, vcpu, code)
+        with pytest.raises(ModelLimitation, match="in-kernel PIC"):
+            vcpu.run()
+    with open_model(profile="pvm-6.18") as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        guest.load_real_mode(vm, vcpu, code)
+        assert isinstance(vcpu.run(), IoExit), "without an irqchip the port exits to userspace"

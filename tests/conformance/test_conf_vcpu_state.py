@@ -718,3 +718,26 @@ def test_each_run_drops_components_back_at_init_from_xstate_bv(kvm: System, comp
         after = struct.unpack_from("<Q", bytes(vcpu.get_xsave()), 512)[0]
         assert after == (component if kept else 0), \
             f"XSTATE_BV after a run: expected {component if kept else 0:#x}, saw {after:#x}"
+
+
+@pytest.mark.parametrize("xcr0", [1, 7])
+def test_a_long_run_marks_sse_in_use(kvm: System, xcr0: int) -> None:
+    """PVM: a guest that runs until it is kicked (50 ms here) has taken host interrupts, and its saved FPU state then
+    marks SSE in use in XSTATE_BV, whatever XCR0 and the registers hold; a short run to a HLT does not."""
+    from kvmscope import guest
+
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        xcrs = uapi.kvm_xcrs(nr_xcrs=1)
+        xcrs.xcrs[0].value = xcr0
+        vcpu.set_xcrs(xcrs)
+        for code, timeout, expected in ((b"\xf4", None, 0), (b"\xeb\xfe", 0.05, 2)):
+            guest.load_real_mode(vm, vcpu, code)
+            image = bytearray(bytes(vcpu.get_xsave()))
+            struct.pack_into("<Q", image, 512, 0)
+            vcpu.set_xsave(bytes(image))
+            exit_ = vcpu.run(timeout=timeout)
+            bv = struct.unpack_from("<Q", bytes(vcpu.get_xsave()), 512)[0]
+            assert bv & 2 == expected, f"{exit_.name} after {code.hex()}: expected SSE {'in use' if expected else 'not'}" \
+                f" in XSTATE_BV, saw {bv:#x}"

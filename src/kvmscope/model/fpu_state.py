@@ -167,11 +167,12 @@ class FpuStateModel:
                 self.xstate_ext[offset : offset + length] = image[offset : offset + length]
         self.xfeatures = xstate_bv
 
-    def fpu_after_run(self) -> None:
+    def fpu_after_run(self, sse_in_use: bool = False) -> None:
         """Each KVM_RUN loads the guest's FPU state and saves it back, whatever its outcome (kvm_load_guest_fpu,
         kvm_put_guest_fpu: 6.12.118 x86.c:11108, 11203). The save drops from XSTATE_BV each component whose values
         are its init values again: x87 (FCW 0x37f, the rest 0), SSE (XMM 0, MXCSR 0x1f80), the others (all 0). The
-        live kernel here, even after an immediate exit (``tests/conformance/test_conf_vcpu_state.py``)."""
+        live kernel here, even after an immediate exit (``tests/conformance/test_conf_vcpu_state.py``). ``sse_in_use``:
+        the CPU tracked SSE as in use (XINUSE) whatever its values, as PVM's long runs leave it (``kvm_run.LONG_RUN``)."""
         xf, fx = self.xfeatures, self.fx
         if xf & XFEATURE_FP and fx[0:2] == FCW_INIT.to_bytes(2, "little") and not any(fx[2:24]) and not any(fx[32:160]):
             xf &= ~XFEATURE_FP
@@ -182,6 +183,11 @@ class FpuStateModel:
                 length, offset, _, _ = _xsave_leaf(self.profile, bit)
                 if not any(self.xstate_ext[offset : offset + length]):
                     xf &= ~(1 << bit)
+        if sse_in_use and not xf & XFEATURE_SSE:  # the registers held their init values: saved as they are now
+            fx[_XMM:416] = bytes(416 - _XMM)
+            if not xf & XFEATURE_YMM:
+                struct.pack_into("<II", fx, _MXCSR, MXCSR_INIT, mxcsr_mask(self.profile))
+            xf |= XFEATURE_SSE
         self.xfeatures = xf
 
     def get_xcrs(self) -> uapi.kvm_xcrs:

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 from .. import program as P
 from .. import uapi
-from ..api import Exit, HltExit, InterruptedExit, IoExit, RdmsrExit, WrmsrExit, find_cpuid
+from ..api import Exit, HltExit, IoExit, RdmsrExit, WrmsrExit, find_cpuid
 from .msr_rules import OK, UNSUPPORTED
-from .realmode import DEADLINE_EVERY
+from .realmode import DEADLINE_EVERY, PIC_PORTS
 
 if TYPE_CHECKING:
     from .vcpu import ModelVcpu
@@ -143,7 +143,7 @@ def run_program(vcpu: ModelVcpu, state: ProgramState, deadline: float | None = N
         if deadline is not None:
             steps += 1
             if not steps % DEADLINE_EVERY and time.monotonic() >= deadline:
-                return InterruptedExit()
+                return vcpu.interrupted_at_clock()
         op = _next_op(state)
         if op is None:
             raise vcpu.limitation("the guest program ran past its end without a HLT")
@@ -156,6 +156,8 @@ def run_program(vcpu: ModelVcpu, state: ProgramState, deadline: float | None = N
         elif isinstance(op, P.CpuidOp):
             a, b, c, d = guest_cpuid(vcpu, op.leaf, op.subleaf)
             return _report(vcpu, P.TAG_CPUID, op.leaf, struct.pack("<IIII", a, b, c, d))
+        elif isinstance(op, (P.OutOp, P.InOp)) and vcpu.vm.irqchip and op.port in PIC_PORTS:
+            raise vcpu.limitation(f"port 0x{op.port:x} belongs to the in-kernel PIC, which the model does not emulate")
         elif isinstance(op, P.OutOp):
             return IoExit(uapi.KVM_EXIT_IO_OUT, 1, op.port, 1, bytes([op.value]))
         elif isinstance(op, P.InOp):

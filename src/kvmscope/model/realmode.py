@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .. import uapi
-from ..api import Exit, HltExit, InterruptedExit, IoExit, IrqWindowOpenExit, MmioExit
+from ..api import Exit, HltExit, IoExit, IrqWindowOpenExit, MmioExit
 from ..errors import InvalidValueError
 
 if TYPE_CHECKING:
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 GUEST_BUDGET = 1_000_000  # instructions per KVM_RUN before the run returns as interrupted
 DEADLINE_EVERY = 4096  # instructions between looks at the clock in a run with a timeout
 X86_EFLAGS_IF = 1 << 9
+PIC_PORTS = frozenset({0x20, 0x21, 0xA0, 0xA1})  # with KVM_CREATE_IRQCHIP (kvm_pic_init; ELCR 0x4d0 is out of imm8 reach)
 
 
 def interpret(vcpu: ModelVcpu, deadline: float | None = None) -> Exit:
@@ -62,6 +63,8 @@ def interpret(vcpu: ModelVcpu, deadline: float | None = None) -> Exit:
             elif op == 0xB0:  # mov al, imm8
                 regs.rax = (regs.rax & ~0xFF) | code[1]
                 regs.rip = ip + 2
+            elif op in (0xE6, 0xE4) and vm.irqchip and code[1] in PIC_PORTS:
+                raise vcpu.limitation(f"port 0x{code[1]:x} belongs to the in-kernel PIC, which the model does not emulate")
             elif op == 0xE6:  # out imm8, al
                 data = bytes([regs.rax & 0xFF])
                 if fast_pio and not (code[1] == 0x7E and vcpu.out_7e_inc_rip()):
@@ -98,6 +101,6 @@ def interpret(vcpu: ModelVcpu, deadline: float | None = None) -> Exit:
             return IrqWindowOpenExit()
         if deadline is None:
             if done >= GUEST_BUDGET:
-                return InterruptedExit()
+                return vcpu.interrupted_at_clock()
         elif time.monotonic() >= deadline:
-            return InterruptedExit()
+            return vcpu.interrupted_at_clock()

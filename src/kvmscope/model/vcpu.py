@@ -32,7 +32,7 @@ from . import cpuid as C
 from . import cr4, x2apic
 from .guest_exec import ProgramState
 from .guest_exec import run_program as run_guest_program
-from .kvm_run import X86_EFLAGS_IF, KvmRunModel
+from .kvm_run import LONG_RUN, X86_EFLAGS_IF, KvmRunModel
 from .msr_batch import BatchedMsrRules
 from .mtrr import maxphyaddr
 from .realmode import interpret
@@ -297,6 +297,7 @@ class ModelVcpu(VcpuStateModel, KvmRunModel, Vcpu):
         ``timeout`` (seconds) a guest that has not exited by then returns :class:`InterruptedExit`."""
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + check_timeout(timeout)
+        self._ran_long = False
         try:
             return self._enter(deadline)
         except KvmscopeError:
@@ -306,7 +307,9 @@ class ModelVcpu(VcpuStateModel, KvmRunModel, Vcpu):
         finally:
             if not self._closed:  # whatever the outcome (6.12.118 x86.c:11202-11205)
                 self._post_run_save()
-                self.fpu_after_run()
+                # PVM (live): a run that took host interrupts marks SSE in use, from 10 ms on always (kvm_run.py)
+                self.fpu_after_run(sse_in_use=self._ran_long and self.profile.vendor == "pvm"
+                                   and (timeout is None or timeout >= LONG_RUN))
 
     def _enter(self, deadline: float | None) -> Exit:
         if self.lapic is None:  # "re-sync apic's tpr" from kvm_run, before immediate_exit (x86.c:11157-11163)
