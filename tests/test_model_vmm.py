@@ -46,7 +46,8 @@ def test_irq_line_with_the_irqchip_is_not_emulated(model: ModelSystem) -> None:
             vm.signal_msi(0xFEE00004, 0x30)  # logical destination mode
 
 
-@pytest.mark.parametrize("queue", ["nmi", "interrupt", "inject_db", "mp_state", "singlestep", "tsc_deadline"])
+@pytest.mark.parametrize("queue", ["nmi", "interrupt", "interrupt_bitmap", "inject_db", "mp_state", "singlestep",
+                                   "tsc_deadline"])
 def test_run_refuses_what_it_cannot_deliver(model: ModelSystem, queue: str) -> None:
     with model.create_vm() as vm:
         if queue in ("mp_state", "tsc_deadline"):
@@ -57,6 +58,10 @@ def test_run_refuses_what_it_cannot_deliver(model: ModelSystem, queue: str) -> N
             vcpu.nmi()
         elif queue == "interrupt":
             vcpu.interrupt(0x20)
+        elif queue == "interrupt_bitmap":  # KVM_SET_SREGS queues the lowest vector set (found by the state fuzzer)
+            sregs = vcpu.get_sregs()
+            sregs.interrupt_bitmap[2] = 1 << 51
+            vcpu.set_sregs(sregs)
         elif queue == "inject_db":
             vcpu.set_guest_debug(uapi.KVM_GUESTDBG_ENABLE | uapi.KVM_GUESTDBG_INJECT_DB)
         elif queue == "mp_state":

@@ -226,6 +226,7 @@ class ModelVcpu(VcpuStateModel, KvmRunModel, Vcpu):
             interrupt = self.events.interrupt
             interrupt.injected, interrupt.soft = 1, 0
             interrupt.nr = 64 * bits[0] + (bits[1] & -bits[1]).bit_length() - 1
+            self.refresh_may_block()  # the next KVM_RUN would deliver it
         if not sregs.cr0 & 1:
             self._program = None  # back in real mode: run the code in guest memory again
         self._runtime.cr4 = self.sregs.cr4
