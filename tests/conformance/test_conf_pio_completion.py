@@ -50,7 +50,8 @@ def test_an_in_waits_on_its_instruction_until_the_next_run(kvm: System) -> None:
 
 def test_set_regs_before_the_completion_drops_the_data(kvm: System) -> None:
     """PVM emulates the IN: KVM_SET_REGS in between (even of the same values) makes the completion keep the
-    registers as set and move RIP past the IN all the same."""
+    registers as set, but for RIP, moved past the IN all the same, and RFLAGS, put back as it was at the exit (the
+    emulator writes back both)."""
     for rip in (0x1000, 0x1003):
         with kvm.create_vm() as vm:
             vcpu = vm.create_vcpu(0)
@@ -58,13 +59,16 @@ def test_set_regs_before_the_completion_drops_the_data(kvm: System) -> None:
             start(vcpu)
             exit_ = vcpu.run()
             regs = vcpu.get_regs()
-            regs.rip, regs.rax = rip, 0xAB00
+            regs.rip, regs.rax, regs.rflags, regs.rsi = rip, 0xAB00, 0x246, 0x77
             vcpu.set_regs(regs)
             exit_.reply(b"\x12")  # type: ignore[attr-defined]
             finish(vcpu)
             seen = state(vcpu)
+            after = vcpu.get_regs()
             assert seen[:2] == (0x1002, 0xAB00), f"KVM_SET_REGS (RIP {rip:#x}, AX 0xab00) before the completion: " \
                 f"expected RIP 0x1002 and AX 0xab00, saw {seen}"
+            assert (after.rflags, after.rsi) == (0x202, 0x77), f"expected RFLAGS 0x202 (as at the exit) and RSI as " \
+                f"set, saw {after.rflags:#x} and {after.rsi:#x}"
 
 
 def test_an_out_is_finished_at_its_exit(kvm: System) -> None:

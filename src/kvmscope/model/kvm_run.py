@@ -45,8 +45,9 @@ class KvmRunModel:
         self._run_cr8 = 0
         self._irq_window = False  # request_interrupt_window
         self._run_out = (False, False, 0, 0)  # ready_for_interrupt_injection, if_flag, apic_base, flags
-        # a port access that exited to userspace, completed at the next KVM_RUN: (IN?, (linear RIP, IP after it) or None)
-        self._pio: tuple[bool, tuple[int, int] | None] | None = None
+        # a port access that exited to userspace, completed at the next KVM_RUN: (IN?, (linear RIP, IP after it, RFLAGS)
+        # or None)
+        self._pio: tuple[bool, tuple[int, int, int] | None] | None = None
         self._in_data = b""
         self._regs_set = False  # KVM_SET_REGS since the access (PVM then drops an IN's data)
         self._ran_long = False  # this run went on until the clock or the budget stopped it
@@ -141,7 +142,7 @@ class KvmRunModel:
 
     def hold_pio(self, is_in: bool, linear: int | None, next_ip: int | None) -> None:
         """A port access left waiting in userspace, for :meth:`_complete_pio` (no address: a guest program's)."""
-        self._pio = (is_in, None if linear is None or next_ip is None else (linear, next_ip))
+        self._pio = (is_in, None if linear is None or next_ip is None else (linear, next_ip, self.regs.rflags))
         self._in_data, self._regs_set = b"", False
 
     def out_7e_inc_rip(self) -> bool:
@@ -152,16 +153,18 @@ class KvmRunModel:
         """``complete_userspace_io`` at the start of KVM_RUN, before ``immediate_exit`` (6.12.118 x86.c:11180-11189).
         Upstream (``complete_fast_pio_in``/``_out``, x86.c:8900-8955): unless RIP moved since the exit, AL takes the
         IN's data and RIP and the shadow move past the instruction. PVM (live) emulates the IN: RIP moves past it
-        whatever KVM_SET_REGS did meanwhile, and a KVM_SET_REGS drops the data."""
+        whatever KVM_SET_REGS did meanwhile, with RFLAGS as it was at the exit (the emulator's writeback), and a
+        KVM_SET_REGS drops the data."""
         pending, self._pio = self._pio, None
         if pending is None:
             return
         is_in, at = pending
         data, self._in_data = self._in_data[:1].ljust(1, b"\0"), b""
         if at is not None:
-            linear, next_ip = at
+            linear, next_ip, rflags = at
             if self.profile.vendor == "pvm":
                 is_in = is_in and not self._regs_set
+                self.regs.rflags = rflags
             elif (self.sregs.cs.base + self.regs.rip) & 0xFFFFFFFF != linear:
                 return
             self.regs.rip = next_ip
