@@ -117,3 +117,18 @@ def test_the_in_kernel_pics_ports_are_a_limitation(code: bytes) -> None:
         vcpu = vm.create_vcpu(0)
         guest.load_real_mode(vm, vcpu, code)
         assert isinstance(vcpu.run(), IoExit), "without an irqchip the port exits to userspace"
+
+
+@pytest.mark.parametrize("profile", UPSTREAM)
+def test_sti_blocks_only_when_it_sets_if(profile: str) -> None:
+    """The CPU's STI: blocking by STI only when IF was clear (SDM; VMX's interruptibility state, SVM's shadow)."""
+    for rflags, expected in ((0x2, STI_SHADOW[profile]), (0x202, 0)):
+        with open_model(profile=profile, kernel="6.12") as kvm, kvm.create_vm() as vm:
+            vcpu = vm.create_vcpu(0)
+            guest.load_real_mode(vm, vcpu, b"\xfb\xe4\x20\xf4")
+            regs = vcpu.get_regs()
+            regs.rflags = rflags
+            vcpu.set_regs(regs)
+            assert isinstance(vcpu.run(), IoExit)
+            seen = vcpu.get_vcpu_events().interrupt.shadow
+            assert seen == expected, f"RFLAGS {rflags:#x}, sti; in: expected shadow {expected}, saw {seen}"

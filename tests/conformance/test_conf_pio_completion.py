@@ -79,3 +79,49 @@ def test_an_out_is_finished_at_its_exit(kvm: System) -> None:
         assert isinstance(vcpu.run(), IoExit)
         seen = state(vcpu)
         assert seen == (0x1002, 0, 0, True), f"after the OUT's exit: expected RIP past it and the shadow gone, saw {seen}"
+
+
+def test_sti_in_the_emulator_blocks_whatever_if_was(kvm: System) -> None:
+    """PVM emulates real-mode code: its STI (em_sti) sets the STI shadow even when IF was already set, unless an STI
+    shadow is already on (toggle_interruptibility's "sti; sti"). An IN in that shadow keeps it until its completion.
+    The CPU's STI blocks only when it sets IF: tests/test_model_pio_completion.py."""
+    for rflags, shadow_before, expected in ((0x202, 0, 2), (0x2, 0, 2), (0x2, 0x8F, 0), (0x202, 0x2, 0), (0x2, 1, 2)):
+        with kvm.create_vm() as vm:
+            vcpu = vm.create_vcpu(0)
+            guest.load_real_mode(vm, vcpu, b"\xfb" + IN_20 + HLT)
+            regs = vcpu.get_regs()
+            regs.rflags = rflags
+            vcpu.set_regs(regs)
+            if shadow_before:
+                events = vcpu.get_vcpu_events()
+                events.interrupt.shadow, events.flags = shadow_before, uapi.KVM_VCPUEVENT_VALID_SHADOW
+                vcpu.set_vcpu_events(events)
+            assert isinstance(vcpu.run(), IoExit)
+            seen = vcpu.get_vcpu_events().interrupt.shadow
+            assert seen == expected, f"RFLAGS {rflags:#x}, shadow {shadow_before:#x}, then sti; in: expected shadow " \
+                f"{expected} at the IN's exit, saw {seen}"
+
+
+def test_an_mmu_reset_cancels_a_pending_in(kvm: System) -> None:
+    """PVM: KVM_SET_SREGS that changes CR0, CR3, CR4 or EFER (what makes __set_sregs reset the MMU) drops a pending IN:
+    RIP stays on it, the data never lands, and the next run executes it again. Other changes (CR2, CR8, segments,
+    APIC_BASE, the GDT) do not."""
+    changes = {"cr0": lambda s: setattr(s, "cr0", s.cr0 | 8), "cr3": lambda s: setattr(s, "cr3", 0x5000),
+               "cr4": lambda s: setattr(s, "cr4", s.cr4 | 0x20), "efer": lambda s: setattr(s, "efer", s.efer | 1),
+               "cr2": lambda s: setattr(s, "cr2", 0x5000), "cr8": lambda s: setattr(s, "cr8", 5),
+               "cs.base": lambda s: setattr(s.cs, "base", 0x10), "gdt": lambda s: setattr(s.gdt, "base", 0x5000)}
+    for name, change in changes.items():
+        with kvm.create_vm() as vm:
+            vcpu = vm.create_vcpu(0)
+            vcpu.set_cpuid(kvm.get_supported_cpuid())
+            guest.load_real_mode(vm, vcpu, IN_20 + HLT)
+            exit_ = vcpu.run()
+            exit_.reply(b"\x12")  # type: ignore[attr-defined]
+            sregs = vcpu.get_sregs()
+            change(sregs)
+            vcpu.set_sregs(sregs)
+            finish(vcpu)
+            cancelled = name in ("cr0", "cr3", "cr4", "efer")
+            seen = state(vcpu)[:2]
+            expected = (0x1000, 0) if cancelled else (0x1002, 0x12)
+            assert seen == expected, f"{name} changed before the completion: expected (rip, ax) {expected}, saw {seen}"

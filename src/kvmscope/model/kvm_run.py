@@ -145,6 +145,10 @@ class KvmRunModel:
         self._pio = (is_in, None if linear is None or next_ip is None else (linear, next_ip, self.regs.rflags))
         self._in_data, self._regs_set = b"", False
 
+    def cancel_pio(self) -> None:
+        """Forget a port access waiting in userspace: the next KVM_RUN neither moves RIP nor takes the IN's data."""
+        self._pio, self._in_data = None, b""
+
     def out_7e_inc_rip(self) -> bool:
         """KVM_X86_QUIRK_OUT_7E_INC_RIP (on unless disabled): an OUT to port 0x7E moves RIP before the exit."""
         return not self.vm.disabled_quirks & uapi.KVM_X86_QUIRK_OUT_7E_INC_RIP

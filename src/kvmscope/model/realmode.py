@@ -90,9 +90,12 @@ def interpret(vcpu: ModelVcpu, deadline: float | None = None) -> Exit:
                 regs.rflags &= ~X86_EFLAGS_IF
                 regs.rip = ip + 1
             elif op == 0xFB:  # sti: interrupts stay blocked until the next instruction ends
-                if not regs.rflags & X86_EFLAGS_IF:
-                    regs.rflags |= X86_EFLAGS_IF
-                    interrupt.shadow = shadow = vcpu.sti_shadow()
+                if fast_pio:  # the CPU: blocking by STI only when it sets IF
+                    new_shadow = 0 if regs.rflags & X86_EFLAGS_IF else vcpu.sti_shadow()
+                else:  # PVM's emulator (em_sti, toggle_interruptibility): always, unless an STI shadow was on
+                    new_shadow = 0 if held & uapi.KVM_X86_SHADOW_INT_STI else vcpu.sti_shadow()
+                regs.rflags |= X86_EFLAGS_IF
+                interrupt.shadow = shadow = new_shadow
                 regs.rip = ip + 1
             else:
                 raise vcpu.limitation(f"the model cannot interpret opcode 0x{op:02x} at 0x{addr:x}")

@@ -208,6 +208,9 @@ class ModelVcpu(VcpuStateModel, KvmRunModel, Vcpu):
         if apic_rule is not None and apic_rule.set(0x1B, sregs.apic_base, True):
             raise KvmError(errno.EINVAL, "KVM_SET_SREGS", f"APIC_BASE {sregs.apic_base:#x} refused")
         old_cr8, old_cr4 = self.sregs.cr8, self.sregs.cr4
+        if self.profile.vendor == "pvm" and (sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer) != (
+                self.sregs.cr0, self.sregs.cr3, old_cr4, self.sregs.efer):
+            self.cancel_pio()  # PVM (live): an MMU reset (__set_sregs' mmu_reset_needed) drops a pending port access
         self.sregs = uapi.kvm_sregs.from_buffer_copy(sregs)
         if cr4.vmxe_dropped(sregs.cr4, self.rules, self.profile.vendor, self.profile.nested_vmx, self.msr_rules.cpuid_has):
             self.sregs.cr4 = old_cr4  # vmx_set_cr4 refused it, and __set_sregs took the rest
