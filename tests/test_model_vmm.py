@@ -180,3 +180,19 @@ def test_dr7_breakpoints_are_a_limitation_at_run() -> None:
                 vcpu.run()
         vcpu.set_debugregs(uapi.kvm_debugregs(dr7=0x400 | 0xFF00))  # no enable bit: conditions alone trap nothing
         assert isinstance(vcpu.run(), HltExit), "DR7 without an enabled breakpoint: the guest runs"
+
+
+@pytest.mark.parametrize(("profile", "smallest"), [("intel-spr", 0x4000), ("amd-epyc", 0x1000), ("pvm-6.18", 0x1000)])
+def test_a_dirty_ring_the_kernel_takes_is_a_limitation(profile: str, smallest: int) -> None:
+    """The smallest ring holds the 64 reserved entries and, on VMX, the PML log's 512 (kvm_dirty_ring_get_rsvd_entries)
+    in a power of two of at least a page; the model keeps no ring, so a size the kernel takes is a ModelLimitation."""
+    from kvmscope.errors import KvmError
+    from kvmscope.model import open_model
+
+    with open_model(profile=profile, kernel="6.12" if profile != "pvm-6.18" else None) as kvm, kvm.create_vm() as vm:
+        if not vm.check_extension(uapi.KVM_CAP_DIRTY_LOG_RING):
+            pytest.skip(f"{profile}'s profile has no dirty ring")
+        with pytest.raises(KvmError):
+            vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING, smallest // 2)
+        with pytest.raises(ModelLimitation, match="dirty ring"):
+            vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING, smallest)

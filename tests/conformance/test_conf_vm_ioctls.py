@@ -457,3 +457,23 @@ def test_msi_trigger_mode_sets_tmr_and_32_bit_ids_extend_the_destination(kvm: Sy
         assert tmr == [1, 0], f"TMR bit of vector 0x30 after a level, then an edge MSI: {tmr}"
         vm.enable_cap(uapi.KVM_CAP_X2APIC_API, uapi.KVM_X2APIC_API_USE_32BIT_IDS)
         assert vm.signal_msi(0x100_FEE00000, 0x30) == 0, "destination 0x100 (address_hi 0x100): no such APIC"
+
+
+@pytest.mark.parametrize("cap", [uapi.KVM_CAP_DIRTY_LOG_RING, uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL])
+def test_dirty_ring_sizes_refused(kvm: System, cap: int) -> None:
+    """kvm_vm_ioctl_enable_dirty_log_ring (virt/kvm/kvm_main.c:5009-5045 in 6.12.118): a size (u32) that is not a
+    power of two, below a page or the reserved entries, is EINVAL; over the maximum KVM_CHECK_EXTENSION reports,
+    E2BIG; a good size once a vCPU was created, even closed, EINVAL. Flags are not looked at. (A size the kernel
+    takes is a ModelLimitation in the model, which keeps no ring.)"""
+    with kvm.create_vm() as vm:
+        top = vm.check_extension(cap)
+        assert top == 1 << 20, f"PVM's dirty ring holds 65536 entries of 16 bytes: expected 1 MiB, saw {top:#x}"
+        for size, err in ((0, errno.EINVAL), (0x800, errno.EINVAL), (0x3000, errno.EINVAL), (top * 2, errno.E2BIG),
+                          ((1 << 32) | top * 2, errno.E2BIG)):
+            with pytest.raises(KvmError) as refused:
+                vm.enable_cap(cap, size, flags=1)
+            assert refused.value.errno == err, f"size {size:#x}: expected {errno.errorcode[err]}, saw {refused.value}"
+        vm.create_vcpu(0).close()
+        with pytest.raises(KvmError) as late:
+            vm.enable_cap(cap, 0x1000)
+        assert late.value.errno == errno.EINVAL, f"after a vCPU: expected EINVAL, saw {late.value}"

@@ -73,6 +73,8 @@ class ModelVm(VmDevicesModel, Vm):
             raise InvalidValueError("KVM_ENABLE_CAP takes at most 4 arguments")
         arg0 = args[0] if args else 0
         supported = self.system.capability(cap, vm=True)
+        if cap in (uapi.KVM_CAP_DIRTY_LOG_RING, uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL) and supported:
+            self._enable_dirty_ring(arg0, supported)  # generic code: flags are not looked at
         if flags or not supported:
             raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP")
         if cap == uapi.KVM_CAP_DISABLE_QUIRKS2:
@@ -111,6 +113,21 @@ class ModelVm(VmDevicesModel, Vm):
             raise self.limitation(f"KVM_ENABLE_CAP {cap}: the model does not implement this capability")
         else:  # a capability kvm_vm_ioctl_enable_cap does not take
             raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP")
+
+    def _enable_dirty_ring(self, size: int, max_bytes: int) -> None:
+        """``kvm_vm_ioctl_enable_dirty_log_ring`` (6.12.118 virt/kvm/kvm_main.c:5009-5045): the size (a u32) a power of
+        two holding the reserved entries (64, plus the 512 of VMX's page-modification log) of 16 bytes and at least a
+        page, else EINVAL; over the cap's maximum, E2BIG; once a vCPU was created, EINVAL. The model keeps no ring: a
+        size the kernel takes is a ModelLimitation."""
+        size &= 0xFFFFFFFF
+        reserved = (64 + (512 if self.profile.vendor == "vmx" else 0)) * 16
+        if not size or size & (size - 1) or size < max(reserved, 4096):
+            raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", f"dirty ring size {size:#x}")
+        if size > max_bytes:
+            raise KvmError(errno.E2BIG, "KVM_ENABLE_CAP", f"dirty ring size {size:#x} over {max_bytes:#x}")
+        if self.vcpus:
+            raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", "a dirty ring once vCPUs exist")
+        raise self.limitation("KVM_ENABLE_CAP: the model does not implement the dirty ring")
 
     def set_msr_filter(self, flags: int, ranges: Sequence[tuple[int, int, int, bytes]]) -> None:
         """KVM_X86_SET_MSR_FILTER with kvm_vm_ioctl_set_msr_filter's and kvm_add_msr_filter's checks (x86.c in 6.12,
