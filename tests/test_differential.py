@@ -97,6 +97,7 @@ class Run(Op):
     cr8: int | None = None  # kvm_run.cr8 written before the run (the vCPU's own otherwise)
     window: bool = False  # kvm_run.request_interrupt_window
     flags: int = 2  # RFLAGS for the guest (IF or not)
+    code: bytes = b"\xf4"  # the real-mode guest at the entry point (an IN's exit is answered with 0x5a)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,9 @@ class Guest(Op):
 
 
 vcpu_ids = st.integers(0, 1)
+# real-mode guests: halt, port accesses (an IN left waiting across the next operations), cli/sti and their shadows
+GUESTS = [b"\xf4", b"\xe6\x10\xf4", b"\xe4\x20\xf4", b"\xfb\xe4\x20\xf4", b"\xfa\xf4", b"\xfb\xf4", b"\xe6\x7e\xf4",
+          b"\x90\xfb\x90\xf4"]
 _type = st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 8])  # memory types, valid (0, 1, 4-7) and not
 values = st.one_of(
     st.integers(0, 2**64 - 1),
@@ -170,7 +174,7 @@ def ops_for(focus: list[int], msr_ops: int = 1) -> st.SearchStrategy[Op]:
         st.builds(SetMsrs, vcpu_ids, st.lists(msr_entry, min_size=1, max_size=6).map(tuple)),
         st.builds(GetMsrs, vcpu_ids, st.lists(msr_index, min_size=1, max_size=6).map(tuple)),
         st.builds(Run, vcpu_ids, st.booleans(), st.one_of(st.none(), st.integers(0, 17), st.integers(0, 2**64 - 1)),
-                  st.booleans(), st.sampled_from([2, 0x202])),
+                  st.booleans(), st.sampled_from([2, 0x202]), st.sampled_from(GUESTS)),
         st.builds(GetCpuid, vcpu_ids),
         st.builds(SetCr4, vcpu_ids, cr4_values),
         st.builds(SetSregs, vcpu_ids, st.sampled_from(["efer", "apic_base"]), values),
@@ -227,15 +231,21 @@ def apply(vm: Vm, vcpus: dict[int, Vcpu], op: Op) -> Any:
             return (vcpu.get_msrs(batch), list(batch))
         if isinstance(op, Run):
             vcpu.immediate_exit = op.immediate
+            vm.write_memory(guest.DEFAULT_ENTRY, op.code)
             guest.setup_real_mode(vcpu)
             if op.cr8 is not None:
                 vcpu.run_cr8 = op.cr8
             regs = vcpu.get_regs()
-            regs.rflags = op.flags
+            regs.rflags, regs.rax = op.flags, 0x1100  # RAX as a guest program leaves it is the model's to ignore
             vcpu.set_regs(regs)
             vcpu.request_interrupt_window = op.window
-            return [vcpu.run().name, vcpu.get_sregs().cr8, vcpu.run_cr8, vcpu.if_flag,
-                    vcpu.ready_for_interrupt_injection, vcpu.run_apic_base, vcpu.run_flags]
+            exit_ = vcpu.run()
+            if getattr(exit_, "direction", None) == uapi.KVM_EXIT_IO_IN:
+                exit_.reply(b"\x5a")  # type: ignore[attr-defined]
+            regs = vcpu.get_regs()
+            return [exit_.name, vcpu.get_sregs().cr8, vcpu.run_cr8, vcpu.if_flag, vcpu.ready_for_interrupt_injection,
+                    vcpu.run_apic_base, vcpu.run_flags, regs.rip, regs.rax & 0xFF, regs.rflags,
+                    vcpu.get_vcpu_events().interrupt.shadow]
         if isinstance(op, GetCpuid):
             return [e.to_dict() for e in vcpu.get_cpuid()]
         if isinstance(op, Guest):
