@@ -54,6 +54,7 @@ MSRS = sorted((set(EMULATED) | set(LISTED) | set(PROFILE.behaviours)) - {TSC})
 QUIRKS = [0, uapi.KVM_X86_QUIRK_STUFF_FEATURE_MSRS, uapi.KVM_X86_QUIRK_MISC_ENABLE_NO_MWAIT,
           uapi.KVM_X86_QUIRK_STUFF_FEATURE_MSRS | uapi.KVM_X86_QUIRK_MISC_ENABLE_NO_MWAIT]
 EXAMPLES = int(os.environ.get("KVMSCOPE_DIFF_EXAMPLES", os.environ.get("PYKVM_DIFF_EXAMPLES", "500")))
+RUN_EXAMPLES = int(os.environ.get("KVMSCOPE_DIFF_RUN_EXAMPLES", "300"))
 
 # --- operations ----------------------------------------------------------------------------------------------------
 
@@ -101,6 +102,34 @@ class Run(Op):
 
 
 @dataclass(frozen=True)
+class Resume(Op):
+    """KVM_RUN again where the guest stopped, no register set in between (an IN's exit answered with 0x5a)."""
+
+    immediate: bool
+
+
+@dataclass(frozen=True)
+class SetFlags(Op):
+    """KVM_SET_REGS of RFLAGS, the rest as read."""
+
+    rflags: int
+
+
+@dataclass(frozen=True)
+class SetShadow(Op):
+    """KVM_SET_VCPU_EVENTS of the interrupt shadow alone."""
+
+    shadow: int
+
+
+@dataclass(frozen=True)
+class ChangeSregs(Op):
+    """KVM_SET_SREGS with one field changed: CR0.TS, CR3, CR4.PAE or EFER.SCE (an MMU reset), or CR2."""
+
+    field: str
+
+
+@dataclass(frozen=True)
 class GetCpuid(Op):
     pass
 
@@ -129,6 +158,9 @@ vcpu_ids = st.integers(0, 1)
 # real-mode guests: halt, port accesses (an IN left waiting across the next operations), cli/sti and their shadows
 GUESTS = [b"\xf4", b"\xe6\x10\xf4", b"\xe4\x20\xf4", b"\xfb\xe4\x20\xf4", b"\xfa\xf4", b"\xfb\xf4", b"\xe6\x7e\xf4",
           b"\x90\xfb\x90\xf4"]
+# ... for runs resumed where they stopped: each ends in a HLT it jumps back to
+LOOPING_GUESTS = [code + b"\xeb\xfd" for code in GUESTS] + [b"\xfb\xe4\x20\xfa\xe6\x21\xfb\xf4\xeb\xfd",
+                                                         b"\xe4\x20\xe4\x21\xf4\xeb\xfd"]
 _type = st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 8])  # memory types, valid (0, 1, 4-7) and not
 values = st.one_of(
     st.integers(0, 2**64 - 1),
@@ -193,6 +225,22 @@ sequences = st.tuples(st.sampled_from(QUIRKS), focus_msrs.flatmap(lambda f: st.l
 # --- execution -----------------------------------------------------------------------------------------------------------
 
 
+def after_run(vcpu: Vcpu, exit_: Any) -> list[Any]:
+    """What a run left: its exit (an IN's answered with 0x5a), RIP, AL, RFLAGS, the shadow and kvm_run's fields."""
+    if getattr(exit_, "direction", None) == uapi.KVM_EXIT_IO_IN:
+        exit_.reply(b"\x5a")
+    regs = vcpu.get_regs()
+    return [exit_.name, vcpu.get_sregs().cr8, vcpu.run_cr8, vcpu.if_flag, vcpu.ready_for_interrupt_injection,
+            vcpu.run_apic_base, vcpu.run_flags, regs.rip, regs.rax & 0xFF, regs.rflags,
+            vcpu.get_vcpu_events().interrupt.shadow]
+
+
+SREGS_CHANGES: dict[str, Any] = {
+    "cr0": lambda s: setattr(s, "cr0", s.cr0 ^ 8), "cr3": lambda s: setattr(s, "cr3", s.cr3 ^ 0x5000),
+    "cr4": lambda s: setattr(s, "cr4", s.cr4 ^ 0x20), "efer": lambda s: setattr(s, "efer", s.efer ^ 1),
+    "cr2": lambda s: setattr(s, "cr2", s.cr2 ^ 0x5000)}
+
+
 def apply(vm: Vm, vcpus: dict[int, Vcpu], op: Op) -> Any:
     """Run one operation; return everything observable about it."""
     vcpu = vcpus.get(op.vcpu)
@@ -239,13 +287,25 @@ def apply(vm: Vm, vcpus: dict[int, Vcpu], op: Op) -> Any:
             regs.rflags, regs.rax = op.flags, 0x1100  # RAX as a guest program leaves it is the model's to ignore
             vcpu.set_regs(regs)
             vcpu.request_interrupt_window = op.window
-            exit_ = vcpu.run()
-            if getattr(exit_, "direction", None) == uapi.KVM_EXIT_IO_IN:
-                exit_.reply(b"\x5a")  # type: ignore[attr-defined]
+            return after_run(vcpu, vcpu.run(timeout=1))
+        if isinstance(op, Resume):
+            vcpu.immediate_exit = op.immediate
+            return after_run(vcpu, vcpu.run(timeout=1))
+        if isinstance(op, SetFlags):
             regs = vcpu.get_regs()
-            return [exit_.name, vcpu.get_sregs().cr8, vcpu.run_cr8, vcpu.if_flag, vcpu.ready_for_interrupt_injection,
-                    vcpu.run_apic_base, vcpu.run_flags, regs.rip, regs.rax & 0xFF, regs.rflags,
-                    vcpu.get_vcpu_events().interrupt.shadow]
+            regs.rflags = op.rflags
+            vcpu.set_regs(regs)
+            return vcpu.get_regs().rflags
+        if isinstance(op, SetShadow):
+            events = vcpu.get_vcpu_events()
+            events.interrupt.shadow, events.flags = op.shadow, uapi.KVM_VCPUEVENT_VALID_SHADOW
+            vcpu.set_vcpu_events(events)
+            return vcpu.get_vcpu_events().interrupt.shadow
+        if isinstance(op, ChangeSregs):
+            sregs = vcpu.get_sregs()
+            SREGS_CHANGES[op.field](sregs)
+            vcpu.set_sregs(sregs)
+            return bytes(vcpu.get_sregs())
         if isinstance(op, GetCpuid):
             return [e.to_dict() for e in vcpu.get_cpuid()]
         if isinstance(op, Guest):
@@ -324,6 +384,34 @@ DERANDOMIZE = os.environ.get("KVMSCOPE_DIFF_RANDOM") is None
 @given(sequences)
 def _check(live: LinuxSystem, sequence: list[Op]) -> None:
     compare(live, sequence)
+
+
+# Runs resumed where they stopped, with what a VMM does between them: a port access left waiting, RFLAGS, the
+# interrupt shadow, SREGS that reset the MMU or not, the interrupt window, immediate exits.
+def _runs_of(code: bytes) -> st.SearchStrategy[list[Op]]:
+    """A sequence on one guest (a new one written under a waiting port access would run from the middle of it)."""
+    run = st.builds(Run, st.just(0), st.booleans(), st.none(), st.booleans(), st.sampled_from([2, 0x202]),
+                    st.just(code))
+    return st.tuples(run, st.lists(st.one_of(
+        run, st.builds(Resume, st.just(0), st.booleans()), st.builds(Resume, st.just(0), st.just(False)),
+        st.builds(SetFlags, st.just(0), st.sampled_from([2, 0x202, 0x246, 0x2 | 1 << 10])),
+        st.builds(SetShadow, st.just(0), st.sampled_from([0, 1, 2, 3, 0x80, 0x8F])),
+        st.builds(ChangeSregs, st.just(0), st.sampled_from(sorted(SREGS_CHANGES)))), min_size=1, max_size=10)).map(
+        lambda t: [DisableQuirks(0, 0), CreateVcpu(0), t[0], *t[1]])
+
+
+run_sequences = st.sampled_from(LOOPING_GUESTS).flatmap(_runs_of)
+
+
+@settings(max_examples=RUN_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          derandomize=DERANDOMIZE)
+@given(run_sequences)
+def _check_runs(live: LinuxSystem, sequence: list[Op]) -> None:
+    compare(live, sequence)
+
+
+def test_model_matches_live_kernel_on_resumed_runs(live: LinuxSystem) -> None:
+    _check_runs(live)
 
 
 # --- every MSR, every value: a sweep with fixed and random values, host side and guest side --------------------------
