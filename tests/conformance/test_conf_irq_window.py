@@ -106,6 +106,23 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_kvm_run_interrupt_fields(kvm: System, case: Case) -> None:
+    # With the window requested and IF set, PVM opens it at any exit it handles itself, so a host interrupt during the
+    # run ends it there: live, such a case is tried again (up to 5 times), the model never needs to.
+    tries = 5 if case.window and case.exit is not IrqWindowOpenExit and kvm.backend == "linux" else 1
+    for attempt in range(tries):
+        try:
+            check_interrupt_fields(kvm, case)
+            return
+        except WindowOpenedEarly:
+            if attempt == tries - 1:
+                raise
+
+
+class WindowOpenedEarly(AssertionError):
+    """A run with the window requested ended in the window exit where the case expects the guest's own exit."""
+
+
+def check_interrupt_fields(kvm: System, case: Case) -> None:
     with kvm.create_vm() as vm:
         if case.irqchip:
             vm.create_irqchip()
@@ -124,6 +141,8 @@ def test_kvm_run_interrupt_fields(kvm: System, case: Case) -> None:
             exit_: object = vcpu.run(timeout=0.3)
         except KvmError as e:
             exit_ = e
+        if case.window and isinstance(exit_, IrqWindowOpenExit) and case.exit is not IrqWindowOpenExit:
+            raise WindowOpenedEarly(f"{case.name}: the window opened at a host interrupt ({exit_!r})")
         assert isinstance(exit_, case.exit), f"{case.name}: expected {case.exit.__name__}, saw {exit_!r}"
         seen = (vcpu.if_flag, vcpu.ready_for_interrupt_injection, vcpu.run_apic_base, vcpu.run_flags)
         expected = (bool(vcpu.get_regs().rflags & 0x200), case.ready, vcpu.read_msr(0x1B), 0)

@@ -733,11 +733,15 @@ def test_a_long_run_marks_sse_in_use(kvm: System, xcr0: int) -> None:
         xcrs.xcrs[0].value = xcr0
         vcpu.set_xcrs(xcrs)
         for code, timeout, expected in ((b"\xf4", None, 0), (b"\xeb\xfe", 0.05, 2)):
-            guest.load_real_mode(vm, vcpu, code)
-            image = bytearray(bytes(vcpu.get_xsave()))
-            struct.pack_into("<Q", image, 512, 0)
-            vcpu.set_xsave(bytes(image))
-            exit_ = vcpu.run(timeout=timeout)
-            bv = struct.unpack_from("<Q", bytes(vcpu.get_xsave()), 512)[0]
+            # a short run that happens to take a host interrupt marks it too (about 1 in 100 live): tried again
+            for _attempt in range(3 if kvm.backend == "linux" and not expected else 1):
+                guest.load_real_mode(vm, vcpu, code)
+                image = bytearray(bytes(vcpu.get_xsave()))
+                struct.pack_into("<Q", image, 512, 0)
+                vcpu.set_xsave(bytes(image))
+                exit_ = vcpu.run(timeout=timeout)
+                bv = struct.unpack_from("<Q", bytes(vcpu.get_xsave()), 512)[0]
+                if bv & 2 == expected:
+                    break
             assert bv & 2 == expected, f"{exit_.name} after {code.hex()}: expected SSE {'in use' if expected else 'not'}" \
                 f" in XSTATE_BV, saw {bv:#x}"
