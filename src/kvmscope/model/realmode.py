@@ -2,8 +2,9 @@
 ``out``/``in`` with an 8-bit port, ``jmp rel8``, ``mov [disp16], al``, ``cli`` and ``sti``; anything else is a
 ``ModelLimitation``.
 
-The instruction that runs first ends any interrupt shadow (KVM_SET_VCPU_EVENTS'), and ``sti`` with IF clear starts
-one. With ``request_interrupt_window`` and no in-kernel PIC, upstream KVM asks the CPU for an interrupt-window exit
+The instruction that runs ends any interrupt shadow (KVM_SET_VCPU_EVENTS' or an STI's), unless it is a port access
+left waiting in userspace (``kvm_run.KvmRunModel._complete_pio`` ends it). ``sti`` starts one when it sets IF (the
+CPU), or on PVM, whose emulator runs real mode, unless an STI shadow was on. With ``request_interrupt_window`` and no in-kernel PIC, upstream KVM asks the CPU for an interrupt-window exit
 (``enable_irq_window``), which comes at the first instruction boundary where IF is set and no shadow is on: the run
 returns KVM_EXIT_IRQ_WINDOW_OPEN there (6.12.118 x86.c:10292-10296, 10888-10894). PVM (live 6.18) asks for no such
 exit: the window is checked only after an exit KVM handles itself, a host timer tick here (about 1 ms into a run that
