@@ -4,11 +4,12 @@
 
 The instruction that runs ends any interrupt shadow (KVM_SET_VCPU_EVENTS' or an STI's), unless it is a port access
 left waiting in userspace (``kvm_run.KvmRunModel._complete_pio`` ends it). ``sti`` starts one when it sets IF (the
-CPU), or on PVM, whose emulator runs real mode, unless an STI shadow was on. With ``request_interrupt_window`` and no in-kernel PIC, upstream KVM asks the CPU for an interrupt-window exit
-(``enable_irq_window``), which comes at the first instruction boundary where IF is set and no shadow is on: the run
-returns KVM_EXIT_IRQ_WINDOW_OPEN there (6.12.118 x86.c:10292-10296, 10888-10894). PVM (live 6.18) asks for no such
-exit: the window is checked only after an exit KVM handles itself, a host timer tick here (about 1 ms into a run that
-loops, live), so the model takes it where it would look at the clock, and never before an exit to userspace."""
+CPU), or on PVM, whose emulator runs real mode, unless an STI shadow was on. With ``request_interrupt_window`` and no
+in-kernel PIC, upstream KVM asks the CPU for an interrupt-window exit (``enable_irq_window``), which comes at the
+first instruction boundary where IF is set and no shadow is on: the run returns KVM_EXIT_IRQ_WINDOW_OPEN there
+(6.12.118 x86.c:10292-10296, 10888-10894). PVM (live 6.18) asks for no such exit: the window is checked only after an
+exit KVM handles itself, a host interrupt (about 1 ms into a run that loops, live), so the model takes it where it
+would look at the clock, and never before an exit to userspace."""
 
 from __future__ import annotations
 
