@@ -803,3 +803,91 @@ def test_kvm_get_vcpu_events_counts_pending_nmis_from_6_4(kernel: str, reported:
         vcpu.set_vcpu_events(events)
         got = vcpu.get_vcpu_events().nmi.pending
         assert got == reported, f"{kernel}: two NMIs pending reported as {got}, expected {reported}"
+
+
+# --- the feature MSRs' values by version (rulesets.FEATURE_ARRIVALS) -------------------------------------------------
+# intel-spr's values were derived for 6.18. The same host under an earlier kernel reports what that kernel's KVM
+# advertises (nested_vmx_setup_ctls_msrs, kvm_get_arch_capabilities): /work/notes/vmx-bits-by-version.md and
+# archcap-by-version.md derive these from 5.10.262, 6.1.192 and 6.12.118 (vmx/nested.c, x86.c) and the commits named in
+# the rules. 5.10 has no wait-for-SIPI (nested.c:6615-6622), no TSC scaling and VMCS_ENUM 0x2e (vmcs12.h:210).
+SPR_VMX = {  # kernel: (BASIC, MISC, VMCS_ENUM, PROCBASED2, TRUE_EXIT, TRUE_ENTRY)
+    "5.10.262": (0x00D8100011E57ED0, 0x20000065, 0x2E, 0x00137BFF00000000, 0x007FFFFF00036DFB, 0x0000F3FF000011FB),
+    "5.15.80": (0x00D8100011E57ED0, 0x20000165, 0x32, 0x02137BFF00000000, 0x007FFFFF00036DFB, 0x0000F3FF000011FB),
+    "5.15.87": (0x00D8100011E57ED0, 0x20000165, 0x32, 0x06137BFF00000000, 0x007FFFFF00036DFB, 0x0000F3FF000011FB),
+    "6.1.3": (0x00D8100011E57ED0, 0x20000165, 0x32, 0x02137BFF00000000, 0x007FFFFF00036DFB, 0x0000F3FF000011FB),
+    "6.1.192": (0x00D8100011E57ED0, 0x20000165, 0x32, 0x06137BFF00000000, 0x007FFFFF00036DFB, 0x0000F3FF000011FB),
+    "6.12.118": (0x00D8100011E57ED0, 0x20000165, 0x32, 0x06137BFF00000000, 0x007FFFFF00036DFB, 0x0000F3FF000011FB),
+    "6.18": (0x01D8100011E57ED0, 0x20000165, 0x32, 0x06137BFF00000000, 0x107FFFFF00036DFB, 0x0010F3FF000011FB),
+}
+
+
+@pytest.mark.parametrize("kernel", list(SPR_VMX))
+def test_vmx_feature_msrs_by_version(kernel: str) -> None:
+    with model("intel-spr", kernel) as kvm:
+        features = kvm.read_feature_msrs()
+        got = tuple(features[i] for i in (0x480, 0x485, 0x48A, 0x48B, 0x48F, 0x490))
+        want = SPR_VMX[kernel]
+        assert got == want, f"{kernel}: VMX BASIC, MISC, VMCS_ENUM, PROCBASED2, TRUE_EXIT, TRUE_ENTRY expected " \
+                            f"{[hex(v) for v in want]}, saw {[hex(v) for v in got]}"
+        # the non-true controls carry their TRUE twins' allowed-1 bits (CET's load bits from 6.18)
+        cet = kernel == "6.18"
+        assert bool(features[0x483] >> 60 & 1) is cet and bool(features[0x484] >> 52 & 1) is cet, (
+            f"{kernel}: EXIT/ENTRY_CTLS {features[0x483]:#x}/{features[0x484]:#x}, LOAD_CET_STATE expected {cet}")
+        with kvm.create_vm() as vm:  # a new vCPU starts with them (the STUFF quirk's values)
+            vcpu = vm.create_vcpu(0)
+            vcpu.set_cpuid(kvm.get_supported_cpuid())  # VMX in guest CPUID: the host may read the VMX MSRs
+            assert vcpu.read_msr(0x48F) == want[4], f"{kernel}: vCPU TRUE_EXIT {vcpu.read_msr(0x48F):#x}"
+
+
+@pytest.mark.parametrize(("kernel", "taken"), [("6.12.118", False), ("6.18", True)])
+def test_vmx_state_with_nested_cet_restores_only_from_6_18(kernel: str, taken: bool) -> None:
+    # A VMM migrating a vCPU saved on 6.18 restores TRUE_EXIT with LOAD_CET_STATE: vmx_restore_control_msr refuses an
+    # allowed-1 bit KVM does not advertise (6.12.118 nested.c:1336-1361), on the same CPU.
+    with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        saved_on_6_18 = SPR_VMX["6.18"][4]
+        done = vcpu.set_msrs({0x48F: saved_on_6_18})
+        assert done == int(taken), f"{kernel}: TRUE_EXIT {saved_on_6_18:#x} (LOAD_CET_STATE) taken {done}, expected {taken}"
+
+
+@pytest.mark.parametrize(("kernel", "taken"), [("5.10", True), ("5.10.262", False), ("6.1.3", False), ("6.1.4", True),
+                                             ("6.2", True)])
+def test_usr_wait_pause_of_a_waitpkg_vcpu_restores_from_6_1_4(kernel: str, taken: bool) -> None:
+    # Before 31de69f4eea7 (6.2; 6.1.4, 5.15.87) only the CPUID adjustment gave a WAITPKG vCPU PROCBASED2's
+    # USR_WAIT_PAUSE (6.1.192 vmx.c:4498-4503 stuffs it whatever KVM advertises), and from 6.0 a restore is checked
+    # against KVM's value (5.10.137 by backport), so the vCPU's own value is refused. 5.10.0 checks against the vCPU's
+    # current value (vmx_restore_current): taken.
+    with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        supported = kvm.get_supported_cpuid()
+        assert kvmscope.model.cpuid.has_feature(supported, 7, 0, "ecx", 5), "intel-spr's supported CPUID has WAITPKG"
+        vcpu.set_cpuid(supported)
+        own = vcpu.read_msr(0x48B)
+        assert own >> 58 & 1, f"{kernel}: a WAITPKG vCPU's PROCBASED2 {own:#x} has USR_WAIT_PAUSE (bit 58)"
+        done = vcpu.set_msrs({0x48B: own})
+        assert done == int(taken), f"{kernel}: writing the vCPU's own PROCBASED2 {own:#x} back took {done}, expected " \
+                                   f"{int(taken)}"
+
+
+@pytest.mark.parametrize(("profile", "kernel", "value"), [
+    ("intel-spr", "6.1", 0x8E0EB),  # the mask (6.0), nothing synthesized yet
+    ("intel-spr", "6.1.44", 0x408E0EB),  # + GDS_NO (81ac7e5d7417)
+    ("intel-spr", "6.1.82", 0xC08E0EB),  # + RFDS_NO (2a0180129d72)
+    ("intel-spr", "6.1.139", 0x400000000C08E0EB),  # + ITS_NO (159013a7ca18)
+    ("intel-spr", "5.10.240", 0x400000000C08E0EB),
+    ("intel-spr", "6.12.28", 0xC08E0EB),
+    ("intel-spr", "6.12.29", 0x400000000C08E0EB),
+    ("amd-epyc", "6.8", 0x4000069),
+    ("amd-epyc", "6.18", 0x400000000C000069),
+])
+def test_arch_capabilities_synthesized_bits_by_version(profile: str, kernel: str, value: int) -> None:
+    # kvm_get_arch_capabilities sets GDS_NO, RFDS_NO and ITS_NO for a host the bug does not affect, from the release
+    # (or stable backport) that added each (archcap-by-version.md; 6.1.192 x86.c:1631-1693, 6.12.118 x86.c:1219-1276).
+    with model(profile, kernel) as kvm:
+        got = kvm.read_feature_msrs()[ARCH_CAP]
+        assert got == value, f"{profile} {kernel}: ARCH_CAPABILITIES expected {value:#x}, saw {got:#x}"
+        with kvm.create_vm() as vm:
+            vcpu = vm.create_vcpu(0)
+            vcpu.set_cpuid(kvm.get_supported_cpuid())  # from 6.13 a host read needs the ARCH_CAPABILITIES bit
+            assert vcpu.read_msr(ARCH_CAP) == value, f"{profile} {kernel}: a new vCPU's ARCH_CAPABILITIES"

@@ -92,7 +92,7 @@ def feature_reset_value(kvm: kvmscope.System, index: int, supported: int) -> int
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-@pytest.mark.parametrize(("kernel", "has_quirk"), [("6.1", False), ("6.12", False), ("6.12.78", True),
+@pytest.mark.parametrize(("kernel", "has_quirk"), [("6.1.192", False), ("6.12", False), ("6.12.78", True),
                                                    ("6.13", True), ("6.18", True)])
 def test_feature_msrs(profile: str, kernel: str, has_quirk: bool) -> None:
     """Reset value, a write of the supported value, and with KVM_X86_QUIRK_STUFF_FEATURE_MSRS disabled a reset to 0.
@@ -276,7 +276,7 @@ def fixed0_test(vcpu: Vcpu, index: int, mask: int) -> None:
             assert vcpu.set_msrs({index: value}) == 1, f"{index:#x}: restoring {value:#x} after setting bit {bit}"
 
 
-@pytest.mark.parametrize("kernel", ["6.1", "6.12", "6.18"])
+@pytest.mark.parametrize("kernel", ["6.1.192", "6.12", "6.18"])
 def test_vmx_save_restore_msrs(kernel: str) -> None:
     """vmx_save_restore_msrs_test (6.1 and 6.12 x86_64/vmx_msrs_test.c:49-68, upstream b2128290c299 unchanged): any
     VMCS_ENUM; each allowed-1 bit of BASIC, MISC, the secondary and TRUE controls, EPT/VPID and VMFUNC may be cleared

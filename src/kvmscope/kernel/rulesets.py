@@ -129,6 +129,41 @@ FLUSH_CMD_MSR = Rule("flush_cmd_msr", "6.4", "da3db168fb67",
                      "KVM: x86: Virtualize FLUSH_L1D and passthrough MSR_IA32_FLUSH_CMD: before 6.4 KVM does not know "
                      "IA32_FLUSH_CMD (0x10B; 6.1.192 x86.c, vmx.c and svm.c have no case for it)",
                      "leave IA32_FLUSH_CMD out before 6.4")
+# --- what KVM's nested VMX advertises (nested_vmx_setup_ctls_msrs): the VMX feature MSRs' values by version ----------
+VMX_WAIT_SIPI = Rule("vmx_wait_sipi", "5.11", "bf0cd88ce363",
+                     "KVM: x86: emulate wait-for-SIPI and SIPI-VMExit: VMX_MISC (0x485) advertises the wait-for-SIPI "
+                     "activity state (bit 8); before, only HLT (5.10.262 nested.c:6615-6622)",
+                     "leave VMX_MISC bit 8 (wait-for-SIPI) out of a VMX state restored before 5.11")
+VMX_TSC_SCALING = Rule("vmx_tsc_scaling", "5.14", "d041b5ea9335",
+                       "KVM: nVMX: Enable nested TSC scaling: PROCBASED_CTLS2 (0x48B) allows TSC scaling (bit 57), and "
+                       "vmcs12 gains TSC_MULTIPLIER (3c0f99366e34), so VMX_VMCS_ENUM's highest field index grows from "
+                       "0x17 (5.10.262 vmcs12.h:210) to 0x19 (ba1f82456ba8 computes it: 6.1.192 nested.c:6800-6826)",
+                       "leave TSC scaling out of PROCBASED_CTLS2 and use VMCS_ENUM 0x2e before 5.14")
+VMX_USR_WAIT_PAUSE = Rule("vmx_usr_wait_pause", "6.2", "31de69f4eea7",
+                          "KVM: nVMX: Properly expose ENABLE_USR_WAIT_PAUSE control to L1: KVM's PROCBASED_CTLS2 "
+                          "(0x48B) allows USR_WAIT_PAUSE (bit 58) where the CPU has it. Before, only a vCPU whose CPUID "
+                          "has WAITPKG got the bit (vmx_adjust_secondary_exec_control, 6.1.192 vmx.c:4498-4503), and "
+                          "writing that vCPU's own value back was EINVAL (the restore is checked against KVM's value)",
+                          "clear PROCBASED_CTLS2 bit 58 (USR_WAIT_PAUSE) before restoring VMX MSRs on this kernel",
+                          stable=("5.15.87", "6.1.4"))
+VMX_NESTED_CET = Rule("vmx_nested_cet", "6.18", "42ae6448531b",
+                      "KVM: nVMX: Advertise new VM-Entry/Exit control bits for CET state: the exit controls (0x483, "
+                      "0x48F) allow LOAD_CET_STATE (bit 60) and the entry controls (0x484, 0x490) theirs (bit 52); with "
+                      "it VMX_BASIC (0x480) passes the host's NO_HW_ERROR_CODE_CC (bit 56, 033cc166f020)",
+                      "leave the CET load controls and VMX_BASIC bit 56 out of a VMX state restored before 6.18")
+# --- what kvm_get_arch_capabilities adds for a host the bug does not affect (the synthesized *_NO bits) ---------------
+ARCH_CAP_GDS_NO = Rule("arch_cap_gds_no", "6.5", "81ac7e5d7417",
+                       "KVM: Add GDS_NO support to KVM: IA32_ARCH_CAPABILITIES reports GDS_NO (bit 26) for a host "
+                       "without the GDS bug (or with it mitigated by microcode)",
+                       stable=("5.10.189", "5.15.125", "6.1.44", "6.4.9"))
+ARCH_CAP_RFDS_NO = Rule("arch_cap_rfds_no", "6.9", "2a0180129d72",
+                        "KVM/x86: Export RFDS_NO and RFDS_CLEAR to guests: IA32_ARCH_CAPABILITIES reports RFDS_NO (bit "
+                        "27) for a host without the RFDS bug (5.15.y: the backport's release is not established)",
+                        stable=("5.10.215", "6.1.82", "6.6.22", "6.7.10", "6.8.1"))
+ARCH_CAP_ITS_NO = Rule("arch_cap_its_no", "6.15", "159013a7ca18",
+                       "x86/its: Enumerate Indirect Target Selection (ITS) bug: IA32_ARCH_CAPABILITIES reports ITS_NO "
+                       "(bit 62) for a host without the ITS bug",
+                       stable=("5.10.240", "5.15.184", "6.1.139", "6.6.91", "6.12.29", "6.14.7"))
 SREGS_EFER_CHECKED = Rule("sregs_efer_checked", "> 6.18", "184bd464bdb6",
                           "KVM: x86: Check EFER validity on KVM_SET_SREGS*: KVM_SET_SREGS checks EFER as a guest "
                           "write would (kvm_valid_efer): reserved bits (SVME or LMSLE without nested, FFXSR without "
@@ -275,6 +310,22 @@ CPUID_ARRIVALS: dict[Rule, tuple[tuple[int, int, str, int], ...]] = {
     EFER_AUTOIBRS: ((0x80000021, 0, "eax", 8),),
     PRED_CMD_SBPB: ((0x80000021, 0, "eax", 27),),
 }
+# The feature-MSR bits KVM reports from a version on, (MSR, field mask, field before): a profile taken on a later
+# kernel reads, under an earlier one, ``value & ~mask | before`` (ModelSystem). The non-true VMX controls 0x483/0x484
+# carry their TRUE twins' bits. Not modelled: what earlier kernels reported that later ones hide, which depends on the
+# host's raw MSRs: ENCLS exiting (0x48B bit 47), which 5.13-6.0 advertised with kvm_intel.sgx=1 even where the CPU
+# cannot exit on ENCLS (fixed by 1c1a41497ab8: 6.1, 5.15.78, 6.0.8); the raw ARCH_CAPABILITIES bits passed through
+# before KVM masked them (0204750bd4c6: 6.0, 5.10.142, 5.15.66); PERF_CAPABILITIES' LBR and PEBS fields before 6.9.
+FEATURE_ARRIVALS: dict[Rule, tuple[tuple[int, int, int], ...]] = {
+    VMX_WAIT_SIPI: ((0x485, 1 << 8, 0),),
+    VMX_TSC_SCALING: ((0x48B, 1 << 57, 0), (0x48A, 0x3FE, 0x17 << 1)),
+    VMX_USR_WAIT_PAUSE: ((0x48B, 1 << 58, 0),),
+    VMX_NESTED_CET: ((0x480, 1 << 56, 0), (0x483, 1 << 60, 0), (0x48F, 1 << 60, 0), (0x484, 1 << 52, 0),
+                     (0x490, 1 << 52, 0)),
+    ARCH_CAP_GDS_NO: ((0x10A, 1 << 26, 0),),
+    ARCH_CAP_RFDS_NO: ((0x10A, 1 << 27, 0),),
+    ARCH_CAP_ITS_NO: ((0x10A, 1 << 62, 0),),
+}
 # --- refusal reasons that hold on every version the model knows ---------------------------------------------------
 CPUID_AFTER_RUN_FORBIDDEN = Rule("cpuid_after_run_forbidden", "5.16", "feb627e8d6f6",
                                  "KVM: x86: Forbid KVM_SET_CPUID{,2} after KVM_RUN",
@@ -335,7 +386,9 @@ RULES: dict[str, Rule] = {
               MSR_IO_LIMIT, VMX_RESTORE,
               PERF_CAP_SUBSET, DE_CFG_SUBSET, MCI_CTL2, MTRR_MSR_RANGES, MTRR_AS_WRITTEN, XFD_MSRS, CET_MSRS, FLUSH_CMD_MSR,
               APIC_BASE_BSP_FORCED, EFER_AUTOIBRS, PV_EOI_STORED_ON_FAILURE, GUEST_CPU_CAPS, APIC_BASE_SAME_VALUE,
-              SREGS_EFER_CHECKED, PRED_CMD_SBPB, X2APIC_ICR_64BIT, X2APIC_ICR_SPLIT_SVM, X2APIC_ICR_RESERVED,
+              SREGS_EFER_CHECKED, PRED_CMD_SBPB, VMX_WAIT_SIPI, VMX_TSC_SCALING, VMX_USR_WAIT_PAUSE,
+              VMX_NESTED_CET, ARCH_CAP_GDS_NO, ARCH_CAP_RFDS_NO, ARCH_CAP_ITS_NO,
+              X2APIC_ICR_64BIT, X2APIC_ICR_SPLIT_SVM, X2APIC_ICR_RESERVED,
               X2APIC_HIGH_BITS, X2APIC_SELF_IPI_VECTOR, X2APIC_SELF_IPI_KEEPS_ICR,
               X2APIC_LEAVE_SETS_XAPIC_ID, X2APIC_ID_READONLY,
               REFUSED_READ_ZEROED, SMBASE_NEEDS_SMM, X2APIC_SUPPRESS_EOI_FLAGS, SREGS_CR0_CHECKED, CR4_PCIDE_GATED,
@@ -434,6 +487,18 @@ class Ruleset:
         if INTEL_COMPATIBLE_CHECKS in self.rules:
             return "intel_compatible"
         return "intel" if INTEL_GUEST_CHECKS in self.rules else "vendor"
+
+    @cached_property
+    def absent_features(self) -> dict[int, tuple[int, int]]:
+        """The feature-MSR fields this version's KVM does not advertise yet (``FEATURE_ARRIVALS``): index -> (mask, the
+        field's value before)."""
+        out: dict[int, tuple[int, int]] = {}
+        for r, fields in FEATURE_ARRIVALS.items():
+            if r not in self.rules:
+                for index, mask, before in fields:
+                    m, b = out.get(index, (0, 0))
+                    out[index] = (m | mask, b | before)
+        return out
 
     @cached_property
     def absent_msrs(self) -> frozenset[int]:

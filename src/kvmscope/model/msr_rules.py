@@ -443,7 +443,7 @@ class MsrRules:
     # -- KVM_SET_CPUID2 --
     def after_set_cpuid(self, raw: Sequence[CpuidEntry]) -> None:
         """``vmx_vcpu_after_set_cpuid``: KVM re-derives some nested VMX MSRs from the new CPUID (see :mod:`.vmx`)."""
-        p = self.profile
+        p, hardware = self.profile, self.vm.system.hardware_features.get(0x48B, 0)
         if p.vendor == "vmx" and p.nested_vmx:
             quirk_off = self.rules.stuff_quirk and bool(self.vm.disabled_quirks & uapi.KVM_X86_QUIRK_STUFF_FEATURE_MSRS)
-            vmx.after_set_cpuid(self.vmx, self.vmx_kvm, raw, p.supported_cpuid, self.rules, adjust=not quirk_off)
+            vmx.after_set_cpuid(self.vmx, hardware, raw, p.supported_cpuid, self.rules, adjust=not quirk_off)

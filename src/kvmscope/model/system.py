@@ -31,6 +31,14 @@ class ModelSystem(System):
                               vendor_msrs={i: b for i, b in profile.vendor_msrs.items() if i not in absent})
         if rules.absent_cpuid:  # and offers CPUID bits this version does not (the profile's host has them)
             profile = replace(profile, supported_cpuid=without_bits(profile.supported_cpuid, rules.absent_cpuid))
+        # what the host's CPU offers nested VMX (vmx_vcpu_after_set_cpuid asks the CPU), before this version's KVM hides
+        # what it does not advertise yet (FEATURE_ARRIVALS)
+        self.hardware_features = dict(profile.feature_msrs)
+        absent_fields = rules.absent_features
+        if absent_fields.keys() & profile.feature_msrs.keys():
+            profile = replace(profile, feature_msrs={
+                i: v if i not in absent_fields else v & ~absent_fields[i][0] | absent_fields[i][1]
+                for i, v in profile.feature_msrs.items()})
         self.profile = profile
         self.rules = rules
         self.advertised = frozenset(profile.msr_index_list)

@@ -166,15 +166,17 @@ SECONDARY_ADJUST: tuple[tuple[int, tuple[tuple[int, int, str, int], ...]], ...] 
 )
 
 
-def after_set_cpuid(slots: dict[int, int], kvm: dict[int, int], raw: Sequence[CpuidEntry],
+def after_set_cpuid(slots: dict[int, int], hardware: int, raw: Sequence[CpuidEntry],
                     supported: Sequence[CpuidEntry], rules: Ruleset, adjust: bool) -> None:
     """``vmx_vcpu_after_set_cpuid`` on the vCPU's VMX MSRs ``slots`` (``raw``: the CPUID as the VMM gave it, before
     the vendor's rewriting): with the STUFF quirk on (``adjust``) the PROCBASED_CTLS2 allowed-1 bits follow guest
-    CPUID; with guest VMX, CR0_FIXED1 and CR4_FIXED1 are rebuilt."""
+    CPUID; with guest VMX, CR0_FIXED1 and CR4_FIXED1 are rebuilt. ``hardware``: the PROCBASED_CTLS2 the CPU offers
+    nested VMX, which decides (``cpu_has_vmx_*``), even for a bit this KVM does not advertise yet (USR_WAIT_PAUSE
+    before 6.2: ``vmx_usr_wait_pause``); from 6.13 KVM's own value decides too, and holds every such bit it has."""
     if adjust:
         high = slots[0x48B]
         for bit, sources in SECONDARY_ADJUST:
-            if kvm[0x48B] >> 32 >> bit & 1:
+            if hardware >> 32 >> bit & 1:
                 # from 6.14 guest_cpu_cap_has: the guest's bit and KVM's support (RDPID emulated where the host has
                 # RDTSCP); before, the guest's bit alone (6.12.118 vmx.c:4604-4616, 4687-4694), but for XSAVES, a
                 # governed feature that needs the host's too
