@@ -245,6 +245,9 @@ def apply(system: System, template: Template, vcpus: int = 1, boot: Sequence[tup
     to vCPUs that have already run, which kernels that freeze the vCPU model after the first run refuse."""
     rep = ApplyReport(template.path, system.backend, system.describe())
     with system.create_vm() as vm:
+        # Firecracker's VM has an in-kernel irqchip (KVM_CREATE_IRQCHIP before the vCPUs), so its vCPUs have a local
+        # APIC: the MSRs that need one (x2APIC, TSC_DEADLINE, KVM_ASYNC_PF_INT) are judged as Firecracker meets them.
+        vm.create_irqchip()
         configure(system, vm, template, vcpus, boot, after_run, rep)
     return rep
 

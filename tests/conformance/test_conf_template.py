@@ -90,3 +90,16 @@ def test_snapshot_restored_on_the_same_host(kvm: System) -> None:
     rep = restore(kvm, kvm, load(EXAMPLES / "arch-cap-passthrough.json"), 2, boot=())
     assert rep.ok, f"{rep.failures} {diffs(rep)}"
     assert [v.msrs_total for v in rep.vcpus] == [31, 31], [v.msrs_total for v in rep.vcpus]
+
+
+def test_msrs_needing_a_local_apic_are_judged_with_firecrackers_irqchip(kvm: System) -> None:
+    """Firecracker creates an in-kernel irqchip before its vCPUs, so KVM_ASYNC_PF_INT (which kvm_pv_enable_async_pf_int
+    refuses without a local APIC) takes 0, and a dump of this host applied back is taken."""
+    rep = apply(kvm, parse('{"msr_modifiers": [{"addr": "0x4b564d06", "bitmap": "0b0"}]}', "apf.json"), 1)
+    assert rep.ok, f"expected ASYNC_PF_INT 0 taken with an irqchip, saw {rep.failures} {diffs(rep)}"
+    out = rep.vcpus[0]
+    assert out.msrs_written == out.msrs_total, f"KVM_SET_MSRS wrote {out.msrs_written} of {out.msrs_total}"
+    dumped = dump(kvm).template
+    assert any(m.addr == 0x4B564D06 for m in dumped.msr_modifiers), "the dump holds KVM_ASYNC_PF_INT"
+    back = apply(kvm, dumped, 1)
+    assert back.ok, f"this host's dump applied back: expected taken, saw {back.failures} {diffs(back)}"
