@@ -351,8 +351,8 @@ def test_writer_steps_counts_and_phases() -> None:
 
     def call(name: str, obj: str = "vcpu", result: int = 0, **data: object) -> Call:
         request = BY_NAME[name]
-        c = Call(0.5, 100, 100, 5, obj, 0, request, 0, name, dict(data), result)
-        return c
+        fd = {"system": 3, "vm": 4}.get(obj, 6)  # /dev/kvm, the VM KVM_CREATE_VM made, its vCPU
+        return Call(0.5, 100, 100, fd, obj, 0, request, 0, name, dict(data), result)
 
     w.add(call("KVM_CREATE_VM", "system", 4))
     w.add(call("KVM_ENABLE_CAP", "vm", 0, cap=uapi.KVM_CAP_DISABLE_QUIRKS2, flags=0, args=[0x100, 0, 0, 0]))
@@ -378,3 +378,44 @@ def test_writer_steps_counts_and_phases() -> None:
     assert phases[:3] == ["creation"] * 3 and phases[5] == "run" and phases[7] == "reload", phases
     assert summary.runs == {0: 4} and summary.refused == [
         "KVM_SET_MSRS on vCPU 0: returned 0 of 1, refused MSR_PLATFORM_INFO (0xce) = 0x0"], summary
+
+
+def test_writer_follows_one_vm_of_a_process_that_makes_several() -> None:
+    """kvmscope probe (and a VMM that restarts its VM) creates several VMs in one process: only the first VM's vCPU
+    calls become replayed steps; another VM's, with the same vCPU id, are traced with their pid, and replay does not
+    repeat another VM's KVM_CREATE_IRQCHIP."""
+    import io
+
+    from kvmscope.scenario import parse
+    from kvmscope.trace.decode import Call, Writer
+
+    out = io.StringIO()
+    w = Writer(out, "unit", "two VMs in one process")
+
+    def call(name: str, fd: int, obj: str, result: int = 0, **data: object) -> Call:
+        return Call(0.5, 100, 100, fd, obj, 0, BY_NAME[name], 0, name, dict(data), result)
+
+    w.add(call("KVM_CREATE_VM", 3, "system", 4))
+    w.add(call("KVM_CREATE_VCPU", 4, "vm", 5, value=0))
+    w.add(call("KVM_SET_MSRS", 5, "vcpu", 1, msrs=[(0xCE, 0)]))
+    w.add(call("KVM_CREATE_VM", 3, "system", 6))  # a second VM while the first is open
+    w.add(call("KVM_CREATE_IRQCHIP", 6, "vm"))
+    w.add(call("KVM_CREATE_VCPU", 6, "vm", 7, value=0))
+    w.add(call("KVM_SET_MSRS", 7, "vcpu", 1, msrs=[(0xCE, 0)]))
+    w.add(call("KVM_SET_MSRS", 5, "vcpu", 1, msrs=[(0x8B, 0)]))
+    summary = w.close()
+    steps = parse(out.getvalue(), "unit.yaml").steps
+    kinds = [(s.kind, getattr(s, "name", ""), getattr(s, "pid", None)) for s in steps]
+    assert kinds == [
+        ("traced", "KVM_CREATE_VM", None), ("ioctl", "KVM_CREATE_VCPU", None), ("ioctl", "KVM_SET_MSRS", None),
+        ("traced", "KVM_CREATE_VM", None), ("traced", "KVM_CREATE_IRQCHIP", 100), ("traced", "KVM_CREATE_VCPU", 100),
+        ("traced", "KVM_SET_MSRS", 100), ("ioctl", "KVM_SET_MSRS", None)], kinds
+    assert summary.other_vms == 1, summary
+    from kvmscope.check import replay
+    from kvmscope.model import open_model
+
+    with open_model() as kvm:
+        result = replay(parse(out.getvalue(), "unit.yaml"), kvm)
+    assert result.ok, [r.summary for r in result.steps if not r.ok]
+    irqchip = next(r for r in result.steps if "KVM_CREATE_IRQCHIP" in r.summary)
+    assert "not replayed" in irqchip.summary, f"another VM's KVM_CREATE_IRQCHIP was replayed: {irqchip.summary}"

@@ -467,9 +467,10 @@ def _create_irqchip(self: Replayer, step: Traced, res: StepResult) -> None:
 
 def _traced(self: Replayer, step: Traced, res: StepResult, shadow: StepResult | None) -> None:
     """A recorded ioctl that replay does not repeat: reported as it was recorded."""
-    if step.name == "KVM_X86_SETUP_MCE" and _setup_mce(self, step, res):
+    followed = step.pid is None  # a step with a pid is another VM's (docs/trace.md): not replayed on this one
+    if followed and step.name == "KVM_X86_SETUP_MCE" and _setup_mce(self, step, res):
         return
-    if step.name == "KVM_CREATE_IRQCHIP" and not step.errno:
+    if followed and step.name == "KVM_CREATE_IRQCHIP" and not step.errno:
         _create_irqchip(self, step, res)
         return
     what = f"{step.name}{f' ({step.detail})' if step.detail else ''}{f' x{step.count}' if step.count != 1 else ''}"

@@ -172,6 +172,7 @@ class Writer:
         self.out = out
         self.summary = Summary()
         self.vm: tuple[int, int] | None = None  # (pid, fd) of the VM the scenario follows
+        self.vcpu_fds: set[int] = set()  # the fds of its vCPUs, in that process
         self.pending: _Pending | None = None
         self.ran: dict[int, tuple[float, int]] = {}  # vCPU -> (time of the last unwritten run, runs not written)
         self.pid = 0  # the process that created the VM
@@ -225,7 +226,13 @@ class Writer:
         return False
 
     def _ours(self, call: Call) -> bool:
-        return self.vm is not None and call.pid == self.vm[0]
+        """Whether ``call`` is on the followed VM: its process, and for a VM or vCPU call that VM's fd or one of its
+        vCPUs' (a process may create several VMs: kvmscope probe does, and a VMM that restarts)."""
+        if self.vm is None or call.pid != self.vm[0]:
+            return False
+        if call.obj == "vcpu":
+            return call.fd in self.vcpu_fds
+        return call.obj != "vm" or call.fd == self.vm[1]
 
     def add(self, call: Call) -> None:
         """A call seen at exit (or at entry for calls with no exit stop)."""
@@ -233,13 +240,22 @@ class Writer:
         if call.name != "KVM_RUN":
             s.calls += 1
             s.by_name[call.name] = s.by_name.get(call.name, 0) + 1
+        made = call.name in ("KVM_CREATE_VM", "KVM_CREATE_VCPU") and call.result is not None and call.result >= 0
+        if made and self.vm is not None and call.pid == self.vm[0]:
+            # the fd number names a new object: one of the followed VM's vCPUs, or no longer anything of it
+            if call.name == "KVM_CREATE_VCPU" and call.fd == self.vm[1]:
+                self.vcpu_fds.add(call.result)  # type: ignore[arg-type]
+            else:
+                self.vcpu_fds.discard(call.result)
+                if call.result == self.vm[1]:
+                    self.vm = (call.pid, -1)  # the followed VM was closed and its number given to another
         if call.name == "KVM_CREATE_VM" and call.result is not None and call.result >= 0:
             if self.vm is None:
                 self.vm = (call.pid, call.result)
                 self.pid = call.pid
             else:
                 s.other_vms += 1
-        if call.obj == "vcpu":
+        if call.obj == "vcpu" and self._ours(call):
             self._flush_runs(call.vcpu)
         typed = self._ours(call) and (call.obj == "vcpu" or call.name == "KVM_CREATE_VCPU")
         if typed:
