@@ -530,3 +530,12 @@ def test_probe_fits_every_width_between(monkeypatch: pytest.MonkeyPatch) -> None
     tokens = probe_tokens(json.loads(cli([*args, "--json"])[1]))
     for width in range(60, 221, 16):
         assert_fits(cli(args, width, False, monkeypatch)[1], width, tokens, f"intel-spr probe at {width} columns")
+
+
+def test_compare_names_a_step_that_fails_on_every_kernel() -> None:
+    code, out = cli(["check", str(EXAMPLES / "platform-info-after-run.yaml"), "--compare", "6.8,6.9"])
+    flat = " ".join(out.split())
+    assert code == 1, out
+    assert "no step changes outcome between these kernels" in flat, out
+    expected = "[4] line 13 set_msrs: accepted on every kernel compared: KVM_SET_MSRS wrote all 1 MSR (expected refused"
+    assert expected in flat, f"expected the failing step named: {expected!r} in:\n{out}"

@@ -439,6 +439,15 @@ def comparison(scenario: str, kernels: list[str], profile: str, reports: dict[st
         _emit(con, line("no step changes outcome between these kernels"))
     for c in changes:
         _emit(con, line(f"  [{c.number}] line {c.line} {c.kind}: {c.text}"))
+    from .check import outcome_text
+
+    changed = {c.number for c in changes}
+    steps = zip(*(r.steps for r in reports.values()), strict=True)
+    for n, results in enumerate(steps):  # a step that misses its expectation the same way on every kernel
+        if n not in changed and not results[0].ok:
+            r = results[0]
+            _emit(con, line(f"  [{n}] line {r.line} {r.kind}: {outcome_text(r)} on every kernel compared: "
+                            f"{r.summary}" + (f" (expected {r.expected})" if r.expected else "")))
     failed = [k for k, r in reports.items() if not r.ok]
     _emit(con, line(("FAILED", "bold red"), f": a step did not do what it expected on {', '.join(failed)}") if failed
           else line(("OK", "bold green"), ": every step did what it expected on every kernel"))
