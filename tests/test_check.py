@@ -163,3 +163,24 @@ def test_streamed_errors_name_the_line_before_any_step(tmp_path: Path) -> None:
     f.write_text("steps:\n  - create_vcpu: 0\nscenario: 1\nname: late\n")
     s = stream(f)
     assert s.header.name == "late" and list(s.steps) == load(f).steps == [CreateVcpu(line=2, vcpu=0)]
+
+
+DROPPED = """scenario: 1
+steps:
+  - create_vcpu: 0
+  - set_cpuid: {vcpu: 0, from: supported}
+  - set_msrs: {vcpu: 0, msrs: {ARCH_CAPABILITIES: 0x1}}
+"""
+
+
+@pytest.mark.parametrize("backend", ["model", "linux"])
+def test_hint_when_the_hosts_set_cpuid_dropped_the_bit(tmp_path: Path, backend: str, live: LinuxSystem) -> None:
+    """This host's KVM_GET_SUPPORTED_CPUID offers ARCH_CAPABILITIES (7.0 EDX[29]) and its KVM_SET_CPUID2 drops it; the
+    6.13 refusal's usual hint (set the bit first) cannot work here, so the hint says what happened."""
+    path = tmp_path / "dropped.yaml"
+    path.write_text(DROPPED)
+    code, out = run("check", str(path), "--backend", backend, "--json")
+    assert code == 1, out
+    refusal = next(s for s in json.loads(out)["steps"] if s["outcome"] == "refused")["refusal"]
+    assert "this host's KVM_SET_CPUID2 dropped it" in refusal["hint"], f"{backend}: hint {refusal['hint']!r}"
+    assert "a5d563890b8f" in refusal["rule"], refusal

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from . import guest, uapi
 from . import msrs as M
-from .api import CpuidEntry, MsrBatch, System, Vcpu, Vm
+from .api import CpuidEntry, MsrBatch, System, Vcpu, Vm, find_cpuid
 from .errors import InvalidValueError, KvmError, KvmscopeError
 from .kernel import rulesets as R
 from .scenario import (
@@ -37,6 +37,14 @@ from .scenario import (
 )
 
 DEFAULT_HINT = "compare with KVM_GET_MSR_INDEX_LIST and the feature MSRs"
+
+
+# The rules that refuse an MSR for want of a CPUID bit (6.13), and the bit: rule key -> ((leaf, subleaf, register,
+# bit), name).
+CPUID_GATES: dict[str, tuple[tuple[int, int, str, int], str]] = {
+    R.ARCH_CAP_NEEDS_CPUID.key: ((7, 0, "edx", 29), "ARCH_CAPABILITIES"),
+    R.PERF_CAP_NEEDS_PDCM.key: ((1, 0, "ecx", 15), "PDCM"),
+}
 
 
 def hint(rule: R.Rule | None) -> str:
@@ -140,6 +148,7 @@ class Replayer:
         self.vm.write_memory(guest.DEFAULT_ENTRY, guest.HLT)
         self.vcpus: dict[int, Vcpu] = {}
         self.written: dict[int, dict[int, int]] = {}
+        self.given: dict[int, list[CpuidEntry]] = {}  # each vCPU's last KVM_SET_CPUID2 the kernel took, as given
         self.ran: set[int] = set()
         self.irqchip = False  # a recorded KVM_CREATE_IRQCHIP was replayed
 
@@ -200,6 +209,7 @@ class Replayer:
         entries = self._cpuid_for(step, vcpu)
         try:
             vcpu.set_cpuid(entries)
+            self.given[step.vcpu] = entries
             res.outcome, res.summary = "accepted", f"KVM_SET_CPUID2 took {len(entries)} entries"
         except KvmError as e:
             res.outcome, res.errno = "refused", e.errno
@@ -261,8 +271,26 @@ class Replayer:
             res.notes.append("the model with this host's profile predicted a different result: "
                              f"{shadow.summary}")
         res.outcome = "refused"
-        res.refusal = Refusal(index, M.name_of(index), count, value, olds[count], cited, hint(cited))
+        res.refusal = Refusal(index, M.name_of(index), count, value, olds[count], cited,
+                              self._dropped_bit(res.vcpu, vcpu, cited) or hint(cited))
         res.summary = f"KVM_SET_MSRS returned {count} of {len(pairs)}: refused {M.name_of(index)} (0x{index:x})"
+
+    def _dropped_bit(self, n: int, vcpu: Vcpu, rule: R.Rule | None) -> str:
+        """For a refusal for want of a CPUID bit that the VMM's KVM_SET_CPUID2 set and the vCPU's CPUID lacks (the
+        host's KVM_SET_CPUID2 dropped it, as this PVM host does ARCH_CAPABILITIES'), the hint that says so."""
+        needed = CPUID_GATES.get(rule.key) if rule is not None else None
+        if needed is None or n not in self.given:
+            return ""
+        (function, index, register, b), what = needed
+
+        def has(entries: list[CpuidEntry]) -> bool:
+            e = find_cpuid(entries, function, index)
+            return e is not None and bool(getattr(e, register) >> b & 1)
+
+        if not has(self.given[n]) or has(vcpu.get_cpuid()):
+            return ""
+        return (f"the VMM's KVM_SET_CPUID2 set CPUID.0x{function:x}.{index}:{register.upper()}[{b}] ({what}) and this "
+                f"host's KVM_SET_CPUID2 dropped it (KVM_GET_CPUID2 lacks it): on this host only 0 can be written")
 
     def _get_msrs(self, step: GetMsrs, res: StepResult, shadow: StepResult | None) -> None:
         vcpu = self._vcpu(step)
