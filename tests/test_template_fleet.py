@@ -13,7 +13,7 @@ from kvmscope.cli import main
 from kvmscope.fleet import LOW, _msr_baseline, baseline, compare, settle
 from kvmscope.kernel.profile import load as load_profile
 from kvmscope.model import open_model
-from kvmscope.template import load, parse
+from kvmscope.template import Bitmap, MsrModifier, Template, load, parse
 from kvmscope.template_apply import apply, strip
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,6 +85,41 @@ def test_strip_keeps_only_differing_bits() -> None:
     sa, sb = strip([a, b])
     assert [(m.addr, m.bitmap.mask, m.bitmap.value) for m in sa.msr_modifiers] == [(0x10A, 0b0110, 0b0100)]
     assert [(m.addr, m.bitmap.mask, m.bitmap.value) for m in sb.msr_modifiers] == [(0x10A, 0b0110, 0b0010)]
+
+
+def test_strip_follows_firecrackers_strip_common() -> None:
+    """The vectors of Firecracker's own test of ``strip_common`` (src/cpu-template-helper/src/template/strip/mod.rs):
+    a key every template has keeps, in each, the bits whose filtered value differs from the first's somewhere (the
+    first template's filter counts too); one a template lacks stays whole where it is."""
+    def msrs(*mods: tuple[int, int, int]) -> Template:
+        return Template((), (), tuple(MsrModifier(a, Bitmap(64, f, v & f)) for a, v, f in mods), "<t>")
+
+    inputs = [
+        msrs((0x0, 0xFF, 0xFF), (0x1, 0xFF, 0xFF), (0x3, 0xFF, 0xFF), (0x4, 0xFF, 0xFF), (0x5, 0xFF, 0xFF)),
+        msrs((0x0, 0xFF, 0xFF), (0x2, 0xFF, 0xFF), (0x3, 0x0F, 0xFF), (0x4, 0xF0, 0xFF), (0x5, 0xC0, 0xCC)),
+        msrs((0x0, 0xFF, 0xFF), (0x1, 0xFF, 0xFF), (0x3, 0xF0, 0xFF), (0x4, 0xCC, 0xFF), (0x5, 0xA0, 0xF0)),
+    ]
+    expected = [  # (addr, value, filter), the value within the filter
+        [(0x1, 0xFF, 0xFF), (0x3, 0xFF, 0xFF), (0x4, 0x3F, 0x3F), (0x5, 0x7F, 0x7F)],
+        [(0x2, 0xFF, 0xFF), (0x3, 0x0F, 0xFF), (0x4, 0x30, 0x3F), (0x5, 0x40, 0x4C)],
+        [(0x1, 0xFF, 0xFF), (0x3, 0xF0, 0xFF), (0x4, 0x0C, 0x3F), (0x5, 0x20, 0x70)],
+    ]
+    got = [[(m.addr, m.bitmap.value, m.bitmap.mask) for m in t.msr_modifiers] for t in strip(inputs)]
+    assert got == expected, f"expected {expected}, saw {got}"
+
+
+def test_strip_keeps_a_leaf_only_some_dumps_have() -> None:
+    a = parse('{"cpuid_modifiers": [{"leaf": "0x0", "subleaf": "0x0", "flags": 0, "modifiers": ['
+              '{"register": "eax", "bitmap": "0b0"}]}, {"leaf": "0x2", "subleaf": "0x1", "flags": 1, "modifiers": ['
+              '{"register": "eax", "bitmap": "0b0"}, {"register": "ebx", "bitmap": "0b0"}]}]}')
+    b = parse('{"cpuid_modifiers": [{"leaf": "0x0", "subleaf": "0x0", "flags": 0, "modifiers": ['
+              '{"register": "eax", "bitmap": "0b0"}]}, {"leaf": "0x1", "subleaf": "0x0", "flags": 0, "modifiers": ['
+              '{"register": "eax", "bitmap": "0b0"}]}, {"leaf": "0x2", "subleaf": "0x1", "flags": 1, "modifiers": ['
+              '{"register": "eax", "bitmap": "0b0"}, {"register": "ebx", "bitmap": "0b1"}]}]}')
+    sa, sb = strip([a, b])
+    shape = [[(m.leaf, m.subleaf, [(r.register, r.bitmap.mask, r.bitmap.value) for r in m.modifiers])
+              for m in t.cpuid_modifiers] for t in (sa, sb)]
+    assert shape == [[(2, 1, [("ebx", 1, 0)])], [(1, 0, [("eax", 1, 0)]), (2, 1, [("ebx", 1, 1)])]], shape
 
 
 def test_fingerprint_compare() -> None:

@@ -59,6 +59,8 @@ def load_real_mode(vm: Vm, vcpu: Vcpu, code: bytes, entry: int = DEFAULT_ENTRY) 
 
 
 HLT = b"\xf4"
+# With an in-kernel LAPIC a guest HLT halts inside KVM_RUN (until an interrupt): such a guest leaves by a port write.
+OUT_THEN_HLT = b"\xe6\x30\xf4"  # out 0x30, al; hlt
 
 
 def run_to_hlt(vm: Vm, vcpu: Vcpu) -> Exit:

@@ -15,15 +15,19 @@ that one run shows everything the kernel refused or silently changed (read back 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import operator
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from . import guest, uapi
 from . import msrs as M
 from .api import CpuidEntry, MsrBatch, System, Vcpu, Vm, find_cpuid
 from .errors import KvmError
 from .template import Bitmap, CpuidModifier, LeafModifier, MsrModifier, Template
+
+K = TypeVar("K", bound=Hashable)
 
 # create_boot_msr_entries() (Firecracker src/vmm/src/arch/x86_64/msr.rs), in its order.
 BOOT_MSRS: tuple[tuple[int, int], ...] = (
@@ -248,13 +252,14 @@ def apply(system: System, template: Template, vcpus: int = 1, boot: Sequence[tup
         # Firecracker's VM has an in-kernel irqchip (KVM_CREATE_IRQCHIP before the vCPUs), so its vCPUs have a local
         # APIC: the MSRs that need one (x2APIC, TSC_DEADLINE, KVM_ASYNC_PF_INT) are judged as Firecracker meets them.
         vm.create_irqchip()
-        configure(system, vm, template, vcpus, boot, after_run, rep)
+        configure(system, vm, template, vcpus, boot, after_run, rep, irqchip=True)
     return rep
 
 
 def configure(system: System, vm: Vm, template: Template, vcpus: int, boot: Sequence[tuple[int, int]],
-              after_run: bool, rep: ApplyReport) -> list[Vcpu]:
-    """The work of :func:`apply` on ``vm``: create and configure its vCPUs, recording everything in ``rep``."""
+              after_run: bool, rep: ApplyReport, irqchip: bool = False) -> list[Vcpu]:
+    """The work of :func:`apply` on ``vm``: create and configure its vCPUs, recording everything in ``rep``.
+    ``irqchip``: ``vm`` has an in-kernel irqchip, so a run ends at a port write (a HLT would block in KVM_RUN)."""
     for cap in template.kvm_capabilities:
         name = f"KVM capability {cap.number}" + (f" ({uapi.CAPABILITY_NAMES[cap.number]})"
                                                  if cap.number in uapi.CAPABILITY_NAMES else "")
@@ -275,7 +280,10 @@ def configure(system: System, vm: Vm, template: Template, vcpus: int, boot: Sequ
             set_ok.append(False)
     if after_run:
         for i, v in enumerate(cpus):
-            exit_ = guest.run_to_hlt(vm, v)
+            if irqchip:  # an AP with an in-kernel LAPIC waits for INIT/SIPI: made runnable, as after a SIPI
+                v.set_mp_state(uapi.KVM_MP_STATE_RUNNABLE)
+            guest.load_real_mode(vm, v, guest.OUT_THEN_HLT if irqchip else guest.HLT)
+            exit_ = v.run()
             rep.notes.append(f"vCPU {i} ran before the MSRs were written: {exit_.name}")
     addrs = list(dict.fromkeys(m.addr for m in template.msr_modifiers))
     too_many = read_limit(template)
@@ -414,47 +422,43 @@ def dump(system: System) -> Dump:
 
 
 def strip(templates: Sequence[Template]) -> list[Template]:
-    """Each template with only the bits that differ across all of them fixed (Firecracker's ``template strip``): a
-    register or MSR fixed the same way everywhere, or missing from one, is left out."""
-    def key_cpuid(t: Template) -> dict[tuple[int, int, str], tuple[int, Bitmap]]:
-        return {(m.leaf, m.subleaf, r.register): (m.flags, r.bitmap) for m in t.cpuid_modifiers for r in m.modifiers}
-
-    cps = [key_cpuid(t) for t in templates]
-    msr_maps = [{m.addr: m.bitmap for m in t.msr_modifiers} for t in templates]
-    common_c = [k for k in cps[0] if all(k in c for c in cps)] if cps else []
-    common_m = [k for k in msr_maps[0] if all(k in m for m in msr_maps)] if msr_maps else []
+    """Firecracker's ``template strip`` (``strip_common`` in ``src/cpu-template-helper/src/template/strip/mod.rs``):
+    a CPUID register (by leaf, subleaf, flags and register) or MSR that every template has keeps, in each, only the
+    bits whose fixed value differs from the first template's somewhere, and goes when there are none; one that some
+    template lacks stays, whole, in those that have it."""
+    cpuid_maps: list[dict[tuple[int, int, int, str], Bitmap]] = [
+        {(m.leaf, m.subleaf, m.flags, r.register): r.bitmap for m in t.cpuid_modifiers for r in m.modifiers}
+        for t in templates]
+    msr_maps: list[dict[int, Bitmap]] = [{m.addr: m.bitmap for m in t.msr_modifiers} for t in templates]
+    _strip_common(cpuid_maps)
+    _strip_common(msr_maps)
     out = []
-    for t, c, mm in zip(templates, cps, msr_maps, strict=True):
-        leaves: dict[tuple[int, int], list[CpuidModifier]] = {}
-        flags: dict[tuple[int, int], int] = {}
-        for k in common_c:
-            differ = _differing([x[k][1] for x in cps])
-            if differ:
-                bm = c[k][1]
-                leaves.setdefault(k[:2], []).append(CpuidModifier(k[2], Bitmap(32, bm.mask & differ,
-                                                                                bm.value & differ)))
-                flags[k[:2]] = c[k][0]
-        msr_mods = []
-        for a in common_m:
-            differ = _differing([x[a] for x in msr_maps])
-            if differ:
-                msr_mods.append(MsrModifier(a, Bitmap(64, mm[a].mask & differ, mm[a].value & differ)))
+    for t, cpuid, msrs in zip(templates, cpuid_maps, msr_maps, strict=True):
+        leaves: dict[tuple[int, int, int], list[CpuidModifier]] = {}
+        for (leaf, subleaf, flags, register), bitmap in cpuid.items():
+            leaves.setdefault((leaf, subleaf, flags), []).append(CpuidModifier(register, bitmap))
         out.append(Template(t.kvm_capabilities,
-                            tuple(LeafModifier(k[0], k[1], flags[k], tuple(v)) for k, v in leaves.items()),
-                            tuple(msr_mods), t.path))
+                            tuple(LeafModifier(k[0], k[1], k[2], tuple(v)) for k, v in leaves.items()),
+                            tuple(MsrModifier(a, b) for a, b in msrs.items()), t.path))
     return out
 
 
-def _differing(bitmaps: Sequence[Bitmap]) -> int:
-    """Bits fixed in every bitmap whose fixed value is not the same in all of them."""
-    mask = ~0
-    for b in bitmaps:
-        mask &= b.mask
-    ones = zeros = 0
-    for b in bitmaps:
-        ones |= b.value & mask
-        zeros |= ~b.value & mask
-    return ones & zeros
+def _strip_common(maps: list[dict[K, Bitmap]]) -> None:
+    """``strip_common`` on ``maps`` in place: each key all maps share gets, in every map, its filter narrowed to the
+    bits whose filtered value differs from the first map's in some map (the key goes where there are none)."""
+    diffs: dict[K, int] = {}
+    for key, first in maps[0].items():
+        others = [m.get(key) for m in maps[1:]]
+        if all(b is not None for b in others):
+            diffs[key] = functools.reduce(operator.or_, ((b.value & b.mask) ^ (first.value & first.mask)
+                                                         for b in others if b is not None), 0)
+    for key, diff in diffs.items():
+        for m in maps:
+            if diff:
+                b = m[key]
+                m[key] = Bitmap(b.width, b.mask & diff, b.value & b.mask & diff)
+            else:
+                del m[key]
 
 
 def explain(live: ApplyReport, model: ApplyReport) -> None:

@@ -79,7 +79,7 @@ def test_dump_verifies_against_itself(kvm: System) -> None:
 def test_pass_through_template_after_the_first_run(kvm: System) -> None:
     """Writing back the value a vCPU already holds is taken even after it ran (same-value writes are allowed)."""
     rep = apply(kvm, load(EXAMPLES / "arch-cap-passthrough.json"), 1, boot=(), after_run=True)
-    assert rep.ok and rep.notes[-1] == "vCPU 0 ran before the MSRs were written: HltExit", (rep.failures, rep.notes)
+    assert rep.ok and rep.notes[-1] == "vCPU 0 ran before the MSRs were written: IoExit", (rep.failures, rep.notes)
 
 
 def test_snapshot_restored_on_the_same_host(kvm: System) -> None:
