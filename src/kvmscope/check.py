@@ -78,7 +78,7 @@ class StepResult:
     number: int
     line: int
     kind: str
-    vcpu: int
+    vcpu: int | None  # None: a recorded system or VM ioctl
     label: str
     outcome: str  # accepted | refused | ok | error
     summary: str
@@ -166,7 +166,8 @@ class Replayer:
     def play(self, number: int, step: Step) -> StepResult:
         """Play one step (on the model alongside first, whose result explains this one) and judge it."""
         shadow = self.shadow.play(number, step) if self.shadow else None
-        res = StepResult(number, step.line, step.kind, step.vcpu, step.label, "ok", "")
+        on_vcpu = not isinstance(step, Traced) or step.on == "vcpu"  # a traced system or VM ioctl names no vCPU
+        res = StepResult(number, step.line, step.kind, step.vcpu if on_vcpu else None, step.label, "ok", "")
         if isinstance(step, Ioctl):
             step = step.step()  # reported as the ioctl it was recorded as, played as what it is
         try:
@@ -253,7 +254,8 @@ class Replayer:
         batch = MsrBatch(pairs)
         count = vcpu.set_msrs(batch)
         res.count, res.total = count, len(pairs)
-        written = self.written.setdefault(res.vcpu, {})
+        n = res.vcpu if res.vcpu is not None else -1  # always a vCPU's step here
+        written = self.written.setdefault(n, {})
         for index, value in pairs[:count]:
             written[index] = value
         if count == len(pairs):
@@ -272,7 +274,7 @@ class Replayer:
                              f"{shadow.summary}")
         res.outcome = "refused"
         res.refusal = Refusal(index, M.name_of(index), count, value, olds[count], cited,
-                              self._dropped_bit(res.vcpu, vcpu, cited) or hint(cited))
+                              self._dropped_bit(n, vcpu, cited) or hint(cited))
         res.summary = f"KVM_SET_MSRS returned {count} of {len(pairs)}: refused {M.name_of(index)} (0x{index:x})"
 
     def _dropped_bit(self, n: int, vcpu: Vcpu, rule: R.Rule | None) -> str:
@@ -287,9 +289,14 @@ class Replayer:
             e = find_cpuid(entries, function, index)
             return e is not None and bool(getattr(e, register) >> b & 1)
 
+        if self.faithful and self.system.backend != "model":  # no KVM_GET_CPUID2 the recording lacks: ask the model
+            shadow = self.shadow.vcpus.get(n) if self.shadow is not None else None
+            if shadow is None:
+                return ""
+            vcpu = shadow
         if not has(self.given[n]) or has(vcpu.get_cpuid()):
             return ""
-        return (f"the VMM's KVM_SET_CPUID2 set CPUID.0x{function:x}.{index}:{register.upper()}[{b}] ({what}) and this "
+        return (f"the VMM's KVM_SET_CPUID2 set CPUID.{function:x}.{index}:{register.upper()}[{b}] ({what}) and this "
                 f"host's KVM_SET_CPUID2 dropped it (KVM_GET_CPUID2 lacks it): on this host only 0 can be written")
 
     def _get_msrs(self, step: GetMsrs, res: StepResult, shadow: StepResult | None) -> None:
@@ -475,10 +482,6 @@ def _setup_mce(self: Replayer, step: Traced, res: StepResult) -> bool:
     return True
 
 
-# With an in-kernel LAPIC a guest HLT halts inside KVM_RUN; the replay's guest leaves by a port write instead.
-OUT_THEN_HLT = b"\xe6\x30\xf4"  # out 0x30, al; hlt
-
-
 def _create_irqchip(self: Replayer, step: Traced, res: StepResult) -> None:
     """KVM_CREATE_IRQCHIP replayed on both backends: the in-kernel LAPIC decides what ASYNC_PF_INT, ASYNC_PF_EN and
     TSC_DEADLINE take later."""
@@ -489,7 +492,7 @@ def _create_irqchip(self: Replayer, step: Traced, res: StepResult) -> None:
         res.summary = f"KVM_CREATE_IRQCHIP failed: {_errno.errorcode.get(e.errno or 0, e.errno)}"
         return
     self.irqchip = True
-    self.vm.write_memory(guest.DEFAULT_ENTRY, OUT_THEN_HLT)
+    self.vm.write_memory(guest.DEFAULT_ENTRY, guest.OUT_THEN_HLT)
     res.outcome, res.summary = "accepted", "KVM_CREATE_IRQCHIP (replayed)"
 
 

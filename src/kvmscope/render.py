@@ -386,9 +386,9 @@ def check_steps(con: Console, results: Iterable[StepResult]) -> bool:
     ok = True
     for s in results:
         ok = ok and s.ok
-        mark = Text("✓", "green") if s.met else Text("✗", "red") if s.met is False else Text(" ")
+        mark = Text("✓", "green") if s.met else Text("✗", "red") if not s.ok else Text(" ")
         label = f" ({s.label})" if s.label else ""
-        on = "" if s.kind in VM_WIDE_KINDS else f" vCPU {s.vcpu}"
+        on = "" if s.kind in VM_WIDE_KINDS or s.vcpu is None else f" vCPU {s.vcpu}"
         _emit(con, line(mark, f" [{s.number}] line {s.line:<3} {s.kind}{on}{label}: ",
                         (s.outcome.upper(), _OUTCOME_STYLE.get(s.outcome, "red")), " ", s.summary))
         for text in _evidence(s):
