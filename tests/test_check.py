@@ -184,3 +184,16 @@ def test_hint_when_the_hosts_set_cpuid_dropped_the_bit(tmp_path: Path, backend: 
     refusal = next(s for s in json.loads(out)["steps"] if s["outcome"] == "refused")["refusal"]
     assert "this host's KVM_SET_CPUID2 dropped it" in refusal["hint"], f"{backend}: hint {refusal['hint']!r}"
     assert "a5d563890b8f" in refusal["rule"], refusal
+
+
+def test_recorded_system_and_vm_ioctls_name_no_vcpu(tmp_path: Path) -> None:
+    path = tmp_path / "traced.yaml"
+    path.write_text("scenario: 1\nsteps:\n  - traced: {on: system, name: KVM_GET_API_VERSION, returned: 12}\n"
+                    "  - traced: {on: vcpu, vcpu: 1, name: KVM_GET_REGS}\n  - get_cpuid: 3\n")
+    code, out = run("check", str(path))
+    lines = [line for line in out.splitlines() if line.lstrip("✗ ").startswith("[")]
+    assert "traced:" in lines[0] and "vCPU" not in lines[0], f"a system ioctl names no vCPU: {lines[0]!r}"
+    assert "traced vCPU 1:" in lines[1], lines[1]
+    assert lines[2].startswith("✗"), f"a step that errs without an expectation is marked: {lines[2]!r}"
+    code, out = run("check", str(path), "--json")
+    assert [s["vcpu"] for s in json.loads(out)["steps"]] == [None, 1, 3], out
