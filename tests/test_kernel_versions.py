@@ -891,3 +891,53 @@ def test_arch_capabilities_synthesized_bits_by_version(profile: str, kernel: str
             vcpu = vm.create_vcpu(0)
             vcpu.set_cpuid(kvm.get_supported_cpuid())  # from 6.13 a host read needs the ARCH_CAPABILITIES bit
             assert vcpu.read_msr(ARCH_CAP) == value, f"{profile} {kernel}: a new vCPU's ARCH_CAPABILITIES"
+
+
+# --- IA32_DEBUGCTL (model/msr_debugctl.py; /work/notes/debugctl.md) ---------------------------------------------------
+# Host writes of 0, 1 (LBR), 2 (BTF), 4 (BUS_LOCK_DETECT), 0x3F, 0x40, 0x8000 (RTM_DEBUG), one after the other on a
+# vCPU given the supported CPUID: (taken, value read back after it).
+DEBUGCTL_WRITES = (0x0, 0x1, 0x2, 0x4, 0x3F, 0x40, 0x8000)
+DEBUGCTL_HOST = {
+    # VMX before 5.12: the common code takes 0 and LBR/BTF alone and keeps nothing (5.10.262 x86.c:3190-3201, 3479).
+    ("intel-spr", "5.10.262"): ((1, 0), (1, 0), (1, 0), (0, 0), (0, 0), (0, 0), (0, 0)),
+    # VMX from 5.12: SPR supports BUS_LOCK_DETECT only (arch LBR: no LBR format; no RTM); LBR and BTF are dropped.
+    ("intel-spr", "6.1.192"): ((1, 0), (1, 0), (1, 0), (1, 4), (0, 4), (0, 4), (0, 4)),
+    ("intel-spr", "6.18"): ((1, 0), (1, 0), (1, 0), (1, 4), (0, 4), (0, 4), (0, 4)),
+    # SVM with LBRV: bits 0-5 stored as written (5.10.262 svm.c:2731-2745), until ee89e8013383 drops 5:2 (6.1.131)
+    # and d0eac42f5cec BTF (6.12.19; not in 6.1.y).
+    ("amd-epyc", "5.10.262"): ((1, 0), (1, 1), (1, 2), (1, 4), (1, 0x3F), (0, 0x3F), (0, 0x3F)),
+    ("amd-epyc", "6.1.130"): ((1, 0), (1, 1), (1, 2), (1, 4), (1, 0x3F), (0, 0x3F), (0, 0x3F)),
+    ("amd-epyc", "6.1.192"): ((1, 0), (1, 1), (1, 2), (1, 0), (1, 3), (0, 3), (0, 3)),
+    ("amd-epyc", "6.12.19"): ((1, 0), (1, 1), (1, 0), (1, 0), (1, 1), (0, 1), (0, 1)),
+}
+
+
+@pytest.mark.parametrize(("profile", "kernel"), list(DEBUGCTL_HOST))
+def test_debugctl_host_writes_by_vendor_and_version(profile: str, kernel: str) -> None:
+    from kvmscope.api import MsrBatch
+
+    with model(profile, kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        seen = []
+        for value in DEBUGCTL_WRITES:
+            taken = vcpu.set_msrs(MsrBatch([(0x1D9, value)]))
+            batch = MsrBatch([0x1D9])
+            assert vcpu.get_msrs(batch) == 1, f"{profile} {kernel}: a host read of DEBUGCTL is taken"
+            seen.append((taken, list(batch)[0][1]))
+        want = DEBUGCTL_HOST[(profile, kernel)]
+        assert tuple(seen) == want, f"{profile} {kernel}: writes {[hex(v) for v in DEBUGCTL_WRITES]} expected " \
+                                    f"(taken, read back) {want}, saw {tuple(seen)}"
+
+
+@pytest.mark.parametrize(("kernel", "host_taken"), [("6.0", False), ("6.0.8", True), ("6.18", True)])
+def test_debugctl_bus_lock_needs_the_guest_model(kernel: str, host_taken: bool) -> None:
+    # A guest write of BUS_LOCK_DETECT needs it in the guest CPUID at every version from 5.12; a host write needed it
+    # too until b333b8ebb85d (6.1; 6.0.8).
+    with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid([replace(e, ecx=e.ecx & ~(1 << 24)) if e.key == (7, 0) else e
+                        for e in kvm.get_supported_cpuid()])
+        assert vcpu.set_msrs({0x1D9: 4}) == int(host_taken), f"{kernel}: host BUS_LOCK_DETECT taken {host_taken}"
+        events = run_program(vm, vcpu, Program().wrmsr(0x1D9, 4).hlt())
+        assert events == [GP, Halted()], f"{kernel}: a guest write of BUS_LOCK_DETECT without it in CPUID: {events}"

@@ -164,6 +164,40 @@ ARCH_CAP_ITS_NO = Rule("arch_cap_its_no", "6.15", "159013a7ca18",
                        "x86/its: Enumerate Indirect Target Selection (ITS) bug: IA32_ARCH_CAPABILITIES reports ITS_NO "
                        "(bit 62) for a host without the ITS bug",
                        stable=("5.10.240", "5.15.184", "6.1.139", "6.6.91", "6.12.29", "6.14.7"))
+# --- IA32_DEBUGCTL (model/msr_debugctl.py) ----------------------------------------------------------------------------
+DEBUGCTL_COMMON = Rule("debugctl_common", "< 5.10", "kvm_set_msr_common",
+                       "IA32_DEBUGCTL on VMX in the common code: 0, and LBR or BTF alone, are taken and ignored (reads "
+                       "0); any other bit fails (5.10.262 x86.c:3190-3201)",
+                       "write 0 to IA32_DEBUGCTL on this kernel (LBR and BTF alone are taken and ignored)",
+                       until="5.12", removed_by="the guest LBR series (KVM: x86: Move common set/get handler of "
+                                                "MSR_IA32_DEBUGCTLMSR to VMX)")
+DEBUGCTL_VMX = Rule("debugctl_vmx", "5.12", "the guest LBR series (KVM: x86: Move common set/get handler of "
+                                          "MSR_IA32_DEBUGCTLMSR to VMX)",
+                    "IA32_DEBUGCTL on VMX: only BUS_LOCK_DETECT (host CPU), LBR and FREEZE_LBRS_ON_PMI (an LBR format in "
+                    "KVM's PERF_CAPABILITIES) and RTM_DEBUG (host RTM, 6.17) are supported, each also in the guest's "
+                    "model for a guest write; unsupported LBR and BTF are dropped, any other bit fails (6.1.192 "
+                    "vmx.c:2078-2108, 2177-2195; 6.12.118 vmx.c:2195-2224, 2294-2311)",
+                    "write only the DEBUGCTL bits this host supports (BUS_LOCK_DETECT, LBR with an LBR format, RTM_DEBUG "
+                    "with RTM); LBR and BTF are dropped when unsupported")
+DEBUGCTL_HOST_IGNORES_CPUID = Rule("debugctl_host_ignores_cpuid", "6.1", "b333b8ebb85d",
+                                   "KVM: VMX: Ignore guest CPUID for host userspace writes to DEBUGCTL: before, a host "
+                                   "write needed each bit in the guest's model too (BUS_LOCK_DETECT in its CPUID, an "
+                                   "LBR format in its PERF_CAPABILITIES)",
+                                   "set the guest CPUID (and PERF_CAPABILITIES) before restoring DEBUGCTL",
+                                   stable=("6.0.8",))
+DEBUGCTL_RTM_DEBUG = Rule("debugctl_rtm_debug", "6.17", "17ec2f965344",
+                          "KVM: VMX: Allow guest to set DEBUGCTL.RTM_DEBUG if RTM is supported (bit 15)",
+                          stable=("5.15.190", "6.1.149", "6.6.102", "6.12.43"))
+DEBUGCTL_SVM = Rule("debugctl_svm", "< 5.10", "svm_set_msr",
+                    "IA32_DEBUGCTL on SVM with LBR virtualization: bits 6 and up fail, bits 0-5 are stored as written "
+                    "(5.10.262 svm.c:2731-2745); from ee89e8013383 any bit but BTF and LBR fails, after bits 5:2 are "
+                    "dropped (6.12.118 svm.c:3222-3256); without LBR virtualization every value is taken and ignored",
+                    "write only LBR (and BTF, before d0eac42f5cec) to DEBUGCTL on this host")
+DEBUGCTL_SVM_PINS_DROPPED = Rule("debugctl_svm_pins_dropped", "6.14", "ee89e8013383",
+                                 "KVM: SVM: Drop DEBUGCTL[5:2] from guest's effective value",
+                                 stable=("6.1.131", "6.6.83", "6.12.19"))
+DEBUGCTL_SVM_BTF_DROPPED = Rule("debugctl_svm_btf_dropped", "6.14", "d0eac42f5cec",
+                                "KVM: SVM: Suppress DEBUGCTL.BTF on AMD", stable=("6.12.19",))
 SREGS_EFER_CHECKED = Rule("sregs_efer_checked", "> 6.18", "184bd464bdb6",
                           "KVM: x86: Check EFER validity on KVM_SET_SREGS*: KVM_SET_SREGS checks EFER as a guest "
                           "write would (kvm_valid_efer): reserved bits (SVME or LMSLE without nested, FFXSR without "
@@ -387,7 +421,9 @@ RULES: dict[str, Rule] = {
               PERF_CAP_SUBSET, DE_CFG_SUBSET, MCI_CTL2, MTRR_MSR_RANGES, MTRR_AS_WRITTEN, XFD_MSRS, CET_MSRS, FLUSH_CMD_MSR,
               APIC_BASE_BSP_FORCED, EFER_AUTOIBRS, PV_EOI_STORED_ON_FAILURE, GUEST_CPU_CAPS, APIC_BASE_SAME_VALUE,
               SREGS_EFER_CHECKED, PRED_CMD_SBPB, VMX_WAIT_SIPI, VMX_TSC_SCALING, VMX_USR_WAIT_PAUSE,
-              VMX_NESTED_CET, ARCH_CAP_GDS_NO, ARCH_CAP_RFDS_NO, ARCH_CAP_ITS_NO,
+              VMX_NESTED_CET, ARCH_CAP_GDS_NO, ARCH_CAP_RFDS_NO, ARCH_CAP_ITS_NO, DEBUGCTL_COMMON, DEBUGCTL_VMX,
+              DEBUGCTL_HOST_IGNORES_CPUID, DEBUGCTL_RTM_DEBUG, DEBUGCTL_SVM, DEBUGCTL_SVM_PINS_DROPPED,
+              DEBUGCTL_SVM_BTF_DROPPED,
               X2APIC_ICR_64BIT, X2APIC_ICR_SPLIT_SVM, X2APIC_ICR_RESERVED,
               X2APIC_HIGH_BITS, X2APIC_SELF_IPI_VECTOR, X2APIC_SELF_IPI_KEEPS_ICR,
               X2APIC_LEAVE_SETS_XAPIC_ID, X2APIC_ID_READONLY,

@@ -21,7 +21,7 @@ from .. import uapi
 from ..api import CpuidEntry, find_cpuid
 from ..kernel import rulesets as R
 from . import cpuid as C
-from . import msr_misc, msr_pv, mtrr, vmx
+from . import msr_debugctl, msr_misc, msr_pv, mtrr, vmx
 from .msr_family import MsrFamily
 
 if TYPE_CHECKING:
@@ -46,9 +46,8 @@ VM_WIDE_MSRS = frozenset({0x11})
 MSR_MISC_FEATURES_ENABLES = 0x140
 MSR_EFER = 0xC0000080
 MSR_APIC_BASE = 0x1B
-# The MSRs whose rules live in a family module (msr_misc: kvm_set_msr_common's emulated MSRs; msr_pv: MCE, KVM PV,
-# x2APIC; mtrr: MTRRs and PAT).
-FAMILY_MSRS = msr_misc.ALL_INDICES | msr_pv.ALL_INDICES | mtrr.ALL_INDICES
+# The MSRs whose rules live in a family module (kvm_set_msr_common's; MCE, KVM PV, x2APIC; MTRRs and PAT; DEBUGCTL).
+FAMILY_MSRS = msr_misc.ALL_INDICES | msr_pv.ALL_INDICES | mtrr.ALL_INDICES | msr_debugctl.ALL_INDICES
 _PLATFORM_INFO = M.MSR_PLATFORM_INFO
 _CPUID_FAULT = M.PLATFORM_INFO_CPUID_FAULT
 
@@ -102,7 +101,8 @@ class MsrRules:
             self.stored[MSR_MISC_FEATURES_ENABLES] = 0
         self.vmx_kvm = vmx.slots_from(features) if p.nested_vmx else {}
         # The emulated MSR families (msr_misc, mtrr): index -> the family whose get/set rule it follows.
-        families: tuple[MsrFamily, ...] = (msr_misc.MiscMsrs(self), msr_pv.PvMceMsrs(self), mtrr.MtrrMsrs(self))
+        families: tuple[MsrFamily, ...] = (msr_misc.MiscMsrs(self), msr_pv.PvMceMsrs(self), mtrr.MtrrMsrs(self),
+                                           msr_debugctl.DebugctlMsrs(self))
         vendor = p.vendor_msrs  # the vendor module's own handling, recorded in the profile, comes first (behaviour)
         self.families = {i: f for f in families for i in f.indices if i not in vendor}
         self.vmx = dict(self.vmx_kvm) if (quirk and p.nested_vmx) else vmx.slots_from({})
