@@ -255,3 +255,22 @@ def test_cli_restore_defaults_to_the_source_host() -> None:
     code, out = run("template", "restore", str(EXAMPLES / "t2s-like.json"), "--profile", "intel-spr",
                     "--to-profile", "pvm-6.18")
     assert code == 1 and "refused MSR_IA32_FEAT_CTL (0x3a)" in out, out
+
+
+def test_the_apic_id_of_the_cpu_a_capture_ran_on_is_not_a_host_difference() -> None:
+    """KVM_GET_SUPPORTED_CPUID reports the calling CPU's APIC IDs (leaf 1 EBX[31:24], 0xB/0x1F EDX): two captures of
+    one host on two CPUs differ there, and a VMM sets those fields per vCPU anyway."""
+    from dataclasses import replace
+
+    spr = load_profile("intel-spr")
+    moved = replace(spr, supported_cpuid=[
+        replace(e, ebx=e.ebx ^ 0x03000000) if e.function == 1 else replace(e, edx=e.edx ^ 1) if e.function == 0xB else e
+        for e in spr.supported_cpuid])
+    assert compare(spr, moved) == [], f"expected no difference, saw {compare(spr, moved)}"
+    from kvmscope.model import open_model
+    from kvmscope.template_apply import dump
+
+    with open_model(profile="intel-spr") as kvm:
+        leaves = {(m.leaf, m.subleaf): {r.register: r.bitmap for r in m.modifiers} for m in dump(kvm).template.cpuid_modifiers}
+    assert leaves[(1, 0)]["ebx"].mask == 0x00FFFFFF, f"leaf 1 EBX fixed bits {leaves[(1, 0)]['ebx'].mask:#x}"
+    assert all("edx" not in regs for (leaf, _), regs in leaves.items() if leaf in (0xB, 0x1F)), "0xB/0x1F EDX unfixed"

@@ -29,7 +29,7 @@ from . import msrs as M
 from .api import CpuidEntry, find_cpuid
 from .errors import ProfileError
 from .kernel.profile import Profile
-from .template import Bitmap, CpuidModifier, LeafModifier, MsrModifier, Template
+from .template import PER_CPU_BITS, Bitmap, CpuidModifier, LeafModifier, MsrModifier, Template
 
 U64 = (1 << 64) - 1
 LOW = 0xFFFFFFFF
@@ -259,7 +259,8 @@ def compare(a: Profile, b: Profile) -> list[Difference]:
                                   "-" if eb is None else "listed", "leaf listed by one host only"))
             continue
         for r in ("eax", "ebx", "ecx", "edx"):
-            va, vb = getattr(ea, r), getattr(eb, r)
+            mine = PER_CPU_BITS.get((key[0], r), 0)  # the APIC ID of the CPU each capture ran on: not the host's
+            va, vb = getattr(ea, r) & ~mine, getattr(eb, r) & ~mine
             if va != vb:
                 bits = ", ".join(str(x) for x in range(32) if (va ^ vb) >> x & 1)
                 out.append(Difference("cpuid", f"CPUID 0x{key[0]:x}.{key[1]} {r}", f"0x{va:x}", f"0x{vb:x}",

@@ -40,6 +40,10 @@ from .errors import (
 REGISTERS = ("eax", "ebx", "ecx", "edx")
 MAX_BYTES = 4 << 20  # a template is a few KiB; Firecracker's whole-fleet dumps are well under this
 U32_MAX = (1 << 32) - 1
+# CPUID bits that name the host CPU the ioctl ran on, not the host: KVM_GET_SUPPORTED_CPUID reports the calling CPU's
+# APIC IDs (leaf 1 EBX[31:24], the x2APIC ID in every subleaf of 0xB and 0x1F EDX), and a VMM sets them per vCPU.
+# Dumps leave them unfixed, and host comparisons skip them.
+PER_CPU_BITS: dict[tuple[int, str], int] = {(0x1, "ebx"): 0xFF000000, (0xB, "edx"): U32_MAX, (0x1F, "edx"): U32_MAX}
 
 
 class TemplateError(KvmscopeError, ValueError):

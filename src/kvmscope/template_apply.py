@@ -25,7 +25,7 @@ from . import guest, uapi
 from . import msrs as M
 from .api import CpuidEntry, MsrBatch, System, Vcpu, Vm, find_cpuid
 from .errors import KvmError
-from .template import Bitmap, CpuidModifier, LeafModifier, MsrModifier, Template
+from .template import PER_CPU_BITS, U32_MAX, Bitmap, CpuidModifier, LeafModifier, MsrModifier, Template
 
 K = TypeVar("K", bound=Hashable)
 
@@ -412,9 +412,12 @@ def dump(system: System) -> Dump:
             raise cpuid_refused(system, e, "a dump would be of a vCPU without it") from None
         cpuid = vcpu.get_cpuid()
         values = read_each(vcpu, keep)
+    def fixed(e: CpuidEntry, register: str) -> Bitmap:  # every bit but those naming the CPU the dump ran on
+        mask = U32_MAX & ~PER_CPU_BITS.get((e.function, register), 0)
+        return Bitmap(32, mask, getattr(e, register) & mask)
+
     leaves = tuple(LeafModifier(e.function, e.index, e.flags,
-                                tuple(CpuidModifier(r, Bitmap.exact(32, getattr(e, r))) for r in ("eax", "ebx", "ecx",
-                                                                                                    "edx")))
+                                tuple(CpuidModifier(r, b) for r in ("eax", "ebx", "ecx", "edx") if (b := fixed(e, r)).mask))
                    for e in cpuid)
     msr_mods = tuple(MsrModifier(i, Bitmap.exact(64, values[i])) for i in sorted(values))
     return Dump(Template((), leaves, msr_mods, "<dump>"), sorted(set(indices) - set(keep)),
