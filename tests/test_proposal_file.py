@@ -84,6 +84,12 @@ BAD: dict[str, tuple[str, str]] = {
     "title a number": ('base = "6.18"\ntitle = 5\n', ": title: expected a string, got 5"),
     "title nan": ('base = "6.18"\ntitle = nan\n', ": title: expected a string, got nan"),
     "unknown MSR": ('base = "6.18"\nimmutable = ["NO_SUCH_MSR"]\n', ": immutable: unknown MSR name 'NO_SUCH_MSR'"),
+    # without the freeze (before 6.4, or removed) an immutable MSR would silently stay writable
+    "immutable before 6.4": ('base = "6.3"\nimmutable = ["TSC"]\n', ": immutable needs the freeze after the first "
+                             "run, which base 6.3 does not have (KVM: x86: Disallow writes"),
+    "freeze removed": ('base = "6.18"\nremove = ["freeze"]\nadd = ["platform_info_immutable"]\n',
+                       ': add = ["platform_info_immutable"] needs the freeze after the first run, which `remove` takes '
+                       'out'),
 }
 
 

@@ -113,6 +113,14 @@ def load(path: str | Path) -> ProposedRuleset:
         immutable = frozenset(msrs.index_of(m) for m in frozen)
     except KvmscopeError as e:  # an unknown MSR name, or an index that is not one
         raise InvalidValueError(f"{where}: immutable: {e}") from None
+    # The freeze check is what makes an MSR immutable: without it (a base before 6.4, or `remove = ["freeze"]`) the
+    # immutable list and the rules that only refine it would change nothing, silently.
+    needs_freeze = ["immutable"] if immutable else []
+    needs_freeze += [f'add = ["{k}"]' for k in add if R.rule(k) is R.PLATFORM_INFO_IMMUTABLE]
+    if R.FREEZE not in rules and needs_freeze:
+        lacks = "`remove` takes out" if R.FREEZE in R.resolve(base).rules else f"base {base} does not have"
+        raise InvalidValueError(f"{where}: {needs_freeze[0]} needs the freeze after the first run, which {lacks} "
+                                f"({R.FREEZE.cite()}): keep \"freeze\" (`add = [\"freeze\"]`)")
     name = data.get("name", Path(path).stem)
     warning = R.newer_than_known(base)
     return ProposedRuleset(f"{name} (proposed, on {base})", frozenset(rules), immutable,
