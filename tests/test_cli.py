@@ -257,3 +257,27 @@ def test_a_group_without_a_command_prints_its_help(group: list[str]) -> None:
     assert "Usage: kvmscope" in result.stderr and "Commands:" in result.stderr, (
         f"{group}: expected the help, got {result.stderr[:200]!r}")
     assert not result.stderr.startswith("error:"), f"{group}: the help should not be squashed into an error line"
+
+
+def test_decode_says_when_it_has_no_name_or_no_fields() -> None:
+    r = CliRunner().invoke(main, ["decode", "0xdeadbeef", "5"])
+    assert r.exit_code == 0 and "not an MSR kvmscope has a name for" in r.output, r.output
+    r = CliRunner().invoke(main, ["decode", "0x10", "5"])
+    assert "MSR_IA32_TSC (0x10)" in r.output and "decodes no fields" in r.output, r.output
+    r = CliRunner().invoke(main, ["decode", "0xdeadbeef", "--json"])
+    assert json.loads(r.output)["known"] is False, r.output
+
+
+def test_baseline_refuses_a_host_given_twice() -> None:
+    r = CliRunner().invoke(main, ["baseline", "intel-spr", "amd-epyc", "intel-spr"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip() == "error: host 'intel-spr' is given twice: name each host of the fleet once", r.stderr
+
+
+def test_template_help_names_every_subcommand_and_exit_codes() -> None:
+    r = CliRunner().invoke(main, ["template", "--help"])
+    assert "strip, restore" in " ".join(r.output.split()), r.output
+    for args in (["template", "read", "--help"], ["template", "dump", "--help"], ["template", "strip", "--help"],
+                 ["baseline", "--help"]):
+        out = CliRunner().invoke(main, args).output
+        assert "Exit codes:" in out, f"{' '.join(args)} gives no exit codes:\n{out}"

@@ -367,7 +367,7 @@ def _compare(scenario: Scenario, versions: list[str], profile: str | Profile | N
 
 @main.group()
 def template() -> None:
-    """Firecracker custom CPU templates: read, apply (live or modelled), verify, dump, strip.
+    """Firecracker custom CPU templates: read, apply (live or modelled), verify, dump, strip, restore.
 
     \b
     Examples:
@@ -407,7 +407,10 @@ def _load_template(path: str) -> Template:
 @click.option("-o", "--output", metavar="FILE", help="Write the template back out, as Firecracker writes it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the template as Firecracker's JSON.")
 def template_read(template_file: str, output: str | None, as_json: bool) -> None:
-    """Check a template (errors name the line, field and character) and show what it fixes."""
+    """Check a template (errors name the line, field and character) and show what it fixes.
+
+    Exit codes: 0 a well-formed template; 2 a bad template or arguments.
+    """
     from . import render_template
 
     _check_outputs(output)
@@ -562,7 +565,10 @@ def template_verify(template_file: str, state_file: str | None, backend: str, ke
 @profile_option
 @click.option("-o", "--output", metavar="FILE", help="Write the dump to FILE (default: standard output).")
 def template_dump(backend: str, kernel: str | None, profile: str | None, output: str | None) -> None:
-    """A vCPU's CPUID and MSRs as a template with every bit fixed (TSC, MCG, PMU, VMX and KVM clocks left out)."""
+    """A vCPU's CPUID and MSRs as a template with every bit fixed (TSC, MCG, PMU, VMX and KVM clocks left out).
+
+    Exit codes: 0 dumped; 2 bad arguments or profile; 3 /dev/kvm missing or not permitted.
+    """
     from . import render_template
     from .template_apply import dump
 
@@ -580,7 +586,10 @@ def template_dump(backend: str, kernel: str | None, profile: str | None, output:
 @click.argument("dumps", metavar="DUMP...", nargs=-1, required=True)  # read by _load_template
 @click.option("--suffix", default="_stripped", show_default=True, help="Each output is written next to its input.")
 def template_strip(dumps: tuple[str, ...], suffix: str) -> None:
-    """Keep only the bits that differ across several dumps (the rest is the same everywhere: no need to fix it)."""
+    """Keep only the bits that differ across several dumps (the rest is the same everywhere: no need to fix it).
+
+    Exit codes: 0 written; 2 a bad dump, a refused output path or bad arguments.
+    """
     from .template_apply import strip
 
     if len(dumps) < 2:
@@ -641,6 +650,8 @@ def baseline_cmd(profiles: tuple[str, ...], kernel: str | None, output: str | No
     \b
     Example:
       kvmscope baseline intel-spr amd-epyc pvm-6.18 -o fleet.json
+
+    Exit codes: 0 the baseline (taken by every host's model); 2 a bad profile, a host given twice, or bad arguments.
     """
     from . import render_template
     from .fleet import baseline, settle
@@ -649,6 +660,11 @@ def baseline_cmd(profiles: tuple[str, ...], kernel: str | None, output: str | No
     _check_outputs(output)
     with exit_on_error():
         loaded = [load(p) for p in profiles]
+    names = [p.name for p in loaded]
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        fail(f"host {render.clean(twice)!r} is given twice: name each host of the fleet once", EXIT_USAGE)
+    with exit_on_error():
         result = settle(baseline(loaded), loaded, kernel)
     if output:
         _save(result.template, output)

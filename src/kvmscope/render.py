@@ -296,16 +296,20 @@ def _freeze_check(report: ProbeReport) -> Layout:
 
 def decode(m: Msr, value: int | None, as_json: bool) -> None:
     """One MSR and, with a value, its decoded fields: the flags that are set by name, multi-bit fields as numbers."""
+    from .msrs import BY_INDEX
+
     fields = m.decode(value) if value is not None else {}
+    known = m.index in BY_INDEX
     if as_json:
-        click.echo(json.dumps({"index": f"0x{m.index:x}", "name": m.name, "aliases": list(m.aliases),
+        click.echo(json.dumps({"index": f"0x{m.index:x}", "name": m.name, "known": known, "aliases": list(m.aliases),
                                "feature": m.feature, "value": _hex(value) if value is not None else None,
                                "fields": fields}))
         return
-    click.echo(f"{m.name} (0x{m.index:x}){', a feature MSR' if m.feature else ''}")
+    click.echo(f"{m.name} (0x{m.index:x}){', a feature MSR' if m.feature else ''}"
+               f"{'' if known else ': not an MSR kvmscope has a name for (`kvmscope msrs` lists them)'}")
     if value is None:
         return
-    click.echo(f"value 0x{value:x}")
+    click.echo(f"value 0x{value:x}" + ("" if fields or not known else "  (kvmscope decodes no fields of it)"))
     flags = [k for k, v in fields.items() if v is True]
     numbers = {k: v for k, v in fields.items() if not isinstance(v, bool)}
     if flags:
