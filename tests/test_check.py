@@ -93,6 +93,10 @@ BAD = {
     "bad expect": ("scenario: 1\nsteps:\n  - run: 0\n    expect: {exit: Halted}\n", ":4: expect.exit"),
     "empty": ("", ":1: the file is empty"),
     "not a mapping": ("- 1\n- 2\n", "(top level): expected a mapping"),
+    "two cpuid sources": ("scenario: 1\nsteps:\n  - set_cpuid: {vcpu: 0, from: supported, entries: []}\n",
+                          ":3: steps[0].set_cpuid: one source of entries (from, entries or file), got from, entries"),
+    "values on a write": ("scenario: 1\nsteps:\n  - set_msrs: {vcpu: 0, msrs: {TSC: 1}}\n    expect: {values: {TSC: 1}}\n",
+                          ":4: expect.values: values are what a get_msrs step reads, not a set_msrs step"),
 }
 
 

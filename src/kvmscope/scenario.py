@@ -384,9 +384,16 @@ def read_step(r: Reader, node: Node, i: int) -> Step:
         raise r.fail(d[action], f"{where}.{action}", f"unknown step (expected one of {', '.join(STEP_KINDS)})")
     body = d[action]
     label = Str().read(r, d["label"], f"{where}.label") if "label" in d else ""
+    if action == "set_cpuid" and isinstance(body.value, dict):
+        sources = [k for k in ("from", "entries", "file") if k in body.value]
+        if len(sources) > 1:
+            raise r.fail(body, f"{where}.{action}", f"one source of entries (from, entries or file), got "
+                                                    f"{', '.join(sources)}")
     step = record.read(r, body, f"{where}.{action}", line=body.line, label=label)
     if "expect" in d:
         step.expect = EXPECT.read(r, d["expect"], "expect")  # named without the step, as ever
+        if step.expect.values is not None and action != "get_msrs":
+            raise r.fail(d["expect"], "expect.values", f"values are what a get_msrs step reads, not a {action} step")
     return step
 
 
