@@ -130,3 +130,15 @@ def test_a_failed_write_names_the_out_file(tmp_path: Path) -> None:
     assert_one_line_exit_2(r, f"cannot write {out}: File too large")
     assert sorted(p.name for p in tmp_path.iterdir()) == [], (
         f"expected no file left, saw {sorted(p.name for p in tmp_path.iterdir())}")
+
+
+def test_trace_shortens_a_huge_command_and_keeps_markup_as_text(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from kvmscope.cli import main
+
+    r = CliRunner().invoke(main, ["trace", "--out", str(tmp_path / "t.yaml"), "--", "b" * 100_000])
+    assert r.exit_code != 0 and len(r.stderr) < 400, f"one short line, saw {len(r.stderr)} characters"
+    assert "(100,000 characters)" in r.stderr, r.stderr
+    r = CliRunner().invoke(main, ["trace", "--out", str(tmp_path / "m.yaml"), "--", "echo", "[/]", "[bold]x"])
+    assert r.exit_code == 0 and "recorded echo [/] [bold]x to" in " ".join(r.output.split()), r.output

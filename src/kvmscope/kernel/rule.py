@@ -53,6 +53,8 @@ class Rule:
                 parse_version(v)
 
     def cite(self) -> str:
+        if self.since == "-":  # a fact of every version, or of the host: no release or commit to name
+            return self.title
         since = self.since if self.until is None else f"< {self.until} (removed in {self.until} by {self.removed_by})"
         return f"{self.title} (since {since}, {self.commit})"
 

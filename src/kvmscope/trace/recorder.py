@@ -30,6 +30,11 @@ STOPPING = (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 KVM_RUN_EXIT_REASON = 8  # offsetof(struct kvm_run, exit_reason)
 
 
+def shortened(command: str) -> str:
+    """A command line for a message: its start and end when it is long (a command line can be megabytes)."""
+    return command if len(command) <= 200 else f"{command[:150]}...{command[-30:]} ({len(command):,} characters)"
+
+
 class TraceError(OSError):
     """The VMM could not be started or traced."""
 
@@ -283,7 +288,7 @@ def record(argv: Sequence[str], out: TextIO, timeout: float | None = None, name:
     try:
         _, status = os.waitpid(pid, WALL)
         if not os.WIFSTOPPED(status):
-            raise TraceError(10, f"{argv[0]} did not start under the tracer (status 0x{status:x})")
+            raise TraceError(10, f"{shortened(argv[0])} did not start under the tracer (status 0x{status:x})")
         tracer.tasks.add(pid)
         tracer.seen.add(pid)
         ptrace.setoptions(pid)
@@ -301,7 +306,7 @@ def record(argv: Sequence[str], out: TextIO, timeout: float | None = None, name:
             timer.cancel()
     failure = _exec_failure(failed_r)  # the child has exited: the pipe holds its reason, or nothing
     if failure is not None:
-        raise TraceError(failure[0], f"cannot run {argv[0]}: {failure[1]}")
+        raise TraceError(failure[0], f"cannot run {shortened(argv[0])}: {failure[1]}")
     summary = writer.close()
     return Result(list(argv), pid, os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
                   os.WTERMSIG(status) if os.WIFSIGNALED(status) else None, timed_out.is_set(),

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import click
+from rich.markup import escape
 
 from ..render import console
 from .recorder import Result as TraceResult
+from .recorder import shortened
 from .whatif import Cell
 
 
@@ -18,11 +20,13 @@ def trace_result(result: TraceResult, out: str, as_json: bool) -> None:
         return
     con = console()
     s = result.summary
-    con.print(f"recorded [bold]{' '.join(result.argv)}[/] to {out}: {s.steps} steps from {s.calls} KVM ioctls "
-              f"in {result.seconds:.2f} s; the command {result.ended}", highlight=False)
+    command = shortened(" ".join(result.argv))
+    con.print(f"recorded [bold]{escape(command)}[/] to {escape(out)}: {s.steps} steps from {s.calls} KVM ioctls "
+              f"in {result.seconds:.2f} s; the command {escape(result.ended)}", highlight=False)
     if s.vcpus:
         runs = ", ".join(f"vCPU {v}: {s.runs.get(v, 0)}" for v in s.vcpus)
-        con.print(f"vCPUs created: {', '.join(map(str, s.vcpus))}; KVM_RUN calls: {runs}", highlight=False)
+        ids = f"id{'s' if len(s.vcpus) > 1 else ''} {', '.join(map(str, s.vcpus))}"
+        con.print(f"vCPUs created: {len(s.vcpus)} ({ids}); KVM_RUN calls: {runs}", highlight=False)
     if s.other_vms:
         con.print(f"{s.other_vms} more VM(s) created: their ioctls are kept as traced steps, not replayed",
                   highlight=False)
