@@ -87,6 +87,9 @@ BAD: dict[str, tuple[str, str]] = {
     # without the freeze (before 6.4, or removed) an immutable MSR would silently stay writable
     "immutable before 6.4": ('base = "6.3"\nimmutable = ["TSC"]\n', ": immutable needs the freeze after the first "
                              "run, which base 6.3 does not have (KVM: x86: Disallow writes"),
+    "remove a rule the base lacks": ('base = "6.3"\nremove = ["arch_cap_needs_cpuid"]\n',
+                                     ": remove: 'arch_cap_needs_cpuid' is not among the rules of base 6.3 (it applies "
+                                     "from 6.13)"),
     "freeze removed": ('base = "6.18"\nremove = ["freeze"]\nadd = ["platform_info_immutable"]\n',
                        ': add = ["platform_info_immutable"] needs the freeze after the first run, which `remove` takes '
                        'out'),

@@ -419,3 +419,12 @@ def test_writer_follows_one_vm_of_a_process_that_makes_several() -> None:
     assert result.ok, [r.summary for r in result.steps if not r.ok]
     irqchip = next(r for r in result.steps if "KVM_CREATE_IRQCHIP" in r.summary)
     assert "not replayed" in irqchip.summary, f"another VM's KVM_CREATE_IRQCHIP was replayed: {irqchip.summary}"
+
+
+def test_corpus_takes_json_and_yml_scenarios_too(tmp_path: Path) -> None:
+    shutil.copy(CORPUS / "reset.yaml", tmp_path / "a.yaml")
+    shutil.copy(ROOT / "examples" / "platform-info-after-run.yaml", tmp_path / "b.yml")
+    (tmp_path / "c.json").write_text('{"scenario": 1, "steps": [{"create_vcpu": 0}]}')
+    result = CliRunner().invoke(main, ["check", "--corpus", str(tmp_path), "--compare", "6.12,6.18", "--json"])
+    names = {c["recording"] for c in __import__("json").loads(result.output)}
+    assert names == {"a", "b", "c"}, f"expected every scenario of the folder, got {sorted(names)}"

@@ -106,9 +106,14 @@ def load(path: str | Path) -> ProposedRuleset:
     add, remove, frozen = (_strings(data, key, where) for key in ("add", "remove", "immutable"))
     try:
         rules |= {R.rule(k) for k in add}
-        rules -= {R.rule(k) for k in remove}
+        removed = [R.rule(k) for k in remove]
     except KvmscopeError as e:  # an unknown rule key
         raise InvalidValueError(f"{where}: {e}") from None
+    absent = next((r for r in removed if r not in rules), None)
+    if absent is not None:  # removing it would change nothing: a wrong base or a typo of intent
+        raise InvalidValueError(f"{where}: remove: {absent.key!r} is not among the rules of base {base} (it applies "
+                                f"{'from ' + absent.since if absent.until is None else 'before ' + absent.until})")
+    rules -= set(removed)
     try:
         immutable = frozenset(msrs.index_of(m) for m in frozen)
     except KvmscopeError as e:  # an unknown MSR name, or an index that is not one

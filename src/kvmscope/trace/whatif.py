@@ -58,13 +58,14 @@ def _refused(path: Path, kernel: str, profile: str, r: StepResult) -> Cell:
         what = outcome_text(r)
     rule = f.rule if f is not None else None
     cite = None if rule is None else (rule.commit if rule.commit != "-" else rule.key)
-    return Cell(path.stem, kernel, profile, False, f"{what} at step {r.number} (vCPU {r.vcpu}, "
-                f"{r.label.split(' pid')[0]})", r.number, r.line, cite, r.met)
+    where = ", ".join(w for w in ("" if r.vcpu is None else f"vCPU {r.vcpu}", r.label.split(" pid")[0]) if w)
+    return Cell(path.stem, kernel, profile, False, f"{what} at step {r.number}" + (f" ({where})" if where else ""),
+                r.number, r.line, cite, r.met)
 
 
 def matrix(directory: Path, kernels: list[str], profiles: list[str | None]) -> list[Cell]:
-    """Every recording (``*.yaml`` in ``directory``) x kernel x profile."""
-    recordings = sorted(directory.glob("*.yaml"))
+    """Every recording or scenario (``*.yaml``, ``*.yml``, ``*.json`` in ``directory``) x kernel x profile."""
+    recordings = sorted(p for pattern in ("*.yaml", "*.yml", "*.json") for p in directory.glob(pattern))
     if not recordings:
-        raise InvalidValueError(f"{directory}: no recordings (*.yaml) there")
+        raise InvalidValueError(f"{directory}: no recordings or scenarios (*.yaml, *.yml, *.json) there")
     return [first_refusal(r, k, p) for r in recordings for p in profiles for k in kernels]
