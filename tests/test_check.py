@@ -201,3 +201,11 @@ def test_recorded_system_and_vm_ioctls_name_no_vcpu(tmp_path: Path) -> None:
     assert lines[2].startswith("✗"), f"a step that errs without an expectation is marked: {lines[2]!r}"
     code, out = run("check", str(path), "--json")
     assert [s["vcpu"] for s in json.loads(out)["steps"]] == [None, 1, 3], out
+
+
+def test_a_destroyed_vcpu_is_named_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "gone.yaml"
+    path.write_text("scenario: 1\nsteps:\n  - create_vcpu: 0\n  - destroy_vcpu: 0\n  - hotplug: 0\n")
+    code, out = run("check", str(path))
+    flat = " ".join(out.split())
+    assert code == 1 and "vCPU 0's fd was closed by a destroy_vcpu step" in flat, out

@@ -274,3 +274,12 @@ def test_the_apic_id_of_the_cpu_a_capture_ran_on_is_not_a_host_difference() -> N
         leaves = {(m.leaf, m.subleaf): {r.register: r.bitmap for r in m.modifiers} for m in dump(kvm).template.cpuid_modifiers}
     assert leaves[(1, 0)]["ebx"].mask == 0x00FFFFFF, f"leaf 1 EBX fixed bits {leaves[(1, 0)]['ebx'].mask:#x}"
     assert all("edx" not in regs for (leaf, _), regs in leaves.items() if leaf in (0xB, 0x1F)), "0xB/0x1F EDX unfixed"
+
+
+def test_apply_counts_each_refused_bit_once_however_many_vcpus() -> None:
+    """arch-cap-hidden.json refuses 6 ARCH_CAPABILITIES bits on Sapphire Rapids under 6.18: on 2 vCPUs still 6 bits."""
+    t = load(EXAMPLES / "arch-cap-hidden.json")
+    with open_model(kernel="6.18", profile="intel-spr") as system:
+        one, two = apply(system, t, 1, boot=()), apply(system, t, 2, boot=())
+    assert "; 6 bit(s) refused or changed" in one.summary() and "(on" not in one.summary(), one.summary()
+    assert "; 6 bit(s) refused or changed (on 2 vCPUs)" in two.summary(), two.summary()

@@ -150,6 +150,7 @@ class Replayer:
         self.written: dict[int, dict[int, int]] = {}
         self.given: dict[int, list[CpuidEntry]] = {}  # each vCPU's last KVM_SET_CPUID2 the kernel took, as given
         self.ran: set[int] = set()
+        self.destroyed: set[int] = set()  # vCPUs whose fd a destroy_vcpu step closed
         self.irqchip = False  # a recorded KVM_CREATE_IRQCHIP was replayed
 
     def close(self) -> None:
@@ -159,6 +160,10 @@ class Replayer:
 
     def _vcpu(self, step: Step) -> Vcpu:
         v = self.vcpus.get(step.vcpu)
+        if v is None and step.vcpu in self.destroyed:
+            raise InvalidValueError(f"vCPU {step.vcpu}'s fd was closed by a destroy_vcpu step, and KVM keeps the vCPU "
+                                    "until the VM goes (create_vcpu of it is EEXIST): a VMM that plugs it back in "
+                                    "keeps the fd open (QEMU parks it), which a hotplug step without destroy_vcpu is")
         if v is None:
             raise InvalidValueError(f"vCPU {step.vcpu} does not exist here (add a create_vcpu step)")
         return v
@@ -193,6 +198,7 @@ class Replayer:
     def _destroy_vcpu(self, step: DestroyVcpu, res: StepResult, shadow: StepResult | None) -> None:
         self._vcpu(step).close()
         del self.vcpus[step.vcpu]
+        self.destroyed.add(step.vcpu)
         res.outcome, res.summary = "ok", f"closed vCPU {step.vcpu}'s fd (KVM keeps the vCPU until the VM goes)"
 
     def _hotplug(self, step: Hotplug, res: StepResult, shadow: StepResult | None) -> None:

@@ -344,8 +344,10 @@ def _check_systems(backend: str, kernel: str | None, profile: str | Profile | No
         render.note(f"the scenario's profile {scenario.profile!r} is for the model; the live kernel is this host")
     system, shadow = backends.live_with_explainer(profile)
     if shadow is None:
-        render.note(f"no {system.host_info().get('vendor')} profile given (--profile): refusals are reported "
-                    "without the rule behind them")
+        vendor = system.host_info().get("vendor")
+        given = f"the profile given is not for this host's {vendor} vendor module" if profile else \
+            f"no {vendor} profile given (--profile)"
+        render.note(f"{given}: refusals are reported without the rule behind them")
     return system, shadow
 
 

@@ -95,15 +95,21 @@ class ApplyReport:
         return not self.failures and not any(v.diffs for v in self.vcpus)
 
     def summary(self) -> str:
-        """One line: what Firecracker would do, and how many bits were refused or changed."""
-        bits = sum(len(d.bits) or 1 for v in self.vcpus for d in v.diffs if d.kind != "overridden")
-        lost = sum(len(d.bits) for v in self.vcpus for d in v.diffs if d.kind == "overridden")
+        """One line: what Firecracker would do, and which bits were refused or changed (each counted once, however
+        many vCPUs it failed on)."""
+        held = [(v.vcpu, d) for v in self.vcpus for d in v.diffs if d.kind != "overridden"]
+        bits = {(d.where, b) for _, d in held for b in d.bits}
+        whole = {d.where for _, d in held if not d.bits}  # refused or unreadable, no fixed bit differing
+        lost = {(d.where, b) for v in self.vcpus for d in v.diffs if d.kind == "overridden" for b in d.bits}
         if self.ok:
             return "taken: every fixed bit holds on every vCPU"
         head = f"Firecracker would fail: {self.failures[0]}" if self.failures else "Firecracker would boot"
+        vcpus = len({n for n, _ in held})
         if bits:
-            head += f"; {bits} bit(s) refused or changed"
-        return f"{head}; {lost} bit(s) fixed by one modifier and overridden by a later one" if lost else head
+            head += f"; {len(bits)} bit(s) refused or changed" + (f" (on {vcpus} vCPUs)" if vcpus > 1 else "")
+        if whole:
+            head += f"; {len(whole)} register(s) or MSR(s) refused or unreadable with no fixed bit differing"
+        return f"{head}; {len(lost)} bit(s) fixed by one modifier and overridden by a later one" if lost else head
 
     def to_json(self) -> dict[str, Any]:
         return {"template": self.template, "backend": self.backend, "description": self.description, "ok": self.ok,
