@@ -30,6 +30,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NO_KVM = 3
+EXIT_BROKEN_PIPE = render.EXIT_BROKEN_PIPE  # a reader went away before the output ended
 
 
 _argv: list[str] = []  # the command line main() parses (not sys.argv under click's test runner)
@@ -115,9 +116,11 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except BrokenPipeError:
-            # Nothing more can be written; point stdout at /dev/null so the interpreter's final flush is silent.
+            # Nothing more can be written; point stdout at /dev/null so the interpreter's final flush is silent. The
+            # command did not finish, so no verdict: the exit status of a process SIGPIPE ended, as `cat` or `yes`
+            # give under `set -o pipefail`.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(EXIT_OK)
+            sys.exit(EXIT_BROKEN_PIPE)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -125,7 +128,8 @@ class _Group(click.Group):
 def main() -> None:
     """kvmscope: Linux KVM's x86 vCPU model, live (/dev/kvm) and modelled.
 
-    Exit codes: 0 success, 1 a check failed, 2 bad input or arguments, 3 /dev/kvm missing or not permitted.
+    Exit codes: 0 success, 1 a check failed, 2 bad input or arguments, 3 /dev/kvm missing or not permitted, 141 the
+    reader of the output went away (128 + SIGPIPE).
     """
 
 

@@ -46,13 +46,16 @@ def _width() -> int:
     return int(columns) if columns.isdigit() and 20 <= int(columns) <= 1000 else DEFAULT_WIDTH
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # the status of a process SIGPIPE ended
+
+
 class _Console(Console):
-    """rich's console, except that a reader going away (``kvmscope probe | head -1``) ends the command with 0, as
-    for any Unix filter, where rich exits 1."""
+    """rich's console, except that a reader going away (``kvmscope probe | head -1``) ends the command with 141 (128 +
+    SIGPIPE), as the CLI's other output does and as `cat` gives under ``set -o pipefail``, where rich exits 1."""
 
     def on_broken_pipe(self) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise SystemExit(0)
+        raise SystemExit(EXIT_BROKEN_PIPE)
 
 
 def console() -> Console:
