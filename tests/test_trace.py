@@ -311,7 +311,9 @@ def test_attach_records_a_running_vmm_and_lets_it_go(live: LinuxSystem, tmp_path
         assert "T (" not in state, f"expected QEMU not stopped after the detach, got {state!r}"
         steps = load(out).steps
         assert steps[0].kind == "create_vcpu" and "existed at attach" in steps[0].label, steps[:1]
-        assert any(getattr(s, "name", "") == "KVM_RUN" for s in steps), "expected KVM_RUNs recorded"
+        runs = [s for s in steps if getattr(s, "name", "") == "KVM_RUN"]
+        assert runs and all(getattr(s, "pid", None) is None for s in runs), (
+            f"expected KVM_RUNs recorded as the followed VM's (no pid), saw {runs[:3]}")
     finally:
         qemu.kill()
         # A killed QEMU exits once the kernel has torn its VM down: over 10 s once under a full test run, over 120 s

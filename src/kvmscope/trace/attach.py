@@ -111,8 +111,9 @@ def _existing_vcpus(pid: int, writer: Writer) -> None:
             obj, vcpu = classify(os.readlink(f"/proc/{pid}/fd/{fd}"))
         except OSError:
             continue
-        if obj == "vcpu":
+        if obj == "vcpu":  # /proc does not say which VM a vCPU fd is of: each is taken as the followed VM's
             ids.append(vcpu)
+            writer.vcpu_fds.add(int(fd))
         elif obj == "vm" and writer.vm is None:
             writer.vm = (pid, int(fd))
             writer.pid = pid
