@@ -941,3 +941,39 @@ def test_debugctl_bus_lock_needs_the_guest_model(kernel: str, host_taken: bool) 
         assert vcpu.set_msrs({0x1D9: 4}) == int(host_taken), f"{kernel}: host BUS_LOCK_DETECT taken {host_taken}"
         events = run_program(vm, vcpu, Program().wrmsr(0x1D9, 4).hlt())
         assert events == [GP, Halted()], f"{kernel}: a guest write of BUS_LOCK_DETECT without it in CPUID: {events}"
+
+
+# --- KVM_GET_SUPPORTED_CPUID: the bits a later KVM offered (rulesets.CPUID_ARRIVALS) ----------------------------------
+# Each bit as the same host reports it just before and at the release (or stable backport) whose KVM offered it:
+# 5.10.262, 6.1.192 and 6.12.118 cpuid.c (kvm_set_cpu_caps) against 6.18's.
+SUPPORTED_CPUID_ARRIVALS = [
+    ("intel-spr", (7, 0, "edx", 23), "5.10.262", "5.11"),  # AVX512_FP16, 2224fc9efb2d
+    ("intel-spr", (7, 1, "eax", 4), "5.11", "5.12"),  # AVX_VNNI, 1085a6b585d7
+    ("intel-spr", (7, 0, "ecx", 24), "5.12", "5.13"),  # BUS_LOCK_DETECT, 76ea438b4afc
+    ("amd-epyc", (0x80000008, 0, "ebx", 28), "5.15", "5.16"),  # AMD_PSFD, b73a54321ad8
+    ("intel-spr", (7, 0, "ebx", 13), "5.16.9", "5.16.10"),  # ZERO_FCS_FDS, e3bcfda012ed (stable)
+    ("amd-epyc", (0x80000021, 0, "eax", 0), "5.10.239", "5.10.240"),  # leaf 0x80000021, 58b3d12c0a86 (stable)
+    ("amd-epyc", (0x80000021, 0, "eax", 0), "5.17", "5.18"),
+    ("intel-spr", (1, 0, "ecx", 2), "5.19", "6.0"),  # DTES64, cf8e55fe50df
+    ("intel-spr", (7, 1, "eax", 10), "6.2", "6.3"),  # FZRM, 2a4209d6a9cb
+    ("amd-epyc", (0x80000022, 0, "eax", 0), "6.4", "6.5"),  # PERFMON_V2, 4a2771895ca6
+    ("intel-spr", (7, 2, "edx", 0), "6.1.83", "6.1.84"),  # 7.2 EDX, eefe5e668209 (stable)
+    ("intel-spr", (7, 2, "edx", 0), "6.7", "6.8"),
+    ("intel-spr", (1, 0, "ecx", 24), "6.12.118", "6.14"),  # TSC_DEADLINE_TIMER, 9be4ec35d668
+    ("intel-spr", (1, 0, "ecx", 31), "6.13", "6.14"),  # HYPERVISOR, 9aa470f5ddb2
+    ("intel-spr", (0xD, 1, "ecx", 11), "6.17", "6.18"),  # CET_U in XSS, the CET series
+]
+
+
+@pytest.mark.parametrize(("profile", "bit", "before", "at"), SUPPORTED_CPUID_ARRIVALS)
+def test_supported_cpuid_bit_arrives_with_its_release(profile: str, bit: tuple[int, int, str, int], before: str,
+                                                       at: str) -> None:
+    from kvmscope.api import find_cpuid
+
+    function, index, reg, n = bit
+    for kernel, offered in ((before, False), (at, True)):
+        with model(profile, kernel) as kvm:
+            leaf = find_cpuid(kvm.get_supported_cpuid(), function, index)
+            got = leaf is not None and bool(getattr(leaf, reg) >> n & 1)
+        assert got is offered, f"{profile} {kernel}: CPUID {function:#x}.{index} {reg}[{n}] offered {got}, " \
+                               f"expected {offered}"

@@ -283,3 +283,18 @@ def test_apply_counts_each_refused_bit_once_however_many_vcpus() -> None:
         one, two = apply(system, t, 1, boot=()), apply(system, t, 2, boot=())
     assert "; 6 bit(s) refused or changed" in one.summary() and "(on" not in one.summary(), one.summary()
     assert "; 6 bit(s) refused or changed (on 2 vCPUs)" in two.summary(), two.summary()
+
+
+def test_baseline_under_a_kernel_starts_from_what_that_kernel_reports() -> None:
+    """Two Sapphire Rapids hosts under 6.12: the baseline's TRUE_EXIT_CTLS is 6.12's (no LOAD_CET_STATE, 6.18) and is
+    kept, where one made from the 6.18 values would be refused on 6.12 and left out whole."""
+    from dataclasses import replace
+
+    from kvmscope.fleet import under
+
+    spr = load_profile("intel-spr")
+    hosts = [spr, replace(spr, name="spr-2")]
+    result = settle(baseline(under(hosts, "6.12")), hosts, "6.12")
+    exit_ctls = next(m for m in result.template.msr_modifiers if m.addr == 0x48F)
+    assert not exit_ctls.bitmap.value >> 60 & 1, f"TRUE_EXIT_CTLS {exit_ctls.bitmap.value:#x} under 6.12"
+    assert not any("0x48f" in line.lower() for line in result.left_out), result.left_out

@@ -660,7 +660,7 @@ def baseline_cmd(profiles: tuple[str, ...], kernel: str | None, output: str | No
     Exit codes: 0 the baseline (taken by every host's model); 2 a bad profile, a host given twice, or bad arguments.
     """
     from . import render_template
-    from .fleet import baseline, settle
+    from .fleet import baseline, settle, under
     from .kernel.profile import load
 
     _check_outputs(output)
@@ -670,8 +670,8 @@ def baseline_cmd(profiles: tuple[str, ...], kernel: str | None, output: str | No
     twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
     if twice is not None:
         fail(f"host {render.clean(twice)!r} is given twice: name each host of the fleet once", EXIT_USAGE)
-    with exit_on_error():
-        result = settle(baseline(loaded), loaded, kernel)
+    with exit_on_error():  # the baseline of what each host reports under --kernel, judged there
+        result = settle(baseline(under(loaded, kernel)), loaded, kernel)
     if output:
         _save(result.template, output)
     render_template.baseline_report(result, [p.name for p in loaded], output, as_json)

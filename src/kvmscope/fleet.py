@@ -154,6 +154,20 @@ def baseline(profiles: Sequence[Profile]) -> Baseline:
     return out
 
 
+def under(profiles: Sequence[Profile], kernel: str | None) -> list[Profile]:
+    """Each host as ``kernel`` would report it (the model's view: what that kernel's KVM did not report yet left
+    out, ``rulesets.FEATURE_ARRIVALS`` and the CPUID and MSR arrivals); each as captured without a kernel."""
+    if kernel is None:
+        return list(profiles)
+    from .model import open_model
+
+    out = []
+    for p in profiles:
+        with open_model(kernel=kernel, profile=p) as system:
+            out.append(system.profile)
+    return out
+
+
 def settle(base: Baseline, profiles: Sequence[Profile], kernel: str | None = None, rounds: int = 4) -> Baseline:
     """Judge ``base`` on the model of every host (under ``kernel``, default each profile's own) and take out what a host
     refuses or rewrites: an MSR KVM_SET_MSRS refuses is left out (naming the host and rule); CPUID bits a host's

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from ..errors import InvalidValueError
+from ..errors import InvalidValueError, shown
 from . import emulated
 from .rule import AFTER_KNOWN
 from .rule import OLDEST as OLDEST
@@ -198,6 +198,33 @@ DEBUGCTL_SVM_PINS_DROPPED = Rule("debugctl_svm_pins_dropped", "6.14", "ee89e8013
                                  stable=("6.1.131", "6.6.83", "6.12.19"))
 DEBUGCTL_SVM_BTF_DROPPED = Rule("debugctl_svm_btf_dropped", "6.14", "d0eac42f5cec",
                                 "KVM: SVM: Suppress DEBUGCTL.BTF on AMD", stable=("6.12.19",))
+# --- KVM_GET_SUPPORTED_CPUID bits and the release that offered them (CPUID_ARRIVALS) ---------------------------------
+# Read in the 5.10.262, 6.1.192 and 6.12.118 cpuid.c (kvm_set_cpu_caps) against 6.18's; the commits and releases as
+# pull requests and stable changelogs date them.
+CPUID_AVX512_FP16 = Rule("cpuid_avx512_fp16", "5.11", "2224fc9efb2d",
+                         "KVM: x86: Expose AVX512_FP16 for supported CPUID")
+CPUID_AVX_VNNI = Rule("cpuid_avx_vnni", "5.12", "1085a6b585d7", "KVM: Expose AVX_VNNI instruction to guset")
+CPUID_BUS_LOCK_DETECT = Rule("cpuid_bus_lock_detect", "5.13", "76ea438b4afc",
+                             "KVM: X86: Expose bus lock debug exception to guest")
+CPUID_AMD_PSFD = Rule("cpuid_amd_psfd", "5.16", "b73a54321ad8",
+                      "KVM: x86: Expose Predictive Store Forwarding Disable")
+CPUID_X87_DEPRECATED = Rule("cpuid_x87_deprecated", "5.17", "e3bcfda012ed",
+                            "KVM: x86: Report deprecated x87 features in supported CPUID", stable=("5.16.10",))
+CPUID_80000021 = Rule("cpuid_80000021", "5.18", "58b3d12c0a86",
+                      "KVM: x86: add support for CPUID leaf 0x80000021", stable=("5.10.240", "5.15.187"))
+CPUID_DS_DTES64 = Rule("cpuid_ds_dtes64", "6.0", "cf8e55fe50df",
+                       "KVM: x86/pmu: Expose CPUIDs feature bits PDCM, DS, DTES64 (where the host's PEBS is "
+                       "virtualized: on Sapphire Rapids only from 6.3, which is not modelled)")
+CPUID_FAST_REP_STRINGS = Rule("cpuid_fast_rep_strings", "6.3", "2a4209d6a9cb",
+                              "KVM: x86: Advertise fast REP string features inherent to the CPU")
+CPUID_PERFMON_V2 = Rule("cpuid_perfmon_v2", "6.5", "4a2771895ca6",
+                        "KVM: x86/svm/pmu: Add AMD PerfMonV2 support (leaf 0x80000022)")
+CPUID_7_2_EDX = Rule("cpuid_7_2_edx", "6.8", "eefe5e668209",
+                     "KVM: x86: Advertise CPUID.(EAX=7,ECX=2):EDX[5:0] to userspace", stable=("6.1.84", "6.7.12"))
+CPUID_TSC_DEADLINE = Rule("cpuid_tsc_deadline", "6.14", "9be4ec35d668",
+                          "KVM: x86: Advertise TSC_DEADLINE_TIMER in KVM_GET_SUPPORTED_CPUID")
+CPUID_HYPERVISOR = Rule("cpuid_hypervisor", "6.14", "9aa470f5ddb2",
+                        "KVM: x86: Advertise HYPERVISOR in KVM_GET_SUPPORTED_CPUID")
 SREGS_EFER_CHECKED = Rule("sregs_efer_checked", "> 6.18", "184bd464bdb6",
                           "KVM: x86: Check EFER validity on KVM_SET_SREGS*: KVM_SET_SREGS checks EFER as a guest "
                           "write would (kvm_valid_efer): reserved bits (SVME or LMSLE without nested, FFXSR without "
@@ -340,7 +367,19 @@ CPUID_ARRIVALS: dict[Rule, tuple[tuple[int, int, str, int], ...]] = {
     XFD_MSRS: ((0xD, 1, "eax", 4), (7, 0, "edx", 22), (7, 0, "edx", 24), (7, 0, "edx", 25), (0xD, 0, "eax", 17),
                (0xD, 0, "eax", 18)),
     FLUSH_CMD_MSR: ((7, 0, "edx", 28),),
-    CET_MSRS: ((7, 0, "ecx", 7), (7, 0, "edx", 20)),
+    CET_MSRS: ((7, 0, "ecx", 7), (7, 0, "edx", 20), (0xD, 1, "ecx", 11), (0xD, 1, "ecx", 12)),
+    CPUID_AVX512_FP16: ((7, 0, "edx", 23),),
+    CPUID_AVX_VNNI: ((7, 1, "eax", 4),),
+    CPUID_BUS_LOCK_DETECT: ((7, 0, "ecx", 24),),
+    CPUID_AMD_PSFD: ((0x80000008, 0, "ebx", 28),),
+    CPUID_X87_DEPRECATED: ((7, 0, "ebx", 6), (7, 0, "ebx", 13)),
+    CPUID_80000021: ((0x80000021, 0, "eax", 0), (0x80000021, 0, "eax", 2), (0x80000021, 0, "eax", 6)),
+    CPUID_DS_DTES64: ((1, 0, "ecx", 2), (1, 0, "edx", 21)),
+    CPUID_FAST_REP_STRINGS: ((7, 1, "eax", 10), (7, 1, "eax", 11), (7, 1, "eax", 12)),
+    CPUID_PERFMON_V2: ((0x80000022, 0, "eax", 0),),
+    CPUID_7_2_EDX: ((7, 2, "edx", 0), (7, 2, "edx", 1), (7, 2, "edx", 2), (7, 2, "edx", 4)),
+    CPUID_TSC_DEADLINE: ((1, 0, "ecx", 24),),
+    CPUID_HYPERVISOR: ((1, 0, "ecx", 31),),
     EFER_AUTOIBRS: ((0x80000021, 0, "eax", 8),),
     PRED_CMD_SBPB: ((0x80000021, 0, "eax", 27),),
 }
@@ -423,7 +462,9 @@ RULES: dict[str, Rule] = {
               SREGS_EFER_CHECKED, PRED_CMD_SBPB, VMX_WAIT_SIPI, VMX_TSC_SCALING, VMX_USR_WAIT_PAUSE,
               VMX_NESTED_CET, ARCH_CAP_GDS_NO, ARCH_CAP_RFDS_NO, ARCH_CAP_ITS_NO, DEBUGCTL_COMMON, DEBUGCTL_VMX,
               DEBUGCTL_HOST_IGNORES_CPUID, DEBUGCTL_RTM_DEBUG, DEBUGCTL_SVM, DEBUGCTL_SVM_PINS_DROPPED,
-              DEBUGCTL_SVM_BTF_DROPPED,
+              DEBUGCTL_SVM_BTF_DROPPED, CPUID_AVX512_FP16, CPUID_AVX_VNNI, CPUID_BUS_LOCK_DETECT, CPUID_AMD_PSFD,
+              CPUID_X87_DEPRECATED, CPUID_80000021, CPUID_DS_DTES64, CPUID_FAST_REP_STRINGS, CPUID_PERFMON_V2,
+              CPUID_7_2_EDX, CPUID_TSC_DEADLINE, CPUID_HYPERVISOR,
               X2APIC_ICR_64BIT, X2APIC_ICR_SPLIT_SVM, X2APIC_ICR_RESERVED,
               X2APIC_HIGH_BITS, X2APIC_SELF_IPI_VECTOR, X2APIC_SELF_IPI_KEEPS_ICR,
               X2APIC_LEAVE_SETS_XAPIC_ID, X2APIC_ID_READONLY,
@@ -439,7 +480,11 @@ def rule(key: str) -> Rule:
     try:
         return RULES[key]
     except KeyError:
-        raise InvalidValueError(f"no rule named {key!r}; known: {', '.join(sorted(RULES))}") from None
+        import difflib  # only for the message (kept out of `import kvmscope`: tests/test_import_footprint.py)
+
+        close = difflib.get_close_matches(key, RULES, n=3) if isinstance(key, str) and len(key) <= 100 else []
+        hint = f"did you mean {', '.join(close)}?" if close else f"{len(RULES)} rules, listed in docs/rules.md"
+        raise InvalidValueError(f"no rule named {shown(key)}; {hint}") from None
 
 
 PEBS_MASK = 0x4FC0  # PERF_CAP_PEBS_MASK before PEBS_TIMING_INFO
