@@ -954,6 +954,7 @@ SUPPORTED_CPUID_ARRIVALS = [
     ("intel-spr", (7, 0, "ebx", 13), "5.16.9", "5.16.10"),  # ZERO_FCS_FDS, e3bcfda012ed (stable)
     ("amd-epyc", (0x80000021, 0, "eax", 0), "5.10.239", "5.10.240"),  # leaf 0x80000021, 58b3d12c0a86 (stable)
     ("amd-epyc", (0x80000021, 0, "eax", 0), "5.17", "5.18"),
+    ("amd-epyc", (0x80000021, 0, "eax", 9), "5.17", "5.18"),  # NO_SMM_CTL_MSR, set with the leaf
     ("intel-spr", (1, 0, "ecx", 2), "5.19", "6.0"),  # DTES64, cf8e55fe50df
     ("intel-spr", (7, 1, "eax", 10), "6.2", "6.3"),  # FZRM, 2a4209d6a9cb
     ("amd-epyc", (0x80000022, 0, "eax", 0), "6.4", "6.5"),  # PERFMON_V2, 4a2771895ca6

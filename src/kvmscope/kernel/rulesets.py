@@ -373,7 +373,8 @@ CPUID_ARRIVALS: dict[Rule, tuple[tuple[int, int, str, int], ...]] = {
     CPUID_BUS_LOCK_DETECT: ((7, 0, "ecx", 24),),
     CPUID_AMD_PSFD: ((0x80000008, 0, "ebx", 28),),
     CPUID_X87_DEPRECATED: ((7, 0, "ebx", 6), (7, 0, "ebx", 13)),
-    CPUID_80000021: ((0x80000021, 0, "eax", 0), (0x80000021, 0, "eax", 2), (0x80000021, 0, "eax", 6)),
+    CPUID_80000021: ((0x80000021, 0, "eax", 0), (0x80000021, 0, "eax", 2), (0x80000021, 0, "eax", 6),
+                     (0x80000021, 0, "eax", 9)),  # NO_SMM_CTL_MSR, set whatever the host (6.1.192 cpuid.c:762)
     CPUID_DS_DTES64: ((1, 0, "ecx", 2), (1, 0, "edx", 21)),
     CPUID_FAST_REP_STRINGS: ((7, 1, "eax", 10), (7, 1, "eax", 11), (7, 1, "eax", 12)),
     CPUID_PERFMON_V2: ((0x80000022, 0, "eax", 0),),
