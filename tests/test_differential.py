@@ -27,6 +27,7 @@ from kvmscope.kernel.profile import load
 from kvmscope.linux import LinuxSystem
 from kvmscope.model import open_model
 from kvmscope.program import Program, run_program
+from vcpu_setup import set_rflags, set_shadow
 
 PROFILE = load("pvm-6.18")
 SUPPORTED = PROFILE.supported_cpuid
@@ -295,14 +296,10 @@ def apply(vm: Vm, vcpus: dict[int, Vcpu], op: Op) -> Any:
             vcpu.immediate_exit = op.immediate
             return after_run(vcpu, vcpu.run(timeout=1))
         if isinstance(op, SetFlags):
-            regs = vcpu.get_regs()
-            regs.rflags = op.rflags
-            vcpu.set_regs(regs)
+            set_rflags(vcpu, op.rflags)
             return vcpu.get_regs().rflags
         if isinstance(op, SetShadow):
-            events = vcpu.get_vcpu_events()
-            events.interrupt.shadow, events.flags = op.shadow, uapi.KVM_VCPUEVENT_VALID_SHADOW
-            vcpu.set_vcpu_events(events)
+            set_shadow(vcpu, op.shadow)
             return vcpu.get_vcpu_events().interrupt.shadow
         if isinstance(op, ChangeSregs):
             sregs = vcpu.get_sregs()

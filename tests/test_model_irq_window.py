@@ -13,19 +13,16 @@ from kvmscope import guest, uapi
 from kvmscope.api import HltExit, IoExit, IrqWindowOpenExit, Vcpu
 from kvmscope.model import ModelLimitation, open_model
 from kvmscope.program import Program, load_program
+from vcpu_setup import set_rflags, set_shadow
 
 UPSTREAM = ["intel-spr", "amd-epyc"]
 IF = 0x202
 
 
 def prepare(vcpu: Vcpu, rflags: int, shadow: int = 0) -> None:
-    regs = vcpu.get_regs()
-    regs.rflags = rflags
-    vcpu.set_regs(regs)
+    set_rflags(vcpu, rflags)
     if shadow:
-        events = vcpu.get_vcpu_events()
-        events.interrupt.shadow, events.flags = shadow, uapi.KVM_VCPUEVENT_VALID_SHADOW
-        vcpu.set_vcpu_events(events)
+        set_shadow(vcpu, shadow)
     vcpu.request_interrupt_window = True
 
 

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from kvmscope import guest, uapi
+from kvmscope import guest
 from kvmscope.api import HltExit, InterruptedExit, IoExit, IrqWindowOpenExit, System, Vcpu
 from kvmscope.errors import InvalidTypeError, KvmError
+from vcpu_setup import set_rflags, set_shadow
 
 IF = 0x202  # RFLAGS with IF
 NO_IF = 0x2
@@ -20,17 +21,9 @@ JMP_SELF = b"\xeb\xfe"
 OUT_10 = b"\xe6\x10"
 
 
-def set_rflags(vcpu: Vcpu, rflags: int) -> None:
-    regs = vcpu.get_regs()
-    regs.rflags = rflags
-    vcpu.set_regs(regs)
-
-
 def shadow(value: int) -> Callable[[Vcpu], None]:
     def give(vcpu: Vcpu) -> None:
-        events = vcpu.get_vcpu_events()
-        events.interrupt.shadow, events.flags = value, uapi.KVM_VCPUEVENT_VALID_SHADOW
-        vcpu.set_vcpu_events(events)
+        set_shadow(vcpu, value)
     return give
 
 

@@ -4,8 +4,9 @@ PIO path (RIP left on the OUT too) is in tests/test_model_pio_completion.py."""
 
 from __future__ import annotations
 
-from kvmscope import guest, uapi
+from kvmscope import guest
 from kvmscope.api import InterruptedExit, IoExit, System, Vcpu
+from vcpu_setup import set_rflags, set_shadow
 
 IN_20, OUT_10, HLT = b"\xe4\x20", b"\xe6\x10", b"\xf4"
 
@@ -16,13 +17,9 @@ def state(vcpu: Vcpu) -> tuple[int, int, int, bool]:
 
 
 def start(vcpu: Vcpu, shadow: int = 0) -> None:
-    regs = vcpu.get_regs()
-    regs.rflags = 0x202
-    vcpu.set_regs(regs)
+    set_rflags(vcpu, 0x202)
     if shadow:
-        events = vcpu.get_vcpu_events()
-        events.interrupt.shadow, events.flags = shadow, uapi.KVM_VCPUEVENT_VALID_SHADOW
-        vcpu.set_vcpu_events(events)
+        set_shadow(vcpu, shadow)
 
 
 def finish(vcpu: Vcpu) -> None:
@@ -89,13 +86,9 @@ def test_sti_in_the_emulator_blocks_whatever_if_was(kvm: System) -> None:
         with kvm.create_vm() as vm:
             vcpu = vm.create_vcpu(0)
             guest.load_real_mode(vm, vcpu, b"\xfb" + IN_20 + HLT)
-            regs = vcpu.get_regs()
-            regs.rflags = rflags
-            vcpu.set_regs(regs)
+            set_rflags(vcpu, rflags)
             if shadow_before:
-                events = vcpu.get_vcpu_events()
-                events.interrupt.shadow, events.flags = shadow_before, uapi.KVM_VCPUEVENT_VALID_SHADOW
-                vcpu.set_vcpu_events(events)
+                set_shadow(vcpu, shadow_before)
             assert isinstance(vcpu.run(), IoExit)
             seen = vcpu.get_vcpu_events().interrupt.shadow
             assert seen == expected, f"RFLAGS {rflags:#x}, shadow {shadow_before:#x}, then sti; in: expected shadow " \
