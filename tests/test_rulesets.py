@@ -93,3 +93,11 @@ def test_a_kernel_after_the_newest_names_the_unpinned_changes() -> None:
     warning = R.newer_than_known("7.2")
     assert warning is not None and "x2apic_suppress_eoi_flags" in warning and "(6.18)" in warning, warning
     assert R.newer_than_known("6.18.44") is None and R.NEWEST == "6.18"
+
+
+def test_cpuid_gates_name_the_catalogue_msrs() -> None:
+    from kvmscope import msrs
+
+    got = {rule.key: msr for rule, (msr, _, _) in R.CPUID_GATES.items()}
+    want = {"arch_cap_needs_cpuid": msrs.MSR_IA32_ARCH_CAPABILITIES, "perf_cap_needs_pdcm": msrs.MSR_IA32_PERF_CAPABILITIES}
+    assert got == want, f"expected {want}, saw {got}"

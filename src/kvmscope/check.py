@@ -39,14 +39,6 @@ from .scenario import (
 DEFAULT_HINT = "compare with KVM_GET_MSR_INDEX_LIST and the feature MSRs"
 
 
-# The rules that refuse an MSR for want of a CPUID bit (6.13), and the bit: rule key -> ((leaf, subleaf, register,
-# bit), name).
-CPUID_GATES: dict[str, tuple[tuple[int, int, str, int], str]] = {
-    R.ARCH_CAP_NEEDS_CPUID.key: ((7, 0, "edx", 29), "ARCH_CAPABILITIES"),
-    R.PERF_CAP_NEEDS_PDCM.key: ((1, 0, "ecx", 15), "PDCM"),
-}
-
-
 def hint(rule: R.Rule | None) -> str:
     """What to do about a refusal by ``rule`` (the hints live with the rules, in kernel/rulesets.py)."""
     return rule.hint if rule is not None and rule.hint else DEFAULT_HINT
@@ -286,10 +278,10 @@ class Replayer:
     def _dropped_bit(self, n: int, vcpu: Vcpu, rule: R.Rule | None) -> str:
         """For a refusal for want of a CPUID bit that the VMM's KVM_SET_CPUID2 set and the vCPU's CPUID lacks (the
         host's KVM_SET_CPUID2 dropped it, as this PVM host does ARCH_CAPABILITIES'), the hint that says so."""
-        needed = CPUID_GATES.get(rule.key) if rule is not None else None
+        needed = R.CPUID_GATES.get(rule) if rule is not None else None
         if needed is None or n not in self.given:
             return ""
-        (function, index, register, b), what = needed
+        _, (function, index, register, b), what = needed
 
         def has(entries: list[CpuidEntry]) -> bool:
             e = find_cpuid(entries, function, index)

@@ -130,11 +130,10 @@ def cpuid_refused(system: System, e: KvmError, why_not: str) -> KvmscopeError:
     return KvmscopeError(f"{system.describe()}: KVM_SET_CPUID2 of KVM_GET_SUPPORTED_CPUID fails ({e}); {why_not}")
 
 
-# Feature MSRs that KVM gates on a guest CPUID bit since 6.13: (leaf, sub-leaf, register, bit, name, rule).
+# Feature MSRs that KVM gates on a guest CPUID bit since 6.13 (rulesets.CPUID_GATES), by MSR: (leaf, sub-leaf,
+# register, bit, name, rule).
 _CPUID_GATES: dict[int, tuple[int, int, str, int, str, R.Rule]] = {
-    _msrs.MSR_IA32_ARCH_CAPABILITIES: (7, 0, "edx", 29, "ARCH_CAPABILITIES", R.ARCH_CAP_NEEDS_CPUID),
-    _msrs.MSR_IA32_PERF_CAPABILITIES: (1, 0, "ecx", 15, "PDCM", R.PERF_CAP_NEEDS_PDCM),
-}
+    msr: (*bit, name, rule) for rule, (msr, bit, name) in R.CPUID_GATES.items()}
 
 
 def _kernel_rules(system: System) -> R.Ruleset | None:

@@ -400,6 +400,12 @@ FEATURE_ARRIVALS: dict[Rule, tuple[tuple[int, int, int], ...]] = {
     ARCH_CAP_RFDS_NO: ((0x10A, 1 << 27, 0),),
     ARCH_CAP_ITS_NO: ((0x10A, 1 << 62, 0),),
 }
+# The rules that refuse an MSR for want of a guest CPUID bit (6.13): the MSR, the bit (function, index, register, bit)
+# and its name. msr_rules checks them; probe and `kvmscope check` name them.
+CPUID_GATES: dict[Rule, tuple[int, tuple[int, int, str, int], str]] = {
+    ARCH_CAP_NEEDS_CPUID: (0x10A, (7, 0, "edx", 29), "ARCH_CAPABILITIES"),
+    PERF_CAP_NEEDS_PDCM: (0x345, (1, 0, "ecx", 15), "PDCM"),
+}
 # --- refusal reasons that hold on every version the model knows ---------------------------------------------------
 CPUID_AFTER_RUN_FORBIDDEN = Rule("cpuid_after_run_forbidden", "5.16", "feb627e8d6f6",
                                  "KVM: x86: Forbid KVM_SET_CPUID{,2} after KVM_RUN",

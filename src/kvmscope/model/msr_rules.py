@@ -32,8 +32,8 @@ KEPT = 3  # internal to set_msrs: the write was accepted and stored nothing (a f
 EINVAL = -errno.EINVAL
 
 # CPUID bits the MSR rules consult: (function, index, register, bit).
-ARCH_CAPABILITIES_BIT = (7, 0, "edx", 29)
-PDCM_BIT = (1, 0, "ecx", 15)
+ARCH_CAPABILITIES_BIT = R.CPUID_GATES[R.ARCH_CAP_NEEDS_CPUID][1]
+PDCM_BIT = R.CPUID_GATES[R.PERF_CAP_NEEDS_PDCM][1]
 VMX_BIT = (1, 0, "ecx", 5)
 DS_BIT = (1, 0, "edx", 21)
 DTES64_BIT = (1, 0, "ecx", 2)
