@@ -87,6 +87,37 @@ def test_readme_guest_program_example_runs_as_written(capsys: pytest.CaptureFixt
     assert out == ("[Rdmsr(index=206, value=2147483648), GuestException(vector=13, error_code=0), Halted()]"), out
 
 
+_TEMPLATE = "examples/templates/t2s-like.json"
+
+
+@pytest.mark.parametrize(("command", "args", "keys"), [
+    ("probe", ["probe", "--backend", "model", "--profile", "intel-spr"], ["msrs", "conclusion"]),
+    ("decode", ["decode", "0x10a", "0x1"], ["name", "fields"]),
+    ("msrs", ["msrs"], ["msrs"]),
+    ("check", ["check", "examples/microcode-load.yaml", "--profile", "intel-spr"], ["steps", "ok"]),
+    ("check --compare", ["check", "examples/microcode-load.yaml", "--compare", "6.3,6.18"], ["kernels", "reports"]),
+    ("check --corpus", ["check", "--corpus", "corpus/qemu-7.2", "--compare", "6.3,6.18"], ["kernels", "cells"]),
+    ("template apply", ["template", "apply", _TEMPLATE, "--profile", "intel-spr"], ["ok", "vcpus"]),
+    ("template apply --compare", ["template", "apply", _TEMPLATE, "--profile", "intel-spr", "--compare", "6.3,6.18"],
+     ["kernels", "reports"]),
+    ("template verify", ["template", "verify", _TEMPLATE, "--profile", "intel-spr"], ["ok", "diffs"]),
+    ("baseline", ["baseline", "intel-spr", "pvm-6.18"], ["hosts", "template"]),
+    ("fingerprint compare", ["fingerprint", "compare", "intel-spr", "amd-epyc"], ["same", "differences"]),
+])
+def test_every_json_output_is_one_versioned_object(command: str, args: list[str], keys: list[str]) -> None:
+    # A script checks schema_version and command before it reads the rest, whatever the command.
+    root = Path(__file__).resolve().parents[1]
+    result = CliRunner().invoke(main, [*(str(root / a) if "/" in a else a for a in args), "--json"],
+                                prog_name="kvmscope")
+    assert result.exit_code in (0, 1), f"{args}: expected a verdict, got exit {result.exit_code}: {result.stderr!r}"
+    doc = json.loads(result.stdout)
+    assert isinstance(doc, dict) and list(doc)[:2] == ["schema_version", "command"], (
+        f"{args}: expected an object starting with schema_version and command, got {str(doc)[:200]}")
+    assert doc["schema_version"] == 1 and doc["command"] == command, (
+        f"{args}: expected schema_version 1 and command {command!r}, got {doc['schema_version']}, {doc['command']!r}")
+    assert all(k in doc for k in keys), f"{args}: expected keys {keys}, got {list(doc)}"
+
+
 @pytest.mark.parametrize(("args", "code", "message"), [
     (["decode", "NOPE", "1", "--json"], 2, "unknown MSR name 'NOPE'"),
     (["check", "examples/platform-info-after-run.yaml", "--compare", "6.3", "--json"], 2,
@@ -100,6 +131,7 @@ def test_json_commands_print_a_json_error_on_failure(args: list[str], code: int,
     assert result.exit_code == code, f"{args}: expected exit {code}, got {result.exit_code}: {result.output}"
     doc = json.loads(result.stdout)
     assert doc["exit_code"] == code and message in doc["error"], f"{args}: stdout JSON {doc}"
+    assert doc["schema_version"] == 1 and doc["command"] == args[0], f"{args}: expected the envelope, got {doc}"
     assert result.stderr.count("\n") == 1 and message in result.stderr, f"{args}: stderr {result.stderr!r}"
 
 
@@ -156,8 +188,8 @@ def test_compare_all_means_every_known_kernel_for_templates_too() -> None:
                                        "--profile", "intel-spr", "--compare", "ALL", "--json"])
     assert result.exit_code in (0, 1), f"expected a verdict, got exit {result.exit_code}: {result.stderr!r}"
     doc = json.loads(result.stdout)
-    kernels = list(doc) if isinstance(doc, dict) else [r.get("label") for r in doc]
-    assert len(kernels) == len(KNOWN), f"--compare ALL should apply under {len(KNOWN)} kernels, got {kernels}"
+    assert len(doc["kernels"]) == len(KNOWN) == len(doc["reports"]), (
+        f"--compare ALL should apply under {len(KNOWN)} kernels, got {doc['kernels']} and reports {list(doc['reports'])}")
 
 
 def test_a_scenario_profile_file_is_named_relative_to_the_scenario(tmp_path: Path,

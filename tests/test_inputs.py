@@ -56,8 +56,10 @@ def one_line_exit_2(args: list[str], expected: str, name: str) -> str:
     assert name in err and expected in err, f"expected {name!r} and {expected!r} in the error for {args}, saw {err!r}"
     if "--json" in args:
         doc = json.loads(result.stdout)
+        command = doc.pop("command", None)
         assert doc == {"schema_version": 1, "error": err[len("error: "):-1], "exit_code": 2}, (
             f"expected only the error as JSON on stdout for {args}, saw {result.stdout[:200]!r}")
+        assert command and " ".join(args).startswith(command), f"expected the command of {args}, saw {command!r}"
     else:
         assert result.stdout == "", f"expected nothing on stdout for {args}, saw {result.stdout[:200]!r}"
     return err

@@ -154,7 +154,7 @@ def test_cli_apply_compare_and_exit_codes() -> None:
     code, out = run("template", "apply", str(EXAMPLES / "arch-cap-hidden.json"), "--profile", "intel-spr",
                     "--compare", "6.3,6.18", "--no-boot-msrs", "--json")
     assert code == 1, out
-    data = json.loads(out)
+    data = json.loads(out)["reports"]
     assert data["6.3"]["ok"] is True and data["6.18"]["ok"] is False, {k: v["summary"] for k, v in data.items()}
     code, out = run("template", "apply", str(EXAMPLES / "t2s-like.json"), "--profile", "intel-spr", "--kernel", "6.3",
                     "--no-boot-msrs")

@@ -199,7 +199,7 @@ REVERT = ROOT / "examples" / "proposals" / "revert-arch-cap-check.toml"
 def test_corpus_matrix_names_the_kernels_and_the_proposal() -> None:
     result = CliRunner().invoke(main, ["check", "--corpus", str(CORPUS), "--compare", f"6.12,6.18,{REVERT}", "--json"])
     assert result.exit_code == 0, result.output
-    cells = {(c["recording"], c["kernel"]): c for c in __import__("json").loads(result.output)}
+    cells = {(c["recording"], c["kernel"]): c for c in __import__("json").loads(result.output)["cells"]}
     recordings = {r for r, _ in cells}
     assert {"qemu64", "skylake-server", "host-arch-cap-off", "host", "reset", "hotplug", "savevm-loadvm",
             "migrate-out", "migrate-in"} <= recordings, f"expected the whole corpus, got {sorted(recordings)}"
@@ -428,5 +428,5 @@ def test_corpus_takes_json_and_yml_scenarios_too(tmp_path: Path) -> None:
     shutil.copy(ROOT / "examples" / "platform-info-after-run.yaml", tmp_path / "b.yml")
     (tmp_path / "c.json").write_text('{"scenario": 1, "steps": [{"create_vcpu": 0}]}')
     result = CliRunner().invoke(main, ["check", "--corpus", str(tmp_path), "--compare", "6.12,6.18", "--json"])
-    names = {c["recording"] for c in __import__("json").loads(result.output)}
+    names = {c["recording"] for c in __import__("json").loads(result.output)["cells"]}
     assert names == {"a", "b", "c"}, f"expected every scenario of the folder, got {sorted(names)}"

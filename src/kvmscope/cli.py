@@ -49,9 +49,11 @@ def fail(message: str, code: int, ctx: click.Context | None = None) -> NoReturn:
     """The error as one line on stderr and exit ``code``; with --json, also as JSON on stdout, so that a script reading
     stdout gets a document whatever happened (unless the reader has gone: the exit code still says it)."""
     render.error_line(message)
+    ctx = ctx or click.get_current_context(silent=True)
     if _wants_json(ctx):
         try:
-            click.echo(json.dumps({"schema_version": 1, "error": message, "exit_code": code}))
+            command = ctx.command_path.partition(" ")[2] if ctx is not None else None
+            click.echo(json.dumps({"schema_version": 1, "command": command or None, "error": message, "exit_code": code}))
             sys.stdout.flush()
         except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush is silent
@@ -532,7 +534,7 @@ def template_restore(template_file: str, backend: str, kernel: str | None, profi
                                     profile=to_profile or (profile if modelled else None))
         with target:
             report = restore(source, target, t, vcpus, BOOT_MSRS if boot_msrs else ())
-    render_template.apply_reports({"restore": report}, as_json)
+    render_template.apply_reports({"restore": report}, as_json, "template restore")
     _verdict(report.ok)
 
 

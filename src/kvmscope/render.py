@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import uapi
-from .probe import FROZEN, NO_RUN, NOT_SETTABLE, WRITABLE
+from .probe import FROZEN, JSON_SCHEMA_VERSION, NO_RUN, NOT_SETTABLE, WRITABLE
 from .scenario import VM_WIDE_KINDS
 
 if TYPE_CHECKING:
@@ -34,6 +34,12 @@ if TYPE_CHECKING:
 Part = str | tuple[str, str] | Text  # plain text, (text, rich style), or styled text
 
 DEFAULT_WIDTH = 80  # off a terminal, without COLUMNS
+
+
+def json_document(command: str, body: dict[str, Any]) -> None:
+    """Print one ``--json`` document: every command's is an object that starts with ``schema_version`` and the
+    ``command`` that made it, so a script can check both before it reads the rest (README.md)."""
+    click.echo(json.dumps({"schema_version": JSON_SCHEMA_VERSION, "command": command, **body}, indent=2))
 
 
 def _terminal() -> bool:
@@ -190,9 +196,7 @@ def probe(report: ProbeReport, fallback_reason: str | None, as_json: bool) -> No
     """The probe report: JSON (with ``fallback_reason``), or the host lines, capabilities, feature MSRs, freeze
     check, what explains its rows, and the conclusion."""
     if as_json:
-        out = report.to_json()
-        out["fallback_reason"] = fallback_reason
-        click.echo(json.dumps(out, indent=2))
+        json_document("probe", {**report.to_json(), "fallback_reason": fallback_reason})
         return
     con = console()
     for text in probe_header(report):
@@ -304,9 +308,9 @@ def decode(m: Msr, value: int | None, as_json: bool) -> None:
     fields = m.decode(value) if value is not None else {}
     known = m.index in BY_INDEX
     if as_json:
-        click.echo(json.dumps({"index": f"0x{m.index:x}", "name": m.name, "known": known, "aliases": list(m.aliases),
-                               "feature": m.feature, "value": _hex(value) if value is not None else None,
-                               "fields": fields}))
+        json_document("decode", {"index": f"0x{m.index:x}", "name": m.name, "known": known,
+                                 "aliases": list(m.aliases), "feature": m.feature,
+                                 "value": _hex(value) if value is not None else None, "fields": fields})
         return
     click.echo(f"{m.name} (0x{m.index:x}){', a feature MSR' if m.feature else ''}"
                f"{'' if known else ': not an MSR kvmscope has a name for (`kvmscope msrs` lists them)'}")
@@ -325,8 +329,8 @@ def decode(m: Msr, value: int | None, as_json: bool) -> None:
 
 def msr_list(catalogue: Iterable[Msr], as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps([{"index": f"0x{m.index:x}", "name": m.name, "aliases": list(m.aliases),
-                                "feature": m.feature} for m in catalogue], indent=2))
+        json_document("msrs", {"msrs": [{"index": f"0x{m.index:x}", "name": m.name, "aliases": list(m.aliases),
+                                         "feature": m.feature} for m in catalogue]})
         return
     for m in catalogue:
         click.echo(f"0x{m.index:08x}  {m.name}{'  [feature]' if m.feature else ''}")
@@ -415,7 +419,7 @@ def check_verdict(con: Console, ok: bool) -> None:
 def check_report(report: Report, as_json: bool) -> None:
     """A whole replay: JSON, or the title, the steps and the verdict."""
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
+        json_document("check", report.to_json())
         return
     con = console()
     check_title(con, report.scenario, report.path, report.description)
@@ -436,9 +440,9 @@ def comparison(scenario: str, kernels: list[str], profile: str, reports: dict[st
                as_json: bool) -> None:
     """The steps whose outcome changes between kernels (JSON: with every kernel's whole report)."""
     if as_json:
-        click.echo(json.dumps({"scenario": scenario, "kernels": kernels,
-                               "reports": {v: r.to_json() for v, r in reports.items()},
-                               "changes": [vars(c) for c in changes]}, indent=2))
+        json_document("check --compare", {"scenario": scenario, "kernels": kernels,
+                                          "reports": {v: r.to_json() for v, r in reports.items()},
+                                          "changes": [vars(c) for c in changes]})
         return
     con = console()
     _emit(con, line((scenario, "bold"), f" on kernels {', '.join(kernels)} (model, profile {profile})"))

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from .render import json_document
+
 if TYPE_CHECKING:
     from .fleet import Baseline, Difference
     from .template import Template
@@ -15,6 +17,7 @@ if TYPE_CHECKING:
 
 
 def _json(data: Any) -> None:
+    """A Firecracker template, as Firecracker's JSON (a file format: no report envelope)."""
     click.echo(json.dumps(data, indent=2))
 
 
@@ -61,11 +64,15 @@ def apply_report(r: ApplyReport) -> None:
     click.echo(("OK: " if r.ok else "NOT TAKEN: ") + r.summary())
 
 
-def apply_reports(reports: dict[str, ApplyReport], as_json: bool) -> None:
-    """One report per backend (or kernel, with --compare), then a line per kernel."""
+def apply_reports(reports: dict[str, ApplyReport], as_json: bool, command: str = "template apply") -> None:
+    """One report per backend (or kernel, with --compare), then a line per kernel. JSON: the report, or with several
+    the kernels in order and a report for each (the shape of ``check --compare``)."""
     if as_json:
-        _json({k: r.to_json() for k, r in reports.items()} if len(reports) > 1 else
-              next(iter(reports.values())).to_json())
+        if len(reports) > 1:
+            json_document(f"{command} --compare", {"kernels": list(reports),
+                                                   "reports": {k: r.to_json() for k, r in reports.items()}})
+        else:
+            json_document(command, next(iter(reports.values())).to_json())
         return
     for r in reports.values():
         apply_report(r)
@@ -77,7 +84,7 @@ def apply_reports(reports: dict[str, ApplyReport], as_json: bool) -> None:
 
 def verify_report(source: str, diffs: Sequence[BitDiff], as_json: bool) -> None:
     if as_json:
-        _json({"state": source, "ok": not diffs, "diffs": [d.to_json() for d in diffs]})
+        json_document("template verify", {"state": source, "ok": not diffs, "diffs": [d.to_json() for d in diffs]})
         return
     for d in diffs:
         click.echo(f"  MISMATCH {d.where}: {_bits(d)}")
@@ -101,7 +108,7 @@ def dump_report(d: Dump, path: str | None) -> None:
 
 def baseline_report(b: Baseline, names: Sequence[str], path: str | None, as_json: bool) -> None:
     if as_json:
-        _json({"hosts": list(names), **b.to_json()})
+        json_document("baseline", {"hosts": list(names), **b.to_json()})
         return
     if path is None:
         click.echo(b.template.dumps(), nl=False)
@@ -118,7 +125,8 @@ def baseline_report(b: Baseline, names: Sequence[str], path: str | None, as_json
 
 def fingerprint_report(a: str, b: str, diffs: Sequence[Difference], as_json: bool) -> None:
     if as_json:
-        _json({"a": a, "b": b, "same": not diffs, "differences": [d.to_json() for d in diffs]})
+        json_document("fingerprint compare", {"a": a, "b": b, "same": not diffs,
+                                              "differences": [d.to_json() for d in diffs]})
         return
     click.echo(f"{a} vs {b}")
     for d in diffs:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 from rich.markup import escape
 
-from ..render import console
+from ..render import console, json_document
 from .recorder import Result as TraceResult
 from .recorder import shortened
 from .whatif import Cell
@@ -16,7 +14,7 @@ from .whatif import Cell
 def trace_result(result: TraceResult, out: str, as_json: bool) -> None:
     """What a trace recorded, where, and what KVM refused."""
     if as_json:
-        click.echo(json.dumps({"recording": out, **result.to_json()}, indent=2))
+        json_document("trace", {"recording": out, **result.to_json()})
         return
     con = console()
     s = result.summary
@@ -44,7 +42,7 @@ def trace_result(result: TraceResult, out: str, as_json: bool) -> None:
 def corpus_matrix(cells: list[Cell], kernels: list[str], as_json: bool) -> None:
     """Recordings x kernels (x profiles): OK, or the first refusal."""
     if as_json:
-        click.echo(json.dumps([c.to_json() for c in cells], indent=2))
+        json_document("check --corpus", {"kernels": kernels, "cells": [c.to_json() for c in cells]})
         return
     from rich.table import Table
 
