@@ -172,6 +172,24 @@ def test_cli_baseline_then_apply_on_each(tmp_path: Path) -> None:
         assert code == 0, f"{name}: {out}"
 
 
+def test_verify_reports_the_whole_register_as_the_template_leaves_it(tmp_path: Path) -> None:
+    # "wanted" means one thing in apply and verify: the fixed bits over the register's other bits.
+    from kvmscope.template_apply import verify
+
+    t = Template(msr_modifiers=(MsrModifier(0x10a, Bitmap(64, 0xF0, 0x50)), MsrModifier(0x1234, Bitmap.exact(64, 1))))
+    changed, missing = verify(t, [], {0x10a: 0x173})
+    assert (changed.kind, changed.wanted, changed.got, changed.bits) == ("changed", 0x153, 0x173, [5]), changed
+    assert (missing.kind, missing.got) == ("missing", None), missing
+    dump = tmp_path / "spr.json"
+    assert run("template", "dump", "--profile", "intel-spr", "-o", str(dump))[0] == 0
+    data = json.loads(dump.read_text())
+    data["msr_modifiers"] = [m for m in data["msr_modifiers"] if int(m["addr"], 16) != 0x10a]
+    dump.write_text(json.dumps(data))
+    code, out = run("template", "verify", str(EXAMPLES / "t2s-like.json"), "--state", str(dump))
+    wanted = [line for line in out.splitlines() if "MSR_IA32_ARCH_CAPABILITIES" in line]
+    assert code == 1 and wanted == ["  MISMATCH MSR_IA32_ARCH_CAPABILITIES (0x10a): not in the state"], out
+
+
 def test_cli_dump_strip_verify_fingerprint(tmp_path: Path) -> None:
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     assert run("template", "dump", "--profile", "pvm-6.18", "-o", str(a))[0] == 0

@@ -23,7 +23,7 @@ def _json(data: Any) -> None:
 
 def _bits(d: BitDiff) -> str:
     if d.got is None:
-        return "could not be read back"
+        return "not in the state" if d.kind == "missing" else "could not be read back"
     shown = ", ".join(map(str, d.bits[:16])) + (" ..." if len(d.bits) > 16 else "")
     return f"wanted 0x{d.wanted:x}, holds 0x{d.got:x}" + (f"; bits {shown}" if d.bits else "")
 

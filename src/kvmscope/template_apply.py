@@ -47,7 +47,9 @@ class BitDiff:
 
     where: str
     kind: str  # refused (KVM_SET_MSRS stopped at it) | changed (accepted, read back different) | unreadable
-    # | overridden (a later modifier of the same MSR or register fixes these bits otherwise)
+    # | overridden (a later modifier of the same MSR or register fixes these bits otherwise) | missing (verify: the
+    # state has no such leaf or MSR)
+    # wanted: the whole value the template leaves (its fixed bits over the register's other bits); mask: its fixed bits
     wanted: int
     got: int | None
     mask: int
@@ -232,8 +234,8 @@ def _cpuid_diffs(entries: Sequence[CpuidEntry], mods: Sequence[LeafModifier], wa
             if g is None or (g ^ w) & r.bitmap.mask:
                 diffs.append(BitDiff(where, "changed", w, g, r.bitmap.mask))
             if (r.bitmap.value ^ w) & r.bitmap.mask and g is not None:
-                diffs.append(BitDiff(f"{where} (cpuid_modifiers[{i}].modifiers[{j}])", "overridden", r.bitmap.value, g,
-                                     r.bitmap.mask))
+                diffs.append(replace(_mismatch(where, r.bitmap, g), where=f"{where} (cpuid_modifiers[{i}].modifiers[{j}])",
+                                     kind="overridden"))
     return diffs
 
 
@@ -341,8 +343,8 @@ def _configure(vcpu: Vcpu, i: int, cpuid_set: bool, entries: list[tuple[int, int
     for k, m in lost:
         got = now.get(m.addr)
         if got is not None:
-            out.diffs.append(BitDiff(f"{msr_where(m.addr)} (msr_modifiers[{k}])", "overridden", m.bitmap.value, got,
-                                     m.bitmap.mask))
+            out.diffs.append(replace(_mismatch(msr_where(m.addr), m.bitmap, got),
+                                     where=f"{msr_where(m.addr)} (msr_modifiers[{k}])", kind="overridden"))
     if cpuid_set:
         out.diffs[:0] = _cpuid_diffs(vcpu.get_cpuid(), template.cpuid_modifiers, cpuid)
     return out
@@ -360,15 +362,20 @@ def verify(template: Template, cpuid: Sequence[CpuidEntry], msrs: dict[int, int]
         for r in mod.modifiers:
             got = None if e is None else getattr(e, r.register)
             if got is None or not r.bitmap.matches(got):
-                kind = "changed" if got is not None else "unreadable"
-                diffs.append(BitDiff(cpuid_where(mod.leaf, mod.subleaf, r.register), kind, r.bitmap.value, got,
-                                     r.bitmap.mask))
+                diffs.append(_mismatch(cpuid_where(mod.leaf, mod.subleaf, r.register), r.bitmap, got))
     for m in template.msr_modifiers:
         got = msrs.get(m.addr)
         if got is None or not m.bitmap.matches(got):
-            diffs.append(BitDiff(msr_where(m.addr), "changed" if got is not None else "unreadable", m.bitmap.value,
-                                 got, m.bitmap.mask))
+            diffs.append(_mismatch(msr_where(m.addr), m.bitmap, got))
     return diffs
+
+
+def _mismatch(where: str, bitmap: Bitmap, got: int | None) -> BitDiff:
+    """A register or MSR that does not match: ``wanted`` is the whole value the template would leave (its fixed bits
+    over what the state holds), as ``apply`` reports it; a leaf or MSR the state lacks is ``missing``."""
+    if got is None:
+        return BitDiff(where, "missing", bitmap.value, None, bitmap.mask)
+    return BitDiff(where, "changed", got & ~bitmap.mask | bitmap.value & bitmap.mask, got, bitmap.mask)
 
 
 def state_of(template: Template) -> tuple[list[CpuidEntry], dict[int, int]]:
