@@ -192,19 +192,29 @@ def test_compare_all_means_every_known_kernel_for_templates_too() -> None:
         f"--compare ALL should apply under {len(KNOWN)} kernels, got {doc['kernels']} and reports {list(doc['reports'])}")
 
 
-def test_a_scenario_profile_file_is_named_relative_to_the_scenario(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name", ["myprof.json", "myprof"])
+def test_a_scenario_profile_file_is_named_relative_to_the_scenario(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   name: str) -> None:
+    # A bare word too (what `probe --save myprof` writes): the scenario means the same from any working directory.
     from kvmscope.kernel.profile import load
 
     sub = tmp_path / "sub"
     sub.mkdir()
-    (sub / "myprof.json").write_text(json.dumps(load("intel-spr").to_json()))
-    (sub / "s.yaml").write_text("scenario: 1\nprofile: myprof.json\nsteps:\n  - create_vcpu: 0\n")
+    (sub / name).write_text(json.dumps(load("intel-spr").to_json()))
+    (sub / "s.yaml").write_text(f"scenario: 1\nprofile: {name}\nsteps:\n  - create_vcpu: 0\n")
+    (tmp_path / name).write_text(json.dumps(load("amd-epyc").to_json()))  # in the working directory: not this one
     monkeypatch.chdir(tmp_path)  # not the scenario's directory
     result = CliRunner().invoke(main, ["check", "sub/s.yaml"])
     assert result.exit_code == 0, f"expected the profile found next to the scenario, got {result.exit_code}: " \
                                   f"{result.stderr!r}"
     assert "profile intel-spr" in result.stdout, f"the report should name the profile used: {result.stdout!r}"
+
+
+def test_a_scenario_profile_that_is_nowhere_names_its_line(tmp_path: Path) -> None:
+    (tmp_path / "s.yaml").write_text("scenario: 1\nprofile: myprof\nsteps:\n  - create_vcpu: 0\n")
+    result = CliRunner().invoke(main, ["check", str(tmp_path / "s.yaml")])
+    assert result.exit_code == 2 and f"{tmp_path / 's.yaml'}:2: profile: no shipped profile named 'myprof'" in (
+        result.stderr), f"expected exit 2 naming line 2 and the field, got {result.exit_code}: {result.stderr!r}"
 
 
 @pytest.mark.parametrize("extra", [["--backend", "linux"], ["--kernel", "6.3"], ["--profile", "intel-spr"]])

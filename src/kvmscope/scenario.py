@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno as _errno
 import io
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,12 +147,20 @@ CPUID_EDIT = Record(_edit, [Field("leaf", Leaf(), required=True), Field("registe
 
 
 class ProfileRef(Type[str]):
-    """A host profile: a shipped name, or a file (a path with "/" or ending in ".json") named relative to the
-    scenario, as CPUID files are, so that the scenario means the same from any working directory."""
+    """A host profile: a shipped name, or a file named relative to the scenario, as CPUID files are, so that the
+    scenario means the same from any working directory. A bare word (no "/", no ".json") is a shipped name first,
+    else a file of that name next to the scenario (``probe --save myhost`` writes one)."""
 
     def read(self, r: Reader, x: Any, path: str) -> str:
+        from .kernel.profile import shipped
+
         text = Str().read(r, x, path)
-        return str(r.base / text) if "/" in text or text.endswith(".json") else text
+        if "/" in text or text.endswith(".json") or text not in shipped() and os.path.lexists(r.base / text):
+            return str(r.base / text)
+        if text not in shipped():
+            raise r.fail(x, path, f"no shipped profile named {inputs.shown(text)!r} and no file of that name next to "
+                                  f"the scenario; shipped: {', '.join(shipped())} (or give a path)")
+        return text
 
 
 class CpuidFile(Type[list[CpuidEntry]]):
