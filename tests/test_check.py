@@ -72,6 +72,17 @@ def test_compare_kernels() -> None:
         "accepted on 6.10; refused at MSR_PLATFORM_INFO on 6.13 by bc2ca3680b30"], changes
 
 
+def test_compare_names_the_ruleset_of_each_proposal_file() -> None:
+    # Steps name a proposal by the file given; the title says which ruleset that file is.
+    proposal = str(EXAMPLES / "proposals" / "revert-arch-cap-check.toml")
+    args = ("check", str(EXAMPLES / "platform-info-after-run.yaml"), "--compare", f"6.3,{proposal}", "--profile",
+            "intel-spr")
+    code, out = run(*args)
+    assert code == 1 and out.splitlines()[1] == f"  {proposal}: revert-arch-cap-check (proposed, on 6.18)", out
+    code, out = run(*args, "--json")
+    assert json.loads(out)["proposals"] == {proposal: "revert-arch-cap-check (proposed, on 6.18)"}, out
+
+
 def test_unexpected_refusal_exits_1(tmp_path: Path) -> None:
     f = tmp_path / "s.yaml"
     f.write_text("scenario: 1\nsteps:\n  - create_vcpu: 0\n  - run: 0\n  - set_msrs: {vcpu: 0, msrs: {0xce: 0}}\n")

@@ -362,11 +362,14 @@ def _compare(scenario: Scenario, versions: list[str], profile: str | Profile | N
     from .check import Report, compare, replay
 
     reports: dict[str, Report] = {}
+    rulesets: dict[str, str] = {}  # a proposal file's label -> the ruleset it names (its `name`, on its base)
     for v in versions:
         with _named_by(scenario, v, profile):
             system, _ = backends.choose("model", kernel=v, profile=profile, note=render.note)
         reports[v] = replay(scenario, system)
-    render.comparison(scenario.name, versions, str(system.host_info()["profile"]), reports, compare(reports), as_json)
+        rulesets[v] = str(system.host_info()["ruleset"])
+    render.comparison(scenario.name, versions, str(system.host_info()["profile"]), reports, compare(reports), as_json,
+                      {v: r for v, r in rulesets.items() if "(proposed" in r})
     return all(r.ok for r in reports.values())
 
 

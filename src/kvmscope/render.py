@@ -437,15 +437,18 @@ def check_stream(scenario: str, path: str, description: str, results: Iterable[S
 
 
 def comparison(scenario: str, kernels: list[str], profile: str, reports: dict[str, Report], changes: list[Change],
-               as_json: bool) -> None:
-    """The steps whose outcome changes between kernels (JSON: with every kernel's whole report)."""
+               as_json: bool, proposals: dict[str, str] | None = None) -> None:
+    """The steps whose outcome changes between kernels (JSON: with every kernel's whole report). ``proposals``: the
+    ruleset each proposal file names, printed under the title (the steps name the file as it was given)."""
     if as_json:
         json_document("check --compare", {"scenario": scenario, "kernels": kernels,
                                           "reports": {v: r.to_json() for v, r in reports.items()},
-                                          "changes": [vars(c) for c in changes]})
+                                          "changes": [vars(c) for c in changes], "proposals": proposals or {}})
         return
     con = console()
     _emit(con, line((scenario, "bold"), f" on kernels {', '.join(kernels)} (model, profile {profile})"))
+    for label, ruleset in (proposals or {}).items():
+        _emit(con, line(f"  {label}: {ruleset}"))
     if not changes:
         _emit(con, line("no step changes outcome between these kernels"))
     for c in changes:
