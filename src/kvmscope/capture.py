@@ -171,6 +171,65 @@ def capture_cpuid_rules(system: System, supported: list[CpuidEntry]) -> tuple[li
     return rules, appends
 
 
+_SWEEP = (0, 1, M.U64_MAX, 0x5555555555555555, 0x00007FFFDEADB000)  # after the MSR's own value and its low bit flipped
+
+
+def _sweep(system: System, indices: Sequence[int], cpuid: Sequence[CpuidEntry]) -> dict[int, list[object]]:
+    """Per MSR, on one vCPU given ``cpuid``: its read, then each write of :data:`_SWEEP` (and of its own value with the
+    low bit flipped, then its own value) with what reads back. The same sequence on two systems says whether they
+    answer alike; the model and the kernel must, whatever the order does to the state."""
+    vm, vcpu = _fresh(system, cpuid)
+    out: dict[int, list[object]] = {}
+    with vm:
+        for index in indices:
+            first = vcpu.try_read_msr(index)
+            trace: list[object] = [first]
+            for v in (*_SWEEP, (first or 0) ^ 1, first or 0):
+                trace += [vcpu.set_msrs([(index, v)]), vcpu.try_read_msr(index)]
+            out[index] = trace
+    return out
+
+
+def vendor_msrs(live: System, profile: Profile) -> dict[int, MsrBehaviour]:
+    """The MSRs the live vendor module answers otherwise than upstream KVM's rules do (the model of ``profile`` without
+    any ``vendor_msrs``): each with the behaviour to follow instead. A shipped profile of the same vendor module gives
+    the entry where it makes the model answer as the kernel does (its evidence is richer: a guest-side test, a kind a
+    sweep cannot tell); else the behaviour measured here. MSRs whose reads change by themselves (the TSC) are left to
+    the model."""
+    from .kernel.profile import load, shipped
+    from .model import open_model
+
+    known = {}
+    for name in shipped():
+        other = load(name)
+        if other.vendor == profile.vendor:
+            known.update(other.vendor_msrs)
+    with open_model(profile=profile) as model:
+        vcpu = model.create_vm().create_vcpu(0)
+        ruled = vcpu.msr_rules.ruled_msrs()
+    candidates = sorted(i for i in set(ruled) | set(profile.msr_behaviour) | set(known)
+                        if not M.is_feature_msr(i) and not M.VMX_FIRST <= i <= M.VMX_LAST)
+    cpuid = profile.supported_cpuid
+    ours = _sweep(live, candidates, cpuid)
+    with open_model(profile=profile) as model:
+        differ = [i for i, t in _sweep(model, candidates, cpuid).items() if t != ours[i]]
+    found: dict[int, MsrBehaviour] = {}
+    for index in differ:
+        measured = classify_msr(live, index, cpuid)
+        if measured.kind == "volatile":
+            continue
+        for entry in (known.get(index), measured):
+            if entry is None:
+                continue
+            with open_model(profile=replace(profile, vendor_msrs={**found, index: entry})) as model:
+                if classify_msr(model, index, cpuid) == measured:
+                    found[index] = entry if entry is not measured else replace(measured, evidence=(
+                        f"kvmscope {__version__} probe --save, {datetime.date.today().isoformat()}: host writes and "
+                        "reads of this MSR differ from upstream KVM's rule for it"))
+                    break
+    return found
+
+
 def capture(system: System, name: str | None = None, description: str = "", cpuid_rules: bool = True) -> Profile:
     """Measure ``system`` (the live kernel) and return its host profile."""
     info = system.host_info()
@@ -208,7 +267,7 @@ def capture(system: System, name: str | None = None, description: str = "", cpui
     params = info.get("module_parameters")
     module_parameters = {str(k): str(v) for k, v in params.items()} if isinstance(params, dict) else {}
     ruleset = rulesets.resolve(release).version
-    return Profile(
+    profile = Profile(
         name=name or f"{vendor}-{release}",
         description=description or f"captured from a live {vendor} host running Linux {release}",
         vendor=vendor,
@@ -237,3 +296,4 @@ def capture(system: System, name: str | None = None, description: str = "", cpui
         run_without_memory_errno=no_mem_errno,
         cr4_accepted=cr4,
     )
+    return replace(profile, vendor_msrs=vendor_msrs(system, profile))

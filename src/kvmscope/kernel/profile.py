@@ -43,8 +43,8 @@ from . import rulesets
 
 SCHEMA = 1
 # What a capture measures, numbered: a cached capture of this host (``backends.default_profile``) made by a kvmscope
-# that measured less is taken again. 2: ``vcpu.cr4_accepted``.
-CAPTURE_FORMAT = 2
+# that measured less is taken again. 2: ``vcpu.cr4_accepted``. 3: ``vendor_msrs`` (capture.vendor_msrs).
+CAPTURE_FORMAT = 3
 VENDORS = ("vmx", "svm", "pvm")
 BEHAVIOURS = ("store", "drop", "zero_only", "zero_drop", "refuse", "volatile", "other")
 CAP_BY_NAME = {v: k for k, v in uapi.CAPABILITY_NAMES.items()}
@@ -113,7 +113,7 @@ class Profile:
     ignore_msrs: bool = False
     msr_behaviour: dict[int, MsrBehaviour] = field(default_factory=dict)
     # MSRs this host's vendor module handles itself, unlike upstream KVM's common-code rule, with the evidence: the
-    # model takes their behaviour from here instead of the rule (written by hand; a capture does not produce them).
+    # model takes their behaviour from here instead of the rule (a capture measures them: capture.vendor_msrs).
     vendor_msrs: dict[int, MsrBehaviour] = field(default_factory=dict)
     cpuid_rewrite: list[RewriteRule] = field(default_factory=list)
     cpuid_append: list[AppendRule] = field(default_factory=list)
