@@ -248,6 +248,24 @@ def test_template_errors_are_short_and_in_json_terms(tmp_path: Path, template: d
         f"{len(r.output)} characters: {r.output[:300]!r}")
 
 
+@pytest.mark.parametrize("command", [["read"], ["read", "--json"], ["apply", "--profile", "intel-spr"],
+                                     ["verify", "--profile", "intel-spr"], ["strip", "good.json"],
+                                     ["restore", "--profile", "intel-spr", "--to-kernel", "6.3"]])
+@pytest.mark.parametrize("number", ["9" * 4301, "-" + "1" * 5000, "1" * 100 + ".5", "1" * 2000 + "e5"])
+def test_a_number_too_long_is_one_line_in_every_template_command(tmp_path: Path, command: list[str],
+                                                                  number: str) -> None:
+    # int() of more than 4,300 digits raises in CPython 3.11: it must not reach the reader (an unknown key too).
+    path = tmp_path / "t.json"
+    path.write_text('{"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "modifiers": [], "flags": ' + number
+                    + '}], "other": ' + number + "}")
+    (tmp_path / "good.json").write_text("{}")
+    r = run("template", command[0], str(path), *(str(tmp_path / a) if a.endswith(".json") else a for a in command[1:]))
+    no_traceback(r)
+    says = f"{path}:1: not valid JSON: a number of {len(number):,} characters: the limit is 80"
+    assert r.exit_code == 2 and says in r.stderr and r.stderr.count("\n") == 1, (
+        f"template {command}: expected exit 2 and one line saying {says!r}, saw {r.exit_code}: {r.stderr[:300]!r}")
+
+
 def test_template_not_utf8_names_line_byte_and_offset(tmp_path: Path) -> None:
     path = tmp_path / "latin1.json"
     path.write_bytes(b'{\n  "msr_modifiers": [{"addr": "0x10a", "bitmap": "\xe9"}]}')

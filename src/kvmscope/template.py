@@ -295,6 +295,8 @@ class _JsonReader:
         m = json.scanner.NUMBER_RE.match(t, pos)
         if m and m.group(0):
             integer, frac, exp = m.groups()
+            if len(m.group(0)) > inputs.MAX_INT_DIGITS:  # int() of thousands of digits raises (or takes quadratic time)
+                raise self.fail(pos, f"a number of {len(m.group(0)):,} characters: the limit is {inputs.MAX_INT_DIGITS}")
             num: Any = float(m.group(0)) if frac or exp else int(integer)
             return _Value(num, line), m.end()
         raise self.fail(pos, f"expected a value, found {c!r}" if c else "unexpected end of file")
