@@ -184,7 +184,18 @@ def test_apply_checks_every_modifier_not_only_the_last(template: dict[str, Any],
     diffs = [(d.kind, d.where) for v in rep.vcpus for d in v.diffs]
     assert not rep.ok and any(k == "overridden" and w.endswith(where) for k, w in diffs), (
         f"expected the first modifier reported overridden at {where!r}, saw ok={rep.ok} {diffs}")
-    assert "overridden by a later one" in rep.summary(), rep.summary()
+    assert "overridden (by a later one or a boot MSR)" in rep.summary(), rep.summary()
+
+
+@pytest.mark.parametrize(("bitmap", "taken"), [("0b1" + "x" * 22, False), ("0b1", True)])
+def test_a_boot_msr_overrides_the_templates_fixed_bits(bitmap: str, taken: bool) -> None:
+    # Firecracker writes MISC_ENABLE = 0x1 (fast strings) over the template's value: bit 22 fixed to 1 cannot hold.
+    template = parse(json.dumps({"msr_modifiers": [{"addr": "0x1a0", "bitmap": bitmap}]}), "misc.json")
+    with open_model(profile="intel-spr") as system:
+        rep = apply(system, template, 1)
+    diffs = [(d.kind, d.where, d.bits) for v in rep.vcpus for d in v.diffs]
+    expected = [] if taken else [("overridden", "MSR_IA32_MISC_ENABLE (0x1a0) (msr_modifiers[0])", [22])]
+    assert rep.ok is taken and diffs == expected, f"{bitmap}: expected ok={taken} and {expected}, saw {rep.ok} {diffs}"
 
 
 def test_same_modifier_twice_holds() -> None:

@@ -111,7 +111,8 @@ class ApplyReport:
             head += f"; {len(bits)} bit(s) refused or changed" + (f" (on {vcpus} vCPUs)" if vcpus > 1 else "")
         if whole:
             head += f"; {len(whole)} register(s) or MSR(s) refused or unreadable with no fixed bit differing"
-        return f"{head}; {len(lost)} bit(s) fixed by one modifier and overridden by a later one" if lost else head
+        return (f"{head}; {len(lost)} bit(s) fixed by one modifier and overridden (by a later one or a boot MSR)"
+                if lost else head)
 
     def to_json(self) -> dict[str, Any]:
         return {"template": self.template, "backend": self.backend, "description": self.description, "ok": self.ok,
@@ -306,13 +307,15 @@ def configure(system: System, vm: Vm, template: Template, vcpus: int, boot: Sequ
     for index, value in boot:
         if index in masks:
             rep.notes.append(f"{msr_where(index)} is a boot MSR: Firecracker writes 0x{value:x} over the "
-                             "template's value")
+                             "template's value (a fixed bit it contradicts is OVERRIDDEN)")
             masks[index] = (1 << 64) - 1
         entries[index] = value
     too_many = write_limit(template, len(entries), " on each vCPU")
     if too_many:
         rep.failures.append(too_many)
-    lost = overridden(template, {a: v for a, v in values.items() if a not in dict(boot)})  # boot: noted above
+    # Firecracker inserts its boot MSRs over the template's values (KvmVcpu::configure: msrs.extend(boot entries)), so
+    # a fixed bit that a boot value contradicts cannot hold either, as one a later modifier fixes otherwise.
+    lost = overridden(template, {a: entries[a] for a in values})
     for i, v in enumerate(cpus):
         rep.vcpus.append(_configure(v, i, set_ok[i], list(entries.items()), masks, cpuid, template, rep, lost))
     return cpus
