@@ -8,6 +8,7 @@ so instead of guessing.
 from __future__ import annotations
 
 import errno as _errno
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
@@ -480,18 +481,25 @@ def _setup_mce(self: Replayer, step: Traced, res: StepResult) -> bool:
     return True
 
 
+_SPLIT_IRQCHIP = re.compile(r"KVM_CAP_SPLIT_IRQCHIP flags 0x0 args \[(0x[0-9a-f]+),")  # trace.decode's detail
+
+
 def _create_irqchip(self: Replayer, step: Traced, res: StepResult) -> None:
-    """KVM_CREATE_IRQCHIP replayed on both backends: the in-kernel LAPIC decides what ASYNC_PF_INT, ASYNC_PF_EN and
-    TSC_DEADLINE take later."""
+    """KVM_CREATE_IRQCHIP, or KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP), replayed on both backends: the in-kernel LAPIC
+    decides what ASYNC_PF_INT, ASYNC_PF_EN and TSC_DEADLINE take later."""
+    split = _SPLIT_IRQCHIP.match(step.detail or "") if step.name == "KVM_ENABLE_CAP" else None
     try:
-        self.vm.create_irqchip()
+        if split:
+            self.vm.enable_cap(uapi.KVM_CAP_SPLIT_IRQCHIP, int(split.group(1), 16))
+        else:
+            self.vm.create_irqchip()
     except KvmError as e:
         res.outcome, res.errno, res.met = "error", e.errno, False
-        res.summary = f"KVM_CREATE_IRQCHIP failed: {_errno.errorcode.get(e.errno or 0, e.errno)}"
+        res.summary = f"{step.name} failed: {_errno.errorcode.get(e.errno or 0, e.errno)}"
         return
     self.irqchip = True
     self.vm.write_memory(guest.DEFAULT_ENTRY, guest.OUT_THEN_HLT)
-    res.outcome, res.summary = "accepted", "KVM_CREATE_IRQCHIP (replayed)"
+    res.outcome, res.summary = "accepted", f"{step.name}{' (KVM_CAP_SPLIT_IRQCHIP)' if split else ''} (replayed)"
 
 
 def _traced(self: Replayer, step: Traced, res: StepResult, shadow: StepResult | None) -> None:
@@ -499,7 +507,8 @@ def _traced(self: Replayer, step: Traced, res: StepResult, shadow: StepResult | 
     followed = step.pid is None  # a step with a pid is another VM's (docs/trace.md): not replayed on this one
     if followed and step.name == "KVM_X86_SETUP_MCE" and _setup_mce(self, step, res):
         return
-    if followed and step.name == "KVM_CREATE_IRQCHIP" and not step.errno:
+    if followed and not step.errno and (step.name == "KVM_CREATE_IRQCHIP" or step.name == "KVM_ENABLE_CAP"
+                                        and _SPLIT_IRQCHIP.match(step.detail or "")):
         _create_irqchip(self, step, res)
         return
     what = f"{step.name}{f' ({step.detail})' if step.detail else ''}{f' x{step.count}' if step.count != 1 else ''}"

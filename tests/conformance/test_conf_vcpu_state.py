@@ -10,18 +10,9 @@ from collections.abc import Callable
 
 import pytest
 
+from errnos import expect
 from kvmscope import uapi
 from kvmscope.api import System, Vcpu
-from kvmscope.errors import KvmError
-
-
-def expect(call: Callable[[], object], err: int, what: str) -> None:
-    try:
-        call()
-        got = 0
-    except KvmError as e:
-        got = e.errno
-    assert got == err, f"{what}: expected {errno.errorcode.get(err, 'success')}, saw {errno.errorcode.get(got, 'success')}"
 
 
 def regs32(page: bytes) -> dict[int, int]:

@@ -6,29 +6,16 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 
 import pytest
 
+from errnos import expect
 from kvmscope import guest, uapi
 from kvmscope.api import CpuidEntry, System
 from kvmscope.errors import KvmError
 from kvmscope.model import ModelLimitation
-
-
-def errno_of(call: Callable[[], object]) -> int:
-    """The errno ``call`` fails with (0 when it succeeds)."""
-    try:
-        call()
-    except KvmError as e:
-        return e.errno
-    return 0
-
-
-def expect(call: Callable[[], object], err: int, what: str) -> None:
-    got = errno_of(call)
-    assert got == err, f"{what}: expected {errno.errorcode.get(err, 'success')}, saw {errno.errorcode.get(got, 'success')}"
 
 
 @pytest.fixture

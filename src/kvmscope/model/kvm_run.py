@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from .vm import ModelVm
 
 X86_EFLAGS_IF = 1 << 9
+_APIC_LVT0, _LVT_MASKED, _APIC_BASE_ENABLE = 0x350, 1 << 16, 1 << 11  # LVT0, its mask bit, APIC_BASE's global enable
 # PVM (live): a guest that runs this long (seconds) before it is kicked has taken enough host interrupts that its
 # saved FPU state always marks SSE in use (XSTATE_BV bit 1), whatever XCR0 and the registers hold: in 70 of 70 runs of
 # 10-50 ms, 39 of 40 of 5 ms, 21, 13 and 10 of 30 of 2, 1 and 0.5 ms, 0 of 300 short runs to a HLT. Shorter runs are
@@ -29,6 +30,7 @@ class KvmRunModel:
     regs: uapi.kvm_regs
     sregs: uapi.kvm_sregs
     events: uapi.kvm_vcpu_events
+    lapic: bytearray | None
     _shutdown_pending: bool
 
     if TYPE_CHECKING:  # provided by ModelVcpu and VcpuStateModel
@@ -113,11 +115,17 @@ class KvmRunModel:
         """``kvm_vcpu_ready_for_interrupt_injection`` without an in-kernel PIC (6.12.118 x86.c:4715-4744): interrupts
         allowed (IF set, no interrupt shadow: any shadow byte on PVM, live), no interrupt from KVM_INTERRUPT waiting
         (``kvm_cpu_has_extint``), nothing to reinject, no exception or triple fault pending (PVM's pending
-        shutdown is one: 0 here, live)."""
+        shutdown is one: 0 here, live). With an in-kernel LAPIC (a split irqchip) also ``kvm_apic_accept_pic_intr``
+        (lapic.c:3034-3044): the APIC disabled in hardware, or LVT0 unmasked in ExtINT mode."""
         e = self.events
         return bool(self.regs.rflags & X86_EFLAGS_IF and not e.interrupt.shadow and not e.interrupt.injected
                     and not e.exception.injected and not e.nmi.injected and not e.exception.pending
-                    and not self._shutdown_pending)
+                    and not self._shutdown_pending and (self.lapic is None or self._accepts_extint()))
+
+    def _accepts_extint(self) -> bool:
+        assert self.lapic is not None
+        lvt0 = int.from_bytes(self.lapic[_APIC_LVT0 : _APIC_LVT0 + 4], "little")
+        return not self.sregs.apic_base & _APIC_BASE_ENABLE or not lvt0 & _LVT_MASKED and lvt0 & 0x700 == 0x700
 
     def sti_shadow(self) -> int:
         """The interrupt shadow of an STI, as KVM_GET_VCPU_EVENTS reports it for this vendor."""

@@ -89,7 +89,7 @@ class ModelVcpu(VcpuStateModel, KvmRunModel, Vcpu):
         self.cpuid_set = False  # no KVM_SET_CPUID2 yet
         sregs = reset_sregs(p.reset_sregs, vcpu_id)
         # before 5.15 the BSP bit is forced without an in-kernel LAPIC, and VMX resets through that path
-        self._bsp_forced = self.rules.has(R.APIC_BASE_BSP_FORCED) and not vm.irqchip
+        self._bsp_forced = self.rules.has(R.APIC_BASE_BSP_FORCED) and not vm.lapic_in_kernel
         self._sregs_efer_checked = self.rules.has(R.SREGS_EFER_CHECKED)
         if self._bsp_forced and p.vendor != "svm":
             sregs.apic_base |= 1 << 8

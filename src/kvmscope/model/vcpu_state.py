@@ -79,7 +79,7 @@ class VcpuStateModel(FpuStateModel):
         waiting for INIT/SIPI (only with an in-kernel LAPIC), nothing pending."""
         bsp = self.id == 0
         self.lapic: bytearray | None = None
-        if self.vm.irqchip:
+        if self.vm.lapic_in_kernel:
             lapic = bytearray(uapi.KVM_APIC_REG_SIZE)
             for offset, value in ((APIC_ID, self.id << 24), (APIC_LVR, APIC_VERSION), (APIC_DFR, 0xFFFFFFFF),
                                   (APIC_SPIV, 0xFF), *((lvt, APIC_LVT_MASKED) for lvt in APIC_LVT)):
@@ -88,7 +88,7 @@ class VcpuStateModel(FpuStateModel):
                 struct.pack_into("<I", lapic, APIC_LVT0, APIC_MODE_EXTINT)
             self.lapic = lapic
             self.vm.apic_map_format = self.vm.x2apic_format  # kvm_lapic_reset rebuilds the APIC map
-        self.mp_state = uapi.KVM_MP_STATE_RUNNABLE if bsp or not self.vm.irqchip else uapi.KVM_MP_STATE_UNINITIALIZED
+        self.mp_state = uapi.KVM_MP_STATE_RUNNABLE if bsp or not self.lapic else uapi.KVM_MP_STATE_UNINITIALIZED
         self.events: uapi.kvm_vcpu_events = uapi.kvm_vcpu_events()  # the kernel's fields, reported as x86.c does
         self.nmi_pending = 0
         self.sipi_vector, self.sipi_pending = 0, False  # a SIPI set by KVM_SET_MP_STATE waits (KVM_APIC_SIPI)
@@ -341,13 +341,13 @@ class VcpuStateModel(FpuStateModel):
         raise self.limitation("KVM_SMI: the model does not implement SMM")
 
     def interrupt(self, irq: int) -> None:
-        """KVM_INTERRUPT (x86.c v6.12 line 4746): without an irqchip the vector is queued as injected; with the
-        in-kernel PIC, ENXIO."""
+        """KVM_INTERRUPT (x86.c v6.12 line 4746): queued as injected without an irqchip, ENXIO with the in-kernel PIC."""
         self._check_open()
         if irq >= uapi.KVM_NR_INTERRUPTS:
             raise KvmError(errno.EINVAL, "KVM_INTERRUPT")
-        if self.vm.irqchip:
-            raise KvmError(errno.ENXIO, "KVM_INTERRUPT")
+        if self.vm.lapic_in_kernel:  # split: queued for the local APIC's ExtINT (pending_external_vector)
+            raise KvmError(errno.ENXIO, "KVM_INTERRUPT") if self.vm.irqchip else self.limitation(
+                "KVM_INTERRUPT with a split irqchip: the model does not implement it")
         i = self.events.interrupt
         i.injected, i.nr, i.soft = 1, irq, 0
         self.refresh_may_block()

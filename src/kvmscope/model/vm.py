@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 # Capabilities x86's kvm_vm_ioctl_enable_cap (x86.c) takes that the model does not implement.
 UNMODELLED_VM_CAPS = frozenset({
-    uapi.KVM_CAP_SPLIT_IRQCHIP, uapi.KVM_CAP_EXCEPTION_PAYLOAD, uapi.KVM_CAP_X86_BUS_LOCK_EXIT,
+    uapi.KVM_CAP_EXCEPTION_PAYLOAD, uapi.KVM_CAP_X86_BUS_LOCK_EXIT,
     uapi.KVM_CAP_EXIT_HYPERCALL, uapi.KVM_CAP_EXIT_ON_EMULATION_FAILURE, uapi.KVM_CAP_X86_TRIPLE_FAULT_EVENT,
     uapi.KVM_CAP_X86_NOTIFY_VMEXIT, uapi.KVM_CAP_HALT_POLL, uapi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     uapi.KVM_CAP_MAX_VCPU_ID, uapi.KVM_CAP_VM_DISABLE_NX_HUGE_PAGES, uapi.KVM_CAP_X86_APIC_BUS_CYCLES_NS})
@@ -63,7 +63,8 @@ class ModelVm(VmDevicesModel, Vm):
 
     def check_extension(self, cap: int) -> int:
         self._check_open()
-        return self.system.capability(cap, vm=True)
+        # a VM's KVM_CAP_X2APIC_API leaves ENABLE_SUPPRESS_EOI_BROADCAST out without a split irqchip (x86.c)
+        return self.system.capability(cap, vm=not (cap == uapi.KVM_CAP_X2APIC_API and self.split_irqchip))
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP for the capabilities that shape the vCPU model; one the profile's kernel lacks gets EINVAL,
@@ -89,6 +90,8 @@ class ModelVm(VmDevicesModel, Vm):
             if arg0 & ~supported or (self.vcpus and self.rules.has(R.DISABLE_EXITS_BEFORE_VCPUS)):
                 raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP")
             self.disabled_exits |= arg0
+        elif cap == uapi.KVM_CAP_SPLIT_IRQCHIP:
+            self.enable_split_irqchip(arg0)
         elif cap == uapi.KVM_CAP_MSR_PLATFORM_INFO:
             self.platform_info_readable = bool(arg0)
         elif cap == uapi.KVM_CAP_X86_USER_SPACE_MSR:
@@ -100,8 +103,11 @@ class ModelVm(VmDevicesModel, Vm):
             # A flag the version lacks is EINVAL, and so is ENABLE: it needs a split IRQCHIP, which a model VM never
             # has (the VM's report leaves it out), and with DISABLE it is EINVAL anyway.
             enable, disable = uapi.KVM_X2APIC_ENABLE_SUPPRESS_EOI_BROADCAST, uapi.KVM_X2APIC_DISABLE_SUPPRESS_EOI_BROADCAST
-            if arg0 & ~self.system.rules.x2apic_api_flags(0xF) or arg0 & enable:
+            if arg0 & ~self.system.rules.x2apic_api_flags(0xF) or arg0 & enable and (arg0 & disable or not
+                                                                                         self.split_irqchip):
                 raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP")
+            if arg0 & enable:
+                raise self.limitation("KVM_X2APIC_ENABLE_SUPPRESS_EOI_BROADCAST: the model does not implement it")
             self.x2apic_format |= bool(arg0 & uapi.KVM_X2APIC_API_USE_32BIT_IDS)
             self.x2apic_broadcast_quirk_disabled |= bool(arg0 & uapi.KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK)
             # DISABLE: a SPIV with the directed-EOI bit (set by KVM_SET_LAPIC) no longer keeps EOIs from the in-kernel

@@ -62,7 +62,8 @@ class VmDevicesModel:
         def limitation(self, message: str) -> KvmscopeError: ...
 
     def reset_devices(self) -> None:
-        self.irqchip = False
+        self.irqchip = False  # the full in-kernel irqchip (pic_in_kernel, irqchip_full)
+        self.split_irqchip = False  # KVM_CAP_SPLIT_IRQCHIP: the local APICs in the kernel, the PIC and IOAPIC not
         self.chips: list[uapi.kvm_irqchip] = []
         self.pit: uapi.kvm_pit_state2 | None = None
         self.routing: list[uapi.kvm_irq_routing_entry] = []
@@ -103,12 +104,33 @@ class VmDevicesModel:
             raise KvmError(errno.EINVAL, "KVM_SET_IDENTITY_MAP_ADDR")
         self.identity_map_addr = addr
 
+    @property
+    def lapic_in_kernel(self) -> bool:
+        """``irqchip_in_kernel``: new vCPUs get an in-kernel local APIC (a full or a split irqchip)."""
+        return self.irqchip or self.split_irqchip
+
+    def _in_kernel(self, ioctl: str) -> bool:
+        """``irqchip_in_kernel`` for an ioctl that a split irqchip serves otherwise (routes to the LAPICs, exits to
+        userspace for the IOAPIC): the model implements a split irqchip's local APICs only, and stops there."""
+        if self.split_irqchip:
+            raise self.limitation(f"{ioctl} with a split irqchip: the model implements only its local APICs")
+        return self.irqchip
+
+    def enable_split_irqchip(self, reserved_pins: int) -> None:
+        """KVM_CAP_SPLIT_IRQCHIP (6.12.118 x86.c:6091-6110): EINVAL for more reserved IOAPIC pins than routes
+        (``MAX_NR_RESERVED_IOAPIC_PINS``, 4096); EEXIST with an irqchip already or once a vCPU was created."""
+        if reserved_pins > uapi.KVM_MAX_IRQ_ROUTES:
+            raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP")
+        if self.lapic_in_kernel or self.vcpus:
+            raise KvmError(errno.EEXIST, "KVM_ENABLE_CAP")
+        self.split_irqchip = True
+
     # -- the irqchip --
     def create_irqchip(self) -> None:
         """KVM_CREATE_IRQCHIP: EEXIST the second time, EINVAL after a vCPU; the PICs and IOAPIC at their reset state
         (i8259.c kvm_pic_reset: ELCR masks 0xf8/0xde; ioapic.c kvm_ioapic_reset: every pin masked)."""
         self._check_open()
-        if self.irqchip:
+        if self.lapic_in_kernel:
             raise KvmError(errno.EEXIST, "KVM_CREATE_IRQCHIP")
         if self.vcpus:
             raise KvmError(errno.EINVAL, "KVM_CREATE_IRQCHIP")
@@ -172,13 +194,13 @@ class VmDevicesModel:
 
     def irq_line(self, irq: int, level: int) -> None:
         self._check_open()
-        if not self.irqchip:
+        if not self._in_kernel("KVM_IRQ_LINE"):
             raise KvmError(errno.ENXIO, "KVM_IRQ_LINE")
         raise self.limitation("KVM_IRQ_LINE: the model does not emulate the PIC and IOAPIC")
 
     def irq_line_status(self, irq: int, level: int) -> int:
         self._check_open()
-        if not self.irqchip:
+        if not self._in_kernel("KVM_IRQ_LINE_STATUS"):
             raise KvmError(errno.ENXIO, "KVM_IRQ_LINE_STATUS")
         raise self.limitation("KVM_IRQ_LINE_STATUS: the model does not emulate the PIC and IOAPIC")
 
@@ -187,7 +209,7 @@ class VmDevicesModel:
         EPERM with no vCPU or for a broadcast no present APIC matches, else how many APICs accepted it (an APIC
         disabled in software takes none)."""
         self._check_open()
-        if not self.irqchip or flags & ~uapi.KVM_MSI_VALID_DEVID:
+        if not self._in_kernel("KVM_SIGNAL_MSI") or flags & ~uapi.KVM_MSI_VALID_DEVID:
             raise KvmError(errno.EINVAL, "KVM_SIGNAL_MSI")
         if self.x2apic_format and address >> 32 & 0xFF:  # kvm_msi_route_invalid (6.12.118 irq_comm.c:125-137)
             raise KvmError(errno.EINVAL, "KVM_SIGNAL_MSI", "address_hi bits 7:0 with 32-bit x2APIC IDs")
@@ -253,7 +275,7 @@ class VmDevicesModel:
         (irq_comm.c): GSI below 4096, PIC pins below 8, IOAPIC pins below 24, irqchip or MSI (or Hyper-V SynIC)
         entries, one GSI on two different irqchips at most."""
         self._check_open()
-        if not self.irqchip or len(entries) > uapi.KVM_MAX_IRQ_ROUTES:
+        if not self._in_kernel("KVM_SET_GSI_ROUTING") or len(entries) > uapi.KVM_MAX_IRQ_ROUTES:
             raise KvmError(errno.EINVAL, "KVM_SET_GSI_ROUTING")
         seen: dict[int, list[uapi.kvm_irq_routing_entry]] = {}
         for e in entries:
@@ -290,7 +312,7 @@ class VmDevicesModel:
                 raise err
             self.irqfds.discard((fd, gsi))
             return
-        if not self.irqchip:
+        if not self._in_kernel("KVM_IRQFD"):
             raise KvmError(errno.EINVAL, "KVM_IRQFD")
         err = _eventfd_error(fd, "KVM_IRQFD")
         if not err and flags & uapi.KVM_IRQFD_FLAG_RESAMPLE:  # the resample eventfd, before EBUSY (eventfd.c:360-366)

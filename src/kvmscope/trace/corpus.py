@@ -48,6 +48,9 @@ CASES: tuple[Case, ...] = (
     Case("savevm-loadvm", "qemu64", actions=("savevm snap1", "loadvm snap1", "sleep 1"), disk=True),
     Case("migrate-out", "qemu64", actions=("stop", "migrate exec:cat>MIGFILE", "wait-migrate")),
     Case("migrate-in", "qemu64", actions=("cont", "sleep 1"), incoming=True),
+    # the local APICs in the kernel, the PIC and IOAPIC in QEMU (KVM_CAP_SPLIT_IRQCHIP), as Cloud Hypervisor and crosvm
+    # have them: ASYNC_PF_INT needs the in-kernel LAPIC
+    Case("split-irqchip", "qemu64,kvm-asyncpf-int=on", ("-machine", "q35,kernel-irqchip=split")),
 )
 
 

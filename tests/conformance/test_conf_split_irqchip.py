@@ -1,0 +1,112 @@
+"""KVM_CAP_SPLIT_IRQCHIP on both backends: the local APICs in the kernel, the PIC and IOAPIC in userspace (QEMU's
+``kernel-irqchip=split``, Cloud Hypervisor, crosvm). The rules are 6.12.118 x86.c:6091-6110 (enable), x86.c
+KVM_CREATE_IRQCHIP, and ``kvm_vcpu_ready_for_interrupt_injection`` with ``kvm_apic_accept_pic_intr``."""
+
+from __future__ import annotations
+
+import errno
+import struct
+
+import pytest
+
+from errnos import expect
+from kvmscope import guest, uapi
+from kvmscope.api import IoExit, MsrBatch, System
+from vcpu_setup import set_rflags
+
+RESERVED_PINS = 24  # what QEMU passes (its IOAPIC's pins)
+ASYNC_PF_INT = 0x4B564D06
+LVT0, MASKED = 0x350, 1 << 16
+
+
+def test_split_irqchip_is_taken_once_and_before_any_vcpu(kvm: System) -> None:
+    with kvm.create_vm() as vm:
+        vm.enable_cap(uapi.KVM_CAP_SPLIT_IRQCHIP, RESERVED_PINS)
+        expect(lambda: vm.enable_cap(uapi.KVM_CAP_SPLIT_IRQCHIP, RESERVED_PINS), errno.EEXIST, "a second split irqchip")
+        expect(vm.create_irqchip, errno.EEXIST, "KVM_CREATE_IRQCHIP after a split irqchip")
+    with kvm.create_vm() as vm:
+        vm.create_irqchip()
+        expect(lambda: vm.enable_cap(uapi.KVM_CAP_SPLIT_IRQCHIP, 0), errno.EEXIST, "a split irqchip after a full one")
+    with kvm.create_vm() as vm:
+        vm.create_vcpu(0)
+        expect(lambda: vm.enable_cap(uapi.KVM_CAP_SPLIT_IRQCHIP, 0), errno.EEXIST, "a split irqchip after a vCPU")
+    with kvm.create_vm() as vm:
+        expect(lambda: vm.enable_cap(uapi.KVM_CAP_SPLIT_IRQCHIP, uapi.KVM_MAX_IRQ_ROUTES + 1), errno.EINVAL,
+               "more reserved IOAPIC pins than routes")
+        vm.enable_cap(uapi.KVM_CAP_SPLIT_IRQCHIP, uapi.KVM_MAX_IRQ_ROUTES)
+
+
+def test_split_irqchip_gives_each_vcpu_a_local_apic_and_nothing_else(kvm: System) -> None:
+    with kvm.create_vm() as vm:
+        vm.enable_cap(uapi.KVM_CAP_SPLIT_IRQCHIP, RESERVED_PINS)
+        bsp, ap = vm.create_vcpu(0), vm.create_vcpu(1)
+        ids = [struct.unpack_from("<I", v.get_lapic(), 0x20)[0] >> 24 for v in (bsp, ap)]
+        assert ids == [0, 1], f"each vCPU's in-kernel LAPIC has its APIC ID: expected [0, 1], saw {ids}"
+        states = [bsp.get_mp_state(), ap.get_mp_state()]
+        assert states == [uapi.KVM_MP_STATE_RUNNABLE, uapi.KVM_MP_STATE_UNINITIALIZED], (
+            f"the BSP runnable, the AP waiting for INIT/SIPI: saw {states}")
+        taken = bsp.set_msrs(MsrBatch([(ASYNC_PF_INT, 0)]))
+        assert taken == 1, f"MSR_KVM_ASYNC_PF_INT needs an in-kernel LAPIC: expected it taken (1), saw {taken}"
+        expect(lambda: vm.get_irqchip(uapi.KVM_IRQCHIP_PIC_MASTER), errno.ENXIO, "KVM_GET_IRQCHIP: no in-kernel PIC")
+        expect(lambda: vm.create_pit2(), errno.ENOENT, "KVM_CREATE_PIT2: no in-kernel PIC")
+    with kvm.create_vm() as vm:
+        taken = vm.create_vcpu(0).set_msrs(MsrBatch([(ASYNC_PF_INT, 0)]))
+        assert taken == 0, f"without an irqchip MSR_KVM_ASYNC_PF_INT is refused: expected 0, saw {taken}"
+
+
+@pytest.mark.parametrize(("lvt0_masked", "apic_enabled", "ready"), [(False, True, True), (True, True, False),
+                                                                    (True, False, True)])
+def test_ready_for_injection_asks_the_local_apic(kvm: System, lvt0_masked: bool, apic_enabled: bool,
+                                                 ready: bool) -> None:
+    # Without an in-kernel PIC, KVM says ready only if the LAPIC would take an ExtINT: LVT0 unmasked in ExtINT mode
+    # (the BSP's at reset), or the APIC disabled in hardware (kvm_apic_accept_pic_intr).
+    with kvm.create_vm() as vm:
+        vm.enable_cap(uapi.KVM_CAP_SPLIT_IRQCHIP, RESERVED_PINS)
+        vcpu = vm.create_vcpu(0)
+        guest.load_real_mode(vm, vcpu, guest.OUT_THEN_HLT)
+        set_rflags(vcpu, 0x202)
+        if lvt0_masked:
+            lapic = vcpu.get_lapic()
+            struct.pack_into("<I", lapic, LVT0, struct.unpack_from("<I", lapic, LVT0)[0] | MASKED)
+            vcpu.set_lapic(lapic)
+        if not apic_enabled:
+            sregs = vcpu.get_sregs()
+            sregs.apic_base &= ~(1 << 11)
+            vcpu.set_sregs(sregs)
+        exit_ = vcpu.run()
+        assert isinstance(exit_, IoExit), f"expected the OUT's exit, saw {exit_}"
+        assert vcpu.ready_for_interrupt_injection is ready, (
+            f"LVT0 {'masked' if lvt0_masked else 'ExtINT'}, APIC {'on' if apic_enabled else 'off'}, IF set: expected "
+            f"ready_for_interrupt_injection {ready}, saw {vcpu.ready_for_interrupt_injection}")
+
+
+def test_x2apic_api_offers_enable_suppress_eoi_broadcast_only_with_a_split_irqchip(kvm: System) -> None:
+    enable = uapi.KVM_X2APIC_ENABLE_SUPPRESS_EOI_BROADCAST
+    system = kvm.check_extension(uapi.KVM_CAP_X2APIC_API)
+    for split in (False, True):
+        with kvm.create_vm() as vm:
+            if split:
+                vm.enable_cap(uapi.KVM_CAP_SPLIT_IRQCHIP, RESERVED_PINS)
+            got = vm.check_extension(uapi.KVM_CAP_X2APIC_API)
+            want = system if split else system & ~enable
+            assert got == want, f"split={split}: expected the VM's KVM_CAP_X2APIC_API {want:#x}, saw {got:#x}"
+
+
+@pytest.mark.parametrize("call", ["interrupt", "irq_line", "irq_line_status", "signal_msi", "gsi_routing"])
+def test_what_a_split_irqchip_routes_is_the_kernels_or_a_model_limitation(kvm: System, call: str) -> None:
+    """The kernel serves these on a split irqchip (the LAPICs, or an exit to userspace); the model says it does not
+    implement them (ModelLimitation), not an errno, which would be made up."""
+    from kvmscope.model import ModelLimitation
+
+    with kvm.create_vm() as vm:
+        vm.enable_cap(uapi.KVM_CAP_SPLIT_IRQCHIP, RESERVED_PINS)
+        vcpu = vm.create_vcpu(0)
+        calls = {"interrupt": lambda: vcpu.interrupt(0x20), "irq_line": lambda: vm.irq_line(4, 1),
+                 "irq_line_status": lambda: vm.irq_line_status(4, 1),
+                 "signal_msi": lambda: vm.signal_msi(0xFEE00000, 0x30), "gsi_routing": lambda: vm.set_gsi_routing([])}
+        try:
+            calls[call]()
+        except ModelLimitation:
+            assert kvm.backend == "model", "only the model may refuse"
+        else:
+            assert kvm.backend == "linux", f"{call}: the model should say it does not implement this on a split irqchip"
