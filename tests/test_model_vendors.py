@@ -668,3 +668,22 @@ def test_cr_fixed1_rebuilt_from_guest_cpuid() -> None:
         want = cr4_full & ~(1 << 12 | 1 << 11)
         assert got == want, f"quirk {'off' if quirk_disabled else 'on'}, no LA57/UMIP: wanted CR4_FIXED1 0x{want:x}, " \
                             f"got 0x{got:x}"
+
+
+@pytest.mark.parametrize("profile", ["intel-spr", "amd-epyc"])
+def test_compacted_xsave_size_follows_xss(profile: str) -> None:
+    # Every XSS write updates the runtime CPUID (6.12.118 x86.c:3539-3540): 0xD.1 EBX is the compacted size of
+    # XCR0 | XSS. This host offers no XSAVES, so only these profiles show it.
+    from kvmscope.api import find_cpuid
+
+    with kvmscope.open("model", profile=profile) as kvm, kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        supported = kvm.get_supported_cpuid()
+        vcpu.set_cpuid(supported)
+        before = find_cpuid(vcpu.get_cpuid(), 0xD, 1)
+        xss = next(e.ecx for e in supported if e.function == 0xD and e.index == 1)  # the XSS bits KVM supports
+        assert xss and vcpu.set_msrs(MsrBatch([(0xDA0, xss)])) == 1, f"{profile}: XSS {xss:#x} should be taken"
+        after = find_cpuid(vcpu.get_cpuid(), 0xD, 1)
+        sizes = [e.eax for e in supported if e.function == 0xD and e.index >= 2 and xss >> e.index & 1]
+        assert before and after and after.ebx == before.ebx + sum(sizes), (
+            f"{profile}: XSS {xss:#x} adds components of {sizes} bytes to 0xD.1 EBX {before}: saw {after}")

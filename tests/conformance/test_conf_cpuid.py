@@ -129,6 +129,32 @@ def test_runtime_bits_follow_sregs(kvm: System) -> None:
         assert leaf1 and not leaf1.edx >> 9 & 1, "CPUID.1:EDX.APIC follows APIC_BASE.EN"
 
 
+def _xsave_size(supported: list[CpuidEntry], xcr0: int) -> int:
+    """The standard-format XSAVE size of ``xcr0``'s components: the legacy area and header, then each component's end
+    (0xD.i: EBX its offset, EAX its size)."""
+    ends = [e.ebx + e.eax for e in supported if e.function == 0xD and e.index >= 2 and xcr0 >> e.index & 1]
+    return max([512 + 64, *ends])
+
+
+def test_xsave_sizes_follow_xcr0(kvm: System) -> None:
+    # __kvm_set_xcr updates the runtime CPUID when XCR0's extended bits change (6.12.118 x86.c:1109-1112): 0xD.0 EBX is
+    # the size XSAVE needs for XCR0 now, and 0xD.1 EBX (with XSAVEC or XSAVES) the compacted one.
+    supported = kvm.get_supported_cpuid()
+    leaf = find_cpuid(supported, 0xD, 0)
+    assert leaf is not None, "the supported CPUID has leaf 0xD"
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(supported)
+        for xcr0 in (0x7, 0x3, leaf.eax & 0x7 | 1, leaf.eax | leaf.edx << 32, 0x1):
+            xcrs = vcpu.get_xcrs()
+            xcrs.xcrs[0].value = xcr0
+            vcpu.set_xcrs(xcrs)
+            d0 = find_cpuid(vcpu.get_cpuid(), 0xD, 0)
+            want = _xsave_size(supported, xcr0)
+            assert d0 is not None and d0.ebx == want, (
+                f"XCR0 {xcr0:#x}: expected CPUID 0xD.0 EBX {want:#x}, saw {d0}")
+
+
 def test_after_run_only_what_the_kernel_stored(kvm: System) -> None:
     supported = kvm.get_supported_cpuid()
     vm, vcpu = ran_with(kvm, supported)

@@ -34,6 +34,7 @@ from .guest_exec import ProgramState
 from .guest_exec import run_program as run_guest_program
 from .kvm_run import LONG_RUN, X86_EFLAGS_IF, KvmRunModel
 from .msr_batch import BatchedMsrRules
+from .msr_misc import MSR_XSS
 from .mtrr import maxphyaddr
 from .realmode import interpret
 from .vcpu_state import VcpuStateModel
@@ -267,7 +268,14 @@ class ModelVcpu(VcpuStateModel, KvmRunModel, Vcpu):
         self._check_open()
         if max_entries < len(self.cpuid):
             raise KvmError(errno.E2BIG, "KVM_GET_CPUID2")
-        return C.runtime_update(self.cpuid, self._runtime, self.profile)
+        return C.runtime_update(self.cpuid, self.runtime_state(), self.profile)
+
+    def runtime_state(self) -> C.RuntimeState:
+        """``kvm_update_cpuid_runtime``'s inputs as they are now. XCR0 and XSS size 0xD.0/0xD.1 EBX: KVM updates CPUID
+        when ``__kvm_set_xcr`` changes XCR0's extended bits and at every XSS write (6.12.118 x86.c:1109-1112, 3539-3540),
+        so the sizes always follow them (the XSAVE size of FP and SSE alone is fixed)."""
+        self._runtime.xcr0, self._runtime.xss = self.xcr0, self.msr_rules.stored.get(MSR_XSS, 0)
+        return self._runtime
 
     def set_cpuid(self, entries: Sequence[CpuidEntry]) -> None:
         self._check_open()
@@ -280,7 +288,7 @@ class ModelVcpu(VcpuStateModel, KvmRunModel, Vcpu):
             self.msr_rules.refuse(-1, R.CPUID_AFTER_RUN_FORBIDDEN, 0)
             raise KvmError(errno.EINVAL, "KVM_SET_CPUID2", "KVM_SET_CPUID2 after KVM_RUN (5.16.0-5.16.2)")
         if after_run == "identical":
-            incoming = C.runtime_update(entries, self._runtime, self.profile)
+            incoming = C.runtime_update(entries, self.runtime_state(), self.profile)
             if incoming != C.runtime_update(self.cpuid, self._runtime, self.profile):
                 self.msr_rules.refuse(-1, R.CPUID_AFTER_RUN_IDENTICAL, 0)  # recorded under index -1: not an MSR
                 raise KvmError(errno.EINVAL, "KVM_SET_CPUID2", "CPUID differs from the vCPU's after KVM_RUN")
