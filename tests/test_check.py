@@ -220,3 +220,17 @@ def test_a_destroyed_vcpu_is_named_as_such(tmp_path: Path) -> None:
     code, out = run("check", str(path))
     flat = " ".join(out.split())
     assert code == 1 and "vCPU 0's fd was closed by a destroy_vcpu step" in flat, out
+
+
+def test_live_check_says_when_the_model_alongside_refused_what_the_kernel_took(live: LinuxSystem, tmp_path: Path) -> None:
+    # The explaining model is wrong here (a profile without PVM's PAT handling): the report must say so on the step,
+    # as it does for a refusal the model did not predict, or a wrong model goes unnoticed in every live check.
+    data = json.loads((EXAMPLES.parent / "src/kvmscope/profiles/pvm-6.18.json").read_text())
+    del data["vendor_msrs"]["0x277"]
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    scenario = tmp_path / "pat.yaml"
+    scenario.write_text("scenario: 1\nsteps:\n  - create_vcpu: 0\n  - set_cpuid: {from: supported}\n"
+                        "  - set_msrs: {vcpu: 0, msrs: {PAT: 0xffffffffffffffff}}\n    expect: accepted\n")
+    code, out = run("check", str(scenario), "--backend", "linux", "--profile", str(tmp_path / "p.json"))
+    note = "the model with this host's profile predicted a different result: KVM_SET_MSRS returned 0 of 1"
+    assert code == 0 and note in out, f"expected the step taken, with the note {note!r}: {out}"

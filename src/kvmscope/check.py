@@ -261,6 +261,8 @@ class Replayer:
             res.writes = [(i, M.name_of(i), old, v) for (i, v), old in zip(pairs, olds, strict=True)]
             res.outcome = "accepted"
             res.summary = f"KVM_SET_MSRS wrote all {count} MSR{'s' if count != 1 else ''}"
+            if shadow is not None and shadow.count is not None and shadow.count != count:  # the model is wrong here
+                res.notes.append(f"the model with this host's profile predicted a different result: {shadow.summary}")
             return
         index, value = pairs[count]
         cited = vcpu.refusal_rule(index)
