@@ -129,6 +129,27 @@ def test_runtime_bits_follow_sregs(kvm: System) -> None:
         assert leaf1 and not leaf1.edx >> 9 & 1, "CPUID.1:EDX.APIC follows APIC_BASE.EN"
 
 
+def test_the_vendor_rewrite_edits_the_entry_kvms_lookup_finds(kvm: System) -> None:
+    # kvm_find_cpuid_entry_index: the first entry of the function whose index matches or that has no
+    # KVM_CPUID_FLAG_SIGNIFCANT_INDEX. On this PVM host KVM_SET_CPUID2 rewrites leaf 1; on upstream VMX/SVM nothing.
+    supported = kvm.get_supported_cpuid()
+    at = next(i for i, e in enumerate(supported) if e.key == (1, 0))
+    given = supported[at]
+
+    def stored(entries: list[CpuidEntry], key: tuple[int, int]) -> list[CpuidEntry]:
+        with kvm.create_vm() as vm:
+            vcpu = vm.create_vcpu(0)
+            vcpu.set_cpuid(entries)
+            return [e for e in vcpu.get_cpuid() if e.key == key]
+
+    [alone] = stored(supported, (1, 0))
+    twice = stored([*supported[:at], given, *supported[at:]], (1, 0))
+    assert twice == [alone, given], f"leaf 1 twice: expected the first as it is alone {alone}, the second as given " \
+                                    f"{given}; saw {twice}"
+    indexed = stored([*supported[:at], replace(given, index=1), *supported[at + 1:]], (1, 1))
+    assert indexed == [replace(alone, index=1)], f"leaf 1 given index 1 (no flag) is still leaf 1: saw {indexed}"
+
+
 def _xsave_size(supported: list[CpuidEntry], xcr0: int) -> int:
     """The standard-format XSAVE size of ``xcr0``'s components: the legacy area and header, then each component's end
     (0xD.i: EBX its offset, EAX its size)."""

@@ -127,20 +127,19 @@ def rewrite(entries: Sequence[CpuidEntry], profile: Profile) -> list[CpuidEntry]
     """What the vendor module stores for ``entries`` (identity on upstream VMX/SVM; PVM rewrites, per the profile)."""
     out = list(entries)
     for rule in profile.cpuid_append:  # all or nothing, as PVM here does (an entry already there ends up twice)
-        keys = {e.key for e in out}
-        if rule.trigger in keys and rule.entries and rule.entries[0].key not in keys:
+        if rule.entries and _first(out, *rule.trigger) is not None and _first(out, *rule.entries[0].key) is None:
             out.extend(rule.entries)
-    keys = {e.key for e in out}
-    for i, e in enumerate(out):
-        for r in profile.cpuid_rewrite:
-            if (r.function, r.index) != e.key:
-                continue
-            if r.requires is not None and r.requires not in keys:
-                continue
-            if r.unless is not None and r.unless in keys:
-                continue
-            e = replace(e, **{r.register: (getattr(e, r.register) & r.keep) | r.force})
-        out[i] = e
+    # Each rule edits the one entry KVM's own lookup finds (kvm_find_cpuid_entry_index: the first of the function
+    # whose index matches or that lacks KVM_CPUID_FLAG_SIGNIFCANT_INDEX), as the live kernel shows: a second copy of a
+    # leaf is left as given, and an indexed entry without the flag takes the edits of the other indices after it.
+    present = {(r.function, r.index): _first(out, r.function, r.index) for r in profile.cpuid_rewrite}
+    for r in profile.cpuid_rewrite:
+        i = present[r.function, r.index]
+        if i is None or r.requires is not None and _first(out, *r.requires) is None:
+            continue
+        if r.unless is not None and _first(out, *r.unless) is not None:
+            continue
+        out[i] = replace(out[i], **{r.register: (getattr(out[i], r.register) & r.keep) | r.force})
     return out
 
 
