@@ -171,6 +171,17 @@ def capture_cpuid_rules(system: System, supported: list[CpuidEntry]) -> tuple[li
     return rules, appends
 
 
+KVM_PV_RANGE = range(0x4B564D00, 0x4B564E00)  # KVM's own MSRs ("KVM" in ASCII); a vendor module may add its own there
+
+
+def _unlisted(system: System) -> list[int]:
+    """MSRs of KVM's range that a vCPU answers although no list names them: PVM adds four of its own (0x4B564D10-13:
+    a per-vCPU control and three constants, its signature 0x4D5650 among them)."""
+    vm, vcpu = _fresh(system)
+    with vm:
+        return [i for i in KVM_PV_RANGE if vcpu.try_read_msr(i) is not None]
+
+
 _SWEEP = (0, 1, M.U64_MAX, 0x5555555555555555, 0x00007FFFDEADB000)  # after the MSR's own value and its low bit flipped
 
 
@@ -253,16 +264,20 @@ def capture(system: System, name: str | None = None, description: str = "", cpui
         except KvmError as e:
             no_mem_errno = e.errno
     cr4 = cr4_accepted(system, supported)
-    candidates = sorted(set(index_list) | {m.index for m in M.catalogue()})
+    known = set(index_list) | {m.index for m in M.catalogue()}
+    unlisted = set(_unlisted(system)) - known
     behaviour: dict[int, MsrBehaviour] = {}
-    for index in candidates:
+    for index in sorted(known | unlisted):
         if M.is_feature_msr(index):
             continue
         with_cpuid = classify_msr(system, index, supported)
         without = classify_msr(system, index, None)
         if with_cpuid.kind == "refuse" and not with_cpuid.readable and index not in index_list:
             continue  # unknown to this KVM: the model's default
-        behaviour[index] = with_cpuid if with_cpuid == without else replace(with_cpuid, kind="other")
+        found = with_cpuid if with_cpuid == without else replace(with_cpuid, kind="other")
+        if index in unlisted and found.kind == "other":
+            continue  # no VMM knows it (PVM's 0x4B564D10): the model answers it as unknown rather than store it
+        behaviour[index] = found
     rules, appends = capture_cpuid_rules(system, supported) if cpuid_rules else ([], [])
     params = info.get("module_parameters")
     module_parameters = {str(k): str(v) for k, v in params.items()} if isinstance(params, dict) else {}

@@ -39,8 +39,7 @@ DS_BIT = (1, 0, "edx", 21)
 DTES64_BIT = (1, 0, "ecx", 2)
 XSAVE_BIT = (1, 0, "ecx", 26)
 
-# kvmclock MSRs share storage (x86.c kvm_set_msr_common): the old and new wall-clock MSRs both set the VM-wide
-# kvm->arch.wall_clock; the old and new system-time MSRs both set the vCPU's arch.time.
+# kvmclock MSRs share storage (x86.c kvm_set_msr_common): the old and new wall clock (VM-wide), system time (vCPU).
 MSR_ALIASES = {0x4B564D00: 0x11, 0x4B564D01: 0x12}
 VM_WIDE_MSRS = frozenset({0x11})
 MSR_MISC_FEATURES_ENABLES = 0x140
@@ -220,7 +219,7 @@ class MsrRules:
         if b is None:
             return self.refuse(index, R.UNKNOWN_MSR, UNSUPPORTED)
         if b.kind == "refuse" or (b.kind == "zero_only" and data) or (b.kind == "zero_drop" and data not in (0, b.default)):
-            return self.refuse(index, R.HOST_PROFILE, FAIL)
+            return self.refuse(index, R.HOST_PROFILE, FAIL if index in M.BY_INDEX or b.kind != "refuse" else UNSUPPORTED)
         if b.kind not in ("drop", "zero_drop"):
             key = MSR_ALIASES.get(index, index)
             (self.vm.msrs if key in VM_WIDE_MSRS else self.stored)[key] = data
@@ -438,7 +437,8 @@ class MsrRules:
             return UNSUPPORTED
         if b.kind == "zero_drop":
             return FAIL
-        return FAIL if self.host_set(index, data) else OK
+        code = self.host_set(index, data)  # UNSUPPORTED: an MSR upstream lacks (PVM's 0x4B564D11-13) is unknown
+        return code if code in (OK, UNSUPPORTED) else FAIL
 
     # -- KVM_SET_CPUID2 --
     def after_set_cpuid(self, raw: Sequence[CpuidEntry]) -> None:
