@@ -81,3 +81,13 @@ def test_batch_refuses_bad_values_and_changes_nothing() -> None:
     with pytest.raises(InvalidValueError):
         b.set_value(0, 1 << 64)
     assert b[0] == (0xCE, 5), "a refused set_value must leave the entry as it was"
+
+
+@pytest.mark.parametrize(("index", "name"), [(0xFE, "MSR_MTRRcap"), (0x2FF, "MSR_MTRRdefType"),
+                                             (0x200, "MSR_MTRRphysBase0"), (0x213, "MSR_MTRRphysMask9"),
+                                             (0x250, "MSR_MTRRfix64K_00000"), (0x259, "MSR_MTRRfix16K_A0000"),
+                                             (0x26F, "MSR_MTRRfix4K_F8000")])
+def test_the_mtrrs_have_their_names(index: int, name: str) -> None:
+    # Firecracker's boot MSRs include MTRRdefType: reports named it MSR_0x2ff.
+    assert msrs.name_of(index) == name and msrs.lookup(name).index == index, (
+        f"{index:#x}: expected {name}, saw {msrs.name_of(index)}")
