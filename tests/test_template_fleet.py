@@ -316,3 +316,14 @@ def test_baseline_under_a_kernel_starts_from_what_that_kernel_reports() -> None:
     exit_ctls = next(m for m in result.template.msr_modifiers if m.addr == 0x48F)
     assert not exit_ctls.bitmap.value >> 60 & 1, f"TRUE_EXIT_CTLS {exit_ctls.bitmap.value:#x} under 6.12"
     assert not any("0x48f" in line.lower() for line in result.left_out), result.left_out
+
+
+def test_profile_names_print_on_one_short_line(tmp_path: Path) -> None:
+    # A name is user text: a 5,000-character one is shortened, an empty one stands out, as the other readers do.
+    data = json.loads((ROOT / "src/kvmscope/profiles/intel-spr.json").read_text())
+    for name, expect in (("x" * 5000, "(5000 characters) vs amd-epyc"), ("", "(a profile with no name) vs amd-epyc")):
+        data["name"] = name
+        (tmp_path / "p.json").write_text(json.dumps(data))
+        code, out = run("fingerprint", "compare", str(tmp_path / "p.json"), "amd-epyc")
+        first = out.splitlines()[0]
+        assert code == 1 and first.endswith(expect) and len(first) < 200, f"name of {len(name)}: saw {first[:300]!r}"

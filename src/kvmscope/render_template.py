@@ -16,6 +16,13 @@ if TYPE_CHECKING:
     from .template_apply import ApplyReport, BitDiff, Dump
 
 
+def _name(name: str) -> str:
+    """A profile's name as user text on one line (escaped, shortened), or what stands for an empty one."""
+    from .inputs import shown
+
+    return shown(name) if name else "(a profile with no name)"
+
+
 def _json(data: Any) -> None:
     """A Firecracker template, as Firecracker's JSON (a file format: no report envelope)."""
     click.echo(json.dumps(data, indent=2))
@@ -113,12 +120,13 @@ def baseline_report(b: Baseline, names: Sequence[str], path: str | None, as_json
     if path is None:
         click.echo(b.template.dumps(), nl=False)
     else:
-        click.echo(f"wrote {path}: the baseline of {', '.join(names)}")
-    forced: dict[tuple[str, str], list[int]] = {}
+        click.echo(f"wrote {path}: the baseline of {', '.join(map(_name, names))}")
+    forced: dict[tuple[str, tuple[str, ...]], list[int]] = {}
     for f in b.forced:
-        forced.setdefault((f.where, ", ".join(f.hosts)), []).append(f.bit)
+        forced.setdefault((f.where, tuple(f.hosts)), []).append(f.bit)
     for (where, hosts), bits in forced.items():
-        click.echo(f"  forced by {hosts}: {where} bits {', '.join(map(str, bits))}", err=path is None)
+        click.echo(f"  forced by {', '.join(map(_name, hosts))}: {where} bits {', '.join(map(str, bits))}",
+                   err=path is None)
     for why in b.left_out:
         click.echo(f"  left out: {why}", err=path is None)
 
@@ -128,7 +136,7 @@ def fingerprint_report(a: str, b: str, diffs: Sequence[Difference], as_json: boo
         json_document("fingerprint compare", {"a": a, "b": b, "same": not diffs,
                                               "differences": [d.to_json() for d in diffs]})
         return
-    click.echo(f"{a} vs {b}")
+    click.echo(f"{_name(a)} vs {_name(b)}")
     for d in diffs:
         detail = f" ({d.detail})" if d.detail else ""
         click.echo(f"  {d.what:<11} {d.where}: {d.a} vs {d.b}{detail}")
