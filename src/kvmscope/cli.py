@@ -200,7 +200,7 @@ def _probe(system: System, fallback: str | None, as_json: bool, set_cpuid: bool,
     return EXIT_NO_KVM if fallback else EXIT_OK
 
 
-@main.command()
+@main.command(context_settings={"ignore_unknown_options": True})  # VALUE -1 is a value to refuse, not an option
 @click.argument("msr")
 @click.argument("value", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
