@@ -118,3 +118,15 @@ def test_offsets_match_header(header_values: dict[str, int], struct: str, member
 def test_stuff_feature_msrs_quirk_value() -> None:
     # Not in this machine's 6.1 headers: added in v6.13 (dcb988cdac85) as BIT(8).
     assert uapi.KVM_X86_QUIRK_STUFF_FEATURE_MSRS == 0x100
+
+
+def test_every_capability_of_the_header_has_its_name() -> None:
+    # A traced KVM_CHECK_EXTENSION or a template's kvm_capabilities names the capability, not "capability 203".
+    import re
+
+    header = Path("/usr/include/linux/kvm.h")
+    if not header.is_file():
+        pytest.skip("needs <linux/kvm.h> (linux-libc-dev)")
+    caps = {int(v): n for n, v in re.findall(r"^#define (KVM_CAP_\w+)\s+(\d+)\s*$", header.read_text(), re.M)}
+    missing = {v: n for v, n in caps.items() if uapi.CAPABILITY_NAMES.get(v) != n}
+    assert not missing, f"capabilities of {header} without their name in uapi: {missing}"
