@@ -57,3 +57,25 @@ def test_the_default_model_takes_what_the_kernel_takes(live: LinuxSystem, tmp_pa
     for backend in ("linux", "model"):
         result = CliRunner().invoke(main, ["check", str(scenario), "--backend", backend])
         assert result.exit_code == 0, f"--backend {backend}: expected the PAT write taken, got {result.output}"
+
+
+def test_an_entry_that_leaves_the_model_answering_otherwise_is_not_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A "kernel" (a model) whose PRED_CMD takes 0 and 1 only, unreadable: no kind the profile has says that, and the
+    # catch-all "other" (the model then takes every value) must not be recorded as if it did.
+    from dataclasses import replace
+
+    from kvmscope.kernel import profile as profiles
+    from kvmscope.kernel.profile import MsrBehaviour
+
+    base = load("pvm-6.18")
+    kernel = replace(base, vendor_msrs={**base.vendor_msrs, 0x49: MsrBehaviour("zero_drop", 1, False)})
+    bare = replace(base, vendor_msrs={})  # what a capture starts from
+    for shipped in (True, False):
+        if not shipped:
+            monkeypatch.setattr(profiles, "shipped", lambda: [])
+        with open_model(profile=kernel) as live:
+            found = capture.vendor_msrs(live, bare)
+        assert 0x49 not in found, f"shipped profiles {'on' if shipped else 'off'}: PRED_CMD recorded as {found[0x49]}"
+        if shipped:
+            want = {i: b for i, b in base.vendor_msrs.items() if i != 0x49}
+            assert found == want, f"the other entries as shipped: saw {sorted(map(hex, found))}"
