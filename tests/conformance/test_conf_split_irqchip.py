@@ -110,3 +110,39 @@ def test_what_a_split_irqchip_routes_is_the_kernels_or_a_model_limitation(kvm: S
             assert kvm.backend == "model", "only the model may refuse"
         else:
             assert kvm.backend == "linux", f"{call}: the model should say it does not implement this on a split irqchip"
+
+
+def _window_run(kvm: System, lvt0_masked: bool) -> object:
+    """The exit of a run with an interrupt window requested, IF set, on a split irqchip's BSP (LVT0 ExtINT at reset)."""
+    with kvm.create_vm() as vm:
+        vm.enable_cap(uapi.KVM_CAP_SPLIT_IRQCHIP, RESERVED_PINS)
+        vcpu = vm.create_vcpu(0)
+        guest.load_real_mode(vm, vcpu, guest.OUT_THEN_HLT)
+        set_rflags(vcpu, 0x202)
+        if lvt0_masked:
+            lapic = vcpu.get_lapic()
+            struct.pack_into("<I", lapic, LVT0, struct.unpack_from("<I", lapic, LVT0)[0] | MASKED)
+            vcpu.set_lapic(lapic)
+        vcpu.request_interrupt_window = True
+        return vcpu.run()
+
+
+@pytest.mark.parametrize("lvt0_masked", [False, True])
+def test_a_window_request_asks_the_local_apic(kvm: System, lvt0_masked: bool) -> None:
+    # No window exit while the LAPIC would not take an ExtINT (dm_request_for_irq_injection and
+    # kvm_vcpu_ready_for_interrupt_injection): the guest runs on to its OUT. PVM opens a window only at a host tick
+    # (docs/live-kernel.md), so a short run reaches the OUT with LVT0 in ExtINT mode too.
+    exit_ = _window_run(kvm, lvt0_masked)
+    assert isinstance(exit_, IoExit), f"LVT0 {'masked' if lvt0_masked else 'ExtINT'}: expected the OUT, saw {exit_}"
+
+
+@pytest.mark.parametrize("profile", ["intel-spr", "amd-epyc"])
+def test_upstream_window_exits_ask_the_local_apic_too(profile: str) -> None:
+    # 6.12.118 x86.c vcpu_run: KVM_EXIT_IRQ_WINDOW_OPEN only when ready; upstream VMX/SVM exit before any instruction.
+    from kvmscope.api import IrqWindowOpenExit
+    from kvmscope.model import open_model
+
+    with open_model(profile=profile) as kvm:
+        masked, extint = _window_run(kvm, True), _window_run(kvm, False)
+    assert isinstance(masked, IoExit) and isinstance(extint, IrqWindowOpenExit), (
+        f"{profile}: expected the OUT with LVT0 masked and a window exit with LVT0 ExtINT, saw {masked}, {extint}")

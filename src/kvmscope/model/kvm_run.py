@@ -120,10 +120,12 @@ class KvmRunModel:
         e = self.events
         return bool(self.regs.rflags & X86_EFLAGS_IF and not e.interrupt.shadow and not e.interrupt.injected
                     and not e.exception.injected and not e.nmi.injected and not e.exception.pending
-                    and not self._shutdown_pending and (self.lapic is None or self._accepts_extint()))
+                    and not self._shutdown_pending and self.accepts_extint())
 
-    def _accepts_extint(self) -> bool:
-        assert self.lapic is not None
+    def accepts_extint(self) -> bool:
+        """``kvm_cpu_accept_dm_intr``'s LAPIC half: no in-kernel LAPIC, or one that takes an ExtINT."""
+        if self.lapic is None:
+            return True
         lvt0 = int.from_bytes(self.lapic[_APIC_LVT0 : _APIC_LVT0 + 4], "little")
         return not self.sregs.apic_base & _APIC_BASE_ENABLE or not lvt0 & _LVT_MASKED and lvt0 & 0x700 == 0x700
 

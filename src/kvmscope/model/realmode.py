@@ -36,7 +36,7 @@ def interpret(vcpu: ModelVcpu, deadline: float | None = None) -> Exit:
     base = sregs.cs.base
     if sregs.cr0 & 1:
         raise vcpu.limitation("the model interprets real-mode guests only (CR0.PE is set)")
-    window = vcpu.irq_window_requested()
+    window = vcpu.irq_window_requested() and vcpu.accepts_extint()  # a split irqchip's LAPIC with LINT0 masked: none
     upstream_window, pvm_window = window and vcpu.profile.vendor != "pvm", window and vcpu.profile.vendor == "pvm"
     interrupt = vcpu.events.interrupt
     shadow = interrupt.shadow

@@ -354,7 +354,7 @@ class ModelVcpu(VcpuStateModel, KvmRunModel, Vcpu):
             if program is not None and (program.pending is not None or self.events.interrupt.shadow):
                 raise self.limitation("KVM_RUN: the window would open inside the program's code (the model runs "
                                       "programs by operation)")
-            if self.regs.rflags & X86_EFLAGS_IF and not self.events.interrupt.shadow:
+            if self.regs.rflags & X86_EFLAGS_IF and not self.events.interrupt.shadow and self.accepts_extint():
                 return IrqWindowOpenExit()
         if self._program is not None:
             self.events.interrupt.shadow = 0  # the program's first instruction ends it
