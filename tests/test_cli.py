@@ -103,12 +103,18 @@ _TEMPLATE = "examples/templates/t2s-like.json"
     ("template verify", ["template", "verify", _TEMPLATE, "--profile", "intel-spr"], ["ok", "diffs"]),
     ("baseline", ["baseline", "intel-spr", "pvm-6.18"], ["hosts", "template"]),
     ("fingerprint compare", ["fingerprint", "compare", "intel-spr", "amd-epyc"], ["same", "differences"]),
+    ("template restore", ["template", "restore", _TEMPLATE, "--profile", "intel-spr", "--to-kernel", "6.3"],
+     ["ok", "vcpus"]),
+    ("trace", ["trace", "--out", "TMP/t.yaml", "--timeout", "20", "--", "/bin/true"], ["recording", "traced_command"]),
 ])
-def test_every_json_output_is_one_versioned_object(command: str, args: list[str], keys: list[str]) -> None:
+def test_every_json_output_is_one_versioned_object(command: str, args: list[str], keys: list[str],
+                                                   tmp_path: Path) -> None:
     # A script checks schema_version and command before it reads the rest, whatever the command.
     root = Path(__file__).resolve().parents[1]
-    result = CliRunner().invoke(main, [*(str(root / a) if "/" in a else a for a in args), "--json"],
-                                prog_name="kvmscope")
+    args = [a.replace("TMP", str(tmp_path)) if a.startswith("TMP") else str(root / a) if "/" in a[1:] else a
+            for a in args]
+    at = args.index("--") if "--" in args else len(args)  # --json before a traced command's own arguments
+    result = CliRunner().invoke(main, [*args[:at], "--json", *args[at:]], prog_name="kvmscope")
     assert result.exit_code in (0, 1), f"{args}: expected a verdict, got exit {result.exit_code}: {result.stderr!r}"
     doc = json.loads(result.stdout)
     assert isinstance(doc, dict) and list(doc)[:2] == ["schema_version", "command"], (

@@ -77,7 +77,7 @@ class ProbeReport:
     cpu_vendor: str | None = None  # "intel" or "amd" from the supported CPUID's vendor string (decodes UCODE_REV)
 
     def to_json(self) -> dict[str, Any]:
-        out = {"schema_version": JSON_SCHEMA_VERSION, **asdict(self)}
+        out = asdict(self)  # the --json envelope (render.json_document) carries schema_version
         out["msr_index_list"] = [f"0x{i:x}" for i in self.msr_index_list]
         for m in out["msrs"]:
             for k in ("value", "vcpu_default", "changed_value", "after_run_value", "after_run_readback", "tried"):

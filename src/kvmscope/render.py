@@ -39,6 +39,7 @@ DEFAULT_WIDTH = 80  # off a terminal, without COLUMNS
 def json_document(command: str, body: dict[str, Any]) -> None:
     """Print one ``--json`` document: every command's is an object that starts with ``schema_version`` and the
     ``command`` that made it, so a script can check both before it reads the rest (README.md)."""
+    assert not {"schema_version", "command"} & body.keys(), "a report's own key would hide the envelope's"
     click.echo(json.dumps({"schema_version": JSON_SCHEMA_VERSION, "command": command, **body}, indent=2))
 
 

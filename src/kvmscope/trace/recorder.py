@@ -66,7 +66,7 @@ class Result:
 
     def to_json(self) -> dict[str, object]:
         s = self.summary
-        return {"command": self.argv, "exit_code": self.exit_code, "signal": self.signal, "timed_out": self.timed_out,
+        return {"traced_command": self.argv, "exit_code": self.exit_code, "signal": self.signal, "timed_out": self.timed_out,
                 "ended": self.ended, "detached": self.detached, "seconds": round(self.seconds, 6), "ioctls": s.calls,
                 "steps": s.steps,
                 "vcpus": s.vcpus, "runs": {str(k): v for k, v in s.runs.items()}, "by_name": s.by_name,
