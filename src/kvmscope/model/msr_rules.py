@@ -128,10 +128,8 @@ class MsrRules:
     def cap(self, bit: tuple[int, int, str, int]) -> bool:
         """A guest CPUID feature as KVM's MSR code asks for it: from 6.14 ``guest_cpu_cap_has``, the guest's bit and
         KVM's support (the supported CPUID, or emulated: RDPID on a host with RDTSCP); before, the bit alone."""
-        if not self.cpuid_has(bit):
-            return False
-        if not self.rules.guest_cpu_caps:
-            return True
+        if not self.cpuid_has(bit) or not self.rules.guest_cpu_caps:
+            return self.cpuid_has(bit)
         return self.supported(bit) or (bit == C.RDPID and self.supported(C.RDTSCP))
 
     def supported(self, bit: tuple[int, int, str, int]) -> bool:
@@ -219,7 +217,8 @@ class MsrRules:
         if b is None:
             return self.refuse(index, R.UNKNOWN_MSR, UNSUPPORTED)
         if b.kind == "refuse" or (b.kind == "zero_only" and data) or (b.kind == "zero_drop" and data not in (0, b.default)):
-            return self.refuse(index, R.HOST_PROFILE, FAIL if index in M.BY_INDEX or b.kind != "refuse" else UNSUPPORTED)
+            unknown = b.kind == "refuse" and index not in M.BY_INDEX and index not in p.msr_index_list
+            return self.refuse(index, R.HOST_PROFILE, UNSUPPORTED if unknown else FAIL)
         if b.kind not in ("drop", "zero_drop"):
             key = MSR_ALIASES.get(index, index)
             (self.vm.msrs if key in VM_WIDE_MSRS else self.stored)[key] = data
@@ -437,7 +436,7 @@ class MsrRules:
             return UNSUPPORTED
         if b.kind == "zero_drop":
             return FAIL
-        code = self.host_set(index, data)  # UNSUPPORTED: an MSR upstream lacks (PVM's 0x4B564D11-13) is unknown
+        code = self.host_set(index, data)  # UNSUPPORTED: an MSR upstream lacks (PVM's 0x4B564D11-13)
         return code if code in (OK, UNSUPPORTED) else FAIL
 
     # -- KVM_SET_CPUID2 --
