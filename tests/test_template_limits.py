@@ -336,3 +336,14 @@ def test_template_read_notes_modifiers_a_later_one_overrides(tmp_path: Path) -> 
         "  note: cpuid_modifiers[0].modifiers[2] (CPUID 0x1.0 eax) overrides cpuid_modifiers[0].modifiers[0] (CPUID "
         "0x1.0 eax) at bits 0x80000000: Firecracker applies both in turn, so the later one's bits win",
     ], f"expected one note per overridden modifier (not for 0x10a or ebx), got {notes}"
+
+
+def test_what_the_model_cannot_judge_is_said_not_a_traceback(tmp_path: Path) -> None:
+    # A leaf 0xD modifier with flags 0 on the PVM model: KVM_SET_CPUID2 raises ModelLimitation.
+    path = tmp_path / "d0.json"
+    path.write_text('{"cpuid_modifiers": [{"leaf": "0xd", "subleaf": "0x1", "flags": 0, "modifiers": '
+                    '[{"register": "eax", "bitmap": "0bx"}]}]}')
+    r = run("template", "apply", str(path), "--backend", "model", "--profile", "pvm-6.18", "--vcpus", "1")
+    no_traceback(r)
+    assert r.exit_code == 2 and "the model cannot judge this template" in r.stderr, (
+        f"expected exit 2 saying the model cannot judge it, saw {r.exit_code}: {r.stderr!r}")

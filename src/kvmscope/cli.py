@@ -451,6 +451,7 @@ def template_apply(template_file: str, backend: str, kernel: str | None, profile
                 3 /dev/kvm missing (with --backend auto, after the model's report, as probe does).
     """
     from . import render_template
+    from .model import ModelLimitation
     from .template_apply import BOOT_MSRS, apply
 
     t = _load_template(template_file)
@@ -459,7 +460,10 @@ def template_apply(template_file: str, backend: str, kernel: str | None, profile
     reports = {}
     for label, system in systems:
         with system:
-            reports[label] = apply(system, t, vcpus, boot, after_run)
+            try:
+                reports[label] = apply(system, t, vcpus, boot, after_run)
+            except ModelLimitation as e:  # what the model does not reproduce: no verdict rather than a made-up one
+                fail(f"{template_file}: the model cannot judge this template: {e}", EXIT_USAGE)
         if system.backend == "linux":
             _explain_live(reports[label], t, vcpus, boot, after_run)
     render_template.apply_reports(reports, as_json)
@@ -495,6 +499,7 @@ def _verdict(ok: bool) -> NoReturn:
 def _explain_live(report: ApplyReport, t: Template, vcpus: int, boot: Sequence[tuple[int, int]],
                   after_run: bool) -> None:
     """Apply alongside on the model of this host (when it is of the same vendor) to name the rules behind refusals."""
+    from .model import ModelLimitation
     from .template_apply import apply, explain
 
     with exit_on_error():
@@ -502,7 +507,10 @@ def _explain_live(report: ApplyReport, t: Template, vcpus: int, boot: Sequence[t
     live.close()
     if model is not None:
         with model:
-            explain(report, apply(model, t, vcpus, boot, after_run))
+            try:
+                explain(report, apply(model, t, vcpus, boot, after_run))
+            except ModelLimitation as e:
+                report.notes.append(f"the model of this host cannot explain this template, so refusals name no rule: {e}")
 
 
 @template.command("restore")

@@ -199,3 +199,17 @@ def test_after_run_only_what_the_kernel_stored(kvm: System) -> None:
         vcpu.set_sregs(sregs)
         vcpu.set_cpuid(stored)
         vcpu.set_cpuid(vcpu.get_cpuid())
+
+
+def test_a_flagless_xsave_leaf_is_the_kernels_or_a_model_limitation(kvm: System) -> None:
+    from kvmscope.model import ModelLimitation
+
+    entries = [replace(e, flags=0) if e.key == (0xD, 1) else e for e in kvm.get_supported_cpuid()]
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        try:
+            vcpu.set_cpuid(entries)
+        except ModelLimitation:
+            assert kvm.backend == "model", "only the model may refuse"
+        else:
+            assert kvm.backend == "linux", "the model should say it does not reproduce PVM's rewrite of this list"

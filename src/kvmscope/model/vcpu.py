@@ -298,6 +298,9 @@ class ModelVcpu(VcpuStateModel, KvmRunModel, Vcpu):
         err = C.check(entries, self.profile)
         if err:
             raise KvmError(err, "KVM_SET_CPUID2")
+        if self.profile.cpuid_rewrite and any(e.function == 0xD and not e.flags & 1 for e in entries):
+            raise self.limitation("KVM_SET_CPUID2: a leaf 0xD entry without KVM_CPUID_FLAG_SIGNIFCANT_INDEX, which this "
+                                  "vendor module's rewrite of leaves 1, 7 and 0xD then follows in ways not modelled")
         self.cpuid = C.rewrite(entries, self.profile)
         self.cpuid_set = True  # kvm_vcpu_after_set_cpuid: the guest's CR4 reserved bits from here on
         self.msr_rules.config_changed()
