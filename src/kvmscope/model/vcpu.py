@@ -271,9 +271,10 @@ class ModelVcpu(VcpuStateModel, KvmRunModel, Vcpu):
         return C.runtime_update(self.cpuid, self.runtime_state(), self.profile)
 
     def runtime_state(self) -> C.RuntimeState:
-        """``kvm_update_cpuid_runtime``'s inputs as they are now. XCR0 and XSS size 0xD.0/0xD.1 EBX: KVM updates CPUID
-        when ``__kvm_set_xcr`` changes XCR0's extended bits and at every XSS write (6.12.118 x86.c:1109-1112, 3539-3540),
-        so the sizes always follow them (the XSAVE size of FP and SSE alone is fixed)."""
+        """``kvm_update_cpuid_runtime``'s inputs as they are now. KVM updates CPUID when ``__kvm_set_xcr`` changes XCR0's
+        extended bits and at every XSS write (6.12.118 x86.c:1109-1112, 3539-3540), so 0xD.0/0xD.1 EBX always follow
+        XCR0 (the size of FP and SSE alone is fixed). 0xD.1 EBX counts XSS from 6.18 (CET; 6.12.118 cpuid.c:322 takes
+        XCR0 alone): before, KVM supports no XSS bit, so XSS is 0 here whatever the version."""
         self._runtime.xcr0, self._runtime.xss = self.xcr0, self.msr_rules.stored.get(MSR_XSS, 0)
         return self._runtime
 
