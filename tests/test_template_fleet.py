@@ -319,11 +319,17 @@ def test_baseline_under_a_kernel_starts_from_what_that_kernel_reports() -> None:
 
 
 def test_profile_names_print_on_one_short_line(tmp_path: Path) -> None:
-    # A name is user text: a 5,000-character one is shortened, an empty one stands out, as the other readers do.
+    # A name is user text: a 5,000-character one is shortened as the other readers do; an empty one, or one that is
+    # not one printable line, is refused where the profile is read.
     data = json.loads((ROOT / "src/kvmscope/profiles/intel-spr.json").read_text())
-    for name, expect in (("x" * 5000, "(5000 characters) vs amd-epyc"), ("", "(a profile with no name) vs amd-epyc")):
+    data["name"] = "x" * 5000
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    code, out = run("fingerprint", "compare", str(tmp_path / "p.json"), "amd-epyc")
+    first = out.splitlines()[0]
+    assert code == 1 and first.endswith("(5000 characters) vs amd-epyc") and len(first) < 200, f"saw {first[:300]!r}"
+    for name in ("", " ", "a\nb", "a\x1b[31mb"):
         data["name"] = name
         (tmp_path / "p.json").write_text(json.dumps(data))
-        code, out = run("fingerprint", "compare", str(tmp_path / "p.json"), "amd-epyc")
-        first = out.splitlines()[0]
-        assert code == 1 and first.endswith(expect) and len(first) < 200, f"name of {len(name)}: saw {first[:300]!r}"
+        code, out = run("template", "apply", str(ROOT / "examples/templates/t2s-like.json"), "--profile",
+                        str(tmp_path / "p.json"))
+        assert code == 2 and "field name: expected a printable name on one line" in out, f"{name!r}: saw {out!r}"

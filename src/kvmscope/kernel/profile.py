@@ -299,9 +299,19 @@ REWRITE_RULE = Record(_rewrite, [
 APPEND_RULE = Record(_append, [Field("trigger", Leaf(), required=True),
                                Field("entries", ListOf(CPUID_ENTRY), required=True)], strict=False)
 # Unknown keys are ignored (a newer kvmscope may add some); a CPUID entry's are an error.
+class Name(Str):
+    """A profile's name: one printable line (reports print it as the host's name), as ``probe --save --name`` asks."""
+
+    def read(self, r: Reader, x: Any, path: str) -> str:
+        v = super().read(r, x, path)
+        if not v.strip() or not v.isprintable():
+            raise r.fail(x, path, f"expected a printable name on one line, got '{inputs.shown(v)}'")
+        return v
+
+
 PROFILE: Record[Profile] = Record(Profile, [
     Field("schema", Version(SCHEMA), required=True, store=False),
-    Field("name", Str(), required=True),
+    Field("name", Name(), required=True),
     Field("description", Str(), default=""),
     Field("source", AnyMapping()),
     Field("vendor", Str(VENDORS), required=True),
