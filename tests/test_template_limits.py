@@ -243,6 +243,7 @@ HUGE = "e" * 100_000
      "(100,004 characters) does not fit 32 bits"),
     ({"msr_modifiers": [{"addr": "z" + HUGE, "bitmap": "0b1"}]}, "(100,003 characters) must start with 0x"),
     ({"kvm_capabilities": [HUGE]}, "(100,002 characters) is not a capability"),
+    ({"kvm_capabilities": ["9" * 5000]}, "(5,002 characters) is not a capability"),  # int() of 4,301+ digits raises
     ({HUGE: 1}, "field 'eeee"),
     ({"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": True, "modifiers": []}]},
      "field cpuid_modifiers[0].flags: expected an integer from 0 to 4294967295, got true"),

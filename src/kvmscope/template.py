@@ -134,9 +134,10 @@ def parse_capability(text: str) -> tuple[int, bool]:
     """A ``kvm_capabilities`` string: ``"N"`` (add) or ``"!N"`` (remove), N a decimal u32. Returns (N, removed)."""
     removed = text.startswith("!")
     body = text[1:] if removed else text
-    if not re.fullmatch(r"\+?[0-9]+", body) or int(body) > U32_MAX:
+    digits = body.lstrip("+").lstrip("0") or "0"  # int() of more than 4,300 digits raises, leading zeros too
+    if not re.fullmatch(r"\+?[0-9]+", body) or len(digits) > 10 or int(digits) > U32_MAX:
         raise ValueError(f"{shown(text)} is not a capability: expected a decimal number, optionally after '!'")
-    return int(body), removed
+    return int(digits), removed
 
 
 # --- the template ----------------------------------------------------------------------------------------------------
