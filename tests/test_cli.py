@@ -216,11 +216,13 @@ def test_a_scenario_profile_file_is_named_relative_to_the_scenario(tmp_path: Pat
     assert "profile intel-spr" in result.stdout, f"the report should name the profile used: {result.stdout!r}"
 
 
-def test_a_scenario_profile_that_is_nowhere_names_its_line(tmp_path: Path) -> None:
-    (tmp_path / "s.yaml").write_text("scenario: 1\nprofile: myprof\nsteps:\n  - create_vcpu: 0\n")
+@pytest.mark.parametrize(("given", "says"), [("myprof", "no shipped profile named 'myprof'"),
+                                             ('""', "expected a shipped profile name or a file, got ''")])
+def test_a_scenario_profile_that_is_nowhere_names_its_line(tmp_path: Path, given: str, says: str) -> None:
+    (tmp_path / "s.yaml").write_text(f"scenario: 1\nprofile: {given}\nsteps:\n  - create_vcpu: 0\n")
     result = CliRunner().invoke(main, ["check", str(tmp_path / "s.yaml")])
-    assert result.exit_code == 2 and f"{tmp_path / 's.yaml'}:2: profile: no shipped profile named 'myprof'" in (
-        result.stderr), f"expected exit 2 naming line 2 and the field, got {result.exit_code}: {result.stderr!r}"
+    assert result.exit_code == 2 and f"{tmp_path / 's.yaml'}:2: profile: {says}" in result.stderr, (
+        f"expected exit 2 naming line 2 and the field, got {result.exit_code}: {result.stderr!r}")
 
 
 @pytest.mark.parametrize("extra", [["--backend", "linux"], ["--kernel", "6.3"], ["--profile", "intel-spr"]])

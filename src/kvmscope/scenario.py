@@ -155,6 +155,8 @@ class ProfileRef(Type[str]):
         from .kernel.profile import shipped
 
         text = Str().read(r, x, path)
+        if not text.strip():
+            raise r.fail(x, path, f"expected a shipped profile name or a file, got {text!r}")
         if "/" in text or text.endswith(".json") or text not in shipped() and os.path.lexists(r.base / text):
             return str(r.base / text)
         if text not in shipped():
