@@ -128,6 +128,17 @@ def _masks(
     return out
 
 
+def _appended_raw(system: System, trigger: CpuidEntry, extra: list[CpuidEntry]) -> dict[tuple[int, int], CpuidEntry]:
+    """What KVM_SET_CPUID2 appends for ``trigger``, before its rewrite: given the trigger and a copy of every appended
+    leaf but the first (whose absence makes the append), the appended copies that follow a given one are not the
+    entries the rewrite finds (``kvm_find_cpuid_entry_index``: the first), so they keep the values appended. The
+    first appended leaf is always the one found, so its rewritten value is the one that counts."""
+    got = _set_get(system, [trigger, *extra[1:]]) or []
+    if len(got) != 2 * len(extra) or [x.key for x in got[len(extra):]] != [x.key for x in extra]:
+        return {}  # not appended as a block after what was given: nothing to learn
+    return {x.key: x for x in got[len(extra) + 1:]}
+
+
 def capture_cpuid_rules(system: System, supported: list[CpuidEntry]) -> tuple[list[RewriteRule], list[AppendRule]]:
     """Derive how KVM_SET_CPUID2 rewrites its input, from experiments on fresh vCPUs."""
     rules: list[RewriteRule] = []
@@ -139,7 +150,8 @@ def capture_cpuid_rules(system: System, supported: list[CpuidEntry]) -> tuple[li
         alone = _set_get(system, [e]) or []
         extra = [x for x in alone if x.key != e.key]
         if extra:
-            appends.append(AppendRule(e.key, tuple(by_key.get(x.key, x) for x in extra)))
+            raw = _appended_raw(system, e, extra)
+            appends.append(AppendRule(e.key, tuple(raw.get(x.key) or by_key.get(x.key, x) for x in extra)))
     for i, e in enumerate(supported):
         alone_got = _set_get(system, [e]) or []
         requires: tuple[int, int] | None = None

@@ -66,8 +66,8 @@ XSAVE_LEAVES = [(0xD, 0), (0xD, 1), (0xD, 2), (0xD, 5), (0xD, 6), (0xD, 7)]
 def test_leaf_1_without_leaf_0xd_0_brings_every_xsave_leaf(kvm: System, keep: list[tuple[int, int]],
                                                           appended: bool) -> None:
     """PVM appends all of 0xD.0, 1, 2, 5, 6, 7 when the list has leaf 1 and not 0xD.0, those already listed too,
-    which then appear twice; with 0xD.0 listed, or without leaf 1, nothing. (The second copy of a leaf carries values
-    the live kernel does not rewrite and the model does not know: only the leaves are compared.)"""
+    which then appear twice; with 0xD.0 listed, or without leaf 1, nothing. (The values of a second copy are
+    ``test_a_second_appended_copy_keeps_the_appended_values``'.)"""
     supported = kvm.get_supported_cpuid()
     by_key = {e.key: e for e in supported}
     with kvm.create_vm() as vm:
@@ -76,6 +76,20 @@ def test_leaf_1_without_leaf_0xd_0_brings_every_xsave_leaf(kvm: System, keep: li
         got = [e.key for e in vcpu.get_cpuid()]
         expected = keep + (XSAVE_LEAVES if appended else [])
         assert got == expected, f"KVM_SET_CPUID2 of {keep}: expected {expected}, saw {got}"
+
+
+def test_a_second_appended_copy_keeps_the_appended_values(kvm: System) -> None:
+    # Leaf 1 and 0xD.1 without 0xD.0: the appended 0xD.1 follows the given one, so the rewrite (which edits the entry
+    # kvm_find_cpuid_entry_index finds, the first) leaves it as PVM appends it: the host CPU's 0xD.1 here (XSAVEOPT,
+    # XSAVEC, XGETBV1, XSAVES; 0x9A8 bytes; XSS bits 11-12), where the given one is rewritten.
+    by_key = {e.key: e for e in kvm.get_supported_cpuid()}
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid([by_key[1, 0], by_key[0xD, 1]])
+        copies = [e for e in vcpu.get_cpuid() if e.key == (0xD, 1)]
+    raw = CpuidEntry(0xD, 1, 1, eax=0xF, ebx=0x9A8, ecx=0x1800)
+    assert len(copies) == 2 and copies[1] == raw and copies[0] != raw, (
+        f"expected the given 0xD.1 rewritten and the appended one {raw}, saw {copies}")
 
 
 @pytest.mark.parametrize(
