@@ -261,6 +261,7 @@ def apply(system: System, template: Template, vcpus: int = 1, boot: Sequence[tup
         # Firecracker's VM has an in-kernel irqchip (KVM_CREATE_IRQCHIP before the vCPUs), so its vCPUs have a local
         # APIC: the MSRs that need one (x2APIC, TSC_DEADLINE, KVM_ASYNC_PF_INT) are judged as Firecracker meets them.
         vm.create_irqchip()
+        vm.create_pit2(uapi.KVM_PIT_SPEAKER_DUMMY)  # and its PIT, as setup_irqchip makes it (no MSR depends on it)
         configure(system, vm, template, vcpus, boot, after_run, rep, irqchip=True)
     return rep
 
