@@ -146,3 +146,63 @@ def test_upstream_window_exits_ask_the_local_apic_too(profile: str) -> None:
         masked, extint = _window_run(kvm, True), _window_run(kvm, False)
     assert isinstance(masked, IoExit) and isinstance(extint, IrqWindowOpenExit), (
         f"{profile}: expected the OUT with LVT0 masked and a window exit with LVT0 ExtINT, saw {masked}, {extint}")
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_the_lvr_offers_directed_eoi_without_an_in_kernel_ioapic(kvm: System, split: bool) -> None:
+    # kvm_apic_set_version (6.12.118 lapic.c:584-605) at KVM_SET_CPUID2: a guest with x2APIC, no in-kernel IOAPIC.
+    with kvm.create_vm() as vm:
+        if split:
+            vm.enable_cap(uapi.KVM_CAP_SPLIT_IRQCHIP, RESERVED_PINS)
+        else:
+            vm.create_irqchip()
+        vcpu = vm.create_vcpu(0)
+        before = struct.unpack_from("<I", vcpu.get_lapic(), 0x30)[0]
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        after = struct.unpack_from("<I", vcpu.get_lapic(), 0x30)[0]
+    assert (before >> 24 & 1, after >> 24 & 1) == (0, int(split)), (
+        f"split={split}: LVR directed-EOI bit before and after KVM_SET_CPUID2: expected (0, {int(split)}), "
+        f"saw {before:#x}, {after:#x}")
+
+
+def _lapic_run(kvm: System, split: bool, change: str) -> object:
+    """A run after an in-kernel LAPIC was given something to deliver: the exit, or the model's limitation."""
+    from kvmscope.model import ModelLimitation
+
+    with kvm.create_vm() as vm:
+        if split:
+            vm.enable_cap(uapi.KVM_CAP_SPLIT_IRQCHIP, RESERVED_PINS)
+        else:
+            vm.create_irqchip()
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(kvm.get_supported_cpuid())
+        guest.load_real_mode(vm, vcpu, guest.OUT_THEN_HLT)
+        lapic = vcpu.get_lapic()
+        struct.pack_into("<I", lapic, 0xF0, 0x1FF)  # SPIV: enabled in software
+        if change == "irr":
+            struct.pack_into("<I", lapic, 0x200 + 0x10 * (0x68 >> 5), 1 << (0x68 & 31))
+        elif change == "timer":
+            struct.pack_into("<I", lapic, 0x320, 0x50)  # LVTT: one-shot, vector 0x50, unmasked
+            struct.pack_into("<I", lapic, 0x380, 0x10000000)  # TMICT
+        vcpu.set_lapic(lapic)
+        if change == "async_pf":
+            assert vcpu.set_msrs(MsrBatch([(0x4B564D06, 0x40), (0x4B564D02, 0x2000 | 0x9)])) == 2, "async PF on"
+        try:
+            return vcpu.run()
+        except ModelLimitation:
+            return ModelLimitation
+
+
+@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("change", ["irr", "timer", "async_pf"])
+def test_what_a_local_apic_delivers_at_a_run_is_the_kernels_or_a_model_limitation(kvm: System, split: bool,
+                                                                                 change: str) -> None:
+    # An IRR vector (delivered even with IF clear here: live), a one-shot timer, and async PF's "wakeup all"
+    # (kvm_pv_enable_async_pf): the kernel delivers them; the model does not, and says so.
+    from kvmscope.model import ModelLimitation
+
+    got = _lapic_run(kvm, split, change)
+    if kvm.backend == "model":
+        assert got is ModelLimitation, f"{change}: the model should say it does not deliver this, saw {got}"
+    else:
+        assert isinstance(got, IoExit), f"{change}: expected the live run to reach the OUT, saw {got}"

@@ -303,6 +303,7 @@ class ModelVcpu(VcpuStateModel, KvmRunModel, Vcpu):
             raise self.limitation("KVM_SET_CPUID2: a leaf 0xD entry without KVM_CPUID_FLAG_SIGNIFCANT_INDEX, which this "
                                   "vendor module's rewrite of leaves 1, 7 and 0xD then follows in ways not modelled")
         self.cpuid = C.rewrite(entries, self.profile)
+        x2apic.set_version(self)  # kvm_vcpu_after_set_cpuid
         self.cpuid_set = True  # kvm_vcpu_after_set_cpuid: the guest's CR4 reserved bits from here on
         self.msr_rules.config_changed()
         self.msr_rules.after_set_cpuid(entries)

@@ -107,7 +107,7 @@ class VcpuStateModel(FpuStateModel):
 
     def refresh_may_block(self) -> None:
         """Recompute :attr:`may_block`, the one flag KVM_RUN reads before looking at :meth:`injection_pending`."""
-        self.may_block = self.tsc_deadline_mode or self.injection_pending() is not None
+        self.may_block = self.lapic is not None or self.injection_pending() is not None  # a LAPIC: its IRR, timer
 
     def update_lvtt(self, page: bytearray) -> None:
         """apic_update_lvtt (lapic.c): the timer mode is LVTT bits 17-18 under the mask CPUID allows (TSC-deadline
@@ -168,7 +168,7 @@ class VcpuStateModel(FpuStateModel):
             return "guest debugging is on (the model does not single-step or trap breakpoints)"
         if self.debugregs.dr7 & 0xFF:  # L0-L3/G0-G3: the guest's own breakpoints would raise #DB in it
             return f"DR7 {self.debugregs.dr7:#x} enables a hardware breakpoint (the model does not trap breakpoints)"
-        return None
+        return x2apic.run_blocker(self)  # type: ignore[arg-type]
 
     def halted_in_kernel(self, exit_: Exit) -> Exit:
         """``exit_``, unless it is a HLT with an in-kernel LAPIC: then the kernel keeps the vCPU halted (MP state

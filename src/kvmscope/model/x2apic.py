@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from ..errors import KvmError
 from ..kernel import emulated as E
 from ..kernel import rulesets as R
+from . import cpuid as C
 
 if TYPE_CHECKING:
     from .msr_pv import PvMceMsrs
@@ -103,7 +104,9 @@ def base_changed(vcpu: ModelVcpu, old: int, new: int) -> None:
 
 def shown(vcpu: ModelVcpu, page: bytearray) -> None:
     """``kvm_apic_state_fixup(set=false)`` on a copy of the page for KVM_GET_LAPIC: in x2APIC mode the ID shows as
-    an xAPIC ID (shifted left 24, truncated), and a 64-bit ICR's high half shows as ICR2."""
+    an xAPIC ID (shifted left 24, truncated), and a 64-bit ICR's high half shows as ICR2. The current count is read
+    as the register is (``kvm_apic_get_state``): 0 unless a timer may run, which the model does not do."""
+    set_reg32(page, TMCCT, current_count(vcpu))
     if not in_x2apic_mode(vcpu):
         return
     set_reg32(page, ID, x2apic_id(vcpu) if vcpu.vm.x2apic_format else x2apic_id(vcpu) << 24)
@@ -198,6 +201,24 @@ def current_count(vcpu: ModelVcpu) -> int:
                           "no APIC timer")
 
 
+def run_blocker(vcpu: ModelVcpu) -> str | None:
+    """What an in-kernel LAPIC would have KVM_RUN do that the model does not: deliver an interrupt pending in its IRR
+    (live: even with the APIC disabled in software), or run its one-shot or periodic timer (TMICT set)."""
+    page = vcpu.lapic
+    if page is None or not vcpu.sregs.apic_base & 1 << 11:
+        return None
+    # Enabling async PF as an interrupt queues a "wakeup all" (kvm_pv_enable_async_pf): at a run with the APIC enabled
+    # and the token slot free, KVM writes the token and raises the vector (6.12.118 x86.c:3132-3169, 12710-12733).
+    apf = vcpu.msr_rules.stored.get(0x4B564D02, 0)
+    if apf & 0x9 == 0x9 and reg32(page, SPIV) & SPIV_ENABLED and vcpu.vm.read_memory((apf & ~0x3F) + 4, 4) == bytes(4):
+        return "async page faults were enabled as interrupts: KVM would deliver a 'wakeup all' (the model does not)"
+    if highest_bit(page, IRR) >= 0:
+        return "an interrupt is pending in the LAPIC's IRR (the model does not deliver interrupts into the guest)"
+    if not vcpu.tsc_deadline_mode and reg32(page, TMICT):
+        return "the APIC timer is armed (TMICT; the model runs no APIC timer)"
+    return None
+
+
 def mcg_cap_changed(vcpu: ModelVcpu) -> None:
     """``kvm_apic_after_set_mcg_cap`` (lapic.c:607-623): with MCG_CAP.CMCI_P the APIC has a seventh LVT (CMCI), set
     masked when it appears, and the LVR counts the LVTs (``kvm_apic_set_version``)."""
@@ -211,6 +232,20 @@ def mcg_cap_changed(vcpu: ModelVcpu) -> None:
     if new > old:
         set_reg32(page, LVTCMCI, MASKED)
     set_reg32(page, LVR, lvr & ~0xFF0000 | (new - 1) << 16)
+    set_version(vcpu)
+
+
+def set_version(vcpu: ModelVcpu) -> None:
+    """``kvm_apic_set_version`` (6.12.118 lapic.c:584-605, at KVM_SET_CPUID2 and an MCG_CAP change): the LVR advertises
+    directed EOI to a guest with x2APIC when no IOAPIC is in the kernel (a split irqchip), and from 6.18.17 not after
+    KVM_X2APIC_DISABLE_SUPPRESS_EOI_BROADCAST (``kvm_lapic_advertise_suppress_eoi_broadcast``)."""
+    page = vcpu.lapic
+    if page is None:
+        return
+    vm = vcpu.vm
+    directed = (vm.split_irqchip and vm.suppress_eoi_broadcast != "disabled"
+                and C.has_feature(vcpu.cpuid, 1, 0, "ecx", 21))
+    set_reg32(page, LVR, reg32(page, LVR) & ~LVR_DIRECTED_EOI | (LVR_DIRECTED_EOI if directed else 0))
 
 
 def cmci(vcpu: ModelVcpu) -> bool:
