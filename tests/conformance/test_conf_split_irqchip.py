@@ -11,7 +11,7 @@ import pytest
 
 from errnos import expect
 from kvmscope import guest, uapi
-from kvmscope.api import IoExit, MsrBatch, System
+from kvmscope.api import IoExit, MsrBatch, System, Vcpu, Vm
 from vcpu_setup import set_rflags
 
 RESERVED_PINS = 24  # what QEMU passes (its IOAPIC's pins)
@@ -54,6 +54,19 @@ def test_split_irqchip_gives_each_vcpu_a_local_apic_and_nothing_else(kvm: System
         assert taken == 0, f"without an irqchip MSR_KVM_ASYNC_PF_INT is refused: expected 0, saw {taken}"
 
 
+def _split_bsp(vm: Vm, lvt0_masked: bool) -> Vcpu:
+    """A split irqchip's BSP about to run OUT then HLT with IF set, LVT0 as at reset (ExtINT) or masked."""
+    vm.enable_cap(uapi.KVM_CAP_SPLIT_IRQCHIP, RESERVED_PINS)
+    vcpu = vm.create_vcpu(0)
+    guest.load_real_mode(vm, vcpu, guest.OUT_THEN_HLT)
+    set_rflags(vcpu, 0x202)
+    if lvt0_masked:
+        lapic = vcpu.get_lapic()
+        struct.pack_into("<I", lapic, LVT0, struct.unpack_from("<I", lapic, LVT0)[0] | MASKED)
+        vcpu.set_lapic(lapic)
+    return vcpu
+
+
 @pytest.mark.parametrize(("lvt0_masked", "apic_enabled", "ready"), [(False, True, True), (True, True, False),
                                                                     (True, False, True)])
 def test_ready_for_injection_asks_the_local_apic(kvm: System, lvt0_masked: bool, apic_enabled: bool,
@@ -61,14 +74,7 @@ def test_ready_for_injection_asks_the_local_apic(kvm: System, lvt0_masked: bool,
     # Without an in-kernel PIC, KVM says ready only if the LAPIC would take an ExtINT: LVT0 unmasked in ExtINT mode
     # (the BSP's at reset), or the APIC disabled in hardware (kvm_apic_accept_pic_intr).
     with kvm.create_vm() as vm:
-        vm.enable_cap(uapi.KVM_CAP_SPLIT_IRQCHIP, RESERVED_PINS)
-        vcpu = vm.create_vcpu(0)
-        guest.load_real_mode(vm, vcpu, guest.OUT_THEN_HLT)
-        set_rflags(vcpu, 0x202)
-        if lvt0_masked:
-            lapic = vcpu.get_lapic()
-            struct.pack_into("<I", lapic, LVT0, struct.unpack_from("<I", lapic, LVT0)[0] | MASKED)
-            vcpu.set_lapic(lapic)
+        vcpu = _split_bsp(vm, lvt0_masked)
         if not apic_enabled:
             sregs = vcpu.get_sregs()
             sregs.apic_base &= ~(1 << 11)
@@ -115,14 +121,7 @@ def test_what_a_split_irqchip_routes_is_the_kernels_or_a_model_limitation(kvm: S
 def _window_run(kvm: System, lvt0_masked: bool) -> object:
     """The exit of a run with an interrupt window requested, IF set, on a split irqchip's BSP (LVT0 ExtINT at reset)."""
     with kvm.create_vm() as vm:
-        vm.enable_cap(uapi.KVM_CAP_SPLIT_IRQCHIP, RESERVED_PINS)
-        vcpu = vm.create_vcpu(0)
-        guest.load_real_mode(vm, vcpu, guest.OUT_THEN_HLT)
-        set_rflags(vcpu, 0x202)
-        if lvt0_masked:
-            lapic = vcpu.get_lapic()
-            struct.pack_into("<I", lapic, LVT0, struct.unpack_from("<I", lapic, LVT0)[0] | MASKED)
-            vcpu.set_lapic(lapic)
+        vcpu = _split_bsp(vm, lvt0_masked)
         vcpu.request_interrupt_window = True
         return vcpu.run()
 
