@@ -334,7 +334,11 @@ def test_template_help_names_every_subcommand_and_exit_codes() -> None:
 
 
 def test_decode_of_a_negative_value_says_so() -> None:
-    # Click read "-1" as an unknown option ("No such option: -1"); it is a value out of range.
+    # Click read "-1" as an unknown option ("No such option: -1"); it is a value out of range. A mistyped option is
+    # still one.
     result = CliRunner().invoke(main, ["decode", "PLATFORM_INFO", "-1"], prog_name="kvmscope")
     assert result.exit_code == 2 and "is outside 0..0xffffffffffffffff" in result.stderr, (
         f"expected exit 2 naming the range, got {result.exit_code}: {result.stderr!r}")
+    for args in (["decode", "PLATFORM_INFO", "--jsn"], ["decode", "--jsn", "PLATFORM_INFO"]):
+        result = CliRunner().invoke(main, args, prog_name="kvmscope")
+        assert result.exit_code == 2 and "No such option: --jsn" in result.stderr, f"{args}: {result.stderr!r}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -215,6 +216,9 @@ def decode(msr: str, value: str | None, as_json: bool) -> None:
       kvmscope decode ARCH_CAP 0x400000000c000069
       kvmscope decode msr_platform_info 0x80000000
     """
+    for word in (msr, value):  # options click let through for VALUE's sake: only a negative number is a value
+        if word is not None and word.startswith("-") and not re.fullmatch(r"-(0[xX])?[0-9a-fA-F_]+", word):
+            raise click.UsageError(f"No such option: {word}")
     with exit_on_error():
         m = _msrs.lookup(msr)
         v = _msrs.parse_value(value, f"value for {m.name}") if value is not None else None
