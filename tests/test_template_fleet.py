@@ -254,7 +254,7 @@ def test_restore_on_another_host_meets_its_rules() -> None:
     t = load(EXAMPLES / "t2s-like.json")
     with open_model(profile="intel-spr") as a, open_model(profile="pvm-6.18") as b:
         rep = restore(a, b, t, 1, boot=())
-    assert rep.failures == ["restore: KVM_SET_MSRS on vCPU 0 returned 10 of 30: refused MSR_IA32_FEAT_CTL (0x3a)"], \
+    assert rep.failures == ["restore: KVM_SET_MSRS on vCPU 0 returned 10 of 32: refused MSR_IA32_FEAT_CTL (0x3a)"], \
         rep.failures
     refused = {d.where: d.rule for d in rep.vcpus[0].diffs if d.kind == "refused"}
     assert set(refused) == {"MSR_IA32_FEAT_CTL (0x3a)", "MSR_IA32_SMBASE (0x9e)",

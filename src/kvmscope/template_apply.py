@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from . import guest, uapi
 from . import msrs as M
-from .api import CpuidEntry, MsrBatch, System, Vcpu, Vm, find_cpuid
+from .api import CpuidEntry, Exit, MsrBatch, System, Vcpu, Vm, find_cpuid
 from .errors import KvmError
 from .template import PER_CPU_BITS, U32_MAX, Bitmap, CpuidModifier, LeafModifier, MsrModifier, Template
 
@@ -250,6 +250,24 @@ def overridden(template: Template, values: dict[int, int]) -> list[tuple[int, Ms
             if m.addr in values and (m.bitmap.value ^ values[m.addr]) & m.bitmap.mask]
 
 
+def firecracker_vm(system: System) -> Vm:
+    """A VM as Firecracker's ``setup_irqchip`` makes it (src/vmm/src/arch/x86_64/vm.rs): an in-kernel irqchip before the
+    vCPUs, so they have a local APIC (x2APIC, TSC_DEADLINE and KVM_ASYNC_PF_INT need one), and its PIT."""
+    vm = system.create_vm()
+    vm.create_irqchip()
+    vm.create_pit2(uapi.KVM_PIT_SPEAKER_DUMMY)  # no MSR depends on it
+    return vm
+
+
+def run_once(vm: Vm, vcpu: Vcpu, irqchip: bool) -> Exit:
+    """Run ``vcpu`` once in real mode. With an in-kernel irqchip an AP waits for INIT/SIPI (made runnable here, as
+    after a SIPI) and a HLT blocks in KVM_RUN, so the run ends at a port write."""
+    if irqchip:
+        vcpu.set_mp_state(uapi.KVM_MP_STATE_RUNNABLE)
+    guest.load_real_mode(vm, vcpu, guest.OUT_THEN_HLT if irqchip else guest.HLT)
+    return vcpu.run()
+
+
 def apply(system: System, template: Template, vcpus: int = 1, boot: Sequence[tuple[int, int]] = BOOT_MSRS,
           after_run: bool = False) -> ApplyReport:
     """Apply ``template`` to a new VM of ``system`` with ``vcpus`` vCPUs in Firecracker's order, with Firecracker's
@@ -257,11 +275,7 @@ def apply(system: System, template: Template, vcpus: int = 1, boot: Sequence[tup
     every vCPU to its first HLT before the MSRs are read and written: a VMM that applies (or re-applies) a template
     to vCPUs that have already run, which kernels that freeze the vCPU model after the first run refuse."""
     rep = ApplyReport(template.path, system.backend, system.describe())
-    with system.create_vm() as vm:
-        # Firecracker's VM has an in-kernel irqchip (KVM_CREATE_IRQCHIP before the vCPUs), so its vCPUs have a local
-        # APIC: the MSRs that need one (x2APIC, TSC_DEADLINE, KVM_ASYNC_PF_INT) are judged as Firecracker meets them.
-        vm.create_irqchip()
-        vm.create_pit2(uapi.KVM_PIT_SPEAKER_DUMMY)  # and its PIT, as setup_irqchip makes it (no MSR depends on it)
+    with firecracker_vm(system) as vm:
         configure(system, vm, template, vcpus, boot, after_run, rep, irqchip=True)
     return rep
 
@@ -290,11 +304,7 @@ def configure(system: System, vm: Vm, template: Template, vcpus: int, boot: Sequ
             set_ok.append(False)
     if after_run:
         for i, v in enumerate(cpus):
-            if irqchip:  # an AP with an in-kernel LAPIC waits for INIT/SIPI: made runnable, as after a SIPI
-                v.set_mp_state(uapi.KVM_MP_STATE_RUNNABLE)
-            guest.load_real_mode(vm, v, guest.OUT_THEN_HLT if irqchip else guest.HLT)
-            exit_ = v.run()
-            rep.notes.append(f"vCPU {i} ran before the MSRs were written: {exit_.name}")
+            rep.notes.append(f"vCPU {i} ran before the MSRs were written: {run_once(vm, v, irqchip).name}")
     addrs = list(dict.fromkeys(m.addr for m in template.msr_modifiers))
     too_many = read_limit(template)
     if too_many:
@@ -307,8 +317,9 @@ def configure(system: System, vm: Vm, template: Template, vcpus: int, boot: Sequ
     entries = dict(values)
     for index, value in boot:
         if index in masks:
-            rep.notes.append(f"{msr_where(index)} is a boot MSR: Firecracker writes 0x{value:x} over the "
-                             "template's value (a fixed bit it contradicts is OVERRIDDEN)")
+            if (value ^ values[index]) & masks[index]:  # else the template fixes what Firecracker writes anyway
+                rep.notes.append(f"{msr_where(index)} is a boot MSR: Firecracker writes 0x{value:x} over the "
+                                 "template's value (the fixed bits it contradicts are OVERRIDDEN)")
             masks[index] = (1 << 64) - 1
         entries[index] = value
     too_many = write_limit(template, len(entries), " on each vCPU")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import guest, uapi
+from . import uapi
 from .api import System
 from .errors import KvmError
 from .template import Template
@@ -24,8 +24,10 @@ from .template_apply import (
     BitDiff,
     VcpuOutcome,
     configure,
+    firecracker_vm,
     msr_where,
     read_each,
+    run_once,
     write_each,
 )
 
@@ -40,13 +42,6 @@ SERIALIZABLE: tuple[tuple[int, int], ...] = (
     (0x4B564D05, 2),
 )
 MCG_CTL = 0x17B
-# MSRs that need an in-kernel local APIC (x2APIC range, TSC_DEADLINE, KVM_ASYNC_PF_INT: kvm_pv_enable_async_pf_int
-# refuses without one). Firecracker's VM has one (KVM_CREATE_IRQCHIP); kvmscope's does not, so they are not judged.
-NEEDS_LAPIC: tuple[tuple[int, int], ...] = ((0x800, 0x400), (0x6E0, 1), (0x4B564D06, 1))
-
-
-def needs_lapic(index: int) -> bool:
-    return any(first <= index < first + n for first, n in NEEDS_LAPIC)
 
 
 def serializable(index: int) -> bool:
@@ -62,15 +57,11 @@ def restore(source: System, target: System, template: Template, vcpus: int = 1,
     rep = ApplyReport(template.path, target.backend, f"{source.describe()} -> {target.describe()}")
     masks = {m.addr: m.bitmap.mask for m in template.msr_modifiers}
     listed = [i for i in source.get_msr_index_list() if serializable(i)]
-    to_save = list(dict.fromkeys([*(i for i in listed if not needs_lapic(i)), *masks]))
-    skipped = [msr_where(i) for i in listed if needs_lapic(i)]
-    if skipped:
-        rep.notes.append(f"not judged (they need an in-kernel local APIC, which kvmscope's VM does not create): "
-                         f"{', '.join(skipped)}")
+    to_save = list(dict.fromkeys([*listed, *masks]))
     saved = []
-    with source.create_vm() as vm:
+    with firecracker_vm(source) as vm:  # both VMs as Firecracker makes them: the LAPIC MSRs are judged as it meets them
         booted = ApplyReport(template.path, source.backend, source.describe())
-        cpus = configure(source, vm, template, vcpus, boot, False, booted)
+        cpus = configure(source, vm, template, vcpus, boot, False, booted, irqchip=True)
         rep.failures.extend(f"on the source: {f}" for f in booted.failures)
         rep.notes.extend(f"on the source: {n}" for n in booted.notes)
         if len(to_save) >= uapi.MAX_IO_MSRS:  # get_msr_chunks (vstate/vcpu/x86_64.rs): chunks of 256 MSRs
@@ -79,14 +70,14 @@ def restore(source: System, target: System, template: Template, vcpus: int = 1,
                                 f"{uapi.MAX_IO_MSRS}, and KVM refuses a batch of {uapi.MAX_IO_MSRS} or more with E2BIG "
                                 "(MAX_IO_MSRS)")
         for i, v in enumerate(cpus):
-            guest.run_to_hlt(vm, v)
+            run_once(vm, v, irqchip=True)
             values = read_each(v, to_save)
             lost = [ix for ix in to_save if ix not in values]
             if lost:
                 rep.failures.append(f"snapshot: KVM_GET_MSRS on vCPU {i} refuses {msr_where(lost[0])}"
                                     + (f" and {len(lost) - 1} more" if len(lost) > 1 else ""))
             saved.append((v.get_cpuid(), [(ix, values[ix]) for ix in to_save if ix in values]))
-    with target.create_vm() as vm:
+    with firecracker_vm(target) as vm:
         for i, (cpuid, entries) in enumerate(saved):
             v = vm.create_vcpu(i)
             try:
