@@ -430,3 +430,20 @@ def test_corpus_takes_json_and_yml_scenarios_too(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["check", "--corpus", str(tmp_path), "--compare", "6.12,6.18", "--json"])
     names = {c["recording"] for c in __import__("json").loads(result.output)["cells"]}
     assert names == {"a", "b", "c"}, f"expected every scenario of the folder, got {sorted(names)}"
+
+
+def test_corpus_honours_each_scenarios_profile_and_skips_other_json(tmp_path: Path) -> None:
+    # A scenario that names its host is replayed on it (it ran on pvm-6.18 and was OK on 6.18); a profile or a template
+    # kept next to the scenarios is not one (it made the whole folder exit 2).
+    import shutil
+
+    for name in ("sandbox-reset-snapshot-intel.yaml", "platform-info-after-run.yaml", "templates/t2s-like.json"):
+        shutil.copy(ROOT / "examples" / name, tmp_path)
+    shutil.copy(ROOT / "src/kvmscope/profiles/intel-spr.json", tmp_path / "myhost.json")
+    result = CliRunner().invoke(main, ["check", "--corpus", str(tmp_path), "--compare", "6.3,6.18", "--json"])
+    assert result.exit_code == 0, result.output
+    cells = {(c["recording"], c["kernel"]): c for c in __import__("json").loads(result.output)["cells"]}
+    assert set(cells) == {(r, k) for r in ("sandbox-reset-snapshot-intel", "platform-info-after-run")
+                          for k in ("6.3", "6.18")}, sorted(cells)
+    intel = cells["sandbox-reset-snapshot-intel", "6.18"]
+    assert intel["profile"] == "intel-spr" and not intel["ok"] and intel["rule"] == "0094f62c7eaa", intel

@@ -52,7 +52,7 @@ def corpus_matrix(cells: list[Cell], kernels: list[str], as_json: bool) -> None:
         table.add_column("recording")
         for k in kernels:
             table.add_column(k.rsplit("/", 1)[-1].removesuffix(".toml") + (" (proposed)" if k.endswith(".toml") else ""))
-        for rec in dict.fromkeys(c.recording for c in cells):
+        for rec in dict.fromkeys(c.recording for c in cells if c.profile == profile):  # a scenario may name its own
             row = {c.kernel: c for c in cells if c.recording == rec and c.profile == profile}
             table.add_row(rec, *(_cell(row[k]) for k in kernels))
         con.print(table)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import backends
+from .. import backends, inputs
 from ..check import StepResult, outcome_text, replay_iter
-from ..errors import InvalidValueError
+from ..errors import InvalidValueError, KvmscopeError, ScenarioError
 from ..scenario import stream
 
 
@@ -35,7 +35,8 @@ class Cell:
 def first_refusal(path: Path, kernel: str, profile: str | None) -> Cell:
     """Replay ``path`` on the model until its first refused (or failed) step."""
     opened = stream(path)
-    system, _ = backends.choose("model", kernel=kernel, profile=profile)
+    # --profile first, else the scenario's own profile: (a recording of another host names it), else this project's
+    system, _ = backends.choose("model", kernel=kernel, profile=profile or opened.header.profile)
     prof = str(system.host_info().get("profile"))
     results = replay_iter(opened.steps, system, None, opened.header.faithful)
     try:
@@ -63,9 +64,23 @@ def _refused(path: Path, kernel: str, profile: str, r: StepResult) -> Cell:
                 r.number, r.line, cite, r.met)
 
 
+def _scenario_file(path: Path) -> bool:
+    """Whether ``path`` is one to replay: a JSON file without a top-level "scenario" key is another kind of file kept
+    next to the scenarios (a host profile they name, a CPU template) and is left out; a broken one is not, so that its
+    error is shown."""
+    if path.suffix != ".json":
+        return True
+    try:
+        data = inputs.json_data(inputs.read_text(path, ScenarioError, "a scenario"), inputs.shown(path), ScenarioError)
+    except KvmscopeError:
+        return True
+    return not isinstance(data, dict) or "scenario" in data
+
+
 def matrix(directory: Path, kernels: list[str], profiles: list[str | None]) -> list[Cell]:
     """Every recording or scenario (``*.yaml``, ``*.yml``, ``*.json`` in ``directory``) x kernel x profile."""
-    recordings = sorted(p for pattern in ("*.yaml", "*.yml", "*.json") for p in directory.glob(pattern))
+    recordings = sorted(p for pattern in ("*.yaml", "*.yml", "*.json") for p in directory.glob(pattern)
+                        if _scenario_file(p))
     if not recordings:
         raise InvalidValueError(f"{directory}: no recordings or scenarios (*.yaml, *.yml, *.json) there")
     return [first_refusal(r, k, p) for r in recordings for p in profiles for k in kernels]
