@@ -112,3 +112,13 @@ def test_msrs_needing_a_local_apic_are_judged_with_firecrackers_irqchip(kvm: Sys
     assert any(m.addr == 0x4B564D06 for m in dumped.msr_modifiers), "the dump holds KVM_ASYNC_PF_INT"
     back = apply(kvm, dumped, 1)
     assert back.ok, f"this host's dump applied back: expected taken, saw {back.failures} {diffs(back)}"
+
+
+def test_a_boot_tsc_overrides_the_templates_tsc_bits_the_same_way_every_time(kvm: System) -> None:
+    # Firecracker writes TSC 0 over the template's TSC: the bits it overrides are those of 0, not of the TSC read back
+    # (which moves on, so the live report listed different bits from run to run).
+    template = parse('{"msr_modifiers": [{"addr": "0x10", "bitmap": "0b1000000000000"}]}', "tsc.json")
+    for _ in range(2):
+        rep = apply(kvm, template, 1)
+        got = [(d.kind, d.bits) for v in rep.vcpus for d in v.diffs]
+        assert got == [("overridden", [12])], f"expected bit 12 overridden by the boot TSC 0, saw {got}"
