@@ -127,6 +127,6 @@ def test_every_capability_of_the_header_has_its_name() -> None:
     header = Path("/usr/include/linux/kvm.h")
     if not header.is_file():
         pytest.skip("needs <linux/kvm.h> (linux-libc-dev)")
-    caps = {int(v): n for n, v in re.findall(r"^#define (KVM_CAP_\w+)\s+(\d+)\s*$", header.read_text(), re.M)}
+    caps = {int(v): n for n, v in re.findall(r"^#define (KVM_CAP_\w+)\s+(\d+)\b", header.read_text(), re.M)}
     missing = {v: n for v, n in caps.items() if uapi.CAPABILITY_NAMES.get(v) != n}
     assert not missing, f"capabilities of {header} without their name in uapi: {missing}"

@@ -948,8 +948,8 @@ KVM_CAP_XSAVE2: Final = 208
 KVM_CAP_DISABLE_QUIRKS2: Final = 213
 KVM_CAP_VM_TSC_CONTROL: Final = 214
 
-# The other capabilities of <linux/kvm.h>, for their names in reports (a traced KVM_CHECK_EXTENSION, a template's
-# kvm_capabilities); kvmscope does not use them.
+# The other capabilities of <linux/kvm.h> (the installed header's and 6.12's), for their names in reports (a traced
+# KVM_CHECK_EXTENSION, a template's kvm_capabilities); kvmscope does not use them.
 KVM_CAP_MMU_SHADOW_CACHE_CONTROL: Final = 2
 KVM_CAP_VAPIC: Final = 6
 KVM_CAP_CLOCKSOURCE: Final = 8
@@ -1105,6 +1105,22 @@ KVM_CAP_ARM_SYSTEM_SUSPEND: Final = 216
 KVM_CAP_S390_PROTECTED_DUMP: Final = 217
 KVM_CAP_S390_ZPCI_OP: Final = 221
 KVM_CAP_S390_CPU_TOPOLOGY: Final = 222
+KVM_CAP_SYNC_MMU: Final = 16
+KVM_CAP_MANUAL_DIRTY_LOG_PROTECT: Final = 166
+KVM_CAP_S390_PROTECTED_ASYNC_DISABLE: Final = 224
+KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP: Final = 225
+KVM_CAP_PMU_EVENT_MASKED_EVENTS: Final = 226
+KVM_CAP_COUNTER_OFFSET: Final = 227
+KVM_CAP_ARM_EAGER_SPLIT_CHUNK_SIZE: Final = 228
+KVM_CAP_ARM_SUPPORTED_BLOCK_SIZES: Final = 229
+KVM_CAP_ARM_SUPPORTED_REG_MASK_RANGES: Final = 230
+KVM_CAP_USER_MEMORY2: Final = 231
+KVM_CAP_MEMORY_FAULT_INFO: Final = 232
+KVM_CAP_MEMORY_ATTRIBUTES: Final = 233
+KVM_CAP_GUEST_MEMFD: Final = 234
+KVM_CAP_VM_TYPES: Final = 235
+KVM_CAP_PRE_FAULT_MEMORY: Final = 236
+KVM_CAP_X86_GUEST_MODE: Final = 238
 
 CAPABILITY_NAMES: Final[dict[int, str]] = {
     value: name for name, value in list(globals().items()) if name.startswith("KVM_CAP_") and isinstance(value, int)
