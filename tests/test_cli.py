@@ -137,7 +137,8 @@ def test_json_commands_print_a_json_error_on_failure(args: list[str], code: int,
     assert result.exit_code == code, f"{args}: expected exit {code}, got {result.exit_code}: {result.output}"
     doc = json.loads(result.stdout)
     assert doc["exit_code"] == code and message in doc["error"], f"{args}: stdout JSON {doc}"
-    assert doc["schema_version"] == 1 and doc["command"] == args[0], f"{args}: expected the envelope, got {doc}"
+    command = args[0] + (" --compare" if "--compare" in args else "")  # as its success document would say
+    assert doc["schema_version"] == 1 and doc["command"] == command, f"{args}: expected the envelope, got {doc}"
     assert result.stderr.count("\n") == 1 and message in result.stderr, f"{args}: stderr {result.stderr!r}"
 
 
@@ -342,3 +343,10 @@ def test_decode_of_a_negative_value_says_so() -> None:
     for args in (["decode", "PLATFORM_INFO", "--jsn"], ["decode", "--jsn", "PLATFORM_INFO"]):
         result = CliRunner().invoke(main, args, prog_name="kvmscope")
         assert result.exit_code == 2 and "No such option: --jsn" in result.stderr, f"{args}: {result.stderr!r}"
+
+
+def test_a_missing_profile_file_of_a_scenario_names_its_line(tmp_path: Path) -> None:
+    (tmp_path / "s.yaml").write_text("scenario: 1\nprofile: nothere.json\nsteps:\n  - create_vcpu: 0\n")
+    result = CliRunner().invoke(main, ["check", str(tmp_path / "s.yaml")])
+    assert result.exit_code == 2 and f"s.yaml:2: profile: no file {tmp_path / 'nothere.json'}" in result.stderr, (
+        f"expected exit 2 naming line 2, the field and the file, got {result.exit_code}: {result.stderr!r}")

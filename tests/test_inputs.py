@@ -59,7 +59,9 @@ def one_line_exit_2(args: list[str], expected: str, name: str) -> str:
         command = doc.pop("command", None)
         assert doc == {"schema_version": 1, "error": err[len("error: "):-1], "exit_code": 2}, (
             f"expected only the error as JSON on stdout for {args}, saw {result.stdout[:200]!r}")
-        assert command and " ".join(args).startswith(command), f"expected the command of {args}, saw {command!r}"
+        name, _, option = command.partition(" --") if command else ("", "", "")
+        assert name and " ".join(args).startswith(name) and (not option or f"--{option}" in args), (
+            f"expected the command of {args}, saw {command!r}")
     else:
         assert result.stdout == "", f"expected nothing on stdout for {args}, saw {result.stdout[:200]!r}"
     return err

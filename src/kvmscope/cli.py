@@ -54,6 +54,9 @@ def fail(message: str, code: int, ctx: click.Context | None = None) -> NoReturn:
     if _wants_json(ctx):
         try:
             command = ctx.command_path.partition(" ")[2] if ctx is not None else None
+            if command and ctx is not None:  # the name its success document would have
+                command += " --corpus" if ctx.params.get("corpus_dir") else (
+                    " --compare" if ctx.params.get("compare_kernels") else "")
             click.echo(json.dumps({"schema_version": 1, "command": command or None, "error": message, "exit_code": code}))
             sys.stdout.flush()
         except BrokenPipeError:

@@ -158,6 +158,9 @@ class ProfileRef(Type[str]):
         if not text.strip():
             raise r.fail(x, path, f"expected a shipped profile name or a file, got {text!r}")
         if "/" in text or text.endswith(".json") or text not in shipped() and os.path.lexists(r.base / text):
+            if not os.path.lexists(r.base / text):
+                raise r.fail(x, path, f"no file {inputs.shown(r.base / text)} (a profile file is named relative to the "
+                                      "scenario)")
             return str(r.base / text)
         if text not in shipped():
             raise r.fail(x, path, f"no shipped profile named {inputs.shown(text)!r} and no file of that name next to "
