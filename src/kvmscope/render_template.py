@@ -42,8 +42,11 @@ def template_summary(t: Template, as_json: bool) -> None:
         return
     click.echo(f"{t.path}: {len(t.kvm_capabilities)} capability check(s), {len(t.cpuid_modifiers)} CPUID leaf "
                f"modifier(s), {len(t.msr_modifiers)} MSR modifier(s)")
+    from .uapi import CAPABILITY_NAMES
+
     for c in t.kvm_capabilities:
-        click.echo(f"  capability {'remove' if c.removed else 'require'} {c.number}")
+        name = f" ({CAPABILITY_NAMES[c.number]})" if c.number in CAPABILITY_NAMES else ""
+        click.echo(f"  capability {'remove' if c.removed else 'require'} {c.number}{name}")
     for m in t.cpuid_modifiers:
         for r in m.modifiers:
             click.echo(f"  CPUID 0x{m.leaf:x}.{m.subleaf} {r.register:<3} {r.bitmap.text()}  (flags {m.flags})")
