@@ -147,15 +147,20 @@ def test_upstream_window_exits_ask_the_local_apic_too(profile: str) -> None:
         f"{profile}: expected the OUT with LVT0 masked and a window exit with LVT0 ExtINT, saw {masked}, {extint}")
 
 
+def _irqchip_vcpu(vm: Vm, split: bool) -> Vcpu:
+    """vCPU 0 of ``vm`` after a split irqchip (KVM_CAP_SPLIT_IRQCHIP) or a full one (KVM_CREATE_IRQCHIP)."""
+    if split:
+        vm.enable_cap(uapi.KVM_CAP_SPLIT_IRQCHIP, RESERVED_PINS)
+    else:
+        vm.create_irqchip()
+    return vm.create_vcpu(0)
+
+
 @pytest.mark.parametrize("split", [True, False])
 def test_the_lvr_offers_directed_eoi_without_an_in_kernel_ioapic(kvm: System, split: bool) -> None:
     # kvm_apic_set_version (6.12.118 lapic.c:584-605) at KVM_SET_CPUID2: a guest with x2APIC, no in-kernel IOAPIC.
     with kvm.create_vm() as vm:
-        if split:
-            vm.enable_cap(uapi.KVM_CAP_SPLIT_IRQCHIP, RESERVED_PINS)
-        else:
-            vm.create_irqchip()
-        vcpu = vm.create_vcpu(0)
+        vcpu = _irqchip_vcpu(vm, split)
         before = struct.unpack_from("<I", vcpu.get_lapic(), 0x30)[0]
         vcpu.set_cpuid(kvm.get_supported_cpuid())
         after = struct.unpack_from("<I", vcpu.get_lapic(), 0x30)[0]
@@ -169,11 +174,7 @@ def _lapic_run(kvm: System, split: bool, change: str) -> object:
     from kvmscope.model import ModelLimitation
 
     with kvm.create_vm() as vm:
-        if split:
-            vm.enable_cap(uapi.KVM_CAP_SPLIT_IRQCHIP, RESERVED_PINS)
-        else:
-            vm.create_irqchip()
-        vcpu = vm.create_vcpu(0)
+        vcpu = _irqchip_vcpu(vm, split)
         vcpu.set_cpuid(kvm.get_supported_cpuid())
         guest.load_real_mode(vm, vcpu, guest.OUT_THEN_HLT)
         lapic = vcpu.get_lapic()
