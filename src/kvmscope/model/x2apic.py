@@ -32,6 +32,7 @@ ID, LVR, TPR, PPR, EOI, LDR, SPIV = 0x20, 0x30, 0x80, 0xA0, 0xB0, 0xD0, 0xF0
 ISR, TMR, IRR, ESR, LVTCMCI, ICR, ICR2 = 0x100, 0x180, 0x200, 0x280, 0x2F0, 0x300, 0x310
 LVTT, LVTTHMR, LVTPC, LVT0, LVT1, LVTERR = 0x320, 0x330, 0x340, 0x350, 0x360, 0x370
 TMICT, TMCCT, TDCR, SELF_IPI = 0x380, 0x390, 0x3E0, 0x3F0
+MSR_KVM_ASYNC_PF_EN = 0x4B564D02
 MASKED, SPIV_ENABLED, LVR_DIRECTED_EOI, ICR_BUSY = 1 << 16, 1 << 8, 1 << 24, 1 << 12
 LVT_MASK, LINT_MASK, MODE_MASK = 0x110FF, 0x1F7FF, 0x700
 # apic_lvt_mask (lapic.c:626-634): what each LVT keeps of a write; the timer's mode bits are added per vCPU.
@@ -209,7 +210,7 @@ def run_blocker(vcpu: ModelVcpu) -> str | None:
         return None
     # Enabling async PF as an interrupt queues a "wakeup all" (kvm_pv_enable_async_pf): at a run with the APIC enabled
     # and the token slot free, KVM writes the token and raises the vector (6.12.118 x86.c:3132-3169, 12710-12733).
-    apf = vcpu.msr_rules.stored.get(0x4B564D02, 0)
+    apf = vcpu.msr_rules.stored.get(MSR_KVM_ASYNC_PF_EN, 0)
     if apf & 0x9 == 0x9 and reg32(page, SPIV) & SPIV_ENABLED and vcpu.vm.read_memory((apf & ~0x3F) + 4, 4) == bytes(4):
         return "async page faults were enabled as interrupts: KVM would deliver a 'wakeup all' (the model does not)"
     if highest_bit(page, IRR) >= 0:
