@@ -348,3 +348,14 @@ def test_what_the_model_cannot_judge_is_said_not_a_traceback(tmp_path: Path) -> 
     no_traceback(r)
     assert r.exit_code == 2 and "the model cannot judge this template" in r.stderr, (
         f"expected exit 2 saying the model cannot judge it, saw {r.exit_code}: {r.stderr!r}")
+
+
+@pytest.mark.parametrize(("flags", "noted"), [(0, True), (1, False)])
+def test_an_indexed_leaf_without_the_significant_index_flag_is_noted(flags: int, noted: bool) -> None:
+    # Firecracker copies the template's flags: leaf 7 with flags 0 is taken by KVM's lookup for every subleaf of 7.
+    template = parse(json.dumps({"cpuid_modifiers": [{"leaf": "0x7", "subleaf": "0x0", "flags": flags, "modifiers": [
+        {"register": "ebx", "bitmap": "0bx"}]}]}), "f.json")
+    with open_model(profile="intel-spr") as system:
+        notes = apply(system, template, 1, boot=()).notes
+    got = any("cpuid_modifiers[0]: leaf 0x7 has subleaves" in n and f"flags {flags}" in n for n in notes)
+    assert got is noted, f"flags {flags}: expected the note {'' if noted else 'not '}to be there, saw {notes}"

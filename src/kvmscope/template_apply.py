@@ -145,6 +145,17 @@ def apply_cpuid(supported: Sequence[CpuidEntry], template: Template) -> tuple[li
     return entries, missing
 
 
+def flagless(supported: Sequence[CpuidEntry], template: Template) -> list[str]:
+    """Notes for modifiers of an indexed leaf whose ``flags`` lack KVM_CPUID_FLAG_SIGNIFCANT_INDEX: Firecracker copies
+    the template's flags into the entry, and KVM's lookup (``kvm_find_cpuid_entry_index``) then takes that entry for
+    every subleaf of the leaf, so what the guest sees of the others depends on the order of the list."""
+    indexed = {e.function for e in supported if e.flags & uapi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX}
+    return [f"cpuid_modifiers[{i}]: leaf 0x{m.leaf:x} has subleaves (KVM marks it KVM_CPUID_FLAG_SIGNIFCANT_INDEX), "
+            f"but the template gives flags {m.flags}: KVM then takes this entry for every subleaf of 0x{m.leaf:x}"
+            for i, m in enumerate(template.cpuid_modifiers)
+            if m.leaf in indexed and not m.flags & uapi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX]
+
+
 def apply_msrs(read: dict[int, int], template: Template) -> tuple[dict[int, int], dict[int, int]]:
     """The template's MSR values from the values read on vCPU 0: (index -> value to write, index -> fixed-bit mask)."""
     values: dict[int, int] = {}
@@ -291,8 +302,10 @@ def configure(system: System, vm: Vm, template: Template, vcpus: int, boot: Sequ
             rep.notes.append(f"{name} is dropped from Firecracker's own checks")
         elif not system.check_extension(cap.number):
             rep.failures.append(f"{name} is not supported")
-    cpuid, missing = apply_cpuid(system.get_supported_cpuid(), template)
+    supported = system.get_supported_cpuid()
+    cpuid, missing = apply_cpuid(supported, template)
     rep.failures.extend(missing)
+    rep.notes.extend(flagless(supported, template))
     cpus = [vm.create_vcpu(i) for i in range(vcpus)]
     set_ok = []
     for i, v in enumerate(cpus):
