@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -220,7 +219,7 @@ def decode(msr: str, value: str | None, as_json: bool) -> None:
       kvmscope decode msr_platform_info 0x80000000
     """
     for word in (msr, value):  # options click let through for VALUE's sake: only a negative number is a value
-        if word is not None and word.startswith("-") and not re.fullmatch(r"-(0[xX])?[0-9a-fA-F_]+", word):
+        if word is not None and word.startswith("-") and not _msrs.is_number(word):
             raise click.UsageError(f"No such option: {word}")
     with exit_on_error():
         m = _msrs.lookup(msr)
@@ -447,7 +446,7 @@ def template_read(template_file: str, output: str | None, as_json: bool) -> None
 @click.option("--vcpus", type=click.IntRange(1, 64), default=2, show_default=True, help="vCPUs in the VM.")
 @click.option("--boot-msrs/--no-boot-msrs", default=True, show_default=True,
               help="Write Firecracker's boot MSRs in the same KVM_SET_MSRS as the template's.")
-@click.option("--after-run", is_flag=True, help="Run every vCPU to its first HLT before writing the MSRs.")
+@click.option("--after-run", is_flag=True, help="Run every vCPU once (to a port write) before writing the MSRs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def template_apply(template_file: str, backend: str, kernel: str | None, profile: str | None,
                    compare_kernels: str | None, vcpus: int, boot_msrs: bool, after_run: bool, as_json: bool) -> None:

@@ -356,6 +356,11 @@ def check_value(value: int, what: str = "MSR value") -> int:
 _NUMBER = re.compile(r"[+-]?(0x[0-9a-f]+(_[0-9a-f]+)*|0b[01]+(_[01]+)*|0o[0-7]+(_[0-7]+)*|[0-9]+(_[0-9]+)*)", re.I)
 
 
+def is_number(text: str) -> bool:
+    """Whether ``text`` is written as :func:`parse_int` reads a number (its range aside)."""
+    return bool(_NUMBER.fullmatch(text.strip()))
+
+
 def parse_int(text: str, what: str = "value") -> int:
     """An integer written as hex (``0x10a``), decimal (``266``), binary (``0b1``) or octal (``0o7``); anything else is an
     :class:`InvalidValueError` that says what was expected."""

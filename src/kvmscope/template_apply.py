@@ -147,13 +147,15 @@ def apply_cpuid(supported: Sequence[CpuidEntry], template: Template) -> tuple[li
 
 def flagless(supported: Sequence[CpuidEntry], template: Template) -> list[str]:
     """Notes for modifiers of an indexed leaf whose ``flags`` lack KVM_CPUID_FLAG_SIGNIFCANT_INDEX: Firecracker copies
-    the template's flags into the entry, and KVM's lookup (``kvm_find_cpuid_entry_index``) then takes that entry for
-    every subleaf of the leaf, so what the guest sees of the others depends on the order of the list."""
+    the template's flags into the entry, and KVM's lookup (``kvm_find_cpuid_entry_index``: the first entry of the leaf
+    whose subleaf matches or that lacks the flag) can then take it for the subleaves after it in the list."""
     indexed = {e.function for e in supported if e.flags & uapi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX}
+    listed = {e.key for e in supported}  # a subleaf KVM does not list is a failure already
     return [f"cpuid_modifiers[{i}]: leaf 0x{m.leaf:x} has subleaves (KVM marks it KVM_CPUID_FLAG_SIGNIFCANT_INDEX), "
-            f"but the template gives flags {m.flags}: KVM then takes this entry for every subleaf of 0x{m.leaf:x}"
+            f"but the template gives flags {m.flags}: KVM's lookup can take this entry for the subleaves of "
+            f"0x{m.leaf:x} after it"
             for i, m in enumerate(template.cpuid_modifiers)
-            if m.leaf in indexed and not m.flags & uapi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX]
+            if m.leaf in indexed and m.key in listed and not m.flags & uapi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX]
 
 
 def apply_msrs(read: dict[int, int], template: Template) -> tuple[dict[int, int], dict[int, int]]:
@@ -283,8 +285,9 @@ def apply(system: System, template: Template, vcpus: int = 1, boot: Sequence[tup
           after_run: bool = False) -> ApplyReport:
     """Apply ``template`` to a new VM of ``system`` with ``vcpus`` vCPUs in Firecracker's order, with Firecracker's
     ``boot`` MSRs in the same KVM_SET_MSRS (``()`` judges the template alone); report everything. ``after_run`` runs
-    every vCPU to its first HLT before the MSRs are read and written: a VMM that applies (or re-applies) a template
-    to vCPUs that have already run, which kernels that freeze the vCPU model after the first run refuse."""
+    every vCPU once (to a port write: the VM has an irqchip) before the MSRs are read and written: a VMM that applies
+    (or re-applies) a template to vCPUs that have already run, which kernels that freeze the vCPU model after the
+    first run refuse."""
     rep = ApplyReport(template.path, system.backend, system.describe())
     with firecracker_vm(system) as vm:
         configure(system, vm, template, vcpus, boot, after_run, rep, irqchip=True)

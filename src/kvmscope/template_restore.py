@@ -51,7 +51,7 @@ def serializable(index: int) -> bool:
 
 def restore(source: System, target: System, template: Template, vcpus: int = 1,
             boot: Sequence[tuple[int, int]] = BOOT_MSRS) -> ApplyReport:
-    """Boot a VM with ``template`` on ``source`` (Firecracker's order, each vCPU run to its first HLT), snapshot it,
+    """Boot a VM with ``template`` on ``source`` (Firecracker's order, each vCPU run once), snapshot it,
     and restore the snapshot on ``target``: report where Firecracker would fail and every saved MSR the target refused
     or changed (template MSRs compared on their fixed bits)."""
     rep = ApplyReport(template.path, target.backend, f"{source.describe()} -> {target.describe()}")

@@ -65,16 +65,16 @@ def _refused(path: Path, kernel: str, profile: str, r: StepResult) -> Cell:
 
 
 def _scenario_file(path: Path) -> bool:
-    """Whether ``path`` is one to replay: a JSON file without a top-level "scenario" key is another kind of file kept
-    next to the scenarios (a host profile they name, a CPU template) and is left out; a broken one is not, so that its
-    error is shown."""
+    """Whether ``path`` is one to replay: a JSON file with neither a top-level "scenario" nor a "steps" key is another
+    kind of file kept next to the scenarios (a host profile they name, a CPU template) and is left out; a broken one
+    is not, so that its error is shown."""
     if path.suffix != ".json":
         return True
     try:
         data = inputs.json_data(inputs.read_text(path, ScenarioError, "a scenario"), inputs.shown(path), ScenarioError)
     except KvmscopeError:
         return True
-    return not isinstance(data, dict) or "scenario" in data
+    return not isinstance(data, dict) or "scenario" in data or "steps" in data  # one that lacks a line is shown
 
 
 def matrix(directory: Path, kernels: list[str], profiles: list[str | None]) -> list[Cell]:
