@@ -265,6 +265,32 @@ def test_restore_on_another_host_meets_its_rules() -> None:
     assert rep.ok, f"expected the restore taken, saw {rep.failures}"
 
 
+def test_restore_reports_template_bits_the_source_did_not_hold(tmp_path: Path) -> None:
+    """Firecracker's boot MSRs overwrite MISC_ENABLE on the source: a template fixing bit 22 there never reaches the
+    snapshot, so the restore is not taken even though the target takes every saved value."""
+    from kvmscope.template_restore import restore
+
+    t = parse(json.dumps({"msr_modifiers": [{"addr": "0x1a0", "bitmap": "0b" + "x" * 41 + "1" + "x" * 22}]}), "t.json")
+    with open_model(profile="intel-spr") as a, open_model(profile="intel-spr") as b:
+        rep = restore(a, b, t, 1)
+    assert not any(v.diffs for v in rep.vcpus), f"expected the target to take the snapshot, saw {rep.vcpus}"
+    lost = [(d.where, d.kind, d.bits) for v in rep.source_vcpus or () for d in v.diffs]
+    assert lost == [("MSR_IA32_MISC_ENABLE (0x1a0) (msr_modifiers[0])", "overridden", [22])], lost
+    assert not rep.ok and "on the source 1 register(s) or MSR(s) did not hold" in rep.summary(), rep.summary()
+    assert rep.to_json()["source_vcpus"][0]["diffs"][0]["kind"] == "overridden", rep.to_json()
+
+
+def test_restore_fails_where_the_source_run_does_not_reach_the_port_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmscope import template_restore
+    from kvmscope.api import ShutdownExit
+
+    monkeypatch.setattr(template_restore, "run_once", lambda vm, vcpu, irqchip: ShutdownExit())
+    with open_model(profile="intel-spr") as a, open_model(profile="intel-spr") as b:
+        rep = template_restore.restore(a, b, load(EXAMPLES / "t2s-like.json"), 1, boot=())
+    assert rep.failures[:1] == ["on the source: vCPU 0's first run ended with ShutdownExit(), not at the boot code's "
+                                "port write: the VM stops there, before any snapshot"], rep.failures
+
+
 def test_cli_restore_defaults_to_the_source_host() -> None:
     code, out = run("template", "restore", str(EXAMPLES / "t2s-like.json"), "--profile", "intel-spr",
                     "--to-kernel", "6.3", "--json")

@@ -13,7 +13,7 @@ from .render import json_document
 if TYPE_CHECKING:
     from .fleet import Baseline, Difference
     from .template import Template
-    from .template_apply import ApplyReport, BitDiff, Dump
+    from .template_apply import ApplyReport, BitDiff, Dump, VcpuOutcome
 
 
 def _name(name: str) -> str:
@@ -64,14 +64,21 @@ def apply_report(r: ApplyReport) -> None:
         click.echo(f"  Firecracker stops: {f}")
     for n in r.notes:
         click.echo(f"  note: {n}")
+    for v in r.source_vcpus or ():  # a restore: only what did not hold on the source (the snapshot carries it)
+        if v.diffs:
+            _vcpu_outcome(v, "on the source, ")
     for v in r.vcpus:
-        state = "CPUID set" if v.cpuid_set else "CPUID REFUSED"
-        click.echo(f"  vCPU {v.vcpu}: {state}; KVM_SET_MSRS wrote {v.msrs_written} of {v.msrs_total}")
-        for d in v.diffs:
-            click.echo(f"    {d.kind.upper():<10} {d.where}: {_bits(d)}")
-            if d.rule:
-                click.echo(f"               rule: {d.rule}")
+        _vcpu_outcome(v)
     click.echo(("OK: " if r.ok else "NOT TAKEN: ") + r.summary())
+
+
+def _vcpu_outcome(v: VcpuOutcome, where: str = "") -> None:
+    state = "CPUID set" if v.cpuid_set else "CPUID REFUSED"
+    click.echo(f"  {where}vCPU {v.vcpu}: {state}; KVM_SET_MSRS wrote {v.msrs_written} of {v.msrs_total}")
+    for d in v.diffs:
+        click.echo(f"    {d.kind.upper():<10} {d.where}: {_bits(d)}")
+        if d.rule:
+            click.echo(f"               rule: {d.rule}")
 
 
 def apply_reports(reports: dict[str, ApplyReport], as_json: bool, command: str = "template apply") -> None:

@@ -91,10 +91,12 @@ class ApplyReport:
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     vcpus: list[VcpuOutcome] = field(default_factory=list)
+    # a restore: the vCPUs booted on the source, whose template bits the snapshot carries (None for an apply)
+    source_vcpus: list[VcpuOutcome] | None = None
 
     @property
     def ok(self) -> bool:
-        return not self.failures and not any(v.diffs for v in self.vcpus)
+        return not self.failures and not any(v.diffs for v in [*self.vcpus, *(self.source_vcpus or ())])
 
     def summary(self) -> str:
         """One line: what Firecracker would do, and which bits were refused or changed (each counted once, however
@@ -106,6 +108,9 @@ class ApplyReport:
         if self.ok:
             return "taken: every fixed bit holds on every vCPU"
         head = f"Firecracker would fail: {self.failures[0]}" if self.failures else "Firecracker would boot"
+        on_source = {(d.where, d.kind) for v in self.source_vcpus or () for d in v.diffs}
+        if on_source:
+            head += f"; on the source {len(on_source)} register(s) or MSR(s) did not hold the template"
         vcpus = len({n for n, _ in held})
         if bits:
             head += f"; {len(bits)} bit(s) refused or changed" + (f" (on {vcpus} vCPUs)" if vcpus > 1 else "")
@@ -115,9 +120,12 @@ class ApplyReport:
                 if lost else head)
 
     def to_json(self) -> dict[str, Any]:
-        return {"template": self.template, "backend": self.backend, "description": self.description, "ok": self.ok,
-                "summary": self.summary(), "failures": self.failures, "notes": self.notes,
-                "vcpus": [v.to_json() for v in self.vcpus]}
+        doc = {"template": self.template, "backend": self.backend, "description": self.description, "ok": self.ok,
+               "summary": self.summary(), "failures": self.failures, "notes": self.notes,
+               "vcpus": [v.to_json() for v in self.vcpus]}
+        if self.source_vcpus is not None:
+            doc["source_vcpus"] = [v.to_json() for v in self.source_vcpus]
+        return doc
 
 
 def msr_where(index: int) -> str:

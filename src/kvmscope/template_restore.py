@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from . import uapi
-from .api import System
+from .api import IoExit, System
 from .errors import KvmError
 from .template import Template
 from .template_apply import (
@@ -69,8 +69,12 @@ def restore(source: System, target: System, template: Template, vcpus: int = 1,
                                 f"{len(to_save)} MSRs; Firecracker reads them with KVM_GET_MSRS in chunks of "
                                 f"{uapi.MAX_IO_MSRS}, and KVM refuses a batch of {uapi.MAX_IO_MSRS} or more with E2BIG "
                                 "(MAX_IO_MSRS)")
+        rep.source_vcpus = booted.vcpus  # what the template left on the source is what the snapshot carries
         for i, v in enumerate(cpus):
-            run_once(vm, v, irqchip=True)
+            ran = run_once(vm, v, irqchip=True)
+            if not isinstance(ran, IoExit):  # the boot code ends at a port write; anything else is no guest state
+                rep.failures.append(f"on the source: vCPU {i}'s first run ended with {ran!r}, not at the boot code's "
+                                    "port write: the VM stops there, before any snapshot")
             values = read_each(v, to_save)
             lost = [ix for ix in to_save if ix not in values]
             if lost:
