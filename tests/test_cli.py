@@ -343,6 +343,9 @@ def test_decode_of_a_negative_value_says_so() -> None:
     for args in (["decode", "PLATFORM_INFO", "--jsn"], ["decode", "--jsn", "PLATFORM_INFO"]):
         result = CliRunner().invoke(main, args, prog_name="kvmscope")
         assert result.exit_code == 2 and "No such option: --jsn" in result.stderr, f"{args}: {result.stderr!r}"
+    # after "--" a word is a value, whatever it looks like
+    result = CliRunner().invoke(main, ["decode", "PLATFORM_INFO", "--", "--json"], prog_name="kvmscope")
+    assert result.exit_code == 2 and "'--json' is not a number" in result.stderr, f"{result.stderr!r}"
 
 
 def test_a_missing_profile_file_of_a_scenario_names_its_line(tmp_path: Path) -> None:

@@ -203,7 +203,15 @@ def _probe(system: System, fallback: str | None, as_json: bool, set_cpuid: bool,
     return EXIT_NO_KVM if fallback else EXIT_OK
 
 
-@main.command(context_settings={"ignore_unknown_options": True})  # VALUE -1 is a value to refuse, not an option
+class _ValuesAfterDashes(click.Command):
+    """Keeps the words after ``--`` in ``ctx.meta["operands"]``: they are values whatever they look like."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["operands"] = args[args.index("--") + 1 :] if "--" in args else []
+        return super().parse_args(ctx, args)
+
+
+@main.command(cls=_ValuesAfterDashes, context_settings={"ignore_unknown_options": True})  # VALUE -1: a value
 @click.argument("msr")
 @click.argument("value", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
@@ -218,8 +226,9 @@ def decode(msr: str, value: str | None, as_json: bool) -> None:
       kvmscope decode ARCH_CAP 0x400000000c000069
       kvmscope decode msr_platform_info 0x80000000
     """
+    operands = click.get_current_context().meta.get("operands", [])
     for word in (msr, value):  # options click let through for VALUE's sake: only a negative number is a value
-        if word is not None and word.startswith("-") and not _msrs.is_number(word):
+        if word is not None and word.startswith("-") and not _msrs.is_number(word) and word not in operands:
             raise click.UsageError(f"No such option: {word}")
     with exit_on_error():
         m = _msrs.lookup(msr)
