@@ -382,6 +382,33 @@ def test_writer_steps_counts_and_phases() -> None:
         "KVM_SET_MSRS on vCPU 0: returned 0 of 1, refused MSR_PLATFORM_INFO (0xce) = 0x0"], summary
 
 
+def test_counted_runs_carry_the_span_of_their_times() -> None:
+    """Later runs are counted into one step, written when the vCPU's next step comes: the label gives the first and the
+    last run's time, since another thread's step can fall between them."""
+    import io
+
+    from kvmscope.scenario import parse
+    from kvmscope.trace.decode import Call, Writer
+
+    out = io.StringIO()
+    w = Writer(out, "unit", "runs over time")
+
+    def call(t: float, name: str, obj: str = "vcpu", result: int = 0, **data: object) -> Call:
+        fd = {"system": 3, "vm": 4}.get(obj, 6)
+        return Call(t, 100, 100, fd, obj, 0, BY_NAME[name], 0, name, dict(data), result)
+
+    w.add(call(0.1, "KVM_CREATE_VM", "system", 4))
+    w.add(call(0.2, "KVM_CREATE_VCPU", "vm", 6, value=0))
+    assert w.run(call(0.3, "KVM_RUN"))
+    w.add(call(0.3, "KVM_RUN", exit_reason=uapi.KVM_EXIT_IO))
+    for t in (1.0, 1.5, 2.0):
+        assert not w.run(call(t, "KVM_RUN")), f"the run at t={t} should be counted"
+    w.add(call(2.5, "KVM_SET_MSRS", result=1, msrs=[(0xCE, 0)]))
+    w.close()
+    runs = [s for s in parse(out.getvalue(), "unit.yaml").steps if getattr(s, "count", 0) == 3]
+    assert [r.label.split(" pid")[0] for r in runs] == ["t=1.000000..2.000000"], out.getvalue()
+
+
 def test_writer_follows_one_vm_of_a_process_that_makes_several() -> None:
     """kvmscope probe (and a VMM that restarts its VM) creates several VMs in one process: only the first VM's vCPU
     calls become replayed steps; another VM's, with the same vCPU id, are traced with their pid, and replay does not

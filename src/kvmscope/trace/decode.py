@@ -174,7 +174,8 @@ class Writer:
         self.vm: tuple[int, int] | None = None  # (pid, fd) of the VM the scenario follows
         self.vcpu_fds: set[int] = set()  # the fds of its vCPUs, in that process
         self.pending: _Pending | None = None
-        self.ran: dict[int, tuple[float, int]] = {}  # vCPU -> (time of the last unwritten run, runs not written)
+        # vCPU -> (times of the first and last unwritten run, runs not written)
+        self.ran: dict[int, tuple[float, float, int]] = {}
         self.pid = 0  # the process that created the VM
         # The phase, as the ioctls show it: "creation" until a vCPU first runs, then "run"; "hotplug" from a vCPU
         # created after another ran to its first run; "reload" for vCPU-model writes to a vCPU that has run (a reset,
@@ -185,8 +186,10 @@ class Writer:
 
     # --- writing -----------------------------------------------------------------------------------------------
 
-    def _step(self, kind: str, body: dict[str, Any], time: float, pid: int, note: str = "") -> None:
-        label = f"t={time:.6f} pid {pid} {self.phase}" + (f" {note}" if note else "")
+    def _step(self, kind: str, body: dict[str, Any], time: float, pid: int, note: str = "",
+              until: float | None = None) -> None:
+        span = f"t={time:.6f}" + (f"..{until:.6f}" if until is not None and until != time else "")
+        label = f"{span} pid {pid} {self.phase}" + (f" {note}" if note else "")
         self._begin()
         self.out.write(f"- {{{kind}: {flow(body)}, label: {json.dumps(label)}}}\n")
         self.summary.steps += 1
@@ -205,12 +208,13 @@ class Writer:
 
     def _flush_runs(self, vcpu: int | None = None) -> None:
         for v in [vcpu] if vcpu is not None else sorted(self.ran):
-            time, n = self.ran.get(v, (0.0, 0))
+            first, last, n = self.ran.get(v, (0.0, 0.0, 0))
             if n:
                 self._flush_pending()
-                self._step("traced", {"on": "vcpu", "vcpu": v, "name": "KVM_RUN", "count": n}, time, self.pid,
-                           "(later runs of this vCPU, counted)")
-                self.ran[v] = (time, 0)
+                # the runs span a time, which other threads' steps can fall within: the label gives the span
+                self._step("traced", {"on": "vcpu", "vcpu": v, "name": "KVM_RUN", "count": n}, first, self.pid,
+                           "(later runs of this vCPU, counted)", last)
+                self.ran[v] = (last, last, 0)
 
     def run(self, call: Call) -> bool:
         """A KVM_RUN at entry: True when it is the vCPU's first (recorded whole), else counted here."""
@@ -220,7 +224,8 @@ class Writer:
         s.runs[call.vcpu] = s.runs.get(call.vcpu, 0) + 1
         if call.vcpu not in self.ran or not self._ours(call):
             return True
-        self.ran[call.vcpu] = (call.time, self.ran[call.vcpu][1] + 1)
+        first, _, n = self.ran[call.vcpu]
+        self.ran[call.vcpu] = (first if n else call.time, call.time, n + 1)
         if self.phase == "reload":
             self.phase = "run"
         return False
@@ -263,7 +268,7 @@ class Writer:
         if typed and call.name in MODEL_STEPS:
             self._model_step(call)
         elif typed and call.name == "KVM_RUN" and not call.errno:  # an interrupted first try (EINTR) is only traced
-            self.ran[call.vcpu] = (call.time, 0)
+            self.ran[call.vcpu] = (call.time, call.time, 0)
             self.phase = "run"
             exit_ = EXIT_NAMES.get(call.data.get("exit_reason", -1), "")
             self._model_step(call, f"(first run: {exit_})" if exit_ else "(first run)")
