@@ -978,3 +978,52 @@ def test_supported_cpuid_bit_arrives_with_its_release(profile: str, bit: tuple[i
             got = leaf is not None and bool(getattr(leaf, reg) >> n & 1)
         assert got is offered, f"{profile} {kernel}: CPUID {function:#x}.{index} {reg}[{n}] offered {got}, " \
                                f"expected {offered}"
+
+
+# --- KVM_GET_SUPPORTED_CPUID: the leaves a later KVM lists (rulesets.CPUID_LIMITS, leaf 0xD from the bits) -----------
+# (profile, kernel, leaf 0 EAX, 0x80000000 EAX, 7.0 EAX, the leaves 7, 0xD and 0x8000002x listed, 0xD.0 EBX=ECX,
+# 0xD.1 EBX): 5.10.262, 6.1.192 and 6.12.118 cpuid.c __do_cpuid_func against the 6.18 profiles.
+SUPPORTED_CPUID_LEAVES = [
+    # 5.10: basic leaves to 0x1f, leaf 7 to sub-leaf 1, no AMX (5.17) or CET (6.18) state; extended to 0x8000001f
+    # before the 0x80000021 backport (5.10.240)
+    ("intel-spr", "5.10", 0x1F, 0x80000008, 1, "7.0 7.1 d.0 d.1 d.2 d.5 d.6 d.7 d.9", 0xA88, 0x988),
+    ("amd-epyc", "5.10", 0x10, 0x8000001F, 1, "7.0 7.1 d.0 d.1 d.2 d.5 d.6 d.7 d.9", 0x988, 0x988),
+    ("amd-epyc", "5.10.240", 0x10, 0x80000021, 1, "7.0 7.1 d.0 d.1 d.2 d.5 d.6 d.7 d.9 80000021.0", 0x988, 0x988),
+    # 6.1: XTILE_CFG without the guest permission for XTILE_DATA (not filtered before 6.4), 7.2 from 6.1.84
+    ("intel-spr", "6.1", 0x1F, 0x80000008, 1, "7.0 7.1 d.0 d.1 d.2 d.5 d.6 d.7 d.9 d.17", 0xB00, 0xA00),
+    ("intel-spr", "6.1.84", 0x1F, 0x80000008, 2, "7.0 7.1 7.2 d.0 d.1 d.2 d.5 d.6 d.7 d.9 d.17", 0xB00, 0xA00),
+    # 6.4 filters XTILE_CFG (55cd57b596e8): no 0xD.17, sizes without it; 6.5 lists 0x80000022 (PerfMonV2)
+    ("intel-spr", "6.4", 0x1F, 0x80000008, 1, "7.0 7.1 d.0 d.1 d.2 d.5 d.6 d.7 d.9", 0xA88, 0x988),
+    ("amd-epyc", "6.4", 0x10, 0x80000021, 1, "7.0 7.1 d.0 d.1 d.2 d.5 d.6 d.7 d.9 80000021.0", 0x988, 0x988),
+    ("amd-epyc", "6.5", 0x10, 0x80000022, 1, "7.0 7.1 d.0 d.1 d.2 d.5 d.6 d.7 d.9 80000021.0 80000022.0", 0x988,
+     0x988),
+    # 6.12 raises the basic limit to 0x24 (1c450ffef589); 6.18 offers CET's XSS bits (sub-leaves 11 and 12)
+    ("intel-spr", "6.11", 0x1F, 0x80000008, 2, "7.0 7.1 7.2 d.0 d.1 d.2 d.5 d.6 d.7 d.9", 0xA88, 0x988),
+    ("intel-spr", "6.12", 0x20, 0x80000008, 2, "7.0 7.1 7.2 d.0 d.1 d.2 d.5 d.6 d.7 d.9", 0xA88, 0x988),
+    ("intel-spr", "6.18", 0x20, 0x80000008, 2, "7.0 7.1 7.2 d.0 d.1 d.2 d.5 d.6 d.7 d.9 d.11 d.12", 0xA88, 0x9B0),
+    ("amd-epyc", "6.18", 0x10, 0x80000022, 1, "7.0 7.1 d.0 d.1 d.2 d.5 d.6 d.7 d.9 d.11 d.12 80000021.0 80000022.0",
+     0x988, 0x9B0),
+]
+
+
+@pytest.mark.parametrize(("profile", "kernel", "basic", "extended", "leaf7", "leaves", "size", "compacted"),
+                         SUPPORTED_CPUID_LEAVES)
+def test_supported_cpuid_lists_the_leaves_of_its_release(profile: str, kernel: str, basic: int, extended: int,
+                                                         leaf7: int, leaves: str, size: int, compacted: int) -> None:
+    from kvmscope.api import find_cpuid
+
+    with model(profile, kernel) as kvm:
+        entries = kvm.get_supported_cpuid()
+    got = {e.function: e.eax for e in entries if e.index == 0 and e.function in (0, 0x80000000, 7)}
+    assert (got[0], got[0x80000000], got[7]) == (basic, extended, leaf7), (
+        f"{profile} {kernel}: leaf 0, 0x80000000 and 7.0 EAX: expected {basic:#x}, {extended:#x}, {leaf7}, saw "
+        f"{got[0]:#x}, {got[0x80000000]:#x}, {got[7]}")
+    assert all(e.function <= basic or e.function >= 0x40000000 for e in entries), f"{profile} {kernel}: a leaf above"
+    assert all(e.function < 0x80000000 or e.function <= extended for e in entries), f"{profile} {kernel}: above ext"
+    listed = " ".join(f"{e.function:x}.{e.index}" for e in entries if e.function in (7, 0xD) or e.function > 0x80000020)
+    assert listed == leaves, f"{profile} {kernel}: expected leaves {leaves}, saw {listed}"
+    d0, d1 = find_cpuid(entries, 0xD, 0), find_cpuid(entries, 0xD, 1)
+    assert d0 is not None and d1 is not None
+    assert (d0.ebx, d0.ecx, d1.ebx) == (size, size, compacted), (
+        f"{profile} {kernel}: 0xD.0 EBX/ECX and 0xD.1 EBX: expected {size:#x}/{size:#x}/{compacted:#x}, saw "
+        f"{d0.ebx:#x}/{d0.ecx:#x}/{d1.ebx:#x}")

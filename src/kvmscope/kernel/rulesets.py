@@ -221,6 +221,9 @@ CPUID_PERFMON_V2 = Rule("cpuid_perfmon_v2", "6.5", "4a2771895ca6",
                         "KVM: x86/svm/pmu: Add AMD PerfMonV2 support (leaf 0x80000022)")
 CPUID_7_2_EDX = Rule("cpuid_7_2_edx", "6.8", "eefe5e668209",
                      "KVM: x86: Advertise CPUID.(EAX=7,ECX=2):EDX[5:0] to userspace", stable=("6.1.84", "6.7.12"))
+CPUID_AVX10 = Rule("cpuid_avx10", "6.12", "1c450ffef589",
+                   "KVM: x86: Advertise AVX10.1 CPUID to userspace (leaf 0x24: the basic leaves go up to 0x24, before "
+                   "to 0x1f; 6.1.192 cpuid.c:908, 6.12.118 cpuid.c:987)")
 CPUID_TSC_DEADLINE = Rule("cpuid_tsc_deadline", "6.14", "9be4ec35d668",
                           "KVM: x86: Advertise TSC_DEADLINE_TIMER in KVM_GET_SUPPORTED_CPUID")
 CPUID_HYPERVISOR = Rule("cpuid_hypervisor", "6.14", "9aa470f5ddb2",
@@ -383,6 +386,19 @@ CPUID_ARRIVALS: dict[Rule, tuple[tuple[int, int, str, int], ...]] = {
     CPUID_HYPERVISOR: ((1, 0, "ecx", 31),),
     EFER_AUTOIBRS: ((0x80000021, 0, "eax", 8),),
     PRED_CMD_SBPB: ((0x80000021, 0, "eax", 27),),
+    CPUID_AVX10: ((7, 1, "edx", 19),),
+}
+# The leaves KVM_GET_SUPPORTED_CPUID stops at before a version raised the limit, (function, limit before): leaf 0's and
+# 0x80000000's EAX (the highest basic and extended leaf, ``min(host, limit)``) and 7.0's EAX (the highest sub-leaf of
+# leaf 7). A profile taken on a later kernel reads, under an earlier one, the lower limit and no leaf above it.
+# Basic: 0x1f before 0x24 (1c450ffef589). Extended: 0x8000001f before 0x80000021 (5.10.262 cpuid.c:822 with the
+# backport, 6.1.192:1166), 0x80000022 from 6.5 (94cdeebd8211, with PerfMonV2; 6.12.118:1263). Leaf 7: sub-leaf 1 before
+# 7.2 (5.10.262 cpuid.c:665 min(eax, 1u); 6.1.192:953 min(eax, 2u) with the backport).
+CPUID_LIMITS: dict[Rule, tuple[int, int]] = {
+    CPUID_AVX10: (0, 0x1F),
+    CPUID_80000021: (0x80000000, 0x8000001F),
+    CPUID_PERFMON_V2: (0x80000000, 0x80000021),
+    CPUID_7_2_EDX: (7, 1),
 }
 # The feature-MSR bits KVM reports from a version on, (MSR, field mask, field before): a profile taken on a later
 # kernel reads, under an earlier one, ``value & ~mask | before`` (ModelSystem). The non-true VMX controls 0x483/0x484
@@ -471,7 +487,7 @@ RULES: dict[str, Rule] = {
               DEBUGCTL_HOST_IGNORES_CPUID, DEBUGCTL_RTM_DEBUG, DEBUGCTL_SVM, DEBUGCTL_SVM_PINS_DROPPED,
               DEBUGCTL_SVM_BTF_DROPPED, CPUID_AVX512_FP16, CPUID_AVX_VNNI, CPUID_BUS_LOCK_DETECT, CPUID_AMD_PSFD,
               CPUID_X87_DEPRECATED, CPUID_80000021, CPUID_DS_DTES64, CPUID_FAST_REP_STRINGS, CPUID_PERFMON_V2,
-              CPUID_7_2_EDX, CPUID_TSC_DEADLINE, CPUID_HYPERVISOR,
+              CPUID_7_2_EDX, CPUID_AVX10, CPUID_TSC_DEADLINE, CPUID_HYPERVISOR,
               X2APIC_ICR_64BIT, X2APIC_ICR_SPLIT_SVM, X2APIC_ICR_RESERVED,
               X2APIC_HIGH_BITS, X2APIC_SELF_IPI_VECTOR, X2APIC_SELF_IPI_KEEPS_ICR,
               X2APIC_LEAVE_SETS_XAPIC_ID, X2APIC_ID_READONLY,
@@ -567,6 +583,15 @@ class Ruleset:
     def absent_cpuid(self) -> tuple[tuple[int, int, str, int], ...]:
         """The supported-CPUID bits this version's KVM does not offer yet (``CPUID_ARRIVALS``)."""
         return tuple(bit for r, bits in CPUID_ARRIVALS.items() if r not in self.rules for bit in bits)
+
+    @cached_property
+    def cpuid_limits(self) -> dict[int, int]:
+        """The leaf limits this version's KVM has not raised yet (``CPUID_LIMITS``): function -> the lowest limit."""
+        out: dict[int, int] = {}
+        for r, (function, limit) in CPUID_LIMITS.items():
+            if r not in self.rules:
+                out[function] = min(out.get(function, limit), limit)
+        return out
 
     @cached_property
     def guest_vendor_checks(self) -> str:

@@ -100,13 +100,57 @@ def without_bits(entries: Sequence[CpuidEntry], bits: Sequence[tuple[int, int, s
     return out
 
 
+def within_limits(entries: Sequence[CpuidEntry], limits: dict[int, int]) -> list[CpuidEntry]:
+    """``entries`` as a kernel with lower leaf limits lists them (``Ruleset.cpuid_limits``): leaf 0's, 0x80000000's and
+    7.0's EAX at most the limit, and no basic leaf, extended leaf or sub-leaf of 7 above it."""
+    out = []
+    for e in entries:
+        if e.function < 0x40000000:
+            top = limits.get(0)
+        elif e.function >= 0x80000000:
+            top = limits.get(0x80000000)
+        else:
+            top = None
+        if top is not None and e.function > top:
+            continue
+        if e.function == 7 and 7 in limits and e.index > limits[7]:
+            continue
+        if e.index == 0 and e.function in limits and e.eax > limits[e.function]:
+            e = replace(e, eax=limits[e.function])
+        out.append(e)
+    return out
+
+
+def xsave_leaves(entries: Sequence[CpuidEntry]) -> list[CpuidEntry]:
+    """Leaf 0xD as ``__do_cpuid_func`` builds it from the XCR0 and XSS bits offered (0xD.0 EAX/EDX, 0xD.1 ECX/EDX):
+    a sub-leaf for each bit, 0xD.0 EBX and ECX the standard size of that XCR0, 0xD.1 EBX the compacted size of XCR0
+    and XSS with XSAVEC or XSAVES (6.12.118 cpuid.c:1095-1119). For a profile whose bits an earlier kernel lacks."""
+    leaf0, leaf1 = find_cpuid(entries, 0xD, 0), find_cpuid(entries, 0xD, 1)
+    if leaf0 is None:
+        return list(entries)
+    xcr0 = leaf0.eax | leaf0.edx << 32
+    xss = 0 if leaf1 is None else leaf1.ecx | leaf1.edx << 32
+    out = []
+    for e in entries:
+        if e.function == 0xD and e.index >= 2 and not (xcr0 | xss) >> e.index & 1:
+            continue
+        if e.function == 0xD and e.index == 0:
+            e = replace(e, ebx=xstate_size(entries, xcr0, False), ecx=xstate_size(entries, xcr0, False))
+        elif e.function == 0xD and e.index == 1 and e.eax & 0b1010:  # XSAVEC, XSAVES
+            e = replace(e, ebx=xstate_size(entries, xcr0 | xss, True))
+        out.append(e)
+    return out
+
+
 def filter_xtile_cfg(entries: Sequence[CpuidEntry]) -> list[CpuidEntry]:
     """``kvm_get_filtered_xcr0`` (55cd57b596e8, 6.4): XTILE_CFG (XCR0 bit 17) is dropped from the supported XCR0 when
-    XTILE_DATA (bit 18) is not offered, i.e. the process lacks the guest permission (6.12.118 x86.h:406-424)."""
+    XTILE_DATA (bit 18) is not offered, i.e. the process lacks the guest permission (6.12.118 x86.h:406-424); leaf 0xD
+    is then built from that XCR0 (cpuid.c:1092-1119)."""
     out = list(entries)
     i = _first(out, 0xD, 0)
     if i is not None and out[i].eax & (1 << 17) and not out[i].eax & (1 << 18):
         out[i] = replace(out[i], eax=out[i].eax & ~(1 << 17))
+        return xsave_leaves(out)  # the filtered XCR0 sizes leaf 0xD and lists its sub-leaves (no 0xD.17)
     return out
 
 

@@ -8,12 +8,12 @@ from dataclasses import replace
 from typing import ClassVar
 
 from .. import uapi
-from ..api import CpuidEntry, MsrBatch, System
+from ..api import CpuidEntry, MsrBatch, System, find_cpuid
 from ..errors import InvalidValueError, KvmError
 from ..kernel import rulesets as R
 from ..kernel.profile import Profile
 from ..kernel.rulesets import Ruleset
-from .cpuid import filter_xtile_cfg, without_bits
+from .cpuid import filter_xtile_cfg, within_limits, without_bits, xsave_leaves
 from .vm import ModelVm
 
 
@@ -29,8 +29,11 @@ class ModelSystem(System):
             profile = replace(profile, msr_index_list=[i for i in profile.msr_index_list if i not in absent],
                               msr_behaviour={i: b for i, b in profile.msr_behaviour.items() if i not in absent},
                               vendor_msrs={i: b for i, b in profile.vendor_msrs.items() if i not in absent})
-        if rules.absent_cpuid:  # and offers CPUID bits this version does not (the profile's host has them)
-            profile = replace(profile, supported_cpuid=without_bits(profile.supported_cpuid, rules.absent_cpuid))
+        if rules.absent_cpuid or rules.cpuid_limits:  # and offers CPUID bits and leaves this version does not
+            entries = within_limits(without_bits(profile.supported_cpuid, rules.absent_cpuid), rules.cpuid_limits)
+            if _xsave_bits(entries) != _xsave_bits(profile.supported_cpuid):
+                entries = xsave_leaves(entries)
+            profile = replace(profile, supported_cpuid=entries)
         # what the host's CPU offers nested VMX (vmx_vcpu_after_set_cpuid asks the CPU), before this version's KVM hides
         # what it does not advertise yet (FEATURE_ARRIVALS)
         self.hardware_features = dict(profile.feature_msrs)
@@ -142,3 +145,9 @@ class ModelSystem(System):
     def create_vm(self) -> ModelVm:
         self._check_open()
         return ModelVm(self)
+
+
+def _xsave_bits(entries: list[CpuidEntry]) -> tuple[int, int]:
+    """The XCR0 and XSS bits a supported CPUID offers (0xD.0 EAX/EDX, 0xD.1 ECX/EDX)."""
+    leaf0, leaf1 = find_cpuid(entries, 0xD, 0), find_cpuid(entries, 0xD, 1)
+    return (0 if leaf0 is None else leaf0.eax | leaf0.edx << 32, 0 if leaf1 is None else leaf1.ecx | leaf1.edx << 32)
