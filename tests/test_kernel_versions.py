@@ -1027,3 +1027,72 @@ def test_supported_cpuid_lists_the_leaves_of_its_release(profile: str, kernel: s
     assert (d0.ebx, d0.ecx, d1.ebx) == (size, size, compacted), (
         f"{profile} {kernel}: 0xD.0 EBX/ECX and 0xD.1 EBX: expected {size:#x}/{size:#x}/{compacted:#x}, saw "
         f"{d0.ebx:#x}/{d0.ecx:#x}/{d1.ebx:#x}")
+
+
+# --- KVM_CHECK_EXTENSION: the capabilities a later KVM reports (rulesets.CAP_ARRIVALS) --------------------------------
+# (capability, the release before, the release that reports it): each commit's release from the KVM pull requests,
+# mainline pushes and header syncs (/work/notes/cap-pins.md), against the 5.10.262, 6.1.192, 6.12.118 and 6.18 switches.
+CAPABILITY_ARRIVALS = [
+    (192, "5.10.262", "5.11"), (193, "5.11", "5.12"), (195, "5.12", "5.13"), (197, "5.12", "5.13"),
+    (200, "5.13", "5.14"), (201, "5.13", "5.14"), (203, "5.13", "5.14"), (204, "5.13", "5.14"), (127, "5.15", "5.16"),
+    (206, "5.15", "5.16"), (54, "5.16", "5.17"), (208, "5.16", "5.17"), (209, "5.16", "5.17"), (213, "5.17", "5.18"),
+    (215, "5.17", "5.18"), (214, "5.18", "5.19"), (218, "5.19", "6.0"), (220, "5.19", "6.0"), (223, "6.0", "6.1"),
+    (226, "6.2", "6.3"), (89, "6.7", "6.8"), (231, "6.7", "6.8"), (232, "6.7", "6.8"), (235, "6.7", "6.8"),
+    (237, "6.10", "6.11"), (238, "6.10", "6.11"), (70, "6.17", "6.18"),
+    # not reported by the profile's host at all: 0 on both sides
+    (191, "5.10", "5.11"), (196, "5.12", "5.13"), (199, "5.13", "5.14"), (212, "5.17", "5.18"), (219, "5.19", "6.0"),
+    (236, "6.10", "6.11"),
+]
+
+
+def test_every_capability_arrival_is_tested() -> None:
+    from kvmscope.kernel.rulesets import CAP_ARRIVALS
+
+    table = {c for caps in CAP_ARRIVALS.values() for c in caps}
+    tested = {c for c, _, _ in CAPABILITY_ARRIVALS}
+    assert table == tested, f"untested or unknown: {sorted(table ^ tested)}"
+
+
+@pytest.mark.parametrize(("cap", "before", "at"), CAPABILITY_ARRIVALS)
+def test_a_capability_is_reported_from_its_release(cap: int, before: str, at: str) -> None:
+    from kvmscope.kernel.profile import load
+
+    reported = load("intel-spr").capability(cap)  # the 6.18 host's own answer
+    for kernel, want in ((before, 0), (at, reported)):
+        with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+            got = (kvm.check_extension(cap), vm.check_extension(cap))
+        if cap == uapi.KVM_CAP_DISABLE_QUIRKS2 and want:  # the quirks of that release: Ruleset.supported_quirks
+            want = R.resolve(kernel).supported_quirks(want)
+        assert got == (want, want), f"{kernel}: capability {cap} on /dev/kvm and the VM: expected {want}, saw {got}"
+
+
+def test_a_template_needing_a_later_capability_fails_on_an_older_kernel() -> None:
+    """Firecracker checks a template's kvm_capabilities before any vCPU exists: XSAVE2 (208) came with 5.17."""
+    from kvmscope.template import parse
+    from kvmscope.template_apply import apply
+
+    t = parse('{"kvm_capabilities": ["208"]}', "t.json")
+    for kernel, failures in (("5.16", ["KVM capability 208 (KVM_CAP_XSAVE2) is not supported"]), ("5.17", [])):
+        with model("intel-spr", kernel) as kvm:
+            got = apply(kvm, t, 1).failures
+        assert got == failures, f"{kernel}: expected {failures}, saw {got}"
+
+
+@pytest.mark.parametrize(("profile", "kernel", "vapic"), [("intel-spr", "5.17", 0), ("intel-spr", "5.18", 1),
+                                                          ("amd-epyc", "5.10", 1)])
+def test_vapic_on_a_vmx_host_before_5_18(profile: str, kernel: str, vapic: int) -> None:
+    # 5.10.262 x86.c:3903 `r = !kvm_x86_ops.cpu_has_accelerated_tpr()`: 0 on VMX with flexpriority; 8a2897853c53 (5.18)
+    with model(profile, kernel) as kvm:
+        assert kvm.check_extension(uapi.KVM_CAP_VAPIC) == vapic, f"{profile} {kernel}: expected VAPIC {vapic}"
+
+
+def test_enabling_a_later_capability_on_an_older_kernel_is_einval() -> None:
+    for kernel, ok in (("5.17", False), ("5.18", True)):
+        with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+            try:
+                vm.enable_cap(uapi.KVM_CAP_DISABLE_QUIRKS2, 1)
+                got = True
+            except KvmError as e:
+                assert e.errno == errno.EINVAL, f"{kernel}: expected EINVAL, saw {e}"
+                got = False
+        assert got is ok, f"{kernel}: KVM_ENABLE_CAP(DISABLE_QUIRKS2) taken {got}, expected {ok}"

@@ -198,6 +198,48 @@ DEBUGCTL_SVM_PINS_DROPPED = Rule("debugctl_svm_pins_dropped", "6.14", "ee89e8013
                                  stable=("6.1.131", "6.6.83", "6.12.19"))
 DEBUGCTL_SVM_BTF_DROPPED = Rule("debugctl_svm_btf_dropped", "6.14", "d0eac42f5cec",
                                 "KVM: SVM: Suppress DEBUGCTL.BTF on AMD", stable=("6.12.19",))
+# --- KVM_CHECK_EXTENSION: the capabilities x86 KVM reports from a release on (CAP_ARRIVALS) ---------------------------
+# Read in the 5.10.262, 6.1.192 and 6.12.118 switches (x86.c kvm_vm_ioctl_check_extension, kvm_main.c
+# kvm_vm_ioctl_check_extension_generic) against 6.18's and this host's; each commit's release from the KVM pull requests,
+# mainline pushes and <linux/kvm.h> syncs that carry it. A release's rc fixes count for it (209: 5.17-rc2; 54: 5.17-rc6;
+# 215: 5.18-rc). Not followed: caps a build leaves out by config (HYPERV, XEN, SMM, guest_memfd), which a profile records.
+CAPS_5_11 = Rule("caps_5_11", "5.11", "c21d54f0307f, fb04a1eddb1a",
+                 "KVM_CHECK_EXTENSION reports SYS_HYPERV_CPUID (191) and DIRTY_LOG_RING (192)")
+CAPS_5_12 = Rule("caps_5_12", "5.12", "fe6b6bc802b4", "KVM_CHECK_EXTENSION reports X86_BUS_LOCK_EXIT (193)")
+CAPS_5_13 = Rule("caps_5_13", "5.13", "7e582ccbbd73, fe7e948837f3, 54526d1fd593",
+                 "KVM_CHECK_EXTENSION reports SET_GUEST_DEBUG2 (195), SGX_ATTRIBUTE (196) and "
+                 "VM_COPY_ENC_CONTEXT_FROM (197)")
+CAPS_5_14 = Rule("caps_5_14", "5.14", "644f706719f0, 6dba94035203, 0dbb11230437, cb082bfab59a, 19238e75bd8e",
+                 "KVM_CHECK_EXTENSION reports HYPERV_ENFORCE_CPUID (199), SREGS2 (200), EXIT_HYPERCALL (201), "
+                 "BINARY_STATS_FD (203) and EXIT_ON_EMULATION_FAILURE (204)")
+CAPS_5_16 = Rule("caps_5_16", "5.16", "828ca89628bf, b56639318bb2",
+                 "KVM_CHECK_EXTENSION reports VCPU_ATTRIBUTES (127) and VM_MOVE_ENC_CONTEXT_FROM (206)")
+CAPS_5_17 = Rule("caps_5_17", "5.17", "be50b2065dfa, dd6e63122018, 127770ac0d04",
+                 "KVM_CHECK_EXTENSION reports XSAVE2 (208), SYS_ATTRIBUTES (209) and ENABLE_CAP (54)")
+CAPS_5_18 = Rule("caps_5_18", "5.18", "ba7bb663f554, 6d8491910fcd, d495f942f40a, 8a2897853c53",
+                 "KVM_CHECK_EXTENSION reports PMU_CAPABILITY (212), DISABLE_QUIRKS2 (213) and SYSTEM_EVENT_DATA "
+                 "(215), and VAPIC (6) also on a VMX host with TPR acceleration (before: 0 there)")
+CAPS_5_19 = Rule("caps_5_19", "5.19", "ffbb61d09fc5",
+                 "KVM_CHECK_EXTENSION reports VM_TSC_CONTROL (214; left out of 5.18, whose second KVM pull was not "
+                 "taken)")
+CAPS_6_0 = Rule("caps_6_0", "6.0", "ed2351174e38, 2f4073e08f4c, 084cc29f8bbb",
+                "KVM_CHECK_EXTENSION reports X86_TRIPLE_FAULT_EVENT (218), X86_NOTIFY_VMEXIT (219) and "
+                "VM_DISABLE_NX_HUGE_PAGES (220)")
+CAPS_6_1 = Rule("caps_6_1", "6.1", "17601bfed909", "KVM_CHECK_EXTENSION reports DIRTY_LOG_RING_ACQ_REL (223)")
+CAPS_6_3 = Rule("caps_6_3", "6.3", "651daa44b11c", "KVM_CHECK_EXTENSION reports PMU_EVENT_MASKED_EVENTS (226)")
+CAPS_6_8 = Rule("caps_6_8", "6.8", "63912245c19d, bb58b90b1a8f, 16f95f3b95ca, 89ea60c2c7b5",
+                "KVM_CHECK_EXTENSION reports DEVICE_CTRL (89), USER_MEMORY2 (231), MEMORY_FAULT_INFO (232) and "
+                "VM_TYPES (235)")
+CAPS_6_11 = Rule("caps_6_11", "6.11", "6e01b7601dfe, 6fef518594bc, 85542adb65ec",
+                 "KVM_CHECK_EXTENSION reports PRE_FAULT_MEMORY (236), X86_APIC_BUS_CYCLES_NS (237) and "
+                 "X86_GUEST_MODE (238)")
+CAPS_6_18 = Rule("caps_6_18", "6.18", "06f2969c6a12", "KVM_CHECK_EXTENSION reports ONE_REG (70)")
+CAP_ARRIVALS: dict[Rule, tuple[int, ...]] = {
+    CAPS_5_11: (191, 192), CAPS_5_12: (193,), CAPS_5_13: (195, 196, 197), CAPS_5_14: (199, 200, 201, 203, 204),
+    CAPS_5_16: (127, 206), CAPS_5_17: (54, 208, 209), CAPS_5_18: (212, 213, 215), CAPS_5_19: (214,),
+    CAPS_6_0: (218, 219, 220), CAPS_6_1: (223,), CAPS_6_3: (226,), CAPS_6_8: (89, 231, 232, 235),
+    CAPS_6_11: (236, 237, 238), CAPS_6_18: (70,),
+}
 # --- KVM_GET_SUPPORTED_CPUID bits and the release that offered them (CPUID_ARRIVALS) ---------------------------------
 # Read in the 5.10.262, 6.1.192 and 6.12.118 cpuid.c (kvm_set_cpu_caps) against 6.18's; the commits and releases as
 # pull requests and stable changelogs date them.
@@ -487,7 +529,7 @@ RULES: dict[str, Rule] = {
               DEBUGCTL_HOST_IGNORES_CPUID, DEBUGCTL_RTM_DEBUG, DEBUGCTL_SVM, DEBUGCTL_SVM_PINS_DROPPED,
               DEBUGCTL_SVM_BTF_DROPPED, CPUID_AVX512_FP16, CPUID_AVX_VNNI, CPUID_BUS_LOCK_DETECT, CPUID_AMD_PSFD,
               CPUID_X87_DEPRECATED, CPUID_80000021, CPUID_DS_DTES64, CPUID_FAST_REP_STRINGS, CPUID_PERFMON_V2,
-              CPUID_7_2_EDX, CPUID_AVX10, CPUID_TSC_DEADLINE, CPUID_HYPERVISOR,
+              CPUID_7_2_EDX, CPUID_AVX10, CPUID_TSC_DEADLINE, CPUID_HYPERVISOR, *CAP_ARRIVALS,
               X2APIC_ICR_64BIT, X2APIC_ICR_SPLIT_SVM, X2APIC_ICR_RESERVED,
               X2APIC_HIGH_BITS, X2APIC_SELF_IPI_VECTOR, X2APIC_SELF_IPI_KEEPS_ICR,
               X2APIC_LEAVE_SETS_XAPIC_ID, X2APIC_ID_READONLY,
@@ -612,6 +654,16 @@ class Ruleset:
                     m, b = out.get(index, (0, 0))
                     out[index] = (m | mask, b | before)
         return out
+
+    @cached_property
+    def absent_caps(self) -> frozenset[int]:
+        """The capabilities this version's KVM_CHECK_EXTENSION does not report yet (``CAP_ARRIVALS``)."""
+        return frozenset(c for r, caps in CAP_ARRIVALS.items() if r not in self.rules for c in caps)
+
+    def vapic_on(self, vendor: str) -> bool:
+        """KVM_CAP_VAPIC: before 5.18 (8a2897853c53) 0 where the vendor accelerates the TPR (``!cpu_has_accelerated_tpr``:
+        VMX with flexpriority, which the VMX profiles have; 5.10.262 x86.c:3903)."""
+        return vendor != "vmx" or CAPS_5_18 in self.rules
 
     @cached_property
     def absent_msrs(self) -> frozenset[int]:

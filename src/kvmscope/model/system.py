@@ -73,7 +73,10 @@ class ModelSystem(System):
         return self.capability(cap)
 
     def capability(self, cap: int, vm: bool = False) -> int:
-        """The profile's capability as this kernel version reports it (quirks it does not have yet are left out)."""
+        """The profile's capability as this kernel version reports it: 0 for one that came later (``CAP_ARRIVALS``),
+        and the quirks and x2APIC flags it does not have yet left out."""
+        if cap in self.rules.absent_caps or (cap == uapi.KVM_CAP_VAPIC and not self.rules.vapic_on(self.profile.vendor)):
+            return 0
         value = self.profile.capability(cap, vm)
         if cap == uapi.KVM_CAP_DISABLE_QUIRKS2:
             return self.rules.supported_quirks(value)
