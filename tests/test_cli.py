@@ -129,6 +129,10 @@ def test_every_json_output_is_one_versioned_object(command: str, args: list[str]
     (["check", "examples/platform-info-after-run.yaml", "--compare", "6.3", "--json"], 2,
      "--compare needs at least 2 kernel versions, e.g. 6.3,6.18 or all (got 1) (see `kvmscope check --help`)"),
     (["probe", "--backend", "model", "--profile", "nope", "--json"], 2, "no shipped profile named 'nope'"),
+    # errors click raises while it parses the command line: the command's words name it and its help
+    (["check", "examples/platform-info-after-run.yaml", "--json", "--compare"], 2,
+     "Option '--compare' requires an argument (see `kvmscope check --help`)"),
+    (["probe", "--bogus", "--json"], 2, "No such option '--bogus' (see `kvmscope probe --help`)"),
 ])
 def test_json_commands_print_a_json_error_on_failure(args: list[str], code: int, message: str) -> None:
     # A script reading stdout of `--json` gets a document whatever happened; stderr keeps its one line.

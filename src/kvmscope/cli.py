@@ -52,15 +52,39 @@ def fail(message: str, code: int, ctx: click.Context | None = None) -> NoReturn:
     ctx = ctx or click.get_current_context(silent=True)
     if _wants_json(ctx):
         try:
-            command = ctx.command_path.partition(" ")[2] if ctx is not None else None
-            if command and ctx is not None:  # the name its success document would have
+            if ctx is not None and ctx.command_path.partition(" ")[2]:  # the name its success document would have
+                command = ctx.command_path.partition(" ")[2]
                 command += " --corpus" if ctx.params.get("corpus_dir") else (
                     " --compare" if ctx.params.get("compare_kernels") else "")
+            else:  # click could not parse the command line: its words say which command it was
+                command = " ".join(_command_words())
+                given = [a.partition("=")[0] for a in _argv[: _argv.index("--") if "--" in _argv else None]]
+                if command in ("check", "template apply"):
+                    command += " --corpus" if "--corpus" in given and command == "check" else (
+                        " --compare" if "--compare" in given else "")
             click.echo(json.dumps({"schema_version": 1, "command": command or None, "error": message, "exit_code": code}))
             sys.stdout.flush()
         except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush is silent
     sys.exit(code)
+
+
+def _command_words() -> list[str]:
+    """The (sub)command the command line names (``["template", "apply"]``), as far as its words say: for an error
+    click raised before it knew the command's context."""
+    words: list[str] = []
+    group: click.Command = main
+    for arg in _argv:
+        if arg == "--" or not isinstance(group, click.Group):
+            break
+        if arg.startswith("-"):
+            continue
+        cmd = group.commands.get(arg)
+        if cmd is None:
+            break
+        words.append(arg)
+        group = cmd
+    return words
 
 
 @contextmanager
@@ -108,7 +132,7 @@ class _Group(click.Group):
             e.show()
             sys.exit(e.exit_code)
         except click.UsageError as e:
-            where = e.ctx.command_path if e.ctx is not None else "kvmscope"
+            where = e.ctx.command_path if e.ctx is not None else " ".join(["kvmscope", *_command_words()])
             fail(f"{e.format_message().rstrip('.')} (see `{where} --help`)", EXIT_USAGE, e.ctx)
         except click.ClickException as e:
             fail(e.format_message(), e.exit_code)
