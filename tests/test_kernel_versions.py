@@ -1038,7 +1038,8 @@ CAPABILITY_ARRIVALS = [
     (206, "5.15", "5.16"), (54, "5.16", "5.17"), (208, "5.16", "5.17"), (209, "5.16", "5.17"), (213, "5.17", "5.18"),
     (215, "5.17", "5.18"), (214, "5.18", "5.19"), (218, "5.19", "6.0"), (220, "5.19", "6.0"), (223, "6.0", "6.1"),
     (226, "6.2", "6.3"), (89, "6.7", "6.8"), (231, "6.7", "6.8"), (232, "6.7", "6.8"), (235, "6.7", "6.8"),
-    (237, "6.10", "6.11"), (238, "6.10", "6.11"), (70, "6.17", "6.18"),
+    (237, "6.10", "6.11"), (238, "6.10", "6.11"), (70, "6.17", "6.18"), (244, "6.17", "6.18"),
+    (234, "6.7", "6.18"),  # on the VM too from 6.18 (test_guest_memfd_on_a_default_vm_from_6_18)
     # not reported by the profile's host at all: 0 on both sides
     (191, "5.10", "5.11"), (196, "5.12", "5.13"), (199, "5.13", "5.14"), (212, "5.17", "5.18"), (219, "5.19", "6.0"),
     (236, "6.10", "6.11"),
@@ -1096,3 +1097,11 @@ def test_enabling_a_later_capability_on_an_older_kernel_is_einval() -> None:
                 assert e.errno == errno.EINVAL, f"{kernel}: expected EINVAL, saw {e}"
                 got = False
         assert got is ok, f"{kernel}: KVM_ENABLE_CAP(DISABLE_QUIRKS2) taken {got}, expected {ok}"
+
+
+def test_guest_memfd_on_a_default_vm_from_6_18() -> None:
+    # 6.8-6.17: `!kvm || kvm_arch_has_private_mem(kvm)` (6.12.118 kvm_main.c:4999-5002), 0 on a default VM; 6.18: 1
+    for kernel, want in (("6.7", (0, 0)), ("6.8", (1, 0)), ("6.17", (1, 0)), ("6.18", (1, 1))):
+        with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+            got = (kvm.check_extension(uapi.KVM_CAP_GUEST_MEMFD), vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD))
+        assert got == want, f"{kernel}: GUEST_MEMFD on /dev/kvm and a default VM: expected {want}, saw {got}"

@@ -227,18 +227,21 @@ CAPS_6_0 = Rule("caps_6_0", "6.0", "ed2351174e38, 2f4073e08f4c, 084cc29f8bbb",
                 "VM_DISABLE_NX_HUGE_PAGES (220)")
 CAPS_6_1 = Rule("caps_6_1", "6.1", "17601bfed909", "KVM_CHECK_EXTENSION reports DIRTY_LOG_RING_ACQ_REL (223)")
 CAPS_6_3 = Rule("caps_6_3", "6.3", "651daa44b11c", "KVM_CHECK_EXTENSION reports PMU_EVENT_MASKED_EVENTS (226)")
-CAPS_6_8 = Rule("caps_6_8", "6.8", "63912245c19d, bb58b90b1a8f, 16f95f3b95ca, 89ea60c2c7b5",
-                "KVM_CHECK_EXTENSION reports DEVICE_CTRL (89), USER_MEMORY2 (231), MEMORY_FAULT_INFO (232) and "
-                "VM_TYPES (235)")
+CAPS_6_8 = Rule("caps_6_8", "6.8", "63912245c19d, bb58b90b1a8f, 16f95f3b95ca, a7800aa80ea4, 89ea60c2c7b5",
+                "KVM_CHECK_EXTENSION reports DEVICE_CTRL (89), USER_MEMORY2 (231), MEMORY_FAULT_INFO (232), "
+                "GUEST_MEMFD (234; where built in, and on a VM only of a type with private memory: 6.12.118 "
+                "kvm_main.c:4999-5002) and VM_TYPES (235)")
 CAPS_6_11 = Rule("caps_6_11", "6.11", "6e01b7601dfe, 6fef518594bc, 85542adb65ec",
                  "KVM_CHECK_EXTENSION reports PRE_FAULT_MEMORY (236), X86_APIC_BUS_CYCLES_NS (237) and "
                  "X86_GUEST_MODE (238)")
-CAPS_6_18 = Rule("caps_6_18", "6.18", "06f2969c6a12", "KVM_CHECK_EXTENSION reports ONE_REG (70)")
+CAPS_6_18 = Rule("caps_6_18", "6.18", "06f2969c6a12, the guest_memfd mmap series",
+                 "KVM_CHECK_EXTENSION reports ONE_REG (70) and GUEST_MEMFD_FLAGS (244), and GUEST_MEMFD (234) on "
+                 "every VM where built in (6.18 kvm_main.c; 6.12.118's header stops at 238)")
 CAP_ARRIVALS: dict[Rule, tuple[int, ...]] = {
     CAPS_5_11: (191, 192), CAPS_5_12: (193,), CAPS_5_13: (195, 196, 197), CAPS_5_14: (199, 200, 201, 203, 204),
     CAPS_5_16: (127, 206), CAPS_5_17: (54, 208, 209), CAPS_5_18: (212, 213, 215), CAPS_5_19: (214,),
-    CAPS_6_0: (218, 219, 220), CAPS_6_1: (223,), CAPS_6_3: (226,), CAPS_6_8: (89, 231, 232, 235),
-    CAPS_6_11: (236, 237, 238), CAPS_6_18: (70,),
+    CAPS_6_0: (218, 219, 220), CAPS_6_1: (223,), CAPS_6_3: (226,), CAPS_6_8: (89, 231, 232, 234, 235),
+    CAPS_6_11: (236, 237, 238), CAPS_6_18: (70, 244),
 }
 # --- KVM_GET_SUPPORTED_CPUID bits and the release that offered them (CPUID_ARRIVALS) ---------------------------------
 # Read in the 5.10.262, 6.1.192 and 6.12.118 cpuid.c (kvm_set_cpu_caps) against 6.18's; the commits and releases as
@@ -659,6 +662,12 @@ class Ruleset:
     def absent_caps(self) -> frozenset[int]:
         """The capabilities this version's KVM_CHECK_EXTENSION does not report yet (``CAP_ARRIVALS``)."""
         return frozenset(c for r, caps in CAP_ARRIVALS.items() if r not in self.rules for c in caps)
+
+    @property
+    def guest_memfd_on_any_vm(self) -> bool:
+        """KVM_CAP_GUEST_MEMFD (234) on a VM: 6.8-6.17 ``kvm_arch_has_private_mem(kvm)``, 0 for a default VM (6.12.118
+        kvm_main.c:4999-5002); from 6.18 1 wherever guest_memfd is built in."""
+        return CAPS_6_18 in self.rules
 
     def vapic_on(self, vendor: str) -> bool:
         """KVM_CAP_VAPIC: before 5.18 (8a2897853c53) 0 where the vendor accelerates the TPR (``!cpu_has_accelerated_tpr``:
