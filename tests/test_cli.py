@@ -133,6 +133,8 @@ def test_every_json_output_is_one_versioned_object(command: str, args: list[str]
     (["check", "examples/platform-info-after-run.yaml", "--json", "--compare"], 2,
      "Option '--compare' requires an argument (see `kvmscope check --help`)"),
     (["probe", "--bogus", "--json"], 2, "No such option '--bogus' (see `kvmscope probe --help`)"),
+    (["check", "examples/platform-info-after-run.yaml", "--json", "--compare", "5.10,6.1", "--bogus"], 2,
+     "No such option '--bogus'"),
 ])
 def test_json_commands_print_a_json_error_on_failure(args: list[str], code: int, message: str) -> None:
     # A script reading stdout of `--json` gets a document whatever happened; stderr keeps its one line.
@@ -347,7 +349,9 @@ def test_decode_of_a_negative_value_says_so() -> None:
     for args in (["decode", "PLATFORM_INFO", "--jsn"], ["decode", "--jsn", "PLATFORM_INFO"]):
         result = CliRunner().invoke(main, args, prog_name="kvmscope")
         assert result.exit_code == 2 and "No such option: --jsn" in result.stderr, f"{args}: {result.stderr!r}"
-    # after "--" a word is a value, whatever it looks like
+    # after "--" a word is a value, whatever it looks like; the same word before it is still an option
+    result = CliRunner().invoke(main, ["decode", "--jsn", "--", "--jsn"], prog_name="kvmscope")
+    assert result.exit_code == 2 and "No such option: --jsn" in result.stderr, f"{result.stderr!r}"
     result = CliRunner().invoke(main, ["decode", "PLATFORM_INFO", "--", "--json"], prog_name="kvmscope")
     assert result.exit_code == 2 and "'--json' is not a number" in result.stderr, f"{result.stderr!r}"
 

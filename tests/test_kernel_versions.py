@@ -20,6 +20,7 @@ from kvmscope import uapi
 from kvmscope.errors import KvmError
 from kvmscope.kernel import rulesets as R
 from kvmscope.kernel.profile import Profile, shipped
+from kvmscope.kernel.profile import load as load_profile
 from kvmscope.probe import FROZEN, WRITABLE, probe
 from kvmscope.program import GuestException, Halted, Program, Rdmsr, Wrmsr, run_program
 
@@ -954,7 +955,9 @@ SUPPORTED_CPUID_ARRIVALS = [
     ("intel-spr", (7, 0, "ebx", 13), "5.16.9", "5.16.10"),  # ZERO_FCS_FDS, e3bcfda012ed (stable)
     ("amd-epyc", (0x80000021, 0, "eax", 0), "5.10.239", "5.10.240"),  # leaf 0x80000021, 58b3d12c0a86 (stable)
     ("amd-epyc", (0x80000021, 0, "eax", 0), "5.17", "5.18"),
-    ("amd-epyc", (0x80000021, 0, "eax", 9), "5.17", "5.18"),  # NO_SMM_CTL_MSR, set with the leaf
+    ("amd-epyc", (0x80000021, 0, "eax", 9), "6.1", "6.2"),  # NO_SMM_CTL_MSR, 74bee0cad8dc
+    ("amd-epyc", (0x80000021, 0, "eax", 9), "6.1.152", "6.1.153"),  # its 6.1.y backport
+    ("amd-epyc", (0x80000021, 0, "eax", 9), "5.10.262", "6.2"),  # not with 5.10.240's leaf (masked to 0, 2, 5, 6)
     ("intel-spr", (1, 0, "ecx", 2), "5.19", "6.0"),  # DTES64, cf8e55fe50df
     ("intel-spr", (7, 1, "eax", 10), "6.2", "6.3"),  # FZRM, 2a4209d6a9cb
     ("amd-epyc", (0x80000022, 0, "eax", 0), "6.4", "6.5"),  # PERFMON_V2, 4a2771895ca6
@@ -1040,10 +1043,13 @@ CAPABILITY_ARRIVALS = [
     (226, "6.2", "6.3"), (89, "6.7", "6.8"), (231, "6.7", "6.8"), (232, "6.7", "6.8"), (235, "6.7", "6.8"),
     (237, "6.10", "6.11"), (238, "6.10", "6.11"), (70, "6.17", "6.18"), (244, "6.17", "6.18"),
     (234, "6.7", "6.18"),  # on the VM too from 6.18 (test_guest_memfd_on_a_default_vm_from_6_18)
-    # not reported by the profile's host at all: 0 on both sides
     (191, "5.10", "5.11"), (196, "5.12", "5.13"), (199, "5.13", "5.14"), (212, "5.17", "5.18"), (219, "5.19", "6.0"),
     (236, "6.10", "6.11"),
 ]
+# A 6.18 host reporting every one of them (intel-spr lacks the Hyper-V and SGX ones, which its config decides), so
+# each row shows the capability come.
+_EVERY_CAP = replace(load_profile("intel-spr"), capabilities={
+    **load_profile("intel-spr").capabilities, **{c: 7 for c, _, _ in CAPABILITY_ARRIVALS if c != 213}})
 
 
 def test_every_capability_arrival_is_tested() -> None:
@@ -1056,11 +1062,10 @@ def test_every_capability_arrival_is_tested() -> None:
 
 @pytest.mark.parametrize(("cap", "before", "at"), CAPABILITY_ARRIVALS)
 def test_a_capability_is_reported_from_its_release(cap: int, before: str, at: str) -> None:
-    from kvmscope.kernel.profile import load
-
-    reported = load("intel-spr").capability(cap)  # the 6.18 host's own answer
+    reported = _EVERY_CAP.capability(cap)  # the 6.18 host's own answer
+    assert reported, f"capability {cap}: the test profile must report it"
     for kernel, want in ((before, 0), (at, reported)):
-        with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+        with kvmscope.open("model", profile=_EVERY_CAP, kernel=kernel) as kvm, kvm.create_vm() as vm:
             got = (kvm.check_extension(cap), vm.check_extension(cap))
         if cap == uapi.KVM_CAP_DISABLE_QUIRKS2 and want:  # the quirks of that release: Ruleset.supported_quirks
             want = R.resolve(kernel).supported_quirks(want)
@@ -1088,15 +1093,22 @@ def test_vapic_on_a_vmx_host_before_5_18(profile: str, kernel: str, vapic: int) 
 
 
 def test_enabling_a_later_capability_on_an_older_kernel_is_einval() -> None:
-    for kernel, ok in (("5.17", False), ("5.18", True)):
+    # DIRTY_LOG_RING (192, 5.11) with a size the kernel takes: EINVAL before it; from it the kernel takes it, which the
+    # model (it keeps no ring) reports as a ModelLimitation
+    from kvmscope.model.vcpu import ModelLimitation
+
+    for kernel, taken in (("5.10", False), ("5.11", True)):
         with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
             try:
-                vm.enable_cap(uapi.KVM_CAP_DISABLE_QUIRKS2, 1)
-                got = True
+                vm.enable_cap(uapi.KVM_CAP_DIRTY_LOG_RING, 0x10000)
+                got = "taken"
+            except ModelLimitation:
+                got = "taken"
             except KvmError as e:
                 assert e.errno == errno.EINVAL, f"{kernel}: expected EINVAL, saw {e}"
-                got = False
-        assert got is ok, f"{kernel}: KVM_ENABLE_CAP(DISABLE_QUIRKS2) taken {got}, expected {ok}"
+                assert "caps_5_11" in str(e), f"{kernel}: expected the rule named, saw {e}"
+                got = "EINVAL"
+        assert got == ("taken" if taken else "EINVAL"), f"{kernel}: KVM_ENABLE_CAP(DIRTY_LOG_RING) {got}"
 
 
 def test_guest_memfd_on_a_default_vm_from_6_18() -> None:
@@ -1105,3 +1117,70 @@ def test_guest_memfd_on_a_default_vm_from_6_18() -> None:
         with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
             got = (kvm.check_extension(uapi.KVM_CAP_GUEST_MEMFD), vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD))
         assert got == want, f"{kernel}: GUEST_MEMFD on /dev/kvm and a default VM: expected {want}, saw {got}"
+
+
+def test_leaf_limits_keep_centaurs_leaves_and_drop_those_above() -> None:
+    """A host with leaves 0x20 and 0x24 and Centaur's 0xC0000000 range: before 6.12 the basic leaves stop at 0x1f
+    (6.1.192 cpuid.c:908), and before 6.5 the extended ones at 0x80000021; 0xC000000x has its own limit (0xC0000004)."""
+    from kvmscope.api import CpuidEntry
+
+    spr = load_profile("intel-spr")
+    extra = [CpuidEntry(0x20, 0), CpuidEntry(0x24, 0), CpuidEntry(0xC0000000, 0, eax=0xC0000001),
+             CpuidEntry(0xC0000001, 0)]
+    host = replace(spr, supported_cpuid=[*spr.supported_cpuid, *extra])
+    for kernel, listed in (("6.11", ["0xc0000000", "0xc0000001"]), ("6.12", ["0x20", "0x24", "0xc0000000",
+                                                                            "0xc0000001"])):
+        with kvmscope.open("model", profile=host, kernel=kernel) as kvm:
+            got = [hex(e.function) for e in kvm.get_supported_cpuid() if e.function >= 0x20 and e.function != 0x40000000
+                   and e.function != 0x40000001 and not 0x80000000 <= e.function <= 0x8FFFFFFF]
+        assert got == listed, f"{kernel}: expected leaves {listed}, saw {got}"
+
+
+@pytest.mark.parametrize(("kernel", "leaf", "rule"), [
+    ("6.1", (7, 2), "cpuid_7_2_edx"), ("6.11", (0x20, 0), "cpuid_avx10"), ("5.10", (0xD, 17), "xfd_msrs"),
+    ("6.12", (0xD, 11), "cet_msrs"), ("6.4", (0x80000022, 0), "cpuid_perfmon_v2"), ("6.18", (7, 2), None),
+    ("5.10", (0xC0000001, 0), None)])
+def test_a_leaf_a_kernel_does_not_list_names_its_arrival(kernel: str, leaf: tuple[int, int], rule: str | None) -> None:
+    got = R.resolve(kernel).leaf_arrival(*leaf)
+    assert (got.key if got else None) == rule, f"{kernel} leaf {leaf}: expected {rule}, saw {got}"
+
+
+def test_kvm_get_xsave2_comes_with_its_capability() -> None:
+    # 5.10.262 has no KVM_GET_XSAVE2: an unknown vCPU ioctl is EINVAL (kvm_arch_vcpu_ioctl's default)
+    for kernel, ok in (("5.16", False), ("5.17", True)):
+        with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+            vcpu = vm.create_vcpu(0)
+            try:
+                got = len(vcpu.get_xsave2(4096)) == 4096
+            except KvmError as e:
+                assert e.errno == errno.EINVAL, f"{kernel}: expected EINVAL, saw {e}"
+                got = False
+        assert got is ok, f"{kernel}: KVM_GET_XSAVE2 worked {got}, expected {ok}"
+
+
+def test_xtile_data_without_permission_is_eperm_from_5_17() -> None:
+    """kvm_check_cpuid: 6.1.192 cpuid.c:159-171 asks the guest permission for XTILE_DATA (EPERM without it); 5.10.262
+    cpuid.c:73-89 checks the address width alone."""
+    from kvmscope.api import CpuidEntry
+
+    spr = load_profile("intel-spr")
+    assert not spr.guest_xfd_permitted, "the test needs a host process without the AMX permission"
+    for kernel, err in (("5.10", 0), ("6.1", errno.EPERM)):
+        with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+            cpuid = [e if (e.function, e.index) != (0xD, 0) else replace(e, eax=e.eax | 3 << 17)
+                     for e in kvm.get_supported_cpuid()]
+            if all(e.key != (0xD, 0) for e in cpuid):
+                cpuid.append(CpuidEntry(0xD, 0, flags=1, eax=3 | 3 << 17))
+            try:
+                vm.create_vcpu(0).set_cpuid(cpuid)
+                got = 0
+            except KvmError as e:
+                got = e.errno or 0
+        assert got == err, f"{kernel}: KVM_SET_CPUID2 with XTILE_DATA: expected errno {err}, saw {got}"
+
+
+def test_vapic_follows_flexpriority_before_5_18() -> None:
+    spr = load_profile("intel-spr")
+    off = replace(spr, module_parameters={**spr.module_parameters, "kvm_intel.flexpriority": "N"})
+    with kvmscope.open("model", profile=off, kernel="5.10") as kvm:
+        assert kvm.check_extension(uapi.KVM_CAP_VAPIC) == 1, "5.10 without flexpriority: !cpu_has_accelerated_tpr"

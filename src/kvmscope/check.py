@@ -230,7 +230,10 @@ class Replayer:
         for edit in step.edits:
             pos = next((i for i, e in enumerate(entries) if e.key == (edit.function, edit.index)), None)
             if pos is None:
-                raise InvalidValueError(f"CPUID leaf 0x{edit.function:x}.{edit.index} is not in the list to edit")
+                later = getattr(self.system, "rules", None)
+                later = later.leaf_arrival(edit.function, edit.index) if isinstance(later, R.Ruleset) else None
+                why = f" (this kernel's KVM does not list it yet: {later.key}, {later.cite()})" if later else ""
+                raise InvalidValueError(f"CPUID leaf 0x{edit.function:x}.{edit.index} is not in the list to edit{why}")
             e = entries[pos]
             value = (getattr(e, edit.register) | edit.set_bits) & ~edit.clear_bits & 0xFFFFFFFF
             entries[pos] = replace(e, **{edit.register: value})

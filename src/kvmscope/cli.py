@@ -52,16 +52,17 @@ def fail(message: str, code: int, ctx: click.Context | None = None) -> NoReturn:
     ctx = ctx or click.get_current_context(silent=True)
     if _wants_json(ctx):
         try:
-            if ctx is not None and ctx.command_path.partition(" ")[2]:  # the name its success document would have
-                command = ctx.command_path.partition(" ")[2]
-                command += " --corpus" if ctx.params.get("corpus_dir") else (
-                    " --compare" if ctx.params.get("compare_kernels") else "")
-            else:  # click could not parse the command line: its words say which command it was
-                command = " ".join(_command_words())
-                given = [a.partition("=")[0] for a in _argv[: _argv.index("--") if "--" in _argv else None]]
-                if command in ("check", "template apply"):
-                    command += " --corpus" if "--corpus" in given and command == "check" else (
-                        " --compare" if "--compare" in given else "")
+            # the name its success document would have; where click could not parse the command line (no context,
+            # or one with no parameters yet), the command line's words say which command and mode it was
+            path = ctx.command_path.partition(" ")[2] if ctx is not None else ""
+            command = path or " ".join(_command_words())
+            given = [a.partition("=")[0] for a in _argv[: _argv.index("--") if "--" in _argv else None]]
+            params = ctx.params if ctx is not None and path else {}
+            if params.get("corpus_dir") or (not params and command == "check" and "--corpus" in given):
+                command += " --corpus"
+            elif params.get("compare_kernels") or (not params and command in ("check", "template apply")
+                                                   and "--compare" in given):
+                command += " --compare"
             click.echo(json.dumps({"schema_version": 1, "command": command or None, "error": message, "exit_code": code}))
             sys.stdout.flush()
         except BrokenPipeError:
@@ -250,9 +251,10 @@ def decode(msr: str, value: str | None, as_json: bool) -> None:
       kvmscope decode ARCH_CAP 0x400000000c000069
       kvmscope decode msr_platform_info 0x80000000
     """
-    operands = click.get_current_context().meta.get("operands", [])
-    for word in (msr, value):  # options click let through for VALUE's sake: only a negative number is a value
-        if word is not None and word.startswith("-") and not _msrs.is_number(word) and word not in operands:
+    given = [w for w in (msr, value) if w is not None]
+    after = len(click.get_current_context().meta.get("operands", []))  # the last ones came after "--"
+    for word in given[: len(given) - after]:  # options click let through for VALUE's sake: only a number is a value
+        if word.startswith("-") and not _msrs.is_number(word):
             raise click.UsageError(f"No such option: {word}")
     with exit_on_error():
         m = _msrs.lookup(msr)

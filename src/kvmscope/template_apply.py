@@ -107,7 +107,8 @@ class ApplyReport:
         lost = {(d.where, b) for v in self.vcpus for d in v.diffs if d.kind == "overridden" for b in d.bits}
         if self.ok:
             return "taken: every fixed bit holds on every vCPU"
-        head = f"Firecracker would fail: {self.failures[0]}" if self.failures else "Firecracker would boot"
+        done = "Firecracker would boot" if self.source_vcpus is None else "Firecracker would restore"
+        head = f"Firecracker would fail: {self.failures[0]}" if self.failures else done
         on_source = {(d.where, d.kind) for v in self.source_vcpus or () for d in v.diffs}
         if on_source:
             head += f"; on the source {len(on_source)} register(s) or MSR(s) did not hold the template"

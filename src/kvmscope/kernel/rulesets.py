@@ -257,6 +257,11 @@ CPUID_X87_DEPRECATED = Rule("cpuid_x87_deprecated", "5.17", "e3bcfda012ed",
                             "KVM: x86: Report deprecated x87 features in supported CPUID", stable=("5.16.10",))
 CPUID_80000021 = Rule("cpuid_80000021", "5.18", "58b3d12c0a86",
                       "KVM: x86: add support for CPUID leaf 0x80000021", stable=("5.10.240", "5.15.187"))
+CPUID_NO_SMM_CTL_MSR = Rule("cpuid_no_smm_ctl", "6.2", "74bee0cad8dc",
+                            "KVM: x86: Advertise that the SMM_CTL MSR is not supported (0x80000021 EAX[9]; 5.10.262 "
+                            "cpuid.c:904 masks the leaf to bits 0, 2, 5 and 6; in 6.1.y with the backport of 'Move "
+                            "open-coded CPUID leaf 0x80000021 EAX bit propagation code', 6.1.153 by Debian's changelog; "
+                            "6.1.192 cpuid.c:762)", stable=("6.1.153",))
 CPUID_DS_DTES64 = Rule("cpuid_ds_dtes64", "6.0", "cf8e55fe50df",
                        "KVM: x86/pmu: Expose CPUIDs feature bits PDCM, DS, DTES64 (where the host's PEBS is "
                        "virtualized: on Sapphire Rapids only from 6.3, which is not modelled)")
@@ -421,8 +426,8 @@ CPUID_ARRIVALS: dict[Rule, tuple[tuple[int, int, str, int], ...]] = {
     CPUID_BUS_LOCK_DETECT: ((7, 0, "ecx", 24),),
     CPUID_AMD_PSFD: ((0x80000008, 0, "ebx", 28),),
     CPUID_X87_DEPRECATED: ((7, 0, "ebx", 6), (7, 0, "ebx", 13)),
-    CPUID_80000021: ((0x80000021, 0, "eax", 0), (0x80000021, 0, "eax", 2), (0x80000021, 0, "eax", 6),
-                     (0x80000021, 0, "eax", 9)),  # NO_SMM_CTL_MSR, set whatever the host (6.1.192 cpuid.c:762)
+    CPUID_80000021: ((0x80000021, 0, "eax", 0), (0x80000021, 0, "eax", 2), (0x80000021, 0, "eax", 6)),
+    CPUID_NO_SMM_CTL_MSR: ((0x80000021, 0, "eax", 9),),  # set whatever the host (6.1.192 cpuid.c:762)
     CPUID_DS_DTES64: ((1, 0, "ecx", 2), (1, 0, "edx", 21)),
     CPUID_FAST_REP_STRINGS: ((7, 1, "eax", 10), (7, 1, "eax", 11), (7, 1, "eax", 12)),
     CPUID_PERFMON_V2: ((0x80000022, 0, "eax", 0),),
@@ -531,8 +536,8 @@ RULES: dict[str, Rule] = {
               VMX_NESTED_CET, ARCH_CAP_GDS_NO, ARCH_CAP_RFDS_NO, ARCH_CAP_ITS_NO, DEBUGCTL_COMMON, DEBUGCTL_VMX,
               DEBUGCTL_HOST_IGNORES_CPUID, DEBUGCTL_RTM_DEBUG, DEBUGCTL_SVM, DEBUGCTL_SVM_PINS_DROPPED,
               DEBUGCTL_SVM_BTF_DROPPED, CPUID_AVX512_FP16, CPUID_AVX_VNNI, CPUID_BUS_LOCK_DETECT, CPUID_AMD_PSFD,
-              CPUID_X87_DEPRECATED, CPUID_80000021, CPUID_DS_DTES64, CPUID_FAST_REP_STRINGS, CPUID_PERFMON_V2,
-              CPUID_7_2_EDX, CPUID_AVX10, CPUID_TSC_DEADLINE, CPUID_HYPERVISOR, *CAP_ARRIVALS,
+              CPUID_X87_DEPRECATED, CPUID_80000021, CPUID_NO_SMM_CTL_MSR, CPUID_DS_DTES64, CPUID_FAST_REP_STRINGS,
+              CPUID_PERFMON_V2, CPUID_7_2_EDX, CPUID_AVX10, CPUID_TSC_DEADLINE, CPUID_HYPERVISOR, *CAP_ARRIVALS,
               X2APIC_ICR_64BIT, X2APIC_ICR_SPLIT_SVM, X2APIC_ICR_RESERVED,
               X2APIC_HIGH_BITS, X2APIC_SELF_IPI_VECTOR, X2APIC_SELF_IPI_KEEPS_ICR,
               X2APIC_LEAVE_SETS_XAPIC_ID, X2APIC_ID_READONLY,
@@ -669,10 +674,33 @@ class Ruleset:
         kvm_main.c:4999-5002); from 6.18 1 wherever guest_memfd is built in."""
         return CAPS_6_18 in self.rules
 
-    def vapic_on(self, vendor: str) -> bool:
+    def leaf_arrival(self, function: int, index: int) -> Rule | None:
+        """The rule that makes KVM_GET_SUPPORTED_CPUID list leaf ``function``.``index`` after this version, if it has
+        not come yet: a raised limit (``CPUID_LIMITS``), or for a sub-leaf of 0xD the XCR0 or XSS bit it describes."""
+        if function == 7:
+            key, n = 7, index
+        elif function < 0x40000000:
+            key, n = 0, function
+        else:
+            key, n = (0x80000000 if 0x80000000 <= function <= 0x8FFFFFFF else -1), function
+        for r, (f, limit) in CPUID_LIMITS.items():
+            if r not in self.rules and f == key and n > limit:
+                return r
+        if function == 0xD and index >= 2:
+            bit = [(0xD, 0, "eax" if index < 32 else "edx", index % 32), (0xD, 1, "ecx" if index < 32 else "edx",
+                                                                          index % 32)]
+            return next((r for r, bits in CPUID_ARRIVALS.items() if r not in self.rules and set(bits) & set(bit)),
+                        None)
+        return None
+
+    def cap_arrival(self, cap: int) -> Rule | None:
+        """The rule that brings ``cap`` after this version (``CAP_ARRIVALS``), if it has not come yet."""
+        return next((r for r, caps in CAP_ARRIVALS.items() if cap in caps and r not in self.rules), None)
+
+    def vapic_on(self, vendor: str, flexpriority: bool = True) -> bool:
         """KVM_CAP_VAPIC: before 5.18 (8a2897853c53) 0 where the vendor accelerates the TPR (``!cpu_has_accelerated_tpr``:
-        VMX with flexpriority, which the VMX profiles have; 5.10.262 x86.c:3903)."""
-        return vendor != "vmx" or CAPS_5_18 in self.rules
+        VMX with ``kvm_intel.flexpriority``; 5.10.262 x86.c:3903)."""
+        return vendor != "vmx" or not flexpriority or CAPS_5_18 in self.rules
 
     @cached_property
     def absent_msrs(self) -> frozenset[int]:

@@ -107,7 +107,7 @@ def within_limits(entries: Sequence[CpuidEntry], limits: dict[int, int]) -> list
     for e in entries:
         if e.function < 0x40000000:
             top = limits.get(0)
-        elif e.function >= 0x80000000:
+        elif 0x80000000 <= e.function <= 0x8FFFFFFF:  # not Centaur's 0xC0000000 range, limited on its own
             top = limits.get(0x80000000)
         else:
             top = None
@@ -136,8 +136,8 @@ def xsave_leaves(entries: Sequence[CpuidEntry]) -> list[CpuidEntry]:
             continue
         if e.function == 0xD and e.index == 0:
             e = replace(e, ebx=xstate_size(entries, xcr0, False), ecx=xstate_size(entries, xcr0, False))
-        elif e.function == 0xD and e.index == 1 and e.eax & 0b1010:  # XSAVEC, XSAVES
-            e = replace(e, ebx=xstate_size(entries, xcr0 | xss, True))
+        elif e.function == 0xD and e.index == 1:  # XSAVEC, XSAVES: the compacted size, else 0
+            e = replace(e, ebx=xstate_size(entries, xcr0 | xss, True) if e.eax & 0b1010 else 0)
         out.append(e)
     return out
 
@@ -154,13 +154,15 @@ def filter_xtile_cfg(entries: Sequence[CpuidEntry]) -> list[CpuidEntry]:
     return out
 
 
-def check(entries: Sequence[CpuidEntry], profile: Profile) -> int:
-    """``kvm_check_cpuid``: 0, or the errno KVM_SET_CPUID2 fails with before the first run."""
+def check(entries: Sequence[CpuidEntry], profile: Profile, dynamic_xfeatures: bool = True) -> int:
+    """``kvm_check_cpuid``: 0, or the errno KVM_SET_CPUID2 fails with before the first run. ``dynamic_xfeatures``: the
+    check of XTILE_DATA against the guest permission, which came with AMX (5.17: 6.1.192 cpuid.c:159-171; 5.10.262
+    cpuid.c:73-89 checks the address width alone)."""
     ext = find_cpuid(entries, 0x80000008)
     if ext is not None and (ext.eax >> 8 & 0xFF) not in (0, 48, 57):
         return errno.EINVAL
     xsave = find_cpuid(entries, 0xD, 0)
-    if xsave is not None:
+    if xsave is not None and dynamic_xfeatures:
         xfeatures = (xsave.eax | xsave.edx << 32) & XFEATURE_MASK_XTILE_DATA
         if xfeatures and not profile.guest_xfd_permitted:
             return errno.EPERM

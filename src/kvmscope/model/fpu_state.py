@@ -16,6 +16,7 @@ from ..errors import InvalidValueError, KvmError
 if TYPE_CHECKING:
     from ..api import CpuidEntry
     from ..kernel.profile import Profile
+    from ..kernel.rulesets import Ruleset
 
 # XSAVE (arch/x86/kernel/fpu/xstate.c copy_xstate_to_uabi_buf / copy_uabi_to_xstate).
 XFEATURE_FP, XFEATURE_SSE, XFEATURE_YMM = 1 << 0, 1 << 1, 1 << 2
@@ -73,6 +74,7 @@ class FpuStateModel:
 
     profile: Profile
     cpuid: list[CpuidEntry]
+    rules: Ruleset
 
     if TYPE_CHECKING:  # provided by ModelVcpu (declared for the type checker only: a body would shadow it)
 
@@ -135,6 +137,8 @@ class FpuStateModel:
 
     def get_xsave2(self, size: int) -> bytes:
         self._check_open()
+        if uapi.KVM_CAP_XSAVE2 in self.rules.absent_caps:  # no such ioctl before 5.17: the vCPU ioctl default
+            raise KvmError(errno.EINVAL, "KVM_GET_XSAVE2", "no KVM_GET_XSAVE2 before KVM_CAP_XSAVE2 (5.17)")
         if size < XSAVE_SIZE:
             raise InvalidValueError(f"KVM_GET_XSAVE2 needs at least 4096 bytes (KVM_CAP_XSAVE2), not {size}")
         return bytes(self._xsave_image(size))

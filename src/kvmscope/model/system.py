@@ -75,8 +75,10 @@ class ModelSystem(System):
     def capability(self, cap: int, vm: bool = False) -> int:
         """The profile's capability as this kernel version reports it: 0 for one that came later (``CAP_ARRIVALS``),
         and the quirks and x2APIC flags it does not have yet left out."""
-        if (cap in self.rules.absent_caps or (cap == uapi.KVM_CAP_VAPIC and not self.rules.vapic_on(self.profile.vendor))
-                or (cap == uapi.KVM_CAP_GUEST_MEMFD and vm and not self.rules.guest_memfd_on_any_vm)):
+        if cap in self.rules.absent_caps or (cap == uapi.KVM_CAP_GUEST_MEMFD and vm and not self.rules.guest_memfd_on_any_vm):
+            return 0
+        if cap == uapi.KVM_CAP_VAPIC and not self.rules.vapic_on(
+                self.profile.vendor, self.profile.module_parameters.get("kvm_intel.flexpriority", "Y") in ("Y", "1")):
             return 0
         value = self.profile.capability(cap, vm)
         if cap == uapi.KVM_CAP_DISABLE_QUIRKS2:

@@ -296,7 +296,7 @@ class ModelVcpu(VcpuStateModel, KvmRunModel, Vcpu):
             self.cpuid = incoming
             self.msr_rules.config_changed()
             return
-        err = C.check(entries, self.profile)
+        err = C.check(entries, self.profile, dynamic_xfeatures=self.rules.has(R.XFD_MSRS))
         if err:
             raise KvmError(err, "KVM_SET_CPUID2")
         if self.profile.cpuid_rewrite and any(e.function == 0xD and not e.flags & 1 for e in entries):

@@ -77,7 +77,9 @@ class ModelVm(VmDevicesModel, Vm):
         if cap in (uapi.KVM_CAP_DIRTY_LOG_RING, uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL) and supported:
             self._enable_dirty_ring(arg0, supported)  # generic code: flags are not looked at
         if flags or not supported:
-            raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP")
+            later = self.system.rules.cap_arrival(cap)
+            raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", f"capability {cap} comes later: {later.key}, {later.cite()}"
+                           if later is not None else "")
         if cap == uapi.KVM_CAP_DISABLE_QUIRKS2:
             if arg0 & ~supported:
                 raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", "quirk not supported by this kernel")
