@@ -280,8 +280,46 @@ def test_corpus_replays_identically_on_the_live_kernel_and_the_model(live: Linux
         unmet = [s for s in report["steps"] if s.get("met") is False]
         assert result.exit_code == 0 and not unmet, f"{backend}: expected every recorded result, got {unmet[:3]}"
         outcomes[backend] = [(s["kind"], s["outcome"], s.get("exit")) for s in report["steps"]]
+        asked = [s["summary"] for s in report["steps"] if s["outcome"] == "differs"]
+        assert not asked, f"{backend}: every capability QEMU asked for answers as recorded, saw {asked[:3]}"
     differ = [(n, a, b) for n, (a, b) in enumerate(zip(outcomes["linux"], outcomes["model"], strict=True)) if a != b]
     assert not differ, f"{recording}: live and model differ at (step, live, model) {differ[:3]}"
+
+
+_ASKING = """scenario: 1
+name: asking
+faithful: true
+steps:
+- {traced: {on: "system", name: "KVM_CHECK_EXTENSION", detail: "KVM_CAP_XSAVE2", returned: 4096}}
+- {traced: {on: "vm", name: "KVM_CHECK_EXTENSION", detail: "capability 218", returned: 1}}
+- {traced: {on: "vm", name: "KVM_ENABLE_CAP", returned: 0,
+            detail: "KVM_CAP_X86_TRIPLE_FAULT_EVENT flags 0x0 args [0x1, 0x0, 0x0, 0x0]"}}
+- {traced: {on: "system", name: "KVM_CHECK_EXTENSION", detail: "KVM_CAP_USER_MEMORY", returned: 1}}
+- {ioctl: {vcpu: 0, name: "KVM_CREATE_VCPU", returned: 0}}
+"""
+
+
+@pytest.mark.parametrize(("kernel", "asked"), [
+    ("5.10", ["KVM_CAP_XSAVE2 = 0", "KVM_CAP_X86_TRIPLE_FAULT_EVENT = 0",
+              "KVM_CAP_X86_TRIPLE_FAULT_EVENT not offered"]),
+    ("5.17", ["KVM_CAP_X86_TRIPLE_FAULT_EVENT = 0", "KVM_CAP_X86_TRIPLE_FAULT_EVENT not offered"]),
+    ("6.0", [])])
+def test_a_recorded_capability_query_is_asked_again(tmp_path: Path, kernel: str, asked: list[str]) -> None:
+    """The capabilities a VMM asked for (recorded on 6.18) set against what an older kernel answers: where it answers
+    otherwise the VMM would have taken another path, "differs", with the rule that brings the capability."""
+    import json
+
+    from kvmscope.trace.whatif import first_refusal
+
+    (tmp_path / "asking.yaml").write_text(_ASKING)
+    result = CliRunner().invoke(main, ["check", str(tmp_path / "asking.yaml"), "--kernel", kernel, "--json"])
+    steps = json.loads(result.output)["steps"]
+    got = [s["asked"] for s in steps if s["outcome"] == "differs"]
+    assert result.exit_code == 0 and got == asked, f"{kernel}: expected {asked}, saw {got} (exit {result.exit_code})"
+    assert all(any("since 5.17" in n or "since 6.0" in n for n in s["notes"]) for s in steps
+               if s["outcome"] == "differs"), f"{kernel}: each difference names its rule: {steps}"
+    cell = first_refusal(tmp_path / "asking.yaml", kernel, "pvm-6.18")
+    assert cell.ok and cell.differs == len(asked), f"{kernel}: the corpus cell counts them: {cell}"
 
 
 def test_a_command_that_stops_itself_goes_on(tmp_path: Path) -> None:

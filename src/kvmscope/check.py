@@ -73,7 +73,7 @@ class StepResult:
     kind: str
     vcpu: int | None  # None: a recorded system or VM ioctl
     label: str
-    outcome: str  # accepted | refused | ok | error
+    outcome: str  # accepted | refused | ok | error | differs (a recorded capability this kernel answers otherwise)
     summary: str
     count: int | None = None
     total: int | None = None
@@ -85,6 +85,7 @@ class StepResult:
     met: bool | None = None
     notes: list[str] = field(default_factory=list)
     writes: list[tuple[int, str, int | None, int]] | None = None  # accepted KVM_SET_MSRS: (index, name, old, new)
+    asked: str = ""  # "differs": what this kernel answers the recorded query ("KVM_CAP_XSAVE2 = 0")
 
     @property
     def ok(self) -> bool:
@@ -419,6 +420,8 @@ def outcome_text(r: StepResult) -> str:
         return f"{r.outcome} ({_errno.errorcode.get(r.errno or 0, r.summary)})"
     if r.outcome == "refused" and r.refusal is not None:
         return f"refused at {r.refusal.name}"
+    if r.outcome == "differs":
+        return f"differs ({r.asked})"
     return r.outcome
 
 
@@ -461,7 +464,8 @@ def compare(reports: dict[str, Report]) -> list[Change]:
         for run in runs:
             r = reports[run[0]].steps[n]
             segments.append(f"{_where(r)} on {', '.join(run)}{_why(r)}")
-        where = f" (vCPU {base.vcpu}, {base.label})" if base.label else ""  # recordings: time, pid and phase
+        on = "" if base.vcpu is None else f"vCPU {base.vcpu}, "  # a recorded system or VM ioctl names no vCPU
+        where = f" ({on}{base.label})" if base.label else ""  # recordings: time, pid and phase
         changes.append(Change(n, base.line, base.kind, outcomes, "; ".join(segments) + where))
     return changes
 
@@ -507,8 +511,47 @@ def _create_irqchip(self: Replayer, step: Traced, res: StepResult) -> None:
     res.outcome, res.summary = "accepted", f"{step.name}{' (KVM_CAP_SPLIT_IRQCHIP)' if split else ''} (replayed)"
 
 
+_CAPABILITY_NUMBERS = {name: n for n, name in uapi.CAPABILITY_NAMES.items()}
+
+
+def _capability_of(detail: str) -> int | None:
+    """The capability a traced KVM_CHECK_EXTENSION or KVM_ENABLE_CAP names: ``KVM_CAP_X...`` or ``capability N``."""
+    words = detail.split()
+    if words[:1] == ["capability"] and len(words) > 1 and words[1].isdigit():
+        return int(words[1])
+    return _CAPABILITY_NUMBERS.get(words[0]) if words else None
+
+
+def _asked(self: Replayer, step: Traced, res: StepResult, what: str) -> bool:
+    """A recorded KVM_CHECK_EXTENSION, or a KVM_ENABLE_CAP the VMM made after asking, set against what this kernel
+    answers (asked, not replayed): where it answers otherwise the VMM takes another path from here ("differs")."""
+    cap = _capability_of(step.detail or "")
+    if cap is None or step.errno or (step.name == "KVM_CHECK_EXTENSION" and step.returned is None):
+        return False
+    ask = self.system if step.on == "system" else self.vm
+    answer = ask.check_extension(cap)
+    name = uapi.CAPABILITY_NAMES.get(cap, f"capability {cap}")
+    if step.name == "KVM_CHECK_EXTENSION" and answer != step.returned:
+        res.summary = (f"recorded {what}: returned {step.returned}; this kernel answers {answer}: the VMM takes "
+                       "another path from here (not replayed)")
+        res.asked = f"{name} = {answer}"
+    elif step.name == "KVM_ENABLE_CAP" and not answer:
+        res.summary = (f"recorded {what}: taken; this kernel does not offer {name}, so KVM_ENABLE_CAP is EINVAL "
+                       "here (not replayed)")
+        res.asked = f"{name} not offered"
+    else:
+        return False
+    res.outcome = "differs"
+    rules = getattr(self.system, "rules", None)
+    later = rules.cap_arrival(cap) if isinstance(rules, R.Ruleset) else None
+    if later is not None:
+        res.notes.append(f"rule: {later.cite()}")
+    return True
+
+
 def _traced(self: Replayer, step: Traced, res: StepResult, shadow: StepResult | None) -> None:
-    """A recorded ioctl that replay does not repeat: reported as it was recorded."""
+    """A recorded ioctl that replay does not repeat: reported as it was recorded (a capability it asked for, with what
+    this kernel answers)."""
     followed = step.pid is None  # a step with a pid is another VM's (docs/trace.md): not replayed on this one
     if followed and step.name == "KVM_X86_SETUP_MCE" and _setup_mce(self, step, res):
         return
@@ -517,6 +560,9 @@ def _traced(self: Replayer, step: Traced, res: StepResult, shadow: StepResult | 
         _create_irqchip(self, step, res)
         return
     what = f"{step.name}{f' ({step.detail})' if step.detail else ''}{f' x{step.count}' if step.count != 1 else ''}"
+    if (followed and step.name in ("KVM_CHECK_EXTENSION", "KVM_ENABLE_CAP") and step.on in ("system", "vm")
+            and _asked(self, step, res, what)):
+        return
     if step.errno:
         got = f"failed with {_errno.errorcode.get(step.errno, step.errno)}"
     else:

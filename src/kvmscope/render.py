@@ -390,7 +390,7 @@ def _old_new(old: int | None, new: int) -> Iterable[Text | str]:
     yield " " * len(_VALUE_COLUMN) + diff_marks(old, new) + f"  bits differing: {shown}"
 
 
-_OUTCOME_STYLE = {"accepted": "green", "ok": "green", "refused": "yellow", "error": "red"}
+_OUTCOME_STYLE = {"accepted": "green", "ok": "green", "differs": "yellow", "refused": "yellow", "error": "red"}
 
 
 def check_steps(con: Console, results: Iterable[StepResult]) -> bool:

@@ -59,8 +59,9 @@ def corpus_matrix(cells: list[Cell], kernels: list[str], as_json: bool) -> None:
 
 
 def _cell(c: Cell) -> str:
+    differs = f"; {c.differs} capability answer(s) differ" if c.differs else ""
     if c.ok:
-        return "[green]OK[/]"
+        return f"[green]OK[/]{differs}"
     rule = f"; rule {c.rule}" if c.rule else ""
     same = "; as recorded" if c.as_recorded else ""
-    return f"[red]{c.text}[/]{rule}{same}"
+    return f"[red]{c.text}[/]{rule}{same}{differs}"

@@ -1,12 +1,13 @@
 """What each kernel would do with each recording: the matrix of ``kvmscope check --corpus DIR``.
 
 Each recording is replayed faithfully on the model under each kernel (a version or a proposed-rule TOML file) and
-host profile; a cell is OK when nothing is refused, else the first refused operation with its rule.
+host profile; a cell is OK when nothing is refused, else the first refused operation with its rule, and counts the
+capabilities the VMM asked for that this kernel answers otherwise (the VMM would take another path there).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ class Cell:
     line: int | None = None
     rule: str | None = None  # the refusing rule's commit and title, when the model knows it
     as_recorded: bool | None = None  # did the step do what the live kernel did when it was recorded?
+    differs: int = 0  # recorded capability queries this kernel answers otherwise (up to the cell's step)
 
     def to_json(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -39,15 +41,17 @@ def first_refusal(path: Path, kernel: str, profile: str | None) -> Cell:
     system, _ = backends.choose("model", kernel=kernel, profile=profile or opened.header.profile)
     prof = str(system.host_info().get("profile"))
     results = replay_iter(opened.steps, system, None, opened.header.faithful)
+    differs = 0
     try:
         with system:
             for r in results:
                 if r.outcome in ("refused", "error"):
-                    return _refused(path, kernel, prof, r)
+                    return replace(_refused(path, kernel, prof, r), differs=differs)
+                differs += r.outcome == "differs"
     finally:
         for generator in (results, opened.steps):  # stop both now: the VM and the file are released at once
             getattr(generator, "close", lambda: None)()
-    return Cell(path.stem, kernel, prof, True, "OK")
+    return Cell(path.stem, kernel, prof, True, "OK", differs=differs)
 
 
 def _refused(path: Path, kernel: str, profile: str, r: StepResult) -> Cell:
