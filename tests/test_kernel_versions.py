@@ -1077,11 +1077,17 @@ def test_a_template_needing_a_later_capability_fails_on_an_older_kernel() -> Non
     from kvmscope.template import parse
     from kvmscope.template_apply import apply
 
-    t = parse('{"kvm_capabilities": ["208"]}', "t.json")
-    for kernel, failures in (("5.16", ["KVM capability 208 (KVM_CAP_XSAVE2) is not supported"]), ("5.17", [])):
+    t = parse('{"kvm_capabilities": ["208", "!56", "!208", "208", "!238"]}', "t.json")
+    for kernel, failures in (("5.16", ["KVM capability 208 (KVM_CAP_XSAVE2) is not supported (this kernel's KVM does "
+                                       "not report it yet: caps_5_17"]), ("5.17", [])):
         with model("intel-spr", kernel) as kvm:
-            got = apply(kvm, t, 1).failures
-        assert got == failures, f"{kernel}: expected {failures}, saw {got}"
+            rep = apply(kvm, t, 1)
+        got = [f.split(", KVM_CHECK")[0] for f in rep.failures]
+        assert got == failures, f"{kernel}: expected {failures}, saw {rep.failures}"
+        assert rep.notes[:3] == ["KVM capability 56 (KVM_CAP_XCRS) is removed from Firecracker's checks",
+                                 "KVM capability 208 (KVM_CAP_XSAVE2) is removed from Firecracker's checks",
+                                 "KVM capability 238 (KVM_CAP_X86_GUEST_MODE): removed, but Firecracker's checks "
+                                 "do not have it"], rep.notes
 
 
 @pytest.mark.parametrize(("profile", "kernel", "vapic"), [("intel-spr", "5.17", 0), ("intel-spr", "5.18", 1),
@@ -1184,3 +1190,44 @@ def test_vapic_follows_flexpriority_before_5_18() -> None:
     off = replace(spr, module_parameters={**spr.module_parameters, "kvm_intel.flexpriority": "N"})
     with kvmscope.open("model", profile=off, kernel="5.10") as kvm:
         assert kvm.check_extension(uapi.KVM_CAP_VAPIC) == 1, "5.10 without flexpriority: !cpu_has_accelerated_tpr"
+
+
+def test_max_vcpu_id_can_be_enabled_from_6_0() -> None:
+    # KVM_CHECK_EXTENSION reported it all along (5.10.262 x86.c:3912); KVM_ENABLE_CAP took it from 35875316384b (6.0)
+    from kvmscope.model.vcpu import ModelLimitation
+
+    for kernel, taken in (("5.19", False), ("6.0", True)):
+        with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+            assert vm.check_extension(uapi.KVM_CAP_MAX_VCPU_ID), f"{kernel}: MAX_VCPU_ID is reported"
+            try:
+                vm.enable_cap(uapi.KVM_CAP_MAX_VCPU_ID, 8)
+                got = True
+            except ModelLimitation:  # taken by the kernel; the model does not implement it
+                got = True
+            except KvmError as e:
+                assert e.errno == errno.EINVAL and "enable_max_vcpu_id" in str(e), f"{kernel}: {e}"
+                got = False
+        assert got is taken, f"{kernel}: KVM_ENABLE_CAP(MAX_VCPU_ID) taken {got}, expected {taken}"
+
+
+
+@pytest.mark.parametrize(("kernel", "nr_vcpus", "max_vcpus", "max_id", "slots"), [
+    ("5.10", 240, 288, 1023, 509), ("5.12", 240, 288, 1023, 32764), ("5.15", 710, 1024, 4096, 32764),
+    ("5.16", 72, 1024, 4096, 32764), ("6.18", 72, 1024, 4096, 32764)])
+def test_vcpu_and_memslot_limits_by_version(kernel: str, nr_vcpus: int, max_vcpus: int, max_id: int,
+                                            slots: int) -> None:
+    """5.10.262 x86.c:3906-3913 (KVM_SOFT_MAX_VCPUS 240, KVM_MAX_VCPUS 288, KVM_MAX_VCPU_ID 1023, KVM_USER_MEM_SLOTS
+    509); 32764 slots from 4fc096a99e01 (5.12); 1024 vCPUs and ids 4 x that from 074c82c8f7cf and 4ddacd525a2f (5.15),
+    NR_VCPUS 710 there (1dbaf04cb91b) and the online CPUs from 5.16 (da1bfd52b930, 2845e7353bc3: 72 on this profile)."""
+    with model("intel-spr", kernel) as kvm, kvm.create_vm() as vm:
+        got = tuple(kvm.check_extension(c) for c in (uapi.KVM_CAP_NR_VCPUS, uapi.KVM_CAP_MAX_VCPUS,
+                                                     uapi.KVM_CAP_MAX_VCPU_ID, uapi.KVM_CAP_NR_MEMSLOTS))
+        assert got == (nr_vcpus, max_vcpus, max_id, slots), f"{kernel}: NR_VCPUS, MAX_VCPUS, MAX_VCPU_ID, NR_MEMSLOTS {got}"
+        with pytest.raises(KvmError) as e:
+            vm.create_vcpu(max_id)
+        assert e.value.errno == errno.EINVAL, f"{kernel}: vCPU id {max_id}: {e.value}"
+        vm.create_vcpu(max_id - 1)
+        with pytest.raises(KvmError) as e:
+            vm.add_memory(0x100000, 0x1000, slot=slots)
+        assert e.value.errno == errno.EINVAL, f"{kernel}: memslot {slots}: {e.value}"
+        vm.add_memory(0x100000, 0x1000, slot=slots - 1)

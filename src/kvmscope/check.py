@@ -86,11 +86,19 @@ class StepResult:
     notes: list[str] = field(default_factory=list)
     writes: list[tuple[int, str, int | None, int]] | None = None  # accepted KVM_SET_MSRS: (index, name, old, new)
     asked: str = ""  # "differs": what this kernel answers the recorded query ("KVM_CAP_XSAVE2 = 0")
+    beyond_recording: bool = False  # the recording's expectation unmet because this kernel took what it refused
+
+    @property
+    def asked_capability(self) -> str:
+        """The capability a "differs" step is about (the name in ``asked``)."""
+        return re.split(r" = | not ", self.asked, maxsplit=1)[0]
 
     @property
     def ok(self) -> bool:
-        """Did what it expected; without an expectation: was not refused and did not fail."""
-        return not (self.met is False or (self.met is None and self.outcome in ("refused", "error")))
+        """Did what it expected (or, replaying a recording, got further than the recording: took what the recording's
+        kernel refused); without an expectation: was not refused and did not fail."""
+        return not ((self.met is False and not self.beyond_recording)
+                    or (self.met is None and self.outcome in ("refused", "error")))
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -178,6 +186,9 @@ class Replayer:
             res.outcome, res.summary = "error", str(e)
         if step.expect is not None:
             res.expected, res.met = judge(step.expect, res)
+            if not res.met and step.expect.recorded and _beyond(step.expect, res):
+                res.beyond_recording = True
+                res.notes.append("this kernel takes what the recording's kernel refused: the VMM gets further here")
         return res
 
     # One method per kind of step: (step, its result to fill in, the model's result alongside or None).
@@ -388,6 +399,14 @@ def judge(e: Expect, r: StepResult) -> tuple[str, bool]:
     return ", ".join(parts), bool(ok)
 
 
+def _beyond(e: Expect, r: StepResult) -> bool:
+    """Whether ``r`` got further than the recording ``e`` describes: no error where the recording has one, or more MSRs
+    written or read than the recorded count, with nothing failing now."""
+    if r.outcome not in ("accepted", "ok") or r.errno:
+        return False
+    return bool(e.errno) or (e.count is not None and r.count is not None and r.count > e.count)
+
+
 def replay_iter(steps: Iterable[Step], system: System, shadow_system: System | None = None, faithful: bool = False
                 ) -> Iterator[StepResult]:
     """Play ``steps`` on ``system`` (a fresh VM), yielding each result as it happens (constant memory)."""
@@ -531,19 +550,22 @@ def _asked(self: Replayer, step: Traced, res: StepResult, what: str) -> bool:
     ask = self.system if step.on == "system" else self.vm
     answer = ask.check_extension(cap)
     name = uapi.CAPABILITY_NAMES.get(cap, f"capability {cap}")
+    rules = getattr(self.system, "rules", None)
+    rules = rules if isinstance(rules, R.Ruleset) else None
+    enable_later = rules.enable_arrival(cap) if rules is not None and step.name == "KVM_ENABLE_CAP" else None
     if step.name == "KVM_CHECK_EXTENSION" and answer != step.returned:
         res.summary = (f"recorded {what}: returned {step.returned}; this kernel answers {answer}: the VMM takes "
                        "another path from here (not replayed)")
         res.asked = f"{name} = {answer}"
-    elif step.name == "KVM_ENABLE_CAP" and not answer:
-        res.summary = (f"recorded {what}: taken; this kernel does not offer {name}, so KVM_ENABLE_CAP is EINVAL "
-                       "here (not replayed)")
-        res.asked = f"{name} not offered"
+    elif step.name == "KVM_ENABLE_CAP" and (not answer or enable_later is not None):
+        verb = "cannot enable" if answer else "does not offer"
+        res.summary = f"recorded {what}: taken; this kernel {verb} {name}, so KVM_ENABLE_CAP is EINVAL here " \
+                      "(not replayed)"
+        res.asked = f"{name} not " + ("enabled" if answer else "offered")
     else:
         return False
     res.outcome = "differs"
-    rules = getattr(self.system, "rules", None)
-    later = rules.cap_arrival(cap) if isinstance(rules, R.Ruleset) else None
+    later = enable_later or (rules.cap_arrival(cap) if rules is not None else None)
     if later is not None:
         res.notes.append(f"rule: {later.cite()}")
     return True

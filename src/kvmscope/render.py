@@ -14,6 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -393,12 +394,33 @@ def _old_new(old: int | None, new: int) -> Iterable[Text | str]:
 _OUTCOME_STYLE = {"accepted": "green", "ok": "green", "differs": "yellow", "refused": "yellow", "error": "red"}
 
 
-def check_steps(con: Console, results: Iterable[StepResult]) -> bool:
+@dataclass
+class Tally:
+    """What a replay of a recording found beyond pass and fail: steps that got further than the recording, and the
+    capabilities the VMM asked for that this kernel answers otherwise."""
+
+    beyond: int = 0
+    asked: dict[str, None] = field(default_factory=dict)
+
+    def text(self) -> str:
+        n = len(self.asked)
+        parts = [f"{self.beyond} step(s) got further than the recording" if self.beyond else "",
+                 f"{n} capabilities the VMM asked for answer otherwise" if n > 1 else
+                 f"{next(iter(self.asked))}, which the VMM asked for, answers otherwise" if n else ""]
+        return "".join(f"; {p}" for p in parts if p)
+
+
+def check_steps(con: Console, results: Iterable[StepResult], tally: Tally | None = None) -> bool:
     """Each step's result (and refusal, notes, expectation) as it comes; True when every step was ok."""
     ok = True
+    tally = Tally() if tally is None else tally
     for s in results:
         ok = ok and s.ok
-        mark = Text("✓", "green") if s.met else Text("✗", "red") if not s.ok else Text(" ")
+        tally.beyond += s.beyond_recording
+        if s.outcome == "differs":
+            tally.asked[s.asked_capability] = None
+        mark = Text("✓", "green") if s.met else Text("✗", "red") if not s.ok else Text("+", "yellow") if \
+            s.beyond_recording else Text(" ")
         label = f" ({s.label})" if s.label else ""
         on = "" if s.kind in VM_WIDE_KINDS or s.vcpu is None else f" vCPU {s.vcpu}"
         _emit(con, line(mark, f" [{s.number}] line {s.line:<3} {s.kind}{on}{label}: ",
@@ -408,13 +430,18 @@ def check_steps(con: Console, results: Iterable[StepResult]) -> bool:
         for n in s.notes:
             _emit(con, f"      {n}")
         if s.expected:
-            _emit(con, line(f"      expected: {s.expected} -> ", ("met", "") if s.met else ("NOT met", "red")))
+            verdict = ("met", "") if s.met else ("beyond the recording", "yellow") if s.beyond_recording else \
+                ("NOT met", "red")
+            _emit(con, line(f"      expected: {s.expected} (as recorded) -> " if s.beyond_recording
+                            else f"      expected: {s.expected} -> ", verdict))
     return ok
 
 
-def check_verdict(con: Console, ok: bool) -> None:
-    _emit(con, line(("OK", "bold green"), ": every step did what it expected") if ok else
-          line(("FAILED", "bold red"), ": a step did not do what it expected (or was refused without an expectation)"))
+def check_verdict(con: Console, ok: bool, tally: Tally | None = None) -> None:
+    found = tally.text() if tally is not None else ""
+    _emit(con, line(("OK", "bold green"), f": every step did what it expected{found}") if ok else
+          line(("FAILED", "bold red"), f": a step did not do what it expected (or was refused without an expectation)"
+                                       f"{found}"))
 
 
 def check_report(report: Report, as_json: bool) -> None:
@@ -424,16 +451,18 @@ def check_report(report: Report, as_json: bool) -> None:
         return
     con = console()
     check_title(con, report.scenario, report.path, report.description)
-    check_steps(con, report.steps)
-    check_verdict(con, report.ok)
+    tally = Tally()
+    check_steps(con, report.steps, tally)
+    check_verdict(con, report.ok, tally)
 
 
 def check_stream(scenario: str, path: str, description: str, results: Iterable[StepResult]) -> bool:
     """A replay printed step by step as it runs (constant memory); True when every step was ok."""
     con = console()
     check_title(con, scenario, path, description)
-    ok = check_steps(con, results)
-    check_verdict(con, ok)
+    tally = Tally()
+    ok = check_steps(con, results, tally)
+    check_verdict(con, ok, tally)
     return ok
 
 
@@ -464,8 +493,10 @@ def comparison(scenario: str, kernels: list[str], profile: str, reports: dict[st
             _emit(con, line(f"  [{n}] line {r.line} {r.kind}: {outcome_text(r)} on every kernel compared: "
                             f"{r.summary}" + (f" (expected {r.expected})" if r.expected else "")))
     failed = [k for k, r in reports.items() if not r.ok]
-    _emit(con, line(("FAILED", "bold red"), f": a step did not do what it expected on {', '.join(failed)}") if failed
-          else line(("OK", "bold green"), ": every step did what it expected on every kernel"))
+    further = [k for k, r in reports.items() if any(st.beyond_recording for st in r.steps)]
+    beyond = f"; got further than the recording on {', '.join(further)}" if further else ""
+    _emit(con, line(("FAILED", "bold red"), f": a step did not do what it expected on {', '.join(failed)}{beyond}")
+          if failed else line(("OK", "bold green"), f": every step did what it expected on every kernel{beyond}"))
 
 
 _UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f]")

@@ -105,6 +105,7 @@ class Expect:
     refused_msr: int | None = None
     values: dict[int, int] | None = None
     exit: str | None = None
+    recorded: bool = False  # what a traced kernel returned (Ioctl.recorded), not what a scenario's author wrote
 
     def __post_init__(self) -> None:
         if self.refused_msr is not None:
@@ -331,7 +332,7 @@ class Ioctl(Step):
 
     def recorded(self) -> Expect:
         """What the kernel returned when this ioctl was recorded, as an expectation."""
-        e = Expect()
+        e = Expect(recorded=True)
         if self.returned is not None:
             if self.name in ("KVM_SET_CPUID2", "KVM_RUN", "KVM_CREATE_VCPU"):
                 e.errno = 0  # these return 0 or fail: "returned" says it did not fail

@@ -38,6 +38,12 @@ BOOT_MSRS: tuple[tuple[int, int], ...] = (
     (0x2FF, (1 << 11) | 6),  # MTRRdefType: MTRRs enabled, default write-back
 )
 VOLATILE = {0x10}  # the TSC runs on: reading it back says nothing about the write
+# The capabilities Firecracker checks before it makes a VM (``Kvm::DEFAULT_CAPABILITIES``, src/vmm/src/arch/x86_64/
+# kvm.rs); a template's kvm_capabilities add to them ("N") or remove from them ("!N").
+FIRECRACKER_CAPABILITIES = (uapi.KVM_CAP_IRQCHIP, uapi.KVM_CAP_IOEVENTFD, uapi.KVM_CAP_IRQFD, uapi.KVM_CAP_USER_MEMORY,
+                            uapi.KVM_CAP_SET_TSS_ADDR, uapi.KVM_CAP_PIT2, uapi.KVM_CAP_PIT_STATE2,
+                            uapi.KVM_CAP_ADJUST_CLOCK, uapi.KVM_CAP_DEBUGREGS, uapi.KVM_CAP_MP_STATE,
+                            uapi.KVM_CAP_VCPU_EVENTS, uapi.KVM_CAP_XCRS, uapi.KVM_CAP_XSAVE, uapi.KVM_CAP_EXT_CPUID)
 MSR_BATCH = uapi.MAX_IO_MSRS - 1  # the most entries KVM_GET/SET_MSRS takes in one call (x86.c msr_io: E2BIG from 256)
 
 
@@ -290,6 +296,11 @@ def run_once(vm: Vm, vcpu: Vcpu, irqchip: bool) -> Exit:
     return vcpu.run()
 
 
+def _cap_name(number: int) -> str:
+    return f"KVM capability {number}" + (f" ({uapi.CAPABILITY_NAMES[number]})" if number in uapi.CAPABILITY_NAMES
+                                         else "")
+
+
 def apply(system: System, template: Template, vcpus: int = 1, boot: Sequence[tuple[int, int]] = BOOT_MSRS,
           after_run: bool = False) -> ApplyReport:
     """Apply ``template`` to a new VM of ``system`` with ``vcpus`` vCPUs in Firecracker's order, with Firecracker's
@@ -307,13 +318,20 @@ def configure(system: System, vm: Vm, template: Template, vcpus: int, boot: Sequ
               after_run: bool, rep: ApplyReport, irqchip: bool = False) -> list[Vcpu]:
     """The work of :func:`apply` on ``vm``: create and configure its vCPUs, recording everything in ``rep``.
     ``irqchip``: ``vm`` has an in-kernel irqchip, so a run ends at a port write (a HLT would block in KVM_RUN)."""
-    for cap in template.kvm_capabilities:
-        name = f"KVM capability {cap.number}" + (f" ({uapi.CAPABILITY_NAMES[cap.number]})"
-                                                 if cap.number in uapi.CAPABILITY_NAMES else "")
+    required = dict.fromkeys(FIRECRACKER_CAPABILITIES)
+    for cap in template.kvm_capabilities:  # in order, as Firecracker combines them
         if cap.removed:
-            rep.notes.append(f"{name} is dropped from Firecracker's own checks")
-        elif not system.check_extension(cap.number):
-            rep.failures.append(f"{name} is not supported")
+            rep.notes.append(f"{_cap_name(cap.number)} is removed from Firecracker's checks" if cap.number in required
+                             else f"{_cap_name(cap.number)}: removed, but Firecracker's checks do not have it")
+            required.pop(cap.number, None)
+        else:
+            required[cap.number] = None
+    rules = getattr(system, "rules", None)
+    for number in required:
+        if not system.check_extension(number):
+            later = rules.cap_arrival(number) if rules is not None else None
+            rep.failures.append(f"{_cap_name(number)} is not supported" + (
+                f" (this kernel's KVM does not report it yet: {later.key}, {later.cite()})" if later else ""))
     supported = system.get_supported_cpuid()
     cpuid, missing = apply_cpuid(supported, template)
     rep.failures.extend(missing)

@@ -37,7 +37,7 @@ def test_t2s_like_template_is_refused_here(kvm: System) -> None:
 def test_pass_through_template_is_taken(kvm: System) -> None:
     rep = apply(kvm, load(EXAMPLES / "arch-cap-passthrough.json"), 2, boot=())
     assert rep.ok, f"expected the template taken, saw {rep.failures} {diffs(rep)}"
-    assert rep.notes == ["KVM capability 56 (KVM_CAP_XCRS) is dropped from Firecracker's own checks"], rep.notes
+    assert rep.notes == ["KVM capability 56 (KVM_CAP_XCRS) is removed from Firecracker's checks"], rep.notes
 
 
 def test_missing_leaf_and_unreadable_msr_stop_firecracker(kvm: System) -> None:

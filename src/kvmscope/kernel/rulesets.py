@@ -237,6 +237,27 @@ CAPS_6_11 = Rule("caps_6_11", "6.11", "6e01b7601dfe, 6fef518594bc, 85542adb65ec"
 CAPS_6_18 = Rule("caps_6_18", "6.18", "06f2969c6a12, the guest_memfd mmap series",
                  "KVM_CHECK_EXTENSION reports ONE_REG (70) and GUEST_MEMFD_FLAGS (244), and GUEST_MEMFD (234) on "
                  "every VM where built in (6.18 kvm_main.c; 6.12.118's header stops at 238)")
+ENABLE_MAX_VCPU_ID = Rule("enable_max_vcpu_id", "6.0", "35875316384b",
+                          "KVM: x86: Allow userspace to set maximum VCPU id for VM (KVM_ENABLE_CAP of MAX_VCPU_ID, "
+                          "which KVM_CHECK_EXTENSION reported long before; 5.10.262 x86.c has no enable case; in the "
+                          "'KVM changes for Linux 5.20 merge window' pull)")
+# The limits KVM_CHECK_EXTENSION reports, raised at a release (a profile taken later reports its own, which the model
+# keeps from the rule on): 5.10.262 x86.c:3906-3913 and kvm_host.h:40-46 (KVM_MAX_VCPUS 288, KVM_SOFT_MAX_VCPUS 240,
+# KVM_MAX_VCPU_ID 1023, KVM_USER_MEM_SLOTS 509); 6.12.118 x86.c:4322-4330 (min(online CPUs, KVM_MAX_VCPUS),
+# KVM_MAX_VCPU_IDS = 4 x KVM_MAX_VCPUS). Releases from their KVM pull requests (/work/notes/cap-limits.md).
+CAP_MEMSLOTS_32764 = Rule("cap_memslots_32764", "5.12", "4fc096a99e01",
+                          "KVM: Raise the maximum number of user memslots (KVM_CAP_NR_MEMSLOTS 509 -> 32764)")
+CAP_MAX_VCPUS_1024 = Rule("cap_max_vcpus_1024", "5.15", "074c82c8f7cf, 4ddacd525a2f",
+                          "kvm: x86: Increase MAX_VCPUS to 1024 (KVM_CAP_MAX_VCPUS 288 -> 1024); kvm: x86: Set "
+                          "KVM_MAX_VCPU_ID to 4*KVM_MAX_VCPUS (KVM_CAP_MAX_VCPU_ID 1023 -> 4096)")
+CAP_NR_VCPUS_710 = Rule("cap_nr_vcpus_710", "5.15", "1dbaf04cb91b",
+                        "kvm: x86: Increase KVM_SOFT_MAX_VCPUS to 710 (KVM_CAP_NR_VCPUS 240 -> 710)")
+CAP_NR_VCPUS_ONLINE = Rule("cap_nr_vcpus_online", "5.16", "da1bfd52b930, 2845e7353bc3",
+                           "KVM: x86: Drop arbitrary KVM_SOFT_MAX_VCPUS; Cap KVM_CAP_NR_VCPUS by KVM_CAP_MAX_VCPUS "
+                           "(KVM_CAP_NR_VCPUS: the online CPUs, at most KVM_MAX_VCPUS)")
+CAP_LIMITS = (CAP_MEMSLOTS_32764, CAP_MAX_VCPUS_1024, CAP_NR_VCPUS_710, CAP_NR_VCPUS_ONLINE)
+# Capabilities KVM_CHECK_EXTENSION reported before KVM_ENABLE_CAP took them: EINVAL until the rule.
+ENABLE_ARRIVALS: dict[Rule, tuple[int, ...]] = {ENABLE_MAX_VCPU_ID: (128,)}
 CAP_ARRIVALS: dict[Rule, tuple[int, ...]] = {
     CAPS_5_11: (191, 192), CAPS_5_12: (193,), CAPS_5_13: (195, 196, 197), CAPS_5_14: (199, 200, 201, 203, 204),
     CAPS_5_16: (127, 206), CAPS_5_17: (54, 208, 209), CAPS_5_18: (212, 213, 215), CAPS_5_19: (214,),
@@ -538,6 +559,7 @@ RULES: dict[str, Rule] = {
               DEBUGCTL_SVM_BTF_DROPPED, CPUID_AVX512_FP16, CPUID_AVX_VNNI, CPUID_BUS_LOCK_DETECT, CPUID_AMD_PSFD,
               CPUID_X87_DEPRECATED, CPUID_80000021, CPUID_NO_SMM_CTL_MSR, CPUID_DS_DTES64, CPUID_FAST_REP_STRINGS,
               CPUID_PERFMON_V2, CPUID_7_2_EDX, CPUID_AVX10, CPUID_TSC_DEADLINE, CPUID_HYPERVISOR, *CAP_ARRIVALS,
+              *ENABLE_ARRIVALS, *CAP_LIMITS,
               X2APIC_ICR_64BIT, X2APIC_ICR_SPLIT_SVM, X2APIC_ICR_RESERVED,
               X2APIC_HIGH_BITS, X2APIC_SELF_IPI_VECTOR, X2APIC_SELF_IPI_KEEPS_ICR,
               X2APIC_LEAVE_SETS_XAPIC_ID, X2APIC_ID_READONLY,
@@ -696,6 +718,21 @@ class Ruleset:
     def cap_arrival(self, cap: int) -> Rule | None:
         """The rule that brings ``cap`` after this version (``CAP_ARRIVALS``), if it has not come yet."""
         return next((r for r, caps in CAP_ARRIVALS.items() if cap in caps and r not in self.rules), None)
+
+    def cap_limit(self, cap: int, reported: int) -> int:
+        """KVM_CAP_NR_MEMSLOTS, MAX_VCPUS, MAX_VCPU_ID and NR_VCPUS at this version, for a host whose own kernel reports
+        ``reported`` (``CAP_LIMITS``)."""
+        if cap == 10 and CAP_MEMSLOTS_32764 not in self.rules:
+            return 509
+        if cap in (66, 128) and CAP_MAX_VCPUS_1024 not in self.rules:
+            return 288 if cap == 66 else 1023
+        if cap == 9 and CAP_NR_VCPUS_ONLINE not in self.rules:
+            return 710 if CAP_NR_VCPUS_710 in self.rules else 240
+        return reported
+
+    def enable_arrival(self, cap: int) -> Rule | None:
+        """The rule that lets KVM_ENABLE_CAP take ``cap`` after this version (``ENABLE_ARRIVALS``), if not come yet."""
+        return next((r for r, caps in ENABLE_ARRIVALS.items() if cap in caps and r not in self.rules), None)
 
     def vapic_on(self, vendor: str, flexpriority: bool = True) -> bool:
         """KVM_CAP_VAPIC: before 5.18 (8a2897853c53) 0 where the vendor accelerates the TPR (``!cpu_has_accelerated_tpr``:

@@ -81,6 +81,8 @@ class ModelSystem(System):
                 self.profile.vendor, self.profile.module_parameters.get("kvm_intel.flexpriority", "Y") in ("Y", "1")):
             return 0
         value = self.profile.capability(cap, vm)
+        if cap in (uapi.KVM_CAP_NR_MEMSLOTS, uapi.KVM_CAP_MAX_VCPUS, uapi.KVM_CAP_MAX_VCPU_ID, uapi.KVM_CAP_NR_VCPUS):
+            return self.rules.cap_limit(cap, value)
         if cap == uapi.KVM_CAP_DISABLE_QUIRKS2:
             return self.rules.supported_quirks(value)
         if cap == uapi.KVM_CAP_X2APIC_API:  # a model VM has no split IRQCHIP: a VM's report leaves ENABLE out

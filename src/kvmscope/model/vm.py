@@ -76,6 +76,10 @@ class ModelVm(VmDevicesModel, Vm):
         supported = self.system.capability(cap, vm=True)
         if cap in (uapi.KVM_CAP_DIRTY_LOG_RING, uapi.KVM_CAP_DIRTY_LOG_RING_ACQ_REL) and supported:
             self._enable_dirty_ring(arg0, supported)  # generic code: flags are not looked at
+        later_enable = self.system.rules.enable_arrival(cap)
+        if later_enable is not None:
+            raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", f"capability {cap} cannot be enabled yet: "
+                           f"{later_enable.key}, {later_enable.cite()}")
         if flags or not supported:
             later = self.system.rules.cap_arrival(cap)
             raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP", f"capability {cap} comes later: {later.key}, {later.cite()}"
@@ -179,8 +183,8 @@ class ModelVm(VmDevicesModel, Vm):
         self._check_open()
         if isinstance(vcpu_id, bool) or not isinstance(vcpu_id, int):
             raise InvalidValueError(f"vCPU id must be an int, not {vcpu_id!r}")
-        max_id = self.profile.capability(uapi.KVM_CAP_MAX_VCPU_ID) or 1024
-        max_vcpus = self.profile.capability(uapi.KVM_CAP_MAX_VCPUS) or 1024
+        max_id = self.system.capability(uapi.KVM_CAP_MAX_VCPU_ID) or 1024
+        max_vcpus = self.system.capability(uapi.KVM_CAP_MAX_VCPUS) or 1024
         if not 0 <= vcpu_id < max_id or len(self.vcpus) >= max_vcpus:
             raise KvmError(errno.EINVAL, "KVM_CREATE_VCPU")
         # Closing a vCPU fd does not free its id: KVM keeps the vCPU until the VM goes away. A set, not a scan of the

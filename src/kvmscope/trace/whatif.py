@@ -7,7 +7,7 @@ capabilities the VMM asked for that this kernel answers otherwise (the VMM would
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,8 @@ class Cell:
     line: int | None = None
     rule: str | None = None  # the refusing rule's commit and title, when the model knows it
     as_recorded: bool | None = None  # did the step do what the live kernel did when it was recorded?
-    differs: int = 0  # recorded capability queries this kernel answers otherwise (up to the cell's step)
+    differs: int = 0  # capabilities the VMM asked for that this kernel answers otherwise (up to the cell's step)
+    capabilities: list[str] = field(default_factory=list)  # their names
 
     def to_json(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -41,17 +42,18 @@ def first_refusal(path: Path, kernel: str, profile: str | None) -> Cell:
     system, _ = backends.choose("model", kernel=kernel, profile=profile or opened.header.profile)
     prof = str(system.host_info().get("profile"))
     results = replay_iter(opened.steps, system, None, opened.header.faithful)
-    differs = 0
+    asked: dict[str, None] = {}
     try:
         with system:
             for r in results:
                 if r.outcome in ("refused", "error"):
-                    return replace(_refused(path, kernel, prof, r), differs=differs)
-                differs += r.outcome == "differs"
+                    return replace(_refused(path, kernel, prof, r), differs=len(asked), capabilities=list(asked))
+                if r.outcome == "differs":
+                    asked[r.asked_capability] = None
     finally:
         for generator in (results, opened.steps):  # stop both now: the VM and the file are released at once
             getattr(generator, "close", lambda: None)()
-    return Cell(path.stem, kernel, prof, True, "OK", differs=differs)
+    return Cell(path.stem, kernel, prof, True, "OK", differs=len(asked), capabilities=list(asked))
 
 
 def _refused(path: Path, kernel: str, profile: str, r: StepResult) -> Cell:
