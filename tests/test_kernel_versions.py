@@ -1231,3 +1231,20 @@ def test_vcpu_and_memslot_limits_by_version(kernel: str, nr_vcpus: int, max_vcpu
             vm.add_memory(0x100000, 0x1000, slot=slots)
         assert e.value.errno == errno.EINVAL, f"{kernel}: memslot {slots}: {e.value}"
         vm.add_memory(0x100000, 0x1000, slot=slots - 1)
+
+
+def test_probe_names_what_a_later_kernel_brings() -> None:
+    """probe on the model: the capabilities, feature MSRs and MSRs the profile's host has that the kernel chosen does
+    not yet, each with its release; none on the profile's own kernel."""
+    from kvmscope.probe import probe
+
+    with model("intel-spr", "5.10") as kvm:
+        later = probe(kvm).later
+    want = {"KVM_CAP_XSAVE2": "5.17", "KVM_CAP_SREGS2": "5.14", "MSR_PLATFORM_INFO (feature MSR)": "6.13",
+            "MSR_IA32_XFD (MSR)": "5.17", "MSR_IA32_U_CET (MSR)": "6.18", "KVM_CAP_ONE_REG": "6.18"}
+    got = {k: later[k]["since"] for k in want if k in later}
+    assert got == want, f"5.10: expected {want}, saw {got} (all: {list(later)})"
+    assert [v["since"] for v in later.values()] == sorted((v["since"] for v in later.values()),
+                                                         key=R.parse_version), "by release"
+    with model("intel-spr", "6.18") as kvm:
+        assert probe(kvm).later == {}, "nothing is later than the profile's own kernel"

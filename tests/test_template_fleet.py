@@ -292,6 +292,26 @@ def test_restore_fails_where_the_source_run_does_not_reach_the_port_write(monkey
                                 "port write: the VM stops there, before any snapshot"], rep.failures
 
 
+def test_restore_on_an_older_kernel_names_the_cpuid_it_does_not_offer() -> None:
+    """A 6.18 snapshot restored under 5.10: KVM_SET_CPUID2 takes its CPUID, but 5.10's KVM_GET_SUPPORTED_CPUID has no
+    7.2, no CET (7.0 EDX[20], 0xD.11/12) and no XFD (0xD.1 EAX[4]): noted with the rules that bring them; the same
+    kernel on both sides has nothing to note."""
+    from kvmscope.template_restore import restore
+
+    t = load(EXAMPLES / "t2s-like.json")
+    with open_model(profile="intel-spr") as a, open_model(profile="intel-spr", kernel="5.10") as b:
+        rep = restore(a, b, t, 1, boot=())
+    text = "\n".join(rep.notes)
+    for want in ("the snapshot has CPUID 0x7.2, which the target's KVM_GET_SUPPORTED_CPUID does not list "
+                 "(cpuid_7_2_edx, since 6.8)", "CPUID 0x7.0 edx sets bit(s) 20, 22, 23, 24, 25, 28",
+                 "CPUID 0xd.1 eax sets bit(s) 4,", "xfd_msrs (since 5.17)", "the snapshot has CPUID 0xd.11"):
+        assert want in text, f"expected {want!r} among the notes:\n{text}"
+    assert rep.ok, f"KVM_SET_CPUID2 takes them: the restore itself is taken, saw {rep.failures}"
+    with open_model(profile="intel-spr") as a, open_model(profile="intel-spr") as b:
+        same = restore(a, b, t, 1, boot=())
+    assert not [n for n in same.notes if n.startswith("restore:")], same.notes
+
+
 def test_cli_restore_defaults_to_the_source_host() -> None:
     code, out = run("template", "restore", str(EXAMPLES / "t2s-like.json"), "--profile", "intel-spr",
                     "--to-kernel", "6.3", "--json")

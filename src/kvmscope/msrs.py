@@ -263,6 +263,13 @@ _CATALOGUE: list[Msr] = [
     Msr(0x1DE, "MSR_IA32_LASTINTTOIP", ("LASTINTTOIP",)),
     Msr(0x1FC, "MSR_IA32_POWER_CTL", ("POWER_CTL",)),
     Msr(0x277, "MSR_IA32_CR_PAT", ("PAT", "IA32_PAT")),
+    # AMX's XFD (5.17) and CET's MSRs (6.18), which KVM lists from those releases (rulesets.MSR_ARRIVALS)
+    Msr(0x1C4, "MSR_IA32_XFD", ("XFD", "IA32_XFD")),
+    Msr(0x1C5, "MSR_IA32_XFD_ERR", ("XFD_ERR", "IA32_XFD_ERR")),
+    Msr(0x6A0, "MSR_IA32_U_CET", ("U_CET", "IA32_U_CET")),
+    Msr(0x6A2, "MSR_IA32_S_CET", ("S_CET", "IA32_S_CET")),
+    *(Msr(0x6A4 + n, f"MSR_IA32_PL{n}_SSP", (f"PL{n}_SSP", f"IA32_PL{n}_SSP")) for n in range(4)),
+    Msr(0x6A8, "MSR_IA32_INT_SSP_TAB", ("INT_SSP_TAB", "IA32_INT_SSP_TAB")),
     # The MTRRs (KVM emulates them, arch/x86/kvm/mtrr.c; Firecracker writes MTRRdefType at boot).
     Msr(0xFE, "MSR_MTRRcap", ("MTRRCAP", "IA32_MTRRCAP")),
     Msr(0x2FF, "MSR_MTRRdefType", ("MTRR_DEF_TYPE", "IA32_MTRR_DEF_TYPE")),

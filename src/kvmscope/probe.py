@@ -75,6 +75,8 @@ class ProbeReport:
     freeze_enforced: bool | None = None
     conclusion: str = ""
     cpu_vendor: str | None = None  # "intel" or "amd" from the supported CPUID's vendor string (decodes UCODE_REV)
+    # the model: what the profile's host offers that this kernel version does not yet (name -> the release, commit)
+    later: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {"since": release, "rule": key}
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)  # the --json envelope (render.json_document) carries schema_version
@@ -276,4 +278,25 @@ def probe(system: System, set_cpuid: bool = True) -> ProbeReport:
     for index in features:
         report.msrs.append(probe_msr(system, index, values.get(index), cpuid, report.cpu_vendor))
     report.freeze_enforced, report.conclusion = verdict(report.msrs)
+    report.later = _later(system)
     return report
+
+
+def _later(system: System) -> dict[str, dict[str, str]]:
+    """On the model: the capabilities the profile's host reports, and the feature MSRs and MSRs it lists, that this
+    kernel version does not yet, each with the rule that brings it (``CAP_ARRIVALS``, ``MSR_ARRIVALS``; PLATFORM_INFO,
+    a feature MSR from 6.13)."""
+    rules, profile = getattr(system, "rules", None), getattr(system, "captured", None)
+    if not isinstance(rules, R.Ruleset) or profile is None:
+        return {}
+    found: list[tuple[str, R.Rule]] = []
+    for cap in sorted(c for caps in R.CAP_ARRIVALS.values() for c in caps):
+        rule = rules.cap_arrival(cap)
+        if rule is not None and profile.capability(cap):
+            found.append((uapi.CAPABILITY_NAMES.get(cap, f"capability {cap}"), rule))
+    found += [(f"{_msrs.name_of(i)} (feature MSR)", R.PLATFORM_INFO_IMMUTABLE) for i in profile.feature_msrs
+              if not rules.feature_msr(i)]
+    found += [(f"{_msrs.name_of(i)} (MSR)", r) for r, indices in R.MSR_ARRIVALS.items() if r not in rules.rules
+              for i in indices if i in getattr(profile, "msr_index_list", ())]
+    found.sort(key=lambda f: R.parse_version(f[1].since))
+    return {name: {"since": rule.since, "rule": rule.key} for name, rule in found}

@@ -211,6 +211,14 @@ def probe(report: ProbeReport, fallback_reason: str | None, as_json: bool) -> No
     for mask in sorted(quirks):
         con.print(line("quirks KVM can disable (", f"0x{mask:x}", "): ", quirk_names(mask)), highlight=False)
     _print_table(con, *_feature_msrs(report))
+    if report.later:  # the model: what the profile's host has that this kernel version does not yet
+        con.print(line(f"Not yet on kernel {report.host.get('ruleset')} (the profile's host has them), by the release "
+                       "that brings them (docs/rules.md):"), highlight=False)
+        by_release: dict[str, list[str]] = {}
+        for name, at in report.later.items():
+            by_release.setdefault(at["since"], []).append(name.removeprefix("KVM_CAP_"))
+        for since, names in by_release.items():
+            con.print(line(f"  {since}: ", ", ".join(names)), highlight=False)
     if _print_table(con, *_freeze_check(report)):
         con.print(line("before: a changed value on a vCPU that never ran (tried: the first, +N more); after: the same and "
                        "a changed value after a run to HLT"), style="dim", highlight=False)

@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from . import uapi
-from .api import IoExit, System
+from .api import CpuidEntry, IoExit, System, find_cpuid
 from .errors import KvmError
+from .kernel import rulesets as R
 from .template import Template
 from .template_apply import (
     BOOT_MSRS,
@@ -42,6 +43,12 @@ SERIALIZABLE: tuple[tuple[int, int], ...] = (
     (0x4B564D05, 2),
 )
 MCG_CTL = 0x17B
+# The CPUID registers that are feature flags (a bit a guest may use), for what the target cannot back.
+FLAG_REGISTERS: dict[tuple[int, int], tuple[str, ...]] = {
+    (0x1, 0): ("ecx", "edx"), (0x7, 0): ("ebx", "ecx", "edx"), (0x7, 1): ("eax", "edx"), (0x7, 2): ("edx",),
+    (0xD, 0): ("eax", "edx"), (0xD, 1): ("eax", "ecx", "edx"), (0x80000001, 0): ("ecx", "edx"),
+    (0x80000008, 0): ("ebx",), (0x80000021, 0): ("eax",),
+}
 
 
 def serializable(index: int) -> bool:
@@ -81,6 +88,9 @@ def restore(source: System, target: System, template: Template, vcpus: int = 1,
                 rep.failures.append(f"snapshot: KVM_GET_MSRS on vCPU {i} refuses {msr_where(lost[0])}"
                                     + (f" and {len(lost) - 1} more" if len(lost) > 1 else ""))
             saved.append((v.get_cpuid(), [(ix, values[ix]) for ix in to_save if ix in values]))
+    if saved:
+        rep.notes.extend(unbacked(saved[0][0], source.get_supported_cpuid(), target.get_supported_cpuid(),
+                                  getattr(target, "rules", None)))
     with firecracker_vm(target) as vm:
         for i, (cpuid, entries) in enumerate(saved):
             v = vm.create_vcpu(i)
@@ -105,3 +115,36 @@ def restore(source: System, target: System, template: Template, vcpus: int = 1,
                                              got, masks[index]))
             rep.vcpus.append(out)
     return rep
+
+
+def unbacked(cpuid: Sequence[CpuidEntry], source: Sequence[CpuidEntry], target: Sequence[CpuidEntry],
+             rules: object = None) -> list[str]:
+    """The snapshot's CPUID feature bits and leaves that the source's KVM_GET_SUPPORTED_CPUID offers and the target's
+    does not: KVM_SET_CPUID2 takes them (any list before the run), but the target's KVM may not support what they
+    enumerate (an older kernel: CET's and XFD's MSRs). With a model target, the rule that brings each
+    (``CPUID_ARRIVALS``, ``CPUID_LIMITS``)."""
+    ruleset = rules if isinstance(rules, R.Ruleset) else None
+    notes = []
+    for e in cpuid:
+        there, here = find_cpuid(source, e.function, e.index), find_cpuid(target, e.function, e.index)
+        if there is None:
+            continue
+        where = f"CPUID 0x{e.function:x}.{e.index}"
+        if here is None:
+            later = ruleset.leaf_arrival(e.function, e.index) if ruleset else None
+            notes.append(f"restore: the snapshot has {where}, which the target's KVM_GET_SUPPORTED_CPUID does not list"
+                         + (f" ({later.key}, since {later.since})" if later else ""))
+            continue
+        for reg in FLAG_REGISTERS.get((e.function, e.index), ()):
+            lost = getattr(e, reg) & getattr(there, reg) & ~getattr(here, reg)
+            if not lost:
+                continue
+            bits = [b for b in range(32) if lost >> b & 1]
+            keys = sorted({r.key + f" (since {r.since})" for r, arrivals in R.CPUID_ARRIVALS.items()
+                           for f, i, rg, b in arrivals if (f, i, rg) == (e.function, e.index, reg) and b in bits
+                           and ruleset is not None and r not in ruleset.rules})
+            notes.append(f"restore: the snapshot's {where} {reg} sets bit(s) {', '.join(map(str, bits))}, which the "
+                         "target's KVM_GET_SUPPORTED_CPUID does not offer (the source's does): KVM_SET_CPUID2 takes "
+                         "them, but the target's KVM may not support what they enumerate"
+                         + (f" ({'; '.join(keys)})" if keys else ""))
+    return notes

@@ -809,7 +809,8 @@ def resolve(version: str) -> Ruleset:
     it: ``"6.9"`` gets the 6.8 rules; ``"6.18.44-fc"`` the 6.18 ones; a stable release gets its series' backports."""
     wanted = parse_version(version)
     if wanted < OLDEST:
-        raise InvalidValueError(f"kernel {version!r} is older than the oldest ruleset ({KNOWN[0]}); known: {KNOWN}")
+        raise InvalidValueError(f"kernel {version!r} is older than the oldest ruleset ({KNOWN[0]}); known: {KNOWN[0]} to "
+                                f"{KNOWN[-1]}, {len(KNOWN)} releases (docs/rules.md, 'Rules by kernel version')")
     boundaries = [v for v in map(parse_version, KNOWN) if v <= wanted and (v[2] == 0 or v[:2] == wanted[:2])]
     label = _label(max(boundaries))
     return Ruleset(label, frozenset(r for r in RULES.values() if r.in_force(wanted)))

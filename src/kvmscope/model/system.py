@@ -23,6 +23,7 @@ class ModelSystem(System):
     backend: ClassVar[str] = "model"
 
     def __init__(self, profile: Profile, rules: Ruleset) -> None:
+        self.captured = profile  # as its host reported it, before this version's KVM leaves out what came later
         absent = rules.absent_msrs
         if absent & {*profile.msr_index_list, *profile.behaviours}:
             # a profile taken on a later kernel lists MSRs this version's KVM does not know yet: unknown here
