@@ -1248,3 +1248,14 @@ def test_probe_names_what_a_later_kernel_brings() -> None:
                                                          key=R.parse_version), "by release"
     with model("intel-spr", "6.18") as kvm:
         assert probe(kvm).later == {}, "nothing is later than the profile's own kernel"
+
+
+def test_288_vcpus_at_most_before_5_15() -> None:
+    # 5.10.262 kvm_main.c kvm_vm_ioctl_create_vcpu: created_vcpus >= KVM_MAX_VCPUS (288, kvm_host.h:40) is EINVAL
+    with model("intel-spr", "5.10") as kvm, kvm.create_vm() as vm:
+        for i in range(288):
+            vm.create_vcpu(i)
+        with pytest.raises(KvmError) as e:
+            vm.create_vcpu(288)
+        assert e.value.errno == errno.EINVAL, f"the 289th vCPU: {e.value}"
+

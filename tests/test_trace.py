@@ -533,3 +533,36 @@ def test_corpus_honours_each_scenarios_profile_and_skips_other_json(tmp_path: Pa
                           for k in ("6.3", "6.18")}, sorted(cells)
     intel = cells["sandbox-reset-snapshot-intel", "6.18"]
     assert intel["profile"] == "intel-spr" and not intel["ok"] and intel["rule"] == "0094f62c7eaa", intel
+
+
+def test_only_a_recording_gets_further_than_its_expectation(tmp_path: Path) -> None:
+    """"Beyond the recording" is for `kvmscope trace` recordings (faithful: true): an author's `ioctl` step that expects
+    PLATFORM_INFO refused after KVM_RUN (docs/scenarios.md) still fails on a kernel that takes the write (6.12)."""
+    steps = """steps:
+- {ioctl: {name: KVM_CREATE_VCPU, vcpu: 0, returned: 0}}
+- {ioctl: {name: KVM_RUN, vcpu: 0, returned: 0}}
+- {ioctl: {name: KVM_SET_MSRS, vcpu: 0, msrs: {0xce: 0}, returned: 0}}
+"""
+    for faithful, code in (("", 1), ("faithful: true\n", 0)):
+        (tmp_path / "s.yaml").write_text(f"scenario: 1\n{faithful}{steps}")
+        result = CliRunner().invoke(main, ["check", str(tmp_path / "s.yaml"), "--kernel", "6.12", "--profile",
+                                           "intel-spr"])
+        assert result.exit_code == code, f"faithful={bool(faithful)}: expected exit {code}, got:\n{result.output}"
+
+
+def test_a_recorded_enable_cap_with_flags_the_kernel_lacks_differs(tmp_path: Path) -> None:
+    """KVM_ENABLE_CAP(X2APIC_API) with DISABLE_SUPPRESS_EOI_BROADCAST (0x8, 6.18.17) on 6.1, which takes only 0x3 (6.12.118
+    x86.c:6111-6114 checks the flags against KVM_X2APIC_API_VALID_FLAGS)."""
+    import json
+
+    (tmp_path / "x.yaml").write_text("""scenario: 1
+faithful: true
+steps:
+- {traced: {on: "vm", name: "KVM_ENABLE_CAP", returned: 0,
+            detail: "KVM_CAP_X2APIC_API flags 0x0 args [0x8, 0x0, 0x0, 0x0]"}}
+""")
+    for kernel, asked in (("6.1", ["KVM_CAP_X2APIC_API flags 0x8 not taken"]), ("6.18.17", [])):
+        result = CliRunner().invoke(main, ["check", str(tmp_path / "x.yaml"), "--kernel", kernel, "--json"])
+        got = [s["asked"] for s in json.loads(result.output)["steps"] if s["outcome"] == "differs"]
+        assert got == asked, f"{kernel}: expected {asked}, saw {got}"
+

@@ -132,8 +132,13 @@ class Report:
         return all(s.ok for s in self.steps)
 
     def to_json(self) -> dict[str, Any]:
+        """The report; ``beyond_recording`` counts the steps that got further than their recording, and
+        ``capabilities_answer_otherwise`` names the capabilities the VMM asked for that this kernel answers otherwise."""
+        asked = list(dict.fromkeys(s.asked_capability for s in self.steps if s.outcome == "differs"))
         return {"scenario": self.scenario, "path": self.path, "backend": self.backend,
-                "description": self.description, "ok": self.ok, "steps": [s.to_json() for s in self.steps]}
+                "description": self.description, "ok": self.ok,
+                "beyond_recording": sum(s.beyond_recording for s in self.steps),
+                "capabilities_answer_otherwise": asked, "steps": [s.to_json() for s in self.steps]}
 
 
 class Replayer:
@@ -186,7 +191,8 @@ class Replayer:
             res.outcome, res.summary = "error", str(e)
         if step.expect is not None:
             res.expected, res.met = judge(step.expect, res)
-            if not res.met and step.expect.recorded and _beyond(step.expect, res):
+            # only a `kvmscope trace` recording (faithful) gets this: an author's `ioctl` step checks for the same
+            if not res.met and self.faithful and step.expect.recorded and _beyond(step.expect, res, step.kind):
                 res.beyond_recording = True
                 res.notes.append("this kernel takes what the recording's kernel refused: the VMM gets further here")
         return res
@@ -399,11 +405,11 @@ def judge(e: Expect, r: StepResult) -> tuple[str, bool]:
     return ", ".join(parts), bool(ok)
 
 
-def _beyond(e: Expect, r: StepResult) -> bool:
+def _beyond(e: Expect, r: StepResult, kind: str) -> bool:
     """Whether ``r`` got further than the recording ``e`` describes: no error where the recording has one, or more MSRs
     written or read than the recorded count, with nothing failing now."""
-    if r.outcome not in ("accepted", "ok") or r.errno:
-        return False
+    if kind not in ("set_msrs", "get_msrs", "set_cpuid") or r.outcome != "accepted" or r.errno:
+        return False  # a run's exit is no further than a recorded error (a failed entry is an exit too)
     return bool(e.errno) or (e.count is not None and r.count is not None and r.count > e.count)
 
 
@@ -533,6 +539,19 @@ def _create_irqchip(self: Replayer, step: Traced, res: StepResult) -> None:
 _CAPABILITY_NUMBERS = {name: n for n, name in uapi.CAPABILITY_NAMES.items()}
 
 
+# Capabilities whose KVM_CHECK_EXTENSION answer is the mask of flags KVM_ENABLE_CAP takes (kvm_vm_ioctl_enable_cap:
+# EINVAL for any other flag; 6.12.118 x86.c:6079-6083, 6111-6114, 6169-6172, 6214-6218, 6229-6232). Not
+# X86_DISABLE_EXITS: 6.12.118 (6123-6147) takes any valid exit and ignores MWAIT where the host cannot.
+_MASK_CAPS = frozenset({uapi.KVM_CAP_X2APIC_API, uapi.KVM_CAP_DISABLE_QUIRKS2, uapi.KVM_CAP_EXIT_HYPERCALL,
+                        uapi.KVM_CAP_X86_BUS_LOCK_EXIT, uapi.KVM_CAP_PMU_CAPABILITY})
+_ARGS = re.compile(r"\bargs \[(0x[0-9a-f]+)")
+
+
+def _first_arg(detail: str) -> int:
+    m = _ARGS.search(detail)
+    return int(m.group(1), 16) if m else 0
+
+
 def _capability_of(detail: str) -> int | None:
     """The capability a traced KVM_CHECK_EXTENSION or KVM_ENABLE_CAP names: ``KVM_CAP_X...`` or ``capability N``."""
     words = detail.split()
@@ -562,10 +581,14 @@ def _asked(self: Replayer, step: Traced, res: StepResult, what: str) -> bool:
         res.summary = f"recorded {what}: taken; this kernel {verb} {name}, so KVM_ENABLE_CAP is EINVAL here " \
                       "(not replayed)"
         res.asked = f"{name} not " + ("enabled" if answer else "offered")
+    elif step.name == "KVM_ENABLE_CAP" and cap in _MASK_CAPS and (arg := _first_arg(step.detail or "")) & ~answer:
+        res.summary = (f"recorded {what}: taken; this kernel takes only 0x{answer:x} of {name}'s flags, not "
+                       f"0x{arg & ~answer:x}, so KVM_ENABLE_CAP is EINVAL here (not replayed)")
+        res.asked = f"{name} flags 0x{arg & ~answer:x} not taken"
     else:
         return False
     res.outcome = "differs"
-    later = enable_later or (rules.cap_arrival(cap) if rules is not None else None)
+    later = enable_later or (rules.cap_arrival(cap) or rules.limit_rule(cap) if rules is not None else None)
     if later is not None:
         res.notes.append(f"rule: {later.cite()}")
     return True
@@ -582,8 +605,9 @@ def _traced(self: Replayer, step: Traced, res: StepResult, shadow: StepResult | 
         _create_irqchip(self, step, res)
         return
     what = f"{step.name}{f' ({step.detail})' if step.detail else ''}{f' x{step.count}' if step.count != 1 else ''}"
-    if (followed and step.name in ("KVM_CHECK_EXTENSION", "KVM_ENABLE_CAP") and step.on in ("system", "vm")
-            and _asked(self, step, res, what)):
+    # a system query is the same whichever process made it (before KVM_CREATE_VM the VMM's carry its pid)
+    if ((followed or step.on == "system") and step.name in ("KVM_CHECK_EXTENSION", "KVM_ENABLE_CAP")
+            and step.on in ("system", "vm") and _asked(self, step, res, what)):
         return
     if step.errno:
         got = f"failed with {_errno.errorcode.get(step.errno, step.errno)}"

@@ -47,7 +47,7 @@ MAX_NR_PAGES = (1 << 31) - 1
 # arch/x86/kvm/x86.c:12345 (6.12, kvm_arch_prepare_memory_region): no page beyond kvm_mmu_max_gfn(), which is 52 bits
 # of address without TDP (PVM here) and the host's MAXPHYADDR with it.
 MAX_GPA_BITS = 52
-# KVM_USER_MEM_SLOTS on x86 since 5.15 (and what KVM_CAP_NR_MEMSLOTS says), when a backend does not say.
+# KVM_USER_MEM_SLOTS on x86 since 5.12 (and what KVM_CAP_NR_MEMSLOTS says), when a backend does not say.
 DEFAULT_NR_SLOTS = 32764
 
 

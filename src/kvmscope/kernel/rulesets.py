@@ -730,6 +730,12 @@ class Ruleset:
             return 710 if CAP_NR_VCPUS_710 in self.rules else 240
         return reported
 
+    def limit_rule(self, cap: int) -> Rule | None:
+        """The rule that raises ``cap``'s limit after this version (``CAP_LIMITS``), if it has not come yet."""
+        by_cap = {10: (CAP_MEMSLOTS_32764,), 66: (CAP_MAX_VCPUS_1024,), 128: (CAP_MAX_VCPUS_1024,),
+                  9: (CAP_NR_VCPUS_710, CAP_NR_VCPUS_ONLINE)}
+        return next((r for r in by_cap.get(cap, ()) if r not in self.rules), None)
+
     def enable_arrival(self, cap: int) -> Rule | None:
         """The rule that lets KVM_ENABLE_CAP take ``cap`` after this version (``ENABLE_ARRIVALS``), if not come yet."""
         return next((r for r, caps in ENABLE_ARRIVALS.items() if cap in caps and r not in self.rules), None)

@@ -217,7 +217,8 @@ class MsrRules:
         if b is None:
             return self.refuse(index, R.UNKNOWN_MSR, UNSUPPORTED)
         if b.kind == "refuse" or (b.kind == "zero_only" and data) or (b.kind == "zero_drop" and data not in (0, b.default)):
-            unknown = b.kind == "refuse" and index not in M.BY_INDEX and index not in p.msr_index_list
+            unknown = b.kind == "refuse" and index not in p.msr_index_list and (  # CET without SHSTK/IBT: unsupported
+                index not in M.BY_INDEX or index in R.MSR_ARRIVALS[R.CET_MSRS])
             return self.refuse(index, R.HOST_PROFILE, UNSUPPORTED if unknown else FAIL)
         if b.kind not in ("drop", "zero_drop"):
             key = MSR_ALIASES.get(index, index)

@@ -61,6 +61,7 @@ def corpus_matrix(cells: list[Cell], kernels: list[str], as_json: bool) -> None:
 def _cell(c: Cell) -> str:
     differs = f"; {c.differs} capabilities answer otherwise" if c.differs > 1 else \
         f"; {c.capabilities[0]} answers otherwise" if c.differs else ""
+    differs += f"; {c.beyond} step(s) further than recorded" if c.beyond else ""
     if c.ok:
         return f"[green]OK[/]{differs}"
     rule = f"; rule {c.rule}" if c.rule else ""

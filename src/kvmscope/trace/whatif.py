@@ -30,6 +30,7 @@ class Cell:
     as_recorded: bool | None = None  # did the step do what the live kernel did when it was recorded?
     differs: int = 0  # capabilities the VMM asked for that this kernel answers otherwise (up to the cell's step)
     capabilities: list[str] = field(default_factory=list)  # their names
+    beyond: int = 0  # steps where this kernel took what the recording's kernel refused (up to the cell's step)
 
     def to_json(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -43,17 +44,20 @@ def first_refusal(path: Path, kernel: str, profile: str | None) -> Cell:
     prof = str(system.host_info().get("profile"))
     results = replay_iter(opened.steps, system, None, opened.header.faithful)
     asked: dict[str, None] = {}
+    beyond = 0
     try:
         with system:
             for r in results:
                 if r.outcome in ("refused", "error"):
-                    return replace(_refused(path, kernel, prof, r), differs=len(asked), capabilities=list(asked))
+                    return replace(_refused(path, kernel, prof, r), differs=len(asked), capabilities=list(asked),
+                                   beyond=beyond)
                 if r.outcome == "differs":
                     asked[r.asked_capability] = None
+                beyond += r.beyond_recording
     finally:
         for generator in (results, opened.steps):  # stop both now: the VM and the file are released at once
             getattr(generator, "close", lambda: None)()
-    return Cell(path.stem, kernel, prof, True, "OK", differs=len(asked), capabilities=list(asked))
+    return Cell(path.stem, kernel, prof, True, "OK", differs=len(asked), capabilities=list(asked), beyond=beyond)
 
 
 def _refused(path: Path, kernel: str, profile: str, r: StepResult) -> Cell:
