@@ -1259,3 +1259,21 @@ def test_288_vcpus_at_most_before_5_15() -> None:
             vm.create_vcpu(288)
         assert e.value.errno == errno.EINVAL, f"the 289th vCPU: {e.value}"
 
+
+@pytest.mark.parametrize(("kernel", "taken", "disabled"), [("6.12", True, 0b1110), ("6.14", False, None)])
+def test_disable_exits_with_an_mwait_the_host_cannot(kernel: str, taken: bool, disabled: int | None) -> None:
+    """6.12.118 x86.c:6123-6147 takes any valid exit (0xF) and ignores MWAIT where the host cannot disable it;
+    c829ccd4d9dc (6.14) refuses it (pvm-6.18 allows 0b1110)."""
+    with model("pvm-6.18", kernel) as kvm, kvm.create_vm() as vm:
+        try:
+            vm.enable_cap(uapi.KVM_CAP_X86_DISABLE_EXITS, 0xF)
+            got = True
+        except KvmError as e:
+            assert e.errno == errno.EINVAL, f"{kernel}: expected EINVAL, saw {e}"
+            got = False
+        assert got is taken, f"{kernel}: disabling exits 0xF taken {got}, expected {taken}"
+        if taken:
+            from kvmscope.model.vm import ModelVm
+
+            assert isinstance(vm, ModelVm) and vm.disabled_exits == disabled, f"{kernel}: MWAIT should be ignored"
+

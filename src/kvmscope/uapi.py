@@ -1130,6 +1130,8 @@ KVM_X86_DISABLE_EXITS_MWAIT: Final = 1 << 0
 KVM_X86_DISABLE_EXITS_HLT: Final = 1 << 1
 KVM_X86_DISABLE_EXITS_PAUSE: Final = 1 << 2
 KVM_X86_DISABLE_EXITS_CSTATE: Final = 1 << 3
+# the exits KVM_ENABLE_CAP(KVM_CAP_X86_DISABLE_EXITS) took before 6.14 (dropped from the header by af5366bea2cb)
+KVM_X86_DISABLE_VALID_EXITS: Final = 0xF
 
 # --- quirks (arch/x86/include/uapi/asm/kvm.h) ------------------------------------------------------------------------
 

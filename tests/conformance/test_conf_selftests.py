@@ -212,6 +212,22 @@ def test_pv_unhalt_with_hlt_in_guest(kvm: System, request: pytest.FixtureRequest
         assert leaf and not leaf[0].eax & PV_UNHALT, f"lines 165-166: PV_UNHALT is cleared with HLT in guest: {leaf}"
 
 
+def test_disabling_an_exit_the_host_does_not_allow_is_einval(kvm: System) -> None:
+    """c829ccd4d9dc (6.14): KVM_ENABLE_CAP(X86_DISABLE_EXITS) of an exit outside KVM_CHECK_EXTENSION's answer is EINVAL
+    (this host answers 14: no MWAIT). The model before 6.14 takes it: tests/test_kernel_versions.py."""
+    allowed = kvm.check_extension(KVM_CAP_X86_DISABLE_EXITS)
+    assert allowed == 0b1110, f"this host allows HLT, PAUSE and CSTATE, not MWAIT: saw {allowed:#x}"
+    for arg, taken in ((1, False), (0b1111, False), (0b1110, True)):
+        with kvm.create_vm() as vm:
+            try:
+                vm.enable_cap(KVM_CAP_X86_DISABLE_EXITS, arg)
+                got = True
+            except KvmError as e:
+                assert e.errno == errno.EINVAL, f"{arg:#x}: expected EINVAL, saw {e}"
+                got = False
+        assert got is taken, f"disabling exits {arg:#x}: taken {got}, expected {taken}"
+
+
 def test_xss_without_xsaves(kvm: System, request: pytest.FixtureRequest) -> None:
     """xss_msr_test.c (6.12 x86_64/xss_msr_test.c:26-32) needs XSAVES, which this host's KVM does not offer; what it
     reads first still holds here: a host read of IA32_XSS gives 0 (6.12.118 x86.c:3991-3996 checks XSAVES only for

@@ -520,6 +520,11 @@ FEAT_CTL_GUEST_CPUID = Rule("feat_ctl_guest_cpuid", "< 5.10", "vmx_feature_contr
 DISABLE_EXITS_BEFORE_VCPUS = Rule("disable_exits_before_vcpus", "6.14", "04cd8f8628d8",
                                   "KVM: x86: Disallow KVM_CAP_X86_DISABLE_EXITS after vCPU creation",
                                   "enable KVM_CAP_X86_DISABLE_EXITS before creating any vCPU")
+DISABLE_EXITS_ALLOWED_ONLY = Rule("disable_exits_allowed_only", "6.14", "c829ccd4d9dc",
+                                  "KVM: x86: Reject disabling of MWAIT/HLT interception when not allowed: an exit the "
+                                  "host may not disable is EINVAL; before, any valid exit (0xF) was taken and MWAIT "
+                                  "was ignored where the host cannot (6.12.118 x86.c:6123-6147)",
+                                  "ask KVM_CHECK_EXTENSION(KVM_CAP_X86_DISABLE_EXITS) for the exits this host allows")
 XTILE_CFG_FILTER = Rule("xtile_cfg_filter", "6.4", "55cd57b596e8",
                         "KVM: x86: Filter out XTILE_CFG if XTILE_DATA isn't permitted (supported CPUID 0xD.0)")
 MISC_FEATURES_CPUID_FAULT = Rule("misc_features_cpuid_fault", "< 5.10", "kvm_set_msr_common",
@@ -549,8 +554,8 @@ RULES: dict[str, Rule] = {
               ARCH_CAP_NEEDS_CPUID, PLATFORM_INFO_ORDER_CHECK, PERF_CAP_PMU_VERSION, PEBS_TIMING_INFO, CR4_FIXED1_LAM,
               CR4_FIXED1_CET, DE_CFG_GUEST_EXACT, DE_CFG_GUEST_SAME_ONLY, CPUID_AFTER_RUN_FORBIDDEN,
               CPUID_AFTER_RUN_IDENTICAL, VMX_RESTORE_CURRENT, QUIRKS2, MISC_FEATURES_CPUID_FAULT, FEAT_CTL_HOST_ANY_SUPPORTED,
-              FEAT_CTL_GUEST_CPUID, DISABLE_EXITS_BEFORE_VCPUS, XTILE_CFG_FILTER, SLOT_ZAP_ALL_QUIRK,
-              MSR_IO_LIMIT, VMX_RESTORE,
+              FEAT_CTL_GUEST_CPUID, DISABLE_EXITS_BEFORE_VCPUS, DISABLE_EXITS_ALLOWED_ONLY, XTILE_CFG_FILTER,
+              SLOT_ZAP_ALL_QUIRK, MSR_IO_LIMIT, VMX_RESTORE,
               PERF_CAP_SUBSET, DE_CFG_SUBSET, MCI_CTL2, MTRR_MSR_RANGES, MTRR_AS_WRITTEN, XFD_MSRS, CET_MSRS, FLUSH_CMD_MSR,
               APIC_BASE_BSP_FORCED, EFER_AUTOIBRS, PV_EOI_STORED_ON_FAILURE, GUEST_CPU_CAPS, APIC_BASE_SAME_VALUE,
               SREGS_EFER_CHECKED, PRED_CMD_SBPB, VMX_WAIT_SIPI, VMX_TSC_SCALING, VMX_USR_WAIT_PAUSE,

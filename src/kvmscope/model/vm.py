@@ -91,11 +91,13 @@ class ModelVm(VmDevicesModel, Vm):
         elif cap == uapi.KVM_CAP_DISABLE_QUIRKS:
             self.disabled_quirks |= arg0
         elif cap == uapi.KVM_CAP_X86_DISABLE_EXITS:
-            # kvm_vm_ioctl_enable_cap: only the exits this host may disable; from 6.14 (04cd8f8628d8) only before
-            # any vCPU exists. With HLT exits disabled KVM_SET_CPUID2 clears KVM_FEATURE_PV_UNHALT.
-            if arg0 & ~supported or (self.vcpus and self.rules.has(R.DISABLE_EXITS_BEFORE_VCPUS)):
+            # kvm_vm_ioctl_enable_cap: from 6.14 only the exits this host may disable (c829ccd4d9dc; before, any
+            # valid one, an MWAIT the host cannot disable ignored) and only before any vCPU exists (04cd8f8628d8).
+            # With HLT exits disabled KVM_SET_CPUID2 clears KVM_FEATURE_PV_UNHALT.
+            allowed = supported if self.rules.has(R.DISABLE_EXITS_ALLOWED_ONLY) else uapi.KVM_X86_DISABLE_VALID_EXITS
+            if arg0 & ~allowed or (self.vcpus and self.rules.has(R.DISABLE_EXITS_BEFORE_VCPUS)):
                 raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP")
-            self.disabled_exits |= arg0
+            self.disabled_exits |= arg0 & supported
         elif cap == uapi.KVM_CAP_SPLIT_IRQCHIP:
             self.enable_split_irqchip(arg0)
         elif cap == uapi.KVM_CAP_MSR_PLATFORM_INFO:
