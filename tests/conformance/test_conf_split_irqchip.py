@@ -130,9 +130,15 @@ def _window_run(kvm: System, lvt0_masked: bool) -> object:
 def test_a_window_request_asks_the_local_apic(kvm: System, lvt0_masked: bool) -> None:
     # No window exit while the LAPIC would not take an ExtINT (dm_request_for_irq_injection and
     # kvm_vcpu_ready_for_interrupt_injection): the guest runs on to its OUT. PVM opens a window only at a host tick
-    # (docs/live-kernel.md), so a short run reaches the OUT with LVT0 in ExtINT mode too.
+    # (docs/live-kernel.md), so a short run mostly reaches the OUT with LVT0 in ExtINT mode too; a tick during the run
+    # opens the window there (seen in CI), which the model, with no host tick, does not do.
+    from kvmscope.api import IrqWindowOpenExit
+
     exit_ = _window_run(kvm, lvt0_masked)
-    assert isinstance(exit_, IoExit), f"LVT0 {'masked' if lvt0_masked else 'ExtINT'}: expected the OUT, saw {exit_}"
+    either = kvm.backend == "linux" and not lvt0_masked
+    assert isinstance(exit_, (IoExit, IrqWindowOpenExit) if either else IoExit), (
+        f"LVT0 {'masked' if lvt0_masked else 'ExtINT'}: expected the OUT{' or a window at a tick' if either else ''}, "
+        f"saw {exit_}")
 
 
 @pytest.mark.parametrize("profile", ["intel-spr", "amd-epyc"])
