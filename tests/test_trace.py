@@ -566,6 +566,8 @@ steps:
 """)
     for kernel, asked in (("6.1", ["KVM_CAP_X2APIC_API flags 0x8 not taken"]), ("6.18.17", [])):
         result = CliRunner().invoke(main, ["check", str(tmp_path / "x.yaml"), "--kernel", kernel, "--json"])
-        got = [s["asked"] for s in json.loads(result.output)["steps"] if s["outcome"] == "differs"]
+        steps = json.loads(result.output)["steps"]
+        got = [s["asked"] for s in steps if s["outcome"] == "differs"]
         assert got == asked, f"{kernel}: expected {asked}, saw {got}"
+        assert not asked or "6517dfbcc918" in steps[0]["notes"][0], f"{kernel}: the rule for the flags: {steps[0]}"
 

@@ -585,6 +585,7 @@ def _asked(self: Replayer, step: Traced, res: StepResult, what: str) -> bool:
         res.summary = (f"recorded {what}: taken; this kernel takes only 0x{answer:x} of {name}'s flags, not "
                        f"0x{arg & ~answer:x}, so KVM_ENABLE_CAP is EINVAL here (not replayed)")
         res.asked = f"{name} flags 0x{arg & ~answer:x} not taken"
+        enable_later = rules.flags_arrival(cap, arg & ~answer) if rules is not None else None
     else:
         return False
     res.outcome = "differs"

@@ -741,6 +741,13 @@ class Ruleset:
                   9: (CAP_NR_VCPUS_710, CAP_NR_VCPUS_ONLINE)}
         return next((r for r in by_cap.get(cap, ()) if r not in self.rules), None)
 
+    def flags_arrival(self, cap: int, flags: int) -> Rule | None:
+        """The rule that lets KVM_ENABLE_CAP take ``flags`` of ``cap`` after this version, if not come yet: the
+        suppress-EOI flags of X2APIC_API (bits 2-3), and the quirks of DISABLE_QUIRKS2 (bit 7; bits 8-10)."""
+        candidates = {129: ((0xC, X2APIC_SUPPRESS_EOI_FLAGS),),
+                      213: ((0x80, SLOT_ZAP_ALL_QUIRK), (0x700, STUFF_QUIRK))}.get(cap, ())
+        return next((r for mask, r in candidates if flags & mask and r not in self.rules), None)
+
     def enable_arrival(self, cap: int) -> Rule | None:
         """The rule that lets KVM_ENABLE_CAP take ``cap`` after this version (``ENABLE_ARRIVALS``), if not come yet."""
         return next((r for r, caps in ENABLE_ARRIVALS.items() if cap in caps and r not in self.rules), None)
