@@ -539,11 +539,6 @@ def _create_irqchip(self: Replayer, step: Traced, res: StepResult) -> None:
 _CAPABILITY_NUMBERS = {name: n for n, name in uapi.CAPABILITY_NAMES.items()}
 
 
-# Capabilities whose KVM_CHECK_EXTENSION answer is the mask of flags KVM_ENABLE_CAP takes (kvm_vm_ioctl_enable_cap:
-# EINVAL for any other flag; 6.12.118 x86.c:6079-6083, 6111-6114, 6169-6172, 6214-6218, 6229-6232). Not
-# X86_DISABLE_EXITS: 6.12.118 (6123-6147) takes any valid exit and ignores MWAIT where the host cannot.
-_MASK_CAPS = frozenset({uapi.KVM_CAP_X2APIC_API, uapi.KVM_CAP_DISABLE_QUIRKS2, uapi.KVM_CAP_EXIT_HYPERCALL,
-                        uapi.KVM_CAP_X86_BUS_LOCK_EXIT, uapi.KVM_CAP_PMU_CAPABILITY})
 _ARGS = re.compile(r"\bargs \[(0x[0-9a-f]+)")
 
 
@@ -581,7 +576,7 @@ def _asked(self: Replayer, step: Traced, res: StepResult, what: str) -> bool:
         res.summary = f"recorded {what}: taken; this kernel {verb} {name}, so KVM_ENABLE_CAP is EINVAL here " \
                       "(not replayed)"
         res.asked = f"{name} not " + ("enabled" if answer else "offered")
-    elif step.name == "KVM_ENABLE_CAP" and cap in _MASK_CAPS and (arg := _first_arg(step.detail or "")) & ~answer:
+    elif step.name == "KVM_ENABLE_CAP" and cap in R.FLAG_MASK_CAPS and (arg := _first_arg(step.detail or "")) & ~answer:
         res.summary = (f"recorded {what}: taken; this kernel takes only 0x{answer:x} of {name}'s flags, not "
                        f"0x{arg & ~answer:x}, so KVM_ENABLE_CAP is EINVAL here (not replayed)")
         res.asked = f"{name} flags 0x{arg & ~answer:x} not taken"

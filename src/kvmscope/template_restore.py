@@ -117,14 +117,6 @@ def restore(source: System, target: System, template: Template, vcpus: int = 1,
     return rep
 
 
-# Bits KVM began to advertise that an older kernel supports as well: they describe the CPU (x87 deprecations, fast REP
-# strings, 0x80000021's properties), run natively (AVX512_FP16, AVX_VNNI), only enumerate (AVX10, HYPERVISOR), or
-# name what KVM always emulated (TSC_DEADLINE with the in-kernel LAPIC): no note for them.
-ENUMERATION_ONLY = frozenset({R.CPUID_X87_DEPRECATED, R.CPUID_FAST_REP_STRINGS, R.CPUID_80000021, R.CPUID_NO_SMM_CTL_MSR,
-                              R.CPUID_AVX512_FP16, R.CPUID_AVX_VNNI, R.CPUID_AVX10, R.CPUID_HYPERVISOR,
-                              R.CPUID_TSC_DEADLINE})
-
-
 def _arrival_bits(function: int, index: int, reg: str) -> dict[int, R.Rule]:
     return {b: r for r, arrivals in R.CPUID_ARRIVALS.items() for f, i, rg, b in arrivals if (f, i, rg) == (function,
                                                                                                           index, reg)}
@@ -151,7 +143,7 @@ def unbacked(cpuid: Sequence[CpuidEntry], source: Sequence[CpuidEntry], target: 
         for reg in FLAG_REGISTERS.get((e.function, e.index), ()):
             lost = getattr(e, reg) & getattr(there, reg) & ~getattr(here, reg)
             arrivals = _arrival_bits(e.function, e.index, reg)
-            bits = [b for b in range(32) if lost >> b & 1 and arrivals.get(b) not in ENUMERATION_ONLY]
+            bits = [b for b in range(32) if lost >> b & 1 and arrivals.get(b) not in R.ADVERTISED_ONLY]
             if not bits:
                 continue
             keys = sorted({f"{arrivals[b].key} (since {arrivals[b].since})" for b in bits if b in arrivals

@@ -258,6 +258,11 @@ CAP_NR_VCPUS_ONLINE = Rule("cap_nr_vcpus_online", "5.16", "da1bfd52b930, 2845e73
 CAP_LIMITS = (CAP_MEMSLOTS_32764, CAP_MAX_VCPUS_1024, CAP_NR_VCPUS_710, CAP_NR_VCPUS_ONLINE)
 # Capabilities KVM_CHECK_EXTENSION reported before KVM_ENABLE_CAP took them: EINVAL until the rule.
 ENABLE_ARRIVALS: dict[Rule, tuple[int, ...]] = {ENABLE_MAX_VCPU_ID: (128,)}
+# Capabilities whose KVM_CHECK_EXTENSION answer is the mask of flags KVM_ENABLE_CAP takes (kvm_vm_ioctl_enable_cap:
+# EINVAL for any other flag; 6.12.118 x86.c:6079-6083, 6111-6114, 6169-6172, 6214-6218, 6229-6232): X2APIC_API,
+# DISABLE_QUIRKS2, EXIT_HYPERCALL, X86_BUS_LOCK_EXIT, PMU_CAPABILITY. Not X86_DISABLE_EXITS, which before
+# DISABLE_EXITS_ALLOWED_ONLY (6.14) takes any valid exit.
+FLAG_MASK_CAPS = frozenset({129, 213, 201, 193, 212})
 CAP_ARRIVALS: dict[Rule, tuple[int, ...]] = {
     CAPS_5_11: (191, 192), CAPS_5_12: (193,), CAPS_5_13: (195, 196, 197), CAPS_5_14: (199, 200, 201, 203, 204),
     CAPS_5_16: (127, 206), CAPS_5_17: (54, 208, 209), CAPS_5_18: (212, 213, 215), CAPS_5_19: (214,),
@@ -459,6 +464,11 @@ CPUID_ARRIVALS: dict[Rule, tuple[tuple[int, int, str, int], ...]] = {
     PRED_CMD_SBPB: ((0x80000021, 0, "eax", 27),),
     CPUID_AVX10: ((7, 1, "edx", 19),),
 }
+# The CPUID_ARRIVALS whose bits an older kernel supports as well though it did not advertise them: they describe the
+# CPU (x87 deprecations, fast REP strings, 0x80000021's properties), run natively (AVX512_FP16, AVX_VNNI), only
+# enumerate (AVX10, HYPERVISOR), or name what KVM always emulated (TSC_DEADLINE with the in-kernel LAPIC).
+ADVERTISED_ONLY = frozenset({CPUID_X87_DEPRECATED, CPUID_FAST_REP_STRINGS, CPUID_80000021, CPUID_NO_SMM_CTL_MSR,
+                             CPUID_AVX512_FP16, CPUID_AVX_VNNI, CPUID_AVX10, CPUID_HYPERVISOR, CPUID_TSC_DEADLINE})
 # The leaves KVM_GET_SUPPORTED_CPUID stops at before a version raised the limit, (function, limit before): leaf 0's and
 # 0x80000000's EAX (the highest basic and extended leaf, ``min(host, limit)``) and 7.0's EAX (the highest sub-leaf of
 # leaf 7). A profile taken on a later kernel reads, under an earlier one, the lower limit and no leaf above it.
