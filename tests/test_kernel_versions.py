@@ -894,6 +894,49 @@ def test_arch_capabilities_synthesized_bits_by_version(profile: str, kernel: str
             assert vcpu.read_msr(ARCH_CAP) == value, f"{profile} {kernel}: a new vCPU's ARCH_CAPABILITIES"
 
 
+# What vmx_get_perf_capabilities takes from a Sapphire Rapids host's PERF_CAPABILITIES (assumed raw: PEBS format 4 with
+# TRAP, ARCH_REG and BASELINE, FULL_WIDTH_WRITES, arch LBR whose LBR format reads 0x3f), by release: FULL_WIDTH_WRITES
+# alone in 5.10 (5.10.262 vmx/capabilities.h:372-379); + the LBR format from 5.12 (be635e34c284) until an arch-LBR
+# host stops passing it on (098f4c061ea1: 6.4, 6.1.29; 6.1.192 vmx.c:7784); + PEBS where perf has pebs_ept, on SPR
+# from 6.3 (13738a364736, in no 6.1.y); without BASELINE from 6.9 (9e985cbf2942: 6.1.88, 6.6.29; 6.12.118 vmx.c:7930).
+SPR_PERF_CAP = [("5.10.262", 0x2000), ("5.12", 0x203F), ("6.1", 0x203F), ("6.1.28", 0x203F), ("6.1.29", 0x2000),
+                ("6.1.192", 0x2000), ("6.2", 0x203F), ("6.3", 0x64FF), ("6.4", 0x64C0), ("6.6.28", 0x64C0),
+                ("6.6.29", 0x24C0), ("6.8", 0x64C0), ("6.9", 0x24C0), ("6.12.118", 0x24C0), ("6.18", 0x24C0)]
+
+
+@pytest.mark.parametrize(("kernel", "value"), SPR_PERF_CAP)
+def test_perf_capabilities_of_sapphire_rapids_by_version(kernel: str, value: int) -> None:
+    with model("intel-spr", kernel) as kvm:
+        got = kvm.read_feature_msrs()[PERF_CAP]
+        assert got == value, f"intel-spr {kernel}: PERF_CAPABILITIES expected {value:#x}, saw {got:#x}"
+        supported = kvm.get_supported_cpuid()
+        ds = [kvmscope.model.cpuid.has_feature(supported, 1, 0, reg, b) for reg, b in (("edx", 21), ("ecx", 2))]
+        pebs = bool(value & 0x4FC0)
+        assert ds == [pebs, pebs], f"intel-spr {kernel}: CPUID DS, DTES64 offered {ds}, expected {pebs} (with PEBS)"
+        with kvm.create_vm() as vm:
+            vcpu = vm.create_vcpu(0)
+            vcpu.set_cpuid(supported)
+            assert vcpu.read_msr(PERF_CAP) == value, f"intel-spr {kernel}: a new vCPU's PERF_CAPABILITIES"
+            # a snapshot from 6.12 (PEBS without BASELINE) restores only where this kernel offers the same PEBS: a
+            # subset of KVM's value, PEBS fields equal to KVM's (6.12.118 vmx.c:2498, 6.1.192 vmx.c:2412), so not on
+            # 6.3-6.8, which keep BASELINE
+            taken = value & 0x24C0 == 0x24C0 and value & 0x4FC0 == 0x4C0
+            done = vcpu.set_msrs({PERF_CAP: 0x24C0})
+            assert done == int(taken), (
+                f"intel-spr {kernel}: PERF_CAPABILITIES 0x24c0 from a 6.12 host taken {done}, expected {int(taken)} "
+                f"where KVM offers {value:#x}")
+
+
+@pytest.mark.parametrize("kernel", ["5.10", "6.1.192", "6.3", "6.12.118", "6.18"])
+def test_perf_capabilities_of_hosts_without_a_history_stay(kernel: str) -> None:
+    # the arrivals are intel-spr's own (its profile's "history"): AMD reports 0 on every version (5.10.262 svm.c:2479,
+    # 6.12.118 x86.c:1288), and the PVM capture 0
+    for profile in ("amd-epyc", "pvm-6.18"):
+        with model(profile, kernel) as kvm:
+            got = kvm.read_feature_msrs()[PERF_CAP]
+            assert got == 0, f"{profile} {kernel}: PERF_CAPABILITIES expected 0, saw {got:#x}"
+
+
 # --- IA32_DEBUGCTL (model/msr_debugctl.py; /work/notes/debugctl.md) ---------------------------------------------------
 # Host writes of 0, 1 (LBR), 2 (BTF), 4 (BUS_LOCK_DETECT), 0x3F, 0x40, 0x8000 (RTM_DEBUG), one after the other on a
 # vCPU given the supported CPUID: (taken, value read back after it).
@@ -958,7 +1001,8 @@ SUPPORTED_CPUID_ARRIVALS = [
     ("amd-epyc", (0x80000021, 0, "eax", 9), "6.1", "6.2"),  # NO_SMM_CTL_MSR, 74bee0cad8dc
     ("amd-epyc", (0x80000021, 0, "eax", 9), "6.1.152", "6.1.153"),  # its 6.1.y backport
     ("amd-epyc", (0x80000021, 0, "eax", 9), "5.10.262", "6.2"),  # not with 5.10.240's leaf (masked to 0, 2, 5, 6)
-    ("intel-spr", (1, 0, "ecx", 2), "5.19", "6.0"),  # DTES64, cf8e55fe50df
+    ("intel-spr", (1, 0, "ecx", 2), "6.2", "6.3"),  # DTES64, cf8e55fe50df (6.0) where perf has pebs_ept: SPR 6.3
+    ("intel-spr", (1, 0, "edx", 21), "6.1.192", "6.3"),  # DS: no 6.1.y has SPR's pebs_ept (13738a364736)
     ("intel-spr", (7, 1, "eax", 10), "6.2", "6.3"),  # FZRM, 2a4209d6a9cb
     ("amd-epyc", (0x80000022, 0, "eax", 0), "6.4", "6.5"),  # PERFMON_V2, 4a2771895ca6
     ("intel-spr", (7, 2, "edx", 0), "6.1.83", "6.1.84"),  # 7.2 EDX, eefe5e668209 (stable)

@@ -140,3 +140,25 @@ def test_one_backend_chooser(monkeypatch: pytest.MonkeyPatch) -> None:
     assert kvmscope.open().backend == "model"
     with pytest.raises(KvmUnavailableError):
         backends.choose("linux")
+
+
+@pytest.mark.parametrize(("entry", "error"), [
+    ({"rule": "pebs_ept_spr", "mask": "0x4"}, r"history\[0\]: expected one of feature_msr or cpuid"),
+    ({"rule": "pebs_ept_spr", "mask": "0x4", "feature_msr": "0x345", "cpuid": "0x1.0", "register": "ecx"},
+     r"history\[0\]: expected one of feature_msr or cpuid"),
+    ({"rule": "pebs_ept_spr", "mask": "0x4", "cpuid": "0x1.0"}, r"history\[0\]: a cpuid entry names its register"),
+    ({"rule": "pebs_ept_spr", "mask": "0x4", "cpuid": "0x1.0", "register": "ecx", "before": 0},
+     r"history\[0\]: a cpuid entry names its register and has no before"),
+    ({"rule": "pebs_ept_spr", "mask": "0x40", "feature_msr": "0x345", "before": "0x41"},
+     r"history\[0\]\.before: 0x41 has bits outside mask 0x40"),
+    ({"rule": "pebs_ept", "mask": "0x40", "feature_msr": "0x345"}, r"history\[0\]\.rule: no rule named 'pebs_ept'; did "
+                                                                   r"you mean pebs_ept_spr"),
+    ({"rule": "pebs_ept_spr", "mask": "0x40", "feature_msr": "0x345", "colour": 1},
+     r"history\[0\]\.colour: unknown field"),
+])
+def test_a_profiles_history_is_checked_whole(entry: dict[str, object], error: str) -> None:
+    data = profile.load("intel-spr").to_json()
+    assert len(data["history"]) == 6, "intel-spr's history round-trips (its PERF_CAPABILITIES by release)"
+    data["history"] = [entry]
+    with pytest.raises(ProfileError, match=r"^x.json: field " + error):
+        profile.read(data, "x.json")

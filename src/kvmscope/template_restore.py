@@ -17,6 +17,7 @@ from . import uapi
 from .api import CpuidEntry, IoExit, System, find_cpuid
 from .errors import KvmError
 from .kernel import rulesets as R
+from .kernel.profile import HostArrival
 from .template import Template
 from .template_apply import (
     BOOT_MSRS,
@@ -89,8 +90,9 @@ def restore(source: System, target: System, template: Template, vcpus: int = 1,
                                     + (f" and {len(lost) - 1} more" if len(lost) > 1 else ""))
             saved.append((v.get_cpuid(), [(ix, values[ix]) for ix in to_save if ix in values]))
     if saved:
+        captured = getattr(target, "captured", None)
         rep.notes.extend(unbacked(saved[0][0], source.get_supported_cpuid(), target.get_supported_cpuid(),
-                                  getattr(target, "rules", None)))
+                                  getattr(target, "rules", None), captured.history if captured is not None else ()))
     with firecracker_vm(target) as vm:
         for i, (cpuid, entries) in enumerate(saved):
             v = vm.create_vcpu(i)
@@ -117,13 +119,23 @@ def restore(source: System, target: System, template: Template, vcpus: int = 1,
     return rep
 
 
-def _arrival_bits(function: int, index: int, reg: str) -> dict[int, R.Rule]:
-    return {b: r for r, arrivals in R.CPUID_ARRIVALS.items() for f, i, rg, b in arrivals if (f, i, rg) == (function,
-                                                                                                          index, reg)}
+def _arrival_bits(function: int, index: int, reg: str, host: Sequence[HostArrival]) -> dict[int, list[R.Rule]]:
+    """Bit -> the rules that brought it into KVM_GET_SUPPORTED_CPUID: ``CPUID_ARRIVALS``, and the target host's own
+    (its profile's ``history``: DS and DTES64 came to Sapphire Rapids with perf's pebs_ept in 6.3)."""
+    out: dict[int, list[R.Rule]] = {}
+    for r, arrivals in R.CPUID_ARRIVALS.items():
+        for f, i, rg, b in arrivals:
+            if (f, i, rg) == (function, index, reg):
+                out.setdefault(b, []).append(r)
+    for a in host:
+        if a.leaf == (function, index) and a.register == reg:
+            for b in (b for b in range(32) if a.mask >> b & 1):
+                out.setdefault(b, []).append(a.rule)
+    return out
 
 
 def unbacked(cpuid: Sequence[CpuidEntry], source: Sequence[CpuidEntry], target: Sequence[CpuidEntry],
-             rules: object = None) -> list[str]:
+             rules: object = None, host: Sequence[HostArrival] = ()) -> list[str]:
     """The snapshot's CPUID feature bits and leaves that the source's KVM_GET_SUPPORTED_CPUID offers and the target's
     does not: KVM_SET_CPUID2 takes them (any list before the run), but the target's KVM may not support what they
     enumerate (an older kernel: CET's and XFD's MSRs). With a model target, the rule that brings each
@@ -142,12 +154,12 @@ def unbacked(cpuid: Sequence[CpuidEntry], source: Sequence[CpuidEntry], target: 
             continue
         for reg in FLAG_REGISTERS.get((e.function, e.index), ()):
             lost = getattr(e, reg) & getattr(there, reg) & ~getattr(here, reg)
-            arrivals = _arrival_bits(e.function, e.index, reg)
-            bits = [b for b in range(32) if lost >> b & 1 and arrivals.get(b) not in R.ADVERTISED_ONLY]
+            arrivals = _arrival_bits(e.function, e.index, reg, host)
+            bits = [b for b in range(32) if lost >> b & 1 and not R.ADVERTISED_ONLY.intersection(arrivals.get(b, ()))]
             if not bits:
                 continue
-            keys = sorted({f"{arrivals[b].key} (since {arrivals[b].since})" for b in bits if b in arrivals
-                           and ruleset is not None and arrivals[b] not in ruleset.rules})
+            keys = sorted({f"{r.key} (since {r.since})" for b in bits for r in arrivals.get(b, ())
+                           if ruleset is not None and r not in ruleset.rules})
             notes.append(f"restore: the snapshot's {where} {reg} sets bit(s) {', '.join(map(str, bits))}, which the "
                          "target's KVM_GET_SUPPORTED_CPUID does not offer (the source's does): KVM_SET_CPUID2 takes "
                          "them, but the target's KVM may not support what they enumerate"

@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import inputs, uapi
 from ..api import CpuidEntry
-from ..errors import ProfileError
+from ..errors import InvalidValueError, ProfileError
 from ..schema import (
     CPUID_ENTRY,
     AnyMapping,
@@ -91,6 +91,21 @@ class AppendRule:
     entries: tuple[CpuidEntry, ...]
 
 
+@dataclass(frozen=True)
+class HostArrival:
+    """A change of a later release to what this host's KVM reports: under a kernel without ``rule``, ``mask`` of the
+    feature MSR ``msr`` reads ``before``; or (``leaf`` and ``register``) KVM_GET_SUPPORTED_CPUID does not offer the
+    bits ``mask`` there. For what a host's hardware decides (perf's PEBS support on Sapphire Rapids), where the global
+    arrivals of ``rulesets`` cannot say."""
+
+    rule: rulesets.Rule
+    mask: int
+    msr: int | None = None
+    before: int = 0
+    leaf: tuple[int, int] | None = None
+    register: str = ""
+
+
 @dataclass
 class Profile:
     """A host profile (schema 1, docs/profiles.md). Treat it as fixed once a system is opened with it: vCPUs derive
@@ -126,6 +141,7 @@ class Profile:
     # The CR4 bits KVM_SET_SREGS took on this host, each alone on a vCPU given the supported CPUID (capture). The
     # model reads it on PVM only (model/cr4.py); None there: CR4 is not checked.
     cr4_accepted: int | None = None
+    history: list[HostArrival] = field(default_factory=list)
     path: str = "<memory>"
 
     # -- facts derived from the data --
@@ -201,6 +217,7 @@ class Profile:
                 "runtime_ospke": self.cpuid_runtime_ospke,
                 "guest_xfd_permitted": self.guest_xfd_permitted,
             },
+            **({"history": [_arrival_json(a) for a in self.history]} if self.history else {}),
         }
 
     def save(self, path: str | Path) -> None:
@@ -215,6 +232,12 @@ def _leaf(key: tuple[int, int]) -> str:
 def _cpuid_json(e: CpuidEntry) -> dict[str, Any]:
     return {"function": f"0x{e.function:x}", "index": e.index, "flags": e.flags,
             **{r: f"0x{getattr(e, r):08x}" for r in REGISTERS}}
+
+
+def _arrival_json(a: HostArrival) -> dict[str, Any]:
+    if a.leaf is not None:
+        return {"rule": a.rule.key, "cpuid": _leaf(a.leaf), "register": a.register, "mask": f"0x{a.mask:x}"}
+    return {"rule": a.rule.key, "feature_msr": f"0x{a.msr:x}", "mask": f"0x{a.mask:x}", "before": f"0x{a.before:x}"}
 
 
 def _rule_json(r: RewriteRule) -> dict[str, Any]:
@@ -299,6 +322,33 @@ REWRITE_RULE = Record(_rewrite, [
 ], strict=False)
 APPEND_RULE = Record(_append, [Field("trigger", Leaf(), required=True),
                                Field("entries", ListOf(CPUID_ENTRY), required=True)], strict=False)
+
+
+class RuleKey(Type[rulesets.Rule]):
+    """A rule of ``rulesets`` by its key."""
+
+    def read(self, r: Reader, x: Any, path: str) -> rulesets.Rule:
+        try:
+            return rulesets.rule(Str().read(r, x, path))
+        except InvalidValueError as e:
+            raise r.fail(x, path, str(e)) from None
+
+
+def _arrival(r: Reader, x: Any, path: str, values: dict[str, Any]) -> None:
+    """One of ``feature_msr`` (with ``before``, within ``mask``) or ``cpuid`` (with ``register``, no ``before``)."""
+    msr, leaf = values.get("msr"), values.get("leaf")
+    if (msr is None) == (leaf is None):
+        raise r.fail(x, path, "expected one of feature_msr or cpuid (what the rule changes)")
+    if leaf is not None and ("register" not in values or "before" in values):
+        raise r.fail(x, path, "a cpuid entry names its register and has no before (the bits came with the rule)")
+    if msr is not None and values.get("before", 0) & ~values["mask"]:
+        raise r.fail(x, f"{path}.before", f"0x{values['before']:x} has bits outside mask 0x{values['mask']:x}")
+
+
+HOST_ARRIVAL = Record(HostArrival, [
+    Field("rule", RuleKey(), required=True), Field("mask", Int(), required=True), Field("feature_msr", Int(32), attr="msr"),
+    Field("before", Int()), Field("cpuid", Leaf(), attr="leaf"), Field("register", Str(REGISTERS)),
+], finish=_arrival)
 # Unknown keys are ignored (a newer kvmscope may add some); a CPUID entry's are an error.
 class Name(Str):
     """A profile's name: one printable line (reports print it as the host's name), as ``probe --save --name`` asks."""
@@ -338,6 +388,7 @@ PROFILE: Record[Profile] = Record(Profile, [
     Field("cpuid.append", ListOf(APPEND_RULE), attr="cpuid_append"),
     Field("cpuid.runtime_ospke", Bool(), attr="cpuid_runtime_ospke"),
     Field("cpuid.guest_xfd_permitted", Bool()),
+    Field("history", ListOf(HOST_ARRIVAL)),
 ], strict=False, finish=_finish)
 
 

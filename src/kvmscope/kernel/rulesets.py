@@ -9,6 +9,7 @@ Sources: the kernel commits named below, read in ``arch/x86/kvm/x86.c`` (CachyOS
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -66,6 +67,24 @@ PERF_CAP_PMU_VERSION = Rule("perf_cap_pmu_version", "5.12", "c646236344e9",
                             until="6.13", removed_by="a1039111192b")
 PEBS_TIMING_INFO = Rule("pebs_timing_info", "6.18", "PERF_CAP_PEBS_MASK",
                         "PERF_CAP_PEBS_MASK includes PEBS_TIMING_INFO (bit 17)")
+# --- what KVM's PERF_CAPABILITIES (vmx_get_perf_capabilities) takes from the host's, by release: a host profile names
+# the ones that change its value in its "history" (intel-spr: 0x2000 on 5.10 and 6.1.29+, 0x203f 5.12-6.2, 0x64ff on
+# 6.3, 0x64c0 6.4-6.8, 0x24c0 from 6.9; docs/profiles-derived.md; 5.10.262 vmx/capabilities.h:372-379, 6.1.192
+# vmx.c:7772-7817, 6.12.118 vmx.c:7905-7957)
+PERF_CAP_LBR_FMT = Rule("perf_cap_lbr_fmt", "5.12", "be635e34c284",
+                        "KVM: vmx/pmu: Expose LBR_FMT in the MSR_IA32_PERF_CAPABILITIES (the host's LBR format, "
+                        "bits 5:0; 5.10 reports FULL_WIDTH_WRITES alone)")
+PERF_CAP_NO_LEGACY_LBR = Rule("perf_cap_no_legacy_lbr", "6.4", "098f4c061ea1",
+                              "KVM: x86/pmu: Disallow legacy LBRs if architectural LBRs are available (no LBR format "
+                              "in PERF_CAPABILITIES on an arch-LBR host)", stable=("6.1.29",))
+PEBS_EPT_SPR = Rule("pebs_ept_spr", "6.3", "13738a364736",
+                    "perf/x86/intel: Expose EPT-friendly PEBS for SPR and future models (KVM offers PEBS, its "
+                    "PERF_CAPABILITIES fields and CPUID DS and DTES64, only where perf sets pebs_ept: on Sapphire "
+                    "Rapids from 6.3, in no 6.1.y)")
+ADAPTIVE_PEBS_OFF = Rule("adaptive_pebs_off", "6.9", "9e985cbf2942",
+                         "KVM: x86/pmu: Disable support for adaptive PEBS (PERF_CAPABILITIES without PEBS_BASELINE)",
+                         # 6.1.88 by its stable review thread; 6.6.29 is the same stable batch (2024-04-27), not read
+                         stable=("6.1.88", "6.6.29"))
 CR4_FIXED1_LAM = Rule("cr4_fixed1_lam", "6.8", "nested_vmx_cr_fixed1_bits_update",
                       "nested CR4_FIXED1 allows LAM_SUP when guest CPUID.7.1:EAX.LAM is set")
 CR4_FIXED1_CET = Rule("cr4_fixed1_cet", "6.18", "nested_vmx_cr_fixed1_bits_update",
@@ -290,7 +309,7 @@ CPUID_NO_SMM_CTL_MSR = Rule("cpuid_no_smm_ctl", "6.2", "74bee0cad8dc",
                             "6.1.192 cpuid.c:762)", stable=("6.1.153",))
 CPUID_DS_DTES64 = Rule("cpuid_ds_dtes64", "6.0", "cf8e55fe50df",
                        "KVM: x86/pmu: Expose CPUIDs feature bits PDCM, DS, DTES64 (where the host's PEBS is "
-                       "virtualized: on Sapphire Rapids only from 6.3, which is not modelled)")
+                       "virtualized: on Sapphire Rapids only from 6.3, pebs_ept_spr)")
 CPUID_FAST_REP_STRINGS = Rule("cpuid_fast_rep_strings", "6.3", "2a4209d6a9cb",
                               "KVM: x86: Advertise fast REP string features inherent to the CPU")
 CPUID_PERFMON_V2 = Rule("cpuid_perfmon_v2", "6.5", "4a2771895ca6",
@@ -561,7 +580,8 @@ HOST_PROFILE = Rule("host_profile", "-", "-",
 RULES: dict[str, Rule] = {
     r.key: r
     for r in (FREEZE, SAME_VALUE_REAL_WRITE, UNSUPPORTED_ZERO, PLATFORM_INFO_IMMUTABLE, STUFF_QUIRK, PERF_CAP_NEEDS_PDCM,
-              ARCH_CAP_NEEDS_CPUID, PLATFORM_INFO_ORDER_CHECK, PERF_CAP_PMU_VERSION, PEBS_TIMING_INFO, CR4_FIXED1_LAM,
+              ARCH_CAP_NEEDS_CPUID, PLATFORM_INFO_ORDER_CHECK, PERF_CAP_PMU_VERSION, PEBS_TIMING_INFO, PERF_CAP_LBR_FMT,
+              PERF_CAP_NO_LEGACY_LBR, PEBS_EPT_SPR, ADAPTIVE_PEBS_OFF, CR4_FIXED1_LAM,
               CR4_FIXED1_CET, DE_CFG_GUEST_EXACT, DE_CFG_GUEST_SAME_ONLY, CPUID_AFTER_RUN_FORBIDDEN,
               CPUID_AFTER_RUN_IDENTICAL, VMX_RESTORE_CURRENT, QUIRKS2, MISC_FEATURES_CPUID_FAULT, FEAT_CTL_HOST_ANY_SUPPORTED,
               FEAT_CTL_GUEST_CPUID, DISABLE_EXITS_BEFORE_VCPUS, DISABLE_EXITS_ALLOWED_ONLY, XTILE_CFG_FILTER,
@@ -692,12 +712,18 @@ class Ruleset:
     def absent_features(self) -> dict[int, tuple[int, int]]:
         """The feature-MSR fields this version's KVM does not advertise yet (``FEATURE_ARRIVALS``): index -> (mask, the
         field's value before)."""
+        return self.absent_fields()
+
+    def absent_fields(self, host: Iterable[tuple[Rule, int, int, int]] = ()) -> dict[int, tuple[int, int]]:
+        """``absent_features`` with a host's own arrivals, (rule, index, mask, before) each (a profile's ``history``).
+        Where two fields overlap the older rule's value wins: before it, the later one had nothing to change (intel-spr's
+        PEBS_BASELINE, kept 6.3-6.8, is not there before 6.3 brings PEBS)."""
+        absent = [(r, *f) for r, fields in FEATURE_ARRIVALS.items() for f in fields if r not in self.rules]
+        absent += [a for a in host if a[0] not in self.rules]
         out: dict[int, tuple[int, int]] = {}
-        for r, fields in FEATURE_ARRIVALS.items():
-            if r not in self.rules:
-                for index, mask, before in fields:
-                    m, b = out.get(index, (0, 0))
-                    out[index] = (m | mask, b | before)
+        for _, index, mask, before in sorted(absent, key=lambda a: a[0].start or OLDEST, reverse=True):
+            m, b = out.get(index, (0, 0))
+            out[index] = (m | mask, b & ~mask | before)
         return out
 
     @cached_property

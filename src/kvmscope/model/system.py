@@ -30,15 +30,19 @@ class ModelSystem(System):
             profile = replace(profile, msr_index_list=[i for i in profile.msr_index_list if i not in absent],
                               msr_behaviour={i: b for i, b in profile.msr_behaviour.items() if i not in absent},
                               vendor_msrs={i: b for i, b in profile.vendor_msrs.items() if i not in absent})
-        if rules.absent_cpuid or rules.cpuid_limits:  # and offers CPUID bits and leaves this version does not
-            entries = within_limits(without_bits(profile.supported_cpuid, rules.absent_cpuid), rules.cpuid_limits)
+        absent_bits = rules.absent_cpuid + tuple(  # and offers CPUID bits and leaves this version does not
+            (*a.leaf, a.register, b) for a in profile.history if a.leaf is not None and a.rule not in rules.rules
+            for b in range(32) if a.mask >> b & 1)
+        if absent_bits or rules.cpuid_limits:
+            entries = within_limits(without_bits(profile.supported_cpuid, absent_bits), rules.cpuid_limits)
             if _xsave_bits(entries) != _xsave_bits(profile.supported_cpuid):
                 entries = xsave_leaves(entries)
             profile = replace(profile, supported_cpuid=entries)
         # what the host's CPU offers nested VMX (vmx_vcpu_after_set_cpuid asks the CPU), before this version's KVM hides
         # what it does not advertise yet (FEATURE_ARRIVALS)
         self.hardware_features = dict(profile.feature_msrs)
-        absent_fields = rules.absent_features
+        absent_fields = rules.absent_fields((a.rule, a.msr, a.mask, a.before) for a in profile.history
+                                            if a.msr is not None)
         if absent_fields.keys() & profile.feature_msrs.keys():
             profile = replace(profile, feature_msrs={
                 i: v if i not in absent_fields else v & ~absent_fields[i][0] | absent_fields[i][1]
