@@ -168,6 +168,15 @@ def find_cpuid(entries: Sequence[CpuidEntry], function: int, index: int = 0) -> 
     return None
 
 
+def cpu_vendor_of(entries: Sequence[CpuidEntry]) -> str | None:
+    """``"intel"``/``"amd"`` from CPUID leaf 0's vendor string (EBX, EDX, ECX), else None."""
+    leaf0 = find_cpuid(entries, 0)
+    if leaf0 is None:
+        return None
+    text = b"".join(r.to_bytes(4, "little") for r in (leaf0.ebx, leaf0.edx, leaf0.ecx)).decode("latin-1")
+    return _msrs.cpu_vendor(text)
+
+
 # --- exits ----------------------------------------------------------------------------------------------------------------
 
 

@@ -505,6 +505,8 @@ def template_apply(template_file: str, backend: str, kernel: str | None, profile
                 reports[label] = apply(system, t, vcpus, boot, after_run)
             except ModelLimitation as e:  # what the model does not reproduce: no verdict rather than a made-up one
                 fail(f"{template_file}: the model cannot judge this template: {e}", EXIT_USAGE)
+        if getattr(system, "warning", None):  # a kernel newer than the newest ruleset: the verdict is extrapolated
+            reports[label].notes.insert(0, system.warning)  # type: ignore[attr-defined]
         if system.backend == "linux":
             _explain_live(reports[label], t, vcpus, boot, after_run)
     render_template.apply_reports(reports, as_json)
@@ -586,6 +588,8 @@ def template_restore(template_file: str, backend: str, kernel: str | None, profi
                                     profile=to_profile or (profile if modelled else None))
         with target:
             report = restore(source, target, t, vcpus, BOOT_MSRS if boot_msrs else ())
+    report.notes[:0] = [f"{side}: {w}" for side, system in (("source", source), ("target", target))
+                        if (w := getattr(system, "warning", None))]
     render_template.apply_reports({"restore": report}, as_json, "template restore")
     _verdict(report.ok)
 
@@ -746,11 +750,11 @@ def fingerprint_compare(a: str, b: str, as_json: bool) -> None:
     Exit 0 when nothing differs, 1 when something does, 2 for a bad profile name or file.
     """
     from . import render_template
-    from .fleet import compare
+    from .fleet import compare, under
     from .kernel.profile import load
 
-    with exit_on_error():
-        pa, pb = load(a), load(b)
+    with exit_on_error():  # each host as its own kernel reports it (a profile's ruleset may be older than its capture)
+        pa, pb = under([load(a), load(b)], None)
     diffs = compare(pa, pb)
     render_template.fingerprint_report(pa.name, pb.name, diffs, as_json)
     sys.exit(EXIT_OK if not diffs else EXIT_FAILED)

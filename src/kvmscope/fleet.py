@@ -3,8 +3,12 @@
 The baseline computes each feature MSR by the rule the kernel applies to a host write of it (model/vmx.py and
 model/msr_rules.py hold those rules; the facts are from ``arch/x86/kvm/x86.c`` and ``vmx/nested.c``):
 
-- subset MSRs (ARCH_CAPABILITIES, PLATFORM_INFO, DE_CFG, VMX_EPT_VPID_CAP, VMX_VMFUNC): a value is taken when it is a
-  subset of the host's, so the baseline is the AND of every host's value;
+- subset MSRs (DE_CFG, VMX_EPT_VPID_CAP, VMX_VMFUNC): a value is taken when it is a subset of the host's, so the
+  baseline is the AND of every host's value;
+- ARCH_CAPABILITIES and PLATFORM_INFO: KVM stores any value a host writes (6.12.118 x86.c:3370-3373, 3688-3693), so
+  the AND is a choice, not a limit: a guest is told only what every host has. ARCH_CAPABILITIES' RSBA and RRSBA (bits
+  2 and 19) say that a bug may be present, so they are set where any host has them (OR), as Firecracker's T2S
+  template sets them; clearing them would tell a guest on those hosts that it need not mitigate;
 - PERF_CAPABILITIES: the LBR format (bits 5:0) and PEBS format (bits 11:8) are taken only equal to the host's (or 0),
   so each is kept where every host has the same and set to 0 otherwise; the other bits are a subset (AND);
 - VMX true controls (0x48B, 0x48D-0x490): the allowed-0 half (bits 31:0, a 1 means must be 1) may only gain bits and
@@ -26,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import msrs as M
-from .api import CpuidEntry, find_cpuid
+from .api import CpuidEntry, cpu_vendor_of, find_cpuid
 from .errors import ProfileError
 from .kernel.profile import Profile
 from .template import PER_CPU_BITS, Bitmap, CpuidModifier, LeafModifier, MsrModifier, Template
@@ -34,10 +38,11 @@ from .template import PER_CPU_BITS, Bitmap, CpuidModifier, LeafModifier, MsrModi
 U64 = (1 << 64) - 1
 LOW = 0xFFFFFFFF
 PERF_FORMATS = M.PERF_CAP_LBR_FMT | M.PERF_CAP_PEBS_FORMAT
+ARCH_CAP_BUG_PRESENT = 1 << 2 | 1 << 19  # RSBA, RRSBA: the guest must assume the behaviour (and mitigate it)
 
 # MSR index -> how the baseline is computed.
 MSR_RULES: dict[int, str] = {
-    M.MSR_IA32_ARCH_CAPABILITIES: "and", M.MSR_PLATFORM_INFO: "and", M.MSR_AMD64_DE_CFG: "and",
+    M.MSR_IA32_ARCH_CAPABILITIES: "arch_cap", M.MSR_PLATFORM_INFO: "and", M.MSR_AMD64_DE_CFG: "and",
     M.MSR_IA32_PERF_CAPABILITIES: "perf", M.MSR_IA32_UCODE_REV: "skip",
     0x480: "equal", 0x485: "equal", 0x48A: "equal", 0x48C: "and", 0x491: "and",
     0x486: "or", 0x488: "or", 0x487: "skip", 0x489: "skip",
@@ -71,16 +76,22 @@ class Baseline:
     template: Template
     forced: list[Forced] = field(default_factory=list)
     left_out: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"template": self.template.to_json(),
                 "forced": [{"where": f.where, "bit": f.bit, "value": f.value, "hosts": f.hosts} for f in self.forced],
-                "left_out": self.left_out}
+                "left_out": self.left_out, "notes": self.notes}
 
 
 def _msr_baseline(index: int, rule: str, values: dict[str, int]) -> tuple[int | None, str]:
     """The baseline value of one MSR from each host's value (None: left out, with why)."""
     vs = list(values.values())
+    if rule == "arch_cap":
+        every, anyone = U64, 0
+        for v in vs:
+            every, anyone = every & v, anyone | v
+        return every & ~ARCH_CAP_BUG_PRESENT | anyone & ARCH_CAP_BUG_PRESENT, ""
     if rule == "and" or rule == "perf":
         out = U64
         for v in vs:
@@ -114,6 +125,14 @@ def baseline(profiles: Sequence[Profile]) -> Baseline:
     """The most capable template every host of ``profiles`` accepts, and which host forces which bit."""
     names = [p.name for p in profiles]
     out = Baseline(Template(path="<baseline>"))
+    vendors: dict[str, list[str]] = {}
+    for p in profiles:
+        vendors.setdefault({"intel": "Intel", "amd": "AMD"}.get(cpu_vendor_of(p.supported_cpuid) or "", "unknown"),
+                           []).append(p.name)
+    if len(vendors) > 1:
+        out.notes.append("the hosts' CPUs are of different vendors (" + "; ".join(
+            f"{v}: {', '.join(n)}" for v, n in vendors.items()) + "): every host takes the template, but a running "
+            "vCPU cannot move between vendors (fingerprint compare)")
     msr_mods = []
     every = [i for i in profiles[0].feature_msrs if all(i in p.feature_msrs for p in profiles)]
     for i in sorted({i for p in profiles for i in p.feature_msrs} - set(every)):
@@ -155,10 +174,9 @@ def baseline(profiles: Sequence[Profile]) -> Baseline:
 
 
 def under(profiles: Sequence[Profile], kernel: str | None) -> list[Profile]:
-    """Each host as ``kernel`` would report it (the model's view: what that kernel's KVM did not report yet left
-    out, ``rulesets.FEATURE_ARRIVALS`` and the CPUID and MSR arrivals); each as captured without a kernel."""
-    if kernel is None:
-        return list(profiles)
+    """Each host as ``kernel`` would report it, or without one as its own ``ruleset`` does (the model's view: what
+    that kernel's KVM did not report yet left out, ``rulesets.FEATURE_ARRIVALS``, the CPUID and MSR arrivals and the
+    profile's ``history``); a capture is unchanged under its own kernel."""
     from .model import open_model
 
     out = []

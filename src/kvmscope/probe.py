@@ -13,7 +13,7 @@ from typing import Any
 
 from . import guest, uapi
 from . import msrs as _msrs
-from .api import CpuidEntry, HltExit, MsrBatch, System, Vcpu, Vm, find_cpuid
+from .api import CpuidEntry, HltExit, MsrBatch, System, Vcpu, Vm, cpu_vendor_of, find_cpuid
 from .errors import KvmError, KvmscopeError
 from .kernel import rulesets as R
 
@@ -243,15 +243,6 @@ def verdict(msrs: list[MsrProbe]) -> tuple[bool | None, str]:
     return None, "cannot tell: no feature MSR could be changed even before a run"
 
 
-def _cpu_vendor(cpuid: list[CpuidEntry]) -> str | None:
-    """``"intel"``/``"amd"`` from CPUID leaf 0's vendor string (EBX, EDX, ECX), else None."""
-    leaf0 = find_cpuid(cpuid, 0)
-    if leaf0 is None:
-        return None
-    text = b"".join(r.to_bytes(4, "little") for r in (leaf0.ebx, leaf0.edx, leaf0.ecx)).decode("latin-1")
-    return _msrs.cpu_vendor(text)
-
-
 def probe(system: System, set_cpuid: bool = True) -> ProbeReport:
     """Probe ``system``: capabilities, feature MSRs with decoded values, and the live freeze check."""
     caps: dict[str, int] = {}
@@ -270,7 +261,7 @@ def probe(system: System, set_cpuid: bool = True) -> ProbeReport:
     )
     supported = system.get_supported_cpuid()
     cpuid = supported if set_cpuid else None
-    report.cpu_vendor = _cpu_vendor(supported)
+    report.cpu_vendor = cpu_vendor_of(supported)
     features = system.get_msr_feature_index_list()
     batch = MsrBatch(features)
     done = system.get_feature_msrs(batch)

@@ -60,6 +60,8 @@ def template_summary(t: Template, as_json: bool) -> None:
 
 def apply_report(r: ApplyReport) -> None:
     click.echo(f"template {r.template} on {r.description}")
+    if r.cannot_move:
+        click.echo(f"  cannot move: {r.cannot_move}")
     for f in r.failures:
         click.echo(f"  Firecracker stops: {f}")
     for n in r.notes:
@@ -139,6 +141,8 @@ def baseline_report(b: Baseline, names: Sequence[str], path: str | None, as_json
                    err=path is None)
     for why in b.left_out:
         click.echo(f"  left out: {why}", err=path is None)
+    for note in b.notes:
+        click.echo(f"  note: {note}", err=path is None)
 
 
 def fingerprint_report(a: str, b: str, diffs: Sequence[Difference], as_json: bool) -> None:

@@ -99,10 +99,12 @@ class ApplyReport:
     vcpus: list[VcpuOutcome] = field(default_factory=list)
     # a restore: the vCPUs booted on the source, whose template bits the snapshot carries (None for an apply)
     source_vcpus: list[VcpuOutcome] | None = None
+    cannot_move: str = ""  # a restore: why a running guest cannot make the move, whatever KVM takes (CPU vendors)
 
     @property
     def ok(self) -> bool:
-        return not self.failures and not any(v.diffs for v in [*self.vcpus, *(self.source_vcpus or ())])
+        return not self.failures and not self.cannot_move and not any(
+            v.diffs for v in [*self.vcpus, *(self.source_vcpus or ())])
 
     def summary(self) -> str:
         """One line: what Firecracker would do, and which bits were refused or changed (each counted once, however
@@ -115,6 +117,8 @@ class ApplyReport:
             return "taken: every fixed bit holds on every vCPU"
         done = "Firecracker would boot" if self.source_vcpus is None else "Firecracker would restore"
         head = f"Firecracker would fail: {self.failures[0]}" if self.failures else done
+        if self.cannot_move:
+            head = f"the guest cannot move: {self.cannot_move}; {head}"
         on_source = {(d.where, d.kind) for v in self.source_vcpus or () for d in v.diffs}
         if on_source:
             head += f"; on the source {len(on_source)} register(s) or MSR(s) did not hold the template"
@@ -132,6 +136,7 @@ class ApplyReport:
                "vcpus": [v.to_json() for v in self.vcpus]}
         if self.source_vcpus is not None:
             doc["source_vcpus"] = [v.to_json() for v in self.source_vcpus]
+            doc["cannot_move"] = self.cannot_move or None
         return doc
 
 
