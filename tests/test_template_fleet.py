@@ -330,9 +330,13 @@ def test_restore_on_an_older_kernel_names_the_cpuid_it_does_not_offer() -> None:
     assert "CPUID 0x1.0" not in text and "0x7.1" not in text, (
         f"TSC_DEADLINE, HYPERVISOR, AVX_VNNI and fast REP strings work on 5.10 too (only advertised later):\n{text}")
     assert rep.ok, f"KVM_SET_CPUID2 takes them: the restore itself is taken, saw {rep.failures}"
+    assert rep.unbacked == len([n for n in rep.notes if n.startswith("restore: the snapshot")]) > 0, rep.unbacked
+    assert f"CPUID features in {rep.unbacked} register(s) or leaves that the target's KVM does not offer" in \
+        rep.summary(), f"the verdict line says so: {rep.summary()}"
     with open_model(profile="intel-spr") as a, open_model(profile="intel-spr") as b:
         same = restore(a, b, t, 1, boot=())
     assert not [n for n in same.notes if n.startswith("restore:")], same.notes
+    assert same.unbacked == 0 and same.summary() == "taken: every fixed bit holds on every vCPU", same.summary()
 
 
 def test_cli_restore_defaults_to_the_source_host() -> None:

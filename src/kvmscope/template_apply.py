@@ -100,6 +100,7 @@ class ApplyReport:
     # a restore: the vCPUs booted on the source, whose template bits the snapshot carries (None for an apply)
     source_vcpus: list[VcpuOutcome] | None = None
     cannot_move: str = ""  # a restore: why a running guest cannot make the move, whatever KVM takes (CPU vendors)
+    unbacked: int = 0  # a restore: CPUID registers or leaves of the snapshot the target's KVM does not offer (notes)
 
     @property
     def ok(self) -> bool:
@@ -114,7 +115,10 @@ class ApplyReport:
         whole = {d.where for _, d in held if not d.bits}  # refused or unreadable, no fixed bit differing
         lost = {(d.where, b) for v in self.vcpus for d in v.diffs if d.kind == "overridden" for b in d.bits}
         if self.ok:
-            return "taken: every fixed bit holds on every vCPU"
+            return "taken: every fixed bit holds on every vCPU" + (
+                f", but the snapshot enumerates CPUID features in {self.unbacked} register(s) or leaves that the "
+                "target's KVM does not offer (notes): the guest may use what the target cannot support"
+                if self.unbacked else "")
         done = "Firecracker would boot" if self.source_vcpus is None else "Firecracker would restore"
         head = f"Firecracker would fail: {self.failures[0]}" if self.failures else done
         if self.cannot_move:
@@ -137,6 +141,7 @@ class ApplyReport:
         if self.source_vcpus is not None:
             doc["source_vcpus"] = [v.to_json() for v in self.source_vcpus]
             doc["cannot_move"] = self.cannot_move or None
+            doc["unbacked"] = self.unbacked
         return doc
 
 

@@ -96,8 +96,10 @@ def restore(source: System, target: System, template: Template, vcpus: int = 1,
                            "guest chose vendor-specific code at boot")
     if saved:
         captured = getattr(target, "captured", None)
-        rep.notes.extend(unbacked(saved[0][0], source.get_supported_cpuid(), target.get_supported_cpuid(),
-                                  getattr(target, "rules", None), captured.history if captured is not None else ()))
+        lacking = unbacked(saved[0][0], source.get_supported_cpuid(), target.get_supported_cpuid(),
+                           getattr(target, "rules", None), captured.history if captured is not None else ())
+        rep.notes.extend(lacking)
+        rep.unbacked = len(lacking)
     with firecracker_vm(target) as vm:
         for i, (cpuid, entries) in enumerate(saved):
             v = vm.create_vcpu(i)
