@@ -224,7 +224,7 @@ def test_docs_commands_run_with_the_exit_codes_they_show(live: object, tmp_path:
     # A documented command: `kvmscope ARGS   # comment   # exit N` (the first "  #" ends the arguments).
     lines = [(m.group(1).split("  #")[0].strip(), m.group(2)) for m in re.finditer(r"^kvmscope (.*# exit (\d))$",
                                                                                    text, re.M)]
-    assert len(lines) == 14, f"expected the 14 documented commands, found {lines}"
+    assert len(lines) == 16, f"expected the 16 documented commands, found {lines}"
     for command, code in lines:
         got, out = run(*shlex.split(command))
         assert got == int(code), f"`kvmscope {command}`: documented exit {code}, got {got}: {out[-400:]}"
@@ -440,3 +440,28 @@ def test_template_commands_note_a_kernel_newer_than_the_rules() -> None:
         res = CliRunner().invoke(main, [*args, "--json"])
         notes = json.loads(res.output)["notes"]
         assert notes and "kernel 7.3 is newer than the newest mainline release" in notes[0], (args, res.output[:400])
+
+
+def test_a_host_at_a_kernel_is_that_host_under_that_kernel(tmp_path: Path) -> None:
+    """HOST@VERSION: a fleet on several kernels in one command. Sapphire Rapids on 6.1.192 has no PEBS (0x2000) and no
+    DS/DTES64, on 6.12.118 it has (0x24c0): fingerprint compare names them, and the baseline of both keeps 0x2000."""
+    from kvmscope.fleet import host
+
+    old, new = host("intel-spr@6.1.192"), host("intel-spr@6.12.118")
+    assert (old.name, old.ruleset, old.kernel_release) == ("intel-spr@6.1.192", "6.1.192", "6.1.192"), old.name
+    assert new.feature_msrs == load_profile("intel-spr").feature_msrs, "@VERSION keeps the captured values"
+    res = CliRunner().invoke(main, ["fingerprint", "compare", "intel-spr@6.1.192", "intel-spr@6.12.118", "--json"])
+    diffs = {d["where"]: (d["a"], d["b"]) for d in json.loads(res.output)["differences"]}
+    assert res.exit_code == 1 and diffs.get("MSR_IA32_PERF_CAPABILITIES (0x345)") == ("0x2000", "0x24c0"), diffs
+    assert "CPUID 0x1.0 edx" in diffs, f"DS (1.0 EDX[21]) differs: {sorted(diffs)}"
+    out = tmp_path / "b.json"
+    res = CliRunner().invoke(main, ["baseline", "intel-spr@6.1.192", "intel-spr@6.12.118", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    perf = next(m for m in load(out).msr_modifiers if m.addr == 0x345)
+    assert perf.bitmap.value == 0x2000, f"the baseline's PERF_CAPABILITIES {perf.bitmap.value:#x}: what 6.1.192 has"
+    for args, error in ((["baseline", "intel-spr@6.1", "amd-epyc", "--kernel", "6.12"], "--kernel judges every host"),
+                        (["baseline", "intel-spr@4.19", "amd-epyc"], "'intel-spr@4.19': kernel '4.19' is older"),
+                        (["baseline", "@6.1", "amd-epyc"], "expected HOST@VERSION"),
+                        (["fingerprint", "compare", "nosuch@6.1", "amd-epyc"], "no shipped profile named 'nosuch'")):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and error in res.output, (args, res.exit_code, res.output)

@@ -106,7 +106,8 @@ backend_option = click.option(
     show_default=True,
     help="linux: the live /dev/kvm; model: kvmscope's software KVM; auto: linux when /dev/kvm is usable, else model.",
 )
-kernel_option = click.option("--kernel", metavar="VERSION", help="Model only: kernel ruleset, e.g. 6.3, 6.10, 6.18.")
+kernel_option = click.option("--kernel", metavar="VERSION", help="Model only: kernel ruleset, e.g. 6.3, 6.10, 6.18 (a "
+                             "series alone is its first release: give 6.1.192 for 6.1.y's backports).")
 profile_option = click.option(
     "--profile", metavar="NAME|FILE", help="Model only: a shipped host profile name or a profile JSON file (a shipped "
     "name is taken before a file of the same name: give ./NAME for the file)."
@@ -704,26 +705,30 @@ def _strip_outputs(dumps: Sequence[str], suffix: str) -> list[str]:
 
 
 @main.command("baseline")
-@click.argument("profiles", metavar="PROFILE...", nargs=-1, required=True)
-@click.option("--kernel", metavar="VERSION", help="Judge every host under this kernel's rules (default: each own).")
+@click.argument("profiles", metavar="PROFILE[@VERSION]...", nargs=-1, required=True)
+@click.option("--kernel", metavar="VERSION", help="Judge every host under this kernel's rules (default: each own, "
+              "or the @VERSION given with it).")
 @click.option("-o", "--output", metavar="FILE", help="Write the template to FILE (default: standard output).")
 @click.option("--json", "as_json", is_flag=True, help="Print the template, forced bits and omissions as JSON.")
 def baseline_cmd(profiles: tuple[str, ...], kernel: str | None, output: str | None, as_json: bool) -> None:
-    """The most capable template every host of a fleet accepts (shipped profile names or profile files).
+    """The most capable template every host of a fleet accepts (shipped profile names or profile files; HOST@VERSION
+    is that host under that kernel, for a fleet on several kernels).
 
     \b
-    Example:
+    Examples:
       kvmscope baseline intel-spr amd-epyc pvm-6.18 -o fleet.json
+      kvmscope baseline intel-spr@6.1.192 intel-spr@6.12.118 amd-epyc@6.12.118
 
     Exit codes: 0 the baseline (taken by every host's model); 2 a bad profile, a host given twice, or bad arguments.
     """
     from . import render_template
-    from .fleet import baseline, settle, under
-    from .kernel.profile import load
+    from .fleet import baseline, host, settle, under
 
     _check_outputs(output)
     with exit_on_error():
-        loaded = [load(p) for p in profiles]
+        loaded = [host(p) for p in profiles]
+    if kernel is not None and any(p.name.endswith(f"@{p.ruleset}") for p in loaded):
+        fail("--kernel judges every host under one kernel: drop it, or the @VERSION of each host", EXIT_USAGE)
     names = [p.name for p in loaded]
     twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
     if twice is not None:
@@ -741,20 +746,25 @@ def fingerprint() -> None:
 
 
 @fingerprint.command("compare")
-@click.argument("a")
-@click.argument("b")
+@click.argument("a", metavar="A[@VERSION]")
+@click.argument("b", metavar="B[@VERSION]")
 @click.option("--json", "as_json", is_flag=True, help="Print the differences as JSON.")
 def fingerprint_compare(a: str, b: str, as_json: bool) -> None:
     """What differs between two hosts that matters for migration: vendor, kernel, microcode, feature MSRs, CPUID.
+    A and B are shipped profile names or profile files, each as its own kernel reports it; HOST@VERSION is that host
+    under that kernel.
+
+    \b
+    Example:
+      kvmscope fingerprint compare intel-spr@6.1.192 intel-spr@6.12.118
 
     Exit 0 when nothing differs, 1 when something does, 2 for a bad profile name or file.
     """
     from . import render_template
-    from .fleet import compare, under
-    from .kernel.profile import load
+    from .fleet import compare, host, under
 
-    with exit_on_error():  # each host as its own kernel reports it (a profile's ruleset may be older than its capture)
-        pa, pb = under([load(a), load(b)], None)
+    with exit_on_error():  # each host as its own kernel reports it (a profile's ruleset, or HOST@VERSION's)
+        pa, pb = under([host(a), host(b)], None)
     diffs = compare(pa, pb)
     render_template.fingerprint_report(pa.name, pb.name, diffs, as_json)
     sys.exit(EXIT_OK if not diffs else EXIT_FAILED)

@@ -31,7 +31,7 @@ from typing import Any
 
 from . import msrs as M
 from .api import CpuidEntry, cpu_vendor_of, find_cpuid
-from .errors import ProfileError
+from .errors import KvmscopeError, ProfileError, shown
 from .kernel.profile import Profile
 from .template import PER_CPU_BITS, Bitmap, CpuidModifier, LeafModifier, MsrModifier, Template
 
@@ -171,6 +171,29 @@ def baseline(profiles: Sequence[Profile]) -> Baseline:
         leaves.append(LeafModifier(key[0], key[1], present[0].flags, tuple(mods)))
     out.template = Template((), tuple(leaves), tuple(msr_mods), "<baseline>")
     return out
+
+
+def host(spec: str) -> Profile:
+    """A fleet's host: a shipped profile name or a profile file, optionally ``@VERSION`` for that host under that
+    kernel (``intel-spr@6.1.192``: its name says so, its ``ruleset`` and kernel release are the version)."""
+    from dataclasses import replace
+
+    from .kernel.profile import load
+    from .kernel.rulesets import parse_version, resolve
+
+    name, at, version = spec.rpartition("@") if isinstance(spec, str) else ("", "", "")
+    try:
+        parse_version(version)
+    except KvmscopeError:
+        return load(spec)  # no version after an @: a name or a path as it is
+    if not name:
+        raise ProfileError(f"{shown(spec)}: expected HOST@VERSION with a profile name or file before the @")
+    try:
+        resolve(version)
+    except KvmscopeError as e:  # older than the oldest ruleset
+        raise ProfileError(f"{shown(spec)}: {e}") from None
+    p = load(name)
+    return replace(p, name=f"{p.name}@{version}", ruleset=version, kernel_release=version)
 
 
 def under(profiles: Sequence[Profile], kernel: str | None) -> list[Profile]:
