@@ -1290,6 +1290,15 @@ def test_probe_names_what_a_later_kernel_brings() -> None:
     assert got == want, f"5.10: expected {want}, saw {got} (all: {list(later)})"
     assert [v["since"] for v in later.values()] == sorted((v["since"] for v in later.values()),
                                                          key=R.parse_version), "by release"
+    # the supported-CPUID leaves and bits and the feature-MSR bits too, with the oldest rule that brings each
+    want = {"CPUID 0x7.2 (leaf)": ("6.8", "cpuid_7_2_edx"), "CPUID 0xd.17 (leaf)": ("5.17", "xfd_msrs"),
+            "CPUID 0x7.0 edx bit(s) 23": ("5.11", "cpuid_avx512_fp16"),
+            "CPUID 0x1.0 edx bit(s) 21": ("6.3", "pebs_ept_spr"),
+            "MSR_IA32_PERF_CAPABILITIES bit(s) 6, 7, 10 (feature MSR)": ("6.3", "pebs_ept_spr"),
+            "MSR_IA32_ARCH_CAPABILITIES bit(s) 26 (feature MSR)": ("6.5", "arch_cap_gds_no"),
+            "MSR_IA32_VMX_PROCBASED_CTLS2 bit(s) 57 (feature MSR)": ("5.14", "vmx_tsc_scaling")}
+    got2 = {k: (later[k]["since"], later[k]["rule"]) for k in want if k in later}
+    assert got2 == want, f"5.10: expected {want}, saw {got2} (all: {list(later)})"
     with model("intel-spr", "6.18") as kvm:
         assert probe(kvm).later == {}, "nothing is later than the profile's own kernel"
 

@@ -1121,6 +1121,7 @@ KVM_CAP_GUEST_MEMFD: Final = 234
 KVM_CAP_VM_TYPES: Final = 235
 KVM_CAP_PRE_FAULT_MEMORY: Final = 236
 KVM_CAP_X86_GUEST_MODE: Final = 238
+KVM_CAP_GUEST_MEMFD_FLAGS: Final = 244  # 6.18 include/uapi/linux/kvm.h (newer than this machine's headers)
 
 CAPABILITY_NAMES: Final[dict[int, str]] = {
     value: name for name, value in list(globals().items()) if name.startswith("KVM_CAP_") and isinstance(value, int)
