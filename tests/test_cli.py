@@ -183,6 +183,8 @@ def test_probe_save_name_must_be_printable(tmp_path: Path, name: str) -> None:
     (["check", "examples/platform-info-after-run.yaml", "--compare", "6.3,6.18", "--kernel", "6.1"],
      "--compare names every kernel; drop --kernel"),
     (["check", "examples/platform-info-after-run.yaml", "--compare", "6.3,6.3"], "--compare names a kernel twice"),
+    (["check", "examples/platform-info-after-run.yaml", "--compare", "6.3,,6.18"], "--compare has an empty item"),
+    (["template", "apply", "examples/templates/t2s-like.json", "--compare", "6.3,6.18,"], "--compare has an empty item"),
     (["template", "apply", "examples/templates/t2s-like.json", "--compare", "6.3,6.18", "--kernel", "6.1"],
      "--compare names every kernel; drop --kernel"),
 ])

@@ -162,3 +162,14 @@ def test_a_profiles_history_is_checked_whole(entry: dict[str, object], error: st
     data["history"] = [entry]
     with pytest.raises(ProfileError, match=r"^x.json: field " + error):
         profile.read(data, "x.json")
+
+
+def test_a_misspelt_top_level_profile_key_is_an_error_an_unknown_one_is_not() -> None:
+    # "rulset" would otherwise be ignored, and the profile judged under its kernel release's rules
+    data = profile.load("intel-spr").to_json()
+    data["rulset"] = data.pop("ruleset")
+    with pytest.raises(ProfileError, match=r"^x.json: field rulset: unknown field \(did you mean ruleset\?\)$"):
+        profile.read(data, "x.json")
+    data = profile.load("intel-spr").to_json()
+    data["added_by_a_newer_kvmscope"] = {"x": 1}
+    assert profile.read(data, "x.json").name == "intel-spr", "an unknown key unlike any known one is ignored"

@@ -459,6 +459,8 @@ def test_a_host_at_a_kernel_is_that_host_under_that_kernel(tmp_path: Path) -> No
     assert res.exit_code == 0, res.output
     perf = next(m for m in load(out).msr_modifiers if m.addr == 0x345)
     assert perf.bitmap.value == 0x2000, f"the baseline's PERF_CAPABILITIES {perf.bitmap.value:#x}: what 6.1.192 has"
+    res = CliRunner().invoke(main, ["baseline", "intel-spr@6.1.192", "intel-spr", "--json"])
+    assert json.loads(res.output)["rulesets"] == {"intel-spr@6.1.192": "6.1.153", "intel-spr": "6.18"}, res.output[:300]
     for args, error in ((["baseline", "intel-spr@6.1", "amd-epyc", "--kernel", "6.12"], "--kernel judges every host"),
                         (["baseline", "intel-spr@4.19", "amd-epyc"], "'intel-spr@4.19': kernel '4.19' is older"),
                         (["baseline", "@6.1", "amd-epyc"], "expected HOST@VERSION"),

@@ -323,7 +323,10 @@ def check(scenario_file: str | None, backend: str, kernel: str | None, profile: 
 
 def _versions(text: str, least: int) -> list[str]:
     """The kernels of ``--compare`` (``all``, any case: every version where a rule changes), at least ``least``."""
-    versions = [v.strip() for v in text.split(",") if v.strip()]
+    items = [v.strip() for v in text.split(",")]
+    if len(items) > 1 and not all(items):  # "6.1,,6.12" or a trailing comma: a version left out by mistake?
+        raise click.UsageError(f"--compare has an empty item: {text!r} (versions separated by single commas)")
+    versions = [v for v in items if v]
     if [v.lower() for v in versions] == ["all"]:
         from .kernel.rulesets import KNOWN
 
@@ -737,7 +740,10 @@ def baseline_cmd(profiles: tuple[str, ...], kernel: str | None, output: str | No
         result = settle(baseline(under(loaded, kernel)), loaded, kernel)
     if output:
         _save(result.template, output)
-    render_template.baseline_report(result, [p.name for p in loaded], output, as_json)
+    from .kernel.rulesets import resolve
+
+    render_template.baseline_report(result, [p.name for p in loaded], output, as_json,
+                                    {p.name: resolve(kernel or p.ruleset).version for p in loaded})
 
 
 @main.group()

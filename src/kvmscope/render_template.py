@@ -30,7 +30,10 @@ def _json(data: Any) -> None:
 
 def _bits(d: BitDiff) -> str:
     if d.got is None:
-        return "not in the state" if d.kind == "missing" else "could not be read back"
+        if d.kind == "missing":
+            return "not in the state"
+        return (f"wanted 0x{d.wanted:x}; the write was refused and the MSR cannot be read" if d.kind == "refused"
+                else "could not be read back")
     shown = ", ".join(map(str, d.bits[:16])) + (" ..." if len(d.bits) > 16 else "")
     return f"wanted 0x{d.wanted:x}, holds 0x{d.got:x}" + (f"; bits {shown}" if d.bits else "")
 
@@ -125,9 +128,11 @@ def dump_report(d: Dump, path: str | None) -> None:
         click.echo("left out (KVM_GET_MSRS refused): " + ", ".join(name_of(i) for i in d.unreadable), err=True)
 
 
-def baseline_report(b: Baseline, names: Sequence[str], path: str | None, as_json: bool) -> None:
+def baseline_report(b: Baseline, names: Sequence[str], path: str | None, as_json: bool,
+                    rulesets: dict[str, str] | None = None) -> None:
+    """``rulesets``: each host's name -> the kernel ruleset it was judged under."""
     if as_json:
-        json_document("baseline", {"hosts": list(names), **b.to_json()})
+        json_document("baseline", {"hosts": list(names), "rulesets": rulesets or {}, **b.to_json()})
         return
     if path is None:
         click.echo(b.template.dumps(), nl=False)

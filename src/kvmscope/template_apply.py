@@ -130,7 +130,7 @@ class ApplyReport:
         if bits:
             head += f"; {len(bits)} bit(s) refused or changed" + (f" (on {vcpus} vCPUs)" if vcpus > 1 else "")
         if whole:
-            head += f"; {len(whole)} register(s) or MSR(s) refused or unreadable with no fixed bit differing"
+            head += f"; {len(whole)} register(s) or MSR(s) refused or unreadable, with no value read to compare bits"
         return (f"{head}; {len(lost)} bit(s) fixed by one modifier and overridden (by a later one or a boot MSR)"
                 if lost else head)
 

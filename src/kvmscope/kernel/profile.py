@@ -277,7 +277,16 @@ def _append(trigger: tuple[int, int], entries: list[CpuidEntry]) -> AppendRule:
 
 
 def _finish(r: Reader, x: Any, path: str, values: dict[str, Any]) -> None:
-    """The ruleset defaults to the kernel release, and must resolve either way; the CPUID must fit one vCPU."""
+    """The ruleset defaults to the kernel release, and must resolve either way; the CPUID must fit one vCPU. An unknown
+    top-level key is ignored (a newer kvmscope may add some), unless it looks like a misspelt known one."""
+    unknown = [k for k in unwrap(x)[0] if isinstance(k, str) and k not in PROFILE.keys]
+    if unknown:
+        import difflib  # only for the message (kept out of `import kvmscope`: tests/test_import_footprint.py)
+
+        for k in unknown:
+            close = difflib.get_close_matches(k, PROFILE.keys, n=1, cutoff=0.8)
+            if close:
+                raise r.fail(x, inputs.shown(k), f"unknown field (did you mean {close[0]}?)")
     values.setdefault("ruleset", values["kernel_release"])
     try:
         rulesets.resolve(values["ruleset"])
