@@ -469,6 +469,20 @@ def _why(r: StepResult) -> str:
     return ""
 
 
+def kernels_text(subset: Iterable[str], order: list[str]) -> str:
+    """``subset`` of the kernels ``order`` compares, listed; a run of six or more that follow one another in ``order``
+    as "FIRST to LAST (N kernels)" (``--compare all`` names 80)."""
+    chosen = set(subset)
+    runs: list[list[str]] = []
+    for i, k in enumerate(order):
+        if k in chosen:
+            if runs and i > 0 and order[i - 1] == runs[-1][-1]:
+                runs[-1].append(k)
+            else:
+                runs.append([k])
+    return ", ".join(f"{r[0]} to {r[-1]} ({len(r)} kernels)" if len(r) >= 6 else ", ".join(r) for r in runs)
+
+
 def compare(reports: dict[str, Report]) -> list[Change]:
     """Steps whose outcome differs between kernels: each run of kernels with one outcome, every kernel named, and the
     rule (commit, first version) behind a refusal."""
@@ -488,7 +502,7 @@ def compare(reports: dict[str, Report]) -> list[Change]:
         segments = []
         for run in runs:
             r = reports[run[0]].steps[n]
-            segments.append(f"{_where(r)} on {', '.join(run)}{_why(r)}")
+            segments.append(f"{_where(r)} on {kernels_text(run, kernels)}{_why(r)}")
         on = "" if base.vcpu is None else f"vCPU {base.vcpu}, "  # a recorded system or VM ioctl names no vCPU
         where = f" ({on}{base.label})" if base.label else ""  # recordings: time, pid and phase
         changes.append(Change(n, base.line, base.kind, outcomes, "; ".join(segments) + where))

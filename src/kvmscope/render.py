@@ -483,15 +483,16 @@ def comparison(scenario: str, kernels: list[str], profile: str, reports: dict[st
                                           "reports": {v: r.to_json() for v, r in reports.items()},
                                           "changes": [vars(c) for c in changes], "proposals": proposals or {}})
         return
+    from .check import kernels_text, outcome_text
+
     con = console()
-    _emit(con, line((scenario, "bold"), f" on kernels {', '.join(kernels)} (model, profile {profile})"))
+    _emit(con, line((scenario, "bold"), f" on kernels {kernels_text(kernels, kernels)} (model, profile {profile})"))
     for label, ruleset in (proposals or {}).items():
         _emit(con, line(f"  {label}: {ruleset}"))
     if not changes:
         _emit(con, line("no step changes outcome between these kernels"))
     for c in changes:
         _emit(con, line(f"  [{c.number}] line {c.line} {c.kind}: {c.text}"))
-    from .check import outcome_text
 
     changed = {c.number for c in changes}
     steps = zip(*(r.steps for r in reports.values()), strict=True)
@@ -502,8 +503,9 @@ def comparison(scenario: str, kernels: list[str], profile: str, reports: dict[st
                             f"{r.summary}" + (f" (expected {r.expected})" if r.expected else "")))
     failed = [k for k, r in reports.items() if not r.ok]
     further = [k for k, r in reports.items() if any(st.beyond_recording for st in r.steps)]
-    beyond = f"; got further than the recording on {', '.join(further)}" if further else ""
-    _emit(con, line(("FAILED", "bold red"), f": a step did not do what it expected on {', '.join(failed)}{beyond}")
+    beyond = f"; got further than the recording on {kernels_text(further, kernels)}" if further else ""
+    _emit(con, line(("FAILED", "bold red"), f": a step did not do what it expected on {kernels_text(failed, kernels)}"
+                    f"{beyond}")
           if failed else line(("OK", "bold green"), f": every step did what it expected on every kernel{beyond}"))
 
 
