@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from kvmscope import uapi
+from kvmscope.api import CpuidEntry
 from kvmscope.cli import main
 from kvmscope.linux import LinuxSystem
 from kvmscope.scenario import Traced, load
@@ -28,6 +29,7 @@ QEMU = shutil.which("qemu-system-x86_64")
 # A QEMU that stops before the guest runs (-S), with nothing attached; it aborts at vCPU creation with -cpu host here.
 QEMU_ARGS = ["-enable-kvm", "-nographic", "-nodefaults", "-nic", "none", "-S", "-display", "none"]
 BY_NAME = {v: k for k, v in uapi.TRACE_IOCTL_NAMES.items()}
+REGS = ("eax", "ebx", "ecx", "edx")
 TCGETS = 0x5401
 
 
@@ -125,6 +127,21 @@ def test_trace_records_the_arch_capabilities_abort(live: LinuxSystem, host_recor
     names = [s.name for s in scenario.steps if isinstance(s, Traced)]
     assert "KVM_CREATE_VM" in names and "KVM_X86_SETUP_MCE" in names, f"expected the other ioctls kept, got {names}"
     assert "KVM_IRQ_LINE" not in names, "IRQ_LINE is not trapped"
+    # the lists QEMU builds its vCPU model from are kept whole, as KVM gave them
+    lists = {s.name: s for s in scenario.steps if isinstance(s, Traced) and (s.indices or s.entries)}
+    assert lists["KVM_GET_MSR_INDEX_LIST"].indices == live.get_msr_index_list(), "the index list as KVM gave it"
+    assert lists["KVM_GET_MSR_FEATURE_INDEX_LIST"].indices == live.get_msr_feature_index_list()
+    from dataclasses import replace
+
+    from kvmscope.template import PER_CPU_BITS
+
+    def mine(entries: list[CpuidEntry]) -> list[CpuidEntry]:  # the APIC ID of the CPU each call ran on left out
+        return [replace(e, **{r: getattr(e, r) & ~PER_CPU_BITS.get((e.function, r), 0) for r in REGS}) for e in entries]
+
+    recorded = lists["KVM_GET_SUPPORTED_CPUID"].entries or []
+    assert mine(recorded) == mine(live.get_supported_cpuid()), "the supported CPUID as KVM gave it"
+    failed = [s for s in scenario.steps if isinstance(s, Traced) and s.errno and (s.indices or s.entries)]
+    assert not failed, f"a failed query (E2BIG) keeps no list: {failed[:1]}"
 
 
 @pytest.mark.parametrize("backend", ["model", "linux"])
@@ -323,6 +340,31 @@ def test_a_recorded_capability_query_is_asked_again(tmp_path: Path, kernel: str,
     cell = first_refusal(tmp_path / "asking.yaml", kernel, "pvm-6.18")
     names = list(dict.fromkeys(a.split()[0] for a in asked))
     assert cell.ok and (cell.differs, cell.capabilities) == (len(names), names), f"{kernel}: the cell names them: {cell}"
+
+
+@pytest.mark.parametrize(("kernel", "lists"), [
+    ("5.10", {"KVM_GET_MSR_FEATURE_INDEX_LIST": ["MSR_PLATFORM_INFO (0xce) (platform_info_immutable, since 6.13)"],
+              "KVM_GET_SUPPORTED_CPUID": ["CPUID 0x80000021.0 (leaf) (cpuid_80000021, since 5.18)",
+                                          "CPUID 0x1.0 ecx bit(s) 24 (cpuid_tsc_deadline, since 6.14)"]}),
+    ("6.12", {"KVM_GET_MSR_FEATURE_INDEX_LIST": ["MSR_PLATFORM_INFO (0xce)"],
+              "KVM_GET_SUPPORTED_CPUID": ["CPUID 0x1.0 ecx bit(s) 31 (cpuid_hypervisor, since 6.14)"]}),
+    ("6.18", {})])
+def test_a_recorded_list_is_set_against_the_kernel_replayed(kernel: str, lists: dict[str, list[str]]) -> None:
+    """QEMU builds its vCPU model from KVM_GET_MSR_FEATURE_INDEX_LIST and KVM_GET_SUPPORTED_CPUID: where an older kernel
+    lists less than the recording's 6.18, the step "differs", naming what is missing and the rule that brings it."""
+    import json
+
+    result = CliRunner().invoke(main, ["check", str(CORPUS / "host.yaml"), "--kernel", kernel, "--profile", "pvm-6.18",
+                                       "--json"])
+    report = json.loads(result.output)
+    steps = {s["summary"].split(":")[0].removeprefix("recorded "): s for s in report["steps"]
+             if s["outcome"] == "differs" and s["asked"].startswith("KVM_GET_")}
+    assert result.exit_code == 0 and sorted(steps) == sorted(lists), f"{kernel}: lists differing {sorted(steps)}"
+    for name, wants in lists.items():
+        for want in wants:
+            assert want in steps[name]["summary"], f"{kernel}: expected {want!r} in {steps[name]['summary']!r}"
+    assert sorted(report["lists_answer_otherwise"]) == sorted(lists), report["lists_answer_otherwise"]
+    assert all(not c.startswith("KVM_GET_") for c in report["capabilities_answer_otherwise"])
 
 
 def test_a_recording_replayed_where_the_kernel_takes_more_is_not_a_failure() -> None:

@@ -90,8 +90,9 @@ class StepResult:
 
     @property
     def asked_capability(self) -> str:
-        """The capability a "differs" step is about (the name in ``asked``)."""
+        """The capability (or the list, KVM_GET_...) a "differs" step is about (the name in ``asked``)."""
         return re.split(r" = | not ", self.asked, maxsplit=1)[0]
+
 
     @property
     def ok(self) -> bool:
@@ -119,6 +120,21 @@ class StepResult:
         return out
 
 
+def split_asked(names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The queries a replay found answered otherwise: (capabilities, lists: KVM_GET_MSR_INDEX_LIST and the like)."""
+    names = list(names)
+    return [n for n in names if not n.startswith("KVM_GET_")], [n for n in names if n.startswith("KVM_GET_")]
+
+
+def asked_text(names: Iterable[str]) -> str:
+    """"10 capabilities the VMM asked for answer otherwise; KVM_GET_MSR_INDEX_LIST answers otherwise than recorded"."""
+    caps, lists = split_asked(names)
+    parts = [f"{len(caps)} capabilities the VMM asked for answer otherwise" if len(caps) > 1 else
+             f"{caps[0]}, which the VMM asked for, answers otherwise" if caps else "",
+             f"{' and '.join(lists)} answer{'s' if len(lists) == 1 else ''} otherwise than recorded" if lists else ""]
+    return "; ".join(p for p in parts if p)
+
+
 @dataclass
 class Report:
     scenario: str
@@ -133,12 +149,14 @@ class Report:
 
     def to_json(self) -> dict[str, Any]:
         """The report; ``beyond_recording`` counts the steps that got further than their recording, and
-        ``capabilities_answer_otherwise`` names the capabilities the VMM asked for that this kernel answers otherwise."""
-        asked = list(dict.fromkeys(s.asked_capability for s in self.steps if s.outcome == "differs"))
+        ``capabilities_answer_otherwise`` names the capabilities the VMM asked for that this kernel answers otherwise,
+        ``lists_answer_otherwise`` the lists (KVM_GET_MSR_INDEX_LIST, KVM_GET_SUPPORTED_CPUID) it gives otherwise."""
+        caps, lists = split_asked(dict.fromkeys(s.asked_capability for s in self.steps if s.outcome == "differs"))
         return {"scenario": self.scenario, "path": self.path, "backend": self.backend,
                 "description": self.description, "ok": self.ok,
                 "beyond_recording": sum(s.beyond_recording for s in self.steps),
-                "capabilities_answer_otherwise": asked, "steps": [s.to_json() for s in self.steps]}
+                "capabilities_answer_otherwise": caps, "lists_answer_otherwise": lists,
+                "steps": [s.to_json() for s in self.steps]}
 
 
 class Replayer:
@@ -604,6 +622,48 @@ def _asked(self: Replayer, step: Traced, res: StepResult, what: str) -> bool:
     return True
 
 
+def _listed(self: Replayer, step: Traced, res: StepResult, what: str) -> bool:
+    """A recorded KVM_GET_MSR_INDEX_LIST, KVM_GET_MSR_FEATURE_INDEX_LIST or KVM_GET_SUPPORTED_CPUID, set against this
+    kernel's list (asked, not replayed): the VMM saves and restores the MSRs listed and offers the CPUID given, so
+    where this kernel lists less (or more) it takes another path from here ("differs"), each item with its rule."""
+    from .model.cpuid import lost_features
+
+    rules = getattr(self.system, "rules", None)
+    rules = rules if isinstance(rules, R.Ruleset) else None
+    items: list[tuple[str, R.Rule | None]]
+    if step.indices is not None and step.name in ("KVM_GET_MSR_INDEX_LIST", "KVM_GET_MSR_FEATURE_INDEX_LIST"):
+        now = (self.system.get_msr_index_list() if step.name == "KVM_GET_MSR_INDEX_LIST"
+               else self.system.get_msr_feature_index_list())
+        recorded, here = len(step.indices), len(now)
+        arrivals = {i: r for r, indices in R.MSR_ARRIVALS.items() for i in indices}
+        if rules is not None and not rules.feature_msr(M.MSR_PLATFORM_INFO):
+            arrivals[M.MSR_PLATFORM_INFO] = R.PLATFORM_INFO_IMMUTABLE  # a feature MSR from 6.13
+        later = {i: r for i, r in arrivals.items() if rules is not None and r not in rules.rules}
+        items = [(f"{M.name_of(i)} (0x{i:x})", later.get(i)) for i in step.indices if i not in set(now)]
+        more = sum(i not in set(step.indices) for i in now)
+        unit = "MSRs"
+    elif step.entries is not None and step.name == "KVM_GET_SUPPORTED_CPUID" and rules is not None:
+        cpuid = self.system.get_supported_cpuid()
+        recorded, here = len(step.entries), len(cpuid)
+        captured = getattr(self.system, "captured", None)
+        items = lost_features(rules, captured.history if captured is not None else (), step.entries, cpuid)
+        more = len(lost_features(rules, (), cpuid, step.entries))
+        unit = "entries"
+    else:
+        return False
+    if not items and not more:
+        return False
+    shown = "; ".join(n + (f" ({r.key}, since {r.since})" if r is not None else "") for n, r in items[:8])
+    res.outcome = "differs"
+    res.asked = f"{step.name} not as recorded: {len(items)} fewer, {more} more"
+    res.summary = (f"recorded {what}: returned {recorded} {unit}; this kernel gives {here}"
+                   + (f", without {shown}" if shown else "") + (f" and {len(items) - 8} more" if len(items) > 8 else "")
+                   + ": the VMM builds its vCPU model from this answer, so it takes another path from here (not "
+                   "replayed)")
+    res.notes.extend(f"rule: {r.cite()}" for r in dict.fromkeys(r for _, r in items if r is not None))
+    return True
+
+
 def _traced(self: Replayer, step: Traced, res: StepResult, shadow: StepResult | None) -> None:
     """A recorded ioctl that replay does not repeat: reported as it was recorded (a capability it asked for, with what
     this kernel answers)."""
@@ -618,6 +678,8 @@ def _traced(self: Replayer, step: Traced, res: StepResult, shadow: StepResult | 
     # a system query is the same whichever process made it (before KVM_CREATE_VM the VMM's carry its pid)
     if ((followed or step.on == "system") and step.name in ("KVM_CHECK_EXTENSION", "KVM_ENABLE_CAP")
             and step.on in ("system", "vm") and _asked(self, step, res, what)):
+        return
+    if step.on == "system" and not step.errno and _listed(self, step, res, what):
         return
     if step.errno:
         got = f"failed with {_errno.errorcode.get(step.errno, step.errno)}"

@@ -16,6 +16,7 @@ from . import msrs as _msrs
 from .api import CpuidEntry, HltExit, MsrBatch, System, Vcpu, Vm, cpu_vendor_of, find_cpuid
 from .errors import KvmError, KvmscopeError
 from .kernel import rulesets as R
+from .model.cpuid import lost_features
 
 FROZEN = "frozen after first run"
 WRITABLE = "writable after run"
@@ -291,7 +292,8 @@ def _later(system: System) -> dict[str, dict[str, str]]:
               for i in indices if i in getattr(profile, "msr_index_list", ())]
     now = getattr(system, "profile", profile)
     found += _later_fields(rules, profile.history, profile.feature_msrs, now.feature_msrs)
-    found += _later_cpuid(rules, profile.history, profile.supported_cpuid, now.supported_cpuid)
+    found += [(name, r) for name, r in lost_features(rules, profile.history, profile.supported_cpuid,
+                                                     now.supported_cpuid) if r is not None]
     found.sort(key=lambda f: R.parse_version(f[1].since))
     return {name: {"since": rule.since, "rule": rule.key} for name, rule in found}
 
@@ -311,33 +313,4 @@ def _later_fields(rules: R.Ruleset, history: list[Any], captured: dict[int, int]
                 bits = ", ".join(str(b) for b in range(64) if (lacking & mask) >> b & 1)
                 out.append((f"{_msrs.name_of(index)} bit(s) {bits} (feature MSR)", r))
                 lacking &= ~mask
-    return out
-
-
-def _later_cpuid(rules: R.Ruleset, history: list[Any], captured: list[CpuidEntry], now: list[CpuidEntry]
-                 ) -> list[tuple[str, R.Rule]]:
-    """The supported-CPUID leaves and feature bits the profile's host offers that this version's KVM does not yet,
-    each with its rule (``CPUID_LIMITS`` and the 0xD sub-leaves, ``CPUID_ARRIVALS``, the profile's ``history``)."""
-    out: list[tuple[str, R.Rule]] = []
-    arrivals: dict[tuple[int, int, str, int], R.Rule] = {}
-    for r, bits in R.CPUID_ARRIVALS.items():
-        arrivals.update({bit: r for bit in bits if r not in rules.rules})
-    for a in history:
-        if a.leaf is not None and a.rule not in rules.rules:
-            arrivals.update({(*a.leaf, a.register, b): a.rule for b in range(32) if a.mask >> b & 1})
-    grouped: dict[tuple[int, int, str, R.Rule], list[int]] = {}
-    for e in captured:
-        here = find_cpuid(now, e.function, e.index)
-        if here is None:
-            rule = rules.leaf_arrival(e.function, e.index)
-            if rule is not None:
-                out.append((f"CPUID 0x{e.function:x}.{e.index} (leaf)", rule))
-            continue
-        for reg in ("eax", "ebx", "ecx", "edx"):
-            lacking = getattr(e, reg) & ~getattr(here, reg)
-            for b in range(32):
-                rule = arrivals.get((e.function, e.index, reg, b)) if lacking >> b & 1 else None
-                if rule is not None:
-                    grouped.setdefault((e.function, e.index, reg, rule), []).append(b)
-    out += [(f"CPUID 0x{f:x}.{i} {reg} bit(s) {', '.join(map(str, bits))}", r) for (f, i, reg, r), bits in grouped.items()]
     return out

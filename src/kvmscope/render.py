@@ -411,10 +411,9 @@ class Tally:
     asked: dict[str, None] = field(default_factory=dict)
 
     def text(self) -> str:
-        n = len(self.asked)
-        parts = [f"{self.beyond} step(s) got further than the recording" if self.beyond else "",
-                 f"{n} capabilities the VMM asked for answer otherwise" if n > 1 else
-                 f"{next(iter(self.asked))}, which the VMM asked for, answers otherwise" if n else ""]
+        from .check import asked_text
+
+        parts = [f"{self.beyond} step(s) got further than the recording" if self.beyond else "", asked_text(self.asked)]
         return "".join(f"; {p}" for p in parts if p)
 
 

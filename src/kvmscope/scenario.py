@@ -361,12 +361,13 @@ class Ioctl(Step):
 class Traced(Step):
     """An ioctl a traced VMM issued that replay does not repeat (``kvmscope trace``): kept so the recording shows the
     whole sequence. ``on`` is the object (system, vm, vcpu, device), ``count`` how many identical calls in a row,
-    ``detail`` the decoded arguments, ``returned``/``errno`` what the kernel returned."""
+    ``detail`` the decoded arguments, ``returned``/``errno`` what the kernel returned, ``indices``/``entries`` the
+    list a KVM_GET_MSR_INDEX_LIST or KVM_GET_SUPPORTED_CPUID gave."""
 
     KIND = "traced"
     FIELDS = (VCPU, Field("on", Str(("system", "vm", "vcpu", "device", "other"))), Field("name", Str(), required=True),
               Field("count", Int(64)), Field("detail", Str()), Field("returned", Int(64)), Field("errno", Errno()),
-              Field("pid", Int(32)))
+              Field("pid", Int(32)), Field("indices", ListOf(Int(32))), Field("entries", ListOf(CPUID_ENTRY)))
     SHORT = None
     on: str = "vm"
     name: str = ""
@@ -375,6 +376,8 @@ class Traced(Step):
     returned: int | None = None
     errno: int | None = None
     pid: int | None = None
+    indices: list[int] | None = None  # what a KVM_GET_MSR_INDEX_LIST or _FEATURE_INDEX_LIST listed
+    entries: list[CpuidEntry] | None = None  # what a KVM_GET_SUPPORTED_CPUID offered
 
 
 STEP_TYPES: tuple[type[Step], ...] = (CreateVcpu, SetCpuid, SetMsrs, GetMsrs, GetCpuid, Run, Reset, MicrocodeLoad,

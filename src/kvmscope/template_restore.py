@@ -18,6 +18,7 @@ from .api import CpuidEntry, IoExit, System, cpu_vendor_of, find_cpuid
 from .errors import KvmError
 from .kernel import rulesets as R
 from .kernel.profile import HostArrival
+from .model.cpuid import FLAG_REGISTERS
 from .template import Template
 from .template_apply import (
     BOOT_MSRS,
@@ -44,14 +45,6 @@ SERIALIZABLE: tuple[tuple[int, int], ...] = (
     (0x4B564D05, 2),
 )
 MCG_CTL = 0x17B
-# The CPUID registers that are feature flags (a bit a guest may use), for what the target cannot back.
-FLAG_REGISTERS: dict[tuple[int, int], tuple[str, ...]] = {
-    (0x1, 0): ("ecx", "edx"), (0x7, 0): ("ebx", "ecx", "edx"), (0x7, 1): ("eax", "edx"), (0x7, 2): ("edx",),
-    (0xD, 0): ("eax", "edx"), (0xD, 1): ("eax", "ecx", "edx"), (0x80000001, 0): ("ecx", "edx"),
-    (0x80000008, 0): ("ebx",), (0x80000021, 0): ("eax",),
-}
-
-
 def serializable(index: int) -> bool:
     """Firecracker's ``msr_should_serialize``."""
     return index != MCG_CTL and any(first <= index < first + n for first, n in SERIALIZABLE)

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from ..api import CpuidEntry, find_cpuid
-from ..kernel.profile import Profile
+from ..kernel import rulesets as R
+from ..kernel.profile import HostArrival, Profile
 from ..uapi import KVM_CPUID_FLAG_SIGNIFCANT_INDEX
 
 X86_CR4_OSXSAVE = 1 << 18
@@ -200,3 +201,40 @@ def x86_model(signature: int) -> int:
     if family >= 6:
         model += (signature >> 16 & 0xF) << 4
     return model
+
+
+# The CPUID registers that are feature flags (a bit a guest may use).
+FLAG_REGISTERS: dict[tuple[int, int], tuple[str, ...]] = {
+    (0x1, 0): ("ecx", "edx"), (0x7, 0): ("ebx", "ecx", "edx"), (0x7, 1): ("eax", "edx"), (0x7, 2): ("edx",),
+    (0xD, 0): ("eax", "edx"), (0xD, 1): ("eax", "ecx", "edx"), (0x80000001, 0): ("ecx", "edx"),
+    (0x80000008, 0): ("ebx",), (0x80000021, 0): ("eax",),
+}
+
+
+def lost_features(rules: R.Ruleset, history: Sequence[HostArrival], before: Sequence[CpuidEntry],
+                  after: Sequence[CpuidEntry]) -> list[tuple[str, R.Rule | None]]:
+    """The KVM_GET_SUPPORTED_CPUID leaves and bits ``before`` offers and ``after`` does not, each with the rule not in
+    force under ``rules`` that brings it (``CPUID_LIMITS`` and 0xD's sub-leaves, ``CPUID_ARRIVALS``, a profile's
+    ``history``), or None for a feature-flag bit no rule explains: ``("CPUID 0x7.2 (leaf)", rule)``,
+    ``("CPUID 0x7.0 edx bit(s) 22, 24", rule)``."""
+    arrivals: dict[tuple[int, int, str, int], R.Rule] = {}
+    for r, bits in R.CPUID_ARRIVALS.items():
+        arrivals.update({bit: r for bit in bits if r not in rules.rules})
+    for a in history:
+        if a.leaf is not None and a.rule not in rules.rules:
+            arrivals.update({(*a.leaf, a.register, b): a.rule for b in range(32) if a.mask >> b & 1})
+    out: list[tuple[str, R.Rule | None]] = []
+    grouped: dict[tuple[int, int, str, R.Rule | None], list[int]] = {}
+    for e in before:
+        here = find_cpuid(after, e.function, e.index)
+        if here is None:
+            out.append((f"CPUID 0x{e.function:x}.{e.index} (leaf)", rules.leaf_arrival(e.function, e.index)))
+            continue
+        for reg in ("eax", "ebx", "ecx", "edx"):
+            lacking = getattr(e, reg) & ~getattr(here, reg)
+            for b in (b for b in range(32) if lacking >> b & 1):
+                rule = arrivals.get((e.function, e.index, reg, b))
+                if rule is not None or reg in FLAG_REGISTERS.get((e.function, e.index), ()):
+                    grouped.setdefault((e.function, e.index, reg, rule), []).append(b)
+    out += [(f"CPUID 0x{f:x}.{i} {reg} bit(s) {', '.join(map(str, bits))}", r) for (f, i, reg, r), bits in grouped.items()]
+    return out

@@ -106,10 +106,22 @@ def read_entry(call: Call, read: Reader) -> None:
         call.data["value"] = a
 
 
+LISTS = ("KVM_GET_MSR_INDEX_LIST", "KVM_GET_MSR_FEATURE_INDEX_LIST", "KVM_GET_SUPPORTED_CPUID")
+
+
 def read_exit(call: Call, read: Reader) -> None:
-    """What KVM returned in the payload, read at syscall exit."""
-    if call.name == "KVM_GET_MSRS" and call.result is not None and call.result >= 0:
+    """What KVM returned in the payload, read at syscall exit: a KVM_GET_MSRS's values, and the lists the VMM builds
+    its vCPU model from (the MSRs to save and restore, the CPUID to offer), which ``check`` sets against another
+    kernel's."""
+    if call.result is None or call.result < 0:
+        return
+    if call.name == "KVM_GET_MSRS":
         call.data["msrs"] = _msrs(read, call.arg, True)
+    elif call.name in LISTS[:2]:
+        n = min(struct.unpack("<I", read(call.arg, 4))[0], MAX_ENTRIES)
+        call.data["indices"] = list(struct.unpack(f"<{n}I", read(call.arg + 4, 4 * n)))
+    elif call.name == "KVM_GET_SUPPORTED_CPUID":
+        call.data["entries"] = _cpuid(read, call.arg)
 
 
 class Hex(int):
@@ -311,8 +323,7 @@ class Writer:
         if "msrs" in call.data:
             body["msrs"] = [[Hex(i), Hex(v)] for i, v in call.data["msrs"]]
         if "entries" in call.data:
-            body["entries"] = [{"function": Hex(e.function), "index": e.index, "flags": e.flags, "eax": Hex(e.eax),
-                                "ebx": Hex(e.ebx), "ecx": Hex(e.ecx), "edx": Hex(e.edx)} for e in call.data["entries"]]
+            body["entries"] = _entries(call.data["entries"])
         if call.errno:
             body["errno"] = _errno_name(call.errno)
             self.summary.refused.append(f"{call.name} on vCPU {body['vcpu']}: failed with {body['errno']}")
@@ -332,6 +343,10 @@ class Writer:
         detail = _detail(call)
         if detail:
             body["detail"] = detail
+        if "indices" in call.data:  # what KVM listed: check sets it against another kernel's list
+            body["indices"] = [Hex(i) for i in call.data["indices"]]
+        if "entries" in call.data:
+            body["entries"] = _entries(call.data["entries"])
         if call.errno:
             body["errno"] = _errno_name(call.errno)
             self.summary.failed[f"{call.name} {body['errno']}"] = self.summary.failed.get(
@@ -356,6 +371,11 @@ class Writer:
             self.out.write("steps: []\n")
         self.out.flush()
         return self.summary
+
+
+def _entries(entries: list[CpuidEntry]) -> list[dict[str, Any]]:
+    return [{"function": Hex(e.function), "index": e.index, "flags": e.flags, "eax": Hex(e.eax), "ebx": Hex(e.ebx),
+             "ecx": Hex(e.ecx), "edx": Hex(e.edx)} for e in entries]
 
 
 def _detail(call: Call) -> str:

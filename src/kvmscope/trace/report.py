@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.markup import escape
 
+from ..check import split_asked
 from ..render import console, json_document
 from .recorder import Result as TraceResult
 from .recorder import shortened
@@ -59,8 +60,10 @@ def corpus_matrix(cells: list[Cell], kernels: list[str], as_json: bool) -> None:
 
 
 def _cell(c: Cell) -> str:
-    differs = f"; {c.differs} capabilities answer otherwise" if c.differs > 1 else \
-        f"; {c.capabilities[0]} answers otherwise" if c.differs else ""
+    caps, lists = split_asked(c.capabilities)
+    differs = f"; {len(caps)} capabilities answer otherwise" if len(caps) > 1 else \
+        f"; {caps[0]} answers otherwise" if caps else ""
+    differs += f"; {' and '.join(lists)} otherwise than recorded" if lists else ""
     differs += f"; {c.beyond} step(s) further than recorded" if c.beyond else ""
     if c.ok:
         return f"[green]OK[/]{differs}"

@@ -28,8 +28,8 @@ class Cell:
     line: int | None = None
     rule: str | None = None  # the refusing rule's commit and title, when the model knows it
     as_recorded: bool | None = None  # did the step do what the live kernel did when it was recorded?
-    differs: int = 0  # capabilities the VMM asked for that this kernel answers otherwise (up to the cell's step)
-    capabilities: list[str] = field(default_factory=list)  # their names
+    differs: int = 0  # queries the VMM made that this kernel answers otherwise (up to the cell's step)
+    capabilities: list[str] = field(default_factory=list)  # their names: capabilities, and lists (KVM_GET_...)
     beyond: int = 0  # steps where this kernel took what the recording's kernel refused (up to the cell's step)
 
     def to_json(self) -> dict[str, Any]:
