@@ -63,7 +63,8 @@ def _cell(c: Cell) -> str:
     caps, lists = split_asked(c.capabilities)
     differs = f"; {len(caps)} capabilities answer otherwise" if len(caps) > 1 else \
         f"; {caps[0]} answers otherwise" if caps else ""
-    differs += f"; {' and '.join(lists)} otherwise than recorded" if lists else ""
+    differs += f"; {len(lists)} lists differ from the recording" if len(lists) > 1 else \
+        f"; {lists[0]} differs from the recording" if lists else ""
     differs += f"; {c.beyond} step(s) further than recorded" if c.beyond else ""
     if c.ok:
         return f"[green]OK[/]{differs}"
