@@ -613,3 +613,33 @@ steps:
         assert got == asked, f"{kernel}: expected {asked}, saw {got}"
         assert not asked or "6517dfbcc918" in steps[0]["notes"][0], f"{kernel}: the rule for the flags: {steps[0]}"
 
+
+
+def test_a_batch_holding_an_msr_the_kernel_does_not_list_is_not_its_failure(tmp_path: Path) -> None:
+    """A recording from a 6.18 Sapphire Rapids host whose VMM saved XFD, which the recorded KVM_GET_MSR_INDEX_LIST
+    named, replayed on 5.10 (no XFD before 5.17): the VMM takes its batch from that list, so it would not have sent XFD
+    there. The refusal is marked so, with the rule, and is not a failure; without the recorded list it is one."""
+    import json
+
+    from kvmscope.kernel.profile import load as load_profile
+    from kvmscope.trace.whatif import first_refusal
+
+    listed = ", ".join(f"0x{i:x}" for i in load_profile("intel-spr").msr_index_list)
+    steps = ['- {ioctl: {name: "KVM_CREATE_VCPU", vcpu: 0, returned: 12}}',
+             '- {ioctl: {name: "KVM_SET_MSRS", vcpu: 0, msrs: [[0x1c4, 0x0], [0x10, 0x0]], returned: 2}}']
+    head = "scenario: 1\nname: xfd\nprofile: intel-spr\nfaithful: true\nsteps:\n"
+    with_list = tmp_path / "xfd.yaml"
+    with_list.write_text(head + "\n".join([f'- {{traced: {{on: "system", name: "KVM_GET_MSR_INDEX_LIST", indices: '
+                                            f'[{listed}], returned: 0}}}}', *steps]) + "\n")
+    result = CliRunner().invoke(main, ["check", str(with_list), "--kernel", "5.10", "--json"])
+    report = json.loads(result.output)
+    batch = report["steps"][-1]
+    assert result.exit_code == 0 and batch["not_listed"] and report["not_listed"] == 1, (result.exit_code, batch)
+    assert batch["met"] is False and any("xfd_msrs, since 5.17" in n for n in batch["notes"]), batch["notes"]
+    assert first_refusal(with_list, "5.10", None).ok, "the corpus cell does not stop at it"
+    result = CliRunner().invoke(main, ["check", str(with_list), "--kernel", "6.18", "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["not_listed"] == 0, result.output[-300:]
+    without = tmp_path / "xfd-no-list.yaml"
+    without.write_text(head + "\n".join(steps) + "\n")
+    result = CliRunner().invoke(main, ["check", str(without), "--kernel", "5.10"])
+    assert result.exit_code == 1, f"without the recorded list the refusal is a failure: {result.output[-300:]}"

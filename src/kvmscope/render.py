@@ -409,11 +409,14 @@ class Tally:
 
     beyond: int = 0
     asked: dict[str, None] = field(default_factory=dict)
+    not_listed: int = 0
 
     def text(self) -> str:
         from .check import asked_text
 
-        parts = [f"{self.beyond} step(s) got further than the recording" if self.beyond else "", asked_text(self.asked)]
+        parts = [f"{self.beyond} step(s) got further than the recording" if self.beyond else "", asked_text(self.asked),
+                 f"{self.not_listed} recorded batch(es) hold an MSR this kernel does not list (the VMM would not send "
+                 "it)" if self.not_listed else ""]
         return "".join(f"; {p}" for p in parts if p)
 
 
@@ -424,6 +427,7 @@ def check_steps(con: Console, results: Iterable[StepResult], tally: Tally | None
     for s in results:
         ok = ok and s.ok
         tally.beyond += s.beyond_recording
+        tally.not_listed += s.not_listed
         if s.outcome == "differs":
             tally.asked[s.asked_capability] = None
         mark = Text("✓", "green") if s.met else Text("✗", "red") if not s.ok else Text("+", "yellow") if \

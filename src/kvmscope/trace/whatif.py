@@ -48,7 +48,7 @@ def first_refusal(path: Path, kernel: str, profile: str | None) -> Cell:
     try:
         with system:
             for r in results:
-                if r.outcome in ("refused", "error"):
+                if r.outcome in ("refused", "error") and not r.not_listed:  # an MSR the VMM would not send here
                     return replace(_refused(path, kernel, prof, r), differs=len(asked), capabilities=list(asked),
                                    beyond=beyond)
                 if r.outcome == "differs":
