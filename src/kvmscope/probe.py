@@ -7,7 +7,7 @@ comparison of the two tells "refused by the after-run rule" from "refused anyway
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -16,6 +16,7 @@ from . import msrs as _msrs
 from .api import CpuidEntry, HltExit, MsrBatch, System, Vcpu, Vm, cpu_vendor_of, find_cpuid
 from .errors import KvmError, KvmscopeError
 from .kernel import rulesets as R
+from .kernel.profile import HostArrival
 from .model.cpuid import lost_features
 
 FROZEN = "frozen after first run"
@@ -298,7 +299,7 @@ def _later(system: System) -> dict[str, dict[str, str]]:
     return {name: {"since": rule.since, "rule": rule.key} for name, rule in found}
 
 
-def _later_fields(rules: R.Ruleset, history: list[Any], captured: dict[int, int], now: dict[int, int]
+def _later_fields(rules: R.Ruleset, history: Sequence[HostArrival], captured: dict[int, int], now: dict[int, int]
                   ) -> list[tuple[str, R.Rule]]:
     """The feature-MSR bits the profile's host reports that this version's KVM does not yet, each with the oldest
     rule not in force that covers it (``FEATURE_ARRIVALS`` and the profile's ``history``)."""
