@@ -284,6 +284,14 @@ def test_a_snapshot_cannot_move_between_cpu_vendors_whatever_kvm_takes() -> None
     assert not rep.ok and "AMD" in rep.cannot_move and "Intel" in rep.cannot_move, rep.cannot_move
     assert rep.summary().startswith("the guest cannot move: the source host's CPUs are AMD"), rep.summary()
     assert rep.to_json()["cannot_move"] == rep.cannot_move
+    from dataclasses import replace
+
+    spr = load_profile("intel-spr")
+    no_leaf0 = replace(spr, supported_cpuid=[e for e in spr.supported_cpuid if e.function != 0])
+    with open_model(profile="intel-spr") as a, open_model(profile=no_leaf0) as b:
+        rep = restore(a, b, load(EXAMPLES / "t2s-like.json"), 1, boot=())
+    assert not rep.cannot_move and any("the CPU vendor of the target is not known" in n for n in rep.notes), (
+        f"a vendor unknown on one side is a note, not a verdict: {rep.cannot_move!r} {rep.notes}")
 
 
 def test_restore_reports_template_bits_the_source_did_not_hold(tmp_path: Path) -> None:
@@ -392,27 +400,42 @@ def test_baseline_under_a_kernel_starts_from_what_that_kernel_reports() -> None:
     assert not any("0x48f" in line.lower() for line in result.left_out), result.left_out
 
 
-def test_baseline_without_a_kernel_takes_each_host_as_its_own_kernel_reports(tmp_path: Path) -> None:
-    """A Sapphire Rapids host pinned to 5.10 (a profile whose ruleset is 5.10) in a fleet with one on 6.18: the
-    baseline starts from what 5.10 reports (no GDS_NO, RFDS_NO or ITS_NO, no CET), as ``--kernel``'s default, "each
-    own", says; fingerprint compare sees the same differences."""
+def test_a_host_is_taken_as_captured_unless_asked_under_a_kernel(tmp_path: Path) -> None:
+    """A capture is what its host reported: from a distribution's kernel (RHEL's 5.14.0-427) it holds backports that
+    mainline 5.14 lacks, so baseline and fingerprint compare take it as it is, not as the model's 5.14 would. Asked
+    under a kernel (HOST@VERSION), a host is what that kernel's KVM reports on it: no GDS_NO/RFDS_NO/ITS_NO or CET
+    on 5.10."""
     from dataclasses import replace
 
-    from kvmscope.fleet import under
+    from kvmscope.fleet import host, under
 
     spr = load_profile("intel-spr")
-    old = replace(spr, name="spr-5.10", ruleset="5.10")
-    result = settle(baseline(under([old, spr], None)), [old, spr])
+    rhel = replace(spr, name="spr-rhel", kernel_release="5.14.0-427.13.1.el9_4.x86_64", ruleset="5.14")
+    diffs = compare(*under([rhel, spr], None))
+    assert [d.what for d in diffs] == ["kernel"], f"the same data differs only in its kernel: {diffs}"
+    (tmp_path / "rhel.json").write_text(json.dumps(rhel.to_json()))
+    res = CliRunner().invoke(main, ["fingerprint", "compare", str(tmp_path / "rhel.json"), "intel-spr"])
+    assert res.exit_code == 1 and "MSR_IA32_ARCH_CAPABILITIES" not in res.output, res.output
+    old, version = host("intel-spr@5.10")
+    result = settle(baseline(under([old, spr], None, [version, None])), [old, spr])
     arch = next(m for m in result.template.msr_modifiers if m.addr == 0x10A).bitmap.value
     assert not arch & (1 << 26 | 1 << 27 | 1 << 62), f"ARCH_CAPABILITIES {arch:#x}: 5.10 has no GDS_NO/RFDS_NO/ITS_NO"
     leaf7 = next(m for m in result.template.cpuid_modifiers if (m.leaf, m.subleaf) == (7, 0))
     ecx = next(r for r in leaf7.modifiers if r.register == "ecx").bitmap
     assert ecx.mask >> 7 & 1 and not ecx.value >> 7 & 1, "CPUID 7.0 ECX[7] (CET_SS, 6.18) fixed to 0"
-    diffs = compare(*under([old, spr], None))
-    assert any(d.where.startswith("MSR_IA32_ARCH_CAPABILITIES") for d in diffs), [d.where for d in diffs]
-    (tmp_path / "old.json").write_text(json.dumps(old.to_json()))
-    res = CliRunner().invoke(main, ["fingerprint", "compare", str(tmp_path / "old.json"), "intel-spr"])
+    res = CliRunner().invoke(main, ["fingerprint", "compare", "intel-spr@5.10", "intel-spr"])
     assert res.exit_code == 1 and "MSR_IA32_ARCH_CAPABILITIES" in res.output, res.output
+    res = CliRunner().invoke(main, ["fingerprint", "compare", "intel-spr@6.18", "intel-spr"])
+    assert res.exit_code == 0, f"the same host under its own kernel: {res.output}"
+
+
+def test_a_file_named_with_an_at_is_itself(tmp_path: Path) -> None:
+    from kvmscope.fleet import host
+
+    path = tmp_path / "spr@6.12.118-fc.json"
+    path.write_text(json.dumps(load_profile("intel-spr").to_json()))
+    p, version = host(str(path))
+    assert (p.name, version) == ("intel-spr", None), "an existing file is read as it is"
 
 
 def test_profile_names_print_on_one_short_line(tmp_path: Path) -> None:
@@ -447,7 +470,7 @@ def test_a_host_at_a_kernel_is_that_host_under_that_kernel(tmp_path: Path) -> No
     DS/DTES64, on 6.12.118 it has (0x24c0): fingerprint compare names them, and the baseline of both keeps 0x2000."""
     from kvmscope.fleet import host
 
-    old, new = host("intel-spr@6.1.192"), host("intel-spr@6.12.118")
+    (old, _), (new, _) = host("intel-spr@6.1.192"), host("intel-spr@6.12.118")
     assert (old.name, old.ruleset, old.kernel_release) == ("intel-spr@6.1.192", "6.1.192", "6.1.192"), old.name
     assert new.feature_msrs == load_profile("intel-spr").feature_msrs, "@VERSION keeps the captured values"
     res = CliRunner().invoke(main, ["fingerprint", "compare", "intel-spr@6.1.192", "intel-spr@6.12.118", "--json"])

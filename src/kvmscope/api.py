@@ -168,13 +168,23 @@ def find_cpuid(entries: Sequence[CpuidEntry], function: int, index: int = 0) -> 
     return None
 
 
-def cpu_vendor_of(entries: Sequence[CpuidEntry]) -> str | None:
-    """``"intel"``/``"amd"`` from CPUID leaf 0's vendor string (EBX, EDX, ECX), else None."""
+def cpu_vendor_string(entries: Sequence[CpuidEntry]) -> str | None:
+    """CPUID leaf 0's vendor string (EBX, EDX, ECX: ``"GenuineIntel"``), else None."""
     leaf0 = find_cpuid(entries, 0)
     if leaf0 is None:
         return None
-    text = b"".join(r.to_bytes(4, "little") for r in (leaf0.ebx, leaf0.edx, leaf0.ecx)).decode("latin-1")
-    return _msrs.cpu_vendor(text)
+    return b"".join(r.to_bytes(4, "little") for r in (leaf0.ebx, leaf0.edx, leaf0.ecx)).decode("latin-1")
+
+
+def cpu_vendor_of(entries: Sequence[CpuidEntry]) -> str | None:
+    """``"intel"``/``"amd"`` (Hygon too: KVM treats it as AMD) from CPUID leaf 0's vendor string, else None."""
+    text = cpu_vendor_string(entries)
+    return None if text is None else _msrs.cpu_vendor(text)
+
+
+# CPU vendors as reports name them (a guest cannot move between them: Hygon is its own, whatever KVM shares)
+VENDOR_NAMES = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD", "HygonGenuine": "Hygon", "CentaurHauls": "Centaur",
+                "  Shanghai  ": "Zhaoxin"}
 
 
 # --- exits ----------------------------------------------------------------------------------------------------------------

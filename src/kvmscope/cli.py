@@ -729,15 +729,18 @@ def baseline_cmd(profiles: tuple[str, ...], kernel: str | None, output: str | No
 
     _check_outputs(output)
     with exit_on_error():
-        loaded = [host(p) for p in profiles]
-    if kernel is not None and any(p.name.endswith(f"@{p.ruleset}") for p in loaded):
+        hosts = [host(p) for p in profiles]
+    loaded, versions = [p for p, _ in hosts], [v for _, v in hosts]
+    if kernel is not None and any(versions):
         fail("--kernel judges every host under one kernel: drop it, or the @VERSION of each host", EXIT_USAGE)
     names = [p.name for p in loaded]
     twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
     if twice is not None:
         fail(f"host {render.clean(twice)!r} is given twice: name each host of the fleet once", EXIT_USAGE)
-    with exit_on_error():  # the baseline of what each host reports under --kernel, judged there
-        result = settle(baseline(under(loaded, kernel)), loaded, kernel)
+    notes: list[str] = []
+    with exit_on_error():  # the baseline of what each host reports under --kernel (or its @VERSION), judged there
+        result = settle(baseline(under(loaded, kernel, versions, notes)), loaded, kernel)
+    result.notes[:0] = notes
     if output:
         _save(result.template, output)
     from .kernel.rulesets import resolve
@@ -769,8 +772,12 @@ def fingerprint_compare(a: str, b: str, as_json: bool) -> None:
     from . import render_template
     from .fleet import compare, host, under
 
-    with exit_on_error():  # each host as its own kernel reports it (a profile's ruleset, or HOST@VERSION's)
-        pa, pb = under([host(a), host(b)], None)
+    notes: list[str] = []
+    with exit_on_error():  # each host as captured, or as HOST@VERSION's kernel reports it
+        (pa, va), (pb, vb) = host(a), host(b)
+        pa, pb = under([pa, pb], None, [va, vb], notes)
+    for n in notes:
+        render.note(n)
     diffs = compare(pa, pb)
     render_template.fingerprint_report(pa.name, pb.name, diffs, as_json)
     sys.exit(EXIT_OK if not diffs else EXIT_FAILED)

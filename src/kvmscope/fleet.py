@@ -25,12 +25,13 @@ every host has it and to 0 where some host lacks it. Other registers (family/mod
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import msrs as M
-from .api import CpuidEntry, cpu_vendor_of, find_cpuid
+from .api import VENDOR_NAMES, CpuidEntry, cpu_vendor_string, find_cpuid
 from .errors import KvmscopeError, ProfileError, shown
 from .kernel.profile import Profile
 from .template import PER_CPU_BITS, Bitmap, CpuidModifier, LeafModifier, MsrModifier, Template
@@ -127,8 +128,7 @@ def baseline(profiles: Sequence[Profile]) -> Baseline:
     out = Baseline(Template(path="<baseline>"))
     vendors: dict[str, list[str]] = {}
     for p in profiles:
-        vendors.setdefault({"intel": "Intel", "amd": "AMD"}.get(cpu_vendor_of(p.supported_cpuid) or "", "unknown"),
-                           []).append(p.name)
+        vendors.setdefault(VENDOR_NAMES.get(cpu_vendor_string(p.supported_cpuid) or "", "unknown"), []).append(p.name)
     if len(vendors) > 1:
         out.notes.append("the hosts' CPUs are of different vendors (" + "; ".join(
             f"{v}: {', '.join(n)}" for v, n in vendors.items()) + "): every host takes the template, but a running "
@@ -173,19 +173,22 @@ def baseline(profiles: Sequence[Profile]) -> Baseline:
     return out
 
 
-def host(spec: str) -> Profile:
-    """A fleet's host: a shipped profile name or a profile file, optionally ``@VERSION`` for that host under that
-    kernel (``intel-spr@6.1.192``: its name says so, its ``ruleset`` and kernel release are the version)."""
+def host(spec: str) -> tuple[Profile, str | None]:
+    """A fleet's host and the kernel it is asked under: a shipped profile name or a profile file as it is (None), or
+    ``HOST@VERSION``, that host under that kernel (``intel-spr@6.1.192``: its name says so, its ``ruleset`` and kernel
+    release are the version). A name or file that exists is itself, '@' or not (``spr@6.12.json``)."""
     from dataclasses import replace
 
-    from .kernel.profile import load
+    from .kernel.profile import load, shipped
     from .kernel.rulesets import parse_version, resolve
 
-    name, at, version = spec.rpartition("@") if isinstance(spec, str) else ("", "", "")
+    name, _, version = spec.rpartition("@") if isinstance(spec, str) else ("", "", "")
     try:
         parse_version(version)
     except KvmscopeError:
-        return load(spec)  # no version after an @: a name or a path as it is
+        return load(spec), None  # no version after an @: a name or a path as it is
+    if spec in shipped() or os.path.lexists(spec):
+        return load(spec), None
     if not name:
         raise ProfileError(f"{shown(spec)}: expected HOST@VERSION with a profile name or file before the @")
     try:
@@ -193,19 +196,28 @@ def host(spec: str) -> Profile:
     except KvmscopeError as e:  # older than the oldest ruleset
         raise ProfileError(f"{shown(spec)}: {e}") from None
     p = load(name)
-    return replace(p, name=f"{p.name}@{version}", ruleset=version, kernel_release=version)
+    return replace(p, name=f"{p.name}@{version}", ruleset=version, kernel_release=version), version
 
 
-def under(profiles: Sequence[Profile], kernel: str | None) -> list[Profile]:
-    """Each host as ``kernel`` would report it, or without one as its own ``ruleset`` does (the model's view: what
-    that kernel's KVM did not report yet left out, ``rulesets.FEATURE_ARRIVALS``, the CPUID and MSR arrivals and the
-    profile's ``history``); a capture is unchanged under its own kernel."""
+def under(profiles: Sequence[Profile], kernel: str | None, versions: Sequence[str | None] = (),
+          notes: list[str] | None = None) -> list[Profile]:
+    """Each host as ``kernel`` would report it, or as the version it was asked under (``versions``, HOST@VERSION's;
+    the model's view: what that kernel's KVM did not report yet left out, ``rulesets.FEATURE_ARRIVALS``, the CPUID
+    and MSR arrivals and the profile's ``history``); a host asked under neither is taken as captured (a capture from a
+    distribution's kernel holds backports the mainline release of its number lacks). ``notes`` gets the model's
+    warnings (a kernel newer than the rules)."""
     from .model import open_model
 
     out = []
-    for p in profiles:
-        with open_model(kernel=kernel, profile=p) as system:
+    for i, p in enumerate(profiles):
+        version = kernel or (versions[i] if i < len(versions) else None)
+        if version is None:
+            out.append(p)
+            continue
+        with open_model(kernel=version, profile=p) as system:
             out.append(system.profile)
+            if system.warning and notes is not None and system.warning not in notes:
+                notes.append(system.warning)
     return out
 
 
@@ -292,12 +304,20 @@ def _bitnames(index: int, a: int, b: int) -> str:
 
 def compare(a: Profile, b: Profile) -> list[Difference]:
     """What differs between two hosts that matters for migrating a vCPU between them."""
+    from .kernel.rulesets import resolve
+
     out = []
+    cpus = [VENDOR_NAMES.get(cpu_vendor_string(p.supported_cpuid) or "", "unknown") for p in (a, b)]
+    if cpus[0] != cpus[1]:
+        out.append(Difference("vendor", "CPU vendor", cpus[0], cpus[1], "a running guest cannot move between CPU "
+                              "vendors"))
     if a.vendor != b.vendor:
-        out.append(Difference("vendor", "vendor module", a.vendor, b.vendor, "a vCPU cannot move between vendors"))
-    if (a.kernel_release, a.ruleset) != (b.kernel_release, b.ruleset):
-        out.append(Difference("kernel", "kernel", f"{a.kernel_release} ({a.ruleset} rules)",
-                              f"{b.kernel_release} ({b.ruleset} rules)"))
+        out.append(Difference("vendor", "vendor module", a.vendor, b.vendor, "a vCPU's state is its module's: it "
+                              "cannot move between modules"))
+    rules = [resolve(p.ruleset).version for p in (a, b)]
+    if rules[0] != rules[1]:
+        out.append(Difference("kernel", "kernel", f"{a.kernel_release} ({rules[0]} rules)",
+                              f"{b.kernel_release} ({rules[1]} rules)"))
     for index in sorted(set(a.feature_msrs) | set(b.feature_msrs)):
         va, vb = a.feature_msrs.get(index), b.feature_msrs.get(index)
         if va == vb:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from . import uapi
-from .api import CpuidEntry, IoExit, System, cpu_vendor_of, find_cpuid
+from .api import VENDOR_NAMES, CpuidEntry, IoExit, System, cpu_vendor_string, find_cpuid
 from .errors import KvmError
 from .kernel import rulesets as R
 from .kernel.profile import HostArrival
@@ -82,11 +82,14 @@ def restore(source: System, target: System, template: Template, vcpus: int = 1,
                 rep.failures.append(f"snapshot: KVM_GET_MSRS on vCPU {i} refuses {msr_where(lost[0])}"
                                     + (f" and {len(lost) - 1} more" if len(lost) > 1 else ""))
             saved.append((v.get_cpuid(), [(ix, values[ix]) for ix in to_save if ix in values]))
-    there, here = (VENDOR_NAMES.get(cpu_vendor_of(s.get_supported_cpuid()) or "") for s in (source, target))
-    if saved and there != here:
-        rep.cannot_move = (f"the source host's CPUs are {there or 'of an unknown vendor'}, the target's "
-                           f"{here or 'of an unknown vendor'}: KVM may take the snapshot's CPUID and MSRs, but a running "
-                           "guest chose vendor-specific code at boot")
+    there, here = (_cpu(s) for s in (source, target))
+    if saved and None in (there, here):
+        rep.notes.append("the CPU vendor of the " + " and the ".join(w for w, v in (("source", there), ("target", here))
+                                                                     if v is None)
+                         + " is not known (no CPUID leaf 0): whether a guest can move between them is not judged")
+    elif saved and there != here:
+        rep.cannot_move = (f"the source host's CPUs are {there}, the target's {here}: KVM may take the snapshot's CPUID "
+                           "and MSRs, but a running guest chose vendor-specific code at boot")
     if saved:
         captured = getattr(target, "captured", None)
         lacking = unbacked(saved[0][0], source.get_supported_cpuid(), target.get_supported_cpuid(),
@@ -119,7 +122,10 @@ def restore(source: System, target: System, template: Template, vcpus: int = 1,
     return rep
 
 
-VENDOR_NAMES = {"intel": "Intel", "amd": "AMD"}
+def _cpu(system: System) -> str | None:
+    """The host's CPU vendor as reports name it (leaf 0 of its supported CPUID), else None."""
+    text = cpu_vendor_string(system.get_supported_cpuid())
+    return None if text is None else VENDOR_NAMES.get(text, text)
 
 
 def _arrival_bits(function: int, index: int, reg: str, host: Sequence[HostArrival]) -> dict[int, list[R.Rule]]:
