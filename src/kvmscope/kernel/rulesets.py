@@ -488,6 +488,10 @@ CPUID_ARRIVALS: dict[Rule, tuple[tuple[int, int, str, int], ...]] = {
 # enumerate (AVX10, HYPERVISOR), or name what KVM always emulated (TSC_DEADLINE with the in-kernel LAPIC).
 ADVERTISED_ONLY = frozenset({CPUID_X87_DEPRECATED, CPUID_FAST_REP_STRINGS, CPUID_80000021, CPUID_NO_SMM_CTL_MSR,
                              CPUID_AVX512_FP16, CPUID_AVX_VNNI, CPUID_AVX10, CPUID_HYPERVISOR, CPUID_TSC_DEADLINE})
+# Of those, the bits a VMM sets whatever KVM_GET_SUPPORTED_CPUID says: QEMU's kvm_arch_get_supported_cpuid
+# (target/i386/kvm/kvm.c) adds HYPERVISOR ("even if KVM does not return it") and TSC_DEADLINE (with an in-kernel irqchip
+# and KVM_CAP_TSC_DEADLINE_TIMER), so a list without them changes nothing it does.
+VMM_SETS_ITSELF = frozenset({CPUID_HYPERVISOR, CPUID_TSC_DEADLINE})
 # The leaves KVM_GET_SUPPORTED_CPUID stops at before a version raised the limit, (function, limit before): leaf 0's and
 # 0x80000000's EAX (the highest basic and extended leaf, ``min(host, limit)``) and 7.0's EAX (the highest sub-leaf of
 # leaf 7). A profile taken on a later kernel reads, under an earlier one, the lower limit and no leaf above it.
