@@ -173,3 +173,30 @@ def test_a_misspelt_top_level_profile_key_is_an_error_an_unknown_one_is_not() ->
     data = profile.load("intel-spr").to_json()
     data["added_by_a_newer_kvmscope"] = {"x": 1}
     assert profile.read(data, "x.json").name == "intel-spr", "an unknown key unlike any known one is ignored"
+
+
+@pytest.mark.parametrize(("entry", "error"), [
+    ({"rule": "vmx_restore_current", "mask": "0x1", "feature_msr": "0x345"},
+     r"history\[0\]\.rule: vmx_restore_current is not a change from a release on \(since < 5.10, until 6.0\)"),
+    ({"rule": "cpuid_7_2_edx", "mask": "0x1", "feature_msr": "0x345"}, None),
+    ({"rule": "pebs_ept_spr", "mask": "0x1", "feature_msr": "0x999"},
+     r"history\[0\]: feature_msr 0x999 is not in feature_msrs"),
+    ({"rule": "pebs_ept_spr", "mask": "0x1", "feature_msr": "0x345", "register": "eax"},
+     r"history\[0\]: a feature_msr entry has no register"),
+    ({"rule": "pebs_ept_spr", "mask": "0x1", "cpuid": "0x1234.0", "register": "eax"},
+     r"history\[0\]\.cpuid: leaf 0x1234.0 is not in supported_cpuid"),
+])
+def test_a_history_entry_says_what_a_later_release_changed_on_this_host(entry: dict[str, object],
+                                                                          error: str | None) -> None:
+    data = profile.load("intel-spr").to_json()
+    data["history"] = [entry]
+    if error is None:
+        assert profile.read(data, "x.json").history[0].rule.key == entry["rule"], "a rule of a release: taken"
+        return
+    with pytest.raises(ProfileError, match=r"^x.json: field " + error):
+        profile.read(data, "x.json")
+    data["ruleset"] = "6.2"  # pebs_ept_spr is 6.3's: on a 6.2 host's own kernel the captured value stands
+    data["history"] = [{"rule": "pebs_ept_spr", "mask": "0x4fc0", "feature_msr": "0x345", "before": "0x0"}]
+    with pytest.raises(ProfileError, match=r"history\[0\]\.rule: pebs_ept_spr \(since 6.3\) is not in force on the "
+                                           r"profile's own kernel \(6.2\)"):
+        profile.read(data, "x.json")

@@ -290,11 +290,32 @@ def _finish(r: Reader, x: Any, path: str, values: dict[str, Any]) -> None:
                 raise r.fail(x, inputs.shown(k), f"unknown field (did you mean {close[0]}?)")
     values.setdefault("ruleset", values["kernel_release"])
     try:
-        rulesets.resolve(values["ruleset"])
+        own = rulesets.resolve(values["ruleset"])
     except Exception as e:
         raise r.fail(x, "ruleset", inputs.shown(str(e))) from None
+    _check_history(r, x, values, own)
     _check_cpuid_size(r, x, values)
     values["path"] = r.file
+
+
+def _check_history(r: Reader, x: Any, values: dict[str, Any], own: rulesets.Ruleset) -> None:
+    """Each ``history`` entry: a rule that brings a change from a release on (not one that ended), in force on the
+    profile's own kernel (what the host reported), about a feature MSR or CPUID leaf the profile has."""
+    from ..api import find_cpuid
+
+    for i, a in enumerate(values.get("history", [])):
+        where = f"history[{i}]"
+        if a.rule.start is None or a.rule.until is not None:
+            raise r.fail(x, f"{where}.rule", f"{a.rule.key} is not a change from a release on (since {a.rule.since}"
+                         + (f", until {a.rule.until}" if a.rule.until else "") + ")")
+        if not own.has(a.rule):
+            raise r.fail(x, f"{where}.rule", f"{a.rule.key} (since {a.rule.since}) is not in force on the profile's own "
+                         f"kernel ({values['ruleset']}): there the value is the one captured")
+        if a.msr is not None and (a.register or a.msr not in values["feature_msrs"]):
+            raise r.fail(x, where, "a feature_msr entry has no register" if a.register else
+                         f"feature_msr 0x{a.msr:x} is not in feature_msrs")
+        if a.leaf is not None and find_cpuid(values["supported_cpuid"], *a.leaf) is None:
+            raise r.fail(x, f"{where}.cpuid", f"leaf 0x{a.leaf[0]:x}.{a.leaf[1]} is not in supported_cpuid")
 
 
 def _check_cpuid_size(r: Reader, x: Any, values: dict[str, Any]) -> None:
