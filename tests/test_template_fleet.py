@@ -410,7 +410,7 @@ def test_a_host_is_taken_as_captured_unless_asked_under_a_kernel(tmp_path: Path)
     from kvmscope.fleet import host, under
 
     spr = load_profile("intel-spr")
-    rhel = replace(spr, name="spr-rhel", kernel_release="5.14.0-427.13.1.el9_4.x86_64", ruleset="5.14")
+    rhel = replace(spr, name="spr-rhel", kernel_release="5.14.0-427.13.1.el9_4.x86_64", ruleset="5.14", history=[])
     diffs = compare(*under([rhel, spr], None))
     assert [d.what for d in diffs] == ["kernel"], f"the same data differs only in its kernel: {diffs}"
     (tmp_path / "rhel.json").write_text(json.dumps(rhel.to_json()))

@@ -46,7 +46,8 @@ SCHEMA = 1
 # that measured less is taken again. 2: ``vcpu.cr4_accepted``. 3: ``vendor_msrs`` (capture.vendor_msrs). 4: the
 # unlisted MSRs of KVM's range, the MTRRs, and appended CPUID leaves as appended. 5: XFD's and CET's MSRs (named).
 # 6: the PMU and Hyper-V MSRs (named; the P6 counters and event selects answer in common code where no PMU claims them).
-CAPTURE_FORMAT = 6
+# 7: AMD's K7 and F15H PMU MSRs, PEBS_DATA_CFG and the rest of Hyper-V's (named; K7's answer in common code too).
+CAPTURE_FORMAT = 7
 VENDORS = ("vmx", "svm", "pvm")
 BEHAVIOURS = ("store", "drop", "zero_only", "zero_drop", "refuse", "volatile", "other")
 CAP_BY_NAME = {v: k for k, v in uapi.CAPABILITY_NAMES.items()}
