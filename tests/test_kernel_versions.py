@@ -901,7 +901,7 @@ def test_arch_capabilities_synthesized_bits_by_version(profile: str, kernel: str
 # from 6.3 (13738a364736, in no 6.1.y); without BASELINE from 6.9 (9e985cbf2942: 6.1.88, 6.6.29; 6.12.118 vmx.c:7930).
 SPR_PERF_CAP = [("5.10.262", 0x2000), ("5.12", 0x203F), ("6.1", 0x203F), ("6.1.28", 0x203F), ("6.1.29", 0x2000),
                 ("6.1.192", 0x2000), ("6.2", 0x203F), ("6.3", 0x64FF), ("6.4", 0x64C0), ("6.6.28", 0x64C0),
-                ("6.6.29", 0x24C0), ("6.8", 0x64C0), ("6.9", 0x24C0), ("6.12.118", 0x24C0), ("6.18", 0x24C0)]
+                ("6.6.29", 0x24C0), ("6.8", 0x64C0), ("6.8.8", 0x24C0), ("6.9", 0x24C0), ("6.12.118", 0x24C0), ("6.18", 0x24C0)]
 
 
 @pytest.mark.parametrize(("kernel", "value"), SPR_PERF_CAP)
@@ -928,13 +928,18 @@ def test_perf_capabilities_of_sapphire_rapids_by_version(kernel: str, value: int
 
 
 @pytest.mark.parametrize("kernel", ["5.10", "6.1.192", "6.3", "6.12.118", "6.18"])
-def test_perf_capabilities_of_hosts_without_a_history_stay(kernel: str) -> None:
-    # the arrivals are intel-spr's own (its profile's "history"): AMD reports 0 on every version (5.10.262 svm.c:2479,
-    # 6.12.118 x86.c:1288), and the PVM capture 0
-    for profile in ("amd-epyc", "pvm-6.18"):
-        with model(profile, kernel) as kvm:
-            got = kvm.read_feature_msrs()[PERF_CAP]
-            assert got == 0, f"{profile} {kernel}: PERF_CAPABILITIES expected 0, saw {got:#x}"
+def test_perf_capabilities_follow_a_profiles_own_history(kernel: str) -> None:
+    # the arrivals are intel-spr's own ("history"): the same host without them keeps its captured 0x24c0 everywhere,
+    # and AMD reports 0 on every version (5.10.262 svm.c:2479, 6.12.118 x86.c:1288)
+    from kvmscope.kernel.profile import load as load_profile
+
+    bare = replace(load_profile("intel-spr"), history=[])
+    with kvmscope.model.open_model(kernel=kernel, profile=bare) as kvm:
+        got = kvm.read_feature_msrs()[PERF_CAP]
+        assert got == 0x24C0, f"intel-spr without its history on {kernel}: PERF_CAPABILITIES {got:#x}, expected 0x24c0"
+    with model("amd-epyc", kernel) as kvm:
+        got = kvm.read_feature_msrs()[PERF_CAP]
+        assert got == 0, f"amd-epyc {kernel}: PERF_CAPABILITIES expected 0, saw {got:#x}"
 
 
 # --- IA32_DEBUGCTL (model/msr_debugctl.py; /work/notes/debugctl.md) ---------------------------------------------------

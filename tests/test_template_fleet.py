@@ -173,7 +173,7 @@ def test_cli_apply_compare_and_exit_codes() -> None:
 def test_cli_baseline_then_apply_on_each(tmp_path: Path) -> None:
     out_file = tmp_path / "fleet.json"
     code, out = run("baseline", *FLEET, "-o", str(out_file))
-    assert code == 0 and "forced by" in out and "left out" in out, out
+    assert code == 0 and "forced to 0 by" in out and "left out" in out, out
     for name in FLEET:
         code, out = run("template", "apply", str(out_file), "--profile", name)
         assert code == 0, f"{name}: {out}"

@@ -138,11 +138,11 @@ def baseline_report(b: Baseline, names: Sequence[str], path: str | None, as_json
         click.echo(b.template.dumps(), nl=False)
     else:
         click.echo(f"wrote {path}: the baseline of {', '.join(map(_name, names))}")
-    forced: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+    forced: dict[tuple[str, tuple[str, ...], int], list[int]] = {}
     for f in b.forced:
-        forced.setdefault((f.where, tuple(f.hosts)), []).append(f.bit)
-    for (where, hosts), bits in forced.items():
-        click.echo(f"  forced by {', '.join(map(_name, hosts))}: {where} bits {', '.join(map(str, bits))}",
+        forced.setdefault((f.where, tuple(f.hosts), f.value), []).append(f.bit)
+    for (where, hosts, value), bits in forced.items():
+        click.echo(f"  forced to {value} by {', '.join(map(_name, hosts))}: {where} bits {', '.join(map(str, bits))}",
                    err=path is None)
     for why in b.left_out:
         click.echo(f"  left out: {why}", err=path is None)

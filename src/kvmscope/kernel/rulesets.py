@@ -83,8 +83,9 @@ PEBS_EPT_SPR = Rule("pebs_ept_spr", "6.3", "13738a364736",
                     "Rapids from 6.3, in no 6.1.y)")
 ADAPTIVE_PEBS_OFF = Rule("adaptive_pebs_off", "6.9", "9e985cbf2942",
                          "KVM: x86/pmu: Disable support for adaptive PEBS (PERF_CAPABILITIES without PEBS_BASELINE)",
-                         # 6.1.88 by its stable review thread; 6.6.29 is the same stable batch (2024-04-27), not read
-                         stable=("6.1.88", "6.6.29"))
+                         # 6.1.88 by its stable review thread; 6.6.29 by the linux-6.6.y stable-rc push of 2024-04-23
+                         # (ca48817556c5); 6.8.8 is the same batch (2024-04-27), not read
+                         stable=("6.1.88", "6.6.29", "6.8.8"))
 CR4_FIXED1_LAM = Rule("cr4_fixed1_lam", "6.8", "nested_vmx_cr_fixed1_bits_update",
                       "nested CR4_FIXED1 allows LAM_SUP when guest CPUID.7.1:EAX.LAM is set")
 CR4_FIXED1_CET = Rule("cr4_fixed1_cet", "6.18", "nested_vmx_cr_fixed1_bits_update",
