@@ -96,7 +96,6 @@ class StepResult:
         """The capability (or the list, KVM_GET_...) a "differs" step is about (the name in ``asked``)."""
         return re.split(r" = | not ", self.asked, maxsplit=1)[0]
 
-
     @property
     def ok(self) -> bool:
         """Did what it expected (or, replaying a recording, got further than the recording: took what the recording's

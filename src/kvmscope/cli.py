@@ -509,8 +509,8 @@ def template_apply(template_file: str, backend: str, kernel: str | None, profile
                 reports[label] = apply(system, t, vcpus, boot, after_run)
             except ModelLimitation as e:  # what the model does not reproduce: no verdict rather than a made-up one
                 fail(f"{template_file}: the model cannot judge this template: {e}", EXIT_USAGE)
-        if getattr(system, "warning", None):  # a kernel newer than the newest ruleset: the verdict is extrapolated
-            reports[label].notes.insert(0, system.warning)  # type: ignore[attr-defined]
+        if warning := getattr(system, "warning", None):  # a kernel newer than the newest ruleset: extrapolated
+            reports[label].notes.insert(0, warning)
         if system.backend == "linux":
             _explain_live(reports[label], t, vcpus, boot, after_run)
     render_template.apply_reports(reports, as_json)

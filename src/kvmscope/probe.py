@@ -303,9 +303,7 @@ def _later_fields(rules: R.Ruleset, history: Sequence[HostArrival], captured: di
                   ) -> list[tuple[str, R.Rule]]:
     """The feature-MSR bits the profile's host reports that this version's KVM does not yet, each with the oldest
     rule not in force that covers it (``FEATURE_ARRIVALS`` and the profile's ``history``)."""
-    absent = [(r, *f) for r, fields in R.FEATURE_ARRIVALS.items() for f in fields]
-    absent += [(a.rule, a.msr, a.mask, a.before) for a in history if a.msr is not None]
-    absent = sorted((a for a in absent if a[0] not in rules.rules), key=lambda a: a[0].start or R.OLDEST)
+    absent = rules.absent_arrivals((a.rule, a.msr, a.mask, a.before) for a in history if a.msr is not None)
     out = []
     for index, value in captured.items():
         lacking = value & ~now.get(index, 0)

@@ -45,6 +45,8 @@ SERIALIZABLE: tuple[tuple[int, int], ...] = (
     (0x4B564D05, 2),
 )
 MCG_CTL = 0x17B
+
+
 def serializable(index: int) -> bool:
     """Firecracker's ``msr_should_serialize``."""
     return index != MCG_CTL and any(first <= index < first + n for first, n in SERIALIZABLE)

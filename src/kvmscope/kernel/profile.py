@@ -381,7 +381,8 @@ HOST_ARRIVAL = Record(HostArrival, [
     Field("rule", RuleKey(), required=True), Field("mask", Int(), required=True), Field("feature_msr", Int(32), attr="msr"),
     Field("before", Int()), Field("cpuid", Leaf(), attr="leaf"), Field("register", Str(REGISTERS)),
 ], finish=_arrival)
-# Unknown keys are ignored (a newer kvmscope may add some); a CPUID entry's are an error.
+
+
 class Name(Str):
     """A profile's name: one printable line (reports print it as the host's name), as ``probe --save --name`` asks."""
 
@@ -392,6 +393,8 @@ class Name(Str):
         return v
 
 
+# Unknown keys are ignored (a newer kvmscope may add some, _finish refuses a misspelt known one); a CPUID entry's are
+# an error.
 PROFILE: Record[Profile] = Record(Profile, [
     Field("schema", Version(SCHEMA), required=True, store=False),
     Field("name", Name(), required=True),

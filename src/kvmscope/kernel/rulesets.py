@@ -723,13 +723,18 @@ class Ruleset:
         """``absent_features`` with a host's own arrivals, (rule, index, mask, before) each (a profile's ``history``).
         Where two fields overlap the older rule's value wins: before it, the later one had nothing to change (intel-spr's
         PEBS_BASELINE, kept 6.3-6.8, is not there before 6.3 brings PEBS)."""
-        absent = [(r, *f) for r, fields in FEATURE_ARRIVALS.items() for f in fields if r not in self.rules]
-        absent += [a for a in host if a[0] not in self.rules]
         out: dict[int, tuple[int, int]] = {}
-        for _, index, mask, before in sorted(absent, key=lambda a: a[0].start or OLDEST, reverse=True):
+        for _, index, mask, before in reversed(self.absent_arrivals(host)):
             m, b = out.get(index, (0, 0))
             out[index] = (m | mask, b & ~mask | before)
         return out
+
+    def absent_arrivals(self, host: Iterable[tuple[Rule, int, int, int]] = ()) -> list[tuple[Rule, int, int, int]]:
+        """The feature-MSR arrivals not in force here, (rule, index, mask, before), ``FEATURE_ARRIVALS`` and a host's
+        own, the oldest release first."""
+        absent = [(r, *f) for r, fields in FEATURE_ARRIVALS.items() for f in fields if r not in self.rules]
+        absent += [a for a in host if a[0] not in self.rules]
+        return sorted(absent, key=lambda a: a[0].start or OLDEST)
 
     @cached_property
     def absent_caps(self) -> frozenset[int]:
