@@ -214,11 +214,13 @@ def probe(report: ProbeReport, fallback_reason: str | None, as_json: bool) -> No
     if report.later:  # the model: what the profile's host has that this kernel version does not yet
         con.print(line(f"Not yet on kernel {report.host.get('ruleset')} (the profile's host has them), by the release "
                        "that brings them (docs/rules.md):"), highlight=False)
-        by_release: dict[str, list[str]] = {}
-        for name, at in report.later.items():
-            by_release.setdefault(at["since"], []).append(name.removeprefix("KVM_CAP_"))
+        by_release: dict[str, dict[str, list[str]]] = {}
+        for name, at in report.later.items():  # one register's bits from two rules of a release: one item
+            head, sep, bits = name.removeprefix("KVM_CAP_").partition(" bit(s) ")
+            by_release.setdefault(at["since"], {}).setdefault(head + sep, []).append(bits)
         for since, names in by_release.items():
-            con.print(line(f"  {since}: ", ", ".join(names)), highlight=False)
+            con.print(line(f"  {since}: ", ", ".join(f"{h}{', '.join(b)}" if b != [""] else h for h, b in names.items())),
+                      highlight=False)
     if _print_table(con, *_freeze_check(report)):
         con.print(line("before: a changed value on a vCPU that never ran (tried: the first, +N more); after: the same and "
                        "a changed value after a run to HLT"), style="dim", highlight=False)
