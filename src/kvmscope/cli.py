@@ -739,14 +739,15 @@ def baseline_cmd(profiles: tuple[str, ...], kernel: str | None, output: str | No
         fail(f"host {render.clean(twice)!r} is given twice: name each host of the fleet once", EXIT_USAGE)
     notes: list[str] = []
     with exit_on_error():  # the baseline of what each host reports under --kernel (or its @VERSION), judged there
-        result = settle(baseline(under(loaded, kernel, versions, notes)), loaded, kernel)
+        result = settle(baseline(under(loaded, kernel, versions, notes)), loaded, kernel, versions=versions)
     result.notes[:0] = notes
     if output:
         _save(result.template, output)
     from .kernel.rulesets import resolve
 
-    render_template.baseline_report(result, [p.name for p in loaded], output, as_json,
-                                    {p.name: resolve(kernel or p.ruleset).version for p in loaded})
+    render_template.baseline_report(result, [p.name for p in loaded], output, as_json, {
+        p.name: resolve(kernel or v or p.ruleset).version + ("" if kernel or v else " (as captured)")
+        for p, v in hosts})
 
 
 @main.group()

@@ -221,11 +221,13 @@ def under(profiles: Sequence[Profile], kernel: str | None, versions: Sequence[st
     return out
 
 
-def settle(base: Baseline, profiles: Sequence[Profile], kernel: str | None = None, rounds: int = 4) -> Baseline:
-    """Judge ``base`` on the model of every host (under ``kernel``, default each profile's own) and take out what a host
-    refuses or rewrites: an MSR KVM_SET_MSRS refuses is left out (naming the host and rule); CPUID bits a host's
-    KVM_SET_CPUID2 changes are passed through (``x``), since no template can hold them there. Repeats until every host
-    takes the template (Firecracker's boot MSRs are left out of the judgement: they are not the template's)."""
+def settle(base: Baseline, profiles: Sequence[Profile], kernel: str | None = None, rounds: int = 4,
+           versions: Sequence[str | None] = ()) -> Baseline:
+    """Judge ``base`` on the model of every host (under ``kernel``, or its ``versions`` entry, HOST@VERSION's; else as
+    captured, under its own kernel's rules) and take out what a host refuses or rewrites: an MSR KVM_SET_MSRS refuses
+    is left out (naming the host and rule); CPUID bits a host's KVM_SET_CPUID2 changes are passed through (``x``),
+    since no template can hold them there. Repeats until every host takes the template (Firecracker's boot MSRs are
+    left out of the judgement: they are not the template's)."""
     from .model import open_model
     from .template_apply import apply
 
@@ -233,8 +235,9 @@ def settle(base: Baseline, profiles: Sequence[Profile], kernel: str | None = Non
     for _ in range(rounds):
         dropped: dict[int, str] = {}
         loose: dict[tuple[int, int, str], int] = {}
-        for p in profiles:
-            with open_model(kernel=kernel, profile=p) as system:
+        for i, p in enumerate(profiles):
+            pinned = kernel or (versions[i] if i < len(versions) else None)  # else as captured, under its own rules
+            with open_model(kernel=pinned, profile=p, as_captured=pinned is None) as system:
                 rep = apply(system, t, 1, boot=())
             if not all(v.cpuid_set for v in rep.vcpus):  # every other verdict would be a vCPU's without CPUID
                 failed = next(f for f in rep.failures if "KVM_SET_CPUID2" in f)

@@ -724,7 +724,9 @@ class Ruleset:
         Where two fields overlap the older rule's value wins: before it, the later one had nothing to change (intel-spr's
         PEBS_BASELINE, kept 6.3-6.8, is not there before 6.3 brings PEBS)."""
         out: dict[int, tuple[int, int]] = {}
-        for _, index, mask, before in reversed(self.absent_arrivals(host)):
+        # newest first, so that an older release's value wins; at one release a host's own entry wins (applied last)
+        for _, index, mask, before in sorted(self.absent_arrivals(host), key=lambda a: a[0].start or OLDEST,
+                                             reverse=True):
             m, b = out.get(index, (0, 0))
             out[index] = (m | mask, b & ~mask | before)
         return out

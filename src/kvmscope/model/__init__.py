@@ -12,9 +12,11 @@ from .vcpu import ModelLimitation, ModelVcpu
 from .vm import ModelVm
 
 
-def open_model(kernel: str | None = None, profile: str | Path | Profile | None = None) -> ModelSystem:
+def open_model(kernel: str | None = None, profile: str | Path | Profile | None = None,
+               as_captured: bool = False) -> ModelSystem:
     """The model for ``profile`` (a shipped name, a JSON path, or a Profile; default: this project's PVM host) under
-    the ruleset of ``kernel`` (default: the profile's kernel)."""
+    the ruleset of ``kernel`` (default: the profile's kernel); ``as_captured`` (without ``kernel``): the profile's
+    values as they are, not as the mainline release of its kernel would report them (ModelSystem)."""
     if kernel is not None and not isinstance(kernel, str):
         raise InvalidTypeError(f"open_model: kernel must be a version such as '6.18' (a str) or None, not "
                                f"{type(kernel).__name__} {kernel!r:.60}", argument="kernel", expected="a str or None",
@@ -26,7 +28,7 @@ def open_model(kernel: str | None = None, profile: str | Path | Profile | None =
         system.warning = proposed.warning  # a base newer than the newest ruleset is noted as --kernel is
         return system
     version = kernel or prof.ruleset
-    system = ModelSystem(prof, rulesets.resolve(version))
+    system = ModelSystem(prof, rulesets.resolve(version), as_captured=as_captured and kernel is None)
     system.warning = rulesets.newer_than_known(version) or (None if kernel else stale_label(prof))
     return system
 

@@ -22,9 +22,11 @@ class ModelSystem(System):
 
     backend: ClassVar[str] = "model"
 
-    def __init__(self, profile: Profile, rules: Ruleset) -> None:
+    def __init__(self, profile: Profile, rules: Ruleset, as_captured: bool = False) -> None:
+        """``as_captured``: the profile's values as they are, under ``rules`` (a capture from a distribution's kernel
+        holds backports that the mainline release of its number lacks), not as that release would report them."""
         self.captured = profile  # as its host reported it, before this version's KVM leaves out what came later
-        absent = rules.absent_msrs
+        absent = rules.absent_msrs if not as_captured else frozenset()
         if absent & {*profile.msr_index_list, *profile.behaviours}:
             # a profile taken on a later kernel lists MSRs this version's KVM does not know yet: unknown here
             profile = replace(profile, msr_index_list=[i for i in profile.msr_index_list if i not in absent],
@@ -32,8 +34,8 @@ class ModelSystem(System):
                               vendor_msrs={i: b for i, b in profile.vendor_msrs.items() if i not in absent})
         absent_bits = rules.absent_cpuid + tuple(  # and offers CPUID bits and leaves this version does not
             (*a.leaf, a.register, b) for a in profile.history if a.leaf is not None and a.rule not in rules.rules
-            for b in range(32) if a.mask >> b & 1)
-        if absent_bits or rules.cpuid_limits:
+            for b in range(32) if a.mask >> b & 1) if not as_captured else ()
+        if absent_bits or (rules.cpuid_limits and not as_captured):
             entries = within_limits(without_bits(profile.supported_cpuid, absent_bits), rules.cpuid_limits)
             if _xsave_bits(entries) != _xsave_bits(profile.supported_cpuid):
                 entries = xsave_leaves(entries)
@@ -42,7 +44,7 @@ class ModelSystem(System):
         # what it does not advertise yet (FEATURE_ARRIVALS)
         self.hardware_features = dict(profile.feature_msrs)
         absent_fields = rules.absent_fields((a.rule, a.msr, a.mask, a.before) for a in profile.history
-                                            if a.msr is not None)
+                                            if a.msr is not None) if not as_captured else {}
         if absent_fields.keys() & profile.feature_msrs.keys():
             profile = replace(profile, feature_msrs={
                 i: v if i not in absent_fields else v & ~absent_fields[i][0] | absent_fields[i][1]
@@ -51,6 +53,7 @@ class ModelSystem(System):
         self.rules = rules
         self.advertised = frozenset(profile.msr_index_list)
         self.warning: str | None = None  # set when the kernel asked for is newer than the newest ruleset
+        self.as_captured = as_captured
 
     def describe(self) -> str:
         return f"model backend: kernel {self.rules.version} rules, profile {self.profile.name} ({self.profile.vendor})"
@@ -80,6 +83,8 @@ class ModelSystem(System):
     def capability(self, cap: int, vm: bool = False) -> int:
         """The profile's capability as this kernel version reports it: 0 for one that came later (``CAP_ARRIVALS``),
         and the quirks and x2APIC flags it does not have yet left out."""
+        if self.as_captured:  # what the capture's kernel answered
+            return self.profile.capability(cap, vm)
         if cap in self.rules.absent_caps or (cap == uapi.KVM_CAP_GUEST_MEMFD and vm and not self.rules.guest_memfd_on_any_vm):
             return 0
         if cap == uapi.KVM_CAP_VAPIC and not self.rules.vapic_on(
