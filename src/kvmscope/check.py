@@ -640,56 +640,66 @@ def _asked(self: Replayer, step: Traced, res: StepResult, what: str) -> bool:
 def _listed(self: Replayer, step: Traced, res: StepResult, what: str) -> bool:
     """A recorded KVM_GET_MSR_INDEX_LIST, KVM_GET_MSR_FEATURE_INDEX_LIST or KVM_GET_SUPPORTED_CPUID, set against this
     kernel's list (asked, not replayed): the VMM saves and restores the MSRs listed and offers the CPUID given, so
-    where this kernel lists less (or more) it takes another path from here ("differs"), each item with its rule."""
+    where this kernel lacks items it takes another path from here ("differs"). On the model (or the live kernel with
+    its model alongside), each missing item is put down to the release that brings it, where this host has it; what
+    no release explains is another host's answer, and what this kernel lists beyond the recording may be a later
+    kernel's or another host's: notes. With no model to ask, any difference of the live kernel judged counts."""
     from .model.cpuid import lost_features
 
-    rules = getattr(self.system, "rules", None)
+    model = self.system if self.system.backend == "model" else self.shadow.system if self.shadow is not None else None
+    rules = getattr(model, "rules", None)
     rules = rules if isinstance(rules, R.Ruleset) else None
-    items: list[tuple[str, R.Rule | None]]
+    captured = getattr(model, "captured", None)  # the host as captured: what it has under its own kernel
+    found: list[tuple[str, R.Rule | None]]  # each item this kernel lacks, and the rule that brings it
     if step.indices is not None and step.name in ("KVM_GET_MSR_INDEX_LIST", "KVM_GET_MSR_FEATURE_INDEX_LIST"):
-        now = (self.system.get_msr_index_list() if step.name == "KVM_GET_MSR_INDEX_LIST"
-               else self.system.get_msr_feature_index_list())
+        index_list = step.name == "KVM_GET_MSR_INDEX_LIST"
+        now = self.system.get_msr_index_list() if index_list else self.system.get_msr_feature_index_list()
         recorded, here = len(step.indices), len(now)
         arrivals = {i: r for r, indices in R.MSR_ARRIVALS.items() for i in indices}
-        if rules is not None and not rules.feature_msr(M.MSR_PLATFORM_INFO):
+        if not index_list:
             arrivals[M.MSR_PLATFORM_INFO] = R.PLATFORM_INFO_IMMUTABLE  # a feature MSR from 6.13
-        later = {i: r for i, r in arrivals.items() if rules is not None and r not in rules.rules}
-        fewer = [i for i in step.indices if i not in set(now)]
-        items = [(f"{M.name_of(i)} (0x{i:x})", later.get(i)) for i in fewer]
-        if step.name == "KVM_GET_MSR_INDEX_LIST":
-            self.unlisted = {i: f"{r.key}, since {r.since}" if r is not None else f"step {res.number}"
-                             for i, (_, r) in zip(fewer, items, strict=True)}
+        own = set(captured.msr_index_list if index_list else captured.feature_msrs) if captured is not None else None
+
+        def why(i: int) -> R.Rule | None:
+            r = arrivals.get(i)
+            return None if rules is None or r is None or r in rules.rules or own is not None and i not in own else r
+
+        found = [(f"{M.name_of(i)} (0x{i:x})", why(i)) for i in step.indices if i not in set(now)]
         more = sum(i not in set(step.indices) for i in now)
         unit = "MSRs"
     elif step.entries is not None and step.name == "KVM_GET_SUPPORTED_CPUID" and rules is not None:
         cpuid = self.system.get_supported_cpuid()
         recorded, here = len(step.entries), len(cpuid)
-        captured = getattr(self.system, "captured", None)
-        items = lost_features(rules, captured.history if captured is not None else (), step.entries, cpuid)
+        history, own_cpuid = (captured.history, captured.supported_cpuid) if captured is not None else ((), None)
+        found = lost_features(rules, history, step.entries, cpuid, own_cpuid)
         more = len(lost_features(rules, (), cpuid, step.entries))
         unit = "entries"
     else:
         return False
-    # Only what a later release brings is this kernel's doing; the rest is another host's (or kernel's) answer than
-    # the recording's, which says nothing about this kernel: a note. HYPERVISOR and TSC_DEADLINE the VMM sets itself.
-    brought = [(n, r) for n, r in items if r is not None and r not in R.VMM_SETS_ITSELF]
-    other = sum(r is None for _, r in items) + more
+    # Only what a release explains (or, with no model to ask, any difference of the live kernel judged) is this
+    # kernel's doing; HYPERVISOR and TSC_DEADLINE the VMM sets itself.
+    brought: list[tuple[str, R.Rule | None]] = found if rules is None else [
+        (n, r) for n, r in found if r is not None and r not in R.VMM_SETS_ITSELF]
+    other = sum(r is None for _, r in found) if rules is not None else 0
+    if other:
+        res.notes.append(f"{step.name}: {other} recorded item(s) this kernel lacks and no release in the rules "
+                         "explains: another host's answer (give --profile for the recording's host)")
+    if more:
+        res.notes.append(f"{step.name}: this kernel gives {more} item(s) the recording's did not (a later kernel's, "
+                         "or another host's): the VMM would save or offer them here")
     if not brought:
-        if other:
-            res.notes.append(f"{step.name}: {other} item(s) differ from the recording's list with no release to "
-                             "explain them: the recording comes from another host or kernel (give --profile for its "
-                             "host)")
         return False
-    shown = "; ".join(f"{n} ({r.key}, since {r.since})" for n, r in brought[:8])
+    shown = "; ".join(n + (f" ({r.key}, since {r.since})" if r is not None else "") for n, r in brought[:8])
     res.outcome = "differs"
     res.asked = f"{step.name} not as recorded: {len(brought)} fewer"
     res.summary = (f"recorded {what}: returned {recorded} {unit}; this kernel gives {here}, without {shown}"
                    + (f" and {len(brought) - 8} more" if len(brought) > 8 else "")
                    + ": the VMM builds its vCPU model from this answer, so it takes another path from here (not "
                    "replayed)")
-    if other:
-        res.notes.append(f"{other} other item(s) differ with no release to explain them (another host's answer)")
-    res.notes.extend(f"rule: {r.cite()}" for r in dict.fromkeys(r for _, r in brought))
+    res.notes.extend(f"rule: {r.cite()}" for r in dict.fromkeys(r for _, r in brought if r is not None))
+    if step.name == "KVM_GET_MSR_INDEX_LIST":
+        self.unlisted = {int(n.rsplit("(0x", 1)[1].rstrip(")"), 16): f"{r.key}, since {r.since}" if r is not None
+                         else f"step {res.number}" for n, r in brought}
     return True
 
 

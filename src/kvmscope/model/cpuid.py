@@ -212,28 +212,37 @@ FLAG_REGISTERS: dict[tuple[int, int], tuple[str, ...]] = {
 
 
 def lost_features(rules: R.Ruleset, history: Sequence[HostArrival], before: Sequence[CpuidEntry],
-                  after: Sequence[CpuidEntry]) -> list[tuple[str, R.Rule | None]]:
+                  after: Sequence[CpuidEntry], host: Sequence[CpuidEntry] | None = None,
+                  in_force: bool = False) -> list[tuple[str, R.Rule | None]]:
     """The KVM_GET_SUPPORTED_CPUID leaves and bits ``before`` offers and ``after`` does not, each with the rule not in
     force under ``rules`` that brings it (``CPUID_LIMITS`` and 0xD's sub-leaves, ``CPUID_ARRIVALS``, a profile's
     ``history``), or None for a feature-flag bit no rule explains: ``("CPUID 0x7.2 (leaf)", rule)``,
-    ``("CPUID 0x7.0 edx bit(s) 22, 24", rule)``."""
+    ``("CPUID 0x7.0 edx bit(s) 22, 24", rule)``. With ``host`` (what a host offers under its own kernel) only what
+    that host has is put down to a rule; ``in_force``: bits ``after`` gained by a rule in force (leaves get none)."""
     arrivals: dict[tuple[int, int, str, int], R.Rule] = {}
     for r, bits in R.CPUID_ARRIVALS.items():
-        arrivals.update({bit: r for bit in bits if r not in rules.rules})
+        arrivals.update({bit: r for bit in bits if (r in rules.rules) == in_force})
     for a in history:
-        if a.leaf is not None and a.rule not in rules.rules:
+        if a.leaf is not None and (a.rule in rules.rules) == in_force:
             arrivals.update({(*a.leaf, a.register, b): a.rule for b in range(32) if a.mask >> b & 1})
+
+    def has(function: int, index: int, reg: str = "", bit: int = 0) -> bool:
+        e = find_cpuid(host, function, index) if host is not None else None
+        return host is None or e is not None and (not reg or bool(getattr(e, reg) >> bit & 1))
+
     out: list[tuple[str, R.Rule | None]] = []
     grouped: dict[tuple[int, int, str, R.Rule | None], list[int]] = {}
     for e in before:
         here = find_cpuid(after, e.function, e.index)
         if here is None:
-            out.append((f"CPUID 0x{e.function:x}.{e.index} (leaf)", rules.leaf_arrival(e.function, e.index)))
+            rule = rules.leaf_arrival(e.function, e.index) if not in_force else None
+            out.append((f"CPUID 0x{e.function:x}.{e.index} (leaf)", rule if has(e.function, e.index) else None))
             continue
         for reg in ("eax", "ebx", "ecx", "edx"):
             lacking = getattr(e, reg) & ~getattr(here, reg)
             for b in (b for b in range(32) if lacking >> b & 1):
                 rule = arrivals.get((e.function, e.index, reg, b))
+                rule = rule if has(e.function, e.index, reg, b) else None
                 if rule is not None or reg in FLAG_REGISTERS.get((e.function, e.index), ()):
                     grouped.setdefault((e.function, e.index, reg, rule), []).append(b)
     out += [(f"CPUID 0x{f:x}.{i} {reg} bit(s) {', '.join(map(str, bits))}", r) for (f, i, reg, r), bits in grouped.items()]
