@@ -292,6 +292,9 @@ def test_a_snapshot_cannot_move_between_cpu_vendors_whatever_kvm_takes() -> None
         rep = restore(a, b, load(EXAMPLES / "t2s-like.json"), 1, boot=())
     assert not rep.cannot_move and any("the CPU vendor of the target is not known" in n for n in rep.notes), (
         f"a vendor unknown on one side is a note, not a verdict: {rep.cannot_move!r} {rep.notes}")
+    assert not [d for d in compare(spr, no_leaf0) if d.where == "CPU vendor"], "fingerprint compare does not judge it"
+    notes = baseline([spr, no_leaf0]).notes
+    assert any("is not known" in n for n in notes) and not any("different vendors" in n for n in notes), notes
 
 
 def test_restore_reports_template_bits_the_source_did_not_hold(tmp_path: Path) -> None:
@@ -432,6 +435,8 @@ def test_a_host_is_taken_as_captured_unless_asked_under_a_kernel(tmp_path: Path)
     assert res.exit_code == 1 and "MSR_IA32_ARCH_CAPABILITIES" in res.output, res.output
     res = CliRunner().invoke(main, ["fingerprint", "compare", "intel-spr@6.18", "intel-spr"])
     assert res.exit_code == 0, f"the same host under its own kernel: {res.output}"
+    res = CliRunner().invoke(main, ["fingerprint", "compare", "intel-spr@7.5", "intel-spr", "--json"])
+    assert "newer than the newest" in json.loads(res.output)["notes"][0], res.output[:300]
 
 
 def test_a_file_named_with_an_at_is_itself(tmp_path: Path) -> None:

@@ -187,6 +187,12 @@ VENDOR_NAMES = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD", "HygonGenuine": 
                 "  Shanghai  ": "Zhaoxin"}
 
 
+def cpu_vendor_name(entries: Sequence[CpuidEntry]) -> str | None:
+    """The CPU vendor as reports name it (``"Intel"``; an unknown vendor string as it is), None without leaf 0."""
+    text = cpu_vendor_string(entries)
+    return None if text is None else VENDOR_NAMES.get(text, text)
+
+
 # --- exits ----------------------------------------------------------------------------------------------------------------
 
 

@@ -761,8 +761,8 @@ def fingerprint() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the differences as JSON.")
 def fingerprint_compare(a: str, b: str, as_json: bool) -> None:
     """What differs between two hosts that matters for migration: vendor, kernel, microcode, feature MSRs, CPUID.
-    A and B are shipped profile names or profile files, each as its own kernel reports it; HOST@VERSION is that host
-    under that kernel.
+    A and B are shipped profile names or profile files, each as captured; HOST@VERSION is that host under that
+    kernel.
 
     \b
     Example:
@@ -777,10 +777,11 @@ def fingerprint_compare(a: str, b: str, as_json: bool) -> None:
     with exit_on_error():  # each host as captured, or as HOST@VERSION's kernel reports it
         (pa, va), (pb, vb) = host(a), host(b)
         pa, pb = under([pa, pb], None, [va, vb], notes)
-    for n in notes:
-        render.note(n)
+    if not as_json:
+        for n in notes:
+            render.note(n)
     diffs = compare(pa, pb)
-    render_template.fingerprint_report(pa.name, pb.name, diffs, as_json)
+    render_template.fingerprint_report(pa.name, pb.name, diffs, as_json, notes)
     sys.exit(EXIT_OK if not diffs else EXIT_FAILED)
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import msrs as M
-from .api import VENDOR_NAMES, CpuidEntry, cpu_vendor_string, find_cpuid
+from .api import CpuidEntry, cpu_vendor_name, find_cpuid
 from .errors import KvmscopeError, ProfileError, shown
 from .kernel.profile import Profile
 from .template import PER_CPU_BITS, Bitmap, CpuidModifier, LeafModifier, MsrModifier, Template
@@ -127,8 +127,13 @@ def baseline(profiles: Sequence[Profile]) -> Baseline:
     names = [p.name for p in profiles]
     out = Baseline(Template(path="<baseline>"))
     vendors: dict[str, list[str]] = {}
+    unknown = [p.name for p in profiles if cpu_vendor_name(p.supported_cpuid) is None]
     for p in profiles:
-        vendors.setdefault(VENDOR_NAMES.get(cpu_vendor_string(p.supported_cpuid) or "", "unknown"), []).append(p.name)
+        if (name := cpu_vendor_name(p.supported_cpuid)) is not None:
+            vendors.setdefault(name, []).append(p.name)
+    if unknown:
+        out.notes.append(f"the CPU vendor of {', '.join(unknown)} is not known (no CPUID leaf 0): whether a vCPU can "
+                         "move between the hosts is not judged")
     if len(vendors) > 1:
         out.notes.append("the hosts' CPUs are of different vendors (" + "; ".join(
             f"{v}: {', '.join(n)}" for v, n in vendors.items()) + "): every host takes the template, but a running "
@@ -310,10 +315,10 @@ def compare(a: Profile, b: Profile) -> list[Difference]:
     from .kernel.rulesets import resolve
 
     out = []
-    cpus = [VENDOR_NAMES.get(cpu_vendor_string(p.supported_cpuid) or "", "unknown") for p in (a, b)]
-    if cpus[0] != cpus[1]:
-        out.append(Difference("vendor", "CPU vendor", cpus[0], cpus[1], "a running guest cannot move between CPU "
-                              "vendors"))
+    cpus = [cpu_vendor_name(p.supported_cpuid) for p in (a, b)]
+    if None not in cpus and cpus[0] != cpus[1]:  # a host without leaf 0: not judged (the CPUID lines show it)
+        out.append(Difference("vendor", "CPU vendor", str(cpus[0]), str(cpus[1]), "a running guest cannot move "
+                              "between CPU vendors"))
     if a.vendor != b.vendor:
         out.append(Difference("vendor", "vendor module", a.vendor, b.vendor, "a vCPU's state is its module's: it "
                               "cannot move between modules"))

@@ -150,10 +150,11 @@ def baseline_report(b: Baseline, names: Sequence[str], path: str | None, as_json
         click.echo(f"  note: {note}", err=path is None)
 
 
-def fingerprint_report(a: str, b: str, diffs: Sequence[Difference], as_json: bool) -> None:
+def fingerprint_report(a: str, b: str, diffs: Sequence[Difference], as_json: bool, notes: Sequence[str] = ()) -> None:
+    """``notes``: the model's warnings (a kernel newer than the rules), printed on stderr by the caller as text."""
     if as_json:
         json_document("fingerprint compare", {"a": a, "b": b, "same": not diffs,
-                                              "differences": [d.to_json() for d in diffs]})
+                                              "differences": [d.to_json() for d in diffs], "notes": list(notes)})
         return
     click.echo(f"{_name(a)} vs {_name(b)}")
     for d in diffs:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from . import uapi
-from .api import VENDOR_NAMES, CpuidEntry, IoExit, System, cpu_vendor_string, find_cpuid
+from .api import CpuidEntry, IoExit, System, cpu_vendor_name, find_cpuid
 from .errors import KvmError
 from .kernel import rulesets as R
 from .kernel.profile import HostArrival
@@ -84,7 +84,7 @@ def restore(source: System, target: System, template: Template, vcpus: int = 1,
                 rep.failures.append(f"snapshot: KVM_GET_MSRS on vCPU {i} refuses {msr_where(lost[0])}"
                                     + (f" and {len(lost) - 1} more" if len(lost) > 1 else ""))
             saved.append((v.get_cpuid(), [(ix, values[ix]) for ix in to_save if ix in values]))
-    there, here = (_cpu(s) for s in (source, target))
+    there, here = (cpu_vendor_name(s.get_supported_cpuid()) for s in (source, target))
     if saved and None in (there, here):
         rep.notes.append("the CPU vendor of the " + " and the ".join(w for w, v in (("source", there), ("target", here))
                                                                      if v is None)
@@ -122,12 +122,6 @@ def restore(source: System, target: System, template: Template, vcpus: int = 1,
                                              got, masks[index]))
             rep.vcpus.append(out)
     return rep
-
-
-def _cpu(system: System) -> str | None:
-    """The host's CPU vendor as reports name it (leaf 0 of its supported CPUID), else None."""
-    text = cpu_vendor_string(system.get_supported_cpuid())
-    return None if text is None else VENDOR_NAMES.get(text, text)
 
 
 def _arrival_bits(function: int, index: int, reg: str, host: Sequence[HostArrival]) -> dict[int, list[R.Rule]]:
